@@ -1,0 +1,154 @@
+//! The one interface every operation is reached through, and its two implementations:
+//! [`CpuBackend`] (the ndarray reference, the spec) and [`GpuBackend`] (WGSL kernels via wgpu).
+//!
+//! Tensors cross this interface as host `ndarray` arrays; a GPU backend uploads, runs its
+//! kernels and downloads. Code that wants to keep data on the device (chains, benchmarks)
+//! uses [`crate::kernels`] and [`crate::gpu::GpuTensor`] directly.
+
+mod cpu;
+// mod gpu;
+
+pub use cpu::CpuBackend;
+// pub use gpu::GpuBackend;
+
+use ndarray::{Array1, Array2, Array4, ArrayD};
+
+use crate::error::Result;
+use crate::ops::{
+    Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
+    Folded, QatConfig, QatForward, QatGrads,
+};
+use crate::quant::{ObserverSpec, QParams, QuantRange};
+
+/// Every operation of qfuse, on one backend. See [`crate::reference`] for the exact
+/// semantics of each (the CPU reference is the spec).
+pub trait Backend {
+    /// A human-readable name (`cpu`, or `gpu (adapter name, backend)`).
+    fn name(&self) -> String;
+
+    /// Folds BatchNorm into a conv weight of any rank (`torch.nn.utils.fusion.fuse_conv_bn_weights`).
+    /// `transpose`: the weight is a ConvTranspose weight `[Cin, Cout/g, k...]`.
+    fn fold_conv_bn(
+        &self,
+        weight: &ArrayD<f32>,
+        bias: Option<&Array1<f32>>,
+        bn: &BatchNorm,
+        transpose: bool,
+    ) -> Result<Folded>;
+
+    /// Folds BatchNorm1d into a linear layer (`torch.nn.utils.fusion.fuse_linear_bn_weights`).
+    fn fold_linear_bn(
+        &self,
+        weight: &Array2<f32>,
+        bias: Option<&Array1<f32>>,
+        bn: &BatchNorm,
+    ) -> Result<Folded>;
+
+    /// Fake quantization, per tensor or per channel (`torch.fake_quantize_per_{tensor,channel}_affine`).
+    fn fake_quant(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<f32>>;
+
+    /// Straight-through gradient of [`Backend::fake_quant`]: `dy` where the rounded value is in range, else 0.
+    fn fake_quant_backward(
+        &self,
+        x: &ArrayD<f32>,
+        dy: &ArrayD<f32>,
+        qp: &QParams,
+        range: QuantRange,
+    ) -> Result<ArrayD<f32>>;
+
+    /// Observes `x` once and returns its qparams (`MinMaxObserver` / `PerChannelMinMaxObserver`
+    /// then `calculate_qparams`).
+    fn calc_qparams(&self, x: &ArrayD<f32>, spec: &ObserverSpec) -> Result<QParams>;
+
+    /// conv2d (`torch.nn.functional.conv2d`), NCHW input, OIHW weight.
+    fn conv2d(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &Conv2dParams,
+    ) -> Result<Array4<f32>>;
+
+    /// Gradients of conv2d for upstream `dy`.
+    fn conv2d_backward(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        dy: &Array4<f32>,
+        params: &Conv2dParams,
+    ) -> Result<Conv2dGrads>;
+
+    /// BatchNorm2d forward (`torch.nn.functional.batch_norm`): batch statistics and running
+    /// update when `training`, running statistics otherwise.
+    fn batch_norm2d(
+        &self,
+        x: &Array4<f32>,
+        bn: &BatchNorm,
+        training: bool,
+    ) -> Result<BatchNormOutput>;
+
+    /// Gradients of BatchNorm2d given the forward's `mean`/`invstd`.
+    fn batch_norm2d_backward(
+        &self,
+        x: &Array4<f32>,
+        dy: &Array4<f32>,
+        bn: &BatchNorm,
+        fwd: &BatchNormOutput,
+        training: bool,
+    ) -> Result<BatchNormGrads>;
+
+    /// Elementwise activation.
+    fn activation(&self, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>>;
+
+    /// Gradient of the activation at input `x` for upstream `dy`.
+    fn activation_backward(
+        &self,
+        x: &ArrayD<f32>,
+        dy: &ArrayD<f32>,
+        act: Activation,
+    ) -> Result<ArrayD<f32>>;
+
+    /// Fused eval forward of conv+bn+act: folds BN, then one conv with bias and activation.
+    /// Returns the output and the folded parameters.
+    fn conv_bn_act_eval(
+        &self,
+        x: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        act: Activation,
+    ) -> Result<(Array4<f32>, Folded)>;
+
+    /// `ConvBn2d` / `ConvBnReLU2d` QAT forward in training mode.
+    fn conv_bn_qat_forward(
+        &self,
+        x: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        cfg: &QatConfig,
+    ) -> Result<QatForward>;
+
+    /// Backward of [`Backend::conv_bn_qat_forward`] for upstream `dy`.
+    fn conv_bn_qat_backward(
+        &self,
+        x: &Array4<f32>,
+        dy: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        cfg: &QatConfig,
+        fwd: &QatForward,
+    ) -> Result<QatGrads>;
+
+    /// 2-D max pooling, no padding (`torch.nn.functional.max_pool2d`).
+    fn max_pool2d(&self, x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array4<f32>>;
+
+    /// Linear layer `x · Wᵀ + b` (`torch.nn.functional.linear`), x `[N, in]`, W `[out, in]`.
+    fn linear(
+        &self,
+        x: &Array2<f32>,
+        weight: &Array2<f32>,
+        bias: Option<&Array1<f32>>,
+    ) -> Result<Array2<f32>>;
+
+    /// `log_softmax` along dim 1 of `[N, C]`.
+    fn log_softmax(&self, x: &Array2<f32>) -> Result<Array2<f32>>;
+}

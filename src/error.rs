@@ -1,0 +1,136 @@
+//! The one error type of qfuse. Every fallible public function returns [`Result`].
+
+use thiserror::Error;
+
+/// Everything that can go wrong in qfuse, as a typed value (no panics across the public API).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Two tensors (or a tensor and what an operation expects) disagree in shape.
+    #[error("shape mismatch in {context}: expected {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        /// Where the mismatch was found (operation and argument).
+        context: String,
+        /// The shape that was expected.
+        expected: Vec<usize>,
+        /// The shape that was given.
+        got: Vec<usize>,
+    },
+    /// A quantization scale that is zero, negative, NaN or infinite.
+    #[error("scale must be positive and finite, got {scale} (channel {channel})")]
+    InvalidScale {
+        /// The offending scale.
+        scale: f32,
+        /// Its channel (0 for per-tensor).
+        channel: usize,
+    },
+    /// `quant_min >= quant_max`.
+    #[error("quant_min ({quant_min}) must be less than quant_max ({quant_max})")]
+    InvalidQuantRange {
+        /// Lower end of the integer range.
+        quant_min: i32,
+        /// Upper end of the integer range.
+        quant_max: i32,
+    },
+    /// A zero point outside `[quant_min, quant_max]`.
+    #[error("zero_point {zero_point} (channel {channel}) is outside [quant_min, quant_max] = [{quant_min}, {quant_max}]")]
+    ZeroPointOutOfRange {
+        /// The offending zero point.
+        zero_point: i32,
+        /// Its channel (0 for per-tensor).
+        channel: usize,
+        /// Lower end of the integer range.
+        quant_min: i32,
+        /// Upper end of the integer range.
+        quant_max: i32,
+    },
+    /// A channel axis that the tensor does not have.
+    #[error("axis {axis} is out of range for a tensor of rank {rank}")]
+    AxisOutOfRange {
+        /// The axis asked for.
+        axis: usize,
+        /// The tensor's rank.
+        rank: usize,
+    },
+    /// The channel counts of a conv (or linear) and its BatchNorm disagree.
+    #[error("channel mismatch: {layer} has {layer_channels} output channels but BatchNorm has {bn_channels}")]
+    ChannelMismatch {
+        /// What the layer is (conv2d, linear, ...).
+        layer: String,
+        /// The layer's output channels.
+        layer_channels: usize,
+        /// BatchNorm's `num_features`.
+        bn_channels: usize,
+    },
+    /// A tensor an operation or a case needs is absent.
+    #[error("missing tensor `{name}`{context}")]
+    MissingTensor {
+        /// The tensor's name.
+        name: String,
+        /// Optional context, already formatted (" in FILE").
+        context: String,
+    },
+    /// A conformance case or state-dict file that cannot be read as what it claims to be.
+    #[error("malformed case {path}: {reason}")]
+    MalformedCase {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A conformance case names an operation qfuse does not know.
+    #[error("unknown op `{op}` in {path}")]
+    UnknownOp {
+        /// The op name from the file's metadata.
+        op: String,
+        /// The file.
+        path: String,
+    },
+    /// An argument with a value outside what the operation accepts (bad stride, groups, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// No GPU adapter could be found or opened.
+    #[error("no GPU adapter available: {0}")]
+    NoAdapter(String),
+    /// A GPU error reported by wgpu (validation, out of memory, device lost, map failure).
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    /// A buffer larger than the device allows.
+    #[error("buffer of {size} bytes exceeds the device limit {limit_name} = {limit} bytes")]
+    BufferTooLarge {
+        /// Requested size in bytes.
+        size: u64,
+        /// Which limit (`max_buffer_size`, `max_storage_buffer_binding_size`).
+        limit_name: &'static str,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// An I/O error with the path it concerns.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Convenience constructor for [`Error::ShapeMismatch`].
+    pub fn shape(context: impl Into<String>, expected: &[usize], got: &[usize]) -> Self {
+        Error::ShapeMismatch {
+            context: context.into(),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        }
+    }
+
+    /// Convenience constructor for [`Error::InvalidArgument`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}

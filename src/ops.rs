@@ -1,0 +1,279 @@
+//! Descriptions of operations shared by both backends: convolution settings, BatchNorm state,
+//! activations, the QAT configuration, and the structs ops return. Plain data.
+
+use ndarray::{Array1, Array4, ArrayD};
+
+use crate::error::{Error, Result};
+use crate::quant::{ObserverSpec, QParams};
+
+/// conv2d settings, as `torch.nn.Conv2d` takes them (zero padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// `[stride_h, stride_w]`.
+    pub stride: [usize; 2],
+    /// `[pad_h, pad_w]` (zeros).
+    pub padding: [usize; 2],
+    /// `[dilation_h, dilation_w]`.
+    pub dilation: [usize; 2],
+    /// Number of groups.
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Self {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+impl Conv2dParams {
+    /// Checks the settings against input `[N, C, H, W]` and weight `[O, C/g, KH, KW]` shapes
+    /// and returns the output shape `[N, O, OH, OW]`.
+    pub fn output_shape(&self, x: &[usize], w: &[usize]) -> Result<[usize; 4]> {
+        if x.len() != 4 {
+            return Err(Error::invalid(format!(
+                "conv2d input must be NCHW (rank 4), got shape {x:?}"
+            )));
+        }
+        if w.len() != 4 {
+            return Err(Error::invalid(format!(
+                "conv2d weight must be OIHW (rank 4), got shape {w:?}"
+            )));
+        }
+        if self.groups == 0 || self.stride.contains(&0) || self.dilation.contains(&0) {
+            return Err(Error::invalid(format!(
+                "conv2d stride, dilation and groups must be positive, got {self:?}"
+            )));
+        }
+        let g = self.groups;
+        if x[1] % g != 0 || w[0] % g != 0 {
+            return Err(Error::invalid(format!(
+                "conv2d groups = {g} must divide input channels {} and output channels {}",
+                x[1], w[0]
+            )));
+        }
+        if w[1] * g != x[1] {
+            return Err(Error::shape(
+                format!("conv2d weight dim 1 (input channels {} / groups {g})", x[1]),
+                &[w[0], x[1] / g, w[2], w[3]],
+                w,
+            ));
+        }
+        let mut out = [x[0], w[0], 0, 0];
+        for i in 0..2 {
+            let padded = x[2 + i] + 2 * self.padding[i];
+            let span = self.dilation[i] * (w[2 + i].max(1) - 1) + 1;
+            if w[2 + i] == 0 || padded < span {
+                return Err(Error::invalid(format!(
+                    "conv2d kernel {:?} (dilation {:?}) larger than padded input {:?}",
+                    &w[2..],
+                    self.dilation,
+                    [x[2] + 2 * self.padding[0], x[3] + 2 * self.padding[1]]
+                )));
+            }
+            out[2 + i] = (padded - span) / self.stride[i] + 1;
+        }
+        Ok(out)
+    }
+}
+
+/// A BatchNorm's parameters and running statistics (`torch.nn.BatchNorm{1,2,3}d`).
+/// `weight`/`bias` are `None` for `affine=False`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNorm {
+    /// γ, or `None` (treated as ones).
+    pub weight: Option<Array1<f32>>,
+    /// β, or `None` (treated as zeros).
+    pub bias: Option<Array1<f32>>,
+    /// Running mean.
+    pub running_mean: Array1<f32>,
+    /// Running (unbiased) variance.
+    pub running_var: Array1<f32>,
+    /// ε added to the variance.
+    pub eps: f32,
+    /// Momentum of the running statistics update (PyTorch's convention: `new = (1-m)·old + m·batch`).
+    pub momentum: f32,
+}
+
+impl BatchNorm {
+    /// Number of channels (`num_features`).
+    pub fn channels(&self) -> usize {
+        self.running_mean.len()
+    }
+
+    /// Checks that every per-channel tensor has the same length and `eps` is non-negative.
+    pub fn validate(&self) -> Result<()> {
+        let c = self.channels();
+        let check = |name: &str, a: &Array1<f32>| {
+            if a.len() == c {
+                Ok(())
+            } else {
+                Err(Error::shape(format!("BatchNorm {name}"), &[c], a.shape()))
+            }
+        };
+        check("running_var", &self.running_var)?;
+        if let Some(w) = &self.weight {
+            check("weight", w)?;
+        }
+        if let Some(b) = &self.bias {
+            check("bias", b)?;
+        }
+        if !(self.eps >= 0.0) {
+            return Err(Error::invalid(format!(
+                "BatchNorm eps must be >= 0, got {}",
+                self.eps
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The activation that closes a fused pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// `torch.nn.ReLU`.
+    Relu,
+    /// `torch.nn.ReLU6`.
+    Relu6,
+}
+
+impl Activation {
+    /// Parses `none`, `relu`, `relu6`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "none" | "identity" => Ok(Self::None),
+            "relu" => Ok(Self::Relu),
+            "relu6" => Ok(Self::Relu6),
+            other => Err(Error::invalid(format!(
+                "unknown activation `{other}` (expected none, relu, relu6)"
+            ))),
+        }
+    }
+}
+
+/// A conv2d layer's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conv2d {
+    /// Weight, OIHW.
+    pub weight: Array4<f32>,
+    /// Bias, or `None`.
+    pub bias: Option<Array1<f32>>,
+    /// Settings.
+    pub params: Conv2dParams,
+}
+
+/// Weight and bias after BatchNorm folding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Folded {
+    /// Folded weight, same shape as the input weight.
+    pub weight: ArrayD<f32>,
+    /// Folded bias, one per output channel.
+    pub bias: Array1<f32>,
+}
+
+/// Gradients of conv2d.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conv2dGrads {
+    /// dL/dx.
+    pub dx: Array4<f32>,
+    /// dL/dweight.
+    pub dweight: Array4<f32>,
+    /// dL/dbias (sum of dy over N, H, W).
+    pub dbias: Array1<f32>,
+}
+
+/// What BatchNorm2d forward returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNormOutput {
+    /// Normalized output.
+    pub y: Array4<f32>,
+    /// Running mean after the update (unchanged in eval).
+    pub running_mean: Array1<f32>,
+    /// Running variance after the update (unchanged in eval).
+    pub running_var: Array1<f32>,
+    /// Mean used to normalize (batch mean in training, running mean in eval).
+    pub mean: Array1<f32>,
+    /// `1/sqrt(var + eps)` used to normalize.
+    pub invstd: Array1<f32>,
+}
+
+/// Gradients of BatchNorm2d.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNormGrads {
+    /// dL/dx.
+    pub dx: Array4<f32>,
+    /// dL/dγ.
+    pub dweight: Array1<f32>,
+    /// dL/dβ.
+    pub dbias: Array1<f32>,
+}
+
+/// Settings of a `ConvBn2d` / `ConvBnReLU2d` QAT module
+/// (`torch.ao.nn.intrinsic.qat`), training mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QatConfig {
+    /// Activation after BN (`None` for ConvBn2d, `Relu` for ConvBnReLU2d).
+    pub activation: Activation,
+    /// Use running statistics and leave them unchanged.
+    pub freeze_bn: bool,
+    /// The weight observer (symmetric in PyTorch's default QAT qconfigs).
+    pub weight_observer: ObserverSpec,
+}
+
+/// What the QAT forward returns, including what its backward needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QatForward {
+    /// Output.
+    pub y: Array4<f32>,
+    /// Running mean after the step.
+    pub running_mean: Array1<f32>,
+    /// Running variance after the step.
+    pub running_var: Array1<f32>,
+    /// The weight observer's qparams (of the BN-scaled weight).
+    pub weight_qparams: QParams,
+    /// Saved for backward.
+    pub saved: QatSaved,
+}
+
+/// Intermediates of the QAT forward that the backward reuses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QatSaved {
+    /// Per-channel factor `s = γ / sqrt(running_var + eps)` (running stats before the update).
+    pub scale_factor: Array1<f32>,
+    /// Fake-quantized scaled weight `W_q = fq(W·s)`.
+    pub weight_q: Array4<f32>,
+    /// Straight-through mask of the weight fake quant (1 where in range).
+    pub weight_mask: Array4<f32>,
+    /// Conv output before the divide-back (`conv(x, W_q)`).
+    pub conv_out: Array4<f32>,
+    /// BN input `y = conv_out / s + b`.
+    pub bn_input: Array4<f32>,
+    /// Mean BN normalized with.
+    pub mean: Array1<f32>,
+    /// `1/sqrt(var + eps)` BN normalized with.
+    pub invstd: Array1<f32>,
+    /// BN output before the activation.
+    pub bn_out: Array4<f32>,
+}
+
+/// Gradients of the QAT step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QatGrads {
+    /// dL/dx.
+    pub dx: Array4<f32>,
+    /// dL/dW (conv weight).
+    pub dweight: Array4<f32>,
+    /// dL/db (conv bias), `None` when the conv has no bias.
+    pub dbias: Option<Array1<f32>>,
+    /// dL/dγ.
+    pub dbn_weight: Array1<f32>,
+    /// dL/dβ.
+    pub dbn_bias: Array1<f32>,
+}

@@ -1,0 +1,239 @@
+//! What a quantization is: integer ranges, schemes, and quantization parameters.
+//! Plain data with validation; the arithmetic lives in [`crate::reference`] (CPU) and
+//! [`crate::kernels`] (GPU).
+
+use crate::error::{Error, Result};
+
+/// The integer range `[quant_min, quant_max]` that fake quantization clamps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantRange {
+    /// Lowest representable integer.
+    pub quant_min: i32,
+    /// Highest representable integer.
+    pub quant_max: i32,
+}
+
+impl QuantRange {
+    /// A validated range: `quant_min < quant_max`, else [`Error::InvalidQuantRange`].
+    pub fn new(quant_min: i32, quant_max: i32) -> Result<Self> {
+        if quant_min >= quant_max {
+            return Err(Error::InvalidQuantRange {
+                quant_min,
+                quant_max,
+            });
+        }
+        Ok(Self {
+            quant_min,
+            quant_max,
+        })
+    }
+    /// Signed 8-bit, `[-128, 127]`.
+    pub const INT8: Self = Self {
+        quant_min: -128,
+        quant_max: 127,
+    };
+    /// Unsigned 8-bit, `[0, 255]`.
+    pub const UINT8: Self = Self {
+        quant_min: 0,
+        quant_max: 255,
+    };
+    /// Signed 4-bit, `[-8, 7]`.
+    pub const INT4: Self = Self {
+        quant_min: -8,
+        quant_max: 7,
+    };
+    /// Unsigned 4-bit, `[0, 15]`.
+    pub const UINT4: Self = Self {
+        quant_min: 0,
+        quant_max: 15,
+    };
+
+    /// Checks the range again (for values built with a struct literal).
+    pub fn validate(&self) -> Result<()> {
+        Self::new(self.quant_min, self.quant_max).map(|_| ())
+    }
+}
+
+/// PyTorch's quantized dtypes that observers know (`torch.qint8`, `torch.quint8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QDtype {
+    /// `torch.qint8`: signed.
+    QInt8,
+    /// `torch.quint8`: unsigned.
+    QUInt8,
+}
+
+impl QDtype {
+    /// Parses `qint8` / `quint8` (also `int8` / `uint8`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "qint8" | "int8" => Ok(Self::QInt8),
+            "quint8" | "uint8" => Ok(Self::QUInt8),
+            other => Err(Error::invalid(format!(
+                "unknown dtype `{other}` (expected qint8 or quint8)"
+            ))),
+        }
+    }
+}
+
+/// PyTorch's `qscheme`s for observers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QScheme {
+    /// `torch.per_tensor_affine`.
+    PerTensorAffine,
+    /// `torch.per_tensor_symmetric`.
+    PerTensorSymmetric,
+    /// `torch.per_channel_affine`.
+    PerChannelAffine,
+    /// `torch.per_channel_symmetric`.
+    PerChannelSymmetric,
+}
+
+impl QScheme {
+    /// Parses PyTorch's names (`per_tensor_affine`, ...).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "per_tensor_affine" => Ok(Self::PerTensorAffine),
+            "per_tensor_symmetric" => Ok(Self::PerTensorSymmetric),
+            "per_channel_affine" => Ok(Self::PerChannelAffine),
+            "per_channel_symmetric" => Ok(Self::PerChannelSymmetric),
+            other => Err(Error::invalid(format!("unknown qscheme `{other}`"))),
+        }
+    }
+    /// Symmetric schemes.
+    pub fn is_symmetric(self) -> bool {
+        matches!(self, Self::PerTensorSymmetric | Self::PerChannelSymmetric)
+    }
+    /// Per-channel schemes.
+    pub fn is_per_channel(self) -> bool {
+        matches!(self, Self::PerChannelAffine | Self::PerChannelSymmetric)
+    }
+}
+
+/// How an observer turns min/max into quantization parameters
+/// (`MinMaxObserver` / `PerChannelMinMaxObserver` settings).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ObserverSpec {
+    /// Quantized dtype (decides the symmetric zero point of unsigned types).
+    pub dtype: QDtype,
+    /// Scheme.
+    pub qscheme: QScheme,
+    /// Integer range.
+    pub range: QuantRange,
+    /// Channel axis for per-channel schemes (`ch_axis`).
+    pub axis: usize,
+    /// Lower clamp of the scale (`torch.finfo(torch.float32).eps` by default).
+    pub eps: f32,
+}
+
+impl ObserverSpec {
+    /// A spec with PyTorch's default eps (`f32::EPSILON`), validated.
+    pub fn new(dtype: QDtype, qscheme: QScheme, range: QuantRange, axis: usize) -> Result<Self> {
+        range.validate()?;
+        Ok(Self {
+            dtype,
+            qscheme,
+            range,
+            axis,
+            eps: f32::EPSILON,
+        })
+    }
+}
+
+/// Quantization parameters: one `(scale, zero_point)` per tensor, or one per channel along
+/// `axis`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QParams {
+    /// Scales (length 1 for per-tensor).
+    pub scale: Vec<f32>,
+    /// Zero points, same length as `scale`.
+    pub zero_point: Vec<i32>,
+    /// `None`: per tensor; `Some(axis)`: per channel along `axis`.
+    pub axis: Option<usize>,
+}
+
+impl QParams {
+    /// Per-tensor parameters.
+    pub fn per_tensor(scale: f32, zero_point: i32) -> Self {
+        Self {
+            scale: vec![scale],
+            zero_point: vec![zero_point],
+            axis: None,
+        }
+    }
+
+    /// Per-channel parameters along `axis`; scale and zero-point lengths must agree.
+    pub fn per_channel(scale: Vec<f32>, zero_point: Vec<i32>, axis: usize) -> Result<Self> {
+        if scale.len() != zero_point.len() {
+            return Err(Error::shape(
+                "per-channel qparams (zero_point vs scale)",
+                &[scale.len()],
+                &[zero_point.len()],
+            ));
+        }
+        Ok(Self {
+            scale,
+            zero_point,
+            axis: Some(axis),
+        })
+    }
+
+    /// Checks these parameters against a tensor shape and an integer range:
+    /// range valid, scales positive and finite, zero points in range, axis in range and
+    /// channel count equal to `shape[axis]`.
+    pub fn validate(&self, shape: &[usize], range: QuantRange) -> Result<()> {
+        range.validate()?;
+        match self.axis {
+            None => {
+                if self.scale.len() != 1 || self.zero_point.len() != 1 {
+                    return Err(Error::shape(
+                        "per-tensor qparams",
+                        &[1],
+                        &[self.scale.len()],
+                    ));
+                }
+            }
+            Some(axis) => {
+                if axis >= shape.len() {
+                    return Err(Error::AxisOutOfRange {
+                        axis,
+                        rank: shape.len(),
+                    });
+                }
+                if self.scale.len() != shape[axis] {
+                    return Err(Error::shape(
+                        format!("per-channel scale (axis {axis} of input {shape:?})"),
+                        &[shape[axis]],
+                        &[self.scale.len()],
+                    ));
+                }
+                if self.zero_point.len() != shape[axis] {
+                    return Err(Error::shape(
+                        format!("per-channel zero_point (axis {axis} of input {shape:?})"),
+                        &[shape[axis]],
+                        &[self.zero_point.len()],
+                    ));
+                }
+            }
+        }
+        for (channel, (&scale, &zp)) in self.scale.iter().zip(&self.zero_point).enumerate() {
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(Error::InvalidScale { scale, channel });
+            }
+            if zp < range.quant_min || zp > range.quant_max {
+                return Err(Error::ZeroPointOutOfRange {
+                    zero_point: zp,
+                    channel,
+                    quant_min: range.quant_min,
+                    quant_max: range.quant_max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of channels (1 for per-tensor).
+    pub fn channels(&self) -> usize {
+        self.scale.len()
+    }
+}
