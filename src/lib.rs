@@ -1,14 +1,17 @@
-//! # qfuse
-//!
-//! GPU kernels (WGSL through wgpu) for quantization with module fusion, with a CPU reference
-//! (ndarray) that the kernels are checked against, and both checked against PyTorch.
 #![warn(missing_docs)]
+#![doc = include_str!("../README.md")]
 
 pub mod backend;
 pub mod error;
+pub mod gpu;
+pub mod kernels;
 pub mod ops;
 pub mod quant;
 pub mod reference;
 
-pub use backend::{Backend, CpuBackend};
+pub use backend::{Backend, CpuBackend, GpuBackend};
 pub use error::{Error, Result};
+pub mod config;
+pub mod conformance;
+pub mod io;
+pub mod model;

@@ -6,10 +6,10 @@
 //! uses [`crate::kernels`] and [`crate::gpu::GpuTensor`] directly.
 
 mod cpu;
-// mod gpu;
+mod gpu;
 
 pub use cpu::CpuBackend;
-// pub use gpu::GpuBackend;
+pub use gpu::GpuBackend;
 
 use ndarray::{Array1, Array2, Array4, ArrayD};
 

@@ -1,15 +1,185 @@
-//! STUB - to be replaced
+//! The remaining layers of the MNIST example network: 2-D max pooling, linear and
+//! `log_softmax`, mirroring `torch.nn.functional.max_pool2d`, `linear` and `log_softmax`.
+
+use ndarray::{Array1, Array2, Array4, Axis};
+
 use crate::error::{Error, Result};
-use ndarray::{Array1, Array2, Array4};
-/// stub
-pub fn max_pool2d(_x: &Array4<f32>, _k: usize, _s: usize) -> Result<Array4<f32>> {
-    Err(Error::invalid("todo"))
+
+/// 2-D max pooling of an NCHW tensor with a square `kernel` and `stride`, no padding, no
+/// dilation, floor mode: mirrors `torch.nn.functional.max_pool2d(x, kernel, stride)`. The
+/// output is `[N, C, (H - k) / s + 1, (W - k) / s + 1]`. NaN propagates (a window containing
+/// NaN gives NaN, as PyTorch's kernel does).
+///
+/// Errors: [`Error::InvalidArgument`] for a zero kernel or stride, or a kernel larger than the
+/// input's height or width.
+pub fn max_pool2d(x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array4<f32>> {
+    if kernel == 0 || stride == 0 {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
+        )));
+    }
+    let (n, c, h, w) = x.dim();
+    if kernel > h || kernel > w {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
+        )));
+    }
+    let oh = (h - kernel) / stride + 1;
+    let ow = (w - kernel) / stride + 1;
+    let mut out = Array4::<f32>::zeros((n, c, oh, ow));
+    for ((b, ch, i, j), o) in out.indexed_iter_mut() {
+        let mut m = f32::NEG_INFINITY;
+        for ki in 0..kernel {
+            for kj in 0..kernel {
+                let v = x[[b, ch, i * stride + ki, j * stride + kj]];
+                if v > m || v.is_nan() {
+                    m = v;
+                    if v.is_nan() {
+                        break;
+                    }
+                }
+            }
+            if m.is_nan() {
+                break;
+            }
+        }
+        *o = m;
+    }
+    Ok(out)
 }
-/// stub
-pub fn linear(_x: &Array2<f32>, _w: &Array2<f32>, _b: Option<&Array1<f32>>) -> Result<Array2<f32>> {
-    Err(Error::invalid("todo"))
+
+/// Linear layer `x · Wᵀ + b` for `x` `[N, in]`, weight `[out, in]`, bias `[out]`: mirrors
+/// `torch.nn.functional.linear` (f32 accumulation; the summation order differs from PyTorch's
+/// BLAS, so compare with a tolerance).
+///
+/// Errors: [`Error::ShapeMismatch`] when `x`'s columns differ from the weight's (naming both
+/// shapes) or the bias is not `out` long.
+pub fn linear(x: &Array2<f32>, w: &Array2<f32>, b: Option<&Array1<f32>>) -> Result<Array2<f32>> {
+    if x.ncols() != w.ncols() {
+        return Err(Error::shape(
+            format!(
+                "linear: input {:?} vs weight {:?} (in_features)",
+                x.shape(),
+                w.shape()
+            ),
+            &[x.nrows(), w.ncols()],
+            x.shape(),
+        ));
+    }
+    let mut y = x.dot(&w.t());
+    if let Some(b) = b {
+        if b.len() != w.nrows() {
+            return Err(Error::shape(
+                format!("linear bias (weight {:?})", w.shape()),
+                &[w.nrows()],
+                b.shape(),
+            ));
+        }
+        y += b;
+    }
+    Ok(y)
 }
-/// stub
+
+/// `log_softmax` along dim 1 of `[N, C]`: mirrors `torch.nn.functional.log_softmax(x, dim=1)`,
+/// computed stably as `(x - max) - ln(Σ exp(x - max))` per row, the order PyTorch's CPU kernel
+/// uses. A row containing NaN or `+inf` gives NaN (as in PyTorch: `inf - inf`).
 pub fn log_softmax(x: &Array2<f32>) -> Array2<f32> {
-    x.clone()
+    let mut y = x.to_owned();
+    for mut row in y.axis_iter_mut(Axis(0)) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| {
+            if m.is_nan() || v.is_nan() {
+                f32::NAN
+            } else if v > m {
+                v
+            } else {
+                m
+            }
+        });
+        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+        let lse = sum.ln();
+        row.mapv_inplace(|v| (v - max) - lse);
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, arr2, Array};
+
+    #[test]
+    fn max_pool() {
+        let x = Array::from_shape_fn((1, 2, 5, 5), |(_, c, i, j)| {
+            (c * 25 + i * 5 + j) as f32 * if (i + j) % 2 == 0 { 1.0 } else { -1.0 }
+        });
+        let y = max_pool2d(&x, 2, 2).unwrap();
+        assert_eq!(y.dim(), (1, 2, 2, 2));
+        for c in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    let mut m = f32::NEG_INFINITY;
+                    for a in 0..2 {
+                        for b in 0..2 {
+                            m = m.max(x[[0, c, 2 * i + a, 2 * j + b]]);
+                        }
+                    }
+                    assert_eq!(y[[0, c, i, j]], m);
+                }
+            }
+        }
+        let y = max_pool2d(&x, 3, 1).unwrap();
+        assert_eq!(y.dim(), (1, 2, 3, 3));
+        let mut xn = x.clone();
+        xn[[0, 0, 0, 0]] = f32::NAN;
+        let y = max_pool2d(&xn, 2, 2).unwrap();
+        assert!(y[[0, 0, 0, 0]].is_nan());
+        assert!(!y[[0, 0, 0, 1]].is_nan());
+    }
+
+    #[test]
+    fn max_pool_errors() {
+        let x = Array4::<f32>::zeros((1, 1, 3, 4));
+        let e = max_pool2d(&x, 0, 1).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)));
+        assert!(max_pool2d(&x, 2, 0).is_err());
+        let e = max_pool2d(&x, 4, 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: max_pool2d kernel 4 is larger than the input's spatial size [3, 4]"
+        );
+    }
+
+    #[test]
+    fn linear_layer() {
+        let x = arr2(&[[1.0f32, 2.0], [3.0, 4.0], [0.0, -1.0]]);
+        let w = arr2(&[[1.0f32, 0.0], [0.5, -1.0], [2.0, 2.0]]);
+        let b = arr1(&[0.0f32, 1.0, -1.0]);
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(
+            y,
+            arr2(&[[1.0f32, -0.5, 5.0], [3.0, -1.5, 13.0], [0.0, 2.0, -3.0]])
+        );
+        let y = linear(&x, &w, None).unwrap();
+        assert_eq!(y[[2, 1]], 1.0);
+        let e = linear(&x, &Array2::zeros((3, 3)), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "shape mismatch in linear: input [3, 2] vs weight [3, 3] (in_features): expected [3, 3], got [3, 2]"
+        );
+        let e = linear(&x, &w, Some(&arr1(&[0.0f32; 2]))).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }));
+    }
+
+    #[test]
+    fn log_softmax_rows() {
+        let x = arr2(&[[1.0f32, 2.0, 3.0], [1000.0, 1000.0, 1000.0]]);
+        let y = log_softmax(&x);
+        let lse = (1.0f32.exp() + 2.0f32.exp() + 3.0f32.exp()).ln();
+        for j in 0..3 {
+            assert!((y[[0, j]] - (x[[0, j]] - lse)).abs() < 1e-6);
+            assert!((y[[1, j]] + 3.0f32.ln()).abs() < 1e-6);
+        }
+        let y = log_softmax(&arr2(&[[0.0f32, f32::NAN]]));
+        assert!(y[[0, 0]].is_nan() && y[[0, 1]].is_nan());
+    }
 }

@@ -1,0 +1,58 @@
+//! The `qfuse` command line: conformance against PyTorch's golden cases (and, as later
+//! issues land, the demo, folding and benchmarks).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod conformance;
+
+#[derive(Parser)]
+#[command(
+    name = "qfuse",
+    version,
+    about = "GPU kernels for quantization with module fusion"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Which backend(s) to run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The CPU reference.
+    Cpu,
+    /// The WGSL kernels on the system's GPU adapter.
+    Gpu,
+    /// Both, one after the other.
+    All,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every *.safetensors conformance case in DIR and compare with PyTorch's outputs.
+    Conformance {
+        /// Folder of cases.
+        #[arg(default_value = "../shared/golden")]
+        dir: PathBuf,
+        /// Backend to run the cases on.
+        #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+        backend: BackendChoice,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Conformance { dir, backend } => conformance::run(&dir, backend),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Conformance case files: one safetensors file per case, `in.*` inputs, `out.*` expected
+//! outputs, and `op` / `params` / `atol` / `rtol` in the header metadata
+//! (format described in the golden folder's README).
+
+use std::path::{Path, PathBuf};
+
+use ndarray::ArrayD;
+use serde_json::Value;
+
+use super::state_dict::{load_state_dict, parse_state_dict, HostTensor, StateDict};
+use crate::error::{Error, Result};
+
+/// One conformance case.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// Where it came from (file path or a label).
+    pub path: String,
+    /// The operation (`fold_conv_bn`, `fake_quant_per_tensor`, ...).
+    pub op: String,
+    /// The operation's settings (a JSON object).
+    pub params: Value,
+    /// Absolute tolerance.
+    pub atol: f32,
+    /// Relative tolerance.
+    pub rtol: f32,
+    /// All tensors, with their `in.` / `out.` prefixes.
+    pub tensors: StateDict,
+}
+
+impl Case {
+    /// Reads and checks a case file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let sd = load_state_dict(path)?;
+        Self::from_state_dict(sd, &path.display().to_string())
+    }
+
+    /// Parses a case from bytes; `origin` names it in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        Self::from_state_dict(parse_state_dict(bytes, origin)?, origin)
+    }
+
+    fn from_state_dict(sd: StateDict, origin: &str) -> Result<Self> {
+        let malformed = |reason: String| Error::MalformedCase {
+            path: origin.to_string(),
+            reason,
+        };
+        let meta = |key: &str| {
+            sd.metadata
+                .get(key)
+                .cloned()
+                .ok_or_else(|| malformed(format!("metadata has no `{key}`")))
+        };
+        let op = meta("op")?;
+        let params: Value = serde_json::from_str(&meta("params")?)
+            .map_err(|e| malformed(format!("`params` is not JSON: {e}")))?;
+        if !params.is_object() {
+            return Err(malformed("`params` is not a JSON object".into()));
+        }
+        let tol = |key: &str| -> Result<f32> {
+            let s = meta(key)?;
+            let v: f32 = s
+                .trim()
+                .parse()
+                .map_err(|_| malformed(format!("`{key}` = `{s}` is not a number")))?;
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(malformed(format!("`{key}` = {v} must be finite and >= 0")))
+            }
+        };
+        let atol = tol("atol")?;
+        let rtol = tol("rtol")?;
+        if !sd.tensors.keys().any(|k| k.starts_with("out.")) {
+            return Err(malformed("no expected output (`out.*`) tensor".into()));
+        }
+        Ok(Case {
+            path: origin.to_string(),
+            op,
+            params,
+            atol,
+            rtol,
+            tensors: sd,
+        })
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor {
+            name: name.to_string(),
+            context: format!(" in {}", self.path),
+        }
+    }
+
+    fn get_f32(&self, name: &str) -> Result<&ArrayD<f32>> {
+        match self.tensors.tensors.get(name) {
+            Some(HostTensor::F32(a)) => Ok(a),
+            Some(HostTensor::I32(_)) => Err(Error::MalformedCase {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}` is int32, expected float32"),
+            }),
+            None => Err(self.missing(name)),
+        }
+    }
+
+    /// Input tensor `in.NAME` (f32), or [`Error::MissingTensor`].
+    pub fn input(&self, name: &str) -> Result<&ArrayD<f32>> {
+        self.get_f32(&format!("in.{name}"))
+    }
+
+    /// Optional input `in.NAME` (absent is `None`).
+    pub fn input_opt(&self, name: &str) -> Result<Option<&ArrayD<f32>>> {
+        let key = format!("in.{name}");
+        if self.tensors.tensors.contains_key(&key) {
+            self.get_f32(&key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Integer input `in.NAME` (i32).
+    pub fn input_i32(&self, name: &str) -> Result<&ArrayD<i32>> {
+        let key = format!("in.{name}");
+        match self.tensors.tensors.get(&key) {
+            Some(HostTensor::I32(a)) => Ok(a),
+            Some(HostTensor::F32(_)) => Err(Error::MalformedCase {
+                path: self.path.clone(),
+                reason: format!("tensor `{key}` is float32, expected int32"),
+            }),
+            None => Err(self.missing(&key)),
+        }
+    }
+
+    /// Expected outputs: `(name without "out.", tensor)` in name order.
+    pub fn expected(&self) -> impl Iterator<Item = (&str, &HostTensor)> {
+        self.tensors
+            .tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("out.").map(|n| (n, v)))
+    }
+
+    fn param(&self, key: &str) -> Result<&Value> {
+        self.params.get(key).ok_or_else(|| Error::MalformedCase {
+            path: self.path.clone(),
+            reason: format!("params has no `{key}`"),
+        })
+    }
+
+    fn bad_param(&self, key: &str, want: &str) -> Error {
+        Error::MalformedCase {
+            path: self.path.clone(),
+            reason: format!("params `{key}` must be {want}, got {}", self.params[key]),
+        }
+    }
+
+    /// A float parameter.
+    pub fn param_f32(&self, key: &str) -> Result<f32> {
+        self.param(key)?
+            .as_f64()
+            .map(|v| v as f32)
+            .ok_or_else(|| self.bad_param(key, "a number"))
+    }
+
+    /// An integer parameter.
+    pub fn param_i32(&self, key: &str) -> Result<i32> {
+        self.param(key)?
+            .as_i64()
+            .and_then(|v| i32::try_from(v).ok())
+            .ok_or_else(|| self.bad_param(key, "a 32-bit integer"))
+    }
+
+    /// A non-negative integer parameter.
+    pub fn param_usize(&self, key: &str) -> Result<usize> {
+        self.param(key)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| self.bad_param(key, "a non-negative integer"))
+    }
+
+    /// An optional non-negative integer parameter.
+    pub fn param_usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        if self.params.get(key).is_none_or(Value::is_null) {
+            Ok(None)
+        } else {
+            self.param_usize(key).map(Some)
+        }
+    }
+
+    /// A boolean parameter.
+    pub fn param_bool(&self, key: &str) -> Result<bool> {
+        self.param(key)?
+            .as_bool()
+            .ok_or_else(|| self.bad_param(key, "a boolean"))
+    }
+
+    /// A string parameter.
+    pub fn param_str(&self, key: &str) -> Result<&str> {
+        self.param(key)?
+            .as_str()
+            .ok_or_else(|| self.bad_param(key, "a string"))
+    }
+
+    /// A `[h, w]` pair parameter.
+    pub fn param_pair(&self, key: &str) -> Result<[usize; 2]> {
+        let v = self.param(key)?;
+        match v.as_array().map(|a| a.as_slice()) {
+            Some([a, b]) => match (a.as_u64(), b.as_u64()) {
+                (Some(a), Some(b)) => Ok([a as usize, b as usize]),
+                _ => Err(self.bad_param(key, "a pair of non-negative integers")),
+            },
+            _ => Err(self.bad_param(key, "a pair of non-negative integers")),
+        }
+    }
+}
+
+/// Every `*.safetensors` file in `dir`, sorted by name.
+pub fn case_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let dir = dir.as_ref();
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}

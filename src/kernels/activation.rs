@@ -1,0 +1,98 @@
+//! Activations on the GPU (`shaders/activation.wgsl`), bit-exact with
+//! [`crate::reference::activation`]: identity, ReLU, ReLU6, forward and backward, with
+//! PyTorch's NaN behaviour (NaN propagates forward; a NaN input passes the gradient).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_f32, expect_shape, grid, to_u32, WG_CONSTANTS};
+use crate::error::Result;
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::ops::Activation;
+
+static SHADER: Shader = Shader {
+    name: "activation",
+    source: include_str!("../../shaders/activation.wgsl"),
+};
+
+static FORWARD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(2),
+    ],
+};
+
+static BACKWARD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(2),
+        Binding::read(3),
+    ],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    act: u32,
+    _pad: [u32; 2],
+}
+
+fn code(act: Activation) -> u32 {
+    match act {
+        Activation::None => 0,
+        Activation::Relu => 1,
+        Activation::Relu6 => 2,
+    }
+}
+
+fn params(ctx: &GpuContext, x: &GpuTensor, act: Activation) -> Result<wgpu::Buffer> {
+    ctx.uniform(&Params {
+        n: to_u32(x.len(), "activation element count")?,
+        act: code(act),
+        _pad: [0; 2],
+    })
+}
+
+/// Applies `act` elementwise (like [`crate::reference::activation::activation`]).
+pub fn activation(ctx: &GpuContext, x: &GpuTensor, act: Activation) -> Result<GpuTensor> {
+    expect_f32("activation input", x)?;
+    let uniform = params(ctx, x, act)?;
+    let y = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    ctx.run(&[Launch {
+        kernel: &FORWARD,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, x.buffer(), y.buffer()],
+        workgroups: grid(ctx, x.len())?,
+    }])?;
+    Ok(y)
+}
+
+/// Gradient of [`activation`] at `x` for upstream `dy` (like
+/// [`crate::reference::activation::activation_backward`]).
+///
+/// Errors: [`crate::Error::ShapeMismatch`] when `dy`'s shape is not `x`'s.
+pub fn activation_backward(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    act: Activation,
+) -> Result<GpuTensor> {
+    expect_shape("activation_backward (dy vs x)", x.shape(), dy)?;
+    expect_f32("activation input", x)?;
+    expect_f32("activation_backward dy", dy)?;
+    let uniform = params(ctx, x, act)?;
+    let dx = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    ctx.run(&[Launch {
+        kernel: &BACKWARD,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, x.buffer(), dx.buffer(), dy.buffer()],
+        workgroups: grid(ctx, x.len())?,
+    }])?;
+    Ok(dx)
+}

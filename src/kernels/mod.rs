@@ -1,0 +1,152 @@
+//! GPU launchers, one module per shader family, mirroring [`crate::reference`]. Each takes a
+//! [`GpuContext`] and [`GpuTensor`]s, validates its inputs with the same checks (and error
+//! messages) as the CPU reference, records its dispatches and returns new tensors without
+//! waiting for the GPU; data stays on the device until you download it.
+//!
+//! - [`fake_quant`]: fake quantization per tensor / per channel, forward, mask, backward.
+//! - [`observer`]: min/max reduction and qparams (scale, zero point, 1/scale) on the GPU.
+//! - [`activation`]: ReLU / ReLU6 forward and backward.
+//! - [`fold`]: BatchNorm folding into conv (any rank), transposed conv and linear weights.
+
+pub mod activation;
+pub mod conv2d;
+pub mod fake_quant;
+pub mod fold;
+pub mod observer;
+
+pub use fake_quant::GpuQParams;
+pub use fold::GpuBatchNorm;
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor};
+
+/// Workgroup size of the 1-D elementwise kernels (the `WG` override constant).
+pub const WORKGROUP_SIZE: u32 = 256;
+
+/// Override constants passed to every elementwise kernel.
+pub(crate) const WG_CONSTANTS: &[(&str, f64)] = &[("WG", WORKGROUP_SIZE as f64)];
+
+/// An element count as the `u32` the shaders index with.
+pub(crate) fn to_u32(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        Error::invalid(format!(
+            "{what} = {n} exceeds what a GPU kernel can index (u32)"
+        ))
+    })
+}
+
+/// Grid for `n` elements with [`WORKGROUP_SIZE`] threads per workgroup.
+pub(crate) fn grid(ctx: &GpuContext, n: usize) -> Result<[u32; 3]> {
+    ctx.grid_1d(n, WORKGROUP_SIZE)
+}
+
+/// `Err(ShapeMismatch)` unless `t` has shape `expected`.
+pub(crate) fn expect_shape(context: &str, expected: &[usize], t: &GpuTensor) -> Result<()> {
+    if t.shape() != expected {
+        return Err(Error::shape(context, expected, t.shape()));
+    }
+    Ok(())
+}
+
+/// `Err` unless `t` holds `f32`.
+pub(crate) fn expect_f32(what: &str, t: &GpuTensor) -> Result<()> {
+    if t.dtype() != crate::gpu::DType::F32 {
+        return Err(Error::invalid(format!(
+            "{what} must be an f32 tensor, got {:?}",
+            t.dtype()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    fn shader_files() -> Vec<PathBuf> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("shaders/ exists")
+            .map(|e| e.expect("readable entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Every shader parses and validates with naga, with no adapter needed.
+    #[test]
+    fn every_shader_validates_with_naga() {
+        let files = shader_files();
+        assert!(files.len() >= 4, "expected the shaders, found {files:?}");
+        for path in files {
+            let src = std::fs::read_to_string(&path).expect("readable shader");
+            let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
+                panic!("{}: {}", path.display(), e.emit_to_string(&src));
+            });
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| {
+                panic!("{}: {}", path.display(), e.emit_to_string(&src));
+            });
+            assert!(
+                module
+                    .entry_points
+                    .iter()
+                    .any(|ep| ep.stage == naga::ShaderStage::Compute),
+                "{}: no compute entry point",
+                path.display()
+            );
+        }
+    }
+
+    /// Every shader opens with a header comment that names each binding it declares as
+    /// `@group(G) @binding(B)` and states its dispatch shape.
+    #[test]
+    fn every_shader_documents_its_bindings() {
+        for path in shader_files() {
+            let src = std::fs::read_to_string(&path).expect("readable shader");
+            let header: String = src
+                .lines()
+                .take_while(|l| l.trim_start().starts_with("//") || l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(
+                header.lines().count() >= 3,
+                "{}: missing header comment",
+                path.display()
+            );
+            assert!(
+                header.contains("Bindings") || header.contains("bindings"),
+                "{}: the header must list the bindings",
+                path.display()
+            );
+            assert!(
+                header.contains("Dispatch") || header.contains("dispatch"),
+                "{}: the header must state the dispatch shape",
+                path.display()
+            );
+            let code: String = src
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut declared = 0;
+            for (pos, _) in code.match_indices("@group(") {
+                let rest = &code[pos..];
+                let end = rest.find(" var").unwrap_or(rest.len());
+                let decl = rest[..end].trim();
+                assert!(
+                    header.contains(decl),
+                    "{}: binding `{decl}` is not described in the header",
+                    path.display()
+                );
+                declared += 1;
+            }
+            assert!(declared > 0, "{}: no bindings", path.display());
+        }
+    }
+}

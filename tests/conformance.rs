@@ -1,0 +1,173 @@
+//! Runs every conformance case in the golden folder (default `../shared/golden`, or
+//! `QFUSE_GOLDEN_DIR`) on the CPU reference and on the GPU, so each new case file is a new
+//! check. Also checks that unknown ops, empty folders and malformed files fail loudly.
+
+mod common;
+
+use std::path::PathBuf;
+
+use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::conformance::{run_case_file, run_dir, summary};
+use qfuse::io::state_dict::{HostTensor, StateDict};
+
+fn golden_dir() -> PathBuf {
+    std::env::var_os("QFUSE_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden")))
+}
+
+fn run_all(backend: &dyn Backend) {
+    let reports = run_dir(&golden_dir(), &[backend]).expect("golden folder readable and not empty");
+    for r in &reports {
+        println!("{}", r.line());
+    }
+    let (passed, failed) = summary(&reports);
+    println!("{passed} passed, {failed} failed");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} conformance case(s) failed on {}",
+        backend.name()
+    );
+}
+
+#[test]
+fn golden_cases_pass_on_cpu() {
+    run_all(&CpuBackend);
+}
+
+#[test]
+fn golden_cases_pass_on_gpu() {
+    let Some(ctx) = common::gpu() else { return };
+    run_all(&GpuBackend::new(ctx));
+}
+
+fn write_case(dir: &std::path::Path, name: &str, sd: &StateDict) -> PathBuf {
+    let p = dir.join(name);
+    sd.save(&p).unwrap();
+    p
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qfuse-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tiny_case(op: &str) -> StateDict {
+    let mut sd = StateDict::default();
+    sd.metadata.insert("op".into(), op.into());
+    sd.metadata.insert(
+        "params".into(),
+        r#"{"scale": 0.5, "zero_point": 0, "quant_min": -128, "quant_max": 127}"#.into(),
+    );
+    sd.metadata.insert("atol".into(), "0.0".into());
+    sd.metadata.insert("rtol".into(), "0.0".into());
+    let t = |v: Vec<f32>| HostTensor::F32(ndarray::Array1::from(v).into_dyn());
+    sd.tensors.insert("in.x".into(), t(vec![0.2, 0.3, 1.0]));
+    sd.tensors.insert("in.dy".into(), t(vec![1.0, 1.0, 1.0]));
+    sd.tensors.insert("out.y".into(), t(vec![0.0, 0.5, 1.0]));
+    sd.tensors.insert("out.dx".into(), t(vec![1.0, 1.0, 1.0]));
+    sd
+}
+
+#[test]
+fn a_written_case_passes_and_a_wrong_expectation_fails() {
+    let dir = tmpdir("ok");
+    let p = write_case(
+        &dir,
+        "fake_quant_per_tensor__tiny.safetensors",
+        &tiny_case("fake_quant_per_tensor"),
+    );
+    let r = run_case_file(&p, &CpuBackend);
+    assert!(r.passed(), "{}", r.line());
+    let mut bad = tiny_case("fake_quant_per_tensor");
+    bad.tensors.insert(
+        "out.y".into(),
+        HostTensor::F32(ndarray::Array1::from(vec![0.0f32, 0.0, 1.0]).into_dyn()),
+    );
+    let p = write_case(&dir, "fake_quant_per_tensor__bad.safetensors", &bad);
+    let r = run_case_file(&p, &CpuBackend);
+    assert!(!r.passed());
+    assert!(
+        r.line().contains("1 element(s) out of tolerance"),
+        "{}",
+        r.line()
+    );
+}
+
+#[test]
+fn unknown_op_fails_the_case() {
+    let dir = tmpdir("unknown");
+    let p = write_case(&dir, "frobnicate__x.safetensors", &tiny_case("frobnicate"));
+    let r = run_case_file(&p, &CpuBackend);
+    assert!(!r.passed());
+    assert!(r.line().contains("unknown op `frobnicate`"), "{}", r.line());
+}
+
+#[test]
+fn missing_expected_output_fails_the_case() {
+    let dir = tmpdir("extra");
+    let mut sd = tiny_case("fake_quant_per_tensor");
+    sd.tensors.insert(
+        "out.something_else".into(),
+        HostTensor::F32(ndarray::Array1::from(vec![0.0f32]).into_dyn()),
+    );
+    let p = write_case(&dir, "fake_quant_per_tensor__extra.safetensors", &sd);
+    let r = run_case_file(&p, &CpuBackend);
+    assert!(!r.passed());
+    assert!(
+        r.line().contains("no value for out.something_else"),
+        "{}",
+        r.line()
+    );
+}
+
+#[test]
+fn missing_input_tensor_is_named() {
+    let dir = tmpdir("missing");
+    let mut sd = tiny_case("fake_quant_per_tensor");
+    sd.tensors.remove("in.dy");
+    let p = write_case(&dir, "fake_quant_per_tensor__nody.safetensors", &sd);
+    let r = run_case_file(&p, &CpuBackend);
+    assert!(!r.passed());
+    assert!(r.line().contains("missing tensor `in.dy`"), "{}", r.line());
+}
+
+#[test]
+fn empty_folder_is_an_error() {
+    let dir = tmpdir("empty");
+    let e = run_dir(&dir, &[&CpuBackend]).unwrap_err();
+    assert!(e.to_string().contains("no conformance case"), "{e}");
+}
+
+#[test]
+fn malformed_files_fail() {
+    let dir = tmpdir("malformed");
+    std::fs::write(
+        dir.join("garbage__a.safetensors"),
+        b"this is not safetensors",
+    )
+    .unwrap();
+    let mut no_op = tiny_case("x");
+    no_op.metadata.remove("op");
+    write_case(&dir, "noop__b.safetensors", &no_op);
+    let mut bad_params = tiny_case("fake_quant_per_tensor");
+    bad_params
+        .metadata
+        .insert("params".into(), "{not json".into());
+    write_case(&dir, "badparams__c.safetensors", &bad_params);
+    let mut bad_tol = tiny_case("fake_quant_per_tensor");
+    bad_tol.metadata.insert("atol".into(), "lots".into());
+    write_case(&dir, "badtol__d.safetensors", &bad_tol);
+    let reports = run_dir(&dir, &[&CpuBackend]).unwrap();
+    assert_eq!(reports.len(), 4);
+    let lines: Vec<String> = reports.iter().map(|r| r.line()).collect();
+    assert!(reports.iter().all(|r| !r.passed()), "{lines:#?}");
+    let all = lines.join("\n");
+    assert!(all.contains("not a safetensors file"), "{all}");
+    assert!(all.contains("metadata has no `op`"), "{all}");
+    assert!(all.contains("`params` is not JSON"), "{all}");
+    assert!(all.contains("`atol` = `lots` is not a number"), "{all}");
+}
