@@ -50,7 +50,7 @@ impl Conv2dParams {
             )));
         }
         let g = self.groups;
-        if x[1] % g != 0 || w[0] % g != 0 {
+        if !x[1].is_multiple_of(g) || !w[0].is_multiple_of(g) {
             return Err(Error::invalid(format!(
                 "conv2d groups = {g} must divide input channels {} and output channels {}",
                 x[1], w[0]
@@ -122,7 +122,7 @@ impl BatchNorm {
         if let Some(b) = &self.bias {
             check("bias", b)?;
         }
-        if !(self.eps >= 0.0) {
+        if self.eps.is_nan() || self.eps < 0.0 {
             return Err(Error::invalid(format!(
                 "BatchNorm eps must be >= 0, got {}",
                 self.eps

@@ -783,7 +783,8 @@ fn errors_match_cpu() {
     let mut bad_bn = bn4.clone();
     bad_bn.running_var = Array1::ones(3);
     let bias3 = Array1::<f32>::zeros(3);
-    let fold_cases: Vec<(&ArrayD<f32>, Option<&Array1<f32>>, &BatchNorm, bool)> = vec![
+    type FoldCase<'a> = (&'a ArrayD<f32>, Option<&'a Array1<f32>>, &'a BatchNorm, bool);
+    let fold_cases: Vec<FoldCase> = vec![
         (&w, None, &bn5, false),
         (&w, None, &bn5, true),
         (&w, None, &bn6, true),

@@ -152,3 +152,21 @@ pub trait Backend {
     /// `log_softmax` along dim 1 of `[N, C]`.
     fn log_softmax(&self, x: &Array2<f32>) -> Result<Array2<f32>>;
 }
+
+/// The backend a user without preferences gets: the GPU when an adapter can be opened
+/// (`WGPU_BACKEND` / `WGPU_ADAPTER_NAME` are honoured), else the CPU reference. The second
+/// value says why the CPU serves, so callers can tell their users.
+///
+/// ```
+/// let (backend, fallback) = qfuse::backend::best_available();
+/// if let Some(why) = &fallback {
+///     eprintln!("running on the CPU reference: {why}");
+/// }
+/// println!("backend: {}", backend.name());
+/// ```
+pub fn best_available() -> (Box<dyn Backend>, Option<String>) {
+    match GpuBackend::from_system() {
+        Ok(g) => (Box::new(g), None),
+        Err(e) => (Box::new(CpuBackend), Some(e.to_string())),
+    }
+}

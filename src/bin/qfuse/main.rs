@@ -41,12 +41,39 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
         backend: BackendChoice,
     },
+    /// Show the backend qfuse would use: the GPU adapter, its limits, or why the CPU serves.
+    Info,
+}
+
+fn info() -> qfuse::Result<ExitCode> {
+    match qfuse::gpu::GpuContext::new() {
+        Ok(ctx) => {
+            let l = ctx.limits();
+            println!("backend: gpu");
+            println!("adapter: {}", ctx.name());
+            println!(
+                "limits: max_buffer_size {} B, max_storage_buffer_binding_size {} B, \
+                 max_compute_workgroups_per_dimension {}, max_compute_invocations_per_workgroup {}, \
+                 max_compute_workgroup_storage_size {} B",
+                l.max_buffer_size,
+                l.max_storage_buffer_binding_size,
+                l.max_compute_workgroups_per_dimension,
+                l.max_compute_invocations_per_workgroup,
+                l.max_compute_workgroup_storage_size
+            );
+        }
+        Err(e) => {
+            println!("backend: cpu (the CPU reference serves: {e})");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance { dir, backend } => conformance::run(&dir, backend),
+        Command::Info => info(),
     };
     match result {
         Ok(code) => code,
