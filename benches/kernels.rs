@@ -92,7 +92,11 @@ fn observers(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(4 * n as u64));
     for (name, scheme, axis) in [
         ("per_tensor_affine", QScheme::PerTensorAffine, 0),
-        ("per_channel_symmetric_axis1", QScheme::PerChannelSymmetric, 1),
+        (
+            "per_channel_symmetric_axis1",
+            QScheme::PerChannelSymmetric,
+            1,
+        ),
     ] {
         let spec = ObserverSpec::new(QDtype::QInt8, scheme, QuantRange::INT8, axis).unwrap();
         g.bench_function(BenchmarkId::new(name, n), |b| {

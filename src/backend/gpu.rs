@@ -18,15 +18,11 @@ use crate::quant::{ObserverSpec, QParams, QuantRange};
 /// the kernels, downloads the results. Validation happens on the host first, with the same
 /// errors as [`crate::CpuBackend`].
 ///
-/// Operations without a GPU kernel yet (conv2d, batch norm, the fused conv+bn paths, pooling,
-/// linear, log_softmax) return [`Error::Gpu`] saying so.
+/// Each call is self-contained (upload, kernels, download); to keep data on the device
+/// between ops, use [`crate::kernels`] on [`GpuTensor`]s directly.
 #[derive(Debug, Clone)]
 pub struct GpuBackend {
     ctx: Arc<GpuContext>,
-}
-
-fn not_yet(op: &str) -> Error {
-    Error::Gpu(format!("{op} is not yet implemented on the GPU"))
 }
 
 fn to_array1(a: ArrayD<f32>) -> Result<Array1<f32>> {
@@ -141,42 +137,143 @@ impl Backend for GpuBackend {
 
     fn conv2d(
         &self,
-        _x: &Array4<f32>,
-        _weight: &Array4<f32>,
-        _bias: Option<&Array1<f32>>,
-        _params: &Conv2dParams,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &Conv2dParams,
     ) -> Result<Array4<f32>> {
-        Err(not_yet("conv2d"))
+        let out = params.output_shape(x.shape(), weight.shape())?;
+        if let Some(b) = bias {
+            if b.len() != out[1] {
+                return Err(Error::shape("conv2d bias", &[out[1]], b.shape()));
+            }
+        }
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
+        let gb = self.upload_opt(bias)?;
+        let epilogue = kernels::conv2d::ConvEpilogue {
+            bias: gb.as_ref(),
+            ..kernels::conv2d::ConvEpilogue::none()
+        };
+        kernels::conv2d::conv2d(&self.ctx, &gx, &gw, params, &epilogue)?
+            .download_f32(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| Error::Gpu(format!("internal: conv2d output is not 4-D: {e}")))
     }
 
     fn conv2d_backward(
         &self,
-        _x: &Array4<f32>,
-        _weight: &Array4<f32>,
-        _dy: &Array4<f32>,
-        _params: &Conv2dParams,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        dy: &Array4<f32>,
+        params: &Conv2dParams,
     ) -> Result<Conv2dGrads> {
-        Err(not_yet("conv2d_backward"))
+        let out = params.output_shape(x.shape(), weight.shape())?;
+        if dy.shape() != out {
+            return Err(Error::shape(
+                "conv2d_backward dy (forward output shape)",
+                &out,
+                dy.shape(),
+            ));
+        }
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
+        let gdy = GpuTensor::upload_f32(&self.ctx, &dy.clone().into_dyn())?;
+        let x_shape = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+        let w_shape = [
+            weight.shape()[0],
+            weight.shape()[1],
+            weight.shape()[2],
+            weight.shape()[3],
+        ];
+        let dx = kernels::conv2d::conv2d_backward_input(&self.ctx, &gdy, &gw, params, x_shape)?;
+        let dw = kernels::conv2d::conv2d_backward_weight(&self.ctx, &gx, &gdy, params, w_shape)?;
+        let db = kernels::conv2d::channel_sum(&self.ctx, &gdy)?;
+        let four = |a: ArrayD<f32>| {
+            a.into_dimensionality::<ndarray::Ix4>()
+                .map_err(|e| Error::Gpu(format!("internal: conv2d gradient is not 4-D: {e}")))
+        };
+        Ok(Conv2dGrads {
+            dx: four(dx.download_f32(&self.ctx)?)?,
+            dweight: four(dw.download_f32(&self.ctx)?)?,
+            dbias: to_array1(db.download_f32(&self.ctx)?)?,
+        })
     }
 
     fn batch_norm2d(
         &self,
-        _x: &Array4<f32>,
-        _bn: &BatchNorm,
-        _training: bool,
+        x: &Array4<f32>,
+        bn: &BatchNorm,
+        training: bool,
     ) -> Result<BatchNormOutput> {
-        Err(not_yet("batch_norm2d"))
+        use kernels::batch_norm as kbn;
+        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        let out = kbn::batch_norm2d(
+            &self.ctx,
+            &gx,
+            &gbn,
+            bn.momentum,
+            training,
+            Activation::None,
+            false,
+        )?;
+        let [mean, invstd]: [Array1<f32>; 2] = kbn::download_rows(&self.ctx, &out.stats.stats)?
+            .try_into()
+            .map_err(|_| Error::Gpu("internal: batch_norm2d stats are not [2, C]".into()))?;
+        let [running_mean, running_var]: [Array1<f32>; 2] =
+            kbn::download_rows(&self.ctx, &out.stats.running)?
+                .try_into()
+                .map_err(|_| Error::Gpu("internal: batch_norm2d running is not [2, C]".into()))?;
+        Ok(BatchNormOutput {
+            y: kbn::download4(&self.ctx, &out.y)?,
+            running_mean,
+            running_var,
+            mean,
+            invstd,
+        })
     }
 
     fn batch_norm2d_backward(
         &self,
-        _x: &Array4<f32>,
-        _dy: &Array4<f32>,
-        _bn: &BatchNorm,
-        _fwd: &BatchNormOutput,
-        _training: bool,
+        x: &Array4<f32>,
+        dy: &Array4<f32>,
+        bn: &BatchNorm,
+        fwd: &BatchNormOutput,
+        training: bool,
     ) -> Result<BatchNormGrads> {
-        Err(not_yet("batch_norm2d_backward"))
+        use kernels::batch_norm as kbn;
+        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        kbn::check_input(&gx, &gbn)?;
+        if dy.shape() != x.shape() {
+            return Err(Error::shape(
+                "batch_norm2d_backward dy (input shape)",
+                x.shape(),
+                dy.shape(),
+            ));
+        }
+        let c = bn.channels();
+        for (name, a) in [("mean", &fwd.mean), ("invstd", &fwd.invstd)] {
+            if a.len() != c {
+                return Err(Error::shape(
+                    format!("batch_norm2d_backward saved {name}"),
+                    &[c],
+                    a.shape(),
+                ));
+            }
+        }
+        let gdy = GpuTensor::upload_f32(&self.ctx, &dy.clone().into_dyn())?;
+        let stats = kbn::upload_stats(&self.ctx, &fwd.mean, &fwd.invstd)?;
+        let g = kbn::batch_norm2d_backward(&self.ctx, &gx, &gdy, &gbn, &stats, training)?;
+        let [dbias, dweight]: [Array1<f32>; 2] = kbn::download_rows(&self.ctx, &g.dparams)?
+            .try_into()
+            .map_err(|_| Error::Gpu("internal: batch_norm2d grads are not [2, C]".into()))?;
+        Ok(BatchNormGrads {
+            dx: kbn::download4(&self.ctx, &g.dx)?,
+            dweight,
+            dbias,
+        })
     }
 
     fn activation(&self, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
@@ -204,50 +301,209 @@ impl Backend for GpuBackend {
 
     fn conv_bn_act_eval(
         &self,
-        _x: &Array4<f32>,
-        _conv: &Conv2d,
-        _bn: &BatchNorm,
-        _act: Activation,
+        x: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        act: Activation,
     ) -> Result<(Array4<f32>, Folded)> {
-        Err(not_yet("conv_bn_act_eval"))
+        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(&self.ctx, &conv.weight.clone().into_dyn())?;
+        let gb = self.upload_opt(conv.bias.as_ref())?;
+        let gconv = kernels::conv_bn::GpuConv2d {
+            weight: &gw,
+            bias: gb.as_ref(),
+            params: conv.params,
+        };
+        let r = kernels::conv_bn::conv_bn_act_eval(&self.ctx, &gx, &gconv, &gbn, act)?;
+        let y = kernels::batch_norm::download4(&self.ctx, &r.y)?;
+        Ok((y, self.download_folded(r.weight, r.bias)?))
     }
 
     fn conv_bn_qat_forward(
         &self,
-        _x: &Array4<f32>,
-        _conv: &Conv2d,
-        _bn: &BatchNorm,
-        _cfg: &QatConfig,
+        x: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        cfg: &QatConfig,
     ) -> Result<QatForward> {
-        Err(not_yet("conv_bn_qat_forward"))
+        use kernels::batch_norm::{download4, download_rows};
+        let ctx = &*self.ctx;
+        let gbn = GpuBatchNorm::upload(ctx, bn)?;
+        let gx = GpuTensor::upload_f32(ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(ctx, &conv.weight.clone().into_dyn())?;
+        let gb = self.upload_opt(conv.bias.as_ref())?;
+        let gconv = kernels::conv_bn::GpuConv2d {
+            weight: &gw,
+            bias: gb.as_ref(),
+            params: conv.params,
+        };
+        let f = kernels::conv_bn::conv_bn_qat_forward(ctx, &gx, &gconv, &gbn, bn.momentum, cfg)?;
+        let conv_out = kernels::conv_bn::qat_conv_out(ctx, &f, &gconv)?;
+        let rows = |t: &GpuTensor| -> Result<[Array1<f32>; 2]> {
+            download_rows(ctx, t)?
+                .try_into()
+                .map_err(|_| Error::Gpu("internal: per-channel stats are not [2, C]".into()))
+        };
+        let [mean, invstd] = rows(&f.stats.stats)?;
+        let [running_mean, running_var] = rows(&f.stats.running)?;
+        Ok(QatForward {
+            y: download4(ctx, &f.y)?,
+            running_mean,
+            running_var,
+            weight_qparams: f.weight_qparams.download(ctx)?,
+            saved: crate::ops::QatSaved {
+                scale_factor: to_array1(f.scale_factor.download_f32(ctx)?)?,
+                weight_q: download4(ctx, &f.weight_q)?,
+                weight_mask: download4(ctx, &f.weight_mask)?,
+                conv_out: download4(ctx, &conv_out)?,
+                bn_input: download4(ctx, &f.bn_input)?,
+                mean,
+                invstd,
+                bn_out: download4(ctx, &f.bn_out)?,
+            },
+        })
     }
 
     fn conv_bn_qat_backward(
         &self,
-        _x: &Array4<f32>,
-        _dy: &Array4<f32>,
-        _conv: &Conv2d,
-        _bn: &BatchNorm,
-        _cfg: &QatConfig,
-        _fwd: &QatForward,
+        x: &Array4<f32>,
+        dy: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        cfg: &QatConfig,
+        fwd: &QatForward,
     ) -> Result<QatGrads> {
-        Err(not_yet("conv_bn_qat_backward"))
+        use kernels::batch_norm::{download4, upload_stats};
+        let ctx = &*self.ctx;
+        // The CPU reference's checks, in its order and with its messages.
+        let gbn = GpuBatchNorm::upload(ctx, bn)?;
+        let o = conv.weight.shape()[0];
+        if bn.channels() != o {
+            return Err(Error::ChannelMismatch {
+                layer: "conv2d".to_string(),
+                layer_channels: o,
+                bn_channels: bn.channels(),
+            });
+        }
+        if let Some(b) = &conv.bias {
+            if b.len() != o {
+                return Err(Error::shape("conv2d bias", &[o], b.shape()));
+            }
+        }
+        let out = conv.params.output_shape(x.shape(), conv.weight.shape())?;
+        let sv = &fwd.saved;
+        if dy.shape() != fwd.y.shape() {
+            return Err(Error::shape(
+                "conv_bn_qat_backward dy (forward output shape)",
+                fwd.y.shape(),
+                dy.shape(),
+            ));
+        }
+        for (name, a) in [
+            ("y", &fwd.y),
+            ("conv_out", &sv.conv_out),
+            ("bn_input", &sv.bn_input),
+            ("bn_out", &sv.bn_out),
+        ] {
+            if a.shape() != out {
+                return Err(Error::shape(
+                    format!("conv_bn_qat_backward saved {name}"),
+                    &out,
+                    a.shape(),
+                ));
+            }
+        }
+        for (name, a) in [("weight_q", &sv.weight_q), ("weight_mask", &sv.weight_mask)] {
+            if a.shape() != conv.weight.shape() {
+                return Err(Error::shape(
+                    format!("conv_bn_qat_backward saved {name}"),
+                    conv.weight.shape(),
+                    a.shape(),
+                ));
+            }
+        }
+        if sv.scale_factor.len() != o {
+            return Err(Error::shape(
+                "conv_bn_qat_backward saved scale_factor",
+                &[o],
+                sv.scale_factor.shape(),
+            ));
+        }
+        for (name, a) in [("mean", &sv.mean), ("invstd", &sv.invstd)] {
+            if a.len() != o {
+                return Err(Error::shape(
+                    format!("batch_norm2d_backward saved {name}"),
+                    &[o],
+                    a.shape(),
+                ));
+            }
+        }
+        let up4 = |a: &Array4<f32>| GpuTensor::upload_f32(ctx, &a.clone().into_dyn());
+        let gx = up4(x)?;
+        let gdy = up4(dy)?;
+        let gw = up4(&conv.weight)?;
+        let gb = self.upload_opt(conv.bias.as_ref())?;
+        let gs = GpuTensor::upload_f32(ctx, &sv.scale_factor.clone().into_dyn())?;
+        let gwq = up4(&sv.weight_q)?;
+        let gmask = up4(&sv.weight_mask)?;
+        let gbn_in = up4(&sv.bn_input)?;
+        let gbn_out = up4(&sv.bn_out)?;
+        let stats = upload_stats(ctx, &sv.mean, &sv.invstd)?;
+        let gconv = kernels::conv_bn::GpuConv2d {
+            weight: &gw,
+            bias: gb.as_ref(),
+            params: conv.params,
+        };
+        let saved = kernels::conv_bn::GpuQatSaved {
+            scale_factor: &gs,
+            weight_q: &gwq,
+            weight_mask: &gmask,
+            bn_input: &gbn_in,
+            stats: &stats,
+            act_input: &gbn_out,
+        };
+        let g = kernels::conv_bn::conv_bn_qat_backward(ctx, &gx, &gdy, &gconv, &gbn, cfg, &saved)?;
+        Ok(QatGrads {
+            dx: download4(ctx, &g.dx)?,
+            dweight: download4(ctx, &g.dweight)?,
+            dbias: match &g.dbias {
+                Some(t) => Some(to_array1(t.download_f32(ctx)?)?),
+                None => None,
+            },
+            dbn_weight: to_array1(g.dbn_weight.download_f32(ctx)?)?,
+            dbn_bias: to_array1(g.dbn_bias.download_f32(ctx)?)?,
+        })
     }
 
-    fn max_pool2d(&self, _x: &Array4<f32>, _kernel: usize, _stride: usize) -> Result<Array4<f32>> {
-        Err(not_yet("max_pool2d"))
+    fn max_pool2d(&self, x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array4<f32>> {
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        kernels::pool::max_pool2d(&self.ctx, &gx, kernel, stride)?
+            .download_f32(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| Error::Gpu(format!("internal: max_pool2d output is not 4-D: {e}")))
     }
 
     fn linear(
         &self,
-        _x: &Array2<f32>,
-        _weight: &Array2<f32>,
-        _bias: Option<&Array1<f32>>,
+        x: &Array2<f32>,
+        weight: &Array2<f32>,
+        bias: Option<&Array1<f32>>,
     ) -> Result<Array2<f32>> {
-        Err(not_yet("linear"))
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
+        let gb = self.upload_opt(bias)?;
+        kernels::linear::linear(&self.ctx, &gx, &gw, gb.as_ref())?
+            .download_f32(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::Gpu(format!("internal: linear output is not 2-D: {e}")))
     }
 
-    fn log_softmax(&self, _x: &Array2<f32>) -> Result<Array2<f32>> {
-        Err(not_yet("log_softmax"))
+    fn log_softmax(&self, x: &Array2<f32>) -> Result<Array2<f32>> {
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        kernels::pool::log_softmax(&self.ctx, &gx)?
+            .download_f32(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::Gpu(format!("internal: log_softmax output is not 2-D: {e}")))
     }
 }

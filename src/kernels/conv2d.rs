@@ -1,9 +1,111 @@
-//! conv2d on the GPU (`shaders/conv2d.wgsl`): forward with a fused epilogue, backward input,
-//! backward weight, and the per-channel sum used for the bias gradient.
+//! conv2d on the GPU (`shaders/conv2d.wgsl`): the forward with a fused per-channel epilogue
+//! (`y = act(acc * out_scale[o] + bias[o])`), the input and weight gradients, and the
+//! per-channel sum that gives the bias gradient. Shapes, settings and errors are those of
+//! [`crate::reference::conv2d`] (validated with [`Conv2dParams::output_shape`]); results match
+//! it up to f32 summation order.
+//!
+//! # Kernels
+//! - **Forward, implicit GEMM** (`forward_gemm`): per group, `Y[OG, N·OH·OW] = W[OG, K] ·
+//!   X[K, N·OH·OW]` with `K = C/groups · KH · KW`. The im2col matrix `X` is never
+//!   materialized: each workgroup gathers 16-deep slices of it (and of the weight) into
+//!   workgroup memory and computes a 64 output channels × 64 output pixels tile, each of its
+//!   256 invocations a 4×4 register tile. The epilogue (scale, bias, activation) is applied
+//!   before the single store.
+//! - **Forward, direct** (`forward_direct`): one invocation per output, for convs with fewer
+//!   than [`GEMM_MIN_CHANNELS_PER_GROUP`] output channels per group (depthwise, small grouped
+//!   convs), where a 64-channel tile would mostly idle.
+//! - **Backward input** (`backward_input`): a gather, one invocation per `dx` element summing
+//!   over the kernel taps and the output channels of its group that read it.
+//! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
+//!   `N·OH·OW` reduction over 256 invocations and reducing in workgroup memory.
+//! - **Channel sum** (`channel_sum`): one workgroup per channel, the same reduction.
+//!
+//! Every grid is tiled over x and y past the 65,535-workgroups-per-dimension limit.
 
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_f32, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, Conv2dParams};
+
+static SHADER: Shader = Shader {
+    name: "conv2d",
+    source: include_str!("../../shaders/conv2d.wgsl"),
+};
+
+const FORWARD_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read(2),
+    Binding::read_write(3),
+    Binding::read(4),
+    Binding::read(5),
+];
+
+static FORWARD_GEMM: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_gemm",
+    bindings: FORWARD_BINDINGS,
+};
+
+static FORWARD_DIRECT: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_direct",
+    bindings: FORWARD_BINDINGS,
+};
+
+static BACKWARD_INPUT: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_input",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read_write(3),
+        Binding::read(6),
+    ],
+};
+
+static BACKWARD_WEIGHT: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_weight",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(3),
+        Binding::read(6),
+    ],
+};
+
+static CHANNEL_SUM: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "channel_sum",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(3),
+    ],
+};
+
+/// Output channels × output pixels of one `forward_gemm` workgroup tile.
+pub const GEMM_TILE: [usize; 2] = [64, 64];
+
+/// [`ConvAlgorithm::Auto`] uses the implicit GEMM when a group has at least this many output
+/// channels, the direct kernel otherwise.
+pub const GEMM_MIN_CHANNELS_PER_GROUP: usize = 16;
+
+/// Which forward kernel [`conv2d_with_algorithm`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvAlgorithm {
+    /// Implicit GEMM when a group has at least [`GEMM_MIN_CHANNELS_PER_GROUP`] output
+    /// channels, else direct.
+    #[default]
+    Auto,
+    /// The tiled implicit GEMM (`forward_gemm`).
+    ImplicitGemm,
+    /// One invocation per output (`forward_direct`).
+    Direct,
+}
 
 /// What the conv applies to each output before storing it: y = act(acc * out_scale[o] + bias[o]).
 #[derive(Debug, Clone, Copy)]
@@ -17,7 +119,7 @@ pub struct ConvEpilogue<'a> {
 }
 
 impl ConvEpilogue<'_> {
-    /// The identity epilogue: no scale, no bias, no activation.
+    /// The identity epilogue: no multiplier, no bias, no activation (`y = acc`).
     pub fn none() -> Self {
         Self {
             out_scale: None,
@@ -27,44 +129,290 @@ impl ConvEpilogue<'_> {
     }
 }
 
-/// conv2d forward (stub).
+impl Default for ConvEpilogue<'_> {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+/// The uniform of `conv2d.wgsl` (same field order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    o: u32,
+    kh: u32,
+    kw: u32,
+    groups: u32,
+    oh: u32,
+    ow: u32,
+    cg: u32,
+    og: u32,
+    stride_h: u32,
+    stride_w: u32,
+    pad_h: u32,
+    pad_w: u32,
+    dil_h: u32,
+    dil_w: u32,
+    k: u32,
+    npix: u32,
+    ptiles: u32,
+    mtiles: u32,
+    count: u32,
+    act: u32,
+    has_scale: u32,
+    has_bias: u32,
+    _pad: [u32; 2],
+}
+
+impl Params {
+    /// The geometry of a conv of input `x` `[N, C, H, W]` and weight `w` `[O, C/g, KH, KW]`
+    /// with output `out`, after [`Conv2dParams::output_shape`] accepted them.
+    fn new(x: &[usize], w: &[usize], out: [usize; 4], p: &Conv2dParams) -> Result<Self> {
+        // Every flat index the shader forms stays below one of these element counts, and every
+        // signed coordinate below the padded extent.
+        let x_len: usize = x.iter().product();
+        let w_len: usize = w.iter().product();
+        let y_len: usize = out.iter().product();
+        to_u32(x_len, "conv2d input element count")?;
+        to_u32(w_len, "conv2d weight element count")?;
+        to_u32(y_len, "conv2d output element count")?;
+        for i in 0..2 {
+            let padded = x[2 + i] + 2 * p.padding[i];
+            let reach = out[2 + i].saturating_mul(p.stride[i]) + w[2 + i] * p.dilation[i];
+            if padded.max(reach) > i32::MAX as usize {
+                return Err(Error::invalid(format!(
+                    "conv2d padded extent {padded} exceeds what a GPU kernel can index (i32)"
+                )));
+            }
+        }
+        let u = |v: usize, what: &str| to_u32(v, what);
+        let g = p.groups;
+        Ok(Self {
+            n: u(x[0], "conv2d batch")?,
+            c: u(x[1], "conv2d input channels")?,
+            h: u(x[2], "conv2d input height")?,
+            w: u(x[3], "conv2d input width")?,
+            o: u(w[0], "conv2d output channels")?,
+            kh: u(w[2], "conv2d kernel height")?,
+            kw: u(w[3], "conv2d kernel width")?,
+            groups: u(g, "conv2d groups")?,
+            oh: u(out[2], "conv2d output height")?,
+            ow: u(out[3], "conv2d output width")?,
+            cg: u(x[1] / g, "conv2d input channels per group")?,
+            og: u(w[0] / g, "conv2d output channels per group")?,
+            stride_h: u(p.stride[0], "conv2d stride")?,
+            stride_w: u(p.stride[1], "conv2d stride")?,
+            pad_h: u(p.padding[0], "conv2d padding")?,
+            pad_w: u(p.padding[1], "conv2d padding")?,
+            dil_h: u(p.dilation[0], "conv2d dilation")?,
+            dil_w: u(p.dilation[1], "conv2d dilation")?,
+            k: u(w[1] * w[2] * w[3], "conv2d reduction length")?,
+            npix: u(out[0] * out[2] * out[3], "conv2d output pixels")?,
+            ..Self::default()
+        })
+    }
+}
+
+fn activation_code(act: Activation) -> u32 {
+    match act {
+        Activation::None => 0,
+        Activation::Relu => 1,
+        Activation::Relu6 => 2,
+    }
+}
+
+fn check_shape4(what: &str, t: &GpuTensor) -> Result<[usize; 4]> {
+    <[usize; 4]>::try_from(t.shape()).map_err(|_| {
+        Error::invalid(format!(
+            "{what} must be NCHW (rank 4), got shape {:?}",
+            t.shape()
+        ))
+    })
+}
+
+fn check_per_channel(what: &str, o: usize, t: Option<&GpuTensor>) -> Result<()> {
+    if let Some(t) = t {
+        if t.shape() != [o] {
+            return Err(Error::shape(what, &[o], t.shape()));
+        }
+        expect_f32(what, t)?;
+    }
+    Ok(())
+}
+
+/// 2-D convolution of `x` `[N, C, H, W]` with weight `w` `[O, C/groups, KH, KW]` (stride,
+/// zero padding, dilation, groups incl. depthwise), returning `[N, O, OH, OW]` with the
+/// epilogue applied: `y = act(acc * out_scale[o] + bias[o])`. With `ConvEpilogue { bias:
+/// Some(b), ..ConvEpilogue::none() }` it is [`crate::reference::conv2d::conv2d`] with bias `b`.
+/// Runs [`ConvAlgorithm::Auto`]; see [`conv2d_with_algorithm`].
+///
+/// Errors: those of [`Conv2dParams::output_shape`] and an epilogue bias or scale that is not
+/// `[O]` ([`Error::ShapeMismatch`], context `conv2d bias` / `conv2d out_scale`), with the CPU
+/// reference's messages; tensors that are not `f32`; sizes a kernel cannot index.
 pub fn conv2d(
-    _ctx: &GpuContext,
-    _x: &GpuTensor,
-    _w: &GpuTensor,
-    _params: &Conv2dParams,
-    _epilogue: &ConvEpilogue,
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    epilogue: &ConvEpilogue,
 ) -> Result<GpuTensor> {
-    Err(Error::Gpu("conv2d: not yet implemented".into()))
+    conv2d_with_algorithm(ctx, x, w, params, epilogue, ConvAlgorithm::Auto)
 }
 
-/// conv2d backward input (stub).
+/// [`conv2d`] with an explicit choice of forward kernel (both give the same results up to
+/// summation order; this exists for tests and benchmarks).
+pub fn conv2d_with_algorithm(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    epilogue: &ConvEpilogue,
+    algorithm: ConvAlgorithm,
+) -> Result<GpuTensor> {
+    let out = params.output_shape(x.shape(), w.shape())?;
+    let o = out[1];
+    check_per_channel("conv2d bias", o, epilogue.bias)?;
+    check_per_channel("conv2d out_scale", o, epilogue.out_scale)?;
+    expect_f32("conv2d input", x)?;
+    expect_f32("conv2d weight", w)?;
+    let mut p = Params::new(x.shape(), w.shape(), out, params)?;
+    p.act = activation_code(epilogue.activation);
+    p.has_scale = u32::from(epilogue.out_scale.is_some());
+    p.has_bias = u32::from(epilogue.bias.is_some());
+    let og = o / params.groups;
+    let gemm = match algorithm {
+        ConvAlgorithm::Auto => og >= GEMM_MIN_CHANNELS_PER_GROUP,
+        ConvAlgorithm::ImplicitGemm => true,
+        ConvAlgorithm::Direct => false,
+    };
+    let y = GpuTensor::zeros(ctx, &out, DType::F32)?;
+    // Absent epilogue tensors are never read; any bound buffer will do.
+    let scale = epilogue.out_scale.unwrap_or(w).buffer();
+    let bias = epilogue.bias.unwrap_or(w).buffer();
+    let (kernel, constants, workgroups) = if gemm {
+        let npix = out[0] * out[2] * out[3];
+        let ptiles = npix.div_ceil(GEMM_TILE[1]);
+        let mtiles = og.div_ceil(GEMM_TILE[0]);
+        let tiles = ptiles * mtiles * params.groups;
+        p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
+        p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
+        p.count = to_u32(tiles, "conv2d tiles")?;
+        (&FORWARD_GEMM, &[][..], ctx.grid_1d(tiles, 1)?)
+    } else {
+        let n = y.len();
+        p.count = to_u32(n, "conv2d output element count")?;
+        (
+            &FORWARD_DIRECT,
+            WG_CONSTANTS,
+            ctx.grid_1d(n, WORKGROUP_SIZE)?,
+        )
+    };
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel,
+        constants,
+        buffers: &[&uniform, x.buffer(), w.buffer(), y.buffer(), scale, bias],
+        workgroups,
+    }])?;
+    Ok(y)
+}
+
+/// `Err(ShapeMismatch)` (the CPU's message) unless `dy` has the forward output shape.
+fn check_dy(out: [usize; 4], dy: &GpuTensor) -> Result<()> {
+    if dy.shape() != out {
+        return Err(Error::shape(
+            "conv2d_backward dy (forward output shape)",
+            &out,
+            dy.shape(),
+        ));
+    }
+    expect_f32("conv2d_backward dy", dy)
+}
+
+/// Gradient of [`conv2d`] (without epilogue) with respect to its input: `dx` of shape
+/// `x_shape` for upstream `dy` `[N, O, OH, OW]` and weight `w` (the `dx` of
+/// [`crate::reference::conv2d::conv2d_backward`]).
+///
+/// Errors: those of [`Conv2dParams::output_shape`] for `x_shape` and `w`, and
+/// [`Error::ShapeMismatch`] when `dy` is not the forward output shape (the CPU's messages).
 pub fn conv2d_backward_input(
-    _ctx: &GpuContext,
-    _dy: &GpuTensor,
-    _w: &GpuTensor,
-    _params: &Conv2dParams,
-    _x_shape: [usize; 4],
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
 ) -> Result<GpuTensor> {
-    Err(Error::Gpu(
-        "conv2d_backward_input: not yet implemented".into(),
-    ))
+    let out = params.output_shape(&x_shape, w.shape())?;
+    check_dy(out, dy)?;
+    expect_f32("conv2d weight", w)?;
+    let mut p = Params::new(&x_shape, w.shape(), out, params)?;
+    let dx = GpuTensor::zeros(ctx, &x_shape, DType::F32)?;
+    p.count = to_u32(dx.len(), "conv2d input element count")?;
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel: &BACKWARD_INPUT,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, w.buffer(), dx.buffer(), dy.buffer()],
+        workgroups: ctx.grid_1d(dx.len(), WORKGROUP_SIZE)?,
+    }])?;
+    Ok(dx)
 }
 
-/// conv2d backward weight (stub).
+/// Gradient of [`conv2d`] (without epilogue) with respect to its weight: `dweight` of shape
+/// `w_shape` for input `x` and upstream `dy` (the `dweight` of
+/// [`crate::reference::conv2d::conv2d_backward`]).
+///
+/// Errors: those of [`Conv2dParams::output_shape`] for `x` and `w_shape`, and
+/// [`Error::ShapeMismatch`] when `dy` is not the forward output shape (the CPU's messages).
 pub fn conv2d_backward_weight(
-    _ctx: &GpuContext,
-    _x: &GpuTensor,
-    _dy: &GpuTensor,
-    _params: &Conv2dParams,
-    _w_shape: [usize; 4],
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
 ) -> Result<GpuTensor> {
-    Err(Error::Gpu(
-        "conv2d_backward_weight: not yet implemented".into(),
-    ))
+    let out = params.output_shape(x.shape(), &w_shape)?;
+    check_dy(out, dy)?;
+    expect_f32("conv2d input", x)?;
+    let mut p = Params::new(x.shape(), &w_shape, out, params)?;
+    let dw = GpuTensor::zeros(ctx, &w_shape, DType::F32)?;
+    p.count = to_u32(dw.len(), "conv2d weight element count")?;
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel: &BACKWARD_WEIGHT,
+        constants: &[],
+        buffers: &[&uniform, x.buffer(), dw.buffer(), dy.buffer()],
+        workgroups: ctx.grid_1d(dw.len(), 1)?,
+    }])?;
+    Ok(dw)
 }
 
 /// Sum over N, H, W per channel of an NCHW tensor (the conv bias gradient).
-pub fn channel_sum(_ctx: &GpuContext, _t: &GpuTensor) -> Result<GpuTensor> {
-    Err(Error::Gpu("channel_sum: not yet implemented".into()))
+///
+/// Errors: [`Error::InvalidArgument`] unless `t` is a rank-4 `f32` tensor.
+pub fn channel_sum(ctx: &GpuContext, t: &GpuTensor) -> Result<GpuTensor> {
+    let [n, c, h, w] = check_shape4("channel_sum input", t)?;
+    expect_f32("channel_sum input", t)?;
+    let p = Params {
+        n: to_u32(n, "channel_sum batch")?,
+        c: to_u32(c, "channel_sum channels")?,
+        h: to_u32(h, "channel_sum height")?,
+        w: to_u32(w, "channel_sum width")?,
+        count: to_u32(c, "channel_sum channels")?,
+        ..Params::default()
+    };
+    to_u32(t.len(), "channel_sum element count")?;
+    let sums = GpuTensor::zeros(ctx, &[c], DType::F32)?;
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel: &CHANNEL_SUM,
+        constants: &[],
+        buffers: &[&uniform, t.buffer(), sums.buffer()],
+        workgroups: ctx.grid_1d(c, 1)?,
+    }])?;
+    Ok(sums)
 }

@@ -7,12 +7,19 @@
 //! - [`observer`]: min/max reduction and qparams (scale, zero point, 1/scale) on the GPU.
 //! - [`activation`]: ReLU / ReLU6 forward and backward.
 //! - [`fold`]: BatchNorm folding into conv (any rank), transposed conv and linear weights.
+//! - [`batch_norm`]: BatchNorm2d statistics, normalize (+ activation), backward.
+//! - [`conv_bn`]: fused conv+BN+activation eval forward, ConvBn2d QAT forward / backward,
+//!   and the unfused chains.
 
 pub mod activation;
+pub mod batch_norm;
 pub mod conv2d;
+pub mod conv_bn;
 pub mod fake_quant;
 pub mod fold;
+pub mod linear;
 pub mod observer;
+pub mod pool;
 
 pub use fake_quant::GpuQParams;
 pub use fold::GpuBatchNorm;

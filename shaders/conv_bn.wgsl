@@ -1,0 +1,506 @@
+// conv_bn.wgsl: the QAT-specific kernels of ConvBn2d / ConvBnReLU2d (torch.ao.nn.intrinsic.qat,
+// _forward_approximate), forward and backward, matching src/reference/conv_bn.rs:
+//   scale_weight:  per output channel o, s = gamma / sqrt(running_var + eps) and
+//                  1/s, W_s = W * s[o], and the min / max of W_s (the weight observer's
+//                  reduction). sqrt and / are correctly rounded here (sqrt_rn, div_rn in
+//                  integer arithmetic; WGSL's are not), so s, W_s and everything the weight fake
+//                  quant derives from them are bit-exact with the CPU: one ulp of s moves a
+//                  weight that sits on a rounding tie to the other quantization level.
+//   minmax_merge:  per-channel min / max -> per-tensor min / max.
+//   scale_factor:  s and 1/s only (the unfused chain).
+//   channel_op:    elementwise with per-channel vectors a, b: op 0 x / a[c], 1 x + a[c],
+//                  2 x * a[c], 3 (x - b[c]) * a[c].
+//   divide_back_partial / divide_back_final: the backward's divide-back terms from
+//                  g = d conv_out (= dBN_in / s): conv bias grad = s * sum g, and
+//                  d gamma = d gamma_BN + (-sum g * (bn_in - b)) / sqrt(running_var + eps)
+//                  (sum dBN_in * conv_out / s^2 = sum g * (bn_in - b)), d beta = d beta_BN.
+//   weight_grad:   dW_s = dW_q * mask, dW = dW_s * s[o], d gamma[o] += (sum dW_s * W) / sqrt(rv + eps).
+//   sqrt_rn_test:  exposes sqrt_rn for testing.
+// NaN never becomes a number: min / max propagate NaN like observer.wgsl.
+//
+// Bindings (group 0):
+//   @group(0) @binding(0) params:    uniform Params  n (elements), channels (C = output
+//                                    channels), inner (elements per channel-slice: weight
+//                                    elements per output channel; channel_op: product of the
+//                                    dims after the channel axis), m (values per channel
+//                                    N*H*W), groups (G, partial workgroups per channel), op
+//                                    (channel_op), hw (H*W), eps
+//   @group(0) @binding(1) bn:        storage, read array<f32>  4*C: gamma, beta, running_mean, running_var
+//   @group(0) @binding(2) w:         storage, read array<f32>  conv weight [O, I, KH, KW]
+//   @group(0) @binding(3) w_s:       storage, read_write array<f32>  scaled weight W * s[o]
+//   @group(0) @binding(4) s:         storage, read_write array<f32>  C scale factors s
+//   @group(0) @binding(5) inv_s:     storage, read_write array<f32>  C values 1/s
+//   @group(0) @binding(6) minmax:    storage, read_write array<f32>  2*C: min[C], max[C] of W_s
+//   @group(0) @binding(7) minmax_t:  storage, read_write array<f32>  2: per-tensor min, max
+//   @group(0) @binding(8) x:         storage, read array<f32>  channel_op / sqrt_rn_test input;
+//                                    divide_back_partial: g = d conv_out
+//   @group(0) @binding(9) a:         storage, read array<f32>  channel_op: C values
+//   @group(0) @binding(10) b:        storage, read array<f32>  channel_op: C values;
+//                                    divide_back_partial: conv bias (zeros if none)
+//   @group(0) @binding(11) out:      storage, read_write array<f32>  channel_op / sqrt_rn_test output
+//   @group(0) @binding(12) bn_in:    storage, read array<f32>  BatchNorm input conv_out / s + b
+//   @group(0) @binding(13) partials: storage, read_write array<f32>  2*C*G: sum g at c*G + g,
+//                                    sum g * (bn_in - b) at C*G + c*G + g
+//   @group(0) @binding(14) bn_grads: storage, read array<f32>  2*C: d beta, d gamma of the BatchNorm
+//   @group(0) @binding(15) dbias:    storage, read_write array<f32>  C: conv bias gradient
+//   @group(0) @binding(16) dgamma:   storage, read_write array<f32>  C: bn.weight gradient
+//   @group(0) @binding(17) dbeta:    storage, read_write array<f32>  C: bn.bias gradient
+//   @group(0) @binding(18) dw_q:     storage, read array<f32>  conv weight gradient w.r.t. W_q
+//   @group(0) @binding(19) mask:     storage, read array<f32>  fake-quant mask of W_s
+//   @group(0) @binding(20) dw:       storage, read_write array<f32>  conv weight gradient
+//
+// Entry points and dispatch (workgroup size WGR = 256, fixed: it sizes workgroup memory):
+//   scale_weight        (0-6):            grid (1, Cy, Cz), one workgroup per output channel
+//                                         c = wid.y + wid.z * num_workgroups.y.
+//   minmax_merge        (0,6,7):          grid (1, 1, 1).
+//   scale_factor        (0,1,4,5):        1-D grid over C (flat index gid.x + gid.y * num_workgroups.x * WGR).
+//   channel_op          (0,8,9,10,11):    1-D grid over n, same tiling; channel of element i:
+//                                         (i / inner) % C.
+//   divide_back_partial (0,8,10,12,13):   grid (G, Cy, Cz); value j of channel c is element
+//                                         (j / hw) * C * hw + c * hw + j % hw.
+//   divide_back_final   (0,1,4,13,14,15,16,17): grid (1, Cy, Cz).
+//   weight_grad         (0,1,2,4,16,18,19,20):  grid (1, Cy, Cz), one workgroup per output channel.
+//   sqrt_rn_test        (0,8,11):         1-D grid over n.
+
+const WGR: u32 = 256u;
+
+struct Params {
+    n: u32,
+    channels: u32,
+    inner: u32,
+    m: u32,
+    groups: u32,
+    op: u32,
+    hw: u32,
+    _pad0: u32,
+    eps: f32,
+    _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> bn: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> w_s: array<f32>;
+@group(0) @binding(4) var<storage, read_write> s: array<f32>;
+@group(0) @binding(5) var<storage, read_write> inv_s: array<f32>;
+@group(0) @binding(6) var<storage, read_write> minmax: array<f32>;
+@group(0) @binding(7) var<storage, read_write> minmax_t: array<f32>;
+@group(0) @binding(8) var<storage, read> x: array<f32>;
+@group(0) @binding(9) var<storage, read> a: array<f32>;
+@group(0) @binding(10) var<storage, read> b: array<f32>;
+@group(0) @binding(11) var<storage, read_write> out: array<f32>;
+@group(0) @binding(12) var<storage, read> bn_in: array<f32>;
+@group(0) @binding(13) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(14) var<storage, read> bn_grads: array<f32>;
+@group(0) @binding(15) var<storage, read_write> dbias: array<f32>;
+@group(0) @binding(16) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(17) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(18) var<storage, read> dw_q: array<f32>;
+@group(0) @binding(19) var<storage, read> mask: array<f32>;
+@group(0) @binding(20) var<storage, read_write> dw: array<f32>;
+
+var<workgroup> sa: array<f32, WGR>;
+var<workgroup> sb: array<f32, WGR>;
+
+// A float from its bits at run time (so no const-expression is ever inf or NaN).
+fn from_bits(bits: u32) -> f32 {
+    return bitcast<f32>(bits);
+}
+
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// min / max that propagate NaN (WGSL leaves min/max of NaN unspecified), as observer.wgsl.
+fn nmin(p: f32, q: f32) -> f32 {
+    if (is_nan(p)) {
+        return p;
+    }
+    if (is_nan(q)) {
+        return q;
+    }
+    return select(q, p, p < q);
+}
+
+fn nmax(p: f32, q: f32) -> f32 {
+    if (is_nan(p)) {
+        return p;
+    }
+    if (is_nan(q)) {
+        return q;
+    }
+    return select(q, p, p > q);
+}
+
+// div_rn: a copy of observer.wgsl's (WGSL has no includes; keep the two identical).
+// Correctly rounded (round to nearest even) f32 division a / b, like IEEE 754 and Rust's
+// `a / b`, in integer arithmetic: exact on subnormal inputs and outputs too (no flushing).
+// Special cases as IEEE: NaN in -> NaN; inf/inf, 0/0 -> NaN; x/0 -> +-inf; x/inf -> +-0.
+fn div_rn(a: f32, b: f32) -> f32 {
+    let ua = bitcast<u32>(a);
+    let ub = bitcast<u32>(b);
+    let sign = (ua ^ ub) & 0x80000000u;
+    let aa = ua & 0x7fffffffu;
+    let ab = ub & 0x7fffffffu;
+    if (aa > 0x7f800000u || ab > 0x7f800000u) {
+        return from_bits(0x7fc00000u);
+    }
+    if (aa == 0x7f800000u) {
+        if (ab == 0x7f800000u) {
+            return from_bits(0x7fc00000u);
+        }
+        return from_bits(sign | 0x7f800000u);
+    }
+    if (ab == 0x7f800000u) {
+        return from_bits(sign);
+    }
+    if (ab == 0u) {
+        if (aa == 0u) {
+            return from_bits(0x7fc00000u);
+        }
+        return from_bits(sign | 0x7f800000u);
+    }
+    if (aa == 0u) {
+        return from_bits(sign);
+    }
+    // 24-bit significands with the leading one at bit 23 (subnormals normalized).
+    var ma = aa & 0x7fffffu;
+    var ea = i32(aa >> 23u);
+    if (ea == 0) {
+        let s = countLeadingZeros(ma) - 8u;
+        ma = ma << s;
+        ea = 1 - i32(s);
+    } else {
+        ma = ma | 0x800000u;
+    }
+    var mb = ab & 0x7fffffu;
+    var eb = i32(ab >> 23u);
+    if (eb == 0) {
+        let s = countLeadingZeros(mb) - 8u;
+        mb = mb << s;
+        eb = 1 - i32(s);
+    } else {
+        mb = mb | 0x800000u;
+    }
+    var e = ea - eb + 127;
+    if (ma < mb) {
+        ma = ma << 1u;
+        e = e - 1;
+    }
+    // ma / mb is in [1, 2): long division gives 25 quotient bits (1 integer bit, 23 fraction
+    // bits, 1 round bit) and the remainder (sticky).
+    var rem = ma;
+    var q = 0u;
+    for (var k = 0u; k < 25u; k = k + 1u) {
+        q = q << 1u;
+        if (rem >= mb) {
+            rem = rem - mb;
+            q = q | 1u;
+        }
+        rem = rem << 1u;
+    }
+    var sticky = rem != 0u;
+    if (e >= 255) {
+        return from_bits(sign | 0x7f800000u);
+    }
+    if (e <= 0) {
+        // Subnormal result: shift right by 1 - e, folding the lost bits into sticky.
+        let s = u32(1 - e);
+        if (s >= 26u) {
+            q = 0u;
+            sticky = true;
+        } else {
+            sticky = sticky || (q & ((1u << s) - 1u)) != 0u;
+            q = q >> s;
+        }
+        e = 0;
+    }
+    let round_bit = q & 1u;
+    var m = q >> 1u;
+    if (round_bit == 1u && (sticky || (m & 1u) == 1u)) {
+        m = m + 1u;
+    }
+    var bits = m;
+    if (e > 0) {
+        // Normal: the implicit bit of m carries into the exponent field (so does a rounding
+        // carry out of the significand, up to infinity).
+        bits = (u32(e - 1) << 23u) + m;
+    }
+    return from_bits(sign | bits);
+}
+
+// Correctly rounded (round to nearest even) f32 square root, like IEEE 754 and Rust's
+// `f32::sqrt`, in integer arithmetic (WGSL's sqrt is only accurate to a few ulp): exact on
+// subnormal inputs too. NaN and negative inputs (other than -0) give NaN, +-0 gives +-0,
+// +inf gives +inf.
+fn sqrt_rn(v: f32) -> f32 {
+    let u = bitcast<u32>(v);
+    let av = u & 0x7fffffffu;
+    if (av == 0u) {
+        return v;
+    }
+    if (av > 0x7f800000u || (u & 0x80000000u) != 0u) {
+        return from_bits(0x7fc00000u);
+    }
+    if (av == 0x7f800000u) {
+        return v;
+    }
+    // v = m * 2^e with a 24-bit significand m (leading one at bit 23).
+    var m = av & 0x7fffffu;
+    var e = i32(av >> 23u);
+    if (e == 0) {
+        let sh = countLeadingZeros(m) - 8u;
+        m = m << sh;
+        e = -149 - i32(sh);
+    } else {
+        m = m | 0x800000u;
+        e = e - 150;
+    }
+    // Make the exponent even: m in [2^23, 2^25).
+    if ((e & 1) != 0) {
+        m = m << 1u;
+        e = e - 1;
+    }
+    // M = m * 2^k2 in [2^48, 2^50) (k2 even), so r = isqrt(M) has 25 bits: 24 significand
+    // bits and a round bit; the remainder is the sticky bit.
+    var k2 = 24u;
+    if (m < 0x1000000u) {
+        k2 = 26u;
+    }
+    // Digit-by-digit square root over the 25 bit pairs of M (bits 49..0).
+    var rem = 0u;
+    var root = 0u;
+    for (var p = 0u; p < 25u; p = p + 1u) {
+        let bit = 48u - 2u * p;
+        var pair = 0u;
+        if (bit >= k2) {
+            pair = (m >> (bit - k2)) & 3u;
+        }
+        rem = (rem << 2u) | pair;
+        let trial = (root << 2u) | 1u;
+        if (rem >= trial) {
+            rem = rem - trial;
+            root = (root << 1u) | 1u;
+        } else {
+            root = root << 1u;
+        }
+    }
+    let round_bit = root & 1u;
+    var sig = root >> 1u;
+    if (round_bit == 1u && (rem != 0u || (sig & 1u) == 1u)) {
+        sig = sig + 1u;
+    }
+    // sqrt(v) = sqrt(M) * 2^((e - k2) / 2) ~ sig * 2^(1 + (e - k2) / 2); biased exponent
+    // 127 + 23 + 1 + (e - k2) / 2. The implicit bit of sig (and a rounding carry) adds into
+    // the exponent field.
+    let be = 151 + (e - i32(k2)) / 2;
+    return from_bits((u32(be - 1) << 23u) + sig);
+}
+
+// Tree reductions over the workgroup; the results land in slot 0.
+fn reduce_sum2(lid: u32) {
+    workgroupBarrier();
+    for (var k = WGR / 2u; k > 0u; k = k >> 1u) {
+        if (lid < k) {
+            sa[lid] = sa[lid] + sa[lid + k];
+            sb[lid] = sb[lid] + sb[lid + k];
+        }
+        workgroupBarrier();
+    }
+}
+
+fn reduce_minmax(lid: u32) {
+    workgroupBarrier();
+    for (var k = WGR / 2u; k > 0u; k = k >> 1u) {
+        if (lid < k) {
+            sa[lid] = nmin(sa[lid], sa[lid + k]);
+            sb[lid] = nmax(sb[lid], sb[lid + k]);
+        }
+        workgroupBarrier();
+    }
+}
+
+// s = gamma / sqrt(running_var + eps), as the CPU reference (both correctly rounded).
+fn scale_of(c: u32) -> f32 {
+    let nc = params.channels;
+    return div_rn(bn[c], sqrt_rn(bn[3u * nc + c] + params.eps));
+}
+
+fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * (nwg.x * WGR);
+}
+
+@compute @workgroup_size(WGR)
+fn scale_weight(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = wid.y + wid.z * nwg.y;
+    if (c >= params.channels) {
+        return;
+    }
+    let sc = scale_of(c);
+    var lo = from_bits(0x7f800000u);
+    var hi = from_bits(0xff800000u);
+    let base = c * params.inner;
+    for (var j = lid.x; j < params.inner; j = j + WGR) {
+        let v = w[base + j] * sc;
+        w_s[base + j] = v;
+        lo = nmin(lo, v);
+        hi = nmax(hi, v);
+    }
+    sa[lid.x] = lo;
+    sb[lid.x] = hi;
+    reduce_minmax(lid.x);
+    if (lid.x == 0u) {
+        s[c] = sc;
+        inv_s[c] = div_rn(1.0, sc);
+        minmax[c] = sa[0];
+        minmax[params.channels + c] = sb[0];
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn minmax_merge(@builtin(local_invocation_id) lid: vec3<u32>) {
+    var lo = from_bits(0x7f800000u);
+    var hi = from_bits(0xff800000u);
+    for (var c = lid.x; c < params.channels; c = c + WGR) {
+        lo = nmin(lo, minmax[c]);
+        hi = nmax(hi, minmax[params.channels + c]);
+    }
+    sa[lid.x] = lo;
+    sb[lid.x] = hi;
+    reduce_minmax(lid.x);
+    if (lid.x == 0u) {
+        minmax_t[0] = sa[0];
+        minmax_t[1] = sb[0];
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn scale_factor(@builtin(global_invocation_id) gid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    if (c >= params.channels) {
+        return;
+    }
+    let sc = scale_of(c);
+    s[c] = sc;
+    inv_s[c] = div_rn(1.0, sc);
+}
+
+@compute @workgroup_size(WGR)
+fn channel_op(@builtin(global_invocation_id) gid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= params.n) {
+        return;
+    }
+    let c = (i / params.inner) % params.channels;
+    let v = x[i];
+    switch params.op {
+        case 0u: {
+            out[i] = v / a[c];
+        }
+        case 1u: {
+            out[i] = v + a[c];
+        }
+        case 2u: {
+            out[i] = v * a[c];
+        }
+        default: {
+            out[i] = (v - b[c]) * a[c];
+        }
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn divide_back_partial(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(local_invocation_id) lid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = wid.x;
+    let c = wid.y + wid.z * nwg.y;
+    var acc_g = 0.0;
+    var acc_gx = 0.0;
+    if (c < params.channels) {
+        let bias = b[c];
+        let hw = params.hw;
+        for (var j = g * WGR + lid.x; j < params.m; j = j + params.groups * WGR) {
+            let i = (j / hw) * (params.channels * hw) + c * hw + (j % hw);
+            let gv = x[i];
+            acc_g = acc_g + gv;
+            acc_gx = acc_gx + gv * (bn_in[i] - bias);
+        }
+    }
+    sa[lid.x] = acc_g;
+    sb[lid.x] = acc_gx;
+    reduce_sum2(lid.x);
+    if (lid.x == 0u && c < params.channels) {
+        let k = c * params.groups + g;
+        partials[k] = sa[0];
+        partials[params.channels * params.groups + k] = sb[0];
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn divide_back_final(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = wid.y + wid.z * nwg.y;
+    if (c >= params.channels) {
+        return;
+    }
+    let nc = params.channels;
+    let cg = nc * params.groups;
+    var acc_g = 0.0;
+    var acc_gx = 0.0;
+    for (var g = lid.x; g < params.groups; g = g + WGR) {
+        acc_g = acc_g + partials[c * params.groups + g];
+        acc_gx = acc_gx + partials[cg + c * params.groups + g];
+    }
+    sa[lid.x] = acc_g;
+    sb[lid.x] = acc_gx;
+    reduce_sum2(lid.x);
+    if (lid.x == 0u) {
+        let inv_std = 1.0 / sqrt(bn[3u * nc + c] + params.eps);
+        dbias[c] = s[c] * sa[0];
+        dbeta[c] = bn_grads[c];
+        dgamma[c] = bn_grads[nc + c] - sb[0] * inv_std;
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn weight_grad(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = wid.y + wid.z * nwg.y;
+    if (c >= params.channels) {
+        return;
+    }
+    let sc = s[c];
+    let base = c * params.inner;
+    var acc = 0.0;
+    for (var j = lid.x; j < params.inner; j = j + WGR) {
+        let g = dw_q[base + j] * mask[base + j];
+        dw[base + j] = g * sc;
+        acc = acc + g * w[base + j];
+    }
+    sa[lid.x] = acc;
+    sb[lid.x] = 0.0;
+    reduce_sum2(lid.x);
+    if (lid.x == 0u) {
+        let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
+        dgamma[c] = dgamma[c] + sa[0] * inv_std;
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn sqrt_rn_test(@builtin(global_invocation_id) gid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= params.n) {
+        return;
+    }
+    out[i] = sqrt_rn(x[i]);
+}

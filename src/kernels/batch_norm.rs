@@ -1,0 +1,673 @@
+//! BatchNorm2d on the GPU (`shaders/batch_norm.wgsl`), matching
+//! [`crate::reference::batch_norm`] to about 1e-6 (the reference reduces in f64; the kernels
+//! reduce in f32, in two passes and with tree reductions).
+//!
+//! The BatchNorm's parameters live on the GPU as a [`GpuBatchNorm`] (`γ`, `β`, running mean,
+//! running variance, `eps`). Per-channel results are `[2, C]` tensors:
+//!
+//! - `stats`: row 0 the mean, row 1 `invstd = 1/sqrt(var + eps)` used to normalize (batch
+//!   statistics in training, running statistics in eval);
+//! - `running`: row 0 the running mean, row 1 the running variance after the step (copies in
+//!   eval);
+//! - `dparams` (backward): row 0 `dβ = Σdy`, row 1 `dγ = Σdy·x̂`.
+//!
+//! Pass structure: training statistics are four dispatches (partial sums, mean, partial sums
+//! of squared deviations, variance + invstd + running update), eval statistics one; then one
+//! elementwise pass normalizes, applies the affine and the activation. The backward is a
+//! two-level per-channel reduction (`Σdy`, `Σdy·x̂`) and one elementwise pass for `dx`; an
+//! activation's backward can be folded into it (see [`batch_norm2d_backward_act`]).
+//! Everything a launcher records goes in one submission.
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{Array1, Array4, Ix2, Ix4};
+
+use super::{expect_f32, expect_shape, to_u32, GpuBatchNorm};
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::ops::Activation;
+
+static SHADER: Shader = Shader {
+    name: "batch_norm",
+    source: include_str!("../../shaders/batch_norm.wgsl"),
+};
+
+/// Workgroup size of every entry point (`WGR` in the shader).
+const WGR: u32 = 256;
+/// Values each thread sums (at least) before the workgroup reduction.
+const ITEMS_PER_THREAD: usize = 8;
+/// Upper bound on partial workgroups per channel (one final workgroup reduces them).
+const MAX_GROUPS: usize = 256;
+
+static SUM_PARTIAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "sum_partial",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(2),
+    ],
+};
+
+static MEAN_FINAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "mean_final",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read_write(2),
+        Binding::read_write(4),
+    ],
+};
+
+static SSD_PARTIAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "ssd_partial",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(2),
+        Binding::read_write(4),
+    ],
+};
+
+static VAR_FINAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "var_final",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read_write(2),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read_write(5),
+    ],
+};
+
+static EVAL_STATS: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "eval_stats",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read_write(5),
+    ],
+};
+
+static NORMALIZE: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "normalize",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read_write(6),
+        Binding::read_write(7),
+    ],
+};
+
+static BACKWARD_PARTIAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_partial",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(2),
+        Binding::read_write(4),
+        Binding::read(8),
+        Binding::read(9),
+    ],
+};
+
+static BACKWARD_FINAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_final",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read_write(2),
+        Binding::read_write(10),
+    ],
+};
+
+static BACKWARD_DX: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_dx",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read_write(6),
+        Binding::read(8),
+        Binding::read(9),
+        Binding::read_write(10),
+        Binding::read(11),
+    ],
+};
+
+/// The uniform of `batch_norm.wgsl` (same field order).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct Params {
+    n: u32,
+    channels: u32,
+    hw: u32,
+    m: u32,
+    groups: u32,
+    act: u32,
+    write_pre: u32,
+    training: u32,
+    eps: f32,
+    momentum: f32,
+    has_divisor: u32,
+    _pad: u32,
+}
+
+/// The shader code of an activation (as `activation.wgsl`): 0 none, 1 ReLU, 2 ReLU6.
+pub(crate) fn activation_code(act: Activation) -> u32 {
+    match act {
+        Activation::None => 0,
+        Activation::Relu => 1,
+        Activation::Relu6 => 2,
+    }
+}
+
+/// Grid `[x, Cy, Cz]`: `x` workgroups per channel, channels spread over y and z.
+pub(crate) fn channel_grid(ctx: &GpuContext, x: u32, channels: usize) -> Result<[u32; 3]> {
+    if channels == 0 {
+        return Ok([0, 0, 0]);
+    }
+    let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
+    let cy = channels.min(max);
+    let cz = channels.div_ceil(cy);
+    if cz > max {
+        return Err(Error::invalid(format!(
+            "{channels} channels exceed what one dispatch can cover"
+        )));
+    }
+    Ok([x, cy as u32, cz as u32])
+}
+
+/// Partial workgroups per channel for `m` values per channel.
+pub(crate) fn partial_groups(m: usize) -> usize {
+    m.div_ceil(WGR as usize * ITEMS_PER_THREAD)
+        .clamp(1, MAX_GROUPS)
+}
+
+/// A 4-byte tensor bound where a kernel declares a binding it does not use in this call.
+pub(crate) fn dummy(ctx: &GpuContext) -> Result<GpuTensor> {
+    GpuTensor::zeros(ctx, &[1], DType::F32)
+}
+
+/// Downloads a `[R, C]` tensor (such as `stats`, `running`, `dparams`) as its `R` rows.
+///
+/// Errors: [`Error::Gpu`] for a tensor that is not 2-D, and download errors.
+pub fn download_rows(ctx: &GpuContext, t: &GpuTensor) -> Result<Vec<Array1<f32>>> {
+    let a = t
+        .download_f32(ctx)?
+        .into_dimensionality::<Ix2>()
+        .map_err(|e| Error::Gpu(format!("expected a [R, C] tensor: {e}")))?;
+    Ok(a.outer_iter().map(|r| r.to_owned()).collect())
+}
+
+/// Downloads a rank-4 tensor.
+///
+/// Errors: [`Error::Gpu`] for a tensor that is not rank 4, and download errors.
+pub fn download4(ctx: &GpuContext, t: &GpuTensor) -> Result<Array4<f32>> {
+    t.download_f32(ctx)?
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| Error::Gpu(format!("expected a rank-4 tensor: {e}")))
+}
+
+/// Uploads per-channel `mean` and `invstd` as the `[2, C]` `stats` tensor the backward takes.
+///
+/// Errors: [`Error::ShapeMismatch`] when their lengths differ.
+pub fn upload_stats(
+    ctx: &GpuContext,
+    mean: &Array1<f32>,
+    invstd: &Array1<f32>,
+) -> Result<GpuTensor> {
+    let c = mean.len();
+    if invstd.len() != c {
+        return Err(Error::shape(
+            "batch_norm2d stats invstd",
+            &[c],
+            invstd.shape(),
+        ));
+    }
+    let data: Vec<f32> = mean.iter().chain(invstd.iter()).copied().collect();
+    GpuTensor::from_slice_f32(ctx, &data, &[2, c])
+}
+
+/// The checks of the CPU reference's `check_input`: `x` is `[N, C, H, W]` with
+/// `C == bn.channels()` (the BatchNorm itself was validated when uploaded). Returns the shape.
+pub fn check_input(x: &GpuTensor, bn: &GpuBatchNorm) -> Result<[usize; 4]> {
+    let s = x.shape();
+    if s.len() != 4 {
+        return Err(Error::invalid(format!(
+            "batch_norm2d input must be NCHW (rank 4), got shape {s:?}"
+        )));
+    }
+    if s[1] != bn.channels() {
+        return Err(Error::ChannelMismatch {
+            layer: "input".to_string(),
+            layer_channels: s[1],
+            bn_channels: bn.channels(),
+        });
+    }
+    expect_f32("batch_norm2d input", x)?;
+    Ok([s[0], s[1], s[2], s[3]])
+}
+
+/// `Err` (PyTorch's message) when training with at most one value per channel.
+pub fn check_training_size(shape: &[usize]) -> Result<()> {
+    let m = shape[0] * shape[2] * shape[3];
+    if m <= 1 {
+        return Err(Error::invalid(format!(
+            "Expected more than 1 value per channel when training, got input size {shape:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Sizes of a BatchNorm over `shape` (`[N, C, H, W]`).
+fn params_for(shape: [usize; 4], bn: &GpuBatchNorm) -> Result<Params> {
+    let [n, c, h, w] = shape;
+    let m = n * h * w;
+    Ok(Params {
+        n: to_u32(n * c * h * w, "batch_norm2d element count")?,
+        channels: to_u32(c, "batch_norm2d channels")?,
+        hw: to_u32((h * w).max(1), "batch_norm2d plane size")?,
+        m: to_u32(m, "batch_norm2d values per channel")?,
+        groups: partial_groups(m) as u32,
+        eps: bn.eps(),
+        ..Params::default()
+    })
+}
+
+/// Per-channel statistics of a BatchNorm step: what normalizes and the running statistics
+/// after the step (see the module doc for the `[2, C]` layouts).
+#[derive(Debug, Clone)]
+pub struct GpuBatchNormStats {
+    /// `[2, C]`: mean, invstd.
+    pub stats: GpuTensor,
+    /// `[2, C]`: running mean, running variance after the step.
+    pub running: GpuTensor,
+}
+
+/// The launches of the statistics: four for training, one for eval.
+struct StatsPlan {
+    uniform: wgpu::Buffer,
+    partials: GpuTensor,
+    out: GpuBatchNormStats,
+    training: bool,
+    partial_grid: [u32; 3],
+    final_grid: [u32; 3],
+    eval_grid: [u32; 3],
+}
+
+impl StatsPlan {
+    fn new(
+        ctx: &GpuContext,
+        shape: [usize; 4],
+        bn: &GpuBatchNorm,
+        momentum: f32,
+        training: bool,
+    ) -> Result<Self> {
+        let mut p = params_for(shape, bn)?;
+        p.momentum = momentum;
+        let c = shape[1];
+        let groups = p.groups as usize;
+        Ok(Self {
+            uniform: ctx.uniform(&p)?,
+            partials: if training {
+                GpuTensor::zeros(ctx, &[2, c, groups], DType::F32)?
+            } else {
+                dummy(ctx)?
+            },
+            out: GpuBatchNormStats {
+                stats: GpuTensor::zeros(ctx, &[2, c], DType::F32)?,
+                running: GpuTensor::zeros(ctx, &[2, c], DType::F32)?,
+            },
+            training,
+            partial_grid: channel_grid(ctx, p.groups, c)?,
+            final_grid: channel_grid(ctx, 1, c)?,
+            eval_grid: ctx.grid_1d(c, WGR)?,
+        })
+    }
+
+    fn launches<'a>(
+        &'a self,
+        x: &'a GpuTensor,
+        bn: &'a GpuBatchNorm,
+        out: &mut Vec<(&'static Kernel, Vec<&'a wgpu::Buffer>, [u32; 3])>,
+    ) {
+        let (u, part) = (&self.uniform, self.partials.buffer());
+        let (stats, running) = (self.out.stats.buffer(), self.out.running.buffer());
+        if self.training {
+            out.push((&SUM_PARTIAL, vec![u, x.buffer(), part], self.partial_grid));
+            out.push((&MEAN_FINAL, vec![u, part, stats], self.final_grid));
+            out.push((
+                &SSD_PARTIAL,
+                vec![u, x.buffer(), part, stats],
+                self.partial_grid,
+            ));
+            out.push((
+                &VAR_FINAL,
+                vec![u, part, bn.tensor().buffer(), stats, running],
+                self.final_grid,
+            ));
+        } else {
+            out.push((
+                &EVAL_STATS,
+                vec![u, bn.tensor().buffer(), stats, running],
+                self.eval_grid,
+            ));
+        }
+    }
+}
+
+/// Runs `(kernel, buffers, grid)` triples in one submission.
+fn submit(
+    ctx: &GpuContext,
+    list: &[(&'static Kernel, Vec<&wgpu::Buffer>, [u32; 3])],
+) -> Result<()> {
+    let launches: Vec<Launch> = list
+        .iter()
+        .map(|(kernel, buffers, workgroups)| Launch {
+            kernel,
+            constants: &[],
+            buffers,
+            workgroups: *workgroups,
+        })
+        .collect();
+    ctx.run(&launches).map(|_| ())
+}
+
+/// Per-channel statistics of `x` `[N, C, H, W]`: with `training`, the batch mean and biased
+/// variance over N, H, W (two passes) and the running-statistics update with `momentum`
+/// (unbiased variance `var·M/(M−1)`); in eval, the running statistics (returned unchanged).
+///
+/// Errors (the CPU's): [`Error::InvalidArgument`] for a tensor that is not rank 4 or, in
+/// training, at most one value per channel; [`Error::ChannelMismatch`] (layer `input`).
+pub fn batch_stats(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    training: bool,
+) -> Result<GpuBatchNormStats> {
+    let shape = check_input(x, bn)?;
+    if training {
+        check_training_size(&shape)?;
+    }
+    let plan = StatsPlan::new(ctx, shape, bn, momentum, training)?;
+    let mut list = Vec::new();
+    plan.launches(x, bn, &mut list);
+    submit(ctx, &list)?;
+    Ok(plan.out)
+}
+
+/// `y = act((x − mean)·invstd·γ + β)` with per-channel `stats` (`[2, C]`: mean, invstd) and
+/// the BatchNorm's affine; with `keep_pre`, also the pre-activation values (the BatchNorm
+/// output). One elementwise pass.
+///
+/// Errors: as [`batch_stats`] (without the training-size check), and
+/// [`Error::ShapeMismatch`] for `stats` that is not `[2, C]`.
+pub fn normalize(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    act: Activation,
+    keep_pre: bool,
+) -> Result<(GpuTensor, Option<GpuTensor>)> {
+    let shape = check_input(x, bn)?;
+    expect_shape("batch_norm2d stats", &[2, shape[1]], stats)?;
+    expect_f32("batch_norm2d stats", stats)?;
+    let mut list = Vec::new();
+    let n = normalize_plan(ctx, shape, bn, act, keep_pre)?;
+    n.launch(x, bn, stats, &mut list);
+    submit(ctx, &list)?;
+    Ok((n.y, n.pre))
+}
+
+struct NormalizePlan {
+    uniform: wgpu::Buffer,
+    y: GpuTensor,
+    pre: Option<GpuTensor>,
+    pre_or_dummy: GpuTensor,
+    grid: [u32; 3],
+}
+
+fn normalize_plan(
+    ctx: &GpuContext,
+    shape: [usize; 4],
+    bn: &GpuBatchNorm,
+    act: Activation,
+    keep_pre: bool,
+) -> Result<NormalizePlan> {
+    let mut p = params_for(shape, bn)?;
+    p.act = activation_code(act);
+    p.write_pre = u32::from(keep_pre);
+    let y = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let pre = if keep_pre {
+        Some(GpuTensor::zeros(ctx, &shape, DType::F32)?)
+    } else {
+        None
+    };
+    let pre_or_dummy = match &pre {
+        Some(t) => t.clone(),
+        None => dummy(ctx)?,
+    };
+    Ok(NormalizePlan {
+        uniform: ctx.uniform(&p)?,
+        y,
+        pre,
+        pre_or_dummy,
+        grid: ctx.grid_1d(p.n as usize, WGR)?,
+    })
+}
+
+impl NormalizePlan {
+    fn launch<'a>(
+        &'a self,
+        x: &'a GpuTensor,
+        bn: &'a GpuBatchNorm,
+        stats: &'a GpuTensor,
+        out: &mut Vec<(&'static Kernel, Vec<&'a wgpu::Buffer>, [u32; 3])>,
+    ) {
+        out.push((
+            &NORMALIZE,
+            vec![
+                &self.uniform,
+                x.buffer(),
+                bn.tensor().buffer(),
+                stats.buffer(),
+                self.y.buffer(),
+                self.pre_or_dummy.buffer(),
+            ],
+            self.grid,
+        ));
+    }
+}
+
+/// What [`batch_norm2d`] returns, all on the GPU.
+#[derive(Debug, Clone)]
+pub struct GpuBatchNormOutput {
+    /// `act(bn(x))`.
+    pub y: GpuTensor,
+    /// The BatchNorm output before the activation (only when asked for with `keep_pre`).
+    pub pre: Option<GpuTensor>,
+    /// `[2, C]` mean and invstd used to normalize, `[2, C]` running statistics after the step.
+    pub stats: GpuBatchNormStats,
+}
+
+/// BatchNorm2d forward ([`crate::reference::batch_norm::batch_norm2d`]) with an optional
+/// activation after it, in one submission: statistics (four dispatches in training, one in
+/// eval) and one elementwise normalize + affine + activation pass. `keep_pre` also returns
+/// the output before the activation.
+///
+/// Errors: those of [`batch_stats`].
+pub fn batch_norm2d(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    training: bool,
+    act: Activation,
+    keep_pre: bool,
+) -> Result<GpuBatchNormOutput> {
+    let shape = check_input(x, bn)?;
+    if training {
+        check_training_size(&shape)?;
+    }
+    let plan = StatsPlan::new(ctx, shape, bn, momentum, training)?;
+    let norm = normalize_plan(ctx, shape, bn, act, keep_pre)?;
+    let mut list = Vec::new();
+    plan.launches(x, bn, &mut list);
+    norm.launch(x, bn, &plan.out.stats, &mut list);
+    submit(ctx, &list)?;
+    Ok(GpuBatchNormOutput {
+        y: norm.y,
+        pre: norm.pre,
+        stats: plan.out,
+    })
+}
+
+/// Gradients of [`batch_norm2d`], on the GPU.
+#[derive(Debug, Clone)]
+pub struct GpuBatchNormGrads {
+    /// dL/dx (divided by the per-channel `divisor` when one was given).
+    pub dx: GpuTensor,
+    /// `[2, C]`: row 0 `dβ = Σdy`, row 1 `dγ = Σdy·x̂` (after the activation's backward).
+    pub dparams: GpuTensor,
+}
+
+/// [`batch_norm2d_backward_act`] without an activation.
+pub fn batch_norm2d_backward(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    training: bool,
+) -> Result<GpuBatchNormGrads> {
+    batch_norm2d_backward_act(
+        ctx,
+        x,
+        dy,
+        bn,
+        stats,
+        training,
+        Activation::None,
+        None,
+        None,
+    )
+}
+
+/// Gradients of `act(batch_norm2d(x))` for upstream `dy`, given the forward's `stats`
+/// (`[2, C]`: mean, invstd), mirroring
+/// [`crate::reference::batch_norm::batch_norm2d_backward_with_stats`] after
+/// [`crate::reference::activation::activation_backward`]:
+/// `dy' = act_backward(act_x, dy)`; per channel `Σdy'`, `Σdy'·x̂` (two-level reduction);
+/// then `dx = γ·invstd·(dy' − (Σdy' + x̂·Σdy'·x̂)/M)` in training, `dx = γ·invstd·dy'` in
+/// eval. `act_x` is where the activation's mask is evaluated: its input (the BatchNorm
+/// output) or its output (the same mask for ReLU and ReLU6); it is required unless `act` is
+/// [`Activation::None`]. With a `divisor` (`[C]`), `dx` comes out divided by it per channel
+/// (the QAT backward's `d conv_out = dBN_in / s`). Three dispatches in one submission.
+///
+/// Errors (the CPU's): as [`batch_stats`]; [`Error::ShapeMismatch`] when `dy` (or `act_x`) is
+/// not the shape of `x` or `stats` is not `[2, C]`; [`Error::InvalidArgument`] for an empty
+/// input in training or a missing `act_x`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d_backward_act(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    training: bool,
+    act: Activation,
+    act_x: Option<&GpuTensor>,
+    divisor: Option<&GpuTensor>,
+) -> Result<GpuBatchNormGrads> {
+    let shape = check_input(x, bn)?;
+    expect_shape("batch_norm2d_backward dy (input shape)", &shape, dy)?;
+    expect_f32("batch_norm2d_backward dy", dy)?;
+    let c = shape[1];
+    expect_shape(
+        "batch_norm2d_backward saved stats (mean, invstd)",
+        &[2, c],
+        stats,
+    )?;
+    expect_f32("batch_norm2d_backward saved stats", stats)?;
+    if training && shape[0] * shape[2] * shape[3] == 0 {
+        return Err(Error::invalid(format!(
+            "batch_norm2d_backward: empty input {shape:?} in training"
+        )));
+    }
+    let dummy = dummy(ctx)?;
+    let act_x = match (act, act_x) {
+        (Activation::None, _) => &dummy,
+        (_, Some(a)) => {
+            expect_shape("batch_norm2d_backward activation input", &shape, a)?;
+            expect_f32("batch_norm2d_backward activation input", a)?;
+            a
+        }
+        (_, None) => {
+            return Err(Error::invalid(
+                "batch_norm2d_backward: an activation needs its input (act_x)",
+            ))
+        }
+    };
+    if let Some(d) = divisor {
+        expect_shape("batch_norm2d_backward divisor", &[c], d)?;
+        expect_f32("batch_norm2d_backward divisor", d)?;
+    }
+    let mut p = params_for(shape, bn)?;
+    p.act = activation_code(act);
+    p.training = u32::from(training);
+    p.has_divisor = u32::from(divisor.is_some());
+    let uniform = ctx.uniform(&p)?;
+    let groups = p.groups as usize;
+    let partials = GpuTensor::zeros(ctx, &[2, c, groups], DType::F32)?;
+    let dparams = GpuTensor::zeros(ctx, &[2, c], DType::F32)?;
+    let dx = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let (u, part) = (&uniform, partials.buffer());
+    let list = vec![
+        (
+            &BACKWARD_PARTIAL,
+            vec![
+                u,
+                x.buffer(),
+                part,
+                stats.buffer(),
+                dy.buffer(),
+                act_x.buffer(),
+            ],
+            channel_grid(ctx, p.groups, c)?,
+        ),
+        (
+            &BACKWARD_FINAL,
+            vec![u, part, dparams.buffer()],
+            channel_grid(ctx, 1, c)?,
+        ),
+        (
+            &BACKWARD_DX,
+            vec![
+                u,
+                x.buffer(),
+                bn.tensor().buffer(),
+                stats.buffer(),
+                dx.buffer(),
+                dy.buffer(),
+                act_x.buffer(),
+                dparams.buffer(),
+                divisor.unwrap_or(&dummy).buffer(),
+            ],
+            ctx.grid_1d(p.n as usize, WGR)?,
+        ),
+    ];
+    submit(ctx, &list)?;
+    Ok(GpuBatchNormGrads { dx, dparams })
+}

@@ -1,0 +1,851 @@
+//! Fused conv2d + BatchNorm2d (+ activation) on the GPU, matching
+//! [`crate::reference::conv_bn`]: the eval forward with BN folded into the conv, the QAT
+//! training step of `torch.ao.nn.intrinsic.qat.ConvBn2d` / `ConvBnReLU2d`
+//! (`_forward_approximate`) forward and backward, and the unfused chains of both (each op its
+//! own dispatch and intermediate buffer) for benchmarks. The QAT-specific kernels are in
+//! `shaders/conv_bn.wgsl`; the rest reuses [`super::fold`], [`super::observer`],
+//! [`super::fake_quant`], [`super::conv2d`], [`super::batch_norm`] and [`super::activation`].
+//!
+//! # Pass structure
+//! - [`conv_bn_act_eval`]: fold (two dispatches) → **one** conv with the folded bias and the
+//!   activation in its epilogue.
+//! - [`conv_bn_qat_forward`]: (a) one dispatch per output channel computes
+//!   `s = γ/sqrt(running_var + eps)`, `1/s`, `W_s = W·s[o]` and the weight observer's min/max
+//!   (plus a one-workgroup merge for per-tensor schemes); (b) the observer's qparams kernel;
+//!   (c) fake quant `W_s → W_q` with its mask; (d) the conv with the divide-back and the conv
+//!   bias in its epilogue (`out_scale = 1/s`, `bias = b`), giving the BatchNorm input;
+//!   (e) batch statistics (four dispatches; one with `freeze_bn`); (f) normalize + affine +
+//!   activation (one pass, also writing the pre-activation output). No host round trip.
+//! - [`conv_bn_qat_backward`]: BN backward with the activation's mask folded in (reduction +
+//!   `dx` pass that writes `d conv_out = dBN_in / s` directly); the divide-back reductions
+//!   (conv bias grad, the divide-back part of `dγ`; two dispatches); conv backward input and
+//!   weight with `W_q`; one dispatch per output channel for the STE mask, `dW = dW_s·s` and the
+//!   weight-scaling part of `dγ`.
+//!
+//! # Exactness of `s`
+//! A symmetric observer puts the extreme weight of each channel exactly on a rounding tie of
+//! the fake quant, so one ulp of `s` changes `W_q` there. WGSL's `sqrt` and `/` are not
+//! correctly rounded; `conv_bn.wgsl` computes `s` with correctly rounded integer-arithmetic
+//! `sqrt_rn` and `div_rn`, in the reference's order (`γ / sqrt(rv + eps)`), so `s`, `W_s`, the
+//! qparams, `W_q` and the mask are bit-exact with the CPU. The divide-back multiplies by
+//! `1/s` where the reference divides by `s` (within the 1e-3 tolerance).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::activation::activation;
+use super::batch_norm::{
+    batch_norm2d, batch_norm2d_backward_act, channel_grid, check_training_size, partial_groups,
+    GpuBatchNormStats,
+};
+use super::conv2d::{conv2d, conv2d_backward_input, conv2d_backward_weight, ConvEpilogue};
+use super::fake_quant::fake_quant_with_mask;
+use super::fold::fold_conv_bn;
+use super::observer::{calc_qparams, observe};
+use super::{expect_f32, expect_shape, to_u32, GpuBatchNorm, GpuQParams};
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::ops::{Activation, Conv2dParams, QatConfig};
+
+static SHADER: Shader = Shader {
+    name: "conv_bn",
+    source: include_str!("../../shaders/conv_bn.wgsl"),
+};
+
+/// Workgroup size of every entry point (`WGR` in the shader).
+const WGR: u32 = 256;
+
+static SCALE_WEIGHT: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "scale_weight",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(2),
+        Binding::read_write(3),
+        Binding::read_write(4),
+        Binding::read_write(5),
+        Binding::read_write(6),
+    ],
+};
+
+static MINMAX_MERGE: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "minmax_merge",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read_write(6),
+        Binding::read_write(7),
+    ],
+};
+
+static SCALE_FACTOR: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "scale_factor",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(4),
+        Binding::read_write(5),
+    ],
+};
+
+static CHANNEL_OP: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "channel_op",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(8),
+        Binding::read(9),
+        Binding::read(10),
+        Binding::read_write(11),
+    ],
+};
+
+static DIVIDE_BACK_PARTIAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "divide_back_partial",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(8),
+        Binding::read(10),
+        Binding::read(12),
+        Binding::read_write(13),
+    ],
+};
+
+static DIVIDE_BACK_FINAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "divide_back_final",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(4),
+        Binding::read_write(13),
+        Binding::read(14),
+        Binding::read_write(15),
+        Binding::read_write(16),
+        Binding::read_write(17),
+    ],
+};
+
+static WEIGHT_GRAD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "weight_grad",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(2),
+        Binding::read_write(4),
+        Binding::read_write(16),
+        Binding::read(18),
+        Binding::read(19),
+        Binding::read_write(20),
+    ],
+};
+
+static SQRT_RN_TEST: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "sqrt_rn_test",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(8),
+        Binding::read_write(11),
+    ],
+};
+
+/// The uniform of `conv_bn.wgsl` (same field order).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct Params {
+    n: u32,
+    channels: u32,
+    inner: u32,
+    m: u32,
+    groups: u32,
+    op: u32,
+    hw: u32,
+    _pad0: u32,
+    eps: f32,
+    _pad: [u32; 3],
+}
+
+/// `channel_op` codes.
+#[derive(Clone, Copy)]
+enum ChannelOp {
+    /// `x / a[c]`.
+    Div = 0,
+    /// `x + a[c]`.
+    Add = 1,
+    /// `x * a[c]`.
+    Mul = 2,
+    /// `(x − b[c]) * a[c]`.
+    SubMul = 3,
+}
+
+/// A conv2d layer on the GPU: weight `[O, C/groups, KH, KW]`, optional bias `[O]`, settings.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuConv2d<'a> {
+    /// Weight, OIHW.
+    pub weight: &'a GpuTensor,
+    /// Bias, or `None`.
+    pub bias: Option<&'a GpuTensor>,
+    /// Stride, padding, dilation, groups.
+    pub params: Conv2dParams,
+}
+
+/// The CPU reference's `check_conv_bn`: the conv's output channels, its bias and `bn` agree
+/// (the BatchNorm was validated when uploaded). Also refuses a weight that is not rank 4 (with
+/// [`Conv2dParams::output_shape`]'s message). Returns the output channel count.
+fn check_conv_bn(conv: &GpuConv2d, bn: &GpuBatchNorm) -> Result<usize> {
+    let ws = conv.weight.shape();
+    if ws.len() != 4 {
+        return Err(Error::invalid(format!(
+            "conv2d weight must be OIHW (rank 4), got shape {ws:?}"
+        )));
+    }
+    let o = ws[0];
+    if bn.channels() != o {
+        return Err(Error::ChannelMismatch {
+            layer: "conv2d".to_string(),
+            layer_channels: o,
+            bn_channels: bn.channels(),
+        });
+    }
+    if let Some(b) = conv.bias {
+        if b.shape() != [o] {
+            return Err(Error::shape("conv2d bias", &[o], b.shape()));
+        }
+        expect_f32("conv2d bias", b)?;
+    }
+    expect_f32("conv2d weight", conv.weight)?;
+    Ok(o)
+}
+
+fn w_shape(conv: &GpuConv2d) -> [usize; 4] {
+    let s = conv.weight.shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// The conv bias, or zeros.
+fn bias_or_zeros(ctx: &GpuContext, conv: &GpuConv2d, o: usize) -> Result<GpuTensor> {
+    match conv.bias {
+        Some(b) => Ok(b.clone()),
+        None => GpuTensor::zeros(ctx, &[o], DType::F32),
+    }
+}
+
+/// What [`conv_bn_act_eval`] returns.
+#[derive(Debug, Clone)]
+pub struct GpuConvBnEval {
+    /// `act(conv2d(x, W', b'))`.
+    pub y: GpuTensor,
+    /// The folded weight `W'`.
+    pub weight: GpuTensor,
+    /// The folded bias `b'` (`[O]`).
+    pub bias: GpuTensor,
+}
+
+/// Fused eval forward of conv2d + BatchNorm2d + activation
+/// ([`crate::reference::conv_bn::conv_bn_act_eval`]): BN folded into the conv on the GPU
+/// ([`fold_conv_bn`]), then **one** conv dispatch with the folded bias and the activation in
+/// its epilogue.
+///
+/// Errors (the CPU's): [`Error::ChannelMismatch`] (layer `conv2d`), [`Error::ShapeMismatch`]
+/// for a conv bias of the wrong length, and every [`conv2d`] error.
+pub fn conv_bn_act_eval(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+) -> Result<GpuConvBnEval> {
+    check_conv_bn(conv, bn)?;
+    let (weight, bias) = fold_conv_bn(ctx, conv.weight, conv.bias, bn, false)?;
+    let y = conv2d(
+        ctx,
+        x,
+        &weight,
+        &conv.params,
+        &ConvEpilogue {
+            out_scale: None,
+            bias: Some(&bias),
+            activation: act,
+        },
+    )?;
+    Ok(GpuConvBnEval { y, weight, bias })
+}
+
+/// The unfused eval chain, for comparison with [`conv_bn_act_eval`]: conv2d (with the conv's
+/// own bias, nothing else in the epilogue) → BatchNorm2d in eval mode (running statistics) →
+/// the activation (skipped for [`Activation::None`]), each its own dispatch(es) and
+/// intermediate buffer. Returns `y`.
+///
+/// Errors: as [`conv_bn_act_eval`].
+pub fn conv_bn_act_eval_unfused(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+) -> Result<GpuTensor> {
+    check_conv_bn(conv, bn)?;
+    let z = conv2d(
+        ctx,
+        x,
+        conv.weight,
+        &conv.params,
+        &ConvEpilogue {
+            bias: conv.bias,
+            ..ConvEpilogue::none()
+        },
+    )?;
+    let z = batch_norm2d(ctx, &z, bn, 0.0, false, Activation::None, false)?.y;
+    match act {
+        Activation::None => Ok(z),
+        _ => activation(ctx, &z, act),
+    }
+}
+
+/// What the QAT forward returns, all on the GPU (the GPU form of
+/// [`crate::ops::QatForward`]).
+#[derive(Debug, Clone)]
+pub struct GpuQatForward {
+    /// Output `act(bn_out)`.
+    pub y: GpuTensor,
+    /// BatchNorm output before the activation (the same tensor as `y` for
+    /// [`Activation::None`]).
+    pub bn_out: GpuTensor,
+    /// BatchNorm input `conv_out / s + b`.
+    pub bn_input: GpuTensor,
+    /// `conv(x, W_q)` before the divide-back: kept by the unfused chain; the fused forward
+    /// never materializes it (see [`qat_conv_out`]).
+    pub conv_out: Option<GpuTensor>,
+    /// `s = γ / sqrt(running_var + eps)` (`[O]`, bit-exact with the CPU).
+    pub scale_factor: GpuTensor,
+    /// `1/s` (`[O]`), the conv epilogue's multiplier.
+    pub inv_scale_factor: GpuTensor,
+    /// `W_s = W·s[o]`.
+    pub weight_scaled: GpuTensor,
+    /// `W_q = fake_quant(W_s)`.
+    pub weight_q: GpuTensor,
+    /// Straight-through mask of the weight fake quant.
+    pub weight_mask: GpuTensor,
+    /// The weight observer's qparams of `W_s`.
+    pub weight_qparams: GpuQParams,
+    /// Mean / invstd BN normalized with, and the running statistics after the step.
+    pub stats: GpuBatchNormStats,
+}
+
+/// What [`conv_bn_qat_backward`] needs from the forward (see [`GpuQatForward::saved`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GpuQatSaved<'a> {
+    /// `s` (`[O]`).
+    pub scale_factor: &'a GpuTensor,
+    /// `W_q`.
+    pub weight_q: &'a GpuTensor,
+    /// The fake-quant mask of `W_s`.
+    pub weight_mask: &'a GpuTensor,
+    /// The BatchNorm input.
+    pub bn_input: &'a GpuTensor,
+    /// `[2, O]`: mean and invstd BN normalized with.
+    pub stats: &'a GpuTensor,
+    /// Where the activation's mask is evaluated: the BatchNorm output or the forward output
+    /// (the same mask for ReLU / ReLU6); unused for [`Activation::None`].
+    pub act_input: &'a GpuTensor,
+}
+
+impl GpuQatForward {
+    /// The tensors [`conv_bn_qat_backward`] needs.
+    pub fn saved(&self) -> GpuQatSaved<'_> {
+        GpuQatSaved {
+            scale_factor: &self.scale_factor,
+            weight_q: &self.weight_q,
+            weight_mask: &self.weight_mask,
+            bn_input: &self.bn_input,
+            stats: &self.stats.stats,
+            act_input: &self.y,
+        }
+    }
+}
+
+/// The checks of the CPU QAT forward, in its order, up to (and including) the BatchNorm's
+/// training-size check. Returns `(O, output shape)`.
+fn check_qat_forward(
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    cfg: &QatConfig,
+) -> Result<(usize, [usize; 4])> {
+    let o = check_conv_bn(conv, bn)?;
+    let out = conv.params.output_shape(x.shape(), conv.weight.shape())?;
+    expect_f32("conv2d input", x)?;
+    let spec = &cfg.weight_observer;
+    spec.range.validate()?;
+    if spec.qscheme.is_per_channel() && spec.axis >= 4 {
+        return Err(Error::AxisOutOfRange {
+            axis: spec.axis,
+            rank: 4,
+        });
+    }
+    if !cfg.freeze_bn {
+        check_training_size(&out)?;
+    }
+    Ok((o, out))
+}
+
+fn params_weight(conv: &GpuConv2d, bn: &GpuBatchNorm, o: usize) -> Result<Params> {
+    let inner = conv.weight.len().checked_div(o).unwrap_or(0);
+    to_u32(conv.weight.len(), "conv weight elements")?;
+    Ok(Params {
+        n: to_u32(conv.weight.len(), "conv weight elements")?,
+        channels: to_u32(o, "conv output channels")?,
+        inner: to_u32(inner, "conv weight elements per output channel")?,
+        eps: bn.eps(),
+        ..Params::default()
+    })
+}
+
+/// ConvBn2d / ConvBnReLU2d QAT forward in training mode
+/// ([`crate::reference::conv_bn::conv_bn_qat_forward`]; see the module doc for the passes):
+/// `s`, `W_s` and the weight observer's min/max in one dispatch, qparams, fake quant, one conv
+/// with `1/s` and the conv bias in its epilogue, BatchNorm statistics (batch statistics and a
+/// running update with `momentum`; the running statistics when `cfg.freeze_bn`), and one
+/// normalize + affine + activation pass. Per-channel observers along an axis other than 0 use
+/// the generic observer kernels on `W_s`.
+///
+/// Errors (the CPU's): [`Error::ChannelMismatch`] (layer `conv2d`), [`Error::ShapeMismatch`]
+/// for a conv bias of the wrong length, [`Conv2dParams::output_shape`] errors,
+/// [`Error::InvalidQuantRange`], [`Error::AxisOutOfRange`], and
+/// [`Error::InvalidArgument`] for one value per channel in training.
+pub fn conv_bn_qat_forward(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+) -> Result<GpuQatForward> {
+    let (o, _) = check_qat_forward(x, conv, bn, cfg)?;
+    let spec = &cfg.weight_observer;
+    let ws = w_shape(conv);
+
+    // (a) s, 1/s, W_s and the per-output-channel min/max of W_s.
+    let p = params_weight(conv, bn, o)?;
+    let uniform = ctx.uniform(&p)?;
+    let weight_scaled = GpuTensor::zeros(ctx, &ws, DType::F32)?;
+    let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    let inv_scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    let minmax = GpuTensor::zeros(ctx, &[2, o], DType::F32)?;
+    let minmax_t = GpuTensor::zeros(ctx, &[2, 1], DType::F32)?;
+    let per_tensor = !spec.qscheme.is_per_channel();
+    let scale_buffers = [
+        &uniform,
+        bn.tensor().buffer(),
+        conv.weight.buffer(),
+        weight_scaled.buffer(),
+        scale_factor.buffer(),
+        inv_scale_factor.buffer(),
+        minmax.buffer(),
+    ];
+    let merge_buffers = [&uniform, minmax.buffer(), minmax_t.buffer()];
+    let mut launches = vec![Launch {
+        kernel: &SCALE_WEIGHT,
+        constants: &[],
+        buffers: &scale_buffers,
+        workgroups: channel_grid(ctx, 1, o)?,
+    }];
+    if per_tensor {
+        launches.push(Launch {
+            kernel: &MINMAX_MERGE,
+            constants: &[],
+            buffers: &merge_buffers,
+            workgroups: [1, 1, 1],
+        });
+    }
+    ctx.run(&launches)?;
+
+    // (b) qparams.
+    let weight_qparams = if per_tensor {
+        calc_qparams(ctx, &minmax_t, spec, None)?
+    } else if spec.axis == 0 {
+        calc_qparams(ctx, &minmax, spec, Some(0))?
+    } else {
+        observe(ctx, &weight_scaled, spec)?
+    };
+
+    // (c) fake quant with the straight-through mask.
+    let (weight_q, weight_mask) =
+        fake_quant_with_mask(ctx, &weight_scaled, &weight_qparams, spec.range)?;
+
+    // (d) conv with the divide-back and the conv bias in the epilogue.
+    let bn_input = conv2d(
+        ctx,
+        x,
+        &weight_q,
+        &conv.params,
+        &ConvEpilogue {
+            out_scale: Some(&inv_scale_factor),
+            bias: conv.bias,
+            activation: Activation::None,
+        },
+    )?;
+
+    // (e), (f) statistics, normalize + affine + activation (+ running update).
+    let keep_pre = cfg.activation != Activation::None;
+    let out = batch_norm2d(
+        ctx,
+        &bn_input,
+        bn,
+        momentum,
+        !cfg.freeze_bn,
+        cfg.activation,
+        keep_pre,
+    )?;
+    let bn_out = out.pre.unwrap_or_else(|| out.y.clone());
+    Ok(GpuQatForward {
+        y: out.y,
+        bn_out,
+        bn_input,
+        conv_out: None,
+        scale_factor,
+        inv_scale_factor,
+        weight_scaled,
+        weight_q,
+        weight_mask,
+        weight_qparams,
+        stats: out.stats,
+    })
+}
+
+/// `out = op(x, a[c], b[c])` with `c = (i / inner) % C` (one dispatch).
+fn channel_op(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    op: ChannelOp,
+    inner: usize,
+    a: &GpuTensor,
+    b: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    let c = a.len();
+    let p = Params {
+        n: to_u32(x.len(), "channel_op element count")?,
+        channels: to_u32(c, "channel_op channels")?,
+        inner: to_u32(inner.max(1), "channel_op inner size")?,
+        op: op as u32,
+        ..Params::default()
+    };
+    let uniform = ctx.uniform(&p)?;
+    let out = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    ctx.run(&[Launch {
+        kernel: &CHANNEL_OP,
+        constants: &[],
+        buffers: &[
+            &uniform,
+            x.buffer(),
+            a.buffer(),
+            b.unwrap_or(a).buffer(),
+            out.buffer(),
+        ],
+        workgroups: if c == 0 {
+            [0, 0, 0]
+        } else {
+            ctx.grid_1d(x.len(), WGR)?
+        },
+    }])?;
+    Ok(out)
+}
+
+/// The unfused QAT chain, for comparison with [`conv_bn_qat_forward`] (same results, same
+/// output struct, with `conv_out` kept): each op its own dispatch(es) and intermediate buffer —
+/// scale factor, scale the weight, observe (min/max + qparams), fake quant, conv (no
+/// epilogue), divide-back, add the conv bias, BatchNorm statistics, normalize, activation.
+///
+/// Errors: as [`conv_bn_qat_forward`].
+pub fn conv_bn_qat_forward_unfused(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+) -> Result<GpuQatForward> {
+    let (o, out) = check_qat_forward(x, conv, bn, cfg)?;
+    let spec = &cfg.weight_observer;
+    let p = params_weight(conv, bn, o)?;
+    let uniform = ctx.uniform(&p)?;
+    let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    let inv_scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    ctx.run(&[Launch {
+        kernel: &SCALE_FACTOR,
+        constants: &[],
+        buffers: &[
+            &uniform,
+            bn.tensor().buffer(),
+            scale_factor.buffer(),
+            inv_scale_factor.buffer(),
+        ],
+        workgroups: ctx.grid_1d(o, WGR)?,
+    }])?;
+    let weight_scaled = channel_op(
+        ctx,
+        conv.weight,
+        ChannelOp::Mul,
+        p.inner as usize,
+        &scale_factor,
+        None,
+    )?;
+    let weight_qparams = observe(ctx, &weight_scaled, spec)?;
+    let (weight_q, weight_mask) =
+        fake_quant_with_mask(ctx, &weight_scaled, &weight_qparams, spec.range)?;
+    let conv_out = conv2d(ctx, x, &weight_q, &conv.params, &ConvEpilogue::none())?;
+    let hw = out[2] * out[3];
+    let divided = channel_op(ctx, &conv_out, ChannelOp::Div, hw, &scale_factor, None)?;
+    let bn_input = match conv.bias {
+        Some(b) => channel_op(ctx, &divided, ChannelOp::Add, hw, b, None)?,
+        None => divided,
+    };
+    let bn_fwd = batch_norm2d(
+        ctx,
+        &bn_input,
+        bn,
+        momentum,
+        !cfg.freeze_bn,
+        Activation::None,
+        false,
+    )?;
+    let bn_out = bn_fwd.y;
+    let y = match cfg.activation {
+        Activation::None => bn_out.clone(),
+        act => activation(ctx, &bn_out, act)?,
+    };
+    Ok(GpuQatForward {
+        y,
+        bn_out,
+        bn_input,
+        conv_out: Some(conv_out),
+        scale_factor,
+        inv_scale_factor,
+        weight_scaled,
+        weight_q,
+        weight_mask,
+        weight_qparams,
+        stats: bn_fwd.stats,
+    })
+}
+
+/// The conv output before the divide-back: `fwd.conv_out` when the forward kept it, else
+/// reconstructed from the BatchNorm input as `(bn_input − b)·s` (one dispatch; equal to the
+/// reference's `conv_out` up to rounding). `conv` must be the forward's layer.
+///
+/// Errors: [`Error::ShapeMismatch`] for a conv bias that does not match the forward.
+pub fn qat_conv_out(ctx: &GpuContext, fwd: &GpuQatForward, conv: &GpuConv2d) -> Result<GpuTensor> {
+    if let Some(c) = &fwd.conv_out {
+        return Ok(c.clone());
+    }
+    let o = fwd.scale_factor.len();
+    if let Some(b) = conv.bias {
+        expect_shape("conv2d bias", &[o], b)?;
+    }
+    let bias = bias_or_zeros(ctx, conv, o)?;
+    let s = fwd.bn_input.shape();
+    let hw = s.get(2..).map_or(1, |d| d.iter().product());
+    channel_op(
+        ctx,
+        &fwd.bn_input,
+        ChannelOp::SubMul,
+        hw,
+        &fwd.scale_factor,
+        Some(&bias),
+    )
+}
+
+/// Gradients of the QAT step, on the GPU (the GPU form of [`crate::ops::QatGrads`]).
+#[derive(Debug, Clone)]
+pub struct GpuQatGrads {
+    /// dL/dx.
+    pub dx: GpuTensor,
+    /// dL/dW.
+    pub dweight: GpuTensor,
+    /// dL/db (conv bias), `None` when the conv has no bias.
+    pub dbias: Option<GpuTensor>,
+    /// dL/dγ (BN affine + weight scaling + divide-back).
+    pub dbn_weight: GpuTensor,
+    /// dL/dβ.
+    pub dbn_bias: GpuTensor,
+}
+
+/// Backward of [`conv_bn_qat_forward`] for upstream `dy`
+/// ([`crate::reference::conv_bn::conv_bn_qat_backward`]; see the module doc for the passes):
+///
+/// * `dBN_in` = BatchNorm backward (training form, or eval form with `cfg.freeze_bn`) of the
+///   activation's backward of `dy`, written directly as `g = d conv_out = dBN_in / s`;
+/// * conv bias grad `= s·Σg` (`= ΣdBN_in`); divide-back part of `dγ`:
+///   `−Σ g·(bn_input − b) / sqrt(rv + eps)` (`= −ΣdBN_in·conv_out/s² / sqrt(rv + eps)`);
+/// * `dx`, `dW_q` from the conv backward with `W_q`; `dW_s = dW_q·mask`, `dW = dW_s·s`;
+///   weight-scaling part of `dγ`: `Σ dW_s·W / sqrt(rv + eps)`.
+///
+/// Errors (the CPU's messages): as the forward's checks (without the training-size check);
+/// [`Error::ShapeMismatch`] when `dy` is not the forward output shape or a saved tensor does
+/// not fit `x`, `conv` and `bn`; [`Error::InvalidArgument`] for an empty input in training.
+pub fn conv_bn_qat_backward(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    cfg: &QatConfig,
+    saved: &GpuQatSaved,
+) -> Result<GpuQatGrads> {
+    let o = check_conv_bn(conv, bn)?;
+    let out = conv.params.output_shape(x.shape(), conv.weight.shape())?;
+    expect_f32("conv2d input", x)?;
+    expect_shape("conv_bn_qat_backward dy (forward output shape)", &out, dy)?;
+    expect_f32("conv_bn_qat_backward dy", dy)?;
+    expect_shape("conv_bn_qat_backward saved bn_input", &out, saved.bn_input)?;
+    if cfg.activation != Activation::None {
+        expect_shape(
+            "conv_bn_qat_backward saved activation input",
+            &out,
+            saved.act_input,
+        )?;
+    }
+    let ws = w_shape(conv);
+    expect_shape("conv_bn_qat_backward saved weight_q", &ws, saved.weight_q)?;
+    expect_shape(
+        "conv_bn_qat_backward saved weight_mask",
+        &ws,
+        saved.weight_mask,
+    )?;
+    expect_shape(
+        "conv_bn_qat_backward saved scale_factor",
+        &[o],
+        saved.scale_factor,
+    )?;
+    for (what, t) in [
+        ("conv_bn_qat_backward saved bn_input", saved.bn_input),
+        ("conv_bn_qat_backward saved weight_q", saved.weight_q),
+        ("conv_bn_qat_backward saved weight_mask", saved.weight_mask),
+        (
+            "conv_bn_qat_backward saved scale_factor",
+            saved.scale_factor,
+        ),
+    ] {
+        expect_f32(what, t)?;
+    }
+
+    // BatchNorm (with the activation's mask) → g = dBN_in / s.
+    let bn_grads = batch_norm2d_backward_act(
+        ctx,
+        saved.bn_input,
+        dy,
+        bn,
+        saved.stats,
+        !cfg.freeze_bn,
+        cfg.activation,
+        Some(saved.act_input),
+        Some(saved.scale_factor),
+    )?;
+    let g = bn_grads.dx;
+
+    // Divide-back terms: conv bias grad, dβ, and dγ's BN-affine and divide-back parts.
+    let m = out[0] * out[2] * out[3];
+    let groups = partial_groups(m);
+    let p = Params {
+        channels: to_u32(o, "conv output channels")?,
+        inner: to_u32(
+            ws[1] * ws[2] * ws[3],
+            "conv weight elements per output channel",
+        )?,
+        m: to_u32(m, "values per channel")?,
+        groups: groups as u32,
+        hw: to_u32((out[2] * out[3]).max(1), "output plane size")?,
+        eps: bn.eps(),
+        ..Params::default()
+    };
+    to_u32(g.len(), "conv output element count")?;
+    let uniform = ctx.uniform(&p)?;
+    let bias = bias_or_zeros(ctx, conv, o)?;
+    let partials = GpuTensor::zeros(ctx, &[2, o, groups], DType::F32)?;
+    let dbias = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    let dgamma = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    let dbeta = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    ctx.run(&[
+        Launch {
+            kernel: &DIVIDE_BACK_PARTIAL,
+            constants: &[],
+            buffers: &[
+                &uniform,
+                g.buffer(),
+                bias.buffer(),
+                saved.bn_input.buffer(),
+                partials.buffer(),
+            ],
+            workgroups: channel_grid(ctx, groups as u32, o)?,
+        },
+        Launch {
+            kernel: &DIVIDE_BACK_FINAL,
+            constants: &[],
+            buffers: &[
+                &uniform,
+                bn.tensor().buffer(),
+                saved.scale_factor.buffer(),
+                partials.buffer(),
+                bn_grads.dparams.buffer(),
+                dbias.buffer(),
+                dgamma.buffer(),
+                dbeta.buffer(),
+            ],
+            workgroups: channel_grid(ctx, 1, o)?,
+        },
+    ])?;
+
+    // Conv backward with W_q.
+    let x_shape = [out[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    let dx = conv2d_backward_input(ctx, &g, saved.weight_q, &conv.params, x_shape)?;
+    let dw_q = conv2d_backward_weight(ctx, x, &g, &conv.params, ws)?;
+
+    // STE mask, dW = dW_s·s, weight-scaling part of dγ.
+    let dweight = GpuTensor::zeros(ctx, &ws, DType::F32)?;
+    ctx.run(&[Launch {
+        kernel: &WEIGHT_GRAD,
+        constants: &[],
+        buffers: &[
+            &uniform,
+            bn.tensor().buffer(),
+            conv.weight.buffer(),
+            saved.scale_factor.buffer(),
+            dgamma.buffer(),
+            dw_q.buffer(),
+            saved.weight_mask.buffer(),
+            dweight.buffer(),
+        ],
+        workgroups: channel_grid(ctx, 1, o)?,
+    }])?;
+
+    Ok(GpuQatGrads {
+        dx,
+        dweight,
+        dbias: conv.bias.map(|_| dbias),
+        dbn_weight: dgamma,
+        dbn_bias: dbeta,
+    })
+}
+
+/// Elementwise `sqrt_rn(a)`: the shader's correctly rounded f32 square root (behind the
+/// bit-exact scale factor `s`), exposed so tests can check it against Rust's `f32::sqrt`.
+pub fn sqrt_rn(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
+    expect_f32("sqrt_rn input", a)?;
+    let p = Params {
+        n: to_u32(a.len(), "sqrt_rn element count")?,
+        ..Params::default()
+    };
+    let uniform = ctx.uniform(&p)?;
+    let out = GpuTensor::zeros(ctx, a.shape(), DType::F32)?;
+    ctx.run(&[Launch {
+        kernel: &SQRT_RN_TEST,
+        constants: &[],
+        buffers: &[&uniform, a.buffer(), out.buffer()],
+        workgroups: ctx.grid_1d(a.len(), WGR)?,
+    }])?;
+    Ok(out)
+}

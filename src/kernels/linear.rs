@@ -1,0 +1,91 @@
+//! The linear layer on the GPU, `y = x · Wᵀ + b`, mirroring
+//! [`crate::reference::layers::linear`] up to summation order.
+//!
+//! `x` `[N, in]` laid out row-major is exactly an NCHW tensor `[N, in, 1, 1]`, and `W`
+//! `[out, in]` an OIHW weight `[out, in, 1, 1]`, so the layer runs as a 1×1 convolution
+//! through the tiled implicit-GEMM kernel of [`crate::kernels::conv2d`] (64 outputs × 64 rows
+//! per workgroup, 4×4 per invocation) with the bias in its epilogue; the buffers are only
+//! re-viewed, never copied.
+
+use super::conv2d::{conv2d_with_algorithm, ConvAlgorithm, ConvEpilogue};
+use super::expect_f32;
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor};
+use crate::ops::{Activation, Conv2dParams};
+
+fn rank2(what: &str, t: &GpuTensor) -> Result<[usize; 2]> {
+    <[usize; 2]>::try_from(t.shape()).map_err(|_| {
+        Error::invalid(format!(
+            "linear {what} must be rank 2, got shape {:?}",
+            t.shape()
+        ))
+    })
+}
+
+/// `x · Wᵀ + b` for `x` `[N, in]`, weight `w` `[out, in]` and optional bias `[out]`, returning
+/// `[N, out]` (`torch.nn.functional.linear`).
+///
+/// Errors: the CPU reference's [`Error::ShapeMismatch`]es (in_features of `x` and `w` differ;
+/// bias not `[out]`), and [`Error::InvalidArgument`] for tensors that are not rank-2 `f32`
+/// (rank 1 for the bias).
+pub fn linear(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    bias: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    linear_act(ctx, x, w, bias, Activation::None)
+}
+
+/// [`linear`] followed by an activation, fused into the same kernel (`act(x · Wᵀ + b)`).
+///
+/// Errors: as [`linear`].
+pub fn linear_act(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    activation: Activation,
+) -> Result<GpuTensor> {
+    let [n, inp] = rank2("input", x)?;
+    let [out, w_in] = rank2("weight", w)?;
+    if inp != w_in {
+        return Err(Error::shape(
+            format!(
+                "linear: input {:?} vs weight {:?} (in_features)",
+                x.shape(),
+                w.shape()
+            ),
+            &[n, w_in],
+            x.shape(),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.shape() != [out] {
+            return Err(Error::shape(
+                format!("linear bias (weight {:?})", w.shape()),
+                &[out],
+                b.shape(),
+            ));
+        }
+        expect_f32("linear bias", b)?;
+    }
+    expect_f32("linear input", x)?;
+    expect_f32("linear weight", w)?;
+    let x4 = x.reshape(&[n, inp, 1, 1])?;
+    let w4 = w.reshape(&[out, inp, 1, 1])?;
+    let epilogue = ConvEpilogue {
+        out_scale: None,
+        bias,
+        activation,
+    };
+    let y = conv2d_with_algorithm(
+        ctx,
+        &x4,
+        &w4,
+        &Conv2dParams::default(),
+        &epilogue,
+        ConvAlgorithm::ImplicitGemm,
+    )?;
+    y.reshape(&[n, out])
+}

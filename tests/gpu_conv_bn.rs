@@ -1,0 +1,752 @@
+//! GPU kernels for BatchNorm2d, the fused conv+BN+activation eval forward and the ConvBn2d /
+//! ConvBnReLU2d QAT step, against the CPU reference: BatchNorm forward / backward (train and
+//! eval, with and without affine), fused vs unfused vs CPU eval forward, QAT forward /
+//! backward (per-tensor and per-channel symmetric, with and without conv bias, frozen or not;
+//! scale factor, fake-quantized weight, mask and qparams bit-exact), the correctly rounded
+//! square root behind the scale factor, and errors.
+//!
+//! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
+
+mod common;
+
+use std::sync::Arc;
+
+use ndarray::{Array1, Array4, ArrayD, Dimension};
+use qfuse::gpu::{GpuContext, GpuTensor};
+use qfuse::kernels::batch_norm::{download4, download_rows};
+use qfuse::kernels::conv_bn::{self, GpuConv2d};
+use qfuse::kernels::GpuBatchNorm;
+use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, QatConfig, QatForward};
+use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
+use qfuse::{Backend, CpuBackend, Error, GpuBackend};
+
+/// SplitMix64: a small deterministic generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn array4(&mut self, shape: [usize; 4], lo: f32, hi: f32) -> Array4<f32> {
+        Array4::from_shape_simple_fn(shape, || self.uniform(lo, hi))
+    }
+    fn array1(&mut self, n: usize, lo: f32, hi: f32) -> Array1<f32> {
+        Array1::from_shape_simple_fn(n, || self.uniform(lo, hi))
+    }
+}
+
+fn backend(ctx: &Arc<GpuContext>) -> GpuBackend {
+    GpuBackend::new(Arc::clone(ctx))
+}
+
+/// `|got − want| <= tol·(1 + |want|)` element-wise (NaN only against NaN).
+fn assert_close<D: Dimension>(
+    what: &str,
+    got: &ndarray::Array<f32, D>,
+    want: &ndarray::Array<f32, D>,
+    tol: f32,
+) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let mut worst = 0.0f32;
+    for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+        let ok = (g.is_nan() && w.is_nan()) || (g - w).abs() <= tol * (1.0 + w.abs());
+        assert!(ok, "{what}[{i}]: got {g:e}, want {w:e} (tol {tol:e})");
+        worst = worst.max((g - w).abs());
+    }
+    let _ = worst;
+}
+
+fn assert_bits_eq<D: Dimension>(
+    what: &str,
+    got: &ndarray::Array<f32, D>,
+    want: &ndarray::Array<f32, D>,
+) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+            "{what}[{i}]: got {g:e} ({:#010x}), want {w:e} ({:#010x})",
+            g.to_bits(),
+            w.to_bits()
+        );
+    }
+}
+
+fn random_bn(rng: &mut Rng, c: usize, affine: bool) -> BatchNorm {
+    BatchNorm {
+        weight: affine.then(|| rng.array1(c, 0.5, 1.5)),
+        bias: affine.then(|| rng.array1(c, -0.5, 0.5)),
+        running_mean: rng.array1(c, -0.3, 0.3),
+        running_var: rng.array1(c, 0.5, 1.5),
+        eps: 1e-5,
+        momentum: 0.1,
+    }
+}
+
+fn upload4(ctx: &GpuContext, a: &Array4<f32>) -> GpuTensor {
+    GpuTensor::upload_f32(ctx, &a.clone().into_dyn()).unwrap()
+}
+
+fn upload1(ctx: &GpuContext, a: &Array1<f32>) -> GpuTensor {
+    GpuTensor::upload_f32(ctx, &a.clone().into_dyn()).unwrap()
+}
+
+/// `sqrt_rn` in `conv_bn.wgsl` is bit-exact with Rust's (IEEE) `f32::sqrt`: random bit
+/// patterns over every exponent (subnormals included), values near 1 + eps, and the specials.
+#[test]
+fn sqrt_rn_is_correctly_rounded() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(7);
+    let mut v: Vec<f32> = (0..20_000)
+        .map(|_| f32::from_bits((rng.next_u64() as u32) & 0x7fff_ffff))
+        .filter(|x| x.is_finite())
+        .collect();
+    v.extend((0..4000).map(|_| rng.uniform(0.0, 4.0) + 1e-5));
+    v.extend((0..4000).map(|i| f32::from_bits(0x3f80_0000 + i - 2000)));
+    v.extend((0..500).map(f32::from_bits));
+    v.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -1.0,
+        -1e-40,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45,
+        2.0,
+        4.0,
+        0.25,
+    ]);
+    let n = v.len();
+    let a = GpuTensor::from_slice_f32(&ctx, &v, &[n]).unwrap();
+    let got = conv_bn::sqrt_rn(&ctx, &a)
+        .unwrap()
+        .download_f32(&ctx)
+        .unwrap();
+    let want = ArrayD::from_shape_vec(vec![n], v.iter().map(|x| x.sqrt()).collect()).unwrap();
+    assert_bits_eq("sqrt_rn", &got, &want);
+}
+
+fn check_batch_norm(
+    ctx: &Arc<GpuContext>,
+    shape: [usize; 4],
+    affine: bool,
+    seed: u64,
+    offset: f32,
+) {
+    let gpu = backend(ctx);
+    let mut rng = Rng(seed);
+    let x = rng.array4(shape, -2.0, 2.0).mapv(|v| v + offset);
+    let bn = random_bn(&mut rng, shape[1], affine);
+    let dy = rng.array4(shape, -1.0, 1.0);
+    for training in [true, false] {
+        let what = format!("{shape:?} affine {affine} training {training} offset {offset}");
+        let want = CpuBackend.batch_norm2d(&x, &bn, training).unwrap();
+        let got = gpu.batch_norm2d(&x, &bn, training).unwrap();
+        assert_close(&format!("{what}: y"), &got.y, &want.y, 1e-5);
+        assert_close(&format!("{what}: mean"), &got.mean, &want.mean, 1e-6);
+        assert_close(&format!("{what}: invstd"), &got.invstd, &want.invstd, 1e-5);
+        assert_close(
+            &format!("{what}: running_mean"),
+            &got.running_mean,
+            &want.running_mean,
+            1e-6,
+        );
+        assert_close(
+            &format!("{what}: running_var"),
+            &got.running_var,
+            &want.running_var,
+            1e-6,
+        );
+        if !training {
+            assert_bits_eq("eval running_mean", &got.running_mean, &bn.running_mean);
+            assert_bits_eq("eval running_var", &got.running_var, &bn.running_var);
+        }
+        let gw = CpuBackend
+            .batch_norm2d_backward(&x, &dy, &bn, &want, training)
+            .unwrap();
+        let gg = gpu
+            .batch_norm2d_backward(&x, &dy, &bn, &want, training)
+            .unwrap();
+        assert_close(&format!("{what}: dx"), &gg.dx, &gw.dx, 1e-5);
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        let tol = 1e-6 * m.sqrt().max(1.0);
+        assert_close(&format!("{what}: dweight"), &gg.dweight, &gw.dweight, tol);
+        assert_close(&format!("{what}: dbias"), &gg.dbias, &gw.dbias, tol);
+    }
+}
+
+#[test]
+fn batch_norm2d_matches_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    for (i, shape) in [[2, 3, 4, 4], [4, 6, 5, 5], [3, 5, 7, 6], [1, 2, 1, 2]]
+        .into_iter()
+        .enumerate()
+    {
+        for affine in [true, false] {
+            check_batch_norm(&ctx, shape, affine, 10 + i as u64, 0.0);
+        }
+    }
+}
+
+/// Several partial workgroups per channel (M > 2048), and a large mean relative to the
+/// spread (where a one-pass sum of squares would lose the variance).
+#[test]
+fn batch_norm2d_large_and_offset() {
+    let Some(ctx) = common::gpu() else { return };
+    check_batch_norm(&ctx, [4, 3, 40, 40], true, 3, 0.0);
+    check_batch_norm(&ctx, [2, 2, 48, 48], true, 4, 100.0);
+}
+
+/// The kernel-level BatchNorm with a fused activation equals BN then the activation, and its
+/// backward with the activation's mask folded in equals the two backwards.
+#[test]
+fn batch_norm2d_with_activation() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(5);
+    let x = rng.array4([2, 4, 5, 5], -2.0, 2.0);
+    let dy = rng.array4([2, 4, 5, 5], -1.0, 1.0);
+    let bn = random_bn(&mut rng, 4, true);
+    let gbn = GpuBatchNorm::upload(&ctx, &bn).unwrap();
+    let gx = upload4(&ctx, &x);
+    let gdy = upload4(&ctx, &dy);
+    for act in [Activation::Relu, Activation::Relu6] {
+        for training in [true, false] {
+            let want = CpuBackend.batch_norm2d(&x, &bn, training).unwrap();
+            let want_y = CpuBackend
+                .activation(&want.y.clone().into_dyn(), act)
+                .unwrap();
+            let out = qfuse::kernels::batch_norm::batch_norm2d(
+                &ctx,
+                &gx,
+                &gbn,
+                bn.momentum,
+                training,
+                act,
+                true,
+            )
+            .unwrap();
+            let y = out.y.download_f32(&ctx).unwrap();
+            assert_close("y", &y, &want_y, 1e-5);
+            let pre = download4(&ctx, out.pre.as_ref().unwrap()).unwrap();
+            assert_close("pre", &pre, &want.y, 1e-5);
+
+            let d_pre = CpuBackend
+                .activation_backward(&want.y.clone().into_dyn(), &dy.clone().into_dyn(), act)
+                .unwrap()
+                .into_dimensionality()
+                .unwrap();
+            let gw = CpuBackend
+                .batch_norm2d_backward(&x, &d_pre, &bn, &want, training)
+                .unwrap();
+            // The mask from the activation's output is the same as from its input.
+            for act_x in [&out.y, out.pre.as_ref().unwrap()] {
+                let g = qfuse::kernels::batch_norm::batch_norm2d_backward_act(
+                    &ctx,
+                    &gx,
+                    &gdy,
+                    &gbn,
+                    &out.stats.stats,
+                    training,
+                    act,
+                    Some(act_x),
+                    None,
+                )
+                .unwrap();
+                assert_close("dx", &download4(&ctx, &g.dx).unwrap(), &gw.dx, 1e-5);
+                let rows = download_rows(&ctx, &g.dparams).unwrap();
+                assert_close("dbias", &rows[0], &gw.dbias, 1e-5);
+                assert_close("dweight", &rows[1], &gw.dweight, 1e-5);
+            }
+        }
+    }
+}
+
+struct ConvCase {
+    name: &'static str,
+    x: [usize; 4],
+    o: usize,
+    k: usize,
+    params: Conv2dParams,
+    bias: bool,
+}
+
+fn conv_cases() -> Vec<ConvCase> {
+    let p = |stride: usize, padding: usize, groups: usize| Conv2dParams {
+        stride: [stride, stride],
+        padding: [padding, padding],
+        dilation: [1, 1],
+        groups,
+    };
+    vec![
+        ConvCase {
+            name: "3x3 pad 1",
+            x: [2, 3, 8, 8],
+            o: 8,
+            k: 3,
+            params: p(1, 1, 1),
+            bias: true,
+        },
+        ConvCase {
+            name: "3x3 stride 2 no bias",
+            x: [1, 4, 9, 9],
+            o: 6,
+            k: 3,
+            params: p(2, 0, 1),
+            bias: false,
+        },
+        ConvCase {
+            name: "depthwise",
+            x: [2, 8, 6, 6],
+            o: 8,
+            k: 3,
+            params: p(1, 1, 8),
+            bias: true,
+        },
+        ConvCase {
+            name: "depthwise stride 2 no bias",
+            x: [2, 6, 7, 7],
+            o: 6,
+            k: 3,
+            params: p(2, 1, 6),
+            bias: false,
+        },
+    ]
+}
+
+fn make_conv(rng: &mut Rng, c: &ConvCase) -> Conv2d {
+    let cin = c.x[1] / c.params.groups;
+    Conv2d {
+        weight: rng.array4([c.o, cin, c.k, c.k], -0.5, 0.5),
+        bias: c.bias.then(|| rng.array1(c.o, -0.3, 0.3)),
+        params: c.params,
+    }
+}
+
+#[test]
+fn conv_bn_act_eval_fused_unfused_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = backend(&ctx);
+    let mut rng = Rng(21);
+    for case in conv_cases() {
+        let conv = make_conv(&mut rng, &case);
+        let bn = random_bn(&mut rng, case.o, case.bias);
+        let x = rng.array4(case.x, -1.0, 1.0);
+        for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+            let what = format!("{} {act:?}", case.name);
+            let (want, folded) = CpuBackend.conv_bn_act_eval(&x, &conv, &bn, act).unwrap();
+            let (got, gfolded) = gpu.conv_bn_act_eval(&x, &conv, &bn, act).unwrap();
+            assert_close(&format!("{what}: y"), &got, &want, 1e-5);
+            assert_close(
+                &format!("{what}: weight"),
+                &gfolded.weight,
+                &folded.weight,
+                1e-5,
+            );
+            assert_close(&format!("{what}: bias"), &gfolded.bias, &folded.bias, 1e-5);
+
+            let gbn = GpuBatchNorm::upload(&ctx, &bn).unwrap();
+            let gw = upload4(&ctx, &conv.weight);
+            let gb = conv.bias.as_ref().map(|b| upload1(&ctx, b));
+            let gconv = GpuConv2d {
+                weight: &gw,
+                bias: gb.as_ref(),
+                params: conv.params,
+            };
+            let unfused =
+                conv_bn::conv_bn_act_eval_unfused(&ctx, &upload4(&ctx, &x), &gconv, &gbn, act)
+                    .unwrap();
+            assert_close(
+                &format!("{what}: unfused"),
+                &download4(&ctx, &unfused).unwrap(),
+                &want,
+                1e-5,
+            );
+        }
+    }
+}
+
+fn qat_cfg(act: Activation, freeze_bn: bool, per_channel: bool) -> QatConfig {
+    let qscheme = if per_channel {
+        QScheme::PerChannelSymmetric
+    } else {
+        QScheme::PerTensorSymmetric
+    };
+    QatConfig {
+        activation: act,
+        freeze_bn,
+        weight_observer: ObserverSpec::new(QDtype::QInt8, qscheme, QuantRange::INT8, 0).unwrap(),
+    }
+}
+
+/// The GPU QAT forward against the CPU's: what is derived from `s` bit-exact, the rest close.
+fn check_qat_forward(what: &str, got: &QatForward, want: &QatForward) {
+    assert_bits_eq(
+        &format!("{what}: scale_factor"),
+        &got.saved.scale_factor,
+        &want.saved.scale_factor,
+    );
+    assert_eq!(got.weight_qparams, want.weight_qparams, "{what}: qparams");
+    assert_bits_eq(
+        &format!("{what}: weight_q"),
+        &got.saved.weight_q,
+        &want.saved.weight_q,
+    );
+    assert_bits_eq(
+        &format!("{what}: weight_mask"),
+        &got.saved.weight_mask,
+        &want.saved.weight_mask,
+    );
+    let tol = 1e-4;
+    assert_close(&format!("{what}: y"), &got.y, &want.y, tol);
+    assert_close(
+        &format!("{what}: conv_out"),
+        &got.saved.conv_out,
+        &want.saved.conv_out,
+        tol,
+    );
+    assert_close(
+        &format!("{what}: bn_input"),
+        &got.saved.bn_input,
+        &want.saved.bn_input,
+        tol,
+    );
+    assert_close(
+        &format!("{what}: bn_out"),
+        &got.saved.bn_out,
+        &want.saved.bn_out,
+        tol,
+    );
+    assert_close(
+        &format!("{what}: mean"),
+        &got.saved.mean,
+        &want.saved.mean,
+        tol,
+    );
+    assert_close(
+        &format!("{what}: invstd"),
+        &got.saved.invstd,
+        &want.saved.invstd,
+        tol,
+    );
+    assert_close(
+        &format!("{what}: running_mean"),
+        &got.running_mean,
+        &want.running_mean,
+        tol,
+    );
+    assert_close(
+        &format!("{what}: running_var"),
+        &got.running_var,
+        &want.running_var,
+        tol,
+    );
+}
+
+fn qat_cases() -> Vec<ConvCase> {
+    let mut cases = conv_cases();
+    cases.truncate(3);
+    cases.push(ConvCase {
+        name: "1x1 stride 2",
+        x: [2, 5, 6, 6],
+        o: 7,
+        k: 1,
+        params: Conv2dParams {
+            stride: [2, 2],
+            ..Default::default()
+        },
+        bias: true,
+    });
+    cases
+}
+
+#[test]
+fn conv_bn_qat_forward_backward_match_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = backend(&ctx);
+    let mut rng = Rng(33);
+    for case in qat_cases() {
+        for per_channel in [true, false] {
+            for freeze_bn in [false, true] {
+                for act in [Activation::Relu, Activation::None] {
+                    let mut conv = make_conv(&mut rng, &case);
+                    for bias in [true, false] {
+                        if !bias {
+                            conv.bias = None;
+                        } else if conv.bias.is_none() {
+                            conv.bias = Some(rng.array1(case.o, -0.3, 0.3));
+                        }
+                        // affine=False BatchNorms (γ = 1) in some combinations
+                        let affine = per_channel || !bias;
+                        let bn = random_bn(&mut rng, case.o, affine);
+                        let x = rng.array4(case.x, -1.0, 1.0);
+                        let cfg = qat_cfg(act, freeze_bn, per_channel);
+                        let what = format!(
+                            "{} per_channel {per_channel} frozen {freeze_bn} {act:?} bias {bias}",
+                            case.name
+                        );
+                        let want = CpuBackend
+                            .conv_bn_qat_forward(&x, &conv, &bn, &cfg)
+                            .unwrap();
+                        let got = gpu.conv_bn_qat_forward(&x, &conv, &bn, &cfg).unwrap();
+                        check_qat_forward(&what, &got, &want);
+
+                        let dy = rng.array4(
+                            [
+                                want.y.shape()[0],
+                                want.y.shape()[1],
+                                want.y.shape()[2],
+                                want.y.shape()[3],
+                            ],
+                            -1.0,
+                            1.0,
+                        );
+                        let gw = CpuBackend
+                            .conv_bn_qat_backward(&x, &dy, &conv, &bn, &cfg, &want)
+                            .unwrap();
+                        // The GPU backward from the CPU's saved tensors and from its own.
+                        for (from, fwd) in [("cpu fwd", &want), ("gpu fwd", &got)] {
+                            let gg = gpu
+                                .conv_bn_qat_backward(&x, &dy, &conv, &bn, &cfg, fwd)
+                                .unwrap();
+                            let w = format!("{what} ({from})");
+                            let tol = 1e-3;
+                            assert_close(&format!("{w}: dx"), &gg.dx, &gw.dx, tol);
+                            assert_close(&format!("{w}: dweight"), &gg.dweight, &gw.dweight, tol);
+                            assert_close(
+                                &format!("{w}: dbn_weight"),
+                                &gg.dbn_weight,
+                                &gw.dbn_weight,
+                                tol,
+                            );
+                            assert_close(
+                                &format!("{w}: dbn_bias"),
+                                &gg.dbn_bias,
+                                &gw.dbn_bias,
+                                tol,
+                            );
+                            match (&gg.dbias, &gw.dbias) {
+                                (Some(a), Some(b)) => {
+                                    assert_close(&format!("{w}: dbias"), a, b, tol)
+                                }
+                                (None, None) => {}
+                                _ => panic!("{w}: conv bias grad presence differs"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fused QAT forward and the unfused chain agree (same `s`, `W_q`, mask and qparams bit
+/// for bit; the rest to rounding).
+#[test]
+fn conv_bn_qat_fused_matches_unfused() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(44);
+    for case in qat_cases() {
+        for per_channel in [true, false] {
+            for freeze_bn in [false, true] {
+                let conv = make_conv(&mut rng, &case);
+                let bn = random_bn(&mut rng, case.o, true);
+                let x = rng.array4(case.x, -1.0, 1.0);
+                let cfg = qat_cfg(Activation::Relu, freeze_bn, per_channel);
+                let gbn = GpuBatchNorm::upload(&ctx, &bn).unwrap();
+                let gx = upload4(&ctx, &x);
+                let gw = upload4(&ctx, &conv.weight);
+                let gb = conv.bias.as_ref().map(|b| upload1(&ctx, b));
+                let gconv = GpuConv2d {
+                    weight: &gw,
+                    bias: gb.as_ref(),
+                    params: conv.params,
+                };
+                let f = conv_bn::conv_bn_qat_forward(&ctx, &gx, &gconv, &gbn, 0.1, &cfg).unwrap();
+                let u = conv_bn::conv_bn_qat_forward_unfused(&ctx, &gx, &gconv, &gbn, 0.1, &cfg)
+                    .unwrap();
+                let what = format!("{} per_channel {per_channel} frozen {freeze_bn}", case.name);
+                let d = |t: &GpuTensor| t.download_f32(&ctx).unwrap();
+                for (name, a, b) in [
+                    ("s", &f.scale_factor, &u.scale_factor),
+                    ("1/s", &f.inv_scale_factor, &u.inv_scale_factor),
+                    ("W_s", &f.weight_scaled, &u.weight_scaled),
+                    ("W_q", &f.weight_q, &u.weight_q),
+                    ("mask", &f.weight_mask, &u.weight_mask),
+                ] {
+                    assert_bits_eq(&format!("{what}: {name}"), &d(a), &d(b));
+                }
+                assert_eq!(
+                    f.weight_qparams.download(&ctx).unwrap(),
+                    u.weight_qparams.download(&ctx).unwrap()
+                );
+                for (name, a, b) in [
+                    ("y", &f.y, &u.y),
+                    ("bn_out", &f.bn_out, &u.bn_out),
+                    ("bn_input", &f.bn_input, &u.bn_input),
+                    ("stats", &f.stats.stats, &u.stats.stats),
+                    ("running", &f.stats.running, &u.stats.running),
+                ] {
+                    assert_close(&format!("{what}: {name}"), &d(a), &d(b), 1e-5);
+                }
+                let co_f = conv_bn::qat_conv_out(&ctx, &f, &gconv).unwrap();
+                let co_u = conv_bn::qat_conv_out(&ctx, &u, &gconv).unwrap();
+                assert_close(&format!("{what}: conv_out"), &d(&co_f), &d(&co_u), 1e-5);
+            }
+        }
+    }
+}
+
+/// A per-channel observer along an axis other than 0 takes the generic observer path.
+#[test]
+fn conv_bn_qat_per_channel_axis_1() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = backend(&ctx);
+    let mut rng = Rng(55);
+    let case = &qat_cases()[0];
+    let conv = make_conv(&mut rng, case);
+    let bn = random_bn(&mut rng, case.o, true);
+    let x = rng.array4(case.x, -1.0, 1.0);
+    let mut cfg = qat_cfg(Activation::Relu, false, true);
+    cfg.weight_observer.axis = 1;
+    let want = CpuBackend
+        .conv_bn_qat_forward(&x, &conv, &bn, &cfg)
+        .unwrap();
+    let got = gpu.conv_bn_qat_forward(&x, &conv, &bn, &cfg).unwrap();
+    check_qat_forward("axis 1", &got, &want);
+}
+
+fn err_text(r: Result<impl std::fmt::Debug, Error>) -> String {
+    r.expect_err("expected an error").to_string()
+}
+
+#[test]
+fn errors_match_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = backend(&ctx);
+    let mut rng = Rng(66);
+    let bn3 = random_bn(&mut rng, 3, true);
+    let bn5 = random_bn(&mut rng, 5, true);
+    let bn4 = random_bn(&mut rng, 4, true);
+
+    // BatchNorm: channel mismatch, one value per channel in training, bad dy.
+    let x = rng.array4([2, 4, 3, 3], -1.0, 1.0);
+    let one = rng.array4([1, 3, 1, 1], -1.0, 1.0);
+    for training in [true, false] {
+        let c = err_text(CpuBackend.batch_norm2d(&x, &bn3, training));
+        assert_eq!(err_text(gpu.batch_norm2d(&x, &bn3, training)), c);
+        assert!(c.contains("channel"), "{c}");
+    }
+    let c = err_text(CpuBackend.batch_norm2d(&one, &bn3, true));
+    assert!(
+        c.contains("Expected more than 1 value per channel when training"),
+        "{c}"
+    );
+    assert_eq!(err_text(gpu.batch_norm2d(&one, &bn3, true)), c);
+    assert!(gpu.batch_norm2d(&one, &bn3, false).is_ok());
+    let mut bad = bn3.clone();
+    bad.running_var = Array1::ones(2);
+    let x3 = rng.array4([2, 3, 2, 2], -1.0, 1.0);
+    assert_eq!(
+        err_text(gpu.batch_norm2d(&x3, &bad, false)),
+        err_text(CpuBackend.batch_norm2d(&x3, &bad, false))
+    );
+    let fwd = CpuBackend.batch_norm2d(&x3, &bn3, true).unwrap();
+    let dy_bad = rng.array4([2, 3, 2, 1], -1.0, 1.0);
+    assert_eq!(
+        err_text(gpu.batch_norm2d_backward(&x3, &dy_bad, &bn3, &fwd, true)),
+        err_text(CpuBackend.batch_norm2d_backward(&x3, &dy_bad, &bn3, &fwd, true))
+    );
+    let mut f2 = fwd.clone();
+    f2.invstd = Array1::ones(2);
+    assert_eq!(
+        err_text(gpu.batch_norm2d_backward(&x3, &x3, &bn3, &f2, true)),
+        err_text(CpuBackend.batch_norm2d_backward(&x3, &x3, &bn3, &f2, true))
+    );
+
+    // conv + BN: channel mismatch, bias length, input channels, one value in training.
+    let conv = Conv2d {
+        weight: rng.array4([4, 3, 3, 3], -0.5, 0.5),
+        bias: None,
+        params: Conv2dParams::default(),
+    };
+    let xc = rng.array4([2, 3, 6, 6], -1.0, 1.0);
+    let cfg = qat_cfg(Activation::Relu, false, true);
+    let c = err_text(CpuBackend.conv_bn_act_eval(&xc, &conv, &bn5, Activation::Relu));
+    assert!(c.contains("channel"), "{c}");
+    assert_eq!(
+        err_text(gpu.conv_bn_act_eval(&xc, &conv, &bn5, Activation::Relu)),
+        c
+    );
+    assert_eq!(
+        err_text(gpu.conv_bn_qat_forward(&xc, &conv, &bn5, &cfg)),
+        err_text(CpuBackend.conv_bn_qat_forward(&xc, &conv, &bn5, &cfg))
+    );
+    let mut conv_b = conv.clone();
+    conv_b.bias = Some(Array1::zeros(3));
+    assert_eq!(
+        err_text(gpu.conv_bn_qat_forward(&xc, &conv_b, &bn4, &cfg)),
+        err_text(CpuBackend.conv_bn_qat_forward(&xc, &conv_b, &bn4, &cfg))
+    );
+    assert_eq!(
+        err_text(gpu.conv_bn_act_eval(&xc, &conv_b, &bn4, Activation::None)),
+        err_text(CpuBackend.conv_bn_act_eval(&xc, &conv_b, &bn4, Activation::None))
+    );
+    let x2 = rng.array4([2, 2, 6, 6], -1.0, 1.0);
+    assert_eq!(
+        err_text(gpu.conv_bn_qat_forward(&x2, &conv, &bn4, &cfg)),
+        err_text(CpuBackend.conv_bn_qat_forward(&x2, &conv, &bn4, &cfg))
+    );
+    assert_eq!(
+        err_text(gpu.conv_bn_act_eval(&x2, &conv, &bn4, Activation::None)),
+        err_text(CpuBackend.conv_bn_act_eval(&x2, &conv, &bn4, Activation::None))
+    );
+    let x1 = rng.array4([1, 3, 3, 3], -1.0, 1.0);
+    let c = err_text(CpuBackend.conv_bn_qat_forward(&x1, &conv, &bn4, &cfg));
+    assert!(
+        c.contains("Expected more than 1 value per channel when training"),
+        "{c}"
+    );
+    assert_eq!(err_text(gpu.conv_bn_qat_forward(&x1, &conv, &bn4, &cfg)), c);
+    let frozen = qat_cfg(Activation::Relu, true, true);
+    assert!(gpu.conv_bn_qat_forward(&x1, &conv, &bn4, &frozen).is_ok());
+
+    // QAT backward: dy of the wrong shape, saved tensors that do not fit.
+    let conv_b = Conv2d {
+        bias: Some(rng.array1(4, -0.3, 0.3)),
+        ..conv.clone()
+    };
+    let x5 = rng.array4([2, 3, 5, 5], -1.0, 1.0);
+    let fwd = CpuBackend
+        .conv_bn_qat_forward(&x5, &conv_b, &bn4, &cfg)
+        .unwrap();
+    let dy = rng.array4([2, 4, 3, 2], -1.0, 1.0);
+    let c = err_text(CpuBackend.conv_bn_qat_backward(&x5, &dy, &conv_b, &bn4, &cfg, &fwd));
+    assert_eq!(
+        err_text(gpu.conv_bn_qat_backward(&x5, &dy, &conv_b, &bn4, &cfg, &fwd)),
+        c
+    );
+    let dy = rng.array4([2, 4, 3, 3], -1.0, 1.0);
+    let mut f2 = fwd.clone();
+    f2.saved.weight_mask = Array4::zeros([4, 3, 3, 2]);
+    assert_eq!(
+        err_text(gpu.conv_bn_qat_backward(&x5, &dy, &conv_b, &bn4, &cfg, &f2)),
+        err_text(CpuBackend.conv_bn_qat_backward(&x5, &dy, &conv_b, &bn4, &cfg, &f2))
+    );
+    let mut f3 = fwd.clone();
+    f3.saved.scale_factor = Array1::ones(3);
+    assert_eq!(
+        err_text(gpu.conv_bn_qat_backward(&x5, &dy, &conv_b, &bn4, &cfg, &f3)),
+        err_text(CpuBackend.conv_bn_qat_backward(&x5, &dy, &conv_b, &bn4, &cfg, &f3))
+    );
+}
