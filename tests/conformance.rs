@@ -171,3 +171,51 @@ fn malformed_files_fail() {
     assert!(all.contains("`params` is not JSON"), "{all}");
     assert!(all.contains("`atol` = `lots` is not a number"), "{all}");
 }
+
+#[test]
+fn conv_params_accept_pytorch_spellings() {
+    use ndarray::Array4;
+    use qfuse::ops::Conv2dParams;
+    let x = Array4::from_shape_fn((1, 2, 5, 5), |(_, c, h, w)| {
+        (c + 2 * h + 3 * w) as f32 * 0.1
+    });
+    let w = Array4::from_shape_fn((3, 2, 3, 3), |(o, i, h, w)| {
+        (o + i + h * w) as f32 * 0.05 - 0.2
+    });
+    let p = Conv2dParams {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    let y = CpuBackend.conv2d(&x, &w, None, &p).unwrap();
+    let mut sd = StateDict::default();
+    sd.metadata.insert("op".into(), "conv2d".into());
+    // padding "same", stride and dilation as plain integers.
+    sd.metadata.insert(
+        "params".into(),
+        r#"{"stride": 1, "padding": "same", "dilation": 1, "groups": 1}"#.into(),
+    );
+    sd.metadata.insert("atol".into(), "1e-6".into());
+    sd.metadata.insert("rtol".into(), "1e-6".into());
+    sd.tensors
+        .insert("in.x".into(), HostTensor::F32(x.into_dyn()));
+    sd.tensors
+        .insert("in.weight".into(), HostTensor::F32(w.into_dyn()));
+    sd.tensors
+        .insert("out.y".into(), HostTensor::F32(y.into_dyn()));
+    let dir = tmpdir("same");
+    let p = write_case(&dir, "conv2d__same.safetensors", &sd);
+    let r = run_case_file(&p, &CpuBackend);
+    assert!(r.passed(), "{}", r.line());
+    // "same" with stride 2 is refused with a clear message, not computed wrongly.
+    sd.metadata.insert(
+        "params".into(),
+        r#"{"stride": 2, "padding": "same", "dilation": 1, "groups": 1}"#.into(),
+    );
+    let p = write_case(&dir, "conv2d__same_stride2.safetensors", &sd);
+    let r = run_case_file(&p, &CpuBackend);
+    assert!(
+        r.line().contains("padding='same' needs stride 1"),
+        "{}",
+        r.line()
+    );
+}

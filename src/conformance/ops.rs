@@ -115,13 +115,42 @@ fn batch_norm(case: &Case, prefix: &str, eps: f32, momentum: f32) -> Result<Batc
     })
 }
 
-fn conv_params(case: &Case) -> Result<Conv2dParams> {
+/// Conv settings; `padding` may also be PyTorch's `"valid"` or `"same"` (stride 1, odd
+/// effective kernel, where the padding is symmetric); `weight` gives the kernel size for it.
+fn conv_params(case: &Case, weight: &[usize]) -> Result<Conv2dParams> {
+    let stride = case.param_pair("stride")?;
+    let dilation = case.param_pair("dilation")?;
+    let padding = match case.params.get("padding").and_then(|v| v.as_str()) {
+        Some("valid") => [0, 0],
+        Some("same") => {
+            let mut p = [0; 2];
+            for i in 0..2 {
+                let span = dilation[i] * weight.get(2 + i).copied().unwrap_or(1).saturating_sub(1);
+                if stride[i] != 1 || span % 2 != 0 {
+                    return Err(Error::invalid(format!(
+                        "padding='same' needs stride 1 and an odd effective kernel (asymmetric padding is not supported), got stride {stride:?}, kernel {:?}, dilation {dilation:?} in {}",
+                        &weight[2..],
+                        case.path
+                    )));
+                }
+                p[i] = span / 2;
+            }
+            p
+        }
+        _ => case.param_pair("padding")?,
+    };
     Ok(Conv2dParams {
-        stride: case.param_pair("stride")?,
-        padding: case.param_pair("padding")?,
-        dilation: case.param_pair("dilation")?,
+        stride,
+        padding,
+        dilation,
         groups: case.param_usize("groups")?,
     })
+}
+
+/// BatchNorm momentum; `null` (PyTorch's cumulative average) is 1.0 on the first step, the
+/// only step a case runs (`1 / num_batches_tracked`).
+fn momentum(case: &Case) -> Result<f32> {
+    Ok(case.param_f32_opt("momentum")?.unwrap_or(1.0))
 }
 
 fn range(case: &Case, min_key: &str, max_key: &str) -> Result<QuantRange> {
@@ -204,22 +233,19 @@ fn calc_qparams(case: &Case, b: &dyn Backend) -> Result<Outputs> {
 }
 
 fn conv2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+    let w = input4(case, "weight")?;
+    let params = conv_params(case, w.shape())?;
     let y = b.conv2d(
         &input4(case, "x")?,
-        &input4(case, "weight")?,
+        &w,
         input1_opt(case, "bias")?.as_ref(),
-        &conv_params(case)?,
+        &params,
     )?;
     Ok(vec![f32_out("y", y.into_dyn())])
 }
 
 fn batch_norm2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
-    let bn = batch_norm(
-        case,
-        "",
-        case.param_f32("eps")?,
-        case.param_f32("momentum")?,
-    )?;
+    let bn = batch_norm(case, "", case.param_f32("eps")?, momentum(case)?)?;
     let out = b.batch_norm2d(&input4(case, "x")?, &bn, case.param_bool("training")?)?;
     Ok(vec![
         f32_out("y", out.y.into_dyn()),
@@ -229,10 +255,12 @@ fn batch_norm2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
 }
 
 fn conv_layer(case: &Case) -> Result<Conv2d> {
+    let weight = input4(case, "conv.weight")?;
+    let params = conv_params(case, weight.shape())?;
     Ok(Conv2d {
-        weight: input4(case, "conv.weight")?,
+        weight,
         bias: input1_opt(case, "conv.bias")?,
-        params: conv_params(case)?,
+        params,
     })
 }
 
@@ -258,12 +286,7 @@ fn conv_bn_qat(case: &Case, b: &dyn Backend) -> Result<OpResult> {
     let x = input4(case, "x")?;
     let dy = input4(case, "dy")?;
     let conv = conv_layer(case)?;
-    let mut bn = batch_norm(
-        case,
-        "bn.",
-        case.param_f32("eps")?,
-        case.param_f32("momentum")?,
-    )?;
+    let mut bn = batch_norm(case, "bn.", case.param_f32("eps")?, momentum(case)?)?;
     let wrange = range(case, "weight_quant_min", "weight_quant_max")?;
     let dtype = if wrange.quant_min < 0 {
         QDtype::QInt8

@@ -185,6 +185,15 @@ impl Case {
         }
     }
 
+    /// An optional float parameter (absent or `null` is `None`).
+    pub fn param_f32_opt(&self, key: &str) -> Result<Option<f32>> {
+        if self.params.get(key).is_none_or(Value::is_null) {
+            Ok(None)
+        } else {
+            self.param_f32(key).map(Some)
+        }
+    }
+
     /// A boolean parameter.
     pub fn param_bool(&self, key: &str) -> Result<bool> {
         self.param(key)?
@@ -199,9 +208,12 @@ impl Case {
             .ok_or_else(|| self.bad_param(key, "a string"))
     }
 
-    /// A `[h, w]` pair parameter.
+    /// A `[h, w]` pair parameter (a single integer `n` means `[n, n]`, as in PyTorch).
     pub fn param_pair(&self, key: &str) -> Result<[usize; 2]> {
         let v = self.param(key)?;
+        if let Some(n) = v.as_u64() {
+            return Ok([n as usize, n as usize]);
+        }
         match v.as_array().map(|a| a.as_slice()) {
             Some([a, b]) => match (a.as_u64(), b.as_u64()) {
                 (Some(a), Some(b)) => Ok([a as usize, b as usize]),
