@@ -105,6 +105,43 @@ pub enum Error {
         /// The limit in bytes.
         limit: u64,
     },
+    /// A file (or bytes) that is not a valid safetensors state dict.
+    #[error("malformed state dict {path}: {reason}")]
+    MalformedStateDict {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor with another dtype than the operation needs.
+    #[error("tensor `{name}` is {got}, expected {expected}")]
+    DtypeMismatch {
+        /// The tensor's name.
+        name: String,
+        /// Its dtype (PyTorch's name: `float16`, `int64`, ...).
+        got: String,
+        /// The dtype needed.
+        expected: String,
+    },
+    /// A module name that the state dict has no tensors for (or not the tensors its role needs).
+    #[error("unknown module `{name}`: {hint}")]
+    UnknownModule {
+        /// The name as given.
+        name: String,
+        /// What exists instead (closest names, the modules of the file).
+        hint: String,
+    },
+    /// Folding the BatchNorm `bn` into the layer `layer` of a state dict failed.
+    #[error("cannot fold `{bn}` into `{layer}`: {source}")]
+    Fold {
+        /// The conv / linear module.
+        layer: String,
+        /// The BatchNorm module.
+        bn: String,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
     /// An I/O error with the path it concerns.
     #[error("I/O error on {path}: {source}")]
     Io {

@@ -13,5 +13,6 @@ pub use backend::{Backend, CpuBackend, GpuBackend};
 pub use error::{Error, Result};
 pub mod config;
 pub mod conformance;
+pub mod fold_state_dict;
 pub mod io;
 pub mod model;

@@ -7,8 +7,16 @@ use std::path::{Path, PathBuf};
 use ndarray::ArrayD;
 use serde_json::Value;
 
-use super::state_dict::{load_state_dict, parse_state_dict, HostTensor, StateDict};
+use super::state_dict::{dtype_name, load_state_dict, parse_state_dict, HostTensor, StateDict};
 use crate::error::{Error, Result};
+
+/// A state dict that is not safetensors is, for a case file, a malformed case.
+fn as_case_error(e: Error) -> Error {
+    match e {
+        Error::MalformedStateDict { path, reason } => Error::MalformedCase { path, reason },
+        other => other,
+    }
+}
 
 /// One conformance case.
 #[derive(Debug, Clone)]
@@ -31,13 +39,16 @@ impl Case {
     /// Reads and checks a case file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let sd = load_state_dict(path)?;
+        let sd = load_state_dict(path).map_err(as_case_error)?;
         Self::from_state_dict(sd, &path.display().to_string())
     }
 
     /// Parses a case from bytes; `origin` names it in errors.
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
-        Self::from_state_dict(parse_state_dict(bytes, origin)?, origin)
+        Self::from_state_dict(
+            parse_state_dict(bytes, origin).map_err(as_case_error)?,
+            origin,
+        )
     }
 
     fn from_state_dict(sd: StateDict, origin: &str) -> Result<Self> {
@@ -71,6 +82,12 @@ impl Case {
         };
         let atol = tol("atol")?;
         let rtol = tol("rtol")?;
+        if let Some((name, t)) = sd.raw.iter().next() {
+            return Err(malformed(format!(
+                "tensor `{name}` has dtype {}; case files hold only float32 and int32",
+                dtype_name(t.dtype())
+            )));
+        }
         if !sd.tensors.keys().any(|k| k.starts_with("out.")) {
             return Err(malformed("no expected output (`out.*`) tensor".into()));
         }

@@ -4,11 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
+
+pub use safetensors::Dtype;
 
 use crate::error::{Error, Result};
 
-/// A tensor read from a safetensors file: f32 or i32 (the dtypes qfuse's cases use).
+/// A tensor read from a safetensors file: f32 or i32 (the dtypes qfuse computes with).
+/// Tensors of any other dtype are kept as [`RawTensor`]s in [`StateDict::raw`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostTensor {
     /// float32.
@@ -27,23 +30,94 @@ impl HostTensor {
     }
 }
 
-/// Tensors by name and the file's `__metadata__`.
+/// PyTorch's name of a safetensors dtype (`float32`, `int64`, `bfloat16`, ...), for messages.
+pub fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::BOOL => "bool",
+        Dtype::U8 => "uint8",
+        Dtype::I8 => "int8",
+        Dtype::F8_E5M2 => "float8_e5m2",
+        Dtype::F8_E4M3 => "float8_e4m3fn",
+        Dtype::I16 => "int16",
+        Dtype::U16 => "uint16",
+        Dtype::F16 => "float16",
+        Dtype::BF16 => "bfloat16",
+        Dtype::I32 => "int32",
+        Dtype::U32 => "uint32",
+        Dtype::F32 => "float32",
+        Dtype::F64 => "float64",
+        Dtype::I64 => "int64",
+        Dtype::U64 => "uint64",
+        _ => "an unknown dtype",
+    }
+}
+
+/// A tensor of a dtype qfuse does not compute with (int64, float16, bfloat16, float64, bool,
+/// ...), kept as its little-endian bytes exactly as the file stores them, so that it can be
+/// written back unchanged (PyTorch's int64 `num_batches_tracked`, half-precision weights).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// A raw tensor; [`Error::ShapeMismatch`] unless `data` holds exactly
+    /// `shape.product() * dtype.size()` bytes.
+    pub fn new(dtype: Dtype, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
+        let want = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| Error::invalid(format!("tensor shape {shape:?} overflows")))?;
+        if data.len() != want {
+            return Err(Error::shape(
+                format!("raw {} tensor data (bytes)", dtype_name(dtype)),
+                &[want],
+                &[data.len()],
+            ));
+        }
+        Ok(Self { dtype, shape, data })
+    }
+
+    /// The dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The bytes, little-endian, row-major, as safetensors stores them.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Tensors by name and the file's `__metadata__`. A name is in at most one of
+/// [`tensors`](Self::tensors) and [`raw`](Self::raw).
 #[derive(Debug, Clone, Default)]
 pub struct StateDict {
-    /// Tensors by name.
+    /// The f32 and i32 tensors by name.
     pub tensors: BTreeMap<String, HostTensor>,
+    /// Tensors of every other dtype by name, kept byte for byte.
+    pub raw: BTreeMap<String, RawTensor>,
     /// Header metadata (all strings).
     pub metadata: HashMap<String, String>,
 }
 
 fn malformed(path: &str, reason: impl Into<String>) -> Error {
-    Error::MalformedCase {
+    Error::MalformedStateDict {
         path: path.to_string(),
         reason: reason.into(),
     }
 }
 
-/// Parses safetensors bytes; `origin` names the source in errors.
+/// Parses safetensors bytes; `origin` names the source in errors. f32 and i32 tensors become
+/// [`HostTensor`]s, every other dtype a [`RawTensor`]. Bytes that are not a safetensors file
+/// are [`Error::MalformedStateDict`].
 pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
     let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| malformed(origin, format!("not a safetensors file: {e}")))?;
@@ -51,6 +125,7 @@ pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| malformed(origin, format!("not a safetensors file: {e}")))?;
     let mut tensors = BTreeMap::new();
+    let mut raw = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let data = view.data();
@@ -76,18 +151,23 @@ pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
                 )
             }
             other => {
-                return Err(malformed(
-                    origin,
-                    format!("tensor `{name}` has dtype {other:?}; only F32 and I32 are supported"),
-                ))
+                let t = RawTensor::new(other, shape, data.to_vec())
+                    .map_err(|e| malformed(origin, format!("tensor `{name}`: {e}")))?;
+                raw.insert(name, t);
+                continue;
             }
         };
         tensors.insert(name, tensor);
     }
-    Ok(StateDict { tensors, metadata })
+    Ok(StateDict {
+        tensors,
+        raw,
+        metadata,
+    })
 }
 
-/// Reads a safetensors file into a [`StateDict`].
+/// Reads a safetensors file into a [`StateDict`] ([`Error::Io`] when it cannot be read,
+/// [`Error::MalformedStateDict`] when it is not safetensors).
 pub fn load_state_dict(path: impl AsRef<Path>) -> Result<StateDict> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
@@ -98,44 +178,97 @@ pub fn load_state_dict(path: impl AsRef<Path>) -> Result<StateDict> {
 }
 
 impl StateDict {
-    /// An f32 tensor by name, or [`Error::MissingTensor`].
+    /// Whether a tensor of any dtype has this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.raw.contains_key(name)
+    }
+
+    /// The dtype of the tensor `name`, if there is one.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        match self.tensors.get(name) {
+            Some(HostTensor::F32(_)) => Some(Dtype::F32),
+            Some(HostTensor::I32(_)) => Some(Dtype::I32),
+            None => self.raw.get(name).map(RawTensor::dtype),
+        }
+    }
+
+    /// The shape of the tensor `name`, if there is one.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        match self.tensors.get(name) {
+            Some(t) => Some(t.shape()),
+            None => self.raw.get(name).map(RawTensor::shape),
+        }
+    }
+
+    /// Every tensor name, of any dtype, in sorted order.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .tensors
+            .keys()
+            .chain(self.raw.keys())
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Removes the tensor `name` of any dtype; whether there was one.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let a = self.tensors.remove(name).is_some();
+        let b = self.raw.remove(name).is_some();
+        a || b
+    }
+
+    fn wrong_dtype(&self, name: &str, expected: &str) -> Error {
+        match self.dtype(name) {
+            Some(d) => Error::DtypeMismatch {
+                name: name.to_string(),
+                got: dtype_name(d).to_string(),
+                expected: expected.to_string(),
+            },
+            None => Error::MissingTensor {
+                name: name.to_string(),
+                context: String::new(),
+            },
+        }
+    }
+
+    /// An f32 tensor by name; [`Error::MissingTensor`] when absent, [`Error::DtypeMismatch`]
+    /// when it has another dtype.
     pub fn f32(&self, name: &str) -> Result<&ArrayD<f32>> {
         match self.tensors.get(name) {
             Some(HostTensor::F32(a)) => Ok(a),
-            Some(HostTensor::I32(_)) => Err(Error::invalid(format!(
-                "tensor `{name}` is int32, expected float32"
-            ))),
-            None => Err(Error::MissingTensor {
-                name: name.to_string(),
-                context: String::new(),
-            }),
+            _ => Err(self.wrong_dtype(name, "float32")),
         }
     }
 
     /// An optional f32 tensor (absent means `None` in PyTorch terms).
     pub fn f32_opt(&self, name: &str) -> Result<Option<&ArrayD<f32>>> {
-        match self.tensors.get(name) {
-            None => Ok(None),
-            Some(_) => self.f32(name).map(Some),
+        if self.contains(name) {
+            self.f32(name).map(Some)
+        } else {
+            Ok(None)
         }
     }
 
-    /// An i32 tensor by name, or [`Error::MissingTensor`].
+    /// An i32 tensor by name; [`Error::MissingTensor`] when absent, [`Error::DtypeMismatch`]
+    /// when it has another dtype.
     pub fn i32(&self, name: &str) -> Result<&ArrayD<i32>> {
         match self.tensors.get(name) {
             Some(HostTensor::I32(a)) => Ok(a),
-            Some(HostTensor::F32(_)) => Err(Error::invalid(format!(
-                "tensor `{name}` is float32, expected int32"
-            ))),
-            None => Err(Error::MissingTensor {
-                name: name.to_string(),
-                context: String::new(),
-            }),
+            _ => Err(self.wrong_dtype(name, "int32")),
         }
     }
 
-    /// Serializes to safetensors bytes (f32 and i32 tensors, with metadata).
+    /// Serializes to safetensors bytes: every tensor (f32, i32 and raw ones byte for byte),
+    /// with the metadata. [`Error::InvalidArgument`] when a name is both in
+    /// [`tensors`](Self::tensors) and in [`raw`](Self::raw).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        if let Some(dup) = self.raw.keys().find(|k| self.tensors.contains_key(*k)) {
+            return Err(Error::invalid(format!(
+                "tensor `{dup}` is both a host tensor and a raw tensor"
+            )));
+        }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, t) in &self.tensors {
@@ -154,6 +287,11 @@ impl StateDict {
         let mut views = views;
         for (name, dtype, shape, bytes) in &owned {
             let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map_err(|e| Error::invalid(format!("tensor `{name}`: {e}")))?;
+            views.push((name.clone(), view));
+        }
+        for (name, t) in &self.raw {
+            let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
                 .map_err(|e| Error::invalid(format!("tensor `{name}`: {e}")))?;
             views.push((name.clone(), view));
         }

@@ -1,0 +1,667 @@
+//! BatchNorm folding in a whole PyTorch state dict, by module name: what
+//! `torch.ao.quantization.fuse_modules` does to an eval-mode model, done to its `state_dict()`
+//! (a safetensors file) instead, so that the fused model's `load_state_dict` accepts the result.
+//!
+//! For each [`FoldSpec`] `LAYER,BN`:
+//! * `LAYER.weight` (and `LAYER.bias` when present) are replaced by the folded weight and bias
+//!   ([`Backend::fold_conv_bn`] for a weight of rank ≥ 3, transposed when
+//!   [`FoldSpec::transpose`]; [`Backend::fold_linear_bn`] for rank 2). A layer without bias
+//!   gains one, as PyTorch's folded module does.
+//! * Every `BN.*` tensor (`weight`, `bias`, `running_mean`, `running_var`,
+//!   `num_batches_tracked`) is dropped: the fused model's BatchNorm is an `nn.Identity`.
+//! * With a ReLU (`LAYER,BN,RELU`) PyTorch's fused module is `nni.ConvReLUNd(conv, relu)`, a
+//!   `Sequential`, so the folded tensors are written as `LAYER.0.weight` / `LAYER.0.bias`.
+//! * Every other tensor is copied unchanged, whatever its dtype (int64, float16, bfloat16, ...,
+//!   kept byte for byte as [`RawTensor`](crate::io::state_dict::RawTensor)s), and the
+//!   `__metadata__` is kept.
+//!
+//! Only the tensors that are folded must be float32. Module names are dotted paths exactly as
+//! they appear in the state dict's keys (`layer1.0.conv1`, `features.3`); a QAT `ConvBn2d`
+//! folds with `conv1,conv1.bn`.
+//!
+//! ```
+//! use ndarray::{arr1, ArrayD, IxDyn};
+//! use qfuse::fold_state_dict::{fold_state_dict, FoldSpec};
+//! use qfuse::io::state_dict::{HostTensor, StateDict};
+//! use qfuse::CpuBackend;
+//!
+//! let f32t = |v: ArrayD<f32>| HostTensor::F32(v);
+//! let mut sd = StateDict::default();
+//! sd.tensors.insert("fc.weight".into(), f32t(ArrayD::ones(IxDyn(&[2, 3]))));
+//! sd.tensors.insert("bn.running_mean".into(), f32t(arr1(&[0.5f32, -1.0]).into_dyn()));
+//! sd.tensors.insert("bn.running_var".into(), f32t(arr1(&[4.0f32, 1.0]).into_dyn()));
+//! let spec = FoldSpec::parse("fc,bn")?.with_eps(0.0);
+//! let out = fold_state_dict(&CpuBackend, &sd, &[spec])?;
+//! assert_eq!(out.names(), ["fc.bias", "fc.weight"]);
+//! assert_eq!(out.f32("fc.weight")?[[0, 0]], 0.5);
+//! assert_eq!(out.f32("fc.bias")?.as_slice().unwrap(), &[-0.25, 1.0]);
+//! # Ok::<(), qfuse::Error>(())
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::io::state_dict::{load_state_dict, HostTensor, StateDict};
+use crate::ops::{BatchNorm, Folded};
+
+/// `torch.nn.BatchNorm*d`'s default `eps`.
+pub const DEFAULT_EPS: f32 = 1e-5;
+
+/// The tensors a `torch.nn.BatchNorm*d` has in its state dict.
+const BN_KEYS: [&str; 5] = [
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+];
+
+/// One fusion: the BatchNorm `bn` folded into the conv or linear `layer`, optionally closed
+/// by the ReLU `relu`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldSpec {
+    /// The conv / linear module (`LAYER.weight`, optional `LAYER.bias`).
+    pub layer: String,
+    /// The BatchNorm module (`BN.running_mean`, `BN.running_var`, optional `BN.weight`,
+    /// `BN.bias`, `BN.num_batches_tracked`).
+    pub bn: String,
+    /// The ReLU that closes a conv+bn+relu fusion: the output is then named as PyTorch's
+    /// `ConvReLUNd` names it, `LAYER.0.weight` / `LAYER.0.bias`. A ReLU has no tensors; its
+    /// name is only checked not to have any.
+    pub relu: Option<String>,
+    /// The conv weight is a ConvTranspose weight `[Cin, Cout/g, k...]` (ignored for a linear).
+    pub transpose: bool,
+    /// The BatchNorm's `eps` (not stored in state dicts).
+    pub eps: f32,
+}
+
+impl FoldSpec {
+    /// `layer` + `bn`, not transposed, `eps` = [`DEFAULT_EPS`].
+    pub fn new(layer: impl Into<String>, bn: impl Into<String>) -> Self {
+        Self {
+            layer: layer.into(),
+            bn: bn.into(),
+            relu: None,
+            transpose: false,
+            eps: DEFAULT_EPS,
+        }
+    }
+
+    /// Parses `LAYER,BN` or `LAYER,BN,RELU` (whitespace around names is ignored);
+    /// [`Error::InvalidArgument`] for anything else.
+    pub fn parse(value: &str) -> Result<Self> {
+        let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+        let bad = |why: String| {
+            Error::invalid(format!(
+                "--fuse `{value}`: {why}; expected LAYER,BN or LAYER,BN,RELU (module names as \
+                 in the state dict's keys, e.g. conv1,bn1)"
+            ))
+        };
+        if !(2..=3).contains(&parts.len()) {
+            return Err(bad(format!(
+                "{} module name{} given",
+                parts.len(),
+                if parts.len() == 1 { "" } else { "s" }
+            )));
+        }
+        for p in &parts {
+            check_name(p).map_err(bad)?;
+        }
+        let mut spec = Self::new(parts[0], parts[1]);
+        spec.relu = parts.get(2).map(|r| r.to_string());
+        Ok(spec)
+    }
+
+    /// With the closing ReLU `relu`.
+    pub fn with_relu(mut self, relu: impl Into<String>) -> Self {
+        self.relu = Some(relu.into());
+        self
+    }
+
+    /// With [`FoldSpec::transpose`] set to `transpose`.
+    pub fn transposed(mut self, transpose: bool) -> Self {
+        self.transpose = transpose;
+        self
+    }
+
+    /// With the BatchNorm `eps`.
+    pub fn with_eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Where the folded tensors go: `LAYER`, or `LAYER.0` with a ReLU.
+    pub fn output_prefix(&self) -> String {
+        match self.relu {
+            Some(_) => format!("{}.0", self.layer),
+            None => self.layer.clone(),
+        }
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        [
+            Some(self.layer.as_str()),
+            Some(self.bn.as_str()),
+            self.relu.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+impl fmt::Display for FoldSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.layer, self.bn)?;
+        if let Some(r) = &self.relu {
+            write!(f, ",{r}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for FoldSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+/// A module name must be a dotted path of non-empty parts without whitespace or commas.
+fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("empty module name".into());
+    }
+    if name.split('.').any(str::is_empty) {
+        return Err(format!(
+            "`{name}` is not a module name (empty part between dots)"
+        ));
+    }
+    if name.chars().any(|c| c.is_whitespace() || c == ',') {
+        return Err(format!(
+            "`{name}` is not a module name (whitespace or comma)"
+        ));
+    }
+    Ok(())
+}
+
+/// What one fusion did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldedLayer {
+    /// The fusion.
+    pub spec: FoldSpec,
+    /// `conv`, `conv_transpose` or `linear`.
+    pub kind: &'static str,
+    /// The layer weight's shape.
+    pub weight_shape: Vec<usize>,
+    /// The tensors written (folded weight and bias).
+    pub written: Vec<String>,
+    /// The tensors removed (the layer's old weight/bias when renamed, every BatchNorm tensor).
+    pub dropped: Vec<String>,
+}
+
+/// What [`fold_file`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldReport {
+    /// One entry per [`FoldSpec`], in order.
+    pub folded: Vec<FoldedLayer>,
+    /// How many tensors were copied unchanged.
+    pub copied: usize,
+    /// How many tensors the output has.
+    pub total: usize,
+}
+
+/// Folds every fusion of `specs` into a copy of `sd` on `backend` (see the
+/// [module docs](self)). `sd` is not changed.
+///
+/// Errors: [`Error::InvalidArgument`] for a malformed name, a module named in two fusions,
+/// a bad `eps`; [`Error::UnknownModule`] for a layer without any tensor named `LAYER.*` or a
+/// BatchNorm without `BN.*` (the message lists the closest names and the candidates);
+/// [`Error::Fold`] (with the cause as its source) for a module that lacks the tensors of its
+/// role, a tensor that is not float32 ([`Error::DtypeMismatch`]), shapes or channel counts
+/// that disagree, a `BN.*` tensor a BatchNorm does not have, or an output name that exists.
+pub fn fold_state_dict(
+    backend: &dyn Backend,
+    sd: &StateDict,
+    specs: &[FoldSpec],
+) -> Result<StateDict> {
+    fold_with_report(backend, sd, specs).map(|(out, _)| out)
+}
+
+/// Reads the safetensors state dict `input`, folds `specs` with [`fold_state_dict`] and
+/// writes the result to `output` (through a temporary file in the same folder, renamed into
+/// place, so a failure leaves no partial output). `input` is never modified: an `output`
+/// that is the input file (same path, symlink or hard link) is refused with
+/// [`Error::InvalidArgument`] before anything is read.
+pub fn fold_file(
+    backend: &dyn Backend,
+    input: &Path,
+    output: &Path,
+    specs: &[FoldSpec],
+) -> Result<FoldReport> {
+    if is_same_file(input, output) {
+        return Err(Error::invalid(format!(
+            "output {} is the input file; qfuse fold never modifies its input, write the \
+             folded state dict to another path",
+            output.display()
+        )));
+    }
+    let sd = load_state_dict(input)?;
+    let (out, folded) = fold_with_report(backend, &sd, specs)?;
+    let copied = out
+        .names()
+        .into_iter()
+        .filter(|n| !folded.iter().any(|f| f.written.iter().any(|w| w == n)))
+        .count();
+    let total = out.names().len();
+    write_atomically(output, &out.to_bytes()?)?;
+    Ok(FoldReport {
+        folded,
+        copied,
+        total,
+    })
+}
+
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ca), Ok(cb)) = (std::fs::canonicalize(a), std::fs::canonicalize(b)) else {
+        return false;
+    };
+    if ca == cb {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(&ca), std::fs::metadata(&cb)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    false
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| Error::Io { path: p, source }
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("output {} is not a file name", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".qfuse-tmp-{}", std::process::id()));
+    let tmp: PathBuf = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path)(e)
+    })
+}
+
+/// [`fold_state_dict`] with what each fusion did.
+fn fold_with_report(
+    backend: &dyn Backend,
+    sd: &StateDict,
+    specs: &[FoldSpec],
+) -> Result<(StateDict, Vec<FoldedLayer>)> {
+    check_specs(specs)?;
+    let mut planned = Vec::with_capacity(specs.len());
+    for spec in specs {
+        planned.push(fold_one(backend, sd, spec)?);
+    }
+    let mut out = sd.clone();
+    for p in &planned {
+        for name in &p.remove {
+            out.remove(name);
+        }
+    }
+    let mut reports = Vec::with_capacity(planned.len());
+    for Planned { folded, report, .. } in planned {
+        let Folded { weight, bias } = folded;
+        for (name, t) in report.written.iter().zip([weight, bias.into_dyn()]) {
+            if out.contains(name) {
+                return Err(Error::Fold {
+                    layer: report.spec.layer.clone(),
+                    bn: report.spec.bn.clone(),
+                    source: Box::new(Error::invalid(format!(
+                        "the folded tensor `{name}` would replace an existing tensor of that name"
+                    ))),
+                });
+            }
+            out.tensors.insert(name.clone(), HostTensor::F32(t));
+        }
+        reports.push(report);
+    }
+    Ok((out, reports))
+}
+
+fn check_specs(specs: &[FoldSpec]) -> Result<()> {
+    let mut seen: Vec<(&str, &FoldSpec)> = Vec::new();
+    for spec in specs {
+        for name in spec.names() {
+            check_name(name).map_err(|why| Error::invalid(format!("fusion `{spec}`: {why}")))?;
+            if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
+                return Err(Error::invalid(if std::ptr::eq(*first, spec) {
+                    format!("fusion `{spec}` names module `{name}` twice")
+                } else {
+                    format!(
+                        "module `{name}` is fused twice: in `{first}` and in `{spec}`; \
+                         each module can be folded only once"
+                    )
+                }));
+            }
+            seen.push((name, spec));
+        }
+        if !(spec.eps.is_finite() && spec.eps >= 0.0) {
+            return Err(Error::invalid(format!(
+                "fusion `{spec}`: eps must be finite and >= 0, got {}",
+                spec.eps
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Tensor names under `prefix.`.
+fn under<'a>(sd: &'a StateDict, prefix: &str) -> Vec<&'a str> {
+    let p = format!("{prefix}.");
+    sd.names()
+        .into_iter()
+        .filter(|n| n.starts_with(&p))
+        .collect()
+}
+
+/// The role a module name is looked up in, for messages.
+#[derive(Clone, Copy)]
+enum Role {
+    Layer,
+    BatchNorm,
+}
+
+impl Role {
+    /// The tensor that marks a module of this role.
+    fn key(self) -> &'static str {
+        match self {
+            Role::Layer => "weight",
+            Role::BatchNorm => "running_mean",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Role::Layer => {
+                "conv/linear layers (modules with a `.weight` and no running statistics)"
+            }
+            Role::BatchNorm => "BatchNorms (modules with a `.running_mean`)",
+        }
+    }
+
+    fn candidates(self, sd: &StateDict) -> Vec<String> {
+        let mut mods: BTreeSet<String> = BTreeSet::new();
+        for n in sd.names() {
+            if let Some(m) = n.strip_suffix(&format!(".{}", self.key())) {
+                let is_bn = sd.contains(&format!("{m}.running_mean"));
+                let keep = match self {
+                    Role::Layer => !is_bn,
+                    Role::BatchNorm => true,
+                };
+                if keep {
+                    mods.insert(m.to_string());
+                }
+            }
+        }
+        mods.into_iter().collect()
+    }
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn list(names: &[String], max: usize) -> String {
+    let shown: Vec<String> = names.iter().take(max).map(|n| format!("`{n}`")).collect();
+    let mut s = shown.join(", ");
+    if names.len() > max {
+        s.push_str(&format!(" (and {} more)", names.len() - max));
+    }
+    s
+}
+
+/// [`Error::UnknownModule`] for `name`, with the closest names of its role and the list.
+fn unknown_module(sd: &StateDict, name: &str, role: Role) -> Error {
+    let candidates = role.candidates(sd);
+    let mut hint = String::new();
+    if sd.contains(name) {
+        if let Some((module, _)) = name.rsplit_once('.') {
+            hint = format!("`{name}` is a tensor; give the module name, `{module}`. ");
+        }
+    }
+    if hint.is_empty() {
+        // Same name under a wrapper (`module.conv1` from DataParallel), then edit distance.
+        let suffix = format!(".{name}");
+        let mut close: Vec<(usize, &String)> = candidates
+            .iter()
+            .filter(|c| c.ends_with(&suffix))
+            .map(|c| (0, c))
+            .collect();
+        if close.is_empty() {
+            let limit = (name.chars().count() / 3).max(2);
+            close = candidates
+                .iter()
+                .map(|c| (levenshtein(name, c), c))
+                .filter(|(d, _)| *d <= limit)
+                .collect();
+            close.sort();
+        }
+        if !close.is_empty() {
+            let close: Vec<String> = close.into_iter().take(3).map(|(_, c)| c.clone()).collect();
+            hint = format!("did you mean {}? ", list(&close, 3));
+        }
+    }
+    let key = role.key();
+    hint.push_str(&format!("the state dict has no tensor `{name}.{key}`; "));
+    if candidates.is_empty() {
+        hint.push_str(&format!("it has no {}", role.describe()));
+    } else {
+        hint.push_str(&format!(
+            "its {}: {}",
+            role.describe(),
+            list(&candidates, 12)
+        ));
+    }
+    Error::UnknownModule {
+        name: name.to_string(),
+        hint,
+    }
+}
+
+/// A rank-1 f32 tensor, if present.
+fn vector(sd: &StateDict, name: &str) -> Result<Option<Array1<f32>>> {
+    match sd.f32_opt(name)? {
+        None => Ok(None),
+        Some(a) => a
+            .clone()
+            .into_dimensionality::<Ix1>()
+            .map(Some)
+            .map_err(|_| {
+                Error::shape(
+                    format!("`{name}` (a per-channel vector)"),
+                    &[a.len()],
+                    a.shape(),
+                )
+            }),
+    }
+}
+
+/// One fusion resolved against the input and folded, not yet written.
+struct Planned {
+    folded: Folded,
+    /// Every input tensor the fusion replaces or drops.
+    remove: Vec<String>,
+    report: FoldedLayer,
+}
+
+/// Resolves one fusion against the input and folds it; nothing is written yet.
+fn fold_one(backend: &dyn Backend, sd: &StateDict, spec: &FoldSpec) -> Result<Planned> {
+    let (layer, bn) = (spec.layer.as_str(), spec.bn.as_str());
+    let wrap = |source: Error| Error::Fold {
+        layer: layer.to_string(),
+        bn: bn.to_string(),
+        source: Box::new(source),
+    };
+    let w_name = format!("{layer}.weight");
+    let b_name = format!("{layer}.bias");
+    let layer_tensors = under(sd, layer);
+    if layer_tensors.is_empty() {
+        return Err(unknown_module(sd, layer, Role::Layer));
+    }
+    if !sd.contains(&w_name) {
+        return Err(wrap(Error::MissingTensor {
+            name: w_name,
+            context: format!(
+                " (`{layer}` is not a conv or linear layer; its tensors: {})",
+                list(&to_strings(&layer_tensors), 6)
+            ),
+        }));
+    }
+    let bn_tensors = under(sd, bn);
+    if bn_tensors.is_empty() {
+        return Err(unknown_module(sd, bn, Role::BatchNorm));
+    }
+    for t in &bn_tensors {
+        let key = &t[bn.len() + 1..];
+        if !BN_KEYS.contains(&key) {
+            return Err(wrap(Error::invalid(format!(
+                "`{bn}` is not a BatchNorm: it has the tensor `{t}`, and a BatchNorm has only \
+                 weight, bias, running_mean, running_var and num_batches_tracked (nothing is \
+                 dropped that is not a BatchNorm's)"
+            ))));
+        }
+    }
+    let rm_name = format!("{bn}.running_mean");
+    let rv_name = format!("{bn}.running_var");
+    for name in [&rm_name, &rv_name] {
+        if !sd.contains(name) {
+            return Err(wrap(Error::MissingTensor {
+                name: name.clone(),
+                context: format!(
+                    " (`{bn}` has no running statistics, as with track_running_stats=False, \
+                     and cannot be folded; its tensors: {})",
+                    list(&to_strings(&bn_tensors), 6)
+                ),
+            }));
+        }
+    }
+    if let Some(relu) = &spec.relu {
+        let r = under(sd, relu);
+        if let Some(t) = r.first() {
+            return Err(wrap(Error::invalid(format!(
+                "`{relu}` is not a ReLU: it has the tensor `{t}`, and a ReLU has none"
+            ))));
+        }
+    }
+
+    let weight: &ArrayD<f32> = sd.f32(&w_name).map_err(wrap)?;
+    let bias = vector(sd, &b_name).map_err(wrap)?;
+    let batch_norm = BatchNorm {
+        weight: vector(sd, &format!("{bn}.weight")).map_err(wrap)?,
+        bias: vector(sd, &format!("{bn}.bias")).map_err(wrap)?,
+        running_mean: vector(sd, &rm_name).map_err(wrap)?.unwrap_or_default(),
+        running_var: vector(sd, &rv_name).map_err(wrap)?.unwrap_or_default(),
+        eps: spec.eps,
+        momentum: 0.1,
+    };
+    let shape = weight.shape().to_vec();
+    let (kind, folded) = match shape.len() {
+        2 => {
+            if spec.relu.is_some() {
+                return Err(wrap(Error::invalid(
+                    "PyTorch has no (Linear, BatchNorm1d, ReLU) fusion; fold `LAYER,BN` and \
+                     keep the ReLU as it is",
+                )));
+            }
+            let w2: Array2<f32> = weight
+                .clone()
+                .into_dimensionality::<Ix2>()
+                .map_err(|e| wrap(Error::invalid(format!("internal: {e}"))))?;
+            (
+                "linear",
+                backend.fold_linear_bn(&w2, bias.as_ref(), &batch_norm),
+            )
+        }
+        r if r >= 3 => {
+            if spec.transpose && spec.relu.is_some() {
+                return Err(wrap(Error::invalid(
+                    "PyTorch has no (ConvTranspose, BatchNorm, ReLU) fusion; fold `LAYER,BN` \
+                     and keep the ReLU as it is",
+                )));
+            }
+            let kind = if spec.transpose {
+                "conv_transpose"
+            } else {
+                "conv"
+            };
+            (
+                kind,
+                backend.fold_conv_bn(weight, bias.as_ref(), &batch_norm, spec.transpose),
+            )
+        }
+        _ => {
+            return Err(wrap(Error::invalid(format!(
+                "`{w_name}` has shape {shape:?}: expected a linear weight [out, in] (rank 2) or \
+                 a conv weight [out, in/groups, k...] (rank >= 3)"
+            ))))
+        }
+    };
+    let folded = folded.map_err(wrap)?;
+    if folded.weight.shape() != shape.as_slice() {
+        return Err(wrap(Error::shape(
+            "internal: folded weight",
+            &shape,
+            folded.weight.shape(),
+        )));
+    }
+    let prefix = spec.output_prefix();
+    let written = vec![format!("{prefix}.weight"), format!("{prefix}.bias")];
+    let mut remove = vec![w_name];
+    if sd.contains(&b_name) {
+        remove.push(b_name);
+    }
+    remove.extend(bn_tensors.iter().map(|s| s.to_string()));
+    let dropped = remove
+        .iter()
+        .filter(|n| !written.contains(n))
+        .cloned()
+        .collect();
+    Ok(Planned {
+        folded,
+        remove,
+        report: FoldedLayer {
+            spec: spec.clone(),
+            kind,
+            weight_shape: shape,
+            written,
+            dropped,
+        },
+    })
+}
+
+fn to_strings(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
