@@ -233,14 +233,10 @@ fn calc_qparams(case: &Case, b: &dyn Backend) -> Result<Outputs> {
 }
 
 fn conv2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+    let x = input4(case, "x")?;
     let w = input4(case, "weight")?;
     let params = conv_params(case, w.shape())?;
-    let y = b.conv2d(
-        &input4(case, "x")?,
-        &w,
-        input1_opt(case, "bias")?.as_ref(),
-        &params,
-    )?;
+    let y = b.conv2d(&x, &w, input1_opt(case, "bias")?.as_ref(), &params)?;
     Ok(vec![f32_out("y", y.into_dyn())])
 }
 
