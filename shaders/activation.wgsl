@@ -1,12 +1,18 @@
 // activation.wgsl: elementwise activations, forward and backward, selected at run time by
-// params.act: 0 = identity, 1 = ReLU, 2 = ReLU6. Matches src/reference/activation.rs exactly.
+// params.act: 0 = identity, 1 = ReLU, 2 = ReLU6, 3 = LeakyReLU (slope params.slope),
+// 4 = Hardswish. Matches src/reference/activation.rs exactly, except Hardswish, whose two
+// divisions (by 6 forward, by 3 backward) are as accurate as the device's f32 division.
 //   forward:  relu(x) = x < 0 ? 0 : x;  relu6(x) = clamp(x, 0, 6) (-0.0 stays -0.0);
+//             leaky(x) = x > 0 ? x : x * slope;  hardswish(x) = x * clamp(x + 3, 0, 6) / 6;
 //             NaN propagates (y = x), tested on the bit pattern, not with WGSL min/max or x != x.
-//   backward: dx = 0 where relu: x <= 0, relu6: x <= 0 or x >= 6; else dy (NaN x passes dy,
-//             as PyTorch's threshold_backward / hardtanh_backward do).
+//   backward: relu: dx = x <= 0 ? 0 : dy; relu6: dx = (x <= 0 or x >= 6) ? 0 : dy (NaN x passes
+//             dy, as PyTorch's threshold_backward / hardtanh_backward do);
+//             leaky: dx = x > 0 ? dy : dy * slope (NaN x gives dy * slope);
+//             hardswish: dx = x < -3 ? 0 : (x >= 3 ? dy : dy * (x / 3 + 0.5)) (NaN x gives NaN).
 //
 // Bindings (group 0):
-//   @group(0) @binding(0) params: uniform Params  n (elements), act (0 identity, 1 relu, 2 relu6)
+//   @group(0) @binding(0) params: uniform Params  n (elements), act (0 identity, 1 relu, 2 relu6,
+//                                 3 leaky_relu, 4 hardswish), slope (leaky_relu's negative slope)
 //   @group(0) @binding(1) x:      storage, read array<f32>  input
 //   @group(0) @binding(2) out:    storage, read_write array<f32>  forward: y; backward: dx
 //   @group(0) @binding(3) dy:     storage, read array<f32>  backward: upstream gradient
@@ -20,7 +26,7 @@ override WG: u32 = 256u;
 struct Params {
     n: u32,
     act: u32,
-    _pad0: u32,
+    slope: f32,
     _pad1: u32,
 }
 
@@ -33,10 +39,17 @@ fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
 
-// relu(x) = x < 0 ? 0 : x; relu6(x) = clamp(x, 0, 6); -0.0 stays -0.0, NaN stays NaN.
+// relu(x) = x < 0 ? 0 : x; relu6(x) = clamp(x, 0, 6); leaky(x) = x > 0 ? x : x * slope;
+// hardswish(x) = x * clamp(x + 3, 0, 6) / 6; -0.0 stays -0.0 (relu, relu6), NaN stays NaN.
 fn act_forward(v: f32) -> f32 {
     if (params.act == 0u || is_nan(v)) {
         return v;
+    }
+    if (params.act == 3u) {
+        return select(v * params.slope, v, v > 0.0);
+    }
+    if (params.act == 4u) {
+        return v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
     }
     var y = select(v, 0.0, v < 0.0);
     if (params.act == 2u) {
@@ -45,16 +58,35 @@ fn act_forward(v: f32) -> f32 {
     return y;
 }
 
-// Whether the gradient passes: relu zeroes it where x <= 0, relu6 where x <= 0 or x >= 6
-// (PyTorch's threshold_backward / hardtanh_backward), so a NaN x passes it.
-fn act_passes(v: f32) -> bool {
-    if (params.act == 0u || is_nan(v)) {
-        return true;
+// The gradient at input v for upstream d (PyTorch's threshold_backward / hardtanh_backward:
+// a NaN v passes d; leaky_relu_backward: d * slope for v <= 0 or NaN; hardswish_backward:
+// NaN for a NaN v).
+fn act_backward(v: f32, d: f32) -> f32 {
+    if (params.act == 0u) {
+        return d;
+    }
+    if (params.act == 3u) {
+        return select(d * params.slope, d, v > 0.0);
+    }
+    if (params.act == 4u) {
+        if (is_nan(v)) {
+            return v;
+        }
+        if (v < -3.0) {
+            return 0.0;
+        }
+        if (v >= 3.0) {
+            return d;
+        }
+        return d * (v / 3.0 + 0.5);
+    }
+    if (is_nan(v)) {
+        return d;
     }
     if (params.act == 2u) {
-        return v > 0.0 && v < 6.0;
+        return select(0.0, d, v > 0.0 && v < 6.0);
     }
-    return v > 0.0;
+    return select(0.0, d, v > 0.0);
 }
 
 @compute @workgroup_size(WG)
@@ -74,5 +106,5 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>,
     if (i >= params.n) {
         return;
     }
-    out[i] = select(0.0, dy[i], act_passes(x[i]));
+    out[i] = act_backward(x[i], dy[i]);
 }

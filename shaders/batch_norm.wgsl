@@ -8,9 +8,9 @@
 //     rv' = (1 - momentum) * rv + momentum * var * M / (M - 1)  (unbiased);
 //   eval statistics: mean = running mean, invstd = 1 / sqrt(running var + eps);
 //   normalize: pre = (x - mean) * invstd * gamma + beta, y = act(pre)  (0 none, 1 relu, 2 relu6,
-//     as activation.wgsl; optionally also writes pre);
-//   backward: dy' = act_backward(act_x, dy) (act_x: the activation's input or output, which
-//     give the same mask for relu / relu6; act = 0 passes dy), then per channel
+//     3 leaky_relu with slope, 4 hardswish, as activation.wgsl; optionally also writes pre);
+//   backward: dy' = act_backward(act_x, dy) (act_x: the activation's input, or for relu / relu6
+//     its output, which gives the same mask; act = 0 passes dy), then per channel
 //     sum dy' and sum dy' * xhat with xhat = (x - mean) * invstd, then
 //     training: dx = gamma*invstd * (dy' - (sum dy' + xhat * sum dy'*xhat) / M)
 //     eval:     dx = gamma*invstd * dy'
@@ -19,9 +19,9 @@
 // Bindings (group 0):
 //   @group(0) @binding(0) params:   uniform Params  n (elements N*C*H*W), channels (C), hw (H*W),
 //                                   m (values per channel N*H*W), groups (G, partial workgroups
-//                                   per channel), act (0/1/2), write_pre (0/1), training
+//                                   per channel), act (0..4), write_pre (0/1), training
 //                                   (backward_dx: 0 eval form, 1 training form), eps, momentum,
-//                                   has_divisor (0/1)
+//                                   has_divisor (0/1), slope (leaky_relu's negative slope)
 //   @group(0) @binding(1) x:        storage, read array<f32>  input (backward: the forward's input)
 //   @group(0) @binding(2) partials: storage, read_write array<f32>  2*C*G partial sums: value r
 //                                   of partial g of channel c at r*C*G + c*G + g
@@ -68,7 +68,7 @@ struct Params {
     eps: f32,
     momentum: f32,
     has_divisor: u32,
-    _pad1: u32,
+    slope: f32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -91,10 +91,17 @@ fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
 
-// relu(x) = x < 0 ? 0 : x; relu6(x) = clamp(x, 0, 6); NaN propagates (as activation.wgsl).
+// relu(x) = x < 0 ? 0 : x; relu6(x) = clamp(x, 0, 6); leaky(x) = x > 0 ? x : x * slope;
+// hardswish(x) = x * clamp(x + 3, 0, 6) / 6; NaN propagates (as activation.wgsl).
 fn act_forward(v: f32) -> f32 {
     if (params.act == 0u || is_nan(v)) {
         return v;
+    }
+    if (params.act == 3u) {
+        return select(v * params.slope, v, v > 0.0);
+    }
+    if (params.act == 4u) {
+        return v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
     }
     var r = select(v, 0.0, v < 0.0);
     if (params.act == 2u) {
@@ -103,16 +110,34 @@ fn act_forward(v: f32) -> f32 {
     return r;
 }
 
-// Whether the activation passes the gradient at v (PyTorch's threshold_backward /
-// hardtanh_backward: a NaN passes it).
-fn act_passes(v: f32) -> bool {
-    if (params.act == 0u || is_nan(v)) {
-        return true;
+// The activation's gradient at v for upstream d (as activation.wgsl: relu / relu6 pass d for a
+// NaN v; leaky gives d * slope for v <= 0 or NaN; hardswish gives NaN for a NaN v).
+fn act_backward(v: f32, d: f32) -> f32 {
+    if (params.act == 0u) {
+        return d;
+    }
+    if (params.act == 3u) {
+        return select(d * params.slope, d, v > 0.0);
+    }
+    if (params.act == 4u) {
+        if (is_nan(v)) {
+            return v;
+        }
+        if (v < -3.0) {
+            return 0.0;
+        }
+        if (v >= 3.0) {
+            return d;
+        }
+        return d * (v / 3.0 + 0.5);
+    }
+    if (is_nan(v)) {
+        return d;
     }
     if (params.act == 2u) {
-        return v > 0.0 && v < 6.0;
+        return select(0.0, d, v > 0.0 && v < 6.0);
     }
-    return v > 0.0;
+    return select(0.0, d, v > 0.0);
 }
 
 fn element_index(c: u32, j: u32) -> u32 {
@@ -277,7 +302,7 @@ fn dy_eff(i: u32) -> f32 {
     if (params.act == 0u) {
         return d;
     }
-    return select(0.0, d, act_passes(act_x[i]));
+    return act_backward(act_x[i], d);
 }
 
 @compute @workgroup_size(WGR)

@@ -6,10 +6,16 @@
 //   forward:  y[n, o, oy, ox] = act(acc * out_scale[o] + bias[o]),
 //             acc = sum over ci < CG, ky < KH, kx < KW of w[o, ci, ky, kx] *
 //                   x[n, g*CG + ci, oy*SH + ky*DH - PH, ox*SW + kx*DW - PW]   (g = o / OG,
-//                   zero outside the input); act: 0 identity, 1 ReLU, 2 ReLU6 (NaN propagates,
-//                   as in activation.wgsl); out_scale / bias only when has_scale / has_bias.
+//                   zero outside the input); act: 0 identity, 1 ReLU, 2 ReLU6, 3 LeakyReLU
+//                   (slope), 4 Hardswish (NaN propagates, as in activation.wgsl);
+//                   out_scale / bias only when has_scale / has_bias.
 //   backward_input:  dx[n, c, iy, ix] = sum over the taps (ky, kx) and the OG output channels
 //                    of c's group whose window covers (iy, ix) of dy * w (a gather, no atomics).
+//   transpose_forward: conv_transpose2d, which is exactly backward_input with the transposed
+//                    conv's input as dy and its output as dx (geometry: n, c, h, w describe the
+//                    transposed conv's OUTPUT [N, Cout, OH, OW]; o, oh, ow its input
+//                    [N, Cin, H, W]; weight [Cin, Cout/g, KH, KW]), then the epilogue of channel
+//                    c: y = act(acc * out_scale[c] + bias[c]).
 //   backward_weight: dw[o, ci, ky, kx] = sum over n, oy, ox of dy[n, o, oy, ox] * x[...].
 //   channel_sum:     out[c] = sum over n, h, w of x[n, c, h, w].
 //
@@ -19,7 +25,7 @@
 //                                    stride, pad, dilation (h, w); k = cg*kh*kw; npix = n*oh*ow;
 //                                    ptiles / mtiles (forward_gemm tiles over pixels / output
 //                                    channels of one group); count (work items, see Dispatch);
-//                                    act; has_scale, has_bias
+//                                    act; has_scale, has_bias; slope (LeakyReLU)
 //   @group(0) @binding(1) x:         storage, read array<f32>  input [N, C, H, W] (channel_sum:
 //                                    the tensor summed)
 //   @group(0) @binding(2) wt:        storage, read array<f32>  weight [O, CG, KH, KW]
@@ -44,6 +50,8 @@
 //     count = N*O*OH*OW items, flat index gid.x + gid.y * nwg.x * WG.
 //   backward_input (0, 2, 3, 6): one invocation per dx element, workgroup (WG, 1, 1);
 //     count = N*C*H*W items, flat index as forward_direct.
+//   transpose_forward (0, 2, 3, 4, 5, 6): as backward_input (dy = the transposed conv's input),
+//     one invocation per output element.
 //   backward_weight (0, 1, 3, 6): one workgroup of 256 per weight element, which splits the
 //     N*OH*OW reduction over its invocations and reduces in workgroup memory;
 //     count = O*CG*KH*KW workgroups, flat id = wid.x + wid.y * nwg.x.
@@ -88,7 +96,7 @@ struct Params {
     act: u32,
     has_scale: u32,
     has_bias: u32,
-    _pad0: u32,
+    slope: f32,
     _pad1: u32,
 }
 
@@ -110,10 +118,17 @@ fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
 
-// relu(v) = v < 0 ? 0 : v; relu6(v) = clamp(v, 0, 6); -0.0 stays -0.0, NaN stays NaN.
+// relu(v) = v < 0 ? 0 : v; relu6(v) = clamp(v, 0, 6); leaky(v) = v > 0 ? v : v * slope;
+// hardswish(v) = v * clamp(v + 3, 0, 6) / 6; -0.0 stays -0.0 (relu, relu6), NaN stays NaN.
 fn activate(v: f32) -> f32 {
     if (P.act == 0u || is_nan(v)) {
         return v;
+    }
+    if (P.act == 3u) {
+        return select(v * P.slope, v, v > 0.0);
+    }
+    if (P.act == 4u) {
+        return v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
     }
     var y = select(v, 0.0, v < 0.0);
     if (P.act == 2u) {
@@ -292,13 +307,8 @@ fn forward_direct(@builtin(global_invocation_id) gid: vec3<u32>,
     out[i] = epilogue(acc, oc);
 }
 
-@compute @workgroup_size(WG)
-fn backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
-                  @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * (nwg.x * WG);
-    if (i >= P.count) {
-        return;
-    }
+// The gather of backward_input for flat dx index i (also transpose_forward's accumulator).
+fn input_grad(i: u32) -> f32 {
     let ix = i % P.w;
     var t = i / P.w;
     let iy = t % P.h;
@@ -336,7 +346,28 @@ fn backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
             }
         }
     }
-    out[i] = acc;
+    return acc;
+}
+
+@compute @workgroup_size(WG)
+fn backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * (nwg.x * WG);
+    if (i >= P.count) {
+        return;
+    }
+    out[i] = input_grad(i);
+}
+
+@compute @workgroup_size(WG)
+fn transpose_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * (nwg.x * WG);
+    if (i >= P.count) {
+        return;
+    }
+    let c = (i / (P.h * P.w)) % P.c;
+    out[i] = epilogue(input_grad(i), c);
 }
 
 // Tree reduction of `red` (RED partial sums) into red[0]; every invocation must call it.

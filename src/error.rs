@@ -142,6 +142,46 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A fusion group whose module types match no fuser pattern (PyTorch: "did not find
+    /// fuser method for: ...").
+    #[error("did not find fuser method for: ({}) (modules {})", .types.join(", "), quoted(.names))]
+    UnsupportedPattern {
+        /// The modules of the group.
+        names: Vec<String>,
+        /// Their type names, in group order.
+        types: Vec<String>,
+    },
+    /// Eval fusion (BatchNorm folding, `fuse_modules`) of a module in training mode.
+    #[error("Fusion only for eval! `{name}` ({kind}) is in training mode: call eval() before fuse_modules, or use fuse_modules_qat")]
+    FusionTrainingMode {
+        /// The module's path.
+        name: String,
+        /// Its type name.
+        kind: String,
+    },
+    /// QAT fusion of modules whose training flags differ (PyTorch: "Conv and BN both must be
+    /// in the same mode (train or eval).").
+    #[error("modules {} must all be in the same mode (train or eval) to be fused", quoted(.names))]
+    FusionModeMismatch {
+        /// The modules of the group.
+        names: Vec<String>,
+    },
+    /// A module named in two fusion groups (or twice in one).
+    #[error("module `{name}` appears in fusion groups {first} and {second}; a module can be fused only once")]
+    DuplicateFusionName {
+        /// The module's path.
+        name: String,
+        /// Index of the first group naming it.
+        first: usize,
+        /// Index of the second group naming it (equal to `first` when a group names it twice).
+        second: usize,
+    },
+    /// An empty fusion group.
+    #[error("fusion group {index} is empty")]
+    EmptyFusionGroup {
+        /// The group's index.
+        index: usize,
+    },
     /// An I/O error with the path it concerns.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -151,6 +191,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `Result` with [`Error`].

@@ -225,47 +225,78 @@ pub struct FoldReport {
 /// BatchNorm without `BN.*` (the message lists the closest names and the candidates);
 /// [`Error::Fold`] (with the cause as its source) for a module that lacks the tensors of its
 /// role, a tensor that is not float32 ([`Error::DtypeMismatch`]), shapes or channel counts
-/// that disagree, a `BN.*` tensor a BatchNorm does not have, or an output name that exists.
+/// that disagree ([`Error::ShapeMismatch`], [`Error::ChannelMismatch`]), a `BN.*` tensor a
+/// BatchNorm does not have, an output name that exists, or a backend failure. Everything but
+/// the backend's own failures is found before the backend is used.
 pub fn fold_state_dict(
     backend: &dyn Backend,
     sd: &StateDict,
     specs: &[FoldSpec],
 ) -> Result<StateDict> {
-    fold_with_report(backend, sd, specs).map(|(out, _)| out)
+    let plan = plan(sd, specs)?;
+    fold_planned(backend, sd, plan).map(|(out, _)| out)
 }
 
 /// Reads the safetensors state dict `input`, folds `specs` with [`fold_state_dict`] and
-/// writes the result to `output` (through a temporary file in the same folder, renamed into
-/// place, so a failure leaves no partial output). `input` is never modified: an `output`
-/// that is the input file (same path, symlink or hard link) is refused with
-/// [`Error::InvalidArgument`] before anything is read.
+/// writes the result to `output`: [`FoldJob::prepare`] then [`FoldJob::run`].
 pub fn fold_file(
     backend: &dyn Backend,
     input: &Path,
     output: &Path,
     specs: &[FoldSpec],
 ) -> Result<FoldReport> {
-    if is_same_file(input, output) {
-        return Err(Error::invalid(format!(
-            "output {} is the input file; qfuse fold never modifies its input, write the \
-             folded state dict to another path",
-            output.display()
-        )));
+    FoldJob::prepare(input, output, specs)?.run(backend)
+}
+
+/// A state-dict file fold whose input is read and checked, ready to run on a backend. Lets a
+/// caller report every input error before it opens a GPU.
+#[derive(Debug)]
+pub struct FoldJob {
+    sd: StateDict,
+    plan: Vec<Resolved>,
+    output: PathBuf,
+}
+
+impl FoldJob {
+    /// Refuses an `output` that is the input file (same path, a symlink or a hard link to it:
+    /// [`Error::InvalidArgument`], before anything is read), reads `input`
+    /// ([`Error::Io`], [`Error::MalformedStateDict`]) and resolves and checks every fusion
+    /// against it (the errors of [`fold_state_dict`]).
+    pub fn prepare(input: &Path, output: &Path, specs: &[FoldSpec]) -> Result<Self> {
+        if is_same_file(input, output) {
+            return Err(Error::invalid(format!(
+                "output {} is the input file; qfuse fold never modifies its input, write the \
+                 folded state dict to another path",
+                output.display()
+            )));
+        }
+        let sd = load_state_dict(input)?;
+        let plan = plan(&sd, specs)?;
+        Ok(Self {
+            sd,
+            plan,
+            output: output.to_path_buf(),
+        })
     }
-    let sd = load_state_dict(input)?;
-    let (out, folded) = fold_with_report(backend, &sd, specs)?;
-    let copied = out
-        .names()
-        .into_iter()
-        .filter(|n| !folded.iter().any(|f| f.written.iter().any(|w| w == n)))
-        .count();
-    let total = out.names().len();
-    write_atomically(output, &out.to_bytes()?)?;
-    Ok(FoldReport {
-        folded,
-        copied,
-        total,
-    })
+
+    /// Folds on `backend` and writes the output through a temporary file in the same folder,
+    /// renamed into place, so that a failure leaves no partial output. The input file is not
+    /// touched.
+    pub fn run(self, backend: &dyn Backend) -> Result<FoldReport> {
+        let (out, folded) = fold_planned(backend, &self.sd, self.plan)?;
+        let names = out.names();
+        let copied = names
+            .iter()
+            .filter(|n| !folded.iter().any(|f| f.written.iter().any(|w| w == *n)))
+            .count();
+        let total = names.len();
+        write_atomically(&self.output, &out.to_bytes()?)?;
+        Ok(FoldReport {
+            folded,
+            copied,
+            total,
+        })
+    }
 }
 
 fn is_same_file(a: &Path, b: &Path) -> bool {
@@ -304,39 +335,55 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// [`fold_state_dict`] with what each fusion did.
-fn fold_with_report(
+/// Checks the specs and resolves each against `sd`.
+fn plan(sd: &StateDict, specs: &[FoldSpec]) -> Result<Vec<Resolved>> {
+    check_specs(specs)?;
+    let plan: Vec<Resolved> = specs
+        .iter()
+        .map(|spec| resolve(sd, spec))
+        .collect::<Result<_>>()?;
+    // Output names must be new after every removal, and written once.
+    let removed: BTreeSet<&str> = plan
+        .iter()
+        .flat_map(|r| r.remove.iter().map(String::as_str))
+        .collect();
+    let mut written: BTreeSet<&str> = BTreeSet::new();
+    for r in &plan {
+        for name in &r.report.written {
+            if (sd.contains(name) && !removed.contains(name.as_str()))
+                || !written.insert(name.as_str())
+            {
+                return Err(r.wrap(Error::invalid(format!(
+                    "the folded tensor `{name}` would replace another tensor of that name"
+                ))));
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Folds the resolved fusions and builds the output state dict.
+fn fold_planned(
     backend: &dyn Backend,
     sd: &StateDict,
-    specs: &[FoldSpec],
+    plan: Vec<Resolved>,
 ) -> Result<(StateDict, Vec<FoldedLayer>)> {
-    check_specs(specs)?;
-    let mut planned = Vec::with_capacity(specs.len());
-    for spec in specs {
-        planned.push(fold_one(backend, sd, spec)?);
+    let mut folded = Vec::with_capacity(plan.len());
+    for r in &plan {
+        folded.push(r.fold(backend)?);
     }
     let mut out = sd.clone();
-    for p in &planned {
-        for name in &p.remove {
+    for r in &plan {
+        for name in &r.remove {
             out.remove(name);
         }
     }
-    let mut reports = Vec::with_capacity(planned.len());
-    for Planned { folded, report, .. } in planned {
-        let Folded { weight, bias } = folded;
-        for (name, t) in report.written.iter().zip([weight, bias.into_dyn()]) {
-            if out.contains(name) {
-                return Err(Error::Fold {
-                    layer: report.spec.layer.clone(),
-                    bn: report.spec.bn.clone(),
-                    source: Box::new(Error::invalid(format!(
-                        "the folded tensor `{name}` would replace an existing tensor of that name"
-                    ))),
-                });
-            }
+    let mut reports = Vec::with_capacity(plan.len());
+    for (r, Folded { weight, bias }) in plan.into_iter().zip(folded) {
+        for (name, t) in r.report.written.iter().zip([weight, bias.into_dyn()]) {
             out.tensors.insert(name.clone(), HostTensor::F32(t));
         }
-        reports.push(report);
+        reports.push(r.report);
     }
     Ok((out, reports))
 }
@@ -509,16 +556,58 @@ fn vector(sd: &StateDict, name: &str) -> Result<Option<Array1<f32>>> {
     }
 }
 
-/// One fusion resolved against the input and folded, not yet written.
-struct Planned {
-    folded: Folded,
+/// One fusion resolved against the input and checked, not yet folded.
+#[derive(Debug)]
+struct Resolved {
+    weight: ArrayD<f32>,
+    bias: Option<Array1<f32>>,
+    bn: BatchNorm,
     /// Every input tensor the fusion replaces or drops.
     remove: Vec<String>,
     report: FoldedLayer,
 }
 
-/// Resolves one fusion against the input and folds it; nothing is written yet.
-fn fold_one(backend: &dyn Backend, sd: &StateDict, spec: &FoldSpec) -> Result<Planned> {
+impl Resolved {
+    fn wrap(&self, source: Error) -> Error {
+        Error::Fold {
+            layer: self.report.spec.layer.clone(),
+            bn: self.report.spec.bn.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    fn fold(&self, backend: &dyn Backend) -> Result<Folded> {
+        let folded = match self.report.kind {
+            "linear" => {
+                let w2: Array2<f32> = self
+                    .weight
+                    .clone()
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|e| self.wrap(Error::invalid(format!("internal: {e}"))))?;
+                backend.fold_linear_bn(&w2, self.bias.as_ref(), &self.bn)
+            }
+            _ => backend.fold_conv_bn(
+                &self.weight,
+                self.bias.as_ref(),
+                &self.bn,
+                self.report.spec.transpose,
+            ),
+        }
+        .map_err(|e| self.wrap(e))?;
+        if folded.weight.shape() != self.weight.shape() {
+            return Err(self.wrap(Error::shape(
+                "internal: folded weight",
+                self.weight.shape(),
+                folded.weight.shape(),
+            )));
+        }
+        Ok(folded)
+    }
+}
+
+/// Resolves one fusion against the input: finds and checks its tensors (everything the
+/// backend would check, so errors do not depend on the backend).
+fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
     let (layer, bn) = (spec.layer.as_str(), spec.bn.as_str());
     let wrap = |source: Error| Error::Fold {
         layer: layer.to_string(),
@@ -569,26 +658,46 @@ fn fold_one(backend: &dyn Backend, sd: &StateDict, spec: &FoldSpec) -> Result<Pl
         }
     }
     if let Some(relu) = &spec.relu {
-        let r = under(sd, relu);
-        if let Some(t) = r.first() {
+        if let Some(t) = under(sd, relu).first() {
             return Err(wrap(Error::invalid(format!(
                 "`{relu}` is not a ReLU: it has the tensor `{t}`, and a ReLU has none"
             ))));
         }
     }
 
-    let weight: &ArrayD<f32> = sd.f32(&w_name).map_err(wrap)?;
+    let weight = sd.f32(&w_name).map_err(wrap)?.clone();
     let bias = vector(sd, &b_name).map_err(wrap)?;
+    let running_mean = vector(sd, &rm_name).map_err(wrap)?.unwrap_or_default();
+    let channels = running_mean.len();
+    let bn_vec = |key: &str| -> Result<Option<Array1<f32>>> {
+        let name = format!("{bn}.{key}");
+        let v = vector(sd, &name)?;
+        match &v {
+            Some(a) if a.len() != channels => Err(Error::shape(
+                format!("`{name}` (BatchNorm of {channels} channels, from running_mean)"),
+                &[channels],
+                a.shape(),
+            )),
+            _ => Ok(v),
+        }
+    };
     let batch_norm = BatchNorm {
-        weight: vector(sd, &format!("{bn}.weight")).map_err(wrap)?,
-        bias: vector(sd, &format!("{bn}.bias")).map_err(wrap)?,
-        running_mean: vector(sd, &rm_name).map_err(wrap)?.unwrap_or_default(),
-        running_var: vector(sd, &rv_name).map_err(wrap)?.unwrap_or_default(),
+        weight: bn_vec("weight").map_err(wrap)?,
+        bias: bn_vec("bias").map_err(wrap)?,
+        running_var: bn_vec("running_var").map_err(wrap)?.unwrap_or_default(),
+        running_mean,
         eps: spec.eps,
         momentum: 0.1,
     };
     let shape = weight.shape().to_vec();
-    let (kind, folded) = match shape.len() {
+    let mismatch = |kind: &str, layer_channels: usize| {
+        wrap(Error::ChannelMismatch {
+            layer: format!("{kind} `{layer}`"),
+            layer_channels,
+            bn_channels: channels,
+        })
+    };
+    let (kind, out_channels) = match shape.len() {
         2 => {
             if spec.relu.is_some() {
                 return Err(wrap(Error::invalid(
@@ -596,31 +705,37 @@ fn fold_one(backend: &dyn Backend, sd: &StateDict, spec: &FoldSpec) -> Result<Pl
                      keep the ReLU as it is",
                 )));
             }
-            let w2: Array2<f32> = weight
-                .clone()
-                .into_dimensionality::<Ix2>()
-                .map_err(|e| wrap(Error::invalid(format!("internal: {e}"))))?;
-            (
-                "linear",
-                backend.fold_linear_bn(&w2, bias.as_ref(), &batch_norm),
-            )
+            if shape[0] != channels && channels != 1 {
+                return Err(mismatch("linear", shape[0]));
+            }
+            ("linear", shape[0])
+        }
+        r if r >= 3 && !spec.transpose => {
+            if shape[0] != channels {
+                return Err(mismatch("conv", shape[0]));
+            }
+            ("conv", channels)
         }
         r if r >= 3 => {
-            if spec.transpose && spec.relu.is_some() {
+            if spec.relu.is_some() {
                 return Err(wrap(Error::invalid(
                     "PyTorch has no (ConvTranspose, BatchNorm, ReLU) fusion; fold `LAYER,BN` \
                      and keep the ReLU as it is",
                 )));
             }
-            let kind = if spec.transpose {
-                "conv_transpose"
-            } else {
-                "conv"
-            };
-            (
-                kind,
-                backend.fold_conv_bn(weight, bias.as_ref(), &batch_norm, spec.transpose),
-            )
+            let per_group = shape[1];
+            if per_group == 0 || channels % per_group != 0 {
+                return Err(mismatch("conv_transpose", per_group));
+            }
+            let groups = channels / per_group;
+            if shape[0] % groups != 0 {
+                return Err(wrap(Error::invalid(format!(
+                    "conv_transpose weight {shape:?} with a BatchNorm of {channels} channels \
+                     implies groups = {groups}, which does not divide the {} input channels",
+                    shape[0]
+                ))));
+            }
+            ("conv_transpose", channels)
         }
         _ => {
             return Err(wrap(Error::invalid(format!(
@@ -629,14 +744,17 @@ fn fold_one(backend: &dyn Backend, sd: &StateDict, spec: &FoldSpec) -> Result<Pl
             ))))
         }
     };
-    let folded = folded.map_err(wrap)?;
-    if folded.weight.shape() != shape.as_slice() {
-        return Err(wrap(Error::shape(
-            "internal: folded weight",
-            &shape,
-            folded.weight.shape(),
-        )));
+    if let Some(b) = &bias {
+        if b.len() != out_channels {
+            return Err(wrap(Error::shape(
+                format!("`{b_name}` ({kind} of {out_channels} output channels)"),
+                &[out_channels],
+                b.shape(),
+            )));
+        }
     }
+    batch_norm.validate().map_err(wrap)?;
+
     let prefix = spec.output_prefix();
     let written = vec![format!("{prefix}.weight"), format!("{prefix}.bias")];
     let mut remove = vec![w_name];
@@ -649,8 +767,10 @@ fn fold_one(backend: &dyn Backend, sd: &StateDict, spec: &FoldSpec) -> Result<Pl
         .filter(|n| !written.contains(n))
         .cloned()
         .collect();
-    Ok(Planned {
-        folded,
+    Ok(Resolved {
+        weight,
+        bias,
+        bn: batch_norm,
         remove,
         report: FoldedLayer {
             spec: spec.clone(),

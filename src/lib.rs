@@ -2,6 +2,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
@@ -14,5 +15,7 @@ pub use error::{Error, Result};
 pub mod config;
 pub mod conformance;
 pub mod fold_state_dict;
+pub mod fuse;
 pub mod io;
 pub mod model;
+pub mod nn;

@@ -133,7 +133,9 @@ impl BatchNorm {
 }
 
 /// The activation that closes a fused pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// Not `Eq`: [`Activation::LeakyRelu`] carries an `f32` slope.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Activation {
     /// Identity.
     #[default]
@@ -142,19 +144,175 @@ pub enum Activation {
     Relu,
     /// `torch.nn.ReLU6`.
     Relu6,
+    /// `torch.nn.LeakyReLU(negative_slope)`: `x > 0 ? x : x * negative_slope`.
+    LeakyRelu {
+        /// The slope for `x <= 0` (PyTorch's default is `0.01`).
+        negative_slope: f32,
+    },
+    /// `torch.nn.Hardswish`: `x * clamp(x + 3, 0, 6) / 6`.
+    Hardswish,
 }
 
 impl Activation {
-    /// Parses `none`, `relu`, `relu6`.
+    /// PyTorch's default `LeakyReLU` slope, `0.01`.
+    pub const DEFAULT_NEGATIVE_SLOPE: f32 = 0.01;
+
+    /// Parses `none` (or `identity`), `relu`, `relu6`, `hardswish`, `leaky_relu` (slope
+    /// 0.01) and `leaky_relu:<slope>`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "none" | "identity" => Ok(Self::None),
             "relu" => Ok(Self::Relu),
             "relu6" => Ok(Self::Relu6),
-            other => Err(Error::invalid(format!(
-                "unknown activation `{other}` (expected none, relu, relu6)"
-            ))),
+            "hardswish" => Ok(Self::Hardswish),
+            "leaky_relu" => Ok(Self::LeakyRelu {
+                negative_slope: Self::DEFAULT_NEGATIVE_SLOPE,
+            }),
+            other => {
+                if let Some(slope) = other.strip_prefix("leaky_relu:") {
+                    return match slope.trim().parse::<f32>() {
+                        Ok(v) if v.is_finite() => Ok(Self::LeakyRelu { negative_slope: v }),
+                        _ => Err(Error::invalid(format!(
+                            "leaky_relu slope must be a finite number, got `{slope}`"
+                        ))),
+                    };
+                }
+                Err(Error::invalid(format!(
+                    "unknown activation `{other}` (expected none, relu, relu6, hardswish, \
+                     leaky_relu, leaky_relu:<slope>)"
+                )))
+            }
         }
+    }
+
+    /// PyTorch's module type name (`ReLU`, `ReLU6`, `LeakyReLU`, `Hardswish`; `Identity` for
+    /// [`Activation::None`]).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::None => "Identity",
+            Self::Relu => "ReLU",
+            Self::Relu6 => "ReLU6",
+            Self::LeakyRelu { .. } => "LeakyReLU",
+            Self::Hardswish => "Hardswish",
+        }
+    }
+}
+
+/// conv_transpose2d settings, as `torch.nn.ConvTranspose2d` takes them (zero padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvTranspose2dParams {
+    /// `[stride_h, stride_w]`.
+    pub stride: [usize; 2],
+    /// `[pad_h, pad_w]`: `dilation * (kernel - 1) - padding` zeros are added to each side of the
+    /// (dilated) input, as in PyTorch.
+    pub padding: [usize; 2],
+    /// `[out_pad_h, out_pad_w]`: extra rows / columns on one side of the output; each must be
+    /// smaller than the stride or the dilation of its dimension.
+    pub output_padding: [usize; 2],
+    /// `[dilation_h, dilation_w]`.
+    pub dilation: [usize; 2],
+    /// Number of groups.
+    pub groups: usize,
+}
+
+impl Default for ConvTranspose2dParams {
+    fn default() -> Self {
+        Self {
+            stride: [1, 1],
+            padding: [0, 0],
+            output_padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+impl ConvTranspose2dParams {
+    /// The settings of the conv2d whose input gradient this transposed conv is (everything but
+    /// `output_padding`).
+    pub fn as_conv(&self) -> Conv2dParams {
+        Conv2dParams {
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+            groups: self.groups,
+        }
+    }
+
+    /// Checks the settings against input `[N, Cin, H, W]` and weight `[Cin, Cout/g, KH, KW]`
+    /// shapes and returns the output shape `[N, Cout, OH, OW]` with
+    /// `OH = (H − 1)·stride_h − 2·pad_h + dil_h·(KH − 1) + out_pad_h + 1` (likewise `OW`), as
+    /// `torch.nn.functional.conv_transpose2d` computes it.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for non-positive stride, dilation or groups, groups
+    /// that do not divide `Cin`, an `output_padding` not smaller than the stride or the
+    /// dilation, an empty kernel or a non-positive output size; [`Error::ShapeMismatch`] when
+    /// the weight's dim 0 is not `Cin` or a tensor is not rank 4.
+    pub fn output_shape(&self, x: &[usize], w: &[usize]) -> Result<[usize; 4]> {
+        if x.len() != 4 {
+            return Err(Error::invalid(format!(
+                "conv_transpose2d input must be NCHW (rank 4), got shape {x:?}"
+            )));
+        }
+        if w.len() != 4 {
+            return Err(Error::invalid(format!(
+                "conv_transpose2d weight must be [Cin, Cout/groups, KH, KW] (rank 4), got shape \
+                 {w:?}"
+            )));
+        }
+        if self.groups == 0 || self.stride.contains(&0) || self.dilation.contains(&0) {
+            return Err(Error::invalid(format!(
+                "conv_transpose2d stride, dilation and groups must be positive, got {self:?}"
+            )));
+        }
+        let g = self.groups;
+        if !x[1].is_multiple_of(g) {
+            return Err(Error::invalid(format!(
+                "conv_transpose2d groups = {g} must divide input channels {}",
+                x[1]
+            )));
+        }
+        if w[0] != x[1] {
+            return Err(Error::shape(
+                format!("conv_transpose2d weight dim 0 (input channels {})", x[1]),
+                &[x[1], w[1], w[2], w[3]],
+                w,
+            ));
+        }
+        let mut out = [x[0], w[1] * g, 0, 0];
+        for i in 0..2 {
+            let op = self.output_padding[i];
+            if op >= self.stride[i] && op >= self.dilation[i] {
+                return Err(Error::invalid(format!(
+                    "conv_transpose2d output padding must be smaller than either stride or \
+                     dilation, got output_padding {:?}, stride {:?}, dilation {:?}",
+                    self.output_padding, self.stride, self.dilation
+                )));
+            }
+            if w[2 + i] == 0 {
+                return Err(Error::invalid(format!(
+                    "conv_transpose2d kernel must be non-empty, got weight {w:?}"
+                )));
+            }
+            // Saturating: absurd settings give a huge size that later checks refuse, never
+            // an overflow.
+            let full = (x[2 + i].max(1) - 1)
+                .saturating_mul(self.stride[i])
+                .saturating_add(self.dilation[i].saturating_mul(w[2 + i] - 1))
+                .saturating_add(op)
+                .saturating_add(1);
+            let pad = self.padding[i].saturating_mul(2);
+            if x[2 + i] == 0 || full <= pad {
+                return Err(Error::invalid(format!(
+                    "conv_transpose2d output size is not positive for input {:?}, weight {:?} \
+                     and {self:?}",
+                    &x[2..],
+                    &w[2..]
+                )));
+            }
+            out[2 + i] = full - pad;
+        }
+        Ok(out)
     }
 }
 

@@ -178,6 +178,7 @@ fn act_ref(v: f32, act: Activation) -> f32 {
             }
         }
         Activation::Relu6 => v.clamp(0.0, 6.0),
+        act => qfuse::reference::activation::activate(v, act),
     }
 }
 

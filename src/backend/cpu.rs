@@ -6,7 +6,7 @@ use super::Backend;
 use crate::error::Result;
 use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
-    Folded, QatConfig, QatForward, QatGrads,
+    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads,
 };
 use crate::quant::{ObserverSpec, QParams, QuantRange};
 use crate::reference as r;
@@ -140,5 +140,14 @@ impl Backend for CpuBackend {
     }
     fn log_softmax(&self, x: &Array2<f32>) -> Result<Array2<f32>> {
         Ok(r::layers::log_softmax(x))
+    }
+    fn conv_transpose2d(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &ConvTranspose2dParams,
+    ) -> Result<Array4<f32>> {
+        r::conv2d::conv_transpose2d(x, weight, bias, params)
     }
 }

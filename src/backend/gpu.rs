@@ -10,7 +10,7 @@ use crate::gpu::{GpuContext, GpuTensor};
 use crate::kernels::{self, GpuBatchNorm, GpuQParams};
 use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
-    Folded, QatConfig, QatForward, QatGrads,
+    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads,
 };
 use crate::quant::{ObserverSpec, QParams, QuantRange};
 
@@ -142,6 +142,17 @@ impl Backend for GpuBackend {
         bias: Option<&Array1<f32>>,
         params: &Conv2dParams,
     ) -> Result<Array4<f32>> {
+        self.conv2d_act(x, weight, bias, params, Activation::None)
+    }
+
+    fn conv2d_act(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &Conv2dParams,
+        act: Activation,
+    ) -> Result<Array4<f32>> {
         let out = params.output_shape(x.shape(), weight.shape())?;
         if let Some(b) = bias {
             if b.len() != out[1] {
@@ -153,12 +164,51 @@ impl Backend for GpuBackend {
         let gb = self.upload_opt(bias)?;
         let epilogue = kernels::conv2d::ConvEpilogue {
             bias: gb.as_ref(),
-            ..kernels::conv2d::ConvEpilogue::none()
+            out_scale: None,
+            activation: act,
         };
         kernels::conv2d::conv2d(&self.ctx, &gx, &gw, params, &epilogue)?
             .download_f32(&self.ctx)?
             .into_dimensionality::<ndarray::Ix4>()
             .map_err(|e| Error::Gpu(format!("internal: conv2d output is not 4-D: {e}")))
+    }
+
+    fn conv_transpose2d(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &ConvTranspose2dParams,
+    ) -> Result<Array4<f32>> {
+        self.conv_transpose2d_act(x, weight, bias, params, Activation::None)
+    }
+
+    fn conv_transpose2d_act(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &ConvTranspose2dParams,
+        act: Activation,
+    ) -> Result<Array4<f32>> {
+        let out = params.output_shape(x.shape(), weight.shape())?;
+        if let Some(b) = bias {
+            if b.len() != out[1] {
+                return Err(Error::shape("conv_transpose2d bias", &[out[1]], b.shape()));
+            }
+        }
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
+        let gb = self.upload_opt(bias)?;
+        let epilogue = kernels::conv2d::ConvEpilogue {
+            bias: gb.as_ref(),
+            out_scale: None,
+            activation: act,
+        };
+        kernels::conv2d::conv_transpose2d(&self.ctx, &gx, &gw, params, &epilogue)?
+            .download_f32(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| Error::Gpu(format!("internal: conv_transpose2d output is not 4-D: {e}")))
     }
 
     fn conv2d_backward(
@@ -206,18 +256,20 @@ impl Backend for GpuBackend {
         bn: &BatchNorm,
         training: bool,
     ) -> Result<BatchNormOutput> {
+        self.batch_norm2d_act(x, bn, training, Activation::None)
+    }
+
+    fn batch_norm2d_act(
+        &self,
+        x: &Array4<f32>,
+        bn: &BatchNorm,
+        training: bool,
+        act: Activation,
+    ) -> Result<BatchNormOutput> {
         use kernels::batch_norm as kbn;
         let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
         let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let out = kbn::batch_norm2d(
-            &self.ctx,
-            &gx,
-            &gbn,
-            bn.momentum,
-            training,
-            Activation::None,
-            false,
-        )?;
+        let out = kbn::batch_norm2d(&self.ctx, &gx, &gbn, bn.momentum, training, act, false)?;
         let [mean, invstd]: [Array1<f32>; 2] = kbn::download_rows(&self.ctx, &out.stats.stats)?
             .try_into()
             .map_err(|_| Error::Gpu("internal: batch_norm2d stats are not [2, C]".into()))?;
@@ -490,10 +542,20 @@ impl Backend for GpuBackend {
         weight: &Array2<f32>,
         bias: Option<&Array1<f32>>,
     ) -> Result<Array2<f32>> {
+        self.linear_act(x, weight, bias, Activation::None)
+    }
+
+    fn linear_act(
+        &self,
+        x: &Array2<f32>,
+        weight: &Array2<f32>,
+        bias: Option<&Array1<f32>>,
+        act: Activation,
+    ) -> Result<Array2<f32>> {
         let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
         let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
         let gb = self.upload_opt(bias)?;
-        kernels::linear::linear(&self.ctx, &gx, &gw, gb.as_ref())?
+        kernels::linear::linear_act(&self.ctx, &gx, &gw, gb.as_ref(), act)?
             .download_f32(&self.ctx)?
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|e| Error::Gpu(format!("internal: linear output is not 2-D: {e}")))

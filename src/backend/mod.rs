@@ -11,12 +11,12 @@ mod gpu;
 pub use cpu::CpuBackend;
 pub use gpu::GpuBackend;
 
-use ndarray::{Array1, Array2, Array4, ArrayD};
+use ndarray::{Array1, Array2, Array4, ArrayD, Dimension};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
-    Folded, QatConfig, QatForward, QatGrads,
+    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads,
 };
 use crate::quant::{ObserverSpec, QParams, QuantRange};
 
@@ -151,6 +151,95 @@ pub trait Backend {
 
     /// `log_softmax` along dim 1 of `[N, C]`.
     fn log_softmax(&self, x: &Array2<f32>) -> Result<Array2<f32>>;
+
+    /// Transposed conv2d (`torch.nn.functional.conv_transpose2d`): NCHW input `[N, Cin, H, W]`,
+    /// weight `[Cin, Cout/groups, KH, KW]`, output `[N, Cout, OH, OW]` (see
+    /// [`ConvTranspose2dParams::output_shape`]).
+    fn conv_transpose2d(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &ConvTranspose2dParams,
+    ) -> Result<Array4<f32>>;
+
+    /// `act(conv2d(x, weight, bias))`: a conv with bias and activation (the forward of a fused
+    /// eval `ConvReLU2d` whose BatchNorm is already folded). The default runs
+    /// [`Backend::conv2d`] then [`Backend::activation`]; the GPU applies the activation in the
+    /// conv's epilogue (one dispatch).
+    fn conv2d_act(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &Conv2dParams,
+        act: Activation,
+    ) -> Result<Array4<f32>> {
+        let y = self.conv2d(x, weight, bias, params)?;
+        match act {
+            Activation::None => Ok(y),
+            act => into_dim(self.activation(&y.into_dyn(), act)?, "conv2d_act"),
+        }
+    }
+
+    /// `act(conv_transpose2d(x, weight, bias))`. The default runs
+    /// [`Backend::conv_transpose2d`] then [`Backend::activation`]; the GPU applies the
+    /// activation in the kernel's epilogue.
+    fn conv_transpose2d_act(
+        &self,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        params: &ConvTranspose2dParams,
+        act: Activation,
+    ) -> Result<Array4<f32>> {
+        let y = self.conv_transpose2d(x, weight, bias, params)?;
+        match act {
+            Activation::None => Ok(y),
+            act => into_dim(self.activation(&y.into_dyn(), act)?, "conv_transpose2d_act"),
+        }
+    }
+
+    /// `act(linear(x, weight, bias))`. The default runs [`Backend::linear`] then
+    /// [`Backend::activation`]; the GPU applies the activation in the GEMM's epilogue.
+    fn linear_act(
+        &self,
+        x: &Array2<f32>,
+        weight: &Array2<f32>,
+        bias: Option<&Array1<f32>>,
+        act: Activation,
+    ) -> Result<Array2<f32>> {
+        let y = self.linear(x, weight, bias)?;
+        match act {
+            Activation::None => Ok(y),
+            act => into_dim(self.activation(&y.into_dyn(), act)?, "linear_act"),
+        }
+    }
+
+    /// BatchNorm2d forward followed by an activation: as [`Backend::batch_norm2d`], with `y`
+    /// replaced by `act(y)` (the forward of a `BNReLU2d`). The default runs the two ops; the
+    /// GPU applies the activation in the normalize pass.
+    fn batch_norm2d_act(
+        &self,
+        x: &Array4<f32>,
+        bn: &BatchNorm,
+        training: bool,
+        act: Activation,
+    ) -> Result<BatchNormOutput> {
+        let mut out = self.batch_norm2d(x, bn, training)?;
+        if act != Activation::None {
+            let y = std::mem::replace(&mut out.y, Array4::zeros([0, 0, 0, 0]));
+            out.y = into_dim(self.activation(&y.into_dyn(), act)?, "batch_norm2d_act")?;
+        }
+        Ok(out)
+    }
+}
+
+/// An activation's output back in its input's dimensionality (it always is; the error is for
+/// a backend that breaks that contract).
+fn into_dim<D: Dimension>(a: ArrayD<f32>, what: &str) -> Result<ndarray::Array<f32, D>> {
+    a.into_dimensionality::<D>()
+        .map_err(|e| Error::invalid(format!("{what}: activation changed the rank: {e}")))
 }
 
 /// The backend a user without preferences gets: the GPU when an adapter can be opened

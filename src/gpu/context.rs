@@ -41,6 +41,7 @@ pub struct GpuContext {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
+    timestamps: bool,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     lost: Arc<Mutex<Option<String>>>,
@@ -66,7 +67,9 @@ impl GpuContext {
     /// - Adapter: the first whose name contains `WGPU_ADAPTER_NAME` (case-insensitive) if
     ///   set, else the high-performance one.
     /// - Device: requested with the adapter's own limits (binding and buffer sizes,
-    ///   workgroup storage, ...), no optional features.
+    ///   workgroup storage, ...); the only optional feature requested is
+    ///   [`wgpu::Features::TIMESTAMP_QUERY`], when the adapter offers it (for benchmarks, see
+    ///   [`GpuContext::has_timestamps`]).
     ///
     /// Errors: [`Error::NoAdapter`] when no adapter matches, [`Error::Gpu`] when the device
     /// cannot be opened.
@@ -103,10 +106,11 @@ impl GpuContext {
         };
 
         let info = adapter.get_info();
+        let optional = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("qfuse"),
-                required_features: wgpu::Features::empty(),
+                required_features: optional,
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
@@ -153,11 +157,13 @@ impl GpuContext {
             }));
         }
         let limits = device.limits();
+        let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY);
         Self {
             device,
             queue,
             info,
             limits,
+            timestamps,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             lost,
@@ -183,6 +189,13 @@ impl GpuContext {
     /// The limits the device was created with.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// `true` when the device was created with [`wgpu::Features::TIMESTAMP_QUERY`] (requested
+    /// by [`GpuContext::new`] whenever the adapter offers it; for an embedder's device, when
+    /// the embedder requested it), so compute passes can carry GPU timestamp writes.
+    pub fn has_timestamps(&self) -> bool {
+        self.timestamps
     }
 
     /// `adapter name (backend)`, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)`.

@@ -4,4 +4,4 @@ pub mod case;
 pub mod state_dict;
 
 pub use case::Case;
-pub use state_dict::{load_state_dict, StateDict};
+pub use state_dict::{load_state_dict, RawTensor, StateDict};

@@ -1,6 +1,8 @@
 //! Activations on the GPU (`shaders/activation.wgsl`), bit-exact with
-//! [`crate::reference::activation`]: identity, ReLU, ReLU6, forward and backward, with
-//! PyTorch's NaN behaviour (NaN propagates forward; a NaN input passes the gradient).
+//! [`crate::reference::activation`]: identity, ReLU, ReLU6, LeakyReLU, forward and backward,
+//! with PyTorch's NaN behaviour (NaN propagates forward; see the reference for the
+//! gradients). Hardswish matches up to the accuracy of the device's f32 division (its `/ 6`
+//! forward and `/ 3` backward; exact on devices with correctly rounded division).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -40,14 +42,27 @@ static BACKWARD: Kernel = Kernel {
 struct Params {
     n: u32,
     act: u32,
-    _pad: [u32; 2],
+    slope: f32,
+    _pad: u32,
 }
 
-fn code(act: Activation) -> u32 {
+/// The shader code of an activation, shared by `activation.wgsl`, `conv2d.wgsl` and
+/// `batch_norm.wgsl`: 0 none, 1 ReLU, 2 ReLU6, 3 LeakyReLU, 4 Hardswish.
+pub(crate) fn code(act: Activation) -> u32 {
     match act {
         Activation::None => 0,
         Activation::Relu => 1,
         Activation::Relu6 => 2,
+        Activation::LeakyRelu { .. } => 3,
+        Activation::Hardswish => 4,
+    }
+}
+
+/// The LeakyReLU slope the shaders read (0 for every other activation).
+pub(crate) fn slope(act: Activation) -> f32 {
+    match act {
+        Activation::LeakyRelu { negative_slope } => negative_slope,
+        _ => 0.0,
     }
 }
 
@@ -55,7 +70,8 @@ fn params(ctx: &GpuContext, x: &GpuTensor, act: Activation) -> Result<wgpu::Buff
     ctx.uniform(&Params {
         n: to_u32(x.len(), "activation element count")?,
         act: code(act),
-        _pad: [0; 2],
+        slope: slope(act),
+        _pad: 0,
     })
 }
 

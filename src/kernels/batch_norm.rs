@@ -159,16 +159,13 @@ struct Params {
     eps: f32,
     momentum: f32,
     has_divisor: u32,
-    _pad: u32,
+    slope: f32,
 }
 
-/// The shader code of an activation (as `activation.wgsl`): 0 none, 1 ReLU, 2 ReLU6.
+/// The shader code of an activation (as `activation.wgsl`): 0 none, 1 ReLU, 2 ReLU6,
+/// 3 LeakyReLU, 4 Hardswish.
 pub(crate) fn activation_code(act: Activation) -> u32 {
-    match act {
-        Activation::None => 0,
-        Activation::Relu => 1,
-        Activation::Relu6 => 2,
-    }
+    super::activation::code(act)
 }
 
 /// Grid `[x, Cy, Cz]`: `x` workgroups per channel, channels spread over y and z.
@@ -448,6 +445,7 @@ fn normalize_plan(
 ) -> Result<NormalizePlan> {
     let mut p = params_for(shape, bn)?;
     p.act = activation_code(act);
+    p.slope = super::activation::slope(act);
     p.write_pre = u32::from(keep_pre);
     let y = GpuTensor::zeros(ctx, &shape, DType::F32)?;
     let pre = if keep_pre {
@@ -571,9 +569,9 @@ pub fn batch_norm2d_backward(
 /// [`crate::reference::activation::activation_backward`]:
 /// `dy' = act_backward(act_x, dy)`; per channel `Σdy'`, `Σdy'·x̂` (two-level reduction);
 /// then `dx = γ·invstd·(dy' − (Σdy' + x̂·Σdy'·x̂)/M)` in training, `dx = γ·invstd·dy'` in
-/// eval. `act_x` is where the activation's mask is evaluated: its input (the BatchNorm
-/// output) or its output (the same mask for ReLU and ReLU6); it is required unless `act` is
-/// [`Activation::None`]. With a `divisor` (`[C]`), `dx` comes out divided by it per channel
+/// eval. `act_x` is where the activation's gradient is evaluated: its input (the BatchNorm
+/// output), or, for ReLU and ReLU6 only, its output (the same mask); LeakyReLU and Hardswish
+/// need the input. It is required unless `act` is [`Activation::None`]. With a `divisor` (`[C]`), `dx` comes out divided by it per channel
 /// (the QAT backward's `d conv_out = dBN_in / s`). Three dispatches in one submission.
 ///
 /// Errors (the CPU's): as [`batch_stats`]; [`Error::ShapeMismatch`] when `dy` (or `act_x`) is
@@ -626,6 +624,7 @@ pub fn batch_norm2d_backward_act(
     }
     let mut p = params_for(shape, bn)?;
     p.act = activation_code(act);
+    p.slope = super::activation::slope(act);
     p.training = u32::from(training);
     p.has_divisor = u32::from(divisor.is_some());
     let uniform = ctx.uniform(&p)?;

@@ -19,6 +19,9 @@
 //! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
 //!   `N·OH·OW` reduction over 256 invocations and reducing in workgroup memory.
 //! - **Channel sum** (`channel_sum`): one workgroup per channel, the same reduction.
+//! - **Transposed conv** (`transpose_forward`, [`conv_transpose2d`]): the backward-input
+//!   gather (a transposed conv *is* the input gradient of the conv with the same weight),
+//!   followed by the epilogue (bias, activation) on the transposed conv's output channel.
 //!
 //! Every grid is tiled over x and y past the 65,535-workgroups-per-dimension limit.
 
@@ -27,7 +30,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{expect_f32, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
-use crate::ops::{Activation, Conv2dParams};
+use crate::ops::{Activation, Conv2dParams, ConvTranspose2dParams};
 
 static SHADER: Shader = Shader {
     name: "conv2d",
@@ -62,6 +65,19 @@ static BACKWARD_INPUT: Kernel = Kernel {
         Binding::uniform(0),
         Binding::read(2),
         Binding::read_write(3),
+        Binding::read(6),
+    ],
+};
+
+static TRANSPOSE_FORWARD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "transpose_forward",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read_write(3),
+        Binding::read(4),
+        Binding::read(5),
         Binding::read(6),
     ],
 };
@@ -165,7 +181,8 @@ struct Params {
     act: u32,
     has_scale: u32,
     has_bias: u32,
-    _pad: [u32; 2],
+    slope: f32,
+    _pad: u32,
 }
 
 impl Params {
@@ -218,11 +235,7 @@ impl Params {
 }
 
 fn activation_code(act: Activation) -> u32 {
-    match act {
-        Activation::None => 0,
-        Activation::Relu => 1,
-        Activation::Relu6 => 2,
-    }
+    super::activation::code(act)
 }
 
 fn check_shape4(what: &str, t: &GpuTensor) -> Result<[usize; 4]> {
@@ -281,6 +294,7 @@ pub fn conv2d_with_algorithm(
     expect_f32("conv2d weight", w)?;
     let mut p = Params::new(x.shape(), w.shape(), out, params)?;
     p.act = activation_code(epilogue.activation);
+    p.slope = super::activation::slope(epilogue.activation);
     p.has_scale = u32::from(epilogue.out_scale.is_some());
     p.has_bias = u32::from(epilogue.bias.is_some());
     let og = o / params.groups;
@@ -360,6 +374,57 @@ pub fn conv2d_backward_input(
         workgroups: ctx.grid_1d(dx.len(), WORKGROUP_SIZE)?,
     }])?;
     Ok(dx)
+}
+
+/// 2-D transposed convolution (`torch.nn.functional.conv_transpose2d`) of `x` `[N, Cin, H, W]`
+/// with weight `w` `[Cin, Cout/groups, KH, KW]`, returning `[N, Cout, OH, OW]` (see
+/// [`ConvTranspose2dParams::output_shape`]) with the epilogue applied per output channel:
+/// `y = act(acc * out_scale[c] + bias[c])`. It is the input gradient of the conv2d with the
+/// same weight and settings, computed by the same gather (one invocation per output element);
+/// the output size, including `output_padding`, comes from the settings. Mirrors
+/// [`crate::reference::conv2d::conv_transpose2d`] up to summation order.
+///
+/// Errors: those of [`ConvTranspose2dParams::output_shape`]; an epilogue bias or scale that is
+/// not `[Cout]` ([`Error::ShapeMismatch`], context `conv_transpose2d bias` /
+/// `conv_transpose2d out_scale`); tensors that are not `f32`; sizes a kernel cannot index.
+pub fn conv_transpose2d(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &ConvTranspose2dParams,
+    epilogue: &ConvEpilogue,
+) -> Result<GpuTensor> {
+    let out = params.output_shape(x.shape(), w.shape())?;
+    let cout = out[1];
+    check_per_channel("conv_transpose2d bias", cout, epilogue.bias)?;
+    check_per_channel("conv_transpose2d out_scale", cout, epilogue.out_scale)?;
+    expect_f32("conv_transpose2d input", x)?;
+    expect_f32("conv_transpose2d weight", w)?;
+    let xs = x.shape();
+    // The equivalent conv: input `out` ([N, Cout, OH, OW]), weight [Cin, Cout/g, KH, KW],
+    // output `x` ([N, Cin, H, W]).
+    let mut p = Params::new(
+        &out,
+        w.shape(),
+        [xs[0], xs[1], xs[2], xs[3]],
+        &params.as_conv(),
+    )?;
+    p.act = activation_code(epilogue.activation);
+    p.slope = super::activation::slope(epilogue.activation);
+    p.has_scale = u32::from(epilogue.out_scale.is_some());
+    p.has_bias = u32::from(epilogue.bias.is_some());
+    let y = GpuTensor::zeros(ctx, &out, DType::F32)?;
+    p.count = to_u32(y.len(), "conv_transpose2d output element count")?;
+    let scale = epilogue.out_scale.unwrap_or(w).buffer();
+    let bias = epilogue.bias.unwrap_or(w).buffer();
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel: &TRANSPOSE_FORWARD,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, w.buffer(), y.buffer(), scale, bias, x.buffer()],
+        workgroups: ctx.grid_1d(y.len(), WORKGROUP_SIZE)?,
+    }])?;
+    Ok(y)
 }
 
 /// Gradient of [`conv2d`] (without epilogue) with respect to its weight: `dweight` of shape

@@ -349,8 +349,9 @@ pub struct GpuQatSaved<'a> {
     pub bn_input: &'a GpuTensor,
     /// `[2, O]`: mean and invstd BN normalized with.
     pub stats: &'a GpuTensor,
-    /// Where the activation's mask is evaluated: the BatchNorm output or the forward output
-    /// (the same mask for ReLU / ReLU6); unused for [`Activation::None`].
+    /// Where the activation's gradient is evaluated: the BatchNorm output (the activation's
+    /// input), or, for ReLU / ReLU6 only, the forward output (the same mask); unused for
+    /// [`Activation::None`].
     pub act_input: &'a GpuTensor,
 }
 
@@ -363,7 +364,9 @@ impl GpuQatForward {
             weight_mask: &self.weight_mask,
             bn_input: &self.bn_input,
             stats: &self.stats.stats,
-            act_input: &self.y,
+            // The activation's input: LeakyReLU and Hardswish gradients need it (ReLU / ReLU6
+            // would give the same mask from `y`).
+            act_input: &self.bn_out,
         }
     }
 }

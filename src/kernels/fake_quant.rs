@@ -6,10 +6,15 @@
 //! ([`GpuQParams::upload`], `1/scale` computed once on the host in f32) or computed on the
 //! GPU by [`crate::kernels::observer::observe`] — so QAT chains observe → fake-quant with no
 //! host round trip.
+//!
+//! Each launcher has an `_into` form writing into caller-provided tensors (no allocation, no
+//! first-use zero fill), e.g. [`fake_quant_into`]. By default the kernels read and write
+//! `vec4<f32>`s, one per invocation ([`FakeQuantKernel::Vec4`]), with results bit-identical to
+//! the one-element-per-invocation kernels ([`FakeQuantKernel::Scalar`]).
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, expect_shape, grid, to_u32, WG_CONSTANTS};
+use super::{expect_f32, expect_shape, grid, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::quant::{QParams, QuantRange};
@@ -54,6 +59,76 @@ static BACKWARD: Kernel = Kernel {
     ],
 };
 
+const FORWARD_VEC4_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(2),
+    Binding::read(6),
+    Binding::read_write(7),
+];
+const FORWARD_MASK_VEC4_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(2),
+    Binding::read(6),
+    Binding::read_write(7),
+    Binding::read_write(8),
+];
+const BACKWARD_VEC4_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(2),
+    Binding::read(6),
+    Binding::read_write(7),
+    Binding::read(9),
+];
+
+static FORWARD_VEC4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_vec4",
+    bindings: FORWARD_VEC4_BINDINGS,
+};
+static FORWARD_MASK_VEC4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_mask_vec4",
+    bindings: FORWARD_MASK_VEC4_BINDINGS,
+};
+static BACKWARD_VEC4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_vec4",
+    bindings: BACKWARD_VEC4_BINDINGS,
+};
+static FORWARD_ROWS: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_rows",
+    bindings: FORWARD_VEC4_BINDINGS,
+};
+static FORWARD_MASK_ROWS: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_mask_rows",
+    bindings: FORWARD_MASK_VEC4_BINDINGS,
+};
+static BACKWARD_ROWS: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_rows",
+    bindings: BACKWARD_VEC4_BINDINGS,
+};
+
+/// vec4s each invocation of the vec4 kernels handles.
+const VEC4_PER_INVOCATION: usize = 4;
+
+/// Which fake-quant kernels a launcher runs. Both give bit-identical results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FakeQuantKernel {
+    /// `vec4<f32>` loads and stores, four vec4s per invocation, where the layout allows:
+    /// per tensor (any size of at least 4 elements; the 0-3 tail elements by a second, scalar
+    /// dispatch in the same submission), or per channel when the product of the dims after
+    /// the axis is a multiple of 4 (one row of workgroups per channel block, so the
+    /// qparams are read once per invocation). Anything else runs
+    /// [`FakeQuantKernel::Scalar`].
+    #[default]
+    Vec4,
+    /// One element per invocation.
+    Scalar,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
@@ -62,7 +137,9 @@ struct Params {
     channels: u32,
     quant_min: i32,
     quant_max: i32,
-    _pad: [u32; 3],
+    n4: u32,
+    first: u32,
+    rows: u32,
 }
 
 /// Quantization parameters on the GPU: one `u32` buffer of `3 * C` words, `scale[C]`
@@ -186,47 +263,196 @@ impl GpuQParams {
             Some(axis) => shape[axis + 1..].iter().product(),
             None => 1,
         };
+        let channels = self.channels();
         Ok(Params {
             n: to_u32(x.len(), "fake_quant element count")?,
             inner: to_u32(inner.max(1), "fake_quant inner size")?,
-            channels: to_u32(self.channels(), "fake_quant channels")?,
+            channels: to_u32(channels, "fake_quant channels")?,
             quant_min: range.quant_min,
             quant_max: range.quant_max,
-            _pad: [0; 3],
+            n4: to_u32(x.len() / 4, "fake_quant vec4 count")?,
+            first: 0,
+            rows: to_u32(x.len() / inner.max(1), "fake_quant channel blocks")?,
         })
     }
 }
 
+/// The scalar, per-tensor vec4 and per-channel rows kernels of one launcher.
+struct Variant {
+    scalar: &'static Kernel,
+    vec4: &'static Kernel,
+    rows: &'static Kernel,
+}
+
+const FORWARD_KERNELS: Variant = Variant {
+    scalar: &FORWARD,
+    vec4: &FORWARD_VEC4,
+    rows: &FORWARD_ROWS,
+};
+const FORWARD_MASK_KERNELS: Variant = Variant {
+    scalar: &FORWARD_MASK,
+    vec4: &FORWARD_MASK_VEC4,
+    rows: &FORWARD_MASK_ROWS,
+};
+const BACKWARD_KERNELS: Variant = Variant {
+    scalar: &BACKWARD,
+    vec4: &BACKWARD_VEC4,
+    rows: &BACKWARD_ROWS,
+};
+
+/// How a launch covers the tensor.
+enum Plan {
+    /// The scalar kernel over every element.
+    Scalar([u32; 3]),
+    /// The per-tensor vec4 kernel over the vec4s, then the scalar kernel over the tail
+    /// elements (`first = 4 * n4`) when there are any.
+    Vec4 { grid: [u32; 3], tail: Option<[u32; 3]> },
+    /// The per-channel rows kernel.
+    Rows([u32; 3]),
+}
+
+/// Validates `x` and `qp` and returns the uniform and how the launch covers the tensor.
 fn prepare(
     ctx: &GpuContext,
     x: &GpuTensor,
     qp: &GpuQParams,
     range: QuantRange,
-) -> Result<(wgpu::Buffer, [u32; 3])> {
+    kernel: FakeQuantKernel,
+) -> Result<(wgpu::Buffer, Plan)> {
     expect_f32("fake_quant input", x)?;
     qp.validate(x.shape(), range)?;
-    let params = qp.params(x, range)?;
-    let grid = grid(ctx, x.len())?;
-    Ok((ctx.uniform(&params)?, grid))
+    let mut params = qp.params(x, range)?;
+    let n = x.len();
+    let n4 = n / 4;
+    let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
+    let vec4 = kernel == FakeQuantKernel::Vec4 && n4 > 0;
+    let plan = if vec4 && params.channels == 1 {
+        let vec4_grid = grid(ctx, n4.div_ceil(VEC4_PER_INVOCATION))?;
+        let tail = if n > 4 * n4 {
+            params.first = params.n4 * 4;
+            Some(grid(ctx, n - 4 * n4)?)
+        } else {
+            None
+        };
+        Plan::Vec4 {
+            grid: vec4_grid,
+            tail,
+        }
+    } else if vec4 && params.inner.is_multiple_of(4) && params.rows > 0 {
+        let inner4 = params.inner as usize / 4;
+        let gx = inner4
+            .div_ceil(VEC4_PER_INVOCATION)
+            .div_ceil(WORKGROUP_SIZE as usize);
+        let rows = params.rows as usize;
+        let gy = rows.min(max);
+        let gz = rows.div_ceil(gy);
+        if gx <= max && gz <= max {
+            Plan::Rows([gx as u32, gy as u32, gz as u32])
+        } else {
+            Plan::Scalar(grid(ctx, n)?)
+        }
+    } else {
+        Plan::Scalar(grid(ctx, n)?)
+    };
+    Ok((ctx.uniform(&params)?, plan))
+}
+
+/// Checks a caller-provided output: the shape of `x`, `f32`, and a buffer of its own (not
+/// `x`'s or another output's: the kernel reads those while it writes this one).
+fn check_output(what: &str, x: &GpuTensor, out: &GpuTensor, others: &[&GpuTensor]) -> Result<()> {
+    expect_shape(what, x.shape(), out)?;
+    expect_f32(what, out)?;
+    if others.iter().any(|o| o.buffer() == out.buffer()) {
+        return Err(Error::invalid(format!(
+            "{what} must not share its buffer with the input or another output"
+        )));
+    }
+    Ok(())
+}
+
+/// Records the launch(es) of `variant` in one submission. `scalar_buffers` are the scalar
+/// kernel's buffers (uniform, x, qp, out, then mask or dy); `vec4_buffers` the vec4 and rows
+/// kernels' (uniform, qp, x, out, then mask or dy).
+fn launch(
+    ctx: &GpuContext,
+    variant: &Variant,
+    plan: &Plan,
+    scalar_buffers: &[&wgpu::Buffer],
+    vec4_buffers: &[&wgpu::Buffer],
+) -> Result<()> {
+    let scalar = |workgroups| Launch {
+        kernel: variant.scalar,
+        constants: WG_CONSTANTS,
+        buffers: scalar_buffers,
+        workgroups,
+    };
+    let vector = |kernel, workgroups| Launch {
+        kernel,
+        constants: WG_CONSTANTS,
+        buffers: vec4_buffers,
+        workgroups,
+    };
+    match *plan {
+        Plan::Scalar(grid) => ctx.run(&[scalar(grid)])?,
+        Plan::Vec4 { grid, tail: None } => ctx.run(&[vector(variant.vec4, grid)])?,
+        Plan::Vec4 {
+            grid,
+            tail: Some(tail),
+        } => ctx.run(&[vector(variant.vec4, grid), scalar(tail)])?,
+        Plan::Rows(grid) => ctx.run(&[vector(variant.rows, grid)])?,
+    };
+    Ok(())
 }
 
 /// Fake-quantizes `x` (`torch.fake_quantize_per_{tensor,channel}_affine`), bit-exact with
-/// [`crate::reference::fake_quant::fake_quantize`]; NaN propagates.
+/// [`crate::reference::fake_quant::fake_quantize`]; NaN propagates. Allocates the output;
+/// [`fake_quant_into`] writes into one you provide.
 pub fn fake_quant(
     ctx: &GpuContext,
     x: &GpuTensor,
     qp: &GpuQParams,
     range: QuantRange,
 ) -> Result<GpuTensor> {
-    let (uniform, workgroups) = prepare(ctx, x, qp, range)?;
     let y = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
-    ctx.run(&[Launch {
-        kernel: &FORWARD,
-        constants: WG_CONSTANTS,
-        buffers: &[&uniform, x.buffer(), qp.data.buffer(), y.buffer()],
-        workgroups,
-    }])?;
+    fake_quant_into(ctx, x, qp, range, &y)?;
     Ok(y)
+}
+
+/// [`fake_quant`] writing into `out` (an `f32` tensor of `x`'s shape with its own buffer):
+/// no allocation, nothing else recorded but the kernel.
+///
+/// Errors: those of [`fake_quant`], and [`Error::ShapeMismatch`] / [`Error::InvalidArgument`]
+/// for an `out` of the wrong shape or type or sharing `x`'s buffer.
+pub fn fake_quant_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    qp: &GpuQParams,
+    range: QuantRange,
+    out: &GpuTensor,
+) -> Result<()> {
+    fake_quant_into_with(ctx, x, qp, range, out, FakeQuantKernel::default())
+}
+
+/// [`fake_quant_into`] with an explicit choice of kernel (for tests and benchmarks; both are
+/// bit-identical).
+pub fn fake_quant_into_with(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    qp: &GpuQParams,
+    range: QuantRange,
+    out: &GpuTensor,
+    kernel: FakeQuantKernel,
+) -> Result<()> {
+    let (uniform, plan) = prepare(ctx, x, qp, range, kernel)?;
+    check_output("fake_quant output", x, out, &[x])?;
+    let (q, xb, ob) = (qp.data.buffer(), x.buffer(), out.buffer());
+    launch(
+        ctx,
+        &FORWARD_KERNELS,
+        &plan,
+        &[&uniform, xb, q, ob],
+        &[&uniform, q, xb, ob],
+    )
 }
 
 /// Fake-quantizes `x` and also returns the straight-through mask (1.0 where
@@ -237,22 +463,35 @@ pub fn fake_quant_with_mask(
     qp: &GpuQParams,
     range: QuantRange,
 ) -> Result<(GpuTensor, GpuTensor)> {
-    let (uniform, workgroups) = prepare(ctx, x, qp, range)?;
     let y = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
     let mask = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
-    ctx.run(&[Launch {
-        kernel: &FORWARD_MASK,
-        constants: WG_CONSTANTS,
-        buffers: &[
-            &uniform,
-            x.buffer(),
-            qp.data.buffer(),
-            y.buffer(),
-            mask.buffer(),
-        ],
-        workgroups,
-    }])?;
+    fake_quant_with_mask_into(ctx, x, qp, range, &y, &mask)?;
     Ok((y, mask))
+}
+
+/// [`fake_quant_with_mask`] writing into `out` and `mask` (`f32` tensors of `x`'s shape, each
+/// with its own buffer).
+///
+/// Errors: those of [`fake_quant_into`], for either output.
+pub fn fake_quant_with_mask_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    qp: &GpuQParams,
+    range: QuantRange,
+    out: &GpuTensor,
+    mask: &GpuTensor,
+) -> Result<()> {
+    let (uniform, plan) = prepare(ctx, x, qp, range, FakeQuantKernel::default())?;
+    check_output("fake_quant output", x, out, &[x])?;
+    check_output("fake_quant mask", x, mask, &[x, out])?;
+    let (q, xb, ob, mb) = (qp.data.buffer(), x.buffer(), out.buffer(), mask.buffer());
+    launch(
+        ctx,
+        &FORWARD_MASK_KERNELS,
+        &plan,
+        &[&uniform, xb, q, ob, mb],
+        &[&uniform, q, xb, ob, mb],
+    )
 }
 
 /// Straight-through gradient: `dx = dy` where the rounded value of `x` is in range, else 0
@@ -268,19 +507,35 @@ pub fn fake_quant_backward(
     qp.validate(x.shape(), range)?;
     expect_shape("fake_quantize_backward (dy vs x)", x.shape(), dy)?;
     expect_f32("fake_quant_backward dy", dy)?;
-    let (uniform, workgroups) = prepare(ctx, x, qp, range)?;
     let dx = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
-    ctx.run(&[Launch {
-        kernel: &BACKWARD,
-        constants: WG_CONSTANTS,
-        buffers: &[
-            &uniform,
-            x.buffer(),
-            qp.data.buffer(),
-            dx.buffer(),
-            dy.buffer(),
-        ],
-        workgroups,
-    }])?;
+    fake_quant_backward_into(ctx, x, dy, qp, range, &dx)?;
     Ok(dx)
+}
+
+/// [`fake_quant_backward`] writing into `dx` (an `f32` tensor of `x`'s shape with its own
+/// buffer).
+///
+/// Errors: those of [`fake_quant_backward`], and those of [`fake_quant_into`] for `dx`.
+pub fn fake_quant_backward_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    qp: &GpuQParams,
+    range: QuantRange,
+    dx: &GpuTensor,
+) -> Result<()> {
+    expect_f32("fake_quant input", x)?;
+    qp.validate(x.shape(), range)?;
+    expect_shape("fake_quantize_backward (dy vs x)", x.shape(), dy)?;
+    expect_f32("fake_quant_backward dy", dy)?;
+    let (uniform, plan) = prepare(ctx, x, qp, range, FakeQuantKernel::default())?;
+    check_output("fake_quant_backward dx", x, dx, &[x, dy])?;
+    let (q, xb, db, dyb) = (qp.data.buffer(), x.buffer(), dx.buffer(), dy.buffer());
+    launch(
+        ctx,
+        &BACKWARD_KERNELS,
+        &plan,
+        &[&uniform, xb, q, db, dyb],
+        &[&uniform, q, xb, db, dyb],
+    )
 }

@@ -1,13 +1,15 @@
-//! 2-D convolution (NCHW input, OIHW weight, zero padding) and its gradients, in f32.
+//! 2-D convolution (NCHW input, OIHW weight, zero padding), its gradients, and the transposed
+//! convolution, in f32.
 //!
 //! Both directions are computed per image and per group with im2col and a single-precision
-//! GEMM (`ndarray`'s `matrixmultiply`), accumulating in f32 like PyTorch's CPU kernels.
+//! GEMM (`ndarray`'s `matrixmultiply`), accumulating in f32 like PyTorch's CPU kernels. The
+//! transposed convolution is the input gradient of a convolution (GEMM, then col2im).
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array4, ArrayView2, ArrayViewMut2};
 
 use crate::error::{Error, Result};
-use crate::ops::{Conv2dGrads, Conv2dParams};
+use crate::ops::{Conv2dGrads, Conv2dParams, ConvTranspose2dParams};
 
 /// Geometry of one convolution, validated.
 #[derive(Debug, Clone, Copy)]
@@ -262,6 +264,86 @@ pub fn conv2d_backward(
     })
 }
 
+/// 2-D transposed convolution, mirroring `torch.nn.functional.conv_transpose2d(x, w, b, stride,
+/// padding, output_padding, groups, dilation)`: input `x` is `[N, Cin, H, W]`, weight `w` is
+/// `[Cin, Cout/groups, KH, KW]`, optional bias `b` has `Cout` elements; the output is
+/// `[N, Cout, OH, OW]` with `OH = (H − 1)·stride_h − 2·pad_h + dil_h·(KH − 1) + out_pad_h + 1`
+/// (likewise `OW`; see [`ConvTranspose2dParams::output_shape`]). Each output element is
+/// `Σ x[n, ci, iy, ix] · w[ci, co mod (Cout/g), ky, kx]` over the input channels `ci` of the
+/// output channel's group and the taps with `oy = iy·stride_h + ky·dil_h − pad_h` (likewise
+/// `ox`), plus the bias: the input gradient of [`conv2d`] with the same weight, which is how it
+/// is computed (per image and group, `colsᵀ = W_gᵀ · x_g`, then col2im). Accumulates in f32.
+///
+/// Errors: those of [`ConvTranspose2dParams::output_shape`], and a bias whose length is not
+/// `Cout` ([`Error::ShapeMismatch`], context `conv_transpose2d bias`).
+pub fn conv_transpose2d(
+    x: &Array4<f32>,
+    w: &Array4<f32>,
+    b: Option<&Array1<f32>>,
+    p: &ConvTranspose2dParams,
+) -> Result<Array4<f32>> {
+    let out = p.output_shape(x.shape(), w.shape())?;
+    if let Some(b) = b {
+        if b.len() != out[1] {
+            return Err(Error::shape("conv_transpose2d bias", &[out[1]], b.shape()));
+        }
+    }
+    let groups = p.groups;
+    // The conv whose input gradient this is: input `out`, weight `w` ([O = Cin, Cout/g, ...]),
+    // output `x`. Its geometry is built directly (not from `Conv2dParams::output_shape`), so
+    // output_padding (and any geometry PyTorch accepts) is honoured.
+    let g = Geom {
+        n: out[0],
+        c: out[1],
+        h: out[2],
+        w: out[3],
+        o: w.shape()[0],
+        kh: w.shape()[2],
+        kw: w.shape()[3],
+        oh: x.shape()[2],
+        ow: x.shape()[3],
+        groups,
+        cg: out[1] / groups,
+        og: w.shape()[0] / groups,
+        k: w.shape()[1] * w.shape()[2] * w.shape()[3],
+        p: p.as_conv(),
+    };
+    let xs = x.as_standard_layout();
+    let ws = w.as_standard_layout();
+    let (Some(xs), Some(ws)) = (xs.as_slice(), ws.as_slice()) else {
+        return Err(Error::invalid(
+            "conv_transpose2d: non-contiguous standard layout",
+        ));
+    };
+    let spatial = g.oh * g.ow;
+    let img_len = g.c * g.h * g.w;
+    let mut y = vec![0.0f32; g.n * img_len];
+    let mut cols = vec![0.0f32; g.k * spatial];
+    for n in 0..g.n {
+        let dimg = &mut y[n * img_len..][..img_len];
+        for grp in 0..g.groups {
+            let xm = view2(
+                &xs[(n * g.o + grp * g.og) * spatial..][..g.og * spatial],
+                g.og,
+                spatial,
+            )?;
+            let wm = view2(&ws[grp * g.og * g.k..][..g.og * g.k], g.og, g.k)?;
+            let mut cm = view2_mut(&mut cols, g.k, spatial)?;
+            general_mat_mul(1.0, &wm.t(), &xm, 0.0, &mut cm);
+            g.col2im(&cols, grp, dimg);
+        }
+        if let Some(b) = b {
+            let plane = g.h * g.w;
+            for (oc, &bv) in b.iter().enumerate() {
+                for v in &mut dimg[oc * plane..][..plane] {
+                    *v += bv;
+                }
+            }
+        }
+    }
+    to_array4(out, y)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +578,175 @@ mod tests {
                 check("db", grads.dbias[idx], loss(&x, &w, &bp), loss(&x, &w, &bm));
             }
         }
+    }
+
+    /// Direct transposed convolution in f64 (scatter form).
+    fn naive_transpose(
+        x: &Array4<f32>,
+        w: &Array4<f32>,
+        b: Option<&Array1<f32>>,
+        p: &ConvTranspose2dParams,
+    ) -> Array4<f64> {
+        let s = p.output_shape(x.shape(), w.shape()).unwrap();
+        let (cin, coutg) = (w.shape()[0], w.shape()[1]);
+        let cing = cin / p.groups;
+        let mut y = Array4::<f64>::zeros(s);
+        for n in 0..s[0] {
+            for co in 0..s[1] {
+                let bv = b.map_or(0.0, |b| b[co] as f64);
+                for oy in 0..s[2] {
+                    for ox in 0..s[3] {
+                        y[[n, co, oy, ox]] = bv;
+                    }
+                }
+            }
+            for ci in 0..cin {
+                let grp = ci / cing;
+                for iy in 0..x.shape()[2] {
+                    for ix in 0..x.shape()[3] {
+                        for j in 0..coutg {
+                            for ky in 0..w.shape()[2] {
+                                for kx in 0..w.shape()[3] {
+                                    let oy = (iy * p.stride[0] + ky * p.dilation[0]) as isize
+                                        - p.padding[0] as isize;
+                                    let ox = (ix * p.stride[1] + kx * p.dilation[1]) as isize
+                                        - p.padding[1] as isize;
+                                    if oy < 0
+                                        || ox < 0
+                                        || oy >= s[2] as isize
+                                        || ox >= s[3] as isize
+                                    {
+                                        continue;
+                                    }
+                                    y[[n, grp * coutg + j, oy as usize, ox as usize]] +=
+                                        x[[n, ci, iy, ix]] as f64 * w[[ci, j, ky, kx]] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn conv_transpose_matches_naive() {
+        let cases = [
+            ([2, 4, 5, 4], [4, 3, 3, 3], ConvTranspose2dParams::default()),
+            (
+                [1, 4, 4, 5],
+                [4, 2, 3, 2],
+                ConvTranspose2dParams {
+                    stride: [2, 3],
+                    padding: [1, 0],
+                    output_padding: [1, 2],
+                    dilation: [1, 2],
+                    groups: 2,
+                },
+            ),
+            (
+                [2, 3, 3, 3],
+                [3, 1, 3, 3],
+                ConvTranspose2dParams {
+                    stride: [2, 2],
+                    padding: [1, 1],
+                    output_padding: [1, 0],
+                    dilation: [1, 1],
+                    groups: 3,
+                },
+            ),
+            (
+                // output_padding below the dilation but not the stride.
+                [1, 2, 4, 3],
+                [2, 2, 2, 2],
+                ConvTranspose2dParams {
+                    stride: [1, 1],
+                    padding: [0, 1],
+                    output_padding: [1, 0],
+                    dilation: [2, 1],
+                    groups: 1,
+                },
+            ),
+        ];
+        for (i, (xs, ws, p)) in cases.into_iter().enumerate() {
+            let x = rand4(xs, 80 + i as u64);
+            let w = rand4(ws, 90 + i as u64);
+            let out = p.output_shape(&xs, &ws).unwrap();
+            let b = Array1::from(rand_vec(out[1], 100 + i as u64));
+            let got = conv_transpose2d(&x, &w, Some(&b), &p).unwrap();
+            let want = naive_transpose(&x, &w, Some(&b), &p);
+            assert_eq!(got.shape(), want.shape(), "case {i}");
+            for (g, w) in got.iter().zip(want.iter()) {
+                assert!((*g as f64 - w).abs() < 1e-5, "case {i}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// A transposed conv with `output_padding = 0` is the input gradient of the conv.
+    #[test]
+    fn conv_transpose_is_conv_input_gradient() {
+        let p = Conv2dParams {
+            stride: [2, 1],
+            padding: [1, 1],
+            dilation: [1, 2],
+            groups: 2,
+        };
+        let x = rand4([2, 4, 7, 6], 5);
+        let w = rand4([6, 2, 3, 3], 6);
+        let out = p.output_shape(x.shape(), w.shape()).unwrap();
+        let dy = rand4(out, 7);
+        let g = conv2d_backward(&x, &w, &dy, &p).unwrap();
+        let tp = ConvTranspose2dParams {
+            stride: p.stride,
+            padding: p.padding,
+            output_padding: [0, 0],
+            dilation: p.dilation,
+            groups: p.groups,
+        };
+        let y = conv_transpose2d(&dy, &w, None, &tp).unwrap();
+        assert_eq!(y.shape(), g.dx.shape());
+        for (a, b) in y.iter().zip(g.dx.iter()) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn conv_transpose_errors() {
+        let x = rand4([1, 4, 3, 3], 1);
+        let w = rand4([4, 2, 3, 3], 2);
+        let p = ConvTranspose2dParams::default();
+        let e = conv_transpose2d(&x, &w, Some(&Array1::zeros(3)), &p).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "shape mismatch in conv_transpose2d bias: expected [2], got [3]"
+        );
+        let e = conv_transpose2d(&x, &rand4([3, 2, 3, 3], 2), None, &p).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+        let bad = ConvTranspose2dParams {
+            output_padding: [1, 0],
+            ..p
+        };
+        let e = conv_transpose2d(&x, &w, None, &bad).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("output padding must be smaller than either stride or dilation"),
+            "{e}"
+        );
+        let e =
+            conv_transpose2d(&x, &w, None, &ConvTranspose2dParams { groups: 3, ..p }).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        let e = conv_transpose2d(
+            &x,
+            &w,
+            None,
+            &ConvTranspose2dParams {
+                padding: [3, 0],
+                ..p
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not positive"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod bench;
 mod conformance;
+mod fold;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +45,12 @@ enum Command {
     },
     /// Show the backend qfuse would use: the GPU adapter, its limits, or why the CPU serves.
     Info,
+    /// Fold BatchNorms into the conv/linear layers of a PyTorch state dict (safetensors), by
+    /// module name, writing the state dict of the fused model.
+    Fold(fold::FoldArgs),
+    /// Benchmark the kernels against the device's roofline (copy bandwidth, fma throughput),
+    /// and fused against unfused conv+bn+relu (eval and QAT forward).
+    Bench(bench::BenchArgs),
 }
 
 fn info() -> qfuse::Result<ExitCode> {
@@ -74,6 +82,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Conformance { dir, backend } => conformance::run(&dir, backend),
         Command::Info => info(),
+        Command::Fold(args) => fold::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,

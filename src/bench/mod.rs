@@ -1,0 +1,56 @@
+//! Benchmarks of the kernels against the device's own roofline.
+//!
+//! - [`measure_roofline`]: the best memory bandwidth (`copy_vec4`: vec4 loads and stores) and
+//!   arithmetic throughput (`fma_chains`: independent fma chains in registers) the device
+//!   reaches, each over a sweep of workgroup size and work per invocation
+//!   (`shaders/roofline.wgsl`).
+//! - [`run_suite`]: the roofline, then every kernel of interest with its achieved rate and
+//!   its ratio to the roofline, and the fused-vs-unfused comparisons; [`BenchReport`] prints
+//!   as a table and serializes to the JSON of `qfuse bench --json`.
+//!
+//! # What is measured
+//! - **Time** is submit-to-completion: encode, submit, wait for the device
+//!   ([`GpuContext::wait`]); the median of several runs after warm-up runs ([`Reps`]). With
+//!   [`GpuContext::has_timestamps`], as many runs again are bracketed by GPU timestamps
+//!   (an empty compute pass before the first and after the last submission), and their
+//!   median is reported too.
+//! - **Rates**: memory-bound kernels (fake quant, observers, BN folding) in GB/s (10⁹ B/s) of
+//!   their *minimal logical traffic* (fake quant: read x, write y = 8 B/element; observers:
+//!   read x = 4 B/element; folding: read and write the weight); convolutions in GFLOP/s with
+//!   `2·N·OH·OW·O·(C/g)·KH·KW` flops.
+//! - **Roofline ratio**: GB/s over the copy bandwidth for memory-bound kernels; for
+//!   convolutions GFLOP/s over the attainable `min(fma GFLOP/s, intensity · copy GB/s)`,
+//!   with intensity = flops / minimal bytes (read x and w, write y), so a depthwise conv is
+//!   held to the memory roof and a 3×3 ResNet conv to the fma roof.
+//! - **Fused speedups**: unfused time / fused time per conv shape, for the conv+bn+relu eval
+//!   forward ([`crate::kernels::conv_bn::conv_bn_act_eval`] vs
+//!   [`crate::kernels::conv_bn::conv_bn_act_eval_unfused`]) and the ConvBnReLU2d QAT forward
+//!   ([`crate::kernels::conv_bn::conv_bn_qat_forward`] vs
+//!   [`crate::kernels::conv_bn::conv_bn_qat_forward_unfused`]); the report's
+//!   `fused_speedup_eval` / `fused_speedup_qat` are their geometric means over the shapes.
+//!
+//! On a CPU adapter (lavapipe) the figures depend on the host's load: other processes share
+//! the cores that run the "GPU".
+//!
+//! [`GpuContext::wait`]: crate::gpu::GpuContext::wait
+//! [`GpuContext::has_timestamps`]: crate::gpu::GpuContext::has_timestamps
+
+mod roofline;
+mod suite;
+mod timing;
+
+pub use roofline::{measure_roofline, measure_roofline_with, Roofline, RooflineConfig, SweepPoint};
+pub use suite::{run_suite, BenchConfig, BenchReport, ConvShape, KernelResult};
+pub use timing::{Measurement, Reps};
+
+/// Where a benchmark run is, for progress bars: `done` of `total` steps, the last one
+/// `label`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Steps finished.
+    pub done: usize,
+    /// Steps planned.
+    pub total: usize,
+    /// What the last step measured.
+    pub label: String,
+}

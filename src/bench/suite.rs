@@ -1,0 +1,841 @@
+//! The kernel suite: every kernel of interest timed, rated and compared with the roofline.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::roofline::{measure_roofline_with, Roofline, RooflineConfig};
+use super::timing::{measure, Measurement, Reps, Stamps};
+use super::Progress;
+use crate::error::{Error, Result};
+use crate::gpu::{DType, GpuContext, GpuTensor};
+use crate::kernels::conv2d::{conv2d, ConvEpilogue};
+use crate::kernels::conv_bn::{
+    conv_bn_act_eval, conv_bn_act_eval_unfused, conv_bn_qat_forward, conv_bn_qat_forward_unfused,
+    GpuConv2d,
+};
+use crate::kernels::fake_quant::{
+    fake_quant, fake_quant_into_with, fake_quant_with_mask_into, FakeQuantKernel,
+};
+use crate::kernels::fold::fold_conv_bn;
+use crate::kernels::observer::observe;
+use crate::kernels::{GpuBatchNorm, GpuQParams};
+use crate::ops::{Activation, BatchNorm, Conv2dParams, QatConfig};
+use crate::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
+
+/// A conv layer of the suite: square input, square kernel, stride 1, "same" padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Input channels `C`.
+    pub in_channels: usize,
+    /// Output channels `O`.
+    pub out_channels: usize,
+    /// Input height and width.
+    pub size: usize,
+    /// Kernel height and width.
+    pub kernel: usize,
+    /// Groups (`C` for depthwise).
+    pub groups: usize,
+}
+
+impl ConvShape {
+    /// A ResNet-18 3×3 conv: `channels` in and out at `size`×`size`.
+    pub fn resnet(channels: usize, size: usize) -> Self {
+        Self {
+            in_channels: channels,
+            out_channels: channels,
+            size,
+            kernel: 3,
+            groups: 1,
+        }
+    }
+
+    /// A depthwise 3×3 conv (MobileNet): `channels` groups of one channel.
+    pub fn depthwise(channels: usize, size: usize) -> Self {
+        Self {
+            in_channels: channels,
+            out_channels: channels,
+            size,
+            kernel: 3,
+            groups: channels,
+        }
+    }
+
+    fn params(&self) -> Conv2dParams {
+        Conv2dParams {
+            padding: [self.kernel / 2; 2],
+            groups: self.groups,
+            ..Conv2dParams::default()
+        }
+    }
+
+    fn input(&self, batch: usize) -> [usize; 4] {
+        [batch, self.in_channels, self.size, self.size]
+    }
+
+    fn weight(&self) -> [usize; 4] {
+        [
+            self.out_channels,
+            self.in_channels / self.groups.max(1),
+            self.kernel,
+            self.kernel,
+        ]
+    }
+
+    /// `NxCxHxW wOxC/gxKHxKW[ gG]`.
+    fn describe(&self, batch: usize) -> String {
+        let [n, c, h, w] = self.input(batch);
+        let [o, cg, kh, kw] = self.weight();
+        let g = if self.groups > 1 {
+            format!(" g{}", self.groups)
+        } else {
+            String::new()
+        };
+        format!("{n}x{c}x{h}x{w} w{o}x{cg}x{kh}x{kw}{g}")
+    }
+
+    /// Output height and width ("same" padding, stride 1).
+    fn out_size(&self) -> usize {
+        self.size + 2 * (self.kernel / 2) + 1 - self.kernel
+    }
+
+    /// `2·N·OH·OW·O·(C/g)·KH·KW`.
+    fn flops(&self, batch: usize) -> f64 {
+        let [o, cg, kh, kw] = self.weight();
+        let os = self.out_size();
+        2.0 * (batch * os * os * o * cg * kh * kw) as f64
+    }
+
+    /// Read x and w, write y, once each (4 bytes per element).
+    fn min_bytes(&self, batch: usize) -> f64 {
+        let x: usize = self.input(batch).iter().product();
+        let w: usize = self.weight().iter().product();
+        let os = self.out_size();
+        4.0 * (x + w + batch * self.out_channels * os * os) as f64
+    }
+}
+
+/// What [`run_suite`] measures and how long it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchConfig {
+    /// `full`, `quick` or `tiny` (printed with the report).
+    pub mode: String,
+    /// The roofline sweep.
+    pub roofline: RooflineConfig,
+    /// NCHW shape of the fake-quant and observer input (per channel along axis 1).
+    pub elementwise_shape: [usize; 4],
+    /// Conv weight folded by the BN-folding benchmark.
+    pub fold_shape: [usize; 4],
+    /// Batch of the conv benchmarks.
+    pub conv_batch: usize,
+    /// Conv layers: each is timed alone, fused and unfused (eval and QAT).
+    pub conv_shapes: Vec<ConvShape>,
+    /// Runs per elementwise / reduction / folding kernel.
+    pub reps: Reps,
+    /// Runs per conv benchmark.
+    pub conv_reps: Reps,
+}
+
+impl BenchConfig {
+    /// The full suite: 16M-element fake quant and observers (`16x64x128x128`), BN folding of
+    /// a 512x512x3x3 weight, and batch-8 convs at ResNet-18's 3×3 shapes (64×56×56,
+    /// 128×28×28, 256×14×14, 512×7×7) and a MobileNet depthwise layer (144×56×56, groups
+    /// 144). Minutes on a CPU adapter.
+    pub fn full() -> Self {
+        Self {
+            mode: "full".to_string(),
+            roofline: RooflineConfig::full(),
+            elementwise_shape: [16, 64, 128, 128],
+            fold_shape: [512, 512, 3, 3],
+            conv_batch: 8,
+            conv_shapes: vec![
+                ConvShape::resnet(64, 56),
+                ConvShape::resnet(128, 28),
+                ConvShape::resnet(256, 14),
+                ConvShape::resnet(512, 7),
+                ConvShape::depthwise(144, 56),
+            ],
+            reps: Reps::FULL,
+            conv_reps: Reps {
+                warmup: 1,
+                min_reps: 5,
+                max_reps: 9,
+                budget_s: 1.0,
+            },
+        }
+    }
+
+    /// `--quick`: a short roofline sweep, 4M-element fake quant and observers, and batch-1
+    /// convs at two ResNet-18 shapes (64×56×56, 256×14×14) and the depthwise layer, with
+    /// few runs each. Well under a minute on lavapipe.
+    pub fn quick() -> Self {
+        Self {
+            mode: "quick".to_string(),
+            roofline: RooflineConfig::quick(),
+            elementwise_shape: [4, 64, 128, 128],
+            fold_shape: [512, 512, 3, 3],
+            conv_batch: 1,
+            conv_shapes: vec![
+                ConvShape::resnet(64, 56),
+                ConvShape::resnet(256, 14),
+                ConvShape::depthwise(144, 56),
+            ],
+            reps: Reps::QUICK,
+            conv_reps: Reps {
+                warmup: 1,
+                min_reps: 3,
+                max_reps: 3,
+                budget_s: 0.0,
+            },
+        }
+    }
+
+    /// A tiny configuration for tests: small tensors, one run of everything (seconds).
+    pub fn tiny() -> Self {
+        let once = Reps {
+            warmup: 1,
+            min_reps: 1,
+            max_reps: 1,
+            budget_s: 0.0,
+        };
+        Self {
+            mode: "tiny".to_string(),
+            roofline: RooflineConfig::tiny(),
+            elementwise_shape: [2, 8, 16, 16],
+            fold_shape: [16, 16, 3, 3],
+            conv_batch: 1,
+            conv_shapes: vec![ConvShape::resnet(16, 8), ConvShape::depthwise(8, 8)],
+            reps: once,
+            conv_reps: once,
+        }
+    }
+
+    /// One line saying what this configuration runs.
+    pub fn describe(&self) -> String {
+        let [a, b, c, d] = self.elementwise_shape;
+        let [fo, fi, fh, fw] = self.fold_shape;
+        let convs: Vec<String> = self
+            .conv_shapes
+            .iter()
+            .map(|s| s.describe(self.conv_batch))
+            .collect();
+        format!(
+            "{} mode: elementwise {a}x{b}x{c}x{d} ({} elements), fold {fo}x{fi}x{fh}x{fw}, \
+             conv batch {}: {}; {}-{} timed runs per kernel ({}-{} per conv)",
+            self.mode,
+            a * b * c * d,
+            self.conv_batch,
+            convs.join(", "),
+            self.reps.min_reps,
+            self.reps.max_reps,
+            self.conv_reps.min_reps,
+            self.conv_reps.max_reps,
+        )
+    }
+
+    /// Steps [`run_suite`] reports progress for on `ctx`.
+    pub fn steps(&self, ctx: &GpuContext) -> usize {
+        self.roofline.steps(ctx) + ELEMENTWISE_ITEMS + 1 + CONV_ITEMS * self.conv_shapes.len()
+    }
+}
+
+/// Elementwise and reduction benchmarks (fake quant ×5, observers ×2).
+const ELEMENTWISE_ITEMS: usize = 7;
+/// Benchmarks per conv shape: conv, eval fused / prefolded / unfused, QAT fused / unfused.
+const CONV_ITEMS: usize = 6;
+
+/// One benchmarked kernel (or chain of kernels), as a row of the table and an entry of the
+/// JSON `kernels` list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelResult {
+    /// What ran, e.g. `fake_quant/per_tensor` or `conv_bn_relu_eval/fused`.
+    pub name: String,
+    /// The shape it ran on.
+    pub shape: String,
+    /// Achieved GB/s of the minimal logical traffic (memory-bound kernels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbps: Option<f64>,
+    /// Achieved GFLOP/s (convolutions, the fma roofline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
+    /// Rate over the attainable roofline rate (see the module doc).
+    pub roofline_ratio: f64,
+    /// Which roof bounds it: `copy` or `fma`.
+    pub roof: &'static str,
+    /// Median submit-to-completion time (ms).
+    pub time_ms: f64,
+    /// Median GPU time from timestamps (ms), when the device has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_ms: Option<f64>,
+    /// The roofline ratio from GPU times (against the GPU-timed roofline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_roofline_ratio: Option<f64>,
+    /// Minimal logical traffic of one run (bytes).
+    pub bytes: u64,
+    /// Flops of one run (convolutions and the fma roofline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flops: Option<u64>,
+    /// Fused rows: the unfused chain's time over this one's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speedup: Option<f64>,
+    /// Timed runs behind each median.
+    pub reps: usize,
+    /// Anything else worth knowing (tuned constants, what a variant does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Everything [`run_suite`] measured. Serializes (see [`BenchReport::to_json`]) to exactly
+/// the keys `adapter`, `copy_gbps`, `fma_gflops`, `kernels`, `fused_speedup_eval`,
+/// `fused_speedup_qat`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    /// `adapter name (backend)`.
+    pub adapter: String,
+    /// The roofline's copy bandwidth (GB/s).
+    pub copy_gbps: f64,
+    /// The roofline's fma throughput (GFLOP/s).
+    pub fma_gflops: f64,
+    /// Every benchmark, the two roofline kernels first.
+    pub kernels: Vec<KernelResult>,
+    /// Geometric mean over the conv shapes of unfused / fused time, conv+bn+relu eval.
+    pub fused_speedup_eval: f64,
+    /// Geometric mean over the conv shapes of unfused / fused time, ConvBnReLU2d QAT forward.
+    pub fused_speedup_qat: f64,
+    /// The roofline in full (sweeps included).
+    #[serde(skip)]
+    pub roofline: Roofline,
+    /// What ran ([`BenchConfig::describe`]).
+    #[serde(skip)]
+    pub config: String,
+    /// Whether GPU timestamps were taken.
+    #[serde(skip)]
+    pub timestamps: bool,
+}
+
+/// What a benchmark does per run.
+#[derive(Clone, Copy)]
+enum Work {
+    /// Memory-bound: minimal logical traffic in bytes.
+    Bytes(f64),
+    /// Compute: flops and minimal traffic in bytes.
+    Flops { flops: f64, bytes: f64 },
+}
+
+fn rate(amount: f64, ms: f64) -> f64 {
+    amount / (ms.max(1e-9) * 1e-3) * 1e-9
+}
+
+/// The rate, the ratio to the attainable roof and the roof's name, for `work` done in `ms`
+/// against a roofline of `copy_gbps` and `fma_gflops`.
+fn rate_and_ratio(
+    work: Work,
+    ms: f64,
+    copy_gbps: f64,
+    fma_gflops: f64,
+) -> (f64, f64, &'static str) {
+    match work {
+        Work::Bytes(bytes) => {
+            let r = rate(bytes, ms);
+            (r, r / copy_gbps.max(1e-12), "copy")
+        }
+        Work::Flops { flops, bytes } => {
+            let r = rate(flops, ms);
+            let memory_roof = flops / bytes.max(1.0) * copy_gbps;
+            if memory_roof < fma_gflops {
+                (r, r / memory_roof.max(1e-12), "copy")
+            } else {
+                (r, r / fma_gflops.max(1e-12), "fma")
+            }
+        }
+    }
+}
+
+/// Deterministic pseudo-random values in `[lo, hi)` (xorshift).
+fn data(n: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            lo + (hi - lo) * ((s >> 8) as f32 / (1u32 << 24) as f32)
+        })
+        .collect()
+}
+
+fn upload(ctx: &GpuContext, shape: &[usize], seed: u32, lo: f32, hi: f32) -> Result<GpuTensor> {
+    let n: usize = shape.iter().product();
+    GpuTensor::from_slice_f32(ctx, &data(n, seed, lo, hi), shape)
+}
+
+fn batch_norm(c: usize, seed: u32) -> BatchNorm {
+    BatchNorm {
+        weight: Some(data(c, seed, 0.5, 1.5).into()),
+        bias: Some(data(c, seed + 1, -0.2, 0.2).into()),
+        running_mean: data(c, seed + 2, -0.1, 0.1).into(),
+        running_var: data(c, seed + 3, 0.5, 2.0).into(),
+        eps: 1e-5,
+        momentum: 0.1,
+    }
+}
+
+/// The suite's state while it runs.
+struct Runner<'a> {
+    ctx: &'a GpuContext,
+    stamps: Option<Stamps>,
+    roofline: &'a Roofline,
+    results: Vec<KernelResult>,
+    done: usize,
+    total: usize,
+    progress: &'a mut dyn FnMut(&Progress),
+}
+
+impl Runner<'_> {
+    fn tick(&mut self, label: String) {
+        self.done += 1;
+        (self.progress)(&Progress {
+            done: self.done,
+            total: self.total,
+            label,
+        });
+    }
+
+    /// Times `run`, records a row and returns its measurement.
+    fn bench(
+        &mut self,
+        name: &str,
+        shape: &str,
+        work: Work,
+        reps: &Reps,
+        note: Option<String>,
+        run: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Measurement> {
+        let m = measure(self.ctx, self.stamps.as_ref(), reps, run)?;
+        let r = self.roofline;
+        let (rate_wall, ratio, roof) = rate_and_ratio(work, m.wall_ms, r.copy_gbps, r.fma_gflops);
+        let gpu_ratio = match (m.gpu_ms, r.copy_gpu_gbps, r.fma_gpu_gflops) {
+            (Some(g), Some(copy), Some(fma)) => Some(rate_and_ratio(work, g, copy, fma).1),
+            _ => None,
+        };
+        let (gbps, gflops, bytes, flops) = match work {
+            Work::Bytes(b) => (Some(rate_wall), None, b, None),
+            Work::Flops { flops, bytes } => (None, Some(rate_wall), bytes, Some(flops as u64)),
+        };
+        self.results.push(KernelResult {
+            name: name.to_string(),
+            shape: shape.to_string(),
+            gbps,
+            gflops,
+            roofline_ratio: ratio,
+            roof,
+            time_ms: m.wall_ms,
+            gpu_ms: m.gpu_ms,
+            gpu_roofline_ratio: gpu_ratio,
+            bytes: bytes as u64,
+            flops,
+            speedup: None,
+            reps: m.reps,
+            note,
+        });
+        self.tick(format!("{name} {shape}"));
+        Ok(m)
+    }
+
+    /// Sets the speedup of the last row recorded under `name`.
+    fn set_speedup(&mut self, name: &str, speedup: f64) {
+        if let Some(r) = self.results.iter_mut().rev().find(|r| r.name == name) {
+            r.speedup = Some(speedup);
+        }
+    }
+}
+
+/// Runs the roofline sweep and the kernel suite of `cfg` on `ctx`, calling `progress` after
+/// each step ([`BenchConfig::steps`] of them). See the module doc for what is measured.
+///
+/// Errors: invalid configurations ([`Error::InvalidArgument`], e.g. a shape a kernel refuses)
+/// and GPU errors.
+pub fn run_suite(
+    ctx: &GpuContext,
+    cfg: &BenchConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BenchReport> {
+    let total = cfg.steps(ctx);
+    let roofline_steps = cfg.roofline.steps(ctx);
+    let roofline = measure_roofline_with(ctx, &cfg.roofline, &mut |p| {
+        progress(&Progress {
+            done: p.done,
+            total,
+            label: p.label.clone(),
+        })
+    })?;
+    let mut runner = Runner {
+        ctx,
+        stamps: Stamps::new(ctx)?,
+        roofline: &roofline,
+        results: Vec::new(),
+        done: roofline_steps,
+        total,
+        progress,
+    };
+    runner.results.extend(roofline_rows(&roofline));
+    elementwise(&mut runner, cfg)?;
+    fold(&mut runner, cfg)?;
+    let mut eval = Vec::new();
+    let mut qat = Vec::new();
+    for shape in &cfg.conv_shapes {
+        let (e, q) = conv(&mut runner, cfg, shape)?;
+        eval.push(e);
+        qat.push(q);
+    }
+    let timestamps = runner.stamps.is_some();
+    Ok(BenchReport {
+        adapter: roofline.adapter.clone(),
+        copy_gbps: roofline.copy_gbps,
+        fma_gflops: roofline.fma_gflops,
+        kernels: runner.results,
+        fused_speedup_eval: geomean(&eval),
+        fused_speedup_qat: geomean(&qat),
+        roofline,
+        config: cfg.describe(),
+        timestamps,
+    })
+}
+
+fn geomean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 1.0;
+    }
+    (v.iter().map(|x| x.max(1e-12).ln()).sum::<f64>() / v.len() as f64).exp()
+}
+
+/// The two roofline kernels as rows (ratio 1 by definition).
+fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
+    let c = &r.copy_best;
+    let f = &r.fma_best;
+    vec![
+        KernelResult {
+            name: "roofline/copy_vec4".to_string(),
+            shape: format!("{} f32", r.copy_bytes / 8),
+            gbps: Some(r.copy_gbps),
+            gflops: None,
+            roofline_ratio: 1.0,
+            roof: "copy",
+            time_ms: c.wall_ms,
+            gpu_ms: c.gpu_ms,
+            gpu_roofline_ratio: c.gpu_rate.zip(r.copy_gpu_gbps).map(|(a, b)| a / b),
+            bytes: r.copy_bytes,
+            flops: None,
+            speedup: None,
+            reps: 0,
+            note: Some(format!(
+                "best of {} points: workgroup {}, {} vec4 per invocation",
+                r.copy_sweep.len(),
+                c.workgroup_size,
+                c.per_invocation
+            )),
+        },
+        KernelResult {
+            name: "roofline/fma_chains".to_string(),
+            shape: format!("{:.3} GFLOP", r.fma_flops as f64 * 1e-9),
+            gbps: None,
+            gflops: Some(r.fma_gflops),
+            roofline_ratio: 1.0,
+            roof: "fma",
+            time_ms: f.wall_ms,
+            gpu_ms: f.gpu_ms,
+            gpu_roofline_ratio: f.gpu_rate.zip(r.fma_gpu_gflops).map(|(a, b)| a / b),
+            bytes: 0,
+            flops: Some(r.fma_flops),
+            speedup: None,
+            reps: 0,
+            note: Some(format!(
+                "best of {} points: workgroup {}, {} vec4 fma chains per invocation",
+                r.fma_sweep.len(),
+                f.workgroup_size,
+                f.per_invocation
+            )),
+        },
+    ]
+}
+
+/// Fake quant (per tensor, per channel, scalar vs vec4, preallocated vs allocating, with
+/// mask) and the observers.
+fn elementwise(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
+    let ctx = r.ctx;
+    let shape = cfg.elementwise_shape;
+    let n: usize = shape.iter().product();
+    let c = shape[1];
+    let desc = format!("{}x{}x{}x{} ({n})", shape[0], shape[1], shape[2], shape[3]);
+    let x = upload(ctx, &shape, 7, -4.0, 4.0)?;
+    let y = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let mask = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let range = QuantRange::INT8;
+    let per_tensor = GpuQParams::upload(ctx, &QParams::per_tensor(0.03, 3))?;
+    let per_channel = GpuQParams::upload(
+        ctx,
+        &QParams::per_channel(
+            (0..c).map(|i| 0.01 + i as f32 * 1e-3).collect(),
+            (0..c).map(|i| (i % 7) as i32 - 3).collect(),
+            1,
+        )?,
+    )?;
+    let io = Work::Bytes(8.0 * n as f64);
+    r.bench(
+        "fake_quant/per_tensor",
+        &desc,
+        io,
+        &cfg.reps,
+        Some("vec4 kernel into a preallocated output".to_string()),
+        &mut || fake_quant_into_with(ctx, &x, &per_tensor, range, &y, FakeQuantKernel::Vec4),
+    )?;
+    r.bench(
+        "fake_quant/per_channel",
+        &desc,
+        io,
+        &cfg.reps,
+        Some("axis 1; vec4 kernel into a preallocated output".to_string()),
+        &mut || fake_quant_into_with(ctx, &x, &per_channel, range, &y, FakeQuantKernel::Vec4),
+    )?;
+    r.bench(
+        "fake_quant/per_tensor/scalar",
+        &desc,
+        io,
+        &cfg.reps,
+        Some("one element per invocation, preallocated output".to_string()),
+        &mut || fake_quant_into_with(ctx, &x, &per_tensor, range, &y, FakeQuantKernel::Scalar),
+    )?;
+    r.bench(
+        "fake_quant/per_tensor/alloc",
+        &desc,
+        io,
+        &cfg.reps,
+        Some("fake_quant(): allocates (and zero-fills) its output each call".to_string()),
+        &mut || fake_quant(ctx, &x, &per_tensor, range).map(drop),
+    )?;
+    r.bench(
+        "fake_quant_with_mask/per_channel",
+        &desc,
+        Work::Bytes(12.0 * n as f64),
+        &cfg.reps,
+        Some("axis 1; y and the STE mask as f32 (12 B/element)".to_string()),
+        &mut || fake_quant_with_mask_into(ctx, &x, &per_channel, range, &y, &mask),
+    )?;
+    let read = Work::Bytes(4.0 * n as f64);
+    for (name, scheme, note) in [
+        (
+            "observer/per_tensor",
+            QScheme::PerTensorAffine,
+            "min/max + qparams, affine",
+        ),
+        (
+            "observer/per_channel",
+            QScheme::PerChannelSymmetric,
+            "min/max + qparams along axis 1, symmetric",
+        ),
+    ] {
+        let spec = ObserverSpec::new(QDtype::QInt8, scheme, range, 1)?;
+        r.bench(
+            name,
+            &desc,
+            read,
+            &cfg.reps,
+            Some(note.to_string()),
+            &mut || observe(ctx, &x, &spec).map(drop),
+        )?;
+    }
+    Ok(())
+}
+
+/// BatchNorm folding into a conv weight.
+fn fold(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
+    let ctx = r.ctx;
+    let shape = cfg.fold_shape;
+    let o = shape[0];
+    let n: usize = shape.iter().product();
+    let w = upload(ctx, &shape, 11, -1.0, 1.0)?;
+    let bn = GpuBatchNorm::upload(ctx, &batch_norm(o, 13))?;
+    // Read and write the weight; read the four BN vectors, write the bias.
+    let bytes = 8.0 * n as f64 + 20.0 * o as f64;
+    r.bench(
+        "fold_conv_bn",
+        &format!("{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]),
+        Work::Bytes(bytes),
+        &cfg.reps,
+        Some("weight and bias, allocating outputs".to_string()),
+        &mut || fold_conv_bn(ctx, &w, None, &bn, false).map(drop),
+    )?;
+    Ok(())
+}
+
+/// One conv shape: conv alone, fused / prefolded / unfused eval, fused / unfused QAT.
+/// Returns the eval and QAT speedups.
+fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64, f64)> {
+    let ctx = r.ctx;
+    let batch = cfg.conv_batch;
+    let desc = shape.describe(batch);
+    let x = upload(ctx, &shape.input(batch), 17, -1.0, 1.0)?;
+    let fan_in = (shape.weight()[1] * shape.kernel * shape.kernel).max(1) as f32;
+    let bound = (3.0 / fan_in).sqrt();
+    let w = upload(ctx, &shape.weight(), 19, -bound, bound)?;
+    let bn = GpuBatchNorm::upload(ctx, &batch_norm(shape.out_channels, 23))?;
+    let layer = GpuConv2d {
+        weight: &w,
+        bias: None,
+        params: shape.params(),
+    };
+    let work = Work::Flops {
+        flops: shape.flops(batch),
+        bytes: shape.min_bytes(batch),
+    };
+    let reps = cfg.conv_reps;
+    let act = Activation::Relu;
+    r.bench(
+        "conv2d",
+        &desc,
+        work,
+        &reps,
+        Some("forward, no epilogue".to_string()),
+        &mut || conv2d(ctx, &x, &w, &layer.params, &ConvEpilogue::none()).map(drop),
+    )?;
+
+    let fused = r.bench(
+        "conv_bn_relu_eval/fused",
+        &desc,
+        work,
+        &reps,
+        Some("fold BN (2 dispatches) + one conv with bias and ReLU epilogue".to_string()),
+        &mut || conv_bn_act_eval(ctx, &x, &layer, &bn, act).map(drop),
+    )?;
+    let (wf, bf) = fold_conv_bn(ctx, &w, None, &bn, false)?;
+    let prefolded = ConvEpilogue {
+        out_scale: None,
+        bias: Some(&bf),
+        activation: act,
+    };
+    r.bench(
+        "conv_bn_relu_eval/fused_prefolded",
+        &desc,
+        work,
+        &reps,
+        Some("inference: BN folded once beforehand, one conv per run".to_string()),
+        &mut || conv2d(ctx, &x, &wf, &layer.params, &prefolded).map(drop),
+    )?;
+    let unfused = r.bench(
+        "conv_bn_relu_eval/unfused",
+        &desc,
+        work,
+        &reps,
+        Some("conv, BatchNorm (eval), ReLU: separate dispatches and buffers".to_string()),
+        &mut || conv_bn_act_eval_unfused(ctx, &x, &layer, &bn, act).map(drop),
+    )?;
+    let eval_speedup = unfused.wall_ms / fused.wall_ms.max(1e-9);
+    r.set_speedup("conv_bn_relu_eval/fused", eval_speedup);
+
+    let qcfg = QatConfig {
+        activation: act,
+        freeze_bn: false,
+        weight_observer: ObserverSpec::new(
+            QDtype::QInt8,
+            QScheme::PerChannelSymmetric,
+            QuantRange::INT8,
+            0,
+        )?,
+    };
+    let fused = r.bench(
+        "conv_bn_relu_qat_forward/fused",
+        &desc,
+        work,
+        &reps,
+        Some("ConvBnReLU2d training step forward, fused passes".to_string()),
+        &mut || conv_bn_qat_forward(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
+    )?;
+    let unfused = r.bench(
+        "conv_bn_relu_qat_forward/unfused",
+        &desc,
+        work,
+        &reps,
+        Some("ConvBnReLU2d training step forward, one dispatch per op".to_string()),
+        &mut || conv_bn_qat_forward_unfused(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
+    )?;
+    let qat_speedup = unfused.wall_ms / fused.wall_ms.max(1e-9);
+    r.set_speedup("conv_bn_relu_qat_forward/fused", qat_speedup);
+    Ok((eval_speedup, qat_speedup))
+}
+
+impl BenchReport {
+    /// The JSON of `qfuse bench --json` (pretty-printed).
+    ///
+    /// Errors: [`Error::InvalidArgument`] if serialization fails.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::invalid(format!("serializing the bench report: {e}")))
+    }
+
+    /// Writes [`BenchReport::to_json`] to `path`.
+    ///
+    /// Errors: [`Error::Io`].
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let json = self.to_json()?;
+        std::fs::write(path, json + "\n").map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// The report as a text table: one row per kernel (name, shape, time, GPU time, rate,
+    /// ratio to the roofline), then the fused speedups.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "adapter: {}", self.adapter);
+        let _ = writeln!(s, "{}", self.config);
+        let gpu = |v: Option<f64>| v.map_or(String::new(), |g| format!(" ({g:.1} GPU-timed)"));
+        let _ = writeln!(
+            s,
+            "roofline: copy {:.2} GB/s{}, fma {:.2} GFLOP/s{}",
+            self.copy_gbps,
+            gpu(self.roofline.copy_gpu_gbps),
+            self.fma_gflops,
+            gpu(self.roofline.fma_gpu_gflops)
+        );
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{:<36} {:<30} {:>10} {:>10} {:>16} {:>7} {:>8}",
+            "kernel", "shape", "time ms", "gpu ms", "rate", "roof", "speedup"
+        );
+        for k in &self.kernels {
+            let rate = match (k.gbps, k.gflops) {
+                (Some(g), _) => format!("{g:.2} GB/s"),
+                (_, Some(f)) => format!("{f:.2} GFLOP/s"),
+                _ => String::new(),
+            };
+            let gpu_ms = k.gpu_ms.map_or("-".to_string(), |g| format!("{g:.3}"));
+            let speedup = k.speedup.map_or(String::new(), |v| format!("{v:.2}x"));
+            let _ = writeln!(
+                s,
+                "{:<36} {:<30} {:>10.3} {:>10} {:>16} {:>4.2} {:<3} {:>8}",
+                k.name, k.shape, k.time_ms, gpu_ms, rate, k.roofline_ratio, k.roof, speedup
+            );
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "fused speedup (geometric mean over conv shapes, unfused/fused time): \
+             eval {:.2}x, QAT forward {:.2}x",
+            self.fused_speedup_eval, self.fused_speedup_qat
+        );
+        let _ = write!(
+            s,
+            "roof: ratio to copy bandwidth (memory-bound) or to min(fma, intensity x copy) \
+             (convs){}",
+            if self.timestamps {
+                "; gpu ms: GPU timestamps around the same work"
+            } else {
+                "; no GPU timestamps on this device"
+            }
+        );
+        s
+    }
+}

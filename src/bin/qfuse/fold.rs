@@ -1,0 +1,93 @@
+//! `qfuse fold IN.safetensors --fuse LAYER,BN[,RELU] [--fuse ...] [--transpose] [--eps E]
+//! [--backend cpu|gpu|auto] -o OUT.safetensors`: a thin layer over
+//! [`qfuse::fold_state_dict::FoldJob`], which reads and checks the input before a GPU is
+//! opened.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use qfuse::backend::{best_available, Backend, CpuBackend, GpuBackend};
+use qfuse::fold_state_dict::{FoldJob, FoldSpec, DEFAULT_EPS};
+
+/// Where the folds run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FoldBackend {
+    /// The CPU reference.
+    Cpu,
+    /// The WGSL kernels on the system's GPU adapter (an error when there is none).
+    Gpu,
+    /// The GPU when an adapter can be opened, else the CPU reference (said on stderr).
+    Auto,
+}
+
+/// Arguments of `qfuse fold`.
+#[derive(Args, Debug)]
+pub struct FoldArgs {
+    /// The PyTorch state dict to fold (safetensors). It is never modified.
+    input: PathBuf,
+    /// A fusion: LAYER,BN folds the BatchNorm BN into the conv or linear LAYER (rank-2
+    /// weight = linear, rank >= 3 = conv); LAYER,BN,RELU writes PyTorch's ConvReLU names
+    /// LAYER.0.weight / LAYER.0.bias. Repeat for more fusions.
+    #[arg(long = "fuse", value_name = "LAYER,BN[,RELU]", required = true)]
+    fuse: Vec<String>,
+    /// The conv weights are ConvTranspose weights [Cin, Cout/groups, k...]; applies to every
+    /// conv of this run (fold ConvTranspose and Conv layers in two runs).
+    #[arg(long)]
+    transpose: bool,
+    /// The BatchNorms' eps (state dicts do not store it).
+    #[arg(long, default_value_t = DEFAULT_EPS, allow_negative_numbers = true)]
+    eps: f32,
+    /// Where the folds run.
+    #[arg(long, value_enum, default_value_t = FoldBackend::Auto)]
+    backend: FoldBackend,
+    /// The folded state dict to write (safetensors); must not be the input file.
+    #[arg(short = 'o', long = "output", value_name = "OUT.safetensors")]
+    output: PathBuf,
+}
+
+/// Runs `qfuse fold`.
+pub fn run(args: &FoldArgs) -> qfuse::Result<ExitCode> {
+    let specs = args
+        .fuse
+        .iter()
+        .map(|f| FoldSpec::parse(f).map(|s| s.transposed(args.transpose).with_eps(args.eps)))
+        .collect::<qfuse::Result<Vec<_>>>()?;
+    let job = FoldJob::prepare(&args.input, &args.output, &specs)?;
+    let backend: Box<dyn Backend> = match args.backend {
+        FoldBackend::Cpu => Box::new(CpuBackend),
+        FoldBackend::Gpu => Box::new(GpuBackend::from_system()?),
+        FoldBackend::Auto => {
+            let (b, fallback) = best_available();
+            if let Some(why) = fallback {
+                eprintln!("no GPU adapter ({why}); the CPU reference folds");
+            }
+            b
+        }
+    };
+    let report = job.run(backend.as_ref())?;
+    for f in &report.folded {
+        println!(
+            "folded `{}` into {} `{}` (weight {:?}) -> {}; dropped {}",
+            f.spec.bn,
+            f.kind,
+            f.spec.layer,
+            f.weight_shape,
+            f.written.join(", "),
+            if f.dropped.is_empty() {
+                "nothing".to_string()
+            } else {
+                f.dropped.join(", ")
+            }
+        );
+    }
+    println!(
+        "wrote {} ({} tensors: {} folded, {} copied unchanged) on {}",
+        args.output.display(),
+        report.total,
+        report.total - report.copied,
+        report.copied,
+        backend.name()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,304 @@
+//! Containers: `Sequential` and user containers with named children and a declared forward
+//! order.
+
+use std::fmt;
+use std::sync::Arc;
+
+use ndarray::ArrayD;
+
+use super::path::unknown_child;
+use super::Module;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+/// A container's custom forward: given a [`Scope`] (to run children by name) and the input,
+/// returns the output. See [`Container::with_forward`].
+pub type ForwardFn = Arc<dyn Fn(&mut Scope<'_>, &ArrayD<f32>) -> Result<ArrayD<f32>> + Send + Sync>;
+
+/// Named children, in registration order, and how the forward runs them.
+///
+/// * **Registration order** (the order of [`Container::with_child`] / [`Container::push`])
+///   is the order of [`Module::named_modules`] and [`Module::named_children`], as in PyTorch.
+/// * **Declared forward order**: the forward runs the children one after the other, each
+///   output feeding the next. It is the registration order unless declared with
+///   [`Container::with_order`] (a list of child names; a name may repeat, a child may be
+///   left out).
+/// * **Custom forward** ([`Container::with_forward`]): a closure replaces the sequential run,
+///   for data flow a sequence cannot express (residual adds, ...). It still declares its
+///   straight-line *chains*: the runs of children where each output feeds only the next.
+///
+/// [`crate::fuse::find_fusable`] looks for fusable patterns only inside the declared order
+/// (or chains), never across them, and never at a child the declared order uses twice.
+///
+/// `Sequential` ([`Container::sequential`], [`Module::sequential`]) is a container of type
+/// name `Sequential` whose children are named `"0"`, `"1"`, … and run in registration order.
+#[derive(Clone)]
+pub struct Container {
+    type_name: String,
+    children: Vec<(String, Module)>,
+    /// `None`: one chain, the registration order.
+    chains: Option<Vec<Vec<String>>>,
+    forward: Option<ForwardFn>,
+}
+
+impl Container {
+    /// An empty container reported as `type_name` by [`Module::kind_name`] (the name of the
+    /// user's `nn.Module` subclass, e.g. `"BasicBlock"`).
+    pub fn new(type_name: impl Into<String>) -> Self {
+        Self {
+            type_name: type_name.into(),
+            children: Vec::new(),
+            chains: None,
+            forward: None,
+        }
+    }
+
+    /// A `Sequential` of `modules`, named `"0"`, `"1"`, …
+    pub fn sequential(modules: impl IntoIterator<Item = Module>) -> Self {
+        let mut c = Self::new("Sequential");
+        for (i, m) in modules.into_iter().enumerate() {
+            c.children.push((i.to_string(), m));
+        }
+        c
+    }
+
+    /// The type name.
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    /// Adds (or, for an existing name, replaces in place, as PyTorch's `add_module`) a child.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an empty name or one containing `.`.
+    pub fn push(&mut self, name: impl Into<String>, module: Module) -> Result<()> {
+        let name = name.into();
+        if name.is_empty() || name.contains('.') {
+            return Err(Error::invalid(format!(
+                "module name can't be empty or contain \".\", got `{name}`"
+            )));
+        }
+        match self.children.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, m)) => *m = module,
+            None => self.children.push((name, module)),
+        }
+        Ok(())
+    }
+
+    /// Builder form of [`Container::push`].
+    pub fn with_child(mut self, name: impl Into<String>, module: Module) -> Result<Self> {
+        self.push(name, module)?;
+        Ok(self)
+    }
+
+    /// Declares the forward order: the children to run, in order, each output feeding the
+    /// next (`["conv", "bn", "relu"]`, a `Vec`, ...). Replaces a custom forward.
+    ///
+    /// Errors: [`Error::UnknownModule`] for a name that is not a child.
+    pub fn with_order<S: AsRef<str>>(mut self, order: impl IntoIterator<Item = S>) -> Result<Self> {
+        let order = self.check_names(order)?;
+        self.chains = Some(vec![order]);
+        self.forward = None;
+        Ok(self)
+    }
+
+    /// Declares a custom forward `f` and its straight-line `chains` (each a list of child
+    /// names whose outputs feed straight into the next; see the [type docs](Container)), as
+    /// any nested iterable of names: `[["a", "b"], ["c", "d"]]`, `vec![vec!["a", "b", "c"],
+    /// vec!["d"]]`, ...
+    ///
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use qfuse::nn::{Container, Module};
+    ///
+    /// // relu(x + identity(x)): the add happens between the two children, so they form two
+    /// // chains and are never fused together.
+    /// let block = Container::new("Residual")
+    ///     .with_child("body", Module::identity())?
+    ///     .with_child("relu", Module::relu())?
+    ///     .with_forward([["body"], ["relu"]], |s, x| {
+    ///         let y = s.call("body", x)? + x;
+    ///         s.call("relu", &y)
+    ///     })?;
+    /// let mut m = Module::container(block);
+    /// let x = ArrayD::from_elem(ndarray::IxDyn(&[2]), -1.0f32);
+    /// assert_eq!(m.forward(&qfuse::CpuBackend, &x)?, ArrayD::<f32>::zeros(ndarray::IxDyn(&[2])));
+    /// # Ok::<(), qfuse::Error>(())
+    /// ```
+    ///
+    /// Errors: [`Error::UnknownModule`] for a name that is not a child.
+    pub fn with_forward<C, S>(
+        mut self,
+        chains: impl IntoIterator<Item = C>,
+        f: impl Fn(&mut Scope<'_>, &ArrayD<f32>) -> Result<ArrayD<f32>> + Send + Sync + 'static,
+    ) -> Result<Self>
+    where
+        C: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut checked = Vec::new();
+        for c in chains {
+            checked.push(self.check_names(c)?);
+        }
+        self.chains = Some(checked);
+        self.forward = Some(Arc::new(f));
+        Ok(self)
+    }
+
+    fn check_names<S: AsRef<str>>(
+        &self,
+        names: impl IntoIterator<Item = S>,
+    ) -> Result<Vec<String>> {
+        names
+            .into_iter()
+            .map(|n| {
+                let n = n.as_ref();
+                if self.child(n).is_some() {
+                    Ok(n.to_string())
+                } else {
+                    Err(unknown_child(
+                        n,
+                        self.children.iter().map(|(k, _)| k.as_str()),
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the forward is a custom closure.
+    pub fn has_custom_forward(&self) -> bool {
+        self.forward.is_some()
+    }
+
+    /// The declared straight-line chains: one chain (the declared order, by default the
+    /// registration order) for a sequential forward; the declared chains for a custom one.
+    pub fn chains(&self) -> Vec<Vec<String>> {
+        match &self.chains {
+            Some(c) => c.clone(),
+            None => vec![self.children.iter().map(|(n, _)| n.clone()).collect()],
+        }
+    }
+
+    /// The declared forward order (the chains, concatenated).
+    pub fn forward_order(&self) -> Vec<String> {
+        self.chains().concat()
+    }
+
+    /// The children, in registration order.
+    pub fn children(&self) -> impl Iterator<Item = (&str, &Module)> {
+        self.children.iter().map(|(n, m)| (n.as_str(), m))
+    }
+
+    /// The children, mutably, in registration order.
+    pub fn children_mut(&mut self) -> impl Iterator<Item = (&str, &mut Module)> {
+        self.children.iter_mut().map(|(n, m)| (n.as_str(), m))
+    }
+
+    /// The child called `name`.
+    pub fn child(&self, name: &str) -> Option<&Module> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m)
+    }
+
+    /// The child called `name`, mutably.
+    pub fn child_mut(&mut self, name: &str) -> Option<&mut Module> {
+        self.children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m)
+    }
+
+    /// Number of children.
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    /// Whether there are no children.
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+
+    /// Runs the forward with children's hook paths under `prefix`.
+    pub(crate) fn forward(
+        &mut self,
+        backend: &dyn Backend,
+        x: &ArrayD<f32>,
+        prefix: &str,
+        training: bool,
+    ) -> Result<ArrayD<f32>> {
+        if let Some(f) = self.forward.clone() {
+            let mut scope = Scope {
+                backend,
+                children: &mut self.children,
+                prefix,
+                training,
+            };
+            return f(&mut scope, x);
+        }
+        let order = self.forward_order();
+        let mut scope = Scope {
+            backend,
+            children: &mut self.children,
+            prefix,
+            training,
+        };
+        let mut y = x.clone();
+        for name in &order {
+            y = scope.call(name, &y)?;
+        }
+        Ok(y)
+    }
+}
+
+impl fmt::Debug for Container {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Container")
+            .field("type_name", &self.type_name)
+            .field("children", &self.children)
+            .field("chains", &self.chains)
+            .field("custom_forward", &self.forward.is_some())
+            .finish()
+    }
+}
+
+/// What a custom forward ([`Container::with_forward`]) sees: the backend, the container's
+/// training flag, and its children, run by name.
+pub struct Scope<'a> {
+    backend: &'a dyn Backend,
+    children: &'a mut Vec<(String, Module)>,
+    prefix: &'a str,
+    training: bool,
+}
+
+impl Scope<'_> {
+    /// Runs child `name` on `x` (with its hooks; its hook path is the container's path plus
+    /// `.name`).
+    ///
+    /// Errors: [`Error::UnknownModule`] when there is no such child; the child's errors.
+    pub fn call(&mut self, name: &str, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let path = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        let backend = self.backend;
+        let Some(pos) = self.children.iter().position(|(n, _)| n == name) else {
+            return Err(unknown_child(
+                name,
+                self.children.iter().map(|(n, _)| n.as_str()),
+            ));
+        };
+        self.children[pos].1.forward_at(backend, x, &path)
+    }
+
+    /// The backend the forward runs on.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend
+    }
+
+    /// The container's training flag.
+    pub fn training(&self) -> bool {
+        self.training
+    }
+}
