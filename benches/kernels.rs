@@ -1,17 +1,31 @@
 //! Criterion benches of the GPU kernels: fake quantization (per tensor and per channel),
-//! observer reductions, and BatchNorm folding — with the fused-vs-unfused conv+bn+relu
-//! comparisons in `fused`. Time is submit-to-completion (`iter_custom`: encode, submit,
-//! wait for the device), throughput is the minimal logical traffic in bytes.
+//! observer reductions, BatchNorm folding, conv2d at ResNet-18's 3×3 shapes and a MobileNet
+//! depthwise layer, and the fused-vs-unfused comparisons, named so they read side by side:
+//! `conv_bn_relu_eval/fused/<shape>` vs `conv_bn_relu_eval/unfused/<shape>` and
+//! `conv_bn_relu_qat_forward/fused/<shape>` vs `.../unfused/<shape>`.
 //!
-//! Without an adapter the GPU groups print one line and are skipped.
+//! Time is submit-to-completion (`iter_custom`: encode, submit, wait for the device).
+//! Throughput: memory-bound kernels declare their minimal logical traffic in bytes (so
+//! criterion's B/s compares with the copy bandwidth of `qfuse bench`); convolutions declare
+//! their flops (`2·N·OH·OW·O·(C/g)·KH·KW`) as elements, so criterion's "elem/s" reads as
+//! FLOP/s. Fused and unfused declare the same flops, so their rates compare directly.
+//!
+//! Conv batches are 1 by default to keep `cargo bench` short on a CPU adapter (lavapipe);
+//! set `QFUSE_BENCH_BATCH=8` for the batch of `qfuse bench`. Without an adapter the GPU
+//! groups print one line and are skipped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use ndarray::{ArrayD, IxDyn};
-use qfuse::gpu::{GpuContext, GpuTensor};
-use qfuse::kernels::{self, GpuQParams};
+use qfuse::gpu::{DType, GpuContext, GpuTensor};
+use qfuse::kernels::conv2d::ConvEpilogue;
+use qfuse::kernels::conv_bn::GpuConv2d;
+use qfuse::kernels::{self, GpuBatchNorm, GpuQParams};
+use qfuse::ops::{Activation, Conv2dParams, QatConfig};
 use qfuse::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
 
 fn context() -> Option<Arc<GpuContext>> {
@@ -53,12 +67,15 @@ fn fake_quant(c: &mut Criterion) {
     let shape = [16usize, 64, 128, 128];
     let n: usize = shape.iter().product();
     let x = GpuTensor::upload_f32(&ctx, &data(&shape)).unwrap();
+    // A preallocated output, so the benches measure the kernel, not an allocation.
+    let y = GpuTensor::zeros(&ctx, &shape, DType::F32).unwrap();
     g.throughput(Throughput::Bytes(2 * 4 * n as u64));
     let per_tensor = GpuQParams::upload(&ctx, &QParams::per_tensor(0.03, 3)).unwrap();
     g.bench_function(BenchmarkId::new("per_tensor_int8", n), |b| {
         b.iter_custom(|iters| {
             timed(&ctx, iters, || {
-                kernels::fake_quant::fake_quant(&ctx, &x, &per_tensor, QuantRange::INT8).unwrap();
+                kernels::fake_quant::fake_quant_into(&ctx, &x, &per_tensor, QuantRange::INT8, &y)
+                    .unwrap();
             })
         })
     });
@@ -75,7 +92,8 @@ fn fake_quant(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("per_channel_int8_axis1", n), |b| {
         b.iter_custom(|iters| {
             timed(&ctx, iters, || {
-                kernels::fake_quant::fake_quant(&ctx, &x, &per_channel, QuantRange::INT8).unwrap();
+                kernels::fake_quant::fake_quant_into(&ctx, &x, &per_channel, QuantRange::INT8, &y)
+                    .unwrap();
             })
         })
     });
@@ -138,5 +156,214 @@ fn fold(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fake_quant, observers, fold);
+/// A conv layer of the benches: square input, 3×3 kernel, padding 1, stride 1.
+struct Layer {
+    name: &'static str,
+    channels: usize,
+    size: usize,
+    groups: usize,
+}
+
+/// ResNet-18's 3×3 convs (one per stage) and a MobileNet(V2) depthwise layer.
+const LAYERS: &[Layer] = &[
+    Layer {
+        name: "resnet18_64x56x56",
+        channels: 64,
+        size: 56,
+        groups: 1,
+    },
+    Layer {
+        name: "resnet18_128x28x28",
+        channels: 128,
+        size: 28,
+        groups: 1,
+    },
+    Layer {
+        name: "resnet18_256x14x14",
+        channels: 256,
+        size: 14,
+        groups: 1,
+    },
+    Layer {
+        name: "resnet18_512x7x7",
+        channels: 512,
+        size: 7,
+        groups: 1,
+    },
+    Layer {
+        name: "depthwise_144x56x56",
+        channels: 144,
+        size: 56,
+        groups: 144,
+    },
+];
+
+fn batch() -> usize {
+    std::env::var("QFUSE_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(1)
+}
+
+/// The layer's tensors on the GPU: input, weight, BatchNorm, settings, and its flops.
+struct LayerData {
+    id: String,
+    x: GpuTensor,
+    w: GpuTensor,
+    bn: GpuBatchNorm,
+    params: Conv2dParams,
+    flops: u64,
+}
+
+fn layer_data(ctx: &GpuContext, l: &Layer) -> LayerData {
+    let n = batch();
+    let (c, s) = (l.channels, l.size);
+    let x = GpuTensor::upload_f32(ctx, &data(&[n, c, s, s])).unwrap();
+    let w = GpuTensor::upload_f32(ctx, &data(&[c, c / l.groups, 3, 3]).mapv(|v| v * 0.05)).unwrap();
+    let bn = qfuse::ops::BatchNorm {
+        weight: Some(ndarray::Array1::from_elem(c, 1.1)),
+        bias: Some(ndarray::Array1::from_elem(c, 0.1)),
+        running_mean: ndarray::Array1::from_elem(c, 0.2),
+        running_var: ndarray::Array1::from_elem(c, 0.9),
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    LayerData {
+        id: format!("{}_n{n}", l.name),
+        x,
+        w,
+        bn: GpuBatchNorm::upload(ctx, &bn).unwrap(),
+        params: Conv2dParams {
+            padding: [1, 1],
+            groups: l.groups,
+            ..Conv2dParams::default()
+        },
+        // 2·N·OH·OW·O·(C/g)·KH·KW, OH = OW = size.
+        flops: 2 * (n * s * s * c * (c / l.groups) * 9) as u64,
+    }
+}
+
+/// Few samples of equal length (flat sampling), short warm-up and measurement: convs take
+/// tens of ms to seconds on lavapipe.
+fn conv_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g
+}
+
+fn conv2d(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "conv2d");
+    for l in LAYERS {
+        let d = layer_data(&ctx, l);
+        g.throughput(Throughput::Elements(d.flops));
+        g.bench_function(BenchmarkId::new("forward", &d.id), |b| {
+            b.iter_custom(|iters| {
+                timed(&ctx, iters, || {
+                    kernels::conv2d::conv2d(&ctx, &d.x, &d.w, &d.params, &ConvEpilogue::none())
+                        .unwrap();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn conv_bn_relu_eval(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "conv_bn_relu_eval");
+    for l in LAYERS {
+        let d = layer_data(&ctx, l);
+        let conv = GpuConv2d {
+            weight: &d.w,
+            bias: None,
+            params: d.params,
+        };
+        g.throughput(Throughput::Elements(d.flops));
+        g.bench_function(BenchmarkId::new("fused", &d.id), |b| {
+            b.iter_custom(|iters| {
+                timed(&ctx, iters, || {
+                    kernels::conv_bn::conv_bn_act_eval(&ctx, &d.x, &conv, &d.bn, Activation::Relu)
+                        .unwrap();
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("unfused", &d.id), |b| {
+            b.iter_custom(|iters| {
+                timed(&ctx, iters, || {
+                    kernels::conv_bn::conv_bn_act_eval_unfused(
+                        &ctx,
+                        &d.x,
+                        &conv,
+                        &d.bn,
+                        Activation::Relu,
+                    )
+                    .unwrap();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn conv_bn_relu_qat_forward(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "conv_bn_relu_qat_forward");
+    let cfg = QatConfig {
+        activation: Activation::Relu,
+        freeze_bn: false,
+        weight_observer: ObserverSpec::new(
+            QDtype::QInt8,
+            QScheme::PerChannelSymmetric,
+            QuantRange::INT8,
+            0,
+        )
+        .unwrap(),
+    };
+    for l in LAYERS {
+        let d = layer_data(&ctx, l);
+        let conv = GpuConv2d {
+            weight: &d.w,
+            bias: None,
+            params: d.params,
+        };
+        g.throughput(Throughput::Elements(d.flops));
+        g.bench_function(BenchmarkId::new("fused", &d.id), |b| {
+            b.iter_custom(|iters| {
+                timed(&ctx, iters, || {
+                    kernels::conv_bn::conv_bn_qat_forward(&ctx, &d.x, &conv, &d.bn, 0.1, &cfg)
+                        .unwrap();
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("unfused", &d.id), |b| {
+            b.iter_custom(|iters| {
+                timed(&ctx, iters, || {
+                    kernels::conv_bn::conv_bn_qat_forward_unfused(
+                        &ctx, &d.x, &conv, &d.bn, 0.1, &cfg,
+                    )
+                    .unwrap();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    fake_quant,
+    observers,
+    fold,
+    conv2d,
+    conv_bn_relu_eval,
+    conv_bn_relu_qat_forward
+);
 criterion_main!(benches);

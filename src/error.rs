@@ -182,6 +182,17 @@ pub enum Error {
         /// The group's index.
         index: usize,
     },
+    /// `load_state_dict(strict = true)` with keys missing from the state dict or keys the
+    /// model does not have (PyTorch's message).
+    #[error("Error(s) in loading state_dict for {module}:{}", state_dict_key_errors(.missing, .unexpected))]
+    StateDictKeys {
+        /// The type name of the module loaded into.
+        module: String,
+        /// Keys of the model that the state dict lacks.
+        missing: Vec<String>,
+        /// Keys of the state dict that the model does not have.
+        unexpected: Vec<String>,
+    },
     /// An I/O error with the path it concerns.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -199,6 +210,30 @@ fn quoted(names: &[String]) -> String {
         .map(|n| format!("`{n}`"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// PyTorch's `load_state_dict` error lines (missing keys first, then unexpected ones).
+fn state_dict_key_errors(missing: &[String], unexpected: &[String]) -> String {
+    let list = |keys: &[String]| {
+        keys.iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut s = String::new();
+    if !missing.is_empty() {
+        s.push_str(&format!(
+            "\n\tMissing key(s) in state_dict: {}.",
+            list(missing)
+        ));
+    }
+    if !unexpected.is_empty() {
+        s.push_str(&format!(
+            "\n\tUnexpected key(s) in state_dict: {}.",
+            list(unexpected)
+        ));
+    }
+    s
 }
 
 /// `Result` with [`Error`].

@@ -19,3 +19,4 @@ pub mod fuse;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod qat;

@@ -435,3 +435,44 @@ pub struct QatGrads {
     /// dL/dβ.
     pub dbn_bias: Array1<f32>,
 }
+
+/// The weight fake quant of one QAT conv + BatchNorm step run with
+/// [`crate::Backend::conv_bn_qat_forward_with`]: where its qparams come from and whether it
+/// is applied. The default (`qparams: None`, enabled) is what
+/// [`crate::Backend::conv_bn_qat_forward`] does.
+///
+/// A `torch.ao.quantization.FakeQuantize` keeps its observer's running statistics between
+/// steps (a `MinMaxObserver` widens, a `MovingAverageMinMaxObserver` averages), can have its
+/// observer or its fake quant switched off, and stores `scale` / `zero_point`; this carries
+/// what such a module decided for the step (see [`crate::qat::FakeQuantize`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QatWeightQuant {
+    /// `None`: the weight observer ([`QatConfig::weight_observer`]) sees this step's
+    /// BN-scaled weight `W_s` once and gives the qparams. `Some`: fake-quantize `W_s` with
+    /// these (for example a `FakeQuantize`'s stored `scale` / `zero_point`, along the 4-D
+    /// weight's axes).
+    pub qparams: Option<QParams>,
+    /// `false`: no fake quant (`fake_quant_enabled = 0`): `W_q = W_s` and the
+    /// straight-through mask is all ones. The qparams (given or observed) are still
+    /// reported in [`QatForward::weight_qparams`].
+    pub fake_quant_enabled: bool,
+}
+
+impl Default for QatWeightQuant {
+    fn default() -> Self {
+        Self {
+            qparams: None,
+            fake_quant_enabled: true,
+        }
+    }
+}
+
+impl QatWeightQuant {
+    /// Fake-quantize with fixed `qparams`.
+    pub fn fixed(qparams: QParams) -> Self {
+        Self {
+            qparams: Some(qparams),
+            fake_quant_enabled: true,
+        }
+    }
+}

@@ -10,7 +10,7 @@ use crate::gpu::{GpuContext, GpuTensor};
 use crate::kernels::{self, GpuBatchNorm, GpuQParams};
 use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
-    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads,
+    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatWeightQuant,
 };
 use crate::quant::{ObserverSpec, QParams, QuantRange};
 
@@ -57,6 +57,40 @@ impl GpuBackend {
         Ok(Folded {
             weight: w.download_f32(&self.ctx)?,
             bias: to_array1(b.download_f32(&self.ctx)?)?,
+        })
+    }
+
+    /// The host form of a GPU QAT forward.
+    fn download_qat_forward(
+        &self,
+        f: &kernels::conv_bn::GpuQatForward,
+        gconv: &kernels::conv_bn::GpuConv2d,
+    ) -> Result<QatForward> {
+        use kernels::batch_norm::{download4, download_rows};
+        let ctx = &*self.ctx;
+        let conv_out = kernels::conv_bn::qat_conv_out(ctx, f, gconv)?;
+        let rows = |t: &GpuTensor| -> Result<[Array1<f32>; 2]> {
+            download_rows(ctx, t)?
+                .try_into()
+                .map_err(|_| Error::Gpu("internal: per-channel stats are not [2, C]".into()))
+        };
+        let [mean, invstd] = rows(&f.stats.stats)?;
+        let [running_mean, running_var] = rows(&f.stats.running)?;
+        Ok(QatForward {
+            y: download4(ctx, &f.y)?,
+            running_mean,
+            running_var,
+            weight_qparams: f.weight_qparams.download(ctx)?,
+            saved: crate::ops::QatSaved {
+                scale_factor: to_array1(f.scale_factor.download_f32(ctx)?)?,
+                weight_q: download4(ctx, &f.weight_q)?,
+                weight_mask: download4(ctx, &f.weight_mask)?,
+                conv_out: download4(ctx, &conv_out)?,
+                bn_input: download4(ctx, &f.bn_input)?,
+                mean,
+                invstd,
+                bn_out: download4(ctx, &f.bn_out)?,
+            },
         })
     }
 }
@@ -379,7 +413,6 @@ impl Backend for GpuBackend {
         bn: &BatchNorm,
         cfg: &QatConfig,
     ) -> Result<QatForward> {
-        use kernels::batch_norm::{download4, download_rows};
         let ctx = &*self.ctx;
         let gbn = GpuBatchNorm::upload(ctx, bn)?;
         let gx = GpuTensor::upload_f32(ctx, &x.clone().into_dyn())?;
@@ -391,30 +424,60 @@ impl Backend for GpuBackend {
             params: conv.params,
         };
         let f = kernels::conv_bn::conv_bn_qat_forward(ctx, &gx, &gconv, &gbn, bn.momentum, cfg)?;
-        let conv_out = kernels::conv_bn::qat_conv_out(ctx, &f, &gconv)?;
-        let rows = |t: &GpuTensor| -> Result<[Array1<f32>; 2]> {
-            download_rows(ctx, t)?
-                .try_into()
-                .map_err(|_| Error::Gpu("internal: per-channel stats are not [2, C]".into()))
+        self.download_qat_forward(&f, &gconv)
+    }
+
+    fn conv_bn_qat_forward_with(
+        &self,
+        x: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        cfg: &QatConfig,
+        weight: &QatWeightQuant,
+    ) -> Result<QatForward> {
+        let ctx = &*self.ctx;
+        let gbn = GpuBatchNorm::upload(ctx, bn)?;
+        // The finite γ = 0 form: s = 1 in those channels, through a scale BatchNorm whose γ
+        // there is sqrt(running_var + eps), rounded as the shader rounds it (correctly).
+        let zero = crate::reference::conv_bn::zero_gamma_channels(bn);
+        let scale_bn = if zero.is_empty() {
+            None
+        } else {
+            let mut sb = bn.clone();
+            if let Some(w) = sb.weight.as_mut() {
+                for &c in &zero {
+                    w[c] = (bn.running_var[c] + bn.eps).sqrt();
+                }
+            }
+            Some(GpuBatchNorm::upload(ctx, &sb)?)
         };
-        let [mean, invstd] = rows(&f.stats.stats)?;
-        let [running_mean, running_var] = rows(&f.stats.running)?;
-        Ok(QatForward {
-            y: download4(ctx, &f.y)?,
-            running_mean,
-            running_var,
-            weight_qparams: f.weight_qparams.download(ctx)?,
-            saved: crate::ops::QatSaved {
-                scale_factor: to_array1(f.scale_factor.download_f32(ctx)?)?,
-                weight_q: download4(ctx, &f.weight_q)?,
-                weight_mask: download4(ctx, &f.weight_mask)?,
-                conv_out: download4(ctx, &conv_out)?,
-                bn_input: download4(ctx, &f.bn_input)?,
-                mean,
-                invstd,
-                bn_out: download4(ctx, &f.bn_out)?,
-            },
-        })
+        let gqp = match &weight.qparams {
+            Some(q) => Some(GpuQParams::upload(ctx, q)?),
+            None => None,
+        };
+        let gx = GpuTensor::upload_f32(ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(ctx, &conv.weight.clone().into_dyn())?;
+        let gb = self.upload_opt(conv.bias.as_ref())?;
+        let gconv = kernels::conv_bn::GpuConv2d {
+            weight: &gw,
+            bias: gb.as_ref(),
+            params: conv.params,
+        };
+        let gweight = kernels::conv_bn::GpuQatWeight {
+            qparams: gqp.as_ref(),
+            fake_quant_enabled: weight.fake_quant_enabled,
+            scale_bn: scale_bn.as_ref(),
+        };
+        let f = kernels::conv_bn::conv_bn_qat_forward_with(
+            ctx,
+            &gx,
+            &gconv,
+            &gbn,
+            bn.momentum,
+            cfg,
+            &gweight,
+        )?;
+        self.download_qat_forward(&f, &gconv)
     }
 
     fn conv_bn_qat_backward(
@@ -516,6 +579,15 @@ impl Backend for GpuBackend {
             act_input: &gbn_out,
         };
         let g = kernels::conv_bn::conv_bn_qat_backward(ctx, &gx, &gdy, &gconv, &gbn, cfg, &saved)?;
+        let mut dbn_weight = to_array1(g.dbn_weight.download_f32(ctx)?)?;
+        // Channels of the finite γ = 0 form (conv_bn_qat_forward_with): dγ is the BatchNorm
+        // affine part only; the kernels add the weight-scaling and divide-back parts for
+        // every channel, so those channels are recomputed on the host.
+        for (c, v) in crate::reference::conv_bn::zero_gamma_bn_weight_grads(dy, bn, cfg, fwd)? {
+            if let Some(d) = dbn_weight.get_mut(c) {
+                *d = v;
+            }
+        }
         Ok(QatGrads {
             dx: download4(ctx, &g.dx)?,
             dweight: download4(ctx, &g.dweight)?,
@@ -523,7 +595,7 @@ impl Backend for GpuBackend {
                 Some(t) => Some(to_array1(t.download_f32(ctx)?)?),
                 None => None,
             },
-            dbn_weight: to_array1(g.dbn_weight.download_f32(ctx)?)?,
+            dbn_weight,
             dbn_bias: to_array1(g.dbn_bias.download_f32(ctx)?)?,
         })
     }

@@ -16,7 +16,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Dimension};
 use crate::error::{Error, Result};
 use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
-    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads,
+    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatWeightQuant,
 };
 use crate::quant::{ObserverSpec, QParams, QuantRange};
 
@@ -127,7 +127,26 @@ pub trait Backend {
         cfg: &QatConfig,
     ) -> Result<QatForward>;
 
-    /// Backward of [`Backend::conv_bn_qat_forward`] for upstream `dy`.
+    /// The QAT step that qfuse's QAT modules ([`crate::qat`]) run: as
+    /// [`Backend::conv_bn_qat_forward`], with the weight fake quant's qparams given or
+    /// observed and fake quant switchable (`weight`), and finite where γ = 0 (PyTorch gives
+    /// NaN there): see [`crate::reference::conv_bn::conv_bn_qat_forward_with`] for the exact
+    /// semantics. Its backward is [`Backend::conv_bn_qat_backward`].
+    ///
+    /// The default runs the CPU reference; [`GpuBackend`] runs it on the GPU.
+    fn conv_bn_qat_forward_with(
+        &self,
+        x: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        cfg: &QatConfig,
+        weight: &QatWeightQuant,
+    ) -> Result<QatForward> {
+        crate::reference::conv_bn::conv_bn_qat_forward_with(x, conv, bn, cfg, weight)
+    }
+
+    /// Backward of [`Backend::conv_bn_qat_forward`] (or of
+    /// [`Backend::conv_bn_qat_forward_with`]) for upstream `dy`.
     fn conv_bn_qat_backward(
         &self,
         x: &Array4<f32>,

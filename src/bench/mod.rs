@@ -40,7 +40,7 @@ mod suite;
 mod timing;
 
 pub use roofline::{measure_roofline, measure_roofline_with, Roofline, RooflineConfig, SweepPoint};
-pub use suite::{run_suite, BenchConfig, BenchReport, ConvShape, KernelResult};
+pub use suite::{run_suite, BenchConfig, BenchReport, ConvShape, HostLoad, KernelResult};
 pub use timing::{Measurement, Reps};
 
 /// Where a benchmark run is, for progress bars: `done` of `total` steps, the last one

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::roofline::{measure_roofline_with, Roofline, RooflineConfig};
-use super::timing::{measure, Measurement, Reps, Stamps};
+use super::roofline::{sweep, Rig, Roofline, RooflineConfig};
+use super::timing::{measure, measure_interleaved, Measurement, Reps, Stamps};
 use super::Progress;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, GpuContext, GpuTensor};
@@ -140,7 +140,7 @@ impl BenchConfig {
     /// The full suite: 16M-element fake quant and observers (`16x64x128x128`), BN folding of
     /// a 512x512x3x3 weight, and batch-8 convs at ResNet-18's 3×3 shapes (64×56×56,
     /// 128×28×28, 256×14×14, 512×7×7) and a MobileNet depthwise layer (144×56×56, groups
-    /// 144). Minutes on a CPU adapter.
+    /// 144). About five minutes on lavapipe (2 cores), where the convs take most of it.
     pub fn full() -> Self {
         Self {
             mode: "full".to_string(),
@@ -158,9 +158,9 @@ impl BenchConfig {
             reps: Reps::FULL,
             conv_reps: Reps {
                 warmup: 1,
-                min_reps: 5,
-                max_reps: 9,
-                budget_s: 1.0,
+                min_reps: 3,
+                max_reps: 7,
+                budget_s: 2.0,
             },
         }
     }
@@ -311,6 +311,72 @@ pub struct BenchReport {
     /// Whether GPU timestamps were taken.
     #[serde(skip)]
     pub timestamps: bool,
+    /// How busy the host was while the suite ran (Linux; `None` elsewhere). On a CPU adapter
+    /// other processes share the cores the kernels run on, so a busy host lowers every figure.
+    #[serde(skip)]
+    pub host_load: Option<HostLoad>,
+}
+
+/// How busy the host was during a run (from `/proc`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostLoad {
+    /// 1-minute load average at the start and at the end (this process included).
+    pub load_average: [f64; 2],
+    /// Share of all CPUs' time that *other* processes used during the run (0 to 1).
+    pub others_cpu_share: f64,
+}
+
+/// `/proc` counters at one moment: load average, total and idle CPU ticks, this process's
+/// CPU ticks.
+#[derive(Clone, Copy)]
+struct ProcSample {
+    load: f64,
+    total: u64,
+    idle: u64,
+    own: u64,
+}
+
+impl ProcSample {
+    fn now() -> Option<Self> {
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let total = cpu.iter().take(8).sum();
+        let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
+        let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+        let after = own_stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let own = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Self {
+            load,
+            total,
+            idle,
+            own,
+        })
+    }
+
+    fn load_since(self, start: Self) -> HostLoad {
+        let total = self.total.saturating_sub(start.total).max(1) as f64;
+        let busy = (self.total - self.idle).saturating_sub(start.total - start.idle) as f64;
+        let own = self.own.saturating_sub(start.own) as f64;
+        HostLoad {
+            load_average: [start.load, self.load],
+            others_cpu_share: ((busy - own) / total).clamp(0.0, 1.0),
+        }
+    }
 }
 
 /// What a benchmark does per run.
@@ -384,7 +450,8 @@ fn batch_norm(c: usize, seed: u32) -> BatchNorm {
 struct Runner<'a> {
     ctx: &'a GpuContext,
     stamps: Option<Stamps>,
-    roofline: &'a Roofline,
+    rig: Rig,
+    roofline: Roofline,
     results: Vec<KernelResult>,
     done: usize,
     total: usize,
@@ -401,7 +468,49 @@ impl Runner<'_> {
         });
     }
 
-    /// Times `run`, records a row and returns its measurement.
+    /// Measures the roofline's best points again (see [`Rig::recheck`]).
+    fn recheck(&mut self) -> Result<()> {
+        self.rig
+            .recheck(self.ctx, self.stamps.as_ref(), &mut self.roofline)
+    }
+
+    /// Records a row (the roofline ratios are filled in by [`finalize`]).
+    fn record(
+        &mut self,
+        name: &str,
+        shape: &str,
+        work: Work,
+        m: Measurement,
+        note: Option<String>,
+    ) {
+        let (rate_wall, bytes, flops) = match work {
+            Work::Bytes(b) => (rate(b, m.wall_ms), b, None),
+            Work::Flops { flops, bytes } => (rate(flops, m.wall_ms), bytes, Some(flops as u64)),
+        };
+        let (gbps, gflops) = match work {
+            Work::Bytes(_) => (Some(rate_wall), None),
+            Work::Flops { .. } => (None, Some(rate_wall)),
+        };
+        self.results.push(KernelResult {
+            name: name.to_string(),
+            shape: shape.to_string(),
+            gbps,
+            gflops,
+            roofline_ratio: 0.0,
+            roof: "copy",
+            time_ms: m.wall_ms,
+            gpu_ms: m.gpu_ms,
+            gpu_roofline_ratio: None,
+            bytes: bytes as u64,
+            flops,
+            speedup: None,
+            reps: m.reps,
+            note,
+        });
+        self.tick(format!("{name} {shape}"));
+    }
+
+    /// Times `run` and records a row.
     fn bench(
         &mut self,
         name: &str,
@@ -412,46 +521,77 @@ impl Runner<'_> {
         run: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Measurement> {
         let m = measure(self.ctx, self.stamps.as_ref(), reps, run)?;
-        let r = self.roofline;
-        let (rate_wall, ratio, roof) = rate_and_ratio(work, m.wall_ms, r.copy_gbps, r.fma_gflops);
-        let gpu_ratio = match (m.gpu_ms, r.copy_gpu_gbps, r.fma_gpu_gflops) {
-            (Some(g), Some(copy), Some(fma)) => Some(rate_and_ratio(work, g, copy, fma).1),
-            _ => None,
-        };
-        let (gbps, gflops, bytes, flops) = match work {
-            Work::Bytes(b) => (Some(rate_wall), None, b, None),
-            Work::Flops { flops, bytes } => (None, Some(rate_wall), bytes, Some(flops as u64)),
-        };
-        self.results.push(KernelResult {
-            name: name.to_string(),
-            shape: shape.to_string(),
-            gbps,
-            gflops,
-            roofline_ratio: ratio,
-            roof,
-            time_ms: m.wall_ms,
-            gpu_ms: m.gpu_ms,
-            gpu_roofline_ratio: gpu_ratio,
-            bytes: bytes as u64,
-            flops,
-            speedup: None,
-            reps: m.reps,
-            note,
-        });
-        self.tick(format!("{name} {shape}"));
+        self.record(name, shape, work, m, note);
         Ok(m)
     }
 
-    /// Sets the speedup of the last row recorded under `name`.
-    fn set_speedup(&mut self, name: &str, speedup: f64) {
-        if let Some(r) = self.results.iter_mut().rev().find(|r| r.name == name) {
+    /// Times a fused chain and its unfused counterpart interleaved (same conditions for
+    /// both), records `{group}/fused` (with its speedup) and `{group}/unfused`, and returns
+    /// the speedup (unfused / fused median time).
+    #[allow(clippy::too_many_arguments)]
+    fn bench_fused_pair(
+        &mut self,
+        group: &str,
+        shape: &str,
+        work: Work,
+        reps: &Reps,
+        notes: [&str; 2],
+        fused: &mut dyn FnMut() -> Result<()>,
+        unfused: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        let m = measure_interleaved(self.ctx, self.stamps.as_ref(), reps, &mut [fused, unfused])?;
+        let (f, u) = (m[0], m[1]);
+        let speedup = u.wall_ms / f.wall_ms.max(1e-9);
+        self.record(
+            &format!("{group}/fused"),
+            shape,
+            work,
+            f,
+            Some(notes[0].to_string()),
+        );
+        if let Some(r) = self.results.last_mut() {
             r.speedup = Some(speedup);
         }
+        self.record(
+            &format!("{group}/unfused"),
+            shape,
+            work,
+            u,
+            Some(notes[1].to_string()),
+        );
+        Ok(speedup)
     }
 }
 
+/// Fills in every row's roofline ratio against the final roofline (the best of the sweep and
+/// of every recheck), and puts the roofline's own rows first.
+fn finalize(roofline: &Roofline, results: &mut Vec<KernelResult>) {
+    for k in results.iter_mut() {
+        let work = match k.flops {
+            Some(flops) => Work::Flops {
+                flops: flops as f64,
+                bytes: k.bytes as f64,
+            },
+            None => Work::Bytes(k.bytes as f64),
+        };
+        let (_, ratio, roof) =
+            rate_and_ratio(work, k.time_ms, roofline.copy_gbps, roofline.fma_gflops);
+        k.roofline_ratio = ratio;
+        k.roof = roof;
+        k.gpu_roofline_ratio = match (k.gpu_ms, roofline.copy_gpu_gbps, roofline.fma_gpu_gflops) {
+            (Some(g), Some(copy), Some(fma)) => Some(rate_and_ratio(work, g, copy, fma).1),
+            _ => None,
+        };
+    }
+    let mut rows = roofline_rows(roofline);
+    rows.append(results);
+    *results = rows;
+}
+
 /// Runs the roofline sweep and the kernel suite of `cfg` on `ctx`, calling `progress` after
-/// each step ([`BenchConfig::steps`] of them). See the module doc for what is measured.
+/// each step ([`BenchConfig::steps`] of them). See the module doc for what is measured. The
+/// roofline's best points are measured again between sections, and every ratio is taken
+/// against the best of all those measurements.
 ///
 /// Errors: invalid configurations ([`Error::InvalidArgument`], e.g. a shape a kernel refuses)
 /// and GPU errors.
@@ -460,9 +600,11 @@ pub fn run_suite(
     cfg: &BenchConfig,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BenchReport> {
+    let proc_start = ProcSample::now();
     let total = cfg.steps(ctx);
     let roofline_steps = cfg.roofline.steps(ctx);
-    let roofline = measure_roofline_with(ctx, &cfg.roofline, &mut |p| {
+    let stamps = Stamps::new(ctx)?;
+    let (roofline, rig) = sweep(ctx, &cfg.roofline, stamps.as_ref(), &mut |p| {
         progress(&Progress {
             done: p.done,
             total,
@@ -471,34 +613,43 @@ pub fn run_suite(
     })?;
     let mut runner = Runner {
         ctx,
-        stamps: Stamps::new(ctx)?,
-        roofline: &roofline,
+        stamps,
+        rig,
+        roofline,
         results: Vec::new(),
         done: roofline_steps,
         total,
         progress,
     };
-    runner.results.extend(roofline_rows(&roofline));
     elementwise(&mut runner, cfg)?;
+    runner.recheck()?;
     fold(&mut runner, cfg)?;
     let mut eval = Vec::new();
     let mut qat = Vec::new();
     for shape in &cfg.conv_shapes {
+        runner.recheck()?;
         let (e, q) = conv(&mut runner, cfg, shape)?;
         eval.push(e);
         qat.push(q);
     }
+    runner.recheck()?;
     let timestamps = runner.stamps.is_some();
+    let roofline = runner.roofline;
+    let mut kernels = runner.results;
+    finalize(&roofline, &mut kernels);
     Ok(BenchReport {
         adapter: roofline.adapter.clone(),
         copy_gbps: roofline.copy_gbps,
         fma_gflops: roofline.fma_gflops,
-        kernels: runner.results,
+        kernels,
         fused_speedup_eval: geomean(&eval),
         fused_speedup_qat: geomean(&qat),
         roofline,
         config: cfg.describe(),
         timestamps,
+        host_load: proc_start
+            .zip(ProcSample::now())
+            .map(|(start, end)| end.load_since(start)),
     })
 }
 
@@ -699,14 +850,6 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
         &mut || conv2d(ctx, &x, &w, &layer.params, &ConvEpilogue::none()).map(drop),
     )?;
 
-    let fused = r.bench(
-        "conv_bn_relu_eval/fused",
-        &desc,
-        work,
-        &reps,
-        Some("fold BN (2 dispatches) + one conv with bias and ReLU epilogue".to_string()),
-        &mut || conv_bn_act_eval(ctx, &x, &layer, &bn, act).map(drop),
-    )?;
     let (wf, bf) = fold_conv_bn(ctx, &w, None, &bn, false)?;
     let prefolded = ConvEpilogue {
         out_scale: None,
@@ -721,16 +864,18 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
         Some("inference: BN folded once beforehand, one conv per run".to_string()),
         &mut || conv2d(ctx, &x, &wf, &layer.params, &prefolded).map(drop),
     )?;
-    let unfused = r.bench(
-        "conv_bn_relu_eval/unfused",
+    let eval_speedup = r.bench_fused_pair(
+        "conv_bn_relu_eval",
         &desc,
         work,
         &reps,
-        Some("conv, BatchNorm (eval), ReLU: separate dispatches and buffers".to_string()),
+        [
+            "fold BN (2 dispatches) + one conv with bias and ReLU epilogue",
+            "conv, BatchNorm (eval), ReLU: separate dispatches and buffers",
+        ],
+        &mut || conv_bn_act_eval(ctx, &x, &layer, &bn, act).map(drop),
         &mut || conv_bn_act_eval_unfused(ctx, &x, &layer, &bn, act).map(drop),
     )?;
-    let eval_speedup = unfused.wall_ms / fused.wall_ms.max(1e-9);
-    r.set_speedup("conv_bn_relu_eval/fused", eval_speedup);
 
     let qcfg = QatConfig {
         activation: act,
@@ -742,24 +887,18 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
             0,
         )?,
     };
-    let fused = r.bench(
-        "conv_bn_relu_qat_forward/fused",
+    let qat_speedup = r.bench_fused_pair(
+        "conv_bn_relu_qat_forward",
         &desc,
         work,
         &reps,
-        Some("ConvBnReLU2d training step forward, fused passes".to_string()),
+        [
+            "ConvBnReLU2d training step forward, fused passes",
+            "ConvBnReLU2d training step forward, one dispatch per op",
+        ],
         &mut || conv_bn_qat_forward(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
-    )?;
-    let unfused = r.bench(
-        "conv_bn_relu_qat_forward/unfused",
-        &desc,
-        work,
-        &reps,
-        Some("ConvBnReLU2d training step forward, one dispatch per op".to_string()),
         &mut || conv_bn_qat_forward_unfused(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
     )?;
-    let qat_speedup = unfused.wall_ms / fused.wall_ms.max(1e-9);
-    r.set_speedup("conv_bn_relu_qat_forward/fused", qat_speedup);
     Ok((eval_speedup, qat_speedup))
 }
 
@@ -790,6 +929,17 @@ impl BenchReport {
         let mut s = String::new();
         let _ = writeln!(s, "adapter: {}", self.adapter);
         let _ = writeln!(s, "{}", self.config);
+        if let Some(h) = self.host_load {
+            let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+            let _ = writeln!(
+                s,
+                "host: {cpus} CPUs, other processes used {:.0}% of them during the run, load \
+                 average {:.2} -> {:.2} (on a CPU adapter the figures depend on host load)",
+                100.0 * h.others_cpu_share,
+                h.load_average[0],
+                h.load_average[1]
+            );
+        }
         let gpu = |v: Option<f64>| v.map_or(String::new(), |g| format!(" ({g:.1} GPU-timed)"));
         let _ = writeln!(
             s,

@@ -141,51 +141,98 @@ impl Stamps {
     }
 }
 
+/// Runs at least this long (ms, judged by the last warm-up run) take their GPU timestamps in
+/// the timed runs themselves: the end-of-work timestamp adds one tiny submission (tens of µs)
+/// to a run of at least this length. Shorter runs are timed with timestamps in runs of their
+/// own, so their wall times carry no timestamp work.
+const COMBINED_MS: f64 = 25.0;
+
 /// Times `run` (which must only encode and submit): `reps.warmup` untimed runs, then the
-/// median submit-to-completion wall time over the timed runs; then, with `stamps`, as many
-/// runs again bracketed by timestamps (so the wall times carry no timestamp overhead) for the
-/// median GPU time.
+/// median submit-to-completion wall time over the timed runs. With `stamps`, also the median
+/// GPU time: for runs of [`COMBINED_MS`] or more from the same runs, else from as many runs
+/// again, each bracketed by timestamps.
 pub(crate) fn measure(
     ctx: &GpuContext,
     stamps: Option<&Stamps>,
     reps: &Reps,
     run: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Measurement> {
-    for _ in 0..reps.warmup {
-        run()?;
+    let mut out = measure_interleaved(ctx, stamps, reps, &mut [run])?;
+    out.pop()
+        .ok_or_else(|| Error::Gpu("no measurement".to_string()))
+}
+
+/// One timed run of `run`: submit-to-completion wall time (ms) and, with `stamps`, the GPU
+/// time (ms) between timestamps written before and after it.
+fn timed_run(
+    ctx: &GpuContext,
+    stamps: Option<&Stamps>,
+    run: &mut dyn FnMut() -> Result<()>,
+) -> Result<(f64, Option<f64>)> {
+    ctx.wait()?;
+    if let Some(stamps) = stamps {
+        stamps.mark(ctx, true)?;
         ctx.wait()?;
     }
-    let mut wall = Vec::new();
-    let mut spent = 0.0;
-    while wall.len() < reps.min_reps.max(1) || (wall.len() < reps.max_reps && spent < reps.budget_s)
-    {
-        ctx.wait()?;
-        let start = Instant::now();
-        run()?;
-        ctx.wait()?;
-        let s = start.elapsed().as_secs_f64();
-        spent += s;
-        wall.push(s * 1e3);
+    let start = Instant::now();
+    run()?;
+    if let Some(stamps) = stamps {
+        stamps.mark(ctx, false)?;
     }
-    let n = wall.len();
-    let gpu_ms = match stamps {
-        Some(stamps) => {
-            let mut gpu = Vec::with_capacity(n);
-            for _ in 0..n {
-                ctx.wait()?;
-                stamps.mark(ctx, true)?;
-                run()?;
-                stamps.mark(ctx, false)?;
-                ctx.wait()?;
-                gpu.push(stamps.elapsed_ms(ctx)?);
-            }
-            Some(median(&mut gpu))
-        }
+    ctx.wait()?;
+    let wall = start.elapsed().as_secs_f64() * 1e3;
+    let gpu = match stamps {
+        Some(stamps) => Some(stamps.elapsed_ms(ctx)?),
         None => None,
     };
-    Ok(Measurement {
-        wall_ms: median(&mut wall),
-        gpu_ms,
-        reps: n,
-    })
+    Ok((wall, gpu))
+}
+
+/// [`measure`] for several runs at once, interleaved (a, b, a, b, ...), so that each sees the
+/// same conditions (host load on a CPU adapter, clocks): the way fused and unfused chains are
+/// compared. Every run gets the same number of timed runs.
+pub(crate) fn measure_interleaved(
+    ctx: &GpuContext,
+    stamps: Option<&Stamps>,
+    reps: &Reps,
+    runs: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<Measurement>> {
+    let k = runs.len();
+    let mut last_ms = vec![0.0; k];
+    for _ in 0..reps.warmup {
+        for (run, last) in runs.iter_mut().zip(&mut last_ms) {
+            *last = timed_run(ctx, None, *run)?.0;
+        }
+    }
+    let long = reps.warmup > 0 && last_ms.iter().all(|&t| t >= COMBINED_MS);
+    let combined = stamps.filter(|_| long);
+    let mut wall = vec![Vec::new(); k];
+    let mut gpu = vec![Vec::new(); k];
+    let mut spent = 0.0;
+    let mut n = 0;
+    while n < reps.min_reps.max(1) || (n < reps.max_reps && spent < reps.budget_s) {
+        for (i, run) in runs.iter_mut().enumerate() {
+            let (w, g) = timed_run(ctx, combined, *run)?;
+            spent += w * 1e-3;
+            wall[i].push(w);
+            gpu[i].extend(g);
+        }
+        n += 1;
+    }
+    if let (Some(stamps), None) = (stamps, combined) {
+        for _ in 0..n {
+            for (i, run) in runs.iter_mut().enumerate() {
+                gpu[i].extend(timed_run(ctx, Some(stamps), *run)?.1);
+            }
+        }
+    }
+    Ok(wall
+        .into_iter()
+        .zip(gpu)
+        .map(|(mut w, mut g)| Measurement {
+            wall_ms: median(&mut w),
+            gpu_ms: stamps.map(|_| median(&mut g)),
+            reps: n,
+        })
+        .collect())
 }

@@ -4,7 +4,7 @@
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, Ix4};
 
 use crate::backend::Backend;
-use crate::config::ConfigList;
+use crate::config::{self, ConfigList, QuantMode};
 use crate::error::{Error, Result};
 use crate::io::state_dict::HostTensor;
 use crate::io::Case;
@@ -420,6 +420,10 @@ fn align_scale_factor(
     )))
 }
 
+/// The golden `model_mnist_ptq` case through the public API: the Mnist module tree from the
+/// case's state dict, `config::apply` (PTQ: fuse, attach fake quants), `config::calibrate`
+/// on `in.x`, then the model's forward with fake quantization off (`y_fused`) and on
+/// (`y_qsim`).
 fn model_mnist_ptq(case: &Case, b: &dyn Backend) -> Result<Outputs> {
     let config_json = case
         .params
@@ -429,18 +433,22 @@ fn model_mnist_ptq(case: &Case, b: &dyn Backend) -> Result<Outputs> {
             reason: "params has no `config_list`".into(),
         })?;
     let config = ConfigList::from_value(config_json)?;
-    let mut net = mnist::Mnist::from_state_dict(&case.tensors, "in.model.")?;
-    let x = input4(case, "x")?;
-    let y_float = net.forward(b, &x)?;
-    net.apply_config(b, &config, &x)?;
-    let y_fused = net.forward_float_fused(b, &x)?;
-    let y_qsim = net.forward(b, &x)?;
+    let mut model = mnist::mnist_from_state_dict(&case.tensors, "in.model.")?;
+    model.eval();
+    let x = case.input("x")?.clone();
+    let y_float = model.forward(b, &x)?;
+    config::apply(&mut model, &config, QuantMode::Ptq)?;
+    config::calibrate(&mut model, b, [&x])?;
+    config::set_fake_quant_enabled(&mut model, false);
+    let y_fused = model.forward(b, &x)?;
+    config::set_fake_quant_enabled(&mut model, true);
+    let y_qsim = model.forward(b, &x)?;
     let mut out = vec![
-        f32_out("y_float", y_float.into_dyn()),
-        f32_out("y_fused", y_fused.into_dyn()),
-        f32_out("y_qsim", y_qsim.into_dyn()),
+        f32_out("y_float", y_float),
+        f32_out("y_fused", y_fused),
+        f32_out("y_qsim", y_qsim),
     ];
-    for (op, target, qp) in net.qparams() {
+    for (op, target, qp) in config::qparams(&model) {
         out.push(f32_out(
             &format!("qparams.{op}.{target}"),
             Array1::from(vec![qp.scale[0], qp.zero_point[0] as f32]).into_dyn(),

@@ -428,12 +428,67 @@ pub fn conv_bn_qat_forward(
     momentum: f32,
     cfg: &QatConfig,
 ) -> Result<GpuQatForward> {
+    conv_bn_qat_forward_with(ctx, x, conv, bn, momentum, cfg, &GpuQatWeight::default())
+}
+
+/// The weight fake quant of [`conv_bn_qat_forward_with`] (the GPU form of
+/// [`crate::ops::QatWeightQuant`], plus the BatchNorm that gives the scale factor).
+#[derive(Debug, Clone, Copy)]
+pub struct GpuQatWeight<'a> {
+    /// `None`: observe `W_s` (as [`conv_bn_qat_forward`]); `Some`: fake-quantize `W_s` with
+    /// these qparams.
+    pub qparams: Option<&'a GpuQParams>,
+    /// `false`: `W_q = W_s`, mask all ones.
+    pub fake_quant_enabled: bool,
+    /// The BatchNorm whose `γ / sqrt(running_var + eps)` gives the scale factor `s`, when it
+    /// is not the step's BatchNorm: [`crate::GpuBackend`] passes one whose γ is
+    /// `sqrt(running_var + eps)` (correctly rounded, so `s = 1` exactly) in the channels
+    /// where the real γ is 0, for the finite γ = 0 form of
+    /// [`crate::reference::conv_bn::conv_bn_qat_forward_with`]. Its running variance and
+    /// `eps` must be the step BatchNorm's.
+    pub scale_bn: Option<&'a GpuBatchNorm>,
+}
+
+impl Default for GpuQatWeight<'_> {
+    fn default() -> Self {
+        Self {
+            qparams: None,
+            fake_quant_enabled: true,
+            scale_bn: None,
+        }
+    }
+}
+
+/// [`conv_bn_qat_forward`] with the weight fake quant of `weight`: fixed qparams (the
+/// observer pass is skipped), fake quant disabled (`W_q = W_s`, mask 1), and the scale
+/// factor from another BatchNorm (see [`GpuQatWeight`]); the GPU form of
+/// [`crate::reference::conv_bn::conv_bn_qat_forward_with`]. The BatchNorm pass always uses
+/// `bn`.
+///
+/// Errors: those of [`conv_bn_qat_forward`]; [`Error::ChannelMismatch`] for a `scale_bn`
+/// whose channel count differs; fixed qparams that do not fit the weight or the range.
+pub fn conv_bn_qat_forward_with(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+    weight: &GpuQatWeight,
+) -> Result<GpuQatForward> {
     let (o, _) = check_qat_forward(x, conv, bn, cfg)?;
     let spec = &cfg.weight_observer;
     let ws = w_shape(conv);
+    let scale_bn = match weight.scale_bn {
+        Some(sb) => {
+            check_conv_bn(conv, sb)?;
+            sb
+        }
+        None => bn,
+    };
 
     // (a) s, 1/s, W_s and the per-output-channel min/max of W_s.
-    let p = params_weight(conv, bn, o)?;
+    let p = params_weight(conv, scale_bn, o)?;
     let uniform = ctx.uniform(&p)?;
     let weight_scaled = GpuTensor::zeros(ctx, &ws, DType::F32)?;
     let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
@@ -443,7 +498,7 @@ pub fn conv_bn_qat_forward(
     let per_tensor = !spec.qscheme.is_per_channel();
     let scale_buffers = [
         &uniform,
-        bn.tensor().buffer(),
+        scale_bn.tensor().buffer(),
         conv.weight.buffer(),
         weight_scaled.buffer(),
         scale_factor.buffer(),
@@ -457,7 +512,7 @@ pub fn conv_bn_qat_forward(
         buffers: &scale_buffers,
         workgroups: channel_grid(ctx, 1, o)?,
     }];
-    if per_tensor {
+    if per_tensor && weight.qparams.is_none() {
         launches.push(Launch {
             kernel: &MINMAX_MERGE,
             constants: &[],
@@ -468,7 +523,9 @@ pub fn conv_bn_qat_forward(
     ctx.run(&launches)?;
 
     // (b) qparams.
-    let weight_qparams = if per_tensor {
+    let weight_qparams = if let Some(q) = weight.qparams {
+        q.clone()
+    } else if per_tensor {
         calc_qparams(ctx, &minmax_t, spec, None)?
     } else if spec.axis == 0 {
         calc_qparams(ctx, &minmax, spec, Some(0))?
@@ -477,8 +534,15 @@ pub fn conv_bn_qat_forward(
     };
 
     // (c) fake quant with the straight-through mask.
-    let (weight_q, weight_mask) =
-        fake_quant_with_mask(ctx, &weight_scaled, &weight_qparams, spec.range)?;
+    let (weight_q, weight_mask) = if weight.fake_quant_enabled {
+        fake_quant_with_mask(ctx, &weight_scaled, &weight_qparams, spec.range)?
+    } else {
+        let ones = vec![1.0f32; weight_scaled.len()];
+        (
+            weight_scaled.clone(),
+            GpuTensor::from_slice_f32(ctx, &ones, &ws)?,
+        )
+    };
 
     // (d) conv with the divide-back and the conv bias in the epilogue.
     let bn_input = conv2d(

@@ -306,7 +306,10 @@ enum Plan {
     Scalar([u32; 3]),
     /// The per-tensor vec4 kernel over the vec4s, then the scalar kernel over the tail
     /// elements (`first = 4 * n4`) when there are any.
-    Vec4 { grid: [u32; 3], tail: Option<[u32; 3]> },
+    Vec4 {
+        grid: [u32; 3],
+        tail: Option<[u32; 3]>,
+    },
     /// The per-channel rows kernel.
     Rows([u32; 3]),
 }

@@ -1,365 +1,471 @@
-//! The Mnist network of NNI's module-fusion example: conv1 (5×5, 1→20), batchnorm1, ReLU6,
-//! maxpool 2, conv2 (5×5, 20→50), ReLU6, maxpool 2, fc1 (800→500), ReLU6, fc2 (500→10),
-//! log_softmax — with the NNI-style config applied: fuse (`fuse_names`), observe
-//! (min/max calibration), and simulate (fake quantization of the configured targets).
+//! The Mnist network of NNI's module-fusion example, as a [`crate::nn`] module tree, with
+//! PyTorch's module names, so a PyTorch `Mnist().state_dict()` loads into it and NNI's
+//! `config_list` applies to it unchanged:
 //!
-//! Runs on any [`Backend`], so the same model runs on the CPU reference and on the GPU.
+//! ```python
+//! class Mnist(torch.nn.Module):
+//!     def __init__(self):
+//!         super().__init__()
+//!         self.conv1 = torch.nn.Conv2d(1, 20, 5, 1)
+//!         self.conv2 = torch.nn.Conv2d(20, 50, 5, 1)
+//!         self.fc1 = torch.nn.Linear(4 * 4 * 50, 500)
+//!         self.fc2 = torch.nn.Linear(500, 10)
+//!         self.relu1 = torch.nn.ReLU6()
+//!         self.relu2 = torch.nn.ReLU6()
+//!         self.relu3 = torch.nn.ReLU6()
+//!         self.max_pool1 = torch.nn.MaxPool2d(2, 2)
+//!         self.max_pool2 = torch.nn.MaxPool2d(2, 2)
+//!         self.batchnorm1 = torch.nn.BatchNorm2d(20)
+//!
+//!     def forward(self, x):
+//!         x = self.relu1(self.batchnorm1(self.conv1(x)))
+//!         x = self.max_pool1(x)
+//!         x = self.relu2(self.conv2(x))
+//!         x = self.max_pool2(x)
+//!         x = x.view(-1, 4 * 4 * 50)
+//!         x = self.relu3(self.fc1(x))
+//!         x = self.fc2(x)
+//!         return F.log_softmax(x, dim=1)
+//! ```
+//!
+//! The ten modules are registered in that order (so [`crate::nn::Module::named_modules`] and
+//! the state dict list them as PyTorch does); the forward is a custom container forward in
+//! the order above, with `view(-1, 800)` and `log_softmax(dim=1)` functional, as in the
+//! Python. Its straight-line chains are `conv1 … max_pool2` and `fc1, relu3, fc2`, where
+//! [`crate::fuse::find_fusable`] finds `conv1, batchnorm1, relu1`, `conv2, relu2` and
+//! `fc1, relu3`.
+//!
+//! NNI's example quantizes it with [`nni_example_config`] (fuse conv1 with batchnorm1; int8
+//! affine on conv1's `_input_`, `weight` and `_output_`):
+//!
+//! ```
+//! use qfuse::config::{self, QuantMode};
+//! use qfuse::model::mnist;
+//! use qfuse::CpuBackend;
+//!
+//! let mut model = mnist::mnist(0)?;
+//! model.eval();
+//! let x = mnist::synthetic_batch(4, 1).into_dyn();
+//! let y_float = model.forward(&CpuBackend, &x)?;
+//! config::apply(&mut model, &mnist::nni_example_config(), QuantMode::Ptq)?;
+//! config::calibrate(&mut model, &CpuBackend, [&x])?;
+//! let y_int8 = model.forward(&CpuBackend, &x)?;
+//! assert_eq!(y_int8.shape(), &[4, 10]);
+//! assert!(y_int8.iter().zip(&y_float).all(|(a, b)| (a - b).abs() < 0.1));
+//! # Ok::<(), qfuse::Error>(())
+//! ```
 
-use std::collections::BTreeMap;
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, IxDyn};
 
-use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, Ix4};
-
-use crate::backend::Backend;
 use crate::config::ConfigList;
 use crate::error::{Error, Result};
 use crate::io::StateDict;
-use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams};
-use crate::quant::{ObserverSpec, QParams};
+use crate::nn::{BatchNormLayer, Container, Layer, Module};
+use crate::ops::{BatchNorm, Conv2dParams};
 
-/// A linear layer's parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Array2<f32>,
-    /// `[out]`, optional.
-    pub bias: Option<Array1<f32>>,
-}
+/// The input shape of one image: `[1, 28, 28]` (a batch is `[N, 1, 28, 28]`).
+pub const INPUT_SHAPE: [usize; 3] = [1, 28, 28];
 
-/// A quantized tensor of an op: its observer and, once calibrated, its qparams.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QuantTarget {
-    /// `_input_`, `weight` or `_output_`.
-    pub target: String,
-    /// How its qparams are computed.
-    pub observer: ObserverSpec,
-    /// Computed by [`Mnist::calibrate`].
-    pub qparams: Option<QParams>,
-}
-
-/// The network, its parameters, and its quantization state.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mnist {
-    /// conv1 (5×5, 1→20).
-    pub conv1: Conv2d,
-    /// batchnorm1; `None` once fused into conv1 (it becomes Identity).
-    pub batchnorm1: Option<BatchNorm>,
-    /// conv2 (5×5, 20→50).
-    pub conv2: Conv2d,
-    /// fc1 (800→500).
-    pub fc1: Linear,
-    /// fc2 (500→10).
-    pub fc2: Linear,
-    /// Quantized targets by op name (`conv1`, `conv2`, `fc1`, `fc2`).
-    pub quant: BTreeMap<String, Vec<QuantTarget>>,
-}
-
-/// The quantizable ops, in forward order, with their NNI type names.
-pub const OPS: &[(&str, &str)] = &[
-    ("conv1", "Conv2d"),
-    ("conv2", "Conv2d"),
-    ("fc1", "Linear"),
-    ("fc2", "Linear"),
+/// The module names, in PyTorch's registration (and `named_modules`) order.
+pub const MODULE_NAMES: [&str; 10] = [
+    "conv1",
+    "conv2",
+    "fc1",
+    "fc2",
+    "relu1",
+    "relu2",
+    "relu3",
+    "max_pool1",
+    "max_pool2",
+    "batchnorm1",
 ];
 
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Float,
-    Calibrate,
-    Simulate,
-}
+/// The forward's first straight-line chain (before `view(-1, 800)`).
+const CHAIN_CONV: [&str; 7] = [
+    "conv1",
+    "batchnorm1",
+    "relu1",
+    "max_pool1",
+    "conv2",
+    "relu2",
+    "max_pool2",
+];
+/// The forward's second chain (after the view, before `log_softmax`).
+const CHAIN_FC: [&str; 3] = ["fc1", "relu3", "fc2"];
 
-fn tensor<D: ndarray::Dimension>(sd: &StateDict, name: &str) -> Result<ndarray::Array<f32, D>> {
-    let a = sd.f32(name)?;
-    a.clone()
-        .into_dimensionality::<D>()
-        .map_err(|_| Error::invalid(format!("`{name}` has shape {:?}", a.shape())))
-}
+/// Features after the conv part (`4 * 4 * 50`).
+const FLAT: usize = 800;
 
-fn tensor_opt<D: ndarray::Dimension>(
-    sd: &StateDict,
-    name: &str,
-) -> Result<Option<ndarray::Array<f32, D>>> {
-    match sd.f32_opt(name)? {
-        None => Ok(None),
-        Some(_) => tensor(sd, name).map(Some),
+/// SplitMix64: a small seeded generator (not PyTorch's stream: the values differ from
+/// `torch.manual_seed`, the distributions are the same).
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in `[-bound, bound)`.
+    fn symmetric(&mut self, bound: f32) -> f32 {
+        (self.unit() * 2.0 - 1.0) * bound
     }
 }
 
-fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(Error::shape(name, want, got))
-    }
-}
-
-impl Mnist {
-    /// Loads the network from a PyTorch state dict whose keys start with `prefix`
-    /// (`conv1.weight`, `batchnorm1.running_mean`, ...), checking every shape.
-    pub fn from_state_dict(sd: &StateDict, prefix: &str) -> Result<Self> {
-        let k = |n: &str| format!("{prefix}{n}");
-        let conv = |name: &str, shape: [usize; 4]| -> Result<Conv2d> {
-            let weight: Array4<f32> = tensor::<Ix4>(sd, &k(&format!("{name}.weight")))?;
-            check_shape(&k(&format!("{name}.weight")), weight.shape(), &shape)?;
-            let bias = tensor_opt::<Ix1>(sd, &k(&format!("{name}.bias")))?;
-            if let Some(b) = &bias {
-                check_shape(&k(&format!("{name}.bias")), b.shape(), &[shape[0]])?;
+/// The network built from its ten modules (checked by the constructors).
+fn assemble(
+    conv1: Module,
+    conv2: Module,
+    fc1: Module,
+    fc2: Module,
+    batchnorm1: Module,
+) -> Result<Module> {
+    let c = Container::new("Mnist")
+        .with_child("conv1", conv1)?
+        .with_child("conv2", conv2)?
+        .with_child("fc1", fc1)?
+        .with_child("fc2", fc2)?
+        .with_child("relu1", Module::relu6())?
+        .with_child("relu2", Module::relu6())?
+        .with_child("relu3", Module::relu6())?
+        .with_child("max_pool1", Module::max_pool2d(2, 2)?)?
+        .with_child("max_pool2", Module::max_pool2d(2, 2)?)?
+        .with_child("batchnorm1", batchnorm1)?
+        .with_forward([&CHAIN_CONV[..], &CHAIN_FC[..]], |s, x| {
+            if x.ndim() != 4 || x.shape()[1..] != INPUT_SHAPE {
+                let n = x.shape().first().copied().unwrap_or(0);
+                return Err(Error::shape(
+                    "Mnist input (N, 1, 28, 28)",
+                    &[n, 1, 28, 28],
+                    x.shape(),
+                ));
             }
-            Ok(Conv2d {
-                weight,
-                bias,
-                params: Conv2dParams::default(),
+            let mut h = s.call(CHAIN_CONV[0], x)?;
+            for name in &CHAIN_CONV[1..] {
+                h = s.call(name, &h)?;
+            }
+            // x.view(-1, 4 * 4 * 50)
+            let rows = h.len() / FLAT;
+            let mut h = h
+                .as_standard_layout()
+                .into_owned()
+                .into_shape_with_order(IxDyn(&[rows, FLAT]))
+                .map_err(|e| Error::invalid(format!("Mnist view(-1, 800): {e}")))?;
+            for name in CHAIN_FC {
+                h = s.call(name, &h)?;
+            }
+            // F.log_softmax(x, dim=1)
+            Module::log_softmax(1).forward(s.backend(), &h)
+        })?;
+    Ok(Module::container(c))
+}
+
+/// PyTorch's default `Conv2d` / `Linear` initialisation: `kaiming_uniform_(a=sqrt(5))` for
+/// the weight, which is uniform in `±1/sqrt(fan_in)`, and the bias uniform in
+/// `±1/sqrt(fan_in)`.
+fn default_init(rng: &mut Rng, shape: &[usize]) -> (ArrayD<f32>, Array1<f32>) {
+    let fan_in: usize = shape[1..].iter().product();
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let w = ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.symmetric(bound));
+    let b = Array1::from_shape_simple_fn(shape[0], || rng.symmetric(bound));
+    (w, b)
+}
+
+/// The Mnist network with PyTorch's default initialisation, seeded by `seed`: convs and
+/// linears uniform in `±1/sqrt(fan_in)` (weight and bias, as `kaiming_uniform_(a=sqrt(5))`
+/// and PyTorch's bias init), batchnorm1 at γ = 1, β = 0, running mean 0, running variance 1.
+/// The same seed gives the same weights; the values are not those of `torch.manual_seed`.
+///
+/// In training mode, as every new module; call `eval()` for inference.
+///
+/// Errors: none in practice (the shapes are fixed); typed errors from the constructors.
+pub fn mnist(seed: u64) -> Result<Module> {
+    let mut rng = Rng::new(seed);
+    let conv = |rng: &mut Rng, o: usize, i: usize| -> Result<Module> {
+        let (w, b) = default_init(rng, &[o, i, 5, 5]);
+        let w = into4(w)?;
+        Module::conv2d(w, Some(b), Conv2dParams::default())
+    };
+    let linear = |rng: &mut Rng, o: usize, i: usize| -> Result<Module> {
+        let (w, b) = default_init(rng, &[o, i]);
+        let w = w
+            .into_dimensionality::<Ix2>()
+            .map_err(|e| Error::invalid(format!("internal: {e}")))?;
+        Module::linear(w, Some(b))
+    };
+    let conv1 = conv(&mut rng, 20, 1)?;
+    let conv2 = conv(&mut rng, 50, 20)?;
+    let fc1 = linear(&mut rng, 500, FLAT)?;
+    let fc2 = linear(&mut rng, 10, 500)?;
+    let bn = Module::new(Layer::BatchNorm2d(BatchNormLayer::with_features(20)));
+    assemble(conv1, conv2, fc1, fc2, bn)
+}
+
+fn into4(w: ArrayD<f32>) -> Result<Array4<f32>> {
+    w.into_dimensionality::<ndarray::Ix4>()
+        .map_err(|e| Error::invalid(format!("internal: {e}")))
+}
+
+/// Reads `{prefix}{name}` as an f32 tensor of shape `shape`; a missing tensor's error says
+/// which names in the file end in `name` (a prefix to strip).
+fn tensor(sd: &StateDict, prefix: &str, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+    let key = format!("{prefix}{name}");
+    if !sd.contains(&key) {
+        // Prefixes under which the file has the whole network, else names ending in `name`.
+        let prefixes: Vec<&str> = sd
+            .names()
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(name))
+            .filter(|p| {
+                ["conv1.weight", "fc2.bias", "batchnorm1.running_var"]
+                    .iter()
+                    .all(|k| sd.contains(&format!("{p}{k}")))
             })
+            .collect();
+        let similar: Vec<String> = sd
+            .names()
+            .into_iter()
+            .filter(|n| n.ends_with(name))
+            .take(3)
+            .map(|n| format!("`{n}`"))
+            .collect();
+        let context = match (prefixes.first(), similar.is_empty()) {
+            (Some(p), _) => format!(
+                " in the Mnist state dict (the file has the network under the prefix `{p}`)"
+            ),
+            (None, false) => format!(
+                " in the Mnist state dict (the file has {})",
+                similar.join(", ")
+            ),
+            (None, true) => " in the Mnist state dict".to_string(),
         };
-        let linear = |name: &str, shape: [usize; 2]| -> Result<Linear> {
-            let weight = tensor::<Ix2>(sd, &k(&format!("{name}.weight")))?;
-            check_shape(&k(&format!("{name}.weight")), weight.shape(), &shape)?;
-            let bias = tensor_opt::<Ix1>(sd, &k(&format!("{name}.bias")))?;
-            if let Some(b) = &bias {
-                check_shape(&k(&format!("{name}.bias")), b.shape(), &[shape[0]])?;
-            }
-            Ok(Linear { weight, bias })
-        };
-        let bn = BatchNorm {
-            weight: tensor_opt::<Ix1>(sd, &k("batchnorm1.weight"))?,
-            bias: tensor_opt::<Ix1>(sd, &k("batchnorm1.bias"))?,
-            running_mean: tensor::<Ix1>(sd, &k("batchnorm1.running_mean"))?,
-            running_var: tensor::<Ix1>(sd, &k("batchnorm1.running_var"))?,
-            eps: 1e-5,
-            momentum: 0.1,
-        };
-        bn.validate()?;
-        check_shape(
-            &k("batchnorm1.running_mean"),
-            bn.running_mean.shape(),
-            &[20],
-        )?;
-        Ok(Self {
-            conv1: conv("conv1", [20, 1, 5, 5])?,
-            batchnorm1: Some(bn),
-            conv2: conv("conv2", [50, 20, 5, 5])?,
-            fc1: linear("fc1", [500, 800])?,
-            fc2: linear("fc2", [10, 500])?,
-            quant: BTreeMap::new(),
-        })
+        return Err(Error::MissingTensor { name: key, context });
     }
+    let a = sd.f32(&key)?;
+    if a.shape() != shape {
+        return Err(Error::shape(key, shape, a.shape()));
+    }
+    Ok(a.clone())
+}
 
-    /// Applies an NNI-style config: fuses each `fuse_names` group, attaches observers to the
-    /// targets of the matched ops, and calibrates them on `calibration` (min/max over it).
-    pub fn apply_config(
-        &mut self,
-        b: &dyn Backend,
-        config: &ConfigList,
-        calibration: &Array4<f32>,
-    ) -> Result<()> {
-        for entry in &config.0 {
-            for group in &entry.fuse_names {
-                self.fuse(b, group)?;
-            }
+/// The Mnist network from a PyTorch state dict (`Mnist().state_dict()` saved with
+/// `safetensors.torch.save_file`), its keys prefixed by `prefix` (`""` for a plain state dict;
+/// `"in.model."` for the golden `model_mnist_ptq` case): `conv1.weight`, `conv1.bias`, …,
+/// `batchnorm1.running_var`, with PyTorch's shapes. Loading is strict, as
+/// `load_state_dict(strict=True)`: every tensor must be there with its shape, and a tensor
+/// under `prefix` that the network does not have is an error (`batchnorm1.num_batches_tracked`
+/// is read when present). BatchNorm eps and momentum are PyTorch's defaults (1e-5, 0.1).
+///
+/// In training mode, as every new module; call `eval()` for inference.
+///
+/// Errors: [`Error::MissingTensor`] (naming tensors of the file that end in the missing name,
+/// and the prefix they suggest), [`Error::ShapeMismatch`], [`Error::DtypeMismatch`] (a tensor
+/// that is not f32), [`Error::InvalidArgument`] for unexpected tensors under `prefix`.
+pub fn mnist_from_state_dict(sd: &StateDict, prefix: &str) -> Result<Module> {
+    let t = |name: &str, shape: &[usize]| tensor(sd, prefix, name, shape);
+    let vec1 = |name: &str, n: usize| -> Result<Array1<f32>> {
+        t(name, &[n])?
+            .into_dimensionality::<ndarray::Ix1>()
+            .map_err(|e| Error::invalid(format!("internal: {e}")))
+    };
+    let conv = |name: &str, o: usize, i: usize| -> Result<Module> {
+        let w = into4(t(&format!("{name}.weight"), &[o, i, 5, 5])?)?;
+        let b = vec1(&format!("{name}.bias"), o)?;
+        Module::conv2d(w, Some(b), Conv2dParams::default())
+    };
+    let linear = |name: &str, o: usize, i: usize| -> Result<Module> {
+        let w = t(&format!("{name}.weight"), &[o, i])?
+            .into_dimensionality::<Ix2>()
+            .map_err(|e| Error::invalid(format!("internal: {e}")))?;
+        let b = vec1(&format!("{name}.bias"), o)?;
+        Module::linear(w, Some(b))
+    };
+    let conv1 = conv("conv1", 20, 1)?;
+    let conv2 = conv("conv2", 50, 20)?;
+    let fc1 = linear("fc1", 500, FLAT)?;
+    let fc2 = linear("fc2", 10, 500)?;
+    let mut bn = BatchNormLayer::new(BatchNorm {
+        weight: Some(vec1("batchnorm1.weight", 20)?),
+        bias: Some(vec1("batchnorm1.bias", 20)?),
+        running_mean: vec1("batchnorm1.running_mean", 20)?,
+        running_var: vec1("batchnorm1.running_var", 20)?,
+        eps: 1e-5,
+        momentum: 0.1,
+    })?;
+    let tracked = format!("{prefix}batchnorm1.num_batches_tracked");
+    if let Some(raw) = sd.raw.get(&tracked) {
+        if raw.shape().is_empty() && raw.data().len() == 8 {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(raw.data());
+            bn.num_batches_tracked = i64::from_le_bytes(b).max(0) as u64;
         }
-        for entry in &config.0 {
-            for (name, op_type) in OPS {
-                if !entry.matches(name, op_type) {
-                    continue;
-                }
-                let targets = self.quant.entry(name.to_string()).or_default();
-                for t in &entry.target_names {
-                    if t == "bias" {
-                        return Err(Error::invalid(format!(
-                            "quantizing the bias of `{name}` is not supported by this model path"
-                        )));
-                    }
-                    targets.retain(|q| &q.target != t);
-                    targets.push(QuantTarget {
-                        target: t.clone(),
-                        observer: entry.observer(t)?,
-                        qparams: None,
-                    });
-                }
-            }
-        }
-        for name in &config
-            .0
+    }
+    let known = [
+        "conv1.weight",
+        "conv1.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "batchnorm1.weight",
+        "batchnorm1.bias",
+        "batchnorm1.running_mean",
+        "batchnorm1.running_var",
+        "batchnorm1.num_batches_tracked",
+    ];
+    let unexpected: Vec<&str> = sd
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix) && !known.contains(&&n[prefix.len()..]))
+        .collect();
+    if !unexpected.is_empty() {
+        const SHOWN: usize = 8;
+        let mut list = unexpected[..unexpected.len().min(SHOWN)]
             .iter()
-            .flat_map(|e| e.op_names.clone())
+            .map(|n| format!("`{n}`"))
             .collect::<Vec<_>>()
-        {
-            if !OPS.iter().any(|(n, _)| n == name) {
-                return Err(Error::invalid(format!(
-                    "config names op `{name}`, which the Mnist network does not have (ops: conv1, conv2, fc1, fc2)"
-                )));
-            }
+            .join(", ");
+        if unexpected.len() > SHOWN {
+            list.push_str(&format!(" (and {} more)", unexpected.len() - SHOWN));
         }
-        self.calibrate(b, calibration)
+        return Err(Error::invalid(format!(
+            "unexpected tensors for the Mnist network under prefix `{prefix}`: {list} (is the \
+             prefix right?)"
+        )));
     }
+    assemble(conv1, conv2, fc1, fc2, Module::new(Layer::BatchNorm2d(bn)))
+}
 
-    /// Fuses a group of modules. This model knows `["conv1", "batchnorm1"]` (BN folded into
-    /// conv1, batchnorm1 becomes Identity), as `torch.ao.quantization.fuse_modules` does.
-    pub fn fuse(&mut self, b: &dyn Backend, group: &[String]) -> Result<()> {
-        match group {
-            [c, n] if c == "conv1" && n == "batchnorm1" => {
-                let bn = self.batchnorm1.take().ok_or_else(|| {
-                    Error::invalid("batchnorm1 is already fused into conv1".to_string())
-                })?;
-                let folded = b.fold_conv_bn(
-                    &self.conv1.weight.clone().into_dyn(),
-                    self.conv1.bias.as_ref(),
-                    &bn,
-                    false,
-                )?;
-                self.conv1.weight = folded
-                    .weight
-                    .into_dimensionality::<Ix4>()
-                    .map_err(|e| Error::Gpu(format!("folded weight rank: {e}")))?;
-                self.conv1.bias = Some(folded.bias);
-                Ok(())
-            }
-            other => Err(Error::invalid(format!(
-                "the Mnist network cannot fuse {other:?} (it fuses [\"conv1\", \"batchnorm1\"])"
-            ))),
-        }
-    }
+/// The `config_list` of NNI's module-fusion example: fuse `conv1` with `batchnorm1`, then
+/// int8 affine, per tensor, on conv1's `_input_`, `weight` and `_output_`.
+pub fn nni_example_config() -> ConfigList {
+    ConfigList(vec![crate::config::QuantConfig {
+        op_names: vec!["conv1".into()],
+        op_types: Vec::new(),
+        exclude_op_names: Vec::new(),
+        exclude_op_types: Vec::new(),
+        target_names: vec!["_input_".into(), "weight".into(), "_output_".into()],
+        quant_dtype: "int8".into(),
+        quant_scheme: "affine".into(),
+        granularity: "default".into(),
+        fuse_names: vec![vec!["conv1".into(), "batchnorm1".into()]],
+    }])
+}
 
-    /// Observes every target on `x` (min/max) and stores its qparams. Each target is
-    /// quantized as soon as it is observed, so an op's `_output_` is observed on the output
-    /// computed from its quantized input and weight (NNI's and PyTorch's calibration order).
-    pub fn calibrate(&mut self, b: &dyn Backend, x: &Array4<f32>) -> Result<()> {
-        self.run(b, x, Mode::Calibrate)?;
-        Ok(())
-    }
-
-    /// Forward: float where nothing is quantized, simulated (fake-quantized) where targets
-    /// are calibrated. Returns log-probabilities `[N, 10]`.
-    pub fn forward(&mut self, b: &dyn Backend, x: &Array4<f32>) -> Result<Array2<f32>> {
-        self.run(b, x, Mode::Simulate)
-    }
-
-    /// Forward in float, ignoring quantization (after fusion: the fused float model).
-    pub fn forward_float_fused(&mut self, b: &dyn Backend, x: &Array4<f32>) -> Result<Array2<f32>> {
-        self.run(b, x, Mode::Float)
-    }
-
-    /// The calibrated qparams: `(op, target, qparams)`.
-    pub fn qparams(&self) -> Vec<(String, String, QParams)> {
-        let mut v = Vec::new();
-        for (op, targets) in &self.quant {
-            for t in targets {
-                if let Some(qp) = &t.qparams {
-                    v.push((op.clone(), t.target.clone(), qp.clone()));
+/// A seeded batch of `n` synthetic MNIST-like digits `[n, 1, 28, 28]`, for demos and tests
+/// where the MNIST dataset cannot be downloaded: each image has two to four pen strokes
+/// (quadratic Bézier curves with soft, about 2-pixel-wide edges, intensity in `[0, 1]`)
+/// inside the central 20×20 box on a black background, normalised as the NNI example's
+/// `transforms.Normalize((0.1307,), (0.3081,))` does, so values lie in `[-0.4242, 2.8215]`
+/// like real MNIST inputs. They are not digits: use them for numerical comparisons (float
+/// against fused against quantized), not for accuracy.
+pub fn synthetic_batch(n: usize, seed: u64) -> Array4<f32> {
+    const MEAN: f32 = 0.1307;
+    const STD: f32 = 0.3081;
+    let mut rng = Rng::new(seed ^ 0xA5A5_0000_0000_0001);
+    let mut out = Array4::<f32>::zeros([n, 1, 28, 28]);
+    for i in 0..n {
+        let mut img = Array2::<f32>::zeros((28, 28));
+        let strokes = 2 + (rng.next_u64() % 3) as usize;
+        let mut pt = || (4.0 + rng.unit() * 20.0, 4.0 + rng.unit() * 20.0);
+        let mut prev = pt();
+        for _ in 0..strokes {
+            let (p0, p1, p2) = (prev, pt(), pt());
+            prev = p2;
+            for s in 0..=40 {
+                let t = s as f32 / 40.0;
+                let u = 1.0 - t;
+                let y = u * u * p0.0 + 2.0 * u * t * p1.0 + t * t * p2.0;
+                let x = u * u * p0.1 + 2.0 * u * t * p1.1 + t * t * p2.1;
+                let (r0, c0) = (y.floor() as i64, x.floor() as i64);
+                for r in (r0 - 2).max(0)..=(r0 + 3).min(27) {
+                    for c in (c0 - 2).max(0)..=(c0 + 3).min(27) {
+                        let d2 = (r as f32 - y).powi(2) + (c as f32 - x).powi(2);
+                        let v = (-d2 / 1.2).exp();
+                        let px = &mut img[[r as usize, c as usize]];
+                        *px = px.max(v);
+                    }
                 }
             }
         }
-        v
-    }
-
-    /// Observes or fake-quantizes `value` as target `target` of `op`, per `mode`.
-    fn target(
-        &mut self,
-        b: &dyn Backend,
-        op: &str,
-        target: &str,
-        value: ArrayD<f32>,
-        mode: Mode,
-    ) -> Result<ArrayD<f32>> {
-        let Some(t) = self
-            .quant
-            .get_mut(op)
-            .and_then(|ts| ts.iter_mut().find(|t| t.target == target))
-        else {
-            return Ok(value);
-        };
-        match mode {
-            Mode::Float => Ok(value),
-            Mode::Calibrate => {
-                // As a FakeQuantize module in calibration: observe, then quantize with the
-                // qparams just computed, so later targets see the quantized values.
-                let qp = b.calc_qparams(&value, &t.observer)?;
-                let y = b.fake_quant(&value, &qp, t.observer.range)?;
-                t.qparams = Some(qp);
-                Ok(y)
-            }
-            Mode::Simulate => match &t.qparams {
-                Some(qp) => b.fake_quant(&value, qp, t.observer.range),
-                None => Err(Error::invalid(format!(
-                    "`{op}.{target}` has an observer but was never calibrated"
-                ))),
-            },
+        for ((r, c), v) in img.indexed_iter() {
+            // 8-bit pixels, as MNIST's, then ToTensor and Normalize.
+            let byte = (v.clamp(0.0, 1.0) * 255.0).round();
+            out[[i, 0, r, c]] = (byte / 255.0 - MEAN) / STD;
         }
     }
-
-    fn conv(
-        &mut self,
-        b: &dyn Backend,
-        name: &str,
-        x: Array4<f32>,
-        mode: Mode,
-    ) -> Result<Array4<f32>> {
-        let layer = if name == "conv1" {
-            &self.conv1
-        } else {
-            &self.conv2
-        };
-        let (w, bias, params) = (layer.weight.clone(), layer.bias.clone(), layer.params);
-        let x = to4(self.target(b, name, "_input_", x.into_dyn(), mode)?)?;
-        let w = to4(self.target(b, name, "weight", w.into_dyn(), mode)?)?;
-        let y = b.conv2d(&x, &w, bias.as_ref(), &params)?;
-        to4(self.target(b, name, "_output_", y.into_dyn(), mode)?)
-    }
-
-    fn linear(
-        &mut self,
-        b: &dyn Backend,
-        name: &str,
-        x: Array2<f32>,
-        mode: Mode,
-    ) -> Result<Array2<f32>> {
-        let layer = if name == "fc1" { &self.fc1 } else { &self.fc2 };
-        let (w, bias) = (layer.weight.clone(), layer.bias.clone());
-        let x = to2(self.target(b, name, "_input_", x.into_dyn(), mode)?)?;
-        let w = to2(self.target(b, name, "weight", w.into_dyn(), mode)?)?;
-        let y = b.linear(&x, &w, bias.as_ref())?;
-        to2(self.target(b, name, "_output_", y.into_dyn(), mode)?)
-    }
-
-    fn run(&mut self, b: &dyn Backend, x: &Array4<f32>, mode: Mode) -> Result<Array2<f32>> {
-        if x.shape()[1..] != [1, 28, 28] {
-            return Err(Error::shape(
-                "Mnist input",
-                &[x.shape()[0], 1, 28, 28],
-                x.shape(),
-            ));
-        }
-        let relu6 = |b: &dyn Backend, a: Array4<f32>| -> Result<Array4<f32>> {
-            to4(b.activation(&a.into_dyn(), Activation::Relu6)?)
-        };
-        let mut h = self.conv(b, "conv1", x.clone(), mode)?;
-        if let Some(bn) = &self.batchnorm1 {
-            h = b.batch_norm2d(&h, bn, false)?.y;
-        }
-        let h = b.max_pool2d(&relu6(b, h)?, 2, 2)?;
-        let h = self.conv(b, "conv2", h, mode)?;
-        let h = b.max_pool2d(&relu6(b, h)?, 2, 2)?;
-        let n = h.shape()[0];
-        let flat = h
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((n, 800))
-            .map_err(|e| Error::invalid(format!("flatten: {e}")))?;
-        let h = self.linear(b, "fc1", flat, mode)?;
-        let h = to2(b.activation(&h.into_dyn(), Activation::Relu6)?)?;
-        let h = self.linear(b, "fc2", h, mode)?;
-        b.log_softmax(&h)
-    }
+    out
 }
 
-fn to4(a: ArrayD<f32>) -> Result<Array4<f32>> {
-    let shape = a.shape().to_vec();
-    a.into_dimensionality::<Ix4>()
-        .map_err(|_| Error::invalid(format!("expected a rank-4 tensor, got shape {shape:?}")))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuBackend;
 
-fn to2(a: ArrayD<f32>) -> Result<Array2<f32>> {
-    let shape = a.shape().to_vec();
-    a.into_dimensionality::<Ix2>()
-        .map_err(|_| Error::invalid(format!("expected a rank-2 tensor, got shape {shape:?}")))
+    #[test]
+    fn names_and_shapes() {
+        let mut m = mnist(3).unwrap();
+        let names: Vec<String> = m.named_modules().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(names[1..], MODULE_NAMES.map(String::from));
+        assert_eq!(m.kind_name(), "Mnist");
+        assert_eq!(m.get("relu1").unwrap().kind_name(), "ReLU6");
+        assert_eq!(
+            crate::fuse::find_fusable(&m),
+            vec![
+                vec!["conv1", "batchnorm1", "relu1"],
+                vec!["conv2", "relu2"],
+                vec!["fc1", "relu3"]
+            ]
+        );
+        m.eval();
+        let x = synthetic_batch(3, 7).into_dyn();
+        let y = m.forward(&CpuBackend, &x).unwrap();
+        assert_eq!(y.shape(), &[3, 10]);
+        for row in y.rows() {
+            let p: f32 = row.iter().map(|v| v.exp()).sum();
+            assert!((p - 1.0).abs() < 1e-5);
+        }
+        let bad = ArrayD::zeros(IxDyn(&[2, 1, 27, 28]));
+        assert!(matches!(
+            m.forward(&CpuBackend, &bad),
+            Err(Error::ShapeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn seeded() {
+        let w = |s| match mnist(s).unwrap().get("fc1").unwrap().layer() {
+            Layer::Linear(l) => l.weight.clone(),
+            _ => unreachable!(),
+        };
+        assert_eq!(w(1), w(1));
+        assert_ne!(w(1), w(2));
+        let a = w(1);
+        let bound = 1.0 / (800f32).sqrt();
+        assert!(a.iter().all(|v| v.abs() <= bound));
+        let mean = a.mean().unwrap();
+        assert!(mean.abs() < 1e-3, "{mean}");
+        assert_eq!(synthetic_batch(2, 5), synthetic_batch(2, 5));
+        let x = synthetic_batch(16, 5);
+        let lo = (0.0 - 0.1307) / 0.3081;
+        let hi = (1.0 - 0.1307) / 0.3081;
+        assert!(x.iter().all(|&v| v >= lo - 1e-6 && v <= hi + 1e-6));
+        let ink = x.iter().filter(|&&v| v > 0.0).count() as f32 / x.len() as f32;
+        assert!((0.05..0.4).contains(&ink), "{ink}");
+    }
 }

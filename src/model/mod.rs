@@ -1,4 +1,5 @@
-//! Small model paths built on the [`crate::Backend`] interface. The full module tree and
-//! fusion API grows from here.
+//! Example models built with the [`crate::nn`] module tree: the Mnist network of NNI's
+//! module-fusion example ([`mnist`]), with PyTorch's module names so that PyTorch state
+//! dicts and NNI configs apply to it unchanged.
 
 pub mod mnist;

@@ -42,9 +42,11 @@ pub(crate) fn forward_layer(
             Ok(b.max_pool2d(&x4, *kernel_size, *stride)?.into_dyn())
         }
         Layer::Flatten { start_dim, end_dim } => flatten(x, *start_dim, *end_dim),
+        Layer::LogSoftmax { dim } => log_softmax(b, x, *dim),
         Layer::Container(c) => c.forward(b, x, path, training),
         Layer::Fused(f) => fused_forward(b, f, x, training),
         Layer::Custom(c) => c.forward(b, x, training),
+        Layer::Qat(q) => q.forward(b, x, training),
     }
 }
 
@@ -291,6 +293,40 @@ fn conv_bn_forward(
         let (y, _) = b.conv_bn_act_eval(&to4(x, what)?, &conv, &bn.bn, act)?;
         Ok(y.into_dyn())
     }
+}
+
+/// `torch.log_softmax(x, dim)`: `dim` moved last, the backend's `[M, C]` log_softmax, moved
+/// back.
+fn log_softmax(b: &dyn Backend, x: &ArrayD<f32>, dim: isize) -> Result<ArrayD<f32>> {
+    let r = x.ndim() as isize;
+    let d = if dim < 0 { dim + r } else { dim };
+    if r == 0 || d < 0 || d >= r {
+        return Err(Error::invalid(format!(
+            "LogSoftmax(dim={dim}) does not fit an input of shape {:?}",
+            x.shape()
+        )));
+    }
+    if x.is_empty() {
+        return Ok(x.clone());
+    }
+    let d = d as usize;
+    let mut perm: Vec<usize> = (0..x.ndim()).filter(|&i| i != d).collect();
+    perm.push(d);
+    let moved = x.view().permuted_axes(perm.clone());
+    let moved_shape = moved.shape().to_vec();
+    let c = x.shape()[d];
+    let m = x.len() / c;
+    let x2 = moved
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((m, c))
+        .map_err(|e| Error::invalid(format!("internal reshape: {e}")))?;
+    let y = reshape(&b.log_softmax(&x2)?.into_dyn(), &moved_shape)?;
+    let mut inverse = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inverse[p] = i;
+    }
+    Ok(y.permuted_axes(inverse).as_standard_layout().into_owned())
 }
 
 /// `torch.flatten(x, start_dim, end_dim)`.

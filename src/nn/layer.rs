@@ -57,6 +57,11 @@ pub enum Layer {
         /// Last flattened dimension, inclusive (PyTorch's default: -1).
         end_dim: isize,
     },
+    /// `torch.nn.LogSoftmax(dim)` (a negative dim counts from the end).
+    LogSoftmax {
+        /// The dimension normalized over.
+        dim: isize,
+    },
     /// `torch.nn.Sequential` or a user container: named children and a declared forward
     /// order (see [`Container`]).
     Container(Container),
@@ -64,6 +69,9 @@ pub enum Layer {
     Fused(Box<Fused>),
     /// A caller-defined module kind (see [`CustomLayer`]).
     Custom(Box<dyn CustomLayer>),
+    /// A QAT module (`torch.ao.nn.intrinsic.qat.ConvBnReLU2d`, `torch.ao.nn.qat.Conv2d`,
+    /// ...), built by [`crate::qat::prepare_qat`]: see [`crate::qat::QatLayer`].
+    Qat(Box<crate::qat::QatLayer>),
 }
 
 impl Layer {
@@ -85,9 +93,11 @@ impl Layer {
             Layer::Identity => "Identity".into(),
             Layer::MaxPool2d { .. } => "MaxPool2d".into(),
             Layer::Flatten { .. } => "Flatten".into(),
+            Layer::LogSoftmax { .. } => "LogSoftmax".into(),
             Layer::Container(c) => c.type_name().to_string(),
             Layer::Fused(f) => f.kind_name(),
             Layer::Custom(c) => c.kind_name(),
+            Layer::Qat(q) => q.kind_name(),
         }
     }
 

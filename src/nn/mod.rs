@@ -7,8 +7,8 @@
 //! * [`Layer`]: the kinds, each a `torch.nn` type: `Conv1d`, `Conv2d`, `ConvTranspose2d`
 //!   ([`ConvLayer`], [`ConvTransposeLayer`]), `Linear` ([`LinearLayer`]), `BatchNorm1d`,
 //!   `BatchNorm2d` ([`BatchNormLayer`]), `ReLU`, `ReLU6`, `LeakyReLU`, `Hardswish`,
-//!   `Identity`, `MaxPool2d`, `Flatten`, containers ([`Container`]: `Sequential` and user
-//!   containers), fused modules ([`Fused`]) and caller-defined kinds ([`CustomLayer`]).
+//!   `Identity`, `MaxPool2d`, `Flatten`, `LogSoftmax`, containers ([`Container`]:
+//!   `Sequential` and user containers), fused modules ([`Fused`]) and caller-defined kinds ([`CustomLayer`]).
 //!   Parameters are public `ndarray` fields (weights in PyTorch's layouts, so a state dict
 //!   maps onto them one to one).
 //! * [`Module::kind_name`] gives PyTorch's type name (`Conv2d`, `BatchNorm2d`, `ConvReLU2d`,
@@ -93,6 +93,20 @@
 //! folded) and an [`crate::ops::Activation`]. See [`Fused`] for the forms, the forward, and
 //! the kind names; [`crate::fuse`] builds them.
 //!
+//! # Quantization targets
+//! A module can carry [`QuantTargets`]: fake quantization (with min/max observers) of its
+//! input, weight, bias and output, applied inside its forward as
+//! `FQ(output)(op(FQ(input)(x), FQ(weight)(W), FQ(bias)(b)))`
+//! ([`Module::set_quant_targets`]; [`crate::config::apply`] attaches them from an NNI-style
+//! config). See [`QuantTargets`].
+//!
+//! # QAT modules and state dicts
+//! [`crate::qat::prepare_qat`] turns fused and plain conv / linear modules into QAT modules
+//! ([`Layer::Qat`]). [`Module::state_dict`] / [`Module::load_state_dict`] read and write
+//! every parameter and buffer by PyTorch's dotted names (fused modules as PyTorch's
+//! `Sequential`s: `conv1.0.weight`; QAT modules as `torch.ao`'s: `conv1.bn.running_mean`,
+//! `conv1.weight_fake_quant.scale`), with `num_batches_tracked` as int64.
+//!
 //! # Differences from PyTorch
 //! * Fused modules are leaves: `named_modules` does not list their parts (PyTorch's
 //!   `_FusedModule` is a `Sequential` with children `0`, `1`, `2`).
@@ -108,6 +122,8 @@ mod hooks;
 mod layer;
 mod module;
 mod path;
+mod quant;
+mod state_dict;
 
 pub use container::{Container, ForwardFn, Scope};
 pub use fused::{Fused, FusedHead};
@@ -116,3 +132,6 @@ pub use layer::{
     BatchNormLayer, Conv1dParams, ConvLayer, ConvTransposeLayer, CustomLayer, Layer, LinearLayer,
 };
 pub use module::Module;
+pub use quant::{has_quantizable_bias, weight_channel_axis, QuantTarget, QuantTargets};
+pub(crate) use state_dict::for_each_param_mut;
+pub use state_dict::IncompatibleKeys;

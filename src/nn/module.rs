@@ -11,6 +11,7 @@ use super::layer::{
     BatchNormLayer, Conv1dParams, ConvLayer, ConvTransposeLayer, CustomLayer, Layer, LinearLayer,
 };
 use super::path::unknown;
+use super::quant::QuantTargets;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams};
@@ -25,6 +26,8 @@ pub struct Module {
     layer: Layer,
     training: bool,
     pub(crate) hooks: Hooks,
+    /// Fake quantization of the input / weight / bias / output, applied in `forward`.
+    quant: Option<Box<QuantTargets>>,
 }
 
 impl From<Layer> for Module {
@@ -39,6 +42,7 @@ impl fmt::Debug for Module {
             .field("kind", &self.kind_name())
             .field("training", &self.training)
             .field("hooks", &self.hooks)
+            .field("quant", &self.quant)
             .field("layer", &self.layer)
             .finish()
     }
@@ -53,6 +57,7 @@ impl Module {
             layer,
             training: true,
             hooks: Hooks::default(),
+            quant: None,
         }
     }
 
@@ -168,6 +173,11 @@ impl Module {
         Self::new(Layer::Flatten { start_dim, end_dim })
     }
 
+    /// `nn.LogSoftmax(dim)`.
+    pub fn log_softmax(dim: isize) -> Self {
+        Self::new(Layer::LogSoftmax { dim })
+    }
+
     /// `nn.Sequential(*modules)`: children `"0"`, `"1"`, …
     pub fn sequential(modules: impl IntoIterator<Item = Module>) -> Self {
         Self::new(Layer::Container(Container::sequential(modules)))
@@ -200,7 +210,7 @@ impl Module {
         &mut self.layer
     }
 
-    /// The layer, dropping the training flag and hooks.
+    /// The layer, dropping the training flag, hooks and quantization targets.
     pub fn into_layer(self) -> Layer {
         self.layer
     }
@@ -442,18 +452,40 @@ impl Module {
         self.hooks = Hooks::default();
     }
 
+    // ----------------------------------------------------------------- quantization
+
+    /// This module's quantization targets (fake quantization of its input, weight, bias and
+    /// output, applied in [`Module::forward`]; see [`crate::nn::QuantTargets`]), if any.
+    pub fn quant_targets(&self) -> Option<&QuantTargets> {
+        self.quant.as_deref()
+    }
+
+    /// This module's quantization targets, mutably.
+    pub fn quant_targets_mut(&mut self) -> Option<&mut QuantTargets> {
+        self.quant.as_deref_mut()
+    }
+
+    /// Sets (or with `None` removes) this module's quantization targets; returns the previous
+    /// ones. Fusion ([`crate::fuse`]) builds new modules without targets: attach them after
+    /// fusing (as [`crate::config::apply`] does).
+    pub fn set_quant_targets(&mut self, targets: Option<QuantTargets>) -> Option<QuantTargets> {
+        std::mem::replace(&mut self.quant, targets.map(Box::new)).map(|b| *b)
+    }
+
     // ----------------------------------------------------------------- forward
 
     /// Runs the module on `x` on `backend` (the CPU reference or the GPU), host arrays in and
     /// out, with its hooks and those of every module it runs. Hooks see paths relative to
-    /// this module (`""` for itself).
+    /// this module (`""` for itself). A module with quantization targets fake-quantizes its
+    /// input, weight, bias and output inside the forward (after the pre-hooks, before the
+    /// hooks; see [`crate::nn::QuantTargets`]).
     ///
     /// `&mut self`: a training-mode BatchNorm updates its running statistics (and
     /// `num_batches_tracked`), as in PyTorch.
     ///
     /// Input ranks: Conv2d, ConvTranspose2d, BatchNorm2d, MaxPool2d take `(N, C, H, W)`;
     /// Conv1d `(N, C, L)`; BatchNorm1d `(N, C)` or `(N, C, L)`; Linear `(…, in)`; the
-    /// activations, Identity and Flatten any rank.
+    /// activations, Identity, Flatten and LogSoftmax any rank.
     ///
     /// Errors: [`Error::InvalidArgument`] / [`Error::ShapeMismatch`] for inputs of the wrong
     /// rank or shape, and the errors of the backend's ops.
@@ -471,7 +503,12 @@ impl Module {
         let replaced = self.hooks.run_pre(path, x);
         let input = replaced.as_ref().unwrap_or(x);
         let training = self.training;
-        let y = super::forward::forward_layer(&mut self.layer, training, backend, input, path)?;
+        let y = match self.quant.as_deref_mut() {
+            Some(q) => {
+                super::quant::forward_quantized(q, &mut self.layer, training, backend, input, path)?
+            }
+            None => super::forward::forward_layer(&mut self.layer, training, backend, input, path)?,
+        };
         if self.hooks.post.is_empty() {
             return Ok(y);
         }

@@ -7,6 +7,7 @@ use ndarray::{Array1, Array4, ArrayD, Ix4};
 use crate::error::{Error, Result};
 use crate::ops::{
     Activation, BatchNorm, Conv2d, Folded, QatConfig, QatForward, QatGrads, QatSaved,
+    QatWeightQuant,
 };
 use crate::quant::QParams;
 use crate::reference::activation::{activation, activation_backward};
@@ -143,6 +144,170 @@ fn qat_scale_factor(bn: &BatchNorm, channels: usize) -> Array1<f32> {
     &gamma / &running_std
 }
 
+/// The channels whose γ is exactly zero (`+0` or `-0`); none for `affine=False`.
+pub fn zero_gamma_channels(bn: &BatchNorm) -> Vec<usize> {
+    match &bn.weight {
+        Some(w) => w
+            .iter()
+            .enumerate()
+            .filter(|(_, &g)| g == 0.0)
+            .map(|(c, _)| c)
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The scale factor of qfuse's finite QAT step ([`conv_bn_qat_forward_with`]):
+/// `s = γ / sqrt(running_var + eps)` in f32 exactly as [`conv_bn_qat_forward`] computes it,
+/// except `s = 1` for every channel with `γ = 0` (where PyTorch's `s = 0` gives `y / 0`).
+///
+/// Errors: [`Error::ShapeMismatch`] when `channels` differs from the BatchNorm's; BatchNorm
+/// validation errors.
+pub fn qat_scale_factor_finite(bn: &BatchNorm, channels: usize) -> Result<Array1<f32>> {
+    bn.validate()?;
+    if bn.channels() != channels {
+        return Err(Error::ChannelMismatch {
+            layer: "conv2d".to_string(),
+            layer_channels: channels,
+            bn_channels: bn.channels(),
+        });
+    }
+    let mut s = qat_scale_factor(bn, channels);
+    for c in zero_gamma_channels(bn) {
+        s[c] = 1.0;
+    }
+    Ok(s)
+}
+
+/// `(s, W_s)` of qfuse's finite QAT step: the scale factor of [`qat_scale_factor_finite`]
+/// and the weight scaled by it along axis 0 (the output channels), for a weight of any rank
+/// (`[O, C/g, K]`, `[O, C/g, KH, KW]`, a linear's `[out, in]`). This is what the weight
+/// observer of a QAT conv + BatchNorm module sees.
+///
+/// Errors: [`Error::ChannelMismatch`] when `weight.shape[0]` differs from the BatchNorm's
+/// channels; [`Error::InvalidArgument`] for a scalar weight; BatchNorm validation errors.
+pub fn qat_scaled_weight(
+    weight: &ArrayD<f32>,
+    bn: &BatchNorm,
+) -> Result<(Array1<f32>, ArrayD<f32>)> {
+    let Some(&o) = weight.shape().first() else {
+        return Err(Error::invalid(
+            "QAT weight must have rank >= 1, got a scalar",
+        ));
+    };
+    let s = qat_scale_factor_finite(bn, o)?;
+    let mut w_s = weight.clone();
+    for (mut lane, &f) in w_s.axis_iter_mut(ndarray::Axis(0)).zip(s.iter()) {
+        lane.mapv_inplace(|v| v * f);
+    }
+    Ok((s, w_s))
+}
+
+/// One training-mode QAT step of a conv + BatchNorm module as qfuse's QAT modules run it
+/// ([`crate::qat`]): [`conv_bn_qat_forward`] with
+///
+/// * the weight fake quant's qparams **given** (`weight.qparams = Some`: a `FakeQuantize`
+///   whose observer keeps running statistics, or whose observer is disabled) or observed on
+///   this step's `W_s` (`None`, as [`conv_bn_qat_forward`]);
+/// * fake quant **switchable** (`weight.fake_quant_enabled = false`: `W_q = W_s`, mask 1);
+/// * **finite at γ = 0.** A channel with `γ = 0` has `s = 0` in PyTorch, so its output,
+///   running mean and gradients are NaN (`y / 0`; PyTorch issues #77434 / #85744). Here such
+///   a channel takes the two-pass form of the same math: `s = 1` for it, so its conv runs
+///   with its unscaled weight, fake-quantized (the observer sees that weight), the
+///   divide-back is the identity, and the BatchNorm normalizes as usual (its batch statistics
+///   and running update come from `conv(x, W_q) + b`); its output is then `β` (γ·x̂ + β), as
+///   in the float model. With fake quant disabled that equals `bn(conv(x, W) + b)`. Its
+///   `dγ` in [`conv_bn_qat_backward`] is the BatchNorm's `Σ dy·x̂` only (`s` no longer
+///   depends on γ there). Channels with `γ ≠ 0` are computed exactly as by
+///   [`conv_bn_qat_forward`].
+///
+/// With `weight = QatWeightQuant::default()` and no `γ = 0` channel, the result is
+/// [`conv_bn_qat_forward`]'s, bit for bit.
+///
+/// Errors: those of [`conv_bn_qat_forward`]; fixed qparams that do not fit the weight or
+/// the range ([`crate::quant::QParams::validate`]) when fake quant is enabled.
+pub fn conv_bn_qat_forward_with(
+    x: &Array4<f32>,
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    cfg: &QatConfig,
+    weight: &QatWeightQuant,
+) -> Result<QatForward> {
+    check_conv_bn(conv, bn)?;
+    conv.params.output_shape(x.shape(), conv.weight.shape())?;
+    let range = cfg.weight_observer.range;
+    range.validate()?;
+
+    let (scale_factor, w_s) = qat_scaled_weight(&conv.weight.clone().into_dyn(), bn)?;
+    let weight_qparams = match &weight.qparams {
+        Some(q) => q.clone(),
+        None => observe_qparams(&w_s, &cfg.weight_observer)?,
+    };
+    let (weight_q, weight_mask) = if weight.fake_quant_enabled {
+        let (q, m) = fake_quantize_with_mask(&w_s, &weight_qparams, range)?;
+        (
+            into4(q, "fake-quantized weight")?,
+            into4(m, "fake-quant mask")?,
+        )
+    } else {
+        let w = into4(w_s, "scaled weight")?;
+        let ones = Array4::ones(w.raw_dim());
+        (w, ones)
+    };
+    qat_forward_quantized(
+        x,
+        conv,
+        bn,
+        cfg,
+        scale_factor,
+        weight_qparams,
+        weight_q,
+        weight_mask,
+    )
+}
+
+/// `dγ` of the channels that [`conv_bn_qat_forward_with`] ran in the finite γ = 0 form
+/// (`γ = 0` and a saved scale factor that is not 0): the BatchNorm affine part
+/// `Σ_{n,h,w} act'(bn_out)·dy·(bn_input − mean)·invstd` only. Returns `(channel, dγ)` pairs.
+/// Used by backends whose fused backward adds the weight-scaling and divide-back parts for
+/// every channel.
+///
+/// Errors: [`Error::InvalidArgument`] from the activation's backward on mismatched shapes.
+pub fn zero_gamma_bn_weight_grads(
+    dy: &Array4<f32>,
+    bn: &BatchNorm,
+    cfg: &QatConfig,
+    fwd: &QatForward,
+) -> Result<Vec<(usize, f32)>> {
+    let sv = &fwd.saved;
+    let channels: Vec<usize> = zero_gamma_channels(bn)
+        .into_iter()
+        .filter(|&c| sv.scale_factor.get(c).is_some_and(|&s| s != 0.0))
+        .collect();
+    let mut out = Vec::with_capacity(channels.len());
+    for c in channels {
+        let ax = ndarray::Axis(1);
+        if c >= sv.bn_out.shape()[1] || c >= sv.mean.len() || c >= sv.invstd.len() {
+            return Err(Error::shape(
+                "zero_gamma_bn_weight_grads saved statistics",
+                &[c + 1],
+                sv.mean.shape(),
+            ));
+        }
+        let pre = sv.bn_out.index_axis(ax, c).to_owned().into_dyn();
+        let d = dy.index_axis(ax, c).to_owned().into_dyn();
+        let d_pre = activation_backward(&pre, &d, cfg.activation)?;
+        let (mean, invstd) = (sv.mean[c] as f64, sv.invstd[c] as f64);
+        let sum: f64 = d_pre
+            .iter()
+            .zip(sv.bn_input.index_axis(ax, c).iter())
+            .map(|(&g, &v)| g as f64 * (v as f64 - mean) * invstd)
+            .sum();
+        out.push((c, sum as f32));
+    }
+    Ok(out)
+}
+
 /// Steps 3-5 of [`conv_bn_qat_forward`], given the fake-quantized scaled weight and its mask.
 #[allow(clippy::too_many_arguments)]
 fn qat_forward_quantized(
@@ -189,7 +354,15 @@ fn qat_forward_quantized(
     })
 }
 
-/// Backward of [`conv_bn_qat_forward`] for upstream `dy`, mirroring what autograd computes
+/// Whether channel `c` was run in the finite γ = 0 form of [`conv_bn_qat_forward_with`]:
+/// `γ = 0` and a saved scale factor that is not 0 (PyTorch's form saves `s = 0` there).
+fn finite_zero_gamma(bn: &BatchNorm, s: &Array1<f32>, c: usize) -> bool {
+    bn.weight.as_ref().is_some_and(|w| w.get(c) == Some(&0.0))
+        && s.get(c).is_some_and(|&v| v != 0.0)
+}
+
+/// Backward of [`conv_bn_qat_forward`] (and of [`conv_bn_qat_forward_with`]) for upstream
+/// `dy`, mirroring what autograd computes
 /// for `torch.ao.nn.intrinsic.qat.ConvBn2d` / `ConvBnReLU2d` (`_forward_approximate`) in
 /// training mode. The observer's qparams are constants and fake quant passes the gradient
 /// where the value is in range (straight-through, `weight_mask`). With `s` the scale factor:
@@ -201,7 +374,8 @@ fn qat_forward_quantized(
 /// * `dW_s = dW_q·mask`, `dW = dW_s·s[o]`;
 /// * `ds[c] = Σ_{weights of c} dW_s·W − Σ_{n,h,w} dBN_in·conv_out / s²`;
 /// * `dγ = dγ_bn + ds / sqrt(running_var + eps)` (three contributions: BN affine, weight
-///   scaling, divide-back).
+///   scaling, divide-back); `dγ = dγ_bn` for a channel that
+///   [`conv_bn_qat_forward_with`] ran in its finite γ = 0 form (γ = 0, saved `s = 1`).
 ///
 /// Errors: [`Error::ShapeMismatch`] when `dy` is not the shape of `fwd.y` or `fwd.saved` does
 /// not fit `x`, `conv` and `bn`; the errors of the forward's checks.
@@ -313,6 +487,10 @@ pub fn conv_bn_qat_backward(
             .zip(conv.weight.index_axis(ndarray::Axis(0), c).iter())
             .map(|(&g, &w)| g as f64 * w as f64)
             .sum();
+        if finite_zero_gamma(bn, s, c) {
+            // qfuse's finite γ = 0 form: s = 1 does not depend on γ there.
+            continue;
+        }
         let ds = ds_w + ds_divide[c];
         let inv_std = 1.0 / (bn.running_var[c] as f64 + bn.eps as f64).sqrt();
         dbn_weight[c] = (dbn_weight[c] as f64 + ds * inv_std) as f32;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
 mod conformance;
+mod demo;
 mod fold;
 
 #[derive(Parser)]
@@ -34,6 +35,9 @@ pub enum BackendChoice {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: NNI's Mnist example quantized (fuse conv1+batchnorm1, int8 on conv1) and
+    /// run in float, fused and simulated int8 on the GPU (or the CPU), compared in a table.
+    Demo(demo::DemoArgs),
     /// Run every *.safetensors conformance case in DIR and compare with PyTorch's outputs.
     Conformance {
         /// Folder of cases.
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Conformance { dir, backend } => conformance::run(&dir, backend),
         Command::Info => info(),
+        Command::Demo(args) => demo::run(&args),
         Command::Fold(args) => fold::run(&args),
         Command::Bench(args) => bench::run(&args),
     };

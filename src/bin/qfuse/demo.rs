@@ -1,0 +1,291 @@
+//! `qfuse demo [--weights FILE.safetensors [--prefix P]] [--batch N] [--seed S]
+//! [--backend cpu|gpu|auto] [--json FILE]`: the Mnist network of NNI's module-fusion example,
+//! quantized with NNI's example config (fuse conv1 with batchnorm1; int8 affine on conv1's
+//! input, weight and output), run in float, fused float and simulated int8 on one backend,
+//! and compared.
+//!
+//! The input is a seeded batch of synthetic MNIST-like images
+//! ([`qfuse::model::mnist::synthetic_batch`]): no dataset can be downloaded here, so the
+//! comparison is numerical (each model against float), not an accuracy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use ndarray::{ArrayD, Axis};
+use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::config::{self, QuantMode};
+use qfuse::io::state_dict::load_state_dict;
+use qfuse::model::mnist;
+use qfuse::nn::Module;
+use serde_json::{json, Value};
+
+/// Where the models run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DemoBackend {
+    /// The CPU reference.
+    Cpu,
+    /// The WGSL kernels on the system's GPU adapter (an error when there is none).
+    Gpu,
+    /// The GPU when an adapter can be opened, else the CPU reference (said on stderr and in
+    /// the table).
+    Auto,
+}
+
+/// Arguments of `qfuse demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Mnist weights: a PyTorch state dict (`safetensors.torch.save_file(Mnist().state_dict(),
+    /// FILE)`). Without it the network gets PyTorch's default initialisation, seeded by --seed.
+    #[arg(long, value_name = "FILE.safetensors")]
+    weights: Option<PathBuf>,
+    /// The prefix of the Mnist tensors in --weights (`in.model.` for the golden
+    /// model_mnist_ptq case file).
+    #[arg(long, default_value = "", requires = "weights")]
+    prefix: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Seed of the synthetic input batches (and of the weights without --weights).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the models run.
+    #[arg(long, value_enum, default_value_t = DemoBackend::Auto)]
+    backend: DemoBackend,
+    /// Also write the table as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Timed runs per model (the table shows their median).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Calibration batches (synthetic, seeds S+1, S+2, ...; the compared batch is not one of
+    /// them).
+    #[arg(long, default_value_t = 2)]
+    calibration_batches: usize,
+}
+
+/// One row of the table.
+struct Row {
+    model: &'static str,
+    max_abs_diff: f32,
+    agree: usize,
+    ms: f64,
+}
+
+fn argmax(y: &ArrayD<f32>) -> Vec<usize> {
+    y.axis_iter(Axis(0))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                    if v > bv {
+                        (i, v)
+                    } else {
+                        (bi, bv)
+                    }
+                })
+                .0
+        })
+        .collect()
+}
+
+/// One untimed forward (its output, and a warm-up for the GPU's pipelines), then `runs`
+/// timed ones: the output and the median time in ms.
+fn measure(
+    model: &mut Module,
+    b: &dyn Backend,
+    x: &ArrayD<f32>,
+    runs: usize,
+) -> qfuse::Result<(ArrayD<f32>, f64)> {
+    let y = model.forward(b, x)?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        model.forward(b, x)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    let median = if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
+    };
+    Ok((y, median))
+}
+
+/// Runs `qfuse demo`.
+pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
+    if args.batch == 0 || args.runs == 0 || args.calibration_batches == 0 {
+        return Err(qfuse::Error::invalid(
+            "--batch, --runs and --calibration-batches must be at least 1",
+        ));
+    }
+    // The model first: a bad weights file fails before a GPU is opened.
+    let (mut model, weights_desc) = match &args.weights {
+        Some(path) => {
+            let sd = load_state_dict(path)?;
+            let prefix = if args.prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" (prefix `{}`)", args.prefix)
+            };
+            (
+                mnist::mnist_from_state_dict(&sd, &args.prefix)?,
+                format!("{}{prefix}", path.display()),
+            )
+        }
+        None => (
+            mnist::mnist(args.seed)?,
+            format!("PyTorch-style default init, seed {}", args.seed),
+        ),
+    };
+    model.eval();
+
+    let (backend, kind, adapter, fallback): (
+        Box<dyn Backend>,
+        &str,
+        Option<String>,
+        Option<String>,
+    ) = match args.backend {
+        DemoBackend::Cpu => (Box::new(CpuBackend), "cpu", None, None),
+        DemoBackend::Gpu => {
+            let g = GpuBackend::from_system()?;
+            let name = g.context().name();
+            (Box::new(g), "gpu", Some(name), None)
+        }
+        DemoBackend::Auto => match GpuBackend::from_system() {
+            Ok(g) => {
+                let name = g.context().name();
+                (Box::new(g), "gpu", Some(name), None)
+            }
+            Err(e) => {
+                eprintln!("no GPU adapter ({e}): running on the CPU reference");
+                (Box::new(CpuBackend), "cpu", None, Some(e.to_string()))
+            }
+        },
+    };
+    let b = backend.as_ref();
+
+    let x = mnist::synthetic_batch(args.batch, args.seed).into_dyn();
+    let calibration: Vec<ArrayD<f32>> = (1..=args.calibration_batches as u64)
+        .map(|k| mnist::synthetic_batch(args.batch, args.seed.wrapping_add(k)).into_dyn())
+        .collect();
+    let cfg = mnist::nni_example_config();
+
+    let (y_float, ms_float) = measure(&mut model, b, &x, args.runs)?;
+    let mut quant = model.clone();
+    config::apply(&mut quant, &cfg, QuantMode::Ptq)?;
+    config::calibrate(&mut quant, b, calibration.iter())?;
+    config::set_fake_quant_enabled(&mut quant, false);
+    let (y_fused, ms_fused) = measure(&mut quant, b, &x, args.runs)?;
+    config::set_fake_quant_enabled(&mut quant, true);
+    let (y_int8, ms_int8) = measure(&mut quant, b, &x, args.runs)?;
+
+    let labels = argmax(&y_float);
+    let row = |model: &'static str, y: &ArrayD<f32>, ms: f64| Row {
+        model,
+        max_abs_diff: y
+            .iter()
+            .zip(&y_float)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max),
+        agree: argmax(y)
+            .iter()
+            .zip(&labels)
+            .filter(|(a, b)| a == b)
+            .count(),
+        ms,
+    };
+    let rows = [
+        row("float", &y_float, ms_float),
+        row("fused", &y_fused, ms_fused),
+        row("simulated int8", &y_int8, ms_int8),
+    ];
+    let qparams = config::qparams(&quant);
+
+    // ---- the table
+    let backend_cell = match (&adapter, &fallback) {
+        (Some(_), _) => "gpu".to_string(),
+        (None, Some(_)) => "cpu (no GPU adapter)".to_string(),
+        (None, None) => "cpu".to_string(),
+    };
+    println!("qfuse demo: the Mnist network of NNI's module-fusion example");
+    println!("weights:  {weights_desc}");
+    println!(
+        "input:    {} synthetic MNIST-like images (seed {}; no dataset download here), \
+         calibrated on {} more",
+        args.batch, args.seed, args.calibration_batches
+    );
+    println!(
+        "config:   fuse conv1+batchnorm1; int8 affine per tensor on conv1 _input_, weight, \
+         _output_"
+    );
+    match (&adapter, &fallback) {
+        (Some(a), _) => println!("backend:  gpu: {a}"),
+        (None, Some(why)) => println!("backend:  cpu (the CPU reference: no GPU adapter: {why})"),
+        (None, None) => println!("backend:  cpu (the CPU reference)"),
+    }
+    println!();
+    println!(
+        "{:<16} {:>20} {:>20} {:>10}   backend",
+        "model", "max |diff| vs float", "argmax = float", "ms/batch"
+    );
+    for r in &rows {
+        let agree = format!(
+            "{}/{} ({:.1}%)",
+            r.agree,
+            args.batch,
+            100.0 * r.agree as f64 / args.batch as f64
+        );
+        println!(
+            "{:<16} {:>20.3e} {:>20} {:>10.2}   {backend_cell}",
+            r.model, r.max_abs_diff, agree, r.ms
+        );
+    }
+    println!();
+    println!(
+        "ms/batch: median of {} forwards through the Backend interface (host arrays in and \
+         out of every op)",
+        args.runs
+    );
+    for (path, target, qp) in &qparams {
+        println!(
+            "qparams {path}.{target}: scale {:.6e}, zero point {}",
+            qp.scale[0], qp.zero_point[0]
+        );
+    }
+
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "backend": kind,
+            "adapter": adapter,
+            "fallback": fallback,
+            "batch": args.batch,
+            "seed": args.seed,
+            "weights": args.weights.as_ref().map(|p| p.display().to_string()),
+            "prefix": args.prefix,
+            "calibration_batches": args.calibration_batches,
+            "runs": args.runs,
+            "config": cfg.to_value(),
+            "rows": rows.iter().map(|r| json!({
+                "model": r.model,
+                "max_abs_diff": r.max_abs_diff,
+                "argmax_agreement": r.agree as f64 / args.batch as f64,
+                "ms_per_batch": r.ms,
+                "backend": kind,
+            })).collect::<Vec<Value>>(),
+            "qparams": qparams.iter().map(|(p, t, qp)| {
+                (format!("{p}.{t}"), json!([qp.scale[0], qp.zero_point[0]]))
+            }).collect::<serde_json::Map<String, Value>>(),
+        });
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| qfuse::Error::invalid(format!("JSON: {e}")))?;
+        std::fs::write(path, text + "\n").map_err(|e| qfuse::Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,220 @@
+//! `qfuse demo`: the binary's table as JSON, with seeded weights and with the golden file's
+//! PyTorch weights, on the CPU and (when there is an adapter) on the GPU; and its errors.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const GOLDEN: &str = "model_mnist_ptq__ptq_conv1_bn1.safetensors";
+
+fn golden_file() -> PathBuf {
+    std::env::var_os("QFUSE_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden")))
+        .join(GOLDEN)
+}
+
+fn demo(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qfuse"));
+    cmd.arg("demo").args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("qfuse runs")
+}
+
+/// Runs the demo with `--json` and returns the stdout and the parsed JSON.
+fn demo_json(name: &str, args: &[&str], env: &[(&str, &str)]) -> (String, Value) {
+    let dir = std::env::temp_dir().join(format!("qfuse-demo-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join(format!("{name}.json"));
+    let mut all: Vec<&str> = args.to_vec();
+    let json_arg = json.display().to_string();
+    all.extend(["--json", &json_arg]);
+    let out = demo(&all, env);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "qfuse demo {all:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    println!("{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    (stdout, v)
+}
+
+/// Checks the table's JSON: keys, rows in order, fused ≈ float, int8 close.
+fn check(v: &Value, backend: &str, batch: u64) {
+    assert_eq!(v["backend"], backend, "{v:#}");
+    assert_eq!(v["batch"], batch);
+    for key in [
+        "adapter", "fallback", "seed", "weights", "config", "qparams",
+    ] {
+        assert!(v.get(key).is_some(), "missing `{key}`: {v:#}");
+    }
+    let rows = v["rows"].as_array().expect("rows");
+    let models: Vec<&str> = rows.iter().map(|r| r["model"].as_str().unwrap()).collect();
+    assert_eq!(models, ["float", "fused", "simulated int8"]);
+    for r in rows {
+        for key in ["max_abs_diff", "argmax_agreement", "ms_per_batch"] {
+            assert!(r[key].is_number(), "row {r}: `{key}`");
+        }
+        assert!(r["ms_per_batch"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["backend"], backend);
+    }
+    let diff = |i: usize| rows[i]["max_abs_diff"].as_f64().unwrap();
+    let agree = |i: usize| rows[i]["argmax_agreement"].as_f64().unwrap();
+    assert_eq!(diff(0), 0.0);
+    assert_eq!(agree(0), 1.0);
+    assert!(diff(1) < 1e-4, "fused vs float: {}", diff(1));
+    assert_eq!(agree(1), 1.0);
+    assert!(diff(2) > 0.0 && diff(2) < 0.1, "int8 vs float: {}", diff(2));
+    assert!(agree(2) >= 0.9, "int8 argmax agreement {}", agree(2));
+    let qp = v["qparams"].as_object().unwrap();
+    let keys: Vec<&str> = qp.keys().map(String::as_str).collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for k in ["conv1._input_", "conv1.weight", "conv1._output_"] {
+        let pair = qp[k].as_array().unwrap();
+        assert!(pair[0].as_f64().unwrap() > 0.0);
+        let zp = pair[1].as_i64().unwrap();
+        assert!((-128..=127).contains(&zp));
+    }
+}
+
+#[test]
+fn cpu_seeded_weights() {
+    let (stdout, v) = demo_json(
+        "cpu-seeded",
+        &[
+            "--backend",
+            "cpu",
+            "--batch",
+            "16",
+            "--runs",
+            "2",
+            "--seed",
+            "3",
+        ],
+        &[],
+    );
+    check(&v, "cpu", 16);
+    assert_eq!(v["weights"], Value::Null);
+    assert_eq!(v["seed"], 3);
+    for line in ["float", "fused", "simulated int8", "ms/batch", "argmax"] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
+}
+
+#[test]
+fn cpu_golden_weights_with_prefix() {
+    let file = golden_file();
+    let file = file.to_str().unwrap();
+    let (_, v) = demo_json(
+        "cpu-golden",
+        &[
+            "--backend",
+            "cpu",
+            "--batch",
+            "32",
+            "--runs",
+            "1",
+            "--weights",
+            file,
+            "--prefix",
+            "in.model.",
+        ],
+        &[],
+    );
+    check(&v, "cpu", 32);
+    assert_eq!(v["weights"], file);
+    assert_eq!(v["prefix"], "in.model.");
+}
+
+#[test]
+fn gpu_golden_weights() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let file = golden_file();
+    let file = file.to_str().unwrap();
+    let (stdout, v) = demo_json(
+        "gpu-golden",
+        &[
+            "--backend",
+            "gpu",
+            "--batch",
+            "8",
+            "--runs",
+            "1",
+            "--weights",
+            file,
+            "--prefix",
+            "in.model.",
+        ],
+        &[],
+    );
+    check(&v, "gpu", 8);
+    assert!(v["adapter"].is_string());
+    assert!(stdout.contains("backend:  gpu"), "{stdout}");
+}
+
+#[test]
+fn auto_without_adapter_falls_back_to_the_cpu_and_says_so() {
+    // No Metal on Linux: no adapter for wgpu to find. (On macOS Metal exists; skip there.)
+    if cfg!(target_os = "macos") {
+        return;
+    }
+    let env = [("WGPU_BACKEND", "metal")];
+    let out = demo(
+        &[
+            "--backend",
+            "auto",
+            "--batch",
+            "4",
+            "--runs",
+            "1",
+            "--json",
+            "/dev/null",
+        ],
+        &env,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("running on the CPU reference"), "{stderr}");
+    assert!(stdout.contains("cpu (no GPU adapter)"), "{stdout}");
+    let (_, v) = demo_json("auto-fallback", &["--batch", "4", "--runs", "1"], &env);
+    check(&v, "cpu", 4);
+    assert!(v["fallback"].is_string());
+    // --backend gpu without an adapter is an error.
+    let out = demo(&["--backend", "gpu", "--batch", "2"], &env);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no GPU adapter"));
+}
+
+#[test]
+fn bad_weights_fail_with_a_useful_message() {
+    let file = golden_file();
+    let file = file.to_str().unwrap();
+    // The golden file's tensors are under `in.model.`: without the prefix the message says so.
+    let out = demo(&["--backend", "cpu", "--weights", file], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("conv1.weight") && stderr.contains("in.model."),
+        "{stderr}"
+    );
+    let out = demo(
+        &["--backend", "cpu", "--weights", "/nonexistent.safetensors"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.safetensors"));
+    let out = demo(&["--backend", "cpu", "--batch", "0"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch"));
+}
