@@ -156,8 +156,9 @@ pub struct Roofline {
     pub copy_sweep: Vec<SweepPoint>,
     /// Every fma point tried.
     pub fma_sweep: Vec<SweepPoint>,
-    /// How many times [`crate::bench::run_suite`] measured the best points again between its
-    /// sections (the figures above are the best of all those measurements).
+    /// How many times [`crate::bench::run_suite`] measured the best copy point again (between
+    /// its sections, and interleaved with each memory-bound kernel); the figures above are the
+    /// best of the sweep and all those measurements.
     pub rechecks: usize,
 }
 
@@ -298,6 +299,33 @@ impl Rig {
         self.threads as u64 * u64::from(self.iters) * u64::from(chains) * 8
     }
 
+    /// A closure launching the best copy point once (encode and submit only), to time
+    /// interleaved with a memory-bound kernel; feed its measurement to [`absorb_copy`].
+    pub(crate) fn copy_run<'a>(
+        &'a self,
+        ctx: &'a GpuContext,
+        r: &Roofline,
+    ) -> Result<impl FnMut() -> Result<()> + 'a> {
+        let (wg, ept) = (r.copy_best.workgroup_size, r.copy_best.per_invocation);
+        let uniform = ctx.uniform(&Params {
+            n4: self.n4_u32,
+            iters: 0,
+            a: 0.0,
+            b: 0.0,
+        })?;
+        let constants = [("WG", f64::from(wg)), ("EPT", f64::from(ept))];
+        let workgroups = ctx.grid_1d(self.n4.div_ceil(ept.max(1) as usize), wg)?;
+        Ok(move || {
+            ctx.run(&[Launch {
+                kernel: &COPY,
+                constants: &constants,
+                buffers: &[&uniform, self.src.buffer(), self.dst.buffer()],
+                workgroups,
+            }])
+            .map(|_| ())
+        })
+    }
+
     /// Measures the best copy and fma points again and raises the roofline where they now run
     /// faster, so a roofline first measured while the host was busy does not stay low (the
     /// suite calls this between its sections).
@@ -309,14 +337,7 @@ impl Rig {
     ) -> Result<()> {
         let c = r.copy_best;
         let m = self.copy(ctx, stamps, c.workgroup_size, c.per_invocation)?;
-        let p = point(c.workgroup_size, c.per_invocation, m, r.copy_bytes as f64);
-        if p.rate > r.copy_gbps {
-            r.copy_gbps = p.rate;
-            r.copy_best = p;
-        }
-        if let Some(g) = p.gpu_rate {
-            r.copy_gpu_gbps = Some(r.copy_gpu_gbps.map_or(g, |old| old.max(g)));
-        }
+        absorb_copy(r, m);
         let f = r.fma_best;
         let m = self.fma(
             ctx,
@@ -334,9 +355,25 @@ impl Rig {
         if let Some(g) = p.gpu_rate {
             r.fma_gpu_gflops = Some(r.fma_gpu_gflops.map_or(g, |old| old.max(g)));
         }
-        r.rechecks += 1;
         Ok(())
     }
+}
+
+/// Raises the roofline's copy figures with a new measurement of its best copy point (from
+/// [`Rig::recheck`] or a [`Rig::copy_run`] timed interleaved with a kernel); returns the
+/// measurement's (wall, GPU) rates.
+pub(crate) fn absorb_copy(r: &mut Roofline, m: Measurement) -> (f64, Option<f64>) {
+    let c = r.copy_best;
+    let p = point(c.workgroup_size, c.per_invocation, m, r.copy_bytes as f64);
+    if p.rate > r.copy_gbps {
+        r.copy_gbps = p.rate;
+        r.copy_best = p;
+    }
+    if let Some(g) = p.gpu_rate {
+        r.copy_gpu_gbps = Some(r.copy_gpu_gbps.map_or(g, |old| old.max(g)));
+    }
+    r.rechecks += 1;
+    (p.rate, p.gpu_rate)
 }
 
 /// The sweep behind [`measure_roofline_with`], also returning the [`Rig`].

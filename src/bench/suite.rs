@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::roofline::{sweep, Rig, Roofline, RooflineConfig};
+use super::roofline::{absorb_copy, sweep, Rig, Roofline, RooflineConfig};
 use super::timing::{measure, measure_interleaved, Measurement, Reps, Stamps};
 use super::Progress;
 use crate::error::{Error, Result};
@@ -275,6 +275,13 @@ pub struct KernelResult {
     /// Flops of one run (convolutions and the fma roofline).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flops: Option<u64>,
+    /// Memory-bound kernels: GB/s of the roofline's copy kernel timed interleaved with this
+    /// one (the same host conditions); `roofline_ratio` is taken against it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_gbps_interleaved: Option<f64>,
+    /// The same from GPU timestamps; `gpu_roofline_ratio` is taken against it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_gpu_gbps_interleaved: Option<f64>,
     /// Fused rows: the unfused chain's time over this one's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speedup: Option<f64>,
@@ -503,11 +510,38 @@ impl Runner<'_> {
             gpu_roofline_ratio: None,
             bytes: bytes as u64,
             flops,
+            copy_gbps_interleaved: None,
+            copy_gpu_gbps_interleaved: None,
             speedup: None,
             reps: m.reps,
             note,
         });
         self.tick(format!("{name} {shape}"));
+    }
+
+    /// Times a memory-bound `run` interleaved with the roofline's best copy, records its row
+    /// with that copy's rates (its roofline ratio is taken against them), and raises the
+    /// roofline if the copy ran faster than before.
+    fn bench_memory(
+        &mut self,
+        name: &str,
+        shape: &str,
+        bytes: f64,
+        reps: &Reps,
+        note: Option<String>,
+        run: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Measurement> {
+        let m = {
+            let mut copy = self.rig.copy_run(self.ctx, &self.roofline)?;
+            measure_interleaved(self.ctx, self.stamps.as_ref(), reps, &mut [&mut copy, run])?
+        };
+        let (copy_rate, copy_gpu_rate) = absorb_copy(&mut self.roofline, m[0]);
+        self.record(name, shape, Work::Bytes(bytes), m[1], note);
+        if let Some(r) = self.results.last_mut() {
+            r.copy_gbps_interleaved = Some(copy_rate);
+            r.copy_gpu_gbps_interleaved = copy_gpu_rate;
+        }
+        Ok(m[1])
     }
 
     /// Times `run` and records a row.
@@ -574,11 +608,12 @@ fn finalize(roofline: &Roofline, results: &mut Vec<KernelResult>) {
             },
             None => Work::Bytes(k.bytes as f64),
         };
-        let (_, ratio, roof) =
-            rate_and_ratio(work, k.time_ms, roofline.copy_gbps, roofline.fma_gflops);
+        let copy = k.copy_gbps_interleaved.unwrap_or(roofline.copy_gbps);
+        let (_, ratio, roof) = rate_and_ratio(work, k.time_ms, copy, roofline.fma_gflops);
         k.roofline_ratio = ratio;
         k.roof = roof;
-        k.gpu_roofline_ratio = match (k.gpu_ms, roofline.copy_gpu_gbps, roofline.fma_gpu_gflops) {
+        let gpu_copy = k.copy_gpu_gbps_interleaved.or(roofline.copy_gpu_gbps);
+        k.gpu_roofline_ratio = match (k.gpu_ms, gpu_copy, roofline.fma_gpu_gflops) {
             (Some(g), Some(copy), Some(fma)) => Some(rate_and_ratio(work, g, copy, fma).1),
             _ => None,
         };
@@ -677,6 +712,8 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             gpu_roofline_ratio: c.gpu_rate.zip(r.copy_gpu_gbps).map(|(a, b)| a / b),
             bytes: r.copy_bytes,
             flops: None,
+            copy_gbps_interleaved: None,
+            copy_gpu_gbps_interleaved: None,
             speedup: None,
             reps: 0,
             note: Some(format!(
@@ -698,6 +735,8 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             gpu_roofline_ratio: f.gpu_rate.zip(r.fma_gpu_gflops).map(|(a, b)| a / b),
             bytes: 0,
             flops: Some(r.fma_flops),
+            copy_gbps_interleaved: None,
+            copy_gpu_gbps_interleaved: None,
             speedup: None,
             reps: 0,
             note: Some(format!(
@@ -731,8 +770,8 @@ fn elementwise(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
             1,
         )?,
     )?;
-    let io = Work::Bytes(8.0 * n as f64);
-    r.bench(
+    let io = 8.0 * n as f64;
+    r.bench_memory(
         "fake_quant/per_tensor",
         &desc,
         io,
@@ -740,7 +779,7 @@ fn elementwise(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
         Some("vec4 kernel into a preallocated output".to_string()),
         &mut || fake_quant_into_with(ctx, &x, &per_tensor, range, &y, FakeQuantKernel::Vec4),
     )?;
-    r.bench(
+    r.bench_memory(
         "fake_quant/per_channel",
         &desc,
         io,
@@ -748,7 +787,7 @@ fn elementwise(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
         Some("axis 1; vec4 kernel into a preallocated output".to_string()),
         &mut || fake_quant_into_with(ctx, &x, &per_channel, range, &y, FakeQuantKernel::Vec4),
     )?;
-    r.bench(
+    r.bench_memory(
         "fake_quant/per_tensor/scalar",
         &desc,
         io,
@@ -756,7 +795,7 @@ fn elementwise(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
         Some("one element per invocation, preallocated output".to_string()),
         &mut || fake_quant_into_with(ctx, &x, &per_tensor, range, &y, FakeQuantKernel::Scalar),
     )?;
-    r.bench(
+    r.bench_memory(
         "fake_quant/per_tensor/alloc",
         &desc,
         io,
@@ -764,15 +803,15 @@ fn elementwise(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
         Some("fake_quant(): allocates (and zero-fills) its output each call".to_string()),
         &mut || fake_quant(ctx, &x, &per_tensor, range).map(drop),
     )?;
-    r.bench(
+    r.bench_memory(
         "fake_quant_with_mask/per_channel",
         &desc,
-        Work::Bytes(12.0 * n as f64),
+        12.0 * n as f64,
         &cfg.reps,
         Some("axis 1; y and the STE mask as f32 (12 B/element)".to_string()),
         &mut || fake_quant_with_mask_into(ctx, &x, &per_channel, range, &y, &mask),
     )?;
-    let read = Work::Bytes(4.0 * n as f64);
+    let read = 4.0 * n as f64;
     for (name, scheme, note) in [
         (
             "observer/per_tensor",
@@ -786,7 +825,7 @@ fn elementwise(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
         ),
     ] {
         let spec = ObserverSpec::new(QDtype::QInt8, scheme, range, 1)?;
-        r.bench(
+        r.bench_memory(
             name,
             &desc,
             read,
@@ -808,10 +847,10 @@ fn fold(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
     let bn = GpuBatchNorm::upload(ctx, &batch_norm(o, 13))?;
     // Read and write the weight; read the four BN vectors, write the bias.
     let bytes = 8.0 * n as f64 + 20.0 * o as f64;
-    r.bench(
+    r.bench_memory(
         "fold_conv_bn",
         &format!("{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]),
-        Work::Bytes(bytes),
+        bytes,
         &cfg.reps,
         Some("weight and bias, allocating outputs".to_string()),
         &mut || fold_conv_bn(ctx, &w, None, &bn, false).map(drop),
