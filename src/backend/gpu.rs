@@ -492,59 +492,10 @@ impl Backend for GpuBackend {
         use kernels::batch_norm::{download4, upload_stats};
         let ctx = &*self.ctx;
         // The CPU reference's checks, in its order and with its messages.
+        crate::reference::conv_bn::check_qat_backward(x, dy, conv, bn, fwd)?;
         let gbn = GpuBatchNorm::upload(ctx, bn)?;
         let o = conv.weight.shape()[0];
-        if bn.channels() != o {
-            return Err(Error::ChannelMismatch {
-                layer: "conv2d".to_string(),
-                layer_channels: o,
-                bn_channels: bn.channels(),
-            });
-        }
-        if let Some(b) = &conv.bias {
-            if b.len() != o {
-                return Err(Error::shape("conv2d bias", &[o], b.shape()));
-            }
-        }
-        let out = conv.params.output_shape(x.shape(), conv.weight.shape())?;
         let sv = &fwd.saved;
-        if dy.shape() != fwd.y.shape() {
-            return Err(Error::shape(
-                "conv_bn_qat_backward dy (forward output shape)",
-                fwd.y.shape(),
-                dy.shape(),
-            ));
-        }
-        for (name, a) in [
-            ("y", &fwd.y),
-            ("conv_out", &sv.conv_out),
-            ("bn_input", &sv.bn_input),
-            ("bn_out", &sv.bn_out),
-        ] {
-            if a.shape() != out {
-                return Err(Error::shape(
-                    format!("conv_bn_qat_backward saved {name}"),
-                    &out,
-                    a.shape(),
-                ));
-            }
-        }
-        for (name, a) in [("weight_q", &sv.weight_q), ("weight_mask", &sv.weight_mask)] {
-            if a.shape() != conv.weight.shape() {
-                return Err(Error::shape(
-                    format!("conv_bn_qat_backward saved {name}"),
-                    conv.weight.shape(),
-                    a.shape(),
-                ));
-            }
-        }
-        if sv.scale_factor.len() != o {
-            return Err(Error::shape(
-                "conv_bn_qat_backward saved scale_factor",
-                &[o],
-                sv.scale_factor.shape(),
-            ));
-        }
         for (name, a) in [("mean", &sv.mean), ("invstd", &sv.invstd)] {
             if a.len() != o {
                 return Err(Error::shape(

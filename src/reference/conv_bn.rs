@@ -361,32 +361,16 @@ fn finite_zero_gamma(bn: &BatchNorm, s: &Array1<f32>, c: usize) -> bool {
         && s.get(c).is_some_and(|&v| v != 0.0)
 }
 
-/// Backward of [`conv_bn_qat_forward`] (and of [`conv_bn_qat_forward_with`]) for upstream
-/// `dy`, mirroring what autograd computes
-/// for `torch.ao.nn.intrinsic.qat.ConvBn2d` / `ConvBnReLU2d` (`_forward_approximate`) in
-/// training mode. The observer's qparams are constants and fake quant passes the gradient
-/// where the value is in range (straight-through, `weight_mask`). With `s` the scale factor:
-///
-/// * `dBN_in` = BatchNorm backward (training form, or eval form when `cfg.freeze_bn`) of the
-///   activation backward of `dy`; `dβ = Σ dy_bn`, `dγ_bn = Σ dy_bn·x̂`;
-/// * conv bias: `db = Σ_{n,h,w} dBN_in` (only when the conv has a bias);
-/// * `d conv_out = dBN_in / s[c]`; `dx`, `dW_q` from the conv2d backward with `W_q`;
-/// * `dW_s = dW_q·mask`, `dW = dW_s·s[o]`;
-/// * `ds[c] = Σ_{weights of c} dW_s·W − Σ_{n,h,w} dBN_in·conv_out / s²`;
-/// * `dγ = dγ_bn + ds / sqrt(running_var + eps)` (three contributions: BN affine, weight
-///   scaling, divide-back); `dγ = dγ_bn` for a channel that
-///   [`conv_bn_qat_forward_with`] ran in its finite γ = 0 form (γ = 0, saved `s = 1`).
-///
-/// Errors: [`Error::ShapeMismatch`] when `dy` is not the shape of `fwd.y` or `fwd.saved` does
-/// not fit `x`, `conv` and `bn`; the errors of the forward's checks.
-pub fn conv_bn_qat_backward(
+/// The checks of [`conv_bn_qat_backward`], in its order and with its messages, shared with
+/// the GPU backend: conv and BatchNorm agree, `dy` has the forward output's shape, and every
+/// saved tensor fits `x`, `conv` and `bn`.
+pub fn check_qat_backward(
     x: &Array4<f32>,
     dy: &Array4<f32>,
     conv: &Conv2d,
     bn: &BatchNorm,
-    cfg: &QatConfig,
     fwd: &QatForward,
-) -> Result<QatGrads> {
+) -> Result<()> {
     check_conv_bn(conv, bn)?;
     let out = conv.params.output_shape(x.shape(), conv.weight.shape())?;
     let sv = &fwd.saved;
@@ -428,6 +412,38 @@ pub fn conv_bn_qat_backward(
             sv.scale_factor.shape(),
         ));
     }
+    Ok(())
+}
+
+/// Backward of [`conv_bn_qat_forward`] (and of [`conv_bn_qat_forward_with`]) for upstream
+/// `dy`, mirroring what autograd computes
+/// for `torch.ao.nn.intrinsic.qat.ConvBn2d` / `ConvBnReLU2d` (`_forward_approximate`) in
+/// training mode. The observer's qparams are constants and fake quant passes the gradient
+/// where the value is in range (straight-through, `weight_mask`). With `s` the scale factor:
+///
+/// * `dBN_in` = BatchNorm backward (training form, or eval form when `cfg.freeze_bn`) of the
+///   activation backward of `dy`; `dβ = Σ dy_bn`, `dγ_bn = Σ dy_bn·x̂`;
+/// * conv bias: `db = Σ_{n,h,w} dBN_in` (only when the conv has a bias);
+/// * `d conv_out = dBN_in / s[c]`; `dx`, `dW_q` from the conv2d backward with `W_q`;
+/// * `dW_s = dW_q·mask`, `dW = dW_s·s[o]`;
+/// * `ds[c] = Σ_{weights of c} dW_s·W − Σ_{n,h,w} dBN_in·conv_out / s²`;
+/// * `dγ = dγ_bn + ds / sqrt(running_var + eps)` (three contributions: BN affine, weight
+///   scaling, divide-back); `dγ = dγ_bn` for a channel that
+///   [`conv_bn_qat_forward_with`] ran in its finite γ = 0 form (γ = 0, saved `s = 1`).
+///
+/// Errors: [`Error::ShapeMismatch`] when `dy` is not the shape of `fwd.y` or `fwd.saved` does
+/// not fit `x`, `conv` and `bn`; the errors of the forward's checks.
+pub fn conv_bn_qat_backward(
+    x: &Array4<f32>,
+    dy: &Array4<f32>,
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    cfg: &QatConfig,
+    fwd: &QatForward,
+) -> Result<QatGrads> {
+    check_qat_backward(x, dy, conv, bn, fwd)?;
+    let sv = &fwd.saved;
+    let o = conv.weight.shape()[0];
 
     // activation
     let d_bn_out = into4(
