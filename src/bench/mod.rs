@@ -18,16 +18,23 @@
 //!   their *minimal logical traffic* (fake quant: read x, write y = 8 B/element; observers:
 //!   read x = 4 B/element; folding: read and write the weight); convolutions in GFLOP/s with
 //!   `2·N·OH·OW·O·(C/g)·KH·KW` flops.
-//! - **Roofline ratio**: GB/s over the copy bandwidth for memory-bound kernels; for
-//!   convolutions GFLOP/s over the attainable `min(fma GFLOP/s, intensity · copy GB/s)`,
-//!   with intensity = flops / minimal bytes (read x and w, write y), so a depthwise conv is
-//!   held to the memory roof and a 3×3 ResNet conv to the fma roof.
+//! - **Roofline**: `copy_gbps` and `fma_gflops` are the best of the sweep and of every later
+//!   measurement of the best points (between sections, and interleaved with each
+//!   memory-bound kernel), so a roofline measured while the host was briefly busy does not
+//!   stay low.
+//! - **Roofline ratio**: for memory-bound kernels, GB/s over the GB/s of the best copy point
+//!   timed *interleaved* with the kernel (copy, kernel, copy, kernel, ...; the same host
+//!   conditions for both, which matters on a CPU adapter); for convolutions GFLOP/s over the
+//!   attainable `min(fma GFLOP/s, intensity · copy GB/s)`, with intensity = flops / minimal
+//!   bytes (read x and w, write y), so a depthwise conv is held to the memory roof and a 3×3
+//!   ResNet conv to the fma roof.
 //! - **Fused speedups**: unfused time / fused time per conv shape, for the conv+bn+relu eval
 //!   forward ([`crate::kernels::conv_bn::conv_bn_act_eval`] vs
 //!   [`crate::kernels::conv_bn::conv_bn_act_eval_unfused`]) and the ConvBnReLU2d QAT forward
 //!   ([`crate::kernels::conv_bn::conv_bn_qat_forward`] vs
 //!   [`crate::kernels::conv_bn::conv_bn_qat_forward_unfused`]); the report's
 //!   `fused_speedup_eval` / `fused_speedup_qat` are their geometric means over the shapes.
+//!   Fused and unfused chains are timed interleaved too.
 //!
 //! On a CPU adapter (lavapipe) the figures depend on the host's load: other processes share
 //! the cores that run the "GPU".

@@ -1017,8 +1017,8 @@ impl BenchReport {
         );
         let _ = write!(
             s,
-            "roof: ratio to copy bandwidth (memory-bound) or to min(fma, intensity x copy) \
-             (convs){}",
+            "roof: memory-bound kernels: ratio to the copy kernel timed interleaved with them; \
+             convs: ratio to min(fma, intensity x copy){}",
             if self.timestamps {
                 "; gpu ms: GPU timestamps around the same work"
             } else {
