@@ -48,7 +48,10 @@ use crate::ops::{Activation, Conv2dParams, QatConfig};
 
 static SHADER: Shader = Shader {
     name: "conv_bn",
-    source: include_str!("../../shaders/conv_bn.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/exact_float.wgsl"),
+        include_str!("../../shaders/conv_bn.wgsl")
+    ),
 };
 
 /// Workgroup size of every entry point (`WGR` in the shader).

@@ -81,13 +81,54 @@ mod tests {
         files
     }
 
-    /// Every shader parses and validates with naga, with no adapter needed.
+    /// A shader's source as its launcher composes it: the `shaders/` files named by its
+    /// `// requires: FILE` lines, in order, then the shader itself.
+    fn composed_source(path: &std::path::Path) -> String {
+        let src = std::fs::read_to_string(path).expect("readable shader");
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders");
+        let mut out = String::new();
+        for line in src.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix("// requires:") {
+                let file = rest
+                    .split_whitespace()
+                    .next()
+                    .expect("a file after requires:");
+                out.push_str(
+                    &std::fs::read_to_string(dir.join(file))
+                        .unwrap_or_else(|e| panic!("{}: requires {file}: {e}", path.display())),
+                );
+            }
+        }
+        out.push_str(&src);
+        out
+    }
+
+    /// The shared WGSL library files validate on their own (functions only).
+    #[test]
+    fn shader_library_validates_with_naga() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders/lib");
+        for entry in std::fs::read_dir(dir).expect("shaders/lib exists") {
+            let path = entry.expect("readable entry").path();
+            let src = std::fs::read_to_string(&path).expect("readable library");
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
+        }
+    }
+
+    /// Every shader (with the library files it requires) parses and validates with naga,
+    /// with no adapter needed.
     #[test]
     fn every_shader_validates_with_naga() {
         let files = shader_files();
         assert!(files.len() >= 4, "expected the shaders, found {files:?}");
         for path in files {
-            let src = std::fs::read_to_string(&path).expect("readable shader");
+            let src = composed_source(&path);
             let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
                 panic!("{}: {}", path.display(), e.emit_to_string(&src));
             });

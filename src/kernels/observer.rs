@@ -20,7 +20,10 @@ use crate::quant::{ObserverSpec, QDtype};
 
 static SHADER: Shader = Shader {
     name: "observer",
-    source: include_str!("../../shaders/observer.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/exact_float.wgsl"),
+        include_str!("../../shaders/observer.wgsl")
+    ),
 };
 
 /// Workgroup size of every observer entry point (`WGR` in the shader).
