@@ -1,4 +1,6 @@
 // activation.wgsl: elementwise activations, forward and backward, selected at run time by
+// requires: lib/float_bits.wgsl
+// requires: lib/activation.wgsl
 // params.act: 0 = identity, 1 = ReLU, 2 = ReLU6, 3 = LeakyReLU (slope params.slope),
 // 4 = Hardswish. Matches src/reference/activation.rs exactly, except Hardswish, whose two
 // divisions (by 6 forward, by 3 backward) are as accurate as the device's f32 division.
@@ -35,58 +37,12 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
-// relu(x) = x < 0 ? 0 : x; relu6(x) = clamp(x, 0, 6); leaky(x) = x > 0 ? x : x * slope;
-// hardswish(x) = x * clamp(x + 3, 0, 6) / 6; -0.0 stays -0.0 (relu, relu6), NaN stays NaN.
 fn act_forward(v: f32) -> f32 {
-    if (params.act == 0u || is_nan(v)) {
-        return v;
-    }
-    if (params.act == 3u) {
-        return select(v * params.slope, v, v > 0.0);
-    }
-    if (params.act == 4u) {
-        return v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
-    }
-    var y = select(v, 0.0, v < 0.0);
-    if (params.act == 2u) {
-        y = select(y, 6.0, v > 6.0);
-    }
-    return y;
+    return act_apply(v, params.act, params.slope);
 }
 
-// The gradient at input v for upstream d (PyTorch's threshold_backward / hardtanh_backward:
-// a NaN v passes d; leaky_relu_backward: d * slope for v <= 0 or NaN; hardswish_backward:
-// NaN for a NaN v).
 fn act_backward(v: f32, d: f32) -> f32 {
-    if (params.act == 0u) {
-        return d;
-    }
-    if (params.act == 3u) {
-        return select(d * params.slope, d, v > 0.0);
-    }
-    if (params.act == 4u) {
-        if (is_nan(v)) {
-            return v;
-        }
-        if (v < -3.0) {
-            return 0.0;
-        }
-        if (v >= 3.0) {
-            return d;
-        }
-        return d * (v / 3.0 + 0.5);
-    }
-    if (is_nan(v)) {
-        return d;
-    }
-    if (params.act == 2u) {
-        return select(0.0, d, v > 0.0 && v < 6.0);
-    }
-    return select(0.0, d, v > 0.0);
+    return act_grad(v, d, params.act, params.slope);
 }
 
 @compute @workgroup_size(WG)

@@ -1,4 +1,6 @@
 // batch_norm.wgsl: BatchNorm2d on NCHW tensors (torch.nn.functional.batch_norm), forward and
+// requires: lib/float_bits.wgsl
+// requires: lib/activation.wgsl
 // backward, matching src/reference/batch_norm.rs (which reduces in f64) to about 1e-6:
 //   statistics (training): per channel over N, H, W (M = N*H*W values), in two passes for
 //     numerical soundness: mean = (sum x) / M, then var = (sum (x - mean)^2) / M (biased);
@@ -87,59 +89,6 @@ struct Params {
 var<workgroup> sa: array<f32, WGR>;
 var<workgroup> sb: array<f32, WGR>;
 
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
-// relu(x) = x < 0 ? 0 : x; relu6(x) = clamp(x, 0, 6); leaky(x) = x > 0 ? x : x * slope;
-// hardswish(x) = x * clamp(x + 3, 0, 6) / 6; NaN propagates (as activation.wgsl).
-fn act_forward(v: f32) -> f32 {
-    if (params.act == 0u || is_nan(v)) {
-        return v;
-    }
-    if (params.act == 3u) {
-        return select(v * params.slope, v, v > 0.0);
-    }
-    if (params.act == 4u) {
-        return v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
-    }
-    var r = select(v, 0.0, v < 0.0);
-    if (params.act == 2u) {
-        r = select(r, 6.0, v > 6.0);
-    }
-    return r;
-}
-
-// The activation's gradient at v for upstream d (as activation.wgsl: relu / relu6 pass d for a
-// NaN v; leaky gives d * slope for v <= 0 or NaN; hardswish gives NaN for a NaN v).
-fn act_backward(v: f32, d: f32) -> f32 {
-    if (params.act == 0u) {
-        return d;
-    }
-    if (params.act == 3u) {
-        return select(d * params.slope, d, v > 0.0);
-    }
-    if (params.act == 4u) {
-        if (is_nan(v)) {
-            return v;
-        }
-        if (v < -3.0) {
-            return 0.0;
-        }
-        if (v >= 3.0) {
-            return d;
-        }
-        return d * (v / 3.0 + 0.5);
-    }
-    if (is_nan(v)) {
-        return d;
-    }
-    if (params.act == 2u) {
-        return select(0.0, d, v > 0.0 && v < 6.0);
-    }
-    return select(0.0, d, v > 0.0);
-}
-
 fn element_index(c: u32, j: u32) -> u32 {
     let hw = params.hw;
     return (j / hw) * (params.channels * hw) + c * hw + (j % hw);
@@ -186,6 +135,14 @@ fn reduce_partials(r: u32, c: u32, lid: u32) -> f32 {
     sa[lid] = acc;
     reduce_a(lid);
     return sa[0];
+}
+
+fn act_forward(v: f32) -> f32 {
+    return act_apply(v, params.act, params.slope);
+}
+
+fn act_backward(v: f32, d: f32) -> f32 {
+    return act_grad(v, d, params.act, params.slope);
 }
 
 @compute @workgroup_size(WGR)

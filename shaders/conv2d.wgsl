@@ -1,4 +1,6 @@
 // conv2d.wgsl: 2-D convolution (NCHW input, OIHW weight, zero padding, stride, dilation,
+// requires: lib/float_bits.wgsl
+// requires: lib/activation.wgsl
 // groups incl. depthwise), forward with a fused epilogue, the input and weight gradients, and a
 // per-channel sum (the bias gradient). f32 loads, f32 accumulation; matches
 // src/reference/conv2d.rs up to summation order.
@@ -114,27 +116,8 @@ var<workgroup> b_tile: array<f32, 1024>;
 // Partial sums of the reductions.
 var<workgroup> red: array<f32, 256>;
 
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
-// relu(v) = v < 0 ? 0 : v; relu6(v) = clamp(v, 0, 6); leaky(v) = v > 0 ? v : v * slope;
-// hardswish(v) = v * clamp(v + 3, 0, 6) / 6; -0.0 stays -0.0 (relu, relu6), NaN stays NaN.
 fn activate(v: f32) -> f32 {
-    if (P.act == 0u || is_nan(v)) {
-        return v;
-    }
-    if (P.act == 3u) {
-        return select(v * P.slope, v, v > 0.0);
-    }
-    if (P.act == 4u) {
-        return v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
-    }
-    var y = select(v, 0.0, v < 0.0);
-    if (P.act == 2u) {
-        y = select(y, 6.0, v > 6.0);
-    }
-    return y;
+    return act_apply(v, P.act, P.slope);
 }
 
 fn epilogue(acc: f32, oc: u32) -> f32 {

@@ -1,5 +1,6 @@
 // conv_bn.wgsl: the QAT-specific kernels of ConvBn2d / ConvBnReLU2d (torch.ao.nn.intrinsic.qat,
-// requires: lib/exact_float.wgsl (is_nan, nmin, nmax, div_rn, sqrt_rn), prepended by the launcher.
+// requires: lib/float_bits.wgsl
+// requires: lib/exact_float.wgsl (nmin, nmax, div_rn, sqrt_rn)
 // _forward_approximate), forward and backward, matching src/reference/conv_bn.rs:
 //   scale_weight:  per output channel o, s = gamma / sqrt(running_var + eps) and
 //                  1/s, W_s = W * s[o], and the min / max of W_s (the weight observer's
@@ -104,7 +105,6 @@ struct Params {
 
 var<workgroup> sa: array<f32, WGR>;
 var<workgroup> sb: array<f32, WGR>;
-
 
 // Tree reductions over the workgroup; the results land in slot 0.
 fn reduce_sum2(lid: u32) {

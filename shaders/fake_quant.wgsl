@@ -1,4 +1,5 @@
 // fake_quant.wgsl: fake quantization per tensor or per channel, forward (y, optionally the
+// requires: lib/float_bits.wgsl
 // straight-through mask) and backward (dx = dy * mask). Bit-exact with
 // src/reference/fake_quant.rs (PyTorch's CPU kernel):
 //     r  = round(x * inv)            (round: ties to even; inv = 1/scale, precomputed)
@@ -72,10 +73,6 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> out4: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> mask4: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read> dy4: array<vec4<f32>>;
-
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
 
 fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * (nwg.x * WG);

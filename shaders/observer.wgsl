@@ -1,5 +1,6 @@
 // observer.wgsl: MinMaxObserver / PerChannelMinMaxObserver on the GPU: a two-level min/max
-// requires: lib/exact_float.wgsl (is_nan, nmin, nmax, div_rn), prepended by the launcher.
+// requires: lib/float_bits.wgsl
+// requires: lib/exact_float.wgsl (nmin, nmax, div_rn)
 // reduction per tensor or per channel (any axis), then PyTorch's _calculate_qparams
 // (widen to include 0, symmetric or affine, eps clamp, zero point clamped to the range),
 // also writing inv = 1/scale for fake_quant.wgsl. Bit-exact with src/reference/observer.rs:
@@ -63,7 +64,6 @@ struct Params {
 
 var<workgroup> smin: array<f32, WGR>;
 var<workgroup> smax: array<f32, WGR>;
-
 
 // Round-to-nearest-even float to i32 with Rust `as i32` semantics (NaN -> 0, saturating).
 fn to_i32_sat(v: f32) -> i32 {

@@ -1,4 +1,5 @@
 // pool.wgsl: 2-D max pooling (NCHW, square kernel and stride, no padding, floor mode) and
+// requires: lib/float_bits.wgsl
 // log_softmax along dim 1 of [N, C]. Match src/reference/layers.rs: max pooling exactly
 // (same window order, the first NaN of a window is returned, tested on the bit pattern, never
 // through max()); log_softmax as (x - max) - ln(sum exp(x - max)) per row, up to summation order
@@ -43,10 +44,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 var<workgroup> red: array<f32, 256>;
-
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
 
 // NaN or +-inf.
 fn not_finite(v: f32) -> bool {

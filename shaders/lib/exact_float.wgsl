@@ -1,21 +1,13 @@
 // lib/exact_float.wgsl: exact f32 helpers shared by shaders that must match the CPU
-// reference bit for bit: is_nan by bit pattern, NaN-propagating nmin/nmax (WGSL leaves min/max
+// reference bit for bit: NaN-propagating nmin/nmax (WGSL leaves min/max
 // of NaN unspecified), and correctly rounded div_rn / sqrt_rn in integer arithmetic (WGSL's
 // `/` is accurate to 2.5 ulp and sqrt to its inverse-sqrt accuracy only).
 //
 // Bindings: none (functions only). Dispatch: none; it has no entry points.
-// Used by: observer.wgsl, conv_bn.wgsl, which say so in a `// requires: lib/exact_float.wgsl`
-// line; their launchers prepend this file with concat!(include_str!(..)), and the naga test
-// validates each shader with the files its `requires:` lines name.
-
-// A float from its bits at run time (so no const-expression is ever inf or NaN).
-fn from_bits(bits: u32) -> f32 {
-    return bitcast<f32>(bits);
-}
-
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
+// requires: lib/float_bits.wgsl
+// Used by: observer.wgsl, conv_bn.wgsl, which name it in `// requires:` lines; their
+// launchers prepend the required files with concat!(include_str!(..)), and the naga test
+// validates each shader composed the same way.
 
 // min / max that propagate NaN (WGSL leaves min/max of NaN unspecified).
 fn nmin(p: f32, q: f32) -> f32 {

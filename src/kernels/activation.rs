@@ -13,7 +13,11 @@ use crate::ops::Activation;
 
 static SHADER: Shader = Shader {
     name: "activation",
-    source: include_str!("../../shaders/activation.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/lib/activation.wgsl"),
+        include_str!("../../shaders/activation.wgsl")
+    ),
 };
 
 static FORWARD: Kernel = Kernel {

@@ -28,7 +28,11 @@ use crate::ops::Activation;
 
 static SHADER: Shader = Shader {
     name: "batch_norm",
-    source: include_str!("../../shaders/batch_norm.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/lib/activation.wgsl"),
+        include_str!("../../shaders/batch_norm.wgsl")
+    ),
 };
 
 /// Workgroup size of every entry point (`WGR` in the shader).

@@ -34,7 +34,11 @@ use crate::ops::{Activation, Conv2dParams, ConvTranspose2dParams};
 
 static SHADER: Shader = Shader {
     name: "conv2d",
-    source: include_str!("../../shaders/conv2d.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/lib/activation.wgsl"),
+        include_str!("../../shaders/conv2d.wgsl")
+    ),
 };
 
 const FORWARD_BINDINGS: &[Binding] = &[

@@ -49,6 +49,7 @@ use crate::ops::{Activation, Conv2dParams, QatConfig};
 static SHADER: Shader = Shader {
     name: "conv_bn",
     source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
         include_str!("../../shaders/lib/exact_float.wgsl"),
         include_str!("../../shaders/conv_bn.wgsl")
     ),

@@ -21,7 +21,10 @@ use crate::quant::{QParams, QuantRange};
 
 static SHADER: Shader = Shader {
     name: "fake_quant",
-    source: include_str!("../../shaders/fake_quant.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/fake_quant.wgsl")
+    ),
 };
 
 static FORWARD: Kernel = Kernel {

@@ -109,7 +109,7 @@ mod tests {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders/lib");
         for entry in std::fs::read_dir(dir).expect("shaders/lib exists") {
             let path = entry.expect("readable entry").path();
-            let src = std::fs::read_to_string(&path).expect("readable library");
+            let src = composed_source(&path);
             let module = naga::front::wgsl::parse_str(&src)
                 .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
             naga::valid::Validator::new(

@@ -21,6 +21,7 @@ use crate::quant::{ObserverSpec, QDtype};
 static SHADER: Shader = Shader {
     name: "observer",
     source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
         include_str!("../../shaders/lib/exact_float.wgsl"),
         include_str!("../../shaders/observer.wgsl")
     ),

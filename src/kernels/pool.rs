@@ -10,7 +10,10 @@ use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 
 static SHADER: Shader = Shader {
     name: "pool",
-    source: include_str!("../../shaders/pool.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/pool.wgsl")
+    ),
 };
 
 const BINDINGS: &[Binding] = &[
