@@ -53,6 +53,36 @@ impl GpuBackend {
             .transpose()
     }
 
+    /// Uploads `x`, `weight` and `bias`, runs `launch` with a bias + activation epilogue, and
+    /// downloads the 4-D result (the shared body of conv2d and conv_transpose2d).
+    fn run_conv(
+        &self,
+        op: &str,
+        x: &Array4<f32>,
+        weight: &Array4<f32>,
+        bias: Option<&Array1<f32>>,
+        act: Activation,
+        launch: impl FnOnce(
+            &GpuContext,
+            &GpuTensor,
+            &GpuTensor,
+            &kernels::conv2d::ConvEpilogue,
+        ) -> Result<GpuTensor>,
+    ) -> Result<Array4<f32>> {
+        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
+        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
+        let gb = self.upload_opt(bias)?;
+        let epilogue = kernels::conv2d::ConvEpilogue {
+            bias: gb.as_ref(),
+            out_scale: None,
+            activation: act,
+        };
+        launch(&self.ctx, &gx, &gw, &epilogue)?
+            .download_f32(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| Error::Gpu(format!("internal: {op} output is not 4-D: {e}")))
+    }
+
     fn download_folded(&self, w: GpuTensor, b: GpuTensor) -> Result<Folded> {
         Ok(Folded {
             weight: w.download_f32(&self.ctx)?,
@@ -193,18 +223,9 @@ impl Backend for GpuBackend {
                 return Err(Error::shape("conv2d bias", &[out[1]], b.shape()));
             }
         }
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
-        let gb = self.upload_opt(bias)?;
-        let epilogue = kernels::conv2d::ConvEpilogue {
-            bias: gb.as_ref(),
-            out_scale: None,
-            activation: act,
-        };
-        kernels::conv2d::conv2d(&self.ctx, &gx, &gw, params, &epilogue)?
-            .download_f32(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(|e| Error::Gpu(format!("internal: conv2d output is not 4-D: {e}")))
+        self.run_conv("conv2d", x, weight, bias, act, |ctx, gx, gw, epilogue| {
+            kernels::conv2d::conv2d(ctx, gx, gw, params, epilogue)
+        })
     }
 
     fn conv_transpose2d(
@@ -231,18 +252,16 @@ impl Backend for GpuBackend {
                 return Err(Error::shape("conv_transpose2d bias", &[out[1]], b.shape()));
             }
         }
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
-        let gb = self.upload_opt(bias)?;
-        let epilogue = kernels::conv2d::ConvEpilogue {
-            bias: gb.as_ref(),
-            out_scale: None,
-            activation: act,
-        };
-        kernels::conv2d::conv_transpose2d(&self.ctx, &gx, &gw, params, &epilogue)?
-            .download_f32(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(|e| Error::Gpu(format!("internal: conv_transpose2d output is not 4-D: {e}")))
+        self.run_conv(
+            "conv_transpose2d",
+            x,
+            weight,
+            bias,
+            act,
+            |ctx, gx, gw, epilogue| {
+                kernels::conv2d::conv_transpose2d(ctx, gx, gw, params, epilogue)
+            },
+        )
     }
 
     fn conv2d_backward(
