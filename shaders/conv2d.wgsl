@@ -50,6 +50,27 @@
 //   forward_direct (0-5): one invocation per output element (grouped / depthwise convs with few
 //     output channels per group). Workgroup (WG, 1, 1), WG an override constant (default 256);
 //     count = N*O*OH*OW items, flat index gid.x + gid.y * nwg.x * WG.
+//   forward_reg (0-5): register-blocked direct conv for CPU adapters (lavapipe / llvmpipe), no
+//     workgroup memory and no barriers. Each invocation computes RB_O output channels of one
+//     group x 8 consecutive output pixels of one output row (ox0 = 8 * block) in 2 * RB_O vec4
+//     accumulators, reading x and w straight from storage: per input channel and kernel row,
+//     the 8 pixels' inputs are loaded once and reused for all RB_O channels, each weight once
+//     and reused for all 8 pixels. Workgroup (RB_WG, 1, 1) over consecutive 8-pixel blocks
+//     (row-major over n, oy, block; all invocations of a workgroup share the channel block);
+//     count = mtiles * ptiles * groups workgroups, mtiles = ceil(OG / RB_O),
+//     ptiles = ceil(N*OH*ceil(OW/8) / RB_WG), flat id = wid.x + wid.y * nwg.x, decomposed as
+//     (channel block fastest, pixel tile, group).
+//     Override constants (chosen by the launcher, src/kernels/conv2d.rs):
+//       RB_O  (1, 2, 4, 8; default 8): channels per invocation, the largest of these <= OG.
+//       RB_K3 (0 / 1; default 0): 1 when KW == 3, stride_w == 1, dil_w == 1, where one row of 10
+//             inputs feeds all 3 taps of the 8 pixels (10 loads instead of 24).
+//       RB_WG (default 64): invocations per workgroup.
+//     Why on CPU adapters: llvmpipe runs a workgroup on one thread with the invocations in 8-wide
+//     SIMD lanes; every storage or workgroup-memory load is a per-lane scalar loop (about as
+//     costly as 10 fmas per lane) and barriers switch coroutines, so the tiled forward_gemm,
+//     which stages every operand through workgroup memory, is load- and barrier-bound there.
+//     forward_reg does fewer loads per fma (192 lane-fmas per 34 loads per kernel row with
+//     RB_O = 8, RB_K3 = 1) and no barriers. On discrete GPUs forward_gemm stays the choice.
 //   backward_input (0, 2, 3, 6): one invocation per dx element, workgroup (WG, 1, 1);
 //     count = N*C*H*W items, flat index as forward_direct.
 //   transpose_forward (0, 2, 3, 4, 5, 6): as backward_input (dy = the transposed conv's input),
@@ -288,6 +309,235 @@ fn forward_direct(@builtin(global_invocation_id) gid: vec3<u32>,
         }
     }
     out[i] = epilogue(acc, oc);
+}
+
+// forward_reg: see the header. Tile: RB_O (1, 2, 4 or 8) output channels x 8 consecutive output
+// pixels of one output row per invocation, accumulated in 2 * RB_O vec4 registers.
+override RB_O: u32 = 8u;
+// 1: the rows are 3 taps wide at stride 1, dilation 1 (kw == 3, stride_w == 1, dil_w == 1), so
+// one row of 10 input values serves all 8 pixels and 3 taps; 0: any kernel width / stride /
+// dilation (8 loads per tap).
+override RB_K3: u32 = 0u;
+// Workgroup size of forward_reg.
+override RB_WG: u32 = 64u;
+
+// x[xr + ix], or 0 when column ix is outside [0, W) (no out-of-bounds read).
+fn x_col(xr: u32, ix: i32) -> f32 {
+    let ok = ix >= 0 && ix < i32(P.w);
+    return select(0.0, x[select(0u, xr + u32(ix), ok)], ok);
+}
+
+// Stores channel gm's 8 pixels (ox0 .. ox0 + 7 of output row `row`), skipping those past OW.
+fn store_reg(lo: vec4<f32>, hi: vec4<f32>, g: u32, gm: u32, row: u32, ox0: u32) {
+    if (gm >= P.og) {
+        return;
+    }
+    let oc = g * P.og + gm;
+    let base = (row / P.oh * P.o + oc) * P.oh * P.ow + (row % P.oh) * P.ow + ox0;
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        if (ox0 + j < P.ow) {
+            out[base + j] = epilogue(lo[j], oc);
+        }
+        if (ox0 + 4u + j < P.ow) {
+            out[base + 4u + j] = epilogue(hi[j], oc);
+        }
+    }
+}
+
+@compute @workgroup_size(RB_WG)
+fn forward_reg(@builtin(local_invocation_index) li: u32,
+               @builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let tile = wid.x + wid.y * nwg.x;
+    if (tile >= P.count) {
+        return;
+    }
+    // Output-channel block fastest (neighbouring workgroups share their input rows), then the
+    // pixel block, then the group.
+    let mt = tile % P.mtiles;
+    let rest = tile / P.mtiles;
+    let pt = rest % P.ptiles;
+    let g = rest / P.ptiles;
+    let owb = (P.ow + 7u) / 8u;
+    let q = pt * RB_WG + li;
+    let row = q / owb;              // n * OH + oy
+    // No barriers below, so the invocations past the last block can leave now.
+    if (row >= P.n * P.oh) {
+        return;
+    }
+    let n = row / P.oh;
+    let oy = row % P.oh;
+    let ox0 = (q % owb) * 8u;
+    let m0 = mt * RB_O;
+    let hw = P.h * P.w;
+    let khw = P.kh * P.kw;
+    let iy0 = i32(oy * P.stride_h) - i32(P.pad_h);
+    let ix0 = i32(ox0 * P.stride_w) - i32(P.pad_w);
+    let sw = i32(P.stride_w);
+    let x_base = (n * P.c + g * P.cg) * hw;
+    // Weight row of each channel of the block (the last channel of the group stands in for
+    // those past it, whose results are never stored).
+    let wb0 = (g * P.og + min(m0 + 0u, P.og - 1u)) * P.k;
+    let wb1 = (g * P.og + min(m0 + 1u, P.og - 1u)) * P.k;
+    let wb2 = (g * P.og + min(m0 + 2u, P.og - 1u)) * P.k;
+    let wb3 = (g * P.og + min(m0 + 3u, P.og - 1u)) * P.k;
+    let wb4 = (g * P.og + min(m0 + 4u, P.og - 1u)) * P.k;
+    let wb5 = (g * P.og + min(m0 + 5u, P.og - 1u)) * P.k;
+    let wb6 = (g * P.og + min(m0 + 6u, P.og - 1u)) * P.k;
+    let wb7 = (g * P.og + min(m0 + 7u, P.og - 1u)) * P.k;
+    var a0 = vec4<f32>(0.0);
+    var b0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    var b3 = vec4<f32>(0.0);
+    var a4 = vec4<f32>(0.0);
+    var b4 = vec4<f32>(0.0);
+    var a5 = vec4<f32>(0.0);
+    var b5 = vec4<f32>(0.0);
+    var a6 = vec4<f32>(0.0);
+    var b6 = vec4<f32>(0.0);
+    var a7 = vec4<f32>(0.0);
+    var b7 = vec4<f32>(0.0);
+    for (var ci = 0u; ci < P.cg; ci = ci + 1u) {
+        let xc = x_base + ci * hw;
+        let wc = ci * khw;
+        for (var ky = 0u; ky < P.kh; ky = ky + 1u) {
+            let iy = iy0 + i32(ky * P.dil_h);
+            if (iy < 0 || iy >= i32(P.h)) {
+                continue;
+            }
+            let xr = xc + u32(iy) * P.w;
+            let wr = wc + ky * P.kw;
+            if (RB_K3 == 1u) {
+                let x0 = x_col(xr, ix0 + 0);
+                let x1 = x_col(xr, ix0 + 1);
+                let x2 = x_col(xr, ix0 + 2);
+                let x3 = x_col(xr, ix0 + 3);
+                let x4 = x_col(xr, ix0 + 4);
+                let x5 = x_col(xr, ix0 + 5);
+                let x6 = x_col(xr, ix0 + 6);
+                let x7 = x_col(xr, ix0 + 7);
+                let x8 = x_col(xr, ix0 + 8);
+                let x9 = x_col(xr, ix0 + 9);
+                let l0 = vec4<f32>(x0, x1, x2, x3);
+                let h0 = vec4<f32>(x4, x5, x6, x7);
+                let l1 = vec4<f32>(x1, x2, x3, x4);
+                let h1 = vec4<f32>(x5, x6, x7, x8);
+                let l2 = vec4<f32>(x2, x3, x4, x5);
+                let h2 = vec4<f32>(x6, x7, x8, x9);
+                let w0 = vec3<f32>(wt[wb0 + wr], wt[wb0 + wr + 1u], wt[wb0 + wr + 2u]);
+                a0 = fma(vec4<f32>(w0.z), l2, fma(vec4<f32>(w0.y), l1, fma(vec4<f32>(w0.x), l0, a0)));
+                b0 = fma(vec4<f32>(w0.z), h2, fma(vec4<f32>(w0.y), h1, fma(vec4<f32>(w0.x), h0, b0)));
+                if (RB_O > 1u) {
+                    let w1 = vec3<f32>(wt[wb1 + wr], wt[wb1 + wr + 1u], wt[wb1 + wr + 2u]);
+                    a1 = fma(vec4<f32>(w1.z), l2, fma(vec4<f32>(w1.y), l1, fma(vec4<f32>(w1.x), l0, a1)));
+                    b1 = fma(vec4<f32>(w1.z), h2, fma(vec4<f32>(w1.y), h1, fma(vec4<f32>(w1.x), h0, b1)));
+                }
+                if (RB_O > 2u) {
+                    let w2 = vec3<f32>(wt[wb2 + wr], wt[wb2 + wr + 1u], wt[wb2 + wr + 2u]);
+                    a2 = fma(vec4<f32>(w2.z), l2, fma(vec4<f32>(w2.y), l1, fma(vec4<f32>(w2.x), l0, a2)));
+                    b2 = fma(vec4<f32>(w2.z), h2, fma(vec4<f32>(w2.y), h1, fma(vec4<f32>(w2.x), h0, b2)));
+                }
+                if (RB_O > 3u) {
+                    let w3 = vec3<f32>(wt[wb3 + wr], wt[wb3 + wr + 1u], wt[wb3 + wr + 2u]);
+                    a3 = fma(vec4<f32>(w3.z), l2, fma(vec4<f32>(w3.y), l1, fma(vec4<f32>(w3.x), l0, a3)));
+                    b3 = fma(vec4<f32>(w3.z), h2, fma(vec4<f32>(w3.y), h1, fma(vec4<f32>(w3.x), h0, b3)));
+                }
+                if (RB_O > 4u) {
+                    let w4 = vec3<f32>(wt[wb4 + wr], wt[wb4 + wr + 1u], wt[wb4 + wr + 2u]);
+                    a4 = fma(vec4<f32>(w4.z), l2, fma(vec4<f32>(w4.y), l1, fma(vec4<f32>(w4.x), l0, a4)));
+                    b4 = fma(vec4<f32>(w4.z), h2, fma(vec4<f32>(w4.y), h1, fma(vec4<f32>(w4.x), h0, b4)));
+                }
+                if (RB_O > 5u) {
+                    let w5 = vec3<f32>(wt[wb5 + wr], wt[wb5 + wr + 1u], wt[wb5 + wr + 2u]);
+                    a5 = fma(vec4<f32>(w5.z), l2, fma(vec4<f32>(w5.y), l1, fma(vec4<f32>(w5.x), l0, a5)));
+                    b5 = fma(vec4<f32>(w5.z), h2, fma(vec4<f32>(w5.y), h1, fma(vec4<f32>(w5.x), h0, b5)));
+                }
+                if (RB_O > 6u) {
+                    let w6 = vec3<f32>(wt[wb6 + wr], wt[wb6 + wr + 1u], wt[wb6 + wr + 2u]);
+                    a6 = fma(vec4<f32>(w6.z), l2, fma(vec4<f32>(w6.y), l1, fma(vec4<f32>(w6.x), l0, a6)));
+                    b6 = fma(vec4<f32>(w6.z), h2, fma(vec4<f32>(w6.y), h1, fma(vec4<f32>(w6.x), h0, b6)));
+                }
+                if (RB_O > 7u) {
+                    let w7 = vec3<f32>(wt[wb7 + wr], wt[wb7 + wr + 1u], wt[wb7 + wr + 2u]);
+                    a7 = fma(vec4<f32>(w7.z), l2, fma(vec4<f32>(w7.y), l1, fma(vec4<f32>(w7.x), l0, a7)));
+                    b7 = fma(vec4<f32>(w7.z), h2, fma(vec4<f32>(w7.y), h1, fma(vec4<f32>(w7.x), h0, b7)));
+                }
+            } else {
+                for (var kx = 0u; kx < P.kw; kx = kx + 1u) {
+                    let ix = ix0 + i32(kx * P.dil_w);
+                    let l = vec4<f32>(x_col(xr, ix), x_col(xr, ix + sw), x_col(xr, ix + 2 * sw),
+                                      x_col(xr, ix + 3 * sw));
+                    let h = vec4<f32>(x_col(xr, ix + 4 * sw), x_col(xr, ix + 5 * sw),
+                                      x_col(xr, ix + 6 * sw), x_col(xr, ix + 7 * sw));
+                    let wk = wr + kx;
+                    let w0 = vec4<f32>(wt[wb0 + wk]);
+                    a0 = fma(w0, l, a0);
+                    b0 = fma(w0, h, b0);
+                    if (RB_O > 1u) {
+                        let w1 = vec4<f32>(wt[wb1 + wk]);
+                        a1 = fma(w1, l, a1);
+                        b1 = fma(w1, h, b1);
+                    }
+                    if (RB_O > 2u) {
+                        let w2 = vec4<f32>(wt[wb2 + wk]);
+                        a2 = fma(w2, l, a2);
+                        b2 = fma(w2, h, b2);
+                    }
+                    if (RB_O > 3u) {
+                        let w3 = vec4<f32>(wt[wb3 + wk]);
+                        a3 = fma(w3, l, a3);
+                        b3 = fma(w3, h, b3);
+                    }
+                    if (RB_O > 4u) {
+                        let w4 = vec4<f32>(wt[wb4 + wk]);
+                        a4 = fma(w4, l, a4);
+                        b4 = fma(w4, h, b4);
+                    }
+                    if (RB_O > 5u) {
+                        let w5 = vec4<f32>(wt[wb5 + wk]);
+                        a5 = fma(w5, l, a5);
+                        b5 = fma(w5, h, b5);
+                    }
+                    if (RB_O > 6u) {
+                        let w6 = vec4<f32>(wt[wb6 + wk]);
+                        a6 = fma(w6, l, a6);
+                        b6 = fma(w6, h, b6);
+                    }
+                    if (RB_O > 7u) {
+                        let w7 = vec4<f32>(wt[wb7 + wk]);
+                        a7 = fma(w7, l, a7);
+                        b7 = fma(w7, h, b7);
+                    }
+                }
+            }
+        }
+    }
+    store_reg(a0, b0, g, m0, row, ox0);
+    if (RB_O > 1u) {
+        store_reg(a1, b1, g, m0 + 1u, row, ox0);
+    }
+    if (RB_O > 2u) {
+        store_reg(a2, b2, g, m0 + 2u, row, ox0);
+    }
+    if (RB_O > 3u) {
+        store_reg(a3, b3, g, m0 + 3u, row, ox0);
+    }
+    if (RB_O > 4u) {
+        store_reg(a4, b4, g, m0 + 4u, row, ox0);
+    }
+    if (RB_O > 5u) {
+        store_reg(a5, b5, g, m0 + 5u, row, ox0);
+    }
+    if (RB_O > 6u) {
+        store_reg(a6, b6, g, m0 + 6u, row, ox0);
+    }
+    if (RB_O > 7u) {
+        store_reg(a7, b7, g, m0 + 7u, row, ox0);
+    }
 }
 
 // The gather of backward_input for flat dx index i (also transpose_forward's accumulator).

@@ -14,6 +14,14 @@
 //! - **Forward, direct** (`forward_direct`): one invocation per output, for convs with fewer
 //!   than [`GEMM_MIN_CHANNELS_PER_GROUP`] output channels per group (depthwise, small grouped
 //!   convs), where a 64-channel tile would mostly idle.
+//! - **Forward, register-blocked** (`forward_reg`): the choice on CPU adapters
+//!   (`wgpu::DeviceType::Cpu`, e.g. lavapipe), for every shape. No workgroup memory, no
+//!   barriers: each invocation computes up to 8 output channels × 8 consecutive output pixels
+//!   in registers, reading `x` and `w` straight from storage and reusing each loaded input for
+//!   all its channels and each weight for all its pixels; 3-wide stride-1 kernel rows get a
+//!   specialised inner loop. Its tile is set by override constants (see [`RegTile`]). On
+//!   llvmpipe every storage / workgroup-memory load is a per-lane scalar loop and a barrier a
+//!   coroutine switch, which is what holds `forward_gemm` back there.
 //! - **Backward input** (`backward_input`): a gather, one invocation per `dx` element summing
 //!   over the kernel taps and the output channels of its group that read it.
 //! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
@@ -59,6 +67,12 @@ static FORWARD_GEMM: Kernel = Kernel {
 static FORWARD_DIRECT: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "forward_direct",
+    bindings: FORWARD_BINDINGS,
+};
+
+static FORWARD_REG: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_reg",
     bindings: FORWARD_BINDINGS,
 };
 
@@ -117,14 +131,60 @@ pub const GEMM_MIN_CHANNELS_PER_GROUP: usize = 16;
 /// Which forward kernel [`conv2d_with_algorithm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvAlgorithm {
-    /// Implicit GEMM when a group has at least [`GEMM_MIN_CHANNELS_PER_GROUP`] output
-    /// channels, else direct.
+    /// On a CPU adapter ([`wgpu::DeviceType::Cpu`]) the register-blocked kernel; elsewhere the
+    /// implicit GEMM when a group has at least [`GEMM_MIN_CHANNELS_PER_GROUP`] output channels,
+    /// else direct.
     #[default]
     Auto,
     /// The tiled implicit GEMM (`forward_gemm`).
     ImplicitGemm,
     /// One invocation per output (`forward_direct`).
     Direct,
+    /// Register-blocked, no workgroup memory (`forward_reg`), with the tile [`RegTile::for_conv`]
+    /// picks.
+    RegisterBlocked,
+    /// `forward_reg` with an explicit tile (tests and tuning; results do not depend on it).
+    RegisterBlockedWith(RegTile),
+}
+
+/// Output pixels (consecutive, of one output row) per `forward_reg` invocation.
+pub const REG_PIXELS: usize = 8;
+
+/// The tile of the register-blocked forward kernel (`forward_reg`): its override constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegTile {
+    /// Output channels per invocation: 1, 2, 4 or 8 (`RB_O`).
+    pub channels: u32,
+    /// Use the inner loop specialised for 3-wide kernel rows at stride 1, dilation 1 (`RB_K3`);
+    /// only valid when the conv has `KW == 3`, `stride_w == 1`, `dilation_w == 1` (otherwise
+    /// the generic loop runs).
+    pub k3_stride1: bool,
+    /// Invocations per workgroup (`RB_WG`), 1 to 256.
+    pub workgroup: u32,
+}
+
+impl RegTile {
+    /// The tile for a conv with `og` output channels per group, kernel width `kw` and these
+    /// settings, producing `blocks` 8-pixel blocks (`N * OH * ceil(OW / 8)`): the most channels
+    /// (8, 4, 2, 1) not above `og`, the 3-tap path where it applies, and 64 invocations per
+    /// workgroup, halved (down to 8) while more than an eighth of the last workgroup would idle.
+    pub fn for_conv(og: usize, kw: usize, params: &Conv2dParams, blocks: usize) -> Self {
+        let channels = match og {
+            8.. => 8,
+            4..=7 => 4,
+            2 | 3 => 2,
+            _ => 1,
+        };
+        let mut workgroup = 64;
+        while workgroup > 8 && blocks.div_ceil(workgroup) * workgroup - blocks > blocks / 8 {
+            workgroup /= 2;
+        }
+        Self {
+            channels,
+            k3_stride1: tile_k3_ok(kw, params),
+            workgroup: workgroup as u32,
+        }
+    }
 }
 
 /// What the conv applies to each output before storing it: y = act(acc * out_scale[o] + bias[o]).
@@ -302,32 +362,65 @@ pub fn conv2d_with_algorithm(
     p.has_scale = u32::from(epilogue.out_scale.is_some());
     p.has_bias = u32::from(epilogue.bias.is_some());
     let og = o / params.groups;
-    let gemm = match algorithm {
-        ConvAlgorithm::Auto => og >= GEMM_MIN_CHANNELS_PER_GROUP,
-        ConvAlgorithm::ImplicitGemm => true,
-        ConvAlgorithm::Direct => false,
+    let kw = w.shape()[3];
+    // Invocations of forward_reg: one per 8-pixel block of an output row.
+    let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
+    let kernel_choice = match algorithm {
+        ConvAlgorithm::Auto if is_cpu_adapter(ctx) => {
+            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
+        }
+        ConvAlgorithm::Auto if og >= GEMM_MIN_CHANNELS_PER_GROUP => ForwardKernel::Gemm,
+        ConvAlgorithm::Auto | ConvAlgorithm::Direct => ForwardKernel::Direct,
+        ConvAlgorithm::ImplicitGemm => ForwardKernel::Gemm,
+        ConvAlgorithm::RegisterBlocked => {
+            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
+        }
+        ConvAlgorithm::RegisterBlockedWith(tile) => ForwardKernel::Reg(check_tile(tile)?),
     };
     let y = GpuTensor::zeros(ctx, &out, DType::F32)?;
     // Absent epilogue tensors are never read; any bound buffer will do.
     let scale = epilogue.out_scale.unwrap_or(w).buffer();
     let bias = epilogue.bias.unwrap_or(w).buffer();
-    let (kernel, constants, workgroups) = if gemm {
-        let npix = out[0] * out[2] * out[3];
-        let ptiles = npix.div_ceil(GEMM_TILE[1]);
-        let mtiles = og.div_ceil(GEMM_TILE[0]);
-        let tiles = ptiles * mtiles * params.groups;
-        p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
-        p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
-        p.count = to_u32(tiles, "conv2d tiles")?;
-        (&FORWARD_GEMM, &[][..], ctx.grid_1d(tiles, 1)?)
-    } else {
-        let n = y.len();
-        p.count = to_u32(n, "conv2d output element count")?;
-        (
-            &FORWARD_DIRECT,
-            WG_CONSTANTS,
-            ctx.grid_1d(n, WORKGROUP_SIZE)?,
-        )
+    let reg_constants;
+    let (kernel, constants, workgroups) = match kernel_choice {
+        ForwardKernel::Gemm => {
+            let npix = out[0] * out[2] * out[3];
+            let ptiles = npix.div_ceil(GEMM_TILE[1]);
+            let mtiles = og.div_ceil(GEMM_TILE[0]);
+            let tiles = ptiles * mtiles * params.groups;
+            p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
+            p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
+            p.count = to_u32(tiles, "conv2d tiles")?;
+            (&FORWARD_GEMM, &[][..], ctx.grid_1d(tiles, 1)?)
+        }
+        ForwardKernel::Direct => {
+            let n = y.len();
+            p.count = to_u32(n, "conv2d output element count")?;
+            (
+                &FORWARD_DIRECT,
+                WG_CONSTANTS,
+                ctx.grid_1d(n, WORKGROUP_SIZE)?,
+            )
+        }
+        ForwardKernel::Reg(tile) => {
+            let ptiles = blocks.div_ceil(tile.workgroup as usize);
+            let mtiles = og.div_ceil(tile.channels as usize);
+            let tiles = ptiles * mtiles * params.groups;
+            // Every invocation index (pixel tile * RB_WG + lane) stays below u32::MAX.
+            to_u32(ptiles * tile.workgroup as usize, "conv2d pixel blocks")?;
+            p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
+            p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
+            p.count = to_u32(tiles, "conv2d tiles")?;
+            reg_constants = [
+                ("RB_O", f64::from(tile.channels)),
+                (
+                    "RB_K3",
+                    f64::from(u32::from(tile.k3_stride1 && tile_k3_ok(kw, params))),
+                ),
+                ("RB_WG", f64::from(tile.workgroup)),
+            ];
+            (&FORWARD_REG, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
+        }
     };
     let uniform = ctx.uniform(&p)?;
     ctx.run(&[Launch {
@@ -337,6 +430,35 @@ pub fn conv2d_with_algorithm(
         workgroups,
     }])?;
     Ok(y)
+}
+
+/// The forward kernel one [`conv2d_with_algorithm`] call runs.
+enum ForwardKernel {
+    Gemm,
+    Direct,
+    Reg(RegTile),
+}
+
+/// Whether `ctx` runs on a CPU adapter (lavapipe / llvmpipe, SwiftShader, WARP), where the
+/// register-blocked forward kernel is the fast one.
+pub fn is_cpu_adapter(ctx: &GpuContext) -> bool {
+    ctx.adapter_info().device_type == wgpu::DeviceType::Cpu
+}
+
+/// Whether the 3-tap inner loop of `forward_reg` applies to a conv of kernel width `kw`.
+fn tile_k3_ok(kw: usize, params: &Conv2dParams) -> bool {
+    kw == 3 && params.stride[1] == 1 && params.dilation[1] == 1
+}
+
+/// `Err(InvalidArgument)` unless `tile` is one `forward_reg` can run.
+fn check_tile(tile: RegTile) -> Result<RegTile> {
+    if ![1, 2, 4, 8].contains(&tile.channels) || !(1..=256).contains(&tile.workgroup) {
+        return Err(Error::invalid(format!(
+            "conv2d register tile: channels must be 1, 2, 4 or 8 and the workgroup 1 to 256, \
+             got {tile:?}"
+        )));
+    }
+    Ok(tile)
 }
 
 /// `Err(ShapeMismatch)` (the CPU's message) unless `dy` has the forward output shape.
