@@ -74,6 +74,24 @@ fn check(v: &Value, backend: &str, batch: u64) {
     assert_eq!(agree(1), 1.0);
     assert!(diff(2) > 0.0 && diff(2) < 0.1, "int8 vs float: {}", diff(2));
     assert!(agree(2) >= 0.9, "int8 argmax agreement {}", agree(2));
+    // The deployed integer model against the fused and unfused simulations.
+    let frac = |k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("`{k}` missing: {v:#}"))
+    };
+    let steps = |k: &str| {
+        v[k].as_u64()
+            .unwrap_or_else(|| panic!("`{k}` missing: {v:#}"))
+    };
+    assert!(frac("int8_identical_fraction_fused") >= 0.99, "{v:#}");
+    assert!(steps("int8_max_step_diff_fused") <= 1, "{v:#}");
+    assert!(
+        frac("int8_identical_fraction_unfused") <= frac("int8_identical_fraction_fused"),
+        "{v:#}"
+    );
+    assert!(steps("int8_max_step_diff_unfused") >= steps("int8_max_step_diff_fused"));
+    assert_eq!(v["deployment"]["reload_identical"], true, "{v:#}");
+    assert!(v["deployment"]["argmax_agreement"].as_f64().unwrap() >= 0.9);
     let qp = v["qparams"].as_object().unwrap();
     let keys: Vec<&str> = qp.keys().map(String::as_str).collect();
     assert_eq!(keys.len(), 3, "{keys:?}");

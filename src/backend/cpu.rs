@@ -8,7 +8,7 @@ use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
     ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads,
 };
-use crate::quant::{ObserverSpec, QParams, QuantRange};
+use crate::quant::{AddRequant, ObserverSpec, QParams, QuantRange, Requant};
 use crate::reference as r;
 
 /// The CPU reference (ndarray, f32). Always available; the spec the GPU must meet.
@@ -149,5 +149,38 @@ impl Backend for CpuBackend {
         params: &ConvTranspose2dParams,
     ) -> Result<Array4<f32>> {
         r::conv2d::conv_transpose2d(x, weight, bias, params)
+    }
+    fn quantize(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<i8>> {
+        r::int8::quantize(x, qp, range)
+    }
+    fn dequantize(&self, q: &ArrayD<i8>, qp: &QParams) -> Result<ArrayD<f32>> {
+        r::int8::dequantize(q, qp)
+    }
+    fn conv2d_int8(
+        &self,
+        x: &Array4<i8>,
+        x_zero_point: i32,
+        weight: &Array4<i8>,
+        bias: Option<&Array1<i32>>,
+        params: &Conv2dParams,
+        requant: &Requant,
+    ) -> Result<Array4<i8>> {
+        r::int8::conv2d_int8(x, x_zero_point, weight, bias, params, requant)
+    }
+    fn linear_int8(
+        &self,
+        x: &Array2<i8>,
+        x_zero_point: i32,
+        weight: &Array2<i8>,
+        bias: Option<&Array1<i32>>,
+        requant: &Requant,
+    ) -> Result<Array2<i8>> {
+        r::int8::linear_int8(x, x_zero_point, weight, bias, requant)
+    }
+    fn max_pool2d_int8(&self, x: &Array4<i8>, kernel: usize, stride: usize) -> Result<Array4<i8>> {
+        r::int8::max_pool2d_int8(x, kernel, stride)
+    }
+    fn add_int8(&self, a: &ArrayD<i8>, b: &ArrayD<i8>, add: &AddRequant) -> Result<ArrayD<i8>> {
+        r::int8::add_int8(a, b, add)
     }
 }

@@ -12,7 +12,7 @@ use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
     ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatWeightQuant,
 };
-use crate::quant::{ObserverSpec, QParams, QuantRange};
+use crate::quant::{AddRequant, ObserverSpec, QParams, QuantRange, Requant};
 
 /// Runs every operation on a GPU through [`crate::kernels`]: uploads the host arrays, runs
 /// the kernels, downloads the results. Validation happens on the host first, with the same
@@ -609,5 +609,75 @@ impl Backend for GpuBackend {
             .download_f32(&self.ctx)?
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|e| Error::Gpu(format!("internal: log_softmax output is not 2-D: {e}")))
+    }
+    // Integer (deployed int8) ops: kernels::int8 on packed codes, bit-exact with the CPU
+    // reference; validation first, with the reference's errors.
+    fn quantize(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<i8>> {
+        range.validate()?;
+        if range.quant_min < -128 || range.quant_max > 127 {
+            return Err(Error::invalid(format!(
+                "integer tensors hold 8-bit signed codes; range [{}, {}] does not fit [-128, 127]",
+                range.quant_min, range.quant_max
+            )));
+        }
+        qp.validate(x.shape(), range)?;
+        let gx = GpuTensor::upload_f32(&self.ctx, x)?;
+        let gqp = GpuQParams::upload(&self.ctx, qp)?;
+        kernels::int8::quantize(&self.ctx, &gx, &gqp, range)?
+            .into_checked(&self.ctx)?
+            .download(&self.ctx)
+    }
+    fn dequantize(&self, q: &ArrayD<i8>, qp: &QParams) -> Result<ArrayD<f32>> {
+        qp.validate(q.shape(), QuantRange::new(-128, 127)?)?;
+        let gq = kernels::int8::GpuInt8Tensor::upload(&self.ctx, q)?;
+        let gqp = GpuQParams::upload(&self.ctx, qp)?;
+        kernels::int8::dequantize(&self.ctx, &gq, &gqp)?.download_f32(&self.ctx)
+    }
+    fn conv2d_int8(
+        &self,
+        x: &Array4<i8>,
+        x_zero_point: i32,
+        weight: &Array4<i8>,
+        bias: Option<&Array1<i32>>,
+        params: &Conv2dParams,
+        requant: &Requant,
+    ) -> Result<Array4<i8>> {
+        params.output_shape(x.shape(), weight.shape())?;
+        let gx = kernels::int8::GpuInt8Tensor::upload(&self.ctx, &x.clone().into_dyn())?;
+        kernels::int8::conv2d_int8(&self.ctx, &gx, x_zero_point, weight, bias, params, requant)?
+            .download(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| Error::Gpu(format!("internal: conv2d_int8 output is not 4-D: {e}")))
+    }
+    fn linear_int8(
+        &self,
+        x: &Array2<i8>,
+        x_zero_point: i32,
+        weight: &Array2<i8>,
+        bias: Option<&Array1<i32>>,
+        requant: &Requant,
+    ) -> Result<Array2<i8>> {
+        // kernels::int8::linear_int8 checks `in` (the reference's error) before anything else.
+        let gx = kernels::int8::GpuInt8Tensor::upload(&self.ctx, &x.clone().into_dyn())?;
+        kernels::int8::linear_int8(&self.ctx, &gx, x_zero_point, weight, bias, requant)?
+            .download(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::Gpu(format!("internal: linear_int8 output is not 2-D: {e}")))
+    }
+    fn max_pool2d_int8(&self, x: &Array4<i8>, kernel: usize, stride: usize) -> Result<Array4<i8>> {
+        let gx = kernels::int8::GpuInt8Tensor::upload(&self.ctx, &x.clone().into_dyn())?;
+        kernels::int8::max_pool2d_int8(&self.ctx, &gx, kernel, stride)?
+            .download(&self.ctx)?
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| Error::Gpu(format!("internal: max_pool2d_int8 output is not 4-D: {e}")))
+    }
+    fn add_int8(&self, a: &ArrayD<i8>, b: &ArrayD<i8>, add: &AddRequant) -> Result<ArrayD<i8>> {
+        if a.shape() != b.shape() {
+            return Err(Error::shape("quantized add", a.shape(), b.shape()));
+        }
+        add.validate()?;
+        let ga = kernels::int8::GpuInt8Tensor::upload(&self.ctx, a)?;
+        let gb = kernels::int8::GpuInt8Tensor::upload(&self.ctx, b)?;
+        kernels::int8::add_int8(&self.ctx, &ga, &gb, add)?.download(&self.ctx)
     }
 }

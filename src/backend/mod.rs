@@ -18,7 +18,7 @@ use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
     ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatWeightQuant,
 };
-use crate::quant::{ObserverSpec, QParams, QuantRange};
+use crate::quant::{AddRequant, ObserverSpec, QParams, QuantRange, Requant};
 
 /// Every operation of qfuse, on one backend. See [`crate::reference`] for the exact
 /// semantics of each (the CPU reference is the spec).
@@ -234,6 +234,41 @@ pub trait Backend {
             act => into_dim(self.activation(&y.into_dyn(), act)?, "linear_act"),
         }
     }
+
+    /// Quantizes `x` to 8-bit codes with `qp` (per tensor or per channel):
+    /// [`crate::reference::int8::quantize`].
+    fn quantize(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<i8>>;
+
+    /// Dequantizes codes: [`crate::reference::int8::dequantize`].
+    fn dequantize(&self, q: &ArrayD<i8>, qp: &QParams) -> Result<ArrayD<f32>>;
+
+    /// Integer conv2d with requantization and the activation clamp in its epilogue:
+    /// [`crate::reference::int8::conv2d_int8`].
+    fn conv2d_int8(
+        &self,
+        x: &Array4<i8>,
+        x_zero_point: i32,
+        weight: &Array4<i8>,
+        bias: Option<&Array1<i32>>,
+        params: &Conv2dParams,
+        requant: &Requant,
+    ) -> Result<Array4<i8>>;
+
+    /// Integer linear layer with requantization: [`crate::reference::int8::linear_int8`].
+    fn linear_int8(
+        &self,
+        x: &Array2<i8>,
+        x_zero_point: i32,
+        weight: &Array2<i8>,
+        bias: Option<&Array1<i32>>,
+        requant: &Requant,
+    ) -> Result<Array2<i8>>;
+
+    /// Max pooling on codes: [`crate::reference::int8::max_pool2d_int8`].
+    fn max_pool2d_int8(&self, x: &Array4<i8>, kernel: usize, stride: usize) -> Result<Array4<i8>>;
+
+    /// Quantized elementwise add with clamp: [`crate::reference::int8::add_int8`].
+    fn add_int8(&self, a: &ArrayD<i8>, b: &ArrayD<i8>, add: &AddRequant) -> Result<ArrayD<i8>>;
 
     /// BatchNorm2d forward followed by an activation: as [`Backend::batch_norm2d`], with `y`
     /// replaced by `act(y)` (the forward of a `BNReLU2d`). The default runs the two ops; the

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Poll, Waker};
 
@@ -30,6 +31,18 @@ pub struct Launch<'a> {
     pub workgroups: [u32; 3],
 }
 
+/// How the integer conv2d / linear kernels form the dot product of four packed int8 lanes
+/// (see [`GpuContext::int8_dot`]). Both give the same (exact) i32 sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Int8Dot {
+    /// Manual sign-extending unpack (`extractBits`) and i32 multiply-adds: valid WGSL
+    /// everywhere.
+    Portable,
+    /// WGSL's `dot4I8Packed` (language extension `packed_4x8_integer_dot_product`), which
+    /// naga lowers to the device's packed integer dot product instruction where there is one.
+    Packed,
+}
+
 /// A GPU device and everything qfuse keeps about it: queue, adapter info, limits, compiled
 /// pipelines, and what the device reported asynchronously (loss, uncaptured errors).
 ///
@@ -46,6 +59,8 @@ pub struct GpuContext {
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
+    packed_dot_available: bool,
+    int8_dot_packed: AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -121,7 +136,8 @@ impl GpuContext {
                     info.name, info.backend
                 ))
             })?;
-        Ok(Self::build(device, queue, info))
+        let packed = packed_dot_in(&instance);
+        Ok(Self::build(device, queue, info, packed))
     }
 
     /// Blocking form of [`GpuContext::new_async`] (via `pollster`).
@@ -136,12 +152,30 @@ impl GpuContext {
     /// This installs an uncaptured-error handler and a device-lost callback on the device,
     /// replacing any the embedder set: qfuse needs them so that nothing panics and a lost
     /// device becomes an error.
+    ///
+    /// The WGSL language features (for [`GpuContext::int8_dot`]) are those of a native
+    /// instance with no backends enabled (they depend on the wgpu / naga build, not on the
+    /// device): on native builds that includes `dot4I8Packed`. On the web, where a device
+    /// says nothing about its instance, the portable path is chosen; use
+    /// [`GpuContext::set_int8_dot`] to change it.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         let info = device.adapter_info();
-        Ok(Self::build(device, queue, info))
+        let packed = if cfg!(target_arch = "wasm32") {
+            false
+        } else {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+            desc.backends = wgpu::Backends::empty();
+            packed_dot_in(&wgpu::Instance::new(desc))
+        };
+        Ok(Self::build(device, queue, info, packed))
     }
 
-    fn build(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        packed_dot_available: bool,
+    ) -> Self {
         let lost = Arc::new(Mutex::new(None));
         let uncaptured = Arc::new(Mutex::new(None));
         {
@@ -168,7 +202,55 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             lost,
             uncaptured,
+            packed_dot_available,
+            int8_dot_packed: AtomicBool::new(packed_dot_available),
         }
+    }
+
+    /// `true` when WGSL's `dot4I8Packed` (language extension `packed_4x8_integer_dot_product`)
+    /// can be used: detected from the instance's
+    /// [`wgpu::Instance::wgsl_language_features`] in [`GpuContext::new`] (see
+    /// [`GpuContext::from_device`] for an embedder's device).
+    pub fn packed_int8_dot_available(&self) -> bool {
+        self.packed_dot_available
+    }
+
+    /// The dot-product path the integer conv2d / linear kernels use by default:
+    /// [`Int8Dot::Packed`] when available, else [`Int8Dot::Portable`], unless changed with
+    /// [`GpuContext::set_int8_dot`]. The choice selects which shader module a launch
+    /// compiles (the portable module never mentions `dot4I8Packed`).
+    pub fn int8_dot(&self) -> Int8Dot {
+        if self.int8_dot_packed.load(Ordering::Relaxed) {
+            Int8Dot::Packed
+        } else {
+            Int8Dot::Portable
+        }
+    }
+
+    /// Forces the default dot-product path of the integer kernels (for every later launch on
+    /// this context; the launchers' `_with` forms take one per call instead).
+    ///
+    /// Errors: [`Error::InvalidArgument`] when asking for [`Int8Dot::Packed`] where it is
+    /// not available ([`GpuContext::packed_int8_dot_available`]).
+    pub fn set_int8_dot(&self, dot: Int8Dot) -> Result<()> {
+        self.check_int8_dot(dot)?;
+        self.int8_dot_packed
+            .store(dot == Int8Dot::Packed, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `Ok` when `dot` can run on this context.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for [`Int8Dot::Packed`] where WGSL's
+    /// `dot4I8Packed` is not available.
+    pub fn check_int8_dot(&self, dot: Int8Dot) -> Result<()> {
+        if dot == Int8Dot::Packed && !self.packed_dot_available {
+            return Err(Error::invalid(
+                "the packed int8 dot product (WGSL dot4I8Packed, language extension \
+                 packed_4x8_integer_dot_product) is not available on this context",
+            ));
+        }
+        Ok(())
     }
 
     /// The device.
@@ -486,6 +568,13 @@ impl GpuContext {
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         self.check_alive()
     }
+}
+
+/// Whether `instance` supports WGSL's `packed_4x8_integer_dot_product` language extension.
+fn packed_dot_in(instance: &wgpu::Instance) -> bool {
+    instance
+        .wgsl_language_features()
+        .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct)
 }
 
 /// A minimal one-shot channel whose receiver is a future (for `map_async` callbacks).

@@ -10,6 +10,8 @@
 //! - [`batch_norm`]: BatchNorm2d statistics, normalize (+ activation), backward.
 //! - [`conv_bn`]: fused conv+BN+activation eval forward, ConvBn2d QAT forward / backward,
 //!   and the unfused chains.
+//! - [`int8`]: integer (deployed int8) quantize / dequantize, conv2d, linear, max pooling and
+//!   add on packed codes, bit-exact with [`crate::reference::int8`].
 
 pub mod activation;
 pub mod batch_norm;
@@ -17,6 +19,7 @@ pub mod conv2d;
 pub mod conv_bn;
 pub mod fake_quant;
 pub mod fold;
+pub mod int8;
 pub mod linear;
 pub mod observer;
 pub mod pool;

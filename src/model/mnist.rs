@@ -412,6 +412,73 @@ pub fn synthetic_batch(n: usize, seed: u64) -> Array4<f32> {
     out
 }
 
+/// The Mnist network as a [`crate::deploy::Net`] for integer deployment: `conv1` (with
+/// `batchnorm1` and `relu1` attached), `max_pool1`, `conv2` + `relu2`, `max_pool2`, the
+/// `view(-1, 800)` as a flatten named `view`, `fc1` + `relu3`, `fc2`. The final
+/// `log_softmax` stays in float on the dequantized output. Works on the unfused model (BN
+/// kept, folded by [`crate::deploy::convert`]) and on one fused by
+/// [`crate::fuse::fuse_modules`] (fused modules, `Identity` in place of BN and activations).
+///
+/// Errors: [`Error::UnknownModule`] when a module of the network is missing, and
+/// [`crate::deploy::Net::layer`]'s errors for a module with no integer form.
+pub fn deploy_net(model: &Module) -> Result<crate::deploy::Net> {
+    let mut net = crate::deploy::Net::new();
+    let mut v = net.input();
+    for name in CHAIN_CONV {
+        v = net.module(model, name, v)?;
+    }
+    v = net.flatten("view", v)?;
+    for name in CHAIN_FC {
+        v = net.module(model, name, v)?;
+    }
+    net.set_output(v)?;
+    Ok(net)
+}
+
+/// Gives `batchnorm1` the statistics a trained network would have: running mean and variance
+/// of `conv1`'s output on `x` (so BN normalizes), γ in `[0.5, 1.5)` and β in `[-0.25, 0.25)`
+/// drawn from `seed`. A freshly built BN (mean 0, variance 1, γ 1, β 0) folds into almost
+/// nothing; this makes folding matter, as it does in a trained model.
+///
+/// Errors: a model without `conv1` / `batchnorm1` of the Mnist shapes, or an input that is
+/// not `[N, 1, 28, 28]`.
+pub fn set_trained_bn_stats(model: &mut Module, x: &Array4<f32>, seed: u64) -> Result<()> {
+    let Layer::Conv2d(conv1) = model.get("conv1")?.layer() else {
+        return Err(Error::invalid("`conv1` must be an unfused Conv2d"));
+    };
+    let w = into4(conv1.weight.clone())?;
+    let y = crate::reference::conv2d::conv2d(x, &w, conv1.bias.as_ref(), &conv1.params)?;
+    let c = y.shape()[1];
+    let count = (y.len() / c) as f32;
+    let mut rng = Rng::new(seed ^ 0xB0B0);
+    let mut mean = Array1::<f32>::zeros(c);
+    let mut var = Array1::<f32>::zeros(c);
+    for ch in 0..c {
+        let plane = y.index_axis(ndarray::Axis(1), ch);
+        let m = plane.sum() / count;
+        let v = plane.iter().map(|&a| (a - m) * (a - m)).sum::<f32>() / (count - 1.0).max(1.0);
+        mean[ch] = m;
+        var[ch] = v;
+    }
+    let Layer::BatchNorm2d(bn) = model.get_mut("batchnorm1")?.layer_mut() else {
+        return Err(Error::invalid(
+            "`batchnorm1` must be an unfused BatchNorm2d",
+        ));
+    };
+    if bn.num_features() != c {
+        return Err(Error::ChannelMismatch {
+            layer: "conv1".into(),
+            layer_channels: c,
+            bn_channels: bn.num_features(),
+        });
+    }
+    bn.bn.running_mean = mean;
+    bn.bn.running_var = var;
+    bn.bn.weight = Some(Array1::from_shape_simple_fn(c, || 0.5 + rng.unit()));
+    bn.bn.bias = Some(Array1::from_shape_simple_fn(c, || rng.symmetric(0.25)));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,9 @@
 
 use crate::error::{Error, Result};
 
+pub mod requant;
+pub use requant::{AddRequant, FixedPointMultiplier, Requant, RequantMode};
+
 /// The integer range `[quant_min, quant_max]` that fake quantization clamps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantRange {

@@ -8,5 +8,6 @@ pub mod conv2d;
 pub mod conv_bn;
 pub mod fake_quant;
 pub mod fold;
+pub mod int8;
 pub mod layers;
 pub mod observer;

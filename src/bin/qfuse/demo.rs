@@ -2,7 +2,8 @@
 //! [--backend cpu|gpu|auto] [--json FILE]`: the Mnist network of NNI's module-fusion example,
 //! quantized with NNI's example config (fuse conv1 with batchnorm1; int8 affine on conv1's
 //! input, weight and output), run in float, fused float and simulated int8 on one backend,
-//! and compared.
+//! and compared; then the whole network deployed in integer form (`qfuse::deploy`), and the
+//! measured gap between its outputs and the fused and unfused fake-quant simulations.
 //!
 //! The input is a seeded batch of synthetic MNIST-like images
 //! ([`qfuse::model::mnist::synthetic_batch`]): no dataset can be downloaded here, so the
@@ -16,9 +17,11 @@ use clap::{Args, ValueEnum};
 use ndarray::{ArrayD, Axis};
 use qfuse::backend::{Backend, CpuBackend, GpuBackend};
 use qfuse::config::{self, QuantMode};
+use qfuse::deploy;
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::model::mnist;
 use qfuse::nn::Module;
+use qfuse::quant::RequantMode;
 use serde_json::{json, Value};
 
 /// Where the models run.
@@ -63,6 +66,22 @@ pub struct DemoArgs {
     /// them).
     #[arg(long, default_value_t = 2)]
     calibration_batches: usize,
+    /// Requantization arithmetic of the deployed integer model.
+    #[arg(long, value_enum, default_value_t = DemoRequant::Float)]
+    requant: DemoRequant,
+    /// Also save the deployed integer model (int8 weights, i32 biases, scales) to this
+    /// safetensors file.
+    #[arg(long, value_name = "FILE.safetensors")]
+    export: Option<PathBuf>,
+}
+
+/// Requantization arithmetic (see `qfuse::quant::RequantMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DemoRequant {
+    /// fp32, as fbgemm and XNNPACK (one rounding, ties to even).
+    Float,
+    /// gemmlowp / TFLite fixed point (two roundings: ties up, then away from zero).
+    FixedPoint,
 }
 
 /// One row of the table.
@@ -204,6 +223,7 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
         row("simulated int8", &y_int8, ms_int8),
     ];
     let qparams = config::qparams(&quant);
+    let deployed = deploy_section(args, &model, b, &x, &calibration, &y_float)?;
 
     // ---- the table
     let backend_cell = match (&adapter, &fallback) {
@@ -256,6 +276,7 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
             qp.scale[0], qp.zero_point[0]
         );
     }
+    deployed.print(args.batch, &backend_cell);
 
     if let Some(path) = &args.json {
         let doc = json!({
@@ -279,6 +300,11 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
             "qparams": qparams.iter().map(|(p, t, qp)| {
                 (format!("{p}.{t}"), json!([qp.scale[0], qp.zero_point[0]]))
             }).collect::<serde_json::Map<String, Value>>(),
+            "int8_identical_fraction_fused": deployed.gap.fused.identical_fraction(),
+            "int8_max_step_diff_fused": deployed.gap.fused.max_step_diff,
+            "int8_identical_fraction_unfused": deployed.gap.unfused.identical_fraction(),
+            "int8_max_step_diff_unfused": deployed.gap.unfused.max_step_diff,
+            "deployment": deployed.json(args.batch),
         });
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| qfuse::Error::invalid(format!("JSON: {e}")))?;
@@ -288,4 +314,196 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
         })?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The deployed integer model's section of the demo.
+struct Deployed {
+    gap: deploy::GapReport,
+    requant: RequantMode,
+    trained_bn: bool,
+    max_abs_diff: f32,
+    agree: usize,
+    ms: f64,
+    reload_identical: bool,
+    exported: Option<PathBuf>,
+}
+
+impl Deployed {
+    fn print(&self, batch: usize, backend_cell: &str) {
+        let g = &self.gap;
+        println!();
+        println!(
+            "deployment: every conv and linear in int8 (per-channel symmetric weights, int8 \
+             affine activations, i32 bias at s_in*s_w), BN folded, ReLU6 as the clamp, {} \
+             requantization{}",
+            self.requant.name(),
+            if self.trained_bn {
+                "; batchnorm1 given trained-like statistics (the seeded init's BN is an \
+                 identity)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "{:<28} {:>24} {:>14}",
+            "integer outputs vs", "identical codes", "max step diff"
+        );
+        for (name, gap) in [
+            ("fused simulation", &g.fused),
+            ("unfused simulation", &g.unfused),
+        ] {
+            println!(
+                "{:<28} {:>24} {:>14}",
+                name,
+                format!(
+                    "{}/{} ({:.3}%)",
+                    gap.identical,
+                    gap.outputs,
+                    100.0 * gap.identical_fraction()
+                ),
+                gap.max_step_diff
+            );
+        }
+        println!(
+            "{:<10} {:>26} {:>26}",
+            "layer", "end to end: fused/unfused", "isolated: fused/unfused"
+        );
+        let pct = |g: &deploy::Gap| format!("{:.3}%", 100.0 * g.identical_fraction());
+        for l in &g.layers {
+            println!(
+                "{:<10} {:>26} {:>26}",
+                l.name,
+                format!("{} / {}", pct(&l.fused), pct(&l.unfused)),
+                format!("{} / {}", pct(&l.fused_isolated), pct(&l.unfused_isolated)),
+            );
+        }
+        println!(
+            "(identical codes; isolated: the layer alone, fed the integer model's own inputs)"
+        );
+        println!(
+            "deployed int8: max |diff| vs float {:.3e}, argmax = float {}/{batch}, {:.2} ms/batch \
+             ({backend_cell}); safetensors round trip gives identical outputs: {}{}",
+            self.max_abs_diff,
+            self.agree,
+            self.ms,
+            if self.reload_identical { "yes" } else { "NO" },
+            self.exported
+                .as_ref()
+                .map(|p| format!("; saved to {}", p.display()))
+                .unwrap_or_default()
+        );
+    }
+
+    fn json(&self, batch: usize) -> Value {
+        let gap = |g: &deploy::Gap| {
+            json!({
+                "outputs": g.outputs,
+                "identical": g.identical,
+                "identical_fraction": g.identical_fraction(),
+                "max_step_diff": g.max_step_diff,
+            })
+        };
+        json!({
+            "requant": self.requant.name(),
+            "trained_bn_stats": self.trained_bn,
+            "fused": gap(&self.gap.fused),
+            "unfused": gap(&self.gap.unfused),
+            "layers": self.gap.layers.iter().map(|l| json!({
+                "name": l.name,
+                "fused": gap(&l.fused),
+                "unfused": gap(&l.unfused),
+                "fused_isolated": gap(&l.fused_isolated),
+                "unfused_isolated": gap(&l.unfused_isolated),
+            })).collect::<Vec<Value>>(),
+            "max_abs_diff_vs_float": self.max_abs_diff,
+            "argmax_agreement": self.agree as f64 / batch as f64,
+            "ms_per_batch": self.ms,
+            "reload_identical": self.reload_identical,
+            "exported": self.exported.as_ref().map(|p| p.display().to_string()),
+        })
+    }
+}
+
+/// Converts the float Mnist to integer form (calibrated on `calibration`), measures the gap
+/// against the fused and unfused simulations on `x`, times the integer forward, and checks a
+/// safetensors round trip.
+fn deploy_section(
+    args: &DemoArgs,
+    model: &Module,
+    b: &dyn Backend,
+    x: &ArrayD<f32>,
+    calibration: &[ArrayD<f32>],
+    y_float: &ArrayD<f32>,
+) -> qfuse::Result<Deployed> {
+    let mut m = model.clone();
+    // A freshly initialised BN (mean 0, var 1, gamma 1, beta 0) folds into nothing; give it
+    // the statistics of the calibration data so that folding matters, as after training.
+    let trained_bn = args.weights.is_none();
+    if trained_bn {
+        let first = calibration[0]
+            .clone()
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| qfuse::Error::invalid(e.to_string()))?;
+        mnist::set_trained_bn_stats(&mut m, &first, args.seed)?;
+    }
+    let requant = match args.requant {
+        DemoRequant::Float => RequantMode::Float,
+        DemoRequant::FixedPoint => RequantMode::FixedPoint,
+    };
+    let cfg = deploy::DeployConfig {
+        requant,
+        ..Default::default()
+    };
+    let net = mnist::deploy_net(&m)?;
+    let int = deploy::convert(&net, b, calibration.iter(), &cfg)?;
+    let gap = deploy::measure_gap(&net, &int, &cfg, b, x)?;
+    // The deployed model's log-probabilities against the float model's (the float model with
+    // the same BN statistics, so the comparison is the quantization's alone).
+    let float_ref = if trained_bn {
+        let mut fm = m.clone();
+        fm.forward(b, x)?
+    } else {
+        y_float.clone()
+    };
+    let logits = int.forward_dequantized(b, x)?;
+    let logits2 = logits
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|e| qfuse::Error::invalid(e.to_string()))?;
+    let y = b.log_softmax(&logits2)?.into_dyn();
+    let labels = argmax(&float_ref);
+    let agree = argmax(&y)
+        .iter()
+        .zip(&labels)
+        .filter(|(a, b)| a == b)
+        .count();
+    let max_abs_diff = y
+        .iter()
+        .zip(&float_ref)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    let mut times = Vec::new();
+    let q = int.forward(b, x)?;
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        int.forward(b, x)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    let bytes = int.to_state_dict()?.to_bytes()?;
+    let back = deploy::IntModel::from_bytes(&bytes, "the exported model")?;
+    let reload_identical = back.forward(b, x)? == q;
+    if let Some(path) = &args.export {
+        int.save(path)?;
+    }
+    Ok(Deployed {
+        gap,
+        requant,
+        trained_bn,
+        max_abs_diff,
+        agree,
+        ms,
+        reload_identical,
+        exported: args.export.clone(),
+    })
 }

@@ -1,0 +1,430 @@
+//! From a float [`Net`] and calibration data to an [`IntModel`]: fold BN, observe every
+//! value, quantize weights (symmetric), biases (i32 at `s_in · s_w`) and derive each layer's
+//! requantization.
+
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4};
+
+use super::net::{fold_conv, Net, NodeOp, ValueId};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::ops::{Activation, Conv2dParams};
+use crate::quant::{
+    AddRequant, ObserverSpec, QDtype, QParams, QScheme, QuantRange, Requant, RequantMode,
+};
+use crate::reference::{int8, observer};
+
+/// How a [`Net`] is quantized for deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeployConfig {
+    /// Activations (every value the model writes): a per-tensor spec, min/max observed over
+    /// the calibration data. Default: int8 affine `[-128, 127]`.
+    pub activation: ObserverSpec,
+    /// Weights: a symmetric spec (zero point 0), per tensor or per output channel (axis 0).
+    /// Default: int8 per-channel symmetric `[-128, 127]` (PyTorch's default QAT weight).
+    pub weight: ObserverSpec,
+    /// Requantization arithmetic of conv and linear layers (default
+    /// [`RequantMode::Float`], as fbgemm; residual adds always use TFLite's fixed point).
+    pub requant: RequantMode,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        let range = QuantRange {
+            quant_min: -128,
+            quant_max: 127,
+        };
+        let spec = |qscheme| ObserverSpec {
+            dtype: QDtype::QInt8,
+            qscheme,
+            range,
+            axis: 0,
+            eps: f32::EPSILON,
+        };
+        Self {
+            activation: spec(QScheme::PerTensorAffine),
+            weight: spec(QScheme::PerChannelSymmetric),
+            requant: RequantMode::Float,
+        }
+    }
+}
+
+impl DeployConfig {
+    /// Checks that integer kernels can run this configuration: both ranges inside
+    /// `[-128, 127]` (8-bit signed codes; int4 ranges such as `[-8, 7]` fit), activations per
+    /// tensor, weights symmetric with signed codes (zero point 0) and per-channel axis 0.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the offending setting.
+    pub fn validate(&self) -> Result<()> {
+        for (what, spec) in [("activation", &self.activation), ("weight", &self.weight)] {
+            spec.range.validate()?;
+            if spec.range.quant_min < -128 || spec.range.quant_max > 127 {
+                return Err(Error::invalid(format!(
+                    "{what} range [{}, {}] does not fit the int8 codes [-128, 127] integer \
+                     kernels store (use a signed range, e.g. int8 [-128, 127] or int4 [-8, 7])",
+                    spec.range.quant_min, spec.range.quant_max
+                )));
+            }
+        }
+        if self.activation.qscheme.is_per_channel() {
+            return Err(Error::invalid(
+                "activations must be quantized per tensor for integer kernels",
+            ));
+        }
+        if !self.weight.qscheme.is_symmetric() || self.weight.dtype != QDtype::QInt8 {
+            return Err(Error::invalid(
+                "weights must be quantized symmetrically as signed integers (zero point 0) for \
+                 integer kernels",
+            ));
+        }
+        if self.weight.qscheme.is_per_channel() && self.weight.axis != 0 {
+            return Err(Error::invalid(format!(
+                "per-channel weights must use axis 0 (output channels), got {}",
+                self.weight.axis
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One integer layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IntLayer {
+    /// Integer conv2d: folded, quantized weight, i32 bias, requantization with the
+    /// activation clamp.
+    Conv {
+        /// Weight codes `[O, C/groups, KH, KW]`.
+        weight: Array4<i8>,
+        /// Weight scales (one, or one per output channel); zero points are 0.
+        weight_scale: Vec<f32>,
+        /// Bias at scale `s_in · s_w[o]`.
+        bias: Option<Array1<i32>>,
+        /// Geometry.
+        params: Conv2dParams,
+        /// Requantization to the output codes.
+        requant: Requant,
+        /// The fused activation (its integer form is the requantization clamp).
+        act: Activation,
+    },
+    /// Integer linear layer.
+    Linear {
+        /// Weight codes `[out, in]`.
+        weight: Array2<i8>,
+        /// Weight scales.
+        weight_scale: Vec<f32>,
+        /// Bias at scale `s_in · s_w[o]`.
+        bias: Option<Array1<i32>>,
+        /// Requantization.
+        requant: Requant,
+        /// The fused activation (its integer form is the requantization clamp).
+        act: Activation,
+    },
+    /// Max pooling on codes.
+    MaxPool2d {
+        /// Window.
+        kernel: usize,
+        /// Step.
+        stride: usize,
+    },
+    /// Flatten (codes reshaped).
+    Flatten,
+    /// Quantized add with clamp.
+    Add {
+        /// The integer arithmetic.
+        add: AddRequant,
+        /// The fused activation (its integer form is the clamp).
+        act: Activation,
+    },
+}
+
+impl IntLayer {
+    /// A short kind name (`conv2d`, `linear`, `max_pool2d`, `flatten`, `add`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IntLayer::Conv { .. } => "conv2d",
+            IntLayer::Linear { .. } => "linear",
+            IntLayer::MaxPool2d { .. } => "max_pool2d",
+            IntLayer::Flatten => "flatten",
+            IntLayer::Add { .. } => "add",
+        }
+    }
+}
+
+/// One node of an [`IntModel`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntNode {
+    /// Name (the float node's).
+    pub name: String,
+    /// The integer computation.
+    pub layer: IntLayer,
+    /// Input values.
+    pub inputs: Vec<ValueId>,
+}
+
+/// A model in integer form: int8 weights, i32 biases, per-value activation qparams and
+/// per-layer requantization. Runs on any [`Backend`] ([`IntModel::forward`]), simulates
+/// itself with fake quantization ([`IntModel::simulate`]), and saves to / loads from
+/// safetensors ([`IntModel::save`], [`IntModel::load`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntModel {
+    /// Nodes in execution order.
+    pub nodes: Vec<IntNode>,
+    /// Quantization parameters of every value (per tensor; index = [`ValueId`]).
+    pub values: Vec<QParams>,
+    /// Activation code range.
+    pub activation_range: QuantRange,
+    /// The output value.
+    pub output: ValueId,
+}
+
+impl IntModel {
+    /// The output's quantization parameters.
+    pub fn output_qparams(&self) -> &QParams {
+        &self.values[self.output]
+    }
+
+    /// Checks internal consistency (value references, qparams, requantizations), as a model
+    /// loaded from a file must pass before it runs.
+    ///
+    /// Errors: [`Error::InvalidArgument`] / [`Error::ShapeMismatch`] naming the node.
+    pub fn validate(&self) -> Result<()> {
+        if self.values.len() != self.nodes.len() + 1 {
+            return Err(Error::invalid(format!(
+                "integer model has {} nodes but {} value qparams (expected nodes + 1)",
+                self.nodes.len(),
+                self.values.len()
+            )));
+        }
+        if self.output >= self.values.len() {
+            return Err(Error::invalid(format!(
+                "integer model output value {} does not exist",
+                self.output
+            )));
+        }
+        for v in &self.values {
+            if v.axis.is_some() {
+                return Err(Error::invalid("activation qparams must be per tensor"));
+            }
+            v.validate(&[1], self.activation_range)?;
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let want = if matches!(node.layer, IntLayer::Add { .. }) {
+                2
+            } else {
+                1
+            };
+            if node.inputs.len() != want || node.inputs.iter().any(|&v| v > i) {
+                return Err(Error::invalid(format!(
+                    "node `{}` must read {want} earlier value(s), reads {:?}",
+                    node.name, node.inputs
+                )));
+            }
+            match &node.layer {
+                IntLayer::Conv {
+                    weight, requant, ..
+                } => requant.validate(weight.shape()[0])?,
+                IntLayer::Linear {
+                    weight, requant, ..
+                } => requant.validate(weight.nrows())?,
+                IntLayer::Add { add, .. } => add.validate()?,
+                IntLayer::MaxPool2d { kernel, stride } if *kernel == 0 || *stride == 0 => {
+                    return Err(Error::invalid(format!(
+                        "node `{}`: max_pool2d kernel and stride must be positive",
+                        node.name
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running min/max over calibration batches (`MinMaxObserver`).
+#[derive(Debug, Clone, Copy)]
+struct MinMax {
+    min: f32,
+    max: f32,
+}
+
+impl MinMax {
+    fn new() -> Self {
+        Self {
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+        }
+    }
+    fn observe(&mut self, x: &ArrayD<f32>) {
+        let (a, b) = observer::min_max(x);
+        self.min = self.min.min(a);
+        self.max = self.max.max(b);
+    }
+}
+
+/// Converts `net` to integer form, calibrating activations on `calibration` (each an input
+/// batch; min/max over all of them, of the fused float model: BN folded, as deployed).
+///
+/// Per conv (BN folded in) and linear: weight codes with `config.weight` qparams of the
+/// folded weight; bias codes `round(b / (s_in · s_w[o]))`; requantization multipliers
+/// `s_in · s_w[o] / s_out` in gemmlowp fixed point; the activation as the clamp. Max pooling
+/// and flatten keep their input's qparams; add requantizes both inputs to its output's.
+///
+/// Errors: an invalid config, no calibration batch, a NaN in calibration outputs, layers
+/// with no integer form (activations other than ReLU / ReLU6), and shape errors.
+pub fn convert<'a>(
+    net: &Net,
+    backend: &dyn Backend,
+    calibration: impl IntoIterator<Item = &'a ArrayD<f32>>,
+    config: &DeployConfig,
+) -> Result<IntModel> {
+    config.validate()?;
+    let mut stats = vec![MinMax::new(); net.value_count()];
+    let mut batches = 0;
+    for x in calibration {
+        let values = net.forward_values(backend, x, true)?;
+        for (s, v) in stats.iter_mut().zip(&values) {
+            s.observe(v);
+        }
+        batches += 1;
+    }
+    if batches == 0 {
+        return Err(Error::invalid(
+            "deployment needs at least one calibration batch",
+        ));
+    }
+    // Value qparams: observed for the input and requantizing nodes, inherited otherwise.
+    let mut values: Vec<QParams> = Vec::with_capacity(net.value_count());
+    let act_qp = |s: &MinMax, what: &str| -> Result<QParams> {
+        if s.min.is_nan() || s.max.is_nan() {
+            return Err(Error::invalid(format!(
+                "calibration of {what} saw NaN; cannot quantize it"
+            )));
+        }
+        Ok(observer::calculate_qparams(
+            &[s.min],
+            &[s.max],
+            &config.activation,
+        ))
+    };
+    values.push(act_qp(&stats[0], "the input")?);
+    for (i, node) in net.nodes().iter().enumerate() {
+        let qp = if node.op.requantizes() {
+            act_qp(&stats[i + 1], &format!("`{}`", node.name))?
+        } else {
+            values[node.inputs[0]].clone()
+        };
+        values.push(qp);
+    }
+    let range = config.activation.range;
+    let mut nodes = Vec::with_capacity(net.nodes().len());
+    for (i, node) in net.nodes().iter().enumerate() {
+        let out = &values[i + 1];
+        let (s_out, z_out) = (out.scale[0], out.zero_point[0]);
+        let bounds = |act: Activation| -> Result<(i32, i32)> {
+            Requant::activation_bounds(act, s_out, z_out, range)
+                .map_err(|e| Error::invalid(format!("node `{}`: {e}", node.name)))
+        };
+        let layer = match &node.op {
+            NodeOp::Conv { conv, bn, act } => {
+                let (w, b) = match bn {
+                    Some(bn) => {
+                        let (w, b) = fold_conv(backend, conv, bn)?;
+                        (w, Some(b))
+                    }
+                    None => (conv.weight.clone(), conv.bias.clone()),
+                };
+                let s_in = values[node.inputs[0]].scale[0];
+                let (wq, ws) = quantize_weight(&w.into_dyn(), config)?;
+                let weight = wq
+                    .into_dimensionality::<Ix4>()
+                    .map_err(|e| Error::invalid(e.to_string()))?;
+                IntLayer::Conv {
+                    bias: b.map(|b| int8::quantize_bias(&b, s_in, &ws)).transpose()?,
+                    requant: requant(s_in, &ws, (s_out, z_out), bounds(*act)?, config.requant)?,
+                    weight,
+                    weight_scale: ws,
+                    params: conv.params,
+                    act: *act,
+                }
+            }
+            NodeOp::Linear { weight, bias, act } => {
+                let s_in = values[node.inputs[0]].scale[0];
+                let (wq, ws) = quantize_weight(&weight.clone().into_dyn(), config)?;
+                let weight = wq
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|e| Error::invalid(e.to_string()))?;
+                IntLayer::Linear {
+                    bias: bias
+                        .as_ref()
+                        .map(|b| int8::quantize_bias(b, s_in, &ws))
+                        .transpose()?,
+                    requant: requant(s_in, &ws, (s_out, z_out), bounds(*act)?, config.requant)?,
+                    weight,
+                    weight_scale: ws,
+                    act: *act,
+                }
+            }
+            NodeOp::MaxPool2d { kernel, stride } => IntLayer::MaxPool2d {
+                kernel: *kernel,
+                stride: *stride,
+            },
+            NodeOp::Flatten => IntLayer::Flatten,
+            NodeOp::Add { act } => {
+                let a = &values[node.inputs[0]];
+                let b = &values[node.inputs[1]];
+                IntLayer::Add {
+                    add: AddRequant::new(
+                        (a.scale[0], a.zero_point[0]),
+                        (b.scale[0], b.zero_point[0]),
+                        (s_out, z_out),
+                        bounds(*act)?,
+                    )?,
+                    act: *act,
+                }
+            }
+        };
+        nodes.push(super::IntNode {
+            name: node.name.clone(),
+            layer,
+            inputs: node.inputs.clone(),
+        });
+    }
+    let model = IntModel {
+        nodes,
+        values,
+        activation_range: range,
+        output: net.output(),
+    };
+    model.validate()?;
+    Ok(model)
+}
+
+/// Weight codes and scales with `config.weight` (min/max of this weight, symmetric).
+pub(crate) fn weight_qparams(w: &ArrayD<f32>, config: &DeployConfig) -> Result<QParams> {
+    let qp = observer::observe_qparams(w, &config.weight)?;
+    if qp.scale.iter().any(|s| !s.is_finite()) {
+        return Err(Error::invalid(
+            "a weight holds NaN or infinity; cannot quantize it",
+        ));
+    }
+    Ok(qp)
+}
+
+fn quantize_weight(w: &ArrayD<f32>, config: &DeployConfig) -> Result<(ArrayD<i8>, Vec<f32>)> {
+    let qp = weight_qparams(w, config)?;
+    let q = int8::quantize(w, &qp, config.weight.range)?;
+    Ok((q, qp.scale))
+}
+
+fn requant(
+    s_in: f32,
+    ws: &[f32],
+    (s_out, z_out): (f32, i32),
+    bounds: (i32, i32),
+    mode: RequantMode,
+) -> Result<Requant> {
+    let real: Vec<f64> = ws
+        .iter()
+        .map(|&sw| s_in as f64 * sw as f64 / s_out as f64)
+        .collect();
+    Requant::new(&real, mode, z_out, bounds)
+}

@@ -1,0 +1,1233 @@
+//! Integer (deployed int8) kernels on the GPU (`shaders/int8.wgsl`,
+//! `shaders/int8_conv.wgsl`, `shaders/lib/requant.wgsl`), bit-exact with
+//! [`crate::reference::int8`]: quantize / dequantize, conv2d and linear with i32 accumulation
+//! over packed codes and a fixed-point requantization epilogue, max pooling on codes, and the
+//! TFLite integer add.
+//!
+//! **Layout.** Codes live in a [`GpuInt8Tensor`]: a tensor seen as `[outer, C, inner]`
+//! (`C` = dim 1; a rank-1 tensor is `[1, C, 1]`, a scalar `[1, 1, 1]`) is stored as `u32`
+//! words `[outer, ceil(C / 4), inner]`, four consecutive channels per word (channel `4q + j`
+//! in bits `8j..8j + 8`, two's complement), padding lanes 0. NCHW activations are
+//! `[N, ceil(C/4), H, W]` words, `[N, in]` linear inputs `[N, ceil(in/4)]`.
+//!
+//! **Conv2d / linear.** Weights are packed on the host ([`GpuConv2dInt8::new`],
+//! [`GpuLinearInt8::new`]) to `[O, NQ, KH, KW]` words aligned with the input's channel words
+//! (so any `groups`, depthwise included, works: lanes outside an output channel's group are 0),
+//! and the input zero point is folded into the bias, `bias' = bias − x_zp · Σw` (wrapping
+//! i32). Each invocation computes 4 output channels (one output word) × 4 output columns
+//! (conv) or × 4 rows (linear) as `bias' + Σ dot4(x word, w word)`; a padding tap adds
+//! `x_zp · Σ(lanes of w)` instead, so it contributes `(x_zp − x_zp) · w = 0` like the
+//! reference. The dot product of four packed lanes is WGSL's `dot4I8Packed` or a portable
+//! `extractBits` unpack ([`Int8Dot`], chosen per context with [`GpuContext::int8_dot`] or
+//! per call with the `_with` forms); they are two separate shader modules, so the portable
+//! one never mentions `dot4I8Packed`.
+//!
+//! **Requantization** is `shaders/lib/requant.wgsl`: gemmlowp's
+//! `SaturatingRoundingDoublingHighMul` with the 64-bit product built from 16-bit limbs of
+//! the magnitudes (WGSL has no i64), `RoundingDivideByPOT`, the saturating left shift and the
+//! saturating zero-point add of [`crate::quant::requant`].
+//!
+//! Launchers validate with the CPU reference's checks and messages, record their dispatches
+//! and return without waiting for the GPU, except that a NaN in [`quantize`]'s input can only
+//! be reported after a download ([`GpuQuantized::check`]).
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
+
+use super::{expect_f32, to_u32, GpuQParams, WG_CONSTANTS, WORKGROUP_SIZE};
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Int8Dot, Kernel, Launch, Shader};
+use crate::ops::Conv2dParams;
+use crate::quant::{AddRequant, QuantRange, Requant, RequantMode};
+
+static ELEMENTWISE: Shader = Shader {
+    name: "int8",
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/lib/requant.wgsl"),
+        include_str!("../../shaders/int8.wgsl")
+    ),
+};
+
+static CONV_PORTABLE: Shader = Shader {
+    name: "int8_conv",
+    source: concat!(
+        include_str!("../../shaders/lib/requant.wgsl"),
+        include_str!("../../shaders/lib/dot4_portable.wgsl"),
+        include_str!("../../shaders/int8_conv.wgsl")
+    ),
+};
+
+static CONV_PACKED: Shader = Shader {
+    name: "int8_conv_dot4packed",
+    source: concat!(
+        include_str!("../../shaders/lib/requant.wgsl"),
+        include_str!("../../shaders/lib/dot4_packed.wgsl"),
+        include_str!("../../shaders/int8_conv.wgsl")
+    ),
+};
+
+static QUANTIZE: Kernel = Kernel {
+    shader: &ELEMENTWISE,
+    entry_point: "quantize",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(2),
+        Binding::read_write(5),
+        Binding::read_write(7),
+    ],
+};
+
+static DEQUANTIZE: Kernel = Kernel {
+    shader: &ELEMENTWISE,
+    entry_point: "dequantize",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read(3),
+        Binding::read_write(6),
+    ],
+};
+
+static MAX_POOL2D: Kernel = Kernel {
+    shader: &ELEMENTWISE,
+    entry_point: "max_pool2d",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(3),
+        Binding::read_write(5),
+    ],
+};
+
+static ADD: Kernel = Kernel {
+    shader: &ELEMENTWISE,
+    entry_point: "add",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(3),
+        Binding::read(4),
+        Binding::read_write(5),
+        Binding::uniform(8),
+    ],
+};
+
+static REQUANT_PROBE: Kernel = Kernel {
+    shader: &ELEMENTWISE,
+    entry_point: "requant_probe",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(9),
+        Binding::read_write(10),
+    ],
+};
+
+static FLOAT_PROBE: Kernel = Kernel {
+    shader: &ELEMENTWISE,
+    entry_point: "float_probe",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(9),
+        Binding::read_write(10),
+    ],
+};
+
+const CONV_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read(2),
+    Binding::read(3),
+    Binding::read_write(4),
+];
+
+static CONV2D_PORTABLE: Kernel = Kernel {
+    shader: &CONV_PORTABLE,
+    entry_point: "conv2d",
+    bindings: CONV_BINDINGS,
+};
+static CONV2D_PACKED: Kernel = Kernel {
+    shader: &CONV_PACKED,
+    entry_point: "conv2d",
+    bindings: CONV_BINDINGS,
+};
+static LINEAR_PORTABLE: Kernel = Kernel {
+    shader: &CONV_PORTABLE,
+    entry_point: "linear",
+    bindings: CONV_BINDINGS,
+};
+static LINEAR_PACKED: Kernel = Kernel {
+    shader: &CONV_PACKED,
+    entry_point: "linear",
+    bindings: CONV_BINDINGS,
+};
+
+/// Workgroup size of the conv2d / linear kernels.
+const CONV_WG: u32 = 64;
+const CONV_CONSTANTS: &[(&str, f64)] = &[("WG", CONV_WG as f64)];
+/// Output columns per conv2d invocation (`PX` in the shader).
+const PX: usize = 4;
+/// Rows per linear invocation.
+const RB: usize = 4;
+
+/// The uniform of `int8.wgsl` (same field order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+struct Params {
+    count: u32,
+    c: u32,
+    cq: u32,
+    inner: u32,
+    qinner: u32,
+    qchannels: u32,
+    quant_min: i32,
+    quant_max: i32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kernel: u32,
+    stride: u32,
+    _pad: [u32; 2],
+}
+
+/// `AddParams` of `lib/requant.wgsl` (same field order), padded to 48 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+struct AddParams {
+    a_zp: i32,
+    b_zp: i32,
+    a_mult: i32,
+    a_shift: i32,
+    b_mult: i32,
+    b_shift: i32,
+    out_mult: i32,
+    out_shift: i32,
+    out_zp: i32,
+    lo: i32,
+    hi: i32,
+    _pad: i32,
+}
+
+/// The uniform of `int8_conv.wgsl` (same field order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+struct ConvParams {
+    n: u32,
+    c: u32,
+    cq: u32,
+    h: u32,
+    w: u32,
+    o: u32,
+    oq: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+    dh: u32,
+    dw: u32,
+    nq: u32,
+    owb: u32,
+    count: u32,
+    x_zp: i32,
+    out_zp: i32,
+    lo: i32,
+    hi: i32,
+    mode: u32,
+    _pad: [u32; 3],
+}
+
+/// `[outer, C, inner]`: how a shape is seen by the packed layout (channel axis 1; rank 1 is
+/// `[1, C, 1]`, rank 0 `[1, 1, 1]`).
+pub fn packed_dims(shape: &[usize]) -> [usize; 3] {
+    match shape {
+        [] => [1, 1, 1],
+        [c] => [1, *c, 1],
+        [outer, c, rest @ ..] => [*outer, *c, rest.iter().product()],
+    }
+}
+
+/// Number of `u32` words of a packed tensor of `shape`: `outer · ceil(C / 4) · inner`.
+pub fn packed_words(shape: &[usize]) -> usize {
+    let [outer, c, inner] = packed_dims(shape);
+    outer * c.div_ceil(4) * inner
+}
+
+/// Packs codes into the channel-quad layout of [`GpuInt8Tensor`] (padding lanes 0).
+pub fn pack_codes(codes: &ArrayD<i8>) -> Vec<u32> {
+    let [outer, c, inner] = packed_dims(codes.shape());
+    let cq = c.div_ceil(4);
+    let mut words = vec![0u32; outer * cq * inner];
+    for (e, &v) in codes.as_standard_layout().iter().enumerate() {
+        let i = e % inner;
+        let ch = (e / inner) % c;
+        let o = e / (inner * c);
+        words[(o * cq + ch / 4) * inner + i] |= u32::from(v as u8) << (8 * (ch % 4));
+    }
+    words
+}
+
+/// Unpacks channel-quad words (as [`pack_codes`] writes them) into codes of `shape`.
+///
+/// Errors: [`Error::ShapeMismatch`] when `words` does not hold [`packed_words`]`(shape)`.
+pub fn unpack_codes(words: &[u32], shape: &[usize]) -> Result<ArrayD<i8>> {
+    let expected = packed_words(shape);
+    if words.len() != expected {
+        return Err(Error::shape(
+            "packed int8 words",
+            &[expected],
+            &[words.len()],
+        ));
+    }
+    let [_, c, inner] = packed_dims(shape);
+    let cq = c.div_ceil(4);
+    let n: usize = shape.iter().product();
+    let codes: Vec<i8> = (0..n)
+        .map(|e| {
+            let i = e % inner;
+            let ch = (e / inner) % c;
+            let o = e / (inner * c);
+            (words[(o * cq + ch / 4) * inner + i] >> (8 * (ch % 4))) as u8 as i8
+        })
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(shape), codes).map_err(|e| Error::invalid(e.to_string()))
+}
+
+/// 8-bit codes on the GPU, four channels per `u32` word (see the [module docs](self)): a
+/// `u32` [`GpuTensor`] of shape `[outer, ceil(C / 4), inner]` and the logical shape.
+#[derive(Debug, Clone)]
+pub struct GpuInt8Tensor {
+    words: GpuTensor,
+    shape: Vec<usize>,
+}
+
+impl GpuInt8Tensor {
+    /// Packs and uploads host codes.
+    pub fn upload(ctx: &GpuContext, codes: &ArrayD<i8>) -> Result<Self> {
+        let shape = codes.shape().to_vec();
+        let words = GpuTensor::from_slice_u32(ctx, &pack_codes(codes), &word_shape(&shape))?;
+        Ok(Self { words, shape })
+    }
+
+    /// An all-zero tensor of logical shape `shape`.
+    pub fn zeros(ctx: &GpuContext, shape: &[usize]) -> Result<Self> {
+        Ok(Self {
+            words: GpuTensor::zeros(ctx, &word_shape(shape), DType::U32)?,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Wraps packed words (a `u32` tensor of [`packed_words`]`(shape)` elements, any shape).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for another dtype, [`Error::ShapeMismatch`] for
+    /// another element count.
+    pub fn from_words(words: GpuTensor, shape: &[usize]) -> Result<Self> {
+        if words.dtype() != DType::U32 {
+            return Err(Error::invalid(format!(
+                "packed int8 words must be a u32 tensor, got {:?}",
+                words.dtype()
+            )));
+        }
+        let expected = packed_words(shape);
+        if words.len() != expected {
+            return Err(Error::shape(
+                format!("packed int8 words of a tensor of shape {shape:?}"),
+                &[expected],
+                &[words.len()],
+            ));
+        }
+        let words = words.reshape(&word_shape(shape))?;
+        Ok(Self {
+            words,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// The logical shape (of the codes).
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The packed words, a `u32` tensor `[outer, ceil(C / 4), inner]`.
+    pub fn words(&self) -> &GpuTensor {
+        &self.words
+    }
+
+    /// Number of codes.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// `true` when the tensor has no codes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The same words seen with another logical shape that packs identically (same `outer`,
+    /// `C` and `inner`), e.g. `[N, C, 1, 1]` as `[N, C]`.
+    ///
+    /// Errors: [`Error::ShapeMismatch`] when the packed views differ.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
+        let same_len = shape.iter().product::<usize>() == self.len();
+        if !same_len || packed_dims(shape) != packed_dims(&self.shape) {
+            return Err(Error::shape(
+                "GpuInt8Tensor::reshape (the packed [outer, C, inner] view must not change)",
+                &self.shape,
+                shape,
+            ));
+        }
+        Ok(Self {
+            words: self.words.clone(),
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Downloads and unpacks the codes, blocking until the GPU is done.
+    pub fn download(&self, ctx: &GpuContext) -> Result<ArrayD<i8>> {
+        let words = self.words.download_u32(ctx)?;
+        let words: Vec<u32> = words.iter().copied().collect();
+        unpack_codes(&words, &self.shape)
+    }
+}
+
+fn word_shape(shape: &[usize]) -> Vec<usize> {
+    let [outer, c, inner] = packed_dims(shape);
+    vec![outer, c.div_ceil(4), inner]
+}
+
+/// The integer code range check of [`crate::reference::int8::quantize`].
+fn check_code_range(range: QuantRange) -> Result<()> {
+    range.validate()?;
+    if range.quant_min < -128 || range.quant_max > 127 {
+        return Err(Error::invalid(format!(
+            "integer tensors hold 8-bit signed codes; range [{}, {}] does not fit [-128, 127]",
+            range.quant_min, range.quant_max
+        )));
+    }
+    Ok(())
+}
+
+/// What [`quantize`] returns: the codes and a one-word status written by the kernel (the
+/// smallest flat index of a NaN input, `u32::MAX` when there is none).
+#[derive(Debug, Clone)]
+pub struct GpuQuantized {
+    /// The codes (a NaN element's code is 0).
+    pub codes: GpuInt8Tensor,
+    /// `[1]` `u32`: the first NaN's flat (row-major) index, or `u32::MAX`.
+    pub nan_index: GpuTensor,
+}
+
+impl GpuQuantized {
+    /// Downloads the status (waiting for the GPU).
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the first NaN element, as the CPU reference.
+    pub fn check(&self, ctx: &GpuContext) -> Result<()> {
+        let status = self.nan_index.download_u32(ctx)?;
+        match status.iter().next() {
+            Some(&i) if i != u32::MAX => Err(Error::invalid(format!(
+                "cannot quantize NaN (element {i}) to an integer code"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`GpuQuantized::check`], then the codes.
+    ///
+    /// Errors: as [`GpuQuantized::check`].
+    pub fn into_checked(self, ctx: &GpuContext) -> Result<GpuInt8Tensor> {
+        self.check(ctx)?;
+        Ok(self.codes)
+    }
+}
+
+/// The `(inner, channels)` of qparams for elements of `shape`: the channel of flat element
+/// `e` is `(e / inner) % channels`.
+fn qparam_layout(qp: &GpuQParams, shape: &[usize]) -> (usize, usize) {
+    let inner = qp
+        .axis()
+        .map_or(1, |a| shape[a + 1..].iter().product::<usize>());
+    (inner.max(1), qp.channels())
+}
+
+/// Quantizes an `f32` tensor to codes, per tensor or per channel
+/// ([`crate::reference::int8::quantize`], bit-exact):
+/// `clamp(round_ties_even(x · (1/scale)) + zp, qmin, qmax)`.
+///
+/// A NaN input cannot be rejected before the kernel runs: the kernel records the first one,
+/// and [`GpuQuantized::check`] turns it into the reference's [`Error::InvalidArgument`].
+///
+/// Errors: a range outside `[-128, 127]`, qparams that do not fit `x`
+/// ([`GpuQParams::validate`]), an input that is not `f32`.
+pub fn quantize(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    qp: &GpuQParams,
+    range: QuantRange,
+) -> Result<GpuQuantized> {
+    check_code_range(range)?;
+    qp.validate(x.shape(), range)?;
+    expect_f32("quantize input", x)?;
+    to_u32(x.len(), "quantize element count")?;
+    let codes = GpuInt8Tensor::zeros(ctx, x.shape())?;
+    let nan_index = GpuTensor::from_slice_u32(ctx, &[u32::MAX], &[1])?;
+    let [_, c, inner] = packed_dims(x.shape());
+    let (qinner, qchannels) = qparam_layout(qp, x.shape());
+    let words = codes.words.len();
+    let p = Params {
+        count: to_u32(words, "quantize word count")?,
+        c: to_u32(c, "quantize channels")?,
+        cq: to_u32(c.div_ceil(4), "quantize channel words")?,
+        inner: to_u32(inner.max(1), "quantize inner size")?,
+        qinner: to_u32(qinner, "quantize qparam inner size")?,
+        qchannels: to_u32(qchannels, "quantize qparam channels")?,
+        quant_min: range.quant_min,
+        quant_max: range.quant_max,
+        ..Params::default()
+    };
+    if words > 0 {
+        let uniform = ctx.uniform(&p)?;
+        ctx.run(&[Launch {
+            kernel: &QUANTIZE,
+            constants: WG_CONSTANTS,
+            buffers: &[
+                &uniform,
+                x.buffer(),
+                qp.tensor().buffer(),
+                codes.words.buffer(),
+                nan_index.buffer(),
+            ],
+            workgroups: ctx.grid_1d(words, WORKGROUP_SIZE)?,
+        }])?;
+    }
+    Ok(GpuQuantized { codes, nan_index })
+}
+
+/// Dequantizes codes to `f32`: `(q − zp) · scale`, per tensor or per channel
+/// ([`crate::reference::int8::dequantize`], bit-exact).
+///
+/// Errors: qparams that do not fit `q`'s shape.
+pub fn dequantize(ctx: &GpuContext, q: &GpuInt8Tensor, qp: &GpuQParams) -> Result<GpuTensor> {
+    qp.validate(q.shape(), QuantRange::new(-128, 127)?)?;
+    let n = q.len();
+    to_u32(n, "dequantize element count")?;
+    let y = GpuTensor::zeros(ctx, q.shape(), DType::F32)?;
+    if n == 0 {
+        return Ok(y);
+    }
+    let [_, c, inner] = packed_dims(q.shape());
+    let (qinner, qchannels) = qparam_layout(qp, q.shape());
+    let p = Params {
+        count: to_u32(n, "dequantize element count")?,
+        c: to_u32(c, "dequantize channels")?,
+        cq: to_u32(c.div_ceil(4), "dequantize channel words")?,
+        inner: to_u32(inner, "dequantize inner size")?,
+        qinner: to_u32(qinner, "dequantize qparam inner size")?,
+        qchannels: to_u32(qchannels, "dequantize qparam channels")?,
+        ..Params::default()
+    };
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel: &DEQUANTIZE,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, qp.tensor().buffer(), q.words.buffer(), y.buffer()],
+        workgroups: ctx.grid_1d(n, WORKGROUP_SIZE)?,
+    }])?;
+    Ok(y)
+}
+
+/// 2-D max pooling on codes (square `kernel` and `stride`, no padding, floor mode),
+/// [`crate::reference::int8::max_pool2d_int8`]: the output keeps the input's quantization.
+/// Four channels per invocation (lane-wise max of the packed words).
+///
+/// Errors: the reference's (zero kernel or stride, kernel larger than the input), and
+/// [`Error::InvalidArgument`] for an input that is not rank 4.
+pub fn max_pool2d_int8(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    kernel: usize,
+    stride: usize,
+) -> Result<GpuInt8Tensor> {
+    let [n, c, h, w] = <[usize; 4]>::try_from(x.shape()).map_err(|_| {
+        Error::invalid(format!(
+            "max_pool2d input must be NCHW (rank 4), got shape {:?}",
+            x.shape()
+        ))
+    })?;
+    if kernel == 0 || stride == 0 {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
+        )));
+    }
+    if kernel > h || kernel > w {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
+        )));
+    }
+    to_u32(x.words.len(), "max_pool2d input word count")?;
+    let oh = (h - kernel) / stride + 1;
+    let ow = (w - kernel) / stride + 1;
+    let y = GpuInt8Tensor::zeros(ctx, &[n, c, oh, ow])?;
+    let words = y.words.len();
+    if words == 0 {
+        return Ok(y);
+    }
+    let p = Params {
+        count: to_u32(words, "max_pool2d output word count")?,
+        h: to_u32(h, "max_pool2d height")?,
+        w: to_u32(w, "max_pool2d width")?,
+        oh: to_u32(oh, "max_pool2d output height")?,
+        ow: to_u32(ow, "max_pool2d output width")?,
+        kernel: to_u32(kernel, "max_pool2d kernel")?,
+        stride: to_u32(stride, "max_pool2d stride")?,
+        ..Params::default()
+    };
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel: &MAX_POOL2D,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, x.words.buffer(), y.words.buffer()],
+        workgroups: ctx.grid_1d(words, WORKGROUP_SIZE)?,
+    }])?;
+    Ok(y)
+}
+
+/// Quantized elementwise add with a fused clamp ([`crate::reference::int8::add_int8`]:
+/// TFLite's integer add, [`AddRequant::apply`]), four codes per invocation.
+///
+/// Errors: [`Error::ShapeMismatch`] when `a` and `b` differ in shape; an invalid `add`.
+pub fn add_int8(
+    ctx: &GpuContext,
+    a: &GpuInt8Tensor,
+    b: &GpuInt8Tensor,
+    add: &AddRequant,
+) -> Result<GpuInt8Tensor> {
+    if a.shape() != b.shape() {
+        return Err(Error::shape("quantized add", a.shape(), b.shape()));
+    }
+    add.validate()?;
+    let y = GpuInt8Tensor::zeros(ctx, a.shape())?;
+    let words = y.words.len();
+    if words == 0 {
+        return Ok(y);
+    }
+    let [_, c, inner] = packed_dims(a.shape());
+    let p = Params {
+        count: to_u32(words, "quantized add word count")?,
+        c: to_u32(c, "quantized add channels")?,
+        cq: to_u32(c.div_ceil(4), "quantized add channel words")?,
+        inner: to_u32(inner, "quantized add inner size")?,
+        ..Params::default()
+    };
+    let ap = AddParams {
+        a_zp: add.a_zero_point,
+        b_zp: add.b_zero_point,
+        a_mult: add.a_multiplier.multiplier,
+        a_shift: add.a_multiplier.shift,
+        b_mult: add.b_multiplier.multiplier,
+        b_shift: add.b_multiplier.shift,
+        out_mult: add.out_multiplier.multiplier,
+        out_shift: add.out_multiplier.shift,
+        out_zp: add.out_zero_point,
+        lo: add.clamp_min,
+        hi: add.clamp_max,
+        _pad: 0,
+    };
+    let uniform = ctx.uniform(&p)?;
+    let add_uniform = ctx.uniform(&ap)?;
+    ctx.run(&[Launch {
+        kernel: &ADD,
+        constants: WG_CONSTANTS,
+        buffers: &[
+            &uniform,
+            a.words.buffer(),
+            b.words.buffer(),
+            y.words.buffer(),
+            &add_uniform,
+        ],
+        workgroups: ctx.grid_1d(words, WORKGROUP_SIZE)?,
+    }])?;
+    Ok(y)
+}
+
+/// Evaluates the WGSL fixed-point functions of `shaders/lib/requant.wgsl` on the GPU, for
+/// checking them against [`crate::quant::requant`]: for each `[x, m, shift, exponent]` it
+/// returns `[srdhm(x, m), rdbp(x, exponent), mbqm(x, m, shift), sat_add(x, m)]`, the WGSL
+/// counterparts of `saturating_rounding_doubling_high_mul(x, m)`,
+/// `rounding_divide_by_pot(x, exponent)` (exponent clamped to `[0, 31]`),
+/// `FixedPointMultiplier { multiplier: m, shift }.apply(x)` and `x.saturating_add(m)`.
+/// Blocks until the results are downloaded.
+///
+/// Errors: [`Error::Gpu`] from the device; [`Error::InvalidArgument`] for too many items.
+pub fn requant_probe(ctx: &GpuContext, items: &[[i32; 4]]) -> Result<Vec<[i32; 4]>> {
+    run_probe(ctx, &REQUANT_PROBE, items)
+}
+
+/// Evaluates the f32 requantization of `shaders/lib/requant.wgsl` on the GPU: for each
+/// `(acc, scale, out_zp)` returns `(bits of acc as f32, code)`, the WGSL counterparts of
+/// `(acc as f32).to_bits()` and [`Requant::apply`] in [`RequantMode::Float`] with clamp
+/// `[-128, 127]`. Blocks until the results are downloaded.
+///
+/// Errors: [`Error::Gpu`] from the device; [`Error::InvalidArgument`] for too many items.
+pub fn float_requant_probe(ctx: &GpuContext, items: &[(i32, f32, i32)]) -> Result<Vec<(u32, i32)>> {
+    let packed: Vec<[i32; 4]> = items
+        .iter()
+        .map(|&(acc, scale, zp)| [acc, scale.to_bits() as i32, zp, 0])
+        .collect();
+    Ok(run_probe(ctx, &FLOAT_PROBE, &packed)?
+        .into_iter()
+        .map(|r| (r[0] as u32, r[1]))
+        .collect())
+}
+
+fn run_probe(ctx: &GpuContext, kernel: &Kernel, items: &[[i32; 4]]) -> Result<Vec<[i32; 4]>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let flat: Vec<i32> = items.iter().flatten().copied().collect();
+    let input = GpuTensor::upload_i32(
+        ctx,
+        &ArrayD::from_shape_vec(IxDyn(&[items.len(), 4]), flat)
+            .map_err(|e| Error::invalid(e.to_string()))?,
+    )?;
+    let out = GpuTensor::zeros(ctx, &[items.len(), 4], DType::I32)?;
+    let p = Params {
+        count: to_u32(items.len(), "requantization probe items")?,
+        ..Params::default()
+    };
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, input.buffer(), out.buffer()],
+        workgroups: ctx.grid_1d(items.len(), WORKGROUP_SIZE)?,
+    }])?;
+    let got = out.download_i32(ctx)?;
+    let got: Vec<i32> = got.iter().copied().collect();
+    Ok(got
+        .chunks_exact(4)
+        .map(|c| [c[0], c[1], c[2], c[3]])
+        .collect())
+}
+
+/// The per-output-channel rows of the conv / linear kernels, two `vec4<i32>` each:
+/// `(bias', multiplier, shift, first_q)` with `bias' = bias − x_zp · Σw` in wrapping i32, and
+/// `(f32 bits of the scale, 0, 0, 0)`.
+fn requant_rows(
+    bias: Option<&Array1<i32>>,
+    wsum: &[i32],
+    first_q: &[usize],
+    x_zero_point: i32,
+    rq: &Requant,
+) -> Result<Vec<i32>> {
+    let mut rows = Vec::with_capacity(4 * wsum.len());
+    for (o, (&s, &fq)) in wsum.iter().zip(first_q).enumerate() {
+        let b = bias.map_or(0, |b| b[o]);
+        let m = rq.multiplier(o);
+        rows.extend([
+            b.wrapping_sub(x_zero_point.wrapping_mul(s)),
+            m.multiplier,
+            m.shift,
+            i32::try_from(fq).map_err(|_| Error::invalid("conv2d int8: too many channels"))?,
+            rq.scale(o).to_bits() as i32,
+            0,
+            0,
+            0,
+        ]);
+    }
+    Ok(rows)
+}
+
+fn upload_rows(ctx: &GpuContext, rows: Vec<i32>) -> Result<GpuTensor> {
+    let o = rows.len() / 8;
+    GpuTensor::upload_i32(
+        ctx,
+        &ArrayD::from_shape_vec(IxDyn(&[o, 8]), rows).map_err(|e| Error::invalid(e.to_string()))?,
+    )
+}
+
+/// `mode` of `int8_conv.wgsl`'s uniform.
+fn mode_code(mode: RequantMode) -> u32 {
+    match mode {
+        RequantMode::FixedPoint => 0,
+        RequantMode::Float => 1,
+    }
+}
+
+fn conv_kernel(ctx: &GpuContext, dot: Int8Dot, linear: bool) -> Result<&'static Kernel> {
+    ctx.check_int8_dot(dot)?;
+    Ok(match (dot, linear) {
+        (Int8Dot::Portable, false) => &CONV2D_PORTABLE,
+        (Int8Dot::Packed, false) => &CONV2D_PACKED,
+        (Int8Dot::Portable, true) => &LINEAR_PORTABLE,
+        (Int8Dot::Packed, true) => &LINEAR_PACKED,
+    })
+}
+
+/// An integer conv2d layer prepared for the GPU: packed weights (`[O, NQ, KH, KW]` words
+/// aligned with the input's channel words), and per output channel the folded bias
+/// `bias − x_zp · Σw`, multiplier and shift ([`crate::reference::int8::conv2d_int8`]).
+#[derive(Debug, Clone)]
+pub struct GpuConv2dInt8 {
+    weight: GpuTensor,
+    rows: GpuTensor,
+    weight_shape: [usize; 4],
+    nq: usize,
+    params: Conv2dParams,
+    x_zero_point: i32,
+    out_zero_point: i32,
+    clamp: (i32, i32),
+    mode: RequantMode,
+}
+
+impl GpuConv2dInt8 {
+    /// Packs and uploads symmetric weight codes `[O, C/groups, KH, KW]`, an optional i32
+    /// bias `[O]` and the requantization, for inputs with zero point `x_zero_point`.
+    ///
+    /// Errors: the reference's checks that need no input (groups, stride and dilation
+    /// positive, groups dividing `O`, bias `[O]`, a valid `requant`).
+    pub fn new(
+        ctx: &GpuContext,
+        x_zero_point: i32,
+        weight: &Array4<i8>,
+        bias: Option<&Array1<i32>>,
+        params: &Conv2dParams,
+        requant: &Requant,
+    ) -> Result<Self> {
+        let (o, cg, kh, kw) = weight.dim();
+        if params.groups == 0 || params.stride.contains(&0) || params.dilation.contains(&0) {
+            return Err(Error::invalid(format!(
+                "conv2d stride, dilation and groups must be positive, got {params:?}"
+            )));
+        }
+        if !o.is_multiple_of(params.groups) {
+            return Err(Error::invalid(format!(
+                "conv2d groups = {} must divide output channels {o}",
+                params.groups
+            )));
+        }
+        if let Some(b) = bias {
+            if b.len() != o {
+                return Err(Error::shape("quantized conv2d bias", &[o], b.shape()));
+            }
+        }
+        requant.validate(o)?;
+        let og = o / params.groups;
+        let first_q: Vec<usize> = (0..o).map(|oc| (oc / og) * cg / 4).collect();
+        let nq = if cg == 0 {
+            0
+        } else {
+            (0..params.groups)
+                .map(|g| (g * cg + cg - 1) / 4 - g * cg / 4 + 1)
+                .max()
+                .unwrap_or(0)
+        };
+        let taps = kh * kw;
+        let mut words = vec![0u32; o * nq * taps];
+        let mut wsum = vec![0i32; o];
+        let ws = weight.as_standard_layout();
+        let ws: Vec<i8> = ws.iter().copied().collect();
+        for oc in 0..o {
+            let c0 = (oc / og) * cg;
+            for ci in 0..cg {
+                let ch = c0 + ci;
+                let t = ch / 4 - first_q[oc];
+                for tap in 0..taps {
+                    let v = ws[(oc * cg + ci) * taps + tap];
+                    wsum[oc] = wsum[oc].wrapping_add(i32::from(v));
+                    words[(oc * nq + t) * taps + tap] |= u32::from(v as u8) << (8 * (ch % 4));
+                }
+            }
+        }
+        let rows = requant_rows(bias, &wsum, &first_q, x_zero_point, requant)?;
+        let weight_words = GpuTensor::from_slice_u32(ctx, &words, &[o, nq, kh, kw])?;
+        Ok(Self {
+            weight: weight_words,
+            rows: upload_rows(ctx, rows)?,
+            weight_shape: [o, cg, kh, kw],
+            nq,
+            params: *params,
+            x_zero_point,
+            out_zero_point: requant.out_zero_point,
+            clamp: (requant.clamp_min, requant.clamp_max),
+            mode: requant.mode,
+        })
+    }
+
+    /// The weight shape `[O, C/groups, KH, KW]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        self.weight_shape
+    }
+
+    /// Runs the layer on codes `x` `[N, C, H, W]` with the context's dot-product path
+    /// ([`GpuContext::int8_dot`]), returning codes `[N, O, OH, OW]`.
+    ///
+    /// Errors: the reference's geometry errors ([`Conv2dParams::output_shape`]).
+    pub fn forward(&self, ctx: &GpuContext, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
+        self.forward_with(ctx, x, ctx.int8_dot())
+    }
+
+    /// [`GpuConv2dInt8::forward`] with an explicit dot-product path.
+    ///
+    /// Errors: those of [`GpuConv2dInt8::forward`], and [`Error::InvalidArgument`] for
+    /// [`Int8Dot::Packed`] where it is not available.
+    pub fn forward_with(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        dot: Int8Dot,
+    ) -> Result<GpuInt8Tensor> {
+        let [n, o, oh, ow] = self.params.output_shape(x.shape(), &self.weight_shape)?;
+        let kernel = conv_kernel(ctx, dot, false)?;
+        let (_, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+        let [_, _, kh, kw] = self.weight_shape;
+        let y = GpuInt8Tensor::zeros(ctx, &[n, o, oh, ow])?;
+        to_u32(x.words.len(), "conv2d int8 input word count")?;
+        to_u32(self.weight.len(), "conv2d int8 weight word count")?;
+        to_u32(y.words.len(), "conv2d int8 output word count")?;
+        let oq = o.div_ceil(4);
+        let owb = ow.div_ceil(PX);
+        let items = n * oq * oh * owb;
+        if items == 0 {
+            return Ok(y);
+        }
+        let p = &self.params;
+        let cp = ConvParams {
+            n: to_u32(n, "conv2d int8 batch")?,
+            c: to_u32(c, "conv2d int8 channels")?,
+            cq: to_u32(c.div_ceil(4), "conv2d int8 channel words")?,
+            h: to_u32(h, "conv2d int8 height")?,
+            w: to_u32(w, "conv2d int8 width")?,
+            o: to_u32(o, "conv2d int8 output channels")?,
+            oq: to_u32(oq, "conv2d int8 output channel words")?,
+            oh: to_u32(oh, "conv2d int8 output height")?,
+            ow: to_u32(ow, "conv2d int8 output width")?,
+            kh: to_u32(kh, "conv2d int8 kernel height")?,
+            kw: to_u32(kw, "conv2d int8 kernel width")?,
+            sh: to_u32(p.stride[0], "conv2d int8 stride")?,
+            sw: to_u32(p.stride[1], "conv2d int8 stride")?,
+            ph: to_u32(p.padding[0], "conv2d int8 padding")?,
+            pw: to_u32(p.padding[1], "conv2d int8 padding")?,
+            dh: to_u32(p.dilation[0], "conv2d int8 dilation")?,
+            dw: to_u32(p.dilation[1], "conv2d int8 dilation")?,
+            nq: to_u32(self.nq, "conv2d int8 weight words per channel")?,
+            owb: to_u32(owb, "conv2d int8 output column blocks")?,
+            count: to_u32(items, "conv2d int8 work items")?,
+            x_zp: self.x_zero_point,
+            out_zp: self.out_zero_point,
+            lo: self.clamp.0,
+            hi: self.clamp.1,
+            mode: mode_code(self.mode),
+            _pad: [0; 3],
+        };
+        // Input coordinates are formed in i32 in the shader (up to the padded extent plus
+        // PX columns of overhang).
+        let reach = (h + 2 * p.padding[0]).max(w + 2 * p.padding[1] + PX * p.stride[1]);
+        if reach > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "conv2d int8: padded input extent {reach} exceeds the kernel's i32 coordinates"
+            )));
+        }
+        let uniform = ctx.uniform(&cp)?;
+        ctx.run(&[Launch {
+            kernel,
+            constants: CONV_CONSTANTS,
+            buffers: &[
+                &uniform,
+                x.words.buffer(),
+                self.weight.buffer(),
+                self.rows.buffer(),
+                y.words.buffer(),
+            ],
+            workgroups: ctx.grid_1d(items, CONV_WG)?,
+        }])?;
+        Ok(y)
+    }
+}
+
+/// Integer conv2d on the GPU ([`crate::reference::int8::conv2d_int8`], bit-exact): codes
+/// `x` `[N, C, H, W]` with zero point `x_zero_point`, symmetric weight codes
+/// `[O, C/groups, KH, KW]`, i32 bias `[O]`; output codes `[N, O, OH, OW]`. Prepares a
+/// [`GpuConv2dInt8`] (packs and uploads the weights) and runs it; keep the layer to run it
+/// again.
+///
+/// Errors: the reference's (invalid geometry, a bias that is not `[O]`, an invalid
+/// requantization).
+pub fn conv2d_int8(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array4<i8>,
+    bias: Option<&Array1<i32>>,
+    params: &Conv2dParams,
+    requant: &Requant,
+) -> Result<GpuInt8Tensor> {
+    conv2d_int8_with(
+        ctx,
+        x,
+        x_zero_point,
+        weight,
+        bias,
+        params,
+        requant,
+        ctx.int8_dot(),
+    )
+}
+
+/// [`conv2d_int8`] with an explicit dot-product path.
+///
+/// Errors: those of [`conv2d_int8`], and [`Error::InvalidArgument`] for [`Int8Dot::Packed`]
+/// where it is not available.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_int8_with(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array4<i8>,
+    bias: Option<&Array1<i32>>,
+    params: &Conv2dParams,
+    requant: &Requant,
+    dot: Int8Dot,
+) -> Result<GpuInt8Tensor> {
+    // The reference's order of checks: geometry first.
+    params.output_shape(x.shape(), weight.shape())?;
+    GpuConv2dInt8::new(ctx, x_zero_point, weight, bias, params, requant)?.forward_with(ctx, x, dot)
+}
+
+/// An integer linear layer prepared for the GPU: weight words `[out, ceil(in/4)]` and per
+/// output channel the folded bias `bias − x_zp · Σw`, multiplier and shift
+/// ([`crate::reference::int8::linear_int8`]).
+#[derive(Debug, Clone)]
+pub struct GpuLinearInt8 {
+    weight: GpuTensor,
+    rows: GpuTensor,
+    weight_shape: [usize; 2],
+    out_zero_point: i32,
+    clamp: (i32, i32),
+    mode: RequantMode,
+}
+
+impl GpuLinearInt8 {
+    /// Packs and uploads symmetric weight codes `[out, in]`, an optional i32 bias `[out]` and
+    /// the requantization, for inputs with zero point `x_zero_point`.
+    ///
+    /// Errors: [`Error::ShapeMismatch`] for a bias that is not `[out]`; an invalid
+    /// requantization.
+    pub fn new(
+        ctx: &GpuContext,
+        x_zero_point: i32,
+        weight: &Array2<i8>,
+        bias: Option<&Array1<i32>>,
+        requant: &Requant,
+    ) -> Result<Self> {
+        let (outs, inp) = weight.dim();
+        if let Some(b) = bias {
+            if b.len() != outs {
+                return Err(Error::shape("quantized linear bias", &[outs], b.shape()));
+            }
+        }
+        requant.validate(outs)?;
+        let words = pack_codes(&weight.clone().into_dyn());
+        let wsum: Vec<i32> = weight
+            .outer_iter()
+            .map(|r| r.iter().fold(0i32, |a, &v| a.wrapping_add(i32::from(v))))
+            .collect();
+        let rows = requant_rows(bias, &wsum, &vec![0; outs], x_zero_point, requant)?;
+        Ok(Self {
+            weight: GpuTensor::from_slice_u32(ctx, &words, &[outs, inp.div_ceil(4)])?,
+            rows: upload_rows(ctx, rows)?,
+            weight_shape: [outs, inp],
+            out_zero_point: requant.out_zero_point,
+            clamp: (requant.clamp_min, requant.clamp_max),
+            mode: requant.mode,
+        })
+    }
+
+    /// The weight shape `[out, in]`.
+    pub fn weight_shape(&self) -> [usize; 2] {
+        self.weight_shape
+    }
+
+    /// Runs the layer on codes `x` `[N, in]` with the context's dot-product path, returning
+    /// codes `[N, out]`.
+    ///
+    /// Errors: [`Error::ShapeMismatch`] for mismatched `in`, [`Error::InvalidArgument`] for
+    /// an input that is not rank 2.
+    pub fn forward(&self, ctx: &GpuContext, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
+        self.forward_with(ctx, x, ctx.int8_dot())
+    }
+
+    /// [`GpuLinearInt8::forward`] with an explicit dot-product path.
+    ///
+    /// Errors: those of [`GpuLinearInt8::forward`], and [`Error::InvalidArgument`] for
+    /// [`Int8Dot::Packed`] where it is not available.
+    pub fn forward_with(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        dot: Int8Dot,
+    ) -> Result<GpuInt8Tensor> {
+        let [n, inp] = <[usize; 2]>::try_from(x.shape()).map_err(|_| {
+            Error::invalid(format!(
+                "quantized linear input must be [N, in] (rank 2), got shape {:?}",
+                x.shape()
+            ))
+        })?;
+        let [outs, w_in] = self.weight_shape;
+        check_linear_shapes([n, inp], self.weight_shape)?;
+        let kernel = conv_kernel(ctx, dot, true)?;
+        let y = GpuInt8Tensor::zeros(ctx, &[n, outs])?;
+        to_u32(x.words.len(), "linear int8 input word count")?;
+        to_u32(self.weight.len(), "linear int8 weight word count")?;
+        to_u32(y.words.len(), "linear int8 output word count")?;
+        let oq = outs.div_ceil(4);
+        let items = n.div_ceil(RB) * oq;
+        if items == 0 {
+            return Ok(y);
+        }
+        let cp = ConvParams {
+            n: to_u32(n, "linear int8 rows")?,
+            c: to_u32(w_in, "linear int8 in_features")?,
+            cq: to_u32(w_in.div_ceil(4), "linear int8 input words")?,
+            o: to_u32(outs, "linear int8 out_features")?,
+            oq: to_u32(oq, "linear int8 output words")?,
+            count: to_u32(items, "linear int8 work items")?,
+            out_zp: self.out_zero_point,
+            lo: self.clamp.0,
+            hi: self.clamp.1,
+            mode: mode_code(self.mode),
+            ..ConvParams::default()
+        };
+        let uniform = ctx.uniform(&cp)?;
+        ctx.run(&[Launch {
+            kernel,
+            constants: CONV_CONSTANTS,
+            buffers: &[
+                &uniform,
+                x.words.buffer(),
+                self.weight.buffer(),
+                self.rows.buffer(),
+                y.words.buffer(),
+            ],
+            workgroups: ctx.grid_1d(items, CONV_WG)?,
+        }])?;
+        Ok(y)
+    }
+}
+
+/// The reference's `in` check of [`crate::reference::int8::linear_int8`].
+fn check_linear_shapes(x: [usize; 2], w: [usize; 2]) -> Result<()> {
+    if x[1] != w[1] {
+        return Err(Error::shape(
+            format!(
+                "quantized linear input [{}, {}] against weight [{}, {}]",
+                x[0], x[1], w[0], w[1]
+            ),
+            &[x[0], w[1]],
+            &x,
+        ));
+    }
+    Ok(())
+}
+
+/// Integer linear layer on the GPU ([`crate::reference::int8::linear_int8`], bit-exact):
+/// codes `x` `[N, in]` with zero point `x_zero_point`, symmetric weight codes `[out, in]`,
+/// i32 bias `[out]`; output codes `[N, out]`.
+///
+/// Errors: the reference's ([`Error::ShapeMismatch`] for mismatched `in` or bias length; an
+/// invalid requantization), and [`Error::InvalidArgument`] for an input that is not rank 2.
+pub fn linear_int8(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array2<i8>,
+    bias: Option<&Array1<i32>>,
+    requant: &Requant,
+) -> Result<GpuInt8Tensor> {
+    linear_int8_with(ctx, x, x_zero_point, weight, bias, requant, ctx.int8_dot())
+}
+
+/// [`linear_int8`] with an explicit dot-product path.
+///
+/// Errors: those of [`linear_int8`], and [`Error::InvalidArgument`] for [`Int8Dot::Packed`]
+/// where it is not available.
+pub fn linear_int8_with(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array2<i8>,
+    bias: Option<&Array1<i32>>,
+    requant: &Requant,
+    dot: Int8Dot,
+) -> Result<GpuInt8Tensor> {
+    let xs = <[usize; 2]>::try_from(x.shape()).map_err(|_| {
+        Error::invalid(format!(
+            "quantized linear input must be [N, in] (rank 2), got shape {:?}",
+            x.shape()
+        ))
+    })?;
+    check_linear_shapes(xs, [weight.nrows(), weight.ncols()])?;
+    GpuLinearInt8::new(ctx, x_zero_point, weight, bias, requant)?.forward_with(ctx, x, dot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(src: &str, what: &str) {
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+    }
+
+    /// Both compositions of the conv module (and the elementwise one) validate; the
+    /// portable one never uses `dot4I8Packed`.
+    #[test]
+    fn composed_int8_shaders_validate_with_naga() {
+        for shader in [&ELEMENTWISE, &CONV_PORTABLE, &CONV_PACKED] {
+            validate(shader.source, shader.name);
+        }
+        let code: String = CONV_PORTABLE
+            .source
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect();
+        assert!(!code.contains("dot4I8Packed"));
+        assert!(!ELEMENTWISE.source.contains("dot4I8Packed"));
+        assert!(CONV_PACKED.source.contains("dot4I8Packed(a, b)"));
+    }
+
+    #[test]
+    fn pack_round_trips() {
+        for shape in [
+            vec![],
+            vec![5],
+            vec![2, 7],
+            vec![2, 5, 3, 2],
+            vec![1, 4, 2],
+            vec![3, 0, 2],
+        ] {
+            let n: usize = shape.iter().product();
+            let codes = ArrayD::from_shape_vec(
+                IxDyn(&shape),
+                (0..n).map(|i| (i as i32 * 37 - 128) as i8).collect(),
+            )
+            .unwrap();
+            let words = pack_codes(&codes);
+            assert_eq!(words.len(), packed_words(&shape));
+            assert_eq!(
+                unpack_codes(&words, &shape).unwrap(),
+                codes,
+                "{shape:?} {n}"
+            );
+        }
+        assert!(unpack_codes(&[0; 3], &[2, 5]).is_err());
+    }
+}
