@@ -55,6 +55,7 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     timestamps: bool,
+    subgroups: bool,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     lost: Arc<Mutex<Option<String>>>,
@@ -82,9 +83,10 @@ impl GpuContext {
     /// - Adapter: the first whose name contains `WGPU_ADAPTER_NAME` (case-insensitive) if
     ///   set, else the high-performance one.
     /// - Device: requested with the adapter's own limits (binding and buffer sizes,
-    ///   workgroup storage, ...); the only optional feature requested is
-    ///   [`wgpu::Features::TIMESTAMP_QUERY`], when the adapter offers it (for benchmarks, see
-    ///   [`GpuContext::has_timestamps`]).
+    ///   workgroup storage, ...); the optional features requested, each only when the adapter
+    ///   offers it, are [`wgpu::Features::TIMESTAMP_QUERY`] (for benchmarks, see
+    ///   [`GpuContext::has_timestamps`]) and [`wgpu::Features::SUBGROUP`] (for the subgroup
+    ///   kernels, see [`GpuContext::has_subgroups`]).
     ///
     /// Errors: [`Error::NoAdapter`] when no adapter matches, [`Error::Gpu`] when the device
     /// cannot be opened.
@@ -121,7 +123,8 @@ impl GpuContext {
         };
 
         let info = adapter.get_info();
-        let optional = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        let optional =
+            adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("qfuse"),
@@ -147,7 +150,9 @@ impl GpuContext {
 
     /// Wraps a device an embedder already opened. Limits come from `device.limits()` (what
     /// the device was created with, so request generous limits when you create it) and the
-    /// adapter info from `device.adapter_info()`.
+    /// adapter info from `device.adapter_info()`. Optional features are those
+    /// `device.features()` reports: the subgroup kernels run only on a device created with
+    /// [`wgpu::Features::SUBGROUP`] ([`GpuContext::has_subgroups`]).
     ///
     /// This installs an uncaptured-error handler and a device-lost callback on the device,
     /// replacing any the embedder set: qfuse needs them so that nothing panics and a lost
@@ -192,12 +197,14 @@ impl GpuContext {
         }
         let limits = device.limits();
         let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         Self {
             device,
             queue,
             info,
             limits,
             timestamps,
+            subgroups,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             lost,
@@ -278,6 +285,24 @@ impl GpuContext {
     /// the embedder requested it), so compute passes can carry GPU timestamp writes.
     pub fn has_timestamps(&self) -> bool {
         self.timestamps
+    }
+
+    /// `true` when the device was created with [`wgpu::Features::SUBGROUP`] (requested by
+    /// [`GpuContext::new`] whenever the adapter offers it; for an embedder's device, when the
+    /// embedder requested it, as `device.features()` reports), so shaders using WGSL's
+    /// subgroup builtins can be compiled (e.g. the subgroup conv2d forward,
+    /// [`crate::kernels::conv2d::ConvAlgorithm::Subgroup`]).
+    pub fn has_subgroups(&self) -> bool {
+        self.subgroups
+    }
+
+    /// The smallest and largest subgroup size the adapter reports
+    /// ([`wgpu::AdapterInfo::subgroup_min_size`] / `subgroup_max_size`), when the device has
+    /// [`wgpu::Features::SUBGROUP`]; `None` otherwise. Kernels never rely on a size beyond
+    /// this range (and those that use subgroups stay correct for any size).
+    pub fn subgroup_sizes(&self) -> Option<(u32, u32)> {
+        self.subgroups
+            .then_some((self.info.subgroup_min_size, self.info.subgroup_max_size))
     }
 
     /// `adapter name (backend)`, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)`.

@@ -22,6 +22,14 @@
 //!   specialised inner loop. Its tile is set by override constants (see [`RegTile`]). On
 //!   llvmpipe every storage / workgroup-memory load is a per-lane scalar loop and a barrier a
 //!   coroutine switch, which is what holds `forward_gemm` back there.
+//! - **Forward, register-blocked with subgroups** (`forward_sg`, `shaders/conv2d_subgroup.wgsl`):
+//!   the choice on CPU adapters whose device has [`wgpu::Features::SUBGROUP`], for groups of
+//!   at least 8 output channels. The `forward_reg` scheme with 8 or 16 channels per
+//!   invocation, where lane `l` of a subgroup loads the weights of channel `l & 7` (and
+//!   `8 + (l & 7)`) and the others take them with `subgroupBroadcast`. A run-time check
+//!   (subgroup size and a ballot of lanes 0..7, uniform over the subgroup) falls back to
+//!   per-invocation weight loads, so any subgroup size gives the same results. A module of
+//!   its own: devices without subgroups never compile it.
 //! - **Backward input** (`backward_input`): a gather, one invocation per `dx` element summing
 //!   over the kernel taps and the output channels of its group that read it.
 //! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
@@ -57,6 +65,23 @@ const FORWARD_BINDINGS: &[Binding] = &[
     Binding::read(4),
     Binding::read(5),
 ];
+
+/// The subgroup forward (`forward_sg`): a module of its own, since only devices with
+/// [`wgpu::Features::SUBGROUP`] can compile it.
+static SUBGROUP_SHADER: Shader = Shader {
+    name: "conv2d_subgroup",
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/lib/activation.wgsl"),
+        include_str!("../../shaders/conv2d_subgroup.wgsl")
+    ),
+};
+
+static FORWARD_SG: Kernel = Kernel {
+    shader: &SUBGROUP_SHADER,
+    entry_point: "forward_sg",
+    bindings: FORWARD_BINDINGS,
+};
 
 static FORWARD_GEMM: Kernel = Kernel {
     shader: &SHADER,
@@ -131,7 +156,9 @@ pub const GEMM_MIN_CHANNELS_PER_GROUP: usize = 16;
 /// Which forward kernel [`conv2d_with_algorithm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvAlgorithm {
-    /// On a CPU adapter ([`wgpu::DeviceType::Cpu`]) the register-blocked kernel; elsewhere the
+    /// On a CPU adapter ([`wgpu::DeviceType::Cpu`]) the subgroup kernel when
+    /// [`use_subgroup_forward`] says so (the device has [`wgpu::Features::SUBGROUP`] and a group
+    /// has at least 8 output channels), else the register-blocked kernel; elsewhere the
     /// implicit GEMM when a group has at least [`GEMM_MIN_CHANNELS_PER_GROUP`] output channels,
     /// else direct.
     #[default]
@@ -145,6 +172,14 @@ pub enum ConvAlgorithm {
     RegisterBlocked,
     /// `forward_reg` with an explicit tile (tests and tuning; results do not depend on it).
     RegisterBlockedWith(RegTile),
+    /// The register-blocked forward with its weights shared through subgroup operations
+    /// (`forward_sg` of `shaders/conv2d_subgroup.wgsl`), with the tile
+    /// [`RegTile::for_subgroup_conv`] picks. Needs a device with [`wgpu::Features::SUBGROUP`]
+    /// ([`GpuContext::has_subgroups`]); correct for any subgroup size.
+    Subgroup,
+    /// `forward_sg` with an explicit tile: `channels` 8 or 16 (tests and tuning; results do
+    /// not depend on it).
+    SubgroupWith(RegTile),
 }
 
 /// Output pixels (consecutive, of one output row) per `forward_reg` invocation.
@@ -183,6 +218,20 @@ impl RegTile {
             channels,
             k3_stride1: tile_k3_ok(kw, params),
             workgroup: workgroup as u32,
+        }
+    }
+}
+
+impl RegTile {
+    /// The tile of the subgroup forward (`forward_sg`) for a conv with `og` output channels
+    /// per group, kernel width `kw`, these settings and `blocks` 8-pixel blocks: 16 channels
+    /// when `og >= 16`, else 8; the 3-tap path where it applies; the workgroup as in
+    /// [`RegTile::for_conv`].
+    pub fn for_subgroup_conv(og: usize, kw: usize, params: &Conv2dParams, blocks: usize) -> Self {
+        let reg = Self::for_conv(og, kw, params, blocks);
+        Self {
+            channels: if og >= 16 { 16 } else { 8 },
+            ..reg
         }
     }
 }
@@ -366,6 +415,9 @@ pub fn conv2d_with_algorithm(
     // Invocations of forward_reg: one per 8-pixel block of an output row.
     let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
     let kernel_choice = match algorithm {
+        ConvAlgorithm::Auto if is_cpu_adapter(ctx) && use_subgroup_forward(ctx, og) => {
+            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kw, params, blocks))
+        }
         ConvAlgorithm::Auto if is_cpu_adapter(ctx) => {
             ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
         }
@@ -376,6 +428,14 @@ pub fn conv2d_with_algorithm(
             ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
         }
         ConvAlgorithm::RegisterBlockedWith(tile) => ForwardKernel::Reg(check_tile(tile)?),
+        ConvAlgorithm::Subgroup => {
+            check_subgroups(ctx)?;
+            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kw, params, blocks))
+        }
+        ConvAlgorithm::SubgroupWith(tile) => {
+            check_subgroups(ctx)?;
+            ForwardKernel::Subgroup(check_subgroup_tile(tile)?)
+        }
     };
     let y = GpuTensor::zeros(ctx, &out, DType::F32)?;
     // Absent epilogue tensors are never read; any bound buffer will do.
@@ -421,6 +481,25 @@ pub fn conv2d_with_algorithm(
             ];
             (&FORWARD_REG, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
         }
+        ForwardKernel::Subgroup(tile) => {
+            let ptiles = blocks.div_ceil(tile.workgroup as usize);
+            let mtiles = og.div_ceil(tile.channels as usize);
+            let tiles = ptiles * mtiles * params.groups;
+            // Every invocation index (pixel tile * SG_WG + lane) stays below u32::MAX.
+            to_u32(ptiles * tile.workgroup as usize, "conv2d pixel blocks")?;
+            p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
+            p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
+            p.count = to_u32(tiles, "conv2d tiles")?;
+            reg_constants = [
+                ("SG_O", f64::from(tile.channels)),
+                (
+                    "SG_K3",
+                    f64::from(u32::from(tile.k3_stride1 && tile_k3_ok(kw, params))),
+                ),
+                ("SG_WG", f64::from(tile.workgroup)),
+            ];
+            (&FORWARD_SG, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
+        }
     };
     let uniform = ctx.uniform(&p)?;
     ctx.run(&[Launch {
@@ -437,6 +516,37 @@ enum ForwardKernel {
     Gemm,
     Direct,
     Reg(RegTile),
+    Subgroup(RegTile),
+}
+
+/// Whether [`ConvAlgorithm::Auto`] runs the subgroup forward on a CPU adapter: the device has
+/// [`wgpu::Features::SUBGROUP`] and a group has at least 8 output channels (the kernel's
+/// smallest channel block; below that, `forward_reg` wastes less).
+pub fn use_subgroup_forward(ctx: &GpuContext, og: usize) -> bool {
+    ctx.has_subgroups() && og >= 8
+}
+
+/// `Err(InvalidArgument)` unless the device can compile subgroup shaders.
+fn check_subgroups(ctx: &GpuContext) -> Result<()> {
+    if !ctx.has_subgroups() {
+        return Err(Error::invalid(format!(
+            "conv2d subgroup forward: the device of {} was not created with \
+             wgpu::Features::SUBGROUP",
+            ctx.name()
+        )));
+    }
+    Ok(())
+}
+
+/// `Err(InvalidArgument)` unless `tile` is one `forward_sg` can run.
+fn check_subgroup_tile(tile: RegTile) -> Result<RegTile> {
+    if ![8, 16].contains(&tile.channels) || !(1..=256).contains(&tile.workgroup) {
+        return Err(Error::invalid(format!(
+            "conv2d subgroup tile: channels must be 8 or 16 and the workgroup 1 to 256, \
+             got {tile:?}"
+        )));
+    }
+    Ok(tile)
 }
 
 /// Whether `ctx` runs on a CPU adapter (lavapipe / llvmpipe, SwiftShader, WARP), where the
