@@ -2,7 +2,11 @@
 //! observer reductions, BatchNorm folding, conv2d at ResNet-18's 3×3 shapes and a MobileNet
 //! depthwise layer, and the fused-vs-unfused comparisons, named so they read side by side:
 //! `conv_bn_relu_eval/fused/<shape>` vs `conv_bn_relu_eval/unfused/<shape>` and
-//! `conv_bn_relu_qat_forward/fused/<shape>` vs `.../unfused/<shape>`.
+//! `conv_bn_relu_qat_forward/fused/<shape>` vs `.../unfused/<shape>`; the integer conv2d on
+//! packed int8 codes per dot-product path, `int8_conv2d/{packed,portable}/<shape>` (weights
+//! prepared once, `2·MACs` declared as elements, so "elem/s" reads as OP/s), and the Mnist
+//! int8 forward, `int8_forward_mnist/{device,backend}/batch64` (`deploy::GpuIntModel` vs
+//! `IntModel::forward(&GpuBackend)`).
 //!
 //! Time is submit-to-completion (`iter_custom`: encode, submit, wait for the device).
 //! Throughput: memory-bound kernels declare their minimal logical traffic in bytes (so
@@ -21,12 +25,17 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use ndarray::{ArrayD, IxDyn};
+use qfuse::deploy;
+use qfuse::gpu::Int8Dot;
 use qfuse::gpu::{DType, GpuContext, GpuTensor};
 use qfuse::kernels::conv2d::ConvEpilogue;
 use qfuse::kernels::conv_bn::GpuConv2d;
+use qfuse::kernels::int8::{GpuConv2dInt8, GpuInt8Tensor};
 use qfuse::kernels::{self, GpuBatchNorm, GpuQParams};
+use qfuse::model::mnist;
 use qfuse::ops::{Activation, Conv2dParams, QatConfig};
-use qfuse::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
+use qfuse::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange, Requant, RequantMode};
+use qfuse::{CpuBackend, GpuBackend};
 
 fn context() -> Option<Arc<GpuContext>> {
     match GpuContext::new() {
@@ -357,6 +366,75 @@ fn conv_bn_relu_qat_forward(c: &mut Criterion) {
     g.finish();
 }
 
+fn int8_conv2d(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "int8_conv2d");
+    let mut dots = vec![Int8Dot::Portable];
+    if ctx.packed_int8_dot_available() {
+        dots.push(Int8Dot::Packed);
+    }
+    for l in LAYERS {
+        let d = layer_data(&ctx, l);
+        let n = batch();
+        let (ch, s) = (l.channels, l.size);
+        let mut seed: u32 = 0x1234_5678;
+        let mut code = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 24) as u8 as i8
+        };
+        let x = ndarray::Array4::from_shape_simple_fn((n, ch, s, s), &mut code);
+        let w =
+            ndarray::Array4::from_shape_simple_fn((ch, ch / l.groups, 3, 3), || code().max(-127));
+        let rq = Requant::new(&[2e-4], RequantMode::Float, -5, (-5, 127)).unwrap();
+        let gx = GpuInt8Tensor::upload(&ctx, &x.into_dyn()).unwrap();
+        let layer = GpuConv2dInt8::new(&ctx, 3, &w, None, &d.params, &rq).unwrap();
+        g.throughput(Throughput::Elements(d.flops));
+        for &dot in &dots {
+            let name = match dot {
+                Int8Dot::Portable => "portable",
+                Int8Dot::Packed => "packed",
+            };
+            g.bench_function(BenchmarkId::new(name, &d.id), |b| {
+                b.iter_custom(|iters| {
+                    timed(&ctx, iters, || {
+                        layer.forward_with(&ctx, &gx, dot).unwrap();
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn int8_forward_mnist(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "int8_forward_mnist");
+    let mut m = mnist::mnist(0).unwrap();
+    m.eval();
+    let calib = mnist::synthetic_batch(32, 1);
+    mnist::set_trained_bn_stats(&mut m, &calib, 3).unwrap();
+    let net = mnist::deploy_net(&m).unwrap();
+    let model = deploy::convert(
+        &net,
+        &CpuBackend,
+        [&calib.into_dyn()],
+        &deploy::DeployConfig::default(),
+    )
+    .unwrap();
+    let x = mnist::synthetic_batch(64, 2).into_dyn();
+    let device = deploy::GpuIntModel::new(&model, ctx.clone()).unwrap();
+    let backend = GpuBackend::new(ctx.clone());
+    g.bench_function(BenchmarkId::new("device", "batch64"), |b| {
+        b.iter(|| device.forward(&x).unwrap())
+    });
+    g.bench_function(BenchmarkId::new("backend", "batch64"), |b| {
+        b.iter(|| model.forward(&backend, &x).unwrap())
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     fake_quant,
@@ -364,6 +442,8 @@ criterion_group!(
     fold,
     conv2d,
     conv_bn_relu_eval,
-    conv_bn_relu_qat_forward
+    conv_bn_relu_qat_forward,
+    int8_conv2d,
+    int8_forward_mnist
 );
 criterion_main!(benches);

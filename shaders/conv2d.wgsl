@@ -71,6 +71,8 @@
 //     which stages every operand through workgroup memory, is load- and barrier-bound there.
 //     forward_reg does fewer loads per fma (192 lane-fmas per 34 loads per kernel row with
 //     RB_O = 8, RB_K3 = 1) and no barriers. On discrete GPUs forward_gemm stays the choice.
+//     Where the device has subgroups, conv2d_subgroup.wgsl (forward_sg) is this kernel with 16
+//     channels per invocation and its weights shared by subgroupBroadcast.
 //   backward_input (0, 2, 3, 6): one invocation per dx element, workgroup (WG, 1, 1);
 //     count = N*C*H*W items, flat index as forward_direct.
 //   transpose_forward (0, 2, 3, 4, 5, 6): as backward_input (dy = the transposed conv's input),

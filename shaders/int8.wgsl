@@ -2,7 +2,8 @@
 // requires: lib/float_bits.wgsl
 // requires: lib/requant.wgsl
 // src/reference/int8.rs: quantize (f32 -> codes), dequantize (codes -> f32), max_pool2d on
-// codes, quantized add (TFLite integer add with clamp), and requant_probe, which evaluates the
+// codes, quantized add (TFLite integer add with clamp), repack (the same codes, row-major, seen
+// with another shape, e.g. flatten [N, C, H, W] -> [N, C*H*W]), and requant_probe, which evaluates the
 // lib/requant.wgsl functions on given operands (tests compare it with the Rust ones).
 //
 // Packed layout ("channel quads"): a tensor seen as [outer, C, inner] (C = dim 1; rank 1 is
@@ -14,7 +15,9 @@
 //   @group(0) @binding(0) params: uniform Params  count (work items), c (C), cq (CQ), inner,
 //                                 qinner and qchannels (per-channel qparams: channel of flat
 //                                 element e is (e / qinner) % qchannels), quant_min, quant_max;
-//                                 max_pool2d: h, w, oh, ow, kernel, stride
+//                                 max_pool2d: h, w, oh, ow, kernel, stride; repack: c, cq,
+//                                 inner of the output's [outer, C, inner] view, in_c and
+//                                 in_inner of the input's
 //   @group(0) @binding(1) src:    storage, read array<f32>  quantize input (row-major)
 //   @group(0) @binding(2) qp:     storage, read array<u32>  qparams, 3*qchannels words: scale
 //                                 (f32 bits), inv = 1/scale (f32 bits), zero point (i32)
@@ -38,6 +41,10 @@
 //   dequantize (0, 2, 3, 6): one f32 output element per item (count = outer * C * inner).
 //   max_pool2d (0, 3, 5): one output word [N, CQ, OH, OW] per item; lane-wise max of codes.
 //   add (0, 3, 4, 5, 8): one word per item (count = outer * CQ * inner); padding lanes 0.
+//   repack (0, 3, 5): one output word per item (count = outer * CQ * inner of the output
+//     view); lane j of output word (o, q, i) is the code of row-major element
+//     e = (o * C + 4q + j) * inner + i, read from the input word holding element e in the
+//     input view [in_outer, in_c, in_inner]; padding lanes 0.
 //   requant_probe (0, 9, 10): one vec4 per item.
 //   float_probe (0, 9, 10): one vec4 per item: in (acc, f32 bits of scale, out_zp, 0), out
 //     (f32 bits of i32_to_f32_rn(acc), float_requant_code(acc, scale, out_zp, -128, 127), 0, 0).
@@ -59,8 +66,8 @@ struct Params {
     ow: u32,
     kernel: u32,
     stride: u32,
-    _pad0: u32,
-    _pad1: u32,
+    in_c: u32,
+    in_inner: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -228,4 +235,31 @@ fn float_probe(@builtin(global_invocation_id) gid: vec3<u32>,
     let f = i32_to_f32_rn(v.x);
     probe_out[t] = vec4<i32>(bitcast<i32>(f),
                              float_requant_code(v.x, bitcast<f32>(v.y), v.z, -128, 127), 0, 0);
+}
+
+@compute @workgroup_size(WG)
+fn repack(@builtin(global_invocation_id) gid: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    if (t >= params.count) {
+        return;
+    }
+    let i = t % params.inner;
+    let q = (t / params.inner) % params.cq;
+    let o = t / (params.inner * params.cq);
+    let in_cq = (params.in_c + 3u) / 4u;
+    var word = 0u;
+    for (var j = 0u; j < 4u; j++) {
+        let c = 4u * q + j;
+        if (c >= params.c) {
+            break;
+        }
+        let e = (o * params.c + c) * params.inner + i;
+        let ii = e % params.in_inner;
+        let ic = (e / params.in_inner) % params.in_c;
+        let io = e / (params.in_inner * params.in_c);
+        let src_word = a[(io * in_cq + ic / 4u) * params.in_inner + ii];
+        word |= ((src_word >> (8u * (ic % 4u))) & 0xffu) << (8u * j);
+    }
+    out[t] = word;
 }

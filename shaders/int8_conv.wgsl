@@ -19,17 +19,31 @@
 // lanes) instead of a dot with the input, so every tap contributes sum_j (x_j - x_zp) * w_j,
 // exactly as the reference (padding adds 0); all sums wrap mod 2^32 like the reference's.
 // Padding lanes of x may hold anything: their weights are 0.
+// Dense fast path (shared_q = 1, set by the host when the 4 channels of every output word read
+// the same input words: groups = 1, or groups whose channel counts keep words aligned): each
+// tap's 4 input words are read and unpacked once (lib unpack4) for all 4 output channels, and
+// a padding tap reads the word zp_word = x_zp's low byte in all 4 lanes instead, which adds
+// x_zp8 * (sum of the w word's lanes), x_zp8 = x_zp's low byte sign-extended; when x_zp is
+// outside [-128, 127], zp_rest = x_zp - x_zp8 times that lane sum is added on padding taps
+// too, so a padding tap still adds x_zp * (sum of its lanes) mod 2^32. The conv weight words
+// and rq rows are padded on the host to 4 * OQ channels (zeros), so the channel loop is
+// always 4 long. Otherwise (shared_q = 0: depthwise and other grouped convs) each channel
+// reads its own words, as described above.
 // Linear is the 1x1 case: x words [N, IQ], weight words [O, IQ] (first_q = 0, NQ = IQ).
 //
 // Bindings (group 0):
 //   @group(0) @binding(0) params: uniform Params  sizes and settings (fields below), x_zp,
 //                                 out_zp, lo and hi (requantization clamp), mode (0: fixed
-//                                 point, 1: float, as RequantMode)
+//                                 point, 1: float, as RequantMode); conv2d: zp_word, zp_rest,
+//                                 shared_q (the dense fast path, above)
 //   @group(0) @binding(1) x:      storage, read array<u32>  packed input codes
-//   @group(0) @binding(2) wt:     storage, read array<u32>  packed weight codes
+//   @group(0) @binding(2) wt:     storage, read array<u32>  packed weight codes (conv2d:
+//                                 [4 * OQ, NQ, KH, KW], channels past O all 0)
 //   @group(0) @binding(3) rq:     storage, read array<vec4<i32>>  two per output channel o:
 //                                 rq[2o] = (bias', multiplier, shift, first_q),
-//                                 rq[2o + 1] = (f32 bits of scale, 0, 0, 0)
+//                                 rq[2o + 1] = (f32 bits of scale, 0, 0, 0); conv2d: 4 * OQ
+//                                 channels (padding channels: bias 0, first_q of the word's
+//                                 first channel)
 //   @group(0) @binding(4) out:    storage, read_write array<u32>  packed output codes
 //
 // Entry points and dispatch shapes (workgroup (WG, 1, 1), WG an override constant, default 64;
@@ -70,9 +84,9 @@ struct Params {
     lo: i32,
     hi: i32,
     mode: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    zp_word: u32,
+    zp_rest: i32,
+    shared_q: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -97,6 +111,36 @@ fn lane_code(acc: i32, r: vec4<i32>, oc: u32, j: u32) -> u32 {
     return (bitcast<u32>(code) & 0xffu) << (8u * j);
 }
 
+// Whether input column ix of a row (row_ok: the row is inside the input) is inside the input.
+fn col_ok(row_ok: bool, ix: i32) -> bool {
+    return row_ok && ix >= 0 && ix < i32(params.w);
+}
+
+// The input word at column ix of the row starting at rowbase, or zp_word for a padding tap.
+fn x_word(rowbase: u32, ix: i32, ok: bool) -> u32 {
+    var word = params.zp_word;
+    if (ok) {
+        word = x[rowbase + u32(ix)];
+    }
+    return word;
+}
+
+// One tap of the dense fast path: the 4 channels' weight words at wt[w0 + j * wstride] against
+// the 4 pixels' input words xs (padding taps: zp_word, plus zp_rest times the lane sum).
+fn tap(acc: ptr<function, array<vec4<i32>, 4>>, xs: array<I8x4, 4>, ok: vec4<bool>, w0: u32,
+       wstride: u32) {
+    for (var j = 0u; j < 4u; j++) {
+        let wv = wt[w0 + j * wstride];
+        let wu = unpack4(wv);
+        (*acc)[j] += vec4<i32>(dot4u(xs[0], wu), dot4u(xs[1], wu), dot4u(xs[2], wu),
+                               dot4u(xs[3], wu));
+        if (params.zp_rest != 0) {
+            let pad = params.zp_rest * dot4(0x01010101u, wv);
+            (*acc)[j] += select(vec4<i32>(pad), vec4<i32>(0), ok);
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -110,11 +154,12 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>,
     let n = t / (params.owb * params.oh * params.oq);
     let ox0 = oxb * PX;
 
-    // Output channels of this word (lanes past O are padding: no weights, written as 0).
+    // Output channels of this word (lanes past O are padding: zero weights and rows on the
+    // host, written as 0).
     var r: array<vec4<i32>, 4>;
     var acc: array<vec4<i32>, 4>;
     let live = min(params.o - 4u * oq, 4u);
-    for (var j = 0u; j < live; j++) {
+    for (var j = 0u; j < 4u; j++) {
         r[j] = rq[2u * (4u * oq + j)];
         acc[j] = vec4<i32>(r[j].x);
     }
@@ -126,6 +171,56 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>,
     let iw = i32(params.w);
     let ih = i32(params.h);
     let zp = params.x_zp;
+
+    if (params.shared_q != 0u) {
+        // Dense fast path: the 4 channels read the same input words.
+        let q0 = u32(r[0].w);
+        let wbase = 4u * oq * wstride;
+        // Stride 1 and dilation 1: pixel p at tap kx reads column ix0 + kx + p, so moving to
+        // the next kx shifts the 4 words by one and reads one new word.
+        let slide = params.sw == 1u && params.dw == 1u;
+        for (var tq = 0u; tq < params.nq; tq++) {
+            let plane = (xbatch + min(q0 + tq, params.cq - 1u)) * xplane;
+            for (var ky = 0u; ky < params.kh; ky++) {
+                let iy = i32(oy * params.sh + ky * params.dh) - i32(params.ph);
+                let row_ok = iy >= 0 && iy < ih;
+                let rowbase = plane + u32(clamp(iy, 0, max(ih - 1, 0))) * params.w;
+                let wrow = wbase + (tq * params.kh + ky) * params.kw;
+                if (slide) {
+                    var ok = vec4<bool>(false, col_ok(row_ok, ix0), col_ok(row_ok, ix0 + 1),
+                                        col_ok(row_ok, ix0 + 2));
+                    var xs: array<I8x4, 4>;
+                    xs[1] = unpack4(x_word(rowbase, ix0, ok.y));
+                    xs[2] = unpack4(x_word(rowbase, ix0 + 1, ok.z));
+                    xs[3] = unpack4(x_word(rowbase, ix0 + 2, ok.w));
+                    for (var kx = 0u; kx < params.kw; kx++) {
+                        let ix = ix0 + i32(kx) + 3;
+                        let ok3 = col_ok(row_ok, ix);
+                        ok = vec4<bool>(ok.y, ok.z, ok.w, ok3);
+                        xs[0] = xs[1];
+                        xs[1] = xs[2];
+                        xs[2] = xs[3];
+                        xs[3] = unpack4(x_word(rowbase, ix, ok3));
+                        tap(&acc, xs, ok, wrow + kx, wstride);
+                    }
+                } else {
+                    for (var kx = 0u; kx < params.kw; kx++) {
+                        let ixk = ix0 + i32(kx * params.dw);
+                        var ok: vec4<bool>;
+                        var xs: array<I8x4, 4>;
+                        for (var p = 0u; p < PX; p++) {
+                            let ix = ixk + i32(p * params.sw);
+                            ok[p] = col_ok(row_ok, ix);
+                            xs[p] = unpack4(x_word(rowbase, ix, ok[p]));
+                        }
+                        tap(&acc, xs, ok, wrow + kx, wstride);
+                    }
+                }
+            }
+        }
+        write_conv(acc, r, n, oq, oy, ox0, live);
+        return;
+    }
 
     for (var tq = 0u; tq < params.nq; tq++) {
         for (var ky = 0u; ky < params.kh; ky++) {
@@ -165,6 +260,12 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>,
         }
     }
 
+    write_conv(acc, r, n, oq, oy, ox0, live);
+}
+
+// Requantizes and writes the 4 channels x PX columns of one conv2d item (lanes j >= live 0).
+fn write_conv(acc: array<vec4<i32>, 4>, r: array<vec4<i32>, 4>, n: u32, oq: u32, oy: u32,
+              ox0: u32, live: u32) {
     let obase = ((n * params.oq + oq) * params.oh + oy) * params.ow;
     for (var p = 0u; p < PX; p++) {
         let ox = ox0 + p;

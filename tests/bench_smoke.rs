@@ -68,14 +68,27 @@ fn quick_suite_json_on_a_tiny_configuration() {
     finite_positive(&obj["fused_speedup_qat"], "fused_speedup_qat");
 
     let kernels = obj["kernels"].as_array().unwrap();
-    // Roofline (2), elementwise (7), fold (1), 6 per conv shape.
-    assert_eq!(kernels.len(), 2 + 7 + 1 + 6 * cfg.conv_shapes.len());
+    // Roofline (2), elementwise (7), fold (1), 6 f32 per conv shape, one int8 conv per conv
+    // shape and dot path, one int8 linear per dot path, 2 per Mnist batch.
+    let dots = if ctx.packed_int8_dot_available() {
+        2
+    } else {
+        1
+    };
+    assert_eq!(
+        kernels.len(),
+        2 + 7 + 1 + (6 + dots) * cfg.conv_shapes.len() + dots + 2 * cfg.mnist_batches.len()
+    );
     for k in kernels {
         let name = k["name"].as_str().expect("name").to_string();
-        let rate = match (k.get("gbps"), k.get("gflops")) {
-            (Some(g), None) => g,
-            (None, Some(f)) => f,
-            _ => panic!("{name}: exactly one of gbps and gflops expected: {k}"),
+        let rate = match (k.get("gbps"), k.get("gflops"), k.get("gops")) {
+            (Some(g), None, None) => g,
+            (None, Some(f), None) => f,
+            (None, None, Some(o)) => {
+                assert!(name.starts_with("int8_"), "{name}: gops on a float kernel");
+                o
+            }
+            _ => panic!("{name}: exactly one of gbps, gflops and gops expected: {k}"),
         };
         finite_positive(rate, &format!("{name} rate"));
         finite_positive(&k["roofline_ratio"], &format!("{name} roofline_ratio"));
@@ -97,6 +110,10 @@ fn quick_suite_json_on_a_tiny_configuration() {
         "conv_bn_relu_eval/unfused",
         "conv_bn_relu_qat_forward/fused",
         "conv_bn_relu_qat_forward/unfused",
+        "int8_conv2d/portable",
+        "int8_linear/portable",
+        "int8_forward/mnist/device",
+        "int8_forward/mnist/backend",
     ] {
         assert!(
             kernels.iter().any(|k| k["name"] == name),
@@ -105,11 +122,25 @@ fn quick_suite_json_on_a_tiny_configuration() {
     }
     // Fused rows carry their speedup over the unfused chain.
     for k in kernels.iter().filter(|k| {
-        k["name"] == "conv_bn_relu_eval/fused" || k["name"] == "conv_bn_relu_qat_forward/fused"
+        k["name"] == "conv_bn_relu_eval/fused"
+            || k["name"] == "conv_bn_relu_qat_forward/fused"
+            || k["name"] == "int8_forward/mnist/device"
     }) {
         finite_positive(&k["speedup"], "speedup");
     }
-    assert!(report.table().contains("fake_quant/per_tensor"));
+    if dots == 2 {
+        assert!(kernels.iter().any(|k| k["name"] == "int8_conv2d/packed"));
+    }
+    for k in kernels.iter().filter(|k| {
+        k["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("int8_conv2d/"))
+    }) {
+        finite_positive(&k["ops"], "int8 ops");
+    }
+    let table = report.table();
+    assert!(table.contains("fake_quant/per_tensor"));
+    assert!(table.contains("GOP/s"));
 }
 
 /// SplitMix64-based values for fake quant over `range` with `scale`/`zp`, with ties, NaN,

@@ -931,36 +931,47 @@ fn bad_inputs_give_the_reference_errors() {
     assert!(GpuInt8Tensor::from_words(words, &[3, 4]).is_ok());
 }
 
-/// Rough timings on the current adapter (ignored by default: `cargo test --release --test
-/// gpu_int8 -- --ignored --nocapture`).
+/// Rough timings on the current adapter, best of 5 runs per shape and dot path (ignored by
+/// default: `cargo test --release --test gpu_int8 -- --ignored --nocapture`).
 #[test]
 #[ignore]
 fn int8_conv_timing() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(11);
-    let x = Array4::from_shape_fn((1, 64, 56, 56), |_| rng.code());
-    let w = Array4::from_shape_fn((64, 64, 3, 3), |_| rng.code());
-    let params = Conv2dParams {
-        padding: [1, 1],
-        ..Conv2dParams::default()
-    };
-    let rq = Requant::new(&[1e-4], RequantMode::FixedPoint, 0, (-128, 127)).unwrap();
-    let t = std::time::Instant::now();
-    let want = ref8::conv2d_int8(&x, 3, &w, None, &params, &rq).unwrap();
-    println!("cpu reference: {:?}", t.elapsed());
-    let gx = GpuInt8Tensor::upload(&ctx, &x.into_dyn()).unwrap();
-    let conv = k8::GpuConv2dInt8::new(&ctx, 3, &w, None, &params, &rq).unwrap();
-    for dot in dots(&ctx) {
-        conv.forward_with(&ctx, &gx, dot).unwrap();
-        ctx.wait().unwrap();
-        let t = std::time::Instant::now();
-        let y = conv.forward_with(&ctx, &gx, dot).unwrap();
-        ctx.wait().unwrap();
-        println!("gpu {dot:?}: {:?}", t.elapsed());
-        assert_codes_eq(
-            "timing",
-            &y.download(&ctx).unwrap(),
-            &want.clone().into_dyn(),
-        );
+    // (batch, C, O, size, kernel, padding): a ResNet-18 layer and Mnist's conv2.
+    for (n, c, o, s, k, pad) in [(1, 64, 64, 56, 3, 1), (64, 20, 50, 12, 5, 0)] {
+        let x = Array4::from_shape_fn((n, c, s, s), |_| rng.code());
+        let w = Array4::from_shape_fn((o, c, k, k), |_| rng.code());
+        let params = Conv2dParams {
+            padding: [pad, pad],
+            ..Conv2dParams::default()
+        };
+        let rq = Requant::new(&[1e-4], RequantMode::FixedPoint, 0, (-128, 127)).unwrap();
+        let want = ref8::conv2d_int8(&x, 3, &w, None, &params, &rq).unwrap();
+        let gx = GpuInt8Tensor::upload(&ctx, &x.into_dyn()).unwrap();
+        let conv = k8::GpuConv2dInt8::new(&ctx, 3, &w, None, &params, &rq).unwrap();
+        for dot in dots(&ctx) {
+            conv.forward_with(&ctx, &gx, dot).unwrap();
+            ctx.wait().unwrap();
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                conv.forward_with(&ctx, &gx, dot).unwrap();
+                ctx.wait().unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let macs = (n * o * (s + 2 * pad + 1 - k).pow(2) * c * k * k) as f64;
+            println!(
+                "gpu {n}x{c}x{s}x{s} w{o}x{c}x{k}x{k} {dot:?}: {:.2} ms, {:.2} GOP/s",
+                best * 1e3,
+                2.0 * macs / best * 1e-9
+            );
+            let y = conv.forward_with(&ctx, &gx, dot).unwrap();
+            assert_codes_eq(
+                "timing",
+                &y.download(&ctx).unwrap(),
+                &want.clone().into_dyn(),
+            );
+        }
     }
 }

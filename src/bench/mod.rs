@@ -17,7 +17,17 @@
 //! - **Rates**: memory-bound kernels (fake quant, observers, BN folding) in GB/s (10⁹ B/s) of
 //!   their *minimal logical traffic* (fake quant: read x, write y = 8 B/element; observers:
 //!   read x = 4 B/element; folding: read and write the weight); convolutions in GFLOP/s with
-//!   `2·N·OH·OW·O·(C/g)·KH·KW` flops.
+//!   `2·N·OH·OW·O·(C/g)·KH·KW` flops. Integer (int8) kernels report **GOP/s** in their own
+//!   field, `gops` (never `gflops`): `2·MACs` per second, the same count as a float conv's
+//!   flops (`int8_conv2d/{portable,packed}` at every conv shape, one entry per dot-product
+//!   path, [`crate::gpu::Int8Dot`]; `int8_linear/...`: `2·rows·in·out`), with their minimal
+//!   traffic at one byte per int8 element (`ops` and `bytes` in the JSON).
+//! - **Mnist int8 forward**: `int8_forward/mnist/device` ([`crate::deploy::GpuIntModel`]:
+//!   upload the f32 input, every layer on device-resident codes, download the output codes)
+//!   against `int8_forward/mnist/backend` ([`crate::deploy::IntModel::forward`] on a
+//!   [`crate::GpuBackend`]: every op uploads, runs and downloads), timed interleaved at each
+//!   batch of [`BenchConfig::mnist_batches`]; the device row's `speedup` is the backend time
+//!   over its own, its `gops` the model's `2·MACs` per second.
 //! - **Roofline**: `copy_gbps` and `fma_gflops` are the best of the sweep and of every later
 //!   measurement of the best points (between sections, and interleaved with each
 //!   memory-bound kernel), so a roofline measured while the host was briefly busy does not
@@ -27,7 +37,8 @@
 //!   conditions for both, which matters on a CPU adapter); for convolutions GFLOP/s over the
 //!   attainable `min(fma GFLOP/s, intensity · copy GB/s)`, with intensity = flops / minimal
 //!   bytes (read x and w, write y), so a depthwise conv is held to the memory roof and a 3×3
-//!   ResNet conv to the fma roof.
+//!   ResNet conv to the fma roof. Integer GOP/s are held to the same f32 fma roof (there is
+//!   no integer roofline kernel; a device with packed int8 dot products can exceed it).
 //! - **Fused speedups**: unfused time / fused time per conv shape, for the conv+bn+relu eval
 //!   forward ([`crate::kernels::conv_bn::conv_bn_act_eval`] vs
 //!   [`crate::kernels::conv_bn::conv_bn_act_eval_unfused`]) and the ConvBnReLU2d QAT forward

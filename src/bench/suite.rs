@@ -1,13 +1,17 @@
 //! The kernel suite: every kernel of interest timed, rated and compared with the roofline.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use ndarray::{Array1, Array2, Array4};
 use serde::Serialize;
 
 use super::roofline::{absorb_copy, sweep, Rig, Roofline, RooflineConfig};
 use super::timing::{measure, measure_interleaved, Measurement, Reps, Stamps};
 use super::Progress;
+use crate::deploy::{GpuIntModel, IntLayer, IntModel};
 use crate::error::{Error, Result};
+use crate::gpu::Int8Dot;
 use crate::gpu::{DType, GpuContext, GpuTensor};
 use crate::kernels::conv2d::{conv2d, ConvEpilogue};
 use crate::kernels::conv_bn::{
@@ -18,10 +22,11 @@ use crate::kernels::fake_quant::{
     fake_quant, fake_quant_into_with, fake_quant_with_mask_into, FakeQuantKernel,
 };
 use crate::kernels::fold::fold_conv_bn;
+use crate::kernels::int8::{GpuConv2dInt8, GpuInt8Tensor, GpuLinearInt8};
 use crate::kernels::observer::observe;
 use crate::kernels::{GpuBatchNorm, GpuQParams};
 use crate::ops::{Activation, BatchNorm, Conv2dParams, QatConfig};
-use crate::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
+use crate::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange, Requant, RequantMode};
 
 /// A conv layer of the suite: square input, square kernel, stride 1, "same" padding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,10 +113,15 @@ impl ConvShape {
 
     /// Read x and w, write y, once each (4 bytes per element).
     fn min_bytes(&self, batch: usize) -> f64 {
+        4.0 * self.elements(batch)
+    }
+
+    /// Elements of x, w and y together.
+    fn elements(&self, batch: usize) -> f64 {
         let x: usize = self.input(batch).iter().product();
         let w: usize = self.weight().iter().product();
         let os = self.out_size();
-        4.0 * (x + w + batch * self.out_channels * os * os) as f64
+        (x + w + batch * self.out_channels * os * os) as f64
     }
 }
 
@@ -134,13 +144,20 @@ pub struct BenchConfig {
     pub reps: Reps,
     /// Runs per conv benchmark.
     pub conv_reps: Reps,
+    /// Integer linear layer `[rows, in, out]` (`int8_linear/...`).
+    pub int8_linear_shape: [usize; 3],
+    /// Batches of the Mnist int8 forward, device-resident vs through the `Backend`
+    /// interface (`int8_forward/mnist/...`).
+    pub mnist_batches: Vec<usize>,
 }
 
 impl BenchConfig {
     /// The full suite: 16M-element fake quant and observers (`16x64x128x128`), BN folding of
     /// a 512x512x3x3 weight, and batch-8 convs at ResNet-18's 3×3 shapes (64×56×56,
     /// 128×28×28, 256×14×14, 512×7×7) and a MobileNet depthwise layer (144×56×56, groups
-    /// 144). About five minutes on lavapipe (2 cores), where the convs take most of it.
+    /// 144), each also as an int8 conv per dot path; int8 linear 256x2048 -> 2048; the Mnist
+    /// int8 forward at batch 64 and 256. About six minutes on lavapipe (2 cores), where the
+    /// convs take most of it.
     pub fn full() -> Self {
         Self {
             mode: "full".to_string(),
@@ -162,12 +179,15 @@ impl BenchConfig {
                 max_reps: 7,
                 budget_s: 2.0,
             },
+            int8_linear_shape: [256, 2048, 2048],
+            mnist_batches: vec![64, 256],
         }
     }
 
     /// `--quick`: a short roofline sweep, 4M-element fake quant and observers, and batch-1
-    /// convs at two ResNet-18 shapes (64×56×56, 256×14×14) and the depthwise layer, with
-    /// few runs each. Well under a minute on lavapipe.
+    /// convs at two ResNet-18 shapes (64×56×56, 256×14×14) and the depthwise layer (f32 and
+    /// int8), int8 linear 64x1024 -> 1024 and the Mnist int8 forward at batch 64, with few
+    /// runs each. Well under a minute on lavapipe (about 20 s).
     pub fn quick() -> Self {
         Self {
             mode: "quick".to_string(),
@@ -187,6 +207,8 @@ impl BenchConfig {
                 max_reps: 3,
                 budget_s: 0.0,
             },
+            int8_linear_shape: [64, 1024, 1024],
+            mnist_batches: vec![64],
         }
     }
 
@@ -207,6 +229,8 @@ impl BenchConfig {
             conv_shapes: vec![ConvShape::resnet(16, 8), ConvShape::depthwise(8, 8)],
             reps: once,
             conv_reps: once,
+            int8_linear_shape: [4, 64, 30],
+            mnist_batches: vec![2],
         }
     }
 
@@ -219,13 +243,17 @@ impl BenchConfig {
             .iter()
             .map(|s| s.describe(self.conv_batch))
             .collect();
+        let [lr, li, lo] = self.int8_linear_shape;
+        let mnist: Vec<String> = self.mnist_batches.iter().map(|b| b.to_string()).collect();
         format!(
             "{} mode: elementwise {a}x{b}x{c}x{d} ({} elements), fold {fo}x{fi}x{fh}x{fw}, \
-             conv batch {}: {}; {}-{} timed runs per kernel ({}-{} per conv)",
+             conv batch {} (f32 and int8): {}; int8 linear {lr}x{li} -> {lo}; Mnist int8 \
+             forward batch {}; {}-{} timed runs per kernel ({}-{} per conv)",
             self.mode,
             a * b * c * d,
             self.conv_batch,
             convs.join(", "),
+            mnist.join(", "),
             self.reps.min_reps,
             self.reps.max_reps,
             self.conv_reps.min_reps,
@@ -235,7 +263,30 @@ impl BenchConfig {
 
     /// Steps [`run_suite`] reports progress for on `ctx`.
     pub fn steps(&self, ctx: &GpuContext) -> usize {
-        self.roofline.steps(ctx) + ELEMENTWISE_ITEMS + 1 + CONV_ITEMS * self.conv_shapes.len()
+        let dots = int8_dots(ctx).len();
+        self.roofline.steps(ctx)
+            + ELEMENTWISE_ITEMS
+            + 1
+            + (CONV_ITEMS + dots) * self.conv_shapes.len()
+            + dots
+            + 2 * self.mnist_batches.len()
+    }
+}
+
+/// The dot-product paths the int8 benchmarks run on `ctx` (portable, and packed where
+/// available).
+fn int8_dots(ctx: &GpuContext) -> Vec<Int8Dot> {
+    let mut v = vec![Int8Dot::Portable];
+    if ctx.packed_int8_dot_available() {
+        v.push(Int8Dot::Packed);
+    }
+    v
+}
+
+fn dot_name(dot: Int8Dot) -> &'static str {
+    match dot {
+        Int8Dot::Portable => "portable",
+        Int8Dot::Packed => "packed",
     }
 }
 
@@ -258,6 +309,11 @@ pub struct KernelResult {
     /// Achieved GFLOP/s (convolutions, the fma roofline).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gflops: Option<f64>,
+    /// Achieved integer GOP/s (int8 kernels: 2 ops per multiply-accumulate, `2·MACs/s`),
+    /// held to the same fma roofline as GFLOP/s (an fma is 2 flops). Exactly one of `gbps`,
+    /// `gflops` and `gops` is present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gops: Option<f64>,
     /// Rate over the attainable roofline rate (see the module doc).
     pub roofline_ratio: f64,
     /// Which roof bounds it: `copy` or `fma`.
@@ -275,6 +331,9 @@ pub struct KernelResult {
     /// Flops of one run (convolutions and the fma roofline).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flops: Option<u64>,
+    /// Integer ops of one run (int8 kernels: `2·MACs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops: Option<u64>,
     /// Memory-bound kernels: GB/s of the roofline's copy kernel timed interleaved with this
     /// one (the same host conditions); `roofline_ratio` is taken against it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -282,7 +341,8 @@ pub struct KernelResult {
     /// The same from GPU timestamps; `gpu_roofline_ratio` is taken against it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy_gpu_gbps_interleaved: Option<f64>,
-    /// Fused rows: the unfused chain's time over this one's.
+    /// Fused rows: the unfused chain's time over this one's; `int8_forward/.../device`: the
+    /// `Backend`-interface forward's time over this one's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speedup: Option<f64>,
     /// Timed runs behind each median.
@@ -393,6 +453,8 @@ enum Work {
     Bytes(f64),
     /// Compute: flops and minimal traffic in bytes.
     Flops { flops: f64, bytes: f64 },
+    /// Integer compute (`2·MACs`) and minimal traffic in bytes; rated like flops.
+    Ops { ops: f64, bytes: f64 },
 }
 
 fn rate(amount: f64, ms: f64) -> f64 {
@@ -412,7 +474,7 @@ fn rate_and_ratio(
             let r = rate(bytes, ms);
             (r, r / copy_gbps.max(1e-12), "copy")
         }
-        Work::Flops { flops, bytes } => {
+        Work::Flops { flops, bytes } | Work::Ops { ops: flops, bytes } => {
             let r = rate(flops, ms);
             let memory_roof = flops / bytes.max(1.0) * copy_gbps;
             if memory_roof < fma_gflops {
@@ -490,19 +552,24 @@ impl Runner<'_> {
         m: Measurement,
         note: Option<String>,
     ) {
-        let (rate_wall, bytes, flops) = match work {
-            Work::Bytes(b) => (rate(b, m.wall_ms), b, None),
-            Work::Flops { flops, bytes } => (rate(flops, m.wall_ms), bytes, Some(flops as u64)),
+        let (rate_wall, bytes, flops, ops) = match work {
+            Work::Bytes(b) => (rate(b, m.wall_ms), b, None, None),
+            Work::Flops { flops, bytes } => {
+                (rate(flops, m.wall_ms), bytes, Some(flops as u64), None)
+            }
+            Work::Ops { ops, bytes } => (rate(ops, m.wall_ms), bytes, None, Some(ops as u64)),
         };
-        let (gbps, gflops) = match work {
-            Work::Bytes(_) => (Some(rate_wall), None),
-            Work::Flops { .. } => (None, Some(rate_wall)),
+        let (gbps, gflops, gops) = match work {
+            Work::Bytes(_) => (Some(rate_wall), None, None),
+            Work::Flops { .. } => (None, Some(rate_wall), None),
+            Work::Ops { .. } => (None, None, Some(rate_wall)),
         };
         self.results.push(KernelResult {
             name: name.to_string(),
             shape: shape.to_string(),
             gbps,
             gflops,
+            gops,
             roofline_ratio: 0.0,
             roof: "copy",
             time_ms: m.wall_ms,
@@ -510,6 +577,7 @@ impl Runner<'_> {
             gpu_roofline_ratio: None,
             bytes: bytes as u64,
             flops,
+            ops,
             copy_gbps_interleaved: None,
             copy_gpu_gbps_interleaved: None,
             speedup: None,
@@ -601,12 +669,16 @@ impl Runner<'_> {
 /// of every recheck), and puts the roofline's own rows first.
 fn finalize(roofline: &Roofline, results: &mut Vec<KernelResult>) {
     for k in results.iter_mut() {
-        let work = match k.flops {
-            Some(flops) => Work::Flops {
+        let work = match (k.flops, k.ops) {
+            (Some(flops), _) => Work::Flops {
                 flops: flops as f64,
                 bytes: k.bytes as f64,
             },
-            None => Work::Bytes(k.bytes as f64),
+            (None, Some(ops)) => Work::Ops {
+                ops: ops as f64,
+                bytes: k.bytes as f64,
+            },
+            (None, None) => Work::Bytes(k.bytes as f64),
         };
         let copy = k.copy_gbps_interleaved.unwrap_or(roofline.copy_gbps);
         let (_, ratio, roof) = rate_and_ratio(work, k.time_ms, copy, roofline.fma_gflops);
@@ -631,10 +703,12 @@ fn finalize(roofline: &Roofline, results: &mut Vec<KernelResult>) {
 /// Errors: invalid configurations ([`Error::InvalidArgument`], e.g. a shape a kernel refuses)
 /// and GPU errors.
 pub fn run_suite(
-    ctx: &GpuContext,
+    ctx: &Arc<GpuContext>,
     cfg: &BenchConfig,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BenchReport> {
+    let shared = ctx;
+    let ctx: &GpuContext = ctx;
     let proc_start = ProcSample::now();
     let total = cfg.steps(ctx);
     let roofline_steps = cfg.roofline.steps(ctx);
@@ -666,6 +740,16 @@ pub fn run_suite(
         let (e, q) = conv(&mut runner, cfg, shape)?;
         eval.push(e);
         qat.push(q);
+    }
+    for shape in &cfg.conv_shapes {
+        runner.recheck()?;
+        int8_conv(&mut runner, cfg, shape)?;
+    }
+    runner.recheck()?;
+    int8_linear(&mut runner, cfg)?;
+    for &batch in &cfg.mnist_batches {
+        runner.recheck()?;
+        int8_mnist(&mut runner, cfg, shared, batch)?;
     }
     runner.recheck()?;
     let timestamps = runner.stamps.is_some();
@@ -705,6 +789,7 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             shape: format!("{} f32", r.copy_bytes / 8),
             gbps: Some(r.copy_gbps),
             gflops: None,
+            gops: None,
             roofline_ratio: 1.0,
             roof: "copy",
             time_ms: c.wall_ms,
@@ -712,6 +797,7 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             gpu_roofline_ratio: c.gpu_rate.zip(r.copy_gpu_gbps).map(|(a, b)| a / b),
             bytes: r.copy_bytes,
             flops: None,
+            ops: None,
             copy_gbps_interleaved: None,
             copy_gpu_gbps_interleaved: None,
             speedup: None,
@@ -728,6 +814,7 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             shape: format!("{:.3} GFLOP", r.fma_flops as f64 * 1e-9),
             gbps: None,
             gflops: Some(r.fma_gflops),
+            gops: None,
             roofline_ratio: 1.0,
             roof: "fma",
             time_ms: f.wall_ms,
@@ -735,6 +822,7 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             gpu_roofline_ratio: f.gpu_rate.zip(r.fma_gpu_gflops).map(|(a, b)| a / b),
             bytes: 0,
             flops: Some(r.fma_flops),
+            ops: None,
             copy_gbps_interleaved: None,
             copy_gpu_gbps_interleaved: None,
             speedup: None,
@@ -941,6 +1029,224 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
     Ok((eval_speedup, qat_speedup))
 }
 
+/// Deterministic int8 codes in `[lo, hi]` (xorshift).
+fn codes(n: usize, seed: u32, lo: i32, hi: i32) -> Vec<i8> {
+    let span = (hi - lo + 1) as u32;
+    let mut s = seed.max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (lo + ((s >> 8) % span) as i32) as i8
+        })
+        .collect()
+}
+
+/// A per-channel requantization in `RequantMode::Float` (the deployment default) with
+/// multipliers around `m`, output zero point -5, ReLU-like clamp.
+fn bench_requant(channels: usize, m: f64) -> Result<Requant> {
+    let real: Vec<f64> = (0..channels)
+        .map(|o| m * (1.0 + (o % 7) as f64 * 0.1))
+        .collect();
+    Requant::new(&real, RequantMode::Float, -5, (-5, 127))
+}
+
+fn int8_note(dot: Int8Dot, what: &str) -> String {
+    let how = match dot {
+        Int8Dot::Portable => "portable dot (extractBits unpack)",
+        Int8Dot::Packed => "dot4I8Packed",
+    };
+    format!(
+        "{what}, {how}; i32 accumulation, f32 requantization epilogue; GOP/s = 2·MACs/s \
+         against the f32 fma roof"
+    )
+}
+
+/// The integer conv2d ([`GpuConv2dInt8`], weights prepared once) at one conv shape, on each
+/// dot-product path: `int8_conv2d/{portable,packed}`.
+fn int8_conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<()> {
+    let ctx = r.ctx;
+    let batch = cfg.conv_batch;
+    let desc = shape.describe(batch);
+    let xs = shape.input(batch);
+    let x = Array4::from_shape_vec(xs, codes(xs.iter().product(), 29, -128, 127))
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    let ws = shape.weight();
+    let w = Array4::from_shape_vec(ws, codes(ws.iter().product(), 31, -127, 127))
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    let bias = Array1::from_shape_fn(shape.out_channels, |o| (o as i32 % 13 - 6) * 100);
+    let fan_in = (ws[1] * ws[2] * ws[3]).max(1) as f64;
+    let rq = bench_requant(shape.out_channels, 0.5 / fan_in.sqrt() / 64.0)?;
+    let gx = GpuInt8Tensor::upload(ctx, &x.into_dyn())?;
+    let layer = GpuConv2dInt8::new(ctx, 3, &w, Some(&bias), &shape.params(), &rq)?;
+    // int8 x, w and y: one byte per element.
+    let work = Work::Ops {
+        ops: shape.flops(batch),
+        bytes: shape.elements(batch),
+    };
+    for dot in int8_dots(ctx) {
+        r.bench(
+            &format!("int8_conv2d/{}", dot_name(dot)),
+            &desc,
+            work,
+            &cfg.conv_reps,
+            Some(int8_note(
+                dot,
+                "packed int8 codes, 4 channels x 4 columns per invocation",
+            )),
+            &mut || layer.forward_with(ctx, &gx, dot).map(drop),
+        )?;
+    }
+    Ok(())
+}
+
+/// The integer linear layer ([`GpuLinearInt8`]) on each dot-product path:
+/// `int8_linear/{portable,packed}`.
+fn int8_linear(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
+    let ctx = r.ctx;
+    let [n, inp, out] = cfg.int8_linear_shape;
+    let x = Array2::from_shape_vec((n, inp), codes(n * inp, 37, -128, 127))
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    let w = Array2::from_shape_vec((out, inp), codes(out * inp, 41, -127, 127))
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    let rq = bench_requant(out, 0.5 / (inp.max(1) as f64).sqrt() / 64.0)?;
+    let gx = GpuInt8Tensor::upload(ctx, &x.into_dyn())?;
+    let layer = GpuLinearInt8::new(ctx, -2, &w, None, &rq)?;
+    let work = Work::Ops {
+        ops: 2.0 * (n * inp * out) as f64,
+        bytes: (n * inp + out * inp + n * out) as f64,
+    };
+    for dot in int8_dots(ctx) {
+        r.bench(
+            &format!("int8_linear/{}", dot_name(dot)),
+            &format!("{n}x{inp} w{out}x{inp}"),
+            work,
+            &cfg.reps,
+            Some(int8_note(dot, "4 rows x 4 output channels per invocation")),
+            &mut || layer.forward_with(ctx, &gx, dot).map(drop),
+        )?;
+    }
+    Ok(())
+}
+
+/// `2·MACs` of one forward of `model` on an input of `shape` (conv and linear layers).
+fn int_model_ops(model: &IntModel, shape: &[usize]) -> Result<f64> {
+    let mut shapes: Vec<Vec<usize>> = vec![shape.to_vec()];
+    let mut ops = 0.0;
+    for node in &model.nodes {
+        let s = &shapes[node.inputs[0]];
+        let y = match &node.layer {
+            IntLayer::Conv { weight, params, .. } => {
+                let y = params.output_shape(s, weight.shape())?.to_vec();
+                let [_, cg, kh, kw] = weight.dim().into();
+                ops += 2.0 * (y.iter().product::<usize>() * cg * kh * kw) as f64;
+                y
+            }
+            IntLayer::Linear { weight, .. } => {
+                let n = s.first().copied().unwrap_or(1);
+                ops += 2.0 * (n * weight.len()) as f64;
+                vec![n, weight.nrows()]
+            }
+            IntLayer::MaxPool2d { kernel, stride } => match s.as_slice() {
+                &[n, c, h, w] if h >= *kernel && w >= *kernel => {
+                    vec![n, c, (h - kernel) / stride + 1, (w - kernel) / stride + 1]
+                }
+                _ => return Err(Error::invalid("int_model_ops: bad max_pool2d input")),
+            },
+            IntLayer::Flatten => {
+                let n = s.first().copied().unwrap_or(1);
+                vec![n, s.iter().skip(1).product()]
+            }
+            IntLayer::Add { .. } => s.clone(),
+        };
+        shapes.push(y);
+    }
+    Ok(ops)
+}
+
+/// The Mnist network in int8 (`deploy::convert` of `model::mnist` with trained-like BN
+/// statistics, default config): forward at `batch`, device-resident ([`GpuIntModel`]: weights
+/// uploaded once, codes stay on the device, input uploaded and output codes downloaded each
+/// run) against [`IntModel::forward`] through the `Backend` interface on the same context
+/// (every op uploads, runs, downloads), timed interleaved: `int8_forward/mnist/device` (with
+/// the speedup) and `int8_forward/mnist/backend`.
+fn int8_mnist(
+    r: &mut Runner<'_>,
+    cfg: &BenchConfig,
+    ctx: &Arc<GpuContext>,
+    batch: usize,
+) -> Result<()> {
+    use crate::model::mnist;
+    let mut m = mnist::mnist(0)?;
+    m.eval();
+    let calib = mnist::synthetic_batch(32, 1);
+    mnist::set_trained_bn_stats(&mut m, &calib, 3)?;
+    let net = mnist::deploy_net(&m)?;
+    let model = crate::deploy::convert(
+        &net,
+        &crate::CpuBackend,
+        [&calib.into_dyn()],
+        &crate::deploy::DeployConfig::default(),
+    )?;
+    let x = mnist::synthetic_batch(batch, 2).into_dyn();
+    let device = GpuIntModel::new(&model, Arc::clone(ctx))?;
+    let backend = crate::GpuBackend::new(Arc::clone(ctx));
+    if device.forward(&x)? != model.forward(&backend, &x)? {
+        return Err(Error::Gpu(
+            "int8 Mnist: the device-resident and Backend forwards disagree".to_string(),
+        ));
+    }
+    let weights: usize = model
+        .nodes
+        .iter()
+        .map(|n| match &n.layer {
+            IntLayer::Conv { weight, .. } => weight.len(),
+            IntLayer::Linear { weight, .. } => weight.len(),
+            _ => 0,
+        })
+        .sum();
+    // Read the f32 input and the int8 weights, write the output codes.
+    let out: usize = batch * 10;
+    let work = Work::Ops {
+        ops: int_model_ops(&model, x.shape())?,
+        bytes: (4 * x.len() + weights + out) as f64,
+    };
+    let dot = device.dot();
+    let shape = format!("{batch}x1x28x28");
+    let mut run_device = || device.forward(&x).map(drop);
+    let mut run_backend = || model.forward(&backend, &x).map(drop);
+    let m = measure_interleaved(
+        r.ctx,
+        r.stamps.as_ref(),
+        &cfg.reps,
+        &mut [&mut run_device, &mut run_backend],
+    )?;
+    let (d, b) = (m[0], m[1]);
+    r.record(
+        "int8_forward/mnist/device",
+        &shape,
+        work,
+        d,
+        Some(format!(
+            "deploy::GpuIntModel: codes stay on the device ({} dot); speedup = Backend time / \
+             this",
+            dot_name(dot)
+        )),
+    );
+    if let Some(k) = r.results.last_mut() {
+        k.speedup = Some(b.wall_ms / d.wall_ms.max(1e-9));
+    }
+    r.record(
+        "int8_forward/mnist/backend",
+        &shape,
+        work,
+        b,
+        Some("IntModel::forward(&GpuBackend): each op uploads, runs, downloads".to_string()),
+    );
+    Ok(())
+}
+
 impl BenchReport {
     /// The JSON of `qfuse bench --json` (pretty-printed).
     ///
@@ -995,9 +1301,10 @@ impl BenchReport {
             "kernel", "shape", "time ms", "gpu ms", "rate", "roof", "speedup"
         );
         for k in &self.kernels {
-            let rate = match (k.gbps, k.gflops) {
-                (Some(g), _) => format!("{g:.2} GB/s"),
-                (_, Some(f)) => format!("{f:.2} GFLOP/s"),
+            let rate = match (k.gbps, k.gflops, k.gops) {
+                (Some(g), _, _) => format!("{g:.2} GB/s"),
+                (_, Some(f), _) => format!("{f:.2} GFLOP/s"),
+                (_, _, Some(o)) => format!("{o:.2} GOP/s"),
                 _ => String::new(),
             };
             let gpu_ms = k.gpu_ms.map_or("-".to_string(), |g| format!("{g:.3}"));
@@ -1018,7 +1325,8 @@ impl BenchReport {
         let _ = write!(
             s,
             "roof: memory-bound kernels: ratio to the copy kernel timed interleaved with them; \
-             convs: ratio to min(fma, intensity x copy){}",
+             convs (GFLOP/s, and int8 GOP/s = 2 x MACs/s): ratio to min(fma, intensity x \
+             copy){}",
             if self.timestamps {
                 "; gpu ms: GPU timestamps around the same work"
             } else {

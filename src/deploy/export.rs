@@ -84,7 +84,24 @@ impl IntModel {
             }
             let n = &node.name;
             let mut j = json!({ "name": n, "kind": node.layer.kind(), "inputs": node.inputs });
-            let put_requant = |sd: &mut StateDict, rq: &Requant, j: &mut Value| -> Result<()> {
+            // Weight codes, scales, bias, requantization and activation of a conv or linear.
+            let put_weighted = |sd: &mut StateDict,
+                                j: &mut Value,
+                                weight: ArrayD<i8>,
+                                weight_scale: &[f32],
+                                bias: Option<&Array1<i32>>,
+                                rq: &Requant,
+                                act: Activation|
+             -> Result<()> {
+                sd.raw.insert(format!("{n}.weight"), i8_raw(&weight)?);
+                sd.tensors.insert(
+                    format!("{n}.weight_scale"),
+                    f32_tensor(weight_scale.to_vec())?,
+                );
+                if let Some(b) = bias {
+                    sd.tensors
+                        .insert(format!("{n}.bias"), i32_tensor(b.to_vec())?);
+                }
                 sd.tensors.insert(
                     format!("{n}.multiplier"),
                     i32_tensor(rq.multipliers.iter().map(|m| m.multiplier).collect())?,
@@ -98,6 +115,7 @@ impl IntModel {
                 j["requant"] = json!(rq.mode.name());
                 j["out_zero_point"] = json!(rq.out_zero_point);
                 j["clamp"] = json!([rq.clamp_min, rq.clamp_max]);
+                j["act"] = json!(act_name(act)?);
                 Ok(())
             };
             match &node.layer {
@@ -109,22 +127,20 @@ impl IntModel {
                     requant,
                     act,
                 } => {
-                    sd.raw
-                        .insert(format!("{n}.weight"), i8_raw(&weight.clone().into_dyn())?);
-                    sd.tensors.insert(
-                        format!("{n}.weight_scale"),
-                        f32_tensor(weight_scale.clone())?,
-                    );
-                    if let Some(b) = bias {
-                        sd.tensors
-                            .insert(format!("{n}.bias"), i32_tensor(b.to_vec())?);
-                    }
-                    put_requant(&mut sd, requant, &mut j)?;
+                    let w = weight.clone().into_dyn();
+                    put_weighted(
+                        &mut sd,
+                        &mut j,
+                        w,
+                        weight_scale,
+                        bias.as_ref(),
+                        requant,
+                        *act,
+                    )?;
                     j["stride"] = json!(params.stride);
                     j["padding"] = json!(params.padding);
                     j["dilation"] = json!(params.dilation);
                     j["groups"] = json!(params.groups);
-                    j["act"] = json!(act_name(*act)?);
                 }
                 IntLayer::Linear {
                     weight,
@@ -133,18 +149,16 @@ impl IntModel {
                     requant,
                     act,
                 } => {
-                    sd.raw
-                        .insert(format!("{n}.weight"), i8_raw(&weight.clone().into_dyn())?);
-                    sd.tensors.insert(
-                        format!("{n}.weight_scale"),
-                        f32_tensor(weight_scale.clone())?,
-                    );
-                    if let Some(b) = bias {
-                        sd.tensors
-                            .insert(format!("{n}.bias"), i32_tensor(b.to_vec())?);
-                    }
-                    put_requant(&mut sd, requant, &mut j)?;
-                    j["act"] = json!(act_name(*act)?);
+                    let w = weight.clone().into_dyn();
+                    put_weighted(
+                        &mut sd,
+                        &mut j,
+                        w,
+                        weight_scale,
+                        bias.as_ref(),
+                        requant,
+                        *act,
+                    )?;
                 }
                 IntLayer::MaxPool2d { kernel, stride } => {
                     j["kernel"] = json!(kernel);

@@ -27,10 +27,12 @@
 mod convert;
 mod export;
 mod gap;
+mod gpu;
 mod net;
 mod run;
 
 pub use convert::{convert, DeployConfig, IntLayer, IntModel, IntNode};
 pub use gap::{measure_gap, Gap, GapReport, LayerGap};
+pub use gpu::GpuIntModel;
 pub use net::{Net, Node, NodeOp, ValueId};
 pub use run::{simulate_node_unfused, simulate_unfused, simulate_unfused_values};

@@ -22,6 +22,14 @@
 //! per call with the `_with` forms); they are two separate shader modules, so the portable
 //! one never mentions `dot4I8Packed`.
 //!
+//! **Dense conv fast path.** When the four channels of every output word read the same input
+//! words (`groups = 1`, and grouped convs whose groups keep words aligned), each tap's four
+//! input words are read (and, on the portable path, unpacked) once for the four channels;
+//! with stride 1 and dilation 1 the next tap along a row reuses three of them and reads one.
+//! A padding tap reads `x_zp`'s low byte in every lane (plus a correction when `x_zp` lies
+//! outside `[-128, 127]`), which adds the same `x_zp · Σ(lanes of w)`. Weight words and
+//! requantization rows are padded to whole output words so the channel loop is always 4.
+//!
 //! **Requantization** is `shaders/lib/requant.wgsl`: gemmlowp's
 //! `SaturatingRoundingDoublingHighMul` with the 64-bit product built from 16-bit limbs of
 //! the magnitudes (WGSL has no i64), `RoundingDivideByPOT`, the saturating left shift and the
@@ -112,6 +120,16 @@ static ADD: Kernel = Kernel {
     ],
 };
 
+static REPACK: Kernel = Kernel {
+    shader: &ELEMENTWISE,
+    entry_point: "repack",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(3),
+        Binding::read_write(5),
+    ],
+};
+
 static REQUANT_PROBE: Kernel = Kernel {
     shader: &ELEMENTWISE,
     entry_point: "requant_probe",
@@ -187,7 +205,8 @@ struct Params {
     ow: u32,
     kernel: u32,
     stride: u32,
-    _pad: [u32; 2],
+    in_c: u32,
+    in_inner: u32,
 }
 
 /// `AddParams` of `lib/requant.wgsl` (same field order), padded to 48 bytes.
@@ -237,7 +256,9 @@ struct ConvParams {
     lo: i32,
     hi: i32,
     mode: u32,
-    _pad: [u32; 3],
+    zp_word: u32,
+    zp_rest: i32,
+    shared_q: u32,
 }
 
 /// `[outer, C, inner]`: how a shape is seen by the packed layout (channel axis 1; rank 1 is
@@ -652,6 +673,64 @@ pub fn add_int8(
     Ok(y)
 }
 
+/// The same codes (row-major) seen with another logical shape of the same element count,
+/// repacked on the device when the channel-quad packing differs (`int8.wgsl`'s `repack`: one
+/// output word per invocation), or sharing the words when it does not
+/// ([`GpuInt8Tensor::reshape`]). Flattening NCHW codes `[N, C, H, W]` (words
+/// `[N, ceil(C/4), H, W]`) to `[N, C·H·W]` (words `[N, ceil(C·H·W/4)]`) is the common case
+/// ([`flatten_int8`]).
+///
+/// Errors: [`Error::ShapeMismatch`] when the element counts differ.
+pub fn repack_int8(ctx: &GpuContext, x: &GpuInt8Tensor, shape: &[usize]) -> Result<GpuInt8Tensor> {
+    if shape.iter().product::<usize>() != x.len() {
+        return Err(Error::shape(
+            "int8 repack (element counts must match)",
+            x.shape(),
+            shape,
+        ));
+    }
+    if packed_dims(shape) == packed_dims(x.shape()) {
+        return x.reshape(shape);
+    }
+    let y = GpuInt8Tensor::zeros(ctx, shape)?;
+    let words = y.words.len();
+    if words == 0 {
+        return Ok(y);
+    }
+    to_u32(x.len(), "int8 repack element count")?;
+    to_u32(x.words.len(), "int8 repack input word count")?;
+    let [_, c, inner] = packed_dims(shape);
+    let [_, in_c, in_inner] = packed_dims(x.shape());
+    let p = Params {
+        count: to_u32(words, "int8 repack word count")?,
+        c: to_u32(c, "int8 repack channels")?,
+        cq: to_u32(c.div_ceil(4), "int8 repack channel words")?,
+        inner: to_u32(inner, "int8 repack inner size")?,
+        in_c: to_u32(in_c, "int8 repack input channels")?,
+        in_inner: to_u32(in_inner, "int8 repack input inner size")?,
+        ..Params::default()
+    };
+    let uniform = ctx.uniform(&p)?;
+    ctx.run(&[Launch {
+        kernel: &REPACK,
+        constants: WG_CONSTANTS,
+        buffers: &[&uniform, x.words.buffer(), y.words.buffer()],
+        workgroups: ctx.grid_1d(words, WORKGROUP_SIZE)?,
+    }])?;
+    Ok(y)
+}
+
+/// `torch.flatten(x, 1)` on codes: `[N, ...]` → `[N, prod(...)]`, repacked on the device
+/// ([`repack_int8`]), as [`crate::deploy::IntModel::forward`]'s flatten reshapes host codes.
+///
+/// Errors: [`Error::InvalidArgument`] for a rank-0 input (the CPU path's message).
+pub fn flatten_int8(ctx: &GpuContext, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
+    let Some((&n, rest)) = x.shape().split_first() else {
+        return Err(Error::invalid("flatten needs an input of rank >= 1"));
+    };
+    repack_int8(ctx, x, &[n, rest.iter().product()])
+}
+
 /// Evaluates the WGSL fixed-point functions of `shaders/lib/requant.wgsl` on the GPU, for
 /// checking them against [`crate::quant::requant`]: for each `[x, m, shift, exponent]` it
 /// returns `[srdhm(x, m), rdbp(x, exponent), mbqm(x, m, shift), sat_add(x, m)]`, the WGSL
@@ -775,6 +854,7 @@ pub struct GpuConv2dInt8 {
     rows: GpuTensor,
     weight_shape: [usize; 4],
     nq: usize,
+    shared_q: bool,
     params: Conv2dParams,
     x_zero_point: i32,
     out_zero_point: i32,
@@ -825,7 +905,10 @@ impl GpuConv2dInt8 {
                 .unwrap_or(0)
         };
         let taps = kh * kw;
-        let mut words = vec![0u32; o * nq * taps];
+        // Padded to whole output words (zero weights and rows past O): the kernel's channel
+        // loop is always 4 long.
+        let op = 4 * o.div_ceil(4);
+        let mut words = vec![0u32; op * nq * taps];
         let mut wsum = vec![0i32; o];
         let ws = weight.as_standard_layout();
         let ws: Vec<i8> = ws.iter().copied().collect();
@@ -841,13 +924,17 @@ impl GpuConv2dInt8 {
                 }
             }
         }
-        let rows = requant_rows(bias, &wsum, &first_q, x_zero_point, requant)?;
-        let weight_words = GpuTensor::from_slice_u32(ctx, &words, &[o, nq, kh, kw])?;
+        let mut rows = requant_rows(bias, &wsum, &first_q, x_zero_point, requant)?;
+        rows.resize(8 * op, 0);
+        // The dense fast path: the channels of every output word read the same input words.
+        let shared_q = first_q.chunks(4).all(|w| w.iter().all(|&q| q == w[0]));
+        let weight_words = GpuTensor::from_slice_u32(ctx, &words, &[op, nq, kh, kw])?;
         Ok(Self {
             weight: weight_words,
             rows: upload_rows(ctx, rows)?,
             weight_shape: [o, cg, kh, kw],
             nq,
+            shared_q,
             params: *params,
             x_zero_point,
             out_zero_point: requant.out_zero_point,
@@ -920,7 +1007,13 @@ impl GpuConv2dInt8 {
             lo: self.clamp.0,
             hi: self.clamp.1,
             mode: mode_code(self.mode),
-            _pad: [0; 3],
+            // A padding tap reads x_zp's low byte in every lane; the rest of x_zp (outside
+            // [-128, 127] only) is added separately.
+            zp_word: u32::from(self.x_zero_point as u8) * 0x0101_0101,
+            zp_rest: self
+                .x_zero_point
+                .wrapping_sub(i32::from(self.x_zero_point as i8)),
+            shared_q: u32::from(self.shared_q),
         };
         // Input coordinates are formed in i32 in the shader (up to the padded extent plus
         // PX columns of overhang).

@@ -256,19 +256,8 @@ pub fn linear_int8(
 ///
 /// Errors: zero kernel or stride, or a kernel larger than the input.
 pub fn max_pool2d_int8(x: &Array4<i8>, kernel: usize, stride: usize) -> Result<Array4<i8>> {
-    if kernel == 0 || stride == 0 {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
-        )));
-    }
     let (n, c, h, w) = x.dim();
-    if kernel > h || kernel > w {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
-        )));
-    }
-    let oh = (h - kernel) / stride + 1;
-    let ow = (w - kernel) / stride + 1;
+    let (oh, ow) = super::layers::max_pool2d_output(h, w, kernel, stride)?;
     let mut out = Array4::<i8>::zeros((n, c, oh, ow));
     for ((b, ch, i, j), o) in out.indexed_iter_mut() {
         let mut m = i8::MIN;

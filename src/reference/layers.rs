@@ -13,19 +13,8 @@ use crate::error::{Error, Result};
 /// Errors: [`Error::InvalidArgument`] for a zero kernel or stride, or a kernel larger than the
 /// input's height or width.
 pub fn max_pool2d(x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array4<f32>> {
-    if kernel == 0 || stride == 0 {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
-        )));
-    }
     let (n, c, h, w) = x.dim();
-    if kernel > h || kernel > w {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
-        )));
-    }
-    let oh = (h - kernel) / stride + 1;
-    let ow = (w - kernel) / stride + 1;
+    let (oh, ow) = max_pool2d_output(h, w, kernel, stride)?;
     let mut out = Array4::<f32>::zeros((n, c, oh, ow));
     for ((b, ch, i, j), o) in out.indexed_iter_mut() {
         let mut m = f32::NEG_INFINITY;
@@ -46,6 +35,30 @@ pub fn max_pool2d(x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array
         *o = m;
     }
     Ok(out)
+}
+
+/// The output size `((h - kernel) / stride + 1, (w - kernel) / stride + 1)` of
+/// [`max_pool2d`] (and of the integer max pooling) on an `h × w` input.
+///
+/// Errors: [`Error::InvalidArgument`] for a zero kernel or stride, or a kernel larger than the
+/// input's height or width.
+pub fn max_pool2d_output(
+    h: usize,
+    w: usize,
+    kernel: usize,
+    stride: usize,
+) -> Result<(usize, usize)> {
+    if kernel == 0 || stride == 0 {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
+        )));
+    }
+    if kernel > h || kernel > w {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
+        )));
+    }
+    Ok(((h - kernel) / stride + 1, (w - kernel) / stride + 1))
 }
 
 /// Linear layer `x · Wᵀ + b` for `x` `[N, in]`, weight `[out, in]`, bias `[out]`: mirrors

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -14,7 +15,7 @@ use qfuse::gpu::GpuContext;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Also write the results as JSON (keys adapter, copy_gbps, fma_gflops, kernels,
-    /// fused_speedup_eval, fused_speedup_qat).
+    /// fused_speedup_eval, fused_speedup_qat; int8 kernels rate in `gops`).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Smaller tensors, batch-1 convs at fewer shapes, fewer runs: well under a minute on a
@@ -25,7 +26,7 @@ pub struct BenchArgs {
 
 /// Runs the suite on the system's GPU adapter (an error when there is none).
 pub fn run(args: &BenchArgs) -> qfuse::Result<ExitCode> {
-    let ctx = GpuContext::new()?;
+    let ctx = Arc::new(GpuContext::new()?);
     let cfg = if args.quick {
         BenchConfig::quick()
     } else {
