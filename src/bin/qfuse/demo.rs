@@ -11,6 +11,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
@@ -18,6 +19,7 @@ use ndarray::{ArrayD, Axis};
 use qfuse::backend::{Backend, CpuBackend, GpuBackend};
 use qfuse::config::{self, QuantMode};
 use qfuse::deploy;
+use qfuse::gpu::GpuContext;
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::model::mnist;
 use qfuse::nn::Module;
@@ -162,6 +164,7 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
     };
     model.eval();
 
+    let mut gpu_ctx: Option<Arc<GpuContext>> = None;
     let (backend, kind, adapter, fallback): (
         Box<dyn Backend>,
         &str,
@@ -172,11 +175,13 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
         DemoBackend::Gpu => {
             let g = GpuBackend::from_system()?;
             let name = g.context().name();
+            gpu_ctx = Some(Arc::clone(g.context()));
             (Box::new(g), "gpu", Some(name), None)
         }
         DemoBackend::Auto => match GpuBackend::from_system() {
             Ok(g) => {
                 let name = g.context().name();
+                gpu_ctx = Some(Arc::clone(g.context()));
                 (Box::new(g), "gpu", Some(name), None)
             }
             Err(e) => {
@@ -223,7 +228,7 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
         row("simulated int8", &y_int8, ms_int8),
     ];
     let qparams = config::qparams(&quant);
-    let deployed = deploy_section(args, &model, b, &x, &calibration, &y_float)?;
+    let deployed = deploy_section(args, &model, b, gpu_ctx, &x, &calibration, &y_float)?;
 
     // ---- the table
     let backend_cell = match (&adapter, &fallback) {
@@ -324,6 +329,7 @@ struct Deployed {
     max_abs_diff: f32,
     agree: usize,
     ms: f64,
+    device_ms: Option<f64>,
     reload_identical: bool,
     exported: Option<PathBuf>,
 }
@@ -382,10 +388,14 @@ impl Deployed {
         );
         println!(
             "deployed int8: max |diff| vs float {:.3e}, argmax = float {}/{batch}, {:.2} ms/batch \
-             ({backend_cell}); safetensors round trip gives identical outputs: {}{}",
+             ({backend_cell}, through the Backend interface){}; safetensors round trip gives \
+             identical outputs: {}{}",
             self.max_abs_diff,
             self.agree,
             self.ms,
+            self.device_ms
+                .map(|d| format!(", {d:.2} ms/batch device-resident (GpuIntModel)"))
+                .unwrap_or_default(),
             if self.reload_identical { "yes" } else { "NO" },
             self.exported
                 .as_ref()
@@ -418,6 +428,7 @@ impl Deployed {
             "max_abs_diff_vs_float": self.max_abs_diff,
             "argmax_agreement": self.agree as f64 / batch as f64,
             "ms_per_batch": self.ms,
+            "ms_per_batch_device_resident": self.device_ms,
             "reload_identical": self.reload_identical,
             "exported": self.exported.as_ref().map(|p| p.display().to_string()),
         })
@@ -427,10 +438,12 @@ impl Deployed {
 /// Converts the float Mnist to integer form (calibrated on `calibration`), measures the gap
 /// against the fused and unfused simulations on `x`, times the integer forward, and checks a
 /// safetensors round trip.
+#[allow(clippy::too_many_arguments)]
 fn deploy_section(
     args: &DemoArgs,
     model: &Module,
     b: &dyn Backend,
+    gpu_ctx: Option<Arc<GpuContext>>,
     x: &ArrayD<f32>,
     calibration: &[ArrayD<f32>],
     y_float: &ArrayD<f32>,
@@ -481,15 +494,32 @@ fn deploy_section(
         .zip(&float_ref)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max);
-    let mut times = Vec::new();
+    let median_ms = |f: &dyn Fn() -> qfuse::Result<ArrayD<i8>>| -> qfuse::Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            f()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
     let q = int.forward(b, x)?;
-    for _ in 0..args.runs {
-        let t = Instant::now();
-        int.forward(b, x)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    let ms = times[times.len() / 2];
+    let ms = median_ms(&|| int.forward(b, x))?;
+    // On the GPU, also the device-resident model: weights uploaded once, intermediates kept
+    // on the device.
+    let device_ms = match gpu_ctx {
+        Some(ctx) => {
+            let dev = deploy::GpuIntModel::new(&int, ctx)?;
+            if dev.forward(x)? != q {
+                return Err(qfuse::Error::Gpu(
+                    "the device-resident integer model disagrees with the integer forward".into(),
+                ));
+            }
+            Some(median_ms(&|| dev.forward(x))?)
+        }
+        None => None,
+    };
     let bytes = int.to_state_dict()?.to_bytes()?;
     let back = deploy::IntModel::from_bytes(&bytes, "the exported model")?;
     let reload_identical = back.forward(b, x)? == q;
@@ -503,6 +533,7 @@ fn deploy_section(
         max_abs_diff,
         agree,
         ms,
+        device_ms,
         reload_identical,
         exported: args.export.clone(),
     })
