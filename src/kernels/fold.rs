@@ -1,6 +1,13 @@
-//! BatchNorm folding on the GPU (`shaders/fold.wgsl`), matching [`crate::reference::fold`]
-//! to within 1e-5 (WGSL's `sqrt` and `/` are not correctly rounded): conv weights of any rank,
-//! transposed conv weights (grouped and depthwise too), and linear layers.
+//! BatchNorm folding on the GPU (`shaders/fold.wgsl`), matching [`crate::reference::fold`]:
+//! conv weights of any rank, transposed conv weights (grouped and depthwise too), and linear
+//! layers.
+//!
+//! One submission of two dispatches: the per-channel scale `γ / sqrt(var + eps)` and the
+//! folded bias, once per output channel (correctly rounded `sqrt` and division, so the folded
+//! weight is bit-exact with the CPU; the bias is within 1e-5, as a driver may contract its
+//! mul-add), then the weight scaled by it: `vec4` loads and stores along each output channel's
+//! contiguous row when its length is a multiple of 4 (four `vec4`s per invocation, the scale
+//! read once), else four elements per invocation.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -11,7 +18,34 @@ use crate::ops::BatchNorm;
 
 static SHADER: Shader = Shader {
     name: "fold",
-    source: include_str!("../../shaders/fold.wgsl"),
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/lib/exact_float.wgsl"),
+        include_str!("../../shaders/fold.wgsl")
+    ),
+};
+
+static FOLD_SCALE: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "fold_scale",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read(3),
+        Binding::read_write(5),
+        Binding::read_write(8),
+    ],
+};
+
+static FOLD_ROWS4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "fold_rows4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(6),
+        Binding::read_write(7),
+        Binding::read_write(8),
+    ],
 };
 
 static FOLD_WEIGHT: Kernel = Kernel {
@@ -20,21 +54,20 @@ static FOLD_WEIGHT: Kernel = Kernel {
     bindings: &[
         Binding::uniform(0),
         Binding::read(1),
-        Binding::read(2),
         Binding::read_write(4),
+        Binding::read_write(8),
     ],
 };
 
-static FOLD_BIAS: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "fold_bias",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read(2),
-        Binding::read(3),
-        Binding::read_write(5),
-    ],
-};
+/// Workgroup size of the weight kernels (`WG`): rows of a few hundred `vec4`s leave fewer
+/// invocations idle than with 256.
+const ROWS_WG: u32 = 64;
+const ROWS_CONSTANTS: &[(&str, f64)] = &[("WG", ROWS_WG as f64)];
+/// `vec4`s each `fold_rows4` invocation scales; elements each `fold_weight` invocation scales.
+const PER_INVOCATION: usize = 4;
+/// Shortest row (elements) for which `fold_rows4` is used: shorter rows would leave most of
+/// each workgroup idle.
+const MIN_ROW: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -48,7 +81,8 @@ struct Params {
     bn_channels: u32,
     linear: u32,
     eps: f32,
-    _pad: [u32; 3],
+    rows: u32,
+    _pad: [u32; 2],
 }
 
 /// A BatchNorm's parameters on the GPU: a `[4, C]` tensor of `γ`, `β`, running mean and
@@ -129,24 +163,55 @@ fn run(
     weight: &GpuTensor,
     bias: &GpuTensor,
     bn: &GpuBatchNorm,
-    params: Params,
+    mut params: Params,
 ) -> Result<(GpuTensor, GpuTensor)> {
+    let n = weight.len();
+    let inner = params.inner.max(1) as usize;
+    let rows = n / inner;
+    params.rows = to_u32(rows, "weight rows")?;
     let uniform = ctx.uniform(&params)?;
     let w_out = GpuTensor::zeros(ctx, weight.shape(), DType::F32)?;
     let b_out = GpuTensor::zeros(ctx, &[params.bias_len as usize], DType::F32)?;
-    ctx.run(&[
+    let scale = GpuTensor::zeros(ctx, &[params.bias_len as usize], DType::F32)?;
+    // fold_rows4: one row of workgroups per weight row, rows over y and z.
+    let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
+    let gx = (inner / 4)
+        .div_ceil(PER_INVOCATION)
+        .div_ceil(ROWS_WG as usize);
+    let gy = rows.min(max);
+    let gz = rows.div_ceil(gy.max(1));
+    let rows4 = inner.is_multiple_of(4) && inner >= MIN_ROW && rows > 0 && gx <= max && gz <= max;
+    let scale_buffers = [
+        &uniform,
+        bn.data.buffer(),
+        bias.buffer(),
+        b_out.buffer(),
+        scale.buffer(),
+    ];
+    let weight_buffers = [&uniform, weight.buffer(), w_out.buffer(), scale.buffer()];
+    let weight_launch = if rows4 {
+        Launch {
+            kernel: &FOLD_ROWS4,
+            constants: ROWS_CONSTANTS,
+            buffers: &weight_buffers,
+            workgroups: [gx as u32, gy as u32, gz as u32],
+        }
+    } else {
         Launch {
             kernel: &FOLD_WEIGHT,
-            constants: WG_CONSTANTS,
-            buffers: &[&uniform, weight.buffer(), bn.data.buffer(), w_out.buffer()],
-            workgroups: grid(ctx, weight.len())?,
-        },
+            constants: ROWS_CONSTANTS,
+            buffers: &weight_buffers,
+            workgroups: ctx.grid_1d(n.div_ceil(PER_INVOCATION), ROWS_WG)?,
+        }
+    };
+    ctx.run(&[
         Launch {
-            kernel: &FOLD_BIAS,
+            kernel: &FOLD_SCALE,
             constants: WG_CONSTANTS,
-            buffers: &[&uniform, bn.data.buffer(), bias.buffer(), b_out.buffer()],
+            buffers: &scale_buffers,
             workgroups: grid(ctx, params.bias_len as usize)?,
         },
+        weight_launch,
     ])?;
     Ok((w_out, b_out))
 }

@@ -28,7 +28,7 @@ static SHADER: Shader = Shader {
 };
 
 /// Workgroup size of every observer entry point (`WGR` in the shader).
-const WGR: u32 = 256;
+const WGR: u32 = 64;
 
 static MINMAX_PARTIAL: Kernel = Kernel {
     shader: &SHADER,
@@ -37,6 +37,7 @@ static MINMAX_PARTIAL: Kernel = Kernel {
         Binding::uniform(0),
         Binding::read(1),
         Binding::read_write(2),
+        Binding::read(7),
     ],
 };
 
@@ -88,26 +89,39 @@ struct Params {
     inner: u32,
     channels: u32,
     groups: u32,
+    chunk: u32,
+    row_stride: u32,
+    step_rows: u32,
+    step_units: u32,
+    vec4: u32,
+    tail: u32,
+    n: u32,
     quant_min: i32,
     quant_max: i32,
     zp_symmetric: i32,
     symmetric: u32,
     eps: f32,
     denom: f32,
-    n: u32,
-    _pad: u32,
+    _pad: [u32; 3],
 }
 
-/// Elements each thread folds (at least) before the workgroup reduction; bounds the number
-/// of partial results per channel.
-const ITEMS_PER_THREAD: usize = 8;
+/// Units (vec4s, or f32s where a channel's runs are not whole vec4s) each invocation of
+/// `minmax_partial` folds in registers, at least, before the workgroup reduction; bounds the
+/// number of partial results per channel.
+const UNITS_PER_THREAD: usize = 256;
+/// Lanes side by side on consecutive units in `minmax_partial` (`LANES`): each run of 8
+/// invocations (a SIMD row on CPU adapters) streams through a contiguous range.
+const LANES: u32 = 8;
+/// Streams (contiguous ranges) per `minmax_partial` workgroup.
+const STREAMS: usize = (WGR / LANES) as usize;
 /// Upper bound on partial workgroups per channel.
 const MAX_GROUPS: usize = 1024;
 /// Up to this many elements per channel, one thread reduces a channel on its own
-/// (`minmax_small`) instead of a workgroup per channel in two passes.
+/// (`minmax_small`) instead of workgroups per channel in two passes.
 const SMALL_M: usize = 256;
 
-/// Shape of a reduction: channels, elements per channel, inner size.
+/// Shape of a reduction: channels, elements per channel, inner size (elements per contiguous
+/// run of a channel; `m` when there is one channel).
 struct Layout {
     channels: usize,
     m: usize,
@@ -120,7 +134,7 @@ fn layout(x: &GpuTensor, axis: Option<usize>) -> Result<Layout> {
         None => Ok(Layout {
             channels: 1,
             m: x.len(),
-            inner: 1,
+            inner: x.len(),
         }),
         Some(axis) => {
             if axis >= shape.len() {
@@ -130,11 +144,46 @@ fn layout(x: &GpuTensor, axis: Option<usize>) -> Result<Layout> {
                 });
             }
             let channels = shape[axis];
-            let inner: usize = shape[axis + 1..].iter().product();
             let m = x.len().checked_div(channels).unwrap_or(0);
+            // One channel: its elements are the whole tensor, contiguous.
+            let inner = if channels == 1 {
+                m
+            } else {
+                shape[axis + 1..].iter().product()
+            };
             Ok(Layout { channels, m, inner })
         }
     }
+}
+
+/// The `minmax_partial` layout of a reduction of `l` over `n` elements: units, strides,
+/// groups (wrapping `u32` arithmetic for the strides, as the shader advances addresses).
+fn partial_params(l: &Layout, n: usize) -> Result<Params> {
+    let vec4 = l.channels == 1 || l.inner.is_multiple_of(4);
+    let per_unit = if vec4 { 4 } else { 1 };
+    let inner = (l.inner / per_unit).max(1);
+    let m = l.m / per_unit;
+    let groups = m
+        .div_ceil(WGR as usize * UNITS_PER_THREAD)
+        .clamp(1, MAX_GROUPS);
+    let chunk = m.div_ceil(groups * STREAMS);
+    let row_stride = l.channels as u64 * inner as u64;
+    let step_rows = (u64::from(LANES) / inner as u64).wrapping_mul(row_stride);
+    Ok(Params {
+        m: to_u32(m, "observer units per channel")?,
+        inner: to_u32(inner, "observer inner size")?,
+        channels: to_u32(l.channels, "observer channels")?,
+        groups: groups as u32,
+        chunk: to_u32(chunk, "observer chunk")?,
+        row_stride: row_stride as u32,
+        step_rows: step_rows as u32,
+        step_units: (u64::from(LANES) % inner as u64) as u32,
+        vec4: u32::from(vec4),
+        // Per tensor, the elements after the last whole vec4; per channel, none.
+        tail: to_u32(if l.channels == 1 { 4 * m } else { n }, "observer elements")?,
+        n: to_u32(n, "observer elements")?,
+        ..Params::default()
+    })
 }
 
 /// Grid `[x, y, z]` with one slice of `x` workgroups per channel, channels spread over y, z.
@@ -166,7 +215,12 @@ impl Reduction {
     /// command buffer.
     fn run(&self, ctx: &GpuContext, x: &GpuTensor, then: Option<Launch<'_>>) -> Result<()> {
         let small_buffers = [&self.uniform, x.buffer(), self.minmax.buffer()];
-        let partial_buffers = [&self.uniform, x.buffer(), self.partials.buffer()];
+        let partial_buffers = [
+            &self.uniform,
+            x.buffer(),
+            self.partials.buffer(),
+            x.buffer(),
+        ];
         let final_buffers = [&self.uniform, self.partials.buffer(), self.minmax.buffer()];
         let mut launches = match self.small_grid {
             Some(workgroups) => vec![Launch {
@@ -204,18 +258,26 @@ fn prepare_reduction(
     expect_f32("observer input", x)?;
     let l = layout(x, axis)?;
     let small = l.m <= SMALL_M;
-    let groups = if small {
-        1
+    let shape = if small {
+        Params {
+            m: to_u32(l.m, "observer elements per channel")?,
+            inner: to_u32(l.inner.max(1), "observer inner size")?,
+            channels: to_u32(l.channels, "observer channels")?,
+            groups: 1,
+            ..Params::default()
+        }
     } else {
-        l.m.div_ceil(WGR as usize * ITEMS_PER_THREAD)
-            .clamp(1, MAX_GROUPS)
+        partial_params(&l, x.len())?
     };
+    let groups = shape.groups as usize;
     let params = Params {
-        m: to_u32(l.m, "observer elements per channel")?,
-        inner: to_u32(l.inner.max(1), "observer inner size")?,
-        channels: to_u32(l.channels, "observer channels")?,
-        groups: groups as u32,
-        ..extra
+        quant_min: extra.quant_min,
+        quant_max: extra.quant_max,
+        zp_symmetric: extra.zp_symmetric,
+        symmetric: extra.symmetric,
+        eps: extra.eps,
+        denom: extra.denom,
+        ..shape
     };
     let partials = GpuTensor::zeros(ctx, &[l.channels, groups, 2], DType::F32)?;
     let minmax = GpuTensor::zeros(ctx, &[2, l.channels], DType::F32)?;
