@@ -22,7 +22,7 @@
 //   @group(0) @binding(4) out_scale: storage, read array<f32>  [O] (any buffer when has_scale = 0)
 //   @group(0) @binding(5) bias:      storage, read array<f32>  [O] (any buffer when has_bias = 0)
 //
-// Entry point and dispatch shape:
+// Entry points and dispatch shapes:
 //   forward_sg: each invocation computes SG_O (8 or 16) output channels of one group x 8
 //     consecutive output pixels of one output row (ox0 = 8 * block) in 2 * SG_O vec4
 //     accumulators, as forward_reg does. Workgroup (SG_WG, 1, 1) over consecutive 8-pixel
@@ -49,6 +49,18 @@
 //       SG_K3 (0 / 1; default 0): 1 when KW == 3, stride_w == 1, dil_w == 1: one row of 10
 //             inputs feeds all 3 taps of the 8 pixels.
 //       SG_WG (default 64): invocations per workgroup.
+//   forward_sg_r2: forward_sg for 3x3 kernels at stride 1 and dilation 1 in both dimensions
+//     (the launcher runs it only then), each invocation computing SG_O channels x 8 pixels of
+//     TWO output rows (oy = 2 * pair, oy + 1) in 4 * SG_O vec4 accumulators: per input channel
+//     the 4 input rows iy0 .. iy0 + 3 (iy0 = oy - PH) are each loaded once (10 values) and
+//     feed every (output row, kernel row) pair that reads them (row oy: kernel rows 0-2 from
+//     input rows 0-2; row oy + 1: from input rows 1-3), and each broadcast weight row serves
+//     both output rows: 40 input + 18 weight loads per channel for 2 rows instead of
+//     2 x (30 + 18). Invocations run over consecutive 8-pixel blocks of row pairs (row-major
+//     over n, oy / 2, block; ptiles = ceil(N*ceil(OH/2)*ceil(OW/8) / SG_WG)); the second row
+//     of the last pair of an odd OH is computed on clamped rows and not stored. Weight sharing,
+//     the any-subgroup-size fallback and the uniform control flow are those of forward_sg.
+//     Same override constants (SG_K3 unused).
 //     Why: on CPU adapters (lavapipe / llvmpipe) every storage load is a per-lane scalar loop
 //     (about 10 fmas' worth per lane) while a broadcast is one extract and splat; loads set the
 //     speed of forward_reg. Per 3-tap row, forward_reg does 10 input + 24 weight loads for
@@ -427,4 +439,221 @@ fn forward_sg(@builtin(local_invocation_index) li: u32,
         store_sg(a14, b14, g, m0 + 14u, row, ox0, live);
         store_sg(a15, b15, g, m0 + 15u, row, ox0, live);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward_sg_r2: forward_sg for 3x3 kernels at stride 1, dilation 1 (both dimensions), two
+// output rows per invocation: the four input rows iy0 .. iy0 + 3 feed output rows oy and oy + 1,
+// so each loaded input row serves every kernel row that needs it (4 row loads per input channel
+// instead of 6), and each broadcast weight row serves both output rows. See the header.
+
+// The 3-tap weights (kx 0, 1, 2) of kernel row `off` (offset within a channel's weights) for
+// the SG_O channels m0 .. m0 + SG_O - 1 of group g: lane l loads channel m0 + (l & 7)'s (and
+// m0 + 8 + (l & 7)'s) and the others take them by broadcast when `share` (uniform over the
+// subgroup); otherwise every invocation loads all of them. Entries past SG_O are zero.
+fn w_rows3(share: bool, wl0: u32, wl1: u32, g: u32, m0: u32, off: u32) -> array<vec3<f32>, 16> {
+    var w = array<vec3<f32>, 16>();
+    if (share) {
+        let r = w3(wl0 + off);
+        w[0] = subgroupBroadcast(r, 0u);
+        w[1] = subgroupBroadcast(r, 1u);
+        w[2] = subgroupBroadcast(r, 2u);
+        w[3] = subgroupBroadcast(r, 3u);
+        w[4] = subgroupBroadcast(r, 4u);
+        w[5] = subgroupBroadcast(r, 5u);
+        w[6] = subgroupBroadcast(r, 6u);
+        w[7] = subgroupBroadcast(r, 7u);
+        if (SG_O > 8u) {
+            let s = w3(wl1 + off);
+            w[8] = subgroupBroadcast(s, 0u);
+            w[9] = subgroupBroadcast(s, 1u);
+            w[10] = subgroupBroadcast(s, 2u);
+            w[11] = subgroupBroadcast(s, 3u);
+            w[12] = subgroupBroadcast(s, 4u);
+            w[13] = subgroupBroadcast(s, 5u);
+            w[14] = subgroupBroadcast(s, 6u);
+            w[15] = subgroupBroadcast(s, 7u);
+        }
+    } else {
+        w[0] = w3(w_base(g, m0 + 0u) + off);
+        w[1] = w3(w_base(g, m0 + 1u) + off);
+        w[2] = w3(w_base(g, m0 + 2u) + off);
+        w[3] = w3(w_base(g, m0 + 3u) + off);
+        w[4] = w3(w_base(g, m0 + 4u) + off);
+        w[5] = w3(w_base(g, m0 + 5u) + off);
+        w[6] = w3(w_base(g, m0 + 6u) + off);
+        w[7] = w3(w_base(g, m0 + 7u) + off);
+        if (SG_O > 8u) {
+            w[8] = w3(w_base(g, m0 + 8u) + off);
+            w[9] = w3(w_base(g, m0 + 9u) + off);
+            w[10] = w3(w_base(g, m0 + 10u) + off);
+            w[11] = w3(w_base(g, m0 + 11u) + off);
+            w[12] = w3(w_base(g, m0 + 12u) + off);
+            w[13] = w3(w_base(g, m0 + 13u) + off);
+            w[14] = w3(w_base(g, m0 + 14u) + off);
+            w[15] = w3(w_base(g, m0 + 15u) + off);
+        }
+    }
+    return w;
+}
+
+// The input row at xr (zeros when !row_ok) as the six shifted vec4s of the 3-tap update:
+// (l0, h0, l1, h1, l2, h2), lk / hk = x[ix0 + k .. ix0 + k + 3] / x[ix0 + 4 + k .. ix0 + k + 7].
+fn x_row3(xr: u32, ix0: i32, row_ok: bool) -> array<vec4<f32>, 6> {
+    let x0 = x_at(xr, ix0 + 0, row_ok);
+    let x1 = x_at(xr, ix0 + 1, row_ok);
+    let x2 = x_at(xr, ix0 + 2, row_ok);
+    let x3 = x_at(xr, ix0 + 3, row_ok);
+    let x4 = x_at(xr, ix0 + 4, row_ok);
+    let x5 = x_at(xr, ix0 + 5, row_ok);
+    let x6 = x_at(xr, ix0 + 6, row_ok);
+    let x7 = x_at(xr, ix0 + 7, row_ok);
+    let x8 = x_at(xr, ix0 + 8, row_ok);
+    let x9 = x_at(xr, ix0 + 9, row_ok);
+    return array<vec4<f32>, 6>(vec4<f32>(x0, x1, x2, x3), vec4<f32>(x4, x5, x6, x7),
+                               vec4<f32>(x1, x2, x3, x4), vec4<f32>(x5, x6, x7, x8),
+                               vec4<f32>(x2, x3, x4, x5), vec4<f32>(x6, x7, x8, x9));
+}
+
+// a + w.x * l0 + w.y * l1 + w.z * l2 (one half of tap3).
+fn t3(a: vec4<f32>, w: vec3<f32>, l0: vec4<f32>, l1: vec4<f32>, l2: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(w.z), l2, fma(vec4<f32>(w.y), l1, fma(vec4<f32>(w.x), l0, a)));
+}
+
+// acc[2m] / acc[2m + 1] (pixels 0-3 / 4-7 of channel m0 + m) += the 3-tap row update with
+// weights w[m] and input row xs, for m < SG_O.
+fn rows3_update(acc: ptr<function, array<vec4<f32>, 32>>, w: array<vec3<f32>, 16>,
+                xs: array<vec4<f32>, 6>) {
+    (*acc)[0] = t3((*acc)[0], w[0], xs[0], xs[2], xs[4]);
+    (*acc)[1] = t3((*acc)[1], w[0], xs[1], xs[3], xs[5]);
+    (*acc)[2] = t3((*acc)[2], w[1], xs[0], xs[2], xs[4]);
+    (*acc)[3] = t3((*acc)[3], w[1], xs[1], xs[3], xs[5]);
+    (*acc)[4] = t3((*acc)[4], w[2], xs[0], xs[2], xs[4]);
+    (*acc)[5] = t3((*acc)[5], w[2], xs[1], xs[3], xs[5]);
+    (*acc)[6] = t3((*acc)[6], w[3], xs[0], xs[2], xs[4]);
+    (*acc)[7] = t3((*acc)[7], w[3], xs[1], xs[3], xs[5]);
+    (*acc)[8] = t3((*acc)[8], w[4], xs[0], xs[2], xs[4]);
+    (*acc)[9] = t3((*acc)[9], w[4], xs[1], xs[3], xs[5]);
+    (*acc)[10] = t3((*acc)[10], w[5], xs[0], xs[2], xs[4]);
+    (*acc)[11] = t3((*acc)[11], w[5], xs[1], xs[3], xs[5]);
+    (*acc)[12] = t3((*acc)[12], w[6], xs[0], xs[2], xs[4]);
+    (*acc)[13] = t3((*acc)[13], w[6], xs[1], xs[3], xs[5]);
+    (*acc)[14] = t3((*acc)[14], w[7], xs[0], xs[2], xs[4]);
+    (*acc)[15] = t3((*acc)[15], w[7], xs[1], xs[3], xs[5]);
+    if (SG_O > 8u) {
+        (*acc)[16] = t3((*acc)[16], w[8], xs[0], xs[2], xs[4]);
+        (*acc)[17] = t3((*acc)[17], w[8], xs[1], xs[3], xs[5]);
+        (*acc)[18] = t3((*acc)[18], w[9], xs[0], xs[2], xs[4]);
+        (*acc)[19] = t3((*acc)[19], w[9], xs[1], xs[3], xs[5]);
+        (*acc)[20] = t3((*acc)[20], w[10], xs[0], xs[2], xs[4]);
+        (*acc)[21] = t3((*acc)[21], w[10], xs[1], xs[3], xs[5]);
+        (*acc)[22] = t3((*acc)[22], w[11], xs[0], xs[2], xs[4]);
+        (*acc)[23] = t3((*acc)[23], w[11], xs[1], xs[3], xs[5]);
+        (*acc)[24] = t3((*acc)[24], w[12], xs[0], xs[2], xs[4]);
+        (*acc)[25] = t3((*acc)[25], w[12], xs[1], xs[3], xs[5]);
+        (*acc)[26] = t3((*acc)[26], w[13], xs[0], xs[2], xs[4]);
+        (*acc)[27] = t3((*acc)[27], w[13], xs[1], xs[3], xs[5]);
+        (*acc)[28] = t3((*acc)[28], w[14], xs[0], xs[2], xs[4]);
+        (*acc)[29] = t3((*acc)[29], w[14], xs[1], xs[3], xs[5]);
+        (*acc)[30] = t3((*acc)[30], w[15], xs[0], xs[2], xs[4]);
+        (*acc)[31] = t3((*acc)[31], w[15], xs[1], xs[3], xs[5]);
+    }
+}
+
+// Stores the SG_O channels of one output row (see store_sg).
+fn store_rows3(acc: ptr<function, array<vec4<f32>, 32>>, g: u32, m0: u32, row: u32, ox0: u32,
+               live: bool) {
+    store_sg((*acc)[0], (*acc)[1], g, m0 + 0u, row, ox0, live);
+    store_sg((*acc)[2], (*acc)[3], g, m0 + 1u, row, ox0, live);
+    store_sg((*acc)[4], (*acc)[5], g, m0 + 2u, row, ox0, live);
+    store_sg((*acc)[6], (*acc)[7], g, m0 + 3u, row, ox0, live);
+    store_sg((*acc)[8], (*acc)[9], g, m0 + 4u, row, ox0, live);
+    store_sg((*acc)[10], (*acc)[11], g, m0 + 5u, row, ox0, live);
+    store_sg((*acc)[12], (*acc)[13], g, m0 + 6u, row, ox0, live);
+    store_sg((*acc)[14], (*acc)[15], g, m0 + 7u, row, ox0, live);
+    if (SG_O > 8u) {
+        store_sg((*acc)[16], (*acc)[17], g, m0 + 8u, row, ox0, live);
+        store_sg((*acc)[18], (*acc)[19], g, m0 + 9u, row, ox0, live);
+        store_sg((*acc)[20], (*acc)[21], g, m0 + 10u, row, ox0, live);
+        store_sg((*acc)[22], (*acc)[23], g, m0 + 11u, row, ox0, live);
+        store_sg((*acc)[24], (*acc)[25], g, m0 + 12u, row, ox0, live);
+        store_sg((*acc)[26], (*acc)[27], g, m0 + 13u, row, ox0, live);
+        store_sg((*acc)[28], (*acc)[29], g, m0 + 14u, row, ox0, live);
+        store_sg((*acc)[30], (*acc)[31], g, m0 + 15u, row, ox0, live);
+    }
+}
+
+@compute @workgroup_size(SG_WG)
+fn forward_sg_r2(@builtin(local_invocation_index) li: u32,
+                 @builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(subgroup_invocation_id) lane: u32,
+                 @builtin(subgroup_size) sg_size: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    // Grid padding: uniform over the whole workgroup, so no subgroup is split by it.
+    if (tile >= P.count) {
+        return;
+    }
+    let mt = tile % P.mtiles;
+    let rest = tile / P.mtiles;
+    let pt = rest % P.ptiles;
+    let g = rest / P.ptiles;
+    let owb = (P.ow + 7u) / 8u;
+    let ohp = (P.oh + 1u) / 2u;
+    let q = pt * SG_WG + li;
+    let pairs = P.n * ohp;
+    // Invocations past the last block compute on the last one and store nothing.
+    let live = q / owb < pairs;
+    let qc = select(pairs * owb - 1u, q, live);
+    let pair = qc / owb;            // n * ceil(OH / 2) + oy / 2
+    let n = pair / ohp;
+    let oy = (pair % ohp) * 2u;
+    // The second row of the pair exists unless OH is odd and this is the last pair.
+    let live1 = live && oy + 1u < P.oh;
+    let row = n * P.oh + oy;
+    let ox0 = (qc % owb) * 8u;
+    let m0 = mt * SG_O;
+    let hw = P.h * P.w;
+    let iy0 = i32(oy) - i32(P.pad_h);
+    let ix0 = i32(ox0) - i32(P.pad_w);
+    let x_base = (n * P.c + g * P.cg) * hw;
+
+    // As in forward_sg: lanes 0..7 all active, uniform over the subgroup.
+    let ballot = subgroupBallot(true);
+    let share = sg_size >= 8u && (ballot.x & 0xffu) == 0xffu;
+    let own = lane & 7u;
+    let wl0 = w_base(g, m0 + own);
+    let wl1 = w_base(g, m0 + 8u + own);
+
+    var acc0 = array<vec4<f32>, 32>();
+    var acc1 = array<vec4<f32>, 32>();
+    // Input rows iy0 + t, t = 0..3, clamped into [0, H) (read as zeros when outside).
+    let ok0 = iy0 >= 0 && iy0 < i32(P.h);
+    let ok1 = iy0 + 1 >= 0 && iy0 + 1 < i32(P.h);
+    let ok2 = iy0 + 2 >= 0 && iy0 + 2 < i32(P.h);
+    let ok3 = iy0 + 3 >= 0 && iy0 + 3 < i32(P.h);
+    let r0 = u32(select(0, iy0, ok0)) * P.w;
+    let r1 = u32(select(0, iy0 + 1, ok1)) * P.w;
+    let r2 = u32(select(0, iy0 + 2, ok2)) * P.w;
+    let r3 = u32(select(0, iy0 + 3, ok3)) * P.w;
+    for (var ci = 0u; ci < P.cg; ci = ci + 1u) {
+        let xc = x_base + ci * hw;
+        let wc = ci * 9u;
+        // Output row oy takes kernel row t from input row t; row oy + 1 kernel row t - 1.
+        let w0 = w_rows3(share, wl0, wl1, g, m0, wc);
+        let x0 = x_row3(xc + r0, ix0, ok0);
+        rows3_update(&acc0, w0, x0);
+        let w1 = w_rows3(share, wl0, wl1, g, m0, wc + 3u);
+        let x1 = x_row3(xc + r1, ix0, ok1);
+        rows3_update(&acc0, w1, x1);
+        rows3_update(&acc1, w0, x1);
+        let w2 = w_rows3(share, wl0, wl1, g, m0, wc + 6u);
+        let x2 = x_row3(xc + r2, ix0, ok2);
+        rows3_update(&acc0, w2, x2);
+        rows3_update(&acc1, w1, x2);
+        let x3 = x_row3(xc + r3, ix0, ok3);
+        rows3_update(&acc1, w2, x3);
+    }
+    store_rows3(&acc0, g, m0, row, ox0, live);
+    store_rows3(&acc1, g, m0, row + 1u, ox0, live1);
 }

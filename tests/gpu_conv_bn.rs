@@ -750,3 +750,125 @@ fn errors_match_cpu() {
         err_text(CpuBackend.conv_bn_qat_backward(&x5, &dy, &conv_b, &bn4, &cfg, &f3))
     );
 }
+
+/// A named closure timed by [`eval_timing`].
+type TimedRun<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
+/// Not a check: times the pieces of the eval forward at ResNet-18 3x3 shapes (batch from
+/// `QFUSE_TIMING_BATCH`, default 8), interleaved, and prints every run with the median and
+/// minimum (`QFUSE_TIMING_REPS` runs, default 5; `QFUSE_TIMING_CHANNELS` picks one shape by its
+/// channel count): the fold alone, the conv with no epilogue, the conv with the prefolded
+/// weight and bias + ReLU epilogue, fold then that conv, the fused chain
+/// ([`conv_bn::conv_bn_act_eval`]) and the unfused one. Run with
+/// `cargo test --release --test gpu_conv_bn -- --ignored --nocapture eval_timing`.
+#[test]
+#[ignore]
+fn eval_timing() {
+    use qfuse::kernels::conv2d::{conv2d, ConvEpilogue};
+    use qfuse::kernels::fold::fold_conv_bn;
+    let Some(ctx) = common::gpu() else { return };
+    let batch: usize = std::env::var("QFUSE_TIMING_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let reps: usize = std::env::var("QFUSE_TIMING_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let only: Option<usize> = std::env::var("QFUSE_TIMING_CHANNELS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut rng = Rng(41);
+    for (c, s, groups) in [
+        (64, 56, 1),
+        (128, 28, 1),
+        (256, 14, 1),
+        (512, 7, 1),
+        (144, 56, 144),
+    ] {
+        if only.is_some_and(|o| o != c) {
+            continue;
+        }
+        let x = upload4(&ctx, &rng.array4([batch, c, s, s], -1.0, 1.0));
+        let w = upload4(&ctx, &rng.array4([c, c / groups, 3, 3], -0.1, 0.1));
+        let bn = GpuBatchNorm::upload(&ctx, &random_bn(&mut rng, c, true)).unwrap();
+        let params = Conv2dParams {
+            padding: [1, 1],
+            groups,
+            ..Conv2dParams::default()
+        };
+        let layer = GpuConv2d {
+            weight: &w,
+            bias: None,
+            params,
+        };
+        let (wf, bf) = fold_conv_bn(&ctx, &w, None, &bn, false).unwrap();
+        let pre = ConvEpilogue {
+            out_scale: None,
+            bias: Some(&bf),
+            activation: Activation::Relu,
+        };
+        let mut runs: Vec<TimedRun> = vec![
+            (
+                "fold",
+                Box::new(|| drop(fold_conv_bn(&ctx, &w, None, &bn, false).unwrap())),
+            ),
+            (
+                "conv",
+                Box::new(|| drop(conv2d(&ctx, &x, &w, &params, &ConvEpilogue::none()).unwrap())),
+            ),
+            (
+                "prefolded",
+                Box::new(|| drop(conv2d(&ctx, &x, &wf, &params, &pre).unwrap())),
+            ),
+            (
+                "fold+prefolded",
+                Box::new(|| {
+                    drop(fold_conv_bn(&ctx, &w, None, &bn, false).unwrap());
+                    drop(conv2d(&ctx, &x, &wf, &params, &pre).unwrap());
+                }),
+            ),
+            (
+                "fused",
+                Box::new(|| {
+                    drop(
+                        conv_bn::conv_bn_act_eval(&ctx, &x, &layer, &bn, Activation::Relu).unwrap(),
+                    )
+                }),
+            ),
+            (
+                "unfused",
+                Box::new(|| {
+                    drop(
+                        conv_bn::conv_bn_act_eval_unfused(&ctx, &x, &layer, &bn, Activation::Relu)
+                            .unwrap(),
+                    )
+                }),
+            ),
+        ];
+        let mut times = vec![Vec::new(); runs.len()];
+        for rep in 0..=reps {
+            for (i, (_, run)) in runs.iter_mut().enumerate() {
+                ctx.wait().unwrap();
+                let t = std::time::Instant::now();
+                run();
+                ctx.wait().unwrap();
+                if rep > 0 {
+                    times[i].push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let mut line = format!("{batch}x{c}x{s}x{s} g{groups}:");
+        for ((name, _), mut t) in runs.iter().zip(times) {
+            let all: Vec<String> = t.iter().map(|v| format!("{v:.0}")).collect();
+            t.sort_by(f64::total_cmp);
+            line += &format!(
+                "\n  {name}: median {:.1} min {:.1} [{}]",
+                t[t.len() / 2],
+                t[0],
+                all.join(" ")
+            );
+        }
+        println!("{line} (ms)");
+    }
+}

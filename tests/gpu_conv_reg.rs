@@ -258,6 +258,7 @@ fn register_blocked_every_tile_matches_reference() {
                         channels,
                         k3_stride1,
                         workgroup,
+                        rows: 1,
                     };
                     check(
                         &ctx,
@@ -320,6 +321,7 @@ fn register_blocked_small_grid_limit() {
         channels: 8,
         k3_stride1: true,
         workgroup: 8,
+        rows: 1,
     };
     let case = (
         [2, 4, 24, 24],
@@ -359,16 +361,25 @@ fn register_tile_choice_and_checks() {
             channels: 3,
             k3_stride1: false,
             workgroup: 64,
+            rows: 1,
         },
         RegTile {
             channels: 8,
             k3_stride1: false,
             workgroup: 0,
+            rows: 1,
         },
         RegTile {
             channels: 8,
             k3_stride1: false,
             workgroup: 512,
+            rows: 1,
+        },
+        RegTile {
+            channels: 8,
+            k3_stride1: true,
+            workgroup: 64,
+            rows: 2,
         },
     ] {
         let err = conv2d_with_algorithm(

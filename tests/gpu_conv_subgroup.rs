@@ -268,14 +268,16 @@ fn subgroup_every_tile_matches_reference() {
     let mut rng = Rng(32);
     for case in configs() {
         for channels in [8, 16] {
-            for k3_stride1 in [false, true] {
+            for (k3_stride1, rows) in [(false, 1), (true, 1), (true, 2)] {
                 // 8 and 64: whole subgroups of 8 (broadcast path on lavapipe); 5 and 12: a
-                // partial subgroup (the per-invocation fallback for those lanes).
+                // partial subgroup (the per-invocation fallback for those lanes). Rows 2 runs
+                // forward_sg_r2 where the conv is 3x3, stride 1, dilation 1 (else forward_sg).
                 for workgroup in [5, 8, 12, 64] {
                     let tile = RegTile {
                         channels,
                         k3_stride1,
                         workgroup,
+                        rows,
                     };
                     check(&ctx, &mut rng, &case, ConvAlgorithm::SubgroupWith(tile));
                 }
@@ -347,6 +349,7 @@ fn subgroup_small_grid_limit() {
         channels: 8,
         k3_stride1: true,
         workgroup: 8,
+        rows: 1,
     };
     let case = (
         [2, 4, 24, 24],
@@ -377,6 +380,7 @@ fn device_without_subgroups_refuses_and_auto_falls_back() {
             channels: 8,
             k3_stride1: true,
             workgroup: 64,
+            rows: 1,
         }),
     ] {
         let err = conv2d_with_algorithm(&ctx, &gx, &gw, &params, &ConvEpilogue::none(), algorithm)
@@ -392,22 +396,61 @@ fn device_without_subgroups_refuses_and_auto_falls_back() {
 #[test]
 fn subgroup_tile_choice_and_checks() {
     let params = p([1, 1], [1, 1], [1, 1], 1);
-    let t = RegTile::for_subgroup_conv(64, 3, &params, 8 * 56 * 7);
-    assert_eq!((t.channels, t.k3_stride1, t.workgroup), (16, true, 64));
-    assert_eq!(RegTile::for_subgroup_conv(8, 3, &params, 64).channels, 8);
-    assert_eq!(RegTile::for_subgroup_conv(12, 3, &params, 64).channels, 8);
-    assert!(!RegTile::for_subgroup_conv(16, 3, &p([2, 2], [1, 1], [1, 1], 1), 64).k3_stride1);
+    let t = RegTile::for_subgroup_conv(64, [3, 3], &params, [8, 64, 56, 56]);
+    assert_eq!(
+        (t.channels, t.k3_stride1, t.workgroup, t.rows),
+        (16, true, 64, 2)
+    );
+    assert_eq!(
+        RegTile::for_subgroup_conv(8, [3, 3], &params, [1, 8, 8, 8]).channels,
+        8
+    );
+    assert_eq!(
+        RegTile::for_subgroup_conv(12, [3, 3], &params, [1, 8, 8, 8]).channels,
+        8
+    );
+    let s2 = RegTile::for_subgroup_conv(16, [3, 3], &p([2, 2], [1, 1], [1, 1], 1), [1, 8, 8, 8]);
+    assert!(!s2.k3_stride1);
+    assert_eq!(s2.rows, 1);
+    // Two rows only for 3x3, stride 1, dilation 1, at least two output rows.
+    for (kernel, params, out) in [
+        ([3, 5], params, [1, 8, 8, 8]),
+        ([5, 3], params, [1, 8, 8, 8]),
+        ([3, 3], p([1, 1], [1, 1], [2, 1], 1), [1, 8, 8, 8]),
+        ([3, 3], p([2, 1], [1, 1], [1, 1], 1), [1, 8, 8, 8]),
+        ([3, 3], params, [1, 8, 1, 8]),
+    ] {
+        assert_eq!(
+            RegTile::for_subgroup_conv(16, kernel, &params, out).rows,
+            1,
+            "{kernel:?} {params:?} {out:?}"
+        );
+    }
+    // 512x7x7, batch 8: 8 * 4 row pairs = 32 invocations, one workgroup of 32.
+    assert_eq!(
+        RegTile::for_subgroup_conv(512, [3, 3], &params, [8, 512, 7, 7]).workgroup,
+        32
+    );
 
     let Some(ctx) = sg_gpu() else { return };
     let (min, max) = ctx.subgroup_sizes().expect("sizes with SUBGROUP");
     assert!(min >= 1 && min <= max, "subgroup sizes {min}..{max}");
     let x = GpuTensor::zeros(&ctx, &[1, 2, 4, 4], qfuse::gpu::DType::F32).unwrap();
     let w = GpuTensor::zeros(&ctx, &[2, 2, 3, 3], qfuse::gpu::DType::F32).unwrap();
-    for (channels, workgroup) in [(4, 64), (1, 64), (32, 64), (8, 0), (16, 512)] {
+    for (channels, workgroup, rows) in [
+        (4, 64, 1),
+        (1, 64, 1),
+        (32, 64, 1),
+        (8, 0, 1),
+        (16, 512, 1),
+        (16, 64, 0),
+        (16, 64, 3),
+    ] {
         let tile = RegTile {
             channels,
             k3_stride1: false,
             workgroup,
+            rows,
         };
         let err = conv2d_with_algorithm(
             &ctx,
@@ -447,7 +490,8 @@ fn subgroup_tile_choice_and_checks() {
     }
 }
 
-/// Not a check: times the register-blocked and subgroup forwards at ResNet-18 3x3 shapes
+/// Not a check: times the register-blocked and subgroup forwards (one and two output rows per
+/// invocation) at ResNet-18 3x3 shapes
 /// (batch from `QFUSE_TIMING_BATCH`, default 8), interleaved, and prints the best GFLOP/s of
 /// 5 runs each. Run with
 /// `cargo test --release --test gpu_conv_subgroup -- --ignored --nocapture`.
@@ -472,8 +516,11 @@ fn subgroup_timing() {
         let w = up(&ctx, rng.array4([c, c / groups, 3, 3]).into_dyn());
         let gp = Conv2dParams { groups, ..params };
         let flops = 2.0 * (batch * s * s * c * (c / groups) * 9) as f64;
+        let tile = RegTile::for_subgroup_conv(c / groups, [3, 3], &gp, [batch, c, s, s]);
+        let one_row = RegTile { rows: 1, ..tile };
         let algorithms = [
             ("reg", ConvAlgorithm::RegisterBlocked),
+            ("sg rows 1", ConvAlgorithm::SubgroupWith(one_row)),
             ("sg", ConvAlgorithm::Subgroup),
             ("auto", ConvAlgorithm::Auto),
         ];
@@ -483,7 +530,7 @@ fn subgroup_timing() {
             ctx.wait().unwrap();
             t.elapsed().as_secs_f64()
         };
-        let mut best = [f64::MAX; 3];
+        let mut best = [f64::MAX; 4];
         for rep in 0..6 {
             for (i, (_, algorithm)) in algorithms.iter().enumerate() {
                 let t = run(*algorithm);
@@ -498,4 +545,49 @@ fn subgroup_timing() {
         }
         println!("{line}");
     }
+}
+
+/// Not a check: runs one conv `QFUSE_TIMING_REPS` times (default 15) and prints every
+/// submit-to-completion time, for looking at the spread. Shape from `QFUSE_TIMING_SHAPE`
+/// (`N,C,S,G`, default `8,512,7,1`: N x C x S x S input, C output channels, 3x3, pad 1,
+/// groups G). Run with
+/// `cargo test --release --test gpu_conv_subgroup -- --ignored --nocapture repeat_timing`.
+#[test]
+#[ignore]
+fn repeat_timing() {
+    let Some(ctx) = sg_gpu() else { return };
+    let shape: Vec<usize> = std::env::var("QFUSE_TIMING_SHAPE")
+        .unwrap_or_else(|_| "8,512,7,1".to_string())
+        .split(',')
+        .map(|v| v.trim().parse().expect("QFUSE_TIMING_SHAPE: N,C,S,G"))
+        .collect();
+    let [n, c, s, groups] = shape[..] else {
+        panic!("QFUSE_TIMING_SHAPE: N,C,S,G");
+    };
+    let reps: usize = std::env::var("QFUSE_TIMING_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
+    let mut rng = Rng(38);
+    let x = up(&ctx, rng.array4([n, c, s, s]).into_dyn());
+    let w = up(&ctx, rng.array4([c, c / groups, 3, 3]).into_dyn());
+    let params = p([1, 1], [1, 1], [1, 1], groups);
+    let flops = 2.0 * (n * s * s * c * (c / groups) * 9) as f64;
+    let mut times = Vec::new();
+    for _ in 0..reps + 1 {
+        let t = std::time::Instant::now();
+        conv2d(&ctx, &x, &w, &params, &ConvEpilogue::none()).unwrap();
+        ctx.wait().unwrap();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.remove(0);
+    let all: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{n}x{c}x{s}x{s} g{groups}: median {:.1} ms ({:.2} GFLOP/s), min {:.1} ms; all [{}]",
+        times[times.len() / 2],
+        flops / times[times.len() / 2] / 1e6,
+        times[0],
+        all.join(" ")
+    );
 }

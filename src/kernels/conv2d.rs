@@ -29,7 +29,11 @@
 //!   `8 + (l & 7)`) and the others take them with `subgroupBroadcast`. A run-time check
 //!   (subgroup size and a ballot of lanes 0..7, uniform over the subgroup) falls back to
 //!   per-invocation weight loads, so any subgroup size gives the same results. A module of
-//!   its own: devices without subgroups never compile it.
+//!   its own: devices without subgroups never compile it. For 3×3 kernels at stride 1,
+//!   dilation 1, `forward_sg_r2` computes two output rows per invocation ([`RegTile::rows`]),
+//!   so each input row loaded serves every kernel row of both output rows that reads it
+//!   (4 row loads per input channel for 2 output rows instead of 6) and each broadcast weight
+//!   both rows.
 //! - **Backward input** (`backward_input`): a gather, one invocation per `dx` element summing
 //!   over the kernel taps and the output channels of its group that read it.
 //! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
@@ -80,6 +84,12 @@ static SUBGROUP_SHADER: Shader = Shader {
 static FORWARD_SG: Kernel = Kernel {
     shader: &SUBGROUP_SHADER,
     entry_point: "forward_sg",
+    bindings: FORWARD_BINDINGS,
+};
+
+static FORWARD_SG_R2: Kernel = Kernel {
+    shader: &SUBGROUP_SHADER,
+    entry_point: "forward_sg_r2",
     bindings: FORWARD_BINDINGS,
 };
 
@@ -194,8 +204,12 @@ pub struct RegTile {
     /// only valid when the conv has `KW == 3`, `stride_w == 1`, `dilation_w == 1` (otherwise
     /// the generic loop runs).
     pub k3_stride1: bool,
-    /// Invocations per workgroup (`RB_WG`), 1 to 256.
+    /// Invocations per workgroup (`RB_WG` / `SG_WG`), 1 to 256.
     pub workgroup: u32,
+    /// Output rows per invocation: 1, or 2 for the subgroup kernel on 3×3 kernels at stride 1,
+    /// dilation 1 in both dimensions (`forward_sg_r2`: each loaded input row serves both
+    /// output rows; ignored, i.e. 1, for other convs). `forward_reg` takes 1 only.
+    pub rows: u32,
 }
 
 impl RegTile {
@@ -210,28 +224,48 @@ impl RegTile {
             2 | 3 => 2,
             _ => 1,
         };
-        let mut workgroup = 64;
-        while workgroup > 8 && blocks.div_ceil(workgroup) * workgroup - blocks > blocks / 8 {
-            workgroup /= 2;
-        }
         Self {
             channels,
             k3_stride1: tile_k3_ok(kw, params),
-            workgroup: workgroup as u32,
+            workgroup: workgroup_for(blocks) as u32,
+            rows: 1,
         }
     }
 }
 
+/// 64 invocations per workgroup, halved (down to 8) while more than an eighth of the last
+/// workgroup would idle.
+fn workgroup_for(blocks: usize) -> usize {
+    let mut workgroup = 64;
+    while workgroup > 8 && blocks.div_ceil(workgroup) * workgroup - blocks > blocks / 8 {
+        workgroup /= 2;
+    }
+    workgroup
+}
+
 impl RegTile {
-    /// The tile of the subgroup forward (`forward_sg`) for a conv with `og` output channels
-    /// per group, kernel width `kw`, these settings and `blocks` 8-pixel blocks: 16 channels
-    /// when `og >= 16`, else 8; the 3-tap path where it applies; the workgroup as in
-    /// [`RegTile::for_conv`].
-    pub fn for_subgroup_conv(og: usize, kw: usize, params: &Conv2dParams, blocks: usize) -> Self {
-        let reg = Self::for_conv(og, kw, params, blocks);
+    /// The tile of the subgroup forward (`forward_sg` / `forward_sg_r2`) for a conv with `og`
+    /// output channels per group, kernel `[KH, KW]`, these settings and output `[N, O, OH, OW]`:
+    /// 16 channels when `og >= 16`, else 8; the 3-tap path where it applies; 2 output rows per
+    /// invocation for 3×3 kernels at stride 1, dilation 1 with `OH >= 2`; the workgroup as in
+    /// [`RegTile::for_conv`] over the resulting invocations.
+    pub fn for_subgroup_conv(
+        og: usize,
+        kernel: [usize; 2],
+        params: &Conv2dParams,
+        out: [usize; 4],
+    ) -> Self {
+        let rows = if tile_r2_ok(kernel, params) && out[2] >= 2 {
+            2
+        } else {
+            1
+        };
+        let blocks = out[0] * out[2].div_ceil(rows) * out[3].div_ceil(REG_PIXELS);
         Self {
             channels: if og >= 16 { 16 } else { 8 },
-            ..reg
+            k3_stride1: tile_k3_ok(kernel[1], params),
+            workgroup: workgroup_for(blocks) as u32,
+            rows: rows as u32,
         }
     }
 }
@@ -412,11 +446,12 @@ pub fn conv2d_with_algorithm(
     p.has_bias = u32::from(epilogue.bias.is_some());
     let og = o / params.groups;
     let kw = w.shape()[3];
+    let kernel_hw = [w.shape()[2], kw];
     // Invocations of forward_reg: one per 8-pixel block of an output row.
     let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
     let kernel_choice = match algorithm {
         ConvAlgorithm::Auto if is_cpu_adapter(ctx) && use_subgroup_forward(ctx, og) => {
-            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kw, params, blocks))
+            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kernel_hw, params, out))
         }
         ConvAlgorithm::Auto if is_cpu_adapter(ctx) => {
             ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
@@ -430,7 +465,7 @@ pub fn conv2d_with_algorithm(
         ConvAlgorithm::RegisterBlockedWith(tile) => ForwardKernel::Reg(check_tile(tile)?),
         ConvAlgorithm::Subgroup => {
             check_subgroups(ctx)?;
-            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kw, params, blocks))
+            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kernel_hw, params, out))
         }
         ConvAlgorithm::SubgroupWith(tile) => {
             check_subgroups(ctx)?;
@@ -482,6 +517,13 @@ pub fn conv2d_with_algorithm(
             (&FORWARD_REG, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
         }
         ForwardKernel::Subgroup(tile) => {
+            let r2 = tile.rows == 2 && tile_r2_ok(kernel_hw, params);
+            // Invocations: one per 8-pixel block of an output row, or of a pair of rows.
+            let blocks = if r2 {
+                out[0] * out[2].div_ceil(2) * out[3].div_ceil(REG_PIXELS)
+            } else {
+                blocks
+            };
             let ptiles = blocks.div_ceil(tile.workgroup as usize);
             let mtiles = og.div_ceil(tile.channels as usize);
             let tiles = ptiles * mtiles * params.groups;
@@ -498,7 +540,8 @@ pub fn conv2d_with_algorithm(
                 ),
                 ("SG_WG", f64::from(tile.workgroup)),
             ];
-            (&FORWARD_SG, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
+            let kernel = if r2 { &FORWARD_SG_R2 } else { &FORWARD_SG };
+            (kernel, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
         }
     };
     let uniform = ctx.uniform(&p)?;
@@ -540,10 +583,13 @@ fn check_subgroups(ctx: &GpuContext) -> Result<()> {
 
 /// `Err(InvalidArgument)` unless `tile` is one `forward_sg` can run.
 fn check_subgroup_tile(tile: RegTile) -> Result<RegTile> {
-    if ![8, 16].contains(&tile.channels) || !(1..=256).contains(&tile.workgroup) {
+    if ![8, 16].contains(&tile.channels)
+        || !(1..=256).contains(&tile.workgroup)
+        || ![1, 2].contains(&tile.rows)
+    {
         return Err(Error::invalid(format!(
-            "conv2d subgroup tile: channels must be 8 or 16 and the workgroup 1 to 256, \
-             got {tile:?}"
+            "conv2d subgroup tile: channels must be 8 or 16, the workgroup 1 to 256 and the \
+             rows 1 or 2, got {tile:?}"
         )));
     }
     Ok(tile)
@@ -562,13 +608,22 @@ fn tile_k3_ok(kw: usize, params: &Conv2dParams) -> bool {
 
 /// `Err(InvalidArgument)` unless `tile` is one `forward_reg` can run.
 fn check_tile(tile: RegTile) -> Result<RegTile> {
-    if ![1, 2, 4, 8].contains(&tile.channels) || !(1..=256).contains(&tile.workgroup) {
+    if ![1, 2, 4, 8].contains(&tile.channels)
+        || !(1..=256).contains(&tile.workgroup)
+        || tile.rows != 1
+    {
         return Err(Error::invalid(format!(
-            "conv2d register tile: channels must be 1, 2, 4 or 8 and the workgroup 1 to 256, \
-             got {tile:?}"
+            "conv2d register tile: channels must be 1, 2, 4 or 8, the workgroup 1 to 256 and \
+             the rows 1, got {tile:?}"
         )));
     }
     Ok(tile)
+}
+
+/// Whether the two-row subgroup kernel (`forward_sg_r2`) applies to a conv with kernel
+/// `[KH, KW]`: 3×3, stride 1 and dilation 1 in both dimensions.
+fn tile_r2_ok(kernel: [usize; 2], params: &Conv2dParams) -> bool {
+    kernel == [3, 3] && params.stride == [1, 1] && params.dilation == [1, 1]
 }
 
 /// `Err(ShapeMismatch)` (the CPU's message) unless `dy` has the forward output shape.
