@@ -61,6 +61,9 @@
 //     of the last pair of an odd OH is computed on clamped rows and not stored. Weight sharing,
 //     the any-subgroup-size fallback and the uniform control flow are those of forward_sg.
 //     Same override constants (SG_K3 unused).
+//   forward_sg_r4: forward_sg_r2 with four output rows per invocation (6 input rows loaded per
+//     input channel for 4 output rows; 8 * SG_O vec4 accumulators); see its comment below.
+//     The launcher picks it from OH >= 8 (faster there on lavapipe; slower at 7x7).
 //     Why: on CPU adapters (lavapipe / llvmpipe) every storage load is a per-lane scalar loop
 //     (about 10 fmas' worth per lane) while a broadcast is one extract and splat; loads set the
 //     speed of forward_reg. Per 3-tap row, forward_reg does 10 input + 24 weight loads for
@@ -656,4 +659,107 @@ fn forward_sg_r2(@builtin(local_invocation_index) li: u32,
     }
     store_rows3(&acc0, g, m0, row, ox0, live);
     store_rows3(&acc1, g, m0, row + 1u, ox0, live1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward_sg_r4: forward_sg_r2 with FOUR output rows per invocation (oy = 4 * quad .. oy + 3):
+// the six input rows iy0 .. iy0 + 5 are each loaded once per input channel and feed every
+// (output row, kernel row) pair that reads them (output row r: kernel row t from input row
+// r + t), and each broadcast weight row serves all four output rows: 60 input + 18 weight loads
+// per channel for 4 rows instead of 2 x (40 + 18). Invocations run over consecutive 8-pixel
+// blocks of row quads (row-major over n, oy / 4, block; ptiles = ceil(N*ceil(OH/4)*ceil(OW/8) /
+// SG_WG)); rows of the last quad past OH are computed on clamped (zero) input rows and not
+// stored. Weight sharing, the any-subgroup-size fallback and the uniform control flow are those
+// of forward_sg. Same override constants (SG_K3 unused).
+@compute @workgroup_size(SG_WG)
+fn forward_sg_r4(@builtin(local_invocation_index) li: u32,
+                 @builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(subgroup_invocation_id) lane: u32,
+                 @builtin(subgroup_size) sg_size: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    // Grid padding: uniform over the whole workgroup, so no subgroup is split by it.
+    if (tile >= P.count) {
+        return;
+    }
+    let mt = tile % P.mtiles;
+    let rest = tile / P.mtiles;
+    let pt = rest % P.ptiles;
+    let g = rest / P.ptiles;
+    let owb = (P.ow + 7u) / 8u;
+    let ohq = (P.oh + 3u) / 4u;
+    let q = pt * SG_WG + li;
+    let quads = P.n * ohq;
+    // Invocations past the last block compute on the last one and store nothing.
+    let live = q / owb < quads;
+    let qc = select(quads * owb - 1u, q, live);
+    let quad = qc / owb;            // n * ceil(OH / 4) + oy / 4
+    let n = quad / ohq;
+    let oy = (quad % ohq) * 4u;
+    // Rows oy + 1 .. oy + 3 exist unless OH is not a multiple of 4 and this is the last quad.
+    let live1 = live && oy + 1u < P.oh;
+    let live2 = live && oy + 2u < P.oh;
+    let live3 = live && oy + 3u < P.oh;
+    let row = n * P.oh + oy;
+    let ox0 = (qc % owb) * 8u;
+    let m0 = mt * SG_O;
+    let hw = P.h * P.w;
+    let iy0 = i32(oy) - i32(P.pad_h);
+    let ix0 = i32(ox0) - i32(P.pad_w);
+    let x_base = (n * P.c + g * P.cg) * hw;
+
+    // As in forward_sg: lanes 0..7 all active, uniform over the subgroup.
+    let ballot = subgroupBallot(true);
+    let share = sg_size >= 8u && (ballot.x & 0xffu) == 0xffu;
+    let own = lane & 7u;
+    let wl0 = w_base(g, m0 + own);
+    let wl1 = w_base(g, m0 + 8u + own);
+
+    var acc0 = array<vec4<f32>, 32>();
+    var acc1 = array<vec4<f32>, 32>();
+    var acc2 = array<vec4<f32>, 32>();
+    var acc3 = array<vec4<f32>, 32>();
+    // Input rows iy0 + t, t = 0..5, clamped into [0, H) (read as zeros when outside).
+    let ok0 = iy0 >= 0 && iy0 < i32(P.h);
+    let ok1 = iy0 + 1 >= 0 && iy0 + 1 < i32(P.h);
+    let ok2 = iy0 + 2 >= 0 && iy0 + 2 < i32(P.h);
+    let ok3 = iy0 + 3 >= 0 && iy0 + 3 < i32(P.h);
+    let ok4 = iy0 + 4 >= 0 && iy0 + 4 < i32(P.h);
+    let ok5 = iy0 + 5 >= 0 && iy0 + 5 < i32(P.h);
+    let r0 = u32(select(0, iy0, ok0)) * P.w;
+    let r1 = u32(select(0, iy0 + 1, ok1)) * P.w;
+    let r2 = u32(select(0, iy0 + 2, ok2)) * P.w;
+    let r3 = u32(select(0, iy0 + 3, ok3)) * P.w;
+    let r4 = u32(select(0, iy0 + 4, ok4)) * P.w;
+    let r5 = u32(select(0, iy0 + 5, ok5)) * P.w;
+    for (var ci = 0u; ci < P.cg; ci = ci + 1u) {
+        let xc = x_base + ci * hw;
+        let wc = ci * 9u;
+        // Output row oy + r takes kernel row t from input row r + t.
+        let w0 = w_rows3(share, wl0, wl1, g, m0, wc);
+        let w1 = w_rows3(share, wl0, wl1, g, m0, wc + 3u);
+        let w2 = w_rows3(share, wl0, wl1, g, m0, wc + 6u);
+        let x0 = x_row3(xc + r0, ix0, ok0);
+        rows3_update(&acc0, w0, x0);
+        let x1 = x_row3(xc + r1, ix0, ok1);
+        rows3_update(&acc0, w1, x1);
+        rows3_update(&acc1, w0, x1);
+        let x2 = x_row3(xc + r2, ix0, ok2);
+        rows3_update(&acc0, w2, x2);
+        rows3_update(&acc1, w1, x2);
+        rows3_update(&acc2, w0, x2);
+        let x3 = x_row3(xc + r3, ix0, ok3);
+        rows3_update(&acc1, w2, x3);
+        rows3_update(&acc2, w1, x3);
+        rows3_update(&acc3, w0, x3);
+        let x4 = x_row3(xc + r4, ix0, ok4);
+        rows3_update(&acc2, w2, x4);
+        rows3_update(&acc3, w1, x4);
+        let x5 = x_row3(xc + r5, ix0, ok5);
+        rows3_update(&acc3, w2, x5);
+    }
+    store_rows3(&acc0, g, m0, row, ox0, live);
+    store_rows3(&acc1, g, m0, row + 1u, ox0, live1);
+    store_rows3(&acc2, g, m0, row + 2u, ox0, live2);
+    store_rows3(&acc3, g, m0, row + 3u, ox0, live3);
 }

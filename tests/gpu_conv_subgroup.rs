@@ -1,7 +1,9 @@
 //! The subgroup conv2d forward (`forward_sg` of `shaders/conv2d_subgroup.wgsl`,
 //! [`ConvAlgorithm::Subgroup`]) against the CPU reference, on whatever adapter runs the tests
 //! when its device has `wgpu::Features::SUBGROUP` (lavapipe does, subgroup size 8): both tiles
-//! (8, 16 channels), the 3-tap stride-1 inner loop on and off, workgroups that fill whole
+//! (8, 16 channels), the 3-tap stride-1 inner loop on and off, one, two and four output rows
+//! per invocation (`forward_sg_r2` / `forward_sg_r4`, output heights that are not multiples
+//! of 2 or 4), workgroups that fill whole
 //! subgroups of 8 (weights shared by broadcast) and workgroups that leave a partial subgroup
 //! (5, 12: the in-shader fallback to per-invocation weight loads), over the shapes of
 //! `gpu_conv_reg.rs` (odd widths, padding, stride 2, dilation, groups, depthwise, batch 1 and
@@ -182,6 +184,33 @@ fn configs() -> Vec<Case> {
             p([1, 1], [1, 1], [1, 1], 1),
             "80 channels, long reduction",
         ),
+        // Output heights 3, 6, 2 and 1 (not multiples of 4: the last row quad of
+        // forward_sg_r4 partly past OH), batch 2 so the quad after a partial one is another
+        // image's.
+        (
+            [2, 5, 3, 10],
+            [16, 5, 3, 3],
+            p([1, 1], [1, 1], [1, 1], 1),
+            "3x3 height 3",
+        ),
+        (
+            [2, 5, 6, 9],
+            [24, 5, 3, 3],
+            p([1, 1], [1, 1], [1, 1], 1),
+            "3x3 height 6",
+        ),
+        (
+            [3, 4, 4, 7],
+            [8, 4, 3, 3],
+            p([1, 1], [0, 0], [1, 1], 1),
+            "3x3 no padding, height 2",
+        ),
+        (
+            [2, 6, 3, 6],
+            [16, 3, 3, 3],
+            p([1, 1], [0, 0], [1, 1], 2),
+            "3x3 groups 2, height 1",
+        ),
     ]
 }
 
@@ -268,10 +297,11 @@ fn subgroup_every_tile_matches_reference() {
     let mut rng = Rng(32);
     for case in configs() {
         for channels in [8, 16] {
-            for (k3_stride1, rows) in [(false, 1), (true, 1), (true, 2)] {
+            for (k3_stride1, rows) in [(false, 1), (true, 1), (true, 2), (true, 4)] {
                 // 8 and 64: whole subgroups of 8 (broadcast path on lavapipe); 5 and 12: a
-                // partial subgroup (the per-invocation fallback for those lanes). Rows 2 runs
-                // forward_sg_r2 where the conv is 3x3, stride 1, dilation 1 (else forward_sg).
+                // partial subgroup (the per-invocation fallback for those lanes). Rows 2 / 4 run
+                // forward_sg_r2 / forward_sg_r4 where the conv is 3x3, stride 1, dilation 1
+                // (else forward_sg).
                 for workgroup in [5, 8, 12, 64] {
                     let tile = RegTile {
                         channels,
@@ -399,8 +429,16 @@ fn subgroup_tile_choice_and_checks() {
     let t = RegTile::for_subgroup_conv(64, [3, 3], &params, [8, 64, 56, 56]);
     assert_eq!(
         (t.channels, t.k3_stride1, t.workgroup, t.rows),
-        (16, true, 64, 2)
+        (16, true, 64, 4)
     );
+    // Four rows from OH = 8 up, two below (down to 2), one at OH = 1.
+    for (oh, rows) in [(8, 4), (14, 4), (7, 2), (2, 2), (1, 1)] {
+        assert_eq!(
+            RegTile::for_subgroup_conv(16, [3, 3], &params, [1, 16, oh, 8]).rows,
+            rows,
+            "OH {oh}"
+        );
+    }
     assert_eq!(
         RegTile::for_subgroup_conv(8, [3, 3], &params, [1, 8, 8, 8]).channels,
         8
@@ -412,7 +450,7 @@ fn subgroup_tile_choice_and_checks() {
     let s2 = RegTile::for_subgroup_conv(16, [3, 3], &p([2, 2], [1, 1], [1, 1], 1), [1, 8, 8, 8]);
     assert!(!s2.k3_stride1);
     assert_eq!(s2.rows, 1);
-    // Two rows only for 3x3, stride 1, dilation 1, at least two output rows.
+    // Two or four rows only for 3x3, stride 1, dilation 1, at least two output rows.
     for (kernel, params, out) in [
         ([3, 5], params, [1, 8, 8, 8]),
         ([5, 3], params, [1, 8, 8, 8]),
@@ -445,6 +483,7 @@ fn subgroup_tile_choice_and_checks() {
         (16, 512, 1),
         (16, 64, 0),
         (16, 64, 3),
+        (16, 64, 8),
     ] {
         let tile = RegTile {
             channels,
@@ -490,8 +529,8 @@ fn subgroup_tile_choice_and_checks() {
     }
 }
 
-/// Not a check: times the register-blocked and subgroup forwards (one and two output rows per
-/// invocation) at ResNet-18 3x3 shapes
+/// Not a check: times the register-blocked and subgroup forwards (one, two and four output rows
+/// per invocation, four also with 8 channels) at ResNet-18 3x3 shapes
 /// (batch from `QFUSE_TIMING_BATCH`, default 8), interleaved, and prints the best GFLOP/s of
 /// 5 runs each. Run with
 /// `cargo test --release --test gpu_conv_subgroup -- --ignored --nocapture`.
@@ -518,10 +557,19 @@ fn subgroup_timing() {
         let flops = 2.0 * (batch * s * s * c * (c / groups) * 9) as f64;
         let tile = RegTile::for_subgroup_conv(c / groups, [3, 3], &gp, [batch, c, s, s]);
         let one_row = RegTile { rows: 1, ..tile };
+        let two_rows = RegTile { rows: 2, ..tile };
+        let four_rows = RegTile { rows: 4, ..tile };
+        let four_rows_8 = RegTile {
+            rows: 4,
+            channels: 8,
+            ..tile
+        };
         let algorithms = [
             ("reg", ConvAlgorithm::RegisterBlocked),
             ("sg rows 1", ConvAlgorithm::SubgroupWith(one_row)),
-            ("sg", ConvAlgorithm::Subgroup),
+            ("sg rows 2", ConvAlgorithm::SubgroupWith(two_rows)),
+            ("sg rows 4", ConvAlgorithm::SubgroupWith(four_rows)),
+            ("sg rows 4 x8", ConvAlgorithm::SubgroupWith(four_rows_8)),
             ("auto", ConvAlgorithm::Auto),
         ];
         let run = |algorithm| {
@@ -530,7 +578,7 @@ fn subgroup_timing() {
             ctx.wait().unwrap();
             t.elapsed().as_secs_f64()
         };
-        let mut best = [f64::MAX; 4];
+        let mut best = [f64::MAX; 6];
         for rep in 0..6 {
             for (i, (_, algorithm)) in algorithms.iter().enumerate() {
                 let t = run(*algorithm);

@@ -33,7 +33,8 @@
 //!   dilation 1, `forward_sg_r2` computes two output rows per invocation ([`RegTile::rows`]),
 //!   so each input row loaded serves every kernel row of both output rows that reads it
 //!   (4 row loads per input channel for 2 output rows instead of 6) and each broadcast weight
-//!   both rows.
+//!   both rows; `forward_sg_r4` computes four (6 row loads for 4 output rows), the choice
+//!   from 8 output rows up.
 //! - **Backward input** (`backward_input`): a gather, one invocation per `dx` element summing
 //!   over the kernel taps and the output channels of its group that read it.
 //! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
@@ -90,6 +91,12 @@ static FORWARD_SG: Kernel = Kernel {
 static FORWARD_SG_R2: Kernel = Kernel {
     shader: &SUBGROUP_SHADER,
     entry_point: "forward_sg_r2",
+    bindings: FORWARD_BINDINGS,
+};
+
+static FORWARD_SG_R4: Kernel = Kernel {
+    shader: &SUBGROUP_SHADER,
+    entry_point: "forward_sg_r4",
     bindings: FORWARD_BINDINGS,
 };
 
@@ -206,9 +213,10 @@ pub struct RegTile {
     pub k3_stride1: bool,
     /// Invocations per workgroup (`RB_WG` / `SG_WG`), 1 to 256.
     pub workgroup: u32,
-    /// Output rows per invocation: 1, or 2 for the subgroup kernel on 3×3 kernels at stride 1,
-    /// dilation 1 in both dimensions (`forward_sg_r2`: each loaded input row serves both
-    /// output rows; ignored, i.e. 1, for other convs). `forward_reg` takes 1 only.
+    /// Output rows per invocation: 1, or 2 or 4 for the subgroup kernel on 3×3 kernels at
+    /// stride 1, dilation 1 in both dimensions (`forward_sg_r2` / `forward_sg_r4`: each loaded
+    /// input row serves every output row that reads it; ignored, i.e. 1, for other convs).
+    /// `forward_reg` takes 1 only.
     pub rows: u32,
 }
 
@@ -246,19 +254,21 @@ fn workgroup_for(blocks: usize) -> usize {
 impl RegTile {
     /// The tile of the subgroup forward (`forward_sg` / `forward_sg_r2`) for a conv with `og`
     /// output channels per group, kernel `[KH, KW]`, these settings and output `[N, O, OH, OW]`:
-    /// 16 channels when `og >= 16`, else 8; the 3-tap path where it applies; 2 output rows per
-    /// invocation for 3×3 kernels at stride 1, dilation 1 with `OH >= 2`; the workgroup as in
-    /// [`RegTile::for_conv`] over the resulting invocations.
+    /// 16 channels when `og >= 16`, else 8; the 3-tap path where it applies; for 3×3 kernels at
+    /// stride 1, dilation 1, 4 output rows per invocation when `OH >= 8` (`forward_sg_r4`), 2
+    /// when `OH` is 2 to 7 (`forward_sg_r2`: at ResNet-18's 7×7, 4 rows measured slower on
+    /// lavapipe); the workgroup as in [`RegTile::for_conv`] over the resulting invocations.
     pub fn for_subgroup_conv(
         og: usize,
         kernel: [usize; 2],
         params: &Conv2dParams,
         out: [usize; 4],
     ) -> Self {
-        let rows = if tile_r2_ok(kernel, params) && out[2] >= 2 {
-            2
-        } else {
-            1
+        let rows = match out[2] {
+            _ if !tile_r2_ok(kernel, params) => 1,
+            8.. => 4,
+            2.. => 2,
+            _ => 1,
         };
         let blocks = out[0] * out[2].div_ceil(rows) * out[3].div_ceil(REG_PIXELS);
         Self {
@@ -517,13 +527,14 @@ pub fn conv2d_with_algorithm(
             (&FORWARD_REG, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
         }
         ForwardKernel::Subgroup(tile) => {
-            let r2 = tile.rows == 2 && tile_r2_ok(kernel_hw, params);
-            // Invocations: one per 8-pixel block of an output row, or of a pair of rows.
-            let blocks = if r2 {
-                out[0] * out[2].div_ceil(2) * out[3].div_ceil(REG_PIXELS)
+            // Output rows per invocation: 2 or 4 only for 3x3, stride 1, dilation 1.
+            let rows = if tile_r2_ok(kernel_hw, params) {
+                tile.rows as usize
             } else {
-                blocks
+                1
             };
+            // Invocations: one per 8-pixel block of an output row, or of `rows` rows.
+            let blocks = out[0] * out[2].div_ceil(rows) * out[3].div_ceil(REG_PIXELS);
             let ptiles = blocks.div_ceil(tile.workgroup as usize);
             let mtiles = og.div_ceil(tile.channels as usize);
             let tiles = ptiles * mtiles * params.groups;
@@ -540,7 +551,11 @@ pub fn conv2d_with_algorithm(
                 ),
                 ("SG_WG", f64::from(tile.workgroup)),
             ];
-            let kernel = if r2 { &FORWARD_SG_R2 } else { &FORWARD_SG };
+            let kernel = match rows {
+                4 => &FORWARD_SG_R4,
+                2 => &FORWARD_SG_R2,
+                _ => &FORWARD_SG,
+            };
             (kernel, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
         }
     };
@@ -585,11 +600,11 @@ fn check_subgroups(ctx: &GpuContext) -> Result<()> {
 fn check_subgroup_tile(tile: RegTile) -> Result<RegTile> {
     if ![8, 16].contains(&tile.channels)
         || !(1..=256).contains(&tile.workgroup)
-        || ![1, 2].contains(&tile.rows)
+        || ![1, 2, 4].contains(&tile.rows)
     {
         return Err(Error::invalid(format!(
             "conv2d subgroup tile: channels must be 8 or 16, the workgroup 1 to 256 and the \
-             rows 1 or 2, got {tile:?}"
+             rows 1, 2 or 4, got {tile:?}"
         )));
     }
     Ok(tile)
