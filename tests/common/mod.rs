@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod conv;
+
 use std::sync::{Arc, OnceLock};
 
 use qfuse::gpu::GpuContext;
