@@ -419,18 +419,6 @@ fn word_shape(shape: &[usize]) -> Vec<usize> {
     vec![outer, c.div_ceil(4), inner]
 }
 
-/// The integer code range check of [`crate::reference::int8::quantize`].
-fn check_code_range(range: QuantRange) -> Result<()> {
-    range.validate()?;
-    if range.quant_min < -128 || range.quant_max > 127 {
-        return Err(Error::invalid(format!(
-            "integer tensors hold 8-bit signed codes; range [{}, {}] does not fit [-128, 127]",
-            range.quant_min, range.quant_max
-        )));
-    }
-    Ok(())
-}
-
 /// What [`quantize`] returns: the codes and a one-word status written by the kernel (the
 /// smallest flat index of a NaN input, `u32::MAX` when there is none).
 #[derive(Debug, Clone)]
@@ -488,7 +476,7 @@ pub fn quantize(
     qp: &GpuQParams,
     range: QuantRange,
 ) -> Result<GpuQuantized> {
-    check_code_range(range)?;
+    crate::reference::int8::check_code_range(range)?;
     qp.validate(x.shape(), range)?;
     expect_f32("quantize input", x)?;
     to_u32(x.len(), "quantize element count")?;

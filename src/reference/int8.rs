@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::ops::Conv2dParams;
 use crate::quant::{AddRequant, QParams, QuantRange, Requant};
 
-fn check_code_range(range: QuantRange) -> Result<()> {
+/// Checks that `range` is valid and fits the 8-bit signed codes integer tensors hold.
+pub(crate) fn check_code_range(range: QuantRange) -> Result<()> {
     range.validate()?;
     if range.quant_min < -128 || range.quant_max > 127 {
         return Err(Error::invalid(format!(
