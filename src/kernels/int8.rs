@@ -565,19 +565,8 @@ pub fn max_pool2d_int8(
             x.shape()
         ))
     })?;
-    if kernel == 0 || stride == 0 {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
-        )));
-    }
-    if kernel > h || kernel > w {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
-        )));
-    }
+    let (oh, ow) = crate::reference::layers::max_pool2d_output(h, w, kernel, stride)?;
     to_u32(x.words.len(), "max_pool2d input word count")?;
-    let oh = (h - kernel) / stride + 1;
-    let ow = (w - kernel) / stride + 1;
     let y = GpuInt8Tensor::zeros(ctx, &[n, c, oh, ow])?;
     let words = y.words.len();
     if words == 0 {

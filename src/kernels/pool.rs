@@ -68,20 +68,9 @@ pub fn max_pool2d(
             x.shape()
         ))
     })?;
-    if kernel == 0 || stride == 0 {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
-        )));
-    }
-    if kernel > h || kernel > w {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
-        )));
-    }
+    let (oh, ow) = crate::reference::layers::max_pool2d_output(h, w, kernel, stride)?;
     expect_f32("max_pool2d input", x)?;
     to_u32(x.len(), "max_pool2d input element count")?;
-    let oh = (h - kernel) / stride + 1;
-    let ow = (w - kernel) / stride + 1;
     let y = GpuTensor::zeros(ctx, &[n, c, oh, ow], DType::F32)?;
     let p = Params {
         count: to_u32(y.len(), "max_pool2d output element count")?,
