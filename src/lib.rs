@@ -21,3 +21,8 @@ pub mod io;
 pub mod model;
 pub mod nn;
 pub mod qat;
+
+/// The golden case folders of the unit tests (the integration tests' helper, one home).
+#[cfg(test)]
+#[path = "../tests/common/golden.rs"]
+pub(crate) mod test_golden;

@@ -1,4 +1,4 @@
-//! Runs every conformance case in the golden folder (default `../shared/golden`, or
+//! Runs every conformance case of the golden folders (`tests/golden`, plus those listed in
 //! `QFUSE_GOLDEN_DIR`) on the CPU reference and on the GPU, so each new case file is a new
 //! check. Also checks that unknown ops, empty folders and malformed files fail loudly.
 
@@ -10,14 +10,14 @@ use qfuse::backend::{Backend, CpuBackend, GpuBackend};
 use qfuse::conformance::{run_case_file, run_dir, summary};
 use qfuse::io::state_dict::{HostTensor, StateDict};
 
-fn golden_dir() -> PathBuf {
-    std::env::var_os("QFUSE_GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden")))
-}
-
 fn run_all(backend: &dyn Backend) {
-    let reports = run_dir(&golden_dir(), &[backend]).expect("golden folder readable and not empty");
+    let mut reports = Vec::new();
+    for dir in common::golden::golden_dirs() {
+        reports.extend(
+            run_dir(&dir, &[backend])
+                .unwrap_or_else(|e| panic!("golden folder {}: {e}", dir.display())),
+        );
+    }
     for r in &reports {
         println!("{}", r.line());
     }

@@ -11,10 +11,7 @@ use serde_json::Value;
 const GOLDEN: &str = "model_mnist_ptq__ptq_conv1_bn1.safetensors";
 
 fn golden_file() -> PathBuf {
-    std::env::var_os("QFUSE_GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden")))
-        .join(GOLDEN)
+    common::golden::repo_golden_dir().join(GOLDEN)
 }
 
 fn demo(args: &[&str], env: &[(&str, &str)]) -> Output {

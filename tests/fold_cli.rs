@@ -734,39 +734,13 @@ fn library_errors_are_typed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn golden_dir() -> Option<PathBuf> {
-    if let Ok(d) = std::env::var("QFUSE_GOLDEN_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    [root.join("shared/golden"), root.join("../shared/golden")]
-        .into_iter()
-        .find(|c| c.is_dir())
-}
-
 /// Every golden fold case, rebuilt as a model state dict (`net.3` = the layer, `net.4` = its
 /// BatchNorm, plus an int64 counter) and folded through the binary, matches PyTorch's
 /// `out.weight` / `out.bias` within the case's tolerance.
 #[test]
 fn golden_fold_cases_through_the_binary() {
-    let Some(dir) = golden_dir() else {
-        println!("skipping: golden folder not found (set QFUSE_GOLDEN_DIR)");
-        return;
-    };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let n = p.file_name().unwrap().to_string_lossy();
-            n.starts_with("fold_conv_bn__") || n.starts_with("fold_linear_bn__")
-        })
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 2,
-        "no golden fold cases in {}",
-        dir.display()
-    );
+    let mut files = common::golden::golden_files("fold_conv_bn");
+    files.extend(common::golden::golden_files("fold_linear_bn"));
     let tmp = tmp_dir("golden");
     for file in files {
         let bytes = std::fs::read(&file).unwrap();

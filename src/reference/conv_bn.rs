@@ -548,37 +548,7 @@ pub(crate) mod test_util {
             .collect()
     }
 
-    /// The golden folder: `$QFUSE_GOLDEN_DIR`, else `shared/golden` in or beside the crate.
-    pub(crate) fn golden_dir() -> PathBuf {
-        if let Ok(d) = std::env::var("QFUSE_GOLDEN_DIR") {
-            return PathBuf::from(d);
-        }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for cand in [root.join("shared/golden"), root.join("../shared/golden")] {
-            if cand.is_dir() {
-                return cand;
-            }
-        }
-        panic!("golden folder not found (set QFUSE_GOLDEN_DIR)");
-    }
-
-    /// Every `OP__*.safetensors` file of the golden folder, sorted; panics when there is none.
-    pub(crate) fn golden_files(op: &str) -> Vec<PathBuf> {
-        let dir = golden_dir();
-        let prefix = format!("{op}__");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".safetensors"))
-            })
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no {op} cases in {}", dir.display());
-        files
-    }
+    pub(crate) use crate::test_golden::golden_files;
 
     /// One golden case: tensors (I32 converted to f32) and header metadata.
     pub(crate) struct Case {

@@ -390,12 +390,12 @@ mod tests {
     }
 }
 
-/// Checks against the PyTorch golden cases (`$QFUSE_GOLDEN_DIR`, else `shared/golden` in or
-/// beside the crate) for the ops of this file, `fake_quant.rs` and `observer.rs`.
+/// Checks against the PyTorch golden cases (`tests/golden`, plus the folders of
+/// `$QFUSE_GOLDEN_DIR`) for the ops of this file, `fake_quant.rs` and `observer.rs`.
 #[cfg(test)]
 mod golden {
     use std::collections::HashMap;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     use ndarray::{Array1, Array2, ArrayD, IxDyn};
     use safetensors::{Dtype, SafeTensors};
@@ -405,19 +405,6 @@ mod golden {
     use crate::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
     use crate::reference::fake_quant::{fake_quantize, fake_quantize_backward};
     use crate::reference::observer::observe_qparams;
-
-    fn golden_dir() -> PathBuf {
-        if let Ok(d) = std::env::var("QFUSE_GOLDEN_DIR") {
-            return PathBuf::from(d);
-        }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for cand in [root.join("shared/golden"), root.join("../shared/golden")] {
-            if cand.is_dir() {
-                return cand;
-            }
-        }
-        panic!("golden folder not found (set QFUSE_GOLDEN_DIR)");
-    }
 
     struct Case {
         name: String,
@@ -455,18 +442,7 @@ mod golden {
     }
 
     fn cases(op: &str) -> Vec<Case> {
-        let dir = golden_dir();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{op}__")))
-            })
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no {op} cases in {}", dir.display());
+        let files: Vec<PathBuf> = crate::test_golden::golden_files(op);
         files
             .into_iter()
             .map(|path| {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conv;
+pub mod golden;
 
 use std::sync::{Arc, OnceLock};
 

@@ -41,7 +41,7 @@ enum Command {
     /// Run every *.safetensors conformance case in DIR and compare with PyTorch's outputs.
     Conformance {
         /// Folder of cases.
-        #[arg(default_value = "../shared/golden")]
+        #[arg(default_value = "tests/golden")]
         dir: PathBuf,
         /// Backend to run the cases on.
         #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
