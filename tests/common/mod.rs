@@ -3,6 +3,9 @@
 
 pub mod conv;
 pub mod golden;
+pub mod harness;
+#[path = "../../src/bin/qfuse/runtime_dir.rs"]
+pub mod runtime_dir;
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,10 +16,8 @@ use qfuse::gpu::GpuContext;
 /// skipping), else prints one `skipping GPU test: no adapter (<reason>)` line and returns
 /// `None`.
 pub fn gpu() -> Option<Arc<GpuContext>> {
-    static CTX: OnceLock<Result<Arc<GpuContext>, String>> = OnceLock::new();
-    let ctx = CTX.get_or_init(|| GpuContext::new().map(Arc::new).map_err(|e| e.to_string()));
-    match ctx {
-        Ok(ctx) => Some(Arc::clone(ctx)),
+    match gpu_context() {
+        Ok(ctx) => Some(ctx),
         Err(reason) => {
             if std::env::var("QFUSE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!(
@@ -29,4 +30,11 @@ pub fn gpu() -> Option<Arc<GpuContext>> {
             None
         }
     }
+}
+
+/// The test GPU context (created on first use, once per test binary) or why there is none.
+pub fn gpu_context() -> Result<Arc<GpuContext>, String> {
+    static CTX: OnceLock<Result<Arc<GpuContext>, String>> = OnceLock::new();
+    CTX.get_or_init(|| GpuContext::new().map(Arc::new).map_err(|e| e.to_string()))
+        .clone()
 }

@@ -10,6 +10,7 @@ mod bench;
 mod conformance;
 mod demo;
 mod fold;
+mod runtime_dir;
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +84,9 @@ fn info() -> qfuse::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread or GPU instance exists: a private XDG_RUNTIME_DIR when none is set, so
+    // that Vulkan drivers built with Wayland support do not print an error on every run.
+    let _runtime_dir = runtime_dir::ensure();
     let result = match cli.command {
         Command::Conformance { dir, backend } => conformance::run(&dir, backend),
         Command::Info => info(),

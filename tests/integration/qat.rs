@@ -5,7 +5,7 @@
 //! GPU parts run with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe); without an
 //! adapter they print one skip line.
 
-mod common;
+use crate::common;
 
 use ndarray::{Array1, Array2, Array3, Array4, ArrayD, Axis, IxDyn};
 use qfuse::fuse::{fuse_modules, fuse_modules_qat, FuseOptions};
@@ -108,7 +108,6 @@ fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, tol: f32) {
         );
         worst = worst.max(err);
     }
-    eprintln!("{what}: worst abs err {worst:e}");
 }
 
 fn kinds(m: &Module) -> Vec<String> {
@@ -173,7 +172,6 @@ fn conv_of(q: &QatLayer) -> Conv2d {
 
 // ------------------------------------------------------------------------- prepare_qat
 
-#[test]
 fn prepare_qat_converts_small_models() {
     let mut rng = Rng(1);
     let q = QatQConfig::default_qat("x86").unwrap();
@@ -274,7 +272,6 @@ fn prepare_qat_converts_small_models() {
     assert!(matches!(sel.get("0").unwrap().layer(), Layer::Conv2d(_)));
 }
 
-#[test]
 fn prepare_qat_errors_leave_the_model_unchanged() {
     let mut rng = Rng(2);
     let mut m = conv_bn_relu(&mut rng, 4, false, true);
@@ -409,12 +406,10 @@ fn check_against_backend_ops(b: &dyn Backend, what: &str) {
     }
 }
 
-#[test]
 fn conv_bn_step_equals_backend_ops_cpu() {
     check_against_backend_ops(&CpuBackend, "cpu");
 }
 
-#[test]
 fn conv_bn_step_equals_backend_ops_gpu() {
     let Some(g) = gpu() else { return };
     check_against_backend_ops(&g, "gpu");
@@ -422,7 +417,6 @@ fn conv_bn_step_equals_backend_ops_gpu() {
 
 /// conv+bn+relu → flatten → linear(+relu), QAT with output fake quants: two training steps
 /// and an eval forward on the CPU and the GPU agree within 1e-4.
-#[test]
 fn cpu_and_gpu_agree() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(20);
@@ -533,12 +527,10 @@ fn check_freeze_bn(b: &dyn Backend, what: &str) {
     assert_ne!(updated.bn.running_mean, before.bn.running_mean);
 }
 
-#[test]
 fn freeze_bn_uses_and_keeps_running_stats_cpu() {
     check_freeze_bn(&CpuBackend, "cpu");
 }
 
-#[test]
 fn freeze_bn_uses_and_keeps_running_stats_gpu() {
     let Some(g) = gpu() else { return };
     check_freeze_bn(&g, "gpu");
@@ -546,7 +538,6 @@ fn freeze_bn_uses_and_keeps_running_stats_gpu() {
 
 // ------------------------------------------------------------------------- switches
 
-#[test]
 fn observer_and_fake_quant_switches() {
     let b = &CpuBackend;
     let mut rng = Rng(40);
@@ -644,7 +635,6 @@ fn observer_and_fake_quant_switches() {
     assert!(y.iter().zip(want.iter()).any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
-#[test]
 fn moving_average_observer_follows_pytorch() {
     let mut fq = qat::FakeQuantize::new(
         FakeQuantConfig::moving_average(spec(QScheme::PerTensorAffine)).unwrap(),
@@ -767,12 +757,10 @@ fn check_gamma_zero(b: &dyn Backend, what: &str) {
     );
 }
 
-#[test]
 fn gamma_zero_stays_finite_cpu() {
     check_gamma_zero(&CpuBackend, "cpu");
 }
 
-#[test]
 fn gamma_zero_stays_finite_gpu() {
     let Some(g) = gpu() else { return };
     check_gamma_zero(&g, "gpu");
@@ -796,7 +784,6 @@ fn gamma_zero_stays_finite_gpu() {
 
 /// Eval mode is the deploy graph, which equals PyTorch's eval formula
 /// `bn_eval(conv(x, W_q) / s + b)`.
-#[test]
 fn eval_forward_is_the_deploy_graph() {
     let b = &CpuBackend;
     let mut rng = Rng(60);
@@ -835,7 +822,6 @@ fn eval_forward_is_the_deploy_graph() {
     assert_eq!(qat_at(&m, "0").bn.as_ref().unwrap().num_batches_tracked, 0);
 }
 
-#[test]
 fn convert_to_float_equals_the_float_fused_model() {
     let b = &CpuBackend;
     let mut rng = Rng(70);
@@ -1014,22 +1000,21 @@ fn check_training(b: &dyn Backend, what: &str) {
         }
     }
     let fin = epoch_loss(&mut model);
-    eprintln!("{what}: loss {initial} → {fin} (steps {last_step_losses:?})");
-    assert!(fin < 0.8 * initial, "{what}: loss {initial} → {fin}");
+    assert!(
+        fin < 0.8 * initial,
+        "{what}: loss {initial} → {fin} (steps {last_step_losses:?})"
+    );
 }
 
-#[test]
 fn qat_training_reduces_the_loss_cpu() {
     check_training(&CpuBackend, "cpu");
 }
 
-#[test]
 fn qat_training_reduces_the_loss_gpu() {
     let Some(g) = gpu() else { return };
     check_training(&g, "gpu");
 }
 
-#[test]
 fn plain_qat_modules_backward_matches_finite_differences() {
     // Fake quant off, so the function is smooth: dL/dW of a QAT Linear and Conv2d against
     // central differences.
@@ -1075,7 +1060,6 @@ fn plain_qat_modules_backward_matches_finite_differences() {
     }
 }
 
-#[test]
 fn train_step_and_sgd_refuse_what_they_cannot_do() {
     let b = &CpuBackend;
     let mut rng = Rng(100);
@@ -1179,13 +1163,33 @@ fn check_float_gradients(b: &dyn Backend, what: &str) {
     );
 }
 
-#[test]
 fn fake_quant_off_gradients_are_the_float_ones_cpu() {
     check_float_gradients(&CpuBackend, "cpu");
 }
 
-#[test]
 fn fake_quant_off_gradients_are_the_float_ones_gpu() {
     let Some(g) = gpu() else { return };
     check_float_gradients(&g, "gpu");
+}
+
+crate::qfuse_tests! {
+    prepare_qat_converts_small_models,
+    prepare_qat_errors_leave_the_model_unchanged,
+    conv_bn_step_equals_backend_ops_cpu,
+    conv_bn_step_equals_backend_ops_gpu: gpu,
+    cpu_and_gpu_agree: gpu,
+    freeze_bn_uses_and_keeps_running_stats_cpu,
+    freeze_bn_uses_and_keeps_running_stats_gpu: gpu,
+    observer_and_fake_quant_switches,
+    moving_average_observer_follows_pytorch,
+    gamma_zero_stays_finite_cpu,
+    gamma_zero_stays_finite_gpu: gpu,
+    eval_forward_is_the_deploy_graph,
+    convert_to_float_equals_the_float_fused_model,
+    qat_training_reduces_the_loss_cpu,
+    qat_training_reduces_the_loss_gpu: gpu,
+    plain_qat_modules_backward_matches_finite_differences,
+    train_step_and_sgd_refuse_what_they_cannot_do,
+    fake_quant_off_gradients_are_the_float_ones_cpu,
+    fake_quant_off_gradients_are_the_float_ones_gpu: gpu,
 }

@@ -5,7 +5,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use qfuse::gpu::GpuTensor;
@@ -104,7 +104,6 @@ fn random(rng: &mut Rng, shape: &[usize]) -> ArrayD<f32> {
 /// Layouts of the reduction: vec4 runs (inner % 4 == 0), scalar runs (odd inner, inner = 1),
 /// per-tensor tails of 1-3 elements, one channel, several partial workgroups per channel with
 /// streams crossing runs, few elements per channel (one thread per channel).
-#[test]
 fn observer_layouts_match_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(21);
@@ -130,7 +129,6 @@ fn observer_layouts_match_reference() {
 
 /// NaN anywhere (inside a vec4, in a per-tensor tail, in one channel only) gives NaN; +-inf
 /// are ordinary extremes; the extremes found wherever they are (first and last elements).
-#[test]
 fn observer_nan_inf_and_extremes() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(22);
@@ -156,7 +154,6 @@ fn observer_nan_inf_and_extremes() {
 }
 
 /// Empty tensors: (+inf, -inf) per channel and qparams (1.0, 0), per tensor and per channel.
-#[test]
 fn observer_empty() {
     let Some(ctx) = common::gpu() else { return };
     for shape in [vec![0usize], vec![0, 3], vec![3, 0], vec![2, 0, 5]] {
@@ -199,7 +196,6 @@ fn bits_eq(what: &str, got: &[f32], want: &[f32]) {
 /// Folded weights bit-exact with the CPU (vec4 rows: row lengths multiples of 4 and >= 64,
 /// including rows not a multiple of 16; the per-element kernel: odd and short rows, transposed
 /// and grouped-transposed weights, lengths not a multiple of 4), bias within 1e-5.
-#[test]
 fn folds_bit_exact_weights() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
@@ -263,10 +259,8 @@ fn folds_bit_exact_weights() {
     }
 }
 
-/// Timing helper (ignored): `cargo test --release --test gpu_observer_fold -- --ignored
-/// --nocapture`.
-#[test]
-#[ignore]
+/// Timing helper (ignored): `cargo test --release --test integration -- --ignored
+/// gpu_observer_fold::timing`.
 fn timing() {
     let Some(ctx) = common::gpu() else { return };
     let shape = [16usize, 64, 128, 128];
@@ -339,4 +333,12 @@ fn timing() {
         best * 1e3,
         gbs / fq
     );
+}
+
+crate::qfuse_tests! {
+    observer_layouts_match_reference: gpu,
+    observer_nan_inf_and_extremes: gpu,
+    observer_empty: gpu,
+    folds_bit_exact_weights: gpu,
+    timing: gpu + manual,
 }

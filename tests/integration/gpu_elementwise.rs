@@ -4,7 +4,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use qfuse::gpu::{DType, GpuContext, GpuTensor};
@@ -114,7 +114,6 @@ fn ranges() -> Vec<QuantRange> {
     ]
 }
 
-#[test]
 fn fake_quant_per_tensor_bit_exact() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -163,7 +162,6 @@ fn fake_quant_per_tensor_bit_exact() {
     }
 }
 
-#[test]
 fn fake_quant_known_values() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -212,7 +210,6 @@ fn fake_quant_known_values() {
     );
 }
 
-#[test]
 fn fake_quant_per_channel_bit_exact() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -262,7 +259,6 @@ fn fake_quant_per_channel_bit_exact() {
 }
 
 /// The division the observer uses: exactly Rust's (IEEE) `a / b` on random and edge pairs.
-#[test]
 fn div_rn_is_correctly_rounded() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(3);
@@ -390,7 +386,6 @@ fn check_observer(ctx: &GpuContext, x: &ArrayD<f32>, spec: &ObserverSpec, what: 
     assert_eq!(gqp.axis(), want.axis, "{what}: axis");
 }
 
-#[test]
 fn observers_bit_exact() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(4);
@@ -422,7 +417,6 @@ fn observers_bit_exact() {
     }
 }
 
-#[test]
 fn observers_nan_inf_empty() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(5);
@@ -458,7 +452,6 @@ fn observers_nan_inf_empty() {
     assert_eq!(qp.zero_point, vec![0]);
 }
 
-#[test]
 fn min_max_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(6);
@@ -497,7 +490,6 @@ fn min_max_matches_reference() {
 
 /// QAT chain on the device: observe, then fake-quantize with the GPU-computed qparams, with
 /// no host round trip in between; equals the CPU's observe + fake quant.
-#[test]
 fn observe_then_fake_quant_on_device() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(7);
@@ -512,7 +504,6 @@ fn observe_then_fake_quant_on_device() {
     }
 }
 
-#[test]
 fn activations_bit_exact() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -565,7 +556,6 @@ fn random_bn(rng: &mut Rng, c: usize, affine: bool) -> BatchNorm {
     }
 }
 
-#[test]
 fn folds_match_reference() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -620,7 +610,6 @@ fn folds_match_reference() {
 /// 17,000,000 elements need 66,407 workgroups of 256: more than the 65,535 one dimension
 /// allows, so the grid is tiled over x and y. Fake quant and the min/max reduction must still
 /// cover every element exactly once.
-#[test]
 fn large_tensor_tiles_dispatch() {
     let Some(ctx) = common::gpu() else { return };
     let n = 17_000_000usize;
@@ -655,7 +644,6 @@ fn large_tensor_tiles_dispatch() {
     check_observer(&ctx, &x, &spec, "17M");
 }
 
-#[test]
 fn pipelines_are_cached_and_reused() {
     let Some(ctx) = common::gpu() else { return };
     let x = ArrayD::from_shape_vec(IxDyn(&[3]), vec![-1.0f32, 0.5, 7.0]).unwrap();
@@ -678,7 +666,6 @@ fn pipelines_are_cached_and_reused() {
     ctx.check_alive().unwrap();
 }
 
-#[test]
 fn errors_match_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -826,7 +813,6 @@ fn errors_match_cpu() {
     );
 }
 
-#[test]
 fn buffer_too_large_is_refused_before_allocating() {
     let Some(ctx) = common::gpu() else { return };
     let limits = ctx.limits().clone();
@@ -869,7 +855,6 @@ fn buffer_too_large_is_refused_before_allocating() {
     assert_eq!(t.download_f32(&ctx).unwrap().as_slice().unwrap(), &[0.0; 4]);
 }
 
-#[test]
 fn tensor_round_trips() {
     let Some(ctx) = common::gpu() else { return };
     let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |d| (d[0] * 12 + d[1] * 4 + d[2]) as f32);
@@ -906,10 +891,8 @@ fn tensor_round_trips() {
 
 /// An embedder's own device works through `from_device`; errors outside qfuse's scopes reach
 /// the installed handler instead of panicking; a destroyed device turns into `Error::Gpu`.
-#[test]
 fn embedder_device_errors_and_loss() {
     let Some(shared) = common::gpu() else { return };
-    println!("adapter: {}", shared.name());
     // A second context on a fresh device from the same adapter kind.
     let ctx = GpuContext::new().unwrap();
     let ctx = GpuContext::from_device(ctx.device().clone(), ctx.queue().clone()).unwrap();
@@ -951,4 +934,23 @@ fn embedder_device_errors_and_loss() {
     let e = kernels::activation::activation(&ctx, &gx, Activation::Relu).unwrap_err();
     assert!(matches!(e, Error::Gpu(_)), "{e:?}");
     assert!(e.to_string().contains("device lost"), "{e}");
+}
+
+crate::qfuse_tests! {
+    fake_quant_per_tensor_bit_exact: gpu,
+    fake_quant_known_values: gpu,
+    fake_quant_per_channel_bit_exact: gpu,
+    div_rn_is_correctly_rounded: gpu,
+    observers_bit_exact: gpu,
+    observers_nan_inf_empty: gpu,
+    min_max_matches_reference: gpu,
+    observe_then_fake_quant_on_device: gpu,
+    activations_bit_exact: gpu,
+    folds_match_reference: gpu,
+    large_tensor_tiles_dispatch: gpu,
+    pipelines_are_cached_and_reused: gpu,
+    errors_match_cpu: gpu,
+    buffer_too_large_is_refused_before_allocating: gpu,
+    tensor_round_trips: gpu,
+    embedder_device_errors_and_loss: gpu,
 }

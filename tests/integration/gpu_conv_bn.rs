@@ -7,7 +7,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -101,7 +101,6 @@ fn upload1(ctx: &GpuContext, a: &Array1<f32>) -> GpuTensor {
 
 /// `sqrt_rn` in `conv_bn.wgsl` is bit-exact with Rust's (IEEE) `f32::sqrt`: random bit
 /// patterns over every exponent (subnormals included), values near 1 + eps, and the specials.
-#[test]
 fn sqrt_rn_is_correctly_rounded() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(7);
@@ -186,7 +185,6 @@ fn check_batch_norm(
     }
 }
 
-#[test]
 fn batch_norm2d_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     for (i, shape) in [[2, 3, 4, 4], [4, 6, 5, 5], [3, 5, 7, 6], [1, 2, 1, 2]]
@@ -201,7 +199,6 @@ fn batch_norm2d_matches_reference() {
 
 /// Several partial workgroups per channel (M > 2048), and a large mean relative to the
 /// spread (where a one-pass sum of squares would lose the variance).
-#[test]
 fn batch_norm2d_large_and_offset() {
     let Some(ctx) = common::gpu() else { return };
     check_batch_norm(&ctx, [4, 3, 40, 40], true, 3, 0.0);
@@ -210,7 +207,6 @@ fn batch_norm2d_large_and_offset() {
 
 /// The kernel-level BatchNorm with a fused activation equals BN then the activation, and its
 /// backward with the activation's mask folded in equals the two backwards.
-#[test]
 fn batch_norm2d_with_activation() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(5);
@@ -333,7 +329,6 @@ fn make_conv(rng: &mut Rng, c: &ConvCase) -> Conv2d {
     }
 }
 
-#[test]
 fn conv_bn_act_eval_fused_unfused_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -470,7 +465,6 @@ fn qat_cases() -> Vec<ConvCase> {
     cases
 }
 
-#[test]
 fn conv_bn_qat_forward_backward_match_reference() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -552,7 +546,6 @@ fn conv_bn_qat_forward_backward_match_reference() {
 
 /// The fused QAT forward and the unfused chain agree (same `s`, `W_q`, mask and qparams bit
 /// for bit; the rest to rounding).
-#[test]
 fn conv_bn_qat_fused_matches_unfused() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(44);
@@ -608,7 +601,6 @@ fn conv_bn_qat_fused_matches_unfused() {
 }
 
 /// A per-channel observer along an axis other than 0 takes the generic observer path.
-#[test]
 fn conv_bn_qat_per_channel_axis_1() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -630,7 +622,6 @@ fn err_text(r: Result<impl std::fmt::Debug, Error>) -> String {
     r.expect_err("expected an error").to_string()
 }
 
-#[test]
 fn errors_match_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
@@ -760,9 +751,7 @@ type TimedRun<'a> = (&'static str, Box<dyn Fn() + 'a>);
 /// channel count): the fold alone, the conv with no epilogue, the conv with the prefolded
 /// weight and bias + ReLU epilogue, fold then that conv, the fused chain
 /// ([`conv_bn::conv_bn_act_eval`]) and the unfused one. Run with
-/// `cargo test --release --test gpu_conv_bn -- --ignored --nocapture eval_timing`.
-#[test]
-#[ignore]
+/// `cargo test --release --test integration -- --ignored gpu_conv_bn::eval_timing`.
 fn eval_timing() {
     use qfuse::kernels::conv2d::{conv2d, ConvEpilogue};
     use qfuse::kernels::fold::fold_conv_bn;
@@ -871,4 +860,17 @@ fn eval_timing() {
         }
         println!("{line} (ms)");
     }
+}
+
+crate::qfuse_tests! {
+    sqrt_rn_is_correctly_rounded: gpu,
+    batch_norm2d_matches_reference: gpu,
+    batch_norm2d_large_and_offset: gpu,
+    batch_norm2d_with_activation: gpu,
+    conv_bn_act_eval_fused_unfused_cpu: gpu,
+    conv_bn_qat_forward_backward_match_reference: gpu,
+    conv_bn_qat_fused_matches_unfused: gpu,
+    conv_bn_qat_per_channel_axis_1: gpu,
+    errors_match_cpu: gpu,
+    eval_timing: gpu + manual,
 }

@@ -6,7 +6,7 @@
 //! GPU parts run with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe); without an
 //! adapter they print one skip line.
 
-mod common;
+use crate::common;
 
 use std::any::Any;
 use std::sync::{Arc, Mutex};
@@ -138,7 +138,6 @@ fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, tol: f32) {
         worst = worst.max(err);
     }
     assert!(got.iter().any(|v| *v != 0.0), "{what}: all zeros");
-    eprintln!("{what}: worst abs err {worst:e}");
 }
 
 fn kinds(m: &Module) -> Vec<String> {
@@ -430,7 +429,6 @@ fn group_strings(g: &[Vec<&str>]) -> Vec<Vec<String>> {
 
 // ------------------------------------------------------------------------- fusion numerics
 
-#[test]
 fn eval_fusion_matches_unfused_on_cpu() {
     for mut case in cases() {
         case.model.eval();
@@ -470,7 +468,6 @@ fn eval_fusion_matches_unfused_on_cpu() {
     }
 }
 
-#[test]
 fn gpu_matches_cpu_fused_and_unfused() {
     let Some(gpu) = gpu() else { return };
     for mut case in cases() {
@@ -574,18 +571,15 @@ fn check_qat(backend: &dyn Backend, what: &str) {
     }
 }
 
-#[test]
 fn qat_fusion_keeps_batch_norm_cpu() {
     check_qat(&CpuBackend, "cpu");
 }
 
-#[test]
 fn qat_fusion_keeps_batch_norm_gpu() {
     let Some(gpu) = gpu() else { return };
     check_qat(&gpu, "gpu");
 }
 
-#[test]
 fn qat_intrinsic_holds_unfolded_parts() {
     let mut rng = Rng(5);
     let mut model = mobilenet(&mut rng);
@@ -619,7 +613,6 @@ fn qat_intrinsic_holds_unfolded_parts() {
 
 type Log = Arc<Mutex<Vec<String>>>;
 
-#[test]
 fn hooks_move_to_the_fused_module() {
     let mut rng = Rng(7);
     let mut model = resnet(&mut rng);
@@ -695,7 +688,6 @@ fn hooks_move_to_the_fused_module() {
     assert_eq!(model.get("conv1").unwrap().forward_pre_hooks(), vec![pre]);
 }
 
-#[test]
 fn hooks_replace_values_and_see_paths() {
     let mut model = Module::sequential([
         Module::sequential([Module::identity(), Module::relu()]),
@@ -733,7 +725,6 @@ fn hooks_replace_values_and_see_paths() {
 
 // ------------------------------------------------------------------------- API behaviour
 
-#[test]
 fn find_fusable_round_trip_inplace_and_copy() {
     for case in cases() {
         let mut a = case.model.clone();
@@ -787,7 +778,6 @@ fn find_fusable_round_trip_inplace_and_copy() {
     }
 }
 
-#[test]
 fn groups_as_one_list_or_many() {
     let mut rng = Rng(11);
     let mut m = mobilenet(&mut rng);
@@ -817,7 +807,6 @@ fn groups_as_one_list_or_many() {
     );
 }
 
-#[test]
 fn tree_paths_train_eval_replace() {
     let mut rng = Rng(3);
     let mut model = resnet(&mut rng);
@@ -898,7 +887,6 @@ fn tree_paths_train_eval_replace() {
     assert_eq!(model.get("relu").unwrap().kind_name(), "Hardswish");
 }
 
-#[test]
 fn batch_norm_training_updates_running_stats() {
     let mut rng = Rng(4);
     let state = bn(&mut rng, 3);
@@ -939,7 +927,6 @@ fn batch_norm_training_updates_running_stats() {
     assert_eq!(BatchNormLayer::with_features(5).num_features(), 5);
 }
 
-#[test]
 fn layer_forward_shapes_and_input_errors() {
     let mut rng = Rng(9);
     let mut lin = linear(&mut rng, 4, 3, true);
@@ -1032,7 +1019,6 @@ fn err_of(r: qfuse::Result<Option<Module>>) -> Error {
     }
 }
 
-#[test]
 fn every_fusion_error() {
     let mut rng = Rng(21);
     let mut model = resnet(&mut rng);
@@ -1235,7 +1221,6 @@ impl CustomLayer for ConvPool {
     }
 }
 
-#[test]
 fn custom_fuser_registry() {
     let mut rng = Rng(31);
     let mut model = Module::sequential([
@@ -1328,7 +1313,6 @@ fn custom_fuser_registry() {
     assert_eq!(e.to_string(), "invalid argument: nope");
 }
 
-#[test]
 fn pattern_table_and_fused_names() {
     let p = default_patterns();
     assert!(p.contains(&vec!["Conv2d", "BatchNorm2d", "ReLU"]));
@@ -1371,7 +1355,6 @@ fn pattern_table_and_fused_names() {
 
 // ------------------------------------------------------------------------- backend additions
 
-#[test]
 fn new_activations_gpu_vs_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng(41);
@@ -1444,7 +1427,6 @@ fn all_acts() -> [Activation; 5] {
     ]
 }
 
-#[test]
 fn fused_activation_ops_gpu_vs_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng(43);
@@ -1543,7 +1525,6 @@ fn fused_activation_ops_gpu_vs_cpu() {
     }
 }
 
-#[test]
 fn conv_transpose2d_gpu_vs_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng(47);
@@ -1651,7 +1632,6 @@ fn conv_transpose2d_gpu_vs_cpu() {
     );
 }
 
-#[test]
 fn qat_step_with_new_activations_gpu_vs_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng(53);
@@ -1724,4 +1704,26 @@ fn qat_step_with_new_activations_gpu_vs_cpu() {
             1e-3,
         );
     }
+}
+
+crate::qfuse_tests! {
+    eval_fusion_matches_unfused_on_cpu,
+    gpu_matches_cpu_fused_and_unfused: gpu,
+    qat_fusion_keeps_batch_norm_cpu,
+    qat_fusion_keeps_batch_norm_gpu: gpu,
+    qat_intrinsic_holds_unfolded_parts,
+    hooks_move_to_the_fused_module,
+    hooks_replace_values_and_see_paths,
+    find_fusable_round_trip_inplace_and_copy,
+    groups_as_one_list_or_many,
+    tree_paths_train_eval_replace,
+    batch_norm_training_updates_running_stats,
+    layer_forward_shapes_and_input_errors,
+    every_fusion_error,
+    custom_fuser_registry,
+    pattern_table_and_fused_names,
+    new_activations_gpu_vs_cpu: gpu,
+    fused_activation_ops_gpu_vs_cpu: gpu,
+    conv_transpose2d_gpu_vs_cpu: gpu,
+    qat_step_with_new_activations_gpu_vs_cpu: gpu,
 }

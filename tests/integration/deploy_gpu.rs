@@ -6,7 +6,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -117,7 +117,6 @@ fn check_model(ctx: &Arc<GpuContext>, model: &IntModel, x: &ArrayD<f32>, what: &
     }
 }
 
-#[test]
 fn mnist_device_forward_matches_the_cpu_bit_for_bit() {
     let Some(ctx) = common::gpu() else { return };
     for mode in [RequantMode::Float, RequantMode::FixedPoint] {
@@ -127,7 +126,6 @@ fn mnist_device_forward_matches_the_cpu_bit_for_bit() {
     }
 }
 
-#[test]
 fn resnet_block_device_forward_matches_the_cpu_bit_for_bit() {
     let Some(ctx) = common::gpu() else { return };
     for mode in [RequantMode::Float, RequantMode::FixedPoint] {
@@ -141,7 +139,6 @@ fn resnet_block_device_forward_matches_the_cpu_bit_for_bit() {
     }
 }
 
-#[test]
 fn odd_channel_flatten_model_matches_the_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let net = odd_channel_net();
@@ -163,7 +160,6 @@ fn codes(shape: &[usize], seed: u64) -> ArrayD<i8> {
     })
 }
 
-#[test]
 fn flatten_repack_matches_the_host_reshape() {
     let Some(ctx) = common::gpu() else { return };
     for shape in [
@@ -243,7 +239,6 @@ fn same_error(what: &str, g: &GpuIntModel, model: &IntModel, x: &ArrayD<f32>) {
     }
 }
 
-#[test]
 fn bad_input_gives_the_cpu_errors() {
     let Some(ctx) = common::gpu() else { return };
     let model = mnist_model(RequantMode::Float);
@@ -292,7 +287,6 @@ fn bad_input_gives_the_cpu_errors() {
     assert!(g.forward_gpu(&gi).is_err());
 }
 
-#[test]
 fn an_invalid_model_is_rejected_when_prepared() {
     let Some(ctx) = common::gpu() else { return };
     let mut model = mnist_model(RequantMode::Float);
@@ -304,7 +298,6 @@ fn an_invalid_model_is_rejected_when_prepared() {
     assert_eq!(got.to_string(), want.to_string());
 }
 
-#[test]
 fn large_batch_matches() {
     let Some(ctx) = common::gpu() else { return };
     let model = mnist_model(RequantMode::FixedPoint);
@@ -314,4 +307,14 @@ fn large_batch_matches() {
         g.forward(&x).unwrap(),
         model.forward(&CpuBackend, &x).unwrap()
     );
+}
+
+crate::qfuse_tests! {
+    mnist_device_forward_matches_the_cpu_bit_for_bit: gpu,
+    resnet_block_device_forward_matches_the_cpu_bit_for_bit: gpu,
+    odd_channel_flatten_model_matches_the_cpu: gpu,
+    flatten_repack_matches_the_host_reshape: gpu,
+    bad_input_gives_the_cpu_errors: gpu,
+    an_invalid_model_is_rejected_when_prepared: gpu,
+    large_batch_matches: gpu,
 }

@@ -1,7 +1,7 @@
 //! Integer deployment: conversion, the integer model against its fused and unfused
 //! simulations, CPU against GPU, safetensors round trip, and every kind of bad input.
 
-mod common;
+use crate::common;
 
 use ndarray::{Array1, Array2, Array4, ArrayD};
 use qfuse::deploy::{self, DeployConfig, IntLayer, IntModel, Net};
@@ -29,7 +29,6 @@ fn block_setup(cfg: &DeployConfig) -> (Net, IntModel) {
     (net, model)
 }
 
-#[test]
 fn mnist_converts_to_int8_with_folded_bn_and_relu6_clamps() {
     let (net, model, _) = mnist_setup();
     assert_eq!(net.nodes().len(), 7);
@@ -74,7 +73,6 @@ fn mnist_converts_to_int8_with_folded_bn_and_relu6_clamps() {
     }
 }
 
-#[test]
 fn deploying_the_fused_model_gives_the_same_integer_model() {
     let mut m = mnist::mnist(0).unwrap();
     m.eval();
@@ -104,12 +102,10 @@ fn deploying_the_fused_model_gives_the_same_integer_model() {
     assert_eq!(fused, unfused);
 }
 
-#[test]
 fn mnist_gap_fused_is_small_and_unfused_larger() {
     let (net, model, cfg) = mnist_setup();
     let x = mnist::synthetic_batch(64, 2).into_dyn();
     let g = deploy::measure_gap(&net, &model, &cfg, &CpuBackend, &x).unwrap();
-    println!("mnist gap: {g:?}");
     assert_eq!(g.fused.outputs, 640);
     assert!(g.fused.max_step_diff <= 1, "{g:?}");
     assert!(g.fused.identical_fraction() >= 0.99, "{g:?}");
@@ -125,13 +121,11 @@ fn mnist_gap_fused_is_small_and_unfused_larger() {
     assert_eq!(g.layers[0].fused, g.layers[0].fused_isolated);
 }
 
-#[test]
 fn resnet_block_gap_meets_the_target_with_fusion() {
     let cfg = DeployConfig::default();
     let (net, model) = block_setup(&cfg);
     let x = resnet::synthetic_input(8, 8, 10, 2).into_dyn();
     let g = deploy::measure_gap(&net, &model, &cfg, &CpuBackend, &x).unwrap();
-    println!("block gap: {g:?}");
     assert!(g.fused.identical_fraction() >= 0.999, "{g:?}");
     assert!(g.fused.max_step_diff <= 1, "{g:?}");
     assert!(g.unfused.identical <= g.fused.identical, "{g:?}");
@@ -144,7 +138,6 @@ fn resnet_block_gap_meets_the_target_with_fusion() {
     assert!(g.unfused.identical_fraction() < 0.99, "{g:?}");
 }
 
-#[test]
 fn fixed_point_requantization_also_runs_and_stays_within_a_step_per_layer() {
     let cfg = DeployConfig {
         requant: RequantMode::FixedPoint,
@@ -157,7 +150,6 @@ fn fixed_point_requantization_also_runs_and_stays_within_a_step_per_layer() {
     assert!(g.layers[0].fused.identical_fraction() >= 0.99, "{g:?}");
 }
 
-#[test]
 fn the_integer_model_round_trips_through_safetensors() {
     let (_, model, _) = mnist_setup();
     let dir = std::env::temp_dir().join(format!("qfuse-deploy-{}", std::process::id()));
@@ -195,7 +187,6 @@ fn the_integer_model_round_trips_through_safetensors() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
 fn bad_inputs_are_typed_errors() {
     let (net, model, cfg) = mnist_setup();
     // No calibration data.
@@ -229,7 +220,6 @@ fn bad_inputs_are_typed_errors() {
         .is_err());
 }
 
-#[test]
 fn net_builder_rejects_what_integer_kernels_cannot_run() {
     let conv = || Conv2d {
         weight: Array4::from_elem((2, 1, 3, 3), 0.1),
@@ -290,7 +280,6 @@ fn net_builder_rejects_what_integer_kernels_cannot_run() {
     assert!(e.to_string().contains("no integer form"), "{e}");
 }
 
-#[test]
 fn gpu_integer_model_matches_the_cpu_bit_for_bit() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
@@ -316,4 +305,16 @@ fn gpu_integer_model_matches_the_cpu_bit_for_bit() {
     let g = deploy::measure_gap(&net, &model, &cfg, &gpu, &x).unwrap();
     assert!(g.fused.max_step_diff <= 1, "{g:?}");
     let _ = gpu.name();
+}
+
+crate::qfuse_tests! {
+    mnist_converts_to_int8_with_folded_bn_and_relu6_clamps,
+    deploying_the_fused_model_gives_the_same_integer_model,
+    mnist_gap_fused_is_small_and_unfused_larger,
+    resnet_block_gap_meets_the_target_with_fusion,
+    fixed_point_requantization_also_runs_and_stays_within_a_step_per_layer,
+    the_integer_model_round_trips_through_safetensors,
+    bad_inputs_are_typed_errors,
+    net_builder_rejects_what_integer_kernels_cannot_run,
+    gpu_integer_model_matches_the_cpu_bit_for_bit: gpu,
 }

@@ -22,7 +22,6 @@ fn bn(c: usize) -> BatchNorm {
     }
 }
 
-#[test]
 fn scale_not_positive_or_not_finite() {
     for s in [0.0, -0.5, f32::NAN, f32::INFINITY] {
         let e = CpuBackend
@@ -36,7 +35,6 @@ fn scale_not_positive_or_not_finite() {
     }
 }
 
-#[test]
 fn quant_min_not_below_quant_max() {
     let e = QuantRange::new(5, 5).unwrap_err();
     assert_eq!(
@@ -57,7 +55,6 @@ fn quant_min_not_below_quant_max() {
     );
 }
 
-#[test]
 fn zero_point_outside_range() {
     let e = CpuBackend
         .fake_quant(&x(), &QParams::per_tensor(0.1, 300), QuantRange::UINT8)
@@ -68,7 +65,6 @@ fn zero_point_outside_range() {
     );
 }
 
-#[test]
 fn axis_out_of_range() {
     let qp = QParams::per_channel(vec![0.1; 3], vec![0; 3], 3).unwrap();
     let e = CpuBackend
@@ -89,7 +85,6 @@ fn axis_out_of_range() {
     assert!(e.to_string().contains("axis 7 is out of range"), "{e}");
 }
 
-#[test]
 fn shape_mismatch_names_both_shapes() {
     let qp = QParams::per_channel(vec![0.1; 5], vec![0; 5], 1).unwrap();
     let e = CpuBackend
@@ -114,7 +109,6 @@ fn shape_mismatch_names_both_shapes() {
     );
 }
 
-#[test]
 fn conv_and_bn_channel_counts_disagree() {
     let w = ArrayD::zeros(IxDyn(&[8, 3, 3, 3]));
     let e = CpuBackend
@@ -150,7 +144,6 @@ fn conv_and_bn_channel_counts_disagree() {
     );
 }
 
-#[test]
 fn conv_settings_are_checked() {
     let x = Array4::zeros((1, 4, 5, 5));
     let w = Array4::zeros((6, 4, 3, 3));
@@ -172,7 +165,6 @@ fn conv_settings_are_checked() {
     assert!(e.to_string().contains("larger than padded input"), "{e}");
 }
 
-#[test]
 fn missing_tensor_and_malformed_case() {
     let e = Case::from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ", "mem").unwrap_err();
     assert!(e.to_string().starts_with("malformed case mem:"), "{e}");
@@ -193,7 +185,6 @@ fn missing_tensor_and_malformed_case() {
     assert_eq!(e.to_string(), "missing tensor `in.x` in mem.safetensors");
 }
 
-#[test]
 fn nan_propagates_through_fake_quant() {
     let x = ArrayD::from_shape_vec(IxDyn(&[3]), vec![f32::NAN, 0.3, f32::NEG_INFINITY]).unwrap();
     let y = CpuBackend
@@ -213,4 +204,16 @@ fn nan_propagates_through_fake_quant() {
         )
         .unwrap();
     assert_eq!(dx[0], 0.0);
+}
+
+crate::qfuse_tests! {
+    scale_not_positive_or_not_finite,
+    quant_min_not_below_quant_max,
+    zero_point_outside_range,
+    axis_out_of_range,
+    shape_mismatch_names_both_shapes,
+    conv_and_bn_channel_counts_disagree,
+    conv_settings_are_checked,
+    missing_tensor_and_malformed_case,
+    nan_propagates_through_fake_quant,
 }

@@ -1,7 +1,7 @@
 //! `qfuse demo`: the binary's table as JSON, with seeded weights and with the golden file's
 //! PyTorch weights, on the CPU and (when there is an adapter) on the GPU; and its errors.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -38,7 +38,6 @@ fn demo_json(name: &str, args: &[&str], env: &[(&str, &str)]) -> (String, Value)
         out.status.success(),
         "qfuse demo {all:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
-    println!("{stdout}");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     (stdout, v)
@@ -100,7 +99,6 @@ fn check(v: &Value, backend: &str, batch: u64) {
     }
 }
 
-#[test]
 fn cpu_seeded_weights() {
     let (stdout, v) = demo_json(
         "cpu-seeded",
@@ -124,7 +122,6 @@ fn cpu_seeded_weights() {
     }
 }
 
-#[test]
 fn cpu_golden_weights_with_prefix() {
     let file = golden_file();
     let file = file.to_str().unwrap();
@@ -149,7 +146,6 @@ fn cpu_golden_weights_with_prefix() {
     assert_eq!(v["prefix"], "in.model.");
 }
 
-#[test]
 fn gpu_golden_weights() {
     if common::gpu().is_none() {
         return;
@@ -177,7 +173,6 @@ fn gpu_golden_weights() {
     assert!(stdout.contains("backend:  gpu"), "{stdout}");
 }
 
-#[test]
 fn auto_without_adapter_falls_back_to_the_cpu_and_says_so() {
     // No Metal on Linux: no adapter for wgpu to find. (On macOS Metal exists; skip there.)
     if cfg!(target_os = "macos") {
@@ -211,7 +206,6 @@ fn auto_without_adapter_falls_back_to_the_cpu_and_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no GPU adapter"));
 }
 
-#[test]
 fn bad_weights_fail_with_a_useful_message() {
     let file = golden_file();
     let file = file.to_str().unwrap();
@@ -232,4 +226,12 @@ fn bad_weights_fail_with_a_useful_message() {
     let out = demo(&["--backend", "cpu", "--batch", "0"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--batch"));
+}
+
+crate::qfuse_tests! {
+    cpu_seeded_weights,
+    cpu_golden_weights_with_prefix,
+    gpu_golden_weights: gpu,
+    auto_without_adapter_falls_back_to_the_cpu_and_says_so,
+    bad_weights_fail_with_a_useful_message,
 }

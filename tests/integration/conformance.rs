@@ -2,7 +2,7 @@
 //! `QFUSE_GOLDEN_DIR`) on the CPU reference and on the GPU, so each new case file is a new
 //! check. Also checks that unknown ops, empty folders and malformed files fail loudly.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 
@@ -18,25 +18,25 @@ fn run_all(backend: &dyn Backend) {
                 .unwrap_or_else(|e| panic!("golden folder {}: {e}", dir.display())),
         );
     }
-    for r in &reports {
-        println!("{}", r.line());
-    }
     let (passed, failed) = summary(&reports);
-    println!("{passed} passed, {failed} failed");
+    let failures: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| r.line())
+        .collect();
     assert_eq!(
         failed,
         0,
-        "{failed} conformance case(s) failed on {}",
-        backend.name()
+        "{failed} conformance case(s) failed on {} ({passed} passed):\n{}",
+        backend.name(),
+        failures.join("\n")
     );
 }
 
-#[test]
 fn golden_cases_pass_on_cpu() {
     run_all(&CpuBackend);
 }
 
-#[test]
 fn golden_cases_pass_on_gpu() {
     let Some(ctx) = common::gpu() else { return };
     run_all(&GpuBackend::new(ctx));
@@ -72,7 +72,6 @@ fn tiny_case(op: &str) -> StateDict {
     sd
 }
 
-#[test]
 fn a_written_case_passes_and_a_wrong_expectation_fails() {
     let dir = tmpdir("ok");
     let p = write_case(
@@ -97,7 +96,6 @@ fn a_written_case_passes_and_a_wrong_expectation_fails() {
     );
 }
 
-#[test]
 fn unknown_op_fails_the_case() {
     let dir = tmpdir("unknown");
     let p = write_case(&dir, "frobnicate__x.safetensors", &tiny_case("frobnicate"));
@@ -106,7 +104,6 @@ fn unknown_op_fails_the_case() {
     assert!(r.line().contains("unknown op `frobnicate`"), "{}", r.line());
 }
 
-#[test]
 fn missing_expected_output_fails_the_case() {
     let dir = tmpdir("extra");
     let mut sd = tiny_case("fake_quant_per_tensor");
@@ -124,7 +121,6 @@ fn missing_expected_output_fails_the_case() {
     );
 }
 
-#[test]
 fn missing_input_tensor_is_named() {
     let dir = tmpdir("missing");
     let mut sd = tiny_case("fake_quant_per_tensor");
@@ -135,14 +131,12 @@ fn missing_input_tensor_is_named() {
     assert!(r.line().contains("missing tensor `in.dy`"), "{}", r.line());
 }
 
-#[test]
 fn empty_folder_is_an_error() {
     let dir = tmpdir("empty");
     let e = run_dir(&dir, &[&CpuBackend]).unwrap_err();
     assert!(e.to_string().contains("no conformance case"), "{e}");
 }
 
-#[test]
 fn malformed_files_fail() {
     let dir = tmpdir("malformed");
     std::fs::write(
@@ -172,7 +166,6 @@ fn malformed_files_fail() {
     assert!(all.contains("`atol` = `lots` is not a number"), "{all}");
 }
 
-#[test]
 fn conv_params_accept_pytorch_spellings() {
     use ndarray::Array4;
     use qfuse::ops::Conv2dParams;
@@ -218,4 +211,16 @@ fn conv_params_accept_pytorch_spellings() {
         "{}",
         r.line()
     );
+}
+
+crate::qfuse_tests! {
+    golden_cases_pass_on_cpu,
+    golden_cases_pass_on_gpu: gpu,
+    a_written_case_passes_and_a_wrong_expectation_fails,
+    unknown_op_fails_the_case,
+    missing_expected_output_fails_the_case,
+    missing_input_tensor_is_named,
+    empty_folder_is_an_error,
+    malformed_files_fail,
+    conv_params_accept_pytorch_spellings,
 }

@@ -8,14 +8,13 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use qfuse::gpu::{GpuContext, GpuTensor};
 use qfuse::kernels::conv2d::{conv2d, conv2d_with_algorithm, ConvAlgorithm, ConvEpilogue, RegTile};
 
 use common::conv::{check, configs, p, up, Rng};
 
-#[test]
 fn register_blocked_default_tile_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(21);
@@ -24,7 +23,6 @@ fn register_blocked_default_tile_matches_reference() {
     }
 }
 
-#[test]
 fn register_blocked_every_tile_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(22);
@@ -50,7 +48,6 @@ fn register_blocked_every_tile_matches_reference() {
     }
 }
 
-#[test]
 fn register_blocked_resnet_like_shape() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(23);
@@ -87,7 +84,6 @@ fn small_grid_context() -> Option<GpuContext> {
     Some(GpuContext::from_device(device, queue).unwrap())
 }
 
-#[test]
 fn register_blocked_small_grid_limit() {
     let Some(ctx) = small_grid_context() else {
         return;
@@ -117,7 +113,6 @@ fn register_blocked_small_grid_limit() {
     check(&ctx, &mut rng, &case, ConvAlgorithm::RegisterBlocked);
 }
 
-#[test]
 fn register_tile_choice_and_checks() {
     let params = p([1, 1], [1, 1], [1, 1], 1);
     let t = RegTile::for_conv(64, 3, &params, 8 * 56 * 7);
@@ -190,4 +185,12 @@ fn register_tile_choice_and_checks() {
         .download_f32(&ctx)
         .unwrap();
     assert_eq!(auto, other);
+}
+
+crate::qfuse_tests! {
+    register_blocked_default_tile_matches_reference: gpu,
+    register_blocked_every_tile_matches_reference: gpu,
+    register_blocked_resnet_like_shape: gpu,
+    register_blocked_small_grid_limit,
+    register_tile_choice_and_checks: gpu,
 }

@@ -112,7 +112,6 @@ fn nbt(sd: &StateDict, key: &str) -> i64 {
     i64::from_le_bytes(r.data().try_into().unwrap())
 }
 
-#[test]
 fn pytorch_names_plain_fused_intrinsic_qat() {
     let m = net(1);
     assert_eq!(
@@ -223,7 +222,6 @@ fn pytorch_names_plain_fused_intrinsic_qat() {
 
 /// A QAT model trained for a few steps: save → load into a fresh model → identical
 /// state dict and identical forwards (eval and training).
-#[test]
 fn round_trip_save_load_identical_forward() {
     let b = &CpuBackend;
     let build = |seed: u64| {
@@ -278,7 +276,6 @@ fn round_trip_save_load_identical_forward() {
     }
 }
 
-#[test]
 fn fused_state_dict_loads_into_a_fresh_fused_model() {
     let b = &CpuBackend;
     let fused = |seed: u64| {
@@ -320,7 +317,6 @@ fn fused_state_dict_loads_into_a_fresh_fused_model() {
     assert_eq!(src.forward(b, &x).unwrap(), dst.forward(b, &x).unwrap());
 }
 
-#[test]
 fn strict_and_non_strict_key_errors() {
     let mut m = net(1);
     let before = m.state_dict().unwrap();
@@ -369,7 +365,6 @@ fn strict_and_non_strict_key_errors() {
     );
 }
 
-#[test]
 fn shape_and_dtype_mismatches() {
     let mut m = net(1);
     let mut sd = net(2).state_dict().unwrap();
@@ -412,7 +407,6 @@ fn shape_and_dtype_mismatches() {
     );
 }
 
-#[test]
 fn num_batches_tracked_is_int64() {
     let b = &CpuBackend;
     let mut m = net(1);
@@ -462,7 +456,6 @@ fn num_batches_tracked_is_int64() {
     assert_eq!(count(&fresh), 7);
 }
 
-#[test]
 fn fake_quant_buffers_take_the_loaded_length() {
     let b = &CpuBackend;
     let build = || {
@@ -504,4 +497,14 @@ fn fake_quant_buffers_take_the_loaded_length() {
         build().load_state_dict(&bad, true).unwrap_err(),
         Error::ShapeMismatch { .. }
     ));
+}
+
+crate::qfuse_tests! {
+    pytorch_names_plain_fused_intrinsic_qat,
+    round_trip_save_load_identical_forward,
+    fused_state_dict_loads_into_a_fresh_fused_model,
+    strict_and_non_strict_key_errors,
+    shape_and_dtype_mismatches,
+    num_batches_tracked_is_int64,
+    fake_quant_buffers_take_the_loaded_length,
 }

@@ -2,7 +2,7 @@
 //! fusion, targets, dtypes and schemes, calibration over several batches, the simulated
 //! forward, and the errors.
 
-mod common;
+use crate::common;
 
 use ndarray::{concatenate, Array1, Array2, ArrayD, Axis, IxDyn};
 use qfuse::backend::{Backend, CpuBackend, GpuBackend};
@@ -54,7 +54,6 @@ fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
 fn op_types_select_every_module_of_the_type() {
     let mut m = model();
     let c = cfg(r#"[{"op_types": ["Conv2d"], "target_names": ["_input_", "weight", "_output_"]}]"#);
@@ -86,7 +85,6 @@ fn op_types_select_every_module_of_the_type() {
     );
 }
 
-#[test]
 fn selection_happens_before_fusion() {
     // conv2 + relu2 fuse into a ConvReLU62d, still selected by op_types Conv2d; its output
     // target comes after the activation.
@@ -114,7 +112,6 @@ fn selection_happens_before_fusion() {
     assert!(out.min_val[0] >= 0.0 && out.max_val[0] <= 6.0);
 }
 
-#[test]
 fn exclude_op_names_and_default_targets() {
     let mut m = model();
     let c = cfg(r#"[{"op_types": ["Conv2d", "Linear"], "exclude_op_names": ["fc2"]}]"#);
@@ -144,7 +141,6 @@ fn exclude_op_names_and_default_targets() {
     assert_eq!(targets(&applied), [("conv1", all)]);
 }
 
-#[test]
 fn later_entries_override_per_target() {
     let mut m = model();
     let c = cfg(
@@ -159,7 +155,6 @@ fn later_entries_override_per_target() {
     assert_eq!(w.qscheme, QScheme::PerTensorSymmetric);
 }
 
-#[test]
 fn per_channel_weight() {
     let mut m = model();
     let c = cfg(
@@ -192,7 +187,6 @@ fn per_channel_weight() {
     }
 }
 
-#[test]
 fn uint8_symmetric_and_int4() {
     let mut m = model();
     let c = cfg(
@@ -231,7 +225,6 @@ fn uint8_symmetric_and_int4() {
     assert!((-8..=7).contains(&out.zero_point[0]));
 }
 
-#[test]
 fn simulated_forward_is_fq_output_of_op_on_fq_input_and_fq_weight() {
     let w = Array2::from_shape_fn((3, 4), |(i, j)| (i as f32 - 1.0) * 0.3 + j as f32 * 0.07);
     let b = Array1::from(vec![0.1f32, -0.2, 0.05]);
@@ -282,7 +275,6 @@ fn simulated_forward_is_fq_output_of_op_on_fq_input_and_fq_weight() {
     assert_eq!(y_float, want_float);
 }
 
-#[test]
 fn calibration_over_two_batches_is_min_max_over_both() {
     let c = mnist::nni_example_config();
     // Two batches with different ranges: the union's min from the first, max from the second.
@@ -348,7 +340,6 @@ fn calibration_over_two_batches_is_min_max_over_both() {
     assert_eq!(config::qparams(&m), config::qparams(&one));
 }
 
-#[test]
 fn errors_name_what_is_wrong() {
     let e = |json: &str| {
         let mut m = mnist::mnist(11).unwrap();
@@ -470,7 +461,6 @@ fn errors_name_what_is_wrong() {
     assert!(err.to_string().contains("conv1._input_"), "{err}");
 }
 
-#[test]
 fn calibration_on_the_gpu_matches_the_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
@@ -501,7 +491,6 @@ fn calibration_on_the_gpu_matches_the_cpu() {
     );
 }
 
-#[test]
 fn qat_mode_converts_to_qat_modules() {
     let mut m = mnist::mnist(11).unwrap();
     let c = cfg(
@@ -542,4 +531,18 @@ fn qat_mode_converts_to_qat_modules() {
     assert_eq!(config::set_observer_enabled(&mut m, false), 6);
     qat::freeze_bn_stats(&mut m);
     assert_eq!(config::qparams(&m), q);
+}
+
+crate::qfuse_tests! {
+    op_types_select_every_module_of_the_type,
+    selection_happens_before_fusion,
+    exclude_op_names_and_default_targets,
+    later_entries_override_per_target,
+    per_channel_weight,
+    uint8_symmetric_and_int4,
+    simulated_forward_is_fq_output_of_op_on_fq_input_and_fq_weight,
+    calibration_over_two_batches_is_min_max_over_both,
+    errors_name_what_is_wrong,
+    calibration_on_the_gpu_matches_the_cpu: gpu,
+    qat_mode_converts_to_qat_modules,
 }

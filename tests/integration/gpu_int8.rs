@@ -6,7 +6,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 use qfuse::gpu::{GpuContext, GpuTensor, Int8Dot};
@@ -112,7 +112,6 @@ const EDGE_X: &[i32] = &[
     i32::MAX,
 ];
 
-#[test]
 fn wgsl_fixed_point_matches_rust_on_edge_values() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(1);
@@ -189,7 +188,6 @@ fn wgsl_fixed_point_matches_rust_on_edge_values() {
     );
 }
 
-#[test]
 fn wgsl_float_requant_matches_rust() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(2);
@@ -264,7 +262,6 @@ fn cpu() -> CpuBackend {
     CpuBackend
 }
 
-#[test]
 fn quantize_and_dequantize_match_the_reference() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx.clone());
@@ -335,7 +332,6 @@ fn quantize_and_dequantize_match_the_reference() {
     }
 }
 
-#[test]
 fn quantize_reports_the_first_nan() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx.clone());
@@ -469,7 +465,6 @@ fn random_conv(
     (x, x_zp, wt, bias, rq)
 }
 
-#[test]
 fn conv2d_int8_matches_the_reference_on_both_dot_paths() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(4);
@@ -512,7 +507,6 @@ fn conv2d_int8_matches_the_reference_on_both_dot_paths() {
 
 /// A 1x1 conv with weight 1 and bias b passes `x − x_zp + b` straight into the
 /// requantization: the whole WGSL epilogue against `Requant::apply` on chosen accumulators.
-#[test]
 fn conv_epilogue_matches_requant_apply_on_edge_accumulators() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(5);
@@ -557,7 +551,6 @@ fn conv_epilogue_matches_requant_apply_on_edge_accumulators() {
     }
 }
 
-#[test]
 fn linear_int8_matches_the_reference_on_both_dot_paths() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(6);
@@ -608,7 +601,6 @@ fn linear_int8_matches_the_reference_on_both_dot_paths() {
     }
 }
 
-#[test]
 fn backend_int8_ops_match_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx.clone());
@@ -636,7 +628,6 @@ fn backend_int8_ops_match_cpu() {
 // ---------------------------------------------------------------------------------------------
 // Max pooling and add.
 
-#[test]
 fn max_pool2d_int8_matches_the_reference() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
@@ -660,7 +651,6 @@ fn max_pool2d_int8_matches_the_reference() {
     }
 }
 
-#[test]
 fn add_int8_matches_the_reference_on_every_code_pair() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
@@ -707,7 +697,6 @@ fn add_int8_matches_the_reference_on_every_code_pair() {
 
 /// quantize → conv (ReLU) → max pool → residual add → linear → dequantize on the device,
 /// against the same chain on the CPU reference.
-#[test]
 fn device_resident_chain_matches_the_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(10);
@@ -768,13 +757,11 @@ fn device_resident_chain_matches_the_reference() {
     assert!(gc.reshape(&[2, 384]).is_err());
 }
 
-#[test]
 fn int8_dot_setting() {
     let Some(ctx) = common::gpu() else { return };
     // Native wgpu always implements the packed_4x8_integer_dot_product language extension.
     assert!(ctx.packed_int8_dot_available());
     assert_eq!(ctx.int8_dot(), Int8Dot::Packed);
-    println!("int8 dot default: {:?}", ctx.int8_dot());
     // Only toggled briefly (other tests share the context; both paths agree anyway).
     ctx.set_int8_dot(Int8Dot::Portable).unwrap();
     assert_eq!(ctx.int8_dot(), Int8Dot::Portable);
@@ -785,7 +772,6 @@ fn int8_dot_setting() {
 // ---------------------------------------------------------------------------------------------
 // Errors: the reference's, before anything runs.
 
-#[test]
 fn bad_inputs_give_the_reference_errors() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx.clone());
@@ -932,9 +918,7 @@ fn bad_inputs_give_the_reference_errors() {
 }
 
 /// Rough timings on the current adapter, best of 5 runs per shape and dot path (ignored by
-/// default: `cargo test --release --test gpu_int8 -- --ignored --nocapture`).
-#[test]
-#[ignore]
+/// default: `cargo test --release --test integration -- --ignored gpu_int8::int8_conv_timing`).
 fn int8_conv_timing() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(11);
@@ -974,4 +958,21 @@ fn int8_conv_timing() {
             );
         }
     }
+}
+
+crate::qfuse_tests! {
+    wgsl_fixed_point_matches_rust_on_edge_values: gpu,
+    wgsl_float_requant_matches_rust: gpu,
+    quantize_and_dequantize_match_the_reference: gpu,
+    quantize_reports_the_first_nan: gpu,
+    conv2d_int8_matches_the_reference_on_both_dot_paths: gpu,
+    conv_epilogue_matches_requant_apply_on_edge_accumulators: gpu,
+    linear_int8_matches_the_reference_on_both_dot_paths: gpu,
+    backend_int8_ops_match_cpu: gpu,
+    max_pool2d_int8_matches_the_reference: gpu,
+    add_int8_matches_the_reference_on_every_code_pair: gpu,
+    device_resident_chain_matches_the_reference: gpu,
+    int8_dot_setting: packed_int8_dot,
+    bad_inputs_give_the_reference_errors: gpu,
+    int8_conv_timing: gpu + manual,
 }

@@ -5,7 +5,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use ndarray::{ArrayD, IxDyn};
 use qfuse::bench::{run_suite, BenchConfig, Progress};
@@ -28,7 +28,6 @@ fn finite_positive(v: &serde_json::Value, what: &str) -> f64 {
     x
 }
 
-#[test]
 fn quick_suite_json_on_a_tiny_configuration() {
     let Some(ctx) = common::gpu() else { return };
     let cfg = BenchConfig::tiny();
@@ -181,7 +180,6 @@ fn same_bits(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-#[test]
 fn fake_quant_vec4_kernels_are_bit_exact() {
     let Some(ctx) = common::gpu() else { return };
     let range = QuantRange::INT8;
@@ -260,7 +258,6 @@ fn fake_quant_vec4_kernels_are_bit_exact() {
     }
 }
 
-#[test]
 fn fake_quant_into_refuses_bad_outputs() {
     let Some(ctx) = common::gpu() else { return };
     let x = GpuTensor::from_slice_f32(&ctx, &[0.5; 8], &[8]).unwrap();
@@ -280,4 +277,10 @@ fn fake_quant_into_refuses_bad_outputs() {
     }
     let out = GpuTensor::zeros(&ctx, &[8], DType::F32).unwrap();
     assert!(fake_quant_with_mask_into(&ctx, &x, &qp, range, &out, &out).is_err());
+}
+
+crate::qfuse_tests! {
+    quick_suite_json_on_a_tiny_configuration: gpu,
+    fake_quant_vec4_kernels_are_bit_exact: gpu,
+    fake_quant_into_refuses_bad_outputs: gpu,
 }

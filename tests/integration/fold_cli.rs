@@ -4,7 +4,7 @@
 //! library and by the binary, and checked against `qfuse::reference::fold`, byte for byte for
 //! everything that is only copied, and against the PyTorch golden fold cases.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -328,7 +328,6 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-#[test]
 fn library_folds_every_kind_and_keeps_the_rest() {
     let m = Model::new();
     let sd = m.state_dict();
@@ -346,7 +345,6 @@ fn library_folds_every_kind_and_keeps_the_rest() {
     assert_eq!(out.f32("c1.bias").unwrap().shape(), &[5]);
 }
 
-#[test]
 fn state_dict_round_trips_every_dtype() {
     let m = Model::new();
     let bytes = m.bytes();
@@ -379,7 +377,6 @@ fn state_dict_round_trips_every_dtype() {
     ));
 }
 
-#[test]
 fn gpu_backend_folds_the_same() {
     let Some(ctx) = common::gpu() else { return };
     let m = Model::new();
@@ -387,7 +384,6 @@ fn gpu_backend_folds_the_same() {
     check_output(&m, &out.to_bytes().unwrap(), 1e-5, false);
 }
 
-#[test]
 fn binary_folds_and_leaves_the_input_alone() {
     let m = Model::new();
     let dir = tmp_dir("binary");
@@ -513,7 +509,6 @@ fn fails(dir: &Path, input: &Path, args: &[&str], message: &str) {
     );
 }
 
-#[test]
 fn binary_errors() {
     let mut m = Model::new();
     // A BatchNorm whose channel count disagrees, a float16 layer, a module that is no BN.
@@ -647,7 +642,6 @@ fn binary_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
 fn library_errors_are_typed() {
     let m = Model::new();
     let sd = m.state_dict();
@@ -737,7 +731,6 @@ fn library_errors_are_typed() {
 /// Every golden fold case, rebuilt as a model state dict (`net.3` = the layer, `net.4` = its
 /// BatchNorm, plus an int64 counter) and folded through the binary, matches PyTorch's
 /// `out.weight` / `out.bias` within the case's tolerance.
-#[test]
 fn golden_fold_cases_through_the_binary() {
     let mut files = common::golden::golden_files("fold_conv_bn");
     files.extend(common::golden::golden_files("fold_linear_bn"));
@@ -803,4 +796,14 @@ fn golden_fold_cases_through_the_binary() {
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+crate::qfuse_tests! {
+    library_folds_every_kind_and_keeps_the_rest,
+    state_dict_round_trips_every_dtype,
+    gpu_backend_folds_the_same: gpu,
+    binary_folds_and_leaves_the_input_alone,
+    binary_errors,
+    library_errors_are_typed,
+    golden_fold_cases_through_the_binary,
 }

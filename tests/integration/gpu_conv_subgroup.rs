@@ -13,7 +13,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use qfuse::gpu::{GpuContext, GpuTensor};
 use qfuse::kernels::conv2d::{conv2d, conv2d_with_algorithm, ConvAlgorithm, ConvEpilogue, RegTile};
@@ -41,7 +41,6 @@ fn sg_gpu() -> Option<std::sync::Arc<GpuContext>> {
     Some(ctx)
 }
 
-#[test]
 fn subgroup_default_tile_matches_reference() {
     let Some(ctx) = sg_gpu() else { return };
     let mut rng = Rng(31);
@@ -50,32 +49,51 @@ fn subgroup_default_tile_matches_reference() {
     }
 }
 
-#[test]
-fn subgroup_every_tile_matches_reference() {
+fn subgroup_every_tile_with_8_channels_matches_reference() {
     let Some(ctx) = sg_gpu() else { return };
-    let mut rng = Rng(32);
-    for case in configs() {
-        for channels in [8, 16] {
-            for (k3_stride1, rows) in [(false, 1), (true, 1), (true, 2), (true, 4)] {
-                // 8 and 64: whole subgroups of 8 (broadcast path on lavapipe); 5 and 12: a
-                // partial subgroup (the per-invocation fallback for those lanes). Rows 2 / 4 run
-                // forward_sg_r2 / forward_sg_r4 where the conv is 3x3, stride 1, dilation 1
-                // (else forward_sg).
-                for workgroup in [5, 8, 12, 64] {
-                    let tile = RegTile {
-                        channels,
-                        k3_stride1,
-                        workgroup,
-                        rows,
-                    };
-                    check(&ctx, &mut rng, &case, ConvAlgorithm::SubgroupWith(tile));
-                }
+    every_tile_matches_reference(&ctx, 8, Rng(32));
+}
+
+fn subgroup_every_tile_with_16_channels_matches_reference() {
+    let Some(ctx) = sg_gpu() else { return };
+    every_tile_matches_reference(&ctx, 16, Rng(39));
+}
+
+/// Every tile variant with `channels` output channels per block, each on three shapes of the
+/// table (not all: 32 tiles x 22 shapes took minutes on lavapipe, most of it compiling the
+/// variants): two 3x3 stride-1 shapes, where rows 2 / 4 run forward_sg_r2 / forward_sg_r4
+/// (partial row quads, groups, partial channel blocks among them), and one other shape
+/// (strides, dilation, 1x1, 5x5, non-square: forward_sg). The shapes rotate with the tile, so
+/// every shape of the table meets several tiles.
+fn every_tile_matches_reference(ctx: &GpuContext, channels: u32, mut rng: Rng) {
+    let (three_by_three, other): (Vec<Case>, Vec<Case>) =
+        configs().into_iter().partition(|(_, w, params, _)| {
+            w[2] == 3 && w[3] == 3 && params.stride == [1, 1] && params.dilation == [1, 1]
+        });
+    assert!(three_by_three.len() >= 8 && other.len() >= 4);
+    let mut t = if channels == 8 { 0 } else { 16 };
+    for (k3_stride1, rows) in [(false, 1), (true, 1), (true, 2), (true, 4)] {
+        // 8 and 64: whole subgroups of 8 (broadcast path on lavapipe); 5 and 12: a partial
+        // subgroup (the per-invocation fallback for those lanes).
+        for workgroup in [5, 8, 12, 64] {
+            let tile = RegTile {
+                channels,
+                k3_stride1,
+                workgroup,
+                rows,
+            };
+            for case in [
+                &three_by_three[(2 * t) % three_by_three.len()],
+                &three_by_three[(2 * t + 1) % three_by_three.len()],
+                &other[t % other.len()],
+            ] {
+                check(ctx, &mut rng, case, ConvAlgorithm::SubgroupWith(tile));
             }
+            t += 1;
         }
     }
 }
 
-#[test]
 fn subgroup_resnet_like_shapes() {
     let Some(ctx) = sg_gpu() else { return };
     let mut rng = Rng(33);
@@ -123,7 +141,6 @@ fn context_with(features: wgpu::Features, max_per_dim: u32) -> Option<GpuContext
     Some(GpuContext::from_device(device, queue).unwrap())
 }
 
-#[test]
 fn subgroup_small_grid_limit() {
     let Some(ctx) = context_with(wgpu::Features::SUBGROUP, 16) else {
         return;
@@ -151,7 +168,6 @@ fn subgroup_small_grid_limit() {
     check(&ctx, &mut rng, &case, ConvAlgorithm::Subgroup);
 }
 
-#[test]
 fn device_without_subgroups_refuses_and_auto_falls_back() {
     let Some(ctx) = context_with(wgpu::Features::empty(), 65535) else {
         return;
@@ -182,7 +198,6 @@ fn device_without_subgroups_refuses_and_auto_falls_back() {
     check(&ctx, &mut rng, &case, ConvAlgorithm::Auto);
 }
 
-#[test]
 fn subgroup_tile_choice_and_checks() {
     let params = p([1, 1], [1, 1], [1, 1], 1);
     let t = RegTile::for_subgroup_conv(64, [3, 3], &params, [8, 64, 56, 56]);
@@ -292,9 +307,7 @@ fn subgroup_tile_choice_and_checks() {
 /// per invocation, four also with 8 channels) at ResNet-18 3x3 shapes
 /// (batch from `QFUSE_TIMING_BATCH`, default 8), interleaved, and prints the best GFLOP/s of
 /// 5 runs each. Run with
-/// `cargo test --release --test gpu_conv_subgroup -- --ignored --nocapture`.
-#[test]
-#[ignore]
+/// `cargo test --release --test integration -- --ignored gpu_conv_subgroup::subgroup_timing`.
 fn subgroup_timing() {
     let Some(ctx) = sg_gpu() else { return };
     let batch: usize = std::env::var("QFUSE_TIMING_BATCH")
@@ -358,9 +371,7 @@ fn subgroup_timing() {
 /// submit-to-completion time, for looking at the spread. Shape from `QFUSE_TIMING_SHAPE`
 /// (`N,C,S,G`, default `8,512,7,1`: N x C x S x S input, C output channels, 3x3, pad 1,
 /// groups G). Run with
-/// `cargo test --release --test gpu_conv_subgroup -- --ignored --nocapture repeat_timing`.
-#[test]
-#[ignore]
+/// `cargo test --release --test integration -- --ignored gpu_conv_subgroup::repeat_timing`.
 fn repeat_timing() {
     let Some(ctx) = sg_gpu() else { return };
     let shape: Vec<usize> = std::env::var("QFUSE_TIMING_SHAPE")
@@ -397,4 +408,16 @@ fn repeat_timing() {
         times[0],
         all.join(" ")
     );
+}
+
+crate::qfuse_tests! {
+    subgroup_default_tile_matches_reference: subgroups,
+    subgroup_every_tile_with_8_channels_matches_reference: subgroups,
+    subgroup_every_tile_with_16_channels_matches_reference: subgroups,
+    subgroup_resnet_like_shapes: subgroups,
+    subgroup_small_grid_limit: subgroups,
+    device_without_subgroups_refuses_and_auto_falls_back: gpu,
+    subgroup_tile_choice_and_checks: subgroups,
+    subgroup_timing: subgroups + manual,
+    repeat_timing: subgroups + manual,
 }

@@ -7,7 +7,7 @@
 //!
 //! Run on a machine without a GPU with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -316,7 +316,6 @@ fn check_backward(
     );
 }
 
-#[test]
 fn conv2d_forward_every_epilogue_and_kernel() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(1);
@@ -327,7 +326,6 @@ fn conv2d_forward_every_epilogue_and_kernel() {
     }
 }
 
-#[test]
 fn conv2d_backward_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(2);
@@ -338,7 +336,6 @@ fn conv2d_backward_matches_reference() {
 
 /// Random shapes, odd sizes included: every setting drawn independently, invalid combinations
 /// redrawn.
-#[test]
 fn conv2d_random_shapes() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(3);
@@ -373,7 +370,6 @@ fn conv2d_random_shapes() {
 }
 
 /// Long reductions (K = 1152 forward, 2 * 16 * 16 = 512 pixels backward).
-#[test]
 fn conv2d_long_reductions() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(4);
@@ -392,7 +388,6 @@ fn conv2d_long_reductions() {
     check_backward(&ctx, &mut rng, xs, ws, &params, "K 1152");
 }
 
-#[test]
 fn conv2d_empty_batch_and_channels() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(5);
@@ -418,7 +413,6 @@ fn conv2d_empty_batch_and_channels() {
 }
 
 /// The backend methods (upload, kernels, download) against the CPU backend.
-#[test]
 fn backend_matches_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(Arc::clone(&ctx));
@@ -492,7 +486,6 @@ fn backend_matches_cpu() {
     );
 }
 
-#[test]
 fn linear_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(7);
@@ -541,7 +534,6 @@ fn linear_matches_reference() {
     }
 }
 
-#[test]
 fn max_pool2d_matches_reference_incl_nan() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(8);
@@ -582,7 +574,6 @@ fn max_pool2d_matches_reference_incl_nan() {
     }
 }
 
-#[test]
 fn log_softmax_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(9);
@@ -636,7 +627,6 @@ fn log_softmax_matches_reference() {
 /// A depthwise conv with 1024 groups of 65 x 64 outputs through the implicit GEMM needs
 /// 1024 x 65 = 66,560 workgroup tiles: more than one dimension allows, so the grid is tiled
 /// over x and y. Every output must still be written exactly once, the last ones included.
-#[test]
 fn large_conv_output_tiles_dispatch() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(10);
@@ -696,7 +686,6 @@ fn small_grid_context() -> Option<GpuContext> {
     Some(GpuContext::from_device(device, queue).unwrap())
 }
 
-#[test]
 fn small_grid_limit_tiles_every_kernel() {
     let Some(ctx) = small_grid_context() else {
         return;
@@ -770,7 +759,6 @@ fn err_string<T: std::fmt::Debug>(r: qfuse::Result<T>) -> String {
     r.unwrap_err().to_string()
 }
 
-#[test]
 fn errors_match_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(Arc::clone(&ctx));
@@ -902,4 +890,19 @@ fn errors_match_cpu() {
     let e = kpool::log_softmax(&ctx, &x3).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     assert!(ctx.take_uncaptured_error().is_none());
+}
+
+crate::qfuse_tests! {
+    conv2d_forward_every_epilogue_and_kernel: gpu,
+    conv2d_backward_matches_reference: gpu,
+    conv2d_random_shapes: gpu,
+    conv2d_long_reductions: gpu,
+    conv2d_empty_batch_and_channels: gpu,
+    backend_matches_cpu: gpu,
+    linear_matches_reference: gpu,
+    max_pool2d_matches_reference_incl_nan: gpu,
+    log_softmax_matches_reference: gpu,
+    large_conv_output_tiles_dispatch: gpu,
+    small_grid_limit_tiles_every_kernel,
+    errors_match_cpu: gpu,
 }
