@@ -14,6 +14,7 @@ pub use backend::{Backend, CpuBackend, GpuBackend};
 pub use error::{Error, Result};
 pub mod config;
 pub mod conformance;
+pub mod data;
 pub mod deploy;
 pub mod fold_state_dict;
 pub mod fuse;
