@@ -21,6 +21,7 @@ pub mod fuse;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod optim;
 pub mod qat;
 
 /// The golden case folders of the unit tests (the integration tests' helper, one home).

@@ -114,7 +114,10 @@ fn malformed_files_are_typed_errors() {
         "f",
     )
     .unwrap_err();
-    assert_eq!(e.to_string(), "tensor `test.labels` is int32, expected uint8");
+    assert_eq!(
+        e.to_string(),
+        "tensor `test.labels` is int32, expected uint8"
+    );
 
     let e = Digits::from_bytes(
         &with("test.labels", Dtype::U8, vec![359], vec![0; 359]),
@@ -124,7 +127,12 @@ fn malformed_files_are_typed_errors() {
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
 
     let e = Digits::from_bytes(
-        &with("train.images", Dtype::U8, vec![1437, 8, 7], vec![0; 1437 * 56]),
+        &with(
+            "train.images",
+            Dtype::U8,
+            vec![1437, 8, 7],
+            vec![0; 1437 * 56],
+        ),
         "f",
     )
     .unwrap_err();
@@ -132,14 +140,14 @@ fn malformed_files_are_typed_errors() {
 
     let mut big = vec![0u8; 360 * 64];
     big[100] = 17;
-    let e = Digits::from_bytes(&with("test.images", Dtype::U8, vec![360, 8, 8], big), "f")
-        .unwrap_err();
+    let e =
+        Digits::from_bytes(&with("test.images", Dtype::U8, vec![360, 8, 8], big), "f").unwrap_err();
     assert!(e.to_string().contains("pixel 17 at flat index 100"), "{e}");
 
     let mut labels = vec![0u8; 360];
     labels[3] = 10;
-    let e = Digits::from_bytes(&with("test.labels", Dtype::U8, vec![360], labels), "f")
-        .unwrap_err();
+    let e =
+        Digits::from_bytes(&with("test.labels", Dtype::U8, vec![360], labels), "f").unwrap_err();
     assert!(e.to_string().contains("label 10 at index 3"), "{e}");
 
     let e = Digits::load("/nonexistent/digits.safetensors").unwrap_err();

@@ -342,7 +342,10 @@ impl Iterator for Batches<'_> {
         if self.next >= self.order.len() {
             return None;
         }
-        let end = self.next.saturating_add(self.batch_size).min(self.order.len());
+        let end = self
+            .next
+            .saturating_add(self.batch_size)
+            .min(self.order.len());
         let idx = &self.order[self.next..end];
         self.next = end;
         Some(Batch {
@@ -386,7 +389,11 @@ mod tests {
         let x = Array::from_shape_fn((1, 1, 8, 8), |(_, _, i, j)| (10 * i + j) as f32);
         let y = resize_bilinear(&x, 28, 28).unwrap();
         assert_eq!(y.dim(), (1, 1, 28, 28));
-        assert!((y[[0, 0, 5, 5]] - 165.0 / 14.0).abs() < 1e-5, "{}", y[[0, 0, 5, 5]]);
+        assert!(
+            (y[[0, 0, 5, 5]] - 165.0 / 14.0).abs() < 1e-5,
+            "{}",
+            y[[0, 0, 5, 5]]
+        );
         // Corners are clamped copies of the input corners.
         assert_eq!(y[[0, 0, 0, 0]], 0.0);
         assert_eq!(y[[0, 0, 27, 27]], 77.0);

@@ -12,6 +12,8 @@
 //!   and the unfused chains.
 //! - [`int8`]: integer (deployed int8) quantize / dequantize, conv2d, linear, max pooling and
 //!   add on packed codes, bit-exact with [`crate::reference::int8`].
+//! - [`train`]: max pooling, linear and `log_softmax` backward, NLL loss (mean) and its
+//!   backward, top-1 correct count, and the SGD step, mirroring [`crate::reference::train`].
 
 pub mod activation;
 pub mod batch_norm;
@@ -23,6 +25,7 @@ pub mod int8;
 pub mod linear;
 pub mod observer;
 pub mod pool;
+pub mod train;
 
 pub use fake_quant::GpuQParams;
 pub use fold::GpuBatchNorm;

@@ -11,3 +11,4 @@ pub mod fold;
 pub mod int8;
 pub mod layers;
 pub mod observer;
+pub mod train;

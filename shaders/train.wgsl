@@ -1,0 +1,361 @@
+// train.wgsl: the training ops of NNI's Mnist network not covered by conv2d / batch_norm /
+// requires: lib/float_bits.wgsl
+// activation: max pooling backward, a strided matmul (the linear backward's dx and dweight),
+// log_softmax backward, NLL loss (mean) forward and backward and their fusion, top-1 correct
+// count, and the SGD step. Match src/reference/train.rs and src/optim.rs: max pooling backward
+// exactly (same argmax rule and summation order), SGD with the same fma order, the rest up to
+// summation order and exp accuracy.
+//
+//   max_pool2d_backward: dx[plane, iy, ix] = sum, over the windows (oy, ox) covering (iy, ix) in
+//     row-major order, of dy[plane, oy, ox] where the window's argmax is (iy, ix) (PyTorch's CPU
+//     rule: scanning row by row, `v > max || isnan(v)` replaces; first max on ties, last NaN).
+//   matmul: out[m, n] = sum over k < inner of a[m*a_rs + k*a_cs] * b[k*b_rs + n*b_cs]
+//     (rows = M, cols = N); strides make dy·W and dyᵀ·x the same kernel.
+//   log_softmax_backward: per row, dx = dy - exp(y) * sum(dy).
+//   nll_loss: out[0] = -(sum over rows of logp[n, label[n]]) / N; a label >= C gives NaN; N = 0
+//     gives NaN.
+//   nll_loss_backward: d[n, j] = scale at j = label[n] (scale = -1/N from the host), else 0.
+//   log_softmax_nll_backward: d[n, j] = [j = label[n]] * scale - exp(logp[n, j]) * scale; a row
+//     whose label is >= C is NaN.
+//   count_correct: count[0] += number of rows whose argmax (first max on ties, NaN largest,
+//     first NaN) equals the label; any label >= C sets count[0] = 0xffffffff (sticky poison).
+//   sgd / sgd_plain: torch.optim.SGD per element (src/optim.rs Sgd::update):
+//     d = fma(p, wd, g) if wd != 0; buf = d (first) or fma(d, 1 - dampening, buf * momentum);
+//     d = fma(buf, momentum, d) (nesterov) or buf; p = fma(d, -lr, p). sgd_plain: no buffer.
+//
+// Bindings (group 0):
+//   @group(0) @binding(0) P:      uniform Params  count (work items); rows, cols, inner (matmul
+//                                 M, N, K; [N, C] of classification ops); c, h, w, oh, ow,
+//                                 kernel, stride (pooling; c unused); a_rs, a_cs, b_rs, b_cs
+//                                 (matmul strides); flags (sgd: 1 first, 2 nesterov,
+//                                 4 weight decay); lr, momentum, dampening, weight_decay; scale
+//   @group(0) @binding(1) a:      storage, read array<f32>  x (pooling) / A / y / logp / scores
+//   @group(0) @binding(2) b:      storage, read array<f32>  dy / B / the gradient (sgd)
+//   @group(0) @binding(3) out:    storage, read_write array<f32>  dx / out / loss / the
+//                                 parameter, updated in place (sgd)
+//   @group(0) @binding(4) labels: storage, read array<u32>  class labels [N]
+//   @group(0) @binding(5) count:  storage, read_write array<u32>  [1] correct-count accumulator
+//   @group(0) @binding(6) buf:    storage, read_write array<f32>  momentum buffer (sgd)
+//
+// Entry points and dispatch shapes (1-D grids tiled over x and y past 65,535 workgroups; flat
+// index gid.x + gid.y * nwg.x * WG, bounds-checked against count):
+//   max_pool2d_backward (0-3): one invocation per input element, workgroup (WG, 1, 1).
+//   matmul (0-3): one invocation per 4×4 output tile, count = ceil(M/4) * ceil(N/4), (WG, 1, 1).
+//   log_softmax_backward (0-3): one invocation per row, (WG, 1, 1).
+//   nll_loss (0, 1, 3, 4), count_correct (0, 1, 4, 5): a single workgroup of 256 that
+//     reduces over all rows in workgroup memory; dispatch (1, 1, 1).
+//   nll_loss_backward, log_softmax_nll_backward (0, 1, 3, 4): one invocation per element.
+//   sgd (0, 2, 3, 6), sgd_plain (0, 2, 3): one invocation per parameter element.
+
+override WG: u32 = 256u;
+
+const RED: u32 = 256u;
+const FIRST: u32 = 1u;
+const NESTEROV: u32 = 2u;
+const WEIGHT_DECAY: u32 = 4u;
+const POISON: u32 = 0xffffffffu;
+
+struct Params {
+    count: u32,
+    rows: u32,
+    cols: u32,
+    inner: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kernel: u32,
+    stride: u32,
+    a_rs: u32,
+    a_cs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    flags: u32,
+    lr: f32,
+    momentum: f32,
+    dampening: f32,
+    weight_decay: f32,
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> labels: array<u32>;
+@group(0) @binding(5) var<storage, read_write> count: array<u32>;
+@group(0) @binding(6) var<storage, read_write> buf: array<f32>;
+
+var<workgroup> red: array<f32, 256>;
+var<workgroup> redu: array<u32, 256>;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * (nwg.x * WG);
+}
+
+fn nan() -> f32 {
+    return from_bits(0x7fc00000u);
+}
+
+// Flat index in the plane of the element the window at (y0, x0) selects.
+fn window_argmax(plane: u32, y0: u32, x0: u32) -> u32 {
+    var best = y0 * P.w + x0;
+    var m = from_bits(0xff800000u); // -inf
+    for (var ky = 0u; ky < P.kernel; ky = ky + 1u) {
+        for (var kx = 0u; kx < P.kernel; kx = kx + 1u) {
+            let i = (y0 + ky) * P.w + x0 + kx;
+            let v = a[plane + i];
+            if (v > m || is_nan(v)) {
+                m = v;
+                best = i;
+            }
+        }
+    }
+    return best;
+}
+
+@compute @workgroup_size(WG)
+fn max_pool2d_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    let hw = P.h * P.w;
+    let ix = i % P.w;
+    let iy = (i / P.w) % P.h;
+    let p = i / hw;
+    let plane = p * hw;
+    let me = iy * P.w + ix;
+    let k = P.kernel;
+    let s = P.stride;
+    // Windows oy with oy*s <= iy <= oy*s + k - 1.
+    var oy_lo = 0u;
+    if (iy + 1u > k) {
+        oy_lo = (iy + 1u - k + s - 1u) / s;
+    }
+    var ox_lo = 0u;
+    if (ix + 1u > k) {
+        ox_lo = (ix + 1u - k + s - 1u) / s;
+    }
+    let oy_end = min(iy / s + 1u, P.oh);
+    let ox_end = min(ix / s + 1u, P.ow);
+    var acc = 0.0;
+    for (var oy = oy_lo; oy < oy_end; oy = oy + 1u) {
+        for (var ox = ox_lo; ox < ox_end; ox = ox + 1u) {
+            if (window_argmax(plane, oy * s, ox * s) == me) {
+                acc = acc + b[(p * P.oh + oy) * P.ow + ox];
+            }
+        }
+    }
+    out[i] = acc;
+}
+
+@compute @workgroup_size(WG)
+fn matmul(@builtin(global_invocation_id) gid: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat(gid, nwg);
+    if (t >= P.count) {
+        return;
+    }
+    let tiles_n = (P.cols + 3u) / 4u;
+    let m0 = (t / tiles_n) * 4u;
+    let n0 = (t % tiles_n) * 4u;
+    // Clamped rows / columns: loads stay in bounds; only valid outputs are stored.
+    var am: array<u32, 4>;
+    var bn: array<u32, 4>;
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        am[r] = min(m0 + r, P.rows - 1u) * P.a_rs;
+        bn[r] = min(n0 + r, P.cols - 1u) * P.b_cs;
+    }
+    var acc: array<vec4<f32>, 4>;
+    for (var k = 0u; k < P.inner; k = k + 1u) {
+        let ak = k * P.a_cs;
+        let bk = k * P.b_rs;
+        let bv = vec4<f32>(b[bk + bn[0]], b[bk + bn[1]], b[bk + bn[2]], b[bk + bn[3]]);
+        for (var r = 0u; r < 4u; r = r + 1u) {
+            acc[r] = acc[r] + a[am[r] + ak] * bv;
+        }
+    }
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        let m = m0 + r;
+        if (m < P.rows) {
+            for (var j = 0u; j < 4u; j = j + 1u) {
+                if (n0 + j < P.cols) {
+                    out[m * P.cols + n0 + j] = acc[r][j];
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn log_softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = flat(gid, nwg);
+    if (row >= P.count) {
+        return;
+    }
+    let base = row * P.cols;
+    var sum = 0.0;
+    for (var j = 0u; j < P.cols; j = j + 1u) {
+        sum = sum + b[base + j];
+    }
+    for (var j = 0u; j < P.cols; j = j + 1u) {
+        out[base + j] = b[base + j] - exp(a[base + j]) * sum;
+    }
+}
+
+@compute @workgroup_size(256)
+fn nll_loss(@builtin(local_invocation_index) li: u32) {
+    var acc = 0.0;
+    for (var n = li; n < P.rows; n = n + RED) {
+        let l = labels[n];
+        if (l < P.cols) {
+            acc = acc + a[n * P.cols + l];
+        } else {
+            acc = nan();
+        }
+    }
+    red[li] = acc;
+    workgroupBarrier();
+    for (var s = RED / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) {
+            red[li] = red[li] + red[li + s];
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        if (P.rows == 0u) {
+            out[0] = nan();
+        } else {
+            out[0] = -red[0] / f32(P.rows);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn nll_loss_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    let l = labels[i / P.cols];
+    let j = i % P.cols;
+    if (l >= P.cols) {
+        out[i] = nan();
+    } else {
+        out[i] = select(0.0, P.scale, j == l);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn log_softmax_nll_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    let l = labels[i / P.cols];
+    let j = i % P.cols;
+    if (l >= P.cols) {
+        out[i] = nan();
+    } else {
+        out[i] = select(0.0, P.scale, j == l) - exp(a[i]) * P.scale;
+    }
+}
+
+// torch.argmax of a row: first max on ties, NaN larger than everything (first NaN).
+fn row_argmax(base: u32) -> u32 {
+    var best = 0u;
+    var m = a[base];
+    for (var j = 1u; j < P.cols; j = j + 1u) {
+        let v = a[base + j];
+        if (!is_nan(m) && (v > m || is_nan(v))) {
+            m = v;
+            best = j;
+        }
+    }
+    return best;
+}
+
+@compute @workgroup_size(256)
+fn count_correct(@builtin(local_invocation_index) li: u32) {
+    var correct = 0u;
+    var bad = 0u;
+    for (var n = li; n < P.rows; n = n + RED) {
+        let l = labels[n];
+        if (l >= P.cols) {
+            bad = 1u;
+        } else if (row_argmax(n * P.cols) == l) {
+            correct = correct + 1u;
+        }
+    }
+    // Correct counts in the low 31 bits' range (rows < 2^31), the poison flag apart.
+    red[li] = f32(bad);
+    redu[li] = correct;
+    workgroupBarrier();
+    for (var s = RED / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) {
+            redu[li] = redu[li] + redu[li + s];
+            red[li] = max(red[li], red[li + s]);
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        let prev = count[0];
+        if (red[0] > 0.0 || prev == POISON) {
+            count[0] = POISON;
+        } else {
+            count[0] = prev + redu[0];
+        }
+    }
+}
+
+// The SGD direction before momentum: g, plus weight decay.
+fn sgd_grad(p: f32, g: f32) -> f32 {
+    if ((P.flags & WEIGHT_DECAY) != 0u) {
+        return fma(p, P.weight_decay, g);
+    }
+    return g;
+}
+
+@compute @workgroup_size(WG)
+fn sgd(@builtin(global_invocation_id) gid: vec3<u32>,
+       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    let p = out[i];
+    var d = sgd_grad(p, b[i]);
+    var m: f32;
+    if ((P.flags & FIRST) != 0u) {
+        m = d;
+    } else {
+        m = fma(d, 1.0 - P.dampening, buf[i] * P.momentum);
+    }
+    buf[i] = m;
+    if ((P.flags & NESTEROV) != 0u) {
+        d = fma(m, P.momentum, d);
+    } else {
+        d = m;
+    }
+    out[i] = fma(d, -P.lr, p);
+}
+
+@compute @workgroup_size(WG)
+fn sgd_plain(@builtin(global_invocation_id) gid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    let p = out[i];
+    out[i] = fma(sgd_grad(p, b[i]), -P.lr, p);
+}

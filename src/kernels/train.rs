@@ -1,0 +1,567 @@
+//! Training ops on the GPU (`shaders/train.wgsl`), mirroring [`crate::reference::train`]:
+//! max pooling backward, linear backward, `log_softmax` backward, the NLL loss (mean) with its
+//! backward and the fused `log_softmax` + NLL backward, the top-1 correct count, and the
+//! [`Sgd`] step in place. With conv2d's input / weight gradients and channel sum
+//! ([`super::conv2d`]), BatchNorm2d's backward ([`super::batch_norm`]) and ReLU6's
+//! ([`super::activation`]) they cover every op of NNI's Mnist network; flatten is
+//! [`GpuTensor::reshape`] (no copy).
+//!
+//! Everything stays on the device: the loss is a `[1]` tensor (download one f32 to read it)
+//! and the correct count a `[1]` `u32` accumulator that a whole evaluation adds into (read it
+//! once with [`read_count`]). Inputs are validated with the CPU reference's checks and
+//! messages; labels uploaded with [`upload_labels`] are range-checked there, and a device
+//! label out of range gives a NaN loss / gradient row and poisons the correct count
+//! ([`read_count`] then fails).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_f32, expect_shape, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::optim::Sgd;
+use crate::reference::train as spec;
+
+static SHADER: Shader = Shader {
+    name: "train",
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/train.wgsl")
+    ),
+};
+
+const A_B_OUT: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read(2),
+    Binding::read_write(3),
+];
+
+const LABELED: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read_write(3),
+    Binding::read(4),
+];
+
+static MAX_POOL2D_BACKWARD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "max_pool2d_backward",
+    bindings: A_B_OUT,
+};
+
+static MATMUL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "matmul",
+    bindings: A_B_OUT,
+};
+
+static LOG_SOFTMAX_BACKWARD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "log_softmax_backward",
+    bindings: A_B_OUT,
+};
+
+static NLL_LOSS: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "nll_loss",
+    bindings: LABELED,
+};
+
+static NLL_LOSS_BACKWARD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "nll_loss_backward",
+    bindings: LABELED,
+};
+
+static LOG_SOFTMAX_NLL_BACKWARD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "log_softmax_nll_backward",
+    bindings: LABELED,
+};
+
+static COUNT_CORRECT: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "count_correct",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(4),
+        Binding::read_write(5),
+    ],
+};
+
+static SGD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "sgd",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read_write(3),
+        Binding::read_write(6),
+    ],
+};
+
+static SGD_PLAIN: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "sgd_plain",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read_write(3),
+    ],
+};
+
+/// The uniform of `train.wgsl` (same field order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+struct Params {
+    count: u32,
+    rows: u32,
+    cols: u32,
+    inner: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kernel: u32,
+    stride: u32,
+    a_rs: u32,
+    a_cs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    flags: u32,
+    lr: f32,
+    momentum: f32,
+    dampening: f32,
+    weight_decay: f32,
+    scale: f32,
+    _pad: [u32; 3],
+}
+
+const FIRST: u32 = 1;
+const NESTEROV: u32 = 2;
+const WEIGHT_DECAY: u32 = 4;
+/// The value of a correct-count accumulator that saw a label out of range.
+const POISON: u32 = u32::MAX;
+
+fn launch_1d(
+    ctx: &GpuContext,
+    kernel: &'static Kernel,
+    p: &Params,
+    buffers: &[&wgpu::Buffer],
+    items: usize,
+) -> Result<()> {
+    let uniform = ctx.uniform(p)?;
+    let mut all: Vec<&wgpu::Buffer> = Vec::with_capacity(buffers.len() + 1);
+    all.push(&uniform);
+    all.extend_from_slice(buffers);
+    ctx.run(&[Launch {
+        kernel,
+        constants: WG_CONSTANTS,
+        buffers: &all,
+        workgroups: ctx.grid_1d(items, WORKGROUP_SIZE)?,
+    }])?;
+    Ok(())
+}
+
+fn launch_single(
+    ctx: &GpuContext,
+    kernel: &'static Kernel,
+    p: &Params,
+    buffers: &[&wgpu::Buffer],
+) -> Result<()> {
+    let uniform = ctx.uniform(p)?;
+    let mut all: Vec<&wgpu::Buffer> = Vec::with_capacity(buffers.len() + 1);
+    all.push(&uniform);
+    all.extend_from_slice(buffers);
+    ctx.run(&[Launch {
+        kernel,
+        constants: &[],
+        buffers: &all,
+        workgroups: [1, 1, 1],
+    }])?;
+    Ok(())
+}
+
+/// Gradient of [`super::pool::max_pool2d`] with respect to its input `x`, for upstream `dy`
+/// `[N, C, OH, OW]`: bit-exact with [`crate::reference::train::max_pool2d_backward`] (the
+/// argmax of each window is recomputed from `x` with PyTorch's CPU rule: first maximum on ties,
+/// last NaN; gradients of overlapping windows add in output order).
+///
+/// Errors: those of [`crate::reference::train::check_max_pool2d_backward`]; tensors that are not
+/// `f32`; sizes a kernel cannot index.
+pub fn max_pool2d_backward(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    kernel: usize,
+    stride: usize,
+) -> Result<GpuTensor> {
+    let (oh, ow) = spec::check_max_pool2d_backward(x.shape(), dy.shape(), kernel, stride)?;
+    expect_f32("max_pool2d input", x)?;
+    expect_f32("max_pool2d_backward dy", dy)?;
+    let s = x.shape();
+    let dx = GpuTensor::zeros(ctx, s, DType::F32)?;
+    let p = Params {
+        count: to_u32(dx.len(), "max_pool2d input element count")?,
+        h: to_u32(s[2], "max_pool2d height")?,
+        w: to_u32(s[3], "max_pool2d width")?,
+        oh: to_u32(oh, "max_pool2d output height")?,
+        ow: to_u32(ow, "max_pool2d output width")?,
+        kernel: to_u32(kernel, "max_pool2d kernel")?,
+        stride: to_u32(stride, "max_pool2d stride")?,
+        ..Params::default()
+    };
+    to_u32(dy.len(), "max_pool2d output element count")?;
+    launch_1d(
+        ctx,
+        &MAX_POOL2D_BACKWARD,
+        &p,
+        &[x.buffer(), dy.buffer(), dx.buffer()],
+        dx.len(),
+    )?;
+    Ok(dx)
+}
+
+/// `out[m, n] = Σₖ a[m·a_rs + k·a_cs] · b[k·b_rs + n·b_cs]`, `[rows, cols]`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    [rows, cols, inner]: [usize; 3],
+    [a_rs, a_cs]: [usize; 2],
+    [b_rs, b_cs]: [usize; 2],
+) -> Result<GpuTensor> {
+    let out = GpuTensor::zeros(ctx, &[rows, cols], DType::F32)?;
+    let tiles = rows
+        .div_ceil(4)
+        .checked_mul(cols.div_ceil(4))
+        .ok_or_else(|| Error::invalid("linear_backward: tile count overflows"))?;
+    let p = Params {
+        count: to_u32(tiles, "linear_backward tile count")?,
+        rows: to_u32(rows, "linear_backward rows")?,
+        cols: to_u32(cols, "linear_backward columns")?,
+        inner: to_u32(inner, "linear_backward inner size")?,
+        a_rs: to_u32(a_rs, "linear_backward stride")?,
+        a_cs: to_u32(a_cs, "linear_backward stride")?,
+        b_rs: to_u32(b_rs, "linear_backward stride")?,
+        b_cs: to_u32(b_cs, "linear_backward stride")?,
+        ..Params::default()
+    };
+    launch_1d(
+        ctx,
+        &MATMUL,
+        &p,
+        &[a.buffer(), b.buffer(), out.buffer()],
+        tiles,
+    )?;
+    Ok(out)
+}
+
+/// Gradients of [`super::linear::linear`] on the device (see
+/// [`crate::reference::train::LinearGrads`]).
+#[derive(Debug, Clone)]
+pub struct GpuLinearGrads {
+    /// dL/dx, `[N, in]`.
+    pub dx: GpuTensor,
+    /// dL/dW, `[out, in]`.
+    pub dweight: GpuTensor,
+    /// dL/db, `[out]`.
+    pub dbias: GpuTensor,
+}
+
+/// Gradients of `x · Wᵀ + b` for upstream `dy` `[N, out]`: `dx = dy · W`, `dweight = dyᵀ · x`
+/// (a tiled strided matmul, 4×4 outputs per invocation, f32 accumulation in `k` order) and
+/// `dbias = Σₙ dy` ([`super::conv2d::channel_sum`] on `dy` seen as `[N, out, 1, 1]`). Matches
+/// [`crate::reference::train::linear_backward`] up to summation order.
+///
+/// Errors: those of [`crate::reference::train::check_linear_backward`]; tensors that are not
+/// `f32`; sizes a kernel cannot index.
+pub fn linear_backward(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    dy: &GpuTensor,
+) -> Result<GpuLinearGrads> {
+    let [n, inp, out] = spec::check_linear_backward(x.shape(), w.shape(), dy.shape())?;
+    expect_f32("linear input", x)?;
+    expect_f32("linear weight", w)?;
+    expect_f32("linear_backward dy", dy)?;
+    // dx[n, i] = Σ_o dy[n, o] · w[o, i]
+    let dx = matmul(ctx, dy, w, [n, inp, out], [out, 1], [inp, 1])?;
+    // dw[o, i] = Σ_n dy[n, o] · x[n, i]
+    let dweight = matmul(ctx, dy, x, [out, inp, n], [1, out], [inp, 1])?;
+    let dbias = super::conv2d::channel_sum(ctx, &dy.reshape(&[n, out, 1, 1])?)?;
+    Ok(GpuLinearGrads { dx, dweight, dbias })
+}
+
+/// Gradient of [`super::pool::log_softmax`] from its output `y` `[N, C]` and upstream `dy`:
+/// per row `dx = dy − exp(y) · Σ dy` (one invocation per row), like
+/// [`crate::reference::train::log_softmax_backward`] up to summation order and `exp` accuracy.
+///
+/// Errors: [`Error::InvalidArgument`] unless `y` is a rank-2 `f32` tensor;
+/// [`Error::ShapeMismatch`] when `dy`'s shape is not `y`'s.
+pub fn log_softmax_backward(ctx: &GpuContext, y: &GpuTensor, dy: &GpuTensor) -> Result<GpuTensor> {
+    let [rows, cols] = <[usize; 2]>::try_from(y.shape()).map_err(|_| {
+        Error::invalid(format!(
+            "log_softmax input must be [N, C] (rank 2), got shape {:?}",
+            y.shape()
+        ))
+    })?;
+    expect_shape("log_softmax_backward (dy vs output)", y.shape(), dy)?;
+    expect_f32("log_softmax output", y)?;
+    expect_f32("log_softmax_backward dy", dy)?;
+    to_u32(y.len(), "log_softmax element count")?;
+    let dx = GpuTensor::zeros(ctx, y.shape(), DType::F32)?;
+    let p = Params {
+        count: to_u32(rows, "log_softmax rows")?,
+        cols: to_u32(cols, "log_softmax columns")?,
+        ..Params::default()
+    };
+    launch_1d(
+        ctx,
+        &LOG_SOFTMAX_BACKWARD,
+        &p,
+        &[y.buffer(), dy.buffer(), dx.buffer()],
+        rows,
+    )?;
+    Ok(dx)
+}
+
+/// Uploads class labels after checking them against `classes`
+/// ([`crate::reference::train::check_labels`]): a `u32` tensor `[N]`.
+///
+/// Errors: [`Error::InvalidArgument`] for a label `≥ classes`; GPU errors.
+pub fn upload_labels(ctx: &GpuContext, labels: &[u32], classes: usize) -> Result<GpuTensor> {
+    spec::check_labels(labels, classes)?;
+    GpuTensor::from_slice_u32(ctx, labels, &[labels.len()])
+}
+
+fn classification(op: &str, scores: &GpuTensor, labels: &GpuTensor) -> Result<[usize; 2]> {
+    let nc = spec::check_classification(op, scores.shape(), labels.shape())?;
+    expect_f32(&format!("{op} input"), scores)?;
+    if labels.dtype() != DType::U32 {
+        return Err(Error::invalid(format!(
+            "{op} labels must be a u32 tensor, got {:?}",
+            labels.dtype()
+        )));
+    }
+    to_u32(scores.len(), &format!("{op} element count"))?;
+    Ok(nc)
+}
+
+/// The NLL loss with mean reduction of log-probabilities `logp` `[N, C]` and `labels` `[N]`
+/// (`u32`), as a `[1]` tensor on the device: `−(1/N) Σₙ logp[n, labels[n]]`, reduced in one
+/// workgroup (like [`crate::reference::train::nll_loss`] up to summation order). A device label
+/// `≥ C`, or `N = 0`, gives NaN.
+///
+/// Errors: those of [`crate::reference::train::check_classification`]; a `logp` that is not
+/// `f32` or labels that are not `u32`.
+pub fn nll_loss(ctx: &GpuContext, logp: &GpuTensor, labels: &GpuTensor) -> Result<GpuTensor> {
+    let [n, c] = classification("nll_loss", logp, labels)?;
+    let loss = GpuTensor::zeros(ctx, &[1], DType::F32)?;
+    let p = Params {
+        rows: to_u32(n, "nll_loss rows")?,
+        cols: to_u32(c, "nll_loss classes")?,
+        ..Params::default()
+    };
+    launch_single(
+        ctx,
+        &NLL_LOSS,
+        &p,
+        &[logp.buffer(), loss.buffer(), labels.buffer()],
+    )?;
+    Ok(loss)
+}
+
+fn per_element(
+    ctx: &GpuContext,
+    kernel: &'static Kernel,
+    logp: &GpuTensor,
+    labels: &GpuTensor,
+) -> Result<GpuTensor> {
+    let [n, c] = classification("nll_loss", logp, labels)?;
+    let d = GpuTensor::zeros(ctx, logp.shape(), DType::F32)?;
+    let p = Params {
+        count: to_u32(d.len(), "nll_loss element count")?,
+        rows: to_u32(n, "nll_loss rows")?,
+        cols: to_u32(c, "nll_loss classes")?,
+        scale: -1.0 / n as f32,
+        ..Params::default()
+    };
+    launch_1d(
+        ctx,
+        kernel,
+        &p,
+        &[logp.buffer(), d.buffer(), labels.buffer()],
+        d.len(),
+    )?;
+    Ok(d)
+}
+
+/// Gradient of [`nll_loss`] with respect to `logp` (upstream 1): `−1/N` at each label, exactly
+/// [`crate::reference::train::nll_loss_backward`] (a device label `≥ C` gives a NaN row).
+///
+/// Errors: as [`nll_loss`].
+pub fn nll_loss_backward(
+    ctx: &GpuContext,
+    logp: &GpuTensor,
+    labels: &GpuTensor,
+) -> Result<GpuTensor> {
+    per_element(ctx, &NLL_LOSS_BACKWARD, logp, labels)
+}
+
+/// [`nll_loss_backward`] then [`log_softmax_backward`] in one kernel: the gradient of
+/// `nll_loss(log_softmax(z))` with respect to `z`, from `logp = log_softmax(z)`:
+/// `[j = label]·s − exp(logp)·s` with `s = −1/N` (like
+/// [`crate::reference::train::log_softmax_nll_backward`] up to `exp` accuracy; a device label
+/// `≥ C` gives a NaN row).
+///
+/// Errors: as [`nll_loss`].
+pub fn log_softmax_nll_backward(
+    ctx: &GpuContext,
+    logp: &GpuTensor,
+    labels: &GpuTensor,
+) -> Result<GpuTensor> {
+    per_element(ctx, &LOG_SOFTMAX_NLL_BACKWARD, logp, labels)
+}
+
+/// A zeroed correct-count accumulator (`u32` `[1]`) for [`count_correct_into`].
+pub fn new_counter(ctx: &GpuContext) -> Result<GpuTensor> {
+    GpuTensor::zeros(ctx, &[1], DType::U32)
+}
+
+/// Adds to `counter` (`u32` `[1]`, from [`new_counter`]) the number of rows of `scores`
+/// `[N, C]` whose argmax (first maximum on ties, NaN largest: `torch.argmax`) equals the label
+/// — [`crate::reference::train::count_correct`] on the device, one workgroup. A device label
+/// `≥ C` poisons the counter ([`read_count`] then fails).
+///
+/// Errors: those of [`crate::reference::train::check_classification`]; a counter that is not
+/// a `u32` `[1]` tensor.
+pub fn count_correct_into(
+    ctx: &GpuContext,
+    scores: &GpuTensor,
+    labels: &GpuTensor,
+    counter: &GpuTensor,
+) -> Result<()> {
+    let [n, c] = classification("count_correct", scores, labels)?;
+    if counter.dtype() != DType::U32 || counter.shape() != [1] {
+        return Err(Error::invalid(format!(
+            "count_correct counter must be a u32 tensor of shape [1], got {:?} {:?}",
+            counter.dtype(),
+            counter.shape()
+        )));
+    }
+    let p = Params {
+        rows: to_u32(n, "count_correct rows")?,
+        cols: to_u32(c, "count_correct classes")?,
+        ..Params::default()
+    };
+    launch_single(
+        ctx,
+        &COUNT_CORRECT,
+        &p,
+        &[scores.buffer(), labels.buffer(), counter.buffer()],
+    )
+}
+
+/// [`count_correct_into`] a new counter.
+///
+/// Errors: as [`count_correct_into`].
+pub fn count_correct(
+    ctx: &GpuContext,
+    scores: &GpuTensor,
+    labels: &GpuTensor,
+) -> Result<GpuTensor> {
+    let counter = new_counter(ctx)?;
+    count_correct_into(ctx, scores, labels, &counter)?;
+    Ok(counter)
+}
+
+/// Downloads a correct-count accumulator (one `u32`).
+///
+/// Errors: [`Error::InvalidArgument`] when a counted batch had a label out of range (the
+/// counter is poisoned), or for a tensor that is not a `u32` `[1]`; GPU errors.
+pub fn read_count(ctx: &GpuContext, counter: &GpuTensor) -> Result<u32> {
+    if counter.shape() != [1] {
+        return Err(Error::shape("read_count counter", &[1], counter.shape()));
+    }
+    let v = counter.download_u32(ctx)?[[0]];
+    if v == POISON {
+        return Err(Error::invalid(
+            "count_correct: a label was out of range for the scores' classes",
+        ));
+    }
+    Ok(v)
+}
+
+/// One `torch.optim.SGD` step on the device, in place: `param` and (with momentum) `buf`
+/// are updated from `grad` ([`Sgd::update`] per element, the same fma order as the CPU
+/// reference [`crate::reference::train::sgd_step`]); `first` marks the step that creates the
+/// momentum buffer (it is overwritten with the gradient). Without momentum `buf` may be
+/// `None`.
+///
+/// Errors: those of [`crate::reference::train::check_sgd`]; tensors that are not `f32`; a
+/// buffer that is the parameter or the gradient.
+pub fn sgd_step(
+    ctx: &GpuContext,
+    param: &GpuTensor,
+    grad: &GpuTensor,
+    buf: Option<&GpuTensor>,
+    sgd: &Sgd,
+    first: bool,
+) -> Result<()> {
+    spec::check_sgd(sgd, param.shape(), grad.shape(), buf.map(|b| b.shape()))?;
+    expect_f32("sgd_step parameter", param)?;
+    expect_f32("sgd_step gradient", grad)?;
+    if param.buffer() == grad.buffer() {
+        return Err(Error::invalid(
+            "sgd_step: the gradient must not be the parameter's buffer",
+        ));
+    }
+    let mut flags = 0;
+    if first {
+        flags |= FIRST;
+    }
+    if sgd.nesterov {
+        flags |= NESTEROV;
+    }
+    if sgd.weight_decay != 0.0 {
+        flags |= WEIGHT_DECAY;
+    }
+    let p = Params {
+        count: to_u32(param.len(), "sgd_step element count")?,
+        flags,
+        lr: sgd.lr,
+        momentum: sgd.momentum,
+        dampening: sgd.dampening,
+        weight_decay: sgd.weight_decay,
+        ..Params::default()
+    };
+    match buf {
+        Some(buf) if sgd.has_momentum() => {
+            expect_f32("sgd_step momentum buffer", buf)?;
+            if buf.buffer() == param.buffer() || buf.buffer() == grad.buffer() {
+                return Err(Error::invalid(
+                    "sgd_step: the momentum buffer must be its own tensor",
+                ));
+            }
+            launch_1d(
+                ctx,
+                &SGD,
+                &p,
+                &[grad.buffer(), param.buffer(), buf.buffer()],
+                param.len(),
+            )
+        }
+        _ => launch_1d(
+            ctx,
+            &SGD_PLAIN,
+            &p,
+            &[grad.buffer(), param.buffer()],
+            param.len(),
+        ),
+    }
+}

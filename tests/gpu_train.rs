@@ -1,0 +1,400 @@
+//! Training kernels (`kernels::train`, `shaders/train.wgsl`) against the CPU reference
+//! (`reference::train`, `optim::Sgd`): max pooling backward (bit-exact, ties and NaN), linear
+//! backward, log_softmax backward, NLL loss and its backward, the fused backward, the correct
+//! count (with its poison on bad labels), SGD with momentum / Nesterov / weight decay, and the
+//! shared errors.
+//!
+//! Run with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe); without an adapter each test
+//! prints one skip line.
+
+mod common;
+
+use ndarray::{Array2, Array4, ArrayD, IxDyn};
+use qfuse::gpu::{DType, GpuContext, GpuTensor};
+use qfuse::kernels::train as k;
+use qfuse::optim::Sgd;
+use qfuse::reference::{layers, train as r};
+use qfuse::Error;
+
+/// SplitMix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+    fn labels(&mut self, n: usize, c: u32) -> Vec<u32> {
+        (0..n)
+            .map(|_| (self.next_u64() % u64::from(c)) as u32)
+            .collect()
+    }
+}
+
+fn up(ctx: &GpuContext, a: &ArrayD<f32>) -> GpuTensor {
+    GpuTensor::upload_f32(ctx, a).unwrap()
+}
+
+fn down(ctx: &GpuContext, t: &GpuTensor) -> ArrayD<f32> {
+    t.download_f32(ctx).unwrap()
+}
+
+/// max |got − want| ≤ atol + rtol·|want|, NaN where NaN.
+fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, atol: f32, rtol: f32) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+        let ok = (g.is_nan() && w.is_nan()) || (g - w).abs() <= atol + rtol * w.abs();
+        assert!(ok, "{what}: element {i}: got {g:e}, want {w:e}");
+    }
+}
+
+fn assert_bits(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+            "{what}: element {i}: got {g:e}, want {w:e}"
+        );
+    }
+}
+
+#[test]
+fn max_pool2d_backward_is_bit_exact() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(1);
+    for (shape, kernel, stride) in [
+        ([2, 3, 8, 8], 2, 2),   // Mnist's pooling
+        ([1, 2, 7, 9], 3, 2),   // overlapping, ragged edge
+        ([2, 1, 6, 6], 3, 1),   // heavy overlap: sums of several windows
+        ([1, 4, 24, 24], 2, 2), // Mnist conv1 plane size
+    ] {
+        let n: usize = shape.iter().product();
+        // Few distinct values so ties are common; a few NaNs.
+        let mut v: Vec<f32> = (0..n).map(|_| (rng.next_u64() % 5) as f32 - 2.0).collect();
+        for _ in 0..n / 40 {
+            let i = (rng.next_u64() % n as u64) as usize;
+            v[i] = f32::NAN;
+        }
+        let x = Array4::from_shape_vec(shape, v).unwrap();
+        let (oh, ow) = layers::max_pool2d_output(shape[2], shape[3], kernel, stride).unwrap();
+        let dy = Array4::from_shape_vec(
+            (shape[0], shape[1], oh, ow),
+            rng.vec(shape[0] * shape[1] * oh * ow, -1.0, 1.0),
+        )
+        .unwrap();
+        let want = r::max_pool2d_backward(&x, &dy, kernel, stride).unwrap();
+        let gx = up(&ctx, &x.clone().into_dyn());
+        let gdy = up(&ctx, &dy.clone().into_dyn());
+        let got = k::max_pool2d_backward(&ctx, &gx, &gdy, kernel, stride).unwrap();
+        assert_bits(
+            &format!("max_pool2d_backward {shape:?} k{kernel} s{stride}"),
+            &down(&ctx, &got),
+            &want.into_dyn(),
+        );
+    }
+    // The same refusals as the CPU.
+    let gx = GpuTensor::zeros(&ctx, &[1, 1, 4, 4], DType::F32).unwrap();
+    let bad = GpuTensor::zeros(&ctx, &[1, 1, 3, 3], DType::F32).unwrap();
+    let e = k::max_pool2d_backward(&ctx, &gx, &bad, 2, 2).unwrap_err();
+    let cpu = r::max_pool2d_backward(
+        &Array4::zeros((1, 1, 4, 4)),
+        &Array4::zeros((1, 1, 3, 3)),
+        2,
+        2,
+    )
+    .unwrap_err();
+    assert_eq!(e.to_string(), cpu.to_string());
+    assert!(k::max_pool2d_backward(&ctx, &gx, &bad, 0, 2).is_err());
+}
+
+#[test]
+fn linear_backward_matches_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(2);
+    // Mnist's fc2 and a slice of fc1, plus ragged sizes (not multiples of 4).
+    for (n, inp, out) in [(64, 500, 10), (64, 800, 37), (5, 7, 3), (1, 1, 1)] {
+        let x = Array2::from_shape_vec((n, inp), rng.vec(n * inp, -1.0, 1.0)).unwrap();
+        let w = Array2::from_shape_vec((out, inp), rng.vec(out * inp, -0.5, 0.5)).unwrap();
+        let dy = Array2::from_shape_vec((n, out), rng.vec(n * out, -1.0, 1.0)).unwrap();
+        let want = r::linear_backward(&x, &w, &dy).unwrap();
+        let g = k::linear_backward(
+            &ctx,
+            &up(&ctx, &x.into_dyn()),
+            &up(&ctx, &w.into_dyn()),
+            &up(&ctx, &dy.into_dyn()),
+        )
+        .unwrap();
+        let what = format!("linear_backward {n}x{inp}->{out}");
+        assert_close(&what, &down(&ctx, &g.dx), &want.dx.into_dyn(), 1e-4, 1e-4);
+        assert_close(
+            &what,
+            &down(&ctx, &g.dweight),
+            &want.dweight.into_dyn(),
+            1e-4,
+            1e-4,
+        );
+        assert_close(
+            &what,
+            &down(&ctx, &g.dbias),
+            &want.dbias.into_dyn(),
+            1e-4,
+            1e-4,
+        );
+    }
+    let x = GpuTensor::zeros(&ctx, &[2, 3], DType::F32).unwrap();
+    let w = GpuTensor::zeros(&ctx, &[4, 3], DType::F32).unwrap();
+    let dy = GpuTensor::zeros(&ctx, &[2, 5], DType::F32).unwrap();
+    let e = k::linear_backward(&ctx, &x, &w, &dy).unwrap_err();
+    let cpu = r::linear_backward(
+        &Array2::zeros((2, 3)),
+        &Array2::zeros((4, 3)),
+        &Array2::zeros((2, 5)),
+    )
+    .unwrap_err();
+    assert_eq!(e.to_string(), cpu.to_string());
+}
+
+#[test]
+fn loss_ops_match_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(3);
+    for (n, c) in [(64, 10), (300, 10), (3, 1), (7, 33)] {
+        let z = Array2::from_shape_vec((n, c), rng.vec(n * c, -4.0, 4.0)).unwrap();
+        let logp = layers::log_softmax(&z);
+        let labels = rng.labels(n, c as u32);
+        let gl = k::upload_labels(&ctx, &labels, c).unwrap();
+        let glogp = up(&ctx, &logp.clone().into_dyn());
+        let what = format!("[{n}, {c}]");
+
+        let loss = down(&ctx, &k::nll_loss(&ctx, &glogp, &gl).unwrap());
+        let want = r::nll_loss(&logp, &labels).unwrap();
+        assert_eq!(loss.shape(), &[1]);
+        assert!(
+            (loss[[0]] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "{what}: {loss} vs {want}"
+        );
+
+        let g = k::nll_loss_backward(&ctx, &glogp, &gl).unwrap();
+        let want_g = r::nll_loss_backward(&logp, &labels).unwrap();
+        assert_bits(
+            &format!("nll_loss_backward {what}"),
+            &down(&ctx, &g),
+            &want_g.clone().into_dyn(),
+        );
+
+        let dx = k::log_softmax_backward(&ctx, &glogp, &g).unwrap();
+        let want_dx = r::log_softmax_backward(&logp, &want_g).unwrap();
+        assert_close(
+            &format!("log_softmax_backward {what}"),
+            &down(&ctx, &dx),
+            &want_dx.clone().into_dyn(),
+            1e-6,
+            1e-5,
+        );
+
+        let fused = k::log_softmax_nll_backward(&ctx, &glogp, &gl).unwrap();
+        let want_fused = r::log_softmax_nll_backward(&logp, &labels).unwrap();
+        assert_eq!(want_fused, want_dx);
+        assert_close(
+            &format!("log_softmax_nll_backward {what}"),
+            &down(&ctx, &fused),
+            &want_fused.into_dyn(),
+            1e-6,
+            1e-5,
+        );
+
+        let count = k::count_correct(&ctx, &up(&ctx, &z.clone().into_dyn()), &gl).unwrap();
+        assert_eq!(
+            k::read_count(&ctx, &count).unwrap(),
+            r::count_correct(&z, &labels).unwrap(),
+            "{what}"
+        );
+    }
+    // An arbitrary upstream gradient through log_softmax_backward.
+    let y = layers::log_softmax(&Array2::from_shape_vec((4, 5), rng.vec(20, -2.0, 2.0)).unwrap());
+    let dy = Array2::from_shape_vec((4, 5), rng.vec(20, -1.0, 1.0)).unwrap();
+    let got = k::log_softmax_backward(
+        &ctx,
+        &up(&ctx, &y.clone().into_dyn()),
+        &up(&ctx, &dy.clone().into_dyn()),
+    )
+    .unwrap();
+    assert_close(
+        "log_softmax_backward",
+        &down(&ctx, &got),
+        &r::log_softmax_backward(&y, &dy).unwrap().into_dyn(),
+        1e-6,
+        1e-5,
+    );
+}
+
+#[test]
+fn correct_count_accumulates_ties_nan_and_poison() {
+    let Some(ctx) = common::gpu() else { return };
+    let scores = Array2::from_shape_vec(
+        (5, 3),
+        vec![
+            1.0,
+            3.0,
+            3.0, // tie: first max (1)
+            f32::NAN,
+            9.0,
+            1.0, // NaN is the max (0)
+            0.0,
+            f32::NAN,
+            f32::NAN, // first NaN (1)
+            -1.0,
+            -1.0,
+            -1.0, // all equal (0)
+            0.0,
+            0.0,
+            5.0, // 2
+        ],
+    )
+    .unwrap();
+    let labels = [1u32, 0, 1, 0, 1];
+    assert_eq!(r::count_correct(&scores, &labels).unwrap(), 4);
+    let gs = up(&ctx, &scores.into_dyn());
+    let gl = k::upload_labels(&ctx, &labels, 3).unwrap();
+    let counter = k::new_counter(&ctx).unwrap();
+    for _ in 0..3 {
+        k::count_correct_into(&ctx, &gs, &gl, &counter).unwrap();
+    }
+    assert_eq!(k::read_count(&ctx, &counter).unwrap(), 12);
+    // A device label out of range poisons the counter for good; the loss is NaN.
+    let bad = GpuTensor::from_slice_u32(&ctx, &[1, 0, 3, 0, 1], &[5]).unwrap();
+    k::count_correct_into(&ctx, &gs, &bad, &counter).unwrap();
+    k::count_correct_into(&ctx, &gs, &gl, &counter).unwrap();
+    let e = k::read_count(&ctx, &counter).unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    let logp = up(&ctx, &ArrayD::zeros(IxDyn(&[5, 3])));
+    assert!(down(&ctx, &k::nll_loss(&ctx, &logp, &bad).unwrap())[[0]].is_nan());
+    // Uploading checks labels like the CPU reference; shapes and dtypes are checked.
+    let e = k::upload_labels(&ctx, &[0, 3], 3).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r::check_labels(&[0, 3], 3).unwrap_err().to_string()
+    );
+    let e = k::nll_loss(
+        &ctx,
+        &logp,
+        &GpuTensor::from_slice_u32(&ctx, &[0, 0], &[2]).unwrap(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let float_labels = GpuTensor::zeros(&ctx, &[5], DType::F32).unwrap();
+    assert!(k::nll_loss(&ctx, &logp, &float_labels).is_err());
+    // An empty batch: NaN loss, as PyTorch and the CPU reference.
+    let empty = GpuTensor::zeros(&ctx, &[0, 3], DType::F32).unwrap();
+    let no_labels = GpuTensor::zeros(&ctx, &[0], DType::U32).unwrap();
+    assert!(down(&ctx, &k::nll_loss(&ctx, &empty, &no_labels).unwrap())[[0]].is_nan());
+}
+
+#[test]
+fn sgd_step_matches_cpu_over_several_steps() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(4);
+    let base = Sgd {
+        lr: 0.05,
+        momentum: 0.9,
+        dampening: 0.0,
+        weight_decay: 5e-4,
+        nesterov: false,
+    };
+    let configs = [
+        base,
+        Sgd {
+            nesterov: true,
+            ..base
+        },
+        Sgd {
+            dampening: 0.3,
+            weight_decay: 0.0,
+            ..base
+        },
+        Sgd::new(0.1),
+        Sgd {
+            weight_decay: 0.01,
+            ..Sgd::new(0.1)
+        },
+    ];
+    for sgd in configs {
+        let n = 1000;
+        let mut p = ArrayD::from_shape_vec(IxDyn(&[10, 100]), rng.vec(n, -1.0, 1.0)).unwrap();
+        let mut b = ArrayD::<f32>::zeros(IxDyn(&[10, 100]));
+        let gp = up(&ctx, &p);
+        let gb = GpuTensor::zeros(&ctx, &[10, 100], DType::F32).unwrap();
+        for step in 0..4 {
+            let g = ArrayD::from_shape_vec(IxDyn(&[10, 100]), rng.vec(n, -1.0, 1.0)).unwrap();
+            let gg = up(&ctx, &g);
+            let buf = sgd.has_momentum().then_some(&gb);
+            k::sgd_step(&ctx, &gp, &gg, buf, &sgd, step == 0).unwrap();
+            r::sgd_step(
+                &mut p,
+                &g,
+                sgd.has_momentum().then_some(&mut b),
+                &sgd,
+                step == 0,
+            )
+            .unwrap();
+        }
+        // The same fma order; allow one rounding for devices whose fma is not fused.
+        assert_close(
+            &format!("sgd {sgd:?} param"),
+            &down(&ctx, &gp),
+            &p,
+            1e-7,
+            1e-6,
+        );
+        if sgd.has_momentum() {
+            assert_close(
+                &format!("sgd {sgd:?} buffer"),
+                &down(&ctx, &gb),
+                &b,
+                1e-7,
+                1e-6,
+            );
+        }
+    }
+    // Refusals shared with the CPU.
+    let p = GpuTensor::zeros(&ctx, &[3], DType::F32).unwrap();
+    let g = GpuTensor::zeros(&ctx, &[3], DType::F32).unwrap();
+    let e = k::sgd_step(&ctx, &p, &g, None, &base, false).unwrap_err();
+    assert!(e.to_string().contains("momentum buffer"), "{e}");
+    let e = k::sgd_step(&ctx, &p, &g, None, &Sgd::new(-1.0), false).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        Sgd::new(-1.0).validate().unwrap_err().to_string()
+    );
+    let g4 = GpuTensor::zeros(&ctx, &[4], DType::F32).unwrap();
+    assert!(matches!(
+        k::sgd_step(&ctx, &p, &g4, None, &Sgd::new(0.1), false).unwrap_err(),
+        Error::ShapeMismatch { .. }
+    ));
+    assert!(k::sgd_step(&ctx, &p, &p, None, &Sgd::new(0.1), false).is_err());
+    assert!(k::sgd_step(&ctx, &p, &g, Some(&p), &base, false).is_err());
+}
+
+#[test]
+fn flatten_is_a_reshape_without_copy() {
+    let Some(ctx) = common::gpu() else { return };
+    let x = up(
+        &ctx,
+        &ArrayD::from_shape_fn(IxDyn(&[2, 3, 2, 2]), |d| d[1] as f32),
+    );
+    let flat = x.reshape(&[2, 12]).unwrap();
+    assert_eq!(flat.buffer(), x.buffer());
+    let got = down(&ctx, &flat);
+    let want = down(&ctx, &x);
+    assert_eq!(got.shape(), &[2, 12]);
+    assert_eq!(got.as_slice().unwrap(), want.as_slice().unwrap());
+}
