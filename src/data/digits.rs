@@ -259,7 +259,7 @@ impl Split {
     ///
     /// Errors: [`Error::InvalidArgument`] unless `mean` is finite and `std` positive and finite.
     pub fn normalize(&mut self, mean: f32, std: f32) -> Result<()> {
-        if !mean.is_finite() || !(std.is_finite() && std > 0.0) {
+        if !(mean.is_finite() && std.is_finite() && std > 0.0) {
             return Err(Error::invalid(format!(
                 "normalize: mean must be finite and std positive and finite, got mean {mean}, std {std}"
             )));
