@@ -16,6 +16,7 @@ mod conformance;
 mod demo;
 mod deploy;
 mod deploy_gpu;
+mod digits;
 mod errors;
 mod fold_cli;
 mod fusion;
@@ -26,6 +27,7 @@ mod gpu_conv_subgroup;
 mod gpu_elementwise;
 mod gpu_int8;
 mod gpu_observer_fold;
+mod gpu_train;
 mod qat;
 mod state_dict;
 
@@ -49,6 +51,7 @@ fn main() -> std::process::ExitCode {
         demo::TESTS,
         deploy::TESTS,
         deploy_gpu::TESTS,
+        digits::TESTS,
         errors::TESTS,
         fold_cli::TESTS,
         fusion::TESTS,
@@ -59,6 +62,7 @@ fn main() -> std::process::ExitCode {
         gpu_elementwise::TESTS,
         gpu_int8::TESTS,
         gpu_observer_fold::TESTS,
+        gpu_train::TESTS,
         qat::TESTS,
         state_dict::TESTS,
     ])

@@ -7,7 +7,7 @@
 //! Run with `WGPU_BACKEND=vulkan QFUSE_REQUIRE_GPU=1` (lavapipe); without an adapter each test
 //! prints one skip line.
 
-mod common;
+use crate::common;
 
 use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use qfuse::gpu::{DType, GpuContext, GpuTensor};
@@ -67,7 +67,6 @@ fn assert_bits(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) {
     }
 }
 
-#[test]
 fn max_pool2d_backward_is_bit_exact() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(1);
@@ -116,7 +115,6 @@ fn max_pool2d_backward_is_bit_exact() {
     assert!(k::max_pool2d_backward(&ctx, &gx, &bad, 0, 2).is_err());
 }
 
-#[test]
 fn linear_backward_matches_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(2);
@@ -163,7 +161,6 @@ fn linear_backward_matches_cpu() {
     assert_eq!(e.to_string(), cpu.to_string());
 }
 
-#[test]
 fn loss_ops_match_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(3);
@@ -237,7 +234,6 @@ fn loss_ops_match_cpu() {
     );
 }
 
-#[test]
 fn correct_count_accumulates_ties_nan_and_poison() {
     let Some(ctx) = common::gpu() else { return };
     let scores = Array2::from_shape_vec(
@@ -299,7 +295,6 @@ fn correct_count_accumulates_ties_nan_and_poison() {
     assert!(down(&ctx, &k::nll_loss(&ctx, &empty, &no_labels).unwrap())[[0]].is_nan());
 }
 
-#[test]
 fn sgd_step_matches_cpu_over_several_steps() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(4);
@@ -384,7 +379,6 @@ fn sgd_step_matches_cpu_over_several_steps() {
     assert!(k::sgd_step(&ctx, &p, &g, Some(&p), &base, false).is_err());
 }
 
-#[test]
 fn flatten_is_a_reshape_without_copy() {
     let Some(ctx) = common::gpu() else { return };
     let x = up(
@@ -397,4 +391,13 @@ fn flatten_is_a_reshape_without_copy() {
     let want = down(&ctx, &x);
     assert_eq!(got.shape(), &[2, 12]);
     assert_eq!(got.as_slice().unwrap(), want.as_slice().unwrap());
+}
+
+crate::qfuse_tests! {
+    max_pool2d_backward_is_bit_exact: gpu,
+    linear_backward_matches_cpu: gpu,
+    loss_ops_match_cpu: gpu,
+    correct_count_accumulates_ties_nan_and_poison: gpu,
+    sgd_step_matches_cpu_over_several_steps: gpu,
+    flatten_is_a_reshape_without_copy: gpu,
 }

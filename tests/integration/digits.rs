@@ -13,7 +13,6 @@ fn file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/uci_digits.safetensors")
 }
 
-#[test]
 fn shipped_file_loads_with_the_documented_splits() {
     let d = Digits::load(file()).unwrap();
     assert_eq!(d.train.len(), 1437);
@@ -38,7 +37,6 @@ fn shipped_file_loads_with_the_documented_splits() {
     assert_eq!(Digits::bundled().unwrap(), d);
 }
 
-#[test]
 fn resize_keeps_the_8x8_pixels_at_their_centres() {
     // Raw pixel (i, j) of the 8×8 image sits at source coordinate i; output index d has source
     // (d + 0.5) · 8/28 − 0.5, so output 12 is source 3.07 and output 1 is source 0. Check the
@@ -60,7 +58,6 @@ fn resize_keeps_the_8x8_pixels_at_their_centres() {
     }
 }
 
-#[test]
 fn normalize_and_batches() {
     let mut d = Digits::bundled().unwrap();
     let before = d.train.images[[0, 0, 14, 14]];
@@ -100,7 +97,6 @@ fn with(name: &str, dtype: Dtype, shape: Vec<usize>, data: Vec<u8>) -> Vec<u8> {
     safetensors::serialize(views, &None::<HashMap<String, String>>).unwrap()
 }
 
-#[test]
 fn malformed_files_are_typed_errors() {
     let e = Digits::from_bytes(b"not safetensors", "x").unwrap_err();
     assert!(matches!(e, Error::MalformedStateDict { .. }), "{e}");
@@ -152,4 +148,11 @@ fn malformed_files_are_typed_errors() {
 
     let e = Digits::load("/nonexistent/digits.safetensors").unwrap_err();
     assert!(matches!(e, Error::Io { .. }), "{e}");
+}
+
+crate::qfuse_tests! {
+    shipped_file_loads_with_the_documented_splits,
+    resize_keeps_the_8x8_pixels_at_their_centres,
+    normalize_and_batches,
+    malformed_files_are_typed_errors,
 }
