@@ -24,8 +24,8 @@ pub enum Error {
         /// Its channel (0 for per-tensor).
         channel: usize,
     },
-    /// `quant_min >= quant_max`.
-    #[error("quant_min ({quant_min}) must be less than quant_max ({quant_max})")]
+    /// `quant_min > quant_max`.
+    #[error("quant_min ({quant_min}) must not be greater than quant_max ({quant_max})")]
     InvalidQuantRange {
         /// Lower end of the integer range.
         quant_min: i32,
@@ -47,8 +47,8 @@ pub enum Error {
     /// A channel axis that the tensor does not have.
     #[error("axis {axis} is out of range for a tensor of rank {rank}")]
     AxisOutOfRange {
-        /// The axis asked for.
-        axis: usize,
+        /// The axis asked for (negative counts from the end, as in PyTorch).
+        axis: isize,
         /// The tensor's rank.
         rank: usize,
     },
@@ -246,6 +246,14 @@ impl Error {
             context: context.into(),
             expected: expected.to_vec(),
             got: got.to_vec(),
+        }
+    }
+
+    /// Convenience constructor for [`Error::AxisOutOfRange`] from a non-negative axis.
+    pub fn axis(axis: usize, rank: usize) -> Self {
+        Error::AxisOutOfRange {
+            axis: isize::try_from(axis).unwrap_or(isize::MAX),
+            rank,
         }
     }
 

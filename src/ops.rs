@@ -6,17 +6,44 @@ use ndarray::{Array1, Array4, ArrayD};
 use crate::error::{Error, Result};
 use crate::quant::{ObserverSpec, QParams};
 
+/// How a conv's zero padding is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PadMode {
+    /// `padding` rows above and below, `padding` columns left and right (PyTorch's integer
+    /// or pair `padding`; `'valid'` is `[0, 0]`).
+    #[default]
+    Explicit,
+    /// PyTorch's `padding='same'`: the output has the input's size (stride 1 only). The total
+    /// padding `dilation·(K − 1)` of each spatial dim is split with the smaller half
+    /// (`total / 2`) above / left and the rest below / right, as
+    /// `torch.nn.functional.conv2d` does, so an even kernel pads one more row at the bottom and
+    /// one more column at the right. `padding` is ignored.
+    Same,
+}
+
+/// The zero padding of one conv, per side, as [`Conv2dParams::pads`] resolves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvPads {
+    /// `[top, left]`: rows and columns of zeros before the input (the offset of the first
+    /// output's window).
+    pub begin: [usize; 2],
+    /// `[bottom, right]`: rows and columns of zeros after the input.
+    pub end: [usize; 2],
+}
+
 /// conv2d settings, as `torch.nn.Conv2d` takes them (zero padding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dParams {
     /// `[stride_h, stride_w]`.
     pub stride: [usize; 2],
-    /// `[pad_h, pad_w]` (zeros).
+    /// `[pad_h, pad_w]` (zeros on both sides) for [`PadMode::Explicit`].
     pub padding: [usize; 2],
     /// `[dilation_h, dilation_w]`.
     pub dilation: [usize; 2],
     /// Number of groups.
     pub groups: usize,
+    /// Explicit padding or PyTorch's `'same'`.
+    pub pad_mode: PadMode,
 }
 
 impl Default for Conv2dParams {
@@ -26,14 +53,74 @@ impl Default for Conv2dParams {
             padding: [0, 0],
             dilation: [1, 1],
             groups: 1,
+            pad_mode: PadMode::Explicit,
         }
     }
 }
 
 impl Conv2dParams {
+    /// PyTorch's `padding='same'` (stride 1) with the given dilation and groups.
+    pub fn same(dilation: [usize; 2], groups: usize) -> Self {
+        Self {
+            dilation,
+            groups,
+            pad_mode: PadMode::Same,
+            ..Self::default()
+        }
+    }
+
+    /// The zero padding per side for kernel size `[KH, KW]`: `padding` on both sides for
+    /// [`PadMode::Explicit`]; for [`PadMode::Same`] `total = dilation·(K − 1)` split as
+    /// `begin = total / 2`, `end = total − begin` (PyTorch's `_conv_forward` with
+    /// `padding='same'`). The one geometry the CPU reference and every GPU kernel use.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for `'same'` with a stride other than 1 (as PyTorch:
+    /// "padding='same' is not supported for strided convolutions") or a padding that
+    /// overflows.
+    pub fn pads(&self, kernel: [usize; 2]) -> Result<ConvPads> {
+        match self.pad_mode {
+            PadMode::Explicit => Ok(ConvPads {
+                begin: self.padding,
+                end: self.padding,
+            }),
+            PadMode::Same => {
+                if self.stride != [1, 1] {
+                    return Err(Error::invalid(format!(
+                        "conv2d padding='same' is not supported for strided convolutions, got \
+                         stride {:?}",
+                        self.stride
+                    )));
+                }
+                let mut pads = ConvPads {
+                    begin: [0; 2],
+                    end: [0; 2],
+                };
+                for i in 0..2 {
+                    let total = kernel[i]
+                        .saturating_sub(1)
+                        .checked_mul(self.dilation[i])
+                        .ok_or_else(|| {
+                            Error::invalid(format!(
+                                "conv2d padding='same': dilation {:?} times kernel {kernel:?} \
+                                 overflows",
+                                self.dilation
+                            ))
+                        })?;
+                    pads.begin[i] = total / 2;
+                    pads.end[i] = total - total / 2;
+                }
+                Ok(pads)
+            }
+        }
+    }
+
     /// Checks the settings against input `[N, C, H, W]` and weight `[O, C/g, KH, KW]` shapes
-    /// and returns the output shape `[N, O, OH, OW]`.
-    pub fn output_shape(&self, x: &[usize], w: &[usize]) -> Result<[usize; 4]> {
+    /// and returns the output shape `[N, O, OH, OW]` and the padding per side
+    /// ([`Conv2dParams::pads`]), with
+    /// `OH = (H + top + bottom − dil_h·(KH − 1) − 1) / stride_h + 1` (likewise `OW`).
+    ///
+    /// Errors: as [`Conv2dParams::output_shape`].
+    pub fn geometry(&self, x: &[usize], w: &[usize]) -> Result<([usize; 4], ConvPads)> {
         if x.len() != 4 {
             return Err(Error::invalid(format!(
                 "conv2d input must be NCHW (rank 4), got shape {x:?}"
@@ -56,28 +143,49 @@ impl Conv2dParams {
                 x[1], w[0]
             )));
         }
-        if w[1] * g != x[1] {
+        if w[1].checked_mul(g) != Some(x[1]) {
             return Err(Error::shape(
                 format!("conv2d weight dim 1 (input channels {} / groups {g})", x[1]),
                 &[w[0], x[1] / g, w[2], w[3]],
                 w,
             ));
         }
+        let pads = self.pads([w[2], w[3]])?;
+        let overflow = || Error::invalid(format!("conv2d padded input size overflows: {self:?}"));
+        let mut padded = [0usize; 2];
+        for i in 0..2 {
+            padded[i] = x[2 + i]
+                .checked_add(pads.begin[i])
+                .and_then(|v| v.checked_add(pads.end[i]))
+                .ok_or_else(overflow)?;
+        }
         let mut out = [x[0], w[0], 0, 0];
         for i in 0..2 {
-            let padded = x[2 + i] + 2 * self.padding[i];
-            let span = self.dilation[i] * (w[2 + i].max(1) - 1) + 1;
-            if w[2 + i] == 0 || padded < span {
+            let span = (w[2 + i].max(1) - 1)
+                .checked_mul(self.dilation[i])
+                .and_then(|v| v.checked_add(1))
+                .ok_or_else(overflow)?;
+            if w[2 + i] == 0 || padded[i] < span {
                 return Err(Error::invalid(format!(
-                    "conv2d kernel {:?} (dilation {:?}) larger than padded input {:?}",
+                    "conv2d kernel {:?} (dilation {:?}) larger than padded input {padded:?}",
                     &w[2..],
                     self.dilation,
-                    [x[2] + 2 * self.padding[0], x[3] + 2 * self.padding[1]]
                 )));
             }
-            out[2 + i] = (padded - span) / self.stride[i] + 1;
+            out[2 + i] = (padded[i] - span) / self.stride[i] + 1;
         }
-        Ok(out)
+        Ok((out, pads))
+    }
+
+    /// Checks the settings against input `[N, C, H, W]` and weight `[O, C/g, KH, KW]` shapes
+    /// and returns the output shape `[N, O, OH, OW]` (see [`Conv2dParams::geometry`]).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a tensor that is not rank 4, non-positive
+    /// stride, dilation or groups, groups that do not divide the channels, `'same'` padding
+    /// with a stride other than 1, or a kernel larger than the padded input;
+    /// [`Error::ShapeMismatch`] for a weight whose dim 1 is not `C / groups`.
+    pub fn output_shape(&self, x: &[usize], w: &[usize]) -> Result<[usize; 4]> {
+        self.geometry(x, w).map(|(out, _)| out)
     }
 }
 
@@ -236,6 +344,7 @@ impl ConvTranspose2dParams {
             padding: self.padding,
             dilation: self.dilation,
             groups: self.groups,
+            pad_mode: PadMode::Explicit,
         }
     }
 

@@ -188,12 +188,9 @@ impl Backend for GpuBackend {
     }
 
     fn calc_qparams(&self, x: &ArrayD<f32>, spec: &ObserverSpec) -> Result<QParams> {
-        spec.range.validate()?;
-        if spec.qscheme.is_per_channel() && spec.axis >= x.ndim() {
-            return Err(Error::AxisOutOfRange {
-                axis: spec.axis,
-                rank: x.ndim(),
-            });
+        spec.validate()?;
+        if spec.qscheme.is_per_channel() {
+            spec.channel_axis(x.ndim())?;
         }
         let gx = GpuTensor::upload_f32(&self.ctx, x)?;
         kernels::observer::observe(&self.ctx, &gx, spec)?.download(&self.ctx)

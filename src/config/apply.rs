@@ -277,7 +277,7 @@ pub fn apply(model: &mut Module, config: &ConfigList, mode: QuantMode) -> Result
                 QuantTarget::Bias if !has_bias => continue,
                 QuantTarget::Weight => {
                     if let Some(a) = axis {
-                        c.spec.axis = a;
+                        c.spec.axis = a as isize;
                     }
                 }
                 _ => {}

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::io::state_dict::HostTensor;
 use crate::io::Case;
 use crate::model::mnist;
-use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, QatConfig};
+use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, PadMode, QatConfig};
 use crate::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
 
 /// Outputs by name (without the `out.` prefix).
@@ -115,35 +115,33 @@ fn batch_norm(case: &Case, prefix: &str, eps: f32, momentum: f32) -> Result<Batc
     })
 }
 
-/// Conv settings; `padding` may also be PyTorch's `"valid"` or `"same"` (stride 1, odd
-/// effective kernel, where the padding is symmetric); `weight` gives the kernel size for it.
-fn conv_params(case: &Case, weight: &[usize]) -> Result<Conv2dParams> {
+/// Conv settings; `padding` may also be PyTorch's `"valid"` (no padding) or `"same"`
+/// ([`PadMode::Same`]: stride 1, the extra row and column of an even kernel at the bottom and
+/// right).
+fn conv_params(case: &Case) -> Result<Conv2dParams> {
     let stride = case.param_pair("stride")?;
     let dilation = case.param_pair("dilation")?;
-    let padding = match case.params.get("padding").and_then(|v| v.as_str()) {
-        Some("valid") => [0, 0],
-        Some("same") => {
-            let mut p = [0; 2];
-            for i in 0..2 {
-                let span = dilation[i] * weight.get(2 + i).copied().unwrap_or(1).saturating_sub(1);
-                if stride[i] != 1 || span % 2 != 0 {
-                    return Err(Error::invalid(format!(
-                        "padding='same' needs stride 1 and an odd effective kernel (asymmetric padding is not supported), got stride {stride:?}, kernel {:?}, dilation {dilation:?} in {}",
-                        &weight[2..],
-                        case.path
-                    )));
-                }
-                p[i] = span / 2;
-            }
-            p
+    let groups = case.param_usize("groups")?;
+    let (padding, pad_mode) = match case.params.get("padding").and_then(|v| v.as_str()) {
+        Some("valid") => ([0, 0], PadMode::Explicit),
+        Some("same") => ([0, 0], PadMode::Same),
+        Some(other) => {
+            return Err(Error::MalformedCase {
+                path: case.path.clone(),
+                reason: format!(
+                    "param `padding` is {:?}, expected [h, w], \"valid\" or \"same\"",
+                    other
+                ),
+            })
         }
-        _ => case.param_pair("padding")?,
+        None => (case.param_pair("padding")?, PadMode::Explicit),
     };
     Ok(Conv2dParams {
         stride,
         padding,
         dilation,
-        groups: case.param_usize("groups")?,
+        groups,
+        pad_mode,
     })
 }
 
@@ -221,13 +219,20 @@ fn qparams_outputs(qp: &QParams, scale_name: &str, zp_name: &str) -> Outputs {
     ]
 }
 
+/// `calc_qparams`: `axis` may be negative (PyTorch's `ch_axis`, counted from the end);
+/// `customized_range` (optional) says whether the observer was built with `quant_min` /
+/// `quant_max` (PyTorch's `has_customized_qrange`); without it a range other than the dtype's
+/// default counts as customized.
 fn calc_qparams(case: &Case, b: &dyn Backend) -> Result<Outputs> {
-    let spec = ObserverSpec::new(
+    let mut spec = ObserverSpec::new(
         QDtype::parse(case.param_str("dtype")?)?,
         QScheme::parse(case.param_str("qscheme")?)?,
         range(case, "quant_min", "quant_max")?,
-        case.param_usize_opt("axis")?.unwrap_or(0),
+        case.param_isize_opt("axis")?.unwrap_or(0),
     )?;
+    if let Some(customized) = case.param_bool_opt("customized_range")? {
+        spec = spec.with_customized_range(customized)?;
+    }
     let qp = b.calc_qparams(case.input("x")?, &spec)?;
     Ok(qparams_outputs(&qp, "scale", "zero_point"))
 }
@@ -235,7 +240,7 @@ fn calc_qparams(case: &Case, b: &dyn Backend) -> Result<Outputs> {
 fn conv2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
     let x = input4(case, "x")?;
     let w = input4(case, "weight")?;
-    let params = conv_params(case, w.shape())?;
+    let params = conv_params(case)?;
     let y = b.conv2d(&x, &w, input1_opt(case, "bias")?.as_ref(), &params)?;
     Ok(vec![f32_out("y", y.into_dyn())])
 }
@@ -252,7 +257,7 @@ fn batch_norm2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
 
 fn conv_layer(case: &Case) -> Result<Conv2d> {
     let weight = input4(case, "conv.weight")?;
-    let params = conv_params(case, weight.shape())?;
+    let params = conv_params(case)?;
     Ok(Conv2d {
         weight,
         bias: input1_opt(case, "conv.bias")?,

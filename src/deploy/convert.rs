@@ -39,6 +39,7 @@ impl Default for DeployConfig {
             range,
             axis: 0,
             eps: f32::EPSILON,
+            customized_range: false,
         };
         Self {
             activation: spec(QScheme::PerTensorAffine),

@@ -17,7 +17,7 @@ use super::convert::{IntLayer, IntModel, IntNode};
 use crate::error::{Error, Result};
 use crate::io::state_dict::{parse_state_dict, Dtype, HostTensor};
 use crate::io::{RawTensor, StateDict};
-use crate::ops::{Activation, Conv2dParams};
+use crate::ops::{Activation, Conv2dParams, PadMode};
 use crate::quant::{AddRequant, FixedPointMultiplier, QParams, QuantRange, Requant, RequantMode};
 
 /// The metadata key holding the graph JSON.
@@ -138,7 +138,10 @@ impl IntModel {
                         *act,
                     )?;
                     j["stride"] = json!(params.stride);
-                    j["padding"] = json!(params.padding);
+                    j["padding"] = match params.pad_mode {
+                        PadMode::Explicit => json!(params.padding),
+                        PadMode::Same => json!("same"),
+                    };
                     j["dilation"] = json!(params.dilation);
                     j["groups"] = json!(params.groups);
                 }
@@ -355,11 +358,23 @@ impl IntModel {
                     weight: weight()?.into_dimensionality().map_err(shape_err)?,
                     weight_scale: weight_scale()?,
                     bias: bias()?,
-                    params: Conv2dParams {
-                        stride: pair(&j["stride"], "stride")?,
-                        padding: pair(&j["padding"], "padding")?,
-                        dilation: pair(&j["dilation"], "dilation")?,
-                        groups: usz(&j["groups"], "groups")?,
+                    params: {
+                        let same = j["padding"].as_str() == Some("same");
+                        Conv2dParams {
+                            stride: pair(&j["stride"], "stride")?,
+                            padding: if same {
+                                [0, 0]
+                            } else {
+                                pair(&j["padding"], "padding")?
+                            },
+                            dilation: pair(&j["dilation"], "dilation")?,
+                            groups: usz(&j["groups"], "groups")?,
+                            pad_mode: if same {
+                                PadMode::Same
+                            } else {
+                                PadMode::Explicit
+                            },
+                        }
                     },
                     requant: requant(j)?,
                     act: act()?,

@@ -202,6 +202,28 @@ impl Case {
         }
     }
 
+    /// An optional integer parameter that may be negative (a PyTorch axis; absent or `null`
+    /// is `None`).
+    pub fn param_isize_opt(&self, key: &str) -> Result<Option<isize>> {
+        if self.params.get(key).is_none_or(Value::is_null) {
+            return Ok(None);
+        }
+        self.param(key)?
+            .as_i64()
+            .and_then(|v| isize::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| self.bad_param(key, "an integer"))
+    }
+
+    /// An optional boolean parameter (absent or `null` is `None`).
+    pub fn param_bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        if self.params.get(key).is_none_or(Value::is_null) {
+            Ok(None)
+        } else {
+            self.param_bool(key).map(Some)
+        }
+    }
+
     /// An optional float parameter (absent or `null` is `None`).
     pub fn param_f32_opt(&self, key: &str) -> Result<Option<f32>> {
         if self.params.get(key).is_none_or(Value::is_null) {

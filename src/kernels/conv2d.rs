@@ -354,9 +354,15 @@ impl Params {
         to_u32(x_len, "conv2d input element count")?;
         to_u32(w_len, "conv2d weight element count")?;
         to_u32(y_len, "conv2d output element count")?;
+        // The padding per side, from the geometry function the CPU reference uses.
+        let pads = p.pads([w[2], w[3]])?;
         for i in 0..2 {
-            let padded = x[2 + i] + 2 * p.padding[i];
-            let reach = out[2 + i].saturating_mul(p.stride[i]) + w[2 + i] * p.dilation[i];
+            let padded = x[2 + i]
+                .saturating_add(pads.begin[i])
+                .saturating_add(pads.end[i]);
+            let reach = out[2 + i]
+                .saturating_mul(p.stride[i])
+                .saturating_add(w[2 + i].saturating_mul(p.dilation[i]));
             if padded.max(reach) > i32::MAX as usize {
                 return Err(Error::invalid(format!(
                     "conv2d padded extent {padded} exceeds what a GPU kernel can index (i32)"
@@ -380,8 +386,8 @@ impl Params {
             og: u(w[0] / g, "conv2d output channels per group")?,
             stride_h: u(p.stride[0], "conv2d stride")?,
             stride_w: u(p.stride[1], "conv2d stride")?,
-            pad_h: u(p.padding[0], "conv2d padding")?,
-            pad_w: u(p.padding[1], "conv2d padding")?,
+            pad_h: u(pads.begin[0], "conv2d padding")?,
+            pad_w: u(pads.begin[1], "conv2d padding")?,
             dil_h: u(p.dilation[0], "conv2d dilation")?,
             dil_w: u(p.dilation[1], "conv2d dilation")?,
             k: u(w[1] * w[2] * w[3], "conv2d reduction length")?,
@@ -459,29 +465,7 @@ pub fn conv2d_with_algorithm(
     let kernel_hw = [w.shape()[2], kw];
     // Invocations of forward_reg: one per 8-pixel block of an output row.
     let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
-    let kernel_choice = match algorithm {
-        ConvAlgorithm::Auto if is_cpu_adapter(ctx) && use_subgroup_forward(ctx, og) => {
-            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kernel_hw, params, out))
-        }
-        ConvAlgorithm::Auto if is_cpu_adapter(ctx) => {
-            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
-        }
-        ConvAlgorithm::Auto if og >= GEMM_MIN_CHANNELS_PER_GROUP => ForwardKernel::Gemm,
-        ConvAlgorithm::Auto | ConvAlgorithm::Direct => ForwardKernel::Direct,
-        ConvAlgorithm::ImplicitGemm => ForwardKernel::Gemm,
-        ConvAlgorithm::RegisterBlocked => {
-            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
-        }
-        ConvAlgorithm::RegisterBlockedWith(tile) => ForwardKernel::Reg(check_tile(tile)?),
-        ConvAlgorithm::Subgroup => {
-            check_subgroups(ctx)?;
-            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kernel_hw, params, out))
-        }
-        ConvAlgorithm::SubgroupWith(tile) => {
-            check_subgroups(ctx)?;
-            ForwardKernel::Subgroup(check_subgroup_tile(tile)?)
-        }
-    };
+    let kernel_choice = forward_kernel(ctx, algorithm, w.shape(), params, out)?;
     let y = GpuTensor::zeros(ctx, &out, DType::F32)?;
     // Absent epilogue tensors are never read; any bound buffer will do.
     let scale = epilogue.out_scale.unwrap_or(w).buffer();
@@ -567,6 +551,86 @@ pub fn conv2d_with_algorithm(
         workgroups,
     }])?;
     Ok(y)
+}
+
+/// Which forward kernel (and tile) [`ConvAlgorithm::Auto`] runs on `ctx` for a conv of
+/// input `x_shape` `[N, C, H, W]`, weight `w_shape` `[O, C/groups, KH, KW]` and `params`, in
+/// words: `forward_gemm`, `forward_direct`, `forward_reg (... channels ...)` or
+/// `forward_sg[_r2|_r4] (...)`. The choice [`conv2d`] makes, from the same function.
+///
+/// Errors: those of [`Conv2dParams::output_shape`].
+pub fn auto_forward_kernel(
+    ctx: &GpuContext,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    params: &Conv2dParams,
+) -> Result<String> {
+    let out = params.output_shape(x_shape, w_shape)?;
+    Ok(
+        match forward_kernel(ctx, ConvAlgorithm::Auto, w_shape, params, out)? {
+            ForwardKernel::Gemm => "forward_gemm (tiled implicit GEMM)".to_string(),
+            ForwardKernel::Direct => "forward_direct (one invocation per output)".to_string(),
+            ForwardKernel::Reg(t) => format!(
+                "forward_reg (register-blocked: {} channels x {REG_PIXELS} pixels{}, \
+                 workgroup {})",
+                t.channels,
+                if t.k3_stride1 { ", 3-tap rows" } else { "" },
+                t.workgroup
+            ),
+            ForwardKernel::Subgroup(t) => format!(
+                "{} (subgroup-shared weights: {} channels x {REG_PIXELS} pixels x {} row(s){}, \
+                 workgroup {})",
+                match t.rows {
+                    4 => "forward_sg_r4",
+                    2 => "forward_sg_r2",
+                    _ => "forward_sg",
+                },
+                t.channels,
+                t.rows,
+                if t.k3_stride1 { ", 3-tap rows" } else { "" },
+                t.workgroup
+            ),
+        },
+    )
+}
+
+/// The forward kernel `algorithm` runs for weight `w_shape`, `params` and output `out` (the
+/// one home of [`ConvAlgorithm::Auto`]'s choice).
+fn forward_kernel(
+    ctx: &GpuContext,
+    algorithm: ConvAlgorithm,
+    w_shape: &[usize],
+    params: &Conv2dParams,
+    out: [usize; 4],
+) -> Result<ForwardKernel> {
+    let og = out[1] / params.groups;
+    let kw = w_shape[3];
+    let kernel_hw = [w_shape[2], kw];
+    // Invocations of forward_reg: one per 8-pixel block of an output row.
+    let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
+    Ok(match algorithm {
+        ConvAlgorithm::Auto if is_cpu_adapter(ctx) && use_subgroup_forward(ctx, og) => {
+            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kernel_hw, params, out))
+        }
+        ConvAlgorithm::Auto if is_cpu_adapter(ctx) => {
+            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
+        }
+        ConvAlgorithm::Auto if og >= GEMM_MIN_CHANNELS_PER_GROUP => ForwardKernel::Gemm,
+        ConvAlgorithm::Auto | ConvAlgorithm::Direct => ForwardKernel::Direct,
+        ConvAlgorithm::ImplicitGemm => ForwardKernel::Gemm,
+        ConvAlgorithm::RegisterBlocked => {
+            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
+        }
+        ConvAlgorithm::RegisterBlockedWith(tile) => ForwardKernel::Reg(check_tile(tile)?),
+        ConvAlgorithm::Subgroup => {
+            check_subgroups(ctx)?;
+            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kernel_hw, params, out))
+        }
+        ConvAlgorithm::SubgroupWith(tile) => {
+            check_subgroups(ctx)?;
+            ForwardKernel::Subgroup(check_subgroup_tile(tile)?)
+        }
+    })
 }
 
 /// The forward kernel one [`conv2d_with_algorithm`] call runs.

@@ -387,12 +387,9 @@ fn check_qat_forward(
     let out = conv.params.output_shape(x.shape(), conv.weight.shape())?;
     expect_f32("conv2d input", x)?;
     let spec = &cfg.weight_observer;
-    spec.range.validate()?;
-    if spec.qscheme.is_per_channel() && spec.axis >= 4 {
-        return Err(Error::AxisOutOfRange {
-            axis: spec.axis,
-            rank: 4,
-        });
+    spec.validate()?;
+    if spec.qscheme.is_per_channel() {
+        spec.channel_axis(4)?;
     }
     if !cfg.freeze_bn {
         check_training_size(&out)?;
@@ -531,7 +528,7 @@ pub fn conv_bn_qat_forward_with(
         q.clone()
     } else if per_tensor {
         calc_qparams(ctx, &minmax_t, spec, None)?
-    } else if spec.axis == 0 {
+    } else if spec.channel_axis(4)? == 0 {
         calc_qparams(ctx, &minmax, spec, Some(0))?
     } else {
         observe(ctx, &weight_scaled, spec)?

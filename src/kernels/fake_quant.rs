@@ -247,10 +247,7 @@ impl GpuQParams {
         match self.axis {
             None if c != 1 => Err(Error::shape("per-tensor qparams", &[1], &[c])),
             None => Ok(()),
-            Some(axis) if axis >= shape.len() => Err(Error::AxisOutOfRange {
-                axis,
-                rank: shape.len(),
-            }),
+            Some(axis) if axis >= shape.len() => Err(Error::axis(axis, shape.len())),
             Some(axis) if c != shape[axis] => Err(Error::shape(
                 format!("per-channel scale (axis {axis} of input {shape:?})"),
                 &[shape[axis]],

@@ -958,6 +958,8 @@ impl GpuConv2dInt8 {
             return Ok(y);
         }
         let p = &self.params;
+        // The padding per side, from the geometry function the CPU reference uses.
+        let pads = p.pads([kh, kw])?;
         let cp = ConvParams {
             n: to_u32(n, "conv2d int8 batch")?,
             c: to_u32(c, "conv2d int8 channels")?,
@@ -972,8 +974,8 @@ impl GpuConv2dInt8 {
             kw: to_u32(kw, "conv2d int8 kernel width")?,
             sh: to_u32(p.stride[0], "conv2d int8 stride")?,
             sw: to_u32(p.stride[1], "conv2d int8 stride")?,
-            ph: to_u32(p.padding[0], "conv2d int8 padding")?,
-            pw: to_u32(p.padding[1], "conv2d int8 padding")?,
+            ph: to_u32(pads.begin[0], "conv2d int8 padding")?,
+            pw: to_u32(pads.begin[1], "conv2d int8 padding")?,
             dh: to_u32(p.dilation[0], "conv2d int8 dilation")?,
             dw: to_u32(p.dilation[1], "conv2d int8 dilation")?,
             nq: to_u32(self.nq, "conv2d int8 weight words per channel")?,
@@ -994,7 +996,11 @@ impl GpuConv2dInt8 {
         };
         // Input coordinates are formed in i32 in the shader (up to the padded extent plus
         // PX columns of overhang).
-        let reach = (h + 2 * p.padding[0]).max(w + 2 * p.padding[1] + PX * p.stride[1]);
+        let reach = (h.saturating_add(pads.begin[0]).saturating_add(pads.end[0])).max(
+            w.saturating_add(pads.begin[1])
+                .saturating_add(pads.end[1])
+                .saturating_add(PX.saturating_mul(p.stride[1])),
+        );
         if reach > i32::MAX as usize {
             return Err(Error::invalid(format!(
                 "conv2d int8: padded input extent {reach} exceeds the kernel's i32 coordinates"

@@ -16,7 +16,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{expect_f32, expect_shape, to_u32, GpuQParams};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
-use crate::quant::{ObserverSpec, QDtype};
+use crate::quant::ObserverSpec;
 
 static SHADER: Shader = Shader {
     name: "observer",
@@ -138,10 +138,7 @@ fn layout(x: &GpuTensor, axis: Option<usize>) -> Result<Layout> {
         }),
         Some(axis) => {
             if axis >= shape.len() {
-                return Err(Error::AxisOutOfRange {
-                    axis,
-                    rank: shape.len(),
-                });
+                return Err(Error::axis(axis, shape.len()));
             }
             let channels = shape[axis];
             let m = x.len().checked_div(channels).unwrap_or(0);
@@ -311,7 +308,7 @@ pub fn min_max(ctx: &GpuContext, x: &GpuTensor, axis: Option<usize>) -> Result<G
 /// The qparams settings of `spec` as the shader takes them, computed exactly as the CPU
 /// reference does (`denom` in f64 then f32, symmetric zero point by dtype and range).
 fn qparams_settings(spec: &ObserverSpec) -> Result<Params> {
-    spec.range.validate()?;
+    spec.validate()?;
     let qmin = i64::from(spec.range.quant_min);
     let qmax = i64::from(spec.range.quant_max);
     let symmetric = spec.qscheme.is_symmetric();
@@ -320,11 +317,7 @@ fn qparams_settings(spec: &ObserverSpec) -> Result<Params> {
     } else {
         (qmax - qmin) as f64 as f32
     };
-    let zp_symmetric = match spec.dtype {
-        QDtype::QInt8 => 0,
-        QDtype::QUInt8 if qmin == 0 && qmax == 255 => 128,
-        QDtype::QUInt8 => (qmin + qmax).div_euclid(2),
-    } as i32;
+    let zp_symmetric = crate::reference::observer::symmetric_zero_point(spec);
     Ok(Params {
         quant_min: spec.range.quant_min,
         quant_max: spec.range.quant_max,
@@ -376,10 +369,15 @@ pub fn calc_qparams(
 /// [`crate::reference::observer::observe_qparams`] (scale and zero point; `1/scale` is the
 /// correctly rounded f32 reciprocal, as the CPU fake quant computes it).
 ///
-/// Errors: [`Error::InvalidQuantRange`], [`Error::AxisOutOfRange`].
+/// Errors: those of [`ObserverSpec::validate`], [`Error::AxisOutOfRange`] (a negative axis
+/// counts from the end, [`crate::quant::resolve_axis`]).
 pub fn observe(ctx: &GpuContext, x: &GpuTensor, spec: &ObserverSpec) -> Result<GpuQParams> {
     let settings = qparams_settings(spec)?;
-    let axis = spec.qscheme.is_per_channel().then_some(spec.axis);
+    let axis = if spec.qscheme.is_per_channel() {
+        Some(spec.channel_axis(x.shape().len())?)
+    } else {
+        None
+    };
     let r = prepare_reduction(ctx, x, axis, settings)?;
     let c = r.minmax.shape()[1];
     let qp = GpuTensor::zeros(ctx, &[3, c], DType::U32)?;

@@ -9,7 +9,7 @@ use super::container::Container;
 use super::fused::Fused;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams};
+use crate::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams, PadMode};
 
 /// What a module is. Each variant mirrors one `torch.nn` type; [`Layer::kind_name`] gives
 /// PyTorch's type name.
@@ -232,6 +232,7 @@ impl ConvLayer {
                 padding: [0, params.padding],
                 dilation: [1, params.dilation],
                 groups: params.groups,
+                pad_mode: PadMode::Explicit,
             },
         })
     }
@@ -275,6 +276,7 @@ impl ConvLayer {
                 padding: [0, self.params.padding[1]],
                 dilation: [1, self.params.dilation[1]],
                 groups: self.params.groups,
+                pad_mode: self.params.pad_mode,
             }
         } else {
             self.params

@@ -80,7 +80,7 @@ impl FakeQuantConfig {
 
     /// Checks the range, the averaging constant and eps.
     pub fn validate(&self) -> Result<()> {
-        self.spec.range.validate()?;
+        self.spec.validate()?;
         if let ObserverKind::MovingAverage { averaging_constant } = self.observer {
             if !(0.0..=1.0).contains(&averaging_constant) {
                 return Err(Error::invalid(format!(
@@ -106,6 +106,7 @@ impl FakeQuantConfig {
                 range,
                 axis: 0,
                 eps: f32::EPSILON,
+                customized_range: range != dtype.default_range(),
             },
         }
     }
@@ -332,7 +333,11 @@ impl FakeQuantize {
         }
         let per_channel = self.is_per_channel();
         let (cur_min, cur_max) = if per_channel {
-            min_max_per_channel(x, self.spec.axis)?
+            // A negative axis is resolved against the first batch's rank and kept so.
+            let spec = self.spec.for_rank(x.ndim())?;
+            let cur = min_max_per_channel(x, spec.channel_axis(x.ndim())?)?;
+            self.spec = spec;
+            cur
         } else {
             let (a, b) = min_max(x);
             (vec![a], vec![b])
@@ -398,7 +403,8 @@ impl FakeQuantize {
             ));
         }
         if self.is_per_channel() {
-            QParams::per_channel(self.scale.clone(), self.zero_point.clone(), self.spec.axis)
+            let axis = usize::try_from(self.spec.axis).unwrap_or(0);
+            QParams::per_channel(self.scale.clone(), self.zero_point.clone(), axis)
         } else {
             match (self.scale.as_slice(), self.zero_point.as_slice()) {
                 ([s], [z]) => Ok(QParams::per_tensor(*s, *z)),

@@ -274,11 +274,10 @@ impl QatLayer {
             }
         }
         let spec = qconfig.weight.spec;
-        if spec.qscheme.is_per_channel() && spec.axis >= head.weight_rank() {
-            return Err(Error::AxisOutOfRange {
-                axis: spec.axis,
-                rank: head.weight_rank(),
-            });
+        let mut qconfig = *qconfig;
+        if spec.qscheme.is_per_channel() {
+            // The weight's rank is known: resolve a negative axis once.
+            qconfig.weight.spec = spec.for_rank(head.weight_rank())?;
         }
         Ok(Self {
             head,
@@ -443,7 +442,8 @@ impl QatLayer {
     /// The weight observer's spec along the 4-D weight's axes.
     fn spec4(&self) -> ObserverSpec {
         let mut spec = self.weight_fake_quant.spec;
-        spec.axis = self.head.axis4(spec.axis);
+        let axis = usize::try_from(spec.axis).unwrap_or(0);
+        spec.axis = self.head.axis4(axis) as isize;
         spec
     }
 
@@ -606,7 +606,7 @@ impl QatLayer {
         let w = self.head.weight();
         let w4 = self.head.to4(&w)?;
         let spec4 = self.spec4();
-        let axis4 = spec4.axis;
+        let axis4 = usize::try_from(spec4.axis).unwrap_or(0);
         let bias = self.head.bias().cloned();
         let params = self.head.params2d();
         let Some(bnl) = self.bn.as_mut() else {

@@ -17,9 +17,12 @@ pub struct QuantRange {
 }
 
 impl QuantRange {
-    /// A validated range: `quant_min < quant_max`, else [`Error::InvalidQuantRange`].
+    /// A validated range: `quant_min <= quant_max`, else [`Error::InvalidQuantRange`]. As in
+    /// PyTorch's fake quantization, a single-value range (`quant_min == quant_max`) is
+    /// accepted: every value then quantizes to that one code. Observers need more
+    /// ([`ObserverSpec::validate`]: `quant_min < quant_max`).
     pub fn new(quant_min: i32, quant_max: i32) -> Result<Self> {
-        if quant_min >= quant_max {
+        if quant_min > quant_max {
             return Err(Error::InvalidQuantRange {
                 quant_min,
                 quant_max,
@@ -113,6 +116,32 @@ impl QScheme {
     }
 }
 
+/// PyTorch's dim wrapping: `axis` in `-rank..rank`, a negative axis counting from the end
+/// (`-1` is the last dim). The one place every observer and kernel resolves a channel axis.
+///
+/// Errors: [`Error::AxisOutOfRange`] outside `-rank..rank`.
+pub fn resolve_axis(axis: isize, rank: usize) -> Result<usize> {
+    let err = || Error::AxisOutOfRange { axis, rank };
+    let r = isize::try_from(rank).map_err(|_| err())?;
+    let a = if axis < 0 { axis + r } else { axis };
+    if (0..r).contains(&a) {
+        Ok(a as usize)
+    } else {
+        Err(err())
+    }
+}
+
+impl QDtype {
+    /// The range a PyTorch observer of this dtype uses when no `quant_min` / `quant_max` is
+    /// given (`calculate_qmin_qmax` without `reduce_range`): `[-128, 127]` or `[0, 255]`.
+    pub fn default_range(self) -> QuantRange {
+        match self {
+            Self::QInt8 => QuantRange::INT8,
+            Self::QUInt8 => QuantRange::UINT8,
+        }
+    }
+}
+
 /// How an observer turns min/max into quantization parameters
 /// (`MinMaxObserver` / `PerChannelMinMaxObserver` settings).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -123,22 +152,99 @@ pub struct ObserverSpec {
     pub qscheme: QScheme,
     /// Integer range.
     pub range: QuantRange,
-    /// Channel axis for per-channel schemes (`ch_axis`).
-    pub axis: usize,
+    /// Channel axis for per-channel schemes (`ch_axis`); negative counts from the end of the
+    /// observed tensor's dims ([`resolve_axis`]), as in PyTorch.
+    pub axis: isize,
     /// Lower clamp of the scale (`torch.finfo(torch.float32).eps` by default).
     pub eps: f32,
+    /// Whether `range` was given explicitly (PyTorch's `has_customized_qrange`: the observer
+    /// was built with `quant_min` and `quant_max`). It decides the symmetric zero point of
+    /// `quint8`: `(quant_min + quant_max) // 2` when customized (127 for an explicit
+    /// `[0, 255]`), 128 for the default range. A customized range must contain 0.
+    pub customized_range: bool,
 }
 
 impl ObserverSpec {
-    /// A spec with PyTorch's default eps (`f32::EPSILON`), validated.
-    pub fn new(dtype: QDtype, qscheme: QScheme, range: QuantRange, axis: usize) -> Result<Self> {
-        range.validate()?;
-        Ok(Self {
+    /// A spec with PyTorch's default eps (`f32::EPSILON`), validated
+    /// ([`ObserverSpec::validate`]). The range counts as customized
+    /// ([`ObserverSpec::customized_range`]) when it differs from the dtype's default range, as
+    /// for a PyTorch observer given `quant_min` / `quant_max` only when they differ from the
+    /// defaults; [`ObserverSpec::with_customized_range`] says otherwise.
+    pub fn new(dtype: QDtype, qscheme: QScheme, range: QuantRange, axis: isize) -> Result<Self> {
+        let spec = Self {
             dtype,
             qscheme,
             range,
             axis,
             eps: f32::EPSILON,
+            customized_range: range != dtype.default_range(),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// This spec with [`ObserverSpec::customized_range`] set as given (a PyTorch observer
+    /// built with explicit `quant_min` / `quant_max`: `true`), validated.
+    pub fn with_customized_range(self, customized: bool) -> Result<Self> {
+        let spec = Self {
+            customized_range: customized,
+            ..self
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// PyTorch's checks of an observer's range (`validate_qmin_qmax`): a valid range with
+    /// `quant_min < quant_max`, and a customized range must contain 0.
+    ///
+    /// Errors: [`Error::InvalidQuantRange`] for `quant_min > quant_max`,
+    /// [`Error::InvalidArgument`] for `quant_min == quant_max`, a customized range without 0,
+    /// or a range other than the dtype's default that is not marked customized.
+    pub fn validate(&self) -> Result<()> {
+        let QuantRange {
+            quant_min,
+            quant_max,
+        } = self.range;
+        self.range.validate()?;
+        if quant_min == quant_max {
+            return Err(Error::invalid(format!(
+                "an observer needs quant_min < quant_max, got quant_min = quant_max = {quant_min}"
+            )));
+        }
+        if !self.customized_range && self.range != self.dtype.default_range() {
+            return Err(Error::invalid(format!(
+                "an observer range [{quant_min}, {quant_max}] other than the dtype's default \
+                 is a customized range"
+            )));
+        }
+        if self.customized_range && !(quant_min <= 0 && 0 <= quant_max) {
+            return Err(Error::invalid(format!(
+                "a user-specified observer range must include 0, got [{quant_min}, {quant_max}]"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The channel axis for a tensor of rank `rank` ([`resolve_axis`] of
+    /// [`ObserverSpec::axis`]).
+    ///
+    /// Errors: [`Error::AxisOutOfRange`].
+    pub fn channel_axis(&self, rank: usize) -> Result<usize> {
+        resolve_axis(self.axis, rank)
+    }
+
+    /// This spec with its axis resolved against `rank` (non-negative) for a per-channel
+    /// scheme; per-tensor specs are returned unchanged.
+    ///
+    /// Errors: [`Error::AxisOutOfRange`] for a per-channel scheme.
+    pub fn for_rank(&self, rank: usize) -> Result<Self> {
+        if !self.qscheme.is_per_channel() {
+            return Ok(*self);
+        }
+        let axis = self.channel_axis(rank)?;
+        Ok(Self {
+            axis: axis as isize,
+            ..*self
         })
     }
 }
@@ -198,10 +304,7 @@ impl QParams {
             }
             Some(axis) => {
                 if axis >= shape.len() {
-                    return Err(Error::AxisOutOfRange {
-                        axis,
-                        rank: shape.len(),
-                    });
+                    return Err(Error::axis(axis, shape.len()));
                 }
                 if self.scale.len() != shape[axis] {
                     return Err(Error::shape(

@@ -31,11 +31,13 @@ struct Geom {
     /// Rows of the im2col matrix: `cg * kh * kw`.
     k: usize,
     p: Conv2dParams,
+    /// Zero rows above and columns left of the input (`Conv2dParams::pads`' `begin`).
+    pad: [usize; 2],
 }
 
 impl Geom {
     fn new(x: &[usize], w: &[usize], p: &Conv2dParams) -> Result<Self> {
-        let out = p.output_shape(x, w)?;
+        let (out, pads) = p.geometry(x, w)?;
         let groups = p.groups;
         Ok(Self {
             n: x[0],
@@ -52,6 +54,7 @@ impl Geom {
             og: w[0] / groups,
             k: w[1] * w[2] * w[3],
             p: *p,
+            pad: pads.begin,
         })
     }
 
@@ -63,14 +66,14 @@ impl Geom {
     #[inline]
     fn in_row(&self, oh: usize, kh: usize) -> Option<usize> {
         let pos = oh * self.p.stride[0] + kh * self.p.dilation[0];
-        pos.checked_sub(self.p.padding[0]).filter(|&i| i < self.h)
+        pos.checked_sub(self.pad[0]).filter(|&i| i < self.h)
     }
 
     /// Input column index `iw` for output column `ow` and kernel column `kw`, or `None`.
     #[inline]
     fn in_col(&self, ow: usize, kw: usize) -> Option<usize> {
         let pos = ow * self.p.stride[1] + kw * self.p.dilation[1];
-        pos.checked_sub(self.p.padding[1]).filter(|&i| i < self.w)
+        pos.checked_sub(self.pad[1]).filter(|&i| i < self.w)
     }
 
     /// Fills `cols` (`k x oh*ow`, row-major) with the patches of image `img`
@@ -307,6 +310,7 @@ pub fn conv_transpose2d(
         og: w.shape()[0] / groups,
         k: w.shape()[1] * w.shape()[2] * w.shape()[3],
         p: p.as_conv(),
+        pad: p.padding,
     };
     let xs = x.as_standard_layout();
     let ws = w.as_standard_layout();
@@ -407,6 +411,7 @@ mod tests {
                     padding: [1, 2],
                     dilation: [1, 2],
                     groups: 2,
+                    ..Default::default()
                 },
             ),
             (
@@ -417,6 +422,7 @@ mod tests {
                     padding: [1, 1],
                     dilation: [1, 1],
                     groups: 4,
+                    ..Default::default()
                 },
             ),
             (
@@ -427,6 +433,7 @@ mod tests {
                     padding: [2, 0],
                     dilation: [2, 3],
                     groups: 1,
+                    ..Default::default()
                 },
             ),
         ]
@@ -691,6 +698,7 @@ mod tests {
             padding: [1, 1],
             dilation: [1, 2],
             groups: 2,
+            ..Default::default()
         };
         let x = rand4([2, 4, 7, 6], 5);
         let w = rand4([6, 2, 3, 3], 6);

@@ -620,11 +620,20 @@ pub(crate) mod test_util {
                     v[1].as_u64().unwrap() as usize,
                 ]
             };
+            let groups = p["groups"].as_u64().unwrap() as usize;
+            if p["padding"].as_str() == Some("same") {
+                // PyTorch's padding='same' (even kernels: the extra row / column after).
+                return Conv2dParams {
+                    stride: pair("stride"),
+                    ..Conv2dParams::same(pair("dilation"), groups)
+                };
+            }
             Conv2dParams {
                 stride: pair("stride"),
                 padding: pair("padding"),
                 dilation: pair("dilation"),
-                groups: p["groups"].as_u64().unwrap() as usize,
+                groups,
+                ..Default::default()
             }
         }
         /// Compares `got` with expected tensor `name`: the worst absolute error, and how many

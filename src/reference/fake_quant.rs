@@ -368,15 +368,34 @@ mod tests {
     #[test]
     fn error_invalid_quant_range() {
         let r = QuantRange {
-            quant_min: 5,
+            quant_min: 6,
             quant_max: 5,
         };
         let e = fake_quantize(&t(&[1.0]), &QParams::per_tensor(0.1, 5), r).unwrap_err();
         assert!(matches!(e, Error::InvalidQuantRange { .. }));
         assert_eq!(
             e.to_string(),
-            "quant_min (5) must be less than quant_max (5)"
+            "quant_min (6) must not be greater than quant_max (5)"
         );
+    }
+
+    /// PyTorch accepts `quant_min == quant_max`: every value quantizes to that code, and the
+    /// gradient passes only where `round(x / scale) + zp` is that code.
+    #[test]
+    fn single_value_range() {
+        let r = QuantRange::new(5, 5).unwrap();
+        let x = t(&[-1.0, 0.0, 0.04, 0.06, 1.0]);
+        let qp = QParams::per_tensor(0.1, 5);
+        assert_eq!(
+            fake_quantize(&x, &qp, r).unwrap().as_slice().unwrap(),
+            &[0.0; 5]
+        );
+        let dy = t(&[1.0; 5]);
+        let dx = fake_quantize_backward(&x, &dy, &qp, r).unwrap();
+        assert_eq!(dx.as_slice().unwrap(), &[0.0, 1.0, 1.0, 0.0, 0.0]);
+        let qp = QParams::per_tensor(0.1, 4);
+        let e = fake_quantize(&x, &qp, r).unwrap_err();
+        assert!(matches!(e, Error::ZeroPointOutOfRange { .. }), "{e}");
     }
 
     #[test]

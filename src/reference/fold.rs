@@ -563,9 +563,14 @@ mod golden {
                 QDtype::parse(c.params["dtype"].as_str().unwrap()).unwrap(),
                 QScheme::parse(c.params["qscheme"].as_str().unwrap()).unwrap(),
                 range(&c),
-                c.params["axis"].as_i64().unwrap_or(0) as usize,
+                c.params["axis"].as_i64().unwrap_or(0) as isize,
             )
             .unwrap();
+            // PyTorch's has_customized_qrange, when the case says.
+            let spec = match c.params["customized_range"].as_bool() {
+                Some(customized) => spec.with_customized_range(customized).unwrap(),
+                None => spec,
+            };
             let qp = observe_qparams(c.get("in.x"), &spec).unwrap();
             let n = qp.scale.len();
             // Bit-exact, though the case allows rtol 1e-6: the arithmetic is PyTorch's.

@@ -154,7 +154,7 @@ pub fn conv2d_int8(
     let (_, cg, kh, kw) = w.dim();
     let og = o / params.groups;
     let [sh, sw] = params.stride;
-    let [ph, pw] = params.padding;
+    let [ph, pw] = params.pads([kh, kw])?.begin;
     let [dh, dw] = params.dilation;
     let xs = x.as_standard_layout();
     let ws = w.as_standard_layout();
@@ -352,6 +352,7 @@ mod tests {
             padding: [1, 1],
             dilation: [1, 2],
             groups: 2,
+            ..Default::default()
         };
         let zp = 7;
         // Multiplier 2^-8, wide clamp: out = round(acc / 256) with ties away from zero.

@@ -8,7 +8,8 @@
 //! ```text
 //! min_neg = min(min, 0); max_pos = max(max, 0)
 //! symmetric: scale = max(max(-min_neg, max_pos) / ((qmax - qmin) / 2), eps)
-//!            zp    = 0 (qint8); 128 (quint8 over [0, 255]); (qmin + qmax) // 2 (other quint8 range)
+//!            zp    = 0 (qint8); for quint8 (qmin + qmax) // 2 with a customized range
+//!                    (`ObserverSpec::customized_range`, 127 for an explicit [0, 255]), else 128
 //! affine:    scale = max((max_pos - min_neg) / (qmax - qmin), eps)
 //!            zp    = clamp(qmin - round_ties_even(min_neg / scale), qmin, qmax)
 //! ```
@@ -80,14 +81,12 @@ pub fn min_max(x: &ArrayD<f32>) -> (f32, f32) {
 /// `torch.aminmax(torch.flatten(x.permute(axis to front), start_dim=1), dim=1)`. A channel
 /// containing NaN gives NaN for both; a channel with no elements gives `(+inf, -inf)`.
 ///
-/// Errors: [`Error::AxisOutOfRange`] when `axis >= x.ndim()`.
+/// Errors: [`Error::AxisOutOfRange`] when `axis >= x.ndim()` (resolve a negative axis with
+/// [`crate::quant::resolve_axis`] first).
 pub fn min_max_per_channel(x: &ArrayD<f32>, axis: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let shape = x.shape();
     if axis >= shape.len() {
-        return Err(Error::AxisOutOfRange {
-            axis,
-            rank: shape.len(),
-        });
+        return Err(Error::axis(axis, shape.len()));
     }
     let c = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product();
@@ -119,6 +118,21 @@ pub fn min_max_per_channel(x: &ArrayD<f32>, axis: usize) -> Result<(Vec<f32>, Ve
     Ok((mn, mx))
 }
 
+/// The zero point of symmetric schemes (`_calculate_qparams`): 0 for `qint8`; for `quint8`
+/// the down-rounded midpoint `(quant_min + quant_max) // 2` of a customized range
+/// ([`ObserverSpec::customized_range`], PyTorch's `has_customized_qrange`; 127 for an explicit
+/// `[0, 255]`), 128 for the default range. The one formula the GPU observer uses too.
+pub fn symmetric_zero_point(spec: &ObserverSpec) -> i32 {
+    match spec.dtype {
+        QDtype::QInt8 => 0,
+        QDtype::QUInt8 if spec.customized_range => {
+            let sum = i64::from(spec.range.quant_min) + i64::from(spec.range.quant_max);
+            sum.div_euclid(2) as i32
+        }
+        QDtype::QUInt8 => 128,
+    }
+}
+
 /// One channel of `_calculate_qparams`.
 fn qparams_one(min: f32, max: f32, spec: &ObserverSpec) -> (f32, i32) {
     if min == f32::INFINITY && max == f32::NEG_INFINITY {
@@ -134,17 +148,7 @@ fn qparams_one(min: f32, max: f32, spec: &ObserverSpec) -> (f32, i32) {
         // `float(quant_max - quant_min) / 2` is a Python float, cast to f32 for the division.
         let half_range = ((qmax - qmin) as f64 / 2.0) as f32;
         let scale = nan_max(amax / half_range, spec.eps);
-        let zp = match spec.dtype {
-            QDtype::QInt8 => 0,
-            QDtype::QUInt8 => {
-                if qmin == 0 && qmax == 255 {
-                    128
-                } else {
-                    (qmin + qmax).div_euclid(2)
-                }
-            }
-        };
-        (scale, zp as i32)
+        (scale, symmetric_zero_point(spec))
     } else {
         let range = (qmax - qmin) as f64 as f32;
         let scale = nan_max((max_pos - min_neg) / range, spec.eps);
@@ -163,7 +167,9 @@ fn qparams_one(min: f32, max: f32, spec: &ObserverSpec) -> (f32, i32) {
 /// Quantization parameters from per-tensor (`min.len() == 1`) or per-channel min/max, mirroring
 /// `torch.ao.quantization.observer._ObserverBase._calculate_qparams` exactly (formulas in the
 /// [module docs](self)). Per-tensor schemes give [`QParams::per_tensor`] from the first pair;
-/// per-channel schemes give one pair per channel with `axis = spec.axis`.
+/// per-channel schemes give one pair per channel with `axis = spec.axis` (resolved first with
+/// [`ObserverSpec::for_rank`]; a still negative axis, which only a never-observed observer
+/// has, gives axis 0).
 ///
 /// Never-observed values (`min = +inf, max = -inf`, or empty slices) give scale 1.0 and zero
 /// point 0, as PyTorch's `check_min_max_valid` does (for empty per-channel statistics that is
@@ -177,18 +183,19 @@ pub fn calculate_qparams(min: &[f32], max: &[f32], spec: &ObserverSpec) -> QPara
         .map(|(&a, &b)| qparams_one(a, b, spec))
         .collect();
     if spec.qscheme.is_per_channel() {
+        let axis = Some(usize::try_from(spec.axis).unwrap_or(0));
         if pairs.is_empty() {
             return QParams {
                 scale: vec![1.0],
                 zero_point: vec![0],
-                axis: Some(spec.axis),
+                axis,
             };
         }
         let (scale, zero_point) = pairs.into_iter().unzip();
         QParams {
             scale,
             zero_point,
-            axis: Some(spec.axis),
+            axis,
         }
     } else {
         let (s, z) = pairs.first().copied().unwrap_or((1.0, 0));
@@ -197,22 +204,24 @@ pub fn calculate_qparams(min: &[f32], max: &[f32], spec: &ObserverSpec) -> QPara
 }
 
 /// Observes `x` once and returns its quantization parameters: `MinMaxObserver` (per-tensor
-/// schemes) or `PerChannelMinMaxObserver` with `ch_axis = spec.axis` (per-channel schemes),
-/// one forward, then `calculate_qparams()`.
+/// schemes) or `PerChannelMinMaxObserver` with `ch_axis = spec.axis` (per-channel schemes; a
+/// negative axis counts from the end), one forward, then `calculate_qparams()`.
 ///
 /// An empty tensor gives scale 1.0 and zero point 0 (per channel: for every channel, where
 /// PyTorch returns a single never-observed pair). NaN propagates to a NaN scale.
 ///
-/// Errors: [`Error::InvalidQuantRange`] for a bad `spec.range`, [`Error::AxisOutOfRange`] for a
-/// per-channel axis the tensor does not have.
+/// Errors: those of [`ObserverSpec::validate`] for a bad range, [`Error::AxisOutOfRange`] for
+/// a per-channel axis the tensor does not have.
 pub fn observe_qparams(x: &ArrayD<f32>, spec: &ObserverSpec) -> Result<QParams> {
-    spec.range.validate()?;
+    spec.validate()?;
     if spec.qscheme.is_per_channel() {
-        let (mn, mx) = min_max_per_channel(x, spec.axis)?;
+        let spec = spec.for_rank(x.ndim())?;
+        let axis = spec.channel_axis(x.ndim())?;
+        let (mn, mx) = min_max_per_channel(x, axis)?;
         if mn.is_empty() {
-            return QParams::per_channel(Vec::new(), Vec::new(), spec.axis);
+            return QParams::per_channel(Vec::new(), Vec::new(), axis);
         }
-        Ok(calculate_qparams(&mn, &mx, spec))
+        Ok(calculate_qparams(&mn, &mx, &spec))
     } else {
         let (mn, mx) = min_max(x);
         Ok(calculate_qparams(&[mn], &[mx], spec))
@@ -240,7 +249,7 @@ struct ObserverState {
 
 impl ObserverState {
     fn new(spec: ObserverSpec, averaging: Averaging, per_channel: bool) -> Result<Self> {
-        spec.range.validate()?;
+        spec.validate()?;
         if spec.qscheme.is_per_channel() != per_channel {
             return Err(Error::invalid(format!(
                 "{} observers need a {} qscheme, got {:?}",
@@ -283,7 +292,11 @@ impl ObserverState {
             return Ok(());
         }
         let (cur_min, cur_max) = if self.per_channel {
-            min_max_per_channel(x, self.spec.axis)?
+            // A negative axis is resolved against the first batch's rank and kept so.
+            let spec = self.spec.for_rank(x.ndim())?;
+            let cur = min_max_per_channel(x, spec.channel_axis(x.ndim())?)?;
+            self.spec = spec;
+            cur
         } else {
             let (a, b) = min_max(x);
             (vec![a], vec![b])
@@ -480,6 +493,16 @@ mod tests {
         assert_eq!((s, z), (2.0f32 / 127.5, 0));
         assert!((s - 0.01568628).abs() < 1e-8);
         assert_eq!(obs(&x, &u8s), (2.0f32 / 127.5, 128));
+        // PyTorch's has_customized_qrange: an explicit [0, 255] gives the midpoint, 127.
+        let u8s_explicit = u8s.with_customized_range(true).unwrap();
+        assert_eq!(obs(&x, &u8s_explicit), (2.0f32 / 127.5, 127));
+        assert!(u4s.with_customized_range(false).is_err());
+        let e = ObserverSpec::new(QUInt8, PerTensorAffine, QuantRange::new(1, 9).unwrap(), 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("must include 0"), "{e}");
+        let e = ObserverSpec::new(QInt8, PerTensorAffine, QuantRange::new(0, 0).unwrap(), 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("quant_min < quant_max"), "{e}");
         let (s, z) = obs(&x, &u4s);
         assert_eq!(z, 7);
         assert!((s - 0.26666668).abs() < 1e-8);
@@ -544,6 +567,13 @@ mod tests {
             assert_eq!(z, 0);
         }
         qp.validate(x.shape(), s.range).unwrap();
+        // A negative axis counts from the end: -2 of a rank-3 tensor is axis 1.
+        let neg = ObserverSpec { axis: -2, ..s };
+        assert_eq!(observe_qparams(&x, &neg).unwrap(), qp);
+        let mut o = PerChannelMinMaxObserver::new(neg).unwrap();
+        o.observe(&x).unwrap();
+        assert_eq!(o.qparams(), qp);
+        assert_eq!(o.spec().axis, 1);
         // NaN in one channel only.
         let mut y = x.clone();
         y[[1, 2, 0]] = f32::NAN;
@@ -562,6 +592,13 @@ mod tests {
         .unwrap();
         let e = observe_qparams(&ArrayD::zeros(IxDyn(&[2, 2])), &s).unwrap_err();
         assert!(matches!(e, Error::AxisOutOfRange { axis: 3, rank: 2 }));
+        let mut neg = s;
+        neg.axis = -3;
+        let e2 = observe_qparams(&ArrayD::zeros(IxDyn(&[2, 2])), &neg).unwrap_err();
+        assert_eq!(
+            e2.to_string(),
+            "axis -3 is out of range for a tensor of rank 2"
+        );
         assert_eq!(
             e.to_string(),
             "axis 3 is out of range for a tensor of rank 2"
@@ -578,7 +615,7 @@ mod tests {
         let e = observe_qparams(&arr1(&[1.0f32]).into_dyn(), &s).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "quant_min (3) must be less than quant_max (-3)"
+            "quant_min (3) must not be greater than quant_max (-3)"
         );
     }
 

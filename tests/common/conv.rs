@@ -60,6 +60,7 @@ pub fn p(
         padding,
         dilation,
         groups,
+        ..Default::default()
     }
 }
 
@@ -175,6 +176,24 @@ pub fn configs() -> Vec<Case> {
             [80, 24, 3, 3],
             p([1, 1], [1, 1], [1, 1], 1),
             "80 channels, long reduction",
+        ),
+        (
+            [2, 3, 7, 8],
+            [8, 3, 2, 4],
+            Conv2dParams::same([1, 1], 1),
+            "padding='same', even kernel 2x4 (extra row and column at the bottom and right)",
+        ),
+        (
+            [1, 6, 9, 6],
+            [16, 3, 4, 2],
+            Conv2dParams::same([1, 3], 2),
+            "padding='same', kernel 4x2, dilation [1, 3], groups 2",
+        ),
+        (
+            [1, 4, 9, 10],
+            [8, 4, 3, 3],
+            Conv2dParams::same([1, 1], 1),
+            "padding='same', 3x3 (symmetric)",
         ),
     ]
 }

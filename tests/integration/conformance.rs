@@ -199,7 +199,7 @@ fn conv_params_accept_pytorch_spellings() {
     let p = write_case(&dir, "conv2d__same.safetensors", &sd);
     let r = run_case_file(&p, &CpuBackend);
     assert!(r.passed(), "{}", r.line());
-    // "same" with stride 2 is refused with a clear message, not computed wrongly.
+    // "same" with stride 2 is refused, as PyTorch refuses it, with a clear message.
     sd.metadata.insert(
         "params".into(),
         r#"{"stride": 2, "padding": "same", "dilation": 1, "groups": 1}"#.into(),
@@ -207,7 +207,8 @@ fn conv_params_accept_pytorch_spellings() {
     let p = write_case(&dir, "conv2d__same_stride2.safetensors", &sd);
     let r = run_case_file(&p, &CpuBackend);
     assert!(
-        r.line().contains("padding='same' needs stride 1"),
+        r.line()
+            .contains("padding='same' is not supported for strided convolutions"),
         "{}",
         r.line()
     );

@@ -35,11 +35,13 @@ fn scale_not_positive_or_not_finite() {
     }
 }
 
-fn quant_min_not_below_quant_max() {
-    let e = QuantRange::new(5, 5).unwrap_err();
+fn quant_min_above_quant_max() {
+    // PyTorch's fake quantization accepts a single-value range; observers do not.
+    assert!(QuantRange::new(5, 5).is_ok());
+    let e = QuantRange::new(6, 5).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "quant_min (5) must be less than quant_max (5)"
+        "quant_min (6) must not be greater than quant_max (5)"
     );
     let r = QuantRange {
         quant_min: 10,
@@ -50,7 +52,7 @@ fn quant_min_not_below_quant_max() {
         .unwrap_err();
     assert!(
         e.to_string()
-            .contains("quant_min (10) must be less than quant_max (-10)"),
+            .contains("quant_min (10) must not be greater than quant_max (-10)"),
         "{e}"
     );
 }
@@ -208,7 +210,7 @@ fn nan_propagates_through_fake_quant() {
 
 crate::qfuse_tests! {
     scale_not_positive_or_not_finite,
-    quant_min_not_below_quant_max,
+    quant_min_above_quant_max,
     zero_point_outside_range,
     axis_out_of_range,
     shape_mismatch_names_both_shapes,

@@ -85,6 +85,7 @@ fn p(stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2], groups: usiz
         padding,
         dilation,
         groups,
+        ..Default::default()
     }
 }
 
@@ -156,6 +157,24 @@ fn configs() -> Vec<([usize; 4], [usize; 4], Conv2dParams, &'static str)> {
             [144, 5, 3, 3],
             p([1, 1], [1, 1], [1, 1], 2),
             "groups 2 with 72 channels per group",
+        ),
+        (
+            [2, 3, 7, 8],
+            [8, 3, 2, 4],
+            Conv2dParams::same([1, 1], 1),
+            "padding='same', even kernel 2x4 (extra row and column at the bottom and right)",
+        ),
+        (
+            [1, 6, 9, 6],
+            [16, 3, 4, 2],
+            Conv2dParams::same([1, 3], 2),
+            "padding='same', kernel 4x2, dilation [1, 3], groups 2",
+        ),
+        (
+            [1, 4, 9, 10],
+            [8, 4, 3, 3],
+            Conv2dParams::same([1, 1], 1),
+            "padding='same', 3x3 (symmetric)",
         ),
     ]
 }

@@ -283,6 +283,7 @@ fn conv_cases() -> Vec<ConvCase> {
         padding: [padding, padding],
         dilation: [1, 1],
         groups,
+        ..Default::default()
     };
     vec![
         ConvCase {

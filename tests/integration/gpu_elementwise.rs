@@ -360,7 +360,7 @@ fn specs(axis: usize) -> Vec<ObserverSpec> {
             QScheme::PerChannelAffine,
             QScheme::PerChannelSymmetric,
         ] {
-            v.push(ObserverSpec::new(dtype, qscheme, range, axis).unwrap());
+            v.push(ObserverSpec::new(dtype, qscheme, range, axis as isize).unwrap());
         }
     }
     v

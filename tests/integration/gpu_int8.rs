@@ -413,6 +413,7 @@ fn conv_case(
             padding,
             dilation,
             groups,
+            ..Default::default()
         },
     }
 }
@@ -436,6 +437,19 @@ fn conv_cases() -> Vec<ConvCase> {
         // Many taps and channels (large accumulators).
         conv_case([1, 34, 6, 6], 17, [3, 3], [1, 1], [1, 1], [1, 1], 1),
         conv_case([2, 1, 10, 3], 1, [2, 2], [3, 1], [1, 0], [1, 1], 1),
+        // padding='same' with even kernels: one more row and column at the bottom and right.
+        ConvCase {
+            x: [2, 3, 7, 8],
+            o: 5,
+            k: [2, 4],
+            params: Conv2dParams::same([1, 1], 1),
+        },
+        ConvCase {
+            x: [1, 6, 9, 6],
+            o: 6,
+            k: [4, 2],
+            params: Conv2dParams::same([1, 3], 3),
+        },
     ]
 }
 

@@ -37,7 +37,7 @@ fn same(a: f32, b: f32) -> bool {
 }
 
 fn spec(qscheme: QScheme, axis: usize) -> ObserverSpec {
-    ObserverSpec::new(QDtype::QInt8, qscheme, QuantRange::INT8, axis).unwrap()
+    ObserverSpec::new(QDtype::QInt8, qscheme, QuantRange::INT8, axis as isize).unwrap()
 }
 
 /// GPU min/max and qparams of `x` (per tensor, and per channel along every axis) equal the
@@ -94,6 +94,59 @@ fn check_all(ctx: &qfuse::gpu::GpuContext, x: &ArrayD<f32>, what: &str) {
             assert!(same(inv[ch], 1.0 / want.scale[ch]), "{what}: inv[{ch}]");
         }
         assert_eq!(zp, want.zero_point, "{what} axis {axis:?}: zero points");
+    }
+}
+
+/// PyTorch's observer settings that qfuse once refused: a negative channel axis (counted from
+/// the end) and the quint8 symmetric zero point of an explicit range (`has_customized_qrange`:
+/// the midpoint, 127 for `[0, 255]`; 128 only for the default range). GPU = CPU, both ways.
+fn observer_negative_axis_and_customized_range() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(23);
+    let x = random(&mut rng, &[3, 4, 5]);
+    let gx = GpuTensor::upload_f32(&ctx, &x).unwrap();
+    for (neg, pos) in [(-1isize, 2usize), (-2, 1), (-3, 0)] {
+        let s = ObserverSpec {
+            axis: neg,
+            ..spec(QScheme::PerChannelSymmetric, 0)
+        };
+        let want =
+            reference::observer::observe_qparams(&x, &spec(QScheme::PerChannelSymmetric, pos))
+                .unwrap();
+        assert_eq!(want.axis, Some(pos));
+        assert_eq!(reference::observer::observe_qparams(&x, &s).unwrap(), want);
+        let got = kernels::observer::observe(&ctx, &gx, &s)
+            .unwrap()
+            .download(&ctx)
+            .unwrap();
+        assert_eq!(got, want, "axis {neg}");
+    }
+    let bad = ObserverSpec {
+        axis: -4,
+        ..spec(QScheme::PerChannelAffine, 0)
+    };
+    let e = kernels::observer::observe(&ctx, &gx, &bad).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "axis -4 is out of range for a tensor of rank 3"
+    );
+    for (customized, zp) in [(false, 128), (true, 127)] {
+        let s = ObserverSpec::new(
+            QDtype::QUInt8,
+            QScheme::PerTensorSymmetric,
+            QuantRange::UINT8,
+            0,
+        )
+        .unwrap()
+        .with_customized_range(customized)
+        .unwrap();
+        let cpu = reference::observer::observe_qparams(&x, &s).unwrap();
+        assert_eq!(cpu.zero_point, vec![zp]);
+        let gpu = kernels::observer::observe(&ctx, &gx, &s)
+            .unwrap()
+            .download(&ctx)
+            .unwrap();
+        assert_eq!(gpu, cpu);
     }
 }
 
@@ -339,6 +392,7 @@ crate::qfuse_tests! {
     observer_layouts_match_reference: gpu,
     observer_nan_inf_and_extremes: gpu,
     observer_empty: gpu,
+    observer_negative_axis_and_customized_range: gpu,
     folds_bit_exact_weights: gpu,
     timing: gpu + manual,
 }

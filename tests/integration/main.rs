@@ -11,6 +11,7 @@
 mod common;
 
 mod bench_smoke;
+mod cli_info;
 mod config;
 mod conformance;
 mod demo;
@@ -46,6 +47,7 @@ fn main() -> std::process::ExitCode {
     common::harness::main(&[
         TESTS,
         bench_smoke::TESTS,
+        cli_info::TESTS,
         config::TESTS,
         conformance::TESTS,
         demo::TESTS,

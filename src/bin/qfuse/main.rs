@@ -10,6 +10,7 @@ mod bench;
 mod conformance;
 mod demo;
 mod fold;
+mod info;
 mod runtime_dir;
 
 #[derive(Parser)]
@@ -48,7 +49,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
         backend: BackendChoice,
     },
-    /// Show the backend qfuse would use: the GPU adapter, its limits, or why the CPU serves.
+    /// Show the backend qfuse would use (the GPU adapter, its limits, or why the CPU serves)
+    /// and what decides which kernels run: subgroups, timestamp queries, the packed int8 dot
+    /// product, and the conv2d forward kernel `Auto` picks per shape class.
     Info,
     /// Fold BatchNorms into the conv/linear layers of a PyTorch state dict (safetensors), by
     /// module name, writing the state dict of the fused model.
@@ -58,30 +61,6 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-fn info() -> qfuse::Result<ExitCode> {
-    match qfuse::gpu::GpuContext::new() {
-        Ok(ctx) => {
-            let l = ctx.limits();
-            println!("backend: gpu");
-            println!("adapter: {}", ctx.name());
-            println!(
-                "limits: max_buffer_size {} B, max_storage_buffer_binding_size {} B, \
-                 max_compute_workgroups_per_dimension {}, max_compute_invocations_per_workgroup {}, \
-                 max_compute_workgroup_storage_size {} B",
-                l.max_buffer_size,
-                l.max_storage_buffer_binding_size,
-                l.max_compute_workgroups_per_dimension,
-                l.max_compute_invocations_per_workgroup,
-                l.max_compute_workgroup_storage_size
-            );
-        }
-        Err(e) => {
-            println!("backend: cpu (the CPU reference serves: {e})");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread or GPU instance exists: a private XDG_RUNTIME_DIR when none is set, so
@@ -89,7 +68,7 @@ fn main() -> ExitCode {
     let _runtime_dir = runtime_dir::ensure();
     let result = match cli.command {
         Command::Conformance { dir, backend } => conformance::run(&dir, backend),
-        Command::Info => info(),
+        Command::Info => info::run(),
         Command::Demo(args) => demo::run(&args),
         Command::Fold(args) => fold::run(&args),
         Command::Bench(args) => bench::run(&args),

@@ -1,0 +1,88 @@
+//! `qfuse info`: the binary names the backend and, on a GPU, what decides which kernels run
+//! (subgroups and their sizes, timestamp queries, the packed int8 dot product, and the conv2d
+//! forward kernel `ConvAlgorithm::Auto` picks per shape class), consistent with the library's
+//! own view of the same adapter.
+
+use crate::common;
+
+use std::process::Command;
+
+use qfuse::kernels::conv2d::auto_forward_kernel;
+use qfuse::ops::Conv2dParams;
+
+fn info_shows_what_selects_kernels() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qfuse"))
+        .arg("info")
+        .output()
+        .expect("qfuse runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "qfuse info failed:\n{stdout}\n{stderr}"
+    );
+    println!("{stdout}");
+    let Some(ctx) = common::gpu() else {
+        assert!(stdout.starts_with("backend: cpu"), "{stdout}");
+        return;
+    };
+    assert!(stdout.starts_with("backend: gpu"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("adapter: {}", ctx.name())),
+        "{stdout}"
+    );
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no `{key}` line in:\n{stdout}"))
+            .to_string()
+    };
+    let sg = line("subgroups:");
+    match ctx.subgroup_sizes() {
+        Some((lo, hi)) => {
+            assert!(sg.contains(&format!("subgroup size {lo} to {hi}")), "{sg}")
+        }
+        None => assert!(sg.contains("subgroups: no"), "{sg}"),
+    }
+    let ts = line("timestamp queries:");
+    assert_eq!(
+        ts.contains("timestamp queries: yes"),
+        ctx.has_timestamps(),
+        "{ts}"
+    );
+    let dot = line("packed int8 dot product");
+    assert_eq!(
+        dot.contains(": available"),
+        ctx.packed_int8_dot_available(),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(&format!("Int8Dot::{:?}", ctx.int8_dot())),
+        "{dot}"
+    );
+    // The Auto choice the binary prints for the ResNet-18 layer1 class is the library's.
+    let resnet = line("3x3 s1, 64->64 at 56x56");
+    let want = auto_forward_kernel(
+        &ctx,
+        &[8, 64, 56, 56],
+        &[64, 64, 3, 3],
+        &Conv2dParams {
+            padding: [1, 1],
+            ..Conv2dParams::default()
+        },
+    )
+    .unwrap();
+    assert!(resnet.ends_with(&want), "{resnet} vs {want}");
+    let classes = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("conv2d forward kernel"))
+        .skip(1)
+        .filter(|l| l.contains(": forward_"))
+        .count();
+    assert!(classes >= 5, "{stdout}");
+}
+
+crate::qfuse_tests! {
+    info_shows_what_selects_kernels,
+}
