@@ -4,8 +4,8 @@
 //!
 //! For each [`FoldSpec`] `LAYER,BN`:
 //! * `LAYER.weight` (and `LAYER.bias` when present) are replaced by the folded weight and bias
-//!   ([`Backend::fold_conv_bn`] for a weight of rank ≥ 3, transposed when
-//!   [`FoldSpec::transpose`]; [`Backend::fold_linear_bn`] for rank 2). A layer without bias
+//!   ([`HostOps::fold_conv_bn`] for a weight of rank ≥ 3, transposed when
+//!   [`FoldSpec::transpose`]; [`HostOps::fold_linear_bn`] for rank 2). A layer without bias
 //!   gains one, as PyTorch's folded module does.
 //! * Every `BN.*` tensor (`weight`, `bias`, `running_mean`, `running_var`,
 //!   `num_batches_tracked`) is dropped: the fused model's BatchNorm is an `nn.Identity`.
@@ -45,7 +45,7 @@ use std::str::FromStr;
 
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
 
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::io::state_dict::{load_state_dict, HostTensor, StateDict};
 use crate::ops::{BatchNorm, Folded};
@@ -229,7 +229,7 @@ pub struct FoldReport {
 /// BatchNorm does not have, an output name that exists, or a backend failure. Everything but
 /// the backend's own failures is found before the backend is used.
 pub fn fold_state_dict(
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     sd: &StateDict,
     specs: &[FoldSpec],
 ) -> Result<StateDict> {
@@ -240,7 +240,7 @@ pub fn fold_state_dict(
 /// Reads the safetensors state dict `input`, folds `specs` with [`fold_state_dict`] and
 /// writes the result to `output`: [`FoldJob::prepare`] then [`FoldJob::run`].
 pub fn fold_file(
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     input: &Path,
     output: &Path,
     specs: &[FoldSpec],
@@ -282,7 +282,7 @@ impl FoldJob {
     /// Folds on `backend` and writes the output through a temporary file in the same folder,
     /// renamed into place, so that a failure leaves no partial output. The input file is not
     /// touched.
-    pub fn run(self, backend: &dyn Backend) -> Result<FoldReport> {
+    pub fn run(self, backend: &dyn HostOps) -> Result<FoldReport> {
         let (out, folded) = fold_planned(backend, &self.sd, self.plan)?;
         let names = out.names();
         let copied = names
@@ -364,7 +364,7 @@ fn plan(sd: &StateDict, specs: &[FoldSpec]) -> Result<Vec<Resolved>> {
 
 /// Folds the resolved fusions and builds the output state dict.
 fn fold_planned(
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     sd: &StateDict,
     plan: Vec<Resolved>,
 ) -> Result<(StateDict, Vec<FoldedLayer>)> {
@@ -576,7 +576,7 @@ impl Resolved {
         }
     }
 
-    fn fold(&self, backend: &dyn Backend) -> Result<Folded> {
+    fn fold(&self, backend: &dyn HostOps) -> Result<Folded> {
         let folded = match self.report.kind {
             "linear" => {
                 let w2: Array2<f32> = self

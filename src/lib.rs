@@ -10,7 +10,7 @@ pub mod ops;
 pub mod quant;
 pub mod reference;
 
-pub use backend::{Backend, CpuBackend, GpuBackend};
+pub use backend::{Backend, CpuBackend, GpuBackend, HostOps};
 pub use error::{Error, Result};
 pub mod config;
 pub mod conformance;

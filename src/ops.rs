@@ -189,22 +189,102 @@ impl Conv2dParams {
     }
 }
 
+/// The rank check of BatchNorm folding into a conv weight
+/// ([`crate::reference::fold::fuse_conv_bn_weights`]; it runs before the BatchNorm is
+/// validated): `[out, in/groups, k...]`, rank at least 3.
+pub fn check_conv_weight_rank(shape: &[usize]) -> Result<()> {
+    if shape.len() < 3 {
+        return Err(Error::invalid(format!(
+            "conv weight must have rank >= 3 ([out, in/groups, k...]), got shape {shape:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The input check of the quantized linear layer ([`crate::reference::int8::linear_int8`]):
+/// `x` `[N, in]` against weight `[out, in]` (both rank 2).
+pub fn check_linear_int8_input(x: &[usize], w: &[usize]) -> Result<()> {
+    if x.len() != 2 || w.len() != 2 || x[1] != w[1] {
+        let (xn, xc) = (
+            x.first().copied().unwrap_or(0),
+            x.get(1).copied().unwrap_or(0),
+        );
+        let (wr, wc) = (
+            w.first().copied().unwrap_or(0),
+            w.get(1).copied().unwrap_or(0),
+        );
+        return Err(Error::shape(
+            format!("quantized linear input [{xn}, {xc}] against weight [{wr}, {wc}]"),
+            &[xn, wc],
+            x,
+        ));
+    }
+    Ok(())
+}
+
+/// The shape `torch.flatten(x, 1)` gives: `[N, rest]` for an input `[N, ...]`.
+///
+/// Errors: [`Error::InvalidArgument`] for a scalar, or an element count that overflows.
+pub fn flatten_shape(shape: &[usize]) -> Result<[usize; 2]> {
+    let Some((&n, rest)) = shape.split_first() else {
+        return Err(Error::invalid("flatten needs an input of rank >= 1"));
+    };
+    let rest = rest
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::invalid(format!("flatten: shape {shape:?} overflows")))?;
+    Ok([n, rest])
+}
+
+/// A reshape keeps the element count: `Err(ShapeMismatch)` unless `from` and `to` hold as
+/// many elements (checked products).
+pub fn check_reshape(from: &[usize], to: &[usize]) -> Result<()> {
+    let count = |s: &[usize]| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match (count(from), count(to)) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        _ => Err(Error::shape(
+            format!("reshape of {from:?} (element count)"),
+            from,
+            to,
+        )),
+    }
+}
+
 /// A BatchNorm's parameters and running statistics (`torch.nn.BatchNorm{1,2,3}d`).
 /// `weight`/`bias` are `None` for `affine=False`.
+///
+/// Generic over where the per-channel vectors live: `T = Array1<f32>` (the default) on the
+/// host, a backend's tensor type ([`crate::backend::Device::Tensor`]) on a device, so a
+/// BatchNorm is built from device tensors with no host round trip.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BatchNorm {
+pub struct BatchNorm<T = Array1<f32>> {
     /// γ, or `None` (treated as ones).
-    pub weight: Option<Array1<f32>>,
+    pub weight: Option<T>,
     /// β, or `None` (treated as zeros).
-    pub bias: Option<Array1<f32>>,
+    pub bias: Option<T>,
     /// Running mean.
-    pub running_mean: Array1<f32>,
+    pub running_mean: T,
     /// Running (unbiased) variance.
-    pub running_var: Array1<f32>,
+    pub running_var: T,
     /// ε added to the variance.
     pub eps: f32,
     /// Momentum of the running statistics update (PyTorch's convention: `new = (1-m)·old + m·batch`).
     pub momentum: f32,
+}
+
+impl<T> BatchNorm<T> {
+    /// The same BatchNorm with every per-channel vector mapped by `f` (an upload, a
+    /// download, a conversion), failing on `f`'s first error.
+    pub fn try_map<U>(&self, mut f: impl FnMut(&T) -> Result<U>) -> Result<BatchNorm<U>> {
+        Ok(BatchNorm {
+            weight: self.weight.as_ref().map(&mut f).transpose()?,
+            bias: self.bias.as_ref().map(&mut f).transpose()?,
+            running_mean: f(&self.running_mean)?,
+            running_var: f(&self.running_var)?,
+            eps: self.eps,
+            momentum: self.momentum,
+        })
+    }
 }
 
 impl BatchNorm {
@@ -425,61 +505,87 @@ impl ConvTranspose2dParams {
     }
 }
 
-/// A conv2d layer's parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Conv2d {
+/// The tensor type of a conv weight and the type of its bias: `Array4<f32>` weights have
+/// `Array1<f32>` biases on the host; a device tensor type is its own bias type.
+pub trait ConvWeight {
+    /// The bias type that goes with this weight type.
+    type Bias;
+}
+
+impl ConvWeight for Array4<f32> {
+    type Bias = Array1<f32>;
+}
+
+impl ConvWeight for ArrayD<f32> {
+    type Bias = ArrayD<f32>;
+}
+
+impl<'a, W: ConvWeight> ConvWeight for &'a W {
+    type Bias = &'a W::Bias;
+}
+
+/// A conv2d layer's parameters: the one conv description, on the host
+/// (`Conv2d<Array4<f32>>`, the default), on a device (`Conv2d<B::Tensor>`, see
+/// [`crate::backend`]) or borrowing device tensors
+/// ([`crate::kernels::conv_bn::GpuConv2d`] is `Conv2d<&GpuTensor>`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Conv2d<W: ConvWeight = Array4<f32>> {
     /// Weight, OIHW.
-    pub weight: Array4<f32>,
+    pub weight: W,
     /// Bias, or `None`.
-    pub bias: Option<Array1<f32>>,
+    pub bias: Option<W::Bias>,
     /// Settings.
     pub params: Conv2dParams,
 }
 
-/// Weight and bias after BatchNorm folding.
+/// Weight and bias after BatchNorm folding (host arrays by default; a device's tensors from
+/// [`crate::backend::QuantOps`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Folded {
+pub struct Folded<W = ArrayD<f32>, B = Array1<f32>> {
     /// Folded weight, same shape as the input weight.
-    pub weight: ArrayD<f32>,
+    pub weight: W,
     /// Folded bias, one per output channel.
-    pub bias: Array1<f32>,
+    pub bias: B,
 }
 
-/// Gradients of conv2d.
+/// Gradients of conv2d (host arrays by default; a device's tensors from
+/// [`crate::backend::FloatOps`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Conv2dGrads {
+pub struct Conv2dGrads<Y = Array4<f32>, C = Array1<f32>> {
     /// dL/dx.
-    pub dx: Array4<f32>,
+    pub dx: Y,
     /// dL/dweight.
-    pub dweight: Array4<f32>,
+    pub dweight: Y,
     /// dL/dbias (sum of dy over N, H, W).
-    pub dbias: Array1<f32>,
+    pub dbias: C,
 }
 
-/// What BatchNorm2d forward returns.
+/// What BatchNorm2d forward returns (host arrays by default; a device's tensors from
+/// [`crate::backend::FloatOps`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct BatchNormOutput {
+pub struct BatchNormOutput<Y = Array4<f32>, C = Array1<f32>> {
     /// Normalized output.
-    pub y: Array4<f32>,
+    pub y: Y,
     /// Running mean after the update (unchanged in eval).
-    pub running_mean: Array1<f32>,
+    pub running_mean: C,
     /// Running variance after the update (unchanged in eval).
-    pub running_var: Array1<f32>,
+    pub running_var: C,
     /// Mean used to normalize (batch mean in training, running mean in eval).
-    pub mean: Array1<f32>,
+    pub mean: C,
     /// `1/sqrt(var + eps)` used to normalize.
-    pub invstd: Array1<f32>,
+    pub invstd: C,
 }
 
-/// Gradients of BatchNorm2d.
+/// Gradients of BatchNorm2d (host arrays by default; a device's tensors from
+/// [`crate::backend::FloatOps`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct BatchNormGrads {
+pub struct BatchNormGrads<Y = Array4<f32>, C = Array1<f32>> {
     /// dL/dx.
-    pub dx: Array4<f32>,
+    pub dx: Y,
     /// dL/dγ.
-    pub dweight: Array1<f32>,
+    pub dweight: C,
     /// dL/dβ.
-    pub dbias: Array1<f32>,
+    pub dbias: C,
 }
 
 /// Settings of a `ConvBn2d` / `ConvBnReLU2d` QAT module
@@ -530,44 +636,65 @@ pub struct QatSaved {
     pub bn_out: Array4<f32>,
 }
 
-/// Gradients of the QAT step.
+/// Gradients of the QAT step (host arrays by default; a device's tensors from
+/// [`crate::backend::FusedOps`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct QatGrads {
+pub struct QatGrads<Y = Array4<f32>, C = Array1<f32>> {
     /// dL/dx.
-    pub dx: Array4<f32>,
+    pub dx: Y,
     /// dL/dW (conv weight).
-    pub dweight: Array4<f32>,
+    pub dweight: Y,
     /// dL/db (conv bias), `None` when the conv has no bias.
-    pub dbias: Option<Array1<f32>>,
+    pub dbias: Option<C>,
     /// dL/dγ.
-    pub dbn_weight: Array1<f32>,
+    pub dbn_weight: C,
     /// dL/dβ.
-    pub dbn_bias: Array1<f32>,
+    pub dbn_bias: C,
+}
+
+/// What a device's QAT forward returns ([`crate::backend::FusedOps::conv_bn_qat_forward`]):
+/// the output, the running statistics after the step and the weight's qparams as device
+/// values, and the backend's own saved state for the backward (`S`).
+#[derive(Debug, Clone)]
+pub struct QatStep<T, Q, S> {
+    /// Output.
+    pub y: T,
+    /// Running mean after the step.
+    pub running_mean: T,
+    /// Running variance after the step.
+    pub running_var: T,
+    /// The weight observer's qparams (of the BN-scaled weight).
+    pub weight_qparams: Q,
+    /// Saved for backward.
+    pub saved: S,
 }
 
 /// The weight fake quant of one QAT conv + BatchNorm step run with
-/// [`crate::Backend::conv_bn_qat_forward_with`]: where its qparams come from and whether it
+/// [`crate::HostOps::conv_bn_qat_forward_with`]: where its qparams come from and whether it
 /// is applied. The default (`qparams: None`, enabled) is what
-/// [`crate::Backend::conv_bn_qat_forward`] does.
+/// [`crate::HostOps::conv_bn_qat_forward`] does.
 ///
 /// A `torch.ao.quantization.FakeQuantize` keeps its observer's running statistics between
 /// steps (a `MinMaxObserver` widens, a `MovingAverageMinMaxObserver` averages), can have its
 /// observer or its fake quant switched off, and stores `scale` / `zero_point`; this carries
 /// what such a module decided for the step (see [`crate::qat::FakeQuantize`]).
+///
+/// `Q` is where the qparams live: host [`QParams`] (the default) or a backend's device
+/// qparams ([`crate::backend::Device::QParams`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct QatWeightQuant {
+pub struct QatWeightQuant<Q = QParams> {
     /// `None`: the weight observer ([`QatConfig::weight_observer`]) sees this step's
     /// BN-scaled weight `W_s` once and gives the qparams. `Some`: fake-quantize `W_s` with
     /// these (for example a `FakeQuantize`'s stored `scale` / `zero_point`, along the 4-D
     /// weight's axes).
-    pub qparams: Option<QParams>,
+    pub qparams: Option<Q>,
     /// `false`: no fake quant (`fake_quant_enabled = 0`): `W_q = W_s` and the
     /// straight-through mask is all ones. The qparams (given or observed) are still
     /// reported in [`QatForward::weight_qparams`].
     pub fake_quant_enabled: bool,
 }
 
-impl Default for QatWeightQuant {
+impl<Q> Default for QatWeightQuant<Q> {
     fn default() -> Self {
         Self {
             qparams: None,
@@ -576,9 +703,9 @@ impl Default for QatWeightQuant {
     }
 }
 
-impl QatWeightQuant {
+impl<Q> QatWeightQuant<Q> {
     /// Fake-quantize with fixed `qparams`.
-    pub fn fixed(qparams: QParams) -> Self {
+    pub fn fixed(qparams: Q) -> Self {
         Self {
             qparams: Some(qparams),
             fake_quant_enabled: true,

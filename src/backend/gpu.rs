@@ -1,39 +1,86 @@
-//! The GPU backend: WGSL kernels via wgpu behind the [`Backend`] interface.
+//! The GPU backend: WGSL kernels via wgpu ([`crate::kernels`]) behind the op-family traits,
+//! on [`GpuTensor`]s. Nothing crosses to the host except at [`Device::upload`] /
+//! [`Device::download`] (and the few reads documented on the ops that need them).
 
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, Array4, ArrayD, Ix1};
+use ndarray::{Array1, Array2, Array4, ArrayD};
 
-use super::Backend;
+use super::{Device, FloatOps, FusedOps, Int8Ops, QuantOps, Shaped};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor};
+use crate::gpu::{DType, GpuContext, GpuTensor, Int8Dot};
+use crate::kernels::int8::{GpuConv2dInt8, GpuInt8Tensor, GpuLinearInt8};
 use crate::kernels::{self, GpuBatchNorm, GpuQParams};
 use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
-    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatWeightQuant,
+    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatSaved, QatStep,
+    QatWeightQuant,
 };
 use crate::quant::{AddRequant, ObserverSpec, QParams, QuantRange, Requant};
 
-/// Runs every operation on a GPU through [`crate::kernels`]: uploads the host arrays, runs
-/// the kernels, downloads the results. Validation happens on the host first, with the same
-/// errors as [`crate::CpuBackend`].
-///
-/// Each call is self-contained (upload, kernels, download); to keep data on the device
-/// between ops, use [`crate::kernels`] on [`GpuTensor`]s directly.
+impl Shaped for GpuTensor {
+    fn dims(&self) -> &[usize] {
+        self.shape()
+    }
+}
+
+impl Shaped for GpuInt8Tensor {
+    fn dims(&self) -> &[usize] {
+        self.shape()
+    }
+}
+
+impl crate::ops::ConvWeight for GpuTensor {
+    type Bias = GpuTensor;
+}
+
+/// Runs every operation on a GPU through [`crate::kernels`], on [`GpuTensor`]s (and packed
+/// int8 codes, [`GpuInt8Tensor`]): data stays on the device between ops. Validation
+/// happens on the host first (on shapes and host-known values), with the same errors as
+/// [`crate::CpuBackend`].
 #[derive(Debug, Clone)]
 pub struct GpuBackend {
     ctx: Arc<GpuContext>,
+    dot: Option<Int8Dot>,
 }
 
-fn to_array1(a: ArrayD<f32>) -> Result<Array1<f32>> {
-    a.into_dimensionality::<Ix1>()
-        .map_err(|e| Error::Gpu(format!("internal: folded bias is not 1-D: {e}")))
+/// What the GPU QAT forward keeps for its backward (all on the device), and the channels
+/// where γ = 0 (the finite form of
+/// [`crate::reference::conv_bn::conv_bn_qat_forward_with`]).
+#[derive(Debug, Clone)]
+pub struct GpuQatState {
+    /// `s` (`[O]`).
+    pub scale_factor: GpuTensor,
+    /// `W_q`.
+    pub weight_q: GpuTensor,
+    /// The fake-quant mask of `W_s`.
+    pub weight_mask: GpuTensor,
+    /// The BatchNorm input.
+    pub bn_input: GpuTensor,
+    /// `[2, O]`: mean and invstd BN normalized with.
+    pub stats: GpuTensor,
+    /// The BatchNorm output before the activation.
+    pub bn_out: GpuTensor,
+    /// `conv(x, W_q)` when it is known (a state uploaded from the host); else it is
+    /// reconstructed from `bn_input` when downloaded.
+    pub conv_out: Option<GpuTensor>,
+    /// Channels where γ = 0 as the forward found them (`None`: unknown, for a state
+    /// uploaded from the host; the backward then reads γ).
+    pub zero_gamma: Option<Vec<usize>>,
+}
+
+/// The saved state of the GPU QAT step ([`FusedOps::QatSaved`] of [`GpuBackend`]).
+pub type GpuQatSaved = GpuQatState;
+
+fn to4(t: &GpuTensor, what: &str) -> Result<[usize; 4]> {
+    <[usize; 4]>::try_from(t.shape())
+        .map_err(|_| Error::invalid(format!("{what} must be rank 4, got shape {:?}", t.shape())))
 }
 
 impl GpuBackend {
     /// A backend on an existing context (shared with other users through the `Arc`).
     pub fn new(ctx: Arc<GpuContext>) -> Self {
-        Self { ctx }
+        Self { ctx, dot: None }
     }
 
     /// A backend on a context opened from the system ([`GpuContext::new`]).
@@ -43,231 +90,231 @@ impl GpuBackend {
         Ok(Self::new(Arc::new(GpuContext::new()?)))
     }
 
+    /// This backend with an explicit dot-product path for its integer conv and linear
+    /// layers (else the context's, [`GpuContext::int8_dot`]).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for [`Int8Dot::Packed`] where the context does not
+    /// offer it ([`GpuContext::check_int8_dot`]).
+    pub fn with_int8_dot(mut self, dot: Int8Dot) -> Result<Self> {
+        self.ctx.check_int8_dot(dot)?;
+        self.dot = Some(dot);
+        Ok(self)
+    }
+
+    /// The dot-product path the integer layers use now.
+    pub fn int8_dot(&self) -> Int8Dot {
+        self.dot.unwrap_or_else(|| self.ctx.int8_dot())
+    }
+
     /// The context.
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
     }
 
-    fn upload_opt(&self, a: Option<&Array1<f32>>) -> Result<Option<GpuTensor>> {
-        a.map(|b| GpuTensor::upload_f32(&self.ctx, &b.clone().into_dyn()))
-            .transpose()
+    /// `R` equal-length 1-D `f32` tensors stacked as the rows of one `[R, C]` tensor, by
+    /// device copies.
+    ///
+    /// Errors: [`Error::ShapeMismatch`] for rows of other shapes; GPU errors.
+    pub fn stack_rows(&self, rows: &[&GpuTensor]) -> Result<GpuTensor> {
+        let c = rows.first().map_or(0, |r| r.len());
+        for (i, r) in rows.iter().enumerate() {
+            if r.shape() != [c] || r.dtype() != DType::F32 {
+                return Err(Error::shape(format!("stacked row {i}"), &[c], r.shape()));
+            }
+        }
+        let out = GpuTensor::zeros(&self.ctx, &[rows.len(), c], DType::F32)?;
+        if c == 0 {
+            return Ok(out);
+        }
+        let bytes = (c * 4) as u64;
+        self.ctx.scoped("stacking rows", || {
+            let mut enc =
+                self.ctx
+                    .device()
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("qfuse stack rows"),
+                    });
+            for (i, r) in rows.iter().enumerate() {
+                enc.copy_buffer_to_buffer(r.buffer(), 0, out.buffer(), i as u64 * bytes, bytes);
+            }
+            self.ctx.queue().submit([enc.finish()]);
+        })?;
+        Ok(out)
     }
 
-    /// Uploads `x`, `weight` and `bias`, runs `launch` with a bias + activation epilogue, and
-    /// downloads the 4-D result (the shared body of conv2d and conv_transpose2d).
-    fn run_conv(
-        &self,
-        op: &str,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
-        act: Activation,
-        launch: impl FnOnce(
-            &GpuContext,
-            &GpuTensor,
-            &GpuTensor,
-            &kernels::conv2d::ConvEpilogue,
-        ) -> Result<GpuTensor>,
-    ) -> Result<Array4<f32>> {
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
-        let gb = self.upload_opt(bias)?;
-        let epilogue = kernels::conv2d::ConvEpilogue {
-            bias: gb.as_ref(),
-            out_scale: None,
-            activation: act,
+    /// The rows of a `[R, C]` `f32` tensor as `R` tensors `[C]`, by device copies.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a tensor that is not 2-D `f32`; GPU errors.
+    pub fn split_rows(&self, t: &GpuTensor) -> Result<Vec<GpuTensor>> {
+        let [r, c] = <[usize; 2]>::try_from(t.shape())
+            .ok()
+            .filter(|_| t.dtype() == DType::F32)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "split_rows needs a [R, C] f32 tensor, got {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
+                ))
+            })?;
+        let rows = (0..r)
+            .map(|_| GpuTensor::zeros(&self.ctx, &[c], DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        if c == 0 {
+            return Ok(rows);
+        }
+        let bytes = (c * 4) as u64;
+        self.ctx.scoped("splitting rows", || {
+            let mut enc =
+                self.ctx
+                    .device()
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("qfuse split rows"),
+                    });
+            for (i, row) in rows.iter().enumerate() {
+                enc.copy_buffer_to_buffer(t.buffer(), i as u64 * bytes, row.buffer(), 0, bytes);
+            }
+            self.ctx.queue().submit([enc.finish()]);
+        })?;
+        Ok(rows)
+    }
+
+    /// A device BatchNorm in the kernels' packed form ([`GpuBatchNorm`], `[4, C]`), built
+    /// on the device (γ = 1 and β = 0 are written for `affine=False`).
+    ///
+    /// Errors: [`BatchNorm::validate`]'s, on the tensors' shapes; GPU errors.
+    pub fn pack_batch_norm(&self, bn: &BatchNorm<GpuTensor>) -> Result<GpuBatchNorm> {
+        let c = bn.running_mean.len();
+        let check = |name: &str, t: &GpuTensor| {
+            if t.shape() == [c] && t.dtype() == DType::F32 {
+                Ok(())
+            } else {
+                Err(Error::shape(format!("BatchNorm {name}"), &[c], t.shape()))
+            }
         };
-        launch(&self.ctx, &gx, &gw, &epilogue)?
-            .download_f32(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(|e| Error::Gpu(format!("internal: {op} output is not 4-D: {e}")))
-    }
-
-    fn download_folded(&self, w: GpuTensor, b: GpuTensor) -> Result<Folded> {
-        Ok(Folded {
-            weight: w.download_f32(&self.ctx)?,
-            bias: to_array1(b.download_f32(&self.ctx)?)?,
-        })
-    }
-
-    /// The host form of a GPU QAT forward.
-    fn download_qat_forward(
-        &self,
-        f: &kernels::conv_bn::GpuQatForward,
-        gconv: &kernels::conv_bn::GpuConv2d,
-    ) -> Result<QatForward> {
-        use kernels::batch_norm::{download4, download_rows};
-        let ctx = &*self.ctx;
-        let conv_out = kernels::conv_bn::qat_conv_out(ctx, f, gconv)?;
-        let rows = |t: &GpuTensor| -> Result<[Array1<f32>; 2]> {
-            download_rows(ctx, t)?
-                .try_into()
-                .map_err(|_| Error::Gpu("internal: per-channel stats are not [2, C]".into()))
+        check("running_mean", &bn.running_mean)?;
+        check("running_var", &bn.running_var)?;
+        if let Some(w) = &bn.weight {
+            check("weight", w)?;
+        }
+        if let Some(b) = &bn.bias {
+            check("bias", b)?;
+        }
+        let ones;
+        let zeros;
+        let w = match &bn.weight {
+            Some(w) => w,
+            None => {
+                ones = GpuTensor::from_slice_f32(&self.ctx, &vec![1.0; c], &[c])?;
+                &ones
+            }
         };
-        let [mean, invstd] = rows(&f.stats.stats)?;
-        let [running_mean, running_var] = rows(&f.stats.running)?;
-        Ok(QatForward {
-            y: download4(ctx, &f.y)?,
-            running_mean,
-            running_var,
-            weight_qparams: f.weight_qparams.download(ctx)?,
-            saved: crate::ops::QatSaved {
-                scale_factor: to_array1(f.scale_factor.download_f32(ctx)?)?,
-                weight_q: download4(ctx, &f.weight_q)?,
-                weight_mask: download4(ctx, &f.weight_mask)?,
-                conv_out: download4(ctx, &conv_out)?,
-                bn_input: download4(ctx, &f.bn_input)?,
-                mean,
-                invstd,
-                bn_out: download4(ctx, &f.bn_out)?,
-            },
-        })
+        let b = match &bn.bias {
+            Some(b) => b,
+            None => {
+                zeros = GpuTensor::zeros(&self.ctx, &[c], DType::F32)?;
+                &zeros
+            }
+        };
+        let data = self.stack_rows(&[w, b, &bn.running_mean, &bn.running_var])?;
+        GpuBatchNorm::from_packed(data, bn.eps)
+    }
+
+    /// Channels where γ is exactly 0 (reads γ back: `C` floats).
+    fn zero_gamma(&self, bn: &BatchNorm<GpuTensor>) -> Result<Vec<usize>> {
+        match &bn.weight {
+            None => Ok(Vec::new()),
+            Some(w) => Ok(w
+                .download_f32(&self.ctx)?
+                .iter()
+                .enumerate()
+                .filter(|(_, &g)| g == 0.0)
+                .map(|(c, _)| c)
+                .collect()),
+        }
+    }
+
+    fn stats_rows(&self, t: &GpuTensor) -> Result<(GpuTensor, GpuTensor)> {
+        let mut rows = self.split_rows(t)?;
+        match (rows.pop(), rows.pop(), rows.is_empty()) {
+            (Some(second), Some(first), true) => Ok((first, second)),
+            _ => Err(Error::Gpu(format!(
+                "internal: per-channel stats are {:?}, not [2, C]",
+                t.shape()
+            ))),
+        }
     }
 }
 
-impl Backend for GpuBackend {
+fn gconv(conv: &Conv2d<GpuTensor>) -> kernels::conv_bn::GpuConv2d<'_> {
+    Conv2d {
+        weight: &conv.weight,
+        bias: conv.bias.as_ref(),
+        params: conv.params,
+    }
+}
+
+impl Device for GpuBackend {
+    type Tensor = GpuTensor;
+    type Codes = GpuInt8Tensor;
+    type QParams = GpuQParams;
+
     fn name(&self) -> String {
         format!("gpu ({})", self.ctx.name())
     }
-
-    fn fold_conv_bn(
-        &self,
-        weight: &ArrayD<f32>,
-        bias: Option<&Array1<f32>>,
-        bn: &BatchNorm,
-        transpose: bool,
-    ) -> Result<Folded> {
-        kernels::fold::check_conv_weight_rank(weight.shape())?;
-        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
-        let w = GpuTensor::upload_f32(&self.ctx, weight)?;
-        let b = self.upload_opt(bias)?;
-        let (w, b) = kernels::fold::fold_conv_bn(&self.ctx, &w, b.as_ref(), &gbn, transpose)?;
-        self.download_folded(w, b)
+    fn upload(&self, x: &ArrayD<f32>) -> Result<GpuTensor> {
+        GpuTensor::upload_f32(&self.ctx, x)
     }
-
-    fn fold_linear_bn(
-        &self,
-        weight: &Array2<f32>,
-        bias: Option<&Array1<f32>>,
-        bn: &BatchNorm,
-    ) -> Result<Folded> {
-        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
-        let w = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
-        let b = self.upload_opt(bias)?;
-        let (w, b) = kernels::fold::fold_linear_bn(&self.ctx, &w, b.as_ref(), &gbn)?;
-        self.download_folded(w, b)
+    fn download(&self, x: &GpuTensor) -> Result<ArrayD<f32>> {
+        x.download_f32(&self.ctx)
     }
-
-    fn fake_quant(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<f32>> {
-        qp.validate(x.shape(), range)?;
-        let gx = GpuTensor::upload_f32(&self.ctx, x)?;
-        let gqp = GpuQParams::upload(&self.ctx, qp)?;
-        kernels::fake_quant::fake_quant(&self.ctx, &gx, &gqp, range)?.download_f32(&self.ctx)
+    fn upload_codes(&self, q: &ArrayD<i8>) -> Result<GpuInt8Tensor> {
+        GpuInt8Tensor::upload(&self.ctx, q)
     }
-
-    fn fake_quant_backward(
-        &self,
-        x: &ArrayD<f32>,
-        dy: &ArrayD<f32>,
-        qp: &QParams,
-        range: QuantRange,
-    ) -> Result<ArrayD<f32>> {
-        qp.validate(x.shape(), range)?;
-        if dy.shape() != x.shape() {
-            return Err(Error::shape(
-                "fake_quantize_backward (dy vs x)",
-                x.shape(),
-                dy.shape(),
-            ));
-        }
-        let gx = GpuTensor::upload_f32(&self.ctx, x)?;
-        let gdy = GpuTensor::upload_f32(&self.ctx, dy)?;
-        let gqp = GpuQParams::upload(&self.ctx, qp)?;
-        kernels::fake_quant::fake_quant_backward(&self.ctx, &gx, &gdy, &gqp, range)?
-            .download_f32(&self.ctx)
+    fn download_codes(&self, q: &GpuInt8Tensor) -> Result<ArrayD<i8>> {
+        q.download(&self.ctx)
     }
-
-    fn calc_qparams(&self, x: &ArrayD<f32>, spec: &ObserverSpec) -> Result<QParams> {
-        spec.validate()?;
-        if spec.qscheme.is_per_channel() {
-            spec.channel_axis(x.ndim())?;
-        }
-        let gx = GpuTensor::upload_f32(&self.ctx, x)?;
-        kernels::observer::observe(&self.ctx, &gx, spec)?.download(&self.ctx)
+    fn upload_qparams(&self, qp: &QParams) -> Result<GpuQParams> {
+        GpuQParams::upload(&self.ctx, qp)
     }
+    fn download_qparams(&self, qp: &GpuQParams) -> Result<QParams> {
+        qp.download(&self.ctx)
+    }
+    fn reshape(&self, x: &GpuTensor, shape: &[usize]) -> Result<GpuTensor> {
+        crate::ops::check_reshape(x.shape(), shape)?;
+        x.reshape(shape)
+    }
+}
 
+impl FloatOps for GpuBackend {
     fn conv2d(
         &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
-        params: &Conv2dParams,
-    ) -> Result<Array4<f32>> {
-        self.conv2d_act(x, weight, bias, params, Activation::None)
-    }
-
-    fn conv2d_act(
-        &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
+        x: &GpuTensor,
+        weight: &GpuTensor,
+        bias: Option<&GpuTensor>,
         params: &Conv2dParams,
         act: Activation,
-    ) -> Result<Array4<f32>> {
+    ) -> Result<GpuTensor> {
         let out = params.output_shape(x.shape(), weight.shape())?;
         if let Some(b) = bias {
-            if b.len() != out[1] {
+            if b.shape() != [out[1]] {
                 return Err(Error::shape("conv2d bias", &[out[1]], b.shape()));
             }
         }
-        self.run_conv("conv2d", x, weight, bias, act, |ctx, gx, gw, epilogue| {
-            kernels::conv2d::conv2d(ctx, gx, gw, params, epilogue)
-        })
-    }
-
-    fn conv_transpose2d(
-        &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
-        params: &ConvTranspose2dParams,
-    ) -> Result<Array4<f32>> {
-        self.conv_transpose2d_act(x, weight, bias, params, Activation::None)
-    }
-
-    fn conv_transpose2d_act(
-        &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
-        params: &ConvTranspose2dParams,
-        act: Activation,
-    ) -> Result<Array4<f32>> {
-        let out = params.output_shape(x.shape(), weight.shape())?;
-        if let Some(b) = bias {
-            if b.len() != out[1] {
-                return Err(Error::shape("conv_transpose2d bias", &[out[1]], b.shape()));
-            }
-        }
-        self.run_conv(
-            "conv_transpose2d",
-            x,
-            weight,
+        let epilogue = kernels::conv2d::ConvEpilogue {
             bias,
-            act,
-            |ctx, gx, gw, epilogue| {
-                kernels::conv2d::conv_transpose2d(ctx, gx, gw, params, epilogue)
-            },
-        )
+            out_scale: None,
+            activation: act,
+        };
+        kernels::conv2d::conv2d(&self.ctx, x, weight, params, &epilogue)
     }
 
     fn conv2d_backward(
         &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        dy: &Array4<f32>,
+        x: &GpuTensor,
+        weight: &GpuTensor,
+        dy: &GpuTensor,
         params: &Conv2dParams,
-    ) -> Result<Conv2dGrads> {
+    ) -> Result<Conv2dGrads<GpuTensor, GpuTensor>> {
         let out = params.output_shape(x.shape(), weight.shape())?;
         if dy.shape() != out {
             return Err(Error::shape(
@@ -276,59 +323,59 @@ impl Backend for GpuBackend {
                 dy.shape(),
             ));
         }
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
-        let gdy = GpuTensor::upload_f32(&self.ctx, &dy.clone().into_dyn())?;
-        let x_shape = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-        let w_shape = [
-            weight.shape()[0],
-            weight.shape()[1],
-            weight.shape()[2],
-            weight.shape()[3],
-        ];
-        let dx = kernels::conv2d::conv2d_backward_input(&self.ctx, &gdy, &gw, params, x_shape)?;
-        let dw = kernels::conv2d::conv2d_backward_weight(&self.ctx, &gx, &gdy, params, w_shape)?;
-        let db = kernels::conv2d::channel_sum(&self.ctx, &gdy)?;
-        let four = |a: ArrayD<f32>| {
-            a.into_dimensionality::<ndarray::Ix4>()
-                .map_err(|e| Error::Gpu(format!("internal: conv2d gradient is not 4-D: {e}")))
-        };
+        let x_shape = to4(x, "conv2d input")?;
+        let w_shape = to4(weight, "conv2d weight")?;
+        let ctx = &*self.ctx;
         Ok(Conv2dGrads {
-            dx: four(dx.download_f32(&self.ctx)?)?,
-            dweight: four(dw.download_f32(&self.ctx)?)?,
-            dbias: to_array1(db.download_f32(&self.ctx)?)?,
+            dx: kernels::conv2d::conv2d_backward_input(ctx, dy, weight, params, x_shape)?,
+            dweight: kernels::conv2d::conv2d_backward_weight(ctx, x, dy, params, w_shape)?,
+            dbias: kernels::conv2d::channel_sum(ctx, dy)?,
         })
+    }
+
+    fn conv_transpose2d(
+        &self,
+        x: &GpuTensor,
+        weight: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        params: &ConvTranspose2dParams,
+        act: Activation,
+    ) -> Result<GpuTensor> {
+        let out = params.output_shape(x.shape(), weight.shape())?;
+        if let Some(b) = bias {
+            if b.shape() != [out[1]] {
+                return Err(Error::shape("conv_transpose2d bias", &[out[1]], b.shape()));
+            }
+        }
+        let epilogue = kernels::conv2d::ConvEpilogue {
+            bias,
+            out_scale: None,
+            activation: act,
+        };
+        kernels::conv2d::conv_transpose2d(&self.ctx, x, weight, params, &epilogue)
     }
 
     fn batch_norm2d(
         &self,
-        x: &Array4<f32>,
-        bn: &BatchNorm,
-        training: bool,
-    ) -> Result<BatchNormOutput> {
-        self.batch_norm2d_act(x, bn, training, Activation::None)
-    }
-
-    fn batch_norm2d_act(
-        &self,
-        x: &Array4<f32>,
-        bn: &BatchNorm,
+        x: &GpuTensor,
+        bn: &BatchNorm<GpuTensor>,
         training: bool,
         act: Activation,
-    ) -> Result<BatchNormOutput> {
-        use kernels::batch_norm as kbn;
-        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let out = kbn::batch_norm2d(&self.ctx, &gx, &gbn, bn.momentum, training, act, false)?;
-        let [mean, invstd]: [Array1<f32>; 2] = kbn::download_rows(&self.ctx, &out.stats.stats)?
-            .try_into()
-            .map_err(|_| Error::Gpu("internal: batch_norm2d stats are not [2, C]".into()))?;
-        let [running_mean, running_var]: [Array1<f32>; 2] =
-            kbn::download_rows(&self.ctx, &out.stats.running)?
-                .try_into()
-                .map_err(|_| Error::Gpu("internal: batch_norm2d running is not [2, C]".into()))?;
+    ) -> Result<BatchNormOutput<GpuTensor, GpuTensor>> {
+        let gbn = self.pack_batch_norm(bn)?;
+        let out = kernels::batch_norm::batch_norm2d(
+            &self.ctx,
+            x,
+            &gbn,
+            bn.momentum,
+            training,
+            act,
+            false,
+        )?;
+        let (mean, invstd) = self.stats_rows(&out.stats.stats)?;
+        let (running_mean, running_var) = self.stats_rows(&out.stats.running)?;
         Ok(BatchNormOutput {
-            y: kbn::download4(&self.ctx, &out.y)?,
+            y: out.y,
             running_mean,
             running_var,
             mean,
@@ -338,16 +385,15 @@ impl Backend for GpuBackend {
 
     fn batch_norm2d_backward(
         &self,
-        x: &Array4<f32>,
-        dy: &Array4<f32>,
-        bn: &BatchNorm,
-        fwd: &BatchNormOutput,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        bn: &BatchNorm<GpuTensor>,
+        fwd: &BatchNormOutput<GpuTensor, GpuTensor>,
         training: bool,
-    ) -> Result<BatchNormGrads> {
+    ) -> Result<BatchNormGrads<GpuTensor, GpuTensor>> {
         use kernels::batch_norm as kbn;
-        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        kbn::check_input(&gx, &gbn)?;
+        let gbn = self.pack_batch_norm(bn)?;
+        kbn::check_input(x, &gbn)?;
         if dy.shape() != x.shape() {
             return Err(Error::shape(
                 "batch_norm2d_backward dy (input shape)",
@@ -355,9 +401,9 @@ impl Backend for GpuBackend {
                 dy.shape(),
             ));
         }
-        let c = bn.channels();
+        let c = gbn.channels();
         for (name, a) in [("mean", &fwd.mean), ("invstd", &fwd.invstd)] {
-            if a.len() != c {
+            if a.shape() != [c] {
                 return Err(Error::shape(
                     format!("batch_norm2d_backward saved {name}"),
                     &[c],
@@ -365,30 +411,26 @@ impl Backend for GpuBackend {
                 ));
             }
         }
-        let gdy = GpuTensor::upload_f32(&self.ctx, &dy.clone().into_dyn())?;
-        let stats = kbn::upload_stats(&self.ctx, &fwd.mean, &fwd.invstd)?;
-        let g = kbn::batch_norm2d_backward(&self.ctx, &gx, &gdy, &gbn, &stats, training)?;
-        let [dbias, dweight]: [Array1<f32>; 2] = kbn::download_rows(&self.ctx, &g.dparams)?
-            .try_into()
-            .map_err(|_| Error::Gpu("internal: batch_norm2d grads are not [2, C]".into()))?;
+        let stats = self.stack_rows(&[&fwd.mean, &fwd.invstd])?;
+        let g = kbn::batch_norm2d_backward(&self.ctx, x, dy, &gbn, &stats, training)?;
+        let (dbias, dweight) = self.stats_rows(&g.dparams)?;
         Ok(BatchNormGrads {
-            dx: kbn::download4(&self.ctx, &g.dx)?,
+            dx: g.dx,
             dweight,
             dbias,
         })
     }
 
-    fn activation(&self, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
-        let gx = GpuTensor::upload_f32(&self.ctx, x)?;
-        kernels::activation::activation(&self.ctx, &gx, act)?.download_f32(&self.ctx)
+    fn activation(&self, x: &GpuTensor, act: Activation) -> Result<GpuTensor> {
+        kernels::activation::activation(&self.ctx, x, act)
     }
 
     fn activation_backward(
         &self,
-        x: &ArrayD<f32>,
-        dy: &ArrayD<f32>,
+        x: &GpuTensor,
+        dy: &GpuTensor,
         act: Activation,
-    ) -> Result<ArrayD<f32>> {
+    ) -> Result<GpuTensor> {
         if x.shape() != dy.shape() {
             return Err(Error::shape(
                 "activation_backward (dy vs x)",
@@ -396,285 +438,362 @@ impl Backend for GpuBackend {
                 dy.shape(),
             ));
         }
-        let gx = GpuTensor::upload_f32(&self.ctx, x)?;
-        let gdy = GpuTensor::upload_f32(&self.ctx, dy)?;
-        kernels::activation::activation_backward(&self.ctx, &gx, &gdy, act)?.download_f32(&self.ctx)
+        kernels::activation::activation_backward(&self.ctx, x, dy, act)
     }
 
-    fn conv_bn_act_eval(
-        &self,
-        x: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        act: Activation,
-    ) -> Result<(Array4<f32>, Folded)> {
-        let gbn = GpuBatchNorm::upload(&self.ctx, bn)?;
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(&self.ctx, &conv.weight.clone().into_dyn())?;
-        let gb = self.upload_opt(conv.bias.as_ref())?;
-        let gconv = kernels::conv_bn::GpuConv2d {
-            weight: &gw,
-            bias: gb.as_ref(),
-            params: conv.params,
-        };
-        let r = kernels::conv_bn::conv_bn_act_eval(&self.ctx, &gx, &gconv, &gbn, act)?;
-        let y = kernels::batch_norm::download4(&self.ctx, &r.y)?;
-        Ok((y, self.download_folded(r.weight, r.bias)?))
-    }
-
-    fn conv_bn_qat_forward(
-        &self,
-        x: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        cfg: &QatConfig,
-    ) -> Result<QatForward> {
-        let ctx = &*self.ctx;
-        let gbn = GpuBatchNorm::upload(ctx, bn)?;
-        let gx = GpuTensor::upload_f32(ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(ctx, &conv.weight.clone().into_dyn())?;
-        let gb = self.upload_opt(conv.bias.as_ref())?;
-        let gconv = kernels::conv_bn::GpuConv2d {
-            weight: &gw,
-            bias: gb.as_ref(),
-            params: conv.params,
-        };
-        let f = kernels::conv_bn::conv_bn_qat_forward(ctx, &gx, &gconv, &gbn, bn.momentum, cfg)?;
-        self.download_qat_forward(&f, &gconv)
-    }
-
-    fn conv_bn_qat_forward_with(
-        &self,
-        x: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        cfg: &QatConfig,
-        weight: &QatWeightQuant,
-    ) -> Result<QatForward> {
-        let ctx = &*self.ctx;
-        let gbn = GpuBatchNorm::upload(ctx, bn)?;
-        // The finite γ = 0 form: s = 1 in those channels, through a scale BatchNorm whose γ
-        // there is sqrt(running_var + eps), rounded as the shader rounds it (correctly).
-        let zero = crate::reference::conv_bn::zero_gamma_channels(bn);
-        let scale_bn = if zero.is_empty() {
-            None
-        } else {
-            let mut sb = bn.clone();
-            if let Some(w) = sb.weight.as_mut() {
-                for &c in &zero {
-                    w[c] = (bn.running_var[c] + bn.eps).sqrt();
-                }
-            }
-            Some(GpuBatchNorm::upload(ctx, &sb)?)
-        };
-        let gqp = match &weight.qparams {
-            Some(q) => Some(GpuQParams::upload(ctx, q)?),
-            None => None,
-        };
-        let gx = GpuTensor::upload_f32(ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(ctx, &conv.weight.clone().into_dyn())?;
-        let gb = self.upload_opt(conv.bias.as_ref())?;
-        let gconv = kernels::conv_bn::GpuConv2d {
-            weight: &gw,
-            bias: gb.as_ref(),
-            params: conv.params,
-        };
-        let gweight = kernels::conv_bn::GpuQatWeight {
-            qparams: gqp.as_ref(),
-            fake_quant_enabled: weight.fake_quant_enabled,
-            scale_bn: scale_bn.as_ref(),
-        };
-        let f = kernels::conv_bn::conv_bn_qat_forward_with(
-            ctx,
-            &gx,
-            &gconv,
-            &gbn,
-            bn.momentum,
-            cfg,
-            &gweight,
-        )?;
-        self.download_qat_forward(&f, &gconv)
-    }
-
-    fn conv_bn_qat_backward(
-        &self,
-        x: &Array4<f32>,
-        dy: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        cfg: &QatConfig,
-        fwd: &QatForward,
-    ) -> Result<QatGrads> {
-        use kernels::batch_norm::{download4, upload_stats};
-        let ctx = &*self.ctx;
-        // The CPU reference's checks, in its order and with its messages.
-        crate::reference::conv_bn::check_qat_backward(x, dy, conv, bn, fwd)?;
-        let gbn = GpuBatchNorm::upload(ctx, bn)?;
-        let o = conv.weight.shape()[0];
-        let sv = &fwd.saved;
-        for (name, a) in [("mean", &sv.mean), ("invstd", &sv.invstd)] {
-            if a.len() != o {
-                return Err(Error::shape(
-                    format!("batch_norm2d_backward saved {name}"),
-                    &[o],
-                    a.shape(),
-                ));
-            }
-        }
-        let up4 = |a: &Array4<f32>| GpuTensor::upload_f32(ctx, &a.clone().into_dyn());
-        let gx = up4(x)?;
-        let gdy = up4(dy)?;
-        let gw = up4(&conv.weight)?;
-        let gb = self.upload_opt(conv.bias.as_ref())?;
-        let gs = GpuTensor::upload_f32(ctx, &sv.scale_factor.clone().into_dyn())?;
-        let gwq = up4(&sv.weight_q)?;
-        let gmask = up4(&sv.weight_mask)?;
-        let gbn_in = up4(&sv.bn_input)?;
-        let gbn_out = up4(&sv.bn_out)?;
-        let stats = upload_stats(ctx, &sv.mean, &sv.invstd)?;
-        let gconv = kernels::conv_bn::GpuConv2d {
-            weight: &gw,
-            bias: gb.as_ref(),
-            params: conv.params,
-        };
-        let saved = kernels::conv_bn::GpuQatSaved {
-            scale_factor: &gs,
-            weight_q: &gwq,
-            weight_mask: &gmask,
-            bn_input: &gbn_in,
-            stats: &stats,
-            act_input: &gbn_out,
-        };
-        let g = kernels::conv_bn::conv_bn_qat_backward(ctx, &gx, &gdy, &gconv, &gbn, cfg, &saved)?;
-        let mut dbn_weight = to_array1(g.dbn_weight.download_f32(ctx)?)?;
-        // Channels of the finite γ = 0 form (conv_bn_qat_forward_with): dγ is the BatchNorm
-        // affine part only; the kernels add the weight-scaling and divide-back parts for
-        // every channel, so those channels are recomputed on the host.
-        for (c, v) in crate::reference::conv_bn::zero_gamma_bn_weight_grads(dy, bn, cfg, fwd)? {
-            if let Some(d) = dbn_weight.get_mut(c) {
-                *d = v;
-            }
-        }
-        Ok(QatGrads {
-            dx: download4(ctx, &g.dx)?,
-            dweight: download4(ctx, &g.dweight)?,
-            dbias: match &g.dbias {
-                Some(t) => Some(to_array1(t.download_f32(ctx)?)?),
-                None => None,
-            },
-            dbn_weight,
-            dbn_bias: to_array1(g.dbn_bias.download_f32(ctx)?)?,
-        })
-    }
-
-    fn max_pool2d(&self, x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array4<f32>> {
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        kernels::pool::max_pool2d(&self.ctx, &gx, kernel, stride)?
-            .download_f32(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(|e| Error::Gpu(format!("internal: max_pool2d output is not 4-D: {e}")))
+    fn max_pool2d(&self, x: &GpuTensor, kernel: usize, stride: usize) -> Result<GpuTensor> {
+        kernels::pool::max_pool2d(&self.ctx, x, kernel, stride)
     }
 
     fn linear(
         &self,
-        x: &Array2<f32>,
-        weight: &Array2<f32>,
-        bias: Option<&Array1<f32>>,
-    ) -> Result<Array2<f32>> {
-        self.linear_act(x, weight, bias, Activation::None)
-    }
-
-    fn linear_act(
-        &self,
-        x: &Array2<f32>,
-        weight: &Array2<f32>,
-        bias: Option<&Array1<f32>>,
+        x: &GpuTensor,
+        weight: &GpuTensor,
+        bias: Option<&GpuTensor>,
         act: Activation,
-    ) -> Result<Array2<f32>> {
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        let gw = GpuTensor::upload_f32(&self.ctx, &weight.clone().into_dyn())?;
-        let gb = self.upload_opt(bias)?;
-        kernels::linear::linear_act(&self.ctx, &gx, &gw, gb.as_ref(), act)?
-            .download_f32(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| Error::Gpu(format!("internal: linear output is not 2-D: {e}")))
+    ) -> Result<GpuTensor> {
+        kernels::linear::linear_act(&self.ctx, x, weight, bias, act)
     }
 
-    fn log_softmax(&self, x: &Array2<f32>) -> Result<Array2<f32>> {
-        let gx = GpuTensor::upload_f32(&self.ctx, &x.clone().into_dyn())?;
-        kernels::pool::log_softmax(&self.ctx, &gx)?
-            .download_f32(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| Error::Gpu(format!("internal: log_softmax output is not 2-D: {e}")))
+    fn log_softmax(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        kernels::pool::log_softmax(&self.ctx, x)
     }
-    // Integer (deployed int8) ops: kernels::int8 on packed codes, bit-exact with the CPU
-    // reference; validation first, with the reference's errors.
-    fn quantize(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<i8>> {
-        range.validate()?;
-        if range.quant_min < -128 || range.quant_max > 127 {
-            return Err(Error::invalid(format!(
-                "integer tensors hold 8-bit signed codes; range [{}, {}] does not fit [-128, 127]",
-                range.quant_min, range.quant_max
-            )));
-        }
+}
+
+impl QuantOps for GpuBackend {
+    fn fake_quant(&self, x: &GpuTensor, qp: &GpuQParams, range: QuantRange) -> Result<GpuTensor> {
         qp.validate(x.shape(), range)?;
-        let gx = GpuTensor::upload_f32(&self.ctx, x)?;
-        let gqp = GpuQParams::upload(&self.ctx, qp)?;
-        kernels::int8::quantize(&self.ctx, &gx, &gqp, range)?
-            .into_checked(&self.ctx)?
-            .download(&self.ctx)
+        kernels::fake_quant::fake_quant(&self.ctx, x, qp, range)
     }
-    fn dequantize(&self, q: &ArrayD<i8>, qp: &QParams) -> Result<ArrayD<f32>> {
-        qp.validate(q.shape(), QuantRange::new(-128, 127)?)?;
-        let gq = kernels::int8::GpuInt8Tensor::upload(&self.ctx, q)?;
-        let gqp = GpuQParams::upload(&self.ctx, qp)?;
-        kernels::int8::dequantize(&self.ctx, &gq, &gqp)?.download_f32(&self.ctx)
-    }
-    fn conv2d_int8(
+
+    fn fake_quant_backward(
         &self,
-        x: &Array4<i8>,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        qp: &GpuQParams,
+        range: QuantRange,
+    ) -> Result<GpuTensor> {
+        qp.validate(x.shape(), range)?;
+        if dy.shape() != x.shape() {
+            return Err(Error::shape(
+                "fake_quantize_backward (dy vs x)",
+                x.shape(),
+                dy.shape(),
+            ));
+        }
+        kernels::fake_quant::fake_quant_backward(&self.ctx, x, dy, qp, range)
+    }
+
+    fn calc_qparams(&self, x: &GpuTensor, spec: &ObserverSpec) -> Result<GpuQParams> {
+        spec.validate()?;
+        if spec.qscheme.is_per_channel() {
+            spec.channel_axis(x.shape().len())?;
+        }
+        kernels::observer::observe(&self.ctx, x, spec)
+    }
+
+    fn fold_conv_bn(
+        &self,
+        weight: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        bn: &BatchNorm<GpuTensor>,
+        transpose: bool,
+    ) -> Result<Folded<GpuTensor, GpuTensor>> {
+        crate::ops::check_conv_weight_rank(weight.shape())?;
+        let gbn = self.pack_batch_norm(bn)?;
+        let (weight, bias) = kernels::fold::fold_conv_bn(&self.ctx, weight, bias, &gbn, transpose)?;
+        Ok(Folded { weight, bias })
+    }
+
+    fn fold_linear_bn(
+        &self,
+        weight: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        bn: &BatchNorm<GpuTensor>,
+    ) -> Result<Folded<GpuTensor, GpuTensor>> {
+        let gbn = self.pack_batch_norm(bn)?;
+        let (weight, bias) = kernels::fold::fold_linear_bn(&self.ctx, weight, bias, &gbn)?;
+        Ok(Folded { weight, bias })
+    }
+}
+
+impl Int8Ops for GpuBackend {
+    type Conv2dInt8 = GpuConv2dInt8;
+    type LinearInt8 = GpuLinearInt8;
+
+    /// Quantizes on the device, then reads the kernel's NaN status word (4 bytes) so a NaN
+    /// input is refused with the reference's error.
+    fn quantize(&self, x: &GpuTensor, qp: &GpuQParams, range: QuantRange) -> Result<GpuInt8Tensor> {
+        crate::reference::int8::check_code_range(range)?;
+        qp.validate(x.shape(), range)?;
+        kernels::int8::quantize(&self.ctx, x, qp, range)?.into_checked(&self.ctx)
+    }
+    fn dequantize(&self, q: &GpuInt8Tensor, qp: &GpuQParams) -> Result<GpuTensor> {
+        qp.validate(q.shape(), QuantRange::new(-128, 127)?)?;
+        kernels::int8::dequantize(&self.ctx, q, qp)
+    }
+    fn prepare_conv2d_int8(
+        &self,
         x_zero_point: i32,
         weight: &Array4<i8>,
         bias: Option<&Array1<i32>>,
         params: &Conv2dParams,
         requant: &Requant,
-    ) -> Result<Array4<i8>> {
-        params.output_shape(x.shape(), weight.shape())?;
-        let gx = kernels::int8::GpuInt8Tensor::upload(&self.ctx, &x.clone().into_dyn())?;
-        kernels::int8::conv2d_int8(&self.ctx, &gx, x_zero_point, weight, bias, params, requant)?
-            .download(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(|e| Error::Gpu(format!("internal: conv2d_int8 output is not 4-D: {e}")))
+    ) -> Result<GpuConv2dInt8> {
+        GpuConv2dInt8::new(&self.ctx, x_zero_point, weight, bias, params, requant)
     }
-    fn linear_int8(
+    fn conv2d_int8(&self, layer: &GpuConv2dInt8, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
+        layer.forward_with(&self.ctx, x, self.int8_dot())
+    }
+    fn prepare_linear_int8(
         &self,
-        x: &Array2<i8>,
         x_zero_point: i32,
         weight: &Array2<i8>,
         bias: Option<&Array1<i32>>,
         requant: &Requant,
-    ) -> Result<Array2<i8>> {
-        // kernels::int8::linear_int8 checks `in` (the reference's error) before anything else.
-        let gx = kernels::int8::GpuInt8Tensor::upload(&self.ctx, &x.clone().into_dyn())?;
-        kernels::int8::linear_int8(&self.ctx, &gx, x_zero_point, weight, bias, requant)?
-            .download(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| Error::Gpu(format!("internal: linear_int8 output is not 2-D: {e}")))
+    ) -> Result<GpuLinearInt8> {
+        GpuLinearInt8::new(&self.ctx, x_zero_point, weight, bias, requant)
     }
-    fn max_pool2d_int8(&self, x: &Array4<i8>, kernel: usize, stride: usize) -> Result<Array4<i8>> {
-        let gx = kernels::int8::GpuInt8Tensor::upload(&self.ctx, &x.clone().into_dyn())?;
-        kernels::int8::max_pool2d_int8(&self.ctx, &gx, kernel, stride)?
-            .download(&self.ctx)?
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(|e| Error::Gpu(format!("internal: max_pool2d_int8 output is not 4-D: {e}")))
+    fn linear_int8(&self, layer: &GpuLinearInt8, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
+        layer.forward_with(&self.ctx, x, self.int8_dot())
     }
-    fn add_int8(&self, a: &ArrayD<i8>, b: &ArrayD<i8>, add: &AddRequant) -> Result<ArrayD<i8>> {
+    fn max_pool2d_int8(
+        &self,
+        x: &GpuInt8Tensor,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<GpuInt8Tensor> {
+        kernels::int8::max_pool2d_int8(&self.ctx, x, kernel, stride)
+    }
+    fn add_int8(
+        &self,
+        a: &GpuInt8Tensor,
+        b: &GpuInt8Tensor,
+        add: &AddRequant,
+    ) -> Result<GpuInt8Tensor> {
         if a.shape() != b.shape() {
             return Err(Error::shape("quantized add", a.shape(), b.shape()));
         }
         add.validate()?;
-        let ga = kernels::int8::GpuInt8Tensor::upload(&self.ctx, a)?;
-        let gb = kernels::int8::GpuInt8Tensor::upload(&self.ctx, b)?;
-        kernels::int8::add_int8(&self.ctx, &ga, &gb, add)?.download(&self.ctx)
+        kernels::int8::add_int8(&self.ctx, a, b, add)
+    }
+    fn flatten_int8(&self, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
+        kernels::int8::flatten_int8(&self.ctx, x)
+    }
+}
+
+impl FusedOps for GpuBackend {
+    type QatSaved = GpuQatState;
+
+    fn conv_bn_act_eval(
+        &self,
+        x: &GpuTensor,
+        conv: &Conv2d<GpuTensor>,
+        bn: &BatchNorm<GpuTensor>,
+        act: Activation,
+    ) -> Result<(GpuTensor, Folded<GpuTensor, GpuTensor>)> {
+        let gbn = self.pack_batch_norm(bn)?;
+        let r = kernels::conv_bn::conv_bn_act_eval(&self.ctx, x, &gconv(conv), &gbn, act)?;
+        Ok((
+            r.y,
+            Folded {
+                weight: r.weight,
+                bias: r.bias,
+            },
+        ))
+    }
+
+    /// On the device, with one read: γ (`C` floats), to find the channels where γ = 0; in
+    /// those (rare) channels the finite form's scale BatchNorm is built on the host.
+    fn conv_bn_qat_forward(
+        &self,
+        x: &GpuTensor,
+        conv: &Conv2d<GpuTensor>,
+        bn: &BatchNorm<GpuTensor>,
+        cfg: &QatConfig,
+        weight: &QatWeightQuant<GpuQParams>,
+    ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
+        let ctx = &*self.ctx;
+        let gbn = self.pack_batch_norm(bn)?;
+        let zero = self.zero_gamma(bn)?;
+        // The finite γ = 0 form: s = 1 in those channels, through a scale BatchNorm whose γ
+        // there is sqrt(running_var + eps), rounded as the shader rounds it (correctly).
+        let scale_bn = if zero.is_empty() {
+            None
+        } else {
+            let mut sb = super::download_batch_norm(self, bn)?;
+            if let Some(w) = sb.weight.as_mut() {
+                for &c in &zero {
+                    w[c] = (sb.running_var[c] + sb.eps).sqrt();
+                }
+            }
+            Some(GpuBatchNorm::upload(ctx, &sb)?)
+        };
+        let gweight = kernels::conv_bn::GpuQatWeight {
+            qparams: weight.qparams.as_ref(),
+            fake_quant_enabled: weight.fake_quant_enabled,
+            scale_bn: scale_bn.as_ref(),
+        };
+        let f = kernels::conv_bn::conv_bn_qat_forward_with(
+            ctx,
+            x,
+            &gconv(conv),
+            &gbn,
+            bn.momentum,
+            cfg,
+            &gweight,
+        )?;
+        let (running_mean, running_var) = self.stats_rows(&f.stats.running)?;
+        Ok(QatStep {
+            y: f.y,
+            running_mean,
+            running_var,
+            weight_qparams: f.weight_qparams,
+            saved: GpuQatState {
+                scale_factor: f.scale_factor,
+                weight_q: f.weight_q,
+                weight_mask: f.weight_mask,
+                bn_input: f.bn_input,
+                stats: f.stats.stats,
+                bn_out: f.bn_out,
+                conv_out: f.conv_out,
+                zero_gamma: Some(zero),
+            },
+        })
+    }
+
+    /// On the device; where γ = 0 in some channel (rare), their dγ is recomputed from the
+    /// downloaded step ([`crate::reference::conv_bn::zero_gamma_bn_weight_grads`]).
+    fn conv_bn_qat_backward(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        conv: &Conv2d<GpuTensor>,
+        bn: &BatchNorm<GpuTensor>,
+        cfg: &QatConfig,
+        fwd: &QatStep<GpuTensor, GpuQParams, GpuQatState>,
+    ) -> Result<QatGrads<GpuTensor, GpuTensor>> {
+        let ctx = &*self.ctx;
+        let gbn = self.pack_batch_norm(bn)?;
+        let sv = &fwd.saved;
+        let o = gbn.channels();
+        if sv.stats.shape() != [2, o] {
+            return Err(Error::shape(
+                "batch_norm2d_backward saved mean / invstd",
+                &[2, o],
+                sv.stats.shape(),
+            ));
+        }
+        let saved = kernels::conv_bn::GpuQatSaved {
+            scale_factor: &sv.scale_factor,
+            weight_q: &sv.weight_q,
+            weight_mask: &sv.weight_mask,
+            bn_input: &sv.bn_input,
+            stats: &sv.stats,
+            act_input: &sv.bn_out,
+        };
+        let g =
+            kernels::conv_bn::conv_bn_qat_backward(ctx, x, dy, &gconv(conv), &gbn, cfg, &saved)?;
+        let mut dbn_weight = g.dbn_weight;
+        let zero = match &sv.zero_gamma {
+            Some(z) => z.clone(),
+            None => self.zero_gamma(bn)?,
+        };
+        if !zero.is_empty() {
+            // Channels of the finite γ = 0 form: dγ is the BatchNorm affine part only; the
+            // kernels add the weight-scaling and divide-back parts for every channel, so
+            // those channels are recomputed on the host.
+            let hdy = super::host::into_dim::<f32, ndarray::Ix4>(dy.download_f32(ctx)?, "dy")?;
+            let hbn = super::download_batch_norm(self, bn)?;
+            let hfwd = self.qat_forward_to_host(fwd, conv)?;
+            let mut d = dbn_weight.download_f32(ctx)?;
+            for (c, v) in
+                crate::reference::conv_bn::zero_gamma_bn_weight_grads(&hdy, &hbn, cfg, &hfwd)?
+            {
+                if let Some(slot) = d.get_mut(c) {
+                    *slot = v;
+                }
+            }
+            dbn_weight = GpuTensor::upload_f32(ctx, &d)?;
+        }
+        Ok(QatGrads {
+            dx: g.dx,
+            dweight: g.dweight,
+            dbias: g.dbias,
+            dbn_weight,
+            dbn_bias: g.dbn_bias,
+        })
+    }
+
+    fn qat_forward_to_host(
+        &self,
+        fwd: &QatStep<GpuTensor, GpuQParams, GpuQatState>,
+        conv: &Conv2d<GpuTensor>,
+    ) -> Result<QatForward> {
+        use kernels::batch_norm::download4;
+        let ctx = &*self.ctx;
+        let sv = &fwd.saved;
+        let conv_out = match &sv.conv_out {
+            Some(c) => c.clone(),
+            None => kernels::conv_bn::qat_conv_out_of(
+                ctx,
+                &sv.bn_input,
+                &sv.scale_factor,
+                &gconv(conv),
+            )?,
+        };
+        let (mean, invstd) = self.stats_rows(&sv.stats)?;
+        let d1 = |t: &GpuTensor| super::host::to1(t.download_f32(ctx)?, "per-channel vector");
+        Ok(QatForward {
+            y: download4(ctx, &fwd.y)?,
+            running_mean: d1(&fwd.running_mean)?,
+            running_var: d1(&fwd.running_var)?,
+            weight_qparams: fwd.weight_qparams.download(ctx)?,
+            saved: QatSaved {
+                scale_factor: d1(&sv.scale_factor)?,
+                weight_q: download4(ctx, &sv.weight_q)?,
+                weight_mask: download4(ctx, &sv.weight_mask)?,
+                conv_out: download4(ctx, &conv_out)?,
+                bn_input: download4(ctx, &sv.bn_input)?,
+                mean: d1(&mean)?,
+                invstd: d1(&invstd)?,
+                bn_out: download4(ctx, &sv.bn_out)?,
+            },
+        })
+    }
+
+    fn qat_forward_from_host(
+        &self,
+        fwd: &QatForward,
+    ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
+        let ctx = &*self.ctx;
+        let sv = &fwd.saved;
+        let c = sv.mean.len();
+        if sv.invstd.len() != c {
+            return Err(Error::shape(
+                "batch_norm2d_backward saved invstd",
+                &[c],
+                sv.invstd.shape(),
+            ));
+        }
+        let up = |a: ArrayD<f32>| GpuTensor::upload_f32(ctx, &a);
+        let stats = kernels::batch_norm::upload_stats(ctx, &sv.mean, &sv.invstd)?;
+        Ok(QatStep {
+            y: up(fwd.y.clone().into_dyn())?,
+            running_mean: up(fwd.running_mean.clone().into_dyn())?,
+            running_var: up(fwd.running_var.clone().into_dyn())?,
+            weight_qparams: GpuQParams::upload(ctx, &fwd.weight_qparams)?,
+            saved: GpuQatState {
+                scale_factor: up(sv.scale_factor.clone().into_dyn())?,
+                weight_q: up(sv.weight_q.clone().into_dyn())?,
+                weight_mask: up(sv.weight_mask.clone().into_dyn())?,
+                bn_input: up(sv.bn_input.clone().into_dyn())?,
+                stats,
+                bn_out: up(sv.bn_out.clone().into_dyn())?,
+                conv_out: Some(up(sv.conv_out.clone().into_dyn())?),
+                // Where γ is 0 is found again from the BatchNorm of the backward.
+                zero_gamma: None,
+            },
+        })
     }
 }

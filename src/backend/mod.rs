@@ -1,304 +1,374 @@
-//! The one interface every operation is reached through, and its two implementations:
-//! [`CpuBackend`] (the ndarray reference, the spec) and [`GpuBackend`] (WGSL kernels via wgpu).
+//! The interface every operation is reached through, split by op family, and its two
+//! implementations: [`CpuBackend`] (the ndarray reference, the spec) and [`GpuBackend`]
+//! (WGSL kernels via wgpu).
 //!
-//! Tensors cross this interface as host `ndarray` arrays; a GPU backend uploads, runs its
-//! kernels and downloads. Code that wants to keep data on the device (chains, benchmarks)
-//! uses [`crate::kernels`] and [`crate::gpu::GpuTensor`] directly.
+//! A backend is a [`Device`] (its tensor types and the explicit upload / download edges)
+//! with four op families over those tensors: [`FloatOps`] (conv, BatchNorm, activations,
+//! pooling, linear, log_softmax and their backwards), [`QuantOps`] (fake quantization,
+//! observers, BatchNorm folding), [`Int8Ops`] (the deployed integer ops on codes) and
+//! [`FusedOps`] (conv + BatchNorm + activation in eval and the QAT step). [`Backend`] is all
+//! of them. On [`GpuBackend`] every op takes and returns [`crate::gpu::GpuTensor`]s: data
+//! stays on the device between ops and crosses only at [`Device::upload`] /
+//! [`Device::download`]. On [`CpuBackend`] the tensors are host arrays.
+//!
+//! [`HostOps`] is a thin convenience layer over host `ndarray` arrays, implemented for every
+//! [`Backend`]: each call uploads its arguments, runs the device op and downloads the result
+//! (what the CLI, the conformance runner and the tests use). It is object safe:
+//! [`best_available`] returns a `Box<dyn HostOps>`.
+//!
+//! ```
+//! use ndarray::ArrayD;
+//! use qfuse::backend::{CpuBackend, Device, FloatOps};
+//! use qfuse::ops::Activation;
+//!
+//! # fn main() -> qfuse::Result<()> {
+//! let b = CpuBackend;
+//! let x = b.upload(&ArrayD::from_shape_vec(vec![1, 3], vec![-1.0, 0.5, 7.0]).unwrap())?;
+//! let y = b.activation(&x, Activation::Relu6)?; // on the backend's own tensors
+//! assert_eq!(b.download(&y)?.as_slice().unwrap(), &[0.0, 0.5, 6.0]);
+//! # Ok(()) }
+//! ```
 
 mod cpu;
 mod gpu;
+mod host;
 
-pub use cpu::CpuBackend;
-pub use gpu::GpuBackend;
+pub use cpu::{CpuBackend, CpuConv2dInt8, CpuLinearInt8};
+pub use gpu::{GpuBackend, GpuQatSaved};
+pub use host::HostOps;
 
-use ndarray::{Array1, Array2, Array4, ArrayD, Dimension};
+use std::fmt::Debug;
 
-use crate::error::{Error, Result};
+use ndarray::{Array1, Array2, Array4, ArrayD};
+
+use crate::error::Result;
 use crate::ops::{
     Activation, BatchNorm, BatchNormGrads, BatchNormOutput, Conv2d, Conv2dGrads, Conv2dParams,
-    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatWeightQuant,
+    ConvTranspose2dParams, Folded, QatConfig, QatForward, QatGrads, QatStep, QatWeightQuant,
 };
 use crate::quant::{AddRequant, ObserverSpec, QParams, QuantRange, Requant};
 
-/// Every operation of qfuse, on one backend. See [`crate::reference`] for the exact
-/// semantics of each (the CPU reference is the spec).
-pub trait Backend {
+/// A tensor that knows its shape (host arrays and device tensors alike).
+pub trait Shaped {
+    /// The shape, outermost dimension first.
+    fn dims(&self) -> &[usize];
+}
+
+impl<T> Shaped for ArrayD<T> {
+    fn dims(&self) -> &[usize] {
+        self.shape()
+    }
+}
+
+/// Where a backend's tensors live, and the explicit edges data crosses to get there.
+pub trait Device {
+    /// An `f32` tensor on this backend.
+    type Tensor: Shaped + Clone + Debug + crate::ops::ConvWeight<Bias = Self::Tensor>;
+    /// A tensor of 8-bit integer codes on this backend.
+    type Codes: Shaped + Clone + Debug;
+    /// Quantization parameters on this backend.
+    type QParams: Clone + Debug;
+
     /// A human-readable name (`cpu`, or `gpu (adapter name, backend)`).
     fn name(&self) -> String;
+    /// Copies a host array onto the backend.
+    fn upload(&self, x: &ArrayD<f32>) -> Result<Self::Tensor>;
+    /// Copies a tensor back to the host (on the GPU this waits for the work recorded so far).
+    fn download(&self, x: &Self::Tensor) -> Result<ArrayD<f32>>;
+    /// Copies host codes onto the backend.
+    fn upload_codes(&self, q: &ArrayD<i8>) -> Result<Self::Codes>;
+    /// Copies codes back to the host.
+    fn download_codes(&self, q: &Self::Codes) -> Result<ArrayD<i8>>;
+    /// Copies host qparams onto the backend.
+    fn upload_qparams(&self, qp: &QParams) -> Result<Self::QParams>;
+    /// Copies qparams back to the host.
+    fn download_qparams(&self, qp: &Self::QParams) -> Result<QParams>;
+    /// The same elements under another shape of the same element count (`flatten`, `view`).
+    ///
+    /// Errors: [`crate::Error::ShapeMismatch`] when the element counts differ.
+    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+}
 
-    /// Folds BatchNorm into a conv weight of any rank (`torch.nn.utils.fusion.fuse_conv_bn_weights`).
-    /// `transpose`: the weight is a ConvTranspose weight `[Cin, Cout/g, k...]`.
-    fn fold_conv_bn(
-        &self,
-        weight: &ArrayD<f32>,
-        bias: Option<&Array1<f32>>,
-        bn: &BatchNorm,
-        transpose: bool,
-    ) -> Result<Folded>;
-
-    /// Folds BatchNorm1d into a linear layer (`torch.nn.utils.fusion.fuse_linear_bn_weights`).
-    fn fold_linear_bn(
-        &self,
-        weight: &Array2<f32>,
-        bias: Option<&Array1<f32>>,
-        bn: &BatchNorm,
-    ) -> Result<Folded>;
-
-    /// Fake quantization, per tensor or per channel (`torch.fake_quantize_per_{tensor,channel}_affine`).
-    fn fake_quant(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<f32>>;
-
-    /// Straight-through gradient of [`Backend::fake_quant`]: `dy` where the rounded value is in range, else 0.
-    fn fake_quant_backward(
-        &self,
-        x: &ArrayD<f32>,
-        dy: &ArrayD<f32>,
-        qp: &QParams,
-        range: QuantRange,
-    ) -> Result<ArrayD<f32>>;
-
-    /// Observes `x` once and returns its qparams (`MinMaxObserver` / `PerChannelMinMaxObserver`
-    /// then `calculate_qparams`).
-    fn calc_qparams(&self, x: &ArrayD<f32>, spec: &ObserverSpec) -> Result<QParams>;
-
-    /// conv2d (`torch.nn.functional.conv2d`), NCHW input, OIHW weight.
+/// Float ops (forward and backward) on a backend's tensors. See [`crate::reference`] for the
+/// exact semantics of each (the CPU reference is the spec).
+pub trait FloatOps: Device {
+    /// `act(conv2d(x, weight, bias))` (`torch.nn.functional.conv2d`), NCHW input, OIHW
+    /// weight; `Activation::None` for a plain conv.
     fn conv2d(
         &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
         params: &Conv2dParams,
-    ) -> Result<Array4<f32>>;
+        act: Activation,
+    ) -> Result<Self::Tensor>;
 
     /// Gradients of conv2d for upstream `dy`.
     fn conv2d_backward(
         &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        dy: &Array4<f32>,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        dy: &Self::Tensor,
         params: &Conv2dParams,
-    ) -> Result<Conv2dGrads>;
+    ) -> Result<Conv2dGrads<Self::Tensor, Self::Tensor>>;
 
-    /// BatchNorm2d forward (`torch.nn.functional.batch_norm`): batch statistics and running
-    /// update when `training`, running statistics otherwise.
+    /// `act(conv_transpose2d(x, weight, bias))`: input `[N, Cin, H, W]`, weight
+    /// `[Cin, Cout/groups, KH, KW]` (see [`ConvTranspose2dParams::output_shape`]).
+    fn conv_transpose2d(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        params: &ConvTranspose2dParams,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
+
+    /// BatchNorm2d forward followed by `act` (`torch.nn.functional.batch_norm`): batch
+    /// statistics and running update when `training`, running statistics otherwise.
     fn batch_norm2d(
         &self,
-        x: &Array4<f32>,
-        bn: &BatchNorm,
+        x: &Self::Tensor,
+        bn: &BatchNorm<Self::Tensor>,
         training: bool,
-    ) -> Result<BatchNormOutput>;
+        act: Activation,
+    ) -> Result<BatchNormOutput<Self::Tensor, Self::Tensor>>;
 
-    /// Gradients of BatchNorm2d given the forward's `mean`/`invstd`.
+    /// Gradients of BatchNorm2d (no activation) given the forward's `mean`/`invstd`.
     fn batch_norm2d_backward(
         &self,
-        x: &Array4<f32>,
-        dy: &Array4<f32>,
-        bn: &BatchNorm,
-        fwd: &BatchNormOutput,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        bn: &BatchNorm<Self::Tensor>,
+        fwd: &BatchNormOutput<Self::Tensor, Self::Tensor>,
         training: bool,
-    ) -> Result<BatchNormGrads>;
+    ) -> Result<BatchNormGrads<Self::Tensor, Self::Tensor>>;
 
     /// Elementwise activation.
-    fn activation(&self, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>>;
+    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
 
     /// Gradient of the activation at input `x` for upstream `dy`.
     fn activation_backward(
         &self,
-        x: &ArrayD<f32>,
-        dy: &ArrayD<f32>,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
         act: Activation,
-    ) -> Result<ArrayD<f32>>;
-
-    /// Fused eval forward of conv+bn+act: folds BN, then one conv with bias and activation.
-    /// Returns the output and the folded parameters.
-    fn conv_bn_act_eval(
-        &self,
-        x: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        act: Activation,
-    ) -> Result<(Array4<f32>, Folded)>;
-
-    /// `ConvBn2d` / `ConvBnReLU2d` QAT forward in training mode.
-    fn conv_bn_qat_forward(
-        &self,
-        x: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        cfg: &QatConfig,
-    ) -> Result<QatForward>;
-
-    /// The QAT step that qfuse's QAT modules ([`crate::qat`]) run: as
-    /// [`Backend::conv_bn_qat_forward`], with the weight fake quant's qparams given or
-    /// observed and fake quant switchable (`weight`), and finite where γ = 0 (PyTorch gives
-    /// NaN there): see [`crate::reference::conv_bn::conv_bn_qat_forward_with`] for the exact
-    /// semantics. Its backward is [`Backend::conv_bn_qat_backward`].
-    ///
-    /// The default runs the CPU reference; [`GpuBackend`] runs it on the GPU.
-    fn conv_bn_qat_forward_with(
-        &self,
-        x: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        cfg: &QatConfig,
-        weight: &QatWeightQuant,
-    ) -> Result<QatForward> {
-        crate::reference::conv_bn::conv_bn_qat_forward_with(x, conv, bn, cfg, weight)
-    }
-
-    /// Backward of [`Backend::conv_bn_qat_forward`] (or of
-    /// [`Backend::conv_bn_qat_forward_with`]) for upstream `dy`.
-    fn conv_bn_qat_backward(
-        &self,
-        x: &Array4<f32>,
-        dy: &Array4<f32>,
-        conv: &Conv2d,
-        bn: &BatchNorm,
-        cfg: &QatConfig,
-        fwd: &QatForward,
-    ) -> Result<QatGrads>;
+    ) -> Result<Self::Tensor>;
 
     /// 2-D max pooling, no padding (`torch.nn.functional.max_pool2d`).
-    fn max_pool2d(&self, x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array4<f32>>;
+    fn max_pool2d(&self, x: &Self::Tensor, kernel: usize, stride: usize) -> Result<Self::Tensor>;
 
-    /// Linear layer `x · Wᵀ + b` (`torch.nn.functional.linear`), x `[N, in]`, W `[out, in]`.
+    /// `act(x · Wᵀ + b)` (`torch.nn.functional.linear`), x `[N, in]`, W `[out, in]`.
     fn linear(
         &self,
-        x: &Array2<f32>,
-        weight: &Array2<f32>,
-        bias: Option<&Array1<f32>>,
-    ) -> Result<Array2<f32>>;
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
 
     /// `log_softmax` along dim 1 of `[N, C]`.
-    fn log_softmax(&self, x: &Array2<f32>) -> Result<Array2<f32>>;
+    fn log_softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+}
 
-    /// Transposed conv2d (`torch.nn.functional.conv_transpose2d`): NCHW input `[N, Cin, H, W]`,
-    /// weight `[Cin, Cout/groups, KH, KW]`, output `[N, Cout, OH, OW]` (see
-    /// [`ConvTranspose2dParams::output_shape`]).
-    fn conv_transpose2d(
+/// Quantization ops on a backend's tensors: fake quantization, observers, BatchNorm folding.
+pub trait QuantOps: Device {
+    /// Fake quantization, per tensor or per channel
+    /// (`torch.fake_quantize_per_{tensor,channel}_affine`).
+    fn fake_quant(
         &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
-        params: &ConvTranspose2dParams,
-    ) -> Result<Array4<f32>>;
+        x: &Self::Tensor,
+        qp: &Self::QParams,
+        range: QuantRange,
+    ) -> Result<Self::Tensor>;
 
-    /// `act(conv2d(x, weight, bias))`: a conv with bias and activation (the forward of a fused
-    /// eval `ConvReLU2d` whose BatchNorm is already folded). The default runs
-    /// [`Backend::conv2d`] then [`Backend::activation`]; the GPU applies the activation in the
-    /// conv's epilogue (one dispatch).
-    fn conv2d_act(
+    /// Straight-through gradient of [`QuantOps::fake_quant`]: `dy` where the rounded value is
+    /// in range, else 0.
+    fn fake_quant_backward(
         &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
-        params: &Conv2dParams,
-        act: Activation,
-    ) -> Result<Array4<f32>> {
-        let y = self.conv2d(x, weight, bias, params)?;
-        match act {
-            Activation::None => Ok(y),
-            act => into_dim(self.activation(&y.into_dyn(), act)?, "conv2d_act"),
-        }
-    }
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        qp: &Self::QParams,
+        range: QuantRange,
+    ) -> Result<Self::Tensor>;
 
-    /// `act(conv_transpose2d(x, weight, bias))`. The default runs
-    /// [`Backend::conv_transpose2d`] then [`Backend::activation`]; the GPU applies the
-    /// activation in the kernel's epilogue.
-    fn conv_transpose2d_act(
+    /// Observes `x` once and returns its qparams (`MinMaxObserver` /
+    /// `PerChannelMinMaxObserver` then `calculate_qparams`), on the backend.
+    fn calc_qparams(&self, x: &Self::Tensor, spec: &ObserverSpec) -> Result<Self::QParams>;
+
+    /// Folds BatchNorm into a conv weight of any rank
+    /// (`torch.nn.utils.fusion.fuse_conv_bn_weights`). `transpose`: a ConvTranspose weight
+    /// `[Cin, Cout/g, k...]`.
+    fn fold_conv_bn(
         &self,
-        x: &Array4<f32>,
-        weight: &Array4<f32>,
-        bias: Option<&Array1<f32>>,
-        params: &ConvTranspose2dParams,
-        act: Activation,
-    ) -> Result<Array4<f32>> {
-        let y = self.conv_transpose2d(x, weight, bias, params)?;
-        match act {
-            Activation::None => Ok(y),
-            act => into_dim(self.activation(&y.into_dyn(), act)?, "conv_transpose2d_act"),
-        }
-    }
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        bn: &BatchNorm<Self::Tensor>,
+        transpose: bool,
+    ) -> Result<Folded<Self::Tensor, Self::Tensor>>;
 
-    /// `act(linear(x, weight, bias))`. The default runs [`Backend::linear`] then
-    /// [`Backend::activation`]; the GPU applies the activation in the GEMM's epilogue.
-    fn linear_act(
+    /// Folds BatchNorm1d into a linear layer (`torch.nn.utils.fusion.fuse_linear_bn_weights`).
+    fn fold_linear_bn(
         &self,
-        x: &Array2<f32>,
-        weight: &Array2<f32>,
-        bias: Option<&Array1<f32>>,
-        act: Activation,
-    ) -> Result<Array2<f32>> {
-        let y = self.linear(x, weight, bias)?;
-        match act {
-            Activation::None => Ok(y),
-            act => into_dim(self.activation(&y.into_dyn(), act)?, "linear_act"),
-        }
-    }
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        bn: &BatchNorm<Self::Tensor>,
+    ) -> Result<Folded<Self::Tensor, Self::Tensor>>;
+}
 
-    /// Quantizes `x` to 8-bit codes with `qp` (per tensor or per channel):
-    /// [`crate::reference::int8::quantize`].
-    fn quantize(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<i8>>;
+/// The deployed integer ops on a backend's codes ([`crate::reference::int8`] is the spec).
+/// Conv and linear layers are prepared once (weights packed and placed on the backend), then
+/// run on codes.
+pub trait Int8Ops: Device {
+    /// An integer conv2d layer prepared on this backend.
+    type Conv2dInt8: Clone + Debug;
+    /// An integer linear layer prepared on this backend.
+    type LinearInt8: Clone + Debug;
 
-    /// Dequantizes codes: [`crate::reference::int8::dequantize`].
-    fn dequantize(&self, q: &ArrayD<i8>, qp: &QParams) -> Result<ArrayD<f32>>;
-
-    /// Integer conv2d with requantization and the activation clamp in its epilogue:
-    /// [`crate::reference::int8::conv2d_int8`].
-    fn conv2d_int8(
+    /// Quantizes `x` to 8-bit codes with `qp` (per tensor or per channel).
+    ///
+    /// Errors: a NaN in `x` (the first by row-major index), as the reference.
+    fn quantize(
         &self,
-        x: &Array4<i8>,
+        x: &Self::Tensor,
+        qp: &Self::QParams,
+        range: QuantRange,
+    ) -> Result<Self::Codes>;
+
+    /// Dequantizes codes.
+    fn dequantize(&self, q: &Self::Codes, qp: &Self::QParams) -> Result<Self::Tensor>;
+
+    /// Prepares an integer conv2d: symmetric weight codes `[O, C/groups, KH, KW]`, an optional
+    /// i32 bias `[O]`, the requantization, for inputs with zero point `x_zero_point`.
+    fn prepare_conv2d_int8(
+        &self,
         x_zero_point: i32,
         weight: &Array4<i8>,
         bias: Option<&Array1<i32>>,
         params: &Conv2dParams,
         requant: &Requant,
-    ) -> Result<Array4<i8>>;
+    ) -> Result<Self::Conv2dInt8>;
 
-    /// Integer linear layer with requantization: [`crate::reference::int8::linear_int8`].
-    fn linear_int8(
+    /// Runs a prepared integer conv2d on codes `[N, C, H, W]`.
+    fn conv2d_int8(&self, layer: &Self::Conv2dInt8, x: &Self::Codes) -> Result<Self::Codes>;
+
+    /// Prepares an integer linear layer: weight codes `[out, in]`, optional i32 bias `[out]`.
+    fn prepare_linear_int8(
         &self,
-        x: &Array2<i8>,
         x_zero_point: i32,
         weight: &Array2<i8>,
         bias: Option<&Array1<i32>>,
         requant: &Requant,
-    ) -> Result<Array2<i8>>;
+    ) -> Result<Self::LinearInt8>;
 
-    /// Max pooling on codes: [`crate::reference::int8::max_pool2d_int8`].
-    fn max_pool2d_int8(&self, x: &Array4<i8>, kernel: usize, stride: usize) -> Result<Array4<i8>>;
+    /// Runs a prepared integer linear layer on codes `[N, in]`.
+    fn linear_int8(&self, layer: &Self::LinearInt8, x: &Self::Codes) -> Result<Self::Codes>;
 
-    /// Quantized elementwise add with clamp: [`crate::reference::int8::add_int8`].
-    fn add_int8(&self, a: &ArrayD<i8>, b: &ArrayD<i8>, add: &AddRequant) -> Result<ArrayD<i8>>;
+    /// Max pooling on codes.
+    fn max_pool2d_int8(&self, x: &Self::Codes, kernel: usize, stride: usize)
+        -> Result<Self::Codes>;
 
-    /// BatchNorm2d forward followed by an activation: as [`Backend::batch_norm2d`], with `y`
-    /// replaced by `act(y)` (the forward of a `BNReLU2d`). The default runs the two ops; the
-    /// GPU applies the activation in the normalize pass.
-    fn batch_norm2d_act(
+    /// Quantized elementwise add with clamp.
+    fn add_int8(&self, a: &Self::Codes, b: &Self::Codes, add: &AddRequant) -> Result<Self::Codes>;
+
+    /// `[N, ...]` codes as `[N, rest]` (`torch.flatten(x, 1)`).
+    fn flatten_int8(&self, x: &Self::Codes) -> Result<Self::Codes>;
+}
+
+/// Fused conv + BatchNorm (+ activation) ops: the eval forward with BN folded, and the QAT
+/// training step of `ConvBn2d` / `ConvBnReLU2d`.
+pub trait FusedOps: Device {
+    /// What a QAT forward keeps for its backward, on this backend.
+    type QatSaved: Clone + Debug;
+
+    /// Fused eval forward of conv+bn+act: folds BN, then one conv with bias and activation.
+    /// Returns the output and the folded parameters.
+    #[allow(clippy::type_complexity)]
+    fn conv_bn_act_eval(
         &self,
-        x: &Array4<f32>,
-        bn: &BatchNorm,
-        training: bool,
+        x: &Self::Tensor,
+        conv: &Conv2d<Self::Tensor>,
+        bn: &BatchNorm<Self::Tensor>,
         act: Activation,
-    ) -> Result<BatchNormOutput> {
-        let mut out = self.batch_norm2d(x, bn, training)?;
-        if act != Activation::None {
-            let y = std::mem::replace(&mut out.y, Array4::zeros([0, 0, 0, 0]));
-            out.y = into_dim(self.activation(&y.into_dyn(), act)?, "batch_norm2d_act")?;
-        }
-        Ok(out)
-    }
+    ) -> Result<(Self::Tensor, Folded<Self::Tensor, Self::Tensor>)>;
+
+    /// The QAT forward in training mode that qfuse's QAT modules run: the weight fake
+    /// quant's qparams given or observed and fake quant switchable (`weight`), finite where
+    /// γ = 0 (see [`crate::reference::conv_bn::conv_bn_qat_forward_with`] for the exact
+    /// semantics). With `QatWeightQuant::default()` and no γ = 0 channel this is PyTorch's
+    /// step ([`crate::reference::conv_bn::conv_bn_qat_forward`]).
+    #[allow(clippy::type_complexity)]
+    fn conv_bn_qat_forward(
+        &self,
+        x: &Self::Tensor,
+        conv: &Conv2d<Self::Tensor>,
+        bn: &BatchNorm<Self::Tensor>,
+        cfg: &QatConfig,
+        weight: &QatWeightQuant<Self::QParams>,
+    ) -> Result<QatStep<Self::Tensor, Self::QParams, Self::QatSaved>>;
+
+    /// Backward of [`FusedOps::conv_bn_qat_forward`] for upstream `dy`.
+    fn conv_bn_qat_backward(
+        &self,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        conv: &Conv2d<Self::Tensor>,
+        bn: &BatchNorm<Self::Tensor>,
+        cfg: &QatConfig,
+        fwd: &QatStep<Self::Tensor, Self::QParams, Self::QatSaved>,
+    ) -> Result<QatGrads<Self::Tensor, Self::Tensor>>;
+
+    /// The host form of a QAT forward (a download edge: for reports and the host layer).
+    fn qat_forward_to_host(
+        &self,
+        fwd: &QatStep<Self::Tensor, Self::QParams, Self::QatSaved>,
+        conv: &Conv2d<Self::Tensor>,
+    ) -> Result<QatForward>;
+
+    /// A host QAT forward on this backend (an upload edge), for a backward of saved state.
+    fn qat_forward_from_host(
+        &self,
+        fwd: &QatForward,
+    ) -> Result<QatStep<Self::Tensor, Self::QParams, Self::QatSaved>>;
 }
 
-/// An activation's output back in its input's dimensionality (it always is; the error is for
-/// a backend that breaks that contract).
-fn into_dim<D: Dimension>(a: ArrayD<f32>, what: &str) -> Result<ndarray::Array<f32, D>> {
-    a.into_dimensionality::<D>()
-        .map_err(|e| Error::invalid(format!("{what}: activation changed the rank: {e}")))
+/// A whole backend: its device and every op family.
+pub trait Backend: Device + FloatOps + QuantOps + Int8Ops + FusedOps {}
+
+impl<B: Device + FloatOps + QuantOps + Int8Ops + FusedOps> Backend for B {}
+
+/// Uploads a host BatchNorm's vectors (an upload edge).
+pub fn upload_batch_norm<B: Device + ?Sized>(
+    b: &B,
+    bn: &BatchNorm,
+) -> Result<BatchNorm<B::Tensor>> {
+    bn.validate()?;
+    bn.try_map(|a| b.upload(&a.clone().into_dyn()))
 }
 
-/// The backend a user without preferences gets: the GPU when an adapter can be opened
-/// (`WGPU_BACKEND` / `WGPU_ADAPTER_NAME` are honoured), else the CPU reference. The second
-/// value says why the CPU serves, so callers can tell their users.
+/// Downloads a device BatchNorm to the host (a download edge).
+pub fn download_batch_norm<B: Device + ?Sized>(
+    b: &B,
+    bn: &BatchNorm<B::Tensor>,
+) -> Result<BatchNorm> {
+    bn.try_map(|t| host::to1(b.download(t)?, "BatchNorm vector"))
+}
+
+/// Uploads a host conv layer (an upload edge).
+pub fn upload_conv2d<B: Device + ?Sized>(b: &B, conv: &Conv2d) -> Result<Conv2d<B::Tensor>> {
+    Ok(Conv2d {
+        weight: b.upload(&conv.weight.clone().into_dyn())?,
+        bias: conv
+            .bias
+            .as_ref()
+            .map(|a| b.upload(&a.clone().into_dyn()))
+            .transpose()?,
+        params: conv.params,
+    })
+}
+
+/// The backend a user without preferences gets, behind the host-array layer: the GPU when
+/// an adapter can be opened (`WGPU_BACKEND` / `WGPU_ADAPTER_NAME` are honoured), else the
+/// CPU reference. The second value says why the CPU serves, so callers can tell their users.
 ///
 /// ```
 /// let (backend, fallback) = qfuse::backend::best_available();
@@ -307,7 +377,7 @@ fn into_dim<D: Dimension>(a: ArrayD<f32>, what: &str) -> Result<ndarray::Array<f
 /// }
 /// println!("backend: {}", backend.name());
 /// ```
-pub fn best_available() -> (Box<dyn Backend>, Option<String>) {
+pub fn best_available() -> (Box<dyn HostOps>, Option<String>) {
     match GpuBackend::from_system() {
         Ok(g) => (Box::new(g), None),
         Err(e) => (Box::new(CpuBackend), Some(e.to_string())),

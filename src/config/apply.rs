@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use ndarray::ArrayD;
 
 use super::ConfigList;
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::fuse::{fuse_modules, fuse_modules_qat, FuseOptions};
 use crate::nn::{has_quantizable_bias, weight_channel_axis, Layer, Module, QuantTarget};
@@ -378,7 +378,7 @@ pub fn reset_observers(model: &mut Module) -> usize {
 /// disabled again either way).
 pub fn calibrate<'a>(
     model: &mut Module,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     batches: impl IntoIterator<Item = &'a ArrayD<f32>>,
 ) -> Result<usize> {
     if set_observer_enabled(model, true) == 0 {

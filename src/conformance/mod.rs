@@ -10,7 +10,7 @@ pub mod ops;
 
 use std::path::Path;
 
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::io::case::{case_files, Case};
 
@@ -79,7 +79,7 @@ impl CaseReport {
 }
 
 /// Runs one case file on `backend`. Never fails: errors become a failing report.
-pub fn run_case_file(path: &Path, backend: &dyn Backend) -> CaseReport {
+pub fn run_case_file(path: &Path, backend: &dyn HostOps) -> CaseReport {
     let file = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -102,7 +102,7 @@ pub fn run_case_file(path: &Path, backend: &dyn Backend) -> CaseReport {
 }
 
 /// Runs an already-loaded case on `backend`.
-pub fn run_case(case: &Case, backend: &dyn Backend) -> CaseReport {
+pub fn run_case(case: &Case, backend: &dyn HostOps) -> CaseReport {
     let mut report = CaseReport {
         file: case.path.clone(),
         backend: backend.name(),
@@ -117,7 +117,7 @@ pub fn run_case(case: &Case, backend: &dyn Backend) -> CaseReport {
     report
 }
 
-fn run_case_into(case: &Case, backend: &dyn Backend, report: &mut CaseReport) {
+fn run_case_into(case: &Case, backend: &dyn HostOps, report: &mut CaseReport) {
     report.op = case.op.clone();
     report.atol = case.atol;
     report.rtol = case.rtol;
@@ -149,7 +149,7 @@ fn run_case_into(case: &Case, backend: &dyn Backend, report: &mut CaseReport) {
 }
 
 /// Every case in `dir` on every backend. An unreadable or empty folder is an error.
-pub fn run_dir(dir: &Path, backends: &[&dyn Backend]) -> Result<Vec<CaseReport>> {
+pub fn run_dir(dir: &Path, backends: &[&dyn HostOps]) -> Result<Vec<CaseReport>> {
     let files = case_files(dir)?;
     if files.is_empty() {
         return Err(Error::invalid(format!(

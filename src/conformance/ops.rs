@@ -1,9 +1,9 @@
 //! Running one case's op on a backend: reads the inputs and settings the golden README
-//! describes, calls the [`Backend`], and returns every output by its `out.*` name.
+//! describes, calls the [`HostOps`], and returns every output by its `out.*` name.
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, Ix4};
 
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::config::{self, ConfigList, QuantMode};
 use crate::error::{Error, Result};
 use crate::io::state_dict::HostTensor;
@@ -48,7 +48,7 @@ pub const KNOWN_OPS: &[&str] = &[
 ];
 
 /// Runs `case` on `backend`.
-pub fn run_op(case: &Case, backend: &dyn Backend) -> Result<OpResult> {
+pub fn run_op(case: &Case, backend: &dyn HostOps) -> Result<OpResult> {
     let outputs = match case.op.as_str() {
         "fold_conv_bn" => fold_conv_bn(case, backend),
         "fold_linear_bn" => fold_linear_bn(case, backend),
@@ -155,7 +155,7 @@ fn range(case: &Case, min_key: &str, max_key: &str) -> Result<QuantRange> {
     QuantRange::new(case.param_i32(min_key)?, case.param_i32(max_key)?)
 }
 
-fn fold_conv_bn(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn fold_conv_bn(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let bn = batch_norm(case, "bn.", case.param_f32("eps")?, 0.1)?;
     let folded = b.fold_conv_bn(
         case.input("conv.weight")?,
@@ -169,7 +169,7 @@ fn fold_conv_bn(case: &Case, b: &dyn Backend) -> Result<Outputs> {
     ])
 }
 
-fn fold_linear_bn(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn fold_linear_bn(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let bn = batch_norm(case, "bn.", case.param_f32("eps")?, 0.1)?;
     let w: Array2<f32> = rank::<Ix2>(case, "linear.weight", case.input("linear.weight")?)?;
     let folded = b.fold_linear_bn(&w, input1_opt(case, "linear.bias")?.as_ref(), &bn)?;
@@ -181,7 +181,7 @@ fn fold_linear_bn(case: &Case, b: &dyn Backend) -> Result<Outputs> {
 
 fn fake_quant_outputs(
     case: &Case,
-    b: &dyn Backend,
+    b: &dyn HostOps,
     qp: &QParams,
     r: QuantRange,
 ) -> Result<Outputs> {
@@ -193,13 +193,13 @@ fn fake_quant_outputs(
     ])
 }
 
-fn fake_quant_per_tensor(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn fake_quant_per_tensor(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let r = range(case, "quant_min", "quant_max")?;
     let qp = QParams::per_tensor(case.param_f32("scale")?, case.param_i32("zero_point")?);
     fake_quant_outputs(case, b, &qp, r)
 }
 
-fn fake_quant_per_channel(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn fake_quant_per_channel(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let r = range(case, "quant_min", "quant_max")?;
     let qp = QParams::per_channel(
         case.input("scale")?.iter().copied().collect(),
@@ -223,7 +223,7 @@ fn qparams_outputs(qp: &QParams, scale_name: &str, zp_name: &str) -> Outputs {
 /// `customized_range` (optional) says whether the observer was built with `quant_min` /
 /// `quant_max` (PyTorch's `has_customized_qrange`); without it a range other than the dtype's
 /// default counts as customized.
-fn calc_qparams(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn calc_qparams(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let mut spec = ObserverSpec::new(
         QDtype::parse(case.param_str("dtype")?)?,
         QScheme::parse(case.param_str("qscheme")?)?,
@@ -237,7 +237,7 @@ fn calc_qparams(case: &Case, b: &dyn Backend) -> Result<Outputs> {
     Ok(qparams_outputs(&qp, "scale", "zero_point"))
 }
 
-fn conv2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn conv2d(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let x = input4(case, "x")?;
     let w = input4(case, "weight")?;
     let params = conv_params(case)?;
@@ -245,7 +245,7 @@ fn conv2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
     Ok(vec![f32_out("y", y.into_dyn())])
 }
 
-fn batch_norm2d(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn batch_norm2d(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let bn = batch_norm(case, "", case.param_f32("eps")?, momentum(case)?)?;
     let out = b.batch_norm2d(&input4(case, "x")?, &bn, case.param_bool("training")?)?;
     Ok(vec![
@@ -265,7 +265,7 @@ fn conv_layer(case: &Case) -> Result<Conv2d> {
     })
 }
 
-fn conv_bn_act_eval(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn conv_bn_act_eval(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let x = input4(case, "x")?;
     let conv = conv_layer(case)?;
     let bn = batch_norm(case, "bn.", case.param_f32("eps")?, 0.1)?;
@@ -283,7 +283,7 @@ fn conv_bn_act_eval(case: &Case, b: &dyn Backend) -> Result<Outputs> {
     ])
 }
 
-fn conv_bn_qat(case: &Case, b: &dyn Backend) -> Result<OpResult> {
+fn conv_bn_qat(case: &Case, b: &dyn HostOps) -> Result<OpResult> {
     let x = input4(case, "x")?;
     let dy = input4(case, "dy")?;
     let conv = conv_layer(case)?;
@@ -357,7 +357,7 @@ fn nudge_ulps(v: f32, k: i32) -> f32 {
 /// that running_var reaches directly) that reproduces that scale bit for bit, and says so in
 /// the report. Returns `None` when no nudge reproduces it (the case then fails as computed).
 fn align_scale_factor(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     x: &Array4<f32>,
     conv: &Conv2d,
     bn: &BatchNorm,
@@ -429,7 +429,7 @@ fn align_scale_factor(
 /// case's state dict, `config::apply` (PTQ: fuse, attach fake quants), `config::calibrate`
 /// on `in.x`, then the model's forward with fake quantization off (`y_fused`) and on
 /// (`y_qsim`).
-fn model_mnist_ptq(case: &Case, b: &dyn Backend) -> Result<Outputs> {
+fn model_mnist_ptq(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let config_json = case
         .params
         .get("config_list")

@@ -5,7 +5,7 @@
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4};
 
 use super::net::{fold_conv, Net, NodeOp, ValueId};
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::ops::{Activation, Conv2dParams};
 use crate::quant::{
@@ -162,7 +162,7 @@ pub struct IntNode {
 }
 
 /// A model in integer form: int8 weights, i32 biases, per-value activation qparams and
-/// per-layer requantization. Runs on any [`Backend`] ([`IntModel::forward`]), simulates
+/// per-layer requantization. Runs on any [`HostOps`] ([`IntModel::forward`]), simulates
 /// itself with fake quantization ([`IntModel::simulate`]), and saves to / loads from
 /// safetensors ([`IntModel::save`], [`IntModel::load`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -273,7 +273,7 @@ impl MinMax {
 /// with no integer form (activations other than ReLU / ReLU6), and shape errors.
 pub fn convert<'a>(
     net: &Net,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     calibration: impl IntoIterator<Item = &'a ArrayD<f32>>,
     config: &DeployConfig,
 ) -> Result<IntModel> {

@@ -6,7 +6,7 @@ use ndarray::ArrayD;
 use super::convert::{DeployConfig, IntLayer, IntModel};
 use super::net::Net;
 use super::run::{simulate_node_unfused, simulate_unfused_values};
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 
 /// How far two code tensors of the same output are apart.
@@ -94,7 +94,7 @@ pub fn measure_gap(
     net: &Net,
     model: &IntModel,
     config: &DeployConfig,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     x: &ArrayD<f32>,
 ) -> Result<GapReport> {
     let range = model.activation_range;

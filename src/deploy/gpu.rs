@@ -3,7 +3,7 @@
 //! the output codes.
 //!
 //! [`IntModel::forward`] on a [`crate::GpuBackend`] goes through the host-level
-//! [`crate::Backend`] interface: every op uploads its codes and weights, runs and downloads.
+//! [`crate::HostOps`] interface: every op uploads its codes and weights, runs and downloads.
 //! Here the weights are packed and uploaded once ([`GpuConv2dInt8`], [`GpuLinearInt8`]), and
 //! a forward records quantize → conv / linear / max pool / add / flatten (a repack kernel)
 //! → ... on the device. The result is bit-identical to [`IntModel::forward`] on the CPU

@@ -4,7 +4,7 @@
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::nn::{FusedHead, Layer, Module};
 use crate::ops::{Activation, BatchNorm, Conv2d, Folded};
@@ -409,7 +409,7 @@ impl Net {
     /// Errors: shape mismatches between nodes, and backend errors.
     pub fn forward_values(
         &self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
         fold: bool,
     ) -> Result<Vec<ArrayD<f32>>> {
@@ -456,7 +456,7 @@ impl Net {
 /// The folded weight and bias of a conv followed by BN (`fuse_conv_bn_weights`); a conv
 /// without bias folds with zeros, as PyTorch does.
 pub(crate) fn fold_conv(
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     conv: &Conv2d,
     bn: &BatchNorm,
 ) -> Result<(Array4<f32>, Array1<f32>)> {
@@ -505,14 +505,10 @@ pub(crate) fn as2<T: Clone>(x: &ArrayD<T>, name: &str) -> Result<ndarray::Array2
 }
 
 pub(crate) fn flatten<T: Clone>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
-    if x.ndim() < 1 {
-        return Err(Error::invalid("flatten needs an input of rank >= 1"));
-    }
-    let n = x.shape()[0];
-    let rest: usize = x.shape()[1..].iter().product();
+    let shape = crate::ops::flatten_shape(x.shape())?;
     x.as_standard_layout()
         .to_owned()
-        .into_shape_with_order(IxDyn(&[n, rest]))
+        .into_shape_with_order(IxDyn(&shape))
         .map_err(|e| Error::invalid(format!("flatten: {e}")))
 }
 

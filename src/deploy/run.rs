@@ -5,7 +5,7 @@ use ndarray::{Array1, ArrayD};
 
 use super::convert::{weight_qparams, DeployConfig, IntLayer, IntModel};
 use super::net::{as2, as4, check_same, flatten, Net, NodeOp};
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::quant::QParams;
 
@@ -42,7 +42,7 @@ impl IntModel {
     /// output codes (dequantize with [`IntModel::output_qparams`]).
     ///
     /// Errors: an invalid model, an input of the wrong shape or holding NaN, backend errors.
-    pub fn forward(&self, backend: &dyn Backend, x: &ArrayD<f32>) -> Result<ArrayD<i8>> {
+    pub fn forward(&self, backend: &dyn HostOps, x: &ArrayD<f32>) -> Result<ArrayD<i8>> {
         let values = self.forward_values(backend, x)?;
         take(values, self.output)
     }
@@ -52,7 +52,7 @@ impl IntModel {
     /// Errors: as [`IntModel::forward`].
     pub fn forward_values(
         &self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
     ) -> Result<Vec<ArrayD<i8>>> {
         self.check_input(x)?;
@@ -112,7 +112,7 @@ impl IntModel {
     /// Errors: as [`IntModel::forward`].
     pub fn forward_dequantized(
         &self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
     ) -> Result<ArrayD<f32>> {
         let q = self.forward(backend, x)?;
@@ -127,7 +127,7 @@ impl IntModel {
     /// (on the output's quantization grid).
     ///
     /// Errors: as [`IntModel::forward`].
-    pub fn simulate(&self, backend: &dyn Backend, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn simulate(&self, backend: &dyn HostOps, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let values = self.simulate_values(backend, x)?;
         take(values, self.output)
     }
@@ -137,7 +137,7 @@ impl IntModel {
     /// Errors: as [`IntModel::forward`].
     pub fn simulate_values(
         &self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
     ) -> Result<Vec<ArrayD<f32>>> {
         self.check_input(x)?;
@@ -156,7 +156,7 @@ impl IntModel {
     /// Errors: shape mismatches, backend errors.
     pub fn simulate_node(
         &self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         i: usize,
         ins: &[&ArrayD<f32>],
     ) -> Result<ArrayD<f32>> {
@@ -236,7 +236,7 @@ pub fn simulate_unfused(
     net: &Net,
     model: &IntModel,
     config: &DeployConfig,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     x: &ArrayD<f32>,
 ) -> Result<ArrayD<f32>> {
     let values = simulate_unfused_values(net, model, config, backend, x)?;
@@ -250,7 +250,7 @@ pub fn simulate_unfused_values(
     net: &Net,
     model: &IntModel,
     config: &DeployConfig,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     x: &ArrayD<f32>,
 ) -> Result<Vec<ArrayD<f32>>> {
     model.check_input(x)?;
@@ -283,7 +283,7 @@ pub fn simulate_node_unfused(
     net: &Net,
     model: &IntModel,
     config: &DeployConfig,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     i: usize,
     ins: &[&ArrayD<f32>],
 ) -> Result<ArrayD<f32>> {

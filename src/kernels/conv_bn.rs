@@ -44,7 +44,7 @@ use super::observer::{calc_qparams, observe};
 use super::{expect_f32, expect_shape, to_u32, GpuBatchNorm, GpuQParams};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
-use crate::ops::{Activation, Conv2dParams, QatConfig};
+use crate::ops::{Activation, QatConfig};
 
 static SHADER: Shader = Shader {
     name: "conv_bn",
@@ -186,20 +186,14 @@ enum ChannelOp {
     SubMul = 3,
 }
 
-/// A conv2d layer on the GPU: weight `[O, C/groups, KH, KW]`, optional bias `[O]`, settings.
-#[derive(Debug, Clone, Copy)]
-pub struct GpuConv2d<'a> {
-    /// Weight, OIHW.
-    pub weight: &'a GpuTensor,
-    /// Bias, or `None`.
-    pub bias: Option<&'a GpuTensor>,
-    /// Stride, padding, dilation, groups.
-    pub params: Conv2dParams,
-}
+/// A conv2d layer on the GPU, borrowing its tensors: weight `[O, C/groups, KH, KW]`,
+/// optional bias `[O]`, settings. The one conv description, [`crate::ops::Conv2d`], over
+/// `&GpuTensor`.
+pub type GpuConv2d<'a> = crate::ops::Conv2d<&'a GpuTensor>;
 
 /// The CPU reference's `check_conv_bn`: the conv's output channels, its bias and `bn` agree
 /// (the BatchNorm was validated when uploaded). Also refuses a weight that is not rank 4 (with
-/// [`Conv2dParams::output_shape`]'s message). Returns the output channel count.
+/// [`crate::ops::Conv2dParams::output_shape`]'s message). Returns the output channel count.
 fn check_conv_bn(conv: &GpuConv2d, bn: &GpuBatchNorm) -> Result<usize> {
     let ws = conv.weight.shape();
     if ws.len() != 4 {
@@ -418,7 +412,7 @@ fn params_weight(conv: &GpuConv2d, bn: &GpuBatchNorm, o: usize) -> Result<Params
 /// the generic observer kernels on `W_s`.
 ///
 /// Errors (the CPU's): [`Error::ChannelMismatch`] (layer `conv2d`), [`Error::ShapeMismatch`]
-/// for a conv bias of the wrong length, [`Conv2dParams::output_shape`] errors,
+/// for a conv bias of the wrong length, [`crate::ops::Conv2dParams::output_shape`] errors,
 /// [`Error::InvalidQuantRange`], [`Error::AxisOutOfRange`], and
 /// [`Error::InvalidArgument`] for one value per channel in training.
 pub fn conv_bn_qat_forward(
@@ -710,19 +704,31 @@ pub fn qat_conv_out(ctx: &GpuContext, fwd: &GpuQatForward, conv: &GpuConv2d) -> 
     if let Some(c) = &fwd.conv_out {
         return Ok(c.clone());
     }
-    let o = fwd.scale_factor.len();
+    qat_conv_out_of(ctx, &fwd.bn_input, &fwd.scale_factor, conv)
+}
+
+/// [`qat_conv_out`] from the two saved tensors it reads: `(bn_input − b)·s` (one dispatch).
+///
+/// Errors: [`Error::ShapeMismatch`] for a conv bias that does not match `s`.
+pub fn qat_conv_out_of(
+    ctx: &GpuContext,
+    bn_input: &GpuTensor,
+    scale_factor: &GpuTensor,
+    conv: &GpuConv2d,
+) -> Result<GpuTensor> {
+    let o = scale_factor.len();
     if let Some(b) = conv.bias {
         expect_shape("conv2d bias", &[o], b)?;
     }
     let bias = bias_or_zeros(ctx, conv, o)?;
-    let s = fwd.bn_input.shape();
+    let s = bn_input.shape();
     let hw = s.get(2..).map_or(1, |d| d.iter().product());
     channel_op(
         ctx,
-        &fwd.bn_input,
+        bn_input,
         ChannelOp::SubMul,
         hw,
-        &fwd.scale_factor,
+        scale_factor,
         Some(&bias),
     )
 }

@@ -115,6 +115,27 @@ impl GpuBatchNorm {
         })
     }
 
+    /// Wraps a `[4, C]` `f32` tensor in the layout above (rows `γ`, `β`, running mean,
+    /// running variance), already on the device: no host round trip.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for another shape or dtype, or a negative or NaN
+    /// `eps` ([`BatchNorm::validate`]'s message).
+    pub fn from_packed(data: GpuTensor, eps: f32) -> Result<Self> {
+        if data.dtype() != DType::F32 || data.shape().len() != 2 || data.shape()[0] != 4 {
+            return Err(Error::invalid(format!(
+                "a GPU BatchNorm must be a [4, C] f32 tensor, got {:?} {:?}",
+                data.dtype(),
+                data.shape()
+            )));
+        }
+        if eps.is_nan() || eps < 0.0 {
+            return Err(Error::invalid(format!(
+                "BatchNorm eps must be >= 0, got {eps}"
+            )));
+        }
+        Ok(Self { data, eps })
+    }
+
     /// Number of channels.
     pub fn channels(&self) -> usize {
         self.data.shape()[1]
@@ -131,16 +152,9 @@ impl GpuBatchNorm {
     }
 }
 
-/// The rank check of [`crate::reference::fold::fuse_conv_bn_weights`] (it runs before the
-/// BatchNorm is validated there).
-pub fn check_conv_weight_rank(shape: &[usize]) -> Result<()> {
-    if shape.len() < 3 {
-        return Err(Error::invalid(format!(
-            "conv weight must have rank >= 3 ([out, in/groups, k...]), got shape {shape:?}"
-        )));
-    }
-    Ok(())
-}
+/// The rank check of BatchNorm folding into a conv weight (one home:
+/// [`crate::ops::check_conv_weight_rank`]).
+pub use crate::ops::check_conv_weight_rank;
 
 fn bias_or_zeros(
     ctx: &GpuContext,

@@ -702,10 +702,7 @@ pub fn repack_int8(ctx: &GpuContext, x: &GpuInt8Tensor, shape: &[usize]) -> Resu
 ///
 /// Errors: [`Error::InvalidArgument`] for a rank-0 input (the CPU path's message).
 pub fn flatten_int8(ctx: &GpuContext, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
-    let Some((&n, rest)) = x.shape().split_first() else {
-        return Err(Error::invalid("flatten needs an input of rank >= 1"));
-    };
-    repack_int8(ctx, x, &[n, rest.iter().product()])
+    repack_int8(ctx, x, &crate::ops::flatten_shape(x.shape())?)
 }
 
 /// Evaluates the WGSL fixed-point functions of `shaders/lib/requant.wgsl` on the GPU, for

@@ -8,7 +8,7 @@ use ndarray::ArrayD;
 
 use super::path::unknown_child;
 use super::Module;
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 
 /// A container's custom forward: given a [`Scope`] (to run children by name) and the input,
@@ -222,7 +222,7 @@ impl Container {
     /// Runs the forward with children's hook paths under `prefix`.
     pub(crate) fn forward(
         &mut self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
         prefix: &str,
         training: bool,
@@ -265,7 +265,7 @@ impl fmt::Debug for Container {
 /// What a custom forward ([`Container::with_forward`]) sees: the backend, the container's
 /// training flag, and its children, run by name.
 pub struct Scope<'a> {
-    backend: &'a dyn Backend,
+    backend: &'a dyn HostOps,
     children: &'a mut Vec<(String, Module)>,
     prefix: &'a str,
     training: bool,
@@ -293,7 +293,7 @@ impl Scope<'_> {
     }
 
     /// The backend the forward runs on.
-    pub fn backend(&self) -> &dyn Backend {
+    pub fn backend(&self) -> &dyn HostOps {
         self.backend
     }
 

@@ -1,10 +1,10 @@
-//! The forward of each [`Layer`] on a [`Backend`].
+//! The forward of each [`Layer`] on a [`HostOps`].
 
 use ndarray::{Array4, ArrayD, Ix2, Ix4, IxDyn};
 
 use super::fused::{Fused, FusedHead};
 use super::layer::{BatchNormLayer, ConvLayer, ConvTransposeLayer, Layer, LinearLayer};
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::ops::{self, Activation};
 
@@ -13,7 +13,7 @@ use crate::ops::{self, Activation};
 pub(crate) fn forward_layer(
     layer: &mut Layer,
     training: bool,
-    b: &dyn Backend,
+    b: &dyn HostOps,
     x: &ArrayD<f32>,
     path: &str,
 ) -> Result<ArrayD<f32>> {
@@ -101,7 +101,7 @@ fn check_conv_rank(c: &ConvLayer, expect_rank: usize) -> Result<&'static str> {
 }
 
 fn conv_forward(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     c: &ConvLayer,
     x: &ArrayD<f32>,
     act: Activation,
@@ -119,7 +119,7 @@ fn conv_forward(
 }
 
 fn conv_transpose_forward(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     c: &ConvTransposeLayer,
     x: &ArrayD<f32>,
     act: Activation,
@@ -133,7 +133,7 @@ fn conv_transpose_forward(
 
 /// Linear on the last dimension of `x` (any rank ≥ 1), as `torch.nn.functional.linear`.
 fn linear_forward(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     l: &LinearLayer,
     x: &ArrayD<f32>,
     act: Activation,
@@ -142,7 +142,7 @@ fn linear_forward(
 }
 
 fn linear_with(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     w: &ndarray::Array2<f32>,
     bias: Option<&ndarray::Array1<f32>>,
     x: &ArrayD<f32>,
@@ -174,7 +174,7 @@ fn linear_with(
 /// BatchNorm (`dims` 1: `(N, C)` or `(N, C, L)`; 2: `(N, C, H, W)`) followed by `act`,
 /// updating the running statistics in training mode.
 fn bn_forward(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     bn: &mut BatchNormLayer,
     x: &ArrayD<f32>,
     training: bool,
@@ -206,7 +206,7 @@ fn bn_forward(
 }
 
 fn fused_forward(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     f: &mut Fused,
     x: &ArrayD<f32>,
     training: bool,
@@ -268,7 +268,7 @@ fn fused_forward(
 /// statistics (running statistics updated) → act; eval: the fused eval path (BatchNorm folded
 /// on the fly, one conv with bias and activation).
 fn conv_bn_forward(
-    b: &dyn Backend,
+    b: &dyn HostOps,
     c: &ConvLayer,
     bn: &mut BatchNormLayer,
     x: &ArrayD<f32>,
@@ -297,7 +297,7 @@ fn conv_bn_forward(
 
 /// `torch.log_softmax(x, dim)`: `dim` moved last, the backend's `[M, C]` log_softmax, moved
 /// back.
-fn log_softmax(b: &dyn Backend, x: &ArrayD<f32>, dim: isize) -> Result<ArrayD<f32>> {
+fn log_softmax(b: &dyn HostOps, x: &ArrayD<f32>, dim: isize) -> Result<ArrayD<f32>> {
     let r = x.ndim() as isize;
     let d = if dim < 0 { dim + r } else { dim };
     if r == 0 || d < 0 || d >= r {

@@ -58,14 +58,14 @@ impl FusedHead {
 ///   there was one, is already folded into the head's weight and bias. Kinds `ConvReLU2d`,
 ///   `ConvReLU1d`, `ConvTransposeReLU2d`, `LinearReLU`, `BNReLU2d`, `BNReLU1d` and their
 ///   ReLU6 / LeakyReLU / Hardswish variants. The forward is one conv / linear with bias and
-///   activation ([`crate::Backend::conv2d_act`], ...), or the BatchNorm with the activation
-///   ([`crate::Backend::batch_norm2d_act`]).
+///   activation ([`crate::HostOps::conv2d_act`], ...), or the BatchNorm with the activation
+///   ([`crate::HostOps::batch_norm2d_act`]).
 /// * **Intrinsic** (`bn: Some`), what [`crate::fuse::fuse_modules_qat`] builds for QAT:
 ///   the BatchNorm is kept separate (`torch.ao.nn.intrinsic.ConvBn2d`, `ConvBnReLU2d`,
 ///   `LinearBn1d`, MQBench's `ConvTransposeBn2d`, ...), so that QAT conversion can build its
 ///   modules from it. The forward in training mode is head → BatchNorm with batch statistics
 ///   (updating the running statistics) → activation; in eval mode it folds the BatchNorm on the
-///   fly and runs the fused path ([`crate::Backend::conv_bn_act_eval`] for convs).
+///   fly and runs the fused path ([`crate::HostOps::conv_bn_act_eval`] for convs).
 ///
 /// # Kind names
 /// `kind_name = stem + ("Bn" if bn) + act + dims`, with stem `Conv` / `ConvTranspose` /

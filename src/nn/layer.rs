@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2, Array3, Array4, ArrayD};
 
 use super::container::Container;
 use super::fused::Fused;
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams, PadMode};
 
@@ -429,7 +429,7 @@ pub trait CustomLayer: Send + Sync + fmt::Debug {
     /// The forward on `backend`; `training` is the module's training flag.
     fn forward(
         &mut self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
         training: bool,
     ) -> Result<ArrayD<f32>>;

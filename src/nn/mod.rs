@@ -1,5 +1,5 @@
 //! A module tree mirroring `torch.nn`: layers, containers with dotted paths, train/eval,
-//! forward hooks, fused modules, and a forward on any [`crate::Backend`].
+//! forward hooks, fused modules, and a forward on any [`crate::HostOps`].
 //!
 //! # Types
 //! * [`Module`]: one node: a [`Layer`] (what it is), a `training` flag, forward hooks.

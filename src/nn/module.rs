@@ -12,7 +12,7 @@ use super::layer::{
 };
 use super::path::unknown;
 use super::quant::QuantTargets;
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams};
 
@@ -489,14 +489,14 @@ impl Module {
     ///
     /// Errors: [`Error::InvalidArgument`] / [`Error::ShapeMismatch`] for inputs of the wrong
     /// rank or shape, and the errors of the backend's ops.
-    pub fn forward(&mut self, backend: &dyn Backend, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn forward(&mut self, backend: &dyn HostOps, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         self.forward_at(backend, x, "")
     }
 
     /// [`Module::forward`] with this module at hook path `path`.
     pub(crate) fn forward_at(
         &mut self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
         path: &str,
     ) -> Result<ArrayD<f32>> {

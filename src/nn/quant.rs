@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4};
 
 use super::fused::FusedHead;
 use super::layer::Layer;
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::qat::FakeQuantize;
 
@@ -71,7 +71,7 @@ impl fmt::Display for QuantTarget {
 /// through unchanged. `what` names the tensor in errors.
 fn apply_fq(
     fq: &mut FakeQuantize,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     x: &ArrayD<f32>,
     what: &str,
 ) -> Result<Option<ArrayD<f32>>> {
@@ -123,7 +123,7 @@ fn apply_fq(
 /// `LinearReLU`, ...); the layer keeps its float parameters. QAT modules
 /// ([`crate::qat::QatLayer`]) quantize their weight and output themselves; a target set on
 /// them holds the input fake quant only. The statistics are reduced on the host (tensors
-/// cross the [`Backend`] interface as host arrays); the fake quantization runs on the
+/// cross the [`HostOps`] interface as host arrays); the fake quantization runs on the
 /// backend.
 ///
 /// [`crate::config`] builds these from an NNI-style `config_list`; they can also be set by
@@ -317,7 +317,7 @@ pub(crate) fn forward_quantized(
     q: &mut QuantTargets,
     layer: &mut Layer,
     training: bool,
-    b: &dyn Backend,
+    b: &dyn HostOps,
     x: &ArrayD<f32>,
     path: &str,
 ) -> Result<ArrayD<f32>> {

@@ -3,7 +3,7 @@
 
 use ndarray::ArrayD;
 
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
 use crate::reference::observer::{calculate_qparams, min_max, min_max_per_channel};
@@ -422,7 +422,7 @@ impl FakeQuantize {
     ///
     /// Errors: those of [`FakeQuantize::observe`], [`FakeQuantize::qparams`] and the
     /// backend's fake quant (a NaN scale from NaN data is [`Error::InvalidScale`]).
-    pub fn forward(&mut self, backend: &dyn Backend, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn forward(&mut self, backend: &dyn HostOps, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         if self.observer_enabled {
             self.observe(x)?;
         }
@@ -440,7 +440,7 @@ impl FakeQuantize {
     /// Errors: those of [`FakeQuantize::qparams`] and the backend's fake quant backward.
     pub fn backward(
         &self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
         dy: &ArrayD<f32>,
     ) -> Result<ArrayD<f32>> {

@@ -5,7 +5,7 @@
 use ndarray::{Array1, Array4, ArrayD, Axis, Ix2, Ix4, IxDyn};
 
 use super::fake_quantize::{FakeQuantize, QatQConfig};
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::nn::{BatchNormLayer, ConvLayer, Fused, FusedHead, Layer, LinearLayer};
 use crate::ops::{
@@ -163,7 +163,7 @@ fn reshape(x: &ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
 ///
 /// # Forward
 /// * **With a BatchNorm, training mode**: one QAT step on the backend
-///   ([`crate::Backend::conv_bn_qat_forward_with`], PyTorch's `_forward_approximate`): the
+///   ([`crate::HostOps::conv_bn_qat_forward_with`], PyTorch's `_forward_approximate`): the
 ///   weight fake quant sees the BN-scaled weight `W·γ/σ` (its observer updated when
 ///   enabled, its stored qparams used), conv with the fake-quantized weight, divide back,
 ///   BatchNorm with batch statistics (running statistics and `num_batches_tracked`
@@ -378,7 +378,7 @@ impl QatLayer {
     /// rank or shape; the backend's and the fake quants' errors.
     pub fn forward(
         &mut self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
         training: bool,
     ) -> Result<ArrayD<f32>> {
@@ -451,7 +451,7 @@ impl QatLayer {
     /// only for the BatchNorm forms).
     pub(crate) fn forward_impl(
         &mut self,
-        b: &dyn Backend,
+        b: &dyn HostOps,
         x: &ArrayD<f32>,
         training: bool,
         save: bool,
@@ -490,7 +490,7 @@ impl QatLayer {
     /// quant is disabled); the observer sees `w` first when enabled.
     fn quantize_weight(
         &mut self,
-        b: &dyn Backend,
+        b: &dyn HostOps,
         w: &ArrayD<f32>,
     ) -> Result<(ArrayD<f32>, Option<QParams>)> {
         let fq = &mut self.weight_fake_quant;
@@ -508,7 +508,7 @@ impl QatLayer {
     /// conv / linear with the fake-quantized weight and the activation.
     fn plain(
         &mut self,
-        b: &dyn Backend,
+        b: &dyn HostOps,
         x: &ArrayD<f32>,
         save: bool,
     ) -> Result<(ArrayD<f32>, Option<SavedKind>)> {
@@ -598,7 +598,7 @@ impl QatLayer {
     /// Training-mode forward of the BatchNorm forms: one QAT step on the backend.
     fn bn_train(
         &mut self,
-        b: &dyn Backend,
+        b: &dyn HostOps,
         x: &ArrayD<f32>,
         save: bool,
     ) -> Result<(ArrayD<f32>, Option<SavedKind>)> {
@@ -656,7 +656,7 @@ impl QatLayer {
     }
 
     /// Eval-mode forward of the BatchNorm forms: the deploy graph.
-    fn bn_eval(&mut self, b: &dyn Backend, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    fn bn_eval(&mut self, b: &dyn HostOps, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let (x4, x2) = match &self.head {
             QatHead::Linear(_) => {
                 let x4 = self.input4(x)?;
@@ -712,7 +712,7 @@ impl QatLayer {
     /// `bn.weight`, `bn.bias`).
     pub(crate) fn backward(
         &self,
-        b: &dyn Backend,
+        b: &dyn HostOps,
         saved: &StepSaved,
         dy: &ArrayD<f32>,
     ) -> Result<(ArrayD<f32>, NamedGrads)> {
@@ -863,7 +863,7 @@ impl QatLayer {
 }
 
 /// `act(x)` (a copy for [`Activation::None`]).
-fn activate(b: &dyn Backend, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
+fn activate(b: &dyn HostOps, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
     match act {
         Activation::None => Ok(x.clone()),
         a => b.activation(x, a),

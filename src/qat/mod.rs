@@ -30,7 +30,7 @@
 //!
 //! # Forward, switches
 //! See [`QatLayer`] for the forward in training and eval mode (the ConvBn training forward
-//! is [`crate::Backend::conv_bn_qat_forward_with`]; eval is the deploy graph). Over a whole
+//! is [`crate::HostOps::conv_bn_qat_forward_with`]; eval is the deploy graph). Over a whole
 //! tree, as PyTorch's `model.apply(...)` helpers:
 //! [`freeze_bn_stats`] / [`update_bn_stats`] (PyTorch's `freeze_bn`: in training mode the
 //! BatchNorm uses its running statistics and leaves them unchanged),
@@ -49,8 +49,8 @@
 //! [`train_step`] runs a forward and a backward through a *sequential* model (containers
 //! without a custom forward, run in their declared order) of QAT modules, activations,
 //! `Identity` and `Flatten`: the ConvBn QAT modules through
-//! [`crate::Backend::conv_bn_qat_backward`], the plain QAT modules through
-//! [`crate::Backend::conv2d_backward`] with the fake quants' straight-through gradients. It
+//! [`crate::HostOps::conv_bn_qat_backward`], the plain QAT modules through
+//! [`crate::HostOps::conv2d_backward`] with the fake quants' straight-through gradients. It
 //! returns the loss, the output, `dx` and the parameter gradients by state-dict name
 //! (`conv1.weight`, `conv1.bn.weight`, ...); [`sgd_step`] applies them. A general autograd
 //! over arbitrary trees (custom forwards, residual adds, pooling) is out of scope; such

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ndarray::{ArrayD, IxDyn};
 
 use super::layer::StepSaved;
-use crate::backend::Backend;
+use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::nn::{Layer, Module};
 use crate::ops::Activation;
@@ -89,9 +89,9 @@ fn leaves(m: &Module, path: &str, out: &mut Vec<String>) -> Result<()> {
 /// One training step through a sequential QAT model: forward in each module's own mode
 /// (fake quants observe, BatchNorms of ConvBn QAT modules update their running statistics,
 /// as [`Module::forward`] does), `loss(output)` → `(loss, dL/doutput)`, then the backward:
-/// ConvBn / LinearBn QAT modules through [`Backend::conv_bn_qat_backward`], plain QAT
-/// modules through [`Backend::conv2d_backward`] (a linear as a 1×1 conv), fake quants
-/// straight through, activations through [`Backend::activation_backward`]. Parameters are
+/// ConvBn / LinearBn QAT modules through [`HostOps::conv_bn_qat_backward`], plain QAT
+/// modules through [`HostOps::conv2d_backward`] (a linear as a 1×1 conv), fake quants
+/// straight through, activations through [`HostOps::activation_backward`]. Parameters are
 /// not changed (see [`sgd_step`]).
 ///
 /// The model must be a sequential chain: containers without a custom forward (run in their
@@ -105,7 +105,7 @@ fn leaves(m: &Module, path: &str, out: &mut Vec<String>) -> Result<()> {
 /// statistics of the modules already run have moved, as after a failed forward).
 pub fn train_step(
     model: &mut Module,
-    backend: &dyn Backend,
+    backend: &dyn HostOps,
     x: &ArrayD<f32>,
     loss: impl FnOnce(&ArrayD<f32>) -> Result<(f32, ArrayD<f32>)>,
 ) -> Result<TrainStep> {

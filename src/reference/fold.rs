@@ -85,11 +85,7 @@ pub fn fuse_conv_bn_weights(
     transpose: bool,
 ) -> Result<Folded> {
     let shape = weight.shape().to_vec();
-    if shape.len() < 3 {
-        return Err(Error::invalid(format!(
-            "conv weight must have rank >= 3 ([out, in/groups, k...]), got shape {shape:?}"
-        )));
-    }
+    crate::ops::check_conv_weight_rank(&shape)?;
     let terms = bn_terms(bn)?;
     let cout = bn.channels();
     let layer = if transpose { "conv_transpose" } else { "conv" };

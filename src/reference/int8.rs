@@ -217,19 +217,7 @@ pub fn linear_int8(
     bias: Option<&Array1<i32>>,
     rq: &Requant,
 ) -> Result<Array2<i8>> {
-    if x.ncols() != w.ncols() {
-        return Err(Error::shape(
-            format!(
-                "quantized linear input [{}, {}] against weight [{}, {}]",
-                x.nrows(),
-                x.ncols(),
-                w.nrows(),
-                w.ncols()
-            ),
-            &[x.nrows(), w.ncols()],
-            x.shape(),
-        ));
-    }
+    crate::ops::check_linear_int8_input(x.shape(), w.shape())?;
     let outs = w.nrows();
     if let Some(b) = bias {
         if b.len() != outs {

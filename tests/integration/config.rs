@@ -5,7 +5,7 @@
 use crate::common;
 
 use ndarray::{concatenate, Array1, Array2, ArrayD, Axis, IxDyn};
-use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
 use qfuse::config::{self, ConfigList, QuantMode};
 use qfuse::model::mnist;
 use qfuse::nn::{Layer, Module, QuantTarget};
@@ -464,7 +464,7 @@ fn errors_name_what_is_wrong() {
 fn calibration_on_the_gpu_matches_the_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
-    let run = |b: &dyn Backend| {
+    let run = |b: &dyn HostOps| {
         let mut m = model();
         let c = cfg(
             r#"[{"op_types": ["Conv2d", "Linear"], "target_names": ["_input_", "weight", "_output_"],

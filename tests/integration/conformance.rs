@@ -6,11 +6,11 @@ use crate::common;
 
 use std::path::PathBuf;
 
-use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::backend::{HostOps, CpuBackend, GpuBackend};
 use qfuse::conformance::{run_case_file, run_dir, summary};
 use qfuse::io::state_dict::{HostTensor, StateDict};
 
-fn run_all(backend: &dyn Backend) {
+fn run_all(backend: &dyn HostOps) {
     let mut reports = Vec::new();
     for dir in common::golden::golden_dirs() {
         reports.extend(

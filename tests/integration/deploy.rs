@@ -9,7 +9,7 @@ use qfuse::fuse::{fuse_modules, FuseOptions};
 use qfuse::model::{mnist, resnet};
 use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams};
 use qfuse::quant::{QScheme, QuantRange, RequantMode};
-use qfuse::{Backend, CpuBackend, Error, GpuBackend};
+use qfuse::{CpuBackend, Error, GpuBackend, HostOps};
 
 fn mnist_setup() -> (Net, IntModel, DeployConfig) {
     let mut m = mnist::mnist(0).unwrap();

@@ -5,7 +5,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 use qfuse::io::Case;
 use qfuse::ops::{BatchNorm, Conv2d, Conv2dParams};
 use qfuse::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
-use qfuse::{Backend, CpuBackend, Error};
+use qfuse::{CpuBackend, Error, HostOps};
 
 fn x() -> ArrayD<f32> {
     ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |i| (i[0] + i[1] + i[2]) as f32 * 0.1)

@@ -22,7 +22,7 @@ use qfuse::nn::{
 use qfuse::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams, QatConfig};
 use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
 use qfuse::reference;
-use qfuse::{Backend, CpuBackend, Error, GpuBackend};
+use qfuse::{CpuBackend, Error, GpuBackend, HostOps};
 
 // ------------------------------------------------------------------------- helpers
 
@@ -520,7 +520,7 @@ fn running_stats(m: &Module) -> Vec<(Array1<f32>, Array1<f32>, u64)> {
     out
 }
 
-fn check_qat(backend: &dyn Backend, what: &str) {
+fn check_qat(backend: &dyn HostOps, what: &str) {
     for case in cases() {
         let mut model = case.model.clone();
         model.train(true);
@@ -1198,7 +1198,7 @@ impl CustomLayer for ConvPool {
     }
     fn forward(
         &mut self,
-        backend: &dyn Backend,
+        backend: &dyn HostOps,
         x: &ArrayD<f32>,
         _training: bool,
     ) -> qfuse::Result<ArrayD<f32>> {

@@ -17,7 +17,7 @@ use qfuse::kernels::conv2d::{self as kconv, conv2d_with_algorithm, ConvAlgorithm
 use qfuse::kernels::{linear as klinear, pool as kpool};
 use qfuse::ops::{Activation, Conv2dParams};
 use qfuse::reference;
-use qfuse::{Backend, CpuBackend, Error, GpuBackend};
+use qfuse::{CpuBackend, Error, GpuBackend, HostOps};
 
 /// SplitMix64: a small deterministic generator (no extra dependency).
 struct Rng(u64);

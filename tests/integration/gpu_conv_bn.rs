@@ -18,7 +18,7 @@ use qfuse::kernels::conv_bn::{self, GpuConv2d};
 use qfuse::kernels::GpuBatchNorm;
 use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, QatConfig, QatForward};
 use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
-use qfuse::{Backend, CpuBackend, Error, GpuBackend};
+use qfuse::{CpuBackend, Error, GpuBackend, HostOps};
 
 /// SplitMix64: a small deterministic generator.
 struct Rng(u64);

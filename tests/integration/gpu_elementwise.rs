@@ -12,7 +12,7 @@ use qfuse::kernels::{self, GpuQParams};
 use qfuse::ops::{Activation, BatchNorm};
 use qfuse::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
 use qfuse::reference;
-use qfuse::{Backend, CpuBackend, Error, GpuBackend};
+use qfuse::{CpuBackend, Error, GpuBackend, HostOps};
 
 /// SplitMix64: a small deterministic generator (no extra dependency).
 struct Rng(u64);

@@ -16,7 +16,7 @@ use qfuse::ops::Conv2dParams;
 use qfuse::quant::requant::{rounding_divide_by_pot, saturating_rounding_doubling_high_mul};
 use qfuse::quant::{AddRequant, FixedPointMultiplier, QParams, QuantRange, Requant, RequantMode};
 use qfuse::reference::int8 as ref8;
-use qfuse::{Backend, CpuBackend, GpuBackend};
+use qfuse::{CpuBackend, GpuBackend, HostOps};
 
 /// SplitMix64: a small deterministic generator (no extra dependency).
 struct Rng(u64);

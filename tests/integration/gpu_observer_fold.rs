@@ -13,7 +13,7 @@ use qfuse::kernels;
 use qfuse::ops::BatchNorm;
 use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
 use qfuse::reference;
-use qfuse::{Backend, CpuBackend, GpuBackend};
+use qfuse::{CpuBackend, GpuBackend, HostOps};
 
 /// SplitMix64: a small deterministic generator.
 struct Rng(u64);

@@ -16,7 +16,7 @@ use qfuse::ops::{
 use qfuse::qat::{self, FakeQuantConfig, ObserverKind, QatLayer, QatQConfig};
 use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
 use qfuse::reference;
-use qfuse::{Backend, CpuBackend, Error, GpuBackend};
+use qfuse::{CpuBackend, Error, GpuBackend, HostOps};
 
 // ------------------------------------------------------------------------- helpers
 
@@ -304,7 +304,7 @@ fn prepare_qat_errors_leave_the_model_unchanged() {
 
 /// The ConvBn QAT module's training step equals calling the Backend's conv_bn_qat ops
 /// directly (fresh min/max observer: the same qparams as the op's own observer).
-fn check_against_backend_ops(b: &dyn Backend, what: &str) {
+fn check_against_backend_ops(b: &dyn HostOps, what: &str) {
     for (i, (bias, act, scheme)) in [
         (true, true, QScheme::PerChannelSymmetric),
         (false, false, QScheme::PerTensorSymmetric),
@@ -484,7 +484,7 @@ fn cpu_and_gpu_agree() {
 
 // ------------------------------------------------------------------------- freeze_bn
 
-fn check_freeze_bn(b: &dyn Backend, what: &str) {
+fn check_freeze_bn(b: &dyn HostOps, what: &str) {
     let mut rng = Rng(30);
     let mut m = conv_bn_relu(&mut rng, 4, true, true);
     qat::prepare_qat(&mut m, &minmax_qconfig(QScheme::PerChannelSymmetric)).unwrap();
@@ -682,7 +682,7 @@ fn weight_only_x86() -> QatQConfig {
     QatQConfig::weight_only(FakeQuantConfig::default_per_channel_weight())
 }
 
-fn check_gamma_zero(b: &dyn Backend, what: &str) {
+fn check_gamma_zero(b: &dyn HostOps, what: &str) {
     let mut rng = Rng(50);
     let float = gamma_zero_model(&mut rng);
     let x = rng.arr(&[2, 3, 6, 6], -1.0, 1.0);
@@ -949,7 +949,7 @@ fn convert_to_float_equals_the_float_fused_model() {
 // ------------------------------------------------------------------------- training
 
 /// MSE against a fixed random teacher, SGD on a QAT student: the loss goes down.
-fn check_training(b: &dyn Backend, what: &str) {
+fn check_training(b: &dyn HostOps, what: &str) {
     let mut rng = Rng(80);
     let teacher_w = rng.arr(&[3, 4 * 4 * 4], -0.3, 0.3);
     let xs: Vec<ArrayD<f32>> = (0..4).map(|_| rng.arr(&[8, 3, 4, 4], -1.0, 1.0)).collect();
@@ -1094,7 +1094,7 @@ fn train_step_and_sgd_refuse_what_they_cannot_do() {
 
 /// With fake quant off, the QAT ConvBnReLU2d step (its γ = 0 channel included) has the
 /// float conv → BatchNorm → ReLU chain's gradients.
-fn check_float_gradients(b: &dyn Backend, what: &str) {
+fn check_float_gradients(b: &dyn HostOps, what: &str) {
     let mut rng = Rng(110);
     let float = gamma_zero_model(&mut rng);
     let Layer::Fused(f) = float.get("0").unwrap().layer().clone() else {

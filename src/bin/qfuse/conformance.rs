@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
 use qfuse::conformance::{run_dir, summary};
 
 use crate::BackendChoice;
@@ -21,7 +21,7 @@ pub fn run(dir: &Path, choice: BackendChoice) -> qfuse::Result<ExitCode> {
             }
         },
     };
-    let mut backends: Vec<&dyn Backend> = Vec::new();
+    let mut backends: Vec<&dyn HostOps> = Vec::new();
     if choice != BackendChoice::Gpu {
         backends.push(&cpu);
     }

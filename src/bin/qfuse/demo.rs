@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use ndarray::{ArrayD, Axis};
-use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
 use qfuse::config::{self, QuantMode};
 use qfuse::deploy;
 use qfuse::gpu::GpuContext;
@@ -115,7 +115,7 @@ fn argmax(y: &ArrayD<f32>) -> Vec<usize> {
 /// timed ones: the output and the median time in ms.
 fn measure(
     model: &mut Module,
-    b: &dyn Backend,
+    b: &dyn HostOps,
     x: &ArrayD<f32>,
     runs: usize,
 ) -> qfuse::Result<(ArrayD<f32>, f64)> {
@@ -166,7 +166,7 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
 
     let mut gpu_ctx: Option<Arc<GpuContext>> = None;
     let (backend, kind, adapter, fallback): (
-        Box<dyn Backend>,
+        Box<dyn HostOps>,
         &str,
         Option<String>,
         Option<String>,
@@ -442,7 +442,7 @@ impl Deployed {
 fn deploy_section(
     args: &DemoArgs,
     model: &Module,
-    b: &dyn Backend,
+    b: &dyn HostOps,
     gpu_ctx: Option<Arc<GpuContext>>,
     x: &ArrayD<f32>,
     calibration: &[ArrayD<f32>],

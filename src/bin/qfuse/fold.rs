@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use qfuse::backend::{best_available, Backend, CpuBackend, GpuBackend};
+use qfuse::backend::{best_available, CpuBackend, GpuBackend, HostOps};
 use qfuse::fold_state_dict::{FoldJob, FoldSpec, DEFAULT_EPS};
 
 /// Where the folds run.
@@ -54,7 +54,7 @@ pub fn run(args: &FoldArgs) -> qfuse::Result<ExitCode> {
         .map(|f| FoldSpec::parse(f).map(|s| s.transposed(args.transpose).with_eps(args.eps)))
         .collect::<qfuse::Result<Vec<_>>>()?;
     let job = FoldJob::prepare(&args.input, &args.output, &specs)?;
-    let backend: Box<dyn Backend> = match args.backend {
+    let backend: Box<dyn HostOps> = match args.backend {
         FoldBackend::Cpu => Box::new(CpuBackend),
         FoldBackend::Gpu => Box::new(GpuBackend::from_system()?),
         FoldBackend::Auto => {
