@@ -6,7 +6,7 @@ use crate::common;
 
 use std::path::PathBuf;
 
-use qfuse::backend::{HostOps, CpuBackend, GpuBackend};
+use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
 use qfuse::conformance::{run_case_file, run_dir, summary};
 use qfuse::io::state_dict::{HostTensor, StateDict};
 
