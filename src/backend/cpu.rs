@@ -431,6 +431,21 @@ impl FusedOps for CpuBackend {
             saved: f,
         })
     }
+    fn conv_bn_qat_forward_pytorch(
+        &self,
+        x: &ArrayD<f32>,
+        conv: &Conv2d<ArrayD<f32>>,
+        bn: &BatchNorm<ArrayD<f32>>,
+        cfg: &QatConfig,
+    ) -> Result<QatStep<ArrayD<f32>, QParams, QatForward>> {
+        let f = r::conv_bn::conv_bn_qat_forward(
+            &a4(x, "QAT input")?,
+            &host_conv(conv)?,
+            &host_bn(bn)?,
+            cfg,
+        )?;
+        self.qat_forward_from_host(&f)
+    }
     fn conv_bn_qat_backward(
         &self,
         x: &ArrayD<f32>,

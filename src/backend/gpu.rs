@@ -233,6 +233,31 @@ impl GpuBackend {
         }
     }
 
+    /// A kernel QAT forward as the backend's step (`zero`: the channels where γ = 0).
+    fn qat_step(
+        &self,
+        f: kernels::conv_bn::GpuQatForward,
+        zero: Vec<usize>,
+    ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
+        let (running_mean, running_var) = self.stats_rows(&f.stats.running)?;
+        Ok(QatStep {
+            y: f.y,
+            running_mean,
+            running_var,
+            weight_qparams: f.weight_qparams,
+            saved: GpuQatState {
+                scale_factor: f.scale_factor,
+                weight_q: f.weight_q,
+                weight_mask: f.weight_mask,
+                bn_input: f.bn_input,
+                stats: f.stats.stats,
+                bn_out: f.bn_out,
+                conv_out: f.conv_out,
+                zero_gamma: Some(zero),
+            },
+        })
+    }
+
     fn stats_rows(&self, t: &GpuTensor) -> Result<(GpuTensor, GpuTensor)> {
         let mut rows = self.split_rows(t)?;
         match (rows.pop(), rows.pop(), rows.is_empty()) {
@@ -643,23 +668,26 @@ impl FusedOps for GpuBackend {
             cfg,
             &gweight,
         )?;
-        let (running_mean, running_var) = self.stats_rows(&f.stats.running)?;
-        Ok(QatStep {
-            y: f.y,
-            running_mean,
-            running_var,
-            weight_qparams: f.weight_qparams,
-            saved: GpuQatState {
-                scale_factor: f.scale_factor,
-                weight_q: f.weight_q,
-                weight_mask: f.weight_mask,
-                bn_input: f.bn_input,
-                stats: f.stats.stats,
-                bn_out: f.bn_out,
-                conv_out: f.conv_out,
-                zero_gamma: Some(zero),
-            },
-        })
+        self.qat_step(f, zero)
+    }
+
+    fn conv_bn_qat_forward_pytorch(
+        &self,
+        x: &GpuTensor,
+        conv: &Conv2d<GpuTensor>,
+        bn: &BatchNorm<GpuTensor>,
+        cfg: &QatConfig,
+    ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
+        let gbn = self.pack_batch_norm(bn)?;
+        let f = kernels::conv_bn::conv_bn_qat_forward(
+            &self.ctx,
+            x,
+            &gconv(conv),
+            &gbn,
+            bn.momentum,
+            cfg,
+        )?;
+        self.qat_step(f, Vec::new())
     }
 
     /// On the device; where γ = 0 in some channel (rare), their dγ is recomputed from the

@@ -119,16 +119,15 @@ pub trait HostOps {
         act: Activation,
     ) -> Result<(Array4<f32>, Folded)>;
 
-    /// `ConvBn2d` / `ConvBnReLU2d` QAT forward in training mode (PyTorch's step).
+    /// `ConvBn2d` / `ConvBnReLU2d` QAT forward in training mode (PyTorch's step, NaN where
+    /// γ = 0 as PyTorch gives).
     fn conv_bn_qat_forward(
         &self,
         x: &Array4<f32>,
         conv: &Conv2d,
         bn: &BatchNorm,
         cfg: &QatConfig,
-    ) -> Result<QatForward> {
-        self.conv_bn_qat_forward_with(x, conv, bn, cfg, &QatWeightQuant::default())
-    }
+    ) -> Result<QatForward>;
 
     /// The QAT step that qfuse's QAT modules ([`crate::qat`]) run: as
     /// [`HostOps::conv_bn_qat_forward`], with the weight fake quant's qparams given or
@@ -458,6 +457,20 @@ impl<B: Backend> HostOps for B {
             down4(self, &y, "conv_bn_act_eval output")?,
             down_folded(self, &f)?,
         ))
+    }
+
+    fn conv_bn_qat_forward(
+        &self,
+        x: &Array4<f32>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        cfg: &QatConfig,
+    ) -> Result<QatForward> {
+        let gbn = upload_batch_norm(self, bn)?;
+        let gconv = upload_conv2d(self, conv)?;
+        let f =
+            super::FusedOps::conv_bn_qat_forward_pytorch(self, &up(self, x)?, &gconv, &gbn, cfg)?;
+        self.qat_forward_to_host(&f, &gconv)
     }
 
     fn conv_bn_qat_forward_with(

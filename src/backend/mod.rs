@@ -306,6 +306,17 @@ pub trait FusedOps: Device {
         weight: &QatWeightQuant<Self::QParams>,
     ) -> Result<QatStep<Self::Tensor, Self::QParams, Self::QatSaved>>;
 
+    /// PyTorch's QAT step exactly ([`crate::reference::conv_bn::conv_bn_qat_forward`]):
+    /// the weight observed, fake quant on, and NaN where γ = 0 (as PyTorch gives).
+    #[allow(clippy::type_complexity)]
+    fn conv_bn_qat_forward_pytorch(
+        &self,
+        x: &Self::Tensor,
+        conv: &Conv2d<Self::Tensor>,
+        bn: &BatchNorm<Self::Tensor>,
+        cfg: &QatConfig,
+    ) -> Result<QatStep<Self::Tensor, Self::QParams, Self::QatSaved>>;
+
     /// Backward of [`FusedOps::conv_bn_qat_forward`] for upstream `dy`.
     fn conv_bn_qat_backward(
         &self,
