@@ -435,8 +435,40 @@ fn int8_forward_mnist(c: &mut Criterion) {
     g.finish();
 }
 
+/// NNI's Mnist float forward at batch 64, eval: `gpu` device-resident
+/// (`model::mnist::device_forward` on the GPU backend: parameters uploaded once; one upload of
+/// the batch and one download of the log-probabilities per forward, both inside the timing),
+/// `cpu_reference` the same chain on the CPU backend, `module_host_ops` `Module::forward`
+/// through the host-array layer on the GPU (every op uploads and downloads).
+fn mnist_forward(c: &mut Criterion) {
+    use qfuse::backend::Device;
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "mnist_forward");
+    let mut m = mnist::mnist(0).unwrap();
+    m.eval();
+    mnist::set_trained_bn_stats(&mut m, &mnist::synthetic_batch(32, 1), 3).unwrap();
+    let x = mnist::synthetic_batch(64, 2).into_dyn();
+    let gpu = GpuBackend::new(ctx.clone());
+    let on_gpu = mnist::device_forward(&m, gpu.clone()).unwrap();
+    let on_cpu = mnist::device_forward(&m, CpuBackend).unwrap();
+    g.bench_function(BenchmarkId::new("gpu", "batch64"), |b| {
+        b.iter(|| {
+            gpu.download(&on_gpu.forward(&gpu.upload(&x).unwrap()).unwrap())
+                .unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("cpu_reference", "batch64"), |b| {
+        b.iter(|| on_cpu.forward(&x).unwrap())
+    });
+    g.bench_function(BenchmarkId::new("module_host_ops", "batch64"), |b| {
+        b.iter(|| m.forward(&gpu, &x).unwrap())
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    mnist_forward,
     fake_quant,
     observers,
     fold,

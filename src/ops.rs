@@ -222,6 +222,30 @@ pub fn check_linear_int8_input(x: &[usize], w: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// The output size `(OH, OW)` of 2-D max pooling without padding
+/// (`torch.nn.functional.max_pool2d`), shared by the reference and the kernels.
+///
+/// Errors: [`Error::InvalidArgument`] for a zero kernel or stride, or a kernel larger than the
+/// input's height or width.
+pub fn max_pool2d_output(
+    h: usize,
+    w: usize,
+    kernel: usize,
+    stride: usize,
+) -> Result<(usize, usize)> {
+    if kernel == 0 || stride == 0 {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
+        )));
+    }
+    if kernel > h || kernel > w {
+        return Err(Error::invalid(format!(
+            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
+        )));
+    }
+    Ok(((h - kernel) / stride + 1, (w - kernel) / stride + 1))
+}
+
 /// The shape `torch.flatten(x, 1)` gives: `[N, rest]` for an input `[N, ...]`.
 ///
 /// Errors: [`Error::InvalidArgument`] for a scalar, or an element count that overflows.
@@ -234,6 +258,27 @@ pub fn flatten_shape(shape: &[usize]) -> Result<[usize; 2]> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| Error::invalid(format!("flatten: shape {shape:?} overflows")))?;
     Ok([n, rest])
+}
+
+/// The shape `torch.flatten(x, start_dim, end_dim)` gives (negative dims count from the
+/// end): the dims `start_dim..=end_dim` merged into one.
+///
+/// Errors: [`Error::InvalidArgument`] for dims that do not fit `shape`.
+pub fn flatten_dims(shape: &[usize], start_dim: isize, end_dim: isize) -> Result<Vec<usize>> {
+    let r = shape.len() as isize;
+    let norm = |d: isize| if d < 0 { d + r } else { d };
+    let (s, e) = (norm(start_dim), norm(end_dim));
+    if r == 0 || s < 0 || e >= r || s > e {
+        return Err(Error::invalid(format!(
+            "Flatten(start_dim={start_dim}, end_dim={end_dim}) does not fit an input of shape \
+             {shape:?}"
+        )));
+    }
+    let (s, e) = (s as usize, e as usize);
+    let mut out: Vec<usize> = shape[..s].to_vec();
+    out.push(shape[s..=e].iter().product());
+    out.extend_from_slice(&shape[e + 1..]);
+    Ok(out)
 }
 
 /// A reshape keeps the element count: `Err(ShapeMismatch)` unless `from` and `to` hold as
@@ -344,6 +389,42 @@ pub enum Activation {
 impl Activation {
     /// PyTorch's default `LeakyReLU` slope, `0.01`.
     pub const DEFAULT_NEGATIVE_SLOPE: f32 = 0.01;
+
+    /// The clamp bounds `[lo, hi]` of an output quantized with `scale` / `zero_point` in
+    /// `range` after a fused activation, matching what fake quantization of the activation's
+    /// output gives: `None` → the range; ReLU → `lo = max(qmin, zp)`; ReLU6 → also
+    /// `hi = min(qmax, round_ties_even(6 · (1/scale)) + zp)` (1/scale in f32, as
+    /// [`crate::reference::fake_quant`] computes it).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for activations an integer kernel cannot clamp
+    /// (LeakyReLU, Hardswish), or a range outside `[-128, 127]`.
+    pub fn int8_bounds(
+        self,
+        scale: f32,
+        zero_point: i32,
+        range: crate::quant::QuantRange,
+    ) -> Result<(i32, i32)> {
+        range.check_int8_codes()?;
+        let (qmin, qmax) = (range.quant_min, range.quant_max);
+        match self {
+            Activation::None => Ok((qmin, qmax)),
+            Activation::Relu => Ok((zero_point.max(qmin).min(qmax), qmax)),
+            Activation::Relu6 => {
+                let six = (6.0f32 * (1.0f32 / scale)).round_ties_even();
+                let hi = if six >= (qmax - zero_point) as f32 {
+                    qmax
+                } else {
+                    six as i32 + zero_point
+                };
+                let lo = zero_point.max(qmin).min(qmax);
+                Ok((lo, hi.max(lo)))
+            }
+            other => Err(Error::invalid(format!(
+                "activation {other:?} has no integer epilogue (only none, ReLU and ReLU6 fold into \
+                 the requantization clamp)"
+            ))),
+        }
+    }
 
     /// Parses `none` (or `identity`), `relu`, `relu6`, `hardswish`, `leaky_relu` (slope
     /// 0.01) and `leaky_relu:<slope>`.
@@ -710,5 +791,29 @@ impl<Q> QatWeightQuant<Q> {
             qparams: Some(qparams),
             fake_quant_enabled: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_int8_bounds() {
+        let r = crate::quant::QuantRange::new(-128, 127).unwrap();
+        assert_eq!(
+            Activation::None.int8_bounds(0.1, -3, r).unwrap(),
+            (-128, 127)
+        );
+        assert_eq!(Activation::Relu.int8_bounds(0.1, -3, r).unwrap(), (-3, 127));
+        // 6 / 0.1 = 60 codes above the zero point.
+        assert_eq!(Activation::Relu6.int8_bounds(0.1, -3, r).unwrap(), (-3, 57));
+        assert_eq!(
+            Activation::Relu6.int8_bounds(0.01, -128, r).unwrap(),
+            (-128, 127)
+        );
+        assert!(Activation::Hardswish.int8_bounds(0.1, 0, r).is_err());
+        let u8r = crate::quant::QuantRange::new(0, 255).unwrap();
+        assert!(Activation::None.int8_bounds(0.1, 0, u8r).is_err());
     }
 }

@@ -549,7 +549,7 @@ impl Int8Ops for GpuBackend {
     /// Quantizes on the device, then reads the kernel's NaN status word (4 bytes) so a NaN
     /// input is refused with the reference's error.
     fn quantize(&self, x: &GpuTensor, qp: &GpuQParams, range: QuantRange) -> Result<GpuInt8Tensor> {
-        crate::reference::int8::check_code_range(range)?;
+        range.check_int8_codes()?;
         qp.validate(x.shape(), range)?;
         kernels::int8::quantize(&self.ctx, x, qp, range)?.into_checked(&self.ctx)
     }

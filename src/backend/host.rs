@@ -271,30 +271,30 @@ pub(crate) fn to1(a: ArrayD<f32>, what: &str) -> Result<Array1<f32>> {
     into_dim::<f32, Ix1>(a, what)
 }
 
-fn up<B: Device + ?Sized, D: Dimension>(b: &B, a: &ndarray::Array<f32, D>) -> Result<B::Tensor> {
+fn up<B: Device, D: Dimension>(b: &B, a: &ndarray::Array<f32, D>) -> Result<B::Tensor> {
     b.upload(&a.view().into_dyn().to_owned())
 }
 
-fn up_opt<B: Device + ?Sized>(b: &B, a: Option<&Array1<f32>>) -> Result<Option<B::Tensor>> {
+fn up_opt<B: Device>(b: &B, a: Option<&Array1<f32>>) -> Result<Option<B::Tensor>> {
     a.map(|a| up(b, a)).transpose()
 }
 
-fn down4<B: Device + ?Sized>(b: &B, t: &B::Tensor, what: &str) -> Result<Array4<f32>> {
+fn down4<B: Device>(b: &B, t: &B::Tensor, what: &str) -> Result<Array4<f32>> {
     into_dim::<f32, Ix4>(b.download(t)?, what)
 }
 
-fn down1<B: Device + ?Sized>(b: &B, t: &B::Tensor, what: &str) -> Result<Array1<f32>> {
+fn down1<B: Device>(b: &B, t: &B::Tensor, what: &str) -> Result<Array1<f32>> {
     to1(b.download(t)?, what)
 }
 
-fn down_folded<B: Device + ?Sized>(b: &B, f: &Folded<B::Tensor, B::Tensor>) -> Result<Folded> {
+fn down_folded<B: Device>(b: &B, f: &Folded<B::Tensor, B::Tensor>) -> Result<Folded> {
     Ok(Folded {
         weight: b.download(&f.weight)?,
         bias: down1(b, &f.bias, "folded bias")?,
     })
 }
 
-fn down_bn_out<B: Device + ?Sized>(
+fn down_bn_out<B: Device>(
     b: &B,
     o: &BatchNormOutput<B::Tensor, B::Tensor>,
 ) -> Result<BatchNormOutput> {
@@ -611,7 +611,7 @@ impl<B: Backend> HostOps for B {
     }
 
     fn quantize(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<i8>> {
-        crate::reference::int8::check_code_range(range)?;
+        range.check_int8_codes()?;
         qp.validate(x.shape(), range)?;
         let gx = self.upload(x)?;
         let gqp = self.upload_qparams(qp)?;

@@ -61,7 +61,7 @@ impl<T> Shaped for ArrayD<T> {
 }
 
 /// Where a backend's tensors live, and the explicit edges data crosses to get there.
-pub trait Device {
+pub trait Device: Clone {
     /// An `f32` tensor on this backend.
     type Tensor: Shaped + Clone + Debug + crate::ops::ConvWeight<Bias = Self::Tensor>;
     /// A tensor of 8-bit integer codes on this backend.
@@ -348,24 +348,18 @@ pub trait Backend: Device + FloatOps + QuantOps + Int8Ops + FusedOps {}
 impl<B: Device + FloatOps + QuantOps + Int8Ops + FusedOps> Backend for B {}
 
 /// Uploads a host BatchNorm's vectors (an upload edge).
-pub fn upload_batch_norm<B: Device + ?Sized>(
-    b: &B,
-    bn: &BatchNorm,
-) -> Result<BatchNorm<B::Tensor>> {
+pub fn upload_batch_norm<B: Device>(b: &B, bn: &BatchNorm) -> Result<BatchNorm<B::Tensor>> {
     bn.validate()?;
     bn.try_map(|a| b.upload(&a.clone().into_dyn()))
 }
 
 /// Downloads a device BatchNorm to the host (a download edge).
-pub fn download_batch_norm<B: Device + ?Sized>(
-    b: &B,
-    bn: &BatchNorm<B::Tensor>,
-) -> Result<BatchNorm> {
+pub fn download_batch_norm<B: Device>(b: &B, bn: &BatchNorm<B::Tensor>) -> Result<BatchNorm> {
     bn.try_map(|t| host::to1(b.download(t)?, "BatchNorm vector"))
 }
 
 /// Uploads a host conv layer (an upload edge).
-pub fn upload_conv2d<B: Device + ?Sized>(b: &B, conv: &Conv2d) -> Result<Conv2d<B::Tensor>> {
+pub fn upload_conv2d<B: Device>(b: &B, conv: &Conv2d) -> Result<Conv2d<B::Tensor>> {
     Ok(Conv2d {
         weight: b.upload(&conv.weight.clone().into_dyn())?,
         bias: conv

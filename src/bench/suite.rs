@@ -1168,9 +1168,9 @@ fn int_model_ops(model: &IntModel, shape: &[usize]) -> Result<f64> {
 /// The Mnist network in int8 (`deploy::convert` of `model::mnist` with trained-like BN
 /// statistics, default config): forward at `batch`, device-resident ([`GpuIntModel`]: weights
 /// uploaded once, codes stay on the device, input uploaded and output codes downloaded each
-/// run) against [`IntModel::forward`] through the `Backend` interface on the same context
-/// (every op uploads, runs, downloads), timed interleaved: `int8_forward/mnist/device` (with
-/// the speedup) and `int8_forward/mnist/backend`.
+/// run) against [`IntModel::forward`] on a [`crate::GpuBackend`] of the same context (which
+/// prepares the model, packing and uploading every weight, on each call), timed interleaved:
+/// `int8_forward/mnist/device` (with the speedup) and `int8_forward/mnist/backend`.
 fn int8_mnist(
     r: &mut Runner<'_>,
     cfg: &BenchConfig,
@@ -1229,8 +1229,8 @@ fn int8_mnist(
         work,
         d,
         Some(format!(
-            "deploy::GpuIntModel: codes stay on the device ({} dot); speedup = Backend time / \
-             this",
+            "deploy::GpuIntModel: prepared once, codes stay on the device ({} dot); speedup = \
+             IntModel::forward time (prepares per call) / this",
             dot_name(dot)
         )),
     );
@@ -1242,7 +1242,10 @@ fn int8_mnist(
         &shape,
         work,
         b,
-        Some("IntModel::forward(&GpuBackend): each op uploads, runs, downloads".to_string()),
+        Some(
+            "IntModel::forward(&GpuBackend): prepares (packs, uploads weights) per call"
+                .to_string(),
+        ),
     );
     Ok(())
 }

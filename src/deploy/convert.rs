@@ -321,7 +321,7 @@ pub fn convert<'a>(
         let out = &values[i + 1];
         let (s_out, z_out) = (out.scale[0], out.zero_point[0]);
         let bounds = |act: Activation| -> Result<(i32, i32)> {
-            Requant::activation_bounds(act, s_out, z_out, range)
+            act.int8_bounds(s_out, z_out, range)
                 .map_err(|e| Error::invalid(format!("node `{}`: {e}", node.name)))
         };
         let layer = match &node.op {

@@ -6,7 +6,7 @@ use ndarray::ArrayD;
 use super::convert::{DeployConfig, IntLayer, IntModel};
 use super::net::Net;
 use super::run::{simulate_node_unfused, simulate_unfused_values};
-use crate::backend::HostOps;
+use crate::backend::{Backend, HostOps};
 use crate::error::{Error, Result};
 
 /// How far two code tensors of the same output are apart.
@@ -90,15 +90,16 @@ pub struct LayerGap {
 /// `backend`, and counts how the output codes differ.
 ///
 /// Errors: those of [`IntModel::forward`], [`IntModel::simulate`] and [`simulate_unfused`].
-pub fn measure_gap(
+pub fn measure_gap<B: Backend>(
     net: &Net,
     model: &IntModel,
     config: &DeployConfig,
-    backend: &dyn HostOps,
+    backend: &B,
     x: &ArrayD<f32>,
 ) -> Result<GapReport> {
     let range = model.activation_range;
     let int = model.forward_values(backend, x)?;
+    let backend: &dyn HostOps = backend;
     let fused = model.simulate_values(backend, x)?;
     let unfused = simulate_unfused_values(net, model, config, backend, x)?;
     let codes_gap = |v: usize, sim: &ArrayD<f32>| -> Result<Gap> {

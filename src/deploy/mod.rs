@@ -25,14 +25,14 @@
 //! and parts from the simulation far more often: [`measure_gap`] shows by how much.
 
 mod convert;
+mod device;
 mod export;
 mod gap;
-mod gpu;
 mod net;
 mod run;
 
 pub use convert::{convert, DeployConfig, IntLayer, IntModel, IntNode};
+pub use device::{DeviceIntModel, GpuIntModel};
 pub use gap::{measure_gap, Gap, GapReport, LayerGap};
-pub use gpu::GpuIntModel;
 pub use net::{Net, Node, NodeOp, ValueId};
 pub use run::{simulate_node_unfused, simulate_unfused, simulate_unfused_values};

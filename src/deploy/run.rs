@@ -5,7 +5,8 @@ use ndarray::{Array1, ArrayD};
 
 use super::convert::{weight_qparams, DeployConfig, IntLayer, IntModel};
 use super::net::{as2, as4, check_same, flatten, Net, NodeOp};
-use crate::backend::HostOps;
+use super::DeviceIntModel;
+use crate::backend::{Backend, HostOps};
 use crate::error::{Error, Result};
 use crate::quant::QParams;
 
@@ -39,84 +40,38 @@ impl IntModel {
 
     /// The integer forward on `backend`: quantizes `x` with the input's qparams, runs every
     /// layer on codes (i32 accumulation, fixed-point requantization, clamps), and returns the
-    /// output codes (dequantize with [`IntModel::output_qparams`]).
+    /// output codes (dequantize with [`IntModel::output_qparams`]). Prepares the model on the
+    /// backend for this call and runs the one graph interpreter
+    /// ([`super::DeviceIntModel`]; keep one to prepare once).
     ///
     /// Errors: an invalid model, an input of the wrong shape or holding NaN, backend errors.
-    pub fn forward(&self, backend: &dyn HostOps, x: &ArrayD<f32>) -> Result<ArrayD<i8>> {
-        let values = self.forward_values(backend, x)?;
-        take(values, self.output)
+    pub fn forward<B: Backend>(&self, backend: &B, x: &ArrayD<f32>) -> Result<ArrayD<i8>> {
+        self.check_input(x)?;
+        DeviceIntModel::prepare(self, backend.clone())?.forward(x)
     }
 
     /// [`IntModel::forward`], returning the codes of every value (index = value id).
     ///
     /// Errors: as [`IntModel::forward`].
-    pub fn forward_values(
+    pub fn forward_values<B: Backend>(
         &self,
-        backend: &dyn HostOps,
+        backend: &B,
         x: &ArrayD<f32>,
     ) -> Result<Vec<ArrayD<i8>>> {
         self.check_input(x)?;
-        let mut codes: Vec<ArrayD<i8>> = Vec::with_capacity(self.values.len());
-        codes.push(backend.quantize(x, &self.values[0], self.activation_range)?);
-        for node in &self.nodes {
-            let zp_in = self.values[node.inputs[0]].zero_point[0];
-            let xin = &codes[node.inputs[0]];
-            let y = match &node.layer {
-                IntLayer::Conv {
-                    weight,
-                    bias,
-                    params,
-                    requant,
-                    ..
-                } => backend
-                    .conv2d_int8(
-                        &as4(xin, &node.name)?,
-                        zp_in,
-                        weight,
-                        bias.as_ref(),
-                        params,
-                        requant,
-                    )?
-                    .into_dyn(),
-                IntLayer::Linear {
-                    weight,
-                    bias,
-                    requant,
-                    ..
-                } => backend
-                    .linear_int8(
-                        &as2(xin, &node.name)?,
-                        zp_in,
-                        weight,
-                        bias.as_ref(),
-                        requant,
-                    )?
-                    .into_dyn(),
-                IntLayer::MaxPool2d { kernel, stride } => backend
-                    .max_pool2d_int8(&as4(xin, &node.name)?, *kernel, *stride)?
-                    .into_dyn(),
-                IntLayer::Flatten => flatten(xin)?,
-                IntLayer::Add { add, .. } => {
-                    let b = &codes[node.inputs[1]];
-                    check_same(xin, b, &node.name)?;
-                    backend.add_int8(xin, b, add)?
-                }
-            };
-            codes.push(y);
-        }
-        Ok(codes)
+        DeviceIntModel::prepare(self, backend.clone())?.forward_values(x)
     }
 
     /// [`IntModel::forward`], dequantized to f32.
     ///
     /// Errors: as [`IntModel::forward`].
-    pub fn forward_dequantized(
+    pub fn forward_dequantized<B: Backend>(
         &self,
-        backend: &dyn HostOps,
+        backend: &B,
         x: &ArrayD<f32>,
     ) -> Result<ArrayD<f32>> {
         let q = self.forward(backend, x)?;
-        backend.dequantize(&q, self.output_qparams())
+        HostOps::dequantize(backend, &q, self.output_qparams())
     }
 
     /// The fused fake-quantization simulation of this model, in f32 on `backend`: the input

@@ -476,7 +476,7 @@ pub fn quantize(
     qp: &GpuQParams,
     range: QuantRange,
 ) -> Result<GpuQuantized> {
-    crate::reference::int8::check_code_range(range)?;
+    range.check_int8_codes()?;
     qp.validate(x.shape(), range)?;
     expect_f32("quantize input", x)?;
     to_u32(x.len(), "quantize element count")?;
@@ -565,7 +565,7 @@ pub fn max_pool2d_int8(
             x.shape()
         ))
     })?;
-    let (oh, ow) = crate::reference::layers::max_pool2d_output(h, w, kernel, stride)?;
+    let (oh, ow) = crate::ops::max_pool2d_output(h, w, kernel, stride)?;
     to_u32(x.words.len(), "max_pool2d input word count")?;
     let y = GpuInt8Tensor::zeros(ctx, &[n, c, oh, ow])?;
     let words = y.words.len();

@@ -68,7 +68,7 @@ pub fn max_pool2d(
             x.shape()
         ))
     })?;
-    let (oh, ow) = crate::reference::layers::max_pool2d_output(h, w, kernel, stride)?;
+    let (oh, ow) = crate::ops::max_pool2d_output(h, w, kernel, stride)?;
     expect_f32("max_pool2d input", x)?;
     to_u32(x.len(), "max_pool2d input element count")?;
     let y = GpuTensor::zeros(ctx, &[n, c, oh, ow], DType::F32)?;

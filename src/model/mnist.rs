@@ -57,10 +57,11 @@
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, IxDyn};
 
+use crate::backend::Backend;
 use crate::config::ConfigList;
 use crate::error::{Error, Result};
 use crate::io::StateDict;
-use crate::nn::{BatchNormLayer, Container, Layer, Module};
+use crate::nn::{BatchNormLayer, Container, DeviceChain, Layer, Module};
 use crate::ops::{BatchNorm, Conv2dParams};
 
 /// The input shape of one image: `[1, 28, 28]` (a batch is `[N, 1, 28, 28]`).
@@ -171,6 +172,27 @@ fn assemble(
             Module::log_softmax(1).forward(s.backend(), &h)
         })?;
     Ok(Module::container(c))
+}
+
+/// The eval forward of a Mnist network built by [`mnist`] (float, or after
+/// `fuse_modules`), prepared on `backend`: its parameters placed there once, the forward on
+/// the backend's tensors ([`DeviceChain`]): the conv chain, `view(-1, 800)`, the fc chain,
+/// `log_softmax(dim=1)`. On the GPU one forward is one upload (the batch) and one download
+/// (the log-probabilities).
+///
+/// Errors: a model without the Mnist children, children with no device forward (QAT
+/// modules, hooks), backend errors.
+pub fn device_forward<B: Backend>(model: &Module, backend: B) -> Result<DeviceChain<B>> {
+    let mut chain = DeviceChain::new(backend);
+    for name in CHAIN_CONV {
+        chain.push(name, model.get(name)?)?;
+    }
+    chain.push("view", &Module::flatten(1, -1))?;
+    for name in CHAIN_FC {
+        chain.push(name, model.get(name)?)?;
+    }
+    chain.push("log_softmax", &Module::log_softmax(1))?;
+    Ok(chain)
 }
 
 /// PyTorch's default `Conv2d` / `Linear` initialisation: `kaiming_uniform_(a=sqrt(5))` for

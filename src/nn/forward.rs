@@ -331,20 +331,5 @@ fn log_softmax(b: &dyn HostOps, x: &ArrayD<f32>, dim: isize) -> Result<ArrayD<f3
 
 /// `torch.flatten(x, start_dim, end_dim)`.
 fn flatten(x: &ArrayD<f32>, start_dim: isize, end_dim: isize) -> Result<ArrayD<f32>> {
-    let r = x.ndim() as isize;
-    let norm = |d: isize| if d < 0 { d + r } else { d };
-    let (s, e) = (norm(start_dim), norm(end_dim));
-    if r == 0 || s < 0 || e >= r || s > e {
-        return Err(Error::invalid(format!(
-            "Flatten(start_dim={start_dim}, end_dim={end_dim}) does not fit an input of shape \
-             {:?}",
-            x.shape()
-        )));
-    }
-    let (s, e) = (s as usize, e as usize);
-    let shape = x.shape();
-    let mut out: Vec<usize> = shape[..s].to_vec();
-    out.push(shape[s..=e].iter().product());
-    out.extend_from_slice(&shape[e + 1..]);
-    reshape(x, &out)
+    reshape(x, &ops::flatten_dims(x.shape(), start_dim, end_dim)?)
 }

@@ -71,7 +71,7 @@ pub enum Layer {
     Custom(Box<dyn CustomLayer>),
     /// A QAT module (`torch.ao.nn.intrinsic.qat.ConvBnReLU2d`, `torch.ao.nn.qat.Conv2d`,
     /// ...), built by [`crate::qat::prepare_qat`]: see [`crate::qat::QatLayer`].
-    Qat(Box<crate::qat::QatLayer>),
+    Qat(Box<super::QatLayer>),
 }
 
 impl Layer {

@@ -116,22 +116,30 @@
 //!   working after fusion moves their hook.
 
 mod container;
+mod device;
+pub(crate) mod fake_quantize;
 mod forward;
 mod fused;
 mod hooks;
 mod layer;
 mod module;
 mod path;
+pub(crate) mod qat_layer;
 mod quant;
 mod state_dict;
 
 pub use container::{Container, ForwardFn, Scope};
+pub use device::DeviceChain;
+// The QAT module types live here, beside the layers that hold them (`Layer::Qat`); their
+// public home is `crate::qat`, which holds the QAT procedures.
+use fake_quantize::FakeQuantize;
 pub use fused::{Fused, FusedHead};
 pub use hooks::{ForwardHook, ForwardPreHook, HookHandle, HookKind};
 pub use layer::{
     BatchNormLayer, Conv1dParams, ConvLayer, ConvTransposeLayer, CustomLayer, Layer, LinearLayer,
 };
 pub use module::Module;
+use qat_layer::{QatHead, QatLayer};
 pub use quant::{has_quantizable_bias, weight_channel_axis, QuantTarget, QuantTargets};
 pub(crate) use state_dict::for_each_param_mut;
 pub use state_dict::IncompatibleKeys;

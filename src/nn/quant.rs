@@ -7,9 +7,9 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4};
 
 use super::fused::FusedHead;
 use super::layer::Layer;
+use super::FakeQuantize;
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
-use crate::qat::FakeQuantize;
 
 /// Which tensor of a module a [`FakeQuantize`] of [`QuantTargets`] applies to: NNI's `target_names`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -8,10 +8,10 @@ use ndarray::{Array, ArrayD, ArrayViewMutD, Dimension, IxDyn};
 use super::fused::{Fused, FusedHead};
 use super::layer::{BatchNormLayer, ConvLayer, Layer};
 use super::Module;
+use super::{FakeQuantize, QatLayer};
 use crate::error::{Error, Result};
 use crate::io::state_dict::{dtype_name, Dtype, HostTensor, RawTensor, StateDict};
 use crate::ops::Activation;
-use crate::qat::{FakeQuantize, QatLayer};
 
 /// What [`Module::load_state_dict`] found besides the keys it loaded: PyTorch's
 /// `_IncompatibleKeys`.
@@ -518,8 +518,8 @@ fn load_fake_quant(f: &mut FakeQuantize, p: &str, l: &mut Loader) -> Result<()> 
 
 fn load_qat(q: &mut QatLayer, p: &str, l: &mut Loader) -> Result<()> {
     match &mut q.head {
-        crate::qat::QatHead::Conv1d(c) | crate::qat::QatHead::Conv2d(c) => load_conv(c, p, l)?,
-        crate::qat::QatHead::Linear(x) => {
+        super::QatHead::Conv1d(c) | super::QatHead::Conv2d(c) => load_conv(c, p, l)?,
+        super::QatHead::Linear(x) => {
             l.exact(&key(p, "weight"), &mut x.weight)?;
             if let Some(b) = x.bias.as_mut() {
                 l.exact(&key(p, "bias"), b)?;
@@ -663,10 +663,10 @@ pub(crate) fn for_each_param_mut(
         }
         Layer::Qat(q) => {
             match &mut q.head {
-                crate::qat::QatHead::Conv1d(c) | crate::qat::QatHead::Conv2d(c) => {
+                super::QatHead::Conv1d(c) | super::QatHead::Conv2d(c) => {
                     visit_wb(c.weight.view_mut(), c.bias.as_mut(), p, f)
                 }
-                crate::qat::QatHead::Linear(x) => {
+                super::QatHead::Linear(x) => {
                     visit_wb(x.weight.view_mut().into_dyn(), x.bias.as_mut(), p, f)
                 }
             }

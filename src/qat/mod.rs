@@ -120,14 +120,12 @@
 //! # Ok::<(), qfuse::Error>(())
 //! ```
 
-mod fake_quantize;
-mod layer;
 mod train;
 
 use std::collections::BTreeMap;
 
-pub use fake_quantize::{FakeQuantConfig, FakeQuantize, ObserverKind, QatQConfig};
-pub use layer::{DeployQParams, FinalQParams, QatHead, QatLayer};
+pub use crate::nn::fake_quantize::{FakeQuantConfig, FakeQuantize, ObserverKind, QatQConfig};
+pub use crate::nn::qat_layer::{DeployQParams, FinalQParams, QatHead, QatLayer};
 pub use train::{sgd_step, train_step, Gradients, TrainStep};
 
 use crate::error::Result;

@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::layer::StepSaved;
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
+use crate::nn::qat_layer::StepSaved;
 use crate::nn::{Layer, Module};
 use crate::ops::Activation;
 

@@ -58,6 +58,19 @@ impl QuantRange {
     pub fn validate(&self) -> Result<()> {
         Self::new(self.quant_min, self.quant_max).map(|_| ())
     }
+
+    /// Checks that the range is valid and fits the 8-bit signed codes integer tensors hold
+    /// (`[-128, 127]`): the one check of the integer ops, CPU and GPU.
+    pub fn check_int8_codes(&self) -> Result<()> {
+        self.validate()?;
+        if self.quant_min < -128 || self.quant_max > 127 {
+            return Err(Error::invalid(format!(
+                "integer tensors hold 8-bit signed codes; range [{}, {}] does not fit [-128, 127]",
+                self.quant_min, self.quant_max
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// PyTorch's quantized dtypes that observers know (`torch.qint8`, `torch.quint8`).

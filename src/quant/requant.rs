@@ -9,7 +9,6 @@
 //! `multiplier ∈ [2^30, 2^31)` (a Q0.31 value in `[0.5, 1)`) and `shift ∈ [−31, 30]`.
 
 use crate::error::{Error, Result};
-use crate::quant::QuantRange;
 
 /// A real multiplier in gemmlowp's fixed-point form: `multiplier · 2^(shift − 31)`.
 ///
@@ -169,7 +168,7 @@ pub fn float_requantize(acc: i32, scale: f32) -> f32 {
 /// [`Requant::new`]).
 ///
 /// The clamp bounds carry the fused activation: ReLU raises `clamp_min` to the zero point,
-/// ReLU6 lowers `clamp_max` to the code of 6 (see [`Requant::activation_bounds`]).
+/// ReLU6 lowers `clamp_max` to the code of 6 (see [`crate::ops::Activation::int8_bounds`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Requant {
     /// Which arithmetic the kernels use.
@@ -301,48 +300,6 @@ impl Requant {
         }
         Ok(())
     }
-
-    /// The clamp bounds `[lo, hi]` of an output quantized with `scale` / `zero_point` in
-    /// `range` after a fused activation, matching what fake quantization of the activation's
-    /// output gives: `None` → the range; ReLU → `lo = max(qmin, zp)`; ReLU6 → also
-    /// `hi = min(qmax, round_ties_even(6 · (1/scale)) + zp)` (1/scale in f32, as
-    /// [`crate::reference::fake_quant`] computes it).
-    ///
-    /// Errors: [`Error::InvalidArgument`] for activations an integer kernel cannot clamp
-    /// (LeakyReLU, Hardswish), or a range outside `[-128, 127]`.
-    pub fn activation_bounds(
-        act: crate::ops::Activation,
-        scale: f32,
-        zero_point: i32,
-        range: QuantRange,
-    ) -> Result<(i32, i32)> {
-        use crate::ops::Activation;
-        if range.quant_min < -128 || range.quant_max > 127 {
-            return Err(Error::invalid(format!(
-                "integer kernels store 8-bit signed codes; range [{}, {}] does not fit [-128, 127]",
-                range.quant_min, range.quant_max
-            )));
-        }
-        let (qmin, qmax) = (range.quant_min, range.quant_max);
-        match act {
-            Activation::None => Ok((qmin, qmax)),
-            Activation::Relu => Ok((zero_point.max(qmin).min(qmax), qmax)),
-            Activation::Relu6 => {
-                let six = (6.0f32 * (1.0f32 / scale)).round_ties_even();
-                let hi = if six >= (qmax - zero_point) as f32 {
-                    qmax
-                } else {
-                    six as i32 + zero_point
-                };
-                let lo = zero_point.max(qmin).min(qmax);
-                Ok((lo, hi.max(lo)))
-            }
-            other => Err(Error::invalid(format!(
-                "activation {other:?} has no integer epilogue (only none, ReLU and ReLU6 fold into \
-                 the requantization clamp)"
-            ))),
-        }
-    }
 }
 
 /// TFLite's quantized elementwise add (`tflite::reference_ops::Add` with its
@@ -373,7 +330,7 @@ impl AddRequant {
     pub const LEFT_SHIFT: i32 = 20;
 
     /// Prepares an add of `a` (`a_scale`, `a_zp`) and `b` into an output with `out_scale`,
-    /// `out_zp`, clamped to `bounds` (see [`Requant::activation_bounds`]), as TFLite's
+    /// `out_zp`, clamped to `bounds` (see [`crate::ops::Activation::int8_bounds`]), as TFLite's
     /// `PrepareGeneralSubOp`/`Add` prepare does.
     ///
     /// Errors: [`Error::InvalidScale`] for a scale that is not positive and finite.
@@ -519,32 +476,6 @@ mod tests {
         let m = FixedPointMultiplier::from_real(1024.0).unwrap();
         assert_eq!(m.apply(i32::MAX), 1 << 30);
         assert_eq!(m.apply(i32::MIN), -(1 << 30));
-    }
-
-    #[test]
-    fn activation_bounds() {
-        use crate::ops::Activation;
-        let r = QuantRange::new(-128, 127).unwrap();
-        assert_eq!(
-            Requant::activation_bounds(Activation::None, 0.1, -3, r).unwrap(),
-            (-128, 127)
-        );
-        assert_eq!(
-            Requant::activation_bounds(Activation::Relu, 0.1, -3, r).unwrap(),
-            (-3, 127)
-        );
-        // 6 / 0.1 = 60 codes above the zero point.
-        assert_eq!(
-            Requant::activation_bounds(Activation::Relu6, 0.1, -3, r).unwrap(),
-            (-3, 57)
-        );
-        assert_eq!(
-            Requant::activation_bounds(Activation::Relu6, 0.01, -128, r).unwrap(),
-            (-128, 127)
-        );
-        assert!(Requant::activation_bounds(Activation::Hardswish, 0.1, 0, r).is_err());
-        let u8r = QuantRange::new(0, 255).unwrap();
-        assert!(Requant::activation_bounds(Activation::None, 0.1, 0, u8r).is_err());
     }
 
     #[test]

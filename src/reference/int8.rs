@@ -18,16 +18,9 @@ use crate::error::{Error, Result};
 use crate::ops::Conv2dParams;
 use crate::quant::{AddRequant, QParams, QuantRange, Requant};
 
-/// Checks that `range` is valid and fits the 8-bit signed codes integer tensors hold.
+/// The code-range check of the integer ops (one home: [`QuantRange::check_int8_codes`]).
 pub(crate) fn check_code_range(range: QuantRange) -> Result<()> {
-    range.validate()?;
-    if range.quant_min < -128 || range.quant_max > 127 {
-        return Err(Error::invalid(format!(
-            "integer tensors hold 8-bit signed codes; range [{}, {}] does not fit [-128, 127]",
-            range.quant_min, range.quant_max
-        )));
-    }
-    Ok(())
+    range.check_int8_codes()
 }
 
 /// Quantizes `x` to codes with `qp` (per tensor, or per channel along `qp.axis`):

@@ -37,29 +37,8 @@ pub fn max_pool2d(x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array
     Ok(out)
 }
 
-/// The output size `((h - kernel) / stride + 1, (w - kernel) / stride + 1)` of
-/// [`max_pool2d`] (and of the integer max pooling) on an `h × w` input.
-///
-/// Errors: [`Error::InvalidArgument`] for a zero kernel or stride, or a kernel larger than the
-/// input's height or width.
-pub fn max_pool2d_output(
-    h: usize,
-    w: usize,
-    kernel: usize,
-    stride: usize,
-) -> Result<(usize, usize)> {
-    if kernel == 0 || stride == 0 {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel and stride must be positive, got kernel {kernel}, stride {stride}"
-        )));
-    }
-    if kernel > h || kernel > w {
-        return Err(Error::invalid(format!(
-            "max_pool2d kernel {kernel} is larger than the input's spatial size [{h}, {w}]"
-        )));
-    }
-    Ok(((h - kernel) / stride + 1, (w - kernel) / stride + 1))
-}
+/// The pooling geometry (one home: [`crate::ops::max_pool2d_output`]).
+pub use crate::ops::max_pool2d_output;
 
 /// Linear layer `x · Wᵀ + b` for `x` `[N, in]`, weight `[out, in]`, bias `[out]`: mirrors
 /// `torch.nn.functional.linear` (f32 accumulation; the summation order differs from PyTorch's

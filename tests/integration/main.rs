@@ -17,6 +17,7 @@ mod conformance;
 mod demo;
 mod deploy;
 mod deploy_gpu;
+mod device_forward;
 mod digits;
 mod errors;
 mod fold_cli;
@@ -53,6 +54,7 @@ fn main() -> std::process::ExitCode {
         demo::TESTS,
         deploy::TESTS,
         deploy_gpu::TESTS,
+        device_forward::TESTS,
         digits::TESTS,
         errors::TESTS,
         fold_cli::TESTS,
