@@ -22,17 +22,31 @@
 //   sgd / sgd_plain: torch.optim.SGD per element (src/optim.rs Sgd::update):
 //     d = fma(p, wd, g) if wd != 0; buf = d (first) or fma(d, 1 - dampening, buf * momentum);
 //     d = fma(buf, momentum, d) (nesterov) or buf; p = fma(d, -lr, p). sgd_plain: no buffer.
+//   add: out = a + b (residual adds, gradient accumulation).
+//   swap01: out[j, i, r] = a[i, j, r] for a [rows, cols, inner] (NCHW <-> CNHW).
+//   flip_transpose: out[c, o, ky, kx] = a[o, c, KH-1-ky, KW-1-kx] for a weight [O, C, KH, KW]
+//     (rows = O, cols = C, h = KH, w = KW): the weight of the conv that computes the input
+//     gradient of a stride-1 conv.
+//   observer_update: running observer statistics state [2, C] (row 0 minima, row 1 maxima)
+//     combined in place with a batch's [2, C] min/max (src/reference/train.rs
+//     observer_combine): the batch's on the first step; min / max with NaN propagating
+//     (MinMaxObserver); old + c * (cur - old) with c = scale (moving average, flags 8).
 //
 // Bindings (group 0):
 //   @group(0) @binding(0) P:      uniform Params  count (work items); rows, cols, inner (matmul
 //                                 M, N, K; [N, C] of classification ops); c, h, w, oh, ow,
 //                                 kernel, stride (pooling; c unused); a_rs, a_cs, b_rs, b_cs
 //                                 (matmul strides); flags (sgd: 1 first, 2 nesterov,
-//                                 4 weight decay); lr, momentum, dampening, weight_decay; scale
+//                                 4 weight decay; observer_update: 1 first, 8 moving
+//                                 average); lr, momentum, dampening, weight_decay; scale
+//                                 (-1/N for the NLL backward, the averaging constant);
+//                                 p_off, g_off (sgd: first element of the parameter / the
+//                                 gradient in their buffers; the momentum buffer starts at 0)
 //   @group(0) @binding(1) a:      storage, read array<f32>  x (pooling) / A / y / logp / scores
-//   @group(0) @binding(2) b:      storage, read array<f32>  dy / B / the gradient (sgd)
+//   @group(0) @binding(2) b:      storage, read array<f32>  dy / B / the gradient (sgd) /
+//                                 the batch min/max (observer_update)
 //   @group(0) @binding(3) out:    storage, read_write array<f32>  dx / out / loss / the
-//                                 parameter, updated in place (sgd)
+//                                 parameter (sgd) or observer state, updated in place
 //   @group(0) @binding(4) labels: storage, read array<u32>  class labels [N]
 //   @group(0) @binding(5) count:  storage, read_write array<u32>  [1] correct-count accumulator
 //   @group(0) @binding(6) buf:    storage, read_write array<f32>  momentum buffer (sgd)
@@ -46,6 +60,8 @@
 //     reduces over all rows in workgroup memory; dispatch (1, 1, 1).
 //   nll_loss_backward, log_softmax_nll_backward (0, 1, 3, 4): one invocation per element.
 //   sgd (0, 2, 3, 6), sgd_plain (0, 2, 3): one invocation per parameter element.
+//   add (0-3), swap01 (0, 1, 3), flip_transpose (0, 1, 3): one invocation per element.
+//   observer_update (0, 2, 3): one invocation per statistic, count = 2 * C, rows = C.
 
 override WG: u32 = 256u;
 
@@ -54,6 +70,7 @@ const FIRST: u32 = 1u;
 const NESTEROV: u32 = 2u;
 const WEIGHT_DECAY: u32 = 4u;
 const POISON: u32 = 0xffffffffu;
+const MOVING_AVERAGE: u32 = 8u;
 
 struct Params {
     count: u32,
@@ -77,9 +94,9 @@ struct Params {
     dampening: f32,
     weight_decay: f32,
     scale: f32,
+    p_off: u32,
+    g_off: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -332,8 +349,8 @@ fn sgd(@builtin(global_invocation_id) gid: vec3<u32>,
     if (i >= P.count) {
         return;
     }
-    let p = out[i];
-    var d = sgd_grad(p, b[i]);
+    let p = out[P.p_off + i];
+    var d = sgd_grad(p, b[P.g_off + i]);
     var m: f32;
     if ((P.flags & FIRST) != 0u) {
         m = d;
@@ -346,7 +363,7 @@ fn sgd(@builtin(global_invocation_id) gid: vec3<u32>,
     } else {
         d = m;
     }
-    out[i] = fma(d, -P.lr, p);
+    out[P.p_off + i] = fma(d, -P.lr, p);
 }
 
 @compute @workgroup_size(WG)
@@ -356,6 +373,72 @@ fn sgd_plain(@builtin(global_invocation_id) gid: vec3<u32>,
     if (i >= P.count) {
         return;
     }
-    let p = out[i];
-    out[i] = fma(sgd_grad(p, b[i]), -P.lr, p);
+    let p = out[P.p_off + i];
+    out[P.p_off + i] = fma(sgd_grad(p, b[P.g_off + i]), -P.lr, p);
+}
+
+@compute @workgroup_size(WG)
+fn observer_update(@builtin(global_invocation_id) gid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    let cur = b[i];
+    let old = out[i];
+    var v = cur;
+    if ((P.flags & FIRST) == 0u) {
+        if ((P.flags & MOVING_AVERAGE) != 0u) {
+            v = old + P.scale * (cur - old);
+        } else if (is_nan(old) || is_nan(cur)) {
+            v = nan();
+        } else if (i >= P.rows) {
+            v = select(old, cur, cur > old);
+        } else {
+            v = select(old, cur, cur < old);
+        }
+    }
+    out[i] = v;
+}
+
+@compute @workgroup_size(WG)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>,
+       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    out[i] = a[i] + b[i];
+}
+
+@compute @workgroup_size(WG)
+fn swap01(@builtin(global_invocation_id) gid: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    // i indexes the output [cols, rows, inner].
+    let r = i % P.inner;
+    let t = i / P.inner;
+    let row = t % P.rows;
+    let col = t / P.rows;
+    out[i] = a[(row * P.cols + col) * P.inner + r];
+}
+
+@compute @workgroup_size(WG)
+fn flip_transpose(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    // i indexes the output [C, O, KH, KW].
+    let kx = i % P.w;
+    var t = i / P.w;
+    let ky = t % P.h;
+    t = t / P.h;
+    let o = t % P.rows;
+    let c = t / P.rows;
+    out[i] = a[((o * P.cols + c) * P.h + (P.h - 1u - ky)) * P.w + (P.w - 1u - kx)];
 }

@@ -23,6 +23,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod qat;
+pub mod train;
 
 /// The golden case folders of the unit tests (the integration tests' helper, one home).
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Training ops on the GPU (`shaders/train.wgsl`), mirroring [`crate::reference::train`]:
 //! max pooling backward, linear backward, `log_softmax` backward, the NLL loss (mean) with its
 //! backward and the fused `log_softmax` + NLL backward, the top-1 correct count, and the
-//! [`Sgd`] step in place. With conv2d's input / weight gradients and channel sum
+//! [`Sgd`] step in place, and the running update of observer statistics (so a QAT
+//! FakeQuantize observes on the device). With conv2d's input / weight gradients and channel sum
 //! ([`super::conv2d`]), BatchNorm2d's backward ([`super::batch_norm`]) and ReLU6's
 //! ([`super::activation`]) they cover every op of NNI's Mnist network; flatten is
 //! [`GpuTensor::reshape`] (no copy).
@@ -18,6 +19,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{expect_f32, expect_shape, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::ops::Conv2dParams;
 use crate::optim::Sgd;
 use crate::reference::train as spec;
 
@@ -101,6 +103,42 @@ static SGD: Kernel = Kernel {
     ],
 };
 
+static OBSERVER_UPDATE: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "observer_update",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read_write(3),
+    ],
+};
+
+static ADD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "add",
+    bindings: A_B_OUT,
+};
+
+static SWAP01: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "swap01",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(3),
+    ],
+};
+
+static FLIP_TRANSPOSE: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "flip_transpose",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(3),
+    ],
+};
+
 static SGD_PLAIN: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "sgd_plain",
@@ -136,12 +174,15 @@ struct Params {
     dampening: f32,
     weight_decay: f32,
     scale: f32,
-    _pad: [u32; 3],
+    p_off: u32,
+    g_off: u32,
+    _pad: u32,
 }
 
 const FIRST: u32 = 1;
 const NESTEROV: u32 = 2;
 const WEIGHT_DECAY: u32 = 4;
+const MOVING_AVERAGE: u32 = 8;
 /// The value of a correct-count accumulator that saw a label out of range.
 const POISON: u32 = u32::MAX;
 
@@ -514,13 +555,64 @@ pub fn sgd_step(
     first: bool,
 ) -> Result<()> {
     spec::check_sgd(sgd, param.shape(), grad.shape(), buf.map(|b| b.shape()))?;
-    expect_f32("sgd_step parameter", param)?;
-    expect_f32("sgd_step gradient", grad)?;
     if param.buffer() == grad.buffer() {
         return Err(Error::invalid(
             "sgd_step: the gradient must not be the parameter's buffer",
         ));
     }
+    sgd_launch(ctx, (param, 0), (grad, 0), param.len(), buf, sgd, first)
+}
+
+/// [`sgd_step`] on `len` elements of `param` from element `p_off`, with the gradient from
+/// element `g_off` of `grad` (a parameter packed in a larger buffer, e.g. BatchNorm's γ and β
+/// rows of [`super::GpuBatchNorm`]). The momentum buffer holds `len` elements.
+///
+/// Errors: [`Error::InvalidArgument`] for ranges outside the tensors, a momentum buffer of
+/// another size, bad settings ([`Sgd::validate`]), or tensors that are not `f32`.
+pub fn sgd_step_range(
+    ctx: &GpuContext,
+    (param, p_off): (&GpuTensor, usize),
+    (grad, g_off): (&GpuTensor, usize),
+    len: usize,
+    buf: Option<&GpuTensor>,
+    sgd: &Sgd,
+    first: bool,
+) -> Result<()> {
+    let fits = |t: &GpuTensor, off: usize| off.checked_add(len).is_some_and(|e| e <= t.len());
+    if !fits(param, p_off) || !fits(grad, g_off) {
+        return Err(Error::invalid(format!(
+            "sgd_step_range: {len} elements from {p_off} / {g_off} exceed the parameter \
+             ({}) or gradient ({}) tensor",
+            param.len(),
+            grad.len()
+        )));
+    }
+    let shape = [len];
+    spec::check_sgd(sgd, &shape, &shape, buf.map(|_| &shape[..]))?;
+    if let Some(b) = buf {
+        if b.len() != len {
+            return Err(Error::shape("sgd_step momentum buffer", &[len], b.shape()));
+        }
+    }
+    if param.buffer() == grad.buffer() {
+        return Err(Error::invalid(
+            "sgd_step: the gradient must not be the parameter's buffer",
+        ));
+    }
+    sgd_launch(ctx, (param, p_off), (grad, g_off), len, buf, sgd, first)
+}
+
+fn sgd_launch(
+    ctx: &GpuContext,
+    (param, p_off): (&GpuTensor, usize),
+    (grad, g_off): (&GpuTensor, usize),
+    len: usize,
+    buf: Option<&GpuTensor>,
+    sgd: &Sgd,
+    first: bool,
+) -> Result<()> {
+    expect_f32("sgd_step parameter", param)?;
+    expect_f32("sgd_step gradient", grad)?;
     let mut flags = 0;
     if first {
         flags |= FIRST;
@@ -532,14 +624,18 @@ pub fn sgd_step(
         flags |= WEIGHT_DECAY;
     }
     let p = Params {
-        count: to_u32(param.len(), "sgd_step element count")?,
+        count: to_u32(len, "sgd_step element count")?,
         flags,
         lr: sgd.lr,
         momentum: sgd.momentum,
         dampening: sgd.dampening,
         weight_decay: sgd.weight_decay,
+        p_off: to_u32(p_off, "sgd_step parameter offset")?,
+        g_off: to_u32(g_off, "sgd_step gradient offset")?,
         ..Params::default()
     };
+    to_u32(param.len(), "sgd_step parameter size")?;
+    to_u32(grad.len(), "sgd_step gradient size")?;
     match buf {
         Some(buf) if sgd.has_momentum() => {
             expect_f32("sgd_step momentum buffer", buf)?;
@@ -553,15 +649,217 @@ pub fn sgd_step(
                 &SGD,
                 &p,
                 &[grad.buffer(), param.buffer(), buf.buffer()],
-                param.len(),
+                len,
             )
         }
-        _ => launch_1d(
-            ctx,
-            &SGD_PLAIN,
-            &p,
-            &[grad.buffer(), param.buffer()],
-            param.len(),
-        ),
+        _ => launch_1d(ctx, &SGD_PLAIN, &p, &[grad.buffer(), param.buffer()], len),
     }
+}
+
+/// `a + b` elementwise (same shape), a new tensor: residual adds and gradient accumulation.
+///
+/// Errors: [`Error::ShapeMismatch`] when the shapes differ; tensors that are not `f32`.
+pub fn add(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+    expect_shape("add (b vs a)", a.shape(), b)?;
+    expect_f32("add input", a)?;
+    expect_f32("add input", b)?;
+    let out = GpuTensor::zeros(ctx, a.shape(), DType::F32)?;
+    let p = Params {
+        count: to_u32(a.len(), "add element count")?,
+        ..Params::default()
+    };
+    launch_1d(
+        ctx,
+        &ADD,
+        &p,
+        &[a.buffer(), b.buffer(), out.buffer()],
+        a.len(),
+    )?;
+    Ok(out)
+}
+
+/// Updates running observer statistics in place on the device: `state` `[2, C]` (row 0
+/// minima, row 1 maxima) combined with a batch's `[2, C]` min/max (as
+/// [`super::observer::min_max`] returns) per
+/// [`crate::reference::train::observer_combine`]: the batch's on the `first` step, then
+/// running min / max (`averaging_constant = None`, `MinMaxObserver`) or the moving average
+/// (`Some(c)`). Qparams then come from [`super::observer::calc_qparams`] on `state`, so an
+/// observer's forward never leaves the device.
+///
+/// Errors: those of [`crate::reference::train::check_observer_update`]; tensors that are not
+/// `f32`; a batch that is the state's buffer.
+pub fn observer_update(
+    ctx: &GpuContext,
+    state: &GpuTensor,
+    batch: &GpuTensor,
+    averaging_constant: Option<f32>,
+    first: bool,
+) -> Result<()> {
+    let c = spec::check_observer_update(state.shape(), batch.shape(), averaging_constant)?;
+    expect_f32("observer state", state)?;
+    expect_f32("observer batch min/max", batch)?;
+    if state.buffer() == batch.buffer() {
+        return Err(Error::invalid(
+            "observer_update: the batch min/max must not be the state's buffer",
+        ));
+    }
+    let mut flags = 0;
+    if first {
+        flags |= FIRST;
+    }
+    if averaging_constant.is_some() {
+        flags |= MOVING_AVERAGE;
+    }
+    let p = Params {
+        count: to_u32(state.len(), "observer state element count")?,
+        rows: to_u32(c, "observer channels")?,
+        flags,
+        scale: averaging_constant.unwrap_or(0.0),
+        ..Params::default()
+    };
+    launch_1d(
+        ctx,
+        &OBSERVER_UPDATE,
+        &p,
+        &[batch.buffer(), state.buffer()],
+        state.len(),
+    )
+}
+
+/// `[A, B, ...]` → `[B, A, ...]` (the first two dimensions swapped, a copy).
+///
+/// Errors: [`Error::InvalidArgument`] for a tensor of rank < 2 or not `f32`.
+pub fn swap01(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
+    let s = a.shape();
+    if s.len() < 2 {
+        return Err(Error::invalid(format!(
+            "swap01 needs rank >= 2, got shape {s:?}"
+        )));
+    }
+    expect_f32("swap01 input", a)?;
+    let inner: usize = s[2..].iter().product();
+    let mut shape = s.to_vec();
+    shape.swap(0, 1);
+    let out = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let p = Params {
+        count: to_u32(a.len(), "swap01 element count")?,
+        rows: to_u32(s[0], "swap01 rows")?,
+        cols: to_u32(s[1], "swap01 columns")?,
+        inner: to_u32(inner, "swap01 inner size")?,
+        ..Params::default()
+    };
+    launch_1d(ctx, &SWAP01, &p, &[a.buffer(), out.buffer()], a.len())?;
+    Ok(out)
+}
+
+/// A conv weight `[O, C, KH, KW]` flipped in space and with O and C swapped:
+/// `[C, O, KH, KW]`, `out[c, o, ky, kx] = w[o, c, KH−1−ky, KW−1−kx]`.
+fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
+    let [o, c, kh, kw] = <[usize; 4]>::try_from(w.shape())
+        .map_err(|_| Error::invalid("flip_transpose: weight must be rank 4"))?;
+    let out = GpuTensor::zeros(ctx, &[c, o, kh, kw], DType::F32)?;
+    let p = Params {
+        count: to_u32(w.len(), "conv weight element count")?,
+        rows: to_u32(o, "conv output channels")?,
+        cols: to_u32(c, "conv input channels")?,
+        h: to_u32(kh, "conv kernel height")?,
+        w: to_u32(kw, "conv kernel width")?,
+        ..Params::default()
+    };
+    launch_1d(
+        ctx,
+        &FLIP_TRANSPOSE,
+        &p,
+        &[w.buffer(), out.buffer()],
+        w.len(),
+    )?;
+    Ok(out)
+}
+
+/// Whether the gradients of a conv can run as forward convolutions (stride 1, dilation 1,
+/// one group, padding smaller than the kernel).
+fn forward_form(params: &Conv2dParams, w_shape: &[usize]) -> bool {
+    params.stride == [1, 1]
+        && params.dilation == [1, 1]
+        && params.groups == 1
+        && w_shape.len() == 4
+        && params.padding[0] < w_shape[2]
+        && params.padding[1] < w_shape[3]
+}
+
+/// The input gradient of a conv2d (the `dx` of
+/// [`crate::reference::conv2d::conv2d_backward`]), as [`super::conv2d::conv2d_backward_input`]
+/// computes it, but for stride-1, undilated, ungrouped convs as a forward convolution
+/// through [`super::conv2d::conv2d`]'s fast kernels: `dx = conv2d(dy, w')` with `w'` the
+/// weight flipped in space with input and output channels swapped, and padding `K − 1 − p`.
+/// Other settings use the gather kernel. Matches the reference up to summation order.
+///
+/// Errors: those of [`super::conv2d::conv2d_backward_input`].
+pub fn conv2d_input_grad(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+) -> Result<GpuTensor> {
+    let out = params.output_shape(&x_shape, w.shape())?;
+    if dy.shape() != out || !forward_form(params, w.shape()) {
+        return super::conv2d::conv2d_backward_input(ctx, dy, w, params, x_shape);
+    }
+    expect_f32("conv2d weight", w)?;
+    expect_f32("conv2d_backward dy", dy)?;
+    let ws = w.shape();
+    let wt = flip_transpose(ctx, w)?;
+    let p = Conv2dParams {
+        padding: [ws[2] - 1 - params.padding[0], ws[3] - 1 - params.padding[1]],
+        ..Conv2dParams::default()
+    };
+    let dx = super::conv2d::conv2d(ctx, dy, &wt, &p, &super::conv2d::ConvEpilogue::none())?;
+    if dx.shape() != x_shape {
+        return Err(Error::invalid(format!(
+            "internal: conv input gradient {:?}, expected {x_shape:?}",
+            dx.shape()
+        )));
+    }
+    Ok(dx)
+}
+
+/// The weight gradient of a conv2d (the `dweight` of
+/// [`crate::reference::conv2d::conv2d_backward`]), as
+/// [`super::conv2d::conv2d_backward_weight`] computes it, but for stride-1, undilated,
+/// ungrouped convs as a forward convolution through [`super::conv2d::conv2d`]'s fast kernels:
+/// with `x` seen as `[C, N, H, W]` and `dy` as an `[O, N, OH, OW]` weight,
+/// `dweight[o, c] = conv2d(x', dy')[c, o]` (padding `p`), then transposed back. Other
+/// settings use the reduction kernel. Matches the reference up to summation order.
+///
+/// Errors: those of [`super::conv2d::conv2d_backward_weight`].
+pub fn conv2d_weight_grad(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+) -> Result<GpuTensor> {
+    let out = params.output_shape(x.shape(), &w_shape)?;
+    if dy.shape() != out || !forward_form(params, &w_shape) {
+        return super::conv2d::conv2d_backward_weight(ctx, x, dy, params, w_shape);
+    }
+    expect_f32("conv2d input", x)?;
+    expect_f32("conv2d_backward dy", dy)?;
+    let xt = swap01(ctx, x)?;
+    let dyt = swap01(ctx, dy)?;
+    let p = Conv2dParams {
+        padding: params.padding,
+        ..Conv2dParams::default()
+    };
+    let g = super::conv2d::conv2d(ctx, &xt, &dyt, &p, &super::conv2d::ConvEpilogue::none())?;
+    let [o, c, kh, kw] = w_shape;
+    if g.shape() != [c, o, kh, kw] {
+        return Err(Error::invalid(format!(
+            "internal: conv weight gradient {:?}, expected {:?}",
+            g.shape(),
+            [c, o, kh, kw]
+        )));
+    }
+    swap01(ctx, &g)
 }

@@ -369,6 +369,98 @@ pub fn sgd_step(
     Ok(())
 }
 
+/// One observer statistic after a batch, as PyTorch's observers combine them: the batch's
+/// value on the first batch (`first`); then with `averaging_constant = None`
+/// (`MinMaxObserver`) `torch.minimum(cur, old)` for a minimum and `torch.maximum` for a
+/// maximum (NaN if either is NaN), and with `Some(c)` (`MovingAverageMinMaxObserver`)
+/// `old + c · (cur − old)` in f32.
+#[inline]
+pub fn observer_combine(
+    old: f32,
+    cur: f32,
+    is_max: bool,
+    averaging_constant: Option<f32>,
+    first: bool,
+) -> f32 {
+    if first {
+        return cur;
+    }
+    match averaging_constant {
+        Some(c) => old + c * (cur - old),
+        None if old.is_nan() || cur.is_nan() => f32::NAN,
+        None if is_max => {
+            if cur > old {
+                cur
+            } else {
+                old
+            }
+        }
+        None => {
+            if cur < old {
+                cur
+            } else {
+                old
+            }
+        }
+    }
+}
+
+/// Updates an observer's running statistics `state` `[2, C]` (row 0 minima, row 1 maxima, the
+/// layout of [`super::observer`]'s min/max and of the GPU observer) with a batch's `[2, C]`
+/// min/max, per [`observer_combine`].
+///
+/// Errors: [`Error::ShapeMismatch`] unless both are `[2, C]` with the same `C`;
+/// [`Error::InvalidArgument`] for an averaging constant outside `[0, 1]`.
+pub fn observer_update(
+    state: &mut Array2<f32>,
+    batch: &Array2<f32>,
+    averaging_constant: Option<f32>,
+    first: bool,
+) -> Result<()> {
+    check_observer_update(state.shape(), batch.shape(), averaging_constant)?;
+    Zip::indexed(state).and(batch).for_each(|(row, _), s, &c| {
+        *s = observer_combine(*s, c, row == 1, averaging_constant, first);
+    });
+    Ok(())
+}
+
+/// The shared checks of [`observer_update`]: both `[2, C]`, the same `C`, an averaging
+/// constant in `[0, 1]`. Returns `C`.
+///
+/// Errors: as [`observer_update`].
+pub fn check_observer_update(
+    state_shape: &[usize],
+    batch_shape: &[usize],
+    averaging_constant: Option<f32>,
+) -> Result<usize> {
+    let c = match state_shape {
+        [2, c] => *c,
+        _ => {
+            let c = state_shape.get(1).copied().unwrap_or(0);
+            return Err(Error::shape(
+                "observer state (min/max rows)",
+                &[2, c],
+                state_shape,
+            ));
+        }
+    };
+    if batch_shape != [2, c] {
+        return Err(Error::shape(
+            "observer batch min/max (vs state)",
+            &[2, c],
+            batch_shape,
+        ));
+    }
+    if let Some(k) = averaging_constant {
+        if !(0.0..=1.0).contains(&k) {
+            return Err(Error::invalid(format!(
+                "averaging_constant must be in [0, 1], got {k}"
+            )));
+        }
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,6 +575,34 @@ mod tests {
         assert_eq!(count_correct(&s, &[1, 1, 0]).unwrap(), 2);
         assert!(count_correct(&s, &[1, 2, 0]).is_err());
         assert!(count_correct(&Array2::zeros((2, 0)), &[0, 0]).is_err());
+    }
+
+    #[test]
+    fn observer_statistics() {
+        let mut state = arr2(&[[0.0f32, 0.0], [0.0, 0.0]]);
+        observer_update(&mut state, &arr2(&[[-1.0f32, 2.0], [3.0, 4.0]]), None, true).unwrap();
+        assert_eq!(state, arr2(&[[-1.0f32, 2.0], [3.0, 4.0]]));
+        observer_update(
+            &mut state,
+            &arr2(&[[-2.0f32, 5.0], [1.0, 9.0]]),
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(state, arr2(&[[-2.0f32, 2.0], [3.0, 9.0]]));
+        observer_update(
+            &mut state,
+            &arr2(&[[0.0f32, 2.0], [5.0, 9.0]]),
+            Some(0.5),
+            false,
+        )
+        .unwrap();
+        assert_eq!(state, arr2(&[[-1.0f32, 2.0], [4.0, 9.0]]));
+        let nan = arr2(&[[f32::NAN, 0.0], [0.0, 0.0]]);
+        observer_update(&mut state, &nan, None, false).unwrap();
+        assert!(state[[0, 0]].is_nan());
+        assert!(observer_update(&mut state, &arr2(&[[0.0f32], [0.0]]), None, false).is_err());
+        assert!(observer_update(&mut state, &nan, Some(1.5), false).is_err());
     }
 
     #[test]

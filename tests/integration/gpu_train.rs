@@ -393,11 +393,106 @@ fn flatten_is_a_reshape_without_copy() {
     assert_eq!(got.as_slice().unwrap(), want.as_slice().unwrap());
 }
 
+fn observer_update_matches_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(5);
+    for averaging in [None, Some(0.01f32), Some(1.0)] {
+        let c = 7;
+        let mut state = Array2::<f32>::zeros((2, c));
+        let gstate = GpuTensor::zeros(&ctx, &[2, c], DType::F32).unwrap();
+        for step in 0..5 {
+            let x = ArrayD::from_shape_vec(IxDyn(&[c, 30]), rng.vec(c * 30, -3.0, 3.0)).unwrap();
+            let gx = up(&ctx, &x);
+            // The batch statistics on the device, as a per-channel observer sees them.
+            let batch = qfuse::kernels::observer::min_max(&ctx, &gx, Some(0)).unwrap();
+            let host_batch = down(&ctx, &batch)
+                .into_dimensionality::<ndarray::Ix2>()
+                .unwrap();
+            k::observer_update(&ctx, &gstate, &batch, averaging, step == 0).unwrap();
+            r::observer_update(&mut state, &host_batch, averaging, step == 0).unwrap();
+        }
+        assert_close(
+            &format!("observer_update {averaging:?}"),
+            &down(&ctx, &gstate),
+            &state.into_dyn(),
+            1e-6,
+            1e-6,
+        );
+    }
+    let s = GpuTensor::zeros(&ctx, &[2, 3], DType::F32).unwrap();
+    let b = GpuTensor::zeros(&ctx, &[2, 4], DType::F32).unwrap();
+    let e = k::observer_update(&ctx, &s, &b, None, false).unwrap_err();
+    let cpu = r::check_observer_update(&[2, 3], &[2, 4], None).unwrap_err();
+    assert_eq!(e.to_string(), cpu.to_string());
+    assert!(k::observer_update(&ctx, &s, &s, None, false).is_err());
+    let nan =
+        GpuTensor::from_slice_f32(&ctx, &[f32::NAN, 0.0, 0.0, 1.0, 1.0, 1.0], &[2, 3]).unwrap();
+    k::observer_update(&ctx, &s, &nan, None, false).unwrap();
+    let got = down(&ctx, &s);
+    assert!(got[[0, 0]].is_nan() && got[[1, 2]] == 1.0 && got[[0, 1]] == 0.0);
+}
+
+fn conv_grads_match_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(6);
+    // (x shape, weight shape, padding, stride): the Mnist convs, padded, and a strided one
+    // (the gather fallback).
+    for (xs, ws, pad, stride) in [
+        ([4, 1, 12, 12], [5, 1, 5, 5], 0, 1),
+        ([3, 6, 10, 10], [7, 6, 5, 5], 0, 1),
+        ([2, 4, 9, 7], [3, 4, 3, 3], 1, 1),
+        ([2, 3, 9, 9], [4, 3, 3, 3], 1, 2),
+    ] {
+        let params = qfuse::ops::Conv2dParams {
+            padding: [pad, pad],
+            stride: [stride, stride],
+            ..Default::default()
+        };
+        let x = Array4::from_shape_vec(xs, rng.vec(xs.iter().product(), -1.0, 1.0)).unwrap();
+        let w = Array4::from_shape_vec(ws, rng.vec(ws.iter().product(), -0.5, 0.5)).unwrap();
+        let out = params.output_shape(&xs, &ws).unwrap();
+        let dy = Array4::from_shape_vec(
+            (out[0], out[1], out[2], out[3]),
+            rng.vec(out.iter().product(), -1.0, 1.0),
+        )
+        .unwrap();
+        let want = qfuse::reference::conv2d::conv2d_backward(&x, &w, &dy, &params).unwrap();
+        let (gx, gw, gdy) = (
+            up(&ctx, &x.into_dyn()),
+            up(&ctx, &w.into_dyn()),
+            up(&ctx, &dy.into_dyn()),
+        );
+        let dx = k::conv2d_input_grad(&ctx, &gdy, &gw, &params, xs).unwrap();
+        let dw = k::conv2d_weight_grad(&ctx, &gx, &gdy, &params, ws).unwrap();
+        let what = format!("conv grads x {xs:?} w {ws:?} pad {pad} stride {stride}");
+        assert_close(&what, &down(&ctx, &dx), &want.dx.into_dyn(), 1e-4, 1e-4);
+        assert_close(
+            &what,
+            &down(&ctx, &dw),
+            &want.dweight.into_dyn(),
+            1e-4,
+            1e-4,
+        );
+    }
+    let x = up(
+        &ctx,
+        &ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |d| {
+            (d[0] * 100 + d[1] * 10 + d[2]) as f32
+        }),
+    );
+    let t = down(&ctx, &k::swap01(&ctx, &x).unwrap());
+    assert_eq!(t.shape(), &[3, 2, 4]);
+    assert_eq!(t[[2, 1, 3]], 123.0);
+    assert!(k::swap01(&ctx, &up(&ctx, &ArrayD::zeros(IxDyn(&[3])))).is_err());
+}
+
 crate::qfuse_tests! {
+    conv_grads_match_cpu: gpu,
     max_pool2d_backward_is_bit_exact: gpu,
     linear_backward_matches_cpu: gpu,
     loss_ops_match_cpu: gpu,
     correct_count_accumulates_ties_nan_and_poison: gpu,
     sgd_step_matches_cpu_over_several_steps: gpu,
     flatten_is_a_reshape_without_copy: gpu,
+    observer_update_matches_cpu: gpu,
 }

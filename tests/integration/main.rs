@@ -32,6 +32,7 @@ mod gpu_observer_fold;
 mod gpu_train;
 mod qat;
 mod state_dict;
+mod train;
 
 fn harness_self_check() {
     common::harness::no_stray_test_attributes(concat!(
@@ -69,5 +70,6 @@ fn main() -> std::process::ExitCode {
         gpu_train::TESTS,
         qat::TESTS,
         state_dict::TESTS,
+        train::TESTS,
     ])
 }
