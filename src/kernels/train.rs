@@ -19,7 +19,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{expect_f32, expect_shape, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
-use crate::ops::Conv2dParams;
+use crate::ops::{Conv2dParams, PadMode};
 use crate::optim::Sgd;
 use crate::reference::train as spec;
 
@@ -776,10 +776,11 @@ fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
     Ok(out)
 }
 
-/// Whether the gradients of a conv can run as forward convolutions (stride 1, dilation 1,
-/// one group, padding smaller than the kernel).
+/// Whether the gradients of a conv can run as forward convolutions (explicit padding smaller
+/// than the kernel, stride 1, dilation 1, one group).
 fn forward_form(params: &Conv2dParams, w_shape: &[usize]) -> bool {
-    params.stride == [1, 1]
+    params.pad_mode == PadMode::Explicit
+        && params.stride == [1, 1]
         && params.dilation == [1, 1]
         && params.groups == 1
         && w_shape.len() == 4

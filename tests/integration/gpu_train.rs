@@ -442,11 +442,19 @@ fn conv_grads_match_cpu() {
         ([3, 6, 10, 10], [7, 6, 5, 5], 0, 1),
         ([2, 4, 9, 7], [3, 4, 3, 3], 1, 1),
         ([2, 3, 9, 9], [4, 3, 3, 3], 1, 2),
+        ([2, 3, 8, 8], [4, 3, 4, 4], 9, 1), // 'same' with an even kernel: the fallback
     ] {
-        let params = qfuse::ops::Conv2dParams {
-            padding: [pad, pad],
-            stride: [stride, stride],
-            ..Default::default()
+        let params = if pad == 9 {
+            qfuse::ops::Conv2dParams {
+                pad_mode: qfuse::ops::PadMode::Same,
+                ..Default::default()
+            }
+        } else {
+            qfuse::ops::Conv2dParams {
+                padding: [pad, pad],
+                stride: [stride, stride],
+                ..Default::default()
+            }
         };
         let x = Array4::from_shape_vec(xs, rng.vec(xs.iter().product(), -1.0, 1.0)).unwrap();
         let w = Array4::from_shape_vec(ws, rng.vec(ws.iter().product(), -0.5, 0.5)).unwrap();

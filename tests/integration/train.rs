@@ -296,7 +296,11 @@ fn mnist_learns_the_digits() {
     // 640 training images (10 steps of 64) keep the test short on lavapipe; the shipped
     // training split is used in full by `qfuse demo`.
     let train = qfuse::data::digits::Split {
-        images: digits.train.images.slice(ndarray::s![0..640, .., .., ..]).to_owned(),
+        images: digits
+            .train
+            .images
+            .slice(ndarray::s![0..640, .., .., ..])
+            .to_owned(),
         labels: digits.train.labels[..640].to_vec(),
     };
     let before = evaluate(&mut trainer, &digits.test, 120).unwrap();
