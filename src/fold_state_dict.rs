@@ -328,7 +328,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp_name.push(name);
     tmp_name.push(format!(".qfuse-tmp-{}", std::process::id()));
     let tmp: PathBuf = path.with_file_name(tmp_name);
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    // A failure names the user's path, not the temporary file's.
+    std::fs::write(&tmp, bytes).map_err(io(path))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(path)(e)

@@ -8,7 +8,7 @@
 pub mod compare;
 pub mod ops;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
@@ -150,13 +150,7 @@ fn run_case_into(case: &Case, backend: &dyn HostOps, report: &mut CaseReport) {
 
 /// Every case in `dir` on every backend. An unreadable or empty folder is an error.
 pub fn run_dir(dir: &Path, backends: &[&dyn HostOps]) -> Result<Vec<CaseReport>> {
-    let files = case_files(dir)?;
-    if files.is_empty() {
-        return Err(Error::invalid(format!(
-            "no conformance case (*.safetensors) in {}",
-            dir.display()
-        )));
-    }
+    let files = case_paths(&[dir])?;
     let mut reports = Vec::with_capacity(files.len() * backends.len());
     for f in &files {
         for b in backends {
@@ -164,6 +158,39 @@ pub fn run_dir(dir: &Path, backends: &[&dyn HostOps]) -> Result<Vec<CaseReport>>
         }
     }
     Ok(reports)
+}
+
+/// The case files `paths` name, in order: a folder stands for its `*.safetensors` files
+/// (sorted by name), a file for itself. [`Error::Io`] for a path that cannot be read,
+/// [`Error::InvalidArgument`] for a folder without any case or a path that is neither a
+/// file nor a folder.
+pub fn case_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let found = case_files(path)?;
+            if found.is_empty() {
+                return Err(Error::invalid(format!(
+                    "no conformance case (*.safetensors) in {}",
+                    path.display()
+                )));
+            }
+            files.extend(found);
+        } else if meta.is_file() {
+            files.push(path.to_path_buf());
+        } else {
+            return Err(Error::invalid(format!(
+                "{} is neither a case file nor a folder of cases",
+                path.display()
+            )));
+        }
+    }
+    Ok(files)
 }
 
 /// `N passed, M failed` for a list of reports.

@@ -74,12 +74,59 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
+/// The backends `WGPU_BACKEND` names (comma-separated, wgpu's names, any case), or
+/// [`wgpu::Backends::PRIMARY`] when it is unset or empty. Unlike
+/// `wgpu::Backends::from_env`, which skips a name it does not know (so a typo silently
+/// finds no adapter), a wrong name is an error that quotes the value.
+///
+/// Errors: [`Error::InvalidArgument`] (see [`parse_backends`]).
+pub fn backends_from_env() -> Result<wgpu::Backends> {
+    match std::env::var("WGPU_BACKEND") {
+        Ok(value) => parse_backends(&value),
+        Err(std::env::VarError::NotPresent) => Ok(wgpu::Backends::PRIMARY),
+        Err(std::env::VarError::NotUnicode(value)) => Err(Error::invalid(format!(
+            "WGPU_BACKEND={value:?} is not a backend (not valid UTF-8; expected {BACKEND_NAMES})"
+        ))),
+    }
+}
+
+/// The backend names wgpu knows, for messages.
+const BACKEND_NAMES: &str = "vulkan, metal, dx12, gl, webgpu or noop, several separated by commas";
+
+/// Parses a `WGPU_BACKEND` value: backend names as wgpu spells them (`vulkan`/`vk`,
+/// `metal`/`mtl`, `dx12`/`d3d12`, `gl`/`gles`/`opengl`, `webgpu`, `noop`, any case),
+/// separated by commas; empty (or blank) means [`wgpu::Backends::PRIMARY`].
+///
+/// Errors: [`Error::InvalidArgument`] naming the value and the first unknown name, e.g.
+/// `WGPU_BACKEND="vulkn" is not a backend (expected vulkan, metal, dx12, gl, ...)`.
+pub fn parse_backends(value: &str) -> Result<wgpu::Backends> {
+    if value.trim().is_empty() {
+        return Ok(wgpu::Backends::PRIMARY);
+    }
+    let mut backends = wgpu::Backends::empty();
+    for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let one = wgpu::Backends::from_comma_list(name);
+        if one.is_empty() {
+            return Err(Error::invalid(if value.contains(',') {
+                format!(
+                    "WGPU_BACKEND={value:?}: {name:?} is not a backend (expected {BACKEND_NAMES})"
+                )
+            } else {
+                format!("WGPU_BACKEND={value:?} is not a backend (expected {BACKEND_NAMES})")
+            }));
+        }
+        backends |= one;
+    }
+    Ok(backends)
+}
+
 impl GpuContext {
     /// Opens a device from the system.
     ///
     /// - Backends: `WGPU_BACKEND` if set (e.g. `vulkan`, `metal`, `dx12`, `gl`), else
-    ///   [`wgpu::Backends::PRIMARY`]. Other `WGPU_*` instance variables (validation, debug)
-    ///   are honoured too.
+    ///   [`wgpu::Backends::PRIMARY`] (see [`backends_from_env`]: a name wgpu does not know is
+    ///   an error naming it). Other `WGPU_*` instance variables (validation, debug) are
+    ///   honoured too.
     /// - Adapter: the first whose name contains `WGPU_ADAPTER_NAME` (case-insensitive) if
     ///   set, else the high-performance one.
     /// - Device: requested with the adapter's own limits (binding and buffer sizes,
@@ -88,11 +135,12 @@ impl GpuContext {
     ///   [`GpuContext::has_timestamps`]) and [`wgpu::Features::SUBGROUP`] (for the subgroup
     ///   kernels, see [`GpuContext::has_subgroups`]).
     ///
-    /// Errors: [`Error::NoAdapter`] when no adapter matches, [`Error::Gpu`] when the device
-    /// cannot be opened.
+    /// Errors: [`Error::InvalidArgument`] for a `WGPU_BACKEND` that names no backend,
+    /// [`Error::NoAdapter`] when no adapter matches, [`Error::Gpu`] when the device cannot be
+    /// opened.
     pub async fn new_async() -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-        desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        desc.backends = backends_from_env()?;
         let backends = desc.backends;
         let instance = wgpu::Instance::new(desc);
 

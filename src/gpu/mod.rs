@@ -57,7 +57,7 @@ mod dispatch;
 mod pipeline;
 mod tensor;
 
-pub use context::{GpuContext, Int8Dot, Launch};
+pub use context::{backends_from_env, parse_backends, GpuContext, Int8Dot, Launch};
 pub use dispatch::grid_1d;
 pub use pipeline::{Binding, BindingType, Kernel, Pipeline, Shader};
 pub use tensor::{DType, GpuTensor};

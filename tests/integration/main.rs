@@ -11,6 +11,7 @@
 mod common;
 
 mod bench_smoke;
+mod cli;
 mod cli_info;
 mod config;
 mod conformance;
@@ -50,6 +51,7 @@ fn main() -> std::process::ExitCode {
         TESTS,
         bench_smoke::TESTS,
         cli_info::TESTS,
+        cli::TESTS,
         config::TESTS,
         conformance::TESTS,
         demo::TESTS,

@@ -86,6 +86,15 @@ pub enum DemoRequant {
     FixedPoint,
 }
 
+impl DemoRequant {
+    /// The value as the command line spells it (`fixed-point`), for echoing it back.
+    fn as_typed(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_else(|| format!("{self:?}"))
+    }
+}
+
 /// One row of the table.
 struct Row {
     model: &'static str,
@@ -335,7 +344,7 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
 /// The deployed integer model's section of the demo.
 struct Deployed {
     gap: deploy::GapReport,
-    requant: RequantMode,
+    requant: DemoRequant,
     trained_bn: bool,
     max_abs_diff: f32,
     agree: usize,
@@ -353,7 +362,7 @@ impl Deployed {
             "deployment: every conv and linear in int8 (per-channel symmetric weights, int8 \
              affine activations, i32 bias at s_in*s_w), BN folded, ReLU6 as the clamp, {} \
              requantization{}",
-            self.requant.name(),
+            self.requant.as_typed(),
             if self.trained_bn {
                 "; batchnorm1 given trained-like statistics (the seeded init's BN is an \
                  identity)"
@@ -425,7 +434,7 @@ impl Deployed {
             })
         };
         json!({
-            "requant": self.requant.name(),
+            "requant": self.requant.as_typed(),
             "trained_bn_stats": self.trained_bn,
             "fused": gap(&self.gap.fused),
             "unfused": gap(&self.gap.unfused),
@@ -540,7 +549,7 @@ fn deploy_section<B: Backend>(
     }
     Ok(Deployed {
         gap,
-        requant,
+        requant: args.requant,
         trained_bn,
         max_abs_diff,
         agree,

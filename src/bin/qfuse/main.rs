@@ -1,7 +1,6 @@
 //! The `qfuse` command line: conformance against PyTorch's golden cases (and, as later
 //! issues land, the demo, folding and benchmarks).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -33,6 +32,8 @@ pub enum BackendChoice {
     Gpu,
     /// Both, one after the other.
     All,
+    /// The GPU when an adapter can be opened, else the CPU reference (said on stderr).
+    Auto,
 }
 
 #[derive(Subcommand)]
@@ -40,15 +41,9 @@ enum Command {
     /// The main job: NNI's Mnist example quantized (fuse conv1+batchnorm1, int8 on conv1) and
     /// run in float, fused and simulated int8 on the GPU (or the CPU), compared in a table.
     Demo(demo::DemoArgs),
-    /// Run every *.safetensors conformance case in DIR and compare with PyTorch's outputs.
-    Conformance {
-        /// Folder of cases.
-        #[arg(default_value = "tests/golden")]
-        dir: PathBuf,
-        /// Backend to run the cases on.
-        #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
-        backend: BackendChoice,
-    },
+    /// Run conformance cases (case files, or folders: every *.safetensors in them) and compare
+    /// with PyTorch's outputs.
+    Conformance(conformance::ConformanceArgs),
     /// Show the backend qfuse would use (the GPU adapter, its limits, or why the CPU serves)
     /// and what decides which kernels run: subgroups, timestamp queries, the packed int8 dot
     /// product, and the conv2d forward kernel `Auto` picks per shape class.
@@ -67,7 +62,7 @@ fn main() -> ExitCode {
     // that Vulkan drivers built with Wayland support do not print an error on every run.
     let _runtime_dir = runtime_dir::ensure();
     let result = match cli.command {
-        Command::Conformance { dir, backend } => conformance::run(&dir, backend),
+        Command::Conformance(args) => conformance::run(&args),
         Command::Info => info::run(),
         Command::Demo(args) => demo::run(&args),
         Command::Fold(args) => fold::run(&args),
