@@ -93,14 +93,29 @@ impl FoldSpec {
         }
     }
 
-    /// Parses `LAYER,BN` or `LAYER,BN,RELU` (whitespace around names is ignored);
+    /// Parses `LAYER,BN` or `LAYER,BN,RELU` (whitespace around names is ignored), optionally
+    /// followed by per-fusion options after a colon: `:eps=E` (this BatchNorm's eps) and
+    /// `:transpose` (a ConvTranspose weight; also `transpose=true|false`), combinable
+    /// (`up,bn2:transpose:eps=1e-3`). Without options: not transposed, eps [`DEFAULT_EPS`].
     /// [`Error::InvalidArgument`] for anything else.
     pub fn parse(value: &str) -> Result<Self> {
-        let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+        Self::parse_with_defaults(value, DEFAULT_EPS, false)
+    }
+
+    /// [`FoldSpec::parse`] with the eps and transpose a fusion gets when its own options do
+    /// not set them (the command line's `--eps` and `--transpose`).
+    pub fn parse_with_defaults(value: &str, eps: f32, transpose: bool) -> Result<Self> {
+        let (names, options) = match value.split_once(':') {
+            Some((names, options)) => (names, Some(options)),
+            None => (value, None),
+        };
+        let parts: Vec<&str> = names.split(',').map(str::trim).collect();
         let bad = |why: String| {
             Error::invalid(format!(
-                "--fuse `{value}`: {why}; expected LAYER,BN or LAYER,BN,RELU (module names as \
-                 in the state dict's keys, e.g. conv1,bn1)"
+                "--fuse `{}`: {why}; expected LAYER,BN or LAYER,BN,RELU (module names as in \
+                 the state dict's keys, e.g. conv1,bn1), optionally followed by :eps=E and/or \
+                 :transpose",
+                value.escape_debug()
             ))
         };
         if !(2..=3).contains(&parts.len()) {
@@ -113,8 +128,54 @@ impl FoldSpec {
         for p in &parts {
             check_name(p).map_err(bad)?;
         }
-        let mut spec = Self::new(parts[0], parts[1]);
+        let mut spec = Self::new(parts[0], parts[1])
+            .with_eps(eps)
+            .transposed(transpose);
         spec.relu = parts.get(2).map(|r| r.to_string());
+        let (mut eps_set, mut transpose_set) = (false, false);
+        for option in options
+            .into_iter()
+            .flat_map(|o| o.split(':'))
+            .map(str::trim)
+        {
+            let (key, val) = match option.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v.trim())),
+                None => (option, None),
+            };
+            let seen = match key {
+                "eps" => &mut eps_set,
+                "transpose" => &mut transpose_set,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option `{}` (options: eps=E, transpose, transpose=false)",
+                        option.escape_debug()
+                    )))
+                }
+            };
+            if std::mem::replace(seen, true) {
+                return Err(bad(format!("option `{key}` given twice")));
+            }
+            match (key, val) {
+                ("eps", Some(v)) => {
+                    spec.eps = v
+                        .parse::<f32>()
+                        .map_err(|_| bad(format!("eps `{}` is not a number", v.escape_debug())))?;
+                }
+                ("transpose", None | Some("true")) => spec.transpose = true,
+                ("transpose", Some("false")) => spec.transpose = false,
+                _ => {
+                    return Err(bad(format!(
+                        "option `{}` needs {}",
+                        option.escape_debug(),
+                        if key == "eps" {
+                            "a value (eps=E)"
+                        } else {
+                            "no value, true or false"
+                        }
+                    )))
+                }
+            }
+        }
         Ok(spec)
     }
 

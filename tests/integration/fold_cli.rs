@@ -798,6 +798,170 @@ fn golden_fold_cases_through_the_binary() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// Per-fusion options: mixed BatchNorm eps and Conv + ConvTranspose folded in one run, the
+/// global `--eps` / `--transpose` being the defaults each fusion can override; the same
+/// result whichever default the options override.
+fn binary_folds_mixed_eps_and_transpose_in_one_run() {
+    let m = Model::new();
+    let dir = tmp_dir("per-fusion");
+    let input = dir.join("model.safetensors");
+    std::fs::write(&input, m.bytes()).unwrap();
+    let run = |out: &Path, args: &[&str]| {
+        let mut all = vec!["fold", p(&input), "--backend", "cpu", "-o", p(out)];
+        all.extend_from_slice(args);
+        let o = qfuse(&all);
+        let (stdout, stderr) = text(&o);
+        assert!(o.status.success(), "{args:?}: {stdout}\n{stderr}");
+        std::fs::read(out).unwrap()
+    };
+    let a = run(
+        &dir.join("a.safetensors"),
+        &[
+            "--eps",
+            "1e-4",
+            "--fuse",
+            "features.0,features.1:eps=1e-3",
+            "--fuse",
+            "c1,b1",
+            "--fuse",
+            "fc,bnfc:eps=0.01",
+            "--fuse",
+            "up,upbn:transpose:eps=1e-3",
+            "--fuse",
+            "block.conv,block.bn,block.relu:eps=2e-5",
+        ],
+    );
+    // The same folds with --transpose as the default, overridden for every conv.
+    let b = run(
+        &dir.join("b.safetensors"),
+        &[
+            "--transpose",
+            "--eps",
+            "1e-3",
+            "--fuse",
+            "features.0,features.1:transpose=false",
+            "--fuse",
+            "c1,b1:transpose=false:eps=1e-4",
+            "--fuse",
+            "fc,bnfc:eps=0.01",
+            "--fuse",
+            "up,upbn",
+            "--fuse",
+            "block.conv,block.bn,block.relu:eps=2e-5:transpose=false",
+        ],
+    );
+    // Same tensors, bit for bit (the header's metadata order may differ between runs).
+    let same = |x: &[u8], y: &[u8], what: &str| {
+        let ((x, xm), (y, ym)) = (read(x), read(y));
+        assert_eq!(xm, ym, "{what}: metadata");
+        let mut names: Vec<&String> = x.keys().collect();
+        names.sort();
+        let mut y_names: Vec<&String> = y.keys().collect();
+        y_names.sort();
+        assert_eq!(names, y_names, "{what}");
+        for n in names {
+            let (t, u) = (&x[n], &y[n]);
+            assert!(
+                t.dtype == u.dtype && t.shape == u.shape && t.data == u.data,
+                "{what}: `{n}` differs"
+            );
+        }
+    };
+    same(&a, &b, "--transpose default");
+    // What the library folds with the same specs, and each fold against the reference with
+    // its own eps.
+    let specs = vec![
+        FoldSpec::new("features.0", "features.1").with_eps(1e-3),
+        FoldSpec::new("c1", "b1").with_eps(1e-4),
+        FoldSpec::new("fc", "bnfc").with_eps(0.01),
+        FoldSpec::new("up", "upbn").transposed(true).with_eps(1e-3),
+        FoldSpec::new("block.conv", "block.bn")
+            .with_relu("block.relu")
+            .with_eps(2e-5),
+    ];
+    let lib = fold_state_dict(&CpuBackend, &m.state_dict(), &specs).unwrap();
+    same(&a, &lib.to_bytes().unwrap(), "library");
+    let (got, _) = read(&a);
+    for (layer, bn, eps, transpose) in [
+        ("features.0", "features.1", 1e-3, false),
+        ("c1", "b1", 1e-4, false),
+        ("up", "upbn", 1e-3, true),
+    ] {
+        let want = fuse_conv_bn_weights(
+            &m.f[&format!("{layer}.weight")],
+            m.f.get(&format!("{layer}.bias")).map(v1).as_ref(),
+            &m.batch_norm(bn, eps),
+            transpose,
+        )
+        .unwrap();
+        assert_eq!(
+            as_f32(&got[&format!("{layer}.weight")]),
+            want.weight,
+            "{layer}"
+        );
+        assert_eq!(
+            as_f32(&got[&format!("{layer}.bias")]),
+            want.bias.into_dyn(),
+            "{layer}"
+        );
+    }
+    let w: Array2<f32> = m.f["fc.weight"].clone().into_dimensionality().unwrap();
+    let fc = fuse_linear_bn_weights(&w, Some(&v1(&m.f["fc.bias"])), &m.batch_norm("bnfc", 0.01))
+        .unwrap();
+    assert_eq!(as_f32(&got["fc.weight"]), fc.weight);
+    let default_eps =
+        fuse_linear_bn_weights(&w, Some(&v1(&m.f["fc.bias"])), &m.batch_norm("bnfc", 1e-4))
+            .unwrap();
+    assert_ne!(
+        fc.weight, default_eps.weight,
+        "eps must matter for this test"
+    );
+
+    // Bad options: named, nothing written.
+    for (fuse, message) in [
+        ("c1,b1:eps", "option `eps` needs a value (eps=E)"),
+        ("c1,b1:eps=oops", "eps `oops` is not a number"),
+        (
+            "c1,b1:transpose=maybe",
+            "option `transpose=maybe` needs no value, true or false",
+        ),
+        ("c1,b1:eps=1:eps=2", "option `eps` given twice"),
+        ("c1,b1:fast", "unknown option `fast`"),
+        ("c1,b1:eps=-1", "eps must be finite and >= 0"),
+    ] {
+        fails(&dir, &input, &["--fuse", fuse, "--backend", "cpu"], message);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `FoldSpec::parse` / `parse_with_defaults`: per-fusion options after a colon.
+fn fold_spec_options_parse() {
+    let s = FoldSpec::parse("a.0,b:eps=1e-3").unwrap();
+    assert_eq!(
+        (s.layer.as_str(), s.bn.as_str(), s.eps, s.transpose),
+        ("a.0", "b", 1e-3, false)
+    );
+    let s = FoldSpec::parse(" a , b , r :transpose: eps = 0.5").unwrap();
+    assert_eq!(s.relu.as_deref(), Some("r"));
+    assert_eq!((s.eps, s.transpose), (0.5, true));
+    let s = FoldSpec::parse_with_defaults("a,b", 0.25, true).unwrap();
+    assert_eq!((s.eps, s.transpose), (0.25, true));
+    let s = FoldSpec::parse_with_defaults("a,b:transpose=false:eps=2", 0.25, true).unwrap();
+    assert_eq!((s.eps, s.transpose), (2.0, false));
+    assert_eq!(FoldSpec::parse("a,b").unwrap(), FoldSpec::new("a", "b"));
+    for bad in [
+        "a,b:",
+        "a,b:eps=",
+        "a,b:transpose:transpose",
+        "a:eps=1",
+        "a,b,c,d:eps=1",
+    ] {
+        let e = FoldSpec::parse(bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{bad}: {e}");
+        assert!(e.to_string().contains(":eps=E"), "{bad}: {e}");
+    }
+}
+
 crate::qfuse_tests! {
     library_folds_every_kind_and_keeps_the_rest,
     state_dict_round_trips_every_dtype,
@@ -806,4 +970,6 @@ crate::qfuse_tests! {
     binary_errors,
     library_errors_are_typed,
     golden_fold_cases_through_the_binary,
+    binary_folds_mixed_eps_and_transpose_in_one_run,
+    fold_spec_options_parse,
 }

@@ -1,4 +1,5 @@
-//! `qfuse fold IN.safetensors --fuse LAYER,BN[,RELU] [--fuse ...] [--transpose] [--eps E]
+//! `qfuse fold IN.safetensors --fuse LAYER,BN[,RELU][:eps=E][:transpose] [--fuse ...]
+//! [--transpose] [--eps E]
 //! [--backend cpu|gpu|auto] -o OUT.safetensors`: a thin layer over
 //! [`qfuse::fold_state_dict::FoldJob`], which reads and checks the input before a GPU is
 //! opened.
@@ -28,14 +29,21 @@ pub struct FoldArgs {
     input: PathBuf,
     /// A fusion: LAYER,BN folds the BatchNorm BN into the conv or linear LAYER (rank-2
     /// weight = linear, rank >= 3 = conv); LAYER,BN,RELU writes PyTorch's ConvReLU names
-    /// LAYER.0.weight / LAYER.0.bias. Repeat for more fusions.
-    #[arg(long = "fuse", value_name = "LAYER,BN[,RELU]", required = true)]
+    /// LAYER.0.weight / LAYER.0.bias. Options for this fusion only, after a colon:
+    /// `:eps=E` (this BatchNorm's eps) and `:transpose` (a ConvTranspose weight), combinable
+    /// (`up,bn2:transpose:eps=1e-3`). Repeat for more fusions.
+    #[arg(
+        long = "fuse",
+        value_name = "LAYER,BN[,RELU][:eps=E][:transpose]",
+        required = true
+    )]
     fuse: Vec<String>,
-    /// The conv weights are ConvTranspose weights [Cin, Cout/groups, k...]; applies to every
-    /// conv of this run (fold ConvTranspose and Conv layers in two runs).
+    /// The conv weights are ConvTranspose weights [Cin, Cout/groups, k...]: the default for
+    /// every fusion without its own `:transpose` / `:transpose=false`.
     #[arg(long)]
     transpose: bool,
-    /// The BatchNorms' eps (state dicts do not store it).
+    /// The BatchNorms' eps (state dicts do not store it): the default for every fusion without
+    /// its own `:eps=E`.
     #[arg(long, default_value_t = DEFAULT_EPS, allow_negative_numbers = true)]
     eps: f32,
     /// Where the folds run.
@@ -51,7 +59,7 @@ pub fn run(args: &FoldArgs) -> qfuse::Result<ExitCode> {
     let specs = args
         .fuse
         .iter()
-        .map(|f| FoldSpec::parse(f).map(|s| s.transposed(args.transpose).with_eps(args.eps)))
+        .map(|f| FoldSpec::parse_with_defaults(f, args.eps, args.transpose))
         .collect::<qfuse::Result<Vec<_>>>()?;
     let job = FoldJob::prepare(&args.input, &args.output, &specs)?;
     let backend: Box<dyn HostOps> = match args.backend {
