@@ -246,6 +246,100 @@ pub fn max_pool2d_output(
     Ok(((h - kernel) / stride + 1, (w - kernel) / stride + 1))
 }
 
+/// Checks a max pooling backward: `dy` must have the forward output shape of `x_shape`
+/// ([`max_pool2d_output`]). Returns `(oh, ow)`.
+///
+/// Errors: [`Error::InvalidArgument`] for an input that is not rank 4 or a bad kernel / stride
+/// (the forward's messages); [`Error::ShapeMismatch`] when `dy` is not `[N, C, OH, OW]`.
+pub fn check_max_pool2d_backward(
+    x_shape: &[usize],
+    dy_shape: &[usize],
+    kernel: usize,
+    stride: usize,
+) -> Result<(usize, usize)> {
+    let [n, c, h, w] = <[usize; 4]>::try_from(x_shape).map_err(|_| {
+        Error::invalid(format!(
+            "max_pool2d input must be NCHW (rank 4), got shape {x_shape:?}"
+        ))
+    })?;
+    let (oh, ow) = max_pool2d_output(h, w, kernel, stride)?;
+    if dy_shape != [n, c, oh, ow] {
+        return Err(Error::shape(
+            "max_pool2d_backward dy (forward output shape)",
+            &[n, c, oh, ow],
+            dy_shape,
+        ));
+    }
+    Ok((oh, ow))
+}
+/// Checks a linear backward: `x` `[N, in]`, weight `[out, in]`, `dy` `[N, out]`.
+///
+/// Errors: [`Error::InvalidArgument`] for a tensor that is not rank 2;
+/// [`Error::ShapeMismatch`] for `in_features` that differ or a `dy` that is not `[N, out]`.
+pub fn check_linear_backward(
+    x_shape: &[usize],
+    w_shape: &[usize],
+    dy_shape: &[usize],
+) -> Result<[usize; 3]> {
+    let rank2 = |what: &str, s: &[usize]| {
+        <[usize; 2]>::try_from(s)
+            .map_err(|_| Error::invalid(format!("linear {what} must be rank 2, got shape {s:?}")))
+    };
+    let [n, inp] = rank2("input", x_shape)?;
+    let [out, w_in] = rank2("weight", w_shape)?;
+    rank2("backward dy", dy_shape)?;
+    if inp != w_in {
+        return Err(Error::shape(
+            format!("linear: input {x_shape:?} vs weight {w_shape:?} (in_features)"),
+            &[n, w_in],
+            x_shape,
+        ));
+    }
+    if dy_shape != [n, out] {
+        return Err(Error::shape(
+            "linear_backward dy (forward output shape)",
+            &[n, out],
+            dy_shape,
+        ));
+    }
+    Ok([n, inp, out])
+}
+/// Checks class labels against `classes` (PyTorch's `Target 12 is out of bounds.`).
+///
+/// Errors: [`Error::InvalidArgument`] for a label `≥ classes`.
+pub fn check_labels(labels: &[u32], classes: usize) -> Result<()> {
+    if let Some(&l) = labels.iter().find(|&&l| l as usize >= classes) {
+        return Err(Error::invalid(format!(
+            "Target {l} is out of bounds (classes: {classes})"
+        )));
+    }
+    Ok(())
+}
+/// Checks a classification op's inputs: scores `[N, C]` with `C > 0` and one label per row.
+/// Returns `[N, C]`.
+///
+/// Errors: [`Error::InvalidArgument`] unless the scores are rank 2 with at least one class;
+/// [`Error::ShapeMismatch`] when the labels are not `[N]`.
+pub fn check_classification(
+    op: &str,
+    scores_shape: &[usize],
+    labels_shape: &[usize],
+) -> Result<[usize; 2]> {
+    let [n, c] = <[usize; 2]>::try_from(scores_shape).map_err(|_| {
+        Error::invalid(format!(
+            "{op} input must be [N, C] (rank 2), got shape {scores_shape:?}"
+        ))
+    })?;
+    if c == 0 {
+        return Err(Error::invalid(format!(
+            "{op} input must have at least one class, got shape {scores_shape:?}"
+        )));
+    }
+    if labels_shape != [n] {
+        return Err(Error::shape(format!("{op} labels"), &[n], labels_shape));
+    }
+    Ok([n, c])
+}
 /// The shape `torch.flatten(x, 1)` gives: `[N, rest]` for an input `[N, ...]`.
 ///
 /// Errors: [`Error::InvalidArgument`] for a scalar, or an element count that overflows.

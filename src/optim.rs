@@ -107,6 +107,44 @@ impl Sgd {
     }
 }
 
+/// Checks an SGD step: settings ([`Sgd::validate`]); the gradient and, with momentum, the
+/// buffer must have the parameter's shape.
+///
+/// Errors: [`Error::InvalidArgument`] for bad settings; [`Error::ShapeMismatch`] otherwise.
+pub fn check_sgd(
+    sgd: &Sgd,
+    param_shape: &[usize],
+    grad_shape: &[usize],
+    buf_shape: Option<&[usize]>,
+) -> Result<()> {
+    sgd.validate()?;
+    if grad_shape != param_shape {
+        return Err(Error::shape(
+            "sgd_step gradient (parameter shape)",
+            param_shape,
+            grad_shape,
+        ));
+    }
+    if sgd.has_momentum() {
+        match buf_shape {
+            None => {
+                return Err(Error::invalid(
+                    "sgd_step: momentum != 0 needs a momentum buffer",
+                ))
+            }
+            Some(b) if b != param_shape => {
+                return Err(Error::shape(
+                    "sgd_step momentum buffer (parameter shape)",
+                    param_shape,
+                    b,
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

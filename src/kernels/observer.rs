@@ -317,7 +317,7 @@ fn qparams_settings(spec: &ObserverSpec) -> Result<Params> {
     } else {
         (qmax - qmin) as f64 as f32
     };
-    let zp_symmetric = crate::reference::observer::symmetric_zero_point(spec);
+    let zp_symmetric = spec.symmetric_zero_point();
     Ok(Params {
         quant_min: spec.range.quant_min,
         quant_max: spec.range.quant_max,

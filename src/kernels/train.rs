@@ -21,7 +21,6 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Conv2dParams, PadMode};
 use crate::optim::Sgd;
-use crate::reference::train as spec;
 
 static SHADER: Shader = Shader {
     name: "train",
@@ -239,7 +238,7 @@ pub fn max_pool2d_backward(
     kernel: usize,
     stride: usize,
 ) -> Result<GpuTensor> {
-    let (oh, ow) = spec::check_max_pool2d_backward(x.shape(), dy.shape(), kernel, stride)?;
+    let (oh, ow) = crate::ops::check_max_pool2d_backward(x.shape(), dy.shape(), kernel, stride)?;
     expect_f32("max_pool2d input", x)?;
     expect_f32("max_pool2d_backward dy", dy)?;
     let s = x.shape();
@@ -326,7 +325,7 @@ pub fn linear_backward(
     w: &GpuTensor,
     dy: &GpuTensor,
 ) -> Result<GpuLinearGrads> {
-    let [n, inp, out] = spec::check_linear_backward(x.shape(), w.shape(), dy.shape())?;
+    let [n, inp, out] = crate::ops::check_linear_backward(x.shape(), w.shape(), dy.shape())?;
     expect_f32("linear input", x)?;
     expect_f32("linear weight", w)?;
     expect_f32("linear_backward dy", dy)?;
@@ -376,12 +375,12 @@ pub fn log_softmax_backward(ctx: &GpuContext, y: &GpuTensor, dy: &GpuTensor) -> 
 ///
 /// Errors: [`Error::InvalidArgument`] for a label `≥ classes`; GPU errors.
 pub fn upload_labels(ctx: &GpuContext, labels: &[u32], classes: usize) -> Result<GpuTensor> {
-    spec::check_labels(labels, classes)?;
+    crate::ops::check_labels(labels, classes)?;
     GpuTensor::from_slice_u32(ctx, labels, &[labels.len()])
 }
 
 fn classification(op: &str, scores: &GpuTensor, labels: &GpuTensor) -> Result<[usize; 2]> {
-    let nc = spec::check_classification(op, scores.shape(), labels.shape())?;
+    let nc = crate::ops::check_classification(op, scores.shape(), labels.shape())?;
     expect_f32(&format!("{op} input"), scores)?;
     if labels.dtype() != DType::U32 {
         return Err(Error::invalid(format!(
@@ -554,7 +553,7 @@ pub fn sgd_step(
     sgd: &Sgd,
     first: bool,
 ) -> Result<()> {
-    spec::check_sgd(sgd, param.shape(), grad.shape(), buf.map(|b| b.shape()))?;
+    crate::optim::check_sgd(sgd, param.shape(), grad.shape(), buf.map(|b| b.shape()))?;
     if param.buffer() == grad.buffer() {
         return Err(Error::invalid(
             "sgd_step: the gradient must not be the parameter's buffer",
@@ -588,7 +587,7 @@ pub fn sgd_step_range(
         )));
     }
     let shape = [len];
-    spec::check_sgd(sgd, &shape, &shape, buf.map(|_| &shape[..]))?;
+    crate::optim::check_sgd(sgd, &shape, &shape, buf.map(|_| &shape[..]))?;
     if let Some(b) = buf {
         if b.len() != len {
             return Err(Error::shape("sgd_step momentum buffer", &[len], b.shape()));
@@ -695,7 +694,7 @@ pub fn observer_update(
     averaging_constant: Option<f32>,
     first: bool,
 ) -> Result<()> {
-    let c = spec::check_observer_update(state.shape(), batch.shape(), averaging_constant)?;
+    let c = crate::ops::check_observer_update(state.shape(), batch.shape(), averaging_constant)?;
     expect_f32("observer state", state)?;
     expect_f32("observer batch min/max", batch)?;
     if state.buffer() == batch.buffer() {

@@ -178,6 +178,22 @@ pub struct ObserverSpec {
 }
 
 impl ObserverSpec {
+    /// The zero point of symmetric schemes (`_calculate_qparams`): 0 for `qint8`; for
+    /// `quint8` the down-rounded midpoint `(quant_min + quant_max) // 2` of a customized range
+    /// ([`ObserverSpec::customized_range`], PyTorch's `has_customized_qrange`; 127 for an
+    /// explicit `[0, 255]`), 128 for the default range. The one formula of the CPU and GPU
+    /// observers.
+    pub fn symmetric_zero_point(&self) -> i32 {
+        match self.dtype {
+            QDtype::QInt8 => 0,
+            QDtype::QUInt8 if self.customized_range => {
+                let sum = i64::from(self.range.quant_min) + i64::from(self.range.quant_max);
+                sum.div_euclid(2) as i32
+            }
+            QDtype::QUInt8 => 128,
+        }
+    }
+
     /// A spec with PyTorch's default eps (`f32::EPSILON`), validated
     /// ([`ObserverSpec::validate`]). The range counts as customized
     /// ([`ObserverSpec::customized_range`]) when it differs from the dtype's default range, as

@@ -22,7 +22,7 @@
 use ndarray::ArrayD;
 
 use crate::error::{Error, Result};
-use crate::quant::{ObserverSpec, QDtype, QParams};
+use crate::quant::{ObserverSpec, QParams};
 
 /// `torch.minimum` on scalars: NaN if either is NaN.
 #[inline]
@@ -118,19 +118,9 @@ pub fn min_max_per_channel(x: &ArrayD<f32>, axis: usize) -> Result<(Vec<f32>, Ve
     Ok((mn, mx))
 }
 
-/// The zero point of symmetric schemes (`_calculate_qparams`): 0 for `qint8`; for `quint8`
-/// the down-rounded midpoint `(quant_min + quant_max) // 2` of a customized range
-/// ([`ObserverSpec::customized_range`], PyTorch's `has_customized_qrange`; 127 for an explicit
-/// `[0, 255]`), 128 for the default range. The one formula the GPU observer uses too.
+/// The zero point of symmetric schemes (one home: [`ObserverSpec::symmetric_zero_point`]).
 pub fn symmetric_zero_point(spec: &ObserverSpec) -> i32 {
-    match spec.dtype {
-        QDtype::QInt8 => 0,
-        QDtype::QUInt8 if spec.customized_range => {
-            let sum = i64::from(spec.range.quant_min) + i64::from(spec.range.quant_max);
-            sum.div_euclid(2) as i32
-        }
-        QDtype::QUInt8 => 128,
-    }
+    spec.symmetric_zero_point()
 }
 
 /// One channel of `_calculate_qparams`.
@@ -463,7 +453,7 @@ observer_common!(MovingAveragePerChannelMinMaxObserver);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{QScheme, QuantRange};
+    use crate::quant::{QDtype, QScheme, QuantRange};
     use ndarray::{arr1, Array, ArrayD, IxDyn};
 
     fn spec(dtype: QDtype, qscheme: QScheme, range: QuantRange) -> ObserverSpec {

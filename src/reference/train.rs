@@ -12,32 +12,11 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Zip};
 use crate::error::{Error, Result};
 use crate::optim::Sgd;
 
-/// Checks a max pooling backward: `dy` must have the forward output shape of `x_shape`
-/// ([`super::layers::max_pool2d_output`]). Returns `(oh, ow)`.
-///
-/// Errors: [`Error::InvalidArgument`] for an input that is not rank 4 or a bad kernel / stride
-/// (the forward's messages); [`Error::ShapeMismatch`] when `dy` is not `[N, C, OH, OW]`.
-pub fn check_max_pool2d_backward(
-    x_shape: &[usize],
-    dy_shape: &[usize],
-    kernel: usize,
-    stride: usize,
-) -> Result<(usize, usize)> {
-    let [n, c, h, w] = <[usize; 4]>::try_from(x_shape).map_err(|_| {
-        Error::invalid(format!(
-            "max_pool2d input must be NCHW (rank 4), got shape {x_shape:?}"
-        ))
-    })?;
-    let (oh, ow) = super::layers::max_pool2d_output(h, w, kernel, stride)?;
-    if dy_shape != [n, c, oh, ow] {
-        return Err(Error::shape(
-            "max_pool2d_backward dy (forward output shape)",
-            &[n, c, oh, ow],
-            dy_shape,
-        ));
-    }
-    Ok((oh, ow))
-}
+/// The training ops' checks (one home each, shared with the kernels).
+pub use crate::ops::{
+    check_classification, check_labels, check_linear_backward, check_max_pool2d_backward,
+};
+pub use crate::optim::check_sgd;
 
 /// The flat index (within its `h × w` plane) of the element a max pooling window selects, as
 /// PyTorch's CPU kernel (`cpu_max_pool`) records it: scanning the window row by row, an element
@@ -110,39 +89,6 @@ pub struct LinearGrads {
     pub dbias: Array1<f32>,
 }
 
-/// Checks a linear backward: `x` `[N, in]`, weight `[out, in]`, `dy` `[N, out]`.
-///
-/// Errors: [`Error::InvalidArgument`] for a tensor that is not rank 2;
-/// [`Error::ShapeMismatch`] for `in_features` that differ or a `dy` that is not `[N, out]`.
-pub fn check_linear_backward(
-    x_shape: &[usize],
-    w_shape: &[usize],
-    dy_shape: &[usize],
-) -> Result<[usize; 3]> {
-    let rank2 = |what: &str, s: &[usize]| {
-        <[usize; 2]>::try_from(s)
-            .map_err(|_| Error::invalid(format!("linear {what} must be rank 2, got shape {s:?}")))
-    };
-    let [n, inp] = rank2("input", x_shape)?;
-    let [out, w_in] = rank2("weight", w_shape)?;
-    rank2("backward dy", dy_shape)?;
-    if inp != w_in {
-        return Err(Error::shape(
-            format!("linear: input {x_shape:?} vs weight {w_shape:?} (in_features)"),
-            &[n, w_in],
-            x_shape,
-        ));
-    }
-    if dy_shape != [n, out] {
-        return Err(Error::shape(
-            "linear_backward dy (forward output shape)",
-            &[n, out],
-            dy_shape,
-        ));
-    }
-    Ok([n, inp, out])
-}
-
 /// Gradients of `torch.nn.functional.linear(x, w, b)` for upstream `dy`, as autograd computes
 /// them (`dy.mm(w)`, `dy.t().mm(x)`, `dy.sum(0)`), accumulated in f32 (the summation order
 /// differs from PyTorch's BLAS: compare with a tolerance).
@@ -155,44 +101,6 @@ pub fn linear_backward(x: &Array2<f32>, w: &Array2<f32>, dy: &Array2<f32>) -> Re
         dweight: dy.t().dot(x),
         dbias: dy.sum_axis(ndarray::Axis(0)),
     })
-}
-
-/// Checks class labels against `classes` (PyTorch's `Target 12 is out of bounds.`).
-///
-/// Errors: [`Error::InvalidArgument`] for a label `≥ classes`.
-pub fn check_labels(labels: &[u32], classes: usize) -> Result<()> {
-    if let Some(&l) = labels.iter().find(|&&l| l as usize >= classes) {
-        return Err(Error::invalid(format!(
-            "Target {l} is out of bounds (classes: {classes})"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a classification op's inputs: scores `[N, C]` with `C > 0` and one label per row.
-/// Returns `[N, C]`.
-///
-/// Errors: [`Error::InvalidArgument`] unless the scores are rank 2 with at least one class;
-/// [`Error::ShapeMismatch`] when the labels are not `[N]`.
-pub fn check_classification(
-    op: &str,
-    scores_shape: &[usize],
-    labels_shape: &[usize],
-) -> Result<[usize; 2]> {
-    let [n, c] = <[usize; 2]>::try_from(scores_shape).map_err(|_| {
-        Error::invalid(format!(
-            "{op} input must be [N, C] (rank 2), got shape {scores_shape:?}"
-        ))
-    })?;
-    if c == 0 {
-        return Err(Error::invalid(format!(
-            "{op} input must have at least one class, got shape {scores_shape:?}"
-        )));
-    }
-    if labels_shape != [n] {
-        return Err(Error::shape(format!("{op} labels"), &[n], labels_shape));
-    }
-    Ok([n, c])
 }
 
 fn checked(op: &str, logp: &Array2<f32>, labels: &[u32]) -> Result<[usize; 2]> {
@@ -295,44 +203,6 @@ pub fn count_correct(scores: &Array2<f32>, labels: &[u32]) -> Result<u32> {
         }
     }
     Ok(correct)
-}
-
-/// Checks an SGD step: settings ([`Sgd::validate`]); the gradient and, with momentum, the
-/// buffer must have the parameter's shape.
-///
-/// Errors: [`Error::InvalidArgument`] for bad settings; [`Error::ShapeMismatch`] otherwise.
-pub fn check_sgd(
-    sgd: &Sgd,
-    param_shape: &[usize],
-    grad_shape: &[usize],
-    buf_shape: Option<&[usize]>,
-) -> Result<()> {
-    sgd.validate()?;
-    if grad_shape != param_shape {
-        return Err(Error::shape(
-            "sgd_step gradient (parameter shape)",
-            param_shape,
-            grad_shape,
-        ));
-    }
-    if sgd.has_momentum() {
-        match buf_shape {
-            None => {
-                return Err(Error::invalid(
-                    "sgd_step: momentum != 0 needs a momentum buffer",
-                ))
-            }
-            Some(b) if b != param_shape => {
-                return Err(Error::shape(
-                    "sgd_step momentum buffer (parameter shape)",
-                    param_shape,
-                    b,
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
 }
 
 /// One `torch.optim.SGD` step on one parameter, in place ([`Sgd::update`] per element):
