@@ -340,6 +340,43 @@ pub fn check_classification(
     }
     Ok([n, c])
 }
+/// The shared checks of [`crate::reference::train::observer_update`]: both `[2, C]`, the same `C`, an averaging
+/// constant in `[0, 1]`. Returns `C`.
+///
+/// Errors: as [`crate::reference::train::observer_update`].
+pub fn check_observer_update(
+    state_shape: &[usize],
+    batch_shape: &[usize],
+    averaging_constant: Option<f32>,
+) -> Result<usize> {
+    let c = match state_shape {
+        [2, c] => *c,
+        _ => {
+            let c = state_shape.get(1).copied().unwrap_or(0);
+            return Err(Error::shape(
+                "observer state (min/max rows)",
+                &[2, c],
+                state_shape,
+            ));
+        }
+    };
+    if batch_shape != [2, c] {
+        return Err(Error::shape(
+            "observer batch min/max (vs state)",
+            &[2, c],
+            batch_shape,
+        ));
+    }
+    if let Some(k) = averaging_constant {
+        if !(0.0..=1.0).contains(&k) {
+            return Err(Error::invalid(format!(
+                "averaging_constant must be in [0, 1], got {k}"
+            )));
+        }
+    }
+    Ok(c)
+}
+
 /// The shape `torch.flatten(x, 1)` gives: `[N, rest]` for an input `[N, ...]`.
 ///
 /// Errors: [`Error::InvalidArgument`] for a scalar, or an element count that overflows.

@@ -15,6 +15,7 @@ use crate::optim::Sgd;
 /// The training ops' checks (one home each, shared with the kernels).
 pub use crate::ops::{
     check_classification, check_labels, check_linear_backward, check_max_pool2d_backward,
+    check_observer_update,
 };
 pub use crate::optim::check_sgd;
 
@@ -292,43 +293,6 @@ pub fn observer_update(
         *s = observer_combine(*s, c, row == 1, averaging_constant, first);
     });
     Ok(())
-}
-
-/// The shared checks of [`observer_update`]: both `[2, C]`, the same `C`, an averaging
-/// constant in `[0, 1]`. Returns `C`.
-///
-/// Errors: as [`observer_update`].
-pub fn check_observer_update(
-    state_shape: &[usize],
-    batch_shape: &[usize],
-    averaging_constant: Option<f32>,
-) -> Result<usize> {
-    let c = match state_shape {
-        [2, c] => *c,
-        _ => {
-            let c = state_shape.get(1).copied().unwrap_or(0);
-            return Err(Error::shape(
-                "observer state (min/max rows)",
-                &[2, c],
-                state_shape,
-            ));
-        }
-    };
-    if batch_shape != [2, c] {
-        return Err(Error::shape(
-            "observer batch min/max (vs state)",
-            &[2, c],
-            batch_shape,
-        ));
-    }
-    if let Some(k) = averaging_constant {
-        if !(0.0..=1.0).contains(&k) {
-            return Err(Error::invalid(format!(
-                "averaging_constant must be in [0, 1], got {k}"
-            )));
-        }
-    }
-    Ok(c)
 }
 
 #[cfg(test)]
