@@ -13,6 +13,7 @@ mod common;
 mod bench_smoke;
 mod cli;
 mod cli_info;
+mod cli_plot;
 mod config;
 mod conformance;
 mod demo;
@@ -52,6 +53,7 @@ fn main() -> std::process::ExitCode {
         bench_smoke::TESTS,
         cli_info::TESTS,
         cli::TESTS,
+        cli_plot::TESTS,
         config::TESTS,
         conformance::TESTS,
         demo::TESTS,

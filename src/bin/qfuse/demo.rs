@@ -26,6 +26,8 @@ use qfuse::nn::Module;
 use qfuse::quant::RequantMode;
 use serde_json::{json, Value};
 
+use crate::plot;
+
 /// Where the models run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DemoBackend {
@@ -75,6 +77,10 @@ pub struct DemoArgs {
     /// safetensors file.
     #[arg(long, value_name = "FILE.safetensors")]
     export: Option<PathBuf>,
+    /// Also draw the results as SVG: each stage's agreement with the float model, and the
+    /// per-layer fraction of identical integer codes, fused against unfused simulation.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 /// Requantization arithmetic (see `qfuse::quant::RequantMode`).
@@ -303,6 +309,41 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
     }
     deployed.print(args.batch, &backend_cell);
 
+    if let Some(path) = &args.plot {
+        // Synthetic images have no labels, so each stage is scored by its argmax agreement
+        // with the float model (said in the picture); the float stage is 100% by definition.
+        let stages: Vec<(String, f64)> = rows
+            .iter()
+            .map(|r| (r.model.to_string(), r.agree as f64 / args.batch as f64))
+            .chain([(
+                "int8 deployed".to_string(),
+                deployed.agree as f64 / args.batch as f64,
+            )])
+            .collect();
+        let layers: Vec<(String, f64, f64)> = deployed
+            .gap
+            .layers
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.fused.identical_fraction(),
+                    l.unfused.identical_fraction(),
+                )
+            })
+            .collect();
+        let title = format!(
+            "qfuse demo: NNI's Mnist, {} synthetic images (seed {}), {}",
+            args.batch, args.seed, backend_cell
+        );
+        let svg = plot::demo_svg(&title, "argmax agreement with float", &stages, &layers)?;
+        let mut inputs: Vec<&std::path::Path> = Vec::new();
+        inputs.extend(args.weights.as_deref());
+        inputs.extend(args.json.as_deref());
+        inputs.extend(args.export.as_deref());
+        plot::write_svg(path, &svg, &inputs)?;
+        eprintln!("wrote {}", path.display());
+    }
     if let Some(path) = &args.json {
         let doc = json!({
             "backend": kind,

@@ -10,6 +10,7 @@ mod conformance;
 mod demo;
 mod fold;
 mod info;
+mod plot;
 mod runtime_dir;
 
 #[derive(Parser)]
