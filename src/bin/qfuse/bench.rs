@@ -111,7 +111,9 @@ fn roofline_plot(report: &Value, mode: &str) -> qfuse::Result<plot::RooflinePlot
                 .map(|s| format!(" x{s:.2}"))
                 .unwrap_or_default();
             let short = group.trim_start_matches("conv_bn_relu_");
-            pairs.push((f, u, format!("{short} {shape}{speedup}")));
+            // The input shape names the conv here (the weight follows from the suite's shapes).
+            let input = shape.split_whitespace().next().unwrap_or("");
+            pairs.push((f, u, format!("{short} {input}{speedup}")));
         }
     }
     Ok(plot::RooflinePlot {

@@ -156,6 +156,8 @@ pub fn roofline_svg(plot: &RooflinePlot) -> PlotResult<String> {
             .map_err(perr)?
             .label(fma_label)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], dashed.stroke_width(2)));
+        // Label positions taken so far (log10 coordinates), to keep labels from overlapping.
+        let mut placed: Vec<(f64, f64)> = Vec::new();
         for (a, b, label) in &plot.pairs {
             let (Some(pa), Some(pb)) = (plot.points.get(*a), plot.points.get(*b)) else {
                 continue;
@@ -167,10 +169,20 @@ pub fn roofline_svg(plot: &RooflinePlot) -> PlotResult<String> {
                 ))
                 .map_err(perr)?;
             let top = if pa.rate >= pb.rate { pa } else { pb };
+            let (lx, mut ly) = (top.intensity * 1.08, top.rate * 1.06);
+            // One text line is about 0.035 decades tall at this size: move down past any
+            // label already near this spot.
+            while placed
+                .iter()
+                .any(|&(px, py)| (px - lx.log10()).abs() < 0.6 && (py - ly.log10()).abs() < 0.04)
+            {
+                ly /= 10f64.powf(0.045);
+            }
+            placed.push((lx.log10(), ly.log10()));
             chart
                 .draw_series([Text::new(
                     label.clone(),
-                    (top.intensity * 1.08, top.rate * 1.06),
+                    (lx, ly),
                     ("sans-serif", 11).into_font(),
                 )])
                 .map_err(perr)?;
