@@ -236,7 +236,7 @@ fn state_dict_key_errors(missing: &[String], unexpected: &[String]) -> String {
     s
 }
 
-/// `Result` with [`Error`].
+/// `Result` with [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

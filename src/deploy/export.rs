@@ -59,7 +59,9 @@ fn i8_raw(a: &ArrayD<i8>) -> Result<RawTensor> {
 }
 
 impl IntModel {
-    /// The model as a state dict (see the [module docs](self) for names and metadata).
+    /// The model as a state dict: per node `NAME.weight` (int8), its scales, bias and
+    /// requantization tensors, and the graph as JSON in the header metadata under
+    /// `qfuse.int_model`.
     ///
     /// Errors: [`Error::InvalidArgument`] for an invalid model or a node name that would
     /// collide with the `values.` tensors.

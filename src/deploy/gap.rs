@@ -89,7 +89,7 @@ pub struct LayerGap {
 /// Runs `model` (integer), its fused simulation and `net`'s unfused simulation on `x` with
 /// `backend`, and counts how the output codes differ.
 ///
-/// Errors: those of [`IntModel::forward`], [`IntModel::simulate`] and [`simulate_unfused`].
+/// Errors: those of [`IntModel::forward`], [`IntModel::simulate`] and [`simulate_unfused`](crate::deploy::simulate_unfused).
 pub fn measure_gap<B: Backend>(
     net: &Net,
     model: &IntModel,

@@ -280,7 +280,8 @@ impl RegTile {
     }
 }
 
-/// What the conv applies to each output before storing it: y = act(acc * out_scale[o] + bias[o]).
+/// What the conv applies to each output before storing it:
+/// `y = act(acc * out_scale[o] + bias[o])`.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvEpilogue<'a> {
     /// Per-output-channel multiplier of the accumulator (the QAT divide-back uses 1/s); None = 1.
