@@ -105,6 +105,27 @@ pub enum Error {
         /// The limit in bytes.
         limit: u64,
     },
+    /// A GPU tensor used with a [`crate::gpu::GpuContext`] other than the one it was made on
+    /// (another device, or another `wgpu::Instance`).
+    #[error("tensor `{what}` belongs to {tensor_context}, not to {context} (move it with a download and an upload)")]
+    ContextMismatch {
+        /// Which argument.
+        what: String,
+        /// The context the tensor was made on (id and adapter).
+        tensor_context: String,
+        /// The context of the operation (id and adapter).
+        context: String,
+    },
+    /// A caller's `wgpu::Buffer` without a usage qfuse needs for it.
+    #[error("buffer lacks usage {missing} (it has {has}), needed to {purpose}")]
+    MissingBufferUsage {
+        /// The missing flag (`STORAGE`, `COPY_SRC`, `COPY_DST`).
+        missing: &'static str,
+        /// The buffer's usages.
+        has: String,
+        /// What needs it.
+        purpose: &'static str,
+    },
     /// A file (or bytes) that is not a valid safetensors state dict.
     #[error("malformed state dict {path}: {reason}")]
     MalformedStateDict {

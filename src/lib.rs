@@ -12,6 +12,10 @@ pub mod reference;
 
 pub use backend::{Backend, CpuBackend, GpuBackend, HostOps};
 pub use error::{Error, Result};
+/// The wgpu qfuse is built with (version 30): an engine passing its own device to
+/// [`gpu::GpuContext::from_device`] must use this one (`qfuse::wgpu`), or the same major
+/// version, so the types match.
+pub use wgpu;
 pub mod config;
 pub mod conformance;
 pub mod data;

@@ -247,7 +247,7 @@ impl Rig {
         wg: u32,
         ept: u32,
     ) -> Result<Measurement> {
-        let uniform = ctx.uniform(&Params {
+        let uniform = ctx.params(&Params {
             n4: self.n4_u32,
             iters: 0,
             a: 0.0,
@@ -275,7 +275,7 @@ impl Rig {
         chains: u32,
         iters: u32,
     ) -> Result<Measurement> {
-        let uniform = ctx.uniform(&Params {
+        let uniform = ctx.params(&Params {
             n4: self.n4_u32,
             iters,
             a: 0.999,
@@ -307,7 +307,7 @@ impl Rig {
         r: &Roofline,
     ) -> Result<impl FnMut() -> Result<()> + 'a> {
         let (wg, ept) = (r.copy_best.workgroup_size, r.copy_best.per_invocation);
-        let uniform = ctx.uniform(&Params {
+        let uniform = ctx.params(&Params {
             n4: self.n4_u32,
             iters: 0,
             a: 0.0,

@@ -4,19 +4,17 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::pipeline::{BindingType, Kernel, Pipeline, PipelineKey};
-
-/// Locks a mutex, ignoring poisoning (the data it guards stays consistent: caches and
-/// message slots).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::gpu::runtime::{
+    lock, size_class, ContextId, PoolKey, PoolStats, PopFuture, Runtime, TransferStats,
+};
+use crate::gpu::GpuTensor;
 
 /// One dispatch of a kernel, for [`GpuContext::run`].
 #[derive(Debug, Clone, Copy)]
@@ -43,12 +41,110 @@ pub enum Int8Dot {
     Packed,
 }
 
+/// What [`GpuContext::from_device_with`] does with the device's uncaptured-error handler.
+/// wgpu keeps one handler per device (setting one replaces the previous), so the embedder
+/// chooses.
+#[derive(Clone, Default)]
+pub enum UncapturedErrors {
+    /// Leave the device's handler as it is (the default of [`GpuContext::from_device`]).
+    /// qfuse runs its own work inside error scopes, so its errors never reach the handler;
+    /// [`GpuContext::take_uncaptured_error`] then always says `None`. (A device with no
+    /// handler at all panics on an uncaptured error: that is wgpu's default.)
+    #[default]
+    Keep,
+    /// Install qfuse's handler, which records the last error for
+    /// [`GpuContext::take_uncaptured_error`] (what [`GpuContext::new`] does).
+    Install,
+    /// Install a handler that records the error as `Install` does, then calls this one (the
+    /// engine's own handler, so both see every uncaptured error).
+    Chain(Arc<dyn wgpu::UncapturedErrorHandler>),
+}
+
+impl std::fmt::Debug for UncapturedErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Keep => "Keep",
+            Self::Install => "Install",
+            Self::Chain(_) => "Chain(..)",
+        })
+    }
+}
+
+/// The engine's device-lost callback, for [`DeviceLost::Chain`].
+pub type DeviceLostFn = Arc<dyn Fn(wgpu::DeviceLostReason, String) + Send + Sync + 'static>;
+
+/// What [`GpuContext::from_device_with`] does with the device-lost callback (wgpu keeps one
+/// per device).
+#[derive(Default)]
+pub enum DeviceLost {
+    /// Leave it as it is (the default of [`GpuContext::from_device`]). qfuse then learns of a
+    /// lost device only from a failed readback (an `Error::Gpu` naming the failed mapping),
+    /// not from [`GpuContext::check_alive`].
+    #[default]
+    Keep,
+    /// Install qfuse's callback: after a loss, every call returns
+    /// `Error::Gpu("device lost: ...")` (what [`GpuContext::new`] does).
+    Install,
+    /// Install qfuse's callback, which records the loss as `Install` does, then calls this
+    /// one.
+    Chain(DeviceLostFn),
+}
+
+impl std::fmt::Debug for DeviceLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Keep => "Keep",
+            Self::Install => "Install",
+            Self::Chain(_) => "Chain(..)",
+        })
+    }
+}
+
+/// How [`GpuContext::from_device_with`] treats an embedder's device: which of the device's
+/// two callbacks qfuse may set. The default takes over neither.
+#[derive(Debug, Default)]
+pub struct EmbedOptions {
+    /// The uncaptured-error handler.
+    pub uncaptured_errors: UncapturedErrors,
+    /// The device-lost callback.
+    pub device_lost: DeviceLost,
+}
+
+impl EmbedOptions {
+    /// qfuse installs both of its callbacks (what [`GpuContext::new`] does with its own
+    /// device).
+    pub fn install() -> Self {
+        Self {
+            uncaptured_errors: UncapturedErrors::Install,
+            device_lost: DeviceLost::Install,
+        }
+    }
+}
+
 /// A GPU device and everything qfuse keeps about it: queue, adapter info, limits, compiled
-/// pipelines, and what the device reported asynchronously (loss, uncaptured errors).
+/// pipelines, what the device reported asynchronously (loss, uncaptured errors), and the
+/// runtime shared with its tensors: the buffer pool, the open recording, transfer counters.
 ///
 /// `GpuContext` is `Send + Sync`; share it with an `Arc`. Construct it from the system with
 /// [`GpuContext::new`] / [`GpuContext::new_async`], or from an embedder's device with
-/// [`GpuContext::from_device`].
+/// [`GpuContext::from_device`] / [`GpuContext::from_device_with`].
+///
+/// # Recording and submission
+/// Outside a recording every launch ([`GpuContext::run`], so every kernel launcher) is one
+/// submission. [`GpuContext::record`] gathers every launch made inside it into one command
+/// encoder submitted once at its end; [`GpuContext::encode_into`] puts them into a caller's
+/// encoder and submits nothing. A readback inside a recording first submits what is
+/// pending. Validation and out-of-memory errors are caught by error scopes per submission
+/// (one pair per launch outside a recording, one per recording), never per allocation, and
+/// the scopes' answers are read without waiting (wgpu native answers at once; an answer
+/// that is not ready is checked at the next readback or [`GpuContext::wait`]).
+///
+/// # Buffer pool
+/// Tensors ([`GpuTensor::zeros`], uploads, launcher outputs), kernel parameters
+/// ([`GpuContext::params`]) and readback staging buffers come from a pool keyed by size
+/// class and usage; a dropped tensor returns its buffer, so a repeated forward or training
+/// step allocates nothing after the first (see [`GpuContext::pool_stats`],
+/// [`GpuContext::trim_pool`]; why reuse is safe is explained in `src/gpu/runtime.rs`).
 pub struct GpuContext {
     device: wgpu::Device,
     queue: wgpu::Queue,
@@ -62,6 +158,7 @@ pub struct GpuContext {
     uncaptured: Arc<Mutex<Option<String>>>,
     packed_dot_available: bool,
     int8_dot_packed: AtomicBool,
+    rt: Arc<Runtime>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -188,7 +285,13 @@ impl GpuContext {
                 ))
             })?;
         let packed = packed_dot_in(&instance);
-        Ok(Self::build(device, queue, info, packed))
+        Ok(Self::build(
+            device,
+            queue,
+            info,
+            packed,
+            EmbedOptions::install(),
+        ))
     }
 
     /// Blocking form of [`GpuContext::new_async`] (via `pollster`).
@@ -196,15 +299,18 @@ impl GpuContext {
         pollster::block_on(Self::new_async())
     }
 
-    /// Wraps a device an embedder already opened. Limits come from `device.limits()` (what
-    /// the device was created with, so request generous limits when you create it) and the
-    /// adapter info from `device.adapter_info()`. Optional features are those
-    /// `device.features()` reports: the subgroup kernels run only on a device created with
-    /// [`wgpu::Features::SUBGROUP`] ([`GpuContext::has_subgroups`]).
+    /// Wraps a device an embedder already opened, leaving the device's uncaptured-error
+    /// handler and device-lost callback as they are ([`EmbedOptions::default`]; see
+    /// [`GpuContext::from_device_with`] to have qfuse install or chain them). qfuse's own
+    /// work runs inside error scopes, so its errors are `Error::Gpu` values whatever the
+    /// handler.
     ///
-    /// This installs an uncaptured-error handler and a device-lost callback on the device,
-    /// replacing any the embedder set: qfuse needs them so that nothing panics and a lost
-    /// device becomes an error.
+    /// Limits come from `device.limits()` (what the device was created with, so request
+    /// generous limits when you create it) and the adapter info from
+    /// `device.adapter_info()`. Optional features are those `device.features()` reports: the
+    /// subgroup kernels run only on a device created with [`wgpu::Features::SUBGROUP`]
+    /// ([`GpuContext::has_subgroups`]). The device must come from the wgpu qfuse is built
+    /// with: [`crate::wgpu`] (version 30).
     ///
     /// The WGSL language features (for [`GpuContext::int8_dot`]) are those of a native
     /// instance with no backends enabled (they depend on the wgpu / naga build, not on the
@@ -212,6 +318,30 @@ impl GpuContext {
     /// says nothing about its instance, the portable path is chosen; use
     /// [`GpuContext::set_int8_dot`] to change it.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Self::from_device_with(device, queue, EmbedOptions::default())
+    }
+
+    /// [`GpuContext::from_device`] with a choice of what qfuse does with the device's
+    /// uncaptured-error handler and device-lost callback. wgpu keeps one of each per device:
+    /// installing one replaces the engine's, which is why [`UncapturedErrors::Chain`] and
+    /// [`DeviceLost::Chain`] take the engine's own and call it after qfuse's.
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use qfuse::gpu::{EmbedOptions, GpuContext, UncapturedErrors};
+    /// # fn f(device: qfuse::wgpu::Device, queue: qfuse::wgpu::Queue) -> qfuse::Result<()> {
+    /// let engine_handler = Arc::new(|e: qfuse::wgpu::Error| eprintln!("engine: {e}"));
+    /// let ctx = GpuContext::from_device_with(device, queue, EmbedOptions {
+    ///     uncaptured_errors: UncapturedErrors::Chain(engine_handler),
+    ///     ..Default::default()
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_device_with(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: EmbedOptions,
+    ) -> Result<Self> {
         let info = device.adapter_info();
         let packed = if cfg!(target_arch = "wasm32") {
             false
@@ -220,7 +350,7 @@ impl GpuContext {
             desc.backends = wgpu::Backends::empty();
             packed_dot_in(&wgpu::Instance::new(desc))
         };
-        Ok(Self::build(device, queue, info, packed))
+        Ok(Self::build(device, queue, info, packed, options))
     }
 
     fn build(
@@ -228,24 +358,56 @@ impl GpuContext {
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
         packed_dot_available: bool,
+        options: EmbedOptions,
     ) -> Self {
         let lost = Arc::new(Mutex::new(None));
         let uncaptured = Arc::new(Mutex::new(None));
-        {
+        let record_loss = {
             let lost = Arc::clone(&lost);
-            device.set_device_lost_callback(move |reason, message| {
+            move |reason: wgpu::DeviceLostReason, message: &str| {
                 *lock(&lost) = Some(format!("{reason:?}: {message}"));
-            });
+            }
+        };
+        match options.device_lost {
+            DeviceLost::Keep => {}
+            DeviceLost::Install => {
+                device
+                    .set_device_lost_callback(move |reason, message| record_loss(reason, &message));
+            }
+            DeviceLost::Chain(theirs) => {
+                device.set_device_lost_callback(move |reason, message| {
+                    record_loss(reason, &message);
+                    theirs(reason, message);
+                });
+            }
         }
-        {
+        let record_error = {
             let uncaptured = Arc::clone(&uncaptured);
-            device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
-                *lock(&uncaptured) = Some(error.to_string());
-            }));
+            move |error: &wgpu::Error| *lock(&uncaptured) = Some(error.to_string())
+        };
+        match options.uncaptured_errors {
+            UncapturedErrors::Keep => {}
+            UncapturedErrors::Install => {
+                device
+                    .on_uncaptured_error(Arc::new(move |error: wgpu::Error| record_error(&error)));
+            }
+            UncapturedErrors::Chain(theirs) => {
+                device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+                    record_error(&error);
+                    theirs(error);
+                }));
+            }
         }
         let limits = device.limits();
         let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY);
         let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+        let max_buffer = limits
+            .max_buffer_size
+            .min(limits.max_storage_buffer_binding_size);
+        let rt = Arc::new(Runtime::new(
+            format!("{} ({:?})", info.name, info.backend),
+            max_buffer,
+        ));
         Self {
             device,
             queue,
@@ -259,6 +421,7 @@ impl GpuContext {
             uncaptured,
             packed_dot_available,
             int8_dot_packed: AtomicBool::new(packed_dot_available),
+            rt,
         }
     }
 
@@ -374,19 +537,181 @@ impl GpuContext {
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes and turns what they catch
-    /// into [`Error::Gpu`] naming `what`.
+    /// into [`Error::Gpu`] naming `what`. The scopes' answers are read without waiting: wgpu
+    /// native answers at once; an answer that is not ready yet (the web) is checked at the
+    /// next readback or [`GpuContext::wait`].
     pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
         self.check_alive()?;
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
-        let validation = pollster::block_on(validation.pop());
-        let oom = pollster::block_on(oom.pop());
+        let validation = self.answer(what, Box::pin(validation.pop()));
+        let oom = self.answer(what, Box::pin(oom.pop()));
         if let Some(e) = validation.or(oom) {
             return Err(Error::Gpu(format!("{what}: {e}")));
         }
         self.check_alive()?;
         Ok(value)
+    }
+
+    /// Polls a popped scope once: its error if it answered, else kept for the next sync
+    /// point.
+    fn answer(&self, what: &str, mut popped: PopFuture) -> Option<wgpu::Error> {
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        match popped.as_mut().poll(&mut cx) {
+            Poll::Ready(e) => e,
+            Poll::Pending => {
+                lock(&self.rt.unanswered).push((what.to_string(), popped));
+                None
+            }
+        }
+    }
+
+    /// Waits for the error scopes that had not answered when popped (none on native).
+    fn settle_scopes(&self) -> Result<()> {
+        let pending = std::mem::take(&mut *lock(&self.rt.unanswered));
+        let mut first = None;
+        for (what, popped) in pending {
+            if let Some(e) = pollster::block_on(popped) {
+                first.get_or_insert_with(|| Error::Gpu(format!("{what}: {e}")));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// `true` when the calling thread opened the recording now open: its error scopes
+    /// cover what it does.
+    fn in_own_recording(&self) -> bool {
+        let rec = lock(&self.rt.rec);
+        rec.depth > 0 && rec.owner == Some(std::thread::current().id())
+    }
+
+    /// `f` inside error scopes: the recording's when the calling thread has one open, else
+    /// a pair of its own ([`GpuContext::scoped`]).
+    fn guarded<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        if self.in_own_recording() {
+            self.check_alive()?;
+            Ok(f())
+        } else {
+            self.scoped(what, f)
+        }
+    }
+
+    /// A buffer of at least `size` bytes with `usage`, from the pool or newly created
+    /// (`size` already checked against the limits). A pooled one keeps its old contents
+    /// unless `zero`: then it is cleared, in the open encoder when there is one (ordered
+    /// after the commands that used it before), else with a staged write (which lands before
+    /// the next submission, whoever makes it).
+    pub(crate) fn acquire(
+        &self,
+        usage: wgpu::BufferUsages,
+        size: u64,
+        zero: bool,
+    ) -> Result<(PoolKey, wgpu::Buffer)> {
+        let key = PoolKey {
+            size: size_class(size, self.rt.max_buffer),
+            usage,
+        };
+        if let Some(buffer) = self.rt.take(key) {
+            if zero {
+                let mut rec = lock(&self.rt.rec);
+                if rec.depth > 0 && rec.owner == Some(std::thread::current().id()) {
+                    let encoder = rec
+                        .encoder
+                        .get_or_insert_with(|| self.new_encoder("qfuse recording"));
+                    encoder.clear_buffer(&buffer, 0, None);
+                } else {
+                    drop(rec);
+                    let zeros = vec![0u8; key.size as usize];
+                    self.guarded("clearing a pooled buffer", || {
+                        self.queue.write_buffer(&buffer, 0, &zeros)
+                    })?;
+                }
+            }
+            return Ok((key, buffer));
+        }
+        let buffer = self.guarded("allocating a buffer", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("qfuse"),
+                size: key.size,
+                usage,
+                mapped_at_creation: false,
+            })
+        })?;
+        lock(&self.rt.pool).allocated(key);
+        Ok((key, buffer))
+    }
+
+    /// Writes `bytes` at the start of `buffer` (`COPY_DST`) just before the next launch, as
+    /// kernel parameters are (counted with them): for small per-launch state such as a
+    /// status word reset.
+    pub(crate) fn write_before_next_launch(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
+        self.rt.count_param(bytes.len() as u64);
+        lock(&self.rt.rec)
+            .writes
+            .push((buffer.clone(), bytes.to_vec()));
+    }
+
+    /// The runtime shared with this context's tensors.
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+
+    fn new_encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+
+    /// This context's identity (what a [`GpuTensor`] remembers of the context it was made
+    /// on).
+    pub fn id(&self) -> ContextId {
+        self.rt.id()
+    }
+
+    /// `Ok` when `t` was made on this context.
+    ///
+    /// Errors: [`Error::ContextMismatch`] naming `what` (the argument) and both contexts.
+    pub fn check_tensor(&self, what: &str, t: &GpuTensor) -> Result<()> {
+        if t.context_id() == self.id() {
+            return Ok(());
+        }
+        Err(Error::ContextMismatch {
+            what: what.to_string(),
+            tensor_context: t.context_description(),
+            context: self.rt.describe(),
+        })
+    }
+
+    /// [`GpuContext::check_tensor`] for each `(argument name, tensor)`.
+    ///
+    /// Errors: [`Error::ContextMismatch`] for the first tensor of another context.
+    pub fn check_tensors(&self, tensors: &[(&str, &GpuTensor)]) -> Result<()> {
+        tensors
+            .iter()
+            .try_for_each(|(what, t)| self.check_tensor(what, t))
+    }
+
+    /// Host↔device transfers so far (see [`TransferStats`]; take two snapshots and
+    /// [`TransferStats::since`] for the transfers of a stretch of work).
+    pub fn transfer_stats(&self) -> TransferStats {
+        *lock(&self.rt.transfers)
+    }
+
+    /// Sets the transfer counters back to zero.
+    pub fn reset_transfer_stats(&self) {
+        *lock(&self.rt.transfers) = TransferStats::default();
+    }
+
+    /// What the buffer pool did and holds (see [`PoolStats`]).
+    pub fn pool_stats(&self) -> PoolStats {
+        lock(&self.rt.pool).stats()
+    }
+
+    /// Drops every idle pooled buffer (buffers in use and those waiting for an open encoder
+    /// stay) and returns how many bytes that freed. The pool only grows to the largest
+    /// working set seen; trim it after a one-off peak.
+    pub fn trim_pool(&self) -> u64 {
+        lock(&self.rt.pool).trim()
     }
 
     /// Checks a buffer size against `max_buffer_size` and `max_storage_buffer_binding_size`,
@@ -411,16 +736,42 @@ impl GpuContext {
         Ok(())
     }
 
-    /// A uniform buffer holding `value` (a `#[repr(C)]` `Pod` struct laid out like the
-    /// WGSL one; keep its size a multiple of 16 bytes).
+    /// A new uniform buffer holding `value` (a `#[repr(C)]` `Pod` struct laid out like the
+    /// WGSL one; keep its size a multiple of 16 bytes). It is not pooled:
+    /// [`GpuContext::params`] is the pooled form launchers use.
     pub fn uniform<T: bytemuck::Pod>(&self, value: &T) -> Result<wgpu::Buffer> {
-        self.scoped("creating a uniform buffer", || {
+        self.rt.count_param(std::mem::size_of::<T>() as u64);
+        self.guarded("creating a uniform buffer", || {
             self.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some("qfuse uniform"),
                     contents: bytemuck::bytes_of(value),
                     usage: wgpu::BufferUsages::UNIFORM,
                 })
+        })
+    }
+
+    /// Kernel parameters: a pooled uniform buffer holding `value` (a `#[repr(C)]` `Pod`
+    /// struct laid out like the WGSL one; keep its size a multiple of 16 bytes), which goes
+    /// back to the pool when the returned [`ParamsBuffer`] is dropped. Its contents are written
+    /// just before the next launch (no device call here once the pool is warm).
+    pub fn params<T: bytemuck::Pod>(&self, value: &T) -> Result<ParamsBuffer> {
+        let bytes = bytemuck::bytes_of(value).to_vec();
+        let size = (bytes.len() as u64).max(4);
+        self.check_buffer_size(size)?;
+        let (key, buffer) = self.acquire(
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            size,
+            false,
+        )?;
+        self.rt.count_param(bytes.len() as u64);
+        if !bytes.is_empty() {
+            lock(&self.rt.rec).writes.push((buffer.clone(), bytes));
+        }
+        Ok(ParamsBuffer {
+            buffer,
+            key,
+            rt: Arc::clone(&self.rt),
         })
     }
 
@@ -513,9 +864,11 @@ impl GpuContext {
         Ok(lock(&self.modules).entry(name).or_insert(module).clone())
     }
 
-    /// Encodes `launches` in order into one compute pass and submits them as one command
-    /// buffer (a later launch sees the writes of an earlier one). Does not wait for the GPU.
-    pub fn run(&self, launches: &[Launch<'_>]) -> Result<wgpu::SubmissionIndex> {
+    /// Encodes `launches` in order into one compute pass (a later launch sees the writes of
+    /// an earlier one). Outside a recording the pass is submitted at once as one command
+    /// buffer; inside [`GpuContext::record`] / [`GpuContext::encode_into`] it is appended to
+    /// the open encoder. Never waits for the GPU.
+    pub fn run(&self, launches: &[Launch<'_>]) -> Result<()> {
         self.check_alive()?;
         let mut prepared = Vec::with_capacity(launches.len());
         for launch in launches {
@@ -531,7 +884,7 @@ impl GpuContext {
             let pipeline = self.pipeline(launch.kernel, launch.constants)?;
             prepared.push((launch, pipeline));
         }
-        self.scoped("submitting kernels", || {
+        self.guarded("submitting kernels", || {
             let bind_groups: Vec<wgpu::BindGroup> = prepared
                 .iter()
                 .map(|(launch, pipeline)| {
@@ -552,12 +905,7 @@ impl GpuContext {
                     })
                 })
                 .collect();
-            let mut encoder = self
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("qfuse kernels"),
-                });
-            {
+            let encode = |encoder: &mut wgpu::CommandEncoder| {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("qfuse kernels"),
                     timestamp_writes: None,
@@ -571,16 +919,216 @@ impl GpuContext {
                     pass.set_bind_group(0, bind_group, &[]);
                     pass.dispatch_workgroups(x, y, z);
                 }
+            };
+            let me = std::thread::current().id();
+            let (writes, pending, local, freed) = {
+                let mut rec = lock(&self.rt.rec);
+                let writes = std::mem::take(&mut rec.writes);
+                if rec.depth > 0 && rec.owner == Some(me) {
+                    let encoder = rec
+                        .encoder
+                        .get_or_insert_with(|| self.new_encoder("qfuse recording"));
+                    encode(encoder);
+                    (writes, None, None, Vec::new())
+                } else {
+                    // Another thread's recording goes first (its launches come before
+                    // ours), unless it is a caller's encoder, which only the caller submits.
+                    let pending = if rec.external {
+                        None
+                    } else {
+                        rec.encoder.take()
+                    };
+                    let freed = if pending.is_some() {
+                        std::mem::take(&mut lock(&self.rt.pool).quarantine)
+                    } else {
+                        Vec::new()
+                    };
+                    let mut encoder = self.new_encoder("qfuse kernels");
+                    encode(&mut encoder);
+                    (writes, pending, Some(encoder), freed)
+                }
+            };
+            for (buffer, bytes) in &writes {
+                self.queue.write_buffer(buffer, 0, bytes);
             }
-            self.queue.submit([encoder.finish()])
+            if let Some(encoder) = local {
+                let buffers = pending.into_iter().chain([encoder]).map(|e| e.finish());
+                self.queue.submit(buffers);
+                self.rt.count_submission();
+                lock(&self.rt.pool).put_all(freed);
+            }
         })
     }
 
+    /// Runs `f` as one recording: every launch the calling thread makes inside it (by any
+    /// launcher) is encoded into one command encoder, submitted once when `f` returns — also
+    /// when it returns an error (the work recorded until then runs, as it would have outside
+    /// a recording). Nested recordings join the outer one. One thread records at a time:
+    /// meanwhile other threads launch as outside a recording (each of their submissions
+    /// first submits what is recorded so far, so launch order is kept), and a `record` on
+    /// another thread runs its closure unbatched.
+    ///
+    /// One pair of error scopes covers the recording; what they catch is returned as
+    /// [`Error::Gpu`] after the submission, unless `f` itself failed. A readback inside the
+    /// recording submits what is recorded so far first, so it sees the results of earlier
+    /// launches; the recording then goes on in a new encoder. Tensors dropped inside the
+    /// recording return their buffers to the pool only once it is submitted.
+    ///
+    /// ```no_run
+    /// # use qfuse::gpu::{GpuContext, GpuTensor};
+    /// # use qfuse::{kernels, ops::Activation};
+    /// # fn f(ctx: &GpuContext, x: &GpuTensor) -> qfuse::Result<()> {
+    /// let y = ctx.record(|| {
+    ///     let a = kernels::activation::activation(ctx, x, Activation::Relu)?;
+    ///     kernels::activation::activation(ctx, &a, Activation::Relu6) // `a` is freed here
+    /// })?; // one submission for both launches
+    /// # Ok(()) }
+    /// ```
+    pub fn record<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.check_alive()?;
+        let me = std::thread::current().id();
+        let outermost = {
+            let mut rec = lock(&self.rt.rec);
+            if rec.depth > 0 && rec.owner != Some(me) {
+                drop(rec);
+                return f();
+            }
+            rec.depth += 1;
+            if rec.depth == 1 {
+                rec.owner = Some(me);
+                true
+            } else {
+                false
+            }
+        };
+        let depth = DepthGuard { ctx: self };
+        if !outermost {
+            return f();
+        }
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        self.submit_pending();
+        drop(depth);
+        let validation = self.answer("a recording", Box::pin(validation.pop()));
+        let oom = self.answer("a recording", Box::pin(oom.pop()));
+        let value = value?;
+        if let Some(e) = validation.or(oom) {
+            return Err(Error::Gpu(format!("submitting a recording: {e}")));
+        }
+        self.check_alive()?;
+        Ok(value)
+    }
+
+    /// Runs `f` with every launch encoded into `encoder`, the caller's, and submits
+    /// nothing: for engines that interleave their own passes with qfuse's. The caller
+    /// submits `encoder` (on this context's queue) when it likes; the kernel parameters and
+    /// zero-fills qfuse writes with `Queue::write_buffer` land before that submission.
+    /// Buffers of tensors dropped inside `f` go back to the pool when the caller's command
+    /// buffer has finished on the GPU.
+    ///
+    /// A readback inside `f` is refused (what it would read is not submitted yet), and so is
+    /// an `encode_into` inside [`GpuContext::record`] or another `encode_into`.
+    ///
+    /// ```no_run
+    /// # use qfuse::gpu::{GpuContext, GpuTensor};
+    /// # use qfuse::{kernels, ops::Activation};
+    /// # fn f(ctx: &GpuContext, x: &GpuTensor) -> qfuse::Result<()> {
+    /// let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    /// // ... the engine's own passes ...
+    /// let y = ctx.encode_into(&mut encoder, || {
+    ///     kernels::activation::activation(ctx, x, Activation::Relu)
+    /// })?;
+    /// // ... more of the engine's passes, reading `y.buffer()` ...
+    /// ctx.queue().submit([encoder.finish()]);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Errors: [`Error::InvalidArgument`] inside a recording; `f`'s errors; [`Error::Gpu`]
+    /// for what the error scopes around `f` caught.
+    pub fn encode_into<T>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.check_alive()?;
+        {
+            let mut rec = lock(&self.rt.rec);
+            if rec.depth > 0 {
+                return Err(Error::invalid(
+                    "GpuContext::encode_into cannot be nested in a recording (record or \
+                     encode_into)",
+                ));
+            }
+            let theirs = std::mem::replace(encoder, self.new_encoder("qfuse placeholder"));
+            rec.encoder = Some(theirs);
+            rec.external = true;
+            rec.depth = 1;
+            rec.owner = Some(std::thread::current().id());
+        }
+        let guard = ExternalGuard { ctx: self, encoder };
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let writes = std::mem::take(&mut lock(&self.rt.rec).writes);
+        for (buffer, bytes) in &writes {
+            self.queue.write_buffer(buffer, 0, bytes);
+        }
+        drop(guard);
+        let validation = self.answer("encode_into", Box::pin(validation.pop()));
+        let oom = self.answer("encode_into", Box::pin(oom.pop()));
+        let value = value?;
+        if let Some(e) = validation.or(oom) {
+            return Err(Error::Gpu(format!(
+                "encoding into the caller's encoder: {e}"
+            )));
+        }
+        Ok(value)
+    }
+
+    /// Inside a recording opened by [`GpuContext::record`]: submits what is recorded so far
+    /// (the recording goes on). Elsewhere nothing is pending and this does nothing. Call it
+    /// before submitting work of your own that reads qfuse tensors written inside the
+    /// recording.
+    pub fn flush(&self) -> Result<()> {
+        self.scoped("submitting a recording", || self.submit_pending())
+    }
+
+    /// Submits the open encoder (unless it is a caller's) with the parameter writes before
+    /// it, and returns the buffers freed while it was open to the pool.
+    fn submit_pending(&self) {
+        let (writes, encoder, freed) = {
+            let mut rec = lock(&self.rt.rec);
+            if rec.external {
+                return;
+            }
+            let writes = std::mem::take(&mut rec.writes);
+            let encoder = rec.encoder.take();
+            let freed = std::mem::take(&mut lock(&self.rt.pool).quarantine);
+            (writes, encoder, freed)
+        };
+        for (buffer, bytes) in &writes {
+            self.queue.write_buffer(buffer, 0, bytes);
+        }
+        if let Some(encoder) = encoder {
+            self.queue.submit([encoder.finish()]);
+            self.rt.count_submission();
+        }
+        lock(&self.rt.pool).put_all(freed);
+    }
+
     /// Copies `size` bytes (a multiple of 4) from the start of `src` (which needs
-    /// `COPY_SRC`) into a staging buffer and reads them back: the async core of every
-    /// download. On native this blocks in `device.poll` until the copy is done; on the web
-    /// the browser drives the mapping.
+    /// `COPY_SRC`) into a pooled staging buffer and reads them back: the async core of every
+    /// download. Inside a recording, what is recorded is submitted first (with the copy).
+    /// On native this blocks in `device.poll` until the copy is done; on the web the
+    /// browser drives the mapping.
+    ///
+    /// Errors: [`Error::InvalidArgument`] inside [`GpuContext::encode_into`];
+    /// [`Error::MissingBufferUsage`] without `COPY_SRC`; [`Error::Gpu`] for a bad size or
+    /// what the GPU reports (including a lost device, and errors caught earlier by scopes
+    /// that had not answered).
     pub async fn read_buffer_async(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        self.check_alive()?;
         if size == 0 {
             return Ok(Vec::new());
         }
@@ -590,25 +1138,47 @@ impl GpuContext {
                 src.size()
             )));
         }
-        let staging = self.scoped("creating a staging buffer", || {
-            let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("qfuse staging"),
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            let mut encoder = self
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("qfuse readback"),
-                });
+        crate::gpu::tensor::require_usage(src, wgpu::BufferUsages::COPY_SRC, "download it")?;
+        {
+            let rec = lock(&self.rt.rec);
+            if rec.external && rec.owner == Some(std::thread::current().id()) {
+                return Err(Error::invalid(
+                    "cannot read back inside GpuContext::encode_into: the caller's encoder \
+                     is not submitted yet",
+                ));
+            }
+        }
+        let (key, staging) = self.acquire(
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            size,
+            false,
+        )?;
+        // Its own scopes even inside a recording: an error in what is flushed here must fail
+        // this readback, not return what an invalid submission left in the buffer.
+        self.scoped("reading back a buffer", || {
+            let (writes, pending, freed) = {
+                let mut rec = lock(&self.rt.rec);
+                if rec.external {
+                    (Vec::new(), None, Vec::new())
+                } else {
+                    let writes = std::mem::take(&mut rec.writes);
+                    let freed = std::mem::take(&mut lock(&self.rt.pool).quarantine);
+                    (writes, rec.encoder.take(), freed)
+                }
+            };
+            for (buffer, bytes) in &writes {
+                self.queue.write_buffer(buffer, 0, bytes);
+            }
+            let mut encoder = pending.unwrap_or_else(|| self.new_encoder("qfuse readback"));
             encoder.copy_buffer_to_buffer(src, 0, &staging, 0, size);
             self.queue.submit([encoder.finish()]);
-            staging
+            self.rt.count_submission();
+            lock(&self.rt.pool).put_all(freed);
         })?;
+        self.rt.count_download(size);
         let (sender, receiver) = oneshot();
         staging
-            .slice(..)
+            .slice(..size)
             .map_async(wgpu::MapMode::Read, move |r| sender.send(r));
         #[cfg(not(target_arch = "wasm32"))]
         self.device
@@ -616,15 +1186,17 @@ impl GpuContext {
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         let mapped = receiver.await;
         self.check_alive()?;
+        self.settle_scopes()?;
         mapped.map_err(|e| Error::Gpu(format!("mapping a readback buffer: {e}")))?;
         let bytes = {
             let view = staging
-                .slice(..)
+                .slice(..size)
                 .get_mapped_range()
                 .map_err(|e| Error::Gpu(format!("reading a mapped buffer: {e}")))?;
             view.to_vec()
         };
         staging.unmap();
+        self.rt.release(key, staging);
         Ok(bytes)
     }
 
@@ -633,13 +1205,93 @@ impl GpuContext {
         pollster::block_on(self.read_buffer_async(src, size))
     }
 
-    /// Waits until all submitted work is done.
+    /// Submits what a recording holds (as [`GpuContext::flush`]) and waits until all
+    /// submitted work is done.
     pub fn wait(&self) -> Result<()> {
         self.check_alive()?;
+        self.flush()?;
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.settle_scopes()?;
         self.check_alive()
+    }
+}
+
+/// Pooled kernel parameters (a uniform buffer) from [`GpuContext::params`]; dereferences to
+/// the `wgpu::Buffer` a [`Launch`] binds, and returns it to the pool when dropped.
+pub struct ParamsBuffer {
+    buffer: wgpu::Buffer,
+    key: PoolKey,
+    rt: Arc<Runtime>,
+}
+
+impl std::fmt::Debug for ParamsBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamsBuffer")
+            .field("bytes", &self.key.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for ParamsBuffer {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+impl Drop for ParamsBuffer {
+    fn drop(&mut self) {
+        self.rt.release(self.key, self.buffer.clone());
+    }
+}
+
+/// Closes a recording level when dropped (also on a panic in the recorded closure: the
+/// outermost level then drops what was recorded without submitting it).
+struct DepthGuard<'a> {
+    ctx: &'a GpuContext,
+}
+
+impl Drop for DepthGuard<'_> {
+    fn drop(&mut self) {
+        let mut rec = lock(&self.ctx.rt.rec);
+        rec.depth = rec.depth.saturating_sub(1);
+        if rec.depth == 0 {
+            rec.owner = None;
+            let dropped = rec.encoder.take();
+            let freed = std::mem::take(&mut lock(&self.ctx.rt.pool).quarantine);
+            drop(rec);
+            drop(dropped);
+            lock(&self.ctx.rt.pool).put_all(freed);
+        }
+    }
+}
+
+/// Ends [`GpuContext::encode_into`] (also on a panic): gives the caller's encoder back, with
+/// the buffers freed meanwhile returning to the pool once its work has finished on the GPU.
+struct ExternalGuard<'a> {
+    ctx: &'a GpuContext,
+    encoder: &'a mut wgpu::CommandEncoder,
+}
+
+impl Drop for ExternalGuard<'_> {
+    fn drop(&mut self) {
+        let rt = &self.ctx.rt;
+        let mut rec = lock(&rt.rec);
+        let freed = std::mem::take(&mut lock(&rt.pool).quarantine);
+        if let Some(theirs) = rec.encoder.take() {
+            *self.encoder = theirs;
+        }
+        rec.external = false;
+        rec.depth = 0;
+        rec.owner = None;
+        drop(rec);
+        if !freed.is_empty() {
+            let rt = Arc::clone(rt);
+            self.encoder
+                .on_submitted_work_done(move || lock(&rt.pool).put_all(freed));
+        }
     }
 }
 

@@ -55,9 +55,14 @@
 mod context;
 mod dispatch;
 mod pipeline;
+mod runtime;
 mod tensor;
 
-pub use context::{backends_from_env, parse_backends, GpuContext, Int8Dot, Launch};
+pub use context::{
+    backends_from_env, parse_backends, DeviceLost, DeviceLostFn, EmbedOptions, GpuContext, Int8Dot,
+    Launch, ParamsBuffer, UncapturedErrors,
+};
 pub use dispatch::grid_1d;
 pub use pipeline::{Binding, BindingType, Kernel, Pipeline, Shader};
+pub use runtime::{ContextId, PoolStats, TransferStats};
 pub use tensor::{DType, GpuTensor};

@@ -1,8 +1,11 @@
 //! [`GpuTensor`]: a storage buffer with a shape and an element type.
 
+use std::sync::Arc;
+
 use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::gpu::runtime::{ContextId, PoolKey, Runtime};
 use crate::gpu::GpuContext;
 
 /// Element type of a [`GpuTensor`] (all 4 bytes).
@@ -24,14 +27,45 @@ impl DType {
 }
 
 /// A dense row-major tensor in a GPU storage buffer
-/// (`STORAGE | COPY_SRC | COPY_DST`), with its shape and element type.
+/// (`STORAGE | COPY_SRC | COPY_DST`), with its shape and element type, made on one
+/// [`GpuContext`] (it remembers which: see [`GpuTensor::context_id`]).
 ///
-/// The buffer holds at least 4 bytes (an empty tensor still has a bindable buffer).
-#[derive(Debug, Clone)]
+/// The buffer holds at least 4 bytes (an empty tensor still has a bindable buffer) and may
+/// be larger than the data (pooled buffers come in size classes). Clones and reshapes share
+/// the buffer; when the last of them is dropped the buffer goes back to its context's pool
+/// (a buffer from [`GpuTensor::from_buffer`] stays the caller's). So do not keep a clone of
+/// [`GpuTensor::buffer`] past the tensor's life: the pool may hand it to another tensor.
+#[derive(Clone)]
 pub struct GpuTensor {
-    buffer: wgpu::Buffer,
+    storage: Arc<Storage>,
     shape: Vec<usize>,
     dtype: DType,
+}
+
+impl std::fmt::Debug for GpuTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuTensor")
+            .field("shape", &self.shape)
+            .field("dtype", &self.dtype)
+            .field("context", &self.storage.rt.id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A tensor's buffer and where it goes back to.
+struct Storage {
+    buffer: wgpu::Buffer,
+    /// `Some` for a pooled buffer (returned to the pool on drop).
+    key: Option<PoolKey>,
+    rt: Arc<Runtime>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.rt.release(key, self.buffer.clone());
+        }
+    }
 }
 
 fn byte_size(shape: &[usize], dtype: DType) -> Result<u64> {
@@ -45,28 +79,60 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
+/// `Ok` when `buffer` has `usage`, else [`Error::MissingBufferUsage`] naming it and what it
+/// is `for_what`.
+pub(crate) fn require_usage(
+    buffer: &wgpu::Buffer,
+    usage: wgpu::BufferUsages,
+    purpose: &'static str,
+) -> Result<()> {
+    if buffer.usage().contains(usage) {
+        return Ok(());
+    }
+    let missing = match usage {
+        wgpu::BufferUsages::STORAGE => "STORAGE",
+        wgpu::BufferUsages::COPY_SRC => "COPY_SRC",
+        wgpu::BufferUsages::COPY_DST => "COPY_DST",
+        _ => "a needed usage",
+    };
+    Err(Error::MissingBufferUsage {
+        missing,
+        has: format!("{:?}", buffer.usage()),
+        purpose,
+    })
+}
+
 impl GpuTensor {
+    fn pooled(
+        ctx: &GpuContext,
+        key: PoolKey,
+        buffer: wgpu::Buffer,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Self {
+        Self {
+            storage: Arc::new(Storage {
+                buffer,
+                key: Some(key),
+                rt: Arc::clone(ctx.runtime()),
+            }),
+            shape: shape.to_vec(),
+            dtype,
+        }
+    }
+
     fn from_bytes(ctx: &GpuContext, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Self> {
         let size = byte_size(shape, dtype)?;
         ctx.check_buffer_size(size)?;
         debug_assert_eq!(size as usize, bytes.len());
-        let buffer = ctx.scoped("uploading a tensor", || {
-            let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("qfuse tensor"),
-                size: size.max(4),
-                usage: USAGE,
-                mapped_at_creation: false,
-            });
-            if !bytes.is_empty() {
-                ctx.queue().write_buffer(&buffer, 0, bytes);
-            }
-            buffer
-        })?;
-        Ok(Self {
-            buffer,
-            shape: shape.to_vec(),
-            dtype,
-        })
+        let (key, buffer) = ctx.acquire(USAGE, size, false)?;
+        if !bytes.is_empty() {
+            ctx.scoped("uploading a tensor", || {
+                ctx.queue().write_buffer(&buffer, 0, bytes)
+            })?;
+        }
+        ctx.runtime().count_upload(bytes.len() as u64);
+        Ok(Self::pooled(ctx, key, buffer, shape, dtype))
     }
 
     /// Uploads an `f32` array (any memory layout; stored row-major).
@@ -109,29 +175,42 @@ impl GpuTensor {
         Self::from_bytes(ctx, bytemuck::cast_slice(data), shape, DType::U32)
     }
 
-    /// A zero-filled tensor (also the way to allocate kernel outputs). Sizes are checked
-    /// against the device limits before anything is allocated.
+    /// A zero-filled tensor. Sizes are checked against the device limits before anything is
+    /// allocated. The buffer comes from the context's pool when one of the size class is
+    /// idle (then it is cleared: in the open recording if there is one, else by a staged
+    /// write that lands before the next submission).
     pub fn zeros(ctx: &GpuContext, shape: &[usize], dtype: DType) -> Result<Self> {
         let size = byte_size(shape, dtype)?;
         ctx.check_buffer_size(size)?;
-        let buffer = ctx.scoped("allocating a tensor", || {
-            ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("qfuse tensor"),
-                size: size.max(4),
-                usage: USAGE,
-                mapped_at_creation: false,
-            })
-        })?;
-        Ok(Self {
-            buffer,
-            shape: shape.to_vec(),
-            dtype,
-        })
+        let (key, buffer) = ctx.acquire(USAGE, size, true)?;
+        Ok(Self::pooled(ctx, key, buffer, shape, dtype))
     }
 
-    /// Wraps an existing buffer (it needs `STORAGE`, and `COPY_SRC` to be downloaded) of at
-    /// least `shape.product() * 4` bytes.
-    pub fn from_buffer(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
+    /// A tensor whose contents are unspecified (a pooled buffer keeps what its last user
+    /// left; a new one is zero): for kernel outputs that the kernel writes in full. Sizes are
+    /// checked as in [`GpuTensor::zeros`].
+    pub fn uninit(ctx: &GpuContext, shape: &[usize], dtype: DType) -> Result<Self> {
+        let size = byte_size(shape, dtype)?;
+        ctx.check_buffer_size(size)?;
+        let (key, buffer) = ctx.acquire(USAGE, size, false)?;
+        Ok(Self::pooled(ctx, key, buffer, shape, dtype))
+    }
+
+    /// Wraps a caller's buffer, made on `ctx`'s device, of at least `shape.product() * 4`
+    /// bytes. It needs `STORAGE` (kernels bind it); `COPY_SRC` to be downloaded and
+    /// `COPY_DST` to be zero-filled are checked when they are used. The buffer stays the
+    /// caller's: it never enters the pool.
+    ///
+    /// Errors: [`Error::MissingBufferUsage`] without `STORAGE`; [`Error::InvalidArgument`]
+    /// for a buffer too small for the shape; [`Error::BufferTooLarge`] for one larger than the
+    /// device can bind.
+    pub fn from_buffer(
+        ctx: &GpuContext,
+        buffer: wgpu::Buffer,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        require_usage(&buffer, wgpu::BufferUsages::STORAGE, "bind it to a kernel")?;
         let size = byte_size(shape, dtype)?;
         if buffer.size() < size {
             return Err(Error::invalid(format!(
@@ -139,11 +218,26 @@ impl GpuTensor {
                 buffer.size()
             )));
         }
+        ctx.check_buffer_size(buffer.size())?;
         Ok(Self {
-            buffer,
+            storage: Arc::new(Storage {
+                buffer,
+                key: None,
+                rt: Arc::clone(ctx.runtime()),
+            }),
             shape: shape.to_vec(),
             dtype,
         })
+    }
+
+    /// The identity of the context the tensor was made on.
+    pub fn context_id(&self) -> ContextId {
+        self.storage.rt.id()
+    }
+
+    /// `GpuContext #id on ADAPTER` of the tensor's context, for messages.
+    pub(crate) fn context_description(&self) -> String {
+        self.storage.rt.describe()
     }
 
     /// The same buffer seen with another shape of the same element count.
@@ -153,15 +247,17 @@ impl GpuTensor {
             return Err(Error::shape("GpuTensor::reshape", &self.shape, shape));
         }
         Ok(Self {
-            buffer: self.buffer.clone(),
+            storage: Arc::clone(&self.storage),
             shape: shape.to_vec(),
             dtype: self.dtype,
         })
     }
 
-    /// The buffer.
+    /// The buffer (bind it whole: it may be larger than [`GpuTensor::size_bytes`]). It
+    /// belongs to the tensor: a clone kept after the tensor is dropped may be reused by the
+    /// pool for another tensor.
     pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
+        &self.storage.buffer
     }
 
     /// The shape.
@@ -200,8 +296,9 @@ impl GpuTensor {
     }
 
     async fn download_words_async(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
+        ctx.check_tensor("downloaded tensor", self)?;
         let bytes = ctx
-            .read_buffer_async(&self.buffer, self.size_bytes())
+            .read_buffer_async(self.buffer(), self.size_bytes())
             .await?;
         Ok(bytes
             .chunks_exact(4)

@@ -6,9 +6,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, expect_shape, grid, to_u32, WG_CONSTANTS};
+use super::{expect_f32, expect_shape, grid, output, to_u32, WG_CONSTANTS};
 use crate::error::Result;
-use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::ops::Activation;
 
 static SHADER: Shader = Shader {
@@ -70,8 +70,8 @@ pub(crate) fn slope(act: Activation) -> f32 {
     }
 }
 
-fn params(ctx: &GpuContext, x: &GpuTensor, act: Activation) -> Result<wgpu::Buffer> {
-    ctx.uniform(&Params {
+fn params(ctx: &GpuContext, x: &GpuTensor, act: Activation) -> Result<ParamsBuffer> {
+    ctx.params(&Params {
         n: to_u32(x.len(), "activation element count")?,
         act: code(act),
         slope: slope(act),
@@ -81,9 +81,30 @@ fn params(ctx: &GpuContext, x: &GpuTensor, act: Activation) -> Result<wgpu::Buff
 
 /// Applies `act` elementwise (like [`crate::reference::activation::activation`]).
 pub fn activation(ctx: &GpuContext, x: &GpuTensor, act: Activation) -> Result<GpuTensor> {
+    activation_impl(ctx, x, act, None)
+}
+
+/// [`activation`] writing into `out` (an `f32` tensor of `x`'s shape with its own buffer,
+/// see [`super::check_output`]).
+pub fn activation_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    act: Activation,
+    out: &GpuTensor,
+) -> Result<()> {
+    activation_impl(ctx, x, act, Some(out)).map(drop)
+}
+
+fn activation_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    act: Activation,
+    out: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensor("activation input", x)?;
     expect_f32("activation input", x)?;
     let uniform = params(ctx, x, act)?;
-    let y = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    let y = output(ctx, "activation output", out, x.shape(), DType::F32, &[x])?;
     ctx.run(&[Launch {
         kernel: &FORWARD,
         constants: WG_CONSTANTS,
@@ -103,11 +124,41 @@ pub fn activation_backward(
     dy: &GpuTensor,
     act: Activation,
 ) -> Result<GpuTensor> {
+    activation_backward_impl(ctx, x, dy, act, None)
+}
+
+/// [`activation_backward`] writing into `dx` (an `f32` tensor of `x`'s shape with its own
+/// buffer, see [`super::check_output`]).
+pub fn activation_backward_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    act: Activation,
+    dx: &GpuTensor,
+) -> Result<()> {
+    activation_backward_impl(ctx, x, dy, act, Some(dx)).map(drop)
+}
+
+fn activation_backward_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    act: Activation,
+    out: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("activation input", x), ("activation_backward dy", dy)])?;
     expect_shape("activation_backward (dy vs x)", x.shape(), dy)?;
     expect_f32("activation input", x)?;
     expect_f32("activation_backward dy", dy)?;
     let uniform = params(ctx, x, act)?;
-    let dx = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    let dx = output(
+        ctx,
+        "activation_backward dx",
+        out,
+        x.shape(),
+        DType::F32,
+        &[x, dy],
+    )?;
     ctx.run(&[Launch {
         kernel: &BACKWARD,
         constants: WG_CONSTANTS,

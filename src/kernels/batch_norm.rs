@@ -21,9 +21,9 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, Array4, Ix2, Ix4};
 
-use super::{expect_f32, expect_shape, to_u32, GpuBatchNorm};
+use super::{check_output, expect_f32, expect_shape, output, to_u32, GpuBatchNorm};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::ops::Activation;
 
 static SHADER: Shader = Shader {
@@ -297,7 +297,7 @@ pub struct GpuBatchNormStats {
 
 /// The launches of the statistics: four for training, one for eval.
 struct StatsPlan {
-    uniform: wgpu::Buffer,
+    uniform: ParamsBuffer,
     partials: GpuTensor,
     out: GpuBatchNormStats,
     training: bool,
@@ -313,22 +313,47 @@ impl StatsPlan {
         bn: &GpuBatchNorm,
         momentum: f32,
         training: bool,
+        given: Option<(&GpuBatchNormStats, &GpuTensor)>,
     ) -> Result<Self> {
         let mut p = params_for(shape, bn)?;
         p.momentum = momentum;
         let c = shape[1];
         let groups = p.groups as usize;
+        let out = match given {
+            Some((out, x)) => {
+                let inputs = [x, bn.tensor()];
+                check_output(
+                    ctx,
+                    "batch_norm2d stats",
+                    &out.stats,
+                    &[2, c],
+                    DType::F32,
+                    &inputs,
+                )?;
+                let inputs = [x, bn.tensor(), &out.stats];
+                check_output(
+                    ctx,
+                    "batch_norm2d running",
+                    &out.running,
+                    &[2, c],
+                    DType::F32,
+                    &inputs,
+                )?;
+                out.clone()
+            }
+            None => GpuBatchNormStats {
+                stats: GpuTensor::uninit(ctx, &[2, c], DType::F32)?,
+                running: GpuTensor::uninit(ctx, &[2, c], DType::F32)?,
+            },
+        };
         Ok(Self {
-            uniform: ctx.uniform(&p)?,
+            uniform: ctx.params(&p)?,
             partials: if training {
                 GpuTensor::zeros(ctx, &[2, c, groups], DType::F32)?
             } else {
                 dummy(ctx)?
             },
-            out: GpuBatchNormStats {
-                stats: GpuTensor::zeros(ctx, &[2, c], DType::F32)?,
-                running: GpuTensor::zeros(ctx, &[2, c], DType::F32)?,
-            },
+            out,
             training,
             partial_grid: channel_grid(ctx, p.groups, c)?,
             final_grid: channel_grid(ctx, 1, c)?,
@@ -397,11 +422,44 @@ pub fn batch_stats(
     momentum: f32,
     training: bool,
 ) -> Result<GpuBatchNormStats> {
+    batch_stats_impl(ctx, x, bn, momentum, training, None)
+}
+
+/// [`batch_stats`] writing into `out` (two `f32` tensors `[2, C]`, each with its own
+/// buffer, see [`super::check_output`]).
+pub fn batch_stats_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    training: bool,
+    out: &GpuBatchNormStats,
+) -> Result<()> {
+    batch_stats_impl(ctx, x, bn, momentum, training, Some(out)).map(drop)
+}
+
+/// `Ok` when `x` and the BatchNorm were made on `ctx`.
+fn check_context(ctx: &GpuContext, x: &GpuTensor, bn: &GpuBatchNorm) -> Result<()> {
+    ctx.check_tensors(&[
+        ("batch_norm2d input", x),
+        ("batch_norm2d parameters", bn.tensor()),
+    ])
+}
+
+fn batch_stats_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    training: bool,
+    given: Option<&GpuBatchNormStats>,
+) -> Result<GpuBatchNormStats> {
+    check_context(ctx, x, bn)?;
     let shape = check_input(x, bn)?;
     if training {
         check_training_size(&shape)?;
     }
-    let plan = StatsPlan::new(ctx, shape, bn, momentum, training)?;
+    let plan = StatsPlan::new(ctx, shape, bn, momentum, training, given.map(|g| (g, x)))?;
     let mut list = Vec::new();
     plan.launches(x, bn, &mut list);
     submit(ctx, &list)?;
@@ -422,18 +480,47 @@ pub fn normalize(
     act: Activation,
     keep_pre: bool,
 ) -> Result<(GpuTensor, Option<GpuTensor>)> {
+    normalize_impl(ctx, x, bn, stats, act, keep_pre, None)
+}
+
+/// [`normalize`] writing into `y` and, when given, `pre` (the output before the
+/// activation); each an `f32` tensor of `x`'s shape with its own buffer (see
+/// [`super::check_output`]).
+pub fn normalize_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    act: Activation,
+    y: &GpuTensor,
+    pre: Option<&GpuTensor>,
+) -> Result<()> {
+    normalize_impl(ctx, x, bn, stats, act, pre.is_some(), Some((y, pre))).map(drop)
+}
+
+fn normalize_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    act: Activation,
+    keep_pre: bool,
+    given: Option<(&GpuTensor, Option<&GpuTensor>)>,
+) -> Result<(GpuTensor, Option<GpuTensor>)> {
+    check_context(ctx, x, bn)?;
+    ctx.check_tensor("batch_norm2d stats", stats)?;
     let shape = check_input(x, bn)?;
     expect_shape("batch_norm2d stats", &[2, shape[1]], stats)?;
     expect_f32("batch_norm2d stats", stats)?;
     let mut list = Vec::new();
-    let n = normalize_plan(ctx, shape, bn, act, keep_pre)?;
+    let n = normalize_plan(ctx, shape, bn, act, keep_pre, given, &[x, stats])?;
     n.launch(x, bn, stats, &mut list);
     submit(ctx, &list)?;
     Ok((n.y, n.pre))
 }
 
 struct NormalizePlan {
-    uniform: wgpu::Buffer,
+    uniform: ParamsBuffer,
     y: GpuTensor,
     pre: Option<GpuTensor>,
     pre_or_dummy: GpuTensor,
@@ -446,14 +533,37 @@ fn normalize_plan(
     bn: &GpuBatchNorm,
     act: Activation,
     keep_pre: bool,
+    given: Option<(&GpuTensor, Option<&GpuTensor>)>,
+    inputs: &[&GpuTensor],
 ) -> Result<NormalizePlan> {
     let mut p = params_for(shape, bn)?;
     p.act = activation_code(act);
     p.slope = super::activation::slope(act);
     p.write_pre = u32::from(keep_pre);
-    let y = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let mut inputs = inputs.to_vec();
+    inputs.push(bn.tensor());
+    let (given_y, given_pre) = match given {
+        Some((y, pre)) => (Some(y), pre),
+        None => (None, None),
+    };
+    let y = output(
+        ctx,
+        "batch_norm2d output",
+        given_y,
+        &shape,
+        DType::F32,
+        &inputs,
+    )?;
     let pre = if keep_pre {
-        Some(GpuTensor::zeros(ctx, &shape, DType::F32)?)
+        inputs.push(&y);
+        Some(output(
+            ctx,
+            "batch_norm2d pre-activation output",
+            given_pre,
+            &shape,
+            DType::F32,
+            &inputs,
+        )?)
     } else {
         None
     };
@@ -462,7 +572,7 @@ fn normalize_plan(
         None => dummy(ctx)?,
     };
     Ok(NormalizePlan {
-        uniform: ctx.uniform(&p)?,
+        uniform: ctx.params(&p)?,
         y,
         pre,
         pre_or_dummy,
@@ -519,12 +629,59 @@ pub fn batch_norm2d(
     act: Activation,
     keep_pre: bool,
 ) -> Result<GpuBatchNormOutput> {
+    batch_norm2d_impl(ctx, x, bn, momentum, training, act, keep_pre, None)
+}
+
+/// [`batch_norm2d`] writing into `out` (shaped as [`batch_norm2d`] returns it: `pre` given
+/// means `keep_pre`), for instance the result of a first call reused step after step. Each
+/// tensor is checked by [`super::check_output`].
+pub fn batch_norm2d_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    training: bool,
+    act: Activation,
+    out: &GpuBatchNormOutput,
+) -> Result<()> {
+    let keep_pre = out.pre.is_some();
+    batch_norm2d_impl(ctx, x, bn, momentum, training, act, keep_pre, Some(out)).map(drop)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batch_norm2d_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    training: bool,
+    act: Activation,
+    keep_pre: bool,
+    given: Option<&GpuBatchNormOutput>,
+) -> Result<GpuBatchNormOutput> {
+    check_context(ctx, x, bn)?;
     let shape = check_input(x, bn)?;
     if training {
         check_training_size(&shape)?;
     }
-    let plan = StatsPlan::new(ctx, shape, bn, momentum, training)?;
-    let norm = normalize_plan(ctx, shape, bn, act, keep_pre)?;
+    let plan = StatsPlan::new(
+        ctx,
+        shape,
+        bn,
+        momentum,
+        training,
+        given.map(|g| (&g.stats, x)),
+    )?;
+    let stats_out = [&plan.out.stats, &plan.out.running];
+    let norm = normalize_plan(
+        ctx,
+        shape,
+        bn,
+        act,
+        keep_pre,
+        given.map(|g| (&g.y, g.pre.as_ref())),
+        &[x, stats_out[0], stats_out[1]],
+    )?;
     let mut list = Vec::new();
     plan.launches(x, bn, &mut list);
     norm.launch(x, bn, &plan.out.stats, &mut list);
@@ -593,6 +750,63 @@ pub fn batch_norm2d_backward_act(
     act_x: Option<&GpuTensor>,
     divisor: Option<&GpuTensor>,
 ) -> Result<GpuBatchNormGrads> {
+    batch_norm2d_backward_impl(ctx, x, dy, bn, stats, training, act, act_x, divisor, None)
+}
+
+/// [`batch_norm2d_backward_act`] writing into `out` (`dx` of `x`'s shape, `dparams`
+/// `[2, C]`, `f32`, each with its own buffer, see [`super::check_output`]).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d_backward_act_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    training: bool,
+    act: Activation,
+    act_x: Option<&GpuTensor>,
+    divisor: Option<&GpuTensor>,
+    out: &GpuBatchNormGrads,
+) -> Result<()> {
+    batch_norm2d_backward_impl(
+        ctx,
+        x,
+        dy,
+        bn,
+        stats,
+        training,
+        act,
+        act_x,
+        divisor,
+        Some(out),
+    )
+    .map(drop)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batch_norm2d_backward_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    training: bool,
+    act: Activation,
+    act_x: Option<&GpuTensor>,
+    divisor: Option<&GpuTensor>,
+    given: Option<&GpuBatchNormGrads>,
+) -> Result<GpuBatchNormGrads> {
+    check_context(ctx, x, bn)?;
+    ctx.check_tensors(&[
+        ("batch_norm2d_backward dy", dy),
+        ("batch_norm2d_backward saved stats", stats),
+    ])?;
+    if let Some(a) = act_x {
+        ctx.check_tensor("batch_norm2d_backward activation input", a)?;
+    }
+    if let Some(d) = divisor {
+        ctx.check_tensor("batch_norm2d_backward divisor", d)?;
+    }
     let shape = check_input(x, bn)?;
     expect_shape("batch_norm2d_backward dy (input shape)", &shape, dy)?;
     expect_f32("batch_norm2d_backward dy", dy)?;
@@ -631,11 +845,29 @@ pub fn batch_norm2d_backward_act(
     p.slope = super::activation::slope(act);
     p.training = u32::from(training);
     p.has_divisor = u32::from(divisor.is_some());
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     let groups = p.groups as usize;
     let partials = GpuTensor::zeros(ctx, &[2, c, groups], DType::F32)?;
-    let dparams = GpuTensor::zeros(ctx, &[2, c], DType::F32)?;
-    let dx = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let mut inputs = vec![x, dy, stats, bn.tensor()];
+    inputs.push(act_x);
+    inputs.extend(divisor);
+    let dparams = output(
+        ctx,
+        "batch_norm2d_backward dparams",
+        given.map(|g| &g.dparams),
+        &[2, c],
+        DType::F32,
+        &inputs,
+    )?;
+    inputs.push(&dparams);
+    let dx = output(
+        ctx,
+        "batch_norm2d_backward dx",
+        given.map(|g| &g.dx),
+        &shape,
+        DType::F32,
+        &inputs,
+    )?;
     let (u, part) = (&uniform, partials.buffer());
     let list = vec![
         (

@@ -48,7 +48,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
+use super::{expect_f32, output, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, Conv2dParams, ConvTranspose2dParams};
@@ -450,6 +450,33 @@ pub fn conv2d_with_algorithm(
     epilogue: &ConvEpilogue,
     algorithm: ConvAlgorithm,
 ) -> Result<GpuTensor> {
+    conv2d_impl(ctx, x, w, params, epilogue, algorithm, None)
+}
+
+/// [`conv2d`] writing into `y` (an `f32` tensor of the output shape with its own buffer,
+/// see [`super::check_output`]).
+pub fn conv2d_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    epilogue: &ConvEpilogue,
+    y: &GpuTensor,
+) -> Result<()> {
+    conv2d_impl(ctx, x, w, params, epilogue, ConvAlgorithm::Auto, Some(y)).map(drop)
+}
+
+/// [`conv2d_with_algorithm`] writing into `y` when given.
+pub(crate) fn conv2d_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    epilogue: &ConvEpilogue,
+    algorithm: ConvAlgorithm,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    check_epilogue_context(ctx, "conv2d", x, w, epilogue)?;
     let out = params.output_shape(x.shape(), w.shape())?;
     let o = out[1];
     check_per_channel("conv2d bias", o, epilogue.bias)?;
@@ -467,7 +494,8 @@ pub fn conv2d_with_algorithm(
     // Invocations of forward_reg: one per 8-pixel block of an output row.
     let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
     let kernel_choice = forward_kernel(ctx, algorithm, w.shape(), params, out)?;
-    let y = GpuTensor::zeros(ctx, &out, DType::F32)?;
+    let inputs = epilogue_inputs(x, w, epilogue);
+    let y = output(ctx, "conv2d output", given, &out, DType::F32, &inputs)?;
     // Absent epilogue tensors are never read; any bound buffer will do.
     let scale = epilogue.out_scale.unwrap_or(w).buffer();
     let bias = epilogue.bias.unwrap_or(w).buffer();
@@ -544,7 +572,7 @@ pub fn conv2d_with_algorithm(
             (kernel, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
         }
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel,
         constants,
@@ -632,6 +660,37 @@ fn forward_kernel(
             ForwardKernel::Subgroup(check_subgroup_tile(tile)?)
         }
     })
+}
+
+/// Checks that the input, weight and epilogue tensors were made on `ctx`.
+fn check_epilogue_context(
+    ctx: &GpuContext,
+    op: &str,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    epilogue: &ConvEpilogue,
+) -> Result<()> {
+    ctx.check_tensor(&format!("{op} input"), x)?;
+    ctx.check_tensor(&format!("{op} weight"), w)?;
+    if let Some(b) = epilogue.bias {
+        ctx.check_tensor(&format!("{op} bias"), b)?;
+    }
+    if let Some(s) = epilogue.out_scale {
+        ctx.check_tensor(&format!("{op} out_scale"), s)?;
+    }
+    Ok(())
+}
+
+/// The tensors a conv launch reads (an output must not share their buffers).
+fn epilogue_inputs<'a>(
+    x: &'a GpuTensor,
+    w: &'a GpuTensor,
+    epilogue: &ConvEpilogue<'a>,
+) -> Vec<&'a GpuTensor> {
+    let mut v = vec![x, w];
+    v.extend(epilogue.bias);
+    v.extend(epilogue.out_scale);
+    v
 }
 
 /// The forward kernel one [`conv2d_with_algorithm`] call runs.
@@ -731,13 +790,45 @@ pub fn conv2d_backward_input(
     params: &Conv2dParams,
     x_shape: [usize; 4],
 ) -> Result<GpuTensor> {
+    conv2d_backward_input_impl(ctx, dy, w, params, x_shape, None)
+}
+
+/// [`conv2d_backward_input`] writing into `dx` (an `f32` tensor of shape `x_shape` with its
+/// own buffer, see [`super::check_output`]).
+pub fn conv2d_backward_input_into(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+    dx: &GpuTensor,
+) -> Result<()> {
+    conv2d_backward_input_impl(ctx, dy, w, params, x_shape, Some(dx)).map(drop)
+}
+
+fn conv2d_backward_input_impl(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("conv2d_backward dy", dy), ("conv2d weight", w)])?;
     let out = params.output_shape(&x_shape, w.shape())?;
     check_dy(out, dy)?;
     expect_f32("conv2d weight", w)?;
     let mut p = Params::new(&x_shape, w.shape(), out, params)?;
-    let dx = GpuTensor::zeros(ctx, &x_shape, DType::F32)?;
+    let dx = output(
+        ctx,
+        "conv2d_backward dx",
+        given,
+        &x_shape,
+        DType::F32,
+        &[dy, w],
+    )?;
     p.count = to_u32(dx.len(), "conv2d input element count")?;
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &BACKWARD_INPUT,
         constants: WG_CONSTANTS,
@@ -765,6 +856,31 @@ pub fn conv_transpose2d(
     params: &ConvTranspose2dParams,
     epilogue: &ConvEpilogue,
 ) -> Result<GpuTensor> {
+    conv_transpose2d_impl(ctx, x, w, params, epilogue, None)
+}
+
+/// [`conv_transpose2d`] writing into `y` (an `f32` tensor of the output shape with its own
+/// buffer, see [`super::check_output`]).
+pub fn conv_transpose2d_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &ConvTranspose2dParams,
+    epilogue: &ConvEpilogue,
+    y: &GpuTensor,
+) -> Result<()> {
+    conv_transpose2d_impl(ctx, x, w, params, epilogue, Some(y)).map(drop)
+}
+
+fn conv_transpose2d_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &ConvTranspose2dParams,
+    epilogue: &ConvEpilogue,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    check_epilogue_context(ctx, "conv_transpose2d", x, w, epilogue)?;
     let out = params.output_shape(x.shape(), w.shape())?;
     let cout = out[1];
     check_per_channel("conv_transpose2d bias", cout, epilogue.bias)?;
@@ -784,11 +900,19 @@ pub fn conv_transpose2d(
     p.slope = super::activation::slope(epilogue.activation);
     p.has_scale = u32::from(epilogue.out_scale.is_some());
     p.has_bias = u32::from(epilogue.bias.is_some());
-    let y = GpuTensor::zeros(ctx, &out, DType::F32)?;
+    let inputs = epilogue_inputs(x, w, epilogue);
+    let y = output(
+        ctx,
+        "conv_transpose2d output",
+        given,
+        &out,
+        DType::F32,
+        &inputs,
+    )?;
     p.count = to_u32(y.len(), "conv_transpose2d output element count")?;
     let scale = epilogue.out_scale.unwrap_or(w).buffer();
     let bias = epilogue.bias.unwrap_or(w).buffer();
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &TRANSPOSE_FORWARD,
         constants: WG_CONSTANTS,
@@ -811,13 +935,45 @@ pub fn conv2d_backward_weight(
     params: &Conv2dParams,
     w_shape: [usize; 4],
 ) -> Result<GpuTensor> {
+    conv2d_backward_weight_impl(ctx, x, dy, params, w_shape, None)
+}
+
+/// [`conv2d_backward_weight`] writing into `dw` (an `f32` tensor of shape `w_shape` with its
+/// own buffer, see [`super::check_output`]).
+pub fn conv2d_backward_weight_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+    dw: &GpuTensor,
+) -> Result<()> {
+    conv2d_backward_weight_impl(ctx, x, dy, params, w_shape, Some(dw)).map(drop)
+}
+
+fn conv2d_backward_weight_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("conv2d input", x), ("conv2d_backward dy", dy)])?;
     let out = params.output_shape(x.shape(), &w_shape)?;
     check_dy(out, dy)?;
     expect_f32("conv2d input", x)?;
     let mut p = Params::new(x.shape(), &w_shape, out, params)?;
-    let dw = GpuTensor::zeros(ctx, &w_shape, DType::F32)?;
+    let dw = output(
+        ctx,
+        "conv2d_backward dweight",
+        given,
+        &w_shape,
+        DType::F32,
+        &[x, dy],
+    )?;
     p.count = to_u32(dw.len(), "conv2d weight element count")?;
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &BACKWARD_WEIGHT,
         constants: &[],
@@ -831,6 +987,21 @@ pub fn conv2d_backward_weight(
 ///
 /// Errors: [`Error::InvalidArgument`] unless `t` is a rank-4 `f32` tensor.
 pub fn channel_sum(ctx: &GpuContext, t: &GpuTensor) -> Result<GpuTensor> {
+    channel_sum_impl(ctx, t, None)
+}
+
+/// [`channel_sum`] writing into `sums` (an `f32` tensor `[C]` with its own buffer, see
+/// [`super::check_output`]).
+pub fn channel_sum_into(ctx: &GpuContext, t: &GpuTensor, sums: &GpuTensor) -> Result<()> {
+    channel_sum_impl(ctx, t, Some(sums)).map(drop)
+}
+
+fn channel_sum_impl(
+    ctx: &GpuContext,
+    t: &GpuTensor,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensor("channel_sum input", t)?;
     let [n, c, h, w] = check_shape4("channel_sum input", t)?;
     expect_f32("channel_sum input", t)?;
     let p = Params {
@@ -842,8 +1013,8 @@ pub fn channel_sum(ctx: &GpuContext, t: &GpuTensor) -> Result<GpuTensor> {
         ..Params::default()
     };
     to_u32(t.len(), "channel_sum element count")?;
-    let sums = GpuTensor::zeros(ctx, &[c], DType::F32)?;
-    let uniform = ctx.uniform(&p)?;
+    let sums = output(ctx, "channel_sum output", given, &[c], DType::F32, &[t])?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &CHANNEL_SUM,
         constants: &[],

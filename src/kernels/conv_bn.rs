@@ -219,6 +219,24 @@ fn check_conv_bn(conv: &GpuConv2d, bn: &GpuBatchNorm) -> Result<usize> {
     Ok(o)
 }
 
+/// `Ok` when `x`, the conv's weight and bias and the BatchNorm were made on `ctx`.
+fn check_context(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+) -> Result<()> {
+    ctx.check_tensors(&[
+        ("conv input", x),
+        ("conv2d weight", conv.weight),
+        ("batch_norm2d parameters", bn.tensor()),
+    ])?;
+    if let Some(b) = conv.bias {
+        ctx.check_tensor("conv2d bias", b)?;
+    }
+    Ok(())
+}
+
 fn w_shape(conv: &GpuConv2d) -> [usize; 4] {
     let s = conv.weight.shape();
     [s[0], s[1], s[2], s[3]]
@@ -257,6 +275,7 @@ pub fn conv_bn_act_eval(
     bn: &GpuBatchNorm,
     act: Activation,
 ) -> Result<GpuConvBnEval> {
+    check_context(ctx, x, conv, bn)?;
     check_conv_bn(conv, bn)?;
     let (weight, bias) = fold_conv_bn(ctx, conv.weight, conv.bias, bn, false)?;
     let y = conv2d(
@@ -286,6 +305,7 @@ pub fn conv_bn_act_eval_unfused(
     bn: &GpuBatchNorm,
     act: Activation,
 ) -> Result<GpuTensor> {
+    check_context(ctx, x, conv, bn)?;
     check_conv_bn(conv, bn)?;
     let z = conv2d(
         ctx,
@@ -471,6 +491,13 @@ pub fn conv_bn_qat_forward_with(
     cfg: &QatConfig,
     weight: &GpuQatWeight,
 ) -> Result<GpuQatForward> {
+    check_context(ctx, x, conv, bn)?;
+    if let Some(q) = weight.qparams {
+        ctx.check_tensor("weight qparams", q.tensor())?;
+    }
+    if let Some(sb) = weight.scale_bn {
+        ctx.check_tensor("scale BatchNorm parameters", sb.tensor())?;
+    }
     let (o, _) = check_qat_forward(x, conv, bn, cfg)?;
     let spec = &cfg.weight_observer;
     let ws = w_shape(conv);
@@ -484,7 +511,7 @@ pub fn conv_bn_qat_forward_with(
 
     // (a) s, 1/s, W_s and the per-output-channel min/max of W_s.
     let p = params_weight(conv, scale_bn, o)?;
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     let weight_scaled = GpuTensor::zeros(ctx, &ws, DType::F32)?;
     let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
     let inv_scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
@@ -596,7 +623,7 @@ fn channel_op(
         op: op as u32,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     let out = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
     ctx.run(&[Launch {
         kernel: &CHANNEL_OP,
@@ -631,10 +658,11 @@ pub fn conv_bn_qat_forward_unfused(
     momentum: f32,
     cfg: &QatConfig,
 ) -> Result<GpuQatForward> {
+    check_context(ctx, x, conv, bn)?;
     let (o, out) = check_qat_forward(x, conv, bn, cfg)?;
     let spec = &cfg.weight_observer;
     let p = params_weight(conv, bn, o)?;
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
     let inv_scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
     ctx.run(&[Launch {
@@ -701,6 +729,10 @@ pub fn conv_bn_qat_forward_unfused(
 ///
 /// Errors: [`Error::ShapeMismatch`] for a conv bias that does not match the forward.
 pub fn qat_conv_out(ctx: &GpuContext, fwd: &GpuQatForward, conv: &GpuConv2d) -> Result<GpuTensor> {
+    ctx.check_tensors(&[
+        ("QAT forward scale factor", &fwd.scale_factor),
+        ("conv2d weight", conv.weight),
+    ])?;
     if let Some(c) = &fwd.conv_out {
         return Ok(c.clone());
     }
@@ -770,6 +802,16 @@ pub fn conv_bn_qat_backward(
     cfg: &QatConfig,
     saved: &GpuQatSaved,
 ) -> Result<GpuQatGrads> {
+    check_context(ctx, x, conv, bn)?;
+    ctx.check_tensors(&[
+        ("conv_bn_qat_backward dy", dy),
+        ("saved scale factor", saved.scale_factor),
+        ("saved quantized weight", saved.weight_q),
+        ("saved weight mask", saved.weight_mask),
+        ("saved BatchNorm input", saved.bn_input),
+        ("saved stats", saved.stats),
+        ("saved activation input", saved.act_input),
+    ])?;
     let o = check_conv_bn(conv, bn)?;
     let out = conv.params.output_shape(x.shape(), conv.weight.shape())?;
     expect_f32("conv2d input", x)?;
@@ -837,7 +879,7 @@ pub fn conv_bn_qat_backward(
         ..Params::default()
     };
     to_u32(g.len(), "conv output element count")?;
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     let bias = bias_or_zeros(ctx, conv, o)?;
     let partials = GpuTensor::zeros(ctx, &[2, o, groups], DType::F32)?;
     let dbias = GpuTensor::zeros(ctx, &[o], DType::F32)?;
@@ -908,12 +950,13 @@ pub fn conv_bn_qat_backward(
 /// Elementwise `sqrt_rn(a)`: the shader's correctly rounded f32 square root (behind the
 /// bit-exact scale factor `s`), exposed so tests can check it against Rust's `f32::sqrt`.
 pub fn sqrt_rn(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
+    ctx.check_tensor("sqrt_rn input", a)?;
     expect_f32("sqrt_rn input", a)?;
     let p = Params {
         n: to_u32(a.len(), "sqrt_rn element count")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     let out = GpuTensor::zeros(ctx, a.shape(), DType::F32)?;
     ctx.run(&[Launch {
         kernel: &SQRT_RN_TEST,

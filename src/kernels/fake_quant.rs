@@ -16,7 +16,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::{expect_f32, expect_shape, grid, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::quant::{QParams, QuantRange};
 
 static SHADER: Shader = Shader {
@@ -321,7 +321,8 @@ fn prepare(
     qp: &GpuQParams,
     range: QuantRange,
     kernel: FakeQuantKernel,
-) -> Result<(wgpu::Buffer, Plan)> {
+) -> Result<(ParamsBuffer, Plan)> {
+    ctx.check_tensors(&[("fake_quant input", x), ("qparams", qp.tensor())])?;
     expect_f32("fake_quant input", x)?;
     qp.validate(x.shape(), range)?;
     let mut params = qp.params(x, range)?;
@@ -357,20 +358,20 @@ fn prepare(
     } else {
         Plan::Scalar(grid(ctx, n)?)
     };
-    Ok((ctx.uniform(&params)?, plan))
+    Ok((ctx.params(&params)?, plan))
 }
 
-/// Checks a caller-provided output: the shape of `x`, `f32`, and a buffer of its own (not
-/// `x`'s or another output's: the kernel reads those while it writes this one).
-fn check_output(what: &str, x: &GpuTensor, out: &GpuTensor, others: &[&GpuTensor]) -> Result<()> {
-    expect_shape(what, x.shape(), out)?;
-    expect_f32(what, out)?;
-    if others.iter().any(|o| o.buffer() == out.buffer()) {
-        return Err(Error::invalid(format!(
-            "{what} must not share its buffer with the input or another output"
-        )));
-    }
-    Ok(())
+/// Checks a caller-provided output with the shared check ([`super::check_output`]): the
+/// shape of `x`, `f32`, made on `ctx`, and a buffer of its own (not `x`'s or another
+/// output's: the kernel reads those while it writes this one).
+fn check_output(
+    ctx: &GpuContext,
+    what: &str,
+    x: &GpuTensor,
+    out: &GpuTensor,
+    others: &[&GpuTensor],
+) -> Result<()> {
+    super::check_output(ctx, what, out, x.shape(), DType::F32, others)
 }
 
 /// Records the launch(es) of `variant` in one submission. `scalar_buffers` are the scalar
@@ -416,7 +417,7 @@ pub fn fake_quant(
     qp: &GpuQParams,
     range: QuantRange,
 ) -> Result<GpuTensor> {
-    let y = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    let y = GpuTensor::uninit(ctx, x.shape(), DType::F32)?;
     fake_quant_into(ctx, x, qp, range, &y)?;
     Ok(y)
 }
@@ -447,7 +448,7 @@ pub fn fake_quant_into_with(
     kernel: FakeQuantKernel,
 ) -> Result<()> {
     let (uniform, plan) = prepare(ctx, x, qp, range, kernel)?;
-    check_output("fake_quant output", x, out, &[x])?;
+    check_output(ctx, "fake_quant output", x, out, &[x])?;
     let (q, xb, ob) = (qp.data.buffer(), x.buffer(), out.buffer());
     launch(
         ctx,
@@ -466,8 +467,8 @@ pub fn fake_quant_with_mask(
     qp: &GpuQParams,
     range: QuantRange,
 ) -> Result<(GpuTensor, GpuTensor)> {
-    let y = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
-    let mask = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    let y = GpuTensor::uninit(ctx, x.shape(), DType::F32)?;
+    let mask = GpuTensor::uninit(ctx, x.shape(), DType::F32)?;
     fake_quant_with_mask_into(ctx, x, qp, range, &y, &mask)?;
     Ok((y, mask))
 }
@@ -485,8 +486,8 @@ pub fn fake_quant_with_mask_into(
     mask: &GpuTensor,
 ) -> Result<()> {
     let (uniform, plan) = prepare(ctx, x, qp, range, FakeQuantKernel::default())?;
-    check_output("fake_quant output", x, out, &[x])?;
-    check_output("fake_quant mask", x, mask, &[x, out])?;
+    check_output(ctx, "fake_quant output", x, out, &[x])?;
+    check_output(ctx, "fake_quant mask", x, mask, &[x, out])?;
     let (q, xb, ob, mb) = (qp.data.buffer(), x.buffer(), out.buffer(), mask.buffer());
     launch(
         ctx,
@@ -510,7 +511,7 @@ pub fn fake_quant_backward(
     qp.validate(x.shape(), range)?;
     expect_shape("fake_quantize_backward (dy vs x)", x.shape(), dy)?;
     expect_f32("fake_quant_backward dy", dy)?;
-    let dx = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    let dx = GpuTensor::uninit(ctx, x.shape(), DType::F32)?;
     fake_quant_backward_into(ctx, x, dy, qp, range, &dx)?;
     Ok(dx)
 }
@@ -527,12 +528,13 @@ pub fn fake_quant_backward_into(
     range: QuantRange,
     dx: &GpuTensor,
 ) -> Result<()> {
+    ctx.check_tensor("fake_quant_backward dy", dy)?;
     expect_f32("fake_quant input", x)?;
     qp.validate(x.shape(), range)?;
     expect_shape("fake_quantize_backward (dy vs x)", x.shape(), dy)?;
     expect_f32("fake_quant_backward dy", dy)?;
     let (uniform, plan) = prepare(ctx, x, qp, range, FakeQuantKernel::default())?;
-    check_output("fake_quant_backward dx", x, dx, &[x, dy])?;
+    check_output(ctx, "fake_quant_backward dx", x, dx, &[x, dy])?;
     let (q, xb, db, dyb) = (qp.data.buffer(), x.buffer(), dx.buffer(), dy.buffer());
     launch(
         ctx,

@@ -11,7 +11,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, grid, to_u32, WG_CONSTANTS};
+use super::{expect_f32, grid, output, to_u32, WG_CONSTANTS};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::BatchNorm;
@@ -178,15 +178,27 @@ fn run(
     bias: &GpuTensor,
     bn: &GpuBatchNorm,
     mut params: Params,
+    given: Option<(&GpuTensor, &GpuTensor)>,
 ) -> Result<(GpuTensor, GpuTensor)> {
     let n = weight.len();
     let inner = params.inner.max(1) as usize;
     let rows = n / inner;
     params.rows = to_u32(rows, "weight rows")?;
-    let uniform = ctx.uniform(&params)?;
-    let w_out = GpuTensor::zeros(ctx, weight.shape(), DType::F32)?;
-    let b_out = GpuTensor::zeros(ctx, &[params.bias_len as usize], DType::F32)?;
-    let scale = GpuTensor::zeros(ctx, &[params.bias_len as usize], DType::F32)?;
+    let uniform = ctx.params(&params)?;
+    let inputs = [weight, bias, &bn.data];
+    let (given_w, given_b) = (given.map(|g| g.0), given.map(|g| g.1));
+    let w_out = output(
+        ctx,
+        "folded weight",
+        given_w,
+        weight.shape(),
+        DType::F32,
+        &inputs,
+    )?;
+    let inputs = [weight, bias, &bn.data, &w_out];
+    let bias_len = [params.bias_len as usize];
+    let b_out = output(ctx, "folded bias", given_b, &bias_len, DType::F32, &inputs)?;
+    let scale = GpuTensor::uninit(ctx, &bias_len, DType::F32)?;
     // fold_rows4: one row of workgroups per weight row, rows over y and z.
     let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
     let gx = (inner / 4)
@@ -245,6 +257,47 @@ pub fn fold_conv_bn(
     bn: &GpuBatchNorm,
     transpose: bool,
 ) -> Result<(GpuTensor, GpuTensor)> {
+    fold_conv_bn_impl(ctx, weight, bias, bn, transpose, None)
+}
+
+/// [`fold_conv_bn`] writing the folded weight into `w_out` (the weight's shape) and the
+/// folded bias into `b_out` (`[Cout]`), `f32` tensors each with its own buffer (see
+/// [`super::check_output`]).
+pub fn fold_conv_bn_into(
+    ctx: &GpuContext,
+    weight: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    bn: &GpuBatchNorm,
+    transpose: bool,
+    w_out: &GpuTensor,
+    b_out: &GpuTensor,
+) -> Result<()> {
+    fold_conv_bn_impl(ctx, weight, bias, bn, transpose, Some((w_out, b_out))).map(drop)
+}
+
+/// `Ok` when the weight, bias and BatchNorm were made on `ctx`.
+fn check_context(
+    ctx: &GpuContext,
+    weight: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    bn: &GpuBatchNorm,
+) -> Result<()> {
+    ctx.check_tensors(&[("weight", weight), ("BatchNorm parameters", &bn.data)])?;
+    if let Some(b) = bias {
+        ctx.check_tensor("bias", b)?;
+    }
+    Ok(())
+}
+
+fn fold_conv_bn_impl(
+    ctx: &GpuContext,
+    weight: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    bn: &GpuBatchNorm,
+    transpose: bool,
+    given: Option<(&GpuTensor, &GpuTensor)>,
+) -> Result<(GpuTensor, GpuTensor)> {
+    check_context(ctx, weight, bias, bn)?;
     let shape = weight.shape();
     check_conv_weight_rank(shape)?;
     expect_f32("conv weight", weight)?;
@@ -289,7 +342,7 @@ pub fn fold_conv_bn(
         params.inner = to_u32((d1 * kernel).max(1), "conv weight elements per channel")?;
     }
     let bias = bias_or_zeros(ctx, layer, bias, cout)?;
-    run(ctx, weight, &bias, bn, params)
+    run(ctx, weight, &bias, bn, params, given)
 }
 
 /// Folds a BatchNorm1d into a linear layer (weight `[out, in]`), like
@@ -305,6 +358,31 @@ pub fn fold_linear_bn(
     bias: Option<&GpuTensor>,
     bn: &GpuBatchNorm,
 ) -> Result<(GpuTensor, GpuTensor)> {
+    fold_linear_bn_impl(ctx, weight, bias, bn, None)
+}
+
+/// [`fold_linear_bn`] writing the folded weight into `w_out` (`[out, in]`) and the folded
+/// bias into `b_out` (`[out]`), `f32` tensors each with its own buffer (see
+/// [`super::check_output`]).
+pub fn fold_linear_bn_into(
+    ctx: &GpuContext,
+    weight: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    bn: &GpuBatchNorm,
+    w_out: &GpuTensor,
+    b_out: &GpuTensor,
+) -> Result<()> {
+    fold_linear_bn_impl(ctx, weight, bias, bn, Some((w_out, b_out))).map(drop)
+}
+
+fn fold_linear_bn_impl(
+    ctx: &GpuContext,
+    weight: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    bn: &GpuBatchNorm,
+    given: Option<(&GpuTensor, &GpuTensor)>,
+) -> Result<(GpuTensor, GpuTensor)> {
+    check_context(ctx, weight, bias, bn)?;
     let shape = weight.shape();
     if shape.len() != 2 {
         return Err(Error::invalid(format!(
@@ -331,5 +409,5 @@ pub fn fold_linear_bn(
         eps: bn.eps,
         ..Params::default()
     };
-    run(ctx, weight, &bias, bn, params)
+    run(ctx, weight, &bias, bn, params, given)
 }

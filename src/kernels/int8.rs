@@ -42,7 +42,7 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 
-use super::{expect_f32, to_u32, GpuQParams, WG_CONSTANTS, WORKGROUP_SIZE};
+use super::{expect_f32, output, to_u32, GpuQParams, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Int8Dot, Kernel, Launch, Shader};
 use crate::ops::Conv2dParams;
@@ -414,6 +414,38 @@ impl GpuInt8Tensor {
     }
 }
 
+/// The codes output of an int8 launcher: the caller's `given` tensor (its `_into` form) of
+/// logical shape `shape` after [`super::check_output`] on its words, else a new one from the
+/// pool (every int8 kernel writes whole words).
+fn int8_output(
+    ctx: &GpuContext,
+    what: &str,
+    given: Option<&GpuInt8Tensor>,
+    shape: &[usize],
+    inputs: &[&GpuTensor],
+) -> Result<GpuInt8Tensor> {
+    match given {
+        Some(out) => {
+            if out.shape() != shape {
+                return Err(Error::shape(what, shape, out.shape()));
+            }
+            super::check_output(
+                ctx,
+                what,
+                &out.words,
+                &word_shape(shape),
+                DType::U32,
+                inputs,
+            )?;
+            Ok(out.clone())
+        }
+        None => Ok(GpuInt8Tensor {
+            words: GpuTensor::uninit(ctx, &word_shape(shape), DType::U32)?,
+            shape: shape.to_vec(),
+        }),
+    }
+}
+
 fn word_shape(shape: &[usize]) -> Vec<usize> {
     let [outer, c, inner] = packed_dims(shape);
     vec![outer, c.div_ceil(4), inner]
@@ -476,12 +508,53 @@ pub fn quantize(
     qp: &GpuQParams,
     range: QuantRange,
 ) -> Result<GpuQuantized> {
+    quantize_impl(ctx, x, qp, range, None)
+}
+
+/// [`quantize`] writing into `out` (codes of `x`'s shape and a `[1]` `u32` status, each with
+/// its own buffer, see [`super::check_output`]), for instance the result of a first call
+/// reused; the status is reset before the kernel runs.
+pub fn quantize_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    qp: &GpuQParams,
+    range: QuantRange,
+    out: &GpuQuantized,
+) -> Result<()> {
+    quantize_impl(ctx, x, qp, range, Some(out)).map(drop)
+}
+
+fn quantize_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    qp: &GpuQParams,
+    range: QuantRange,
+    given: Option<&GpuQuantized>,
+) -> Result<GpuQuantized> {
+    ctx.check_tensors(&[("quantize input", x), ("qparams", qp.tensor())])?;
     range.check_int8_codes()?;
     qp.validate(x.shape(), range)?;
     expect_f32("quantize input", x)?;
     to_u32(x.len(), "quantize element count")?;
-    let codes = GpuInt8Tensor::zeros(ctx, x.shape())?;
-    let nan_index = GpuTensor::from_slice_u32(ctx, &[u32::MAX], &[1])?;
+    let inputs = [x, qp.tensor()];
+    let codes = int8_output(
+        ctx,
+        "quantize codes",
+        given.map(|g| &g.codes),
+        x.shape(),
+        &inputs,
+    )?;
+    let inputs = [x, qp.tensor(), &codes.words];
+    let nan_index = output(
+        ctx,
+        "quantize status",
+        given.map(|g| &g.nan_index),
+        &[1],
+        DType::U32,
+        &inputs,
+    )?;
+    // The status starts at "no NaN" (written like kernel parameters, before the launch).
+    ctx.write_before_next_launch(nan_index.buffer(), &u32::MAX.to_le_bytes());
     let [_, c, inner] = packed_dims(x.shape());
     let (qinner, qchannels) = qparam_layout(qp, x.shape());
     let words = codes.words.len();
@@ -497,7 +570,7 @@ pub fn quantize(
         ..Params::default()
     };
     if words > 0 {
-        let uniform = ctx.uniform(&p)?;
+        let uniform = ctx.params(&p)?;
         ctx.run(&[Launch {
             kernel: &QUANTIZE,
             constants: WG_CONSTANTS,
@@ -519,10 +592,39 @@ pub fn quantize(
 ///
 /// Errors: qparams that do not fit `q`'s shape.
 pub fn dequantize(ctx: &GpuContext, q: &GpuInt8Tensor, qp: &GpuQParams) -> Result<GpuTensor> {
+    dequantize_impl(ctx, q, qp, None)
+}
+
+/// [`dequantize`] writing into `out` (an `f32` tensor of `q`'s shape with its own buffer,
+/// see [`super::check_output`]).
+pub fn dequantize_into(
+    ctx: &GpuContext,
+    q: &GpuInt8Tensor,
+    qp: &GpuQParams,
+    out: &GpuTensor,
+) -> Result<()> {
+    dequantize_impl(ctx, q, qp, Some(out)).map(drop)
+}
+
+fn dequantize_impl(
+    ctx: &GpuContext,
+    q: &GpuInt8Tensor,
+    qp: &GpuQParams,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("dequantize codes", &q.words), ("qparams", qp.tensor())])?;
     qp.validate(q.shape(), QuantRange::new(-128, 127)?)?;
     let n = q.len();
     to_u32(n, "dequantize element count")?;
-    let y = GpuTensor::zeros(ctx, q.shape(), DType::F32)?;
+    let inputs = [&q.words, qp.tensor()];
+    let y = output(
+        ctx,
+        "dequantize output",
+        given,
+        q.shape(),
+        DType::F32,
+        &inputs,
+    )?;
     if n == 0 {
         return Ok(y);
     }
@@ -537,7 +639,7 @@ pub fn dequantize(ctx: &GpuContext, q: &GpuInt8Tensor, qp: &GpuQParams) -> Resul
         qchannels: to_u32(qchannels, "dequantize qparam channels")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &DEQUANTIZE,
         constants: WG_CONSTANTS,
@@ -559,6 +661,29 @@ pub fn max_pool2d_int8(
     kernel: usize,
     stride: usize,
 ) -> Result<GpuInt8Tensor> {
+    max_pool2d_int8_impl(ctx, x, kernel, stride, None)
+}
+
+/// [`max_pool2d_int8`] writing into `out` (codes of the output shape with their own buffer,
+/// see [`super::check_output`]).
+pub fn max_pool2d_int8_into(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    kernel: usize,
+    stride: usize,
+    out: &GpuInt8Tensor,
+) -> Result<()> {
+    max_pool2d_int8_impl(ctx, x, kernel, stride, Some(out)).map(drop)
+}
+
+fn max_pool2d_int8_impl(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    kernel: usize,
+    stride: usize,
+    given: Option<&GpuInt8Tensor>,
+) -> Result<GpuInt8Tensor> {
+    ctx.check_tensor("max_pool2d input", &x.words)?;
     let [n, c, h, w] = <[usize; 4]>::try_from(x.shape()).map_err(|_| {
         Error::invalid(format!(
             "max_pool2d input must be NCHW (rank 4), got shape {:?}",
@@ -567,7 +692,13 @@ pub fn max_pool2d_int8(
     })?;
     let (oh, ow) = crate::ops::max_pool2d_output(h, w, kernel, stride)?;
     to_u32(x.words.len(), "max_pool2d input word count")?;
-    let y = GpuInt8Tensor::zeros(ctx, &[n, c, oh, ow])?;
+    let y = int8_output(
+        ctx,
+        "max_pool2d output",
+        given,
+        &[n, c, oh, ow],
+        &[&x.words],
+    )?;
     let words = y.words.len();
     if words == 0 {
         return Ok(y);
@@ -582,7 +713,7 @@ pub fn max_pool2d_int8(
         stride: to_u32(stride, "max_pool2d stride")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &MAX_POOL2D,
         constants: WG_CONSTANTS,
@@ -602,11 +733,40 @@ pub fn add_int8(
     b: &GpuInt8Tensor,
     add: &AddRequant,
 ) -> Result<GpuInt8Tensor> {
+    add_int8_impl(ctx, a, b, add, None)
+}
+
+/// [`add_int8`] writing into `out` (codes of `a`'s shape with their own buffer, see
+/// [`super::check_output`]).
+pub fn add_int8_into(
+    ctx: &GpuContext,
+    a: &GpuInt8Tensor,
+    b: &GpuInt8Tensor,
+    add: &AddRequant,
+    out: &GpuInt8Tensor,
+) -> Result<()> {
+    add_int8_impl(ctx, a, b, add, Some(out)).map(drop)
+}
+
+fn add_int8_impl(
+    ctx: &GpuContext,
+    a: &GpuInt8Tensor,
+    b: &GpuInt8Tensor,
+    add: &AddRequant,
+    given: Option<&GpuInt8Tensor>,
+) -> Result<GpuInt8Tensor> {
+    ctx.check_tensors(&[("quantized add a", &a.words), ("quantized add b", &b.words)])?;
     if a.shape() != b.shape() {
         return Err(Error::shape("quantized add", a.shape(), b.shape()));
     }
     add.validate()?;
-    let y = GpuInt8Tensor::zeros(ctx, a.shape())?;
+    let y = int8_output(
+        ctx,
+        "quantized add output",
+        given,
+        a.shape(),
+        &[&a.words, &b.words],
+    )?;
     let words = y.words.len();
     if words == 0 {
         return Ok(y);
@@ -633,8 +793,8 @@ pub fn add_int8(
         hi: add.clamp_max,
         _pad: 0,
     };
-    let uniform = ctx.uniform(&p)?;
-    let add_uniform = ctx.uniform(&ap)?;
+    let uniform = ctx.params(&p)?;
+    let add_uniform = ctx.params(&ap)?;
     ctx.run(&[Launch {
         kernel: &ADD,
         constants: WG_CONSTANTS,
@@ -659,6 +819,28 @@ pub fn add_int8(
 ///
 /// Errors: [`Error::ShapeMismatch`] when the element counts differ.
 pub fn repack_int8(ctx: &GpuContext, x: &GpuInt8Tensor, shape: &[usize]) -> Result<GpuInt8Tensor> {
+    repack_int8_impl(ctx, x, shape, None)
+}
+
+/// [`repack_int8`] writing into `out` (codes of logical shape `shape` with their own
+/// buffer, see [`super::check_output`]); the codes are copied by the kernel even when the
+/// packing is the same.
+pub fn repack_int8_into(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    shape: &[usize],
+    out: &GpuInt8Tensor,
+) -> Result<()> {
+    repack_int8_impl(ctx, x, shape, Some(out)).map(drop)
+}
+
+fn repack_int8_impl(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    shape: &[usize],
+    given: Option<&GpuInt8Tensor>,
+) -> Result<GpuInt8Tensor> {
+    ctx.check_tensor("int8 repack input", &x.words)?;
     if shape.iter().product::<usize>() != x.len() {
         return Err(Error::shape(
             "int8 repack (element counts must match)",
@@ -666,10 +848,10 @@ pub fn repack_int8(ctx: &GpuContext, x: &GpuInt8Tensor, shape: &[usize]) -> Resu
             shape,
         ));
     }
-    if packed_dims(shape) == packed_dims(x.shape()) {
+    if given.is_none() && packed_dims(shape) == packed_dims(x.shape()) {
         return x.reshape(shape);
     }
-    let y = GpuInt8Tensor::zeros(ctx, shape)?;
+    let y = int8_output(ctx, "int8 repack output", given, shape, &[&x.words])?;
     let words = y.words.len();
     if words == 0 {
         return Ok(y);
@@ -687,7 +869,7 @@ pub fn repack_int8(ctx: &GpuContext, x: &GpuInt8Tensor, shape: &[usize]) -> Resu
         in_inner: to_u32(in_inner, "int8 repack input inner size")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &REPACK,
         constants: WG_CONSTANTS,
@@ -703,6 +885,12 @@ pub fn repack_int8(ctx: &GpuContext, x: &GpuInt8Tensor, shape: &[usize]) -> Resu
 /// Errors: [`Error::InvalidArgument`] for a rank-0 input (the CPU path's message).
 pub fn flatten_int8(ctx: &GpuContext, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
     repack_int8(ctx, x, &crate::ops::flatten_shape(x.shape())?)
+}
+
+/// [`flatten_int8`] writing into `out` (codes `[N, prod(...)]` with their own buffer, see
+/// [`super::check_output`]).
+pub fn flatten_int8_into(ctx: &GpuContext, x: &GpuInt8Tensor, out: &GpuInt8Tensor) -> Result<()> {
+    repack_int8_into(ctx, x, &crate::ops::flatten_shape(x.shape())?, out)
 }
 
 /// Evaluates the WGSL fixed-point functions of `shaders/lib/requant.wgsl` on the GPU, for
@@ -750,7 +938,7 @@ fn run_probe(ctx: &GpuContext, kernel: &Kernel, items: &[[i32; 4]]) -> Result<Ve
         count: to_u32(items.len(), "requantization probe items")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel,
         constants: WG_CONSTANTS,
@@ -940,11 +1128,38 @@ impl GpuConv2dInt8 {
         x: &GpuInt8Tensor,
         dot: Int8Dot,
     ) -> Result<GpuInt8Tensor> {
+        self.forward_impl(ctx, x, dot, None)
+    }
+
+    /// [`GpuConv2dInt8::forward`] writing into `out` (codes `[N, O, OH, OW]` with their own
+    /// buffer, see [`super::check_output`]).
+    pub fn forward_into(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        out: &GpuInt8Tensor,
+    ) -> Result<()> {
+        self.forward_impl(ctx, x, ctx.int8_dot(), Some(out))
+            .map(drop)
+    }
+
+    fn forward_impl(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        dot: Int8Dot,
+        given: Option<&GpuInt8Tensor>,
+    ) -> Result<GpuInt8Tensor> {
+        ctx.check_tensors(&[
+            ("conv2d int8 input", &x.words),
+            ("conv2d int8 weight", &self.weight),
+        ])?;
         let [n, o, oh, ow] = self.params.output_shape(x.shape(), &self.weight_shape)?;
         let kernel = conv_kernel(ctx, dot, false)?;
         let (_, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
         let [_, _, kh, kw] = self.weight_shape;
-        let y = GpuInt8Tensor::zeros(ctx, &[n, o, oh, ow])?;
+        let inputs = [&x.words, &self.weight, &self.rows];
+        let y = int8_output(ctx, "conv2d int8 output", given, &[n, o, oh, ow], &inputs)?;
         to_u32(x.words.len(), "conv2d int8 input word count")?;
         to_u32(self.weight.len(), "conv2d int8 weight word count")?;
         to_u32(y.words.len(), "conv2d int8 output word count")?;
@@ -1003,7 +1218,7 @@ impl GpuConv2dInt8 {
                 "conv2d int8: padded input extent {reach} exceeds the kernel's i32 coordinates"
             )));
         }
-        let uniform = ctx.uniform(&cp)?;
+        let uniform = ctx.params(&cp)?;
         ctx.run(&[Launch {
             kernel,
             constants: CONV_CONSTANTS,
@@ -1142,6 +1357,32 @@ impl GpuLinearInt8 {
         x: &GpuInt8Tensor,
         dot: Int8Dot,
     ) -> Result<GpuInt8Tensor> {
+        self.forward_impl(ctx, x, dot, None)
+    }
+
+    /// [`GpuLinearInt8::forward`] writing into `out` (codes `[N, out]` with their own buffer,
+    /// see [`super::check_output`]).
+    pub fn forward_into(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        out: &GpuInt8Tensor,
+    ) -> Result<()> {
+        self.forward_impl(ctx, x, ctx.int8_dot(), Some(out))
+            .map(drop)
+    }
+
+    fn forward_impl(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        dot: Int8Dot,
+        given: Option<&GpuInt8Tensor>,
+    ) -> Result<GpuInt8Tensor> {
+        ctx.check_tensors(&[
+            ("linear int8 input", &x.words),
+            ("linear int8 weight", &self.weight),
+        ])?;
         let [n, inp] = <[usize; 2]>::try_from(x.shape()).map_err(|_| {
             Error::invalid(format!(
                 "quantized linear input must be [N, in] (rank 2), got shape {:?}",
@@ -1151,7 +1392,8 @@ impl GpuLinearInt8 {
         let [outs, w_in] = self.weight_shape;
         check_linear_shapes([n, inp], self.weight_shape)?;
         let kernel = conv_kernel(ctx, dot, true)?;
-        let y = GpuInt8Tensor::zeros(ctx, &[n, outs])?;
+        let inputs = [&x.words, &self.weight, &self.rows];
+        let y = int8_output(ctx, "linear int8 output", given, &[n, outs], &inputs)?;
         to_u32(x.words.len(), "linear int8 input word count")?;
         to_u32(self.weight.len(), "linear int8 weight word count")?;
         to_u32(y.words.len(), "linear int8 output word count")?;
@@ -1173,7 +1415,7 @@ impl GpuLinearInt8 {
             mode: mode_code(self.mode),
             ..ConvParams::default()
         };
-        let uniform = ctx.uniform(&cp)?;
+        let uniform = ctx.params(&cp)?;
         ctx.run(&[Launch {
             kernel,
             constants: CONV_CONSTANTS,

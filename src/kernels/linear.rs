@@ -7,10 +7,10 @@
 //! per workgroup, 4×4 per invocation) with the bias in its epilogue; the buffers are only
 //! re-viewed, never copied.
 
-use super::conv2d::{conv2d_with_algorithm, ConvAlgorithm, ConvEpilogue};
-use super::expect_f32;
+use super::conv2d::{conv2d_impl, ConvAlgorithm, ConvEpilogue};
+use super::{check_output, expect_f32};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor};
+use crate::gpu::{DType, GpuContext, GpuTensor};
 use crate::ops::{Activation, Conv2dParams};
 
 fn rank2(what: &str, t: &GpuTensor) -> Result<[usize; 2]> {
@@ -47,6 +47,34 @@ pub fn linear_act(
     bias: Option<&GpuTensor>,
     activation: Activation,
 ) -> Result<GpuTensor> {
+    linear_impl(ctx, x, w, bias, activation, None)
+}
+
+/// [`linear_act`] writing into `y` (an `f32` tensor `[N, out]` with its own buffer, see
+/// [`super::check_output`]); [`Activation::None`] for a plain [`linear`].
+pub fn linear_act_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    activation: Activation,
+    y: &GpuTensor,
+) -> Result<()> {
+    linear_impl(ctx, x, w, bias, activation, Some(y)).map(drop)
+}
+
+fn linear_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    activation: Activation,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("linear input", x), ("linear weight", w)])?;
+    if let Some(b) = bias {
+        ctx.check_tensor("linear bias", b)?;
+    }
     let [n, inp] = rank2("input", x)?;
     let [out, w_in] = rank2("weight", w)?;
     if inp != w_in {
@@ -79,13 +107,23 @@ pub fn linear_act(
         bias,
         activation,
     };
-    let y = conv2d_with_algorithm(
+    let y4 = match given {
+        Some(y) => {
+            let mut inputs = vec![x, w];
+            inputs.extend(bias);
+            check_output(ctx, "linear output", y, &[n, out], DType::F32, &inputs)?;
+            Some(y.reshape(&[n, out, 1, 1])?)
+        }
+        None => None,
+    };
+    let y = conv2d_impl(
         ctx,
         &x4,
         &w4,
         &Conv2dParams::default(),
         &epilogue,
         ConvAlgorithm::ImplicitGemm,
+        y4.as_ref(),
     )?;
     y.reshape(&[n, out])
 }

@@ -61,6 +61,56 @@ pub(crate) fn expect_shape(context: &str, expected: &[usize], t: &GpuTensor) -> 
     Ok(())
 }
 
+/// The output of a launcher: the caller's `given` tensor (its `_into` form) after
+/// [`check_output`], else a new one from the pool whose contents the kernel overwrites in
+/// full ([`GpuTensor::uninit`]).
+pub(crate) fn output(
+    ctx: &GpuContext,
+    what: &str,
+    given: Option<&GpuTensor>,
+    shape: &[usize],
+    dtype: crate::gpu::DType,
+    inputs: &[&GpuTensor],
+) -> Result<GpuTensor> {
+    match given {
+        Some(out) => {
+            check_output(ctx, what, out, shape, dtype, inputs)?;
+            Ok(out.clone())
+        }
+        None => GpuTensor::uninit(ctx, shape, dtype),
+    }
+}
+
+/// The one check of a caller-owned output tensor (every launcher's `_into` form): made on
+/// `ctx`, of shape `shape` and type `dtype`, with a buffer of its own (not one of `inputs`':
+/// the kernel reads those while it writes this one).
+///
+/// Errors: [`Error::ContextMismatch`], [`Error::ShapeMismatch`], [`Error::InvalidArgument`]
+/// (wrong dtype, shared buffer), each naming `what`.
+pub fn check_output(
+    ctx: &GpuContext,
+    what: &str,
+    out: &GpuTensor,
+    shape: &[usize],
+    dtype: crate::gpu::DType,
+    inputs: &[&GpuTensor],
+) -> Result<()> {
+    ctx.check_tensor(what, out)?;
+    expect_shape(what, shape, out)?;
+    if out.dtype() != dtype {
+        return Err(Error::invalid(format!(
+            "{what} must be a {dtype:?} tensor, got {:?}",
+            out.dtype()
+        )));
+    }
+    if inputs.iter().any(|t| t.buffer() == out.buffer()) {
+        return Err(Error::invalid(format!(
+            "{what} must not share its buffer with an input or another output"
+        )));
+    }
+    Ok(())
+}
+
 /// `Err` unless `t` holds `f32`.
 pub(crate) fn expect_f32(what: &str, t: &GpuTensor) -> Result<()> {
     if t.dtype() != crate::gpu::DType::F32 {

@@ -13,9 +13,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, expect_shape, to_u32, GpuQParams};
+use super::{expect_f32, expect_shape, output, to_u32, GpuQParams};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
+use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::quant::ObserverSpec;
 
 static SHADER: Shader = Shader {
@@ -198,7 +198,7 @@ fn channel_grid(ctx: &GpuContext, x: u32, channels: usize) -> Result<[u32; 3]> {
 
 /// The buffers and grids of the reduction.
 struct Reduction {
-    uniform: wgpu::Buffer,
+    uniform: ParamsBuffer,
     partials: GpuTensor,
     minmax: GpuTensor,
     /// `Some(grid)`: one `minmax_small` pass; `None`: partial and final passes.
@@ -251,7 +251,9 @@ fn prepare_reduction(
     x: &GpuTensor,
     axis: Option<usize>,
     extra: Params,
+    given_minmax: Option<&GpuTensor>,
 ) -> Result<Reduction> {
+    ctx.check_tensor("observer input", x)?;
     expect_f32("observer input", x)?;
     let l = layout(x, axis)?;
     let small = l.m <= SMALL_M;
@@ -277,9 +279,16 @@ fn prepare_reduction(
         ..shape
     };
     let partials = GpuTensor::zeros(ctx, &[l.channels, groups, 2], DType::F32)?;
-    let minmax = GpuTensor::zeros(ctx, &[2, l.channels], DType::F32)?;
+    let minmax = output(
+        ctx,
+        "observer min/max",
+        given_minmax,
+        &[2, l.channels],
+        DType::F32,
+        &[x],
+    )?;
     Ok(Reduction {
-        uniform: ctx.uniform(&params)?,
+        uniform: ctx.params(&params)?,
         partials,
         minmax,
         small_grid: if small {
@@ -300,9 +309,21 @@ fn prepare_reduction(
 ///
 /// Errors: [`Error::AxisOutOfRange`].
 pub fn min_max(ctx: &GpuContext, x: &GpuTensor, axis: Option<usize>) -> Result<GpuTensor> {
-    let r = prepare_reduction(ctx, x, axis, Params::default())?;
+    let r = prepare_reduction(ctx, x, axis, Params::default(), None)?;
     r.run(ctx, x, None)?;
     Ok(r.minmax)
+}
+
+/// [`min_max`] writing into `out` (an `f32` tensor `[2, C]` with its own buffer, see
+/// [`super::check_output`]).
+pub fn min_max_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    axis: Option<usize>,
+    out: &GpuTensor,
+) -> Result<()> {
+    let r = prepare_reduction(ctx, x, axis, Params::default(), Some(out))?;
+    r.run(ctx, x, None)
 }
 
 /// The qparams settings of `spec` as the shader takes them, computed exactly as the CPU
@@ -341,6 +362,31 @@ pub fn calc_qparams(
     spec: &ObserverSpec,
     axis: Option<usize>,
 ) -> Result<GpuQParams> {
+    let qp = calc_qparams_impl(ctx, minmax, spec, axis, None)?;
+    GpuQParams::from_tensor(qp, axis)
+}
+
+/// [`calc_qparams`] writing into `out`, a `u32` tensor `[3, C]` with its own buffer (see
+/// [`super::check_output`]) in [`GpuQParams`]' layout; wrap it with
+/// [`GpuQParams::from_tensor`] to use it.
+pub fn calc_qparams_into(
+    ctx: &GpuContext,
+    minmax: &GpuTensor,
+    spec: &ObserverSpec,
+    axis: Option<usize>,
+    out: &GpuTensor,
+) -> Result<()> {
+    calc_qparams_impl(ctx, minmax, spec, axis, Some(out)).map(drop)
+}
+
+fn calc_qparams_impl(
+    ctx: &GpuContext,
+    minmax: &GpuTensor,
+    spec: &ObserverSpec,
+    axis: Option<usize>,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensor("observer min/max", minmax)?;
     expect_f32("observer min/max", minmax)?;
     let c = minmax.shape().get(1).copied().unwrap_or(0);
     expect_shape("observer min/max", &[2, c], minmax)?;
@@ -351,8 +397,8 @@ pub fn calc_qparams(
         channels: to_u32(c, "observer channels")?,
         ..qparams_settings(spec)?
     };
-    let uniform = ctx.uniform(&params)?;
-    let qp = GpuTensor::zeros(ctx, &[3, c], DType::U32)?;
+    let uniform = ctx.params(&params)?;
+    let qp = output(ctx, "qparams", given, &[3, c], DType::U32, &[minmax])?;
     let workgroups = ctx.grid_1d(c, WGR)?;
     ctx.run(&[Launch {
         kernel: &CALC_QPARAMS,
@@ -360,7 +406,7 @@ pub fn calc_qparams(
         buffers: &[&uniform, minmax.buffer(), qp.buffer()],
         workgroups,
     }])?;
-    GpuQParams::from_tensor(qp, axis)
+    Ok(qp)
 }
 
 /// Observes `x` once and returns its qparams on the GPU: `MinMaxObserver` for per-tensor
@@ -372,15 +418,42 @@ pub fn calc_qparams(
 /// Errors: those of [`ObserverSpec::validate`], [`Error::AxisOutOfRange`] (a negative axis
 /// counts from the end, [`crate::quant::resolve_axis`]).
 pub fn observe(ctx: &GpuContext, x: &GpuTensor, spec: &ObserverSpec) -> Result<GpuQParams> {
+    let axis = if spec.qscheme.is_per_channel() {
+        Some(spec.channel_axis(x.shape().len())?)
+    } else {
+        None
+    };
+    let qp = observe_impl(ctx, x, spec, None)?;
+    GpuQParams::from_tensor(qp, axis)
+}
+
+/// [`observe`] writing the qparams into `out`, a `u32` tensor `[3, C]` with its own buffer
+/// (see [`super::check_output`]) in [`GpuQParams`]' layout; wrap it with
+/// [`GpuQParams::from_tensor`] to use it.
+pub fn observe_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    spec: &ObserverSpec,
+    out: &GpuTensor,
+) -> Result<()> {
+    observe_impl(ctx, x, spec, Some(out)).map(drop)
+}
+
+fn observe_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    spec: &ObserverSpec,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     let settings = qparams_settings(spec)?;
     let axis = if spec.qscheme.is_per_channel() {
         Some(spec.channel_axis(x.shape().len())?)
     } else {
         None
     };
-    let r = prepare_reduction(ctx, x, axis, settings)?;
+    let r = prepare_reduction(ctx, x, axis, settings, None)?;
     let c = r.minmax.shape()[1];
-    let qp = GpuTensor::zeros(ctx, &[3, c], DType::U32)?;
+    let qp = output(ctx, "qparams", given, &[3, c], DType::U32, &[x])?;
     let qp_grid = ctx.grid_1d(c, WGR)?;
     let qp_buffers = [&r.uniform, r.minmax.buffer(), qp.buffer()];
     r.run(
@@ -393,7 +466,7 @@ pub fn observe(ctx: &GpuContext, x: &GpuTensor, spec: &ObserverSpec) -> Result<G
             workgroups: qp_grid,
         }),
     )?;
-    GpuQParams::from_tensor(qp, axis)
+    Ok(qp)
 }
 
 /// Elementwise `div_rn(a, b)`: the shader's correctly rounded f32 division, exposed so tests
@@ -401,6 +474,7 @@ pub fn observe(ctx: &GpuContext, x: &GpuTensor, spec: &ObserverSpec) -> Result<G
 ///
 /// Errors: [`Error::ShapeMismatch`] unless `a` and `b` have the same shape.
 pub fn div_rn(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("div_rn numerator", a), ("div_rn denominator", b)])?;
     expect_f32("div_rn numerator", a)?;
     expect_f32("div_rn denominator", b)?;
     expect_shape("div_rn (b vs a)", a.shape(), b)?;
@@ -408,7 +482,7 @@ pub fn div_rn(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTenso
         n: to_u32(a.len(), "div_rn element count")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&params)?;
+    let uniform = ctx.params(&params)?;
     let out = GpuTensor::zeros(ctx, a.shape(), DType::F32)?;
     let workgroups = ctx.grid_1d(a.len(), WGR)?;
     ctx.run(&[Launch {

@@ -4,7 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
+use super::{expect_f32, output, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 
@@ -62,6 +62,29 @@ pub fn max_pool2d(
     kernel: usize,
     stride: usize,
 ) -> Result<GpuTensor> {
+    max_pool2d_impl(ctx, x, kernel, stride, None)
+}
+
+/// [`max_pool2d`] writing into `out` (an `f32` tensor of the output shape with its own
+/// buffer, see [`super::check_output`]).
+pub fn max_pool2d_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    kernel: usize,
+    stride: usize,
+    out: &GpuTensor,
+) -> Result<()> {
+    max_pool2d_impl(ctx, x, kernel, stride, Some(out)).map(drop)
+}
+
+fn max_pool2d_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    kernel: usize,
+    stride: usize,
+    out: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensor("max_pool2d input", x)?;
     let [n, c, h, w] = <[usize; 4]>::try_from(x.shape()).map_err(|_| {
         Error::invalid(format!(
             "max_pool2d input must be NCHW (rank 4), got shape {:?}",
@@ -71,7 +94,14 @@ pub fn max_pool2d(
     let (oh, ow) = crate::ops::max_pool2d_output(h, w, kernel, stride)?;
     expect_f32("max_pool2d input", x)?;
     to_u32(x.len(), "max_pool2d input element count")?;
-    let y = GpuTensor::zeros(ctx, &[n, c, oh, ow], DType::F32)?;
+    let y = output(
+        ctx,
+        "max_pool2d output",
+        out,
+        &[n, c, oh, ow],
+        DType::F32,
+        &[x],
+    )?;
     let p = Params {
         count: to_u32(y.len(), "max_pool2d output element count")?,
         c: to_u32(c, "max_pool2d channels")?,
@@ -83,7 +113,7 @@ pub fn max_pool2d(
         stride: to_u32(stride, "max_pool2d stride")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &MAX_POOL2D,
         constants: WG_CONSTANTS,
@@ -99,6 +129,17 @@ pub fn max_pool2d(
 ///
 /// Errors: [`Error::InvalidArgument`] unless `x` is a rank-2 `f32` tensor.
 pub fn log_softmax(ctx: &GpuContext, x: &GpuTensor) -> Result<GpuTensor> {
+    log_softmax_impl(ctx, x, None)
+}
+
+/// [`log_softmax`] writing into `out` (an `f32` tensor of `x`'s shape with its own buffer,
+/// see [`super::check_output`]).
+pub fn log_softmax_into(ctx: &GpuContext, x: &GpuTensor, out: &GpuTensor) -> Result<()> {
+    log_softmax_impl(ctx, x, Some(out)).map(drop)
+}
+
+fn log_softmax_impl(ctx: &GpuContext, x: &GpuTensor, out: Option<&GpuTensor>) -> Result<GpuTensor> {
+    ctx.check_tensor("log_softmax input", x)?;
     let [rows, cols] = <[usize; 2]>::try_from(x.shape()).map_err(|_| {
         Error::invalid(format!(
             "log_softmax input must be [N, C] (rank 2), got shape {:?}",
@@ -107,13 +148,13 @@ pub fn log_softmax(ctx: &GpuContext, x: &GpuTensor) -> Result<GpuTensor> {
     })?;
     expect_f32("log_softmax input", x)?;
     to_u32(x.len(), "log_softmax element count")?;
-    let y = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
+    let y = output(ctx, "log_softmax output", out, x.shape(), DType::F32, &[x])?;
     let p = Params {
         count: to_u32(rows, "log_softmax rows")?,
         cols: to_u32(cols, "log_softmax columns")?,
         ..Params::default()
     };
-    let uniform = ctx.uniform(&p)?;
+    let uniform = ctx.params(&p)?;
     ctx.run(&[Launch {
         kernel: &LOG_SOFTMAX,
         constants: &[],

@@ -895,7 +895,12 @@ fn embedder_device_errors_and_loss() {
     let Some(shared) = common::gpu() else { return };
     // A second context on a fresh device from the same adapter kind.
     let ctx = GpuContext::new().unwrap();
-    let ctx = GpuContext::from_device(ctx.device().clone(), ctx.queue().clone()).unwrap();
+    let ctx = GpuContext::from_device_with(
+        ctx.device().clone(),
+        ctx.queue().clone(),
+        qfuse::gpu::EmbedOptions::install(),
+    )
+    .unwrap();
     assert_eq!(ctx.adapter_info().name, shared.adapter_info().name);
     let x = ArrayD::from_shape_vec(IxDyn(&[2]), vec![-1.0f32, 2.0]).unwrap();
     let gx = GpuTensor::upload_f32(&ctx, &x).unwrap();

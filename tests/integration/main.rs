@@ -31,6 +31,7 @@ mod gpu_conv_subgroup;
 mod gpu_elementwise;
 mod gpu_int8;
 mod gpu_observer_fold;
+mod gpu_runtime;
 mod gpu_train;
 mod qat;
 mod state_dict;
@@ -71,6 +72,7 @@ fn main() -> std::process::ExitCode {
         gpu_elementwise::TESTS,
         gpu_int8::TESTS,
         gpu_observer_fold::TESTS,
+        gpu_runtime::TESTS,
         gpu_train::TESTS,
         qat::TESTS,
         state_dict::TESTS,
