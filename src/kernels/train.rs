@@ -192,7 +192,7 @@ fn launch_1d(
     buffers: &[&wgpu::Buffer],
     items: usize,
 ) -> Result<()> {
-    let uniform = ctx.uniform(p)?;
+    let uniform = ctx.params(p)?;
     let mut all: Vec<&wgpu::Buffer> = Vec::with_capacity(buffers.len() + 1);
     all.push(&uniform);
     all.extend_from_slice(buffers);
@@ -211,7 +211,7 @@ fn launch_single(
     p: &Params,
     buffers: &[&wgpu::Buffer],
 ) -> Result<()> {
-    let uniform = ctx.uniform(p)?;
+    let uniform = ctx.params(p)?;
     let mut all: Vec<&wgpu::Buffer> = Vec::with_capacity(buffers.len() + 1);
     all.push(&uniform);
     all.extend_from_slice(buffers);
@@ -238,6 +238,7 @@ pub fn max_pool2d_backward(
     kernel: usize,
     stride: usize,
 ) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("max_pool2d input", x), ("max_pool2d_backward dy", dy)])?;
     let (oh, ow) = crate::ops::check_max_pool2d_backward(x.shape(), dy.shape(), kernel, stride)?;
     expect_f32("max_pool2d input", x)?;
     expect_f32("max_pool2d_backward dy", dy)?;
@@ -325,6 +326,11 @@ pub fn linear_backward(
     w: &GpuTensor,
     dy: &GpuTensor,
 ) -> Result<GpuLinearGrads> {
+    ctx.check_tensors(&[
+        ("linear input", x),
+        ("linear weight", w),
+        ("linear_backward dy", dy),
+    ])?;
     let [n, inp, out] = crate::ops::check_linear_backward(x.shape(), w.shape(), dy.shape())?;
     expect_f32("linear input", x)?;
     expect_f32("linear weight", w)?;
@@ -344,6 +350,7 @@ pub fn linear_backward(
 /// Errors: [`Error::InvalidArgument`] unless `y` is a rank-2 `f32` tensor;
 /// [`Error::ShapeMismatch`] when `dy`'s shape is not `y`'s.
 pub fn log_softmax_backward(ctx: &GpuContext, y: &GpuTensor, dy: &GpuTensor) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("log_softmax output", y), ("log_softmax_backward dy", dy)])?;
     let [rows, cols] = <[usize; 2]>::try_from(y.shape()).map_err(|_| {
         Error::invalid(format!(
             "log_softmax input must be [N, C] (rank 2), got shape {:?}",
@@ -400,6 +407,10 @@ fn classification(op: &str, scores: &GpuTensor, labels: &GpuTensor) -> Result<[u
 /// Errors: those of [`crate::reference::train::check_classification`]; a `logp` that is not
 /// `f32` or labels that are not `u32`.
 pub fn nll_loss(ctx: &GpuContext, logp: &GpuTensor, labels: &GpuTensor) -> Result<GpuTensor> {
+    ctx.check_tensors(&[
+        ("nll_loss log-probabilities", logp),
+        ("nll_loss labels", labels),
+    ])?;
     let [n, c] = classification("nll_loss", logp, labels)?;
     let loss = GpuTensor::zeros(ctx, &[1], DType::F32)?;
     let p = Params {
@@ -450,6 +461,10 @@ pub fn nll_loss_backward(
     logp: &GpuTensor,
     labels: &GpuTensor,
 ) -> Result<GpuTensor> {
+    ctx.check_tensors(&[
+        ("nll_loss log-probabilities", logp),
+        ("nll_loss labels", labels),
+    ])?;
     per_element(ctx, &NLL_LOSS_BACKWARD, logp, labels)
 }
 
@@ -465,6 +480,10 @@ pub fn log_softmax_nll_backward(
     logp: &GpuTensor,
     labels: &GpuTensor,
 ) -> Result<GpuTensor> {
+    ctx.check_tensors(&[
+        ("nll_loss log-probabilities", logp),
+        ("nll_loss labels", labels),
+    ])?;
     per_element(ctx, &LOG_SOFTMAX_NLL_BACKWARD, logp, labels)
 }
 
@@ -486,6 +505,11 @@ pub fn count_correct_into(
     labels: &GpuTensor,
     counter: &GpuTensor,
 ) -> Result<()> {
+    ctx.check_tensors(&[
+        ("count_correct scores", scores),
+        ("count_correct labels", labels),
+        ("count_correct counter", counter),
+    ])?;
     let [n, c] = classification("count_correct", scores, labels)?;
     if counter.dtype() != DType::U32 || counter.shape() != [1] {
         return Err(Error::invalid(format!(
@@ -553,6 +577,10 @@ pub fn sgd_step(
     sgd: &Sgd,
     first: bool,
 ) -> Result<()> {
+    ctx.check_tensors(&[("sgd_step parameter", param), ("sgd_step gradient", grad)])?;
+    if let Some(b) = buf {
+        ctx.check_tensor("sgd_step momentum buffer", b)?;
+    }
     crate::optim::check_sgd(sgd, param.shape(), grad.shape(), buf.map(|b| b.shape()))?;
     if param.buffer() == grad.buffer() {
         return Err(Error::invalid(
