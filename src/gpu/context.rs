@@ -12,7 +12,7 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::pipeline::{BindingType, Kernel, Pipeline, PipelineKey};
 use crate::gpu::runtime::{
-    lock, size_class, ContextId, PoolKey, PoolStats, PopFuture, Runtime, TransferStats,
+    lock, size_class, ContextId, PoolKey, PoolStats, PopFuture, Recording, Runtime, TransferStats,
 };
 use crate::gpu::GpuTensor;
 
@@ -921,43 +921,50 @@ impl GpuContext {
                 }
             };
             let me = std::thread::current().id();
-            let (writes, pending, local, freed) = {
-                let mut rec = lock(&self.rt.rec);
-                let writes = std::mem::take(&mut rec.writes);
-                if rec.depth > 0 && rec.owner == Some(me) {
-                    let encoder = rec
-                        .encoder
-                        .get_or_insert_with(|| self.new_encoder("qfuse recording"));
-                    encode(encoder);
-                    (writes, None, None, Vec::new())
+            // Parameter writes, encoding and submission happen under the recording lock, so
+            // no thread submits work whose parameters another thread has taken but not yet
+            // written, nor overtakes a submission of encoders it depends on.
+            let mut rec = lock(&self.rt.rec);
+            self.issue_writes(&mut rec);
+            if rec.depth > 0 && rec.owner == Some(me) {
+                let encoder = rec
+                    .encoder
+                    .get_or_insert_with(|| self.new_encoder("qfuse recording"));
+                encode(encoder);
+            } else {
+                // Another thread's recording goes first (its launches come before ours),
+                // unless it is a caller's encoder, which only the caller submits.
+                let pending = if rec.external {
+                    None
                 } else {
-                    // Another thread's recording goes first (its launches come before
-                    // ours), unless it is a caller's encoder, which only the caller submits.
-                    let pending = if rec.external {
-                        None
-                    } else {
-                        rec.encoder.take()
-                    };
-                    let freed = if pending.is_some() {
-                        std::mem::take(&mut lock(&self.rt.pool).quarantine)
-                    } else {
-                        Vec::new()
-                    };
-                    let mut encoder = self.new_encoder("qfuse kernels");
-                    encode(&mut encoder);
-                    (writes, pending, Some(encoder), freed)
-                }
-            };
-            for (buffer, bytes) in &writes {
-                self.queue.write_buffer(buffer, 0, bytes);
-            }
-            if let Some(encoder) = local {
+                    rec.encoder.take()
+                };
+                let mut encoder = self.new_encoder("qfuse kernels");
+                encode(&mut encoder);
                 let buffers = pending.into_iter().chain([encoder]).map(|e| e.finish());
                 self.queue.submit(buffers);
-                self.rt.count_submission();
-                lock(&self.rt.pool).put_all(freed);
+                self.submitted(&rec);
             }
         })
+    }
+
+    /// Issues the pending parameter writes (under the recording lock, held by the caller).
+    fn issue_writes(&self, rec: &mut Recording) {
+        for (buffer, bytes) in rec.writes.drain(..) {
+            self.queue.write_buffer(&buffer, 0, &bytes);
+        }
+    }
+
+    /// After a submission that holds every encoder open so far (called under the recording
+    /// lock): counts it and returns the quarantined buffers to the pool, unless a caller's
+    /// encoder is open (its buffers wait for its own callback).
+    fn submitted(&self, rec: &Recording) {
+        let mut pool = lock(&self.rt.pool);
+        pool.count_submission();
+        if !rec.external && rec.encoder.is_none() {
+            let freed = std::mem::take(&mut pool.quarantine);
+            pool.put_all(freed);
+        }
     }
 
     /// Runs `f` as one recording: every launch the calling thread makes inside it (by any
@@ -1070,10 +1077,7 @@ impl GpuContext {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
-        let writes = std::mem::take(&mut lock(&self.rt.rec).writes);
-        for (buffer, bytes) in &writes {
-            self.queue.write_buffer(buffer, 0, bytes);
-        }
+        self.issue_writes(&mut lock(&self.rt.rec));
         drop(guard);
         let validation = self.answer("encode_into", Box::pin(validation.pop()));
         let oom = self.answer("encode_into", Box::pin(oom.pop()));
@@ -1097,24 +1101,15 @@ impl GpuContext {
     /// Submits the open encoder (unless it is a caller's) with the parameter writes before
     /// it, and returns the buffers freed while it was open to the pool.
     fn submit_pending(&self) {
-        let (writes, encoder, freed) = {
-            let mut rec = lock(&self.rt.rec);
-            if rec.external {
-                return;
-            }
-            let writes = std::mem::take(&mut rec.writes);
-            let encoder = rec.encoder.take();
-            let freed = std::mem::take(&mut lock(&self.rt.pool).quarantine);
-            (writes, encoder, freed)
-        };
-        for (buffer, bytes) in &writes {
-            self.queue.write_buffer(buffer, 0, bytes);
+        let mut rec = lock(&self.rt.rec);
+        if rec.external {
+            return;
         }
-        if let Some(encoder) = encoder {
+        self.issue_writes(&mut rec);
+        if let Some(encoder) = rec.encoder.take() {
             self.queue.submit([encoder.finish()]);
-            self.rt.count_submission();
+            self.submitted(&rec);
         }
-        lock(&self.rt.pool).put_all(freed);
     }
 
     /// Copies `size` bytes (a multiple of 4) from the start of `src` (which needs
@@ -1156,24 +1151,17 @@ impl GpuContext {
         // Its own scopes even inside a recording: an error in what is flushed here must fail
         // this readback, not return what an invalid submission left in the buffer.
         self.scoped("reading back a buffer", || {
-            let (writes, pending, freed) = {
-                let mut rec = lock(&self.rt.rec);
-                if rec.external {
-                    (Vec::new(), None, Vec::new())
-                } else {
-                    let writes = std::mem::take(&mut rec.writes);
-                    let freed = std::mem::take(&mut lock(&self.rt.pool).quarantine);
-                    (writes, rec.encoder.take(), freed)
-                }
+            let mut rec = lock(&self.rt.rec);
+            self.issue_writes(&mut rec);
+            let pending = if rec.external {
+                None
+            } else {
+                rec.encoder.take()
             };
-            for (buffer, bytes) in &writes {
-                self.queue.write_buffer(buffer, 0, bytes);
-            }
             let mut encoder = pending.unwrap_or_else(|| self.new_encoder("qfuse readback"));
             encoder.copy_buffer_to_buffer(src, 0, &staging, 0, size);
             self.queue.submit([encoder.finish()]);
-            self.rt.count_submission();
-            lock(&self.rt.pool).put_all(freed);
+            self.submitted(&rec);
         })?;
         self.rt.count_download(size);
         let (sender, receiver) = oneshot();

@@ -158,6 +158,10 @@ impl Pool {
         }
     }
 
+    pub fn count_submission(&mut self) {
+        self.stats.submissions += 1;
+    }
+
     pub fn allocated(&mut self, key: PoolKey) {
         self.stats.allocations += 1;
         self.stats.allocated_bytes += key.size;
@@ -269,10 +273,6 @@ impl Runtime {
         let mut t = lock(&self.transfers);
         t.param_writes += 1;
         t.param_bytes += bytes;
-    }
-
-    pub fn count_submission(&self) {
-        lock(&self.pool).stats.submissions += 1;
     }
 }
 
