@@ -2,6 +2,8 @@
 
 use thiserror::Error;
 
+use crate::io::text::{escape, escape_path_str};
+
 /// Everything that can go wrong in qfuse, as a typed value (no panics across the public API).
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -63,7 +65,7 @@ pub enum Error {
         bn_channels: usize,
     },
     /// A tensor an operation or a case needs is absent.
-    #[error("missing tensor `{name}`{context}")]
+    #[error("missing tensor `{}`{context}", escape(.name))]
     MissingTensor {
         /// The tensor's name.
         name: String,
@@ -71,7 +73,7 @@ pub enum Error {
         context: String,
     },
     /// A conformance case or state-dict file that cannot be read as what it claims to be.
-    #[error("malformed case {path}: {reason}")]
+    #[error("malformed case {}: {reason}", escape_path_str(.path))]
     MalformedCase {
         /// The file.
         path: String,
@@ -79,7 +81,7 @@ pub enum Error {
         reason: String,
     },
     /// A conformance case names an operation qfuse does not know.
-    #[error("unknown op `{op}` in {path}")]
+    #[error("unknown op `{}` in {}", escape(.op), escape_path_str(.path))]
     UnknownOp {
         /// The op name from the file's metadata.
         op: String,
@@ -127,7 +129,7 @@ pub enum Error {
         purpose: &'static str,
     },
     /// A file (or bytes) that is not a valid safetensors state dict.
-    #[error("malformed state dict {path}: {reason}")]
+    #[error("malformed state dict {}: {reason}", escape_path_str(.path))]
     MalformedStateDict {
         /// The file.
         path: String,
@@ -135,7 +137,7 @@ pub enum Error {
         reason: String,
     },
     /// A tensor with another dtype than the operation needs.
-    #[error("tensor `{name}` is {got}, expected {expected}")]
+    #[error("tensor `{}` is {got}, expected {expected}", escape(.name))]
     DtypeMismatch {
         /// The tensor's name.
         name: String,
@@ -145,7 +147,7 @@ pub enum Error {
         expected: String,
     },
     /// A module name that the state dict has no tensors for (or not the tensors its role needs).
-    #[error("unknown module `{name}`: {hint}")]
+    #[error("unknown module `{}`: {hint}", escape(.name))]
     UnknownModule {
         /// The name as given.
         name: String,
@@ -153,7 +155,7 @@ pub enum Error {
         hint: String,
     },
     /// Folding the BatchNorm `bn` into the layer `layer` of a state dict failed.
-    #[error("cannot fold `{bn}` into `{layer}`: {source}")]
+    #[error("cannot fold `{}` into `{}`: {source}", escape(.bn), escape(.layer))]
     Fold {
         /// The conv / linear module.
         layer: String,
@@ -173,7 +175,7 @@ pub enum Error {
         types: Vec<String>,
     },
     /// Eval fusion (BatchNorm folding, `fuse_modules`) of a module in training mode.
-    #[error("Fusion only for eval! `{name}` ({kind}) is in training mode: call eval() before fuse_modules, or use fuse_modules_qat")]
+    #[error("Fusion only for eval! `{}` ({kind}) is in training mode: call eval() before fuse_modules, or use fuse_modules_qat", escape(.name))]
     FusionTrainingMode {
         /// The module's path.
         name: String,
@@ -188,7 +190,7 @@ pub enum Error {
         names: Vec<String>,
     },
     /// A module named in two fusion groups (or twice in one).
-    #[error("module `{name}` appears in fusion groups {first} and {second}; a module can be fused only once")]
+    #[error("module `{}` appears in fusion groups {first} and {second}; a module can be fused only once", escape(.name))]
     DuplicateFusionName {
         /// The module's path.
         name: String,
@@ -214,8 +216,31 @@ pub enum Error {
         /// Keys of the state dict that the model does not have.
         unexpected: Vec<String>,
     },
+    /// An input path that is not a regular file: a directory, a FIFO, a device, a socket
+    /// (qfuse reads only regular files, through symbolic links, so that a read can neither
+    /// hang nor run without end).
+    #[error("{} is not a regular file but {kind}; qfuse reads only regular files", escape_path_str(.path))]
+    NotRegularFile {
+        /// The path as given.
+        path: String,
+        /// What it is (`a directory`, `a FIFO`, ...).
+        kind: &'static str,
+    },
+    /// A size computed from input (a file, a tensor, an allocation, a command-line count)
+    /// beyond one of the limits of [`crate::limits`].
+    #[error("{what}: {size} {unit} exceeds the limit of {limit} {unit}")]
+    TooLarge {
+        /// What is too large (already escaped where it holds input).
+        what: String,
+        /// Its size (`u64::MAX` when it overflows 64 bits).
+        size: u64,
+        /// The limit.
+        limit: u64,
+        /// The unit of both (`bytes`, `elements`, `images`).
+        unit: &'static str,
+    },
     /// An I/O error with the path it concerns.
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {}: {source}", escape_path_str(.path))]
     Io {
         /// The path.
         path: String,
@@ -228,7 +253,7 @@ pub enum Error {
 fn quoted(names: &[String]) -> String {
     names
         .iter()
-        .map(|n| format!("`{n}`"))
+        .map(|n| format!("`{}`", escape(n)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -237,7 +262,7 @@ fn quoted(names: &[String]) -> String {
 fn state_dict_key_errors(missing: &[String], unexpected: &[String]) -> String {
     let list = |keys: &[String]| {
         keys.iter()
-            .map(|k| format!("\"{k}\""))
+            .map(|k| format!("\"{}\"", escape(k)))
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -47,7 +47,9 @@ use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
 
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
+use crate::io::file::{write_output, Outputs};
 use crate::io::state_dict::{load_state_dict, HostTensor, StateDict};
+use crate::io::text::escape;
 use crate::ops::{BatchNorm, Folded};
 
 /// `torch.nn.BatchNorm*d`'s default `eps`.
@@ -115,7 +117,7 @@ impl FoldSpec {
                 "--fuse `{}`: {why}; expected LAYER,BN or LAYER,BN,RELU (module names as in \
                  the state dict's keys, e.g. conv1,bn1), optionally followed by :eps=E and/or \
                  :transpose",
-                value.escape_debug()
+                escape(value)
             ))
         };
         if !(2..=3).contains(&parts.len()) {
@@ -218,9 +220,10 @@ impl FoldSpec {
 
 impl fmt::Display for FoldSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},{}", self.layer, self.bn)?;
+        // Shown in messages: the names escaped.
+        write!(f, "{},{}", escape(&self.layer), escape(&self.bn))?;
         if let Some(r) = &self.relu {
-            write!(f, ",{r}")?;
+            write!(f, ",{}", escape(r))?;
         }
         Ok(())
     }
@@ -241,12 +244,14 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
     }
     if name.split('.').any(str::is_empty) {
         return Err(format!(
-            "`{name}` is not a module name (empty part between dots)"
+            "`{name_}` is not a module name (empty part between dots)",
+            name_ = escape(&name)
         ));
     }
     if name.chars().any(|c| c.is_whitespace() || c == ',') {
         return Err(format!(
-            "`{name}` is not a module name (whitespace or comma)"
+            "`{name_}` is not a module name (whitespace or comma)",
+            name_ = escape(&name)
         ));
     }
     Ok(())
@@ -315,34 +320,32 @@ pub fn fold_file(
 pub struct FoldJob {
     sd: StateDict,
     plan: Vec<Resolved>,
+    input: PathBuf,
     output: PathBuf,
 }
 
 impl FoldJob {
     /// Refuses an `output` that is the input file (same path, a symlink or a hard link to it:
-    /// [`Error::InvalidArgument`], before anything is read), reads `input`
-    /// ([`Error::Io`], [`Error::MalformedStateDict`]) and resolves and checks every fusion
-    /// against it (the errors of [`fold_state_dict`]).
+    /// [`Error::InvalidArgument`], before anything is read) or not a regular file
+    /// ([`Error::NotRegularFile`]), reads `input` (a regular file only: [`Error::Io`],
+    /// [`Error::NotRegularFile`], [`Error::TooLarge`], [`Error::MalformedStateDict`]) and
+    /// resolves and checks every fusion against it (the errors of [`fold_state_dict`]).
     pub fn prepare(input: &Path, output: &Path, specs: &[FoldSpec]) -> Result<Self> {
-        if is_same_file(input, output) {
-            return Err(Error::invalid(format!(
-                "output {} is the input file; qfuse fold never modifies its input, write the \
-                 folded state dict to another path",
-                output.display()
-            )));
-        }
+        Outputs::new(&[input]).check(output)?;
         let sd = load_state_dict(input)?;
         let plan = plan(&sd, specs)?;
         Ok(Self {
             sd,
             plan,
+            input: input.to_path_buf(),
             output: output.to_path_buf(),
         })
     }
 
     /// Folds on `backend` and writes the output through a temporary file in the same folder,
-    /// renamed into place, so that a failure leaves no partial output. The input file is not
-    /// touched.
+    /// renamed into place ([`crate::io::file::Outputs`]), so that a failure leaves no partial
+    /// output; stale temporaries of the same output left by a killed run are removed. The
+    /// input file is not touched.
     pub fn run(self, backend: &dyn HostOps) -> Result<FoldReport> {
         let (out, folded) = fold_planned(backend, &self.sd, self.plan)?;
         let names = out.names();
@@ -351,50 +354,13 @@ impl FoldJob {
             .filter(|n| !folded.iter().any(|f| f.written.iter().any(|w| w == *n)))
             .count();
         let total = names.len();
-        write_atomically(&self.output, &out.to_bytes()?)?;
+        write_output(&self.output, &out.to_bytes()?, &[&self.input])?;
         Ok(FoldReport {
             folded,
             copied,
             total,
         })
     }
-}
-
-fn is_same_file(a: &Path, b: &Path) -> bool {
-    let (Ok(ca), Ok(cb)) = (std::fs::canonicalize(a), std::fs::canonicalize(b)) else {
-        return false;
-    };
-    if ca == cb {
-        return true;
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(&ca), std::fs::metadata(&cb)) {
-            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
-        }
-    }
-    false
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| Error::Io { path: p, source }
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("output {} is not a file name", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".qfuse-tmp-{}", std::process::id()));
-    let tmp: PathBuf = path.with_file_name(tmp_name);
-    // A failure names the user's path, not the temporary file's.
-    std::fs::write(&tmp, bytes).map_err(io(path))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path)(e)
-    })
 }
 
 /// Checks the specs and resolves each against `sd`.
@@ -416,7 +382,8 @@ fn plan(sd: &StateDict, specs: &[FoldSpec]) -> Result<Vec<Resolved>> {
                 || !written.insert(name.as_str())
             {
                 return Err(r.wrap(Error::invalid(format!(
-                    "the folded tensor `{name}` would replace another tensor of that name"
+                    "the folded tensor `{name_}` would replace another tensor of that name",
+                    name_ = escape(&name)
                 ))));
             }
         }
@@ -457,11 +424,15 @@ fn check_specs(specs: &[FoldSpec]) -> Result<()> {
             check_name(name).map_err(|why| Error::invalid(format!("fusion `{spec}`: {why}")))?;
             if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
                 return Err(Error::invalid(if std::ptr::eq(*first, spec) {
-                    format!("fusion `{spec}` names module `{name}` twice")
+                    format!(
+                        "fusion `{spec}` names module `{name_}` twice",
+                        name_ = escape(&name)
+                    )
                 } else {
                     format!(
-                        "module `{name}` is fused twice: in `{first}` and in `{spec}`; \
-                         each module can be folded only once"
+                        "module `{name_}` is fused twice: in `{first}` and in `{spec}`; \
+                         each module can be folded only once",
+                        name_ = escape(&name)
                     )
                 }));
             }
@@ -544,7 +515,11 @@ fn levenshtein(a: &str, b: &str) -> usize {
 }
 
 fn list(names: &[String], max: usize) -> String {
-    let shown: Vec<String> = names.iter().take(max).map(|n| format!("`{n}`")).collect();
+    let shown: Vec<String> = names
+        .iter()
+        .take(max)
+        .map(|n| format!("`{}`", escape(n)))
+        .collect();
     let mut s = shown.join(", ");
     if names.len() > max {
         s.push_str(&format!(" (and {} more)", names.len() - max));
@@ -558,7 +533,11 @@ fn unknown_module(sd: &StateDict, name: &str, role: Role) -> Error {
     let mut hint = String::new();
     if sd.contains(name) {
         if let Some((module, _)) = name.rsplit_once('.') {
-            hint = format!("`{name}` is a tensor; give the module name, `{module}`. ");
+            hint = format!(
+                "`{name_}` is a tensor; give the module name, `{module_}`. ",
+                name_ = escape(&name),
+                module_ = escape(&module)
+            );
         }
     }
     if hint.is_empty() {
@@ -584,7 +563,10 @@ fn unknown_module(sd: &StateDict, name: &str, role: Role) -> Error {
         }
     }
     let key = role.key();
-    hint.push_str(&format!("the state dict has no tensor `{name}.{key}`; "));
+    hint.push_str(&format!(
+        "the state dict has no tensor `{}.{key}`; ",
+        escape(name)
+    ));
     if candidates.is_empty() {
         hint.push_str(&format!("it has no {}", role.describe()));
     } else {
@@ -610,7 +592,7 @@ fn vector(sd: &StateDict, name: &str) -> Result<Option<Array1<f32>>> {
             .map(Some)
             .map_err(|_| {
                 Error::shape(
-                    format!("`{name}` (a per-channel vector)"),
+                    format!("`{name_}` (a per-channel vector)", name_ = escape(&name)),
                     &[a.len()],
                     a.shape(),
                 )
@@ -686,8 +668,9 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
         return Err(wrap(Error::MissingTensor {
             name: w_name,
             context: format!(
-                " (`{layer}` is not a conv or linear layer; its tensors: {})",
-                list(&to_strings(&layer_tensors), 6)
+                " (`{layer_}` is not a conv or linear layer; its tensors: {})",
+                list(&to_strings(&layer_tensors), 6),
+                layer_ = escape(&layer)
             ),
         }));
     }
@@ -699,9 +682,11 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
         let key = &t[bn.len() + 1..];
         if !BN_KEYS.contains(&key) {
             return Err(wrap(Error::invalid(format!(
-                "`{bn}` is not a BatchNorm: it has the tensor `{t}`, and a BatchNorm has only \
+                "`{bn_}` is not a BatchNorm: it has the tensor `{t_}`, and a BatchNorm has only \
                  weight, bias, running_mean, running_var and num_batches_tracked (nothing is \
-                 dropped that is not a BatchNorm's)"
+                 dropped that is not a BatchNorm's)",
+                bn_ = escape(&bn),
+                t_ = escape(&t)
             ))));
         }
     }
@@ -712,9 +697,10 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
             return Err(wrap(Error::MissingTensor {
                 name: name.clone(),
                 context: format!(
-                    " (`{bn}` has no running statistics, as with track_running_stats=False, \
+                    " (`{bn_}` has no running statistics, as with track_running_stats=False, \
                      and cannot be folded; its tensors: {})",
-                    list(&to_strings(&bn_tensors), 6)
+                    list(&to_strings(&bn_tensors), 6),
+                    bn_ = escape(&bn)
                 ),
             }));
         }
@@ -722,7 +708,9 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
     if let Some(relu) = &spec.relu {
         if let Some(t) = under(sd, relu).first() {
             return Err(wrap(Error::invalid(format!(
-                "`{relu}` is not a ReLU: it has the tensor `{t}`, and a ReLU has none"
+                "`{relu_}` is not a ReLU: it has the tensor `{t_}`, and a ReLU has none",
+                relu_ = escape(&relu),
+                t_ = escape(&t)
             ))));
         }
     }
@@ -736,7 +724,10 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
         let v = vector(sd, &name)?;
         match &v {
             Some(a) if a.len() != channels => Err(Error::shape(
-                format!("`{name}` (BatchNorm of {channels} channels, from running_mean)"),
+                format!(
+                    "`{name_}` (BatchNorm of {channels} channels, from running_mean)",
+                    name_ = escape(&name)
+                ),
                 &[channels],
                 a.shape(),
             )),
@@ -754,7 +745,7 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
     let shape = weight.shape().to_vec();
     let mismatch = |kind: &str, layer_channels: usize| {
         wrap(Error::ChannelMismatch {
-            layer: format!("{kind} `{layer}`"),
+            layer: format!("{kind} `{layer_}`", layer_ = escape(&layer)),
             layer_channels,
             bn_channels: channels,
         })
@@ -801,15 +792,19 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
         }
         _ => {
             return Err(wrap(Error::invalid(format!(
-                "`{w_name}` has shape {shape:?}: expected a linear weight [out, in] (rank 2) or \
-                 a conv weight [out, in/groups, k...] (rank >= 3)"
+                "`{w_name_}` has shape {shape:?}: expected a linear weight [out, in] (rank 2) or \
+                 a conv weight [out, in/groups, k...] (rank >= 3)",
+                w_name_ = escape(&w_name)
             ))))
         }
     };
     if let Some(b) = &bias {
         if b.len() != out_channels {
             return Err(wrap(Error::shape(
-                format!("`{b_name}` ({kind} of {out_channels} output channels)"),
+                format!(
+                    "`{b_name_}` ({kind} of {out_channels} output channels)",
+                    b_name_ = escape(&b_name)
+                ),
                 &[out_channels],
                 b.shape(),
             )));

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod limits;
 pub mod ops;
 pub mod quant;
 pub mod reference;

@@ -1259,15 +1259,13 @@ impl BenchReport {
             .map_err(|e| Error::invalid(format!("serializing the bench report: {e}")))
     }
 
-    /// Writes [`BenchReport::to_json`] to `path`.
+    /// Writes [`BenchReport::to_json`] to `path`, all or nothing
+    /// ([`crate::io::file::write_output`]).
     ///
-    /// Errors: [`Error::Io`].
+    /// Errors: [`Error::Io`], and a `path` that is not a regular file.
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let json = self.to_json()?;
-        std::fs::write(path, json + "\n").map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        crate::io::file::write_output(path, (json + "\n").as_bytes(), &[])
     }
 
     /// The report as a text table: one row per kernel (name, shape, time, GPU time, rate,

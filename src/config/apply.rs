@@ -8,6 +8,7 @@ use super::ConfigList;
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::fuse::{fuse_modules, fuse_modules_qat, FuseOptions};
+use crate::io::text::escape;
 use crate::nn::{has_quantizable_bias, weight_channel_axis, Layer, Module, QuantTarget};
 use crate::qat::{prepare_qat_with, FakeQuantConfig, FakeQuantize, QatLayer, QatQConfig};
 use crate::quant::{ObserverSpec, QParams};
@@ -135,7 +136,7 @@ pub fn apply(model: &mut Module, config: &ConfigList, mode: QuantMode) -> Result
                     "config_list[{i}]: fuse_names group {g:?} starts with `{}`, which this entry \
                      does not select: the first module of a group must be one the same entry \
                      quantizes",
-                    g[0]
+                    escape(&g[0])
                 )));
             }
             groups.push(g.clone());
@@ -179,10 +180,11 @@ pub fn apply(model: &mut Module, config: &ConfigList, mode: QuantMode) -> Result
                 .find(|(_, e)| e.op_names.contains(follower))
             {
                 return Err(Error::invalid(format!(
-                    "`{follower}` is fused into `{}` (fuse_names) and becomes an Identity: it \
+                    "`{}` is fused into `{}` (fuse_names) and becomes an Identity: it \
                      takes no quantization settings of its own, but config_list[{i}].op_names \
                      names it",
-                    g[0]
+                    escape(follower),
+                    escape(&g[0])
                 )));
             }
             chosen.retain(|(p, _)| p != follower);

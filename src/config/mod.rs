@@ -103,6 +103,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::io::text::escape;
 use crate::nn::QuantTarget;
 use crate::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
 
@@ -224,7 +225,8 @@ fn check_shape(v: &Value) -> Result<()> {
                 k if KEYS.contains(&k) => (strings(val), "a list of strings"),
                 other => {
                     return Err(Error::invalid(format!(
-                        "config_list[{i}]: unknown key `{other}` (expected one of {})",
+                        "config_list[{i}]: unknown key `{}` (expected one of {})",
+                        escape(other),
                         KEYS.join(", ")
                     )))
                 }
@@ -255,7 +257,8 @@ impl QuantConfig {
         for t in &self.target_names {
             if QuantTarget::parse(t).is_err() {
                 return Err(Error::invalid(format!(
-                    "unknown target_names value `{t}` (expected one of {TARGETS:?})"
+                    "unknown target_names value `{}` (expected one of {TARGETS:?})",
+                    escape(t)
                 )));
             }
         }
@@ -302,7 +305,8 @@ impl QuantConfig {
             "int2" => QuantRange::new(-2, 1),
             "uint2" => QuantRange::new(0, 3),
             other => Err(Error::invalid(format!(
-                "unknown quant_dtype `{other}` (expected int8, uint8, int4, uint4, int2, uint2)"
+                "unknown quant_dtype `{}` (expected int8, uint8, int4, uint4, int2, uint2)",
+                escape(other)
             ))),
         }
     }
@@ -314,7 +318,8 @@ impl QuantConfig {
             "per_channel" | "out_channel" => per_channel_target,
             other => {
                 return Err(Error::invalid(format!(
-                    "unknown granularity `{other}` (expected default, per_channel or out_channel)"
+                    "unknown granularity `{}` (expected default, per_channel or out_channel)",
+                    escape(other)
                 )))
             }
         };
@@ -325,7 +330,8 @@ impl QuantConfig {
             ("symmetric", true) => QScheme::PerChannelSymmetric,
             (other, _) => {
                 return Err(Error::invalid(format!(
-                    "unknown quant_scheme `{other}` (expected affine or symmetric)"
+                    "unknown quant_scheme `{}` (expected affine or symmetric)",
+                    escape(other)
                 )))
             }
         })

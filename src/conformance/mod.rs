@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::io::case::{case_files, Case};
+use crate::io::text::escape;
 
 pub use compare::{compare, Comparison};
 
@@ -46,9 +47,11 @@ impl CaseReport {
     }
 
     /// One line for humans: file, backend, PASS/FAIL, worst error against the tolerance.
+    /// Names from the case (file name, tensor names, and those inside error messages) are
+    /// escaped ([`escape`]): the line is always one line.
     pub fn line(&self) -> String {
         let status = if self.passed() { "PASS" } else { "FAIL" };
-        let mut s = format!("{status} {:<58} [{}]", self.file, self.backend);
+        let mut s = format!("{status} {:<58} [{}]", escape(&self.file), self.backend);
         if let Some(worst) = self
             .comparisons
             .iter()
@@ -56,15 +59,20 @@ impl CaseReport {
         {
             s.push_str(&format!(
                 "  worst `{}`: max|err| {:.3e} = {:.3} of tolerance (atol {:e}, rtol {:e})",
-                worst.name, worst.max_abs_err, worst.worst_ratio, self.atol, self.rtol
+                escape(&worst.name),
+                worst.max_abs_err,
+                worst.worst_ratio,
+                self.atol,
+                self.rtol
             ));
         }
         for c in self.comparisons.iter().filter(|c| !c.passed()) {
             match &c.problem {
-                Some(p) => s.push_str(&format!("; `{}`: {p}", c.name)),
+                Some(p) => s.push_str(&format!("; `{}`: {p}", escape(&c.name))),
                 None => s.push_str(&format!(
                     "; `{}`: {} element(s) out of tolerance",
-                    c.name, c.mismatches
+                    escape(&c.name),
+                    c.mismatches
                 )),
             }
         }
@@ -74,7 +82,8 @@ impl CaseReport {
         for n in &self.notes {
             s.push_str(&format!("  note: {n}"));
         }
-        s
+        // Names are escaped where messages are built; this catches any that were not.
+        crate::io::text::escape_message(&s)
     }
 }
 

@@ -211,15 +211,14 @@ impl IntModel {
         Self::from_state_dict(&sd, origin)
     }
 
-    /// Reads a model written by [`IntModel::save`].
+    /// Reads a model written by [`IntModel::save`] (a regular file only, see
+    /// [`crate::io::file::read_input`]).
     ///
-    /// Errors: [`Error::Io`], and those of [`IntModel::from_bytes`].
+    /// Errors: [`Error::Io`], [`Error::NotRegularFile`], [`Error::TooLarge`], and those of
+    /// [`IntModel::from_bytes`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = crate::io::file::read_input(path, None)?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 

@@ -8,6 +8,7 @@ use ndarray::ArrayD;
 use serde_json::Value;
 
 use super::state_dict::{dtype_name, load_state_dict, parse_state_dict, HostTensor, StateDict};
+use super::text::escape;
 use crate::error::{Error, Result};
 
 /// A state dict that is not safetensors is, for a case file, a malformed case.
@@ -60,7 +61,7 @@ impl Case {
             sd.metadata
                 .get(key)
                 .cloned()
-                .ok_or_else(|| malformed(format!("metadata has no `{key}`")))
+                .ok_or_else(|| malformed(format!("metadata has no `{}`", escape(key))))
         };
         let op = meta("op")?;
         let params: Value = serde_json::from_str(&meta("params")?)
@@ -70,10 +71,13 @@ impl Case {
         }
         let tol = |key: &str| -> Result<f32> {
             let s = meta(key)?;
-            let v: f32 = s
-                .trim()
-                .parse()
-                .map_err(|_| malformed(format!("`{key}` = `{s}` is not a number")))?;
+            let v: f32 = s.trim().parse().map_err(|_| {
+                malformed(format!(
+                    "`{}` = `{}` is not a number",
+                    escape(key),
+                    escape(&s)
+                ))
+            })?;
             if v.is_finite() && v >= 0.0 {
                 Ok(v)
             } else {
@@ -84,7 +88,8 @@ impl Case {
         let rtol = tol("rtol")?;
         if let Some((name, t)) = sd.raw.iter().next() {
             return Err(malformed(format!(
-                "tensor `{name}` has dtype {}; case files hold only float32 and int32",
+                "tensor `{}` has dtype {}; case files hold only float32 and int32",
+                escape(name),
                 dtype_name(t.dtype())
             )));
         }
@@ -113,7 +118,7 @@ impl Case {
             Some(HostTensor::F32(a)) => Ok(a),
             Some(HostTensor::I32(_)) => Err(Error::MalformedCase {
                 path: self.path.clone(),
-                reason: format!("tensor `{name}` is int32, expected float32"),
+                reason: format!("tensor `{}` is int32, expected float32", escape(name)),
             }),
             None => Err(self.missing(name)),
         }
@@ -141,7 +146,7 @@ impl Case {
             Some(HostTensor::I32(a)) => Ok(a),
             Some(HostTensor::F32(_)) => Err(Error::MalformedCase {
                 path: self.path.clone(),
-                reason: format!("tensor `{key}` is float32, expected int32"),
+                reason: format!("tensor `{}` is float32, expected int32", escape(&key)),
             }),
             None => Err(self.missing(&key)),
         }
@@ -158,23 +163,33 @@ impl Case {
     fn param(&self, key: &str) -> Result<&Value> {
         self.params.get(key).ok_or_else(|| Error::MalformedCase {
             path: self.path.clone(),
-            reason: format!("params has no `{key}`"),
+            reason: format!("params has no `{}`", escape(key)),
         })
     }
 
     fn bad_param(&self, key: &str, want: &str) -> Error {
         Error::MalformedCase {
             path: self.path.clone(),
-            reason: format!("params `{key}` must be {want}, got {}", self.params[key]),
+            reason: format!(
+                "params `{}` must be {want}, got {}",
+                escape(key),
+                escape(&self.params[key].to_string())
+            ),
         }
     }
 
-    /// A float parameter.
+    /// A float parameter: a JSON number that is finite as a float32 (`1e39`, which becomes
+    /// infinity in float32, is refused as the command line refuses it).
     pub fn param_f32(&self, key: &str) -> Result<f32> {
-        self.param(key)?
+        let v = self
+            .param(key)?
             .as_f64()
-            .map(|v| v as f32)
-            .ok_or_else(|| self.bad_param(key, "a number"))
+            .ok_or_else(|| self.bad_param(key, "a number"))?;
+        let f = v as f32;
+        if v.is_finite() && !f.is_finite() {
+            return Err(self.bad_param(key, "a number within float32's range (|x| < 3.4e38)"));
+        }
+        Ok(f)
     }
 
     /// An integer parameter.
@@ -189,7 +204,7 @@ impl Case {
     pub fn param_usize(&self, key: &str) -> Result<usize> {
         self.param(key)?
             .as_u64()
-            .map(|v| v as usize)
+            .and_then(|v| usize::try_from(v).ok())
             .ok_or_else(|| self.bad_param(key, "a non-negative integer"))
     }
 
@@ -250,12 +265,13 @@ impl Case {
     /// A `[h, w]` pair parameter (a single integer `n` means `[n, n]`, as in PyTorch).
     pub fn param_pair(&self, key: &str) -> Result<[usize; 2]> {
         let v = self.param(key)?;
-        if let Some(n) = v.as_u64() {
-            return Ok([n as usize, n as usize]);
+        let size = |v: &Value| v.as_u64().and_then(|n| usize::try_from(n).ok());
+        if let Some(n) = size(v) {
+            return Ok([n, n]);
         }
         match v.as_array().map(|a| a.as_slice()) {
-            Some([a, b]) => match (a.as_u64(), b.as_u64()) {
-                (Some(a), Some(b)) => Ok([a as usize, b as usize]),
+            Some([a, b]) => match (size(a), size(b)) {
+                (Some(a), Some(b)) => Ok([a, b]),
                 _ => Err(self.bad_param(key, "a pair of non-negative integers")),
             },
             _ => Err(self.bad_param(key, "a pair of non-negative integers")),
@@ -263,7 +279,9 @@ impl Case {
     }
 }
 
-/// Every `*.safetensors` file in `dir`, sorted by name.
+/// Every entry named `*.safetensors` in `dir`, sorted by name, whatever it is: a directory,
+/// a FIFO, a dangling symbolic link or a link loop so named is listed too, and fails as a
+/// case when read (never skipped silently).
 pub fn case_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let dir = dir.as_ref();
     let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
@@ -277,7 +295,7 @@ pub fn case_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
             source,
         })?;
         let p = entry.path();
-        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+        if p.extension().is_some_and(|e| e == "safetensors") {
             files.push(p);
         }
     }

@@ -9,6 +9,9 @@ use safetensors::SafeTensors;
 pub use safetensors::Dtype;
 
 use crate::error::{Error, Result};
+use crate::io::file::{read_input, write_output};
+use crate::io::text::escape;
+use crate::limits::MAX_TENSOR_ELEMENTS;
 
 /// A tensor read from a safetensors file: f32 or i32 (the dtypes qfuse computes with).
 /// Tensors of any other dtype are kept as [`RawTensor`]s in [`StateDict::raw`].
@@ -115,10 +118,212 @@ fn malformed(path: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The largest safetensors header the `safetensors` crate reads (100,000,000 bytes).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// safetensors' dtype names, with their [`Dtype`].
+const DTYPES: [(&str, Dtype); 15] = [
+    ("BOOL", Dtype::BOOL),
+    ("U8", Dtype::U8),
+    ("I8", Dtype::I8),
+    ("F8_E5M2", Dtype::F8_E5M2),
+    ("F8_E4M3", Dtype::F8_E4M3),
+    ("I16", Dtype::I16),
+    ("U16", Dtype::U16),
+    ("F16", Dtype::F16),
+    ("BF16", Dtype::BF16),
+    ("I32", Dtype::I32),
+    ("U32", Dtype::U32),
+    ("F32", Dtype::F32),
+    ("F64", Dtype::F64),
+    ("I64", Dtype::I64),
+    ("U64", Dtype::U64),
+];
+
+/// One tensor entry of a checked header.
+struct Entry<'a> {
+    name: &'a str,
+    start: u64,
+    end: u64,
+}
+
+/// Checks safetensors bytes before the `safetensors` crate parses them, so that a rejection
+/// says what is wrong: the claimed header length against the file size, the header's JSON
+/// error and where, the tensor whose dtype, shape or offsets are wrong and the offsets
+/// against the data size, the gap or overlap between two tensors.
+fn check_safetensors(bytes: &[u8]) -> std::result::Result<(), String> {
+    let size = bytes.len() as u64;
+    let Some(len_field) = bytes.get(..8) else {
+        return Err(format!(
+            "the file has {size} bytes, fewer than the 8 of the header length field"
+        ));
+    };
+    let mut field = [0u8; 8];
+    field.copy_from_slice(len_field);
+    let n = u64::from_le_bytes(field);
+    if n > MAX_HEADER_BYTES {
+        return Err(format!(
+            "the header length field claims {n} bytes, more than the {MAX_HEADER_BYTES} \
+             safetensors allows (file size {size} bytes)"
+        ));
+    }
+    if n > size - 8 {
+        return Err(format!(
+            "the header length field claims {n} bytes but only {} follow it (file size {size} \
+             bytes)",
+            size - 8
+        ));
+    }
+    let header_end = 8 + n as usize;
+    let header = std::str::from_utf8(&bytes[8..header_end]).map_err(|e| {
+        format!(
+            "the header ({n} bytes) is not UTF-8: invalid byte at header offset {}",
+            e.valid_up_to()
+        )
+    })?;
+    let json: serde_json::Value = serde_json::from_str(header)
+        .map_err(|e| format!("the header ({n} bytes) is not valid JSON: {e}"))?;
+    let serde_json::Value::Object(map) = json else {
+        return Err(format!("the header ({n} bytes) is not a JSON object"));
+    };
+    let data_len = size - 8 - n;
+    let mut entries: Vec<Entry<'_>> = Vec::with_capacity(map.len());
+    for (name, info) in &map {
+        let shown = escape(name);
+        if name == "__metadata__" {
+            let serde_json::Value::Object(meta) = info else {
+                return Err("`__metadata__` is not a JSON object of strings".into());
+            };
+            if let Some((k, _)) = meta.iter().find(|(_, v)| !v.is_string()) {
+                return Err(format!(
+                    "`__metadata__` entry `{}` is not a string",
+                    escape(k)
+                ));
+            }
+            continue;
+        }
+        let bad = |why: String| format!("tensor `{shown}`: {why}");
+        let serde_json::Value::Object(info) = info else {
+            return Err(bad("its entry is not a JSON object".into()));
+        };
+        let dtype_s = info
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad("no `dtype` string".into()))?;
+        let dtype = DTYPES
+            .iter()
+            .find(|(s, _)| *s == dtype_s)
+            .map(|(_, d)| *d)
+            .ok_or_else(|| {
+                bad(format!(
+                    "unknown dtype `{}` (expected one of {})",
+                    escape(dtype_s),
+                    DTYPES.map(|(s, _)| s).join(", ")
+                ))
+            })?;
+        let shape: Vec<u64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(serde_json::Value::as_u64).collect())
+            .ok_or_else(|| bad("no `shape` list of non-negative integers".into()))?;
+        let offsets: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(serde_json::Value::as_u64).collect())
+            .filter(|v: &Vec<u64>| v.len() == 2)
+            .ok_or_else(|| {
+                bad("no `data_offsets` pair [begin, end] of non-negative integers".into())
+            })?;
+        let (start, end) = (offsets[0], offsets[1]);
+        // Every dimension is bounded, even of a tensor with a zero dimension, so that sizes
+        // derived from one dimension (a bias of w[0] channels) stay allocatable.
+        let nonzero = shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        if nonzero.is_none_or(|e| e > MAX_TENSOR_ELEMENTS as u64) {
+            return Err(bad(format!(
+                "shape {shape:?} has more than {MAX_TENSOR_ELEMENTS} elements (the limit on \
+                 one tensor; zero dimensions not counted)"
+            )));
+        }
+        let elements: u64 = if shape.contains(&0) {
+            0
+        } else {
+            nonzero.unwrap_or(0)
+        };
+        let want = elements * dtype.size() as u64;
+        if end < start {
+            return Err(bad(format!(
+                "data_offsets [{start}, {end}] end before they begin"
+            )));
+        }
+        if end > data_len {
+            return Err(bad(format!(
+                "data_offsets [{start}, {end}] reach past the data, which has {data_len} bytes \
+                 (file size {size} = 8 + header {n} + data {data_len})"
+            )));
+        }
+        if end - start != want {
+            return Err(bad(format!(
+                "{dtype_s} shape {shape:?} needs {want} bytes but data_offsets [{start}, {end}] \
+                 hold {}",
+                end - start
+            )));
+        }
+        entries.push(Entry { name, start, end });
+    }
+    entries.sort_by_key(|e| (e.start, e.end));
+    let mut covered = 0u64;
+    let mut prev: Option<&Entry<'_>> = None;
+    for e in &entries {
+        if e.start != covered {
+            let what = if e.start < covered {
+                "overlap"
+            } else {
+                "leave a gap"
+            };
+            return Err(match prev {
+                Some(p) => format!(
+                    "tensors `{}` (data_offsets [{}, {}]) and `{}` ([{}, {}]) {what}",
+                    escape(p.name),
+                    p.start,
+                    p.end,
+                    escape(e.name),
+                    e.start,
+                    e.end
+                ),
+                None => format!(
+                    "the data does not begin with a tensor: the first, `{}`, has \
+                     data_offsets [{}, {}]",
+                    escape(e.name),
+                    e.start,
+                    e.end
+                ),
+            });
+        }
+        covered = e.end;
+        prev = Some(e);
+    }
+    if covered != data_len {
+        return Err(format!(
+            "the tensors cover {covered} bytes of data but the file has {data_len} after its \
+             header ({} unaccounted bytes at the end; file size {size} = 8 + header {n} + \
+             data {data_len})",
+            data_len - covered
+        ));
+    }
+    Ok(())
+}
+
 /// Parses safetensors bytes; `origin` names the source in errors. f32 and i32 tensors become
 /// [`HostTensor`]s, every other dtype a [`RawTensor`]. Bytes that are not a safetensors file
-/// are [`Error::MalformedStateDict`].
+/// are [`Error::MalformedStateDict`], whose reason says what is wrong: the claimed header
+/// length against the file size, the JSON error, the tensor and its offsets against the data
+/// size; a tensor with more than [`MAX_TENSOR_ELEMENTS`] elements is refused.
 pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
+    check_safetensors(bytes)
+        .map_err(|why| malformed(origin, format!("not a safetensors file: {why}")))?;
     let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| malformed(origin, format!("not a safetensors file: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
@@ -129,6 +334,7 @@ pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let data = view.data();
+        let shown = escape(&name);
         let tensor = match view.dtype() {
             Dtype::F32 => {
                 let v: Vec<f32> = data
@@ -137,7 +343,7 @@ pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
                     .collect();
                 HostTensor::F32(
                     ArrayD::from_shape_vec(IxDyn(&shape), v)
-                        .map_err(|e| malformed(origin, format!("tensor `{name}`: {e}")))?,
+                        .map_err(|e| malformed(origin, format!("tensor `{shown}`: {e}")))?,
                 )
             }
             Dtype::I32 => {
@@ -147,12 +353,12 @@ pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
                     .collect();
                 HostTensor::I32(
                     ArrayD::from_shape_vec(IxDyn(&shape), v)
-                        .map_err(|e| malformed(origin, format!("tensor `{name}`: {e}")))?,
+                        .map_err(|e| malformed(origin, format!("tensor `{shown}`: {e}")))?,
                 )
             }
             other => {
                 let t = RawTensor::new(other, shape, data.to_vec())
-                    .map_err(|e| malformed(origin, format!("tensor `{name}`: {e}")))?;
+                    .map_err(|e| malformed(origin, format!("tensor `{shown}`: {e}")))?;
                 raw.insert(name, t);
                 continue;
             }
@@ -166,14 +372,13 @@ pub fn parse_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict> {
     })
 }
 
-/// Reads a safetensors file into a [`StateDict`] ([`Error::Io`] when it cannot be read,
-/// [`Error::MalformedStateDict`] when it is not safetensors).
+/// Reads a safetensors file into a [`StateDict`]: only a regular file, of at most
+/// [`MAX_INPUT_FILE_BYTES`](crate::limits::MAX_INPUT_FILE_BYTES) bytes
+/// ([`read_input`]: [`Error::Io`], [`Error::NotRegularFile`], [`Error::TooLarge`]);
+/// [`Error::MalformedStateDict`] when it is not safetensors.
 pub fn load_state_dict(path: impl AsRef<Path>) -> Result<StateDict> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let bytes = read_input(path, None)?;
     parse_state_dict(&bytes, &path.display().to_string())
 }
 
@@ -266,7 +471,8 @@ impl StateDict {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         if let Some(dup) = self.raw.keys().find(|k| self.tensors.contains_key(*k)) {
             return Err(Error::invalid(format!(
-                "tensor `{dup}` is both a host tensor and a raw tensor"
+                "tensor `{}` is both a host tensor and a raw tensor",
+                escape(dup)
             )));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
@@ -287,12 +493,12 @@ impl StateDict {
         let mut views = views;
         for (name, dtype, shape, bytes) in &owned {
             let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                .map_err(|e| Error::invalid(format!("tensor `{name}`: {e}")))?;
+                .map_err(|e| Error::invalid(format!("tensor `{}`: {e}", escape(name))))?;
             views.push((name.clone(), view));
         }
         for (name, t) in &self.raw {
             let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
-                .map_err(|e| Error::invalid(format!("tensor `{name}`: {e}")))?;
+                .map_err(|e| Error::invalid(format!("tensor `{}`: {e}", escape(name))))?;
             views.push((name.clone(), view));
         }
         let meta = if self.metadata.is_empty() {
@@ -304,13 +510,9 @@ impl StateDict {
             .map_err(|e| Error::invalid(format!("cannot serialize state dict: {e}")))
     }
 
-    /// Writes to a safetensors file.
+    /// Writes to a safetensors file, all or nothing ([`write_output`]: a temporary beside it,
+    /// renamed into place).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        write_output(path.as_ref(), &self.to_bytes()?, &[])
     }
 }

@@ -262,11 +262,12 @@ fn tensor(sd: &StateDict, prefix: &str, name: &str, shape: &[usize]) -> Result<A
             .into_iter()
             .filter(|n| n.ends_with(name))
             .take(3)
-            .map(|n| format!("`{n}`"))
+            .map(|n| format!("`{}`", crate::io::text::escape(n)))
             .collect();
         let context = match (prefixes.first(), similar.is_empty()) {
             (Some(p), _) => format!(
-                " in the Mnist state dict (the file has the network under the prefix `{p}`)"
+                " in the Mnist state dict (the file has the network under the prefix `{}`)",
+                crate::io::text::escape(p)
             ),
             (None, false) => format!(
                 " in the Mnist state dict (the file has {})",
@@ -359,15 +360,16 @@ pub fn mnist_from_state_dict(sd: &StateDict, prefix: &str) -> Result<Module> {
         const SHOWN: usize = 8;
         let mut list = unexpected[..unexpected.len().min(SHOWN)]
             .iter()
-            .map(|n| format!("`{n}`"))
+            .map(|n| format!("`{}`", crate::io::text::escape(n)))
             .collect::<Vec<_>>()
             .join(", ");
         if unexpected.len() > SHOWN {
             list.push_str(&format!(" (and {} more)", unexpected.len() - SHOWN));
         }
         return Err(Error::invalid(format!(
-            "unexpected tensors for the Mnist network under prefix `{prefix}`: {list} (is the \
-             prefix right?)"
+            "unexpected tensors for the Mnist network under prefix `{}`: {list} (is the \
+             prefix right?)",
+            crate::io::text::escape(prefix)
         )));
     }
     assemble(conv1, conv2, fc1, fc2, Module::new(Layer::BatchNorm2d(bn)))

@@ -20,7 +20,10 @@ use qfuse::backend::{Backend, CpuBackend, GpuBackend, HostOps};
 use qfuse::config::{self, QuantMode};
 use qfuse::deploy;
 use qfuse::gpu::GpuContext;
+use qfuse::io::file::Outputs;
 use qfuse::io::state_dict::load_state_dict;
+use qfuse::io::text::{escape, escape_path};
+use qfuse::limits::{MAX_DEMO_BATCH, MAX_DEMO_CALIBRATION_BATCHES, MAX_DEMO_RUNS};
 use qfuse::model::mnist;
 use qfuse::nn::Module;
 use qfuse::quant::RequantMode;
@@ -158,6 +161,32 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
             "--batch, --runs and --calibration-batches must be at least 1",
         ));
     }
+    for (what, value, limit, unit) in [
+        ("--batch", args.batch, MAX_DEMO_BATCH, "images"),
+        (
+            "--calibration-batches",
+            args.calibration_batches,
+            MAX_DEMO_CALIBRATION_BATCHES,
+            "batches",
+        ),
+        ("--runs", args.runs, MAX_DEMO_RUNS, "runs"),
+    ] {
+        if value > limit {
+            return Err(qfuse::Error::TooLarge {
+                what: what.into(),
+                size: value as u64,
+                limit: limit as u64,
+                unit,
+            });
+        }
+    }
+    // The outputs are checked before any work (never an input, through links too; regular
+    // files), written to temporaries at the end and renamed only when all are written.
+    let inputs: Vec<&std::path::Path> = args.weights.iter().map(PathBuf::as_path).collect();
+    let mut outputs = Outputs::new(&inputs);
+    for path in args.export.iter().chain(&args.json).chain(&args.plot) {
+        outputs.check(path)?;
+    }
     // The model first: a bad weights file fails before a GPU is opened.
     let (mut model, weights_desc) = match &args.weights {
         Some(path) => {
@@ -165,11 +194,11 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
             let prefix = if args.prefix.is_empty() {
                 String::new()
             } else {
-                format!(" (prefix `{}`)", args.prefix)
+                format!(" (prefix `{}`)", escape(&args.prefix))
             };
             (
                 mnist::mnist_from_state_dict(&sd, &args.prefix)?,
-                format!("{}{prefix}", path.display()),
+                format!("{}{prefix}", escape_path(path)),
             )
         }
         None => (
@@ -256,12 +285,84 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
         None => deploy_section(args, &model, &CpuBackend, None, &x, &calibration, &y_float)?,
     };
 
-    // ---- the table
     let backend_cell = match (&adapter, &fallback) {
         (Some(_), _) => "gpu".to_string(),
         (None, Some(_)) => "cpu (no GPU adapter)".to_string(),
         (None, None) => "cpu".to_string(),
     };
+    // ---- the outputs, written before the table says where they went
+    if let (Some(path), Some(bytes)) = (&args.export, &deployed.export_bytes) {
+        outputs.stage(path, bytes)?;
+    }
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "backend": kind,
+            "adapter": adapter,
+            "fallback": fallback,
+            "batch": args.batch,
+            "seed": args.seed,
+            "weights": args.weights.as_ref().map(|p| p.display().to_string()),
+            "prefix": args.prefix,
+            "calibration_batches": args.calibration_batches,
+            "runs": args.runs,
+            "config": cfg.to_value(),
+            "rows": rows.iter().map(|r| json!({
+                "model": r.model,
+                "max_abs_diff": r.max_abs_diff,
+                "argmax_agreement": r.agree as f64 / args.batch as f64,
+                "ms_per_batch": r.ms,
+                "backend": kind,
+            })).collect::<Vec<Value>>(),
+            "qparams": qparams.iter().map(|(p, t, qp)| {
+                (format!("{p}.{t}"), json!([qp.scale[0], qp.zero_point[0]]))
+            }).collect::<serde_json::Map<String, Value>>(),
+            "int8_identical_fraction_fused": deployed.gap.fused.identical_fraction(),
+            "int8_max_step_diff_fused": deployed.gap.fused.max_step_diff,
+            "int8_identical_fraction_unfused": deployed.gap.unfused.identical_fraction(),
+            "int8_max_step_diff_unfused": deployed.gap.unfused.max_step_diff,
+            "deployment": deployed.json(args.batch),
+        });
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| qfuse::Error::invalid(format!("JSON: {e}")))?;
+        outputs.stage(path, (text + "\n").as_bytes())?;
+    }
+    if let Some(path) = &args.plot {
+        // Synthetic images have no labels, so each stage is scored by its argmax agreement
+        // with the float model (said in the picture); the float stage is 100% by definition.
+        let stages: Vec<(String, f64)> = rows
+            .iter()
+            .map(|r| (r.model.to_string(), r.agree as f64 / args.batch as f64))
+            .chain([(
+                "int8 deployed".to_string(),
+                deployed.agree as f64 / args.batch as f64,
+            )])
+            .collect();
+        let layers: Vec<(String, f64, f64)> = deployed
+            .gap
+            .layers
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.fused.identical_fraction(),
+                    l.unfused.identical_fraction(),
+                )
+            })
+            .collect();
+        let title = format!(
+            "qfuse demo: NNI's Mnist, {} synthetic images (seed {}), {}",
+            args.batch, args.seed, backend_cell
+        );
+        let svg = plot::demo_svg(&title, "argmax agreement with float", &stages, &layers)?;
+        outputs.stage(path, svg.as_bytes())?;
+    }
+    // The outputs appear together, or (on an error above) none of them.
+    outputs.commit()?;
+    if let Some(path) = &args.plot {
+        eprintln!("wrote {}", escape_path(path));
+    }
+
+    // ---- the table
     println!("qfuse demo: the Mnist network of NNI's module-fusion example");
     println!("weights:  {weights_desc}");
     println!(
@@ -309,76 +410,6 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
     }
     deployed.print(args.batch, &backend_cell);
 
-    if let Some(path) = &args.plot {
-        // Synthetic images have no labels, so each stage is scored by its argmax agreement
-        // with the float model (said in the picture); the float stage is 100% by definition.
-        let stages: Vec<(String, f64)> = rows
-            .iter()
-            .map(|r| (r.model.to_string(), r.agree as f64 / args.batch as f64))
-            .chain([(
-                "int8 deployed".to_string(),
-                deployed.agree as f64 / args.batch as f64,
-            )])
-            .collect();
-        let layers: Vec<(String, f64, f64)> = deployed
-            .gap
-            .layers
-            .iter()
-            .map(|l| {
-                (
-                    l.name.clone(),
-                    l.fused.identical_fraction(),
-                    l.unfused.identical_fraction(),
-                )
-            })
-            .collect();
-        let title = format!(
-            "qfuse demo: NNI's Mnist, {} synthetic images (seed {}), {}",
-            args.batch, args.seed, backend_cell
-        );
-        let svg = plot::demo_svg(&title, "argmax agreement with float", &stages, &layers)?;
-        let mut inputs: Vec<&std::path::Path> = Vec::new();
-        inputs.extend(args.weights.as_deref());
-        inputs.extend(args.json.as_deref());
-        inputs.extend(args.export.as_deref());
-        plot::write_svg(path, &svg, &inputs)?;
-        eprintln!("wrote {}", path.display());
-    }
-    if let Some(path) = &args.json {
-        let doc = json!({
-            "backend": kind,
-            "adapter": adapter,
-            "fallback": fallback,
-            "batch": args.batch,
-            "seed": args.seed,
-            "weights": args.weights.as_ref().map(|p| p.display().to_string()),
-            "prefix": args.prefix,
-            "calibration_batches": args.calibration_batches,
-            "runs": args.runs,
-            "config": cfg.to_value(),
-            "rows": rows.iter().map(|r| json!({
-                "model": r.model,
-                "max_abs_diff": r.max_abs_diff,
-                "argmax_agreement": r.agree as f64 / args.batch as f64,
-                "ms_per_batch": r.ms,
-                "backend": kind,
-            })).collect::<Vec<Value>>(),
-            "qparams": qparams.iter().map(|(p, t, qp)| {
-                (format!("{p}.{t}"), json!([qp.scale[0], qp.zero_point[0]]))
-            }).collect::<serde_json::Map<String, Value>>(),
-            "int8_identical_fraction_fused": deployed.gap.fused.identical_fraction(),
-            "int8_max_step_diff_fused": deployed.gap.fused.max_step_diff,
-            "int8_identical_fraction_unfused": deployed.gap.unfused.identical_fraction(),
-            "int8_max_step_diff_unfused": deployed.gap.unfused.max_step_diff,
-            "deployment": deployed.json(args.batch),
-        });
-        let text = serde_json::to_string_pretty(&doc)
-            .map_err(|e| qfuse::Error::invalid(format!("JSON: {e}")))?;
-        std::fs::write(path, text + "\n").map_err(|e| qfuse::Error::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -393,6 +424,8 @@ struct Deployed {
     device_ms: Option<f64>,
     reload_identical: bool,
     exported: Option<PathBuf>,
+    /// The integer model's safetensors bytes, when `--export` asks for them.
+    export_bytes: Option<Vec<u8>>,
 }
 
 impl Deployed {
@@ -460,7 +493,7 @@ impl Deployed {
             if self.reload_identical { "yes" } else { "NO" },
             self.exported
                 .as_ref()
-                .map(|p| format!("; saved to {}", p.display()))
+                .map(|p| format!("; saved to {}", escape_path(p)))
                 .unwrap_or_default()
         );
     }
@@ -585,9 +618,6 @@ fn deploy_section<B: Backend>(
     let bytes = int.to_state_dict()?.to_bytes()?;
     let back = deploy::IntModel::from_bytes(&bytes, "the exported model")?;
     let reload_identical = back.forward(backend, x)? == q;
-    if let Some(path) = &args.export {
-        int.save(path)?;
-    }
     Ok(Deployed {
         gap,
         requant: args.requant,
@@ -598,5 +628,6 @@ fn deploy_section<B: Backend>(
         device_ms,
         reload_identical,
         exported: args.export.clone(),
+        export_bytes: args.export.as_ref().map(|_| bytes),
     })
 }

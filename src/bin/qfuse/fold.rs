@@ -10,6 +10,16 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use qfuse::backend::{best_available, CpuBackend, GpuBackend, HostOps};
 use qfuse::fold_state_dict::{FoldJob, FoldSpec, DEFAULT_EPS};
+use qfuse::io::text::{escape, escape_path};
+
+/// Names from the input, escaped, comma-separated.
+fn joined(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| escape(n))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Where the folds run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -77,21 +87,21 @@ pub fn run(args: &FoldArgs) -> qfuse::Result<ExitCode> {
     for f in &report.folded {
         println!(
             "folded `{}` into {} `{}` (weight {:?}) -> {}; dropped {}",
-            f.spec.bn,
+            escape(&f.spec.bn),
             f.kind,
-            f.spec.layer,
+            escape(&f.spec.layer),
             f.weight_shape,
-            f.written.join(", "),
+            joined(&f.written),
             if f.dropped.is_empty() {
                 "nothing".to_string()
             } else {
-                f.dropped.join(", ")
+                joined(&f.dropped)
             }
         );
     }
     println!(
         "wrote {} ({} tensors: {} folded, {} copied unchanged) on {}",
-        args.output.display(),
+        escape_path(&args.output),
         report.total,
         report.total - report.copied,
         report.copied,

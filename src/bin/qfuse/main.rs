@@ -72,7 +72,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Names inside are escaped where the message is built; this is the backstop that
+            // keeps the error one `error:` line whatever reached it.
+            eprintln!("error: {}", qfuse::io::text::escape_message(&e.to_string()));
             ExitCode::FAILURE
         }
     }

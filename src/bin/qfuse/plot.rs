@@ -377,43 +377,6 @@ pub fn demo_svg(
 /// Errors: [`qfuse::Error::InvalidArgument`] when `path` is an input or has no file name;
 /// [`qfuse::Error::Io`] naming `path` when writing fails.
 pub fn write_svg(path: &Path, svg: &str, inputs: &[&Path]) -> PlotResult<()> {
-    for input in inputs {
-        if same_file(path, input) {
-            return Err(qfuse::Error::invalid(format!(
-                "--plot {} is an input of this run; choose another file",
-                path.display()
-            )));
-        }
-    }
-    let io = |e: std::io::Error| qfuse::Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    };
-    let name = path.file_name().ok_or_else(|| {
-        qfuse::Error::invalid(format!("--plot {} is not a file name", path.display()))
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".qfuse-tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    std::fs::write(&tmp, svg).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
-}
-
-/// Whether `a` and `b` name the same file (by path, or by device and inode when both exist).
-fn same_file(a: &Path, b: &Path) -> bool {
-    if a == b {
-        return true;
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
-        }
-    }
-    false
+    // qfuse's one output writer: temporary + rename, never over an input (through links).
+    qfuse::io::file::write_output(path, svg.as_bytes(), inputs)
 }
