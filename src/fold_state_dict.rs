@@ -150,7 +150,7 @@ impl FoldSpec {
                 _ => {
                     return Err(bad(format!(
                         "unknown option `{}` (options: eps=E, transpose, transpose=false)",
-                        option.escape_debug()
+                        escape(option)
                     )))
                 }
             };
@@ -161,14 +161,14 @@ impl FoldSpec {
                 ("eps", Some(v)) => {
                     spec.eps = v
                         .parse::<f32>()
-                        .map_err(|_| bad(format!("eps `{}` is not a number", v.escape_debug())))?;
+                        .map_err(|_| bad(format!("eps `{}` is not a number", escape(v))))?;
                 }
                 ("transpose", None | Some("true")) => spec.transpose = true,
                 ("transpose", Some("false")) => spec.transpose = false,
                 _ => {
                     return Err(bad(format!(
                         "option `{}` needs {}",
-                        option.escape_debug(),
+                        escape(option),
                         if key == "eps" {
                             "a value (eps=E)"
                         } else {
@@ -245,13 +245,13 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
     if name.split('.').any(str::is_empty) {
         return Err(format!(
             "`{name_}` is not a module name (empty part between dots)",
-            name_ = escape(&name)
+            name_ = escape(name)
         ));
     }
     if name.chars().any(|c| c.is_whitespace() || c == ',') {
         return Err(format!(
             "`{name_}` is not a module name (whitespace or comma)",
-            name_ = escape(&name)
+            name_ = escape(name)
         ));
     }
     Ok(())
@@ -383,7 +383,7 @@ fn plan(sd: &StateDict, specs: &[FoldSpec]) -> Result<Vec<Resolved>> {
             {
                 return Err(r.wrap(Error::invalid(format!(
                     "the folded tensor `{name_}` would replace another tensor of that name",
-                    name_ = escape(&name)
+                    name_ = escape(name)
                 ))));
             }
         }
@@ -426,13 +426,13 @@ fn check_specs(specs: &[FoldSpec]) -> Result<()> {
                 return Err(Error::invalid(if std::ptr::eq(*first, spec) {
                     format!(
                         "fusion `{spec}` names module `{name_}` twice",
-                        name_ = escape(&name)
+                        name_ = escape(name)
                     )
                 } else {
                     format!(
                         "module `{name_}` is fused twice: in `{first}` and in `{spec}`; \
                          each module can be folded only once",
-                        name_ = escape(&name)
+                        name_ = escape(name)
                     )
                 }));
             }
@@ -535,8 +535,8 @@ fn unknown_module(sd: &StateDict, name: &str, role: Role) -> Error {
         if let Some((module, _)) = name.rsplit_once('.') {
             hint = format!(
                 "`{name_}` is a tensor; give the module name, `{module_}`. ",
-                name_ = escape(&name),
-                module_ = escape(&module)
+                name_ = escape(name),
+                module_ = escape(module)
             );
         }
     }
@@ -592,7 +592,7 @@ fn vector(sd: &StateDict, name: &str) -> Result<Option<Array1<f32>>> {
             .map(Some)
             .map_err(|_| {
                 Error::shape(
-                    format!("`{name_}` (a per-channel vector)", name_ = escape(&name)),
+                    format!("`{name_}` (a per-channel vector)", name_ = escape(name)),
                     &[a.len()],
                     a.shape(),
                 )
@@ -670,7 +670,7 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
             context: format!(
                 " (`{layer_}` is not a conv or linear layer; its tensors: {})",
                 list(&to_strings(&layer_tensors), 6),
-                layer_ = escape(&layer)
+                layer_ = escape(layer)
             ),
         }));
     }
@@ -685,8 +685,8 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
                 "`{bn_}` is not a BatchNorm: it has the tensor `{t_}`, and a BatchNorm has only \
                  weight, bias, running_mean, running_var and num_batches_tracked (nothing is \
                  dropped that is not a BatchNorm's)",
-                bn_ = escape(&bn),
-                t_ = escape(&t)
+                bn_ = escape(bn),
+                t_ = escape(t)
             ))));
         }
     }
@@ -700,7 +700,7 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
                     " (`{bn_}` has no running statistics, as with track_running_stats=False, \
                      and cannot be folded; its tensors: {})",
                     list(&to_strings(&bn_tensors), 6),
-                    bn_ = escape(&bn)
+                    bn_ = escape(bn)
                 ),
             }));
         }
@@ -709,8 +709,8 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
         if let Some(t) = under(sd, relu).first() {
             return Err(wrap(Error::invalid(format!(
                 "`{relu_}` is not a ReLU: it has the tensor `{t_}`, and a ReLU has none",
-                relu_ = escape(&relu),
-                t_ = escape(&t)
+                relu_ = escape(relu),
+                t_ = escape(t)
             ))));
         }
     }
@@ -745,7 +745,7 @@ fn resolve(sd: &StateDict, spec: &FoldSpec) -> Result<Resolved> {
     let shape = weight.shape().to_vec();
     let mismatch = |kind: &str, layer_channels: usize| {
         wrap(Error::ChannelMismatch {
-            layer: format!("{kind} `{layer_}`", layer_ = escape(&layer)),
+            layer: format!("{kind} `{layer_}`", layer_ = escape(layer)),
             layer_channels,
             bn_channels: channels,
         })

@@ -1,5 +1,5 @@
 //! Reading and writing tensors (safetensors state dicts, conformance case files), files
-//! ([`file`]: regular-file reads, all-or-nothing writes) and showing input text in messages
+//! ([`mod@file`]: regular-file reads, all-or-nothing writes) and showing input text in messages
 //! ([`text`]).
 
 pub mod case;

@@ -53,9 +53,8 @@ fn push_escaped(out: &mut String, c: char) {
 
 fn escape_limited(s: &str, limit: usize) -> String {
     let mut out = String::with_capacity(s.len().min(limit * 2));
-    let mut count = 0usize;
     let mut chars = s.chars();
-    for c in chars.by_ref() {
+    for (count, c) in chars.by_ref().enumerate() {
         if count == limit {
             // Count the rest without copying it.
             let total = limit + 1 + chars.count();
@@ -63,7 +62,6 @@ fn escape_limited(s: &str, limit: usize) -> String {
             return out;
         }
         push_escaped(&mut out, c);
-        count += 1;
     }
     out
 }
