@@ -11,6 +11,13 @@ pub const MAX_INPUT_FILE_BYTES: u64 = 4 << 30;
 /// buffer): 2^28 (1 GiB of f32).
 pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
 
+/// The largest conv / conv-transpose setting (stride, padding, dilation, output padding):
+/// 2^24. With inputs of at most [`MAX_TENSOR_ELEMENTS`] elements, every coordinate a GPU
+/// kernel forms (padded extent, the reach of the last tap, the int8 kernels' overhang) then
+/// fits its 32-bit signed arithmetic, so the shared geometry check is the only one and both
+/// backends refuse the same settings with the same message.
+pub const MAX_CONV_SETTING: usize = 1 << 24;
+
 /// `qfuse demo --batch`: at most this many images per batch.
 pub const MAX_DEMO_BATCH: usize = 4096;
 
@@ -19,3 +26,21 @@ pub const MAX_DEMO_CALIBRATION_BATCHES: usize = 256;
 
 /// `qfuse demo --runs`: at most this many timed runs per model.
 pub const MAX_DEMO_RUNS: usize = 1000;
+
+use crate::error::{Error, Result};
+
+/// The element count of `shape`, computed with checked arithmetic; [`Error::TooLarge`]
+/// (naming `what`) when it overflows or exceeds [`MAX_TENSOR_ELEMENTS`]. Every op calls this
+/// (through its geometry function) for what it allocates, before allocating.
+pub fn check_elements(what: &str, shape: &[usize]) -> Result<usize> {
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match n {
+        Some(n) if n <= MAX_TENSOR_ELEMENTS => Ok(n),
+        _ => Err(Error::TooLarge {
+            what: format!("{what} {shape:?}"),
+            size: n.map_or(u64::MAX, |n| n as u64),
+            limit: MAX_TENSOR_ELEMENTS as u64,
+            unit: "elements",
+        }),
+    }
+}

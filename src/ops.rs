@@ -136,6 +136,9 @@ impl Conv2dParams {
                 "conv2d stride, dilation and groups must be positive, got {self:?}"
             )));
         }
+        check_settings("conv2d", &[self.stride, self.padding, self.dilation])?;
+        crate::limits::check_elements("conv2d input", x)?;
+        crate::limits::check_elements("conv2d weight", w)?;
         let g = self.groups;
         if !x[1].is_multiple_of(g) || !w[0].is_multiple_of(g) {
             return Err(Error::invalid(format!(
@@ -174,16 +177,26 @@ impl Conv2dParams {
             }
             out[2 + i] = (padded[i] - span) / self.stride[i] + 1;
         }
+        // What the op allocates: the output, and (CPU reference) one im2col block per image.
+        crate::limits::check_elements("conv2d output", &out)?;
+        crate::limits::check_elements("conv2d im2col block", &[w[1], w[2], w[3], out[2], out[3]])?;
         Ok((out, pads))
     }
 
     /// Checks the settings against input `[N, C, H, W]` and weight `[O, C/g, KH, KW]` shapes
     /// and returns the output shape `[N, O, OH, OW]` (see [`Conv2dParams::geometry`]).
     ///
+    /// This is the one geometry check of conv2d, called by the CPU reference and the GPU
+    /// launchers alike, so both refuse the same input with the same message; every size is
+    /// computed with checked arithmetic.
+    ///
     /// Errors: [`Error::InvalidArgument`] for a tensor that is not rank 4, non-positive
-    /// stride, dilation or groups, groups that do not divide the channels, `'same'` padding
-    /// with a stride other than 1, or a kernel larger than the padded input;
-    /// [`Error::ShapeMismatch`] for a weight whose dim 1 is not `C / groups`.
+    /// stride, dilation or groups, a stride, padding or dilation above
+    /// [`MAX_CONV_SETTING`](crate::limits::MAX_CONV_SETTING), groups that do not divide the
+    /// channels, `'same'` padding with a stride other than 1, or a kernel larger than the
+    /// padded input; [`Error::ShapeMismatch`] for a weight whose dim 1 is not `C / groups`;
+    /// [`Error::TooLarge`] for an input, weight, output or im2col block of more than
+    /// [`MAX_TENSOR_ELEMENTS`](crate::limits::MAX_TENSOR_ELEMENTS) elements.
     pub fn output_shape(&self, x: &[usize], w: &[usize]) -> Result<[usize; 4]> {
         self.geometry(x, w).map(|(out, _)| out)
     }
@@ -426,6 +439,18 @@ pub fn check_reshape(from: &[usize], to: &[usize]) -> Result<()> {
     }
 }
 
+/// Refuses a stride, padding, dilation or output padding above
+/// [`MAX_CONV_SETTING`](crate::limits::MAX_CONV_SETTING).
+fn check_settings(op: &str, settings: &[[usize; 2]]) -> Result<()> {
+    let limit = crate::limits::MAX_CONV_SETTING;
+    if let Some(v) = settings.iter().flatten().find(|&&v| v > limit) {
+        return Err(Error::invalid(format!(
+            "{op} stride, padding and dilation must be at most {limit}, got {v}"
+        )));
+    }
+    Ok(())
+}
+
 /// A BatchNorm's parameters and running statistics (`torch.nn.BatchNorm{1,2,3}d`).
 /// `weight`/`bias` are `None` for `affine=False`.
 ///
@@ -666,6 +691,17 @@ impl ConvTranspose2dParams {
                 "conv_transpose2d stride, dilation and groups must be positive, got {self:?}"
             )));
         }
+        check_settings(
+            "conv_transpose2d",
+            &[
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.output_padding,
+            ],
+        )?;
+        crate::limits::check_elements("conv_transpose2d input", x)?;
+        crate::limits::check_elements("conv_transpose2d weight", w)?;
         let g = self.groups;
         if !x[1].is_multiple_of(g) {
             return Err(Error::invalid(format!(
@@ -680,7 +716,13 @@ impl ConvTranspose2dParams {
                 w,
             ));
         }
-        let mut out = [x[0], w[1] * g, 0, 0];
+        let cout = w[1].checked_mul(g).ok_or_else(|| {
+            Error::invalid(format!(
+                "conv_transpose2d output channels {} x groups {g} overflow",
+                w[1]
+            ))
+        })?;
+        let mut out = [x[0], cout, 0, 0];
         for i in 0..2 {
             let op = self.output_padding[i];
             if op >= self.stride[i] && op >= self.dilation[i] {
@@ -695,13 +737,18 @@ impl ConvTranspose2dParams {
                     "conv_transpose2d kernel must be non-empty, got weight {w:?}"
                 )));
             }
-            // Saturating: absurd settings give a huge size that later checks refuse, never
-            // an overflow.
             let full = (x[2 + i].max(1) - 1)
-                .saturating_mul(self.stride[i])
-                .saturating_add(self.dilation[i].saturating_mul(w[2 + i] - 1))
-                .saturating_add(op)
-                .saturating_add(1);
+                .checked_mul(self.stride[i])
+                .and_then(|v| v.checked_add(self.dilation[i].checked_mul(w[2 + i] - 1)?))
+                .and_then(|v| v.checked_add(op)?.checked_add(1))
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "conv_transpose2d output size overflows for input {:?}, weight {:?} \
+                         and {self:?}",
+                        &x[2..],
+                        &w[2..]
+                    ))
+                })?;
             let pad = self.padding[i].saturating_mul(2);
             if x[2 + i] == 0 || full <= pad {
                 return Err(Error::invalid(format!(
@@ -713,6 +760,12 @@ impl ConvTranspose2dParams {
             }
             out[2 + i] = full - pad;
         }
+        // What the op allocates: the output, and (CPU reference) one column block per image.
+        crate::limits::check_elements("conv_transpose2d output", &out)?;
+        crate::limits::check_elements(
+            "conv_transpose2d column block",
+            &[w[1], w[2], w[3], x[2], x[3]],
+        )?;
         Ok(out)
     }
 }
