@@ -57,7 +57,7 @@ impl DeployConfig {
     /// Errors: [`Error::InvalidArgument`] naming the offending setting.
     pub fn validate(&self) -> Result<()> {
         for (what, spec) in [("activation", &self.activation), ("weight", &self.weight)] {
-            spec.range.validate()?;
+            spec.validate()?;
             if spec.range.quant_min < -128 || spec.range.quant_max > 127 {
                 return Err(Error::invalid(format!(
                     "{what} range [{}, {}] does not fit the int8 codes [-128, 127] integer \

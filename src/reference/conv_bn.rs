@@ -114,7 +114,7 @@ pub fn conv_bn_qat_forward(
     check_conv_bn(conv, bn)?;
     conv.params.output_shape(x.shape(), conv.weight.shape())?;
     let range = cfg.weight_observer.range;
-    range.validate()?;
+    cfg.weight_observer.validate()?;
 
     let scale_factor = qat_scale_factor(bn, conv.weight.shape()[0]);
     let mut w_s = conv.weight.clone();
@@ -236,7 +236,7 @@ pub fn conv_bn_qat_forward_with(
     check_conv_bn(conv, bn)?;
     conv.params.output_shape(x.shape(), conv.weight.shape())?;
     let range = cfg.weight_observer.range;
-    range.validate()?;
+    cfg.weight_observer.validate()?;
 
     let (scale_factor, w_s) = qat_scaled_weight(&conv.weight.clone().into_dyn(), bn)?;
     let weight_qparams = match &weight.qparams {

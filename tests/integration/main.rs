@@ -33,6 +33,7 @@ mod gpu_int8;
 mod gpu_observer_fold;
 mod gpu_runtime;
 mod gpu_train;
+mod hostile;
 mod qat;
 mod state_dict;
 mod train;
@@ -74,6 +75,7 @@ fn main() -> std::process::ExitCode {
         gpu_observer_fold::TESTS,
         gpu_runtime::TESTS,
         gpu_train::TESTS,
+        hostile::TESTS,
         qat::TESTS,
         state_dict::TESTS,
         train::TESTS,

@@ -122,8 +122,6 @@ fn mkfifo(path: &Path) {
     assert!(ok, "mkfifo {}", path.display());
 }
 
-#[cfg(unix)]
-#[test]
 fn non_regular_inputs_are_refused_not_read() {
     let d = tmp_dir("nonregular");
     let fifo = d.join("in.safetensors");
@@ -149,8 +147,6 @@ fn non_regular_inputs_are_refused_not_read() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[cfg(unix)]
-#[test]
 fn odd_entries_in_a_case_folder_fail_as_cases() {
     let d = tmp_dir("casefolder");
     std::os::unix::fs::symlink(d.join("nowhere"), d.join("dangling.safetensors")).unwrap();
@@ -177,8 +173,6 @@ fn odd_entries_in_a_case_folder_fail_as_cases() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[cfg(unix)]
-#[test]
 fn demo_never_writes_over_its_input() {
     let d = tmp_dir("demo_input");
     let weights = d.join("w.safetensors");
@@ -219,7 +213,6 @@ fn demo_never_writes_over_its_input() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[test]
 fn demo_outputs_appear_together_or_not_at_all() {
     let d = tmp_dir("demo_outputs");
     let export = d.join("int.safetensors");
@@ -244,7 +237,6 @@ fn demo_outputs_appear_together_or_not_at_all() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[test]
 fn demo_counts_are_capped() {
     for (flag, value) in [
         ("--batch", "4611686018427387904"),
@@ -258,8 +250,6 @@ fn demo_counts_are_capped() {
     }
 }
 
-#[cfg(unix)]
-#[test]
 fn a_fold_killed_mid_write_leaves_nothing_after_the_next_run() {
     let d = tmp_dir("killed");
     let input = d.join("in.safetensors");
@@ -299,7 +289,6 @@ fn a_fold_killed_mid_write_leaves_nothing_after_the_next_run() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[test]
 fn names_from_input_cannot_forge_lines() {
     let d = tmp_dir("names");
     let forged = "x\nPASS forged.safetensors [cpu]\u{1b}[2J";
@@ -364,7 +353,6 @@ fn names_from_input_cannot_forge_lines() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[test]
 fn config_names_are_escaped() {
     let e = qfuse::config::ConfigList::from_json(
         r#"[{"op_names": ["a"], "quant_dtype": "int8\nPASS\u001b[2J"}]"#,
@@ -400,7 +388,6 @@ fn rejection(bytes: &[u8]) -> String {
     }
 }
 
-#[test]
 fn safetensors_rejections_say_what_is_wrong() {
     let t = r#""w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
     let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -470,4 +457,293 @@ fn safetensors_rejections_say_what_is_wrong() {
         );
         assert!(e.contains(want), "`{want}` not in `{e}`");
     }
+}
+
+// ---- geometry and values: one check per op, the same refusal on both backends
+
+use ndarray::{Array1, Array4, ArrayD, IxDyn};
+use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, ConvTranspose2dParams, QatConfig};
+use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
+
+fn bn(c: usize, eps: f32) -> BatchNorm {
+    BatchNorm {
+        weight: Some(Array1::ones(c)),
+        bias: Some(Array1::zeros(c)),
+        running_mean: Array1::zeros(c),
+        running_var: Array1::ones(c),
+        eps,
+        momentum: 0.1,
+    }
+}
+
+/// Conv settings from the fuzzing campaign: each once panicked, aborted or wrapped.
+fn hostile_convs() -> Vec<(Conv2dParams, &'static str)> {
+    let p = |padding: usize, dilation: usize| Conv2dParams {
+        stride: [1, 1],
+        padding: [padding, padding],
+        dilation: [dilation, dilation],
+        groups: 1,
+    };
+    vec![
+        (p(1 << 62, 1), "conv2d stride, padding and dilation must be at most 16777216, got 4611686018427387904"),
+        (p(1 << 40, 1), "must be at most 16777216, got 1099511627776"),
+        (p(1 << 63, 1), "got 9223372036854775808"),
+        (p(0, 1 << 63), "got 9223372036854775808"),
+        (p(usize::MAX, usize::MAX), "got 18446744073709551615"),
+        (p(1 << 16, 1), "conv2d output [1, 2, 131074, 131074]: 34360786952 elements exceeds the limit of 268435456 elements"),
+        (p(1 << 24, 1), "conv2d output [1, 2, 33554434, 33554434]: 2251800082120712 elements exceeds"),
+    ]
+}
+
+fn conv_errors(b: &dyn Backend, params: &Conv2dParams) -> Vec<String> {
+    let x = Array4::<f32>::ones((1, 3, 4, 4));
+    let conv = Conv2d {
+        weight: Array4::ones((2, 3, 3, 3)),
+        bias: Some(Array1::zeros(2)),
+        params: *params,
+    };
+    let cfg = QatConfig {
+        activation: Activation::Relu,
+        freeze_bn: false,
+        weight_observer: ObserverSpec::new(
+            QDtype::QInt8,
+            QScheme::PerChannelSymmetric,
+            QuantRange::INT8,
+            0,
+        )
+        .unwrap(),
+    };
+    let err = |r: qfuse::Result<()>| r.expect_err("accepted").to_string();
+    vec![
+        err(b.conv2d(&x, &conv.weight, None, params).map(drop)),
+        err(b
+            .conv_bn_act_eval(&x, &conv, &bn(2, 1e-5), Activation::Relu)
+            .map(drop)),
+        err(b
+            .conv_bn_qat_forward(&x, &conv, &bn(2, 1e-5), &cfg)
+            .map(drop)),
+    ]
+}
+
+fn conv_geometry_refuses_hostile_settings() {
+    for (params, want) in hostile_convs() {
+        for e in conv_errors(&CpuBackend, &params) {
+            assert!(e.contains(want), "{params:?}: `{want}` not in `{e}`");
+        }
+    }
+    // conv_transpose2d: wrapping and huge outputs.
+    let x = Array4::<f32>::ones((1, 1, 4, 4));
+    let w = Array4::<f32>::ones((1, 1, 3, 3));
+    for (p, want) in [
+        (
+            ConvTranspose2dParams {
+                stride: [1 << 63, 1],
+                ..Default::default()
+            },
+            "must be at most 16777216",
+        ),
+        (
+            ConvTranspose2dParams {
+                stride: [1 << 24, 1 << 24],
+                ..Default::default()
+            },
+            "conv_transpose2d output [1, 1, 50331651, 50331651]",
+        ),
+    ] {
+        let e = CpuBackend.conv_transpose2d(&x, &w, None, &p).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+    }
+}
+
+fn conv_geometry_refusals_are_the_same_on_the_gpu() {
+    let gpu = GpuBackend::new(crate::common::gpu().unwrap());
+    for (params, _) in hostile_convs() {
+        assert_eq!(
+            conv_errors(&CpuBackend, &params),
+            conv_errors(&gpu, &params)
+        );
+    }
+}
+
+/// Observer ranges that exclude 0, refused by both backends with one message.
+fn observer_errors(b: &dyn Backend) -> Vec<String> {
+    let spec = |lo, hi, scheme| ObserverSpec {
+        dtype: QDtype::QInt8,
+        qscheme: scheme,
+        range: QuantRange {
+            quant_min: lo,
+            quant_max: hi,
+        },
+        axis: 0,
+        eps: f32::EPSILON,
+    };
+    let x = ArrayD::<f32>::from_elem(IxDyn(&[2, 3, 3, 3]), 0.5);
+    let x4 = Array4::<f32>::ones((1, 3, 4, 4));
+    let conv = Conv2d {
+        weight: Array4::ones((2, 3, 3, 3)),
+        bias: None,
+        params: Conv2dParams::default(),
+    };
+    let mut out = Vec::new();
+    for (lo, hi) in [(10, 20), (-128, -1)] {
+        for scheme in [QScheme::PerTensorAffine, QScheme::PerChannelSymmetric] {
+            out.push(
+                b.calc_qparams(&x, &spec(lo, hi, scheme))
+                    .unwrap_err()
+                    .to_string(),
+            );
+            let cfg = QatConfig {
+                activation: Activation::None,
+                freeze_bn: false,
+                weight_observer: spec(lo, hi, scheme),
+            };
+            out.push(
+                b.conv_bn_qat_forward(&x4, &conv, &bn(2, 1e-5), &cfg)
+                    .unwrap_err()
+                    .to_string(),
+            );
+        }
+    }
+    out
+}
+
+fn observer_ranges_must_include_zero() {
+    let errors = observer_errors(&CpuBackend);
+    assert!(
+        errors[0].contains("observer range [10, 20] must include 0"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[7].contains("observer range [-128, -1] must include 0"),
+        "{errors:?}"
+    );
+    assert!(ObserverSpec::new(
+        QDtype::QUInt8,
+        QScheme::PerTensorAffine,
+        QuantRange {
+            quant_min: 10,
+            quant_max: 20
+        },
+        0
+    )
+    .is_err());
+}
+
+fn observer_range_refusals_are_the_same_on_the_gpu() {
+    let gpu = GpuBackend::new(crate::common::gpu().unwrap());
+    assert_eq!(observer_errors(&CpuBackend), observer_errors(&gpu));
+}
+
+/// A case file of `op` with `params`, tensors from a golden-like layout.
+fn write_case(path: &Path, op: &str, params: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let bytes = safetensors(
+        tensors,
+        &[("op", op), ("params", params), ("atol", "0"), ("rtol", "0")],
+    );
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn hostile_case_values_fail_cleanly() {
+    let d = tmp_dir("case_values");
+    let conv_tensors = || {
+        vec![
+            ("in.x", vec![1, 1, 4, 4], vec![1.0; 16]),
+            ("in.weight", vec![1, 1, 3, 3], vec![1.0; 9]),
+            ("out.y", vec![1, 1, 2, 2], vec![9.0; 4]),
+        ]
+    };
+    let conv = |padding: &str, dilation: &str| {
+        format!(r#"{{"stride": 1, "padding": {padding}, "dilation": {dilation}, "groups": 1}}"#)
+    };
+    write_case(
+        &d.join("pad62.safetensors"),
+        "conv2d",
+        &conv("4611686018427387904", "1"),
+        &conv_tensors(),
+    );
+    write_case(
+        &d.join("pad16.safetensors"),
+        "conv2d",
+        &conv("65536", "1"),
+        &conv_tensors(),
+    );
+    write_case(
+        &d.join("dil63.safetensors"),
+        "conv2d",
+        &conv("0", "9223372036854775808"),
+        &conv_tensors(),
+    );
+    write_case(
+        &d.join("same63.safetensors"),
+        "conv2d",
+        &conv("\"same\"", "9223372036854775808"),
+        &conv_tensors(),
+    );
+    write_case(
+        &d.join("eps39.safetensors"),
+        "fold_linear_bn",
+        r#"{"eps": 1e39}"#,
+        &[
+            ("in.weight", vec![1, 1], vec![1.0]),
+            ("in.bn.running_mean", vec![1], vec![0.0]),
+            ("in.bn.running_var", vec![1], vec![1.0]),
+            ("out.weight", vec![1, 1], vec![1.0]),
+        ],
+    );
+    write_case(
+        &d.join("range.safetensors"),
+        "calc_qparams",
+        r#"{"dtype": "quint8", "qscheme": "per_tensor_affine", "quant_min": 10, "quant_max": 20}"#,
+        &[
+            ("in.x", vec![2], vec![1.0, 2.0]),
+            ("out.scale", vec![1], vec![1.0]),
+        ],
+    );
+    let o = qfuse(&["conformance", p(&d), "--backend", "cpu"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}{err}");
+    for (file, want) in [
+        ("pad62", "must be at most 16777216, got 4611686018427387904"),
+        (
+            "pad16",
+            "conv2d output [1, 1, 131074, 131074]: 17180393476 elements exceeds the limit",
+        ),
+        ("dil63", "got 9223372036854775808"),
+        ("same63", "9223372036854775808"),
+        (
+            "eps39",
+            "params `eps` must be a number within float32's range",
+        ),
+        ("range", "observer range [10, 20] must include 0"),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("{file}.safetensors")))
+            .unwrap_or_else(|| panic!("{file} missing:\n{out}\n{err}"));
+        assert!(
+            line.starts_with("FAIL") && line.contains(want),
+            "{want}: {line}"
+        );
+    }
+    assert!(out.contains("0 passed, 6 failed"), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+crate::qfuse_tests! {
+    non_regular_inputs_are_refused_not_read,
+    odd_entries_in_a_case_folder_fail_as_cases,
+    demo_never_writes_over_its_input,
+    demo_outputs_appear_together_or_not_at_all,
+    demo_counts_are_capped,
+    a_fold_killed_mid_write_leaves_nothing_after_the_next_run,
+    names_from_input_cannot_forge_lines,
+    config_names_are_escaped,
+    safetensors_rejections_say_what_is_wrong,
+    conv_geometry_refuses_hostile_settings,
+    conv_geometry_refusals_are_the_same_on_the_gpu: gpu,
+    observer_ranges_must_include_zero,
+    observer_range_refusals_are_the_same_on_the_gpu: gpu,
+    hostile_case_values_fail_cleanly,
 }
