@@ -484,6 +484,7 @@ fn hostile_convs() -> Vec<(Conv2dParams, &'static str)> {
         padding: [padding, padding],
         dilation: [dilation, dilation],
         groups: 1,
+        ..Conv2dParams::default()
     };
     vec![
         (p(1 << 62, 1), "conv2d stride, padding and dilation must be at most 16777216, got 4611686018427387904"),
@@ -577,6 +578,7 @@ fn observer_errors(b: &dyn Backend) -> Vec<String> {
         },
         axis: 0,
         eps: f32::EPSILON,
+        customized_range: true,
     };
     let x = ArrayD::<f32>::from_elem(IxDyn(&[2, 3, 3, 3]), 0.5);
     let x4 = Array4::<f32>::ones((1, 3, 4, 4));
@@ -611,11 +613,11 @@ fn observer_errors(b: &dyn Backend) -> Vec<String> {
 fn observer_ranges_must_include_zero() {
     let errors = observer_errors(&CpuBackend);
     assert!(
-        errors[0].contains("observer range [10, 20] must include 0"),
+        errors[0].contains("observer range must include 0, got [10, 20]"),
         "{errors:?}"
     );
     assert!(
-        errors[7].contains("observer range [-128, -1] must include 0"),
+        errors[7].contains("observer range must include 0, got [-128, -1]"),
         "{errors:?}"
     );
     assert!(ObserverSpec::new(
@@ -715,7 +717,7 @@ fn hostile_case_values_fail_cleanly() {
             "eps39",
             "params `eps` must be a number within float32's range",
         ),
-        ("range", "observer range [10, 20] must include 0"),
+        ("range", "observer range must include 0, got [10, 20]"),
     ] {
         let line = out
             .lines()
