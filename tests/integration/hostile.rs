@@ -462,7 +462,7 @@ fn safetensors_rejections_say_what_is_wrong() {
 // ---- geometry and values: one check per op, the same refusal on both backends
 
 use ndarray::{Array1, Array4, ArrayD, IxDyn};
-use qfuse::backend::{Backend, CpuBackend, GpuBackend};
+use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
 use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, ConvTranspose2dParams, QatConfig};
 use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
 
@@ -497,7 +497,7 @@ fn hostile_convs() -> Vec<(Conv2dParams, &'static str)> {
     ]
 }
 
-fn conv_errors(b: &dyn Backend, params: &Conv2dParams) -> Vec<String> {
+fn conv_errors(b: &dyn HostOps, params: &Conv2dParams) -> Vec<String> {
     let x = Array4::<f32>::ones((1, 3, 4, 4));
     let conv = Conv2d {
         weight: Array4::ones((2, 3, 3, 3)),
@@ -568,7 +568,7 @@ fn conv_geometry_refusals_are_the_same_on_the_gpu() {
 }
 
 /// Observer ranges that exclude 0, refused by both backends with one message.
-fn observer_errors(b: &dyn Backend) -> Vec<String> {
+fn observer_errors(b: &dyn HostOps) -> Vec<String> {
     let spec = |lo, hi, scheme| ObserverSpec {
         dtype: QDtype::QInt8,
         qscheme: scheme,
