@@ -80,7 +80,7 @@ pub fn run(args: &ConformanceArgs) -> qfuse::Result<ExitCode> {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         if folder != Some(parent) {
-            emit(&format!("{}:", escape(&parent.display().to_string())), "");
+            emit(&format!("{}:", qfuse::io::text::escape_path(parent)), "");
             folder = Some(parent);
         }
         for (label, b) in &backends {
@@ -107,18 +107,10 @@ fn display_name(path: &Path) -> String {
     escape(name.strip_suffix(".safetensors").unwrap_or(&name))
 }
 
-/// Control characters and other unprintable ones as escapes, so a name cannot move the
-/// cursor or break a line.
+/// Names from input as they may be printed: the library's one escaping helper (controls
+/// shown as escapes, shortened past 120 characters).
 fn escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
+    qfuse::io::text::escape(s)
 }
 
 /// `PASS cpu NAME  max|err| ... of the tolerance (`out`)`, and for a failing case each problem
@@ -154,10 +146,10 @@ fn print_report(r: &CaseReport, label: &str, name: &str, width: usize) {
         }
     }
     if let Some(e) = &r.error {
-        details.push(format!("error: {}", escape(e)));
+        details.push(format!("error: {}", qfuse::io::text::escape_message(e)));
     }
     for n in &r.notes {
-        details.push(format!("note: {}", escape(n)));
+        details.push(format!("note: {}", qfuse::io::text::escape_message(n)));
     }
     for d in details {
         for line in wrap(&d, WIDTH - 8) {
