@@ -88,7 +88,7 @@ fn demo_plot_has_stages_and_layers() {
     ] {
         assert!(svg.contains(want), "demo plot lacks `{want}`");
     }
-    // Never over an input: --plot naming the --json output is refused, nothing written.
+    // One path per output: --plot naming the --json output is refused, nothing written.
     let json = dir.join("demo.json").display().to_string();
     let out = qfuse(&[
         "demo",
@@ -105,7 +105,7 @@ fn demo_plot_has_stages_and_layers() {
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is an input of this run"), "{err}");
+    assert!(err.contains("is given twice"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
