@@ -1,5 +1,5 @@
 //! The sizes qfuse refuses to go beyond, so that hostile or mistaken input gets a clear
-//! [`Error::TooLarge`](crate::Error::TooLarge) instead of an allocation that aborts the
+//! [`Error::TooLarge`] instead of an allocation that aborts the
 //! process. Every size computed from input is computed with checked arithmetic and compared
 //! with these before anything is allocated.
 
