@@ -1,5 +1,5 @@
 //! The shipped digits file (`data/uci_digits.safetensors`, read through CARGO_MANIFEST_DIR,
-//! never ../shared) through `qfuse::data::digits`: counts, ranges, the resize, the embedded
+//! nothing outside the repository) through `qfuse::data::digits`: counts, ranges, the resize, the embedded
 //! copy, and typed errors for malformed files.
 
 use std::collections::HashMap;
