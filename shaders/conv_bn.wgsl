@@ -2,7 +2,9 @@
 // requires: lib/float_bits.wgsl
 // requires: lib/exact_float.wgsl (nmin, nmax, div_rn, sqrt_rn)
 // _forward_approximate), forward and backward, matching src/reference/conv_bn.rs:
-//   scale_weight:  per output channel o, s = gamma / sqrt(running_var + eps) and
+//   scale_weight:  per output channel o, s = gamma / sqrt(running_var + eps) (with
+//                  finite_zero = 1, s = 1 where gamma is +-0: the finite gamma = 0 form of
+//                  reference::conv_bn::qat_scale_factor_finite) and
 //                  1/s, W_s = W * s[o], and the min / max of W_s (the weight observer's
 //                  reduction). sqrt and / are correctly rounded here (sqrt_rn, div_rn in
 //                  integer arithmetic; WGSL's are not), so s, W_s and everything the weight fake
@@ -17,6 +19,9 @@
 //                  d gamma = d gamma_BN + (-sum g * (bn_in - b)) / sqrt(running_var + eps)
 //                  (sum dBN_in * conv_out / s^2 = sum g * (bn_in - b)), d beta = d beta_BN.
 //   weight_grad:   dW_s = dW_q * mask, dW = dW_s * s[o], d gamma[o] += (sum dW_s * W) / sqrt(rv + eps).
+//                  Both leave d gamma = d gamma_BN in a channel run in the finite gamma = 0
+//                  form (gamma +-0 and saved s != 0: s does not depend on gamma there), as
+//                  reference::conv_bn::conv_bn_qat_backward.
 //   sqrt_rn_test:  exposes sqrt_rn for testing.
 // NaN never becomes a number: min / max propagate NaN like observer.wgsl.
 //
@@ -26,7 +31,8 @@
 //                                    elements per output channel; channel_op: product of the
 //                                    dims after the channel axis), m (values per channel
 //                                    N*H*W), groups (G, partial workgroups per channel), op
-//                                    (channel_op), hw (H*W), eps
+//                                    (channel_op), hw (H*W), finite_zero (1: s = 1 where
+//                                    gamma = 0), eps
 //   @group(0) @binding(1) bn:        storage, read array<f32>  4*C: gamma, beta, running_mean, running_var
 //   @group(0) @binding(2) w:         storage, read array<f32>  conv weight [O, I, KH, KW]
 //   @group(0) @binding(3) w_s:       storage, read_write array<f32>  scaled weight W * s[o]
@@ -74,7 +80,7 @@ struct Params {
     groups: u32,
     op: u32,
     hw: u32,
-    _pad0: u32,
+    finite_zero: u32,
     eps: f32,
     _pad1: u32,
     _pad2: u32,
@@ -129,10 +135,26 @@ fn reduce_minmax(lid: u32) {
     }
 }
 
-// s = gamma / sqrt(running_var + eps), as the CPU reference (both correctly rounded).
+// gamma of channel c is +0 or -0 (compared by bits: a subnormal gamma is not 0 on any
+// device, flushing or not).
+fn zero_gamma(c: u32) -> bool {
+    return (bitcast<u32>(bn[c]) & 0x7fffffffu) == 0u;
+}
+
+// s = gamma / sqrt(running_var + eps), as the CPU reference (both correctly rounded); 1 in a
+// gamma = 0 channel of the finite form (params.finite_zero = 1).
 fn scale_of(c: u32) -> f32 {
+    if (params.finite_zero != 0u && zero_gamma(c)) {
+        return 1.0;
+    }
     let nc = params.channels;
     return div_rn(bn[c], sqrt_rn(bn[3u * nc + c] + params.eps));
+}
+
+// Channel c was run in the finite gamma = 0 form (reference::conv_bn's finite_zero_gamma):
+// gamma = 0 and a saved scale factor that is not 0 (PyTorch's form saves s = 0 there).
+fn finite_zero_channel(c: u32) -> bool {
+    return zero_gamma(c) && s[c] != 0.0;
 }
 
 fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -273,7 +295,11 @@ fn divide_back_final(@builtin(workgroup_id) wid: vec3<u32>,
         let inv_std = 1.0 / sqrt(bn[3u * nc + c] + params.eps);
         dbias[c] = s[c] * sa[0];
         dbeta[c] = bn_grads[c];
-        dgamma[c] = bn_grads[nc + c] - sb[0] * inv_std;
+        if (finite_zero_channel(c)) {
+            dgamma[c] = bn_grads[nc + c];
+        } else {
+            dgamma[c] = bn_grads[nc + c] - sb[0] * inv_std;
+        }
     }
 }
 
@@ -296,7 +322,7 @@ fn weight_grad(@builtin(workgroup_id) wid: vec3<u32>,
     sa[lid.x] = acc;
     sb[lid.x] = 0.0;
     reduce_sum2(lid.x);
-    if (lid.x == 0u) {
+    if (lid.x == 0u && !finite_zero_channel(c)) {
         let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
         dgamma[c] = dgamma[c] + sa[0] * inv_std;
     }

@@ -44,9 +44,9 @@ pub struct GpuBackend {
     dot: Option<Int8Dot>,
 }
 
-/// What the GPU QAT forward keeps for its backward (all on the device), and the channels
-/// where γ = 0 (the finite form of
-/// [`crate::reference::conv_bn::conv_bn_qat_forward_with`]).
+/// What the GPU QAT forward keeps for its backward (all on the device). The channels run in
+/// the finite γ = 0 form of [`crate::reference::conv_bn::conv_bn_qat_forward_with`] are
+/// known from γ and the saved scale factor, on the device, as in the reference.
 #[derive(Debug, Clone)]
 pub struct GpuQatState {
     /// `s` (`[O]`).
@@ -64,9 +64,6 @@ pub struct GpuQatState {
     /// `conv(x, W_q)` when it is known (a state uploaded from the host); else it is
     /// reconstructed from `bn_input` when downloaded.
     pub conv_out: Option<GpuTensor>,
-    /// Channels where γ = 0 as the forward found them (`None`: unknown, for a state
-    /// uploaded from the host; the backward then reads γ).
-    pub zero_gamma: Option<Vec<usize>>,
 }
 
 /// The saved state of the GPU QAT step ([`FusedOps::QatSaved`] of [`GpuBackend`]).
@@ -112,40 +109,37 @@ impl GpuBackend {
     }
 
     /// `R` equal-length 1-D `f32` tensors stacked as the rows of one `[R, C]` tensor, by
-    /// device copies.
+    /// device copies (in the open recording, else one submission).
     ///
     /// Errors: [`Error::ShapeMismatch`] for rows of other shapes; GPU errors.
     pub fn stack_rows(&self, rows: &[&GpuTensor]) -> Result<GpuTensor> {
         let c = rows.first().map_or(0, |r| r.len());
         for (i, r) in rows.iter().enumerate() {
+            self.ctx.check_tensor("stacked row", r)?;
             if r.shape() != [c] || r.dtype() != DType::F32 {
                 return Err(Error::shape(format!("stacked row {i}"), &[c], r.shape()));
             }
         }
-        let out = GpuTensor::zeros(&self.ctx, &[rows.len(), c], DType::F32)?;
+        let out = GpuTensor::uninit(&self.ctx, &[rows.len(), c], DType::F32)?;
         if c == 0 {
             return Ok(out);
         }
         let bytes = (c * 4) as u64;
-        self.ctx.scoped("stacking rows", || {
-            let mut enc =
-                self.ctx
-                    .device()
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("qfuse stack rows"),
-                    });
-            for (i, r) in rows.iter().enumerate() {
-                enc.copy_buffer_to_buffer(r.buffer(), 0, out.buffer(), i as u64 * bytes, bytes);
-            }
-            self.ctx.queue().submit([enc.finish()]);
-        })?;
+        let copies: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.buffer(), 0, out.buffer(), i as u64 * bytes, bytes))
+            .collect();
+        self.ctx.copy_regions("stacking rows", &copies)?;
         Ok(out)
     }
 
-    /// The rows of a `[R, C]` `f32` tensor as `R` tensors `[C]`, by device copies.
+    /// The rows of a `[R, C]` `f32` tensor as `R` tensors `[C]`, by device copies (in the
+    /// open recording, else one submission).
     ///
     /// Errors: [`Error::InvalidArgument`] for a tensor that is not 2-D `f32`; GPU errors.
     pub fn split_rows(&self, t: &GpuTensor) -> Result<Vec<GpuTensor>> {
+        self.ctx.check_tensor("split tensor", t)?;
         let [r, c] = <[usize; 2]>::try_from(t.shape())
             .ok()
             .filter(|_| t.dtype() == DType::F32)
@@ -157,24 +151,18 @@ impl GpuBackend {
                 ))
             })?;
         let rows = (0..r)
-            .map(|_| GpuTensor::zeros(&self.ctx, &[c], DType::F32))
+            .map(|_| GpuTensor::uninit(&self.ctx, &[c], DType::F32))
             .collect::<Result<Vec<_>>>()?;
         if c == 0 {
             return Ok(rows);
         }
         let bytes = (c * 4) as u64;
-        self.ctx.scoped("splitting rows", || {
-            let mut enc =
-                self.ctx
-                    .device()
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("qfuse split rows"),
-                    });
-            for (i, row) in rows.iter().enumerate() {
-                enc.copy_buffer_to_buffer(t.buffer(), i as u64 * bytes, row.buffer(), 0, bytes);
-            }
-            self.ctx.queue().submit([enc.finish()]);
-        })?;
+        let copies: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| (t.buffer(), i as u64 * bytes, row.buffer(), 0, bytes))
+            .collect();
+        self.ctx.copy_regions("splitting rows", &copies)?;
         Ok(rows)
     }
 
@@ -219,25 +207,10 @@ impl GpuBackend {
         GpuBatchNorm::from_packed(data, bn.eps)
     }
 
-    /// Channels where γ is exactly 0 (reads γ back: `C` floats).
-    fn zero_gamma(&self, bn: &BatchNorm<GpuTensor>) -> Result<Vec<usize>> {
-        match &bn.weight {
-            None => Ok(Vec::new()),
-            Some(w) => Ok(w
-                .download_f32(&self.ctx)?
-                .iter()
-                .enumerate()
-                .filter(|(_, &g)| g == 0.0)
-                .map(|(c, _)| c)
-                .collect()),
-        }
-    }
-
-    /// A kernel QAT forward as the backend's step (`zero`: the channels where γ = 0).
+    /// A kernel QAT forward as the backend's step.
     fn qat_step(
         &self,
         f: kernels::conv_bn::GpuQatForward,
-        zero: Vec<usize>,
     ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
         let (running_mean, running_var) = self.stats_rows(&f.stats.running)?;
         Ok(QatStep {
@@ -253,7 +226,6 @@ impl GpuBackend {
                 stats: f.stats.stats,
                 bn_out: f.bn_out,
                 conv_out: f.conv_out,
-                zero_gamma: Some(zero),
             },
         })
     }
@@ -387,24 +359,26 @@ impl FloatOps for GpuBackend {
         training: bool,
         act: Activation,
     ) -> Result<BatchNormOutput<GpuTensor, GpuTensor>> {
-        let gbn = self.pack_batch_norm(bn)?;
-        let out = kernels::batch_norm::batch_norm2d(
-            &self.ctx,
-            x,
-            &gbn,
-            bn.momentum,
-            training,
-            act,
-            false,
-        )?;
-        let (mean, invstd) = self.stats_rows(&out.stats.stats)?;
-        let (running_mean, running_var) = self.stats_rows(&out.stats.running)?;
-        Ok(BatchNormOutput {
-            y: out.y,
-            running_mean,
-            running_var,
-            mean,
-            invstd,
+        self.ctx.record(|| {
+            let gbn = self.pack_batch_norm(bn)?;
+            let out = kernels::batch_norm::batch_norm2d(
+                &self.ctx,
+                x,
+                &gbn,
+                bn.momentum,
+                training,
+                act,
+                false,
+            )?;
+            let (mean, invstd) = self.stats_rows(&out.stats.stats)?;
+            let (running_mean, running_var) = self.stats_rows(&out.stats.running)?;
+            Ok(BatchNormOutput {
+                y: out.y,
+                running_mean,
+                running_var,
+                mean,
+                invstd,
+            })
         })
     }
 
@@ -416,33 +390,35 @@ impl FloatOps for GpuBackend {
         fwd: &BatchNormOutput<GpuTensor, GpuTensor>,
         training: bool,
     ) -> Result<BatchNormGrads<GpuTensor, GpuTensor>> {
-        use kernels::batch_norm as kbn;
-        let gbn = self.pack_batch_norm(bn)?;
-        kbn::check_input(x, &gbn)?;
-        if dy.shape() != x.shape() {
-            return Err(Error::shape(
-                "batch_norm2d_backward dy (input shape)",
-                x.shape(),
-                dy.shape(),
-            ));
-        }
-        let c = gbn.channels();
-        for (name, a) in [("mean", &fwd.mean), ("invstd", &fwd.invstd)] {
-            if a.shape() != [c] {
+        self.ctx.record(|| {
+            use kernels::batch_norm as kbn;
+            let gbn = self.pack_batch_norm(bn)?;
+            kbn::check_input(x, &gbn)?;
+            if dy.shape() != x.shape() {
                 return Err(Error::shape(
-                    format!("batch_norm2d_backward saved {name}"),
-                    &[c],
-                    a.shape(),
+                    "batch_norm2d_backward dy (input shape)",
+                    x.shape(),
+                    dy.shape(),
                 ));
             }
-        }
-        let stats = self.stack_rows(&[&fwd.mean, &fwd.invstd])?;
-        let g = kbn::batch_norm2d_backward(&self.ctx, x, dy, &gbn, &stats, training)?;
-        let (dbias, dweight) = self.stats_rows(&g.dparams)?;
-        Ok(BatchNormGrads {
-            dx: g.dx,
-            dweight,
-            dbias,
+            let c = gbn.channels();
+            for (name, a) in [("mean", &fwd.mean), ("invstd", &fwd.invstd)] {
+                if a.shape() != [c] {
+                    return Err(Error::shape(
+                        format!("batch_norm2d_backward saved {name}"),
+                        &[c],
+                        a.shape(),
+                    ));
+                }
+            }
+            let stats = self.stack_rows(&[&fwd.mean, &fwd.invstd])?;
+            let g = kbn::batch_norm2d_backward(&self.ctx, x, dy, &gbn, &stats, training)?;
+            let (dbias, dweight) = self.stats_rows(&g.dparams)?;
+            Ok(BatchNormGrads {
+                dx: g.dx,
+                dweight,
+                dbias,
+            })
         })
     }
 
@@ -524,10 +500,13 @@ impl QuantOps for GpuBackend {
         bn: &BatchNorm<GpuTensor>,
         transpose: bool,
     ) -> Result<Folded<GpuTensor, GpuTensor>> {
-        crate::ops::check_conv_weight_rank(weight.shape())?;
-        let gbn = self.pack_batch_norm(bn)?;
-        let (weight, bias) = kernels::fold::fold_conv_bn(&self.ctx, weight, bias, &gbn, transpose)?;
-        Ok(Folded { weight, bias })
+        self.ctx.record(|| {
+            crate::ops::check_conv_weight_rank(weight.shape())?;
+            let gbn = self.pack_batch_norm(bn)?;
+            let (weight, bias) =
+                kernels::fold::fold_conv_bn(&self.ctx, weight, bias, &gbn, transpose)?;
+            Ok(Folded { weight, bias })
+        })
     }
 
     fn fold_linear_bn(
@@ -536,9 +515,11 @@ impl QuantOps for GpuBackend {
         bias: Option<&GpuTensor>,
         bn: &BatchNorm<GpuTensor>,
     ) -> Result<Folded<GpuTensor, GpuTensor>> {
-        let gbn = self.pack_batch_norm(bn)?;
-        let (weight, bias) = kernels::fold::fold_linear_bn(&self.ctx, weight, bias, &gbn)?;
-        Ok(Folded { weight, bias })
+        self.ctx.record(|| {
+            let gbn = self.pack_batch_norm(bn)?;
+            let (weight, bias) = kernels::fold::fold_linear_bn(&self.ctx, weight, bias, &gbn)?;
+            Ok(Folded { weight, bias })
+        })
     }
 }
 
@@ -617,19 +598,21 @@ impl FusedOps for GpuBackend {
         bn: &BatchNorm<GpuTensor>,
         act: Activation,
     ) -> Result<(GpuTensor, Folded<GpuTensor, GpuTensor>)> {
-        let gbn = self.pack_batch_norm(bn)?;
-        let r = kernels::conv_bn::conv_bn_act_eval(&self.ctx, x, &gconv(conv), &gbn, act)?;
-        Ok((
-            r.y,
-            Folded {
-                weight: r.weight,
-                bias: r.bias,
-            },
-        ))
+        self.ctx.record(|| {
+            let gbn = self.pack_batch_norm(bn)?;
+            let r = kernels::conv_bn::conv_bn_act_eval(&self.ctx, x, &gconv(conv), &gbn, act)?;
+            Ok((
+                r.y,
+                Folded {
+                    weight: r.weight,
+                    bias: r.bias,
+                },
+            ))
+        })
     }
 
-    /// On the device, with one read: γ (`C` floats), to find the channels where γ = 0; in
-    /// those (rare) channels the finite form's scale BatchNorm is built on the host.
+    /// On the device, with no read: the finite γ = 0 form is decided per channel by the
+    /// kernel ([`kernels::conv_bn::GpuQatWeight::finite_zero_gamma`]).
     fn conv_bn_qat_forward(
         &self,
         x: &GpuTensor,
@@ -638,37 +621,24 @@ impl FusedOps for GpuBackend {
         cfg: &QatConfig,
         weight: &QatWeightQuant<GpuQParams>,
     ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
-        let ctx = &*self.ctx;
-        let gbn = self.pack_batch_norm(bn)?;
-        let zero = self.zero_gamma(bn)?;
-        // The finite γ = 0 form: s = 1 in those channels, through a scale BatchNorm whose γ
-        // there is sqrt(running_var + eps), rounded as the shader rounds it (correctly).
-        let scale_bn = if zero.is_empty() {
-            None
-        } else {
-            let mut sb = super::download_batch_norm(self, bn)?;
-            if let Some(w) = sb.weight.as_mut() {
-                for &c in &zero {
-                    w[c] = (sb.running_var[c] + sb.eps).sqrt();
-                }
-            }
-            Some(GpuBatchNorm::upload(ctx, &sb)?)
-        };
-        let gweight = kernels::conv_bn::GpuQatWeight {
-            qparams: weight.qparams.as_ref(),
-            fake_quant_enabled: weight.fake_quant_enabled,
-            scale_bn: scale_bn.as_ref(),
-        };
-        let f = kernels::conv_bn::conv_bn_qat_forward_with(
-            ctx,
-            x,
-            &gconv(conv),
-            &gbn,
-            bn.momentum,
-            cfg,
-            &gweight,
-        )?;
-        self.qat_step(f, zero)
+        self.ctx.record(|| {
+            let gbn = self.pack_batch_norm(bn)?;
+            let gweight = kernels::conv_bn::GpuQatWeight {
+                qparams: weight.qparams.as_ref(),
+                fake_quant_enabled: weight.fake_quant_enabled,
+                finite_zero_gamma: true,
+            };
+            let f = kernels::conv_bn::conv_bn_qat_forward_with(
+                &self.ctx,
+                x,
+                &gconv(conv),
+                &gbn,
+                bn.momentum,
+                cfg,
+                &gweight,
+            )?;
+            self.qat_step(f)
+        })
     }
 
     fn conv_bn_qat_forward_pytorch(
@@ -678,20 +648,21 @@ impl FusedOps for GpuBackend {
         bn: &BatchNorm<GpuTensor>,
         cfg: &QatConfig,
     ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
-        let gbn = self.pack_batch_norm(bn)?;
-        let f = kernels::conv_bn::conv_bn_qat_forward(
-            &self.ctx,
-            x,
-            &gconv(conv),
-            &gbn,
-            bn.momentum,
-            cfg,
-        )?;
-        self.qat_step(f, Vec::new())
+        self.ctx.record(|| {
+            let gbn = self.pack_batch_norm(bn)?;
+            let f = kernels::conv_bn::conv_bn_qat_forward(
+                &self.ctx,
+                x,
+                &gconv(conv),
+                &gbn,
+                bn.momentum,
+                cfg,
+            )?;
+            self.qat_step(f)
+        })
     }
 
-    /// On the device; where γ = 0 in some channel (rare), their dγ is recomputed from the
-    /// downloaded step ([`crate::reference::conv_bn::zero_gamma_bn_weight_grads`]).
+    /// On the device, with no read (the finite γ = 0 channels included).
     fn conv_bn_qat_backward(
         &self,
         x: &GpuTensor,
@@ -701,55 +672,42 @@ impl FusedOps for GpuBackend {
         cfg: &QatConfig,
         fwd: &QatStep<GpuTensor, GpuQParams, GpuQatState>,
     ) -> Result<QatGrads<GpuTensor, GpuTensor>> {
-        let ctx = &*self.ctx;
-        let gbn = self.pack_batch_norm(bn)?;
-        let sv = &fwd.saved;
-        let o = gbn.channels();
-        if sv.stats.shape() != [2, o] {
-            return Err(Error::shape(
-                "batch_norm2d_backward saved mean / invstd",
-                &[2, o],
-                sv.stats.shape(),
-            ));
-        }
-        let saved = kernels::conv_bn::GpuQatSaved {
-            scale_factor: &sv.scale_factor,
-            weight_q: &sv.weight_q,
-            weight_mask: &sv.weight_mask,
-            bn_input: &sv.bn_input,
-            stats: &sv.stats,
-            act_input: &sv.bn_out,
-        };
-        let g =
-            kernels::conv_bn::conv_bn_qat_backward(ctx, x, dy, &gconv(conv), &gbn, cfg, &saved)?;
-        let mut dbn_weight = g.dbn_weight;
-        let zero = match &sv.zero_gamma {
-            Some(z) => z.clone(),
-            None => self.zero_gamma(bn)?,
-        };
-        if !zero.is_empty() {
-            // Channels of the finite γ = 0 form: dγ is the BatchNorm affine part only; the
-            // kernels add the weight-scaling and divide-back parts for every channel, so
-            // those channels are recomputed on the host.
-            let hdy = super::host::into_dim::<f32, ndarray::Ix4>(dy.download_f32(ctx)?, "dy")?;
-            let hbn = super::download_batch_norm(self, bn)?;
-            let hfwd = self.qat_forward_to_host(fwd, conv)?;
-            let mut d = dbn_weight.download_f32(ctx)?;
-            for (c, v) in
-                crate::reference::conv_bn::zero_gamma_bn_weight_grads(&hdy, &hbn, cfg, &hfwd)?
-            {
-                if let Some(slot) = d.get_mut(c) {
-                    *slot = v;
-                }
+        self.ctx.record(|| {
+            let ctx = &*self.ctx;
+            let gbn = self.pack_batch_norm(bn)?;
+            let sv = &fwd.saved;
+            let o = gbn.channels();
+            if sv.stats.shape() != [2, o] {
+                return Err(Error::shape(
+                    "batch_norm2d_backward saved mean / invstd",
+                    &[2, o],
+                    sv.stats.shape(),
+                ));
             }
-            dbn_weight = GpuTensor::upload_f32(ctx, &d)?;
-        }
-        Ok(QatGrads {
-            dx: g.dx,
-            dweight: g.dweight,
-            dbias: g.dbias,
-            dbn_weight,
-            dbn_bias: g.dbn_bias,
+            let saved = kernels::conv_bn::GpuQatSaved {
+                scale_factor: &sv.scale_factor,
+                weight_q: &sv.weight_q,
+                weight_mask: &sv.weight_mask,
+                bn_input: &sv.bn_input,
+                stats: &sv.stats,
+                act_input: &sv.bn_out,
+            };
+            let g = kernels::conv_bn::conv_bn_qat_backward(
+                ctx,
+                x,
+                dy,
+                &gconv(conv),
+                &gbn,
+                cfg,
+                &saved,
+            )?;
+            Ok(QatGrads {
+                dx: g.dx,
+                dweight: g.dweight,
+                dbias: g.dbias,
+                dbn_weight: g.dbn_weight,
+                dbn_bias: g.dbn_bias,
+            })
         })
     }
 
@@ -819,8 +777,6 @@ impl FusedOps for GpuBackend {
                 stats,
                 bn_out: up(sv.bn_out.clone().into_dyn())?,
                 conv_out: Some(up(sv.conv_out.clone().into_dyn())?),
-                // Where γ is 0 is found again from the BatchNorm of the backward.
-                zero_gamma: None,
             },
         })
     }

@@ -948,6 +948,70 @@ impl GpuContext {
         })
     }
 
+    /// Device-to-device copies `(src, src_offset, dst, dst_offset, bytes)`, in order, encoded
+    /// as [`GpuContext::run`] encodes kernels: appended to the open encoder inside
+    /// [`GpuContext::record`] / [`GpuContext::encode_into`] (ordered with the launches around
+    /// them), else submitted at once as one command buffer. Never waits for the GPU.
+    ///
+    /// Errors: [`Error::MissingBufferUsage`] for a source without `COPY_SRC` or a
+    /// destination without `COPY_DST`; [`Error::Gpu`] naming `what` for a region that is not
+    /// 4-byte aligned or runs past a buffer's end, and for what the GPU reports.
+    pub(crate) fn copy_regions(
+        &self,
+        what: &str,
+        copies: &[(&wgpu::Buffer, u64, &wgpu::Buffer, u64, u64)],
+    ) -> Result<()> {
+        self.check_alive()?;
+        for &(src, so, dst, d_o, bytes) in copies {
+            crate::gpu::tensor::require_usage(src, wgpu::BufferUsages::COPY_SRC, "copy from it")?;
+            crate::gpu::tensor::require_usage(dst, wgpu::BufferUsages::COPY_DST, "copy into it")?;
+            let fits =
+                |off: u64, b: &wgpu::Buffer| off.checked_add(bytes).is_some_and(|e| e <= b.size());
+            let aligned = [so, d_o, bytes]
+                .iter()
+                .all(|v| v.is_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT));
+            if !aligned || !fits(so, src) || !fits(d_o, dst) {
+                return Err(Error::Gpu(format!(
+                    "{what}: cannot copy {bytes} bytes from offset {so} of a {}-byte buffer to \
+                     offset {d_o} of a {}-byte buffer",
+                    src.size(),
+                    dst.size()
+                )));
+            }
+        }
+        let copies: Vec<_> = copies.iter().filter(|c| c.4 > 0).collect();
+        if copies.is_empty() {
+            return Ok(());
+        }
+        self.guarded(what, || {
+            let encode = |encoder: &mut wgpu::CommandEncoder| {
+                for &&(src, so, dst, d_o, bytes) in &copies {
+                    encoder.copy_buffer_to_buffer(src, so, dst, d_o, bytes);
+                }
+            };
+            let me = std::thread::current().id();
+            let mut rec = lock(&self.rt.rec);
+            self.issue_writes(&mut rec);
+            if rec.depth > 0 && rec.owner == Some(me) {
+                let encoder = rec
+                    .encoder
+                    .get_or_insert_with(|| self.new_encoder("qfuse recording"));
+                encode(encoder);
+            } else {
+                let pending = if rec.external {
+                    None
+                } else {
+                    rec.encoder.take()
+                };
+                let mut encoder = self.new_encoder("qfuse copies");
+                encode(&mut encoder);
+                let buffers = pending.into_iter().chain([encoder]).map(|e| e.finish());
+                self.queue.submit(buffers);
+                self.submitted(&rec);
+            }
+        })
+    }
+
     /// Issues the pending parameter writes (under the recording lock, held by the caller).
     fn issue_writes(&self, rec: &mut Recording) {
         for (buffer, bytes) in rec.writes.drain(..) {

@@ -168,7 +168,8 @@ struct Params {
     groups: u32,
     op: u32,
     hw: u32,
-    _pad0: u32,
+    /// 1: `s = 1` where γ = 0 (the finite form); the backward finds those channels itself.
+    finite_zero: u32,
     eps: f32,
     _pad: [u32; 3],
 }
@@ -455,13 +456,13 @@ pub struct GpuQatWeight<'a> {
     pub qparams: Option<&'a GpuQParams>,
     /// `false`: `W_q = W_s`, mask all ones.
     pub fake_quant_enabled: bool,
-    /// The BatchNorm whose `γ / sqrt(running_var + eps)` gives the scale factor `s`, when it
-    /// is not the step's BatchNorm: [`crate::GpuBackend`] passes one whose γ is
-    /// `sqrt(running_var + eps)` (correctly rounded, so `s = 1` exactly) in the channels
-    /// where the real γ is 0, for the finite γ = 0 form of
-    /// [`crate::reference::conv_bn::conv_bn_qat_forward_with`]. Its running variance and
-    /// `eps` must be the step BatchNorm's.
-    pub scale_bn: Option<&'a GpuBatchNorm>,
+    /// `true`: the finite γ = 0 form of
+    /// [`crate::reference::conv_bn::conv_bn_qat_forward_with`] (`s = 1` in the channels
+    /// where γ is ±0, [`crate::reference::conv_bn::qat_scale_factor_finite`]), decided on the
+    /// device; `false`: PyTorch's `s = γ / sqrt(running_var + eps)` everywhere (`s = 0`, NaN
+    /// outputs, where γ = 0). [`conv_bn_qat_backward`] recognizes the finite channels from γ
+    /// and the saved `s`, as the reference does.
+    pub finite_zero_gamma: bool,
 }
 
 impl Default for GpuQatWeight<'_> {
@@ -469,19 +470,18 @@ impl Default for GpuQatWeight<'_> {
         Self {
             qparams: None,
             fake_quant_enabled: true,
-            scale_bn: None,
+            finite_zero_gamma: false,
         }
     }
 }
 
 /// [`conv_bn_qat_forward`] with the weight fake quant of `weight`: fixed qparams (the
-/// observer pass is skipped), fake quant disabled (`W_q = W_s`, mask 1), and the scale
-/// factor from another BatchNorm (see [`GpuQatWeight`]); the GPU form of
-/// [`crate::reference::conv_bn::conv_bn_qat_forward_with`]. The BatchNorm pass always uses
-/// `bn`.
+/// observer pass is skipped), fake quant disabled (`W_q = W_s`, mask 1), and the finite
+/// γ = 0 form (see [`GpuQatWeight`]); the GPU form of
+/// [`crate::reference::conv_bn::conv_bn_qat_forward_with`] (with `finite_zero_gamma`).
 ///
-/// Errors: those of [`conv_bn_qat_forward`]; [`Error::ChannelMismatch`] for a `scale_bn`
-/// whose channel count differs; fixed qparams that do not fit the weight or the range.
+/// Errors: those of [`conv_bn_qat_forward`]; fixed qparams that do not fit the weight or
+/// the range.
 pub fn conv_bn_qat_forward_with(
     ctx: &GpuContext,
     x: &GpuTensor,
@@ -495,22 +495,15 @@ pub fn conv_bn_qat_forward_with(
     if let Some(q) = weight.qparams {
         ctx.check_tensor("weight qparams", q.tensor())?;
     }
-    if let Some(sb) = weight.scale_bn {
-        ctx.check_tensor("scale BatchNorm parameters", sb.tensor())?;
-    }
     let (o, _) = check_qat_forward(x, conv, bn, cfg)?;
     let spec = &cfg.weight_observer;
     let ws = w_shape(conv);
-    let scale_bn = match weight.scale_bn {
-        Some(sb) => {
-            check_conv_bn(conv, sb)?;
-            sb
-        }
-        None => bn,
-    };
 
     // (a) s, 1/s, W_s and the per-output-channel min/max of W_s.
-    let p = params_weight(conv, scale_bn, o)?;
+    let p = Params {
+        finite_zero: u32::from(weight.finite_zero_gamma),
+        ..params_weight(conv, bn, o)?
+    };
     let uniform = ctx.params(&p)?;
     let weight_scaled = GpuTensor::zeros(ctx, &ws, DType::F32)?;
     let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
@@ -520,7 +513,7 @@ pub fn conv_bn_qat_forward_with(
     let per_tensor = !spec.qscheme.is_per_channel();
     let scale_buffers = [
         &uniform,
-        scale_bn.tensor().buffer(),
+        bn.tensor().buffer(),
         conv.weight.buffer(),
         weight_scaled.buffer(),
         scale_factor.buffer(),
@@ -788,7 +781,10 @@ pub struct GpuQatGrads {
 /// * conv bias grad `= s·Σg` (`= ΣdBN_in`); divide-back part of `dγ`:
 ///   `−Σ g·(bn_input − b) / sqrt(rv + eps)` (`= −ΣdBN_in·conv_out/s² / sqrt(rv + eps)`);
 /// * `dx`, `dW_q` from the conv backward with `W_q`; `dW_s = dW_q·mask`, `dW = dW_s·s`;
-///   weight-scaling part of `dγ`: `Σ dW_s·W / sqrt(rv + eps)`.
+///   weight-scaling part of `dγ`: `Σ dW_s·W / sqrt(rv + eps)`;
+/// * in a channel that the forward ran in the finite γ = 0 form (γ = ±0 and saved `s ≠ 0`,
+///   see [`GpuQatWeight::finite_zero_gamma`]) `dγ` is the BatchNorm affine part only, as in
+///   the reference.
 ///
 /// Errors (the CPU's messages): as the forward's checks (without the training-size check);
 /// [`Error::ShapeMismatch`] when `dy` is not the forward output shape or a saved tensor does

@@ -266,48 +266,6 @@ pub fn conv_bn_qat_forward_with(
     )
 }
 
-/// `dγ` of the channels that [`conv_bn_qat_forward_with`] ran in the finite γ = 0 form
-/// (`γ = 0` and a saved scale factor that is not 0): the BatchNorm affine part
-/// `Σ_{n,h,w} act'(bn_out)·dy·(bn_input − mean)·invstd` only. Returns `(channel, dγ)` pairs.
-/// Used by backends whose fused backward adds the weight-scaling and divide-back parts for
-/// every channel.
-///
-/// Errors: [`Error::InvalidArgument`] from the activation's backward on mismatched shapes.
-pub fn zero_gamma_bn_weight_grads(
-    dy: &Array4<f32>,
-    bn: &BatchNorm,
-    cfg: &QatConfig,
-    fwd: &QatForward,
-) -> Result<Vec<(usize, f32)>> {
-    let sv = &fwd.saved;
-    let channels: Vec<usize> = zero_gamma_channels(bn)
-        .into_iter()
-        .filter(|&c| sv.scale_factor.get(c).is_some_and(|&s| s != 0.0))
-        .collect();
-    let mut out = Vec::with_capacity(channels.len());
-    for c in channels {
-        let ax = ndarray::Axis(1);
-        if c >= sv.bn_out.shape()[1] || c >= sv.mean.len() || c >= sv.invstd.len() {
-            return Err(Error::shape(
-                "zero_gamma_bn_weight_grads saved statistics",
-                &[c + 1],
-                sv.mean.shape(),
-            ));
-        }
-        let pre = sv.bn_out.index_axis(ax, c).to_owned().into_dyn();
-        let d = dy.index_axis(ax, c).to_owned().into_dyn();
-        let d_pre = activation_backward(&pre, &d, cfg.activation)?;
-        let (mean, invstd) = (sv.mean[c] as f64, sv.invstd[c] as f64);
-        let sum: f64 = d_pre
-            .iter()
-            .zip(sv.bn_input.index_axis(ax, c).iter())
-            .map(|(&g, &v)| g as f64 * (v as f64 - mean) * invstd)
-            .sum();
-        out.push((c, sum as f32));
-    }
-    Ok(out)
-}
-
 /// Steps 3-5 of [`conv_bn_qat_forward`], given the fake-quantized scaled weight and its mask.
 #[allow(clippy::too_many_arguments)]
 fn qat_forward_quantized(

@@ -619,6 +619,103 @@ fn conv_bn_qat_per_channel_axis_1() {
     check_qat_forward("axis 1", &got, &want);
 }
 
+/// The GPU backend's QAT step on device tensors with γ = ±0 channels (qfuse's finite form):
+/// forward and backward each one submission with no host transfer (the γ = 0 rule runs on
+/// the device), `s` / `W_q` / mask / qparams bit-exact with the CPU reference's
+/// `conv_bn_qat_forward_with`, outputs and gradients (dγ of the γ = 0 channels included)
+/// close to its backward.
+fn conv_bn_qat_gamma_zero_on_device() {
+    use qfuse::backend::{upload_batch_norm, upload_conv2d, Device, FusedOps};
+    use qfuse::ops::QatWeightQuant;
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = backend(&ctx);
+    let mut rng = Rng(71);
+    let case = &qat_cases()[0];
+    for per_channel in [true, false] {
+        let conv = make_conv(&mut rng, case);
+        let mut bn = random_bn(&mut rng, case.o, true);
+        bn.weight.as_mut().unwrap()[1] = 0.0;
+        bn.weight.as_mut().unwrap()[4] = -0.0;
+        let x = rng.array4(case.x, -1.0, 1.0);
+        let cfg = qat_cfg(Activation::Relu, false, per_channel);
+        let want = qfuse::reference::conv_bn::conv_bn_qat_forward_with(
+            &x,
+            &conv,
+            &bn,
+            &cfg,
+            &QatWeightQuant::default(),
+        )
+        .unwrap();
+        assert_eq!(want.saved.scale_factor[1], 1.0);
+        let dy = rng.array4(<[usize; 4]>::try_from(want.y.shape()).unwrap(), -1.0, 1.0);
+        let gw = qfuse::reference::conv_bn::conv_bn_qat_backward(&x, &dy, &conv, &bn, &cfg, &want)
+            .unwrap();
+
+        let gx = gpu.upload(&x.clone().into_dyn()).unwrap();
+        let gdy = gpu.upload(&dy.clone().into_dyn()).unwrap();
+        let gconv = upload_conv2d(&gpu, &conv).unwrap();
+        let gbn = upload_batch_norm(&gpu, &bn).unwrap();
+        let weight = QatWeightQuant {
+            qparams: None,
+            fake_quant_enabled: true,
+        };
+        let what = format!("γ = 0 per_channel {per_channel}");
+        let (t0, s0) = (ctx.transfer_stats(), ctx.pool_stats().submissions);
+        let step = FusedOps::conv_bn_qat_forward(&gpu, &gx, &gconv, &gbn, &cfg, &weight).unwrap();
+        let (t1, s1) = (ctx.transfer_stats(), ctx.pool_stats().submissions);
+        assert_eq!(t1.since(&t0).transfers(), 0, "{what}: forward transfers");
+        assert_eq!(s1 - s0, 1, "{what}: forward submissions");
+        let g = FusedOps::conv_bn_qat_backward(&gpu, &gx, &gdy, &gconv, &gbn, &cfg, &step).unwrap();
+        assert_eq!(
+            ctx.transfer_stats().since(&t1).transfers(),
+            0,
+            "{what}: backward transfers"
+        );
+        assert_eq!(
+            ctx.pool_stats().submissions - s1,
+            1,
+            "{what}: backward submissions"
+        );
+
+        let got = gpu.qat_forward_to_host(&step, &gconv).unwrap();
+        check_qat_forward(&what, &got, &want);
+        let d1 = |t: &GpuTensor| {
+            gpu.download(t)
+                .unwrap()
+                .into_dimensionality::<ndarray::Ix1>()
+                .unwrap()
+        };
+        let tol = 1e-3;
+        let dx = gpu.download(&g.dx).unwrap();
+        assert_close(&format!("{what}: dx"), &dx, &gw.dx.clone().into_dyn(), tol);
+        let dw = gpu.download(&g.dweight).unwrap();
+        assert_close(
+            &format!("{what}: dweight"),
+            &dw,
+            &gw.dweight.clone().into_dyn(),
+            tol,
+        );
+        assert_close(
+            &format!("{what}: dbn_weight"),
+            &d1(&g.dbn_weight),
+            &gw.dbn_weight,
+            tol,
+        );
+        assert_close(
+            &format!("{what}: dbn_bias"),
+            &d1(&g.dbn_bias),
+            &gw.dbn_bias,
+            tol,
+        );
+        assert_close(
+            &format!("{what}: dbias"),
+            &d1(g.dbias.as_ref().unwrap()),
+            gw.dbias.as_ref().unwrap(),
+            tol,
+        );
+    }
+}
+
 fn err_text(r: Result<impl std::fmt::Debug, Error>) -> String {
     r.expect_err("expected an error").to_string()
 }
@@ -872,6 +969,7 @@ crate::qfuse_tests! {
     conv_bn_qat_forward_backward_match_reference: gpu,
     conv_bn_qat_fused_matches_unfused: gpu,
     conv_bn_qat_per_channel_axis_1: gpu,
+    conv_bn_qat_gamma_zero_on_device: gpu,
     errors_match_cpu: gpu,
     eval_timing: gpu + manual,
 }
