@@ -7,6 +7,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4};
 use super::net::{fold_conv, Net, NodeOp, ValueId};
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
+use crate::io::text::escape;
 use crate::ops::{Activation, Conv2dParams};
 use crate::quant::{
     AddRequant, ObserverSpec, QDtype, QParams, QScheme, QuantRange, Requant, RequantMode,
@@ -292,24 +293,62 @@ pub fn convert<'a>(
             "deployment needs at least one calibration batch",
         ));
     }
+    let ranges: Vec<Option<(f32, f32)>> = stats.iter().map(|s| Some((s.min, s.max))).collect();
+    convert_with_ranges(net, backend, &ranges, config)
+}
+
+/// Converts `net` to integer form with activation ranges observed elsewhere — by QAT's
+/// FakeQuantize observers ([`crate::train::GpuTrainer::activation_ranges`]), as PyTorch's
+/// `convert` takes a QAT model's observer state — instead of a calibration pass: `ranges[v]`
+/// is value `v`'s `(min, max)` (value 0 the input, value `i + 1` node `i`'s output). Only the
+/// input and the outputs of requantizing nodes (conv, linear, add) are read; the others
+/// inherit their input's qparams and may be `None`. Weights, biases and requantization as
+/// [`convert`].
+///
+/// Errors: as [`convert`]; [`Error::InvalidArgument`] for a `ranges` of the wrong length, or a
+/// missing, NaN or reversed (`min > max`) range where one is read.
+pub fn convert_with_ranges(
+    net: &Net,
+    backend: &dyn HostOps,
+    ranges: &[Option<(f32, f32)>],
+    config: &DeployConfig,
+) -> Result<IntModel> {
+    config.validate()?;
+    if ranges.len() != net.value_count() {
+        return Err(Error::invalid(format!(
+            "deployment: {} activation ranges for a net of {} values",
+            ranges.len(),
+            net.value_count()
+        )));
+    }
     // Value qparams: observed for the input and requantizing nodes, inherited otherwise.
     let mut values: Vec<QParams> = Vec::with_capacity(net.value_count());
-    let act_qp = |s: &MinMax, what: &str| -> Result<QParams> {
-        if s.min.is_nan() || s.max.is_nan() {
+    let act_qp = |r: Option<(f32, f32)>, what: &str| -> Result<QParams> {
+        let Some((min, max)) = r else {
+            return Err(Error::invalid(format!(
+                "deployment: no activation range for {what}"
+            )));
+        };
+        if min.is_nan() || max.is_nan() {
             return Err(Error::invalid(format!(
                 "calibration of {what} saw NaN; cannot quantize it"
             )));
         }
+        if min > max {
+            return Err(Error::invalid(format!(
+                "deployment: the activation range of {what} is reversed ({min} > {max})"
+            )));
+        }
         Ok(observer::calculate_qparams(
-            &[s.min],
-            &[s.max],
+            &[min],
+            &[max],
             &config.activation,
         ))
     };
-    values.push(act_qp(&stats[0], "the input")?);
+    values.push(act_qp(ranges[0], "the input")?);
     for (i, node) in net.nodes().iter().enumerate() {
         let qp = if node.op.requantizes() {
-            act_qp(&stats[i + 1], &format!("`{}`", node.name))?
+            act_qp(ranges[i + 1], &format!("`{}`", escape(&node.name)))?
         } else {
             values[node.inputs[0]].clone()
         };

@@ -31,7 +31,7 @@ mod gap;
 mod net;
 mod run;
 
-pub use convert::{convert, DeployConfig, IntLayer, IntModel, IntNode};
+pub use convert::{convert, convert_with_ranges, DeployConfig, IntLayer, IntModel, IntNode};
 pub use device::{DeviceIntModel, GpuIntModel};
 pub use gap::{measure_gap, Gap, GapReport, LayerGap};
 pub use net::{Net, Node, NodeOp, ValueId};

@@ -13,6 +13,14 @@
 //! as NNI's example trains (`F.nll_loss(F.log_softmax(x), y)`). [`GpuTrainer::to_net`] gives
 //! the trained model back for evaluation, PTQ and integer deployment ([`crate::deploy`]).
 //!
+//! QAT ([`GpuTrainer::enable_qat`], [`QatOptions`]) fine-tunes the same net with what
+//! [`crate::deploy`] will run simulated on the device: fake-quantized weights (a conv with
+//! BatchNorm as PyTorch's `ConvBn2d` / `ConvBnReLU2d` QAT), fake-quantized activations whose
+//! moving-average observers update on the device, straight-through gradients, and PyTorch's
+//! late-training freezes ([`GpuTrainer::freeze_observers`], [`GpuTrainer::freeze_bn_stats`]);
+//! [`GpuTrainer::activation_ranges`] and [`GpuTrainer::to_net`] feed
+//! [`crate::deploy::convert_with_ranges`] (PyTorch's `convert`).
+//!
 //! Each op is a [`crate::kernels`] launcher checked against the CPU reference
 //! ([`crate::reference::train`] and the conv / BatchNorm / activation backwards); the wiring
 //! of the backward is checked against finite differences in the tests.
@@ -50,8 +58,12 @@ use crate::deploy::{Net, NodeOp, ValueId};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::kernels::{self, conv2d::ConvEpilogue, GpuBatchNorm};
-use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams};
+use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, QatConfig};
 use crate::optim::Sgd;
+
+mod qat;
+pub use qat::QatOptions;
+use qat::{QatState, Quantized};
 
 /// A trained tensor with its momentum buffer.
 #[derive(Debug, Clone)]
@@ -111,10 +123,21 @@ enum Saved {
         y: GpuTensor,
         /// BatchNorm input (the conv output) and `[2, C]` mean / invstd, with a BN.
         bn: Option<(GpuTensor, GpuTensor)>,
+        /// QAT: the fake-quantized weight.
+        wq: Option<(GpuTensor, Quantized)>,
+    },
+    /// QAT conv + BatchNorm (PyTorch's `ConvBn2d` / `ConvBnReLU2d`): the fused forward's
+    /// saved tensors.
+    QatConvBn {
+        x: GpuTensor,
+        fwd: Box<kernels::conv_bn::GpuQatForward>,
+        cfg: crate::ops::QatConfig,
     },
     Linear {
         x: GpuTensor,
         y: GpuTensor,
+        /// QAT: the fake-quantized weight.
+        wq: Option<(GpuTensor, Quantized)>,
     },
     Pool {
         x: GpuTensor,
@@ -125,6 +148,14 @@ enum Saved {
     Add {
         y: GpuTensor,
     },
+}
+
+/// A forward's output and, in training, what the backward needs: per node its saved tensors
+/// and, in QAT, its output fake quant.
+struct Forward {
+    out: GpuTensor,
+    saved: Vec<Saved>,
+    quantized: Vec<Option<Quantized>>,
 }
 
 /// A gradient waiting for the optimizer: which parameter (node index and role) and the
@@ -141,6 +172,10 @@ enum Role {
     Bias,
     /// `[2, C]` BatchNorm grads: row 0 dβ, row 1 dγ.
     BnParams,
+    /// `[C]` dγ (QAT conv + BatchNorm).
+    BnGamma,
+    /// `[C]` dβ (QAT conv + BatchNorm).
+    BnBeta,
 }
 
 /// Gradients by parameter name (`conv1.weight`, `conv1.bn.bias`, ...), downloaded.
@@ -154,6 +189,7 @@ pub struct GpuTrainer {
     output: ValueId,
     sgd: Sgd,
     steps: u64,
+    qat: Option<QatState>,
 }
 
 fn up(ctx: &GpuContext, a: ArrayD<f32>) -> Result<GpuTensor> {
@@ -302,6 +338,7 @@ impl GpuTrainer {
             output: net.output(),
             sgd,
             steps: 0,
+            qat: None,
         })
     }
 
@@ -335,22 +372,102 @@ impl GpuTrainer {
         self.steps
     }
 
+    /// Turns on quantization-aware training ([`QatOptions`]; PyTorch's `prepare_qat` of a
+    /// fused model): from now on the forward, in training and in eval, fake-quantizes every
+    /// conv and linear weight (a conv with BatchNorm as `ConvBn2d` QAT: the BN-scaled weight,
+    /// batch statistics divided back) and the input and every conv, linear and add output,
+    /// whose observers update on each training forward, on the device. Fused activations
+    /// stay fused (ConvBnReLU2d). The observers start empty: the first training step fills
+    /// them.
+    ///
+    /// Errors: [`QatOptions::validate`]; QAT already on; GPU errors.
+    pub fn enable_qat(&mut self, opts: QatOptions) -> Result<()> {
+        if self.qat.is_some() {
+            return Err(Error::invalid("GpuTrainer: QAT is already enabled"));
+        }
+        let mut observed = vec![true];
+        observed.extend(
+            self.nodes
+                .iter()
+                .map(|n| matches!(n.op, Op::Conv { .. } | Op::Linear { .. } | Op::Add { .. })),
+        );
+        self.qat = Some(QatState::new(&self.ctx, opts, &observed)?);
+        Ok(())
+    }
+
+    /// Whether QAT is on ([`GpuTrainer::enable_qat`]).
+    pub fn qat_enabled(&self) -> bool {
+        self.qat.is_some()
+    }
+
+    /// Freezes (or thaws) the QAT activation observers, as PyTorch's `disable_observer`
+    /// late in fine-tuning: their qparams stay as they are. Weights are always observed from
+    /// their current values.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when QAT is off.
+    pub fn freeze_observers(&mut self, frozen: bool) -> Result<()> {
+        self.qat_mut("freeze_observers")?.observers_frozen = frozen;
+        Ok(())
+    }
+
+    /// Freezes (or thaws) the BatchNorm statistics of QAT conv + BN layers, as PyTorch's
+    /// `freeze_bn_stats`: training forwards normalize with the running statistics and leave
+    /// them unchanged.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when QAT is off.
+    pub fn freeze_bn_stats(&mut self, frozen: bool) -> Result<()> {
+        self.qat_mut("freeze_bn_stats")?.bn_frozen = frozen;
+        Ok(())
+    }
+
+    /// The QAT observers' activation ranges, downloaded, indexed by value (value 0 the input,
+    /// value `i + 1` node `i`'s output; `None` for values QAT does not observe), for
+    /// [`crate::deploy::convert_with_ranges`] (PyTorch's `convert` of a QAT model).
+    ///
+    /// Errors: [`Error::InvalidArgument`] when QAT is off or no training step has run since
+    /// it was enabled; GPU errors.
+    pub fn activation_ranges(&self) -> Result<Vec<Option<(f32, f32)>>> {
+        match &self.qat {
+            Some(q) => q.ranges(&self.ctx),
+            None => Err(Error::invalid(
+                "GpuTrainer::activation_ranges: QAT is not enabled",
+            )),
+        }
+    }
+
+    fn qat_mut(&mut self, what: &str) -> Result<&mut QatState> {
+        self.qat
+            .as_mut()
+            .ok_or_else(|| Error::invalid(format!("GpuTrainer::{what}: QAT is not enabled")))
+    }
+
     /// Runs the net: in training mode BatchNorms normalize with batch statistics and update
     /// their running statistics (on the device), in eval mode they use the running ones.
     /// Returns the output value (logits) and, in training, what the backward needs.
-    fn run(&mut self, x: &GpuTensor, training: bool) -> Result<(GpuTensor, Vec<Saved>)> {
+    fn run(&mut self, x: &GpuTensor, training: bool) -> Result<Forward> {
         let ctx = Arc::clone(&self.ctx);
         let ctx = &*ctx;
+        let qat = self.qat.as_ref();
+        // QAT observers update in training unless frozen.
+        let update = training && qat.is_some_and(|q| !q.observers_frozen);
         let mut values: Vec<GpuTensor> = Vec::with_capacity(self.nodes.len() + 1);
-        values.push(x.clone());
+        values.push(match qat {
+            Some(q) => q.activation(ctx, 0, x, update)?.0,
+            None => x.clone(),
+        });
         let mut saved = Vec::with_capacity(if training { self.nodes.len() } else { 0 });
-        for node in &mut self.nodes {
+        let mut quantized = Vec::with_capacity(saved.capacity());
+        for (i, node) in self.nodes.iter_mut().enumerate() {
             let get = |v: ValueId| -> Result<GpuTensor> {
                 values.get(v).cloned().ok_or_else(|| {
                     Error::invalid(format!("internal: value {v} read before it was computed"))
                 })
             };
             let x = get(node.inputs[0])?;
+            // QAT: the weight fake-quantized with qparams observed from it now.
+            let fq_weight = |w: &GpuTensor| -> Result<Option<(GpuTensor, Quantized)>> {
+                qat.map(|q| q.weight(ctx, w)).transpose()
+            };
             let (y, s) = match &mut node.op {
                 Op::Conv {
                     weight,
@@ -358,22 +475,56 @@ impl GpuTrainer {
                     params,
                     bn,
                     act,
-                } => match bn {
-                    None => {
+                } => match (bn, qat) {
+                    (None, _) => {
+                        let wq = fq_weight(&weight.t)?;
                         let epilogue = ConvEpilogue {
                             out_scale: None,
                             bias: bias.as_ref().map(|b| &b.t),
                             activation: *act,
                         };
-                        let y = kernels::conv2d::conv2d(ctx, &x, &weight.t, params, &epilogue)?;
+                        let w = wq.as_ref().map_or(&weight.t, |(t, _)| t);
+                        let y = kernels::conv2d::conv2d(ctx, &x, w, params, &epilogue)?;
                         let s = Saved::Conv {
                             x,
                             y: y.clone(),
                             bn: None,
+                            wq,
                         };
                         (y, s)
                     }
-                    Some(bn) => {
+                    (Some(bn), Some(q)) => {
+                        let cfg = QatConfig {
+                            activation: *act,
+                            freeze_bn: !training || q.bn_frozen,
+                            weight_observer: q.opts.weight,
+                        };
+                        let conv = Conv2d {
+                            weight: &weight.t,
+                            bias: bias.as_ref().map(|b| &b.t),
+                            params: *params,
+                        };
+                        let fwd = kernels::conv_bn::conv_bn_qat_forward(
+                            ctx,
+                            &x,
+                            &conv,
+                            &bn.bn,
+                            bn.momentum,
+                            &cfg,
+                        )?;
+                        if !cfg.freeze_bn {
+                            let c = bn.bn.channels() as u64;
+                            copy_into(ctx, &fwd.stats.running, bn.bn.tensor(), 2 * c * 4)?;
+                        }
+                        let y = fwd.y.clone();
+                        let s = Saved::QatConvBn {
+                            x,
+                            fwd: Box::new(fwd),
+                            cfg,
+                        };
+                        (y, s)
+                    }
+                    (Some(bn), None) => {
                         let epilogue = ConvEpilogue {
                             out_scale: None,
                             bias: bias.as_ref().map(|b| &b.t),
@@ -399,19 +550,17 @@ impl GpuTrainer {
                             x,
                             y: out.y.clone(),
                             bn: Some((conv_out, out.stats.stats)),
+                            wq: None,
                         };
                         (out.y, s)
                     }
                 },
                 Op::Linear { weight, bias, act } => {
-                    let y = kernels::linear::linear_act(
-                        ctx,
-                        &x,
-                        &weight.t,
-                        bias.as_ref().map(|b| &b.t),
-                        *act,
-                    )?;
-                    (y.clone(), Saved::Linear { x, y })
+                    let wq = fq_weight(&weight.t)?;
+                    let w = wq.as_ref().map_or(&weight.t, |(t, _)| t);
+                    let y =
+                        kernels::linear::linear_act(ctx, &x, w, bias.as_ref().map(|b| &b.t), *act)?;
+                    (y.clone(), Saved::Linear { x, y, wq })
                 }
                 Op::MaxPool { kernel, stride } => {
                     let y = kernels::pool::max_pool2d(ctx, &x, *kernel, *stride)?;
@@ -433,16 +582,39 @@ impl GpuTrainer {
                     (y.clone(), Saved::Add { y })
                 }
             };
+            // QAT: requantizing outputs are fake-quantized with their observers.
+            let (y, q) = match qat {
+                Some(q)
+                    if matches!(
+                        node.op,
+                        Op::Conv { .. } | Op::Linear { .. } | Op::Add { .. }
+                    ) =>
+                {
+                    let (yq, info) = q.activation(ctx, i + 1, &y, update)?;
+                    (yq, Some(info))
+                }
+                _ => (y, None),
+            };
             if training {
                 saved.push(s);
+                quantized.push(q);
             }
             values.push(y);
+        }
+        if update {
+            if let Some(q) = self.qat.as_mut() {
+                q.observed = true;
+            }
         }
         let out = values
             .get(self.output)
             .cloned()
             .ok_or_else(|| Error::invalid("internal: the net's output was not computed"))?;
-        Ok((out, saved))
+        Ok(Forward {
+            out,
+            saved,
+            quantized,
+        })
     }
 
     /// The net's output (logits) for `x` (a device batch, e.g. `[N, 1, 28, 28]`), in eval mode
@@ -450,7 +622,7 @@ impl GpuTrainer {
     ///
     /// Errors: shape errors of the ops (an input the net cannot take); GPU errors.
     pub fn forward_eval(&mut self, x: &GpuTensor) -> Result<GpuTensor> {
-        Ok(self.run(x, false)?.0)
+        Ok(self.run(x, false)?.out)
     }
 
     /// Forward in training mode and backward of `nll_loss(log_softmax(net(x)), labels)`:
@@ -461,7 +633,12 @@ impl GpuTrainer {
         x: &GpuTensor,
         labels: &GpuTensor,
     ) -> Result<(GpuTensor, Vec<Grad>)> {
-        let (logits, saved) = self.run(x, true)?;
+        let Forward {
+            out: logits,
+            saved,
+            quantized,
+        } = self.run(x, true)?;
+        let qat = self.qat.as_ref();
         let ctx = Arc::clone(&self.ctx);
         let ctx = &*ctx;
         let logp = kernels::pool::log_softmax(ctx, &logits)?;
@@ -482,6 +659,11 @@ impl GpuTrainer {
             let Some(d) = grads[i + 1].take() else {
                 continue;
             };
+            // QAT: the output's fake quant, straight through inside its range.
+            let d = match (qat, &quantized[i]) {
+                (Some(q), Some(info)) => q.activation_backward(ctx, info, &d)?,
+                _ => d,
+            };
             let input = node.inputs[0];
             // The net's input (value 0) needs no gradient.
             let wants_dx = input != 0;
@@ -494,7 +676,12 @@ impl GpuTrainer {
                         bn,
                         act,
                     },
-                    Saved::Conv { x, y, bn: saved_bn },
+                    Saved::Conv {
+                        x,
+                        y,
+                        bn: saved_bn,
+                        wq,
+                    },
                 ) => {
                     let dconv = match (bn, saved_bn) {
                         (Some(bn), Some((conv_out, stats))) => {
@@ -525,11 +712,14 @@ impl GpuTrainer {
                     let xs = <[usize; 4]>::try_from(x.shape())
                         .map_err(|_| Error::invalid("internal: conv input rank"))?;
                     if wants_dx {
-                        let dx =
-                            kernels::train::conv2d_input_grad(ctx, &dconv, &weight.t, params, xs)?;
+                        let w = wq.as_ref().map_or(&weight.t, |(t, _)| t);
+                        let dx = kernels::train::conv2d_input_grad(ctx, &dconv, w, params, xs)?;
                         accumulate(&mut grads, input, dx)?;
                     }
-                    let dw = kernels::train::conv2d_weight_grad(ctx, x, &dconv, params, ws)?;
+                    let mut dw = kernels::train::conv2d_weight_grad(ctx, x, &dconv, params, ws)?;
+                    if let (Some(q), Some((_, info))) = (qat, wq) {
+                        dw = q.weight_backward(ctx, info, &dw)?;
+                    }
                     out.push(Grad {
                         node: i,
                         role: Role::Weight,
@@ -543,9 +733,30 @@ impl GpuTrainer {
                         });
                     }
                 }
-                (Op::Linear { weight, bias, act }, Saved::Linear { x, y }) => {
-                    let dpre = act_backward(ctx, y, d, *act)?;
-                    let g = kernels::train::linear_backward(ctx, x, &weight.t, &dpre)?;
+                (
+                    Op::Conv {
+                        weight,
+                        bias,
+                        params,
+                        bn: Some(bn),
+                        ..
+                    },
+                    Saved::QatConvBn { x, fwd, cfg },
+                ) => {
+                    let conv = Conv2d {
+                        weight: &weight.t,
+                        bias: bias.as_ref().map(|b| &b.t),
+                        params: *params,
+                    };
+                    let g = kernels::conv_bn::conv_bn_qat_backward(
+                        ctx,
+                        x,
+                        &d,
+                        &conv,
+                        &bn.bn,
+                        cfg,
+                        &fwd.saved(),
+                    )?;
                     if wants_dx {
                         accumulate(&mut grads, input, g.dx)?;
                     }
@@ -553,6 +764,42 @@ impl GpuTrainer {
                         node: i,
                         role: Role::Weight,
                         g: g.dweight,
+                    });
+                    if let Some(db) = g.dbias {
+                        out.push(Grad {
+                            node: i,
+                            role: Role::Bias,
+                            g: db,
+                        });
+                    }
+                    if bn.affine {
+                        out.push(Grad {
+                            node: i,
+                            role: Role::BnGamma,
+                            g: g.dbn_weight,
+                        });
+                        out.push(Grad {
+                            node: i,
+                            role: Role::BnBeta,
+                            g: g.dbn_bias,
+                        });
+                    }
+                }
+                (Op::Linear { weight, bias, act }, Saved::Linear { x, y, wq }) => {
+                    let dpre = act_backward(ctx, y, d, *act)?;
+                    let w = wq.as_ref().map_or(&weight.t, |(t, _)| t);
+                    let g = kernels::train::linear_backward(ctx, x, w, &dpre)?;
+                    if wants_dx {
+                        accumulate(&mut grads, input, g.dx)?;
+                    }
+                    let dweight = match (qat, wq) {
+                        (Some(q), Some((_, info))) => q.weight_backward(ctx, info, &g.dweight)?,
+                        _ => g.dweight,
+                    };
+                    out.push(Grad {
+                        node: i,
+                        role: Role::Weight,
+                        g: dweight,
                     });
                     if bias.is_some() {
                         out.push(Grad {
@@ -641,6 +888,23 @@ impl GpuTrainer {
                         first,
                     )?;
                 }
+                (Op::Conv { bn: Some(bn), .. }, role @ (Role::BnGamma | Role::BnBeta)) => {
+                    let c = bn.bn.channels();
+                    let (at, buf) = if role == Role::BnGamma {
+                        (0, bn.buf_gamma.as_ref())
+                    } else {
+                        (c, bn.buf_beta.as_ref())
+                    };
+                    kernels::train::sgd_step_range(
+                        &ctx,
+                        (bn.bn.tensor(), at),
+                        (&g.g, 0),
+                        c,
+                        buf,
+                        &sgd,
+                        first,
+                    )?;
+                }
                 _ => return Err(Error::invalid("internal: a gradient without its parameter")),
             }
         }
@@ -668,6 +932,8 @@ impl GpuTrainer {
             match g.role {
                 Role::Weight => named.push((format!("{name}.weight"), g.g.download_f32(ctx)?)),
                 Role::Bias => named.push((format!("{name}.bias"), g.g.download_f32(ctx)?)),
+                Role::BnGamma => named.push((format!("{name}.bn.weight"), g.g.download_f32(ctx)?)),
+                Role::BnBeta => named.push((format!("{name}.bn.bias"), g.g.download_f32(ctx)?)),
                 Role::BnParams => {
                     let d = g.g.download_f32(ctx)?;
                     let c = d.shape()[1];

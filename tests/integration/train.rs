@@ -14,11 +14,12 @@ use std::collections::BTreeMap;
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 use qfuse::data::digits::{Digits, MNIST_MEAN, MNIST_STD};
 use qfuse::deploy::Net;
+use qfuse::deploy::{convert, convert_with_ranges, DeployConfig};
 use qfuse::gpu::GpuTensor;
 use qfuse::kernels::train::upload_labels;
 use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams};
 use qfuse::optim::Sgd;
-use qfuse::train::{evaluate, fit, FitOptions, GpuTrainer, Progress};
+use qfuse::train::{evaluate, fit, FitOptions, GpuTrainer, Progress, QatOptions};
 
 /// SplitMix64.
 struct Rng(u64);
@@ -352,7 +353,147 @@ fn mnist_learns_the_digits() {
     assert!(gpu.abs_diff_eq(&cpu_out.into_dyn(), 1e-3));
 }
 
+/// QAT on the small net (conv + BN as ConvBn2d QAT, conv + ReLU6, residual add, pool,
+/// linears): every parameter gets a finite gradient, steps lower the loss, observers fill, and
+/// the QAT model in eval mode computes what the integer model deployed from its observers
+/// simulates (`convert_with_ranges` + `IntModel::simulate`), within rounding of the
+/// BN-scaled against the folded weight.
+fn qat_trains_and_simulates_the_deployed_model() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(21);
+    let x = rng.arr(&[6, 2, 8, 8], -1.0, 1.0);
+    let labels = [0u32, 1, 2, 3, 4, 1];
+    let gx = GpuTensor::upload_f32(&ctx, &x).unwrap();
+    let gl = upload_labels(&ctx, &labels, 5).unwrap();
+    let params = small_params(5);
+    let net = small_net(&params);
+    let cfg = DeployConfig::default();
+    let sgd = Sgd {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Sgd::new(0.05)
+    };
+    let mut t = GpuTrainer::new(ctx.clone(), &net, sgd).unwrap();
+    assert!(!t.qat_enabled());
+    assert!(t.freeze_observers(true).is_err(), "QAT is off");
+    assert!(t.activation_ranges().is_err(), "QAT is off");
+    t.enable_qat(QatOptions::for_deployment(&cfg)).unwrap();
+    assert!(t.qat_enabled());
+    assert!(t.enable_qat(QatOptions::default()).is_err(), "twice");
+    let e = t.forward_eval(&gx).unwrap_err().to_string();
+    assert!(e.contains("observers have seen no batch"), "{e}");
+    assert!(t.activation_ranges().is_err(), "nothing observed yet");
+
+    let (loss0, grads) = t.gradients(&gx, &gl).unwrap();
+    let mut names: Vec<&str> = grads.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    let mut want: Vec<&str> = params.keys().map(|k| k.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(names, want, "one gradient per parameter");
+    for (name, g) in &grads {
+        assert_eq!(g.shape(), params[name].shape(), "{name}");
+        assert!(g.iter().all(|v| v.is_finite()), "{name}");
+        assert!(g.iter().any(|v| *v != 0.0), "{name}: all zero");
+    }
+    let mut last = loss0;
+    for _ in 0..8 {
+        last = t.step(&gx, &gl).unwrap().download_f32(&ctx).unwrap()[[0]];
+    }
+    assert!(last < loss0, "QAT steps: loss {loss0} -> {last}");
+
+    // Observers: input and conv / linear / add outputs, nothing else.
+    let ranges = t.activation_ranges().unwrap();
+    assert_eq!(ranges.len(), net.value_count());
+    for (v, r) in ranges.iter().enumerate() {
+        let observed = v == 0 || net.nodes()[v - 1].op.requantizes();
+        assert_eq!(r.is_some(), observed, "value {v}");
+        if let Some((lo, hi)) = r {
+            assert!(
+                lo <= hi && lo.is_finite() && hi.is_finite(),
+                "value {v}: {lo}..{hi}"
+            );
+        }
+    }
+    // Frozen observers do not move.
+    t.freeze_observers(true).unwrap();
+    t.freeze_bn_stats(true).unwrap();
+    t.step(&gx, &gl).unwrap();
+    assert_eq!(t.activation_ranges().unwrap(), ranges);
+
+    let trained = t.to_net().unwrap();
+    let int = convert_with_ranges(&trained, &qfuse::CpuBackend, &ranges, &cfg).unwrap();
+    let sim = int.simulate(&qfuse::CpuBackend, &x).unwrap();
+    let qat = t.forward_eval(&gx).unwrap().download_f32(&ctx).unwrap();
+    let step = int.output_qparams().scale[0];
+    let close = sim
+        .iter()
+        .zip(&qat)
+        .filter(|(a, b)| (*a - *b).abs() <= 1.01 * step)
+        .count();
+    assert_eq!(sim.shape(), qat.shape());
+    assert!(
+        close as f64 >= 0.95 * sim.len() as f64,
+        "QAT eval vs deployed simulation: {close}/{} within one output step ({step})",
+        sim.len()
+    );
+}
+
+/// `convert` is `convert_with_ranges` of the calibrated ranges; bad ranges are refused.
+fn convert_with_ranges_checks_and_matches_convert() {
+    let params = small_params(8);
+    let net = small_net(&params);
+    let mut rng = Rng(3);
+    let calib = [
+        rng.arr(&[4, 2, 8, 8], -1.0, 1.0),
+        rng.arr(&[4, 2, 8, 8], -1.0, 1.0),
+    ];
+    let cfg = DeployConfig::default();
+    let b = qfuse::CpuBackend;
+    let int = convert(&net, &b, calib.iter(), &cfg).unwrap();
+    let mut ranges = vec![(f32::INFINITY, f32::NEG_INFINITY); net.value_count()];
+    for x in &calib {
+        for (r, v) in ranges
+            .iter_mut()
+            .zip(net.forward_values(&b, x, true).unwrap())
+        {
+            let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            *r = (r.0.min(lo), r.1.max(hi));
+        }
+    }
+    let given: Vec<Option<(f32, f32)>> = ranges.iter().map(|&r| Some(r)).collect();
+    assert_eq!(convert_with_ranges(&net, &b, &given, &cfg).unwrap(), int);
+    // Only the input and requantizing outputs are read.
+    let sparse: Vec<Option<(f32, f32)>> = given
+        .iter()
+        .enumerate()
+        .map(|(v, r)| (v == 0 || net.nodes()[v - 1].op.requantizes()).then_some(r.unwrap()))
+        .collect();
+    assert_eq!(convert_with_ranges(&net, &b, &sparse, &cfg).unwrap(), int);
+    let e = convert_with_ranges(&net, &b, &given[1..], &cfg).unwrap_err();
+    assert!(
+        e.to_string().contains("activation ranges for a net of"),
+        "{e}"
+    );
+    let mut missing = given.clone();
+    missing[0] = None;
+    let e = convert_with_ranges(&net, &b, &missing, &cfg).unwrap_err();
+    assert!(
+        e.to_string().contains("no activation range for the input"),
+        "{e}"
+    );
+    let mut reversed = given.clone();
+    reversed[1] = Some((1.0, -1.0));
+    let e = convert_with_ranges(&net, &b, &reversed, &cfg).unwrap_err();
+    assert!(e.to_string().contains("reversed"), "{e}");
+    let mut nan = given;
+    nan[1] = Some((f32::NAN, 1.0));
+    assert!(convert_with_ranges(&net, &b, &nan, &cfg).is_err());
+}
+
 crate::qfuse_tests! {
+    qat_trains_and_simulates_the_deployed_model: gpu,
+    convert_with_ranges_checks_and_matches_convert,
     backward_matches_finite_differences: gpu,
     sgd_step_applies_the_gradients_and_to_net_round_trips: gpu,
     mnist_learns_the_digits: gpu,
