@@ -375,6 +375,67 @@ pub fn mnist_from_state_dict(sd: &StateDict, prefix: &str) -> Result<Module> {
     assemble(conv1, conv2, fc1, fc2, Module::new(Layer::BatchNorm2d(bn)))
 }
 
+/// The Mnist network back from a [`crate::deploy::Net`] of its shape (as [`deploy_net`]
+/// builds and [`crate::train::GpuTrainer::to_net`] returns after training): `conv1` with
+/// `batchnorm1` attached, `conv2`, `fc1`, `fc2`, with their parameters and the BatchNorm's
+/// statistics, eps and momentum, as a module tree in training mode (call `eval()`), ready for
+/// NNI's `config_list` and fusion.
+///
+/// Errors: [`Error::InvalidArgument`] naming the node that is missing or does not have the
+/// Mnist network's kind, shapes or activation.
+pub fn mnist_from_net(net: &crate::deploy::Net) -> Result<Module> {
+    use crate::deploy::NodeOp;
+    use crate::ops::Activation;
+    let node = |name: &str| {
+        net.nodes()
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| Error::invalid(format!("mnist_from_net: the net has no node `{name}`")))
+    };
+    let conv =
+        |name: &str, o: usize, i: usize, want_bn: bool| -> Result<(Module, Option<BatchNorm>)> {
+            match &node(name)?.op {
+                NodeOp::Conv { conv, bn, act }
+                    if conv.weight.shape() == [o, i, 5, 5]
+                        && conv.params == Conv2dParams::default()
+                        && *act == Activation::Relu6
+                        && bn.is_some() == want_bn =>
+                {
+                    Ok((
+                        Module::conv2d(conv.weight.clone(), conv.bias.clone(), conv.params)?,
+                        bn.clone(),
+                    ))
+                }
+                _ => Err(Error::invalid(format!(
+                    "mnist_from_net: `{name}` is not the Mnist network's conv ({o}×{i}×5×5, \
+                 ReLU6{})",
+                    if want_bn { ", with BatchNorm" } else { "" }
+                ))),
+            }
+        };
+    let linear = |name: &str, o: usize, i: usize, act: Activation| -> Result<Module> {
+        match &node(name)?.op {
+            NodeOp::Linear {
+                weight,
+                bias,
+                act: a,
+            } if weight.shape() == [o, i] && *a == act => {
+                Module::linear(weight.clone(), bias.clone())
+            }
+            _ => Err(Error::invalid(format!(
+                "mnist_from_net: `{name}` is not the Mnist network's linear ({o}×{i}, {act:?})"
+            ))),
+        }
+    };
+    let (conv1, bn) = conv("conv1", 20, 1, true)?;
+    let bn = bn.ok_or_else(|| Error::invalid("mnist_from_net: `conv1` has no BatchNorm"))?;
+    let (conv2, _) = conv("conv2", 50, 20, false)?;
+    let fc1 = linear("fc1", 500, FLAT, Activation::Relu6)?;
+    let fc2 = linear("fc2", 10, 500, Activation::None)?;
+    let batchnorm1 = Module::new(Layer::BatchNorm2d(BatchNormLayer::new(bn)?));
+    assemble(conv1, conv2, fc1, fc2, batchnorm1)
+}
+
 /// The `config_list` of NNI's module-fusion example: fuse `conv1` with `batchnorm1`, then
 /// int8 affine, per tensor, on conv1's `_input_`, `weight` and `_output_`.
 pub fn nni_example_config() -> ConfigList {
@@ -536,6 +597,29 @@ mod tests {
             m.forward(&CpuBackend, &bad),
             Err(Error::ShapeMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn from_net_round_trips_and_refuses_other_nets() {
+        let mut m = mnist(3).unwrap();
+        let x = synthetic_batch(2, 4);
+        set_trained_bn_stats(&mut m, &x, 5).unwrap();
+        m.eval();
+        let net = deploy_net(&m).unwrap();
+        let mut back = mnist_from_net(&net).unwrap();
+        back.eval();
+        let x = x.into_dyn();
+        assert_eq!(
+            back.forward(&CpuBackend, &x).unwrap(),
+            m.forward(&CpuBackend, &x).unwrap()
+        );
+        assert_eq!(back.state_dict_keys(), m.state_dict_keys());
+        let mut other = crate::deploy::Net::new();
+        let v = other.input();
+        let v = other.flatten("view", v).unwrap();
+        other.set_output(v).unwrap();
+        let e = mnist_from_net(&other).unwrap_err().to_string();
+        assert!(e.contains("no node `conv1`"), "{e}");
     }
 
     #[test]
