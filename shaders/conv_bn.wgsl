@@ -13,7 +13,7 @@
 //   minmax_merge:  per-channel min / max -> per-tensor min / max.
 //   scale_factor:  s and 1/s only (the unfused chain).
 //   channel_op:    elementwise with per-channel vectors a, b: op 0 x / a[c], 1 x + a[c],
-//                  2 x * a[c], 3 (x - b[c]) * a[c].
+//                  2 x * a[c], 3 (x - b[c]) * a[c], 4 the constant 1 (a mask of ones).
 //   divide_back_partial / divide_back_final: the backward's divide-back terms from
 //                  g = d conv_out (= dBN_in / s): conv bias grad = s * sum g, and
 //                  d gamma = d gamma_BN + (-sum g * (bn_in - b)) / sqrt(running_var + eps)
@@ -238,8 +238,11 @@ fn channel_op(@builtin(global_invocation_id) gid: vec3<u32>,
         case 2u: {
             out[i] = v * a[c];
         }
-        default: {
+        case 3u: {
             out[i] = (v - b[c]) * a[c];
+        }
+        default: {
+            out[i] = 1.0;
         }
     }
 }

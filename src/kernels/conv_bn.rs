@@ -32,16 +32,18 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::activation::activation;
+use super::activation::activation_into;
 use super::batch_norm::{
-    batch_norm2d, batch_norm2d_backward_act, channel_grid, check_training_size, partial_groups,
-    GpuBatchNormStats,
+    batch_norm2d_backward_act, batch_norm2d_into, channel_grid, check_training_size,
+    partial_groups, GpuBatchNormOutput, GpuBatchNormStats,
 };
-use super::conv2d::{conv2d, conv2d_backward_input, conv2d_backward_weight, ConvEpilogue};
-use super::fake_quant::fake_quant_with_mask;
-use super::fold::fold_conv_bn;
-use super::observer::{calc_qparams, observe};
-use super::{expect_f32, expect_shape, to_u32, GpuBatchNorm, GpuQParams};
+use super::conv2d::{
+    conv2d, conv2d_backward_input_into, conv2d_backward_weight, conv2d_into, ConvEpilogue,
+};
+use super::fake_quant::fake_quant_with_mask_into;
+use super::fold::fold_conv_bn_into;
+use super::observer::{calc_qparams_into, observe_into};
+use super::{check_output, expect_f32, expect_shape, to_u32, GpuBatchNorm, GpuQParams};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, QatConfig};
@@ -185,6 +187,8 @@ enum ChannelOp {
     Mul = 2,
     /// `(x − b[c]) * a[c]`.
     SubMul = 3,
+    /// `1` (a mask of ones).
+    One = 4,
 }
 
 /// A conv2d layer on the GPU, borrowing its tensors: weight `[O, C/groups, KH, KW]`,
@@ -276,21 +280,111 @@ pub fn conv_bn_act_eval(
     bn: &GpuBatchNorm,
     act: Activation,
 ) -> Result<GpuConvBnEval> {
+    conv_bn_act_eval_impl(ctx, x, conv, bn, act, None)
+}
+
+/// [`conv_bn_act_eval`] writing into `out`: `y` of the conv's output shape, `weight` of the
+/// conv weight's shape and `bias` `[O]`, `f32` tensors each with a buffer of its own. Every
+/// output is checked ([`super::check_output`]) before anything is launched.
+///
+/// Errors: those of [`conv_bn_act_eval`]; [`Error::ContextMismatch`],
+/// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming the unfit output
+/// (`conv_bn_act_eval output y` / `weight` / `bias`).
+pub fn conv_bn_act_eval_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+    out: &GpuConvBnEval,
+) -> Result<()> {
+    conv_bn_act_eval_impl(ctx, x, conv, bn, act, Some(out)).map(drop)
+}
+
+/// The inputs of a conv + BatchNorm launcher, which no output may share a buffer with.
+fn conv_bn_inputs<'a>(
+    x: &'a GpuTensor,
+    conv: &'a GpuConv2d<'_>,
+    bn: &'a GpuBatchNorm,
+) -> Vec<&'a GpuTensor> {
+    let mut v = vec![x, conv.weight, bn.tensor()];
+    v.extend(conv.bias);
+    v
+}
+
+/// An output of a launcher with several: the caller's (checked against every input and every
+/// output taken before it, see [`super::check_output`]) or a new pooled one; added to
+/// `taken`.
+fn take_output(
+    ctx: &GpuContext,
+    what: &str,
+    given: Option<&GpuTensor>,
+    shape: &[usize],
+    taken: &mut Vec<GpuTensor>,
+) -> Result<GpuTensor> {
+    let refs: Vec<&GpuTensor> = taken.iter().collect();
+    let t = super::output(ctx, what, given, shape, DType::F32, &refs)?;
+    taken.push(t.clone());
+    Ok(t)
+}
+
+fn conv_bn_act_eval_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+    given: Option<&GpuConvBnEval>,
+) -> Result<GpuConvBnEval> {
     check_context(ctx, x, conv, bn)?;
-    check_conv_bn(conv, bn)?;
-    let (weight, bias) = fold_conv_bn(ctx, conv.weight, conv.bias, bn, false)?;
-    let y = conv2d(
+    let o = check_conv_bn(conv, bn)?;
+    let shape = conv.params.output_shape(x.shape(), conv.weight.shape())?;
+    let mut taken: Vec<GpuTensor> = conv_bn_inputs(x, conv, bn).into_iter().cloned().collect();
+    let out = GpuConvBnEval {
+        y: take_output(
+            ctx,
+            "conv_bn_act_eval output y",
+            given.map(|g| &g.y),
+            &shape,
+            &mut taken,
+        )?,
+        weight: take_output(
+            ctx,
+            "conv_bn_act_eval output weight",
+            given.map(|g| &g.weight),
+            conv.weight.shape(),
+            &mut taken,
+        )?,
+        bias: take_output(
+            ctx,
+            "conv_bn_act_eval output bias",
+            given.map(|g| &g.bias),
+            &[o],
+            &mut taken,
+        )?,
+    };
+    fold_conv_bn_into(
+        ctx,
+        conv.weight,
+        conv.bias,
+        bn,
+        false,
+        &out.weight,
+        &out.bias,
+    )?;
+    conv2d_into(
         ctx,
         x,
-        &weight,
+        &out.weight,
         &conv.params,
         &ConvEpilogue {
             out_scale: None,
-            bias: Some(&bias),
+            bias: Some(&out.bias),
             activation: act,
         },
+        &out.y,
     )?;
-    Ok(GpuConvBnEval { y, weight, bias })
+    Ok(out)
 }
 
 /// The unfused eval chain, for comparison with [`conv_bn_act_eval`]: conv2d (with the conv's
@@ -306,8 +400,46 @@ pub fn conv_bn_act_eval_unfused(
     bn: &GpuBatchNorm,
     act: Activation,
 ) -> Result<GpuTensor> {
+    conv_bn_act_eval_unfused_impl(ctx, x, conv, bn, act, None)
+}
+
+/// [`conv_bn_act_eval_unfused`] writing `y` into `out` (an `f32` tensor of the conv's
+/// output shape with a buffer of its own, checked by [`super::check_output`] before anything
+/// is launched).
+///
+/// Errors: those of [`conv_bn_act_eval`]; [`Error::ContextMismatch`],
+/// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming
+/// `conv_bn_act_eval_unfused output` for an unfit `out`.
+pub fn conv_bn_act_eval_unfused_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+    out: &GpuTensor,
+) -> Result<()> {
+    conv_bn_act_eval_unfused_impl(ctx, x, conv, bn, act, Some(out)).map(drop)
+}
+
+fn conv_bn_act_eval_unfused_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     check_context(ctx, x, conv, bn)?;
-    check_conv_bn(conv, bn)?;
+    let o = check_conv_bn(conv, bn)?;
+    let shape = conv.params.output_shape(x.shape(), conv.weight.shape())?;
+    let y = super::output(
+        ctx,
+        "conv_bn_act_eval_unfused output",
+        given,
+        &shape,
+        DType::F32,
+        &conv_bn_inputs(x, conv, bn),
+    )?;
     let z = conv2d(
         ctx,
         x,
@@ -318,11 +450,36 @@ pub fn conv_bn_act_eval_unfused(
             ..ConvEpilogue::none()
         },
     )?;
-    let z = batch_norm2d(ctx, &z, bn, 0.0, false, Activation::None, false)?.y;
-    match act {
-        Activation::None => Ok(z),
-        _ => activation(ctx, &z, act),
+    // The BatchNorm writes `y` itself when no activation follows.
+    let bn_y = match act {
+        Activation::None => y.clone(),
+        _ => GpuTensor::uninit(ctx, &shape, DType::F32)?,
+    };
+    batch_norm2d_into(
+        ctx,
+        &z,
+        bn,
+        0.0,
+        false,
+        Activation::None,
+        &GpuBatchNormOutput {
+            y: bn_y.clone(),
+            pre: None,
+            stats: new_stats(ctx, o)?,
+        },
+    )?;
+    if act != Activation::None {
+        activation_into(ctx, &bn_y, act, &y)?;
     }
+    Ok(y)
+}
+
+/// Pooled `[2, C]` statistics tensors for a BatchNorm pass.
+fn new_stats(ctx: &GpuContext, c: usize) -> Result<GpuBatchNormStats> {
+    Ok(GpuBatchNormStats {
+        stats: GpuTensor::uninit(ctx, &[2, c], DType::F32)?,
+        running: GpuTensor::uninit(ctx, &[2, c], DType::F32)?,
+    })
 }
 
 /// What the QAT forward returns, all on the GPU (the GPU form of
@@ -444,11 +601,53 @@ pub fn conv_bn_qat_forward(
     momentum: f32,
     cfg: &QatConfig,
 ) -> Result<GpuQatForward> {
-    conv_bn_qat_forward_with(ctx, x, conv, bn, momentum, cfg, &GpuQatWeight::default())
+    conv_bn_qat_forward_impl(
+        ctx,
+        x,
+        conv,
+        bn,
+        momentum,
+        cfg,
+        &GpuQatWeight::default(),
+        None,
+    )
+}
+
+/// [`conv_bn_qat_forward`] writing into `out`, for instance the result of a first call reused
+/// step after step. Every tensor of `out` is checked ([`super::check_output`]: this context,
+/// the shape [`conv_bn_qat_forward`] returns, `f32` — the qparams a `[3, C]` `u32` tensor with
+/// the observer's axis — and a buffer of its own) before anything is launched, with two
+/// rules for what the allocating form shares: for [`Activation::None`] `out.bn_out` is
+/// `out.y` itself (the same buffer), and `out.conv_out` is `None` (the fused forward never
+/// materializes it).
+///
+/// Errors: those of [`conv_bn_qat_forward`]; [`Error::ContextMismatch`],
+/// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming the unfit output
+/// (`conv_bn_qat_forward output y`, `... weight_q`, ...).
+pub fn conv_bn_qat_forward_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+    out: &GpuQatForward,
+) -> Result<()> {
+    conv_bn_qat_forward_impl(
+        ctx,
+        x,
+        conv,
+        bn,
+        momentum,
+        cfg,
+        &GpuQatWeight::default(),
+        Some(out),
+    )
+    .map(drop)
 }
 
 /// The weight fake quant of [`conv_bn_qat_forward_with`] (the GPU form of
-/// [`crate::ops::QatWeightQuant`], plus the BatchNorm that gives the scale factor).
+/// [`crate::ops::QatWeightQuant`], plus the choice of the γ = 0 form).
 #[derive(Debug, Clone, Copy)]
 pub struct GpuQatWeight<'a> {
     /// `None`: observe `W_s` (as [`conv_bn_qat_forward`]); `Some`: fake-quantize `W_s` with
@@ -479,6 +678,8 @@ impl Default for GpuQatWeight<'_> {
 /// observer pass is skipped), fake quant disabled (`W_q = W_s`, mask 1), and the finite
 /// γ = 0 form (see [`GpuQatWeight`]); the GPU form of
 /// [`crate::reference::conv_bn::conv_bn_qat_forward_with`] (with `finite_zero_gamma`).
+/// With fixed qparams the result's `weight_qparams` is those qparams; with fake quant
+/// disabled its `weight_q` is its `weight_scaled`.
 ///
 /// Errors: those of [`conv_bn_qat_forward`]; fixed qparams that do not fit the weight or
 /// the range.
@@ -491,13 +692,248 @@ pub fn conv_bn_qat_forward_with(
     cfg: &QatConfig,
     weight: &GpuQatWeight,
 ) -> Result<GpuQatForward> {
+    conv_bn_qat_forward_impl(ctx, x, conv, bn, momentum, cfg, weight, None)
+}
+
+/// [`conv_bn_qat_forward_with`] writing into `out`, checked as by
+/// [`conv_bn_qat_forward_into`]; fixed qparams are copied into `out.weight_qparams` and,
+/// with fake quant disabled, `W_s` into `out.weight_q` (each a buffer of its own).
+///
+/// Errors: those of [`conv_bn_qat_forward_with`] and [`conv_bn_qat_forward_into`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_qat_forward_with_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+    weight: &GpuQatWeight,
+    out: &GpuQatForward,
+) -> Result<()> {
+    conv_bn_qat_forward_impl(ctx, x, conv, bn, momentum, cfg, weight, Some(out)).map(drop)
+}
+
+/// How a QAT forward gets its weight qparams, which decides their `[3, C]` shape and axis.
+enum QatQParams<'a> {
+    /// Given (fixed).
+    Fixed(&'a GpuQParams),
+    /// Observed on `W_s`: `C` channels along `axis` (`None`, `C = 1`: per tensor).
+    Observed {
+        channels: usize,
+        axis: Option<usize>,
+    },
+}
+
+/// The outputs of a QAT forward (fused, or the unfused chain with `conv_out`): the caller's
+/// (`given`, each checked against the inputs and the outputs before it) or new pooled
+/// tensors. Shared only as the allocating form shares them: `bn_out` is `y` for
+/// [`Activation::None`]; fixed qparams are returned as given and, with fake quant disabled,
+/// `weight_q` is `weight_scaled`.
+#[allow(clippy::too_many_arguments)]
+fn qat_forward_outputs(
+    ctx: &GpuContext,
+    given: Option<&GpuQatForward>,
+    inputs: Vec<&GpuTensor>,
+    o: usize,
+    ws: [usize; 4],
+    out_shape: [usize; 4],
+    act: Activation,
+    qparams: &QatQParams,
+    fake_quant_enabled: bool,
+    unfused: bool,
+) -> Result<GpuQatForward> {
+    const W: &str = "conv_bn_qat_forward output";
+    let mut taken: Vec<GpuTensor> = inputs.into_iter().cloned().collect();
+    let mut take = |name: &str, g: Option<&GpuTensor>, shape: &[usize]| {
+        take_output(ctx, &format!("{W} {name}"), g, shape, &mut taken)
+    };
+    let y = take("y", given.map(|g| &g.y), &out_shape)?;
+    let bn_out = match (act, given) {
+        (Activation::None, Some(g)) if g.bn_out.buffer() != g.y.buffer() => {
+            return Err(Error::invalid(format!(
+                "{W} bn_out must be output y itself (the same tensor) for Activation::None"
+            )));
+        }
+        (Activation::None, _) => y.clone(),
+        _ => take("bn_out", given.map(|g| &g.bn_out), &out_shape)?,
+    };
+    let bn_input = take("bn_input", given.map(|g| &g.bn_input), &out_shape)?;
+    let conv_out = match (unfused, given.map(|g| g.conv_out.as_ref())) {
+        (false, Some(Some(_))) => {
+            return Err(Error::invalid(format!(
+                "{W} conv_out must be None: the fused forward does not materialize it"
+            )));
+        }
+        (false, _) => None,
+        (true, Some(None)) => {
+            return Err(Error::invalid(format!(
+                "{W} conv_out is missing: the unfused chain writes it"
+            )));
+        }
+        (true, g) => Some(take("conv_out", g.flatten(), &out_shape)?),
+    };
+    let scale_factor = take("scale_factor", given.map(|g| &g.scale_factor), &[o])?;
+    let inv_scale_factor = take("inv_scale_factor", given.map(|g| &g.inv_scale_factor), &[o])?;
+    let weight_scaled = take("weight_scaled", given.map(|g| &g.weight_scaled), &ws)?;
+    let weight_q = match given {
+        None if !fake_quant_enabled => weight_scaled.clone(),
+        g => take("weight_q", g.map(|g| &g.weight_q), &ws)?,
+    };
+    let weight_mask = take("weight_mask", given.map(|g| &g.weight_mask), &ws)?;
+    let stats = GpuBatchNormStats {
+        stats: take("stats", given.map(|g| &g.stats.stats), &[2, o])?,
+        running: take("running stats", given.map(|g| &g.stats.running), &[2, o])?,
+    };
+    let (channels, axis) = match qparams {
+        QatQParams::Fixed(q) => (q.channels(), q.axis()),
+        QatQParams::Observed { channels, axis } => (*channels, *axis),
+    };
+    let weight_qparams = match (given, qparams) {
+        (None, QatQParams::Fixed(q)) => (*q).clone(),
+        (None, _) => {
+            GpuQParams::from_tensor(GpuTensor::uninit(ctx, &[3, channels], DType::U32)?, axis)?
+        }
+        (Some(g), _) => {
+            let what = format!("{W} weight_qparams");
+            let refs: Vec<&GpuTensor> = taken.iter().collect();
+            check_output(
+                ctx,
+                &what,
+                g.weight_qparams.tensor(),
+                &[3, channels],
+                DType::U32,
+                &refs,
+            )?;
+            if g.weight_qparams.axis() != axis {
+                return Err(Error::invalid(format!(
+                    "{what} must have axis {axis:?}, got {:?}",
+                    g.weight_qparams.axis()
+                )));
+            }
+            g.weight_qparams.clone()
+        }
+    };
+    Ok(GpuQatForward {
+        y,
+        bn_out,
+        bn_input,
+        conv_out,
+        scale_factor,
+        inv_scale_factor,
+        weight_scaled,
+        weight_q,
+        weight_mask,
+        weight_qparams,
+        stats,
+    })
+}
+
+/// `W_q` and its mask in `out`: the fake quant of `W_s` with `qp`, or with fake quant
+/// disabled `W_q = W_s` (a device copy unless `out.weight_q` is `out.weight_scaled`) and a
+/// mask of ones.
+fn qat_weight_q(
+    ctx: &GpuContext,
+    out: &GpuQatForward,
+    qp: &GpuQParams,
+    range: crate::quant::QuantRange,
+    fake_quant_enabled: bool,
+) -> Result<()> {
+    if fake_quant_enabled {
+        return fake_quant_with_mask_into(
+            ctx,
+            &out.weight_scaled,
+            qp,
+            range,
+            &out.weight_q,
+            &out.weight_mask,
+        );
+    }
+    let ws = &out.weight_scaled;
+    if out.weight_q.buffer() != ws.buffer() {
+        ctx.copy_regions(
+            "copying the scaled weight",
+            &[(ws.buffer(), 0, out.weight_q.buffer(), 0, ws.size_bytes())],
+        )?;
+    }
+    channel_op_into(
+        ctx,
+        ws,
+        ChannelOp::One,
+        1,
+        &out.scale_factor,
+        None,
+        &out.weight_mask,
+    )
+}
+
+/// The checks of [`conv_bn_qat_forward_with`] before anything is launched; returns `O`, the
+/// output shape and how the qparams are made.
+fn check_qat_forward_with<'a>(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    cfg: &QatConfig,
+    weight: &GpuQatWeight<'a>,
+) -> Result<(usize, [usize; 4], QatQParams<'a>)> {
     check_context(ctx, x, conv, bn)?;
     if let Some(q) = weight.qparams {
         ctx.check_tensor("weight qparams", q.tensor())?;
     }
-    let (o, _) = check_qat_forward(x, conv, bn, cfg)?;
+    let (o, out_shape) = check_qat_forward(x, conv, bn, cfg)?;
     let spec = &cfg.weight_observer;
     let ws = w_shape(conv);
+    let qparams = match weight.qparams {
+        Some(q) => {
+            if weight.fake_quant_enabled {
+                q.validate(&ws, spec.range)?;
+            }
+            QatQParams::Fixed(q)
+        }
+        None if spec.qscheme.is_per_channel() => {
+            let axis = spec.channel_axis(4)?;
+            QatQParams::Observed {
+                channels: ws[axis],
+                axis: Some(axis),
+            }
+        }
+        None => QatQParams::Observed {
+            channels: 1,
+            axis: None,
+        },
+    };
+    Ok((o, out_shape, qparams))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_bn_qat_forward_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+    weight: &GpuQatWeight,
+    given: Option<&GpuQatForward>,
+) -> Result<GpuQatForward> {
+    let (o, out_shape, qparams) = check_qat_forward_with(ctx, x, conv, bn, cfg, weight)?;
+    let spec = &cfg.weight_observer;
+    let ws = w_shape(conv);
+    let mut inputs = conv_bn_inputs(x, conv, bn);
+    inputs.extend(weight.qparams.map(|q| q.tensor()));
+    let out = qat_forward_outputs(
+        ctx,
+        given,
+        inputs,
+        o,
+        ws,
+        out_shape,
+        cfg.activation,
+        &qparams,
+        weight.fake_quant_enabled,
+        false,
+    )?;
 
     // (a) s, 1/s, W_s and the per-output-channel min/max of W_s.
     let p = Params {
@@ -505,9 +941,6 @@ pub fn conv_bn_qat_forward_with(
         ..params_weight(conv, bn, o)?
     };
     let uniform = ctx.params(&p)?;
-    let weight_scaled = GpuTensor::zeros(ctx, &ws, DType::F32)?;
-    let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
-    let inv_scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
     let minmax = GpuTensor::zeros(ctx, &[2, o], DType::F32)?;
     let minmax_t = GpuTensor::zeros(ctx, &[2, 1], DType::F32)?;
     let per_tensor = !spec.qscheme.is_per_channel();
@@ -515,9 +948,9 @@ pub fn conv_bn_qat_forward_with(
         &uniform,
         bn.tensor().buffer(),
         conv.weight.buffer(),
-        weight_scaled.buffer(),
-        scale_factor.buffer(),
-        inv_scale_factor.buffer(),
+        out.weight_scaled.buffer(),
+        out.scale_factor.buffer(),
+        out.inv_scale_factor.buffer(),
         minmax.buffer(),
     ];
     let merge_buffers = [&uniform, minmax.buffer(), minmax_t.buffer()];
@@ -538,76 +971,81 @@ pub fn conv_bn_qat_forward_with(
     ctx.run(&launches)?;
 
     // (b) qparams.
-    let weight_qparams = if let Some(q) = weight.qparams {
-        q.clone()
-    } else if per_tensor {
-        calc_qparams(ctx, &minmax_t, spec, None)?
-    } else if spec.channel_axis(4)? == 0 {
-        calc_qparams(ctx, &minmax, spec, Some(0))?
-    } else {
-        observe(ctx, &weight_scaled, spec)?
+    let qt = out.weight_qparams.tensor();
+    let qp = match weight.qparams {
+        Some(q) => {
+            if qt.buffer() != q.tensor().buffer() {
+                ctx.copy_regions(
+                    "copying the fixed weight qparams",
+                    &[(
+                        q.tensor().buffer(),
+                        0,
+                        qt.buffer(),
+                        0,
+                        q.tensor().size_bytes(),
+                    )],
+                )?;
+            }
+            q
+        }
+        None => {
+            if per_tensor {
+                calc_qparams_into(ctx, &minmax_t, spec, None, qt)?;
+            } else if spec.channel_axis(4)? == 0 {
+                calc_qparams_into(ctx, &minmax, spec, Some(0), qt)?;
+            } else {
+                observe_into(ctx, &out.weight_scaled, spec, qt)?;
+            }
+            &out.weight_qparams
+        }
     };
 
     // (c) fake quant with the straight-through mask.
-    let (weight_q, weight_mask) = if weight.fake_quant_enabled {
-        fake_quant_with_mask(ctx, &weight_scaled, &weight_qparams, spec.range)?
-    } else {
-        let ones = vec![1.0f32; weight_scaled.len()];
-        (
-            weight_scaled.clone(),
-            GpuTensor::from_slice_f32(ctx, &ones, &ws)?,
-        )
-    };
+    qat_weight_q(ctx, &out, qp, spec.range, weight.fake_quant_enabled)?;
 
     // (d) conv with the divide-back and the conv bias in the epilogue.
-    let bn_input = conv2d(
+    conv2d_into(
         ctx,
         x,
-        &weight_q,
+        &out.weight_q,
         &conv.params,
         &ConvEpilogue {
-            out_scale: Some(&inv_scale_factor),
+            out_scale: Some(&out.inv_scale_factor),
             bias: conv.bias,
             activation: Activation::None,
         },
+        &out.bn_input,
     )?;
 
     // (e), (f) statistics, normalize + affine + activation (+ running update).
     let keep_pre = cfg.activation != Activation::None;
-    let out = batch_norm2d(
+    batch_norm2d_into(
         ctx,
-        &bn_input,
+        &out.bn_input,
         bn,
         momentum,
         !cfg.freeze_bn,
         cfg.activation,
-        keep_pre,
+        &GpuBatchNormOutput {
+            y: out.y.clone(),
+            pre: keep_pre.then(|| out.bn_out.clone()),
+            stats: out.stats.clone(),
+        },
     )?;
-    let bn_out = out.pre.unwrap_or_else(|| out.y.clone());
-    Ok(GpuQatForward {
-        y: out.y,
-        bn_out,
-        bn_input,
-        conv_out: None,
-        scale_factor,
-        inv_scale_factor,
-        weight_scaled,
-        weight_q,
-        weight_mask,
-        weight_qparams,
-        stats: out.stats,
-    })
+    Ok(out)
 }
 
-/// `out = op(x, a[c], b[c])` with `c = (i / inner) % C` (one dispatch).
-fn channel_op(
+/// `out = op(x, a[c], b[c])` with `c = (i / inner) % C` (one dispatch); `out` is checked by
+/// the caller (its shape is `x`'s).
+fn channel_op_into(
     ctx: &GpuContext,
     x: &GpuTensor,
     op: ChannelOp,
     inner: usize,
     a: &GpuTensor,
     b: Option<&GpuTensor>,
-) -> Result<GpuTensor> {
+    out: &GpuTensor,
+) -> Result<()> {
     let c = a.len();
     let p = Params {
         n: to_u32(x.len(), "channel_op element count")?,
@@ -617,7 +1055,6 @@ fn channel_op(
         ..Params::default()
     };
     let uniform = ctx.params(&p)?;
-    let out = GpuTensor::zeros(ctx, x.shape(), DType::F32)?;
     ctx.run(&[Launch {
         kernel: &CHANNEL_OP,
         constants: &[],
@@ -633,8 +1070,7 @@ fn channel_op(
         } else {
             ctx.grid_1d(x.len(), WGR)?
         },
-    }])?;
-    Ok(out)
+    }])
 }
 
 /// The unfused QAT chain, for comparison with [`conv_bn_qat_forward`] (same results, same
@@ -651,69 +1087,135 @@ pub fn conv_bn_qat_forward_unfused(
     momentum: f32,
     cfg: &QatConfig,
 ) -> Result<GpuQatForward> {
-    check_context(ctx, x, conv, bn)?;
-    let (o, out) = check_qat_forward(x, conv, bn, cfg)?;
+    conv_bn_qat_forward_unfused_impl(ctx, x, conv, bn, momentum, cfg, None)
+}
+
+/// [`conv_bn_qat_forward_unfused`] writing into `out`, checked as by
+/// [`conv_bn_qat_forward_into`] except that `out.conv_out` is required (the chain writes
+/// it).
+///
+/// Errors: those of [`conv_bn_qat_forward_into`].
+pub fn conv_bn_qat_forward_unfused_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+    out: &GpuQatForward,
+) -> Result<()> {
+    conv_bn_qat_forward_unfused_impl(ctx, x, conv, bn, momentum, cfg, Some(out)).map(drop)
+}
+
+fn conv_bn_qat_forward_unfused_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+    given: Option<&GpuQatForward>,
+) -> Result<GpuQatForward> {
+    let (o, out_shape, qparams) =
+        check_qat_forward_with(ctx, x, conv, bn, cfg, &GpuQatWeight::default())?;
     let spec = &cfg.weight_observer;
+    let out = qat_forward_outputs(
+        ctx,
+        given,
+        conv_bn_inputs(x, conv, bn),
+        o,
+        w_shape(conv),
+        out_shape,
+        cfg.activation,
+        &qparams,
+        true,
+        true,
+    )?;
     let p = params_weight(conv, bn, o)?;
     let uniform = ctx.params(&p)?;
-    let scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
-    let inv_scale_factor = GpuTensor::zeros(ctx, &[o], DType::F32)?;
     ctx.run(&[Launch {
         kernel: &SCALE_FACTOR,
         constants: &[],
         buffers: &[
             &uniform,
             bn.tensor().buffer(),
-            scale_factor.buffer(),
-            inv_scale_factor.buffer(),
+            out.scale_factor.buffer(),
+            out.inv_scale_factor.buffer(),
         ],
         workgroups: ctx.grid_1d(o, WGR)?,
     }])?;
-    let weight_scaled = channel_op(
+    channel_op_into(
         ctx,
         conv.weight,
         ChannelOp::Mul,
         p.inner as usize,
-        &scale_factor,
+        &out.scale_factor,
         None,
+        &out.weight_scaled,
     )?;
-    let weight_qparams = observe(ctx, &weight_scaled, spec)?;
-    let (weight_q, weight_mask) =
-        fake_quant_with_mask(ctx, &weight_scaled, &weight_qparams, spec.range)?;
-    let conv_out = conv2d(ctx, x, &weight_q, &conv.params, &ConvEpilogue::none())?;
-    let hw = out[2] * out[3];
-    let divided = channel_op(ctx, &conv_out, ChannelOp::Div, hw, &scale_factor, None)?;
-    let bn_input = match conv.bias {
-        Some(b) => channel_op(ctx, &divided, ChannelOp::Add, hw, b, None)?,
-        None => divided,
-    };
-    let bn_fwd = batch_norm2d(
+    observe_into(ctx, &out.weight_scaled, spec, out.weight_qparams.tensor())?;
+    fake_quant_with_mask_into(
         ctx,
-        &bn_input,
+        &out.weight_scaled,
+        &out.weight_qparams,
+        spec.range,
+        &out.weight_q,
+        &out.weight_mask,
+    )?;
+    let conv_out = out
+        .conv_out
+        .as_ref()
+        .ok_or_else(|| Error::invalid("internal: the unfused chain has no conv_out"))?;
+    conv2d_into(
+        ctx,
+        x,
+        &out.weight_q,
+        &conv.params,
+        &ConvEpilogue::none(),
+        conv_out,
+    )?;
+    let hw = out_shape[2] * out_shape[3];
+    match conv.bias {
+        Some(b) => {
+            let divided = GpuTensor::uninit(ctx, &out_shape, DType::F32)?;
+            channel_op_into(
+                ctx,
+                conv_out,
+                ChannelOp::Div,
+                hw,
+                &out.scale_factor,
+                None,
+                &divided,
+            )?;
+            channel_op_into(ctx, &divided, ChannelOp::Add, hw, b, None, &out.bn_input)?;
+        }
+        None => channel_op_into(
+            ctx,
+            conv_out,
+            ChannelOp::Div,
+            hw,
+            &out.scale_factor,
+            None,
+            &out.bn_input,
+        )?,
+    }
+    batch_norm2d_into(
+        ctx,
+        &out.bn_input,
         bn,
         momentum,
         !cfg.freeze_bn,
         Activation::None,
-        false,
+        &GpuBatchNormOutput {
+            y: out.bn_out.clone(),
+            pre: None,
+            stats: out.stats.clone(),
+        },
     )?;
-    let bn_out = bn_fwd.y;
-    let y = match cfg.activation {
-        Activation::None => bn_out.clone(),
-        act => activation(ctx, &bn_out, act)?,
-    };
-    Ok(GpuQatForward {
-        y,
-        bn_out,
-        bn_input,
-        conv_out: Some(conv_out),
-        scale_factor,
-        inv_scale_factor,
-        weight_scaled,
-        weight_q,
-        weight_mask,
-        weight_qparams,
-        stats: bn_fwd.stats,
-    })
+    if cfg.activation != Activation::None {
+        activation_into(ctx, &out.bn_out, cfg.activation, &out.y)?;
+    }
+    Ok(out)
 }
 
 /// The conv output before the divide-back: `fwd.conv_out` when the forward kept it, else
@@ -722,14 +1224,46 @@ pub fn conv_bn_qat_forward_unfused(
 ///
 /// Errors: [`Error::ShapeMismatch`] for a conv bias that does not match the forward.
 pub fn qat_conv_out(ctx: &GpuContext, fwd: &GpuQatForward, conv: &GpuConv2d) -> Result<GpuTensor> {
+    qat_conv_out_impl(ctx, fwd, conv, None)
+}
+
+/// [`qat_conv_out`] writing into `out` (an `f32` tensor of the forward output's shape with a
+/// buffer of its own, see [`super::check_output`]): a device copy of `fwd.conv_out` when the
+/// forward kept it.
+///
+/// Errors: those of [`qat_conv_out`]; [`Error::ContextMismatch`], [`Error::ShapeMismatch`]
+/// or [`Error::InvalidArgument`] naming `qat_conv_out output` for an unfit `out`.
+pub fn qat_conv_out_into(
+    ctx: &GpuContext,
+    fwd: &GpuQatForward,
+    conv: &GpuConv2d,
+    out: &GpuTensor,
+) -> Result<()> {
+    qat_conv_out_impl(ctx, fwd, conv, Some(out)).map(drop)
+}
+
+fn qat_conv_out_impl(
+    ctx: &GpuContext,
+    fwd: &GpuQatForward,
+    conv: &GpuConv2d,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     ctx.check_tensors(&[
         ("QAT forward scale factor", &fwd.scale_factor),
         ("conv2d weight", conv.weight),
     ])?;
-    if let Some(c) = &fwd.conv_out {
-        return Ok(c.clone());
+    match (&fwd.conv_out, given) {
+        (Some(c), None) => Ok(c.clone()),
+        (Some(c), Some(out)) => {
+            check_output(ctx, "qat_conv_out output", out, c.shape(), DType::F32, &[c])?;
+            ctx.copy_regions(
+                "copying the QAT conv output",
+                &[(c.buffer(), 0, out.buffer(), 0, c.size_bytes())],
+            )?;
+            Ok(out.clone())
+        }
+        (None, _) => qat_conv_out_of_impl(ctx, &fwd.bn_input, &fwd.scale_factor, conv, given),
     }
-    qat_conv_out_of(ctx, &fwd.bn_input, &fwd.scale_factor, conv)
 }
 
 /// [`qat_conv_out`] from the two saved tensors it reads: `(bn_input − b)·s` (one dispatch).
@@ -741,21 +1275,64 @@ pub fn qat_conv_out_of(
     scale_factor: &GpuTensor,
     conv: &GpuConv2d,
 ) -> Result<GpuTensor> {
+    qat_conv_out_of_impl(ctx, bn_input, scale_factor, conv, None)
+}
+
+/// [`qat_conv_out_of`] writing into `out` (an `f32` tensor of `bn_input`'s shape with a
+/// buffer of its own, see [`super::check_output`]).
+///
+/// Errors: those of [`qat_conv_out_of`]; [`Error::ContextMismatch`],
+/// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming `qat_conv_out output` for
+/// an unfit `out`.
+pub fn qat_conv_out_of_into(
+    ctx: &GpuContext,
+    bn_input: &GpuTensor,
+    scale_factor: &GpuTensor,
+    conv: &GpuConv2d,
+    out: &GpuTensor,
+) -> Result<()> {
+    qat_conv_out_of_impl(ctx, bn_input, scale_factor, conv, Some(out)).map(drop)
+}
+
+fn qat_conv_out_of_impl(
+    ctx: &GpuContext,
+    bn_input: &GpuTensor,
+    scale_factor: &GpuTensor,
+    conv: &GpuConv2d,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[
+        ("saved BatchNorm input", bn_input),
+        ("saved scale factor", scale_factor),
+    ])?;
     let o = scale_factor.len();
+    let mut inputs = vec![bn_input, scale_factor];
     if let Some(b) = conv.bias {
+        ctx.check_tensor("conv2d bias", b)?;
         expect_shape("conv2d bias", &[o], b)?;
+        inputs.push(b);
     }
+    let out = super::output(
+        ctx,
+        "qat_conv_out output",
+        given,
+        bn_input.shape(),
+        DType::F32,
+        &inputs,
+    )?;
     let bias = bias_or_zeros(ctx, conv, o)?;
     let s = bn_input.shape();
     let hw = s.get(2..).map_or(1, |d| d.iter().product());
-    channel_op(
+    channel_op_into(
         ctx,
         bn_input,
         ChannelOp::SubMul,
         hw,
         scale_factor,
         Some(&bias),
-    )
+        &out,
+    )?;
+    Ok(out)
 }
 
 /// Gradients of the QAT step, on the GPU (the GPU form of [`crate::ops::QatGrads`]).
@@ -797,6 +1374,43 @@ pub fn conv_bn_qat_backward(
     bn: &GpuBatchNorm,
     cfg: &QatConfig,
     saved: &GpuQatSaved,
+) -> Result<GpuQatGrads> {
+    conv_bn_qat_backward_impl(ctx, x, dy, conv, bn, cfg, saved, None)
+}
+
+/// [`conv_bn_qat_backward`] writing into `out`: `dx` of `x`'s shape, `dweight` of the conv
+/// weight's, `dbn_weight` and `dbn_bias` `[O]`, and `dbias` `[O]` exactly when the conv has a
+/// bias; `f32` tensors each with a buffer of its own, all checked
+/// ([`super::check_output`]) before anything is launched.
+///
+/// Errors: those of [`conv_bn_qat_backward`]; [`Error::ContextMismatch`],
+/// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming the unfit output
+/// (`conv_bn_qat_backward output dx`, ...), or a `dbias` given for a conv without bias (or
+/// missing for one with a bias).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_qat_backward_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    cfg: &QatConfig,
+    saved: &GpuQatSaved,
+    out: &GpuQatGrads,
+) -> Result<()> {
+    conv_bn_qat_backward_impl(ctx, x, dy, conv, bn, cfg, saved, Some(out)).map(drop)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_bn_qat_backward_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    cfg: &QatConfig,
+    saved: &GpuQatSaved,
+    given: Option<&GpuQatGrads>,
 ) -> Result<GpuQatGrads> {
     check_context(ctx, x, conv, bn)?;
     ctx.check_tensors(&[
@@ -845,6 +1459,45 @@ pub fn conv_bn_qat_backward(
         expect_f32(what, t)?;
     }
 
+    // The outputs, before anything is launched.
+    const W: &str = "conv_bn_qat_backward output";
+    let x_shape = [out[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    let mut taken: Vec<GpuTensor> = conv_bn_inputs(x, conv, bn).into_iter().cloned().collect();
+    taken.extend(
+        [
+            dy,
+            saved.scale_factor,
+            saved.weight_q,
+            saved.weight_mask,
+            saved.bn_input,
+            saved.stats,
+            saved.act_input,
+        ]
+        .into_iter()
+        .cloned(),
+    );
+    let mut take = |name: &str, g: Option<&GpuTensor>, shape: &[usize]| {
+        take_output(ctx, &format!("{W} {name}"), g, shape, &mut taken)
+    };
+    let dx = take("dx", given.map(|g| &g.dx), &x_shape)?;
+    let dweight = take("dweight", given.map(|g| &g.dweight), &ws)?;
+    let dgamma = take("dbn_weight", given.map(|g| &g.dbn_weight), &[o])?;
+    let dbeta = take("dbn_bias", given.map(|g| &g.dbn_bias), &[o])?;
+    let dbias = match (conv.bias, given.map(|g| g.dbias.as_ref())) {
+        (Some(_), Some(None)) => {
+            return Err(Error::invalid(format!(
+                "{W} dbias is missing: the conv has a bias"
+            )));
+        }
+        (None, Some(Some(_))) => {
+            return Err(Error::invalid(format!(
+                "{W} dbias must be None: the conv has no bias"
+            )));
+        }
+        (Some(_), g) => Some(take("dbias", g.flatten(), &[o])?),
+        (None, _) => None,
+    };
+
     // BatchNorm (with the activation's mask) → g = dBN_in / s.
     let bn_grads = batch_norm2d_backward_act(
         ctx,
@@ -878,9 +1531,11 @@ pub fn conv_bn_qat_backward(
     let uniform = ctx.params(&p)?;
     let bias = bias_or_zeros(ctx, conv, o)?;
     let partials = GpuTensor::zeros(ctx, &[2, o, groups], DType::F32)?;
-    let dbias = GpuTensor::zeros(ctx, &[o], DType::F32)?;
-    let dgamma = GpuTensor::zeros(ctx, &[o], DType::F32)?;
-    let dbeta = GpuTensor::zeros(ctx, &[o], DType::F32)?;
+    // The kernel writes the conv bias gradient also for a conv without bias.
+    let dbias_buf = match &dbias {
+        Some(d) => d.clone(),
+        None => GpuTensor::uninit(ctx, &[o], DType::F32)?,
+    };
     ctx.run(&[
         Launch {
             kernel: &DIVIDE_BACK_PARTIAL,
@@ -903,7 +1558,7 @@ pub fn conv_bn_qat_backward(
                 saved.scale_factor.buffer(),
                 partials.buffer(),
                 bn_grads.dparams.buffer(),
-                dbias.buffer(),
+                dbias_buf.buffer(),
                 dgamma.buffer(),
                 dbeta.buffer(),
             ],
@@ -912,12 +1567,10 @@ pub fn conv_bn_qat_backward(
     ])?;
 
     // Conv backward with W_q.
-    let x_shape = [out[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-    let dx = conv2d_backward_input(ctx, &g, saved.weight_q, &conv.params, x_shape)?;
+    conv2d_backward_input_into(ctx, &g, saved.weight_q, &conv.params, x_shape, &dx)?;
     let dw_q = conv2d_backward_weight(ctx, x, &g, &conv.params, ws)?;
 
     // STE mask, dW = dW_s·s, weight-scaling part of dγ.
-    let dweight = GpuTensor::zeros(ctx, &ws, DType::F32)?;
     ctx.run(&[Launch {
         kernel: &WEIGHT_GRAD,
         constants: &[],
@@ -937,7 +1590,7 @@ pub fn conv_bn_qat_backward(
     Ok(GpuQatGrads {
         dx,
         dweight,
-        dbias: conv.bias.map(|_| dbias),
+        dbias,
         dbn_weight: dgamma,
         dbn_bias: dbeta,
     })
@@ -946,6 +1599,16 @@ pub fn conv_bn_qat_backward(
 /// Elementwise `sqrt_rn(a)`: the shader's correctly rounded f32 square root (behind the
 /// bit-exact scale factor `s`), exposed so tests can check it against Rust's `f32::sqrt`.
 pub fn sqrt_rn(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
+    sqrt_rn_impl(ctx, a, None)
+}
+
+/// [`sqrt_rn`] writing into `out` (an `f32` tensor of `a`'s shape with a buffer of its own,
+/// see [`super::check_output`]).
+pub fn sqrt_rn_into(ctx: &GpuContext, a: &GpuTensor, out: &GpuTensor) -> Result<()> {
+    sqrt_rn_impl(ctx, a, Some(out)).map(drop)
+}
+
+fn sqrt_rn_impl(ctx: &GpuContext, a: &GpuTensor, given: Option<&GpuTensor>) -> Result<GpuTensor> {
     ctx.check_tensor("sqrt_rn input", a)?;
     expect_f32("sqrt_rn input", a)?;
     let p = Params {
@@ -953,7 +1616,7 @@ pub fn sqrt_rn(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
         ..Params::default()
     };
     let uniform = ctx.params(&p)?;
-    let out = GpuTensor::zeros(ctx, a.shape(), DType::F32)?;
+    let out = super::output(ctx, "sqrt_rn output", given, a.shape(), DType::F32, &[a])?;
     ctx.run(&[Launch {
         kernel: &SQRT_RN_TEST,
         constants: &[],

@@ -1279,9 +1279,69 @@ pub fn conv2d_int8_with(
     requant: &Requant,
     dot: Int8Dot,
 ) -> Result<GpuInt8Tensor> {
+    conv2d_int8_impl(
+        ctx,
+        x,
+        x_zero_point,
+        weight,
+        bias,
+        params,
+        requant,
+        dot,
+        None,
+    )
+}
+
+/// [`conv2d_int8`] writing into `out`, codes `[N, O, OH, OW]` with a buffer of their own
+/// (checked by [`super::check_output`] before the weights are packed and uploaded).
+///
+/// Errors: those of [`conv2d_int8`]; [`Error::ContextMismatch`], [`Error::ShapeMismatch`] or
+/// [`Error::InvalidArgument`] naming `conv2d int8 output` for an unfit `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_int8_into(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array4<i8>,
+    bias: Option<&Array1<i32>>,
+    params: &Conv2dParams,
+    requant: &Requant,
+    out: &GpuInt8Tensor,
+) -> Result<()> {
+    conv2d_int8_impl(
+        ctx,
+        x,
+        x_zero_point,
+        weight,
+        bias,
+        params,
+        requant,
+        ctx.int8_dot(),
+        Some(out),
+    )
+    .map(drop)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv2d_int8_impl(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array4<i8>,
+    bias: Option<&Array1<i32>>,
+    params: &Conv2dParams,
+    requant: &Requant,
+    dot: Int8Dot,
+    given: Option<&GpuInt8Tensor>,
+) -> Result<GpuInt8Tensor> {
+    ctx.check_tensor("conv2d int8 input", &x.words)?;
     // The reference's order of checks: geometry first.
-    params.output_shape(x.shape(), weight.shape())?;
-    GpuConv2dInt8::new(ctx, x_zero_point, weight, bias, params, requant)?.forward_with(ctx, x, dot)
+    let shape = params.output_shape(x.shape(), weight.shape())?;
+    if let Some(out) = given {
+        int8_output(ctx, "conv2d int8 output", Some(out), &shape, &[&x.words])?;
+    }
+    GpuConv2dInt8::new(ctx, x_zero_point, weight, bias, params, requant)?
+        .forward_impl(ctx, x, dot, given)
 }
 
 /// An integer linear layer prepared for the GPU: weight words `[out, ceil(in/4)]` and per
@@ -1477,6 +1537,48 @@ pub fn linear_int8_with(
     requant: &Requant,
     dot: Int8Dot,
 ) -> Result<GpuInt8Tensor> {
+    linear_int8_impl(ctx, x, x_zero_point, weight, bias, requant, dot, None)
+}
+
+/// [`linear_int8`] writing into `out`, codes `[N, out]` with a buffer of their own (checked
+/// by [`super::check_output`] before the weights are packed and uploaded).
+///
+/// Errors: those of [`linear_int8`]; [`Error::ContextMismatch`], [`Error::ShapeMismatch`] or
+/// [`Error::InvalidArgument`] naming `linear int8 output` for an unfit `out`.
+pub fn linear_int8_into(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array2<i8>,
+    bias: Option<&Array1<i32>>,
+    requant: &Requant,
+    out: &GpuInt8Tensor,
+) -> Result<()> {
+    linear_int8_impl(
+        ctx,
+        x,
+        x_zero_point,
+        weight,
+        bias,
+        requant,
+        ctx.int8_dot(),
+        Some(out),
+    )
+    .map(drop)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_int8_impl(
+    ctx: &GpuContext,
+    x: &GpuInt8Tensor,
+    x_zero_point: i32,
+    weight: &Array2<i8>,
+    bias: Option<&Array1<i32>>,
+    requant: &Requant,
+    dot: Int8Dot,
+    given: Option<&GpuInt8Tensor>,
+) -> Result<GpuInt8Tensor> {
+    ctx.check_tensor("linear int8 input", &x.words)?;
     let xs = <[usize; 2]>::try_from(x.shape()).map_err(|_| {
         Error::invalid(format!(
             "quantized linear input must be [N, in] (rank 2), got shape {:?}",
@@ -1484,7 +1586,11 @@ pub fn linear_int8_with(
         ))
     })?;
     check_linear_shapes(xs, [weight.nrows(), weight.ncols()])?;
-    GpuLinearInt8::new(ctx, x_zero_point, weight, bias, requant)?.forward_with(ctx, x, dot)
+    if let Some(out) = given {
+        let shape = [xs[0], weight.nrows()];
+        int8_output(ctx, "linear int8 output", Some(out), &shape, &[&x.words])?;
+    }
+    GpuLinearInt8::new(ctx, x_zero_point, weight, bias, requant)?.forward_impl(ctx, x, dot, given)
 }
 
 #[cfg(test)]

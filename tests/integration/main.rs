@@ -30,6 +30,7 @@ mod gpu_conv_reg;
 mod gpu_conv_subgroup;
 mod gpu_elementwise;
 mod gpu_int8;
+mod gpu_into;
 mod gpu_observer_fold;
 mod gpu_runtime;
 mod gpu_train;
@@ -72,6 +73,7 @@ fn main() -> std::process::ExitCode {
         gpu_conv_subgroup::TESTS,
         gpu_elementwise::TESTS,
         gpu_int8::TESTS,
+        gpu_into::TESTS,
         gpu_observer_fold::TESTS,
         gpu_runtime::TESTS,
         gpu_train::TESTS,
