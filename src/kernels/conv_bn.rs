@@ -268,8 +268,8 @@ pub struct GpuConvBnEval {
 
 /// Fused eval forward of conv2d + BatchNorm2d + activation
 /// ([`crate::reference::conv_bn::conv_bn_act_eval`]): BN folded into the conv on the GPU
-/// ([`fold_conv_bn`]), then **one** conv dispatch with the folded bias and the activation in
-/// its epilogue.
+/// ([`super::fold::fold_conv_bn`]), then **one** conv dispatch with the folded bias and the
+/// activation in its epilogue.
 ///
 /// Errors (the CPU's): [`Error::ChannelMismatch`] (layer `conv2d`), [`Error::ShapeMismatch`]
 /// for a conv bias of the wrong length, and every [`conv2d`] error.
