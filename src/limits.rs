@@ -27,6 +27,9 @@ pub const MAX_DEMO_CALIBRATION_BATCHES: usize = 256;
 /// `qfuse demo --runs`: at most this many timed runs per model.
 pub const MAX_DEMO_RUNS: usize = 1000;
 
+/// `qfuse demo --epochs` and `--qat-epochs`: at most this many epochs.
+pub const MAX_DEMO_EPOCHS: usize = 1000;
+
 use crate::error::{Error, Result};
 
 /// The element count of `shape`, computed with checked arithmetic; [`Error::TooLarge`]

@@ -278,6 +278,28 @@ impl Outputs {
         self.resolve(dest).map(|_| ())
     }
 
+    /// [`Outputs::check`] of every output of a command at once, before anything is computed,
+    /// also refusing two of them that name the same file (through links too).
+    ///
+    /// Errors: those of [`Outputs::check`]; [`Error::InvalidArgument`] for a repeated output.
+    pub fn check_all(&self, dests: &[&Path]) -> Result<()> {
+        let mut seen: Vec<(PathBuf, &Path)> = Vec::with_capacity(dests.len());
+        for &dest in dests {
+            let key = match self.resolve(dest)? {
+                Target::File(t) => t,
+                Target::Device => dest.to_path_buf(),
+            };
+            if seen.iter().any(|(k, d)| *k == key || *d == dest) {
+                return Err(Error::invalid(format!(
+                    "output {} is given twice; every output needs its own path",
+                    escape_path(dest)
+                )));
+            }
+            seen.push((key, dest));
+        }
+        Ok(())
+    }
+
     fn is_staged(&self, dest: &Path, target: &Path) -> bool {
         self.staged
             .iter()

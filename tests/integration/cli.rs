@@ -237,7 +237,21 @@ fn failed_writes_name_the_output_path() {
         &target,
     );
     let json = nowhere.join("demo.json");
-    let demo = ["demo", "--backend", "cpu", "--batch", "2", "--runs", "1"];
+    let demo = [
+        "demo",
+        "--backend",
+        "cpu",
+        "--batch",
+        "2",
+        "--runs",
+        "1",
+        "--epochs",
+        "0",
+        "--qat-epochs",
+        "0",
+        "--test-images",
+        "16",
+    ];
     let mut args = demo.to_vec();
     args.extend(["--json", s(&json)]);
     check(qfuse(&args, &[]), &json);
@@ -260,6 +274,12 @@ fn demo_requant_is_echoed_as_typed() {
             "1",
             "--requant",
             "fixed-point",
+            "--epochs",
+            "0",
+            "--qat-epochs",
+            "0",
+            "--test-images",
+            "16",
         ],
         &[],
     );

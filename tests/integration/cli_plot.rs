@@ -68,17 +68,23 @@ fn demo_plot_has_stages_and_layers() {
         "1",
         "--calibration-batches",
         "1",
+        "--epochs",
+        "0",
+        "--qat-epochs",
+        "0",
+        "--test-images",
+        "16",
         "--plot",
         &svg_arg,
     ]);
     ok(&out, "qfuse demo --plot");
     let svg = read_svg(&svg_path);
     for want in [
-        "argmax agreement with float",
+        "test accuracy",
         "float",
-        "fused",
-        "simulated int8",
-        "int8 deployed",
+        "PTQ fused simulation",
+        "PTQ unfused simulation",
+        "PTQ int8 deployed",
         "fused simulation",
         "unfused simulation",
         "conv1",

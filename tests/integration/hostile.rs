@@ -236,7 +236,20 @@ fn demo_never_writes_over_its_input() {
 fn demo_outputs_appear_together_or_not_at_all() {
     let d = tmp_dir("demo_outputs");
     let export = d.join("int.safetensors");
-    let small = ["--backend", "cpu", "--batch", "2", "--runs", "1"];
+    let small = [
+        "--backend",
+        "cpu",
+        "--batch",
+        "2",
+        "--runs",
+        "1",
+        "--epochs",
+        "0",
+        "--qat-epochs",
+        "0",
+        "--test-images",
+        "16",
+    ];
     // --json fails (its folder does not exist) after --export was computed: neither appears.
     let missing = d.join("no_such_dir").join("t.json");
     let mut args = vec!["demo", "--export", p(&export), "--json", p(&missing)];
