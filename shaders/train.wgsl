@@ -23,6 +23,8 @@
 //     d = fma(p, wd, g) if wd != 0; buf = d (first) or fma(d, 1 - dampening, buf * momentum);
 //     d = fma(buf, momentum, d) (nesterov) or buf; p = fma(d, -lr, p). sgd_plain: no buffer.
 //   add: out = a + b (residual adds, gradient accumulation).
+//   copy_at: out[p_off + i] = a[i] for i < count (a tensor copied into part of another as a
+//     launch, so it stays in order inside a recording).
 //   swap01: out[j, i, r] = a[i, j, r] for a [rows, cols, inner] (NCHW <-> CNHW).
 //   flip_transpose: out[c, o, ky, kx] = a[o, c, KH-1-ky, KW-1-kx] for a weight [O, C, KH, KW]
 //     (rows = O, cols = C, h = KH, w = KW): the weight of the conv that computes the input
@@ -41,7 +43,8 @@
 //                                 average); lr, momentum, dampening, weight_decay; scale
 //                                 (-1/N for the NLL backward, the averaging constant);
 //                                 p_off, g_off (sgd: first element of the parameter / the
-//                                 gradient in their buffers; the momentum buffer starts at 0)
+//                                 gradient in their buffers; the momentum buffer starts at 0;
+//                                 copy_at: first element written)
 //   @group(0) @binding(1) a:      storage, read array<f32>  x (pooling) / A / y / logp / scores
 //   @group(0) @binding(2) b:      storage, read array<f32>  dy / B / the gradient (sgd) /
 //                                 the batch min/max (observer_update)
@@ -60,7 +63,8 @@
 //     reduces over all rows in workgroup memory; dispatch (1, 1, 1).
 //   nll_loss_backward, log_softmax_nll_backward (0, 1, 3, 4): one invocation per element.
 //   sgd (0, 2, 3, 6), sgd_plain (0, 2, 3): one invocation per parameter element.
-//   add (0-3), swap01 (0, 1, 3), flip_transpose (0, 1, 3): one invocation per element.
+//   add (0-3), swap01 (0, 1, 3), flip_transpose (0, 1, 3), copy_at (0, 1, 3): one invocation
+//     per element.
 //   observer_update (0, 2, 3): one invocation per statistic, count = 2 * C, rows = C.
 
 override WG: u32 = 256u;
@@ -441,4 +445,14 @@ fn flip_transpose(@builtin(global_invocation_id) gid: vec3<u32>,
     let o = t % P.rows;
     let c = t / P.rows;
     out[i] = a[((o * P.cols + c) * P.h + (P.h - 1u - ky)) * P.w + (P.w - 1u - kx)];
+}
+
+@compute @workgroup_size(WG)
+fn copy_at(@builtin(global_invocation_id) gid: vec3<u32>,
+           @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    out[P.p_off + i] = a[i];
 }

@@ -138,6 +138,16 @@ static FLIP_TRANSPOSE: Kernel = Kernel {
     ],
 };
 
+static COPY_AT: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "copy_at",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(3),
+    ],
+};
+
 static SGD_PLAIN: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "sgd_plain",
@@ -335,10 +345,28 @@ pub fn linear_backward(
     expect_f32("linear input", x)?;
     expect_f32("linear weight", w)?;
     expect_f32("linear_backward dy", dy)?;
-    // dx[n, i] = Σ_o dy[n, o] · w[o, i]
-    let dx = matmul(ctx, dy, w, [n, inp, out], [out, 1], [inp, 1])?;
-    // dw[o, i] = Σ_n dy[n, o] · x[n, i]
-    let dweight = matmul(ctx, dy, x, [out, inp, n], [1, out], [inp, 1])?;
+    let (dx, dweight) = if use_sg(ctx) {
+        let mm = |rows, kin, a| SgMatmul {
+            batch: 1,
+            rows,
+            cols: inp,
+            kin,
+            kout: 1,
+            a,
+            b: [0, inp, 1, 0],
+        };
+        (
+            matmul_sg(ctx, dy, w, mm(n, out, [0, out, 1, 0]), &[n, inp])?,
+            matmul_sg(ctx, dy, x, mm(out, n, [0, 1, out, 0]), &[out, inp])?,
+        )
+    } else {
+        (
+            // dx[n, i] = Σ_o dy[n, o] · w[o, i]
+            matmul(ctx, dy, w, [n, inp, out], [out, 1], [inp, 1])?,
+            // dw[o, i] = Σ_n dy[n, o] · x[n, i]
+            matmul(ctx, dy, x, [out, inp, n], [1, out], [inp, 1])?,
+        )
+    };
     let dbias = super::conv2d::channel_sum(ctx, &dy.reshape(&[n, out, 1, 1])?)?;
     Ok(GpuLinearGrads { dx, dweight, dbias })
 }
@@ -705,6 +733,40 @@ pub fn add(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> 
     Ok(out)
 }
 
+/// Copies the `f32` tensor `src` into `dst` from element `offset` on, as a kernel launch (so
+/// inside [`GpuContext::record`] it runs in order with the other launches): e.g. a
+/// BatchNorm step's running statistics into rows 2 and 3 of its [`super::GpuBatchNorm`].
+///
+/// Errors: [`Error::InvalidArgument`] when `src` does not fit in `dst` from `offset`, for
+/// tensors that are not `f32` or share a buffer; tensors of another context.
+pub fn copy_at(ctx: &GpuContext, src: &GpuTensor, dst: &GpuTensor, offset: usize) -> Result<()> {
+    ctx.check_tensors(&[("copy_at source", src), ("copy_at destination", dst)])?;
+    expect_f32("copy_at source", src)?;
+    expect_f32("copy_at destination", dst)?;
+    if offset
+        .checked_add(src.len())
+        .is_none_or(|end| end > dst.len())
+    {
+        return Err(Error::invalid(format!(
+            "copy_at: {} elements from {offset} exceed the destination ({} elements)",
+            src.len(),
+            dst.len()
+        )));
+    }
+    if src.buffer() == dst.buffer() {
+        return Err(Error::invalid(
+            "copy_at: the source must not be the destination's buffer",
+        ));
+    }
+    let p = Params {
+        count: to_u32(src.len(), "copy_at element count")?,
+        p_off: to_u32(offset, "copy_at offset")?,
+        ..Params::default()
+    };
+    to_u32(dst.len(), "copy_at destination size")?;
+    launch_1d(ctx, &COPY_AT, &p, &[src.buffer(), dst.buffer()], src.len())
+}
+
 /// Updates running observer statistics in place on the device: `state` `[2, C]` (row 0
 /// minima, row 1 maxima) combined with a batch's `[2, C]` min/max (as
 /// [`super::observer::min_max`] returns) per
@@ -836,6 +898,11 @@ pub fn conv2d_input_grad(
     }
     expect_f32("conv2d weight", w)?;
     expect_f32("conv2d_backward dy", dy)?;
+    if use_sg(ctx) {
+        if let Some(dx) = conv_dgrad_sg(ctx, dy, w, params, x_shape)? {
+            return Ok(dx);
+        }
+    }
     let ws = w.shape();
     let wt = flip_transpose(ctx, w)?;
     let p = Conv2dParams {
@@ -874,6 +941,9 @@ pub fn conv2d_weight_grad(
     }
     expect_f32("conv2d input", x)?;
     expect_f32("conv2d_backward dy", dy)?;
+    if use_sg(ctx) {
+        return conv_wgrad_sg(ctx, x, dy, params, w_shape);
+    }
     let xt = swap01(ctx, x)?;
     let dyt = swap01(ctx, dy)?;
     let p = Conv2dParams {
@@ -890,4 +960,354 @@ pub fn conv2d_weight_grad(
         )));
     }
     swap01(ctx, &g)
+}
+
+/// The subgroup matmuls of the training backward (`shaders/matmul_sg.wgsl`): a module of its
+/// own, since only devices with [`wgpu::Features::SUBGROUP`] can compile it.
+static SG_SHADER: Shader = Shader {
+    name: "matmul_sg",
+    source: concat!(
+        include_str!("../../shaders/lib/float_bits.wgsl"),
+        include_str!("../../shaders/lib/activation.wgsl"),
+        include_str!("../../shaders/matmul_sg.wgsl")
+    ),
+};
+
+const SG_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read(2),
+    Binding::read_write(3),
+    Binding::read(4),
+];
+
+static MATMUL_SG: Kernel = Kernel {
+    shader: &SG_SHADER,
+    entry_point: "matmul_sg",
+    bindings: SG_BINDINGS,
+};
+
+static CONV_WGRAD_SG: Kernel = Kernel {
+    shader: &SG_SHADER,
+    entry_point: "conv_wgrad_sg",
+    bindings: SG_BINDINGS,
+};
+
+static COL2IM: Kernel = Kernel {
+    shader: &SG_SHADER,
+    entry_point: "col2im",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(3),
+    ],
+};
+
+/// Rows × columns of one `matmul_sg` / `conv_wgrad_sg` invocation's tile.
+const SG_TILE: [usize; 2] = [16, 4];
+
+/// The uniform of `matmul_sg.wgsl` (same field order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+struct SgParams {
+    rows: u32,
+    cols: u32,
+    kin: u32,
+    kout: u32,
+    a_bs: u32,
+    a_rs: u32,
+    a_cs: u32,
+    a_ko: u32,
+    b_bs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    b_ko: u32,
+    mtiles: u32,
+    ctiles: u32,
+    count: u32,
+    bias_mode: u32,
+    act: u32,
+    slope: f32,
+    c: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+    dh: u32,
+    dw: u32,
+    _pad0: u32,
+}
+
+/// Whether the training backward runs the subgroup matmuls of `matmul_sg.wgsl` on `ctx`.
+fn use_sg(ctx: &GpuContext) -> bool {
+    ctx.has_subgroups()
+}
+
+/// Invocations per workgroup for `cols` columns: enough 4-column groups to cover them, a
+/// multiple of 8 (whole subgroups on lavapipe), at most 64.
+fn sg_workgroup(cols: usize) -> usize {
+    cols.div_ceil(SG_TILE[1]).next_multiple_of(8).clamp(8, 64)
+}
+
+/// A strided, batched matmul for `matmul_sg` (see the shader header): `[batch, rows, cols]`
+/// with a two-level reduction `kout × kin`, and each operand's strides `[batch, row (A) /
+/// k (B), column (A) / column (B), k block]`.
+#[derive(Debug, Clone, Copy)]
+struct SgMatmul {
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    kin: usize,
+    kout: usize,
+    /// A: `[batch, row, k, k block]` strides.
+    a: [usize; 4],
+    /// B: `[batch, k, column, k block]` strides.
+    b: [usize; 4],
+}
+
+impl SgMatmul {
+    /// The largest element index an operand with these strides reads, plus one.
+    fn extent(&self, [bs, s1, s2, ko]: [usize; 4], d1: usize) -> Option<usize> {
+        let last = |n: usize| n.checked_sub(1);
+        let terms = [
+            last(self.batch)?.checked_mul(bs)?,
+            last(d1)?.checked_mul(s1)?,
+            last(self.kin)?.checked_mul(s2)?,
+            last(self.kout)?.checked_mul(ko)?,
+        ];
+        terms
+            .iter()
+            .try_fold(0usize, |acc, &t| acc.checked_add(t))?
+            .checked_add(1)
+    }
+
+    /// The uniform and grid, after checking that every index fits the operands and `u32`.
+    fn params(
+        &self,
+        ctx: &GpuContext,
+        a_len: usize,
+        b_len: usize,
+        wg: usize,
+    ) -> Result<(SgParams, [u32; 3])> {
+        let fits =
+            |s: [usize; 4], d1: usize, len: usize| self.extent(s, d1).is_some_and(|e| e <= len);
+        // A is indexed [batch, row, k]; B [batch, k, column] with its column stride second.
+        let b_for_extent = [self.b[0], self.b[2], self.b[1], self.b[3]];
+        if !fits(self.a, self.rows, a_len) || !fits(b_for_extent, self.cols, b_len) {
+            return Err(Error::invalid(
+                "internal: a training matmul reads past its operands",
+            ));
+        }
+        let out = self
+            .batch
+            .checked_mul(self.rows)
+            .and_then(|v| v.checked_mul(self.cols))
+            .ok_or_else(|| Error::invalid("training matmul: output size overflows"))?;
+        to_u32(out, "training matmul output size")?;
+        to_u32(a_len, "training matmul operand size")?;
+        to_u32(b_len, "training matmul operand size")?;
+        let mtiles = self.rows.div_ceil(SG_TILE[0]);
+        let ctiles = self.cols.div_ceil(SG_TILE[1] * wg);
+        let count = self
+            .batch
+            .checked_mul(mtiles)
+            .and_then(|v| v.checked_mul(ctiles))
+            .ok_or_else(|| Error::invalid("training matmul: tile count overflows"))?;
+        let u = |v: usize| to_u32(v, "training matmul size");
+        let p = SgParams {
+            rows: u(self.rows)?,
+            cols: u(self.cols)?,
+            kin: u(self.kin)?,
+            kout: u(self.kout)?,
+            a_bs: u(self.a[0])?,
+            a_rs: u(self.a[1])?,
+            a_cs: u(self.a[2])?,
+            a_ko: u(self.a[3])?,
+            b_bs: u(self.b[0])?,
+            b_rs: u(self.b[1])?,
+            b_cs: u(self.b[2])?,
+            b_ko: u(self.b[3])?,
+            mtiles: u(mtiles)?,
+            ctiles: u(ctiles)?,
+            count: u(count)?,
+            ..SgParams::default()
+        };
+        Ok((p, ctx.grid_1d(count, 1)?))
+    }
+}
+
+fn sg_constants(wg: usize) -> [(&'static str, f64); 1] {
+    [("MM_WG", wg as f64)]
+}
+
+/// Runs `matmul_sg` for `m` into a new `[batch·rows, cols]`-element tensor of `shape`.
+fn matmul_sg(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    m: SgMatmul,
+    shape: &[usize],
+) -> Result<GpuTensor> {
+    let wg = sg_workgroup(m.cols);
+    let (p, workgroups) = m.params(ctx, a.len(), b.len(), wg)?;
+    let out = GpuTensor::uninit(ctx, shape, DType::F32)?;
+    if out.len() != m.batch * m.rows * m.cols {
+        return Err(Error::invalid("internal: training matmul output shape"));
+    }
+    let uniform = ctx.params(&p)?;
+    let constants = sg_constants(wg);
+    ctx.run(&[Launch {
+        kernel: &MATMUL_SG,
+        constants: &constants,
+        buffers: &[&uniform, a.buffer(), b.buffer(), out.buffer(), b.buffer()],
+        workgroups,
+    }])?;
+    Ok(out)
+}
+
+/// The conv weight gradient as `conv_wgrad_sg` (groups 1, explicit padding): `[O, C, KH, KW]`.
+fn conv_wgrad_sg(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+) -> Result<GpuTensor> {
+    let [n, c, h, w] = <[usize; 4]>::try_from(x.shape())
+        .map_err(|_| Error::invalid("internal: conv input rank"))?;
+    let [o, _, kh, kw] = w_shape;
+    let [_, _, oh, ow] =
+        <[usize; 4]>::try_from(dy.shape()).map_err(|_| Error::invalid("internal: conv dy rank"))?;
+    let ohw = oh * ow;
+    let cols = c * kh * kw;
+    // A = dy: row o at o·OH·OW, pixel stride 1, image n at n·O·OH·OW (the k blocks).
+    let m = SgMatmul {
+        batch: 1,
+        rows: o,
+        cols,
+        kin: ohw,
+        kout: n,
+        a: [0, ohw, 1, o * ohw],
+        b: [0, 0, 0, 0],
+    };
+    let wg = sg_workgroup(cols);
+    let (mut p, workgroups) = m.params(ctx, dy.len(), 1, wg)?;
+    to_u32(x.len(), "conv2d input element count")?;
+    let u = |v: usize| to_u32(v, "conv2d size");
+    p.c = u(c)?;
+    p.h = u(h)?;
+    p.w = u(w)?;
+    p.oh = u(oh)?;
+    p.ow = u(ow)?;
+    p.kh = u(kh)?;
+    p.kw = u(kw)?;
+    p.sh = u(params.stride[0])?;
+    p.sw = u(params.stride[1])?;
+    p.ph = u(params.padding[0])?;
+    p.pw = u(params.padding[1])?;
+    p.dh = u(params.dilation[0])?;
+    p.dw = u(params.dilation[1])?;
+    // Every tap index (oy·SH + ky·DH, ox·SW + kx·DW) fits u32 / i32.
+    for (out_len, s, k, d, pad) in [
+        (
+            oh,
+            params.stride[0],
+            kh,
+            params.dilation[0],
+            params.padding[0],
+        ),
+        (
+            ow,
+            params.stride[1],
+            kw,
+            params.dilation[1],
+            params.padding[1],
+        ),
+    ] {
+        let reach = out_len
+            .checked_mul(s)
+            .and_then(|v| v.checked_add(k.checked_mul(d)?))
+            .and_then(|v| v.checked_add(pad));
+        if reach.is_none_or(|r| r > i32::MAX as usize) {
+            return Err(Error::invalid("conv2d weight gradient: sizes exceed i32"));
+        }
+    }
+    let out = GpuTensor::uninit(ctx, &w_shape, DType::F32)?;
+    let uniform = ctx.params(&p)?;
+    let constants = sg_constants(wg);
+    ctx.run(&[Launch {
+        kernel: &CONV_WGRAD_SG,
+        constants: &constants,
+        buffers: &[&uniform, dy.buffer(), x.buffer(), out.buffer(), x.buffer()],
+        workgroups,
+    }])?;
+    Ok(out)
+}
+
+/// The conv input gradient as `matmul_sg` (`col = Wᵀ·dy` per image) and `col2im` (stride 1,
+/// dilation 1, groups 1), or `None` when the column matrix would exceed a storage binding.
+fn conv_dgrad_sg(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+) -> Result<Option<GpuTensor>> {
+    let [n, c, h, wd] = x_shape;
+    let [o, _, kh, kw] = <[usize; 4]>::try_from(w.shape())
+        .map_err(|_| Error::invalid("internal: conv weight rank"))?;
+    let [_, _, oh, ow] =
+        <[usize; 4]>::try_from(dy.shape()).map_err(|_| Error::invalid("internal: conv dy rank"))?;
+    let ohw = oh * ow;
+    let ckk = c * kh * kw;
+    let col_len = [n, ckk, ohw]
+        .iter()
+        .try_fold(1usize, |acc, &v| acc.checked_mul(v))
+        .filter(|&l| {
+            (l as u64).saturating_mul(4) <= u64::from(ctx.limits().max_storage_buffer_binding_size)
+        });
+    if col_len.is_none() {
+        return Ok(None);
+    }
+    let m = SgMatmul {
+        batch: n,
+        rows: ckk,
+        cols: ohw,
+        kin: o,
+        kout: 1,
+        a: [0, 1, ckk, 0],
+        b: [o * ohw, ohw, 1, 0],
+    };
+    let col = matmul_sg(ctx, w, dy, m, &[n, ckk, ohw])?;
+    let dx = GpuTensor::uninit(ctx, &x_shape, DType::F32)?;
+    let u = |v: usize| to_u32(v, "conv2d size");
+    let p = SgParams {
+        count: u(dx.len())?,
+        c: u(c)?,
+        h: u(h)?,
+        w: u(wd)?,
+        oh: u(oh)?,
+        ow: u(ow)?,
+        kh: u(kh)?,
+        kw: u(kw)?,
+        ph: u(params.padding[0])?,
+        pw: u(params.padding[1])?,
+        ..SgParams::default()
+    };
+    let wg = 64;
+    let uniform = ctx.params(&p)?;
+    let constants = sg_constants(wg);
+    ctx.run(&[Launch {
+        kernel: &COL2IM,
+        constants: &constants,
+        buffers: &[&uniform, col.buffer(), dx.buffer()],
+        workgroups: ctx.grid_1d(dx.len(), wg as u32)?,
+    }])?;
+    Ok(Some(dx))
 }

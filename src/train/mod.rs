@@ -1,7 +1,8 @@
 //! Training on the device: [`GpuTrainer`] keeps a model's parameters, BatchNorm state and SGD
 //! momentum on the GPU and runs forward (recording what backward needs), backward and
 //! [`Sgd`] without host round trips — a step uploads its batch and labels and returns the
-//! loss as a `[1]` device tensor (download it, or don't). [`fit`] runs epochs over a
+//! loss as a `[1]` device tensor (download it, or don't). A step, and an eval forward, are
+//! each one submission ([`GpuContext::record`]). [`fit`] runs epochs over a
 //! [`crate::data::digits::Split`] and reports progress through a callback (the library draws
 //! nothing; the CLI can show a bar).
 //!
@@ -246,23 +247,6 @@ fn act_backward(
     } else {
         kernels::activation::activation_backward(ctx, y, &d, act)
     }
-}
-
-/// Copies `src` into `dst` at byte offset `dst_offset` (one submission).
-fn copy_into(ctx: &GpuContext, src: &GpuTensor, dst: &GpuTensor, dst_offset: u64) -> Result<()> {
-    let size = src.size_bytes();
-    if dst_offset + size > dst.size_bytes() {
-        return Err(Error::invalid("internal: copy past the end of a tensor"));
-    }
-    ctx.scoped("copying BatchNorm running statistics", || {
-        let mut encoder = ctx
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("qfuse train copy"),
-            });
-        encoder.copy_buffer_to_buffer(src.buffer(), 0, dst.buffer(), dst_offset, size);
-        ctx.queue().submit([encoder.finish()]);
-    })
 }
 
 impl GpuTrainer {
@@ -513,8 +497,13 @@ impl GpuTrainer {
                             &cfg,
                         )?;
                         if !cfg.freeze_bn {
-                            let c = bn.bn.channels() as u64;
-                            copy_into(ctx, &fwd.stats.running, bn.bn.tensor(), 2 * c * 4)?;
+                            let c = bn.bn.channels();
+                            kernels::train::copy_at(
+                                ctx,
+                                &fwd.stats.running,
+                                bn.bn.tensor(),
+                                2 * c,
+                            )?;
                         }
                         let y = fwd.y.clone();
                         let s = Saved::QatConvBn {
@@ -543,8 +532,13 @@ impl GpuTrainer {
                         )?;
                         if training {
                             // running mean / variance after the step → rows 2 and 3.
-                            let c = bn.bn.channels() as u64;
-                            copy_into(ctx, &out.stats.running, bn.bn.tensor(), 2 * c * 4)?;
+                            let c = bn.bn.channels();
+                            kernels::train::copy_at(
+                                ctx,
+                                &out.stats.running,
+                                bn.bn.tensor(),
+                                2 * c,
+                            )?;
                         }
                         let s = Saved::Conv {
                             x,
@@ -622,7 +616,8 @@ impl GpuTrainer {
     ///
     /// Errors: shape errors of the ops (an input the net cannot take); GPU errors.
     pub fn forward_eval(&mut self, x: &GpuTensor) -> Result<GpuTensor> {
-        Ok(self.run(x, false)?.out)
+        let ctx = Arc::clone(&self.ctx);
+        ctx.record(|| Ok(self.run(x, false)?.out))
     }
 
     /// Forward in training mode and backward of `nll_loss(log_softmax(net(x)), labels)`:
@@ -845,6 +840,12 @@ impl GpuTrainer {
     /// Errors: shape errors of the ops (an input the net cannot take, labels that are not
     /// one per row); GPU errors. After an error the parameters may be partly updated.
     pub fn step(&mut self, x: &GpuTensor, labels: &GpuTensor) -> Result<GpuTensor> {
+        let ctx = Arc::clone(&self.ctx);
+        ctx.record(|| self.step_recorded(x, labels))
+    }
+
+    /// [`GpuTrainer::step`]'s launches (recorded by it into one submission).
+    fn step_recorded(&mut self, x: &GpuTensor, labels: &GpuTensor) -> Result<GpuTensor> {
         let (loss, grads) = self.loss_and_grads(x, labels)?;
         let first = self.steps == 0;
         let ctx = Arc::clone(&self.ctx);
@@ -962,8 +963,11 @@ impl GpuTrainer {
         labels: &GpuTensor,
         counter: &GpuTensor,
     ) -> Result<()> {
-        let logits = self.forward_eval(x)?;
-        kernels::train::count_correct_into(&self.ctx, &logits, labels, counter)
+        let ctx = Arc::clone(&self.ctx);
+        ctx.record(|| {
+            let logits = self.run(x, false)?.out;
+            kernels::train::count_correct_into(&ctx, &logits, labels, counter)
+        })
     }
 
     /// The trained model as a [`Net`] (parameters and BatchNorm state downloaded), with the
