@@ -336,6 +336,21 @@ pub fn linear_backward(
     w: &GpuTensor,
     dy: &GpuTensor,
 ) -> Result<GpuLinearGrads> {
+    linear_backward_with(ctx, x, w, dy, GradKernel::Auto)
+}
+
+/// [`linear_backward`] with the matmul kernel chosen by `kernel`.
+///
+/// Errors: those of [`linear_backward`]; [`Error::InvalidArgument`] for
+/// [`GradKernel::Subgroup`] on a device without subgroups.
+pub fn linear_backward_with(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    dy: &GpuTensor,
+    kernel: GradKernel,
+) -> Result<GpuLinearGrads> {
+    let sg = kernel.subgroup(ctx)?;
     ctx.check_tensors(&[
         ("linear input", x),
         ("linear weight", w),
@@ -345,7 +360,7 @@ pub fn linear_backward(
     expect_f32("linear input", x)?;
     expect_f32("linear weight", w)?;
     expect_f32("linear_backward dy", dy)?;
-    let (dx, dweight) = if use_sg(ctx) {
+    let (dx, dweight) = if sg {
         let mm = |rows, kin, a| SgMatmul {
             batch: 1,
             rows,
@@ -892,13 +907,34 @@ pub fn conv2d_input_grad(
     params: &Conv2dParams,
     x_shape: [usize; 4],
 ) -> Result<GpuTensor> {
+    conv2d_input_grad_with(ctx, dy, w, params, x_shape, GradKernel::Auto)
+}
+
+/// [`conv2d_input_grad`] with the kernels chosen by `kernel`: for stride-1, undilated,
+/// ungrouped convs [`GradKernel::Subgroup`] computes the column matrix `Wᵀ·dy` per image
+/// with the subgroup matmul and adds it back into `dx` (`col2im`); [`GradKernel::Portable`]
+/// runs the flipped-weight forward convolution. Other settings use the gather kernel either
+/// way.
+///
+/// Errors: those of [`conv2d_input_grad`]; [`Error::InvalidArgument`] for
+/// [`GradKernel::Subgroup`] on a device without subgroups.
+pub fn conv2d_input_grad_with(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+    kernel: GradKernel,
+) -> Result<GpuTensor> {
+    let sg = kernel.subgroup(ctx)?;
     let out = params.output_shape(&x_shape, w.shape())?;
     if dy.shape() != out || !forward_form(params, w.shape()) {
         return super::conv2d::conv2d_backward_input(ctx, dy, w, params, x_shape);
     }
+    ctx.check_tensors(&[("conv2d weight", w), ("conv2d_backward dy", dy)])?;
     expect_f32("conv2d weight", w)?;
     expect_f32("conv2d_backward dy", dy)?;
-    if use_sg(ctx) {
+    if sg {
         if let Some(dx) = conv_dgrad_sg(ctx, dy, w, params, x_shape)? {
             return Ok(dx);
         }
@@ -935,15 +971,43 @@ pub fn conv2d_weight_grad(
     params: &Conv2dParams,
     w_shape: [usize; 4],
 ) -> Result<GpuTensor> {
+    conv2d_weight_grad_with(ctx, x, dy, params, w_shape, GradKernel::Auto)
+}
+
+/// [`conv2d_weight_grad`] with the kernels chosen by `kernel`: for ungrouped convs with
+/// explicit padding (any stride and dilation) [`GradKernel::Subgroup`] runs an implicit GEMM
+/// (`dweight[o, (c, ky, kx)] = Σ dy[n, o, oy, ox] · x[n, c, iy, ix]`, rows of `dy` shared by
+/// subgroup broadcast); [`GradKernel::Portable`] the transposed forward convolution for
+/// stride-1 convs. Other settings use the reduction kernel either way.
+///
+/// Errors: those of [`conv2d_weight_grad`]; [`Error::InvalidArgument`] for
+/// [`GradKernel::Subgroup`] on a device without subgroups.
+pub fn conv2d_weight_grad_with(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+    kernel: GradKernel,
+) -> Result<GpuTensor> {
+    let sg = kernel.subgroup(ctx)?;
     let out = params.output_shape(x.shape(), &w_shape)?;
+    if dy.shape() == out
+        && sg
+        && params.pad_mode == PadMode::Explicit
+        && params.groups == 1
+        && w_shape[1] == x.shape()[1]
+    {
+        ctx.check_tensors(&[("conv2d input", x), ("conv2d_backward dy", dy)])?;
+        expect_f32("conv2d input", x)?;
+        expect_f32("conv2d_backward dy", dy)?;
+        return conv_wgrad_sg(ctx, x, dy, params, w_shape);
+    }
     if dy.shape() != out || !forward_form(params, &w_shape) {
         return super::conv2d::conv2d_backward_weight(ctx, x, dy, params, w_shape);
     }
     expect_f32("conv2d input", x)?;
     expect_f32("conv2d_backward dy", dy)?;
-    if use_sg(ctx) {
-        return conv_wgrad_sg(ctx, x, dy, params, w_shape);
-    }
     let xt = swap01(ctx, x)?;
     let dyt = swap01(ctx, dy)?;
     let p = Conv2dParams {
@@ -1044,9 +1108,39 @@ struct SgParams {
     _pad0: u32,
 }
 
-/// Whether the training backward runs the subgroup matmuls of `matmul_sg.wgsl` on `ctx`.
-fn use_sg(ctx: &GpuContext) -> bool {
-    ctx.has_subgroups()
+/// Which kernels the training matmuls run: [`linear_backward_with`],
+/// [`conv2d_input_grad_with`], [`conv2d_weight_grad_with`]. Results agree up to summation
+/// order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GradKernel {
+    /// [`GradKernel::Subgroup`] where the device has subgroups
+    /// ([`GpuContext::has_subgroups`]), else [`GradKernel::Portable`].
+    #[default]
+    Auto,
+    /// Every device: the 4×4-tile strided matmul of `shaders/train.wgsl` and, for convs, the
+    /// conv2d forward kernels on flipped / transposed operands.
+    Portable,
+    /// `shaders/matmul_sg.wgsl`: 16 rows × 4 columns per invocation with the rows of one
+    /// operand loaded once per 8 lanes and shared by subgroup broadcast (several times
+    /// faster on lavapipe, where every storage load is a per-lane loop). Needs a device with
+    /// [`wgpu::Features::SUBGROUP`]; correct for any subgroup size.
+    Subgroup,
+}
+
+impl GradKernel {
+    /// Whether this choice runs the subgroup kernels on `ctx`.
+    fn subgroup(self, ctx: &GpuContext) -> Result<bool> {
+        match self {
+            GradKernel::Auto => Ok(ctx.has_subgroups()),
+            GradKernel::Portable => Ok(false),
+            GradKernel::Subgroup if ctx.has_subgroups() => Ok(true),
+            GradKernel::Subgroup => Err(Error::invalid(format!(
+                "GradKernel::Subgroup: the device of {} was not created with \
+                 wgpu::Features::SUBGROUP",
+                ctx.name()
+            ))),
+        }
+    }
 }
 
 /// Invocations per workgroup for `cols` columns: enough 4-column groups to cover them, a

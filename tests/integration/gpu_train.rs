@@ -124,29 +124,36 @@ fn linear_backward_matches_cpu() {
         let w = Array2::from_shape_vec((out, inp), rng.vec(out * inp, -0.5, 0.5)).unwrap();
         let dy = Array2::from_shape_vec((n, out), rng.vec(n * out, -1.0, 1.0)).unwrap();
         let want = r::linear_backward(&x, &w, &dy).unwrap();
-        let g = k::linear_backward(
-            &ctx,
-            &up(&ctx, &x.into_dyn()),
-            &up(&ctx, &w.into_dyn()),
-            &up(&ctx, &dy.into_dyn()),
-        )
-        .unwrap();
-        let what = format!("linear_backward {n}x{inp}->{out}");
-        assert_close(&what, &down(&ctx, &g.dx), &want.dx.into_dyn(), 1e-4, 1e-4);
-        assert_close(
-            &what,
-            &down(&ctx, &g.dweight),
-            &want.dweight.into_dyn(),
-            1e-4,
-            1e-4,
+        let (gx, gw, gdy) = (
+            up(&ctx, &x.into_dyn()),
+            up(&ctx, &w.into_dyn()),
+            up(&ctx, &dy.into_dyn()),
         );
-        assert_close(
-            &what,
-            &down(&ctx, &g.dbias),
-            &want.dbias.into_dyn(),
-            1e-4,
-            1e-4,
-        );
+        for kernel in grad_kernels(&ctx) {
+            let g = k::linear_backward_with(&ctx, &gx, &gw, &gdy, kernel).unwrap();
+            let what = format!("linear_backward {n}x{inp}->{out} {kernel:?}");
+            assert_close(
+                &what,
+                &down(&ctx, &g.dx),
+                &want.dx.clone().into_dyn(),
+                1e-4,
+                1e-4,
+            );
+            assert_close(
+                &what,
+                &down(&ctx, &g.dweight),
+                &want.dweight.clone().into_dyn(),
+                1e-4,
+                1e-4,
+            );
+            assert_close(
+                &what,
+                &down(&ctx, &g.dbias),
+                &want.dbias.clone().into_dyn(),
+                1e-4,
+                1e-4,
+            );
+        }
     }
     let x = GpuTensor::zeros(&ctx, &[2, 3], DType::F32).unwrap();
     let w = GpuTensor::zeros(&ctx, &[4, 3], DType::F32).unwrap();
@@ -432,13 +439,30 @@ fn observer_update_matches_cpu() {
     assert!(got[[0, 0]].is_nan() && got[[1, 2]] == 1.0 && got[[0, 1]] == 0.0);
 }
 
+/// Every [`k::GradKernel`] the device runs (the subgroup one only where it has subgroups;
+/// elsewhere it is refused).
+fn grad_kernels(ctx: &GpuContext) -> Vec<k::GradKernel> {
+    let mut v = vec![k::GradKernel::Auto, k::GradKernel::Portable];
+    if ctx.has_subgroups() {
+        v.push(k::GradKernel::Subgroup);
+    } else {
+        let x = GpuTensor::zeros(ctx, &[1, 1], DType::F32).unwrap();
+        let e = k::linear_backward_with(ctx, &x, &x, &x, k::GradKernel::Subgroup).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+    v
+}
+
 fn conv_grads_match_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(6);
-    // (x shape, weight shape, padding, stride): the Mnist convs, padded, and a strided one
-    // (the gather fallback).
+    // (x shape, weight shape, padding, stride): the Mnist convs (conv2 with its channels at
+    // batch 2: 50 output channels, not a multiple of the 16-row tile), padded, and a strided
+    // one (the gather fallback for dx; the subgroup weight gradient takes any stride).
     for (xs, ws, pad, stride) in [
         ([4, 1, 12, 12], [5, 1, 5, 5], 0, 1),
+        ([2, 1, 28, 28], [20, 1, 5, 5], 0, 1),
+        ([2, 20, 12, 12], [50, 20, 5, 5], 0, 1),
         ([3, 6, 10, 10], [7, 6, 5, 5], 0, 1),
         ([2, 4, 9, 7], [3, 4, 3, 3], 1, 1),
         ([2, 3, 9, 9], [4, 3, 3, 3], 1, 2),
@@ -470,17 +494,25 @@ fn conv_grads_match_cpu() {
             up(&ctx, &w.into_dyn()),
             up(&ctx, &dy.into_dyn()),
         );
-        let dx = k::conv2d_input_grad(&ctx, &gdy, &gw, &params, xs).unwrap();
-        let dw = k::conv2d_weight_grad(&ctx, &gx, &gdy, &params, ws).unwrap();
-        let what = format!("conv grads x {xs:?} w {ws:?} pad {pad} stride {stride}");
-        assert_close(&what, &down(&ctx, &dx), &want.dx.into_dyn(), 1e-4, 1e-4);
-        assert_close(
-            &what,
-            &down(&ctx, &dw),
-            &want.dweight.into_dyn(),
-            1e-4,
-            1e-4,
-        );
+        for kernel in grad_kernels(&ctx) {
+            let dx = k::conv2d_input_grad_with(&ctx, &gdy, &gw, &params, xs, kernel).unwrap();
+            let dw = k::conv2d_weight_grad_with(&ctx, &gx, &gdy, &params, ws, kernel).unwrap();
+            let what = format!("conv grads x {xs:?} w {ws:?} pad {pad} stride {stride} {kernel:?}");
+            assert_close(
+                &what,
+                &down(&ctx, &dx),
+                &want.dx.clone().into_dyn(),
+                1e-4,
+                1e-4,
+            );
+            assert_close(
+                &what,
+                &down(&ctx, &dw),
+                &want.dweight.clone().into_dyn(),
+                1e-4,
+                1e-4,
+            );
+        }
     }
     let x = up(
         &ctx,
@@ -494,7 +526,25 @@ fn conv_grads_match_cpu() {
     assert!(k::swap01(&ctx, &up(&ctx, &ArrayD::zeros(IxDyn(&[3])))).is_err());
 }
 
+fn copy_at_writes_a_range() {
+    let Some(ctx) = common::gpu() else { return };
+    let dst = GpuTensor::from_slice_f32(&ctx, &[9.0; 6], &[2, 3]).unwrap();
+    let src = GpuTensor::from_slice_f32(&ctx, &[1.0, 2.0], &[2]).unwrap();
+    k::copy_at(&ctx, &src, &dst, 3).unwrap();
+    assert_eq!(
+        down(&ctx, &dst).into_raw_vec_and_offset().0,
+        [9.0, 9.0, 9.0, 1.0, 2.0, 9.0]
+    );
+    // Past the end, the same buffer, a u32 tensor: refused.
+    assert!(k::copy_at(&ctx, &src, &dst, 5).is_err());
+    assert!(k::copy_at(&ctx, &src, &dst, usize::MAX).is_err());
+    assert!(k::copy_at(&ctx, &dst, &dst, 0).is_err());
+    let labels = k::upload_labels(&ctx, &[1, 2], 3).unwrap();
+    assert!(k::copy_at(&ctx, &labels, &dst, 0).is_err());
+}
+
 crate::qfuse_tests! {
+    copy_at_writes_a_range: gpu,
     conv_grads_match_cpu: gpu,
     max_pool2d_backward_is_bit_exact: gpu,
     linear_backward_matches_cpu: gpu,

@@ -15,7 +15,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 use qfuse::data::digits::{Digits, MNIST_MEAN, MNIST_STD};
 use qfuse::deploy::Net;
 use qfuse::deploy::{convert, convert_with_ranges, DeployConfig};
-use qfuse::gpu::GpuTensor;
+use qfuse::gpu::{GpuContext, GpuTensor};
 use qfuse::kernels::train::upload_labels;
 use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams};
 use qfuse::optim::Sgd;
@@ -269,6 +269,24 @@ fn sgd_step_applies_the_gradients_and_to_net_round_trips() {
         "GPU {logits:?} vs CPU {cpu_out:?}"
     );
     assert_eq!(t.steps(), 1);
+    // A step is one submission and moves no tensor data (batch and labels already uploaded,
+    // the loss left on the device); so is an eval forward. On a context of its own: other
+    // tests share the test context and its counters.
+    let own = std::sync::Arc::new(GpuContext::new().unwrap());
+    let mut t2 = GpuTrainer::new(own.clone(), &after, Sgd::new(lr)).unwrap();
+    let (ox, ol) = (
+        GpuTensor::upload_f32(&own, &x).unwrap(),
+        upload_labels(&own, &labels, 5).unwrap(),
+    );
+    t2.step(&ox, &ol).unwrap();
+    let (transfers, submissions) = (own.transfer_stats(), own.pool_stats().submissions);
+    let loss = t2.step(&ox, &ol).unwrap();
+    let eval = t2.forward_eval(&ox).unwrap();
+    assert_eq!(own.pool_stats().submissions - submissions, 2);
+    let moved = own.transfer_stats().since(&transfers);
+    assert_eq!(moved.transfers(), 0, "{moved:?}");
+    assert!(loss.download_f32(&own).unwrap()[[0]].is_finite());
+    assert_eq!(eval.shape(), [6, 5]);
     // Refusals.
     assert!(t
         .set_sgd(Sgd {
