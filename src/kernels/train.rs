@@ -1363,9 +1363,7 @@ fn conv_dgrad_sg(
     let col_len = [n, ckk, ohw]
         .iter()
         .try_fold(1usize, |acc, &v| acc.checked_mul(v))
-        .filter(|&l| {
-            (l as u64).saturating_mul(4) <= u64::from(ctx.limits().max_storage_buffer_binding_size)
-        });
+        .filter(|&l| (l as u64).saturating_mul(4) <= ctx.limits().max_storage_buffer_binding_size);
     if col_len.is_none() {
         return Ok(None);
     }
