@@ -149,6 +149,10 @@ pub struct BenchConfig {
     /// Batches of the Mnist int8 forward, device-resident vs through the `Backend`
     /// interface (`int8_forward/mnist/...`).
     pub mnist_batches: Vec<usize>,
+    /// Batch of the Mnist float forward (GPU, device-resident, and the CPU reference) and of
+    /// the QAT training step on the shipped digits (`mnist_forward/...`,
+    /// `mnist_train_step/gpu`).
+    pub mnist_train_batch: usize,
 }
 
 impl BenchConfig {
@@ -181,6 +185,7 @@ impl BenchConfig {
             },
             int8_linear_shape: [256, 2048, 2048],
             mnist_batches: vec![64, 256],
+            mnist_train_batch: 64,
         }
     }
 
@@ -209,6 +214,7 @@ impl BenchConfig {
             },
             int8_linear_shape: [64, 1024, 1024],
             mnist_batches: vec![64],
+            mnist_train_batch: 64,
         }
     }
 
@@ -231,6 +237,7 @@ impl BenchConfig {
             conv_reps: once,
             int8_linear_shape: [4, 64, 30],
             mnist_batches: vec![2],
+            mnist_train_batch: 2,
         }
     }
 
@@ -270,6 +277,7 @@ impl BenchConfig {
             + (CONV_ITEMS + dots) * self.conv_shapes.len()
             + dots
             + 2 * self.mnist_batches.len()
+            + MNIST_TRAIN_ITEMS
     }
 }
 
@@ -289,6 +297,9 @@ fn dot_name(dot: Int8Dot) -> &'static str {
         Int8Dot::Packed => "packed",
     }
 }
+
+/// The float Mnist benchmarks: forward on the GPU and on the CPU reference, QAT step.
+const MNIST_TRAIN_ITEMS: usize = 3;
 
 /// Elementwise and reduction benchmarks (fake quant ×5, observers ×2).
 const ELEMENTWISE_ITEMS: usize = 7;
@@ -347,6 +358,14 @@ pub struct KernelResult {
     pub speedup: Option<f64>,
     /// Timed runs behind each median.
     pub reps: usize,
+    /// Host↔device transfers of one run (uploads + downloads; `mnist_*` rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfers: Option<u64>,
+    /// The sum of the GPU time of the run's kernels, each compute pass timestamped
+    /// ([`GpuContext::begin_kernel_timing`]; `mnist_*` rows on devices with timestamps), in
+    /// ms: the wall time over it is the host overhead of the chain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_ms: Option<f64>,
     /// Anything else worth knowing (tuned constants, what a variant does).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -582,6 +601,8 @@ impl Runner<'_> {
             copy_gpu_gbps_interleaved: None,
             speedup: None,
             reps: m.reps,
+            transfers: None,
+            kernel_ms: None,
             note,
         });
         self.tick(format!("{name} {shape}"));
@@ -752,6 +773,8 @@ pub fn run_suite(
         int8_mnist(&mut runner, cfg, shared, batch)?;
     }
     runner.recheck()?;
+    mnist_float(&mut runner, cfg, shared)?;
+    runner.recheck()?;
     let timestamps = runner.stamps.is_some();
     let roofline = runner.roofline;
     let mut kernels = runner.results;
@@ -802,6 +825,8 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             copy_gpu_gbps_interleaved: None,
             speedup: None,
             reps: 0,
+            transfers: None,
+            kernel_ms: None,
             note: Some(format!(
                 "best of {} points: workgroup {}, {} vec4 per invocation",
                 r.copy_sweep.len(),
@@ -827,6 +852,8 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             copy_gpu_gbps_interleaved: None,
             speedup: None,
             reps: 0,
+            transfers: None,
+            kernel_ms: None,
             note: Some(format!(
                 "best of {} points: workgroup {}, {} vec4 fma chains per invocation",
                 r.fma_sweep.len(),
@@ -1247,6 +1274,156 @@ fn int8_mnist(
                 .to_string(),
         ),
     );
+    Ok(())
+}
+
+/// Multiply-adds ×2 of NNI's Mnist float forward at `batch` (conv1, conv2, fc1, fc2).
+fn mnist_flops(batch: usize) -> f64 {
+    let per_image = 20 * 24 * 24 * 25 + 50 * 8 * 8 * 20 * 25 + 800 * 500 + 500 * 10;
+    2.0 * (batch * per_image) as f64
+}
+
+/// Runs `run` once with every compute pass timestamped: the sum of its kernels' GPU time and
+/// the passes (`None` without timestamps); and, in a separate run, its transfers.
+fn transfers_and_kernel_time(
+    ctx: &GpuContext,
+    run: &mut dyn FnMut() -> Result<()>,
+) -> Result<(u64, Option<(f64, u32)>)> {
+    ctx.wait()?;
+    let before = ctx.transfer_stats();
+    run()?;
+    ctx.wait()?;
+    let d = ctx.transfer_stats().since(&before);
+    let kernels = if ctx.has_timestamps() {
+        ctx.begin_kernel_timing(crate::gpu::MAX_TIMED_PASSES)?;
+        let ran = run();
+        let timing = ctx.end_kernel_timing()?;
+        ran?;
+        Some((timing.gpu_ms, timing.passes))
+    } else {
+        None
+    };
+    Ok((d.uploads + d.downloads, kernels))
+}
+
+/// NNI's Mnist network in float on the shipped digits (batch `cfg.mnist_train_batch`):
+/// `mnist_forward/gpu` (device-resident: parameters on the device, each run uploads the
+/// batch, runs the forward and downloads the logits), `mnist_forward/cpu_reference` (the
+/// same forward on the CPU reference, host time) and `mnist_train_step/gpu` (a QAT training
+/// step: batch and labels uploaded, forward with fake quantization, backward, SGD, the loss
+/// downloaded). Each GPU row carries its transfers per run and the sum of its kernels'
+/// GPU-timestamped time.
+fn mnist_float(r: &mut Runner<'_>, cfg: &BenchConfig, ctx: &Arc<GpuContext>) -> Result<()> {
+    use crate::data::digits::{Digits, MNIST_MEAN, MNIST_STD};
+    use crate::model::mnist;
+    use crate::optim::Sgd;
+    use crate::train::{GpuTrainer, QatOptions};
+    let batch = cfg.mnist_train_batch;
+    let mut digits = Digits::bundled()?;
+    digits.normalize(MNIST_MEAN, MNIST_STD)?;
+    let b = digits
+        .train
+        .batches(batch, None)?
+        .next()
+        .ok_or_else(|| Error::invalid("mnist benchmark: no training batch"))?;
+    let x = b.images.into_dyn();
+    let labels = b.labels;
+    let net = mnist::deploy_net(&mnist::mnist(0)?)?;
+    let sgd = Sgd {
+        lr: 0.01,
+        momentum: 0.9,
+        ..Sgd::new(0.01)
+    };
+    let shape = format!("{batch}x1x28x28");
+    let flops = mnist_flops(batch);
+    let params: usize = 20 * 25 + 20 + 4 * 20 + 50 * 500 + 50 + 800 * 500 + 500 + 500 * 10 + 10;
+    let bytes = (4 * (x.len() + params + 10 * batch)) as f64;
+
+    // Forward: GPU (device-resident) and the CPU reference.
+    let mut trainer = GpuTrainer::new(Arc::clone(ctx), &net, sgd)?;
+    let mut run_gpu = || -> Result<()> {
+        let xd = GpuTensor::upload_f32(ctx, &x)?;
+        trainer.forward_eval(&xd)?.download_f32(ctx)?;
+        Ok(())
+    };
+    let gpu = measure(r.ctx, r.stamps.as_ref(), &cfg.reps, &mut run_gpu)?;
+    let (transfers, kernels) = transfers_and_kernel_time(r.ctx, &mut run_gpu)?;
+    let mut cpu_times = Vec::new();
+    for i in 0..cfg.reps.warmup + gpu.reps {
+        let t = std::time::Instant::now();
+        net.forward_values(&crate::CpuBackend, &x, false)?;
+        if i >= cfg.reps.warmup {
+            cpu_times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let cpu = Measurement {
+        wall_ms: super::timing::median(&mut cpu_times),
+        gpu_ms: None,
+        reps: cpu_times.len(),
+    };
+    let work = Work::Flops { flops, bytes };
+    let overhead = |k: Option<(f64, u32)>, wall: f64| match k {
+        Some((ms, passes)) => format!(
+            "; {passes} compute passes, kernels {ms:.2} ms on the GPU clock, wall / kernels \
+             {:.2}",
+            wall / ms.max(1e-9)
+        ),
+        None => String::new(),
+    };
+    r.record(
+        "mnist_forward/gpu",
+        &shape,
+        work,
+        gpu,
+        Some(format!(
+            "GpuTrainer::forward_eval, parameters on the device: upload batch, forward, \
+             download logits ({transfers} transfers); speedup = CPU reference time / this{}",
+            overhead(kernels, gpu.wall_ms)
+        )),
+    );
+    if let Some(k) = r.results.last_mut() {
+        k.speedup = Some(cpu.wall_ms / gpu.wall_ms.max(1e-9));
+        k.transfers = Some(transfers);
+        k.kernel_ms = kernels.map(|k| k.0);
+    }
+    r.record(
+        "mnist_forward/cpu_reference",
+        &shape,
+        work,
+        cpu,
+        Some("deploy::Net::forward_values on the CPU reference (host time)".to_string()),
+    );
+
+    // A QAT training step.
+    let mut qat = GpuTrainer::new(Arc::clone(ctx), &net, sgd)?;
+    qat.enable_qat(QatOptions::default())?;
+    let mut run_step = || -> Result<()> {
+        let xd = GpuTensor::upload_f32(ctx, &x)?;
+        let yd = crate::kernels::train::upload_labels(ctx, &labels, 10)?;
+        qat.step(&xd, &yd)?.download_f32(ctx)?;
+        Ok(())
+    };
+    let step = measure(r.ctx, r.stamps.as_ref(), &cfg.reps, &mut run_step)?;
+    let (transfers, kernels) = transfers_and_kernel_time(r.ctx, &mut run_step)?;
+    r.record(
+        "mnist_train_step/gpu",
+        &shape,
+        Work::Flops {
+            flops: 3.0 * flops,
+            bytes: 3.0 * bytes,
+        },
+        step,
+        Some(format!(
+            "QAT step (fake-quantized weights and activations, ConvBnReLU QAT for conv1): \
+             upload batch and labels, forward, backward, SGD, download the loss ({transfers} \
+             transfers); flops ~3x the forward{}",
+            overhead(kernels, step.wall_ms)
+        )),
+    );
+    if let Some(k) = r.results.last_mut() {
+        k.transfers = Some(transfers);
+        k.kernel_ms = kernels.map(|k| k.0);
+    }
     Ok(())
 }
 

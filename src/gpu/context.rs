@@ -159,6 +159,7 @@ pub struct GpuContext {
     packed_dot_available: bool,
     int8_dot_packed: AtomicBool,
     rt: Arc<Runtime>,
+    pub(crate) profiler: Mutex<Option<crate::gpu::profile::Profiler>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -422,6 +423,7 @@ impl GpuContext {
             packed_dot_available,
             int8_dot_packed: AtomicBool::new(packed_dot_available),
             rt,
+            profiler: Mutex::new(None),
         }
     }
 
@@ -905,10 +907,21 @@ impl GpuContext {
                     })
                 })
                 .collect();
+            // Kernel timing (GpuContext::begin_kernel_timing): timestamps around the pass.
+            let mut profiler = lock(&self.profiler);
+            let writes = profiler.as_mut().and_then(|p| p.next_writes());
             let encode = |encoder: &mut wgpu::CommandEncoder| {
+                let timestamp_writes = match (profiler.as_ref(), writes) {
+                    (Some(p), Some((begin, end))) => Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &p.query_set,
+                        beginning_of_pass_write_index: Some(begin),
+                        end_of_pass_write_index: Some(end),
+                    }),
+                    _ => None,
+                };
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("qfuse kernels"),
-                    timestamp_writes: None,
+                    timestamp_writes,
                 });
                 for ((launch, pipeline), bind_group) in prepared.iter().zip(&bind_groups) {
                     let [x, y, z] = launch.workgroups;

@@ -102,6 +102,7 @@
 mod context;
 mod dispatch;
 mod pipeline;
+mod profile;
 mod runtime;
 mod tensor;
 
@@ -111,5 +112,6 @@ pub use context::{
 };
 pub use dispatch::grid_1d;
 pub use pipeline::{Binding, BindingType, Kernel, Pipeline, Shader};
+pub use profile::{KernelTiming, MAX_TIMED_PASSES};
 pub use runtime::{ContextId, PoolStats, TransferStats};
 pub use tensor::{DType, GpuTensor};

@@ -68,7 +68,8 @@ fn quick_suite_json_on_a_tiny_configuration() {
 
     let kernels = obj["kernels"].as_array().unwrap();
     // Roofline (2), elementwise (7), fold (1), 6 f32 per conv shape, one int8 conv per conv
-    // shape and dot path, one int8 linear per dot path, 2 per Mnist batch.
+    // shape and dot path, one int8 linear per dot path, 2 per Mnist batch, 3 float Mnist
+    // (forward on the GPU and the CPU reference, QAT step).
     let dots = if ctx.packed_int8_dot_available() {
         2
     } else {
@@ -76,7 +77,7 @@ fn quick_suite_json_on_a_tiny_configuration() {
     };
     assert_eq!(
         kernels.len(),
-        2 + 7 + 1 + (6 + dots) * cfg.conv_shapes.len() + dots + 2 * cfg.mnist_batches.len()
+        2 + 7 + 1 + (6 + dots) * cfg.conv_shapes.len() + dots + 2 * cfg.mnist_batches.len() + 3
     );
     for k in kernels {
         let name = k["name"].as_str().expect("name").to_string();
@@ -113,6 +114,9 @@ fn quick_suite_json_on_a_tiny_configuration() {
         "int8_linear/portable",
         "int8_forward/mnist/device",
         "int8_forward/mnist/backend",
+        "mnist_forward/gpu",
+        "mnist_forward/cpu_reference",
+        "mnist_train_step/gpu",
     ] {
         assert!(
             kernels.iter().any(|k| k["name"] == name),
@@ -136,6 +140,23 @@ fn quick_suite_json_on_a_tiny_configuration() {
             .is_some_and(|n| n.starts_with("int8_conv2d/"))
     }) {
         finite_positive(&k["ops"], "int8 ops");
+    }
+    // The device-resident float forward: one upload and one download; the QAT step uploads
+    // its batch and labels and downloads the loss; both carry their kernels' GPU time when
+    // the device has timestamps.
+    let row = |name: &str| kernels.iter().find(|k| k["name"] == name).unwrap();
+    assert_eq!(row("mnist_forward/gpu")["transfers"], 2);
+    assert_eq!(row("mnist_train_step/gpu")["transfers"], 3);
+    finite_positive(&row("mnist_forward/gpu")["speedup"], "speedup");
+    for name in ["mnist_forward/gpu", "mnist_train_step/gpu"] {
+        match row(name).get("kernel_ms") {
+            Some(k) => {
+                let k = finite_positive(k, "kernel_ms");
+                let wall = finite_positive(&row(name)["time_ms"], "time_ms");
+                assert!(k <= wall * 1.5, "{name}: kernels {k} ms, wall {wall} ms");
+            }
+            None => assert!(!ctx.has_timestamps(), "{name}: no kernel_ms"),
+        }
     }
     let table = report.table();
     assert!(table.contains("fake_quant/per_tensor"));

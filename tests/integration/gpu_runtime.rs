@@ -393,7 +393,47 @@ fn embedder_chooses_the_uncaptured_error_handler() {
     assert_eq!(seen.load(Ordering::SeqCst), 2);
 }
 
+/// Kernel timing: every pass of a chain is timestamped (inside a recording too), the sum is
+/// positive and at most the wall time; misuse is refused.
+fn kernel_timing_sums_every_pass() {
+    let Some(ctx) = common::gpu() else { return };
+    assert!(ctx.end_kernel_timing().is_err(), "not active");
+    if !ctx.has_timestamps() {
+        assert!(ctx.begin_kernel_timing(8).is_err());
+        return;
+    }
+    assert!(ctx.begin_kernel_timing(0).is_err());
+    assert!(ctx
+        .begin_kernel_timing(qfuse::gpu::MAX_TIMED_PASSES + 1)
+        .is_err());
+    let x = GpuTensor::from_slice_f32(&ctx, &vec![0.5; 1 << 16], &[1 << 16]).unwrap();
+    ctx.begin_kernel_timing(3).unwrap();
+    assert!(ctx.begin_kernel_timing(3).is_err(), "already active");
+    let t = std::time::Instant::now();
+    ctx.record(|| {
+        let mut y = x.clone();
+        for _ in 0..4 {
+            y = kernels::activation::activation(&ctx, &y, Activation::Relu6)?;
+        }
+        Ok(y)
+    })
+    .unwrap();
+    let timing = ctx.end_kernel_timing().unwrap();
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!((timing.passes, timing.untimed), (3, 1), "{timing:?}");
+    assert!(
+        timing.gpu_ms > 0.0 && timing.gpu_ms <= wall,
+        "{timing:?}, wall {wall} ms"
+    );
+    // Timing again works; passes outside a timing carry no timestamps.
+    kernels::activation::activation(&ctx, &x, Activation::Relu).unwrap();
+    ctx.begin_kernel_timing(8).unwrap();
+    kernels::activation::activation(&ctx, &x, Activation::Relu).unwrap();
+    assert_eq!(ctx.end_kernel_timing().unwrap().passes, 1);
+}
+
 crate::qfuse_tests! {
+    kernel_timing_sums_every_pass: gpu,
     recording_submits_once_and_matches_immediate: gpu,
     readback_inside_a_recording_sees_earlier_launches: gpu,
     pool_reuses_buffers_and_stale_contents_never_leak: gpu,
