@@ -154,6 +154,16 @@ impl Conv2dParams {
             ));
         }
         let pads = self.pads([w[2], w[3]])?;
+        let limit = crate::limits::MAX_CONV_SETTING;
+        if let Some(v) = pads.begin.iter().chain(&pads.end).find(|&&v| v > limit) {
+            // Only 'same' padding derives a padding; it is held to the settings' limit.
+            return Err(Error::invalid(format!(
+                "conv2d padding='same' with kernel {:?} and dilation {:?} needs a padding of \
+                 {v}, more than {limit}",
+                &w[2..],
+                self.dilation
+            )));
+        }
         let overflow = || Error::invalid(format!("conv2d padded input size overflows: {self:?}"));
         let mut padded = [0usize; 2];
         for i in 0..2 {
@@ -183,6 +193,49 @@ impl Conv2dParams {
         Ok((out, pads))
     }
 
+    /// The one check of the signed 32-bit coordinates a GPU conv kernel forms, for input `x`,
+    /// weight `w` that [`Conv2dParams::geometry`] accepted (with its output `out` and `pads`):
+    /// per spatial axis the padded input extent, and the reach of the last output's last tap
+    /// plus `overhang` more outputs (kernels that compute several output columns per thread
+    /// read up to that far), each below `2^31`.
+    ///
+    /// With settings of at most [`MAX_CONV_SETTING`](crate::limits::MAX_CONV_SETTING) and
+    /// tensors of at most [`MAX_TENSOR_ELEMENTS`](crate::limits::MAX_TENSOR_ELEMENTS)
+    /// elements, every geometry the shared check accepts passes this one for an overhang
+    /// below 64 (see the unit test), so CPU and GPU refuse the same inputs; the check stays so
+    /// that raising those limits cannot silently overflow a kernel's coordinates.
+    ///
+    /// Errors: [`Error::TooLarge`] naming `op` and the axis.
+    pub fn check_kernel_coordinates(
+        &self,
+        op: &str,
+        x: &[usize],
+        w: &[usize],
+        out: [usize; 4],
+        pads: &ConvPads,
+        overhang: usize,
+    ) -> Result<()> {
+        for i in 0..2 {
+            let padded = x[2 + i]
+                .saturating_add(pads.begin[i])
+                .saturating_add(pads.end[i]);
+            let reach = out[2 + i]
+                .saturating_add(overhang)
+                .saturating_mul(self.stride[i])
+                .saturating_add(w[2 + i].saturating_mul(self.dilation[i]));
+            let extent = padded.max(reach);
+            if extent > i32::MAX as usize {
+                return Err(Error::TooLarge {
+                    what: format!("{op} coordinate extent along axis {}", 2 + i),
+                    size: extent as u64,
+                    limit: i32::MAX as u64,
+                    unit: "positions (a GPU kernel's i32 coordinates)",
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the settings against input `[N, C, H, W]` and weight `[O, C/g, KH, KW]` shapes
     /// and returns the output shape `[N, O, OH, OW]` (see [`Conv2dParams::geometry`]).
     ///
@@ -191,8 +244,8 @@ impl Conv2dParams {
     /// computed with checked arithmetic.
     ///
     /// Errors: [`Error::InvalidArgument`] for a tensor that is not rank 4, non-positive
-    /// stride, dilation or groups, a stride, padding or dilation above
-    /// [`MAX_CONV_SETTING`](crate::limits::MAX_CONV_SETTING), groups that do not divide the
+    /// stride, dilation or groups, a stride, padding (given, or derived for `'same'`) or
+    /// dilation above [`MAX_CONV_SETTING`](crate::limits::MAX_CONV_SETTING), groups that do not divide the
     /// channels, `'same'` padding with a stride other than 1, or a kernel larger than the
     /// padded input; [`Error::ShapeMismatch`] for a weight whose dim 1 is not `C / groups`;
     /// [`Error::TooLarge`] for an input, weight, output or im2col block of more than
@@ -980,6 +1033,67 @@ impl<Q> QatWeightQuant<Q> {
 
 #[cfg(test)]
 mod tests {
+    /// Every conv geometry the shared check accepts, at the limits' extremes, passes the GPU
+    /// kernels' coordinate check (overhang below 64), so it can refuse nothing the CPU
+    /// accepts; an extent past `i32` is refused as too large.
+    #[test]
+    fn accepted_geometries_fit_kernel_coordinates() {
+        use super::{Conv2dParams, PadMode};
+        use crate::limits::{MAX_CONV_SETTING as S, MAX_TENSOR_ELEMENTS as E};
+        let mut accepted = 0;
+        for (x, w) in [
+            ([1, 1, 1, E], [1, 1, 1, 1]),
+            ([1, 1, 1, E], [1, 1, 1, 17]),
+            ([1, 1, E, 1], [1, 1, 16, 1]),
+            ([1, 1, 1, 1], [1, 1, 1, E / 2]),
+            ([1, 1, 1, 1 << 14], [1, 1, 1, 1 << 14]),
+        ] {
+            for s in [1, 2, S] {
+                for d in [1, S] {
+                    for (pad_mode, p) in [(PadMode::Explicit, 0), (PadMode::Explicit, S)] {
+                        for mode in [pad_mode, PadMode::Same] {
+                            let params = Conv2dParams {
+                                stride: [s, s],
+                                padding: [p, p],
+                                dilation: [d, d],
+                                groups: 1,
+                                pad_mode: mode,
+                            };
+                            let Ok((out, pads)) = params.geometry(&x, &w) else {
+                                continue;
+                            };
+                            accepted += 1;
+                            params
+                                .check_kernel_coordinates("conv2d", &x, &w, out, &pads, 63)
+                                .unwrap_or_else(|e| panic!("{params:?} {x:?} {w:?}: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(accepted > 20, "only {accepted} geometries accepted");
+        let params = Conv2dParams::default();
+        let (out, pads) = params.geometry(&[1, 1, 1, 8], &[1, 1, 1, 1]).unwrap();
+        let e = params
+            .check_kernel_coordinates("conv2d", &[1, 1, 1, 8], &[1, 1, 1, 1], out, &pads, 1 << 31)
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::TooLarge { .. }), "{e}");
+    }
+
+    /// `'same'` padding is held to the settings' limit, on both backends (one check).
+    #[test]
+    fn same_padding_past_the_setting_limit_is_refused() {
+        use super::{Conv2dParams, PadMode};
+        let params = Conv2dParams {
+            dilation: [1, 1 << 24],
+            pad_mode: PadMode::Same,
+            ..Conv2dParams::default()
+        };
+        let e = params.geometry(&[1, 1, 1, 1], &[1, 1, 1, 4]).unwrap_err();
+        assert!(e.to_string().contains("padding='same'"), "{e}");
+        assert!(params.geometry(&[1, 1, 1, 1], &[1, 1, 1, 2]).is_ok());
+    }
+
     use super::*;
 
     #[test]

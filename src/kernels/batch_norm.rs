@@ -724,6 +724,31 @@ pub fn batch_norm2d_backward(
     )
 }
 
+/// [`batch_norm2d_backward`] writing into `out` (`dx` of `x`'s shape, `dparams` `[2, C]`,
+/// `f32`, each with its own buffer, see [`super::check_output`]).
+pub fn batch_norm2d_backward_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    bn: &GpuBatchNorm,
+    stats: &GpuTensor,
+    training: bool,
+    out: &GpuBatchNormGrads,
+) -> Result<()> {
+    batch_norm2d_backward_act_into(
+        ctx,
+        x,
+        dy,
+        bn,
+        stats,
+        training,
+        Activation::None,
+        None,
+        None,
+        out,
+    )
+}
+
 /// Gradients of `act(batch_norm2d(x))` for upstream `dy`, given the forward's `stats`
 /// (`[2, C]`: mean, invstd), mirroring
 /// [`crate::reference::batch_norm::batch_norm2d_backward_with_stats`] after

@@ -355,21 +355,10 @@ impl Params {
         to_u32(x_len, "conv2d input element count")?;
         to_u32(w_len, "conv2d weight element count")?;
         to_u32(y_len, "conv2d output element count")?;
-        // The padding per side, from the geometry function the CPU reference uses.
+        // The padding per side, from the geometry function the CPU reference uses, and the
+        // shared check of the signed coordinates the shader forms.
         let pads = p.pads([w[2], w[3]])?;
-        for i in 0..2 {
-            let padded = x[2 + i]
-                .saturating_add(pads.begin[i])
-                .saturating_add(pads.end[i]);
-            let reach = out[2 + i]
-                .saturating_mul(p.stride[i])
-                .saturating_add(w[2 + i].saturating_mul(p.dilation[i]));
-            if padded.max(reach) > i32::MAX as usize {
-                return Err(Error::invalid(format!(
-                    "conv2d padded extent {padded} exceeds what a GPU kernel can index (i32)"
-                )));
-            }
-        }
+        p.check_kernel_coordinates("conv2d", x, w, out, &pads, 0)?;
         let u = |v: usize, what: &str| to_u32(v, what);
         let g = p.groups;
         Ok(Self {
@@ -464,6 +453,19 @@ pub fn conv2d_into(
     y: &GpuTensor,
 ) -> Result<()> {
     conv2d_impl(ctx, x, w, params, epilogue, ConvAlgorithm::Auto, Some(y)).map(drop)
+}
+
+/// [`conv2d_with_algorithm`] writing into `y` (as [`conv2d_into`]).
+pub fn conv2d_with_algorithm_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    epilogue: &ConvEpilogue,
+    algorithm: ConvAlgorithm,
+    y: &GpuTensor,
+) -> Result<()> {
+    conv2d_impl(ctx, x, w, params, epilogue, algorithm, Some(y)).map(drop)
 }
 
 /// [`conv2d_with_algorithm`] writing into `y` when given.

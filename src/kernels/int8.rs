@@ -1131,6 +1131,20 @@ impl GpuConv2dInt8 {
         self.forward_impl(ctx, x, dot, None)
     }
 
+    /// [`GpuConv2dInt8::forward_with`] writing into `out` (as [`GpuConv2dInt8::forward_into`]).
+    ///
+    /// Errors: those of [`GpuConv2dInt8::forward_into`], and [`Error::InvalidArgument`] for
+    /// [`Int8Dot::Packed`] where it is not available.
+    pub fn forward_with_into(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        dot: Int8Dot,
+        out: &GpuInt8Tensor,
+    ) -> Result<()> {
+        self.forward_impl(ctx, x, dot, Some(out)).map(drop)
+    }
+
     /// [`GpuConv2dInt8::forward`] writing into `out` (codes `[N, O, OH, OW]` with their own
     /// buffer, see [`super::check_output`]).
     pub fn forward_into(
@@ -1206,18 +1220,16 @@ impl GpuConv2dInt8 {
                 .wrapping_sub(i32::from(self.x_zero_point as i8)),
             shared_q: u32::from(self.shared_q),
         };
-        // Input coordinates are formed in i32 in the shader (up to the padded extent plus
-        // PX columns of overhang).
-        let reach = (h.saturating_add(pads.begin[0]).saturating_add(pads.end[0])).max(
-            w.saturating_add(pads.begin[1])
-                .saturating_add(pads.end[1])
-                .saturating_add(PX.saturating_mul(p.stride[1])),
-        );
-        if reach > i32::MAX as usize {
-            return Err(Error::invalid(format!(
-                "conv2d int8: padded input extent {reach} exceeds the kernel's i32 coordinates"
-            )));
-        }
+        // Input coordinates are formed in i32 in the shader (up to the padded extent, and
+        // PX columns of overhang past the last output): the shared check.
+        p.check_kernel_coordinates(
+            "conv2d int8",
+            x.shape(),
+            &self.weight_shape,
+            [n, o, oh, ow],
+            &pads,
+            PX,
+        )?;
         let uniform = ctx.params(&cp)?;
         ctx.run(&[Launch {
             kernel,
@@ -1418,6 +1430,20 @@ impl GpuLinearInt8 {
         dot: Int8Dot,
     ) -> Result<GpuInt8Tensor> {
         self.forward_impl(ctx, x, dot, None)
+    }
+
+    /// [`GpuLinearInt8::forward_with`] writing into `out` (as [`GpuLinearInt8::forward_into`]).
+    ///
+    /// Errors: those of [`GpuLinearInt8::forward_into`], and [`Error::InvalidArgument`] for
+    /// [`Int8Dot::Packed`] where it is not available.
+    pub fn forward_with_into(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        dot: Int8Dot,
+        out: &GpuInt8Tensor,
+    ) -> Result<()> {
+        self.forward_impl(ctx, x, dot, Some(out)).map(drop)
     }
 
     /// [`GpuLinearInt8::forward`] writing into `out` (codes `[N, out]` with their own buffer,

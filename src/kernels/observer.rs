@@ -474,6 +474,21 @@ fn observe_impl(
 ///
 /// Errors: [`Error::ShapeMismatch`] unless `a` and `b` have the same shape.
 pub fn div_rn(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+    div_rn_impl(ctx, a, b, None)
+}
+
+/// [`div_rn`] writing into `out` (an `f32` tensor of `a`'s shape with a buffer of its own,
+/// see [`super::check_output`]).
+pub fn div_rn_into(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor, out: &GpuTensor) -> Result<()> {
+    div_rn_impl(ctx, a, b, Some(out)).map(drop)
+}
+
+fn div_rn_impl(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     ctx.check_tensors(&[("div_rn numerator", a), ("div_rn denominator", b)])?;
     expect_f32("div_rn numerator", a)?;
     expect_f32("div_rn denominator", b)?;
@@ -483,7 +498,7 @@ pub fn div_rn(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTenso
         ..Params::default()
     };
     let uniform = ctx.params(&params)?;
-    let out = GpuTensor::zeros(ctx, a.shape(), DType::F32)?;
+    let out = output(ctx, "div_rn output", given, a.shape(), DType::F32, &[a, b])?;
     let workgroups = ctx.grid_1d(a.len(), WGR)?;
     ctx.run(&[Launch {
         kernel: &DIV_RN_TEST,

@@ -549,9 +549,106 @@ fn int8_into_matches_and_refuses() {
     names(e, "linear int8 output");
 }
 
+/// The smaller `_into` forms (correctly rounded division, BatchNorm backward without an
+/// activation, conv with a chosen algorithm, prepared int8 layers with a chosen dot-product
+/// path) write what their allocating forms return, and refuse a wrong-size output.
+fn small_into_forms_match() {
+    use qfuse::gpu::Int8Dot;
+    use qfuse::kernels::batch_norm as kbn;
+    use qfuse::kernels::conv2d::{self as kc, ConvAlgorithm, ConvEpilogue};
+    use qfuse::kernels::observer;
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(5);
+    let a = rng.up(&ctx, &[7], -3.0, 3.0);
+    let b = rng.up(&ctx, &[7], 0.5, 2.0);
+    let want = observer::div_rn(&ctx, &a, &b).unwrap();
+    let out = like(&ctx, &want);
+    observer::div_rn_into(&ctx, &a, &b, &out).unwrap();
+    same_bits(&ctx, "div_rn", &out, &want);
+    let e =
+        observer::div_rn_into(&ctx, &a, &b, &caller_tensor(&ctx, &[6], DType::F32)).unwrap_err();
+    names(e, "div_rn output");
+
+    let l = Layer::new(&ctx, &mut rng);
+    let y =
+        cb::conv_bn_act_eval_unfused(&ctx, &l.x, &l.conv(true), &l.bn, Activation::None).unwrap();
+    let fwd = kbn::batch_norm2d(&ctx, &y, &l.bn, 0.1, true, Activation::None, false).unwrap();
+    let dy = rng.up(&ctx, y.shape(), -1.0, 1.0);
+    let want = kbn::batch_norm2d_backward(&ctx, &y, &dy, &l.bn, &fwd.stats.stats, true).unwrap();
+    let out = kbn::GpuBatchNormGrads {
+        dx: like(&ctx, &want.dx),
+        dparams: like(&ctx, &want.dparams),
+    };
+    kbn::batch_norm2d_backward_into(&ctx, &y, &dy, &l.bn, &fwd.stats.stats, true, &out).unwrap();
+    same_bits(&ctx, "bn backward dx", &out.dx, &want.dx);
+    same_bits(&ctx, "bn backward dparams", &out.dparams, &want.dparams);
+
+    for algorithm in [ConvAlgorithm::ImplicitGemm, ConvAlgorithm::Direct] {
+        let ep = ConvEpilogue::none();
+        let want = kc::conv2d_with_algorithm(&ctx, &l.x, &l.w, &l.params, &ep, algorithm).unwrap();
+        let out = like(&ctx, &want);
+        kc::conv2d_with_algorithm_into(&ctx, &l.x, &l.w, &l.params, &ep, algorithm, &out).unwrap();
+        same_bits(&ctx, &format!("conv2d {algorithm:?}"), &out, &want);
+        let e = kc::conv2d_with_algorithm_into(
+            &ctx,
+            &l.x,
+            &l.w,
+            &l.params,
+            &ep,
+            algorithm,
+            &caller_tensor(&ctx, &[2, 4, 6], DType::F32),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    }
+
+    let x = GpuInt8Tensor::upload(&ctx, &codes(&mut rng, &[2, 5, 6, 6])).unwrap();
+    let w: Array4<i8> = codes(&mut rng, &[3, 5, 3, 3])
+        .into_dimensionality::<ndarray::Ix4>()
+        .unwrap()
+        .mapv(|v| v.max(-127));
+    let rq = Requant::new(&[3e-3; 3], RequantMode::Float, 0, (-128, 127)).unwrap();
+    let params = Conv2dParams::default();
+    let layer = k8::GpuConv2dInt8::new(&ctx, 1, &w, None, &params, &rq).unwrap();
+    let want = layer.forward_with(&ctx, &x, Int8Dot::Portable).unwrap();
+    let out = caller_codes(&ctx, want.shape());
+    layer
+        .forward_with_into(&ctx, &x, Int8Dot::Portable, &out)
+        .unwrap();
+    assert_eq!(out.download(&ctx).unwrap(), want.download(&ctx).unwrap());
+    let e = layer
+        .forward_with_into(
+            &ctx,
+            &x,
+            Int8Dot::Portable,
+            &caller_codes(&ctx, &[2, 3, 4, 3]),
+        )
+        .unwrap_err();
+    names(e, "conv2d int8 output");
+
+    let x = GpuInt8Tensor::upload(&ctx, &codes(&mut rng, &[2, 9])).unwrap();
+    let w: Array2<i8> = codes(&mut rng, &[5, 9])
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap()
+        .mapv(|v| v.max(-127));
+    let rq = Requant::new(&[5e-3; 5], RequantMode::Float, 0, (-128, 127)).unwrap();
+    let layer = k8::GpuLinearInt8::new(&ctx, 1, &w, None, &rq).unwrap();
+    let want = layer.forward_with(&ctx, &x, Int8Dot::Portable).unwrap();
+    let out = caller_codes(&ctx, want.shape());
+    layer
+        .forward_with_into(&ctx, &x, Int8Dot::Portable, &out)
+        .unwrap();
+    assert_eq!(out.download(&ctx).unwrap(), want.download(&ctx).unwrap());
+    let e = layer
+        .forward_with_into(&ctx, &x, Int8Dot::Portable, &caller_codes(&ctx, &[2, 4]))
+        .unwrap_err();
+    names(e, "linear int8 output");
+}
+
 crate::qfuse_tests! {
     conv_bn_eval_into_matches_and_refuses: gpu,
     conv_bn_qat_into_matches: gpu,
     conv_bn_qat_into_refuses: gpu,
     int8_into_matches_and_refuses: gpu,
+    small_into_forms_match: gpu,
 }
