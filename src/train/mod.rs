@@ -52,7 +52,7 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4};
+use ndarray::{Array1, Array2, ArrayD, Ix2, Ix4};
 
 use crate::data::digits::Split;
 use crate::deploy::{Net, NodeOp, ValueId};
@@ -62,9 +62,14 @@ use crate::kernels::{self, conv2d::ConvEpilogue, GpuBatchNorm};
 use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, QatConfig};
 use crate::optim::Sgd;
 
+mod cpu;
 mod qat;
+mod trainer;
+pub use cpu::CpuTrainer;
 pub use qat::QatOptions;
 use qat::{QatState, Quantized};
+pub use trainer::Trainer;
+use trainer::{check_act, check_net, check_set_sgd};
 
 /// A trained tensor with its momentum buffer.
 #[derive(Debug, Clone)]
@@ -223,17 +228,6 @@ fn bn_buffer(ctx: &GpuContext, c: usize, sgd: &Sgd, affine: bool) -> Result<Opti
     }
 }
 
-fn check_act(name: &str, act: Activation) -> Result<()> {
-    match act {
-        Activation::None | Activation::Relu | Activation::Relu6 => Ok(()),
-        other => Err(Error::invalid(format!(
-            "GpuTrainer: `{}` ends with {other:?}; the trainer takes none, ReLU or ReLU6 (their \
-             gradient mask is read from the output)",
-            name.escape_debug()
-        ))),
-    }
-}
-
 /// `act` backward from the activation's output (same mask as from its input for none, ReLU
 /// and ReLU6).
 fn act_backward(
@@ -255,15 +249,12 @@ impl GpuTrainer {
     /// Errors: [`Error::InvalidArgument`] for an empty net or an activation other than none,
     /// ReLU or ReLU6, for bad SGD settings ([`Sgd::validate`]); GPU errors.
     pub fn new(ctx: Arc<GpuContext>, net: &Net, sgd: Sgd) -> Result<Self> {
-        sgd.validate()?;
-        if net.nodes().is_empty() {
-            return Err(Error::invalid("GpuTrainer: the net has no nodes"));
-        }
+        check_net("GpuTrainer", net, &sgd)?;
         let mut nodes = Vec::with_capacity(net.nodes().len());
         for node in net.nodes() {
             let op = match &node.op {
                 NodeOp::Conv { conv, bn, act } => {
-                    check_act(&node.name, *act)?;
+                    check_act("GpuTrainer", &node.name, *act)?;
                     let bn = match bn {
                         Some(b) => {
                             let affine = b.weight.is_some() || b.bias.is_some();
@@ -290,7 +281,7 @@ impl GpuTrainer {
                     }
                 }
                 NodeOp::Linear { weight, bias, act } => {
-                    check_act(&node.name, *act)?;
+                    check_act("GpuTrainer", &node.name, *act)?;
                     Op::Linear {
                         weight: param(&ctx, weight.clone().into_dyn(), &sgd)?,
                         bias: match bias {
@@ -306,7 +297,7 @@ impl GpuTrainer {
                 },
                 NodeOp::Flatten => Op::Flatten,
                 NodeOp::Add { act } => {
-                    check_act(&node.name, *act)?;
+                    check_act("GpuTrainer", &node.name, *act)?;
                     Op::Add { act: *act }
                 }
             };
@@ -341,12 +332,7 @@ impl GpuTrainer {
     ///
     /// Errors: [`Error::InvalidArgument`] for bad settings or momentum added later.
     pub fn set_sgd(&mut self, sgd: Sgd) -> Result<()> {
-        sgd.validate()?;
-        if sgd.has_momentum() && !self.sgd.has_momentum() {
-            return Err(Error::invalid(
-                "GpuTrainer::set_sgd: momentum needs buffers; create the trainer with momentum",
-            ));
-        }
+        check_set_sgd("GpuTrainer", &self.sgd, &sgd)?;
         self.sgd = sgd;
         Ok(())
     }
@@ -1100,32 +1086,21 @@ pub struct FitReport {
     pub steps: u64,
 }
 
-fn upload_batch(
-    ctx: &GpuContext,
-    images: &Array4<f32>,
-    labels: &[u32],
-) -> Result<(GpuTensor, GpuTensor)> {
-    let x = GpuTensor::upload_f32(ctx, &images.clone().into_dyn())?;
-    let y = kernels::train::upload_labels(ctx, labels, crate::data::digits::CLASSES)?;
-    Ok((x, y))
-}
-
-/// Test accuracy of the trainer's net on `split`, in eval mode, batch by batch on the device;
-/// one number is downloaded at the end.
+/// Test accuracy of the trainer's net on `split`, in eval mode, in batches of `batch_size`
+/// ([`Trainer::count_correct_split`]: on the GPU counted on the device and one number
+/// downloaded at the end).
 ///
 /// Errors: [`Error::InvalidArgument`] for an empty split or zero batch size; those of
-/// [`GpuTrainer::count_correct_into`].
-pub fn evaluate(trainer: &mut GpuTrainer, split: &Split, batch_size: usize) -> Result<f32> {
+/// [`GpuTrainer::count_correct_into`] / [`CpuTrainer::count_correct`].
+pub fn evaluate<T: Trainer + ?Sized>(
+    trainer: &mut T,
+    split: &Split,
+    batch_size: usize,
+) -> Result<f32> {
     if split.is_empty() {
         return Err(Error::invalid("evaluate: the split is empty"));
     }
-    let ctx = Arc::clone(trainer.context());
-    let counter = kernels::train::new_counter(&ctx)?;
-    for batch in split.batches(batch_size, None)? {
-        let (x, y) = upload_batch(&ctx, &batch.images, &batch.labels)?;
-        trainer.count_correct_into(&x, &y, &counter)?;
-    }
-    let correct = kernels::train::read_count(&ctx, &counter)?;
+    let correct = trainer.count_correct_split(split, batch_size)?;
     Ok(correct as f32 / split.len() as f32)
 }
 
@@ -1135,9 +1110,9 @@ pub fn evaluate(trainer: &mut GpuTrainer, split: &Split, batch_size: usize) -> R
 ///
 /// Errors: [`Error::InvalidArgument`] for zero epochs or batch size or an empty split; a loss
 /// that is not finite (training diverged: lower the learning rate); those of
-/// [`GpuTrainer::step`] and [`evaluate`].
-pub fn fit(
-    trainer: &mut GpuTrainer,
+/// [`Trainer::train_batch`] and [`evaluate`].
+pub fn fit<T: Trainer + ?Sized>(
+    trainer: &mut T,
     train: &Split,
     test: Option<&Split>,
     opts: &FitOptions,
@@ -1152,7 +1127,6 @@ pub fn fit(
             train.len()
         )));
     }
-    let ctx = Arc::clone(trainer.context());
     let mut report = FitReport {
         epoch_losses: Vec::new(),
         test_accuracy: Vec::new(),
@@ -1163,8 +1137,7 @@ pub fn fit(
         let steps = batches.len();
         let mut weighted = 0.0f64;
         for (step, batch) in batches.enumerate() {
-            let (x, y) = upload_batch(&ctx, &batch.images, &batch.labels)?;
-            let loss = trainer.step(&x, &y)?.download_f32(&ctx)?[[0]];
+            let loss = trainer.train_batch(&batch.images, &batch.labels)?;
             if !loss.is_finite() {
                 return Err(Error::invalid(format!(
                     "fit: the loss is {loss} at epoch {epoch}, step {step} (training diverged; \

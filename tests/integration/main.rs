@@ -39,6 +39,7 @@ mod proptest_ops;
 mod qat;
 mod state_dict;
 mod train;
+mod train_cpu;
 
 fn harness_self_check() {
     common::harness::no_stray_test_attributes(concat!(
@@ -83,5 +84,6 @@ fn main() -> std::process::ExitCode {
         qat::TESTS,
         state_dict::TESTS,
         train::TESTS,
+        train_cpu::TESTS,
     ])
 }

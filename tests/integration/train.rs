@@ -22,7 +22,7 @@ use qfuse::optim::Sgd;
 use qfuse::train::{evaluate, fit, FitOptions, GpuTrainer, Progress, QatOptions};
 
 /// SplitMix64.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
@@ -35,12 +35,12 @@ impl Rng {
     fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
         lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
     }
-    fn arr(&mut self, shape: &[usize], lo: f32, hi: f32) -> ArrayD<f32> {
+    pub(crate) fn arr(&mut self, shape: &[usize], lo: f32, hi: f32) -> ArrayD<f32> {
         ArrayD::from_shape_simple_fn(IxDyn(shape), || self.uniform(lo, hi))
     }
 }
 
-type Params = BTreeMap<String, ArrayD<f32>>;
+pub(crate) type Params = BTreeMap<String, ArrayD<f32>>;
 
 /// Elementwise closeness (no `approx` dependency).
 trait Close {
@@ -53,7 +53,7 @@ impl<D: ndarray::Dimension> Close for ndarray::Array<f32, D> {
     }
 }
 
-fn small_params(seed: u64) -> Params {
+pub(crate) fn small_params(seed: u64) -> Params {
     let mut rng = Rng(seed);
     let mut p = Params::new();
     p.insert("c1.weight".into(), rng.arr(&[4, 2, 3, 3], -0.4, 0.4));
@@ -75,7 +75,7 @@ fn a1(a: &ArrayD<f32>) -> Array1<f32> {
 
 /// c1: conv 3×3 (2→4) + BN (no activation, smooth); c2: conv 3×3 pad 1 + ReLU6; add(c1, c2);
 /// max pool 2; flatten; fc1 + ReLU; fc2.
-fn small_net(p: &Params) -> Net {
+pub(crate) fn small_net(p: &Params) -> Net {
     let mut net = Net::new();
     let x = net.input();
     let c1 = net
