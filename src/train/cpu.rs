@@ -138,6 +138,15 @@ struct Quantized {
     qparams: QParams,
 }
 
+/// What a BatchNorm's training backward needs: its input (the conv output), the BatchNorm
+/// (γ) and the batch mean / invstd it normalized with.
+struct SavedBn {
+    input: Array4<f32>,
+    bn: BatchNorm,
+    mean: Array1<f32>,
+    invstd: Array1<f32>,
+}
+
 /// What a node's backward needs from its forward.
 enum Saved {
     Conv {
@@ -146,9 +155,8 @@ enum Saved {
         w: Array4<f32>,
         /// The activation's input.
         pre: Array4<f32>,
-        /// With a BatchNorm: its input (the conv output), the BatchNorm (γ) and the batch
-        /// mean / invstd it normalized with.
-        bn: Option<(Array4<f32>, BatchNorm, Array1<f32>, Array1<f32>)>,
+        /// With a BatchNorm: what its backward needs.
+        bn: Option<SavedBn>,
         /// QAT: the weight's qparams.
         wq: Option<QParams>,
     },
@@ -547,7 +555,13 @@ impl CpuTrainer {
                                         bn.running_mean = out.running_mean;
                                         bn.running_var = out.running_var;
                                     }
-                                    (out.y, Some((conv_out, b, out.mean, out.invstd)))
+                                    let saved = SavedBn {
+                                        input: conv_out,
+                                        bn: b,
+                                        mean: out.mean,
+                                        invstd: out.invstd,
+                                    };
+                                    (out.y, Some(saved))
                                 }
                                 None => (conv_out, None),
                             };
@@ -727,11 +741,11 @@ impl CpuTrainer {
                     let dpre = act_backward(pre.into_dyn(), d, *act)?;
                     let dpre = to4(&dpre, &node.name)?;
                     let dconv = match bn {
-                        Some((conv_out, b, mean, invstd)) => {
+                        Some(sb) => {
                             let g = rbn::batch_norm2d_backward_with_stats(
-                                &conv_out, &dpre, &b, &mean, &invstd, true,
+                                &sb.input, &dpre, &sb.bn, &sb.mean, &sb.invstd, true,
                             )?;
-                            if b.weight.is_some() {
+                            if sb.bn.weight.is_some() {
                                 push(Role::BnGamma, g.dweight.into_dyn());
                                 push(Role::BnBeta, g.dbias.into_dyn());
                             }

@@ -22,6 +22,11 @@
 //! [`GpuTrainer::activation_ranges`] and [`GpuTrainer::to_net`] feed
 //! [`crate::deploy::convert_with_ranges`] (PyTorch's `convert`).
 //!
+//! [`CpuTrainer`] is the same trainer on the CPU reference ops (host arrays): the spec the
+//! device trainer is tested against, and the trainer when no adapter opens. Both implement
+//! [`Trainer`] (a host-batch step, accuracy on a split, [`Trainer::to_net`], the QAT
+//! controls), which [`fit`] and [`evaluate`] take.
+//!
 //! Each op is a [`crate::kernels`] launcher checked against the CPU reference
 //! ([`crate::reference::train`] and the conv / BatchNorm / activation backwards); the wiring
 //! of the backward is checked against finite differences in the tests.
@@ -482,15 +487,9 @@ impl GpuTrainer {
                             bn.momentum,
                             &cfg,
                         )?;
-                        if !cfg.freeze_bn {
-                            let c = bn.bn.channels();
-                            kernels::train::copy_at(
-                                ctx,
-                                &fwd.stats.running,
-                                bn.bn.tensor(),
-                                2 * c,
-                            )?;
-                        }
+                        // The running statistics after the step are written by
+                        // `loss_and_grads` after the backward, which reads the ones this
+                        // forward normalized its weight with.
                         let y = fwd.y.clone();
                         let s = Saved::QatConvBn {
                             x,
@@ -812,6 +811,19 @@ impl GpuTrainer {
                     }
                 }
                 _ => return Err(Error::invalid("internal: forward record out of order")),
+            }
+        }
+        // QAT conv + BN: the running statistics after the step, written now that the
+        // backward has read the step's `1/sqrt(running_var + eps)` (dγ's weight-scaling and
+        // divide-back parts, as autograd of PyTorch's `ConvBn2d` computes them).
+        for (node, s) in self.nodes.iter().zip(&saved) {
+            if let (Op::Conv { bn: Some(bn), .. }, Saved::QatConvBn { fwd, cfg, .. }) =
+                (&node.op, s)
+            {
+                if !cfg.freeze_bn {
+                    let c = bn.bn.channels();
+                    kernels::train::copy_at(ctx, &fwd.stats.running, bn.bn.tensor(), 2 * c)?;
+                }
             }
         }
         Ok((loss, out))

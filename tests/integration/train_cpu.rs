@@ -13,7 +13,7 @@ use crate::train::{small_net, small_params, Params, Rng};
 
 use std::collections::BTreeMap;
 
-use ndarray::{ArrayD, Ix2};
+use ndarray::ArrayD;
 use qfuse::data::digits::{Digits, Split, MNIST_MEAN, MNIST_STD};
 use qfuse::deploy::{DeployConfig, Net, NodeOp};
 use qfuse::gpu::{GpuContext, GpuTensor};
@@ -373,12 +373,19 @@ fn gpu_trainer_matches_cpu_trainer() {
     assert_eq!(pair.gpu.steps(), pair.cpu.steps());
 }
 
-/// QAT mode. The fake quants round: where a value lies within an ulp of a rounding boundary
-/// (`(k + ½)·scale`) or of a clamp edge, the GPU's and the CPU's f32 results (summed in
-/// different orders) can round to neighbouring codes, one quantization step apart, and a
-/// straight-through mask can differ there. Such elements are rare (a few per tensor at most),
-/// so losses, observer ranges and BatchNorm statistics are compared within a tolerance and
-/// gradients / parameters by the fraction of elements that agree closely.
+/// QAT mode. Fake quant rounds, and a symmetric weight observer puts the extreme element of
+/// every channel of the (BN-scaled) weight exactly on the rounding tie: `amax / scale` is
+/// `127.5` up to the last bit, so whether that element becomes ±127 with its gradient passed
+/// or clamps with its gradient zeroed depends on the last bit of `amax` and of the scale (the
+/// reference documents it at `conv_bn_qat_forward`). While both trainers hold bit-identical
+/// parameters they agree (the first step: gradient elements within 1e-4 of their tensor's
+/// largest, BatchNorm's dγ included); once f32 summation-order differences (~1e-7) have
+/// reached the weights, that one element's straight-through mask can flip on one side only
+/// (seen on lavapipe: after three steps, one element of `c1.weight`, 0.389 vs 0.392), and
+/// from there the trajectories drift apart slowly. So the first step is compared tightly and
+/// the later ones with a tolerance: losses within 1%, observer ranges within 1% of their
+/// width, parameters and running statistics 90% of the elements within 1% of the tensor's
+/// largest, all within 10%.
 fn gpu_trainer_matches_cpu_trainer_in_qat() {
     let Some(ctx) = common::gpu() else { return };
     let net = small_net(&small_params(5));
@@ -388,37 +395,38 @@ fn gpu_trainer_matches_cpu_trainer_in_qat() {
     pair.cpu.enable_qat(opts.clone()).unwrap();
     let x = batch(11);
     let ((gl, gg), (cl, cg)) = pair.gradients(&x);
-    assert!((gl - cl).abs() <= 1e-3 * cl.abs(), "loss GPU {gl} CPU {cl}");
+    assert!((gl - cl).abs() <= 1e-5 * cl.abs(), "loss GPU {gl} CPU {cl}");
     let (gg, cg) = (by_name(gg), by_name(cg));
     assert_eq!(gg.keys().collect::<Vec<_>>(), cg.keys().collect::<Vec<_>>());
     let bad: Vec<String> = cg
         .iter()
         .filter_map(|(name, c)| {
-            let f = close_fraction(&gg[name], c, 1e-3);
+            let f = close_fraction(&gg[name], c, 1e-4);
             println!(
-                "QAT gradient {name}: {:.1}% within 1e-3, relative difference {:e}",
+                "QAT gradient {name}: {:.1}% within 1e-4, relative difference {:e}",
                 100.0 * f,
                 rel_diff(&gg[name], c)
             );
-            (f < 0.9).then(|| format!("{name}: {f}"))
+            (f < 0.95).then(|| format!("{name}: {f}"))
         })
         .collect();
     assert!(
         bad.is_empty(),
         "GPU vs CPU QAT gradients: fraction that agrees {bad:?}"
     );
-    let ranges = |p: &Pair| {
+    type Ranges = Vec<Option<(f32, f32)>>;
+    let ranges = |p: &Pair| -> (Ranges, Ranges) {
         (
             p.gpu.activation_ranges().unwrap(),
             p.cpu.activation_ranges().unwrap(),
         )
     };
-    let check_ranges = |(g, c): (Vec<Option<(f32, f32)>>, Vec<Option<(f32, f32)>>), what: &str| {
+    let check_ranges = |(g, c): (Ranges, Ranges), rel: f32, what: &str| {
         assert_eq!(g.len(), c.len());
         for (v, (a, b)) in g.iter().zip(&c).enumerate() {
             match (a, b) {
                 (Some(a), Some(b)) => {
-                    let tol = 1e-3 * (b.1 - b.0).abs().max(1e-3);
+                    let tol = rel * (b.1 - b.0).abs().max(1e-3);
                     assert!(
                         (a.0 - b.0).abs() <= tol && (a.1 - b.1).abs() <= tol,
                         "{what}: value {v}: GPU range {a:?}, CPU {b:?}"
@@ -429,7 +437,12 @@ fn gpu_trainer_matches_cpu_trainer_in_qat() {
             }
         }
     };
-    check_ranges(ranges(&pair), "first batch");
+    check_ranges(ranges(&pair), 1e-5, "first batch");
+    let (gs, cs) = pair.states();
+    for (name, c) in cs.iter().filter(|(n, _)| n.contains("running")) {
+        let d = rel_diff(&gs[name], c);
+        assert!(d < 1e-5, "{name} after the first batch: {d:e}");
+    }
 
     let mut pair = Pair::new(ctx, &net, momentum_sgd());
     pair.gpu.enable_qat(opts.clone()).unwrap();
@@ -437,47 +450,50 @@ fn gpu_trainer_matches_cpu_trainer_in_qat() {
     for s in 0..4 {
         let (g, c) = pair.step(&batch(100 + s));
         assert!(
-            (g - c).abs() <= 2e-3 * c.abs(),
+            (g - c).abs() <= 1e-2 * c.abs(),
             "step {s}: loss GPU {g} CPU {c}"
         );
     }
-    check_ranges(ranges(&pair), "after 4 steps");
-    // Frozen observers and BatchNorm statistics.
+    check_ranges(ranges(&pair), 1e-2, "after 4 steps");
+    // Frozen observers and BatchNorm statistics, then thawed.
     for frozen in [true, false] {
         pair.gpu.freeze_observers(frozen).unwrap();
         pair.cpu.freeze_observers(frozen).unwrap();
         pair.gpu.freeze_bn_stats(frozen).unwrap();
         pair.cpu.freeze_bn_stats(frozen).unwrap();
         let before = ranges(&pair);
+        let (gb, cb) = pair.states();
         let (g, c) = pair.step(&batch(200));
         assert!(
-            (g - c).abs() <= 2e-3 * c.abs(),
+            (g - c).abs() <= 1e-2 * c.abs(),
             "frozen {frozen}: loss GPU {g} CPU {c}"
         );
         if frozen {
-            assert_eq!(ranges(&pair).1, before.1, "frozen CPU observers");
-            assert_eq!(ranges(&pair).0, before.0, "frozen GPU observers");
+            assert_eq!(ranges(&pair), before, "frozen observers");
+            let (ga, ca) = pair.states();
+            for name in ["c1.bn.running_mean", "c1.bn.running_var"] {
+                assert_eq!(ga[name], gb[name], "GPU {name} frozen");
+                assert_eq!(ca[name], cb[name], "CPU {name} frozen");
+            }
         }
-        check_ranges(ranges(&pair), "freeze");
+        check_ranges(ranges(&pair), 1e-2, "freeze");
     }
     let (gs, cs) = pair.states();
     for (name, c) in &cs {
-        let f = close_fraction(&gs[name], c, 1e-3);
+        let f = close_fraction(&gs[name], c, 1e-2);
+        let d = rel_diff(&gs[name], c);
         println!(
-            "QAT after 6 steps {name}: {:.1}% within 1e-3, relative difference {:e}",
-            100.0 * f,
-            rel_diff(&gs[name], c)
+            "QAT after 6 steps {name}: {:.1}% within 1e-2, relative difference {d:e}",
+            100.0 * f
         );
         assert!(
-            f >= 0.95,
-            "{name} after 6 steps: only {f} of the elements agree"
+            f >= 0.9 && d <= 0.1,
+            "{name} after 6 steps: {f} agree, {d:e}"
         );
     }
     let (g, c) = pair.eval(&batch(7));
-    let g2 = g.clone().into_dimensionality::<Ix2>().unwrap();
-    assert_eq!(g2.shape(), c.shape());
-    let f = close_fraction(&g, &c, 1e-3);
-    println!("QAT eval logits: {:.1}% within 1e-3", 100.0 * f);
+    let f = close_fraction(&g, &c, 1e-2);
+    println!("QAT eval logits: {:.1}% within 1e-2", 100.0 * f);
     assert!(f >= 0.9, "QAT eval: {f}");
 }
 
