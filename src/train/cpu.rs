@@ -273,7 +273,17 @@ impl QatState {
 }
 
 /// Trains a [`Net`] on the CPU reference: [`super::GpuTrainer`]'s forward, backward, SGD
-/// and QAT with host arrays (see the [module docs](self)).
+/// and QAT with host arrays, each op the [`crate::reference`] function the GPU kernel is
+/// checked against — conv2d and its backward, BatchNorm2d with batch statistics and its
+/// training backward, the activations and their backward, max pooling and linear backward,
+/// `log_softmax` + NLL and their fused backward, the [`Sgd`] step, and in QAT mode the
+/// observers ([`rtrain::observer_update`], [`robs::calculate_qparams`]), fake quant with its
+/// straight-through backward and the `ConvBn2d` QAT forward / backward
+/// ([`rcb::conv_bn_qat_forward`], [`rcb::conv_bn_qat_backward`]).
+///
+/// It is the spec of the device trainer (the tests check a [`super::GpuTrainer`] step
+/// against a [`CpuTrainer`] step) and what trains when no GPU adapter opens (slower: one
+/// thread). [`super::Trainer`] drives either.
 #[derive(Debug, Clone)]
 pub struct CpuTrainer {
     nodes: Vec<TNode>,
