@@ -114,4 +114,5 @@ pub use dispatch::grid_1d;
 pub use pipeline::{Binding, BindingType, Kernel, Pipeline, Shader};
 pub use profile::{KernelTiming, MAX_TIMED_PASSES};
 pub use runtime::{ContextId, PoolStats, TransferStats};
+pub(crate) use tensor::require_usage;
 pub use tensor::{DType, GpuTensor};

@@ -780,6 +780,14 @@ fn qat_forward_outputs(
         None if !fake_quant_enabled => weight_scaled.clone(),
         g => take("weight_q", g.map(|g| &g.weight_q), &ws)?,
     };
+    // A caller's output that receives a device copy needs COPY_DST, checked here before
+    // anything is launched.
+    let copy_dst = |t: &GpuTensor| {
+        crate::gpu::require_usage(t.buffer(), wgpu::BufferUsages::COPY_DST, "copy into it")
+    };
+    if given.is_some() && !fake_quant_enabled {
+        copy_dst(&weight_q)?;
+    }
     let weight_mask = take("weight_mask", given.map(|g| &g.weight_mask), &ws)?;
     let stats = GpuBatchNormStats {
         stats: take("stats", given.map(|g| &g.stats.stats), &[2, o])?,
@@ -810,6 +818,9 @@ fn qat_forward_outputs(
                     "{what} must have axis {axis:?}, got {:?}",
                     g.weight_qparams.axis()
                 )));
+            }
+            if let QatQParams::Fixed(_) = qparams {
+                copy_dst(g.weight_qparams.tensor())?;
             }
             g.weight_qparams.clone()
         }

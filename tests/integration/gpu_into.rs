@@ -422,6 +422,30 @@ fn conv_bn_qat_into_refuses() {
     };
     names(run(&bad), "conv_bn_qat_forward output inv_scale_factor");
 
+    // A copy destination (W_q = W_s with fake quant off) without COPY_DST: refused before
+    // anything is launched.
+    let weight = GpuQatWeight {
+        qparams: None,
+        fake_quant_enabled: false,
+        finite_zero_gamma: true,
+    };
+    let mut bad = good.clone();
+    let buffer = ctx.device().create_buffer(&qfuse::wgpu::BufferDescriptor {
+        label: Some("storage only"),
+        size: (good.weight_q.len() * 4) as u64,
+        usage: qfuse::wgpu::BufferUsages::STORAGE | qfuse::wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    bad.weight_q = GpuTensor::from_buffer(&ctx, buffer, good.weight_q.shape(), DType::F32).unwrap();
+    let e = cb::conv_bn_qat_forward_with_into(&ctx, &l.x, &conv, &l.bn, 0.1, &cfg, &weight, &bad)
+        .unwrap_err();
+    assert!(matches!(e, Error::MissingBufferUsage { .. }), "{e}");
+    assert_eq!(
+        good.y.download_u32_bits(&ctx).unwrap(),
+        zeros,
+        "y untouched"
+    );
+
     // The backward.
     let dy = rng.up(&ctx, fwd.y.shape(), -1.0, 1.0);
     let saved = fwd.saved();
