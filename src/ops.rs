@@ -267,8 +267,39 @@ pub fn check_conv_weight_rank(shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// The geometry of the linear layer `x · Wᵀ + b` ([`crate::reference::layers::linear`] and
+/// [`crate::kernels::linear`]): `x` `[N, in]`, weight `[out, in]`, optional bias `[out]`.
+/// Returns `[N, in, out]`.
+///
+/// Errors: [`Error::ShapeMismatch`] when `x`'s columns differ from the weight's (naming both
+/// shapes) or the bias is not `[out]`; [`Error::TooLarge`] when the output `[N, out]` has more
+/// than [`MAX_TENSOR_ELEMENTS`](crate::limits::MAX_TENSOR_ELEMENTS) elements (possible with
+/// small inputs: `in` may be 0).
+pub fn check_linear(x: [usize; 2], w: [usize; 2], bias: Option<&[usize]>) -> Result<[usize; 3]> {
+    let ([n, inp], [out, w_in]) = (x, w);
+    if inp != w_in {
+        return Err(Error::shape(
+            format!("linear: input {x:?} vs weight {w:?} (in_features)"),
+            &[n, w_in],
+            &x,
+        ));
+    }
+    if let Some(b) = bias {
+        if b != [out] {
+            return Err(Error::shape(
+                format!("linear bias (weight {w:?})"),
+                &[out],
+                b,
+            ));
+        }
+    }
+    crate::limits::check_elements("linear output", &[n, out])?;
+    Ok([n, inp, out])
+}
+
 /// The input check of the quantized linear layer ([`crate::reference::int8::linear_int8`]):
-/// `x` `[N, in]` against weight `[out, in]` (both rank 2).
+/// `x` `[N, in]` against weight `[out, in]` (both rank 2), and the output `[N, out]` within
+/// [`MAX_TENSOR_ELEMENTS`](crate::limits::MAX_TENSOR_ELEMENTS) ([`Error::TooLarge`]).
 pub fn check_linear_int8_input(x: &[usize], w: &[usize]) -> Result<()> {
     if x.len() != 2 || w.len() != 2 || x[1] != w[1] {
         let (xn, xc) = (
@@ -285,6 +316,7 @@ pub fn check_linear_int8_input(x: &[usize], w: &[usize]) -> Result<()> {
             x,
         ));
     }
+    crate::limits::check_elements("quantized linear output", &[x[0], w[0]])?;
     Ok(())
 }
 
@@ -351,16 +383,10 @@ pub fn check_linear_backward(
         <[usize; 2]>::try_from(s)
             .map_err(|_| Error::invalid(format!("linear {what} must be rank 2, got shape {s:?}")))
     };
-    let [n, inp] = rank2("input", x_shape)?;
-    let [out, w_in] = rank2("weight", w_shape)?;
+    let x = rank2("input", x_shape)?;
+    let w = rank2("weight", w_shape)?;
     rank2("backward dy", dy_shape)?;
-    if inp != w_in {
-        return Err(Error::shape(
-            format!("linear: input {x_shape:?} vs weight {w_shape:?} (in_features)"),
-            &[n, w_in],
-            x_shape,
-        ));
-    }
+    let [n, inp, out] = check_linear(x, w, None)?;
     if dy_shape != [n, out] {
         return Err(Error::shape(
             "linear_backward dy (forward output shape)",

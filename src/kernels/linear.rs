@@ -25,9 +25,10 @@ fn rank2(what: &str, t: &GpuTensor) -> Result<[usize; 2]> {
 /// `x · Wᵀ + b` for `x` `[N, in]`, weight `w` `[out, in]` and optional bias `[out]`, returning
 /// `[N, out]` (`torch.nn.functional.linear`).
 ///
-/// Errors: the CPU reference's [`Error::ShapeMismatch`]es (in_features of `x` and `w` differ;
-/// bias not `[out]`), and [`Error::InvalidArgument`] for tensors that are not rank-2 `f32`
-/// (rank 1 for the bias).
+/// Errors: those of [`crate::ops::check_linear`], shared with the CPU reference
+/// ([`Error::ShapeMismatch`]: in_features of `x` and `w` differ, bias not `[out]`;
+/// [`Error::TooLarge`]: an output past the element limit), and [`Error::InvalidArgument`]
+/// for tensors that are not rank-2 `f32` (rank 1 for the bias).
 pub fn linear(
     ctx: &GpuContext,
     x: &GpuTensor,
@@ -75,27 +76,12 @@ fn linear_impl(
     if let Some(b) = bias {
         ctx.check_tensor("linear bias", b)?;
     }
-    let [n, inp] = rank2("input", x)?;
-    let [out, w_in] = rank2("weight", w)?;
-    if inp != w_in {
-        return Err(Error::shape(
-            format!(
-                "linear: input {:?} vs weight {:?} (in_features)",
-                x.shape(),
-                w.shape()
-            ),
-            &[n, w_in],
-            x.shape(),
-        ));
-    }
+    let [n, inp, out] = crate::ops::check_linear(
+        rank2("input", x)?,
+        rank2("weight", w)?,
+        bias.map(|b| b.shape()),
+    )?;
     if let Some(b) = bias {
-        if b.shape() != [out] {
-            return Err(Error::shape(
-                format!("linear bias (weight {:?})", w.shape()),
-                &[out],
-                b.shape(),
-            ));
-        }
         expect_f32("linear bias", b)?;
     }
     expect_f32("linear input", x)?;

@@ -3,15 +3,15 @@
 
 use ndarray::{Array1, Array2, Array4, Axis};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// 2-D max pooling of an NCHW tensor with a square `kernel` and `stride`, no padding, no
 /// dilation, floor mode: mirrors `torch.nn.functional.max_pool2d(x, kernel, stride)`. The
 /// output is `[N, C, (H - k) / s + 1, (W - k) / s + 1]`. NaN propagates (a window containing
 /// NaN gives NaN, as PyTorch's kernel does).
 ///
-/// Errors: [`Error::InvalidArgument`] for a zero kernel or stride, or a kernel larger than the
-/// input's height or width.
+/// Errors: [`crate::Error::InvalidArgument`] for a zero kernel or stride, or a kernel larger
+/// than the input's height or width.
 pub fn max_pool2d(x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array4<f32>> {
     let (n, c, h, w) = x.dim();
     let (oh, ow) = max_pool2d_output(h, w, kernel, stride)?;
@@ -44,29 +44,18 @@ pub use crate::ops::max_pool2d_output;
 /// `torch.nn.functional.linear` (f32 accumulation; the summation order differs from PyTorch's
 /// BLAS, so compare with a tolerance).
 ///
-/// Errors: [`Error::ShapeMismatch`] when `x`'s columns differ from the weight's (naming both
-/// shapes) or the bias is not `out` long.
+/// Errors: those of [`crate::ops::check_linear`] (the one geometry check, shared with the
+/// GPU): [`crate::Error::ShapeMismatch`] when `x`'s columns differ from the weight's (naming
+/// both shapes) or the bias is not `out` long; [`crate::Error::TooLarge`] for an output past
+/// the element limit (checked before allocating).
 pub fn linear(x: &Array2<f32>, w: &Array2<f32>, b: Option<&Array1<f32>>) -> Result<Array2<f32>> {
-    if x.ncols() != w.ncols() {
-        return Err(Error::shape(
-            format!(
-                "linear: input {:?} vs weight {:?} (in_features)",
-                x.shape(),
-                w.shape()
-            ),
-            &[x.nrows(), w.ncols()],
-            x.shape(),
-        ));
-    }
+    crate::ops::check_linear(
+        [x.nrows(), x.ncols()],
+        [w.nrows(), w.ncols()],
+        b.map(|b| b.shape()),
+    )?;
     let mut y = x.dot(&w.t());
     if let Some(b) = b {
-        if b.len() != w.nrows() {
-            return Err(Error::shape(
-                format!("linear bias (weight {:?})", w.shape()),
-                &[w.nrows()],
-                b.shape(),
-            ));
-        }
         y += b;
     }
     Ok(y)
@@ -97,6 +86,7 @@ pub fn log_softmax(x: &Array2<f32>) -> Array2<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use ndarray::{arr1, arr2, Array};
 
     #[test]
@@ -160,6 +150,18 @@ mod tests {
         );
         let e = linear(&x, &w, Some(&arr1(&[0.0f32; 2]))).unwrap_err();
         assert!(matches!(e, Error::ShapeMismatch { .. }));
+        // No in_features: empty inputs, an output of 2^40 elements, refused before allocating.
+        let e = linear(
+            &Array2::zeros((1 << 20, 0)),
+            &Array2::zeros((1 << 20, 0)),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        assert!(
+            e.to_string().contains("linear output [1048576, 1048576]"),
+            "{e}"
+        );
     }
 
     #[test]

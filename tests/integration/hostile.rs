@@ -503,10 +503,10 @@ fn safetensors_rejections_say_what_is_wrong() {
 
 // ---- geometry and values: one check per op, the same refusal on both backends
 
-use ndarray::{Array1, Array4, ArrayD, IxDyn};
+use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
 use qfuse::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, ConvTranspose2dParams, QatConfig};
-use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
+use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange, Requant, RequantMode};
 
 fn bn(c: usize, eps: f32) -> BatchNorm {
     BatchNorm {
@@ -607,6 +607,39 @@ fn conv_geometry_refusals_are_the_same_on_the_gpu() {
             conv_errors(&gpu, &params)
         );
     }
+}
+
+/// Linear layers without in_features: empty inputs, an output of 2^29 elements.
+fn huge_linear_errors(b: &dyn HostOps) -> Vec<String> {
+    let (n, out) = (1usize << 15, 1usize << 14);
+    let x = Array2::<f32>::zeros((n, 0));
+    let w = Array2::<f32>::zeros((out, 0));
+    let xq = Array2::<i8>::zeros((n, 0));
+    let wq = Array2::<i8>::zeros((out, 0));
+    let rq = Requant::new(&vec![0.01; out], RequantMode::Float, 0, (-128, 127)).unwrap();
+    let err = |r: qfuse::Result<()>| r.expect_err("accepted").to_string();
+    vec![
+        err(b.linear(&x, &w, None).map(drop)),
+        err(b.linear_int8(&xq, 0, &wq, None, &rq).map(drop)),
+    ]
+}
+
+fn linear_outputs_are_capped() {
+    let errs = huge_linear_errors(&CpuBackend);
+    assert_eq!(
+        errs,
+        [
+            "linear output [32768, 16384]: 536870912 elements exceeds the limit of 268435456 \
+             elements",
+            "quantized linear output [32768, 16384]: 536870912 elements exceeds the limit of \
+             268435456 elements",
+        ]
+    );
+}
+
+fn linear_output_refusals_are_the_same_on_the_gpu() {
+    let gpu = GpuBackend::new(crate::common::gpu().unwrap());
+    assert_eq!(huge_linear_errors(&CpuBackend), huge_linear_errors(&gpu));
 }
 
 /// Observer ranges that exclude 0, refused by both backends with one message.
@@ -784,6 +817,8 @@ crate::qfuse_tests! {
     safetensors_rejections_say_what_is_wrong,
     conv_geometry_refuses_hostile_settings,
     conv_geometry_refusals_are_the_same_on_the_gpu: gpu,
+    linear_outputs_are_capped,
+    linear_output_refusals_are_the_same_on_the_gpu: gpu,
     observer_ranges_must_include_zero,
     observer_range_refusals_are_the_same_on_the_gpu: gpu,
     hostile_case_values_fail_cleanly,
