@@ -8,7 +8,7 @@ use super::ConfigList;
 use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::fuse::{fuse_modules, fuse_modules_qat, FuseOptions};
-use crate::io::text::escape;
+use crate::io::text::{escape, escape_list};
 use crate::nn::{has_quantizable_bias, weight_channel_axis, Layer, Module, QuantTarget};
 use crate::qat::{prepare_qat_with, FakeQuantConfig, FakeQuantize, QatLayer, QatQConfig};
 use crate::quant::{ObserverSpec, QParams};
@@ -125,17 +125,21 @@ pub fn apply(model: &mut Module, config: &ConfigList, mode: QuantMode) -> Result
             kinds.sort_unstable();
             kinds.dedup();
             return Err(Error::invalid(format!(
-                "config_list[{i}] selects no module (op_names {:?}, op_types {:?}, excluding \
-                 {:?} and types {:?}); the model's module types are {kinds:?}",
-                entry.op_names, entry.op_types, entry.exclude_op_names, entry.exclude_op_types
+                "config_list[{i}] selects no module (op_names {}, op_types {}, excluding {} and \
+                 types {}); the model's module types are {kinds:?}",
+                escape_list(&entry.op_names),
+                escape_list(&entry.op_types),
+                escape_list(&entry.exclude_op_names),
+                escape_list(&entry.exclude_op_types)
             )));
         }
         for g in &entry.fuse_names {
             if !selected.contains(&&g[0]) {
                 return Err(Error::invalid(format!(
-                    "config_list[{i}]: fuse_names group {g:?} starts with `{}`, which this entry \
+                    "config_list[{i}]: fuse_names group {} starts with `{}`, which this entry \
                      does not select: the first module of a group must be one the same entry \
                      quantizes",
+                    escape_list(g),
                     escape(&g[0])
                 )));
             }

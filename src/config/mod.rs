@@ -103,7 +103,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::io::text::escape;
+use crate::io::text::{escape, escape_list};
 use crate::nn::QuantTarget;
 use crate::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
 
@@ -267,7 +267,8 @@ impl QuantConfig {
         for g in &self.fuse_names {
             if g.len() < 2 {
                 return Err(Error::invalid(format!(
-                    "fuse_names group {g:?} must name at least two modules"
+                    "fuse_names group {} must name at least two modules",
+                    escape_list(g)
                 )));
             }
         }

@@ -6,7 +6,8 @@
 //! neither start a new line (and forge a `PASS` or `error:` line) nor drive the terminal; and
 //! it shortens a name longer than [`MAX_SHOWN_CHARS`] characters to its first
 //! [`MAX_SHOWN_CHARS`] characters, an ellipsis and the original length. [`escape_path`] does
-//! the same for paths, with the longer limit [`MAX_SHOWN_PATH_CHARS`].
+//! the same for paths, with the longer limit [`MAX_SHOWN_PATH_CHARS`]; [`escape_list`] shows
+//! a list of names (each through [`escape`], at most [`MAX_SHOWN_ITEMS`] of them).
 //!
 //! ```
 //! use qfuse::io::text::escape;
@@ -25,6 +26,9 @@ pub const MAX_SHOWN_CHARS: usize = 120;
 
 /// Paths longer than this many characters are shown shortened.
 pub const MAX_SHOWN_PATH_CHARS: usize = 1024;
+
+/// Lists of names longer than this are shown shortened ([`escape_list`]).
+pub const MAX_SHOWN_ITEMS: usize = 16;
 
 /// Characters that are not sent as they are: C0/C1 controls and DEL, and the format
 /// characters that hide or reorder text (zero-width, bidirectional overrides and isolates,
@@ -80,6 +84,32 @@ pub fn escape_path(path: &Path) -> String {
     escape_limited(&path.to_string_lossy(), MAX_SHOWN_PATH_CHARS)
 }
 
+/// A list of names from input as it may be shown in a message, in place of its `{:?}` form:
+/// `["a", "b"]`, each name through [`escape`] (escaped, shortened past [`MAX_SHOWN_CHARS`]);
+/// past [`MAX_SHOWN_ITEMS`] names, the first [`MAX_SHOWN_ITEMS`] and the count.
+///
+/// ```
+/// use qfuse::io::text::escape_list;
+/// assert_eq!(escape_list(&["conv1", "a\nPASS"]), r#"["conv1", "a\nPASS"]"#);
+/// let many: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+/// assert!(escape_list(&many).ends_with(r#""m15", … (100 names)]"#));
+/// ```
+pub fn escape_list<S: AsRef<str>>(items: &[S]) -> String {
+    let mut out = String::from("[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        if i == MAX_SHOWN_ITEMS {
+            let _ = write!(out, "… ({} names)", items.len());
+            break;
+        }
+        let _ = write!(out, "\"{}\"", escape(item.as_ref()));
+    }
+    out.push(']');
+    out
+}
+
 /// [`escape_path`] for a path already held as a string (the `path` fields of
 /// [`crate::Error`]).
 pub fn escape_path_str(path: &str) -> String {
@@ -107,6 +137,25 @@ pub fn escape_message(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_are_escaped_and_shortened() {
+        let empty: [&str; 0] = [];
+        assert_eq!(escape_list(&empty), "[]");
+        assert_eq!(
+            escape_list(&["a\nerror: forged", "\u{1b}[2J"]),
+            r#"["a\nerror: forged", "\u{1b}[2J"]"#
+        );
+        let long = "y".repeat(100_000);
+        let shown = escape_list(&[long.as_str()]);
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.ends_with("… (100000 characters)\"]"), "{shown}");
+        let many: Vec<String> = (0..17).map(|i| i.to_string()).collect();
+        let shown = escape_list(&many);
+        assert!(shown.starts_with(r#"["0", "1", "#), "{shown}");
+        assert!(shown.ends_with(r#""15", … (17 names)]"#), "{shown}");
+        assert_eq!(escape_list(&many[..16]).matches('"').count(), 32);
+    }
 
     #[test]
     fn plain_names_are_unchanged() {

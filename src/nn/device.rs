@@ -81,8 +81,9 @@ pub struct DeviceChain<B: Backend> {
 
 fn unsupported(name: &str, module: &Module) -> Error {
     Error::invalid(format!(
-        "{name:?} ({}) has no device forward yet: only leaf float layers and fused modules \
+        "`{}` ({}) has no device forward yet: only leaf float layers and fused modules \
          run in a DeviceChain",
+        crate::io::text::escape(name),
         module.kind_name()
     ))
 }
@@ -110,7 +111,8 @@ impl<B: Backend> DeviceChain<B> {
     pub fn push(&mut self, name: &str, module: &Module) -> Result<()> {
         if !module.forward_pre_hooks().is_empty() || !module.forward_hooks().is_empty() {
             return Err(Error::invalid(format!(
-                "{name:?} has hooks, which run on host arrays: use Module::forward"
+                "`{}` has hooks, which run on host arrays: use Module::forward",
+                crate::io::text::escape(name)
             )));
         }
         let step = self.prepare(name, module)?;

@@ -413,6 +413,34 @@ fn config_names_are_escaped() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("… (5000 characters)"), "{e}");
+    // Names inside lists: each escaped and shortened, long lists cut.
+    let long = "n".repeat(5000);
+    let e = qfuse::config::ConfigList::from_json(&format!(
+        r#"[{{"op_names": ["a"], "fuse_names": [["{long}\nPASS"]]}}]"#
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains('\n') && e.len() < 400, "{e}");
+    assert!(
+        e.contains("group [\"nnnn") && e.contains("… (5005 characters)\"] must name"),
+        "{e}"
+    );
+    let types: Vec<String> = (0..40).map(|i| format!("\"T{i}\\u001b[2J\"")).collect();
+    let cfg = qfuse::config::ConfigList::from_json(&format!(
+        r#"[{{"op_types": [{}], "exclude_op_names": ["conv1"]}}]"#,
+        types.join(", ")
+    ))
+    .unwrap();
+    let mut model = qfuse::model::mnist::mnist(0).unwrap();
+    let e = qfuse::config::apply(&mut model, &cfg, qfuse::config::QuantMode::Ptq)
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains('\u{1b}') && e.len() < 1200, "{e}");
+    assert!(
+        e.contains(r#"op_types ["T0\u{1b}[2J", "#) && e.contains("… (40 names)]"),
+        "{e}"
+    );
+    assert!(e.contains(r#"excluding ["conv1"]"#), "{e}");
 }
 
 /// Header bytes + data, with a header given as JSON text.
