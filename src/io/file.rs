@@ -10,7 +10,9 @@
 //!   so that a failure leaves no partial output and no half of a pair. A destination that is
 //!   one of the command's inputs — the same path, a symbolic link to it or a hard link of it —
 //!   is refused before anything is written. Errors name the destination the user gave, never
-//!   the temporary. The temporary is `.NAME.qfuse-tmp-PID-N` in the destination's folder; a
+//!   the temporary. The temporary is `.NAME.qfuse-tmp-PID-N` in the destination's folder
+//!   (for a name too long to take that suffix within 255 bytes, a prefix of it and a hash of
+//!   the whole name stand for `NAME`, so any name the file system accepts can be written); a
 //!   later write of the same destination removes such files left by a process that no longer
 //!   runs (killed mid-write, for example by `ulimit -f`). An existing character device or FIFO
 //!   (`/dev/null`, `/dev/stdout`) is written directly, after the renames.
@@ -31,7 +33,7 @@
 //! # Ok::<(), qfuse::Error>(())
 //! ```
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -175,6 +177,45 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 /// The marker in the name of a temporary output: `.NAME` + this + `PID-N`.
 const TMP_MARK: &str = ".qfuse-tmp-";
 
+/// The longest file name (in bytes) common file systems accept.
+const NAME_MAX: usize = 255;
+
+/// The most bytes a temporary's name takes after its stem: [`TMP_MARK`], a PID (at most 10
+/// digits), `-` and a counter (at most 20 digits).
+const TMP_SUFFIX_MAX: usize = TMP_MARK.len() + 10 + 1 + 20;
+
+/// FNV-1a, 64 bits: a hash of a long output name that is the same in every build.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The start of the names of `name`'s temporaries: `.NAME`; when that and the suffix
+/// ([`TMP_SUFFIX_MAX`]) would pass [`NAME_MAX`] bytes, `.PREFIX~HASH` instead: the longest
+/// prefix of the name (whole characters) that leaves room, and the name's [`fnv1a`] hash (16
+/// hex digits), so that an output with a name of up to [`NAME_MAX`] bytes can be written and
+/// two long names sharing a prefix never take each other's temporaries for their own.
+fn tmp_stem(name: &OsStr) -> OsString {
+    let mut stem = OsString::from(".");
+    if 1 + name.len() + TMP_SUFFIX_MAX <= NAME_MAX {
+        stem.push(name);
+        return stem;
+    }
+    let hash = format!("~{:016x}", fnv1a(name.as_encoded_bytes()));
+    let room = NAME_MAX - 1 - TMP_SUFFIX_MAX - hash.len();
+    // A name that is not UTF-8 keeps no prefix (the hash still tells it apart).
+    if let Some(s) = name.to_str() {
+        let mut end = room.min(s.len());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        stem.push(&s[..end]);
+    }
+    stem.push(hash);
+    stem
+}
+
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Whether the process `pid` is running (`None`: unknown on this system).
@@ -197,8 +238,7 @@ fn remove_stale_temporaries(dest: &Path) {
     } else {
         dir
     };
-    let mut prefix = OsString::from(".");
-    prefix.push(name);
+    let mut prefix = tmp_stem(name);
     prefix.push(TMP_MARK);
     let Some(prefix) = prefix.to_str().map(str::to_owned) else {
         return;
@@ -375,8 +415,7 @@ impl Outputs {
                 escape_path(dest)
             )));
         };
-        let mut tmp_name = OsString::from(".");
-        tmp_name.push(name);
+        let mut tmp_name = tmp_stem(name);
         tmp_name.push(format!(
             "{TMP_MARK}{}-{}",
             std::process::id(),
@@ -599,6 +638,42 @@ mod tests {
         assert!(!dead.exists());
         assert!(other.exists());
         assert_eq!(std::fs::read(d.join("y")).unwrap(), b"y");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn names_up_to_255_bytes_can_be_written() {
+        let d = dir("long");
+        // 255 bytes, with multi-byte characters across the cut; two names sharing a prefix.
+        let a = format!("{}é{}", "a".repeat(200), "x".repeat(53));
+        let b = format!("{}é{}", "a".repeat(200), "y".repeat(53));
+        assert_eq!((a.len(), b.len()), (255, 255));
+        let (sa, sb) = (tmp_stem(OsStr::new(&a)), tmp_stem(OsStr::new(&b)));
+        assert_ne!(sa, sb);
+        assert!(sa.len() + TMP_SUFFIX_MAX <= NAME_MAX, "{}", sa.len());
+        assert!(sa.to_str().unwrap().starts_with(".aaaa"));
+        // A short name keeps its plain stem.
+        assert_eq!(tmp_stem(OsStr::new("y.bin")), ".y.bin");
+        let mut out = Outputs::new(&[]);
+        out.stage(&d.join(&a), b"A").unwrap();
+        out.stage(&d.join(&b), b"B").unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(d.join(&a)).unwrap(), b"A");
+        assert_eq!(std::fs::read(d.join(&b)).unwrap(), b"B");
+        // A stale temporary of the long name (dead process) is removed by the next write,
+        // one of the other long name is not.
+        let stale = |s: &OsStr| {
+            let mut n = s.to_os_string();
+            n.push(format!("{TMP_MARK}{}-0", u32::MAX - 1));
+            d.join(n)
+        };
+        let (dead, other) = (stale(&sa), stale(&sb));
+        std::fs::write(&dead, b"stale").unwrap();
+        std::fs::write(&other, b"stale").unwrap();
+        write_output(&d.join(&a), b"A2", &[]).unwrap();
+        assert!(!dead.exists());
+        assert!(other.exists());
+        assert_eq!(listing(&d).len(), 3, "{:?}", listing(&d));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

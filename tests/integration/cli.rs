@@ -102,7 +102,7 @@ fn conformance_failure_details_wrap_under_120_columns() {
     let dir = tmp_dir("conf-fail");
     let mut sd = StateDict::default();
     // An unknown op with a long name: the error quotes it, and must wrap.
-    let op = format!("frobnicate_{}", "very_long_op_name_".repeat(10));
+    let op = format!("frobnicate_{}", "very_long_op_name_".repeat(12));
     sd.metadata.insert("op".into(), op.clone());
     sd.metadata.insert("params".into(), "{}".into());
     sd.metadata.insert("atol".into(), "0.0".into());
