@@ -80,7 +80,7 @@ fn what_a_chain_cannot_run_is_a_typed_error() {
     let seq = Module::sequential([Module::relu()]);
     let e = chain.push("body", &seq).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
-    assert!(e.to_string().contains("\"body\""), "{e}");
+    assert!(e.to_string().contains("`body`"), "{e}");
     let mut chain = DeviceChain::new(CpuBackend);
     chain
         .push("pool", &Module::max_pool2d(2, 2).unwrap())
