@@ -376,7 +376,60 @@ fn ptq_config_choices_and_training_settings() {
     }
 }
 
+/// On the CPU reference the demo trains too (`train::CpuTrainer`): every stage, seeded.
+fn cpu_trains_quantizes_and_fine_tunes() {
+    let args = [
+        "--backend",
+        "cpu",
+        "--batch",
+        "32",
+        "--runs",
+        "1",
+        "--epochs",
+        "2",
+        "--qat-epochs",
+        "2",
+        "--train-images",
+        "128",
+        "--test-images",
+        "64",
+    ];
+    let (stdout, v) = demo_json("cpu-train", &args, &[]);
+    let keys: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "float",
+            "ptq_fused",
+            "ptq_unfused",
+            "ptq_int8",
+            "qat_sim",
+            "qat_int8"
+        ]
+    );
+    // Two epochs on 128 images: well above chance (10%), and reproducible.
+    let float = v["accuracy_float"].as_f64().unwrap();
+    assert!(float > 0.3, "{float}");
+    for k in ["accuracy_ptq_int8", "accuracy_qat_sim", "accuracy_qat_int8"] {
+        let a = v[k].as_f64().unwrap();
+        assert!(a > 0.25, "{k} = {a}");
+    }
+    let (_, again) = demo_json("cpu-train-again", &args, &[]);
+    assert_eq!(again["accuracy_qat_int8"], v["accuracy_qat_int8"]);
+    assert_eq!(again["train_losses"], v["train_losses"]);
+    assert!(
+        stdout.contains("backend:  cpu (the CPU reference)"),
+        "{stdout}"
+    );
+}
+
 crate::qfuse_tests! {
+    cpu_trains_quantizes_and_fine_tunes,
     ptq_config_choices_and_training_settings,
     cpu_seeded_weights,
     cpu_golden_weights_with_prefix,

@@ -35,7 +35,9 @@ use qfuse::model::mnist;
 use qfuse::nn::Module;
 use qfuse::optim::Sgd;
 use qfuse::quant::RequantMode;
-use qfuse::train::{evaluate, fit, FitOptions, GpuTrainer, Progress, QatOptions};
+use qfuse::train::{
+    evaluate, fit, CpuTrainer, FitOptions, GpuTrainer, Progress, QatOptions, Trainer,
+};
 use serde_json::{json, Value};
 
 use crate::plot;
@@ -365,7 +367,7 @@ fn progress_bar(what: &str, epochs: usize, steps_per_epoch: usize) -> ProgressBa
 /// Trains `trainer` for `epochs` epochs over `train` with a progress bar; `freeze_from`:
 /// the epoch from which BatchNorm statistics and observers are frozen (QAT).
 fn train(
-    trainer: &mut GpuTrainer,
+    trainer: &mut dyn Trainer,
     what: &str,
     train: &Split,
     epochs: usize,
@@ -713,61 +715,52 @@ fn stages<B: Backend + Clone>(
         momentum: 0.9,
         ..Sgd::new(lr)
     };
-    let trains = args.epochs > 0 || args.qat_epochs > 0;
-    if trains && gpu_ctx.is_none() {
-        return Err(qfuse::Error::invalid(
-            "qfuse demo trains on the GPU and no GPU adapter opened; on the CPU reference run \
-             it with --epochs 0 --qat-epochs 0 (PTQ of the given weights only)",
-        ));
-    }
     let timed = args.batch.min(test_split.len());
     let x_timed: ArrayD<f32> = test_split
         .images
         .slice(s![0..timed, .., .., ..])
         .to_owned()
         .into_dyn();
+    // The GPU trainer, or the CPU reference's when no adapter opened.
+    let new_trainer = |net: &Net, lr: f32| -> qfuse::Result<Box<dyn Trainer>> {
+        Ok(match &gpu_ctx {
+            Some(ctx) => Box::new(GpuTrainer::new(Arc::clone(ctx), net, sgd(lr))?),
+            None => Box::new(CpuTrainer::new(net, sgd(lr))?),
+        })
+    };
 
     // ---- 1. float training
     let t0 = Instant::now();
     let before = snap();
     let net0 = mnist::deploy_net(model)?;
-    let (net, float_acc, train_losses, transfers_per_forward) = match &gpu_ctx {
+    let mut trainer = new_trainer(&net0, args.lr)?;
+    let train_losses = if args.epochs > 0 {
+        train(
+            trainer.as_mut(),
+            "float",
+            train_split,
+            args.epochs,
+            args.batch,
+            args.seed,
+            None,
+        )?
+    } else {
+        Vec::new()
+    };
+    let float_acc = f64::from(evaluate(trainer.as_mut(), test_split, args.batch)?);
+    let net = trainer.to_net()?;
+    drop(trainer);
+    // One device-resident forward of the trained net: its transfers.
+    let transfers_per_forward = match &gpu_ctx {
         Some(ctx) => {
-            let mut trainer = GpuTrainer::new(Arc::clone(ctx), &net0, sgd(args.lr))?;
-            let losses = if args.epochs > 0 {
-                train(
-                    &mut trainer,
-                    "float",
-                    train_split,
-                    args.epochs,
-                    args.batch,
-                    args.seed,
-                    None,
-                )?
-            } else {
-                Vec::new()
-            };
-            let acc = f64::from(evaluate(&mut trainer, test_split, args.batch)?);
-            // One device-resident forward: its transfers.
+            let mut t = GpuTrainer::new(Arc::clone(ctx), &net, sgd(args.lr))?;
             let before = ctx.transfer_stats();
             let xd = GpuTensor::upload_f32(ctx, &x_timed)?;
-            trainer.forward_eval(&xd)?.download_f32(ctx)?;
+            t.forward_eval(&xd)?.download_f32(ctx)?;
             let d = ctx.transfer_stats().since(&before);
-            (
-                trainer.to_net()?,
-                acc,
-                losses,
-                Some(d.uploads + d.downloads),
-            )
+            Some(d.uploads + d.downloads)
         }
-        None => {
-            let mut m = model.clone();
-            m.eval();
-            let acc = accuracy(test_split, args.batch, &mut |x| {
-                Ok(argmax(&m.forward(b, &x.clone().into_dyn())?))
-            })?;
-            (net0, acc, Vec::new(), None)
-        }
+        None => None,
     };
     let train_seconds = t0.elapsed().as_secs_f64();
     stages.push(Stage {
@@ -870,16 +863,16 @@ fn stages<B: Backend + Clone>(
 
     // ---- 3. QAT: fine-tune with fake quantization of what is deployed, then convert.
     let mut qat_losses = Vec::new();
-    let final_model = if let (true, Some(ctx)) = (args.qat_epochs > 0, &gpu_ctx) {
+    let final_model = if args.qat_epochs > 0 {
         let t = Instant::now();
         let before = snap();
-        let mut q = GpuTrainer::new(Arc::clone(ctx), &net, sgd(args.qat_lr))?;
+        let mut q = new_trainer(&net, args.qat_lr)?;
         q.enable_qat(QatOptions::for_deployment(&dcfg))?;
         // PyTorch's QAT recipes freeze BatchNorm statistics and observers late in
         // fine-tuning: here for the last half of the epochs (none with one epoch).
         let freeze_from = args.qat_epochs - args.qat_epochs / 2;
         qat_losses = train(
-            &mut q,
+            q.as_mut(),
             "QAT",
             train_split,
             args.qat_epochs,
@@ -887,7 +880,7 @@ fn stages<B: Backend + Clone>(
             args.seed.wrapping_add(1000),
             Some(freeze_from),
         )?;
-        let sim_acc = f64::from(evaluate(&mut q, test_split, args.batch)?);
+        let sim_acc = f64::from(evaluate(q.as_mut(), test_split, args.batch)?);
         stages.push(Stage {
             name: "QAT simulation",
             key: "qat_sim",
