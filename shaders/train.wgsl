@@ -9,6 +9,9 @@
 //   max_pool2d_backward: dx[plane, iy, ix] = sum, over the windows (oy, ox) covering (iy, ix) in
 //     row-major order, of dy[plane, oy, ox] where the window's argmax is (iy, ix) (PyTorch's CPU
 //     rule: scanning row by row, `v > max || isnan(v)` replaces; first max on ties, last NaN).
+//   max_pool2d_backward_tiled: the same result when stride == kernel (windows do not
+//     overlap): one invocation per window writes 0 + dy at its argmax; `out` is zeroed by the
+//     launcher first (elements under no window stay 0).
 //   matmul: out[m, n] = sum over k < inner of a[m*a_rs + k*a_cs] * b[k*b_rs + n*b_cs]
 //     (rows = M, cols = N); strides make dy·W and dyᵀ·x the same kernel.
 //   log_softmax_backward: per row, dx = dy - exp(y) * sum(dy).
@@ -23,6 +26,8 @@
 //     d = fma(p, wd, g) if wd != 0; buf = d (first) or fma(d, 1 - dampening, buf * momentum);
 //     d = fma(buf, momentum, d) (nesterov) or buf; p = fma(d, -lr, p). sgd_plain: no buffer.
 //   add: out = a + b (residual adds, gradient accumulation).
+//   col_sum: out[j] = sum over i < rows of a[i * cols + j], in row order (the linear
+//     backward's dbias).
 //   copy_at: out[p_off + i] = a[i] for i < count (a tensor copied into part of another as a
 //     launch, so it stays in order inside a recording).
 //   swap01: out[j, i, r] = a[i, j, r] for a [rows, cols, inner] (NCHW <-> CNHW).
@@ -57,6 +62,8 @@
 // Entry points and dispatch shapes (1-D grids tiled over x and y past 65,535 workgroups; flat
 // index gid.x + gid.y * nwg.x * WG, bounds-checked against count):
 //   max_pool2d_backward (0-3): one invocation per input element, workgroup (WG, 1, 1).
+//   max_pool2d_backward_tiled (0-3): one invocation per output element (window),
+//     count = planes * OH * OW.
 //   matmul (0-3): one invocation per 4×4 output tile, count = ceil(M/4) * ceil(N/4), (WG, 1, 1).
 //   log_softmax_backward (0-3): one invocation per row, (WG, 1, 1).
 //   nll_loss (0, 1, 3, 4), count_correct (0, 1, 4, 5): a single workgroup of 256 that
@@ -65,6 +72,7 @@
 //   sgd (0, 2, 3, 6), sgd_plain (0, 2, 3): one invocation per parameter element.
 //   add (0-3), swap01 (0, 1, 3), flip_transpose (0, 1, 3), copy_at (0, 1, 3): one invocation
 //     per element.
+//   col_sum (0, 1, 3): one invocation per column, count = cols.
 //   observer_update (0, 2, 3): one invocation per statistic, count = 2 * C, rows = C.
 
 override WG: u32 = 256u;
@@ -174,6 +182,24 @@ fn max_pool2d_backward(@builtin(global_invocation_id) gid: vec3<u32>,
         }
     }
     out[i] = acc;
+}
+
+@compute @workgroup_size(WG)
+fn max_pool2d_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= P.count) {
+        return;
+    }
+    let ox = i % P.ow;
+    let oy = (i / P.ow) % P.oh;
+    let p = i / (P.oh * P.ow);
+    let plane = p * P.h * P.w;
+    let at = window_argmax(plane, oy * P.stride, ox * P.stride);
+    // 0 + dy as the accumulating kernel computes it: -0.0 becomes +0.0 (an integer test,
+    // which no float simplification can drop).
+    let d = b[i];
+    out[plane + at] = select(d, 0.0, bitcast<u32>(d) == 0x80000000u);
 }
 
 @compute @workgroup_size(WG)
@@ -455,4 +481,18 @@ fn copy_at(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     out[P.p_off + i] = a[i];
+}
+
+@compute @workgroup_size(WG)
+fn col_sum(@builtin(global_invocation_id) gid: vec3<u32>,
+           @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = flat(gid, nwg);
+    if (j >= P.count) {
+        return;
+    }
+    var acc = 0.0;
+    for (var i = 0u; i < P.rows; i = i + 1u) {
+        acc = acc + a[i * P.cols + j];
+    }
+    out[j] = acc;
 }

@@ -5,7 +5,10 @@
 //! `[out, in]` an OIHW weight `[out, in, 1, 1]`, so the layer runs as a 1×1 convolution
 //! through the tiled implicit-GEMM kernel of [`crate::kernels::conv2d`] (64 outputs × 64 rows
 //! per workgroup, 4×4 per invocation) with the bias in its epilogue; the buffers are only
-//! re-viewed, never copied.
+//! re-viewed, never copied. On CPU adapters with subgroups (lavapipe) it runs the subgroup
+//! matmul of `shaders/matmul_sg.wgsl` instead (16 rows of `x` × 4 outputs per invocation, the
+//! rows loaded once per 8 lanes and shared by broadcast; bias and activation in its epilogue):
+//! there workgroup-memory loads are per-lane loops, which the tiled kernel is made of.
 
 use super::conv2d::{conv2d_impl, ConvAlgorithm, ConvEpilogue};
 use super::{check_output, expect_f32};
@@ -86,6 +89,21 @@ fn linear_impl(
     }
     expect_f32("linear input", x)?;
     expect_f32("linear weight", w)?;
+    if ctx.has_subgroups() && super::conv2d::is_cpu_adapter(ctx) && n > 0 && out > 0 && inp > 0 {
+        // CPU adapters: the subgroup matmul (rows of x shared by broadcast; no workgroup
+        // memory, whose loads are per-lane loops there).
+        let y = match given {
+            Some(y) => {
+                let mut inputs = vec![x, w];
+                inputs.extend(bias);
+                check_output(ctx, "linear output", y, &[n, out], DType::F32, &inputs)?;
+                y.clone()
+            }
+            None => GpuTensor::uninit(ctx, &[n, out], DType::F32)?,
+        };
+        super::train::linear_sg_into(ctx, x, w, bias, activation, &y)?;
+        return Ok(y);
+    }
     let x4 = x.reshape(&[n, inp, 1, 1])?;
     let w4 = w.reshape(&[out, inp, 1, 1])?;
     let epilogue = ConvEpilogue {

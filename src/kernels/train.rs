@@ -19,7 +19,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{expect_f32, expect_shape, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
-use crate::ops::{Conv2dParams, PadMode};
+use crate::ops::{Activation, Conv2dParams, PadMode};
 use crate::optim::Sgd;
 
 static SHADER: Shader = Shader {
@@ -47,6 +47,12 @@ const LABELED: &[Binding] = &[
 static MAX_POOL2D_BACKWARD: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "max_pool2d_backward",
+    bindings: A_B_OUT,
+};
+
+static MAX_POOL2D_BACKWARD_TILED: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "max_pool2d_backward_tiled",
     bindings: A_B_OUT,
 };
 
@@ -131,6 +137,16 @@ static SWAP01: Kernel = Kernel {
 static FLIP_TRANSPOSE: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "flip_transpose",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(3),
+    ],
+};
+
+static COL_SUM: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "col_sum",
     bindings: &[
         Binding::uniform(0),
         Binding::read(1),
@@ -237,7 +253,9 @@ fn launch_single(
 /// Gradient of [`super::pool::max_pool2d`] with respect to its input `x`, for upstream `dy`
 /// `[N, C, OH, OW]`: bit-exact with [`crate::reference::train::max_pool2d_backward`] (the
 /// argmax of each window is recomputed from `x` with PyTorch's CPU rule: first maximum on ties,
-/// last NaN; gradients of overlapping windows add in output order).
+/// last NaN; gradients of overlapping windows add in output order). Non-overlapping windows
+/// (stride = kernel, as in Mnist) run one invocation per window instead of one per input
+/// element.
 ///
 /// Errors: those of [`crate::reference::train::check_max_pool2d_backward`]; tensors that are not
 /// `f32`; sizes a kernel cannot index.
@@ -265,6 +283,21 @@ pub fn max_pool2d_backward(
         ..Params::default()
     };
     to_u32(dy.len(), "max_pool2d output element count")?;
+    if stride == kernel {
+        // Windows do not overlap: one invocation per window, writing at its argmax only.
+        let p = Params {
+            count: to_u32(dy.len(), "max_pool2d output element count")?,
+            ..p
+        };
+        launch_1d(
+            ctx,
+            &MAX_POOL2D_BACKWARD_TILED,
+            &p,
+            &[x.buffer(), dy.buffer(), dx.buffer()],
+            dy.len(),
+        )?;
+        return Ok(dx);
+    }
     launch_1d(
         ctx,
         &MAX_POOL2D_BACKWARD,
@@ -311,6 +344,20 @@ fn matmul(
     Ok(out)
 }
 
+/// `[cols]` column sums of the `[rows, cols]` tensor `a` (one invocation per column).
+fn col_sum(ctx: &GpuContext, a: &GpuTensor, rows: usize, cols: usize) -> Result<GpuTensor> {
+    let out = GpuTensor::uninit(ctx, &[cols], DType::F32)?;
+    let p = Params {
+        count: to_u32(cols, "column count")?,
+        rows: to_u32(rows, "row count")?,
+        cols: to_u32(cols, "column count")?,
+        ..Params::default()
+    };
+    to_u32(a.len(), "element count")?;
+    launch_1d(ctx, &COL_SUM, &p, &[a.buffer(), out.buffer()], cols)?;
+    Ok(out)
+}
+
 /// Gradients of [`super::linear::linear`] on the device (see
 /// [`crate::reference::train::LinearGrads`]).
 #[derive(Debug, Clone)]
@@ -324,8 +371,8 @@ pub struct GpuLinearGrads {
 }
 
 /// Gradients of `x · Wᵀ + b` for upstream `dy` `[N, out]`: `dx = dy · W`, `dweight = dyᵀ · x`
-/// (a tiled strided matmul, 4×4 outputs per invocation, f32 accumulation in `k` order) and
-/// `dbias = Σₙ dy` ([`super::conv2d::channel_sum`] on `dy` seen as `[N, out, 1, 1]`). Matches
+/// (see [`GradKernel`] for the matmul kernels; f32 accumulation in `k` order) and
+/// `dbias = Σₙ dy` (one invocation per output, rows in order). Matches
 /// [`crate::reference::train::linear_backward`] up to summation order.
 ///
 /// Errors: those of [`crate::reference::train::check_linear_backward`]; tensors that are not
@@ -382,7 +429,7 @@ pub fn linear_backward_with(
             matmul(ctx, dy, x, [out, inp, n], [1, out], [inp, 1])?,
         )
     };
-    let dbias = super::conv2d::channel_sum(ctx, &dy.reshape(&[n, out, 1, 1])?)?;
+    let dbias = col_sum(ctx, dy, n, out)?;
     Ok(GpuLinearGrads { dx, dweight, dbias })
 }
 
@@ -1248,21 +1295,70 @@ fn matmul_sg(
     m: SgMatmul,
     shape: &[usize],
 ) -> Result<GpuTensor> {
-    let wg = sg_workgroup(m.cols);
-    let (p, workgroups) = m.params(ctx, a.len(), b.len(), wg)?;
     let out = GpuTensor::uninit(ctx, shape, DType::F32)?;
+    matmul_sg_into(ctx, a, b, m, None, Activation::None, &out)?;
+    Ok(out)
+}
+
+/// `matmul_sg` for `m` into `out` (`batch·rows·cols` elements), with a bias per column
+/// (`[cols]`) and an activation in the epilogue.
+fn matmul_sg_into(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    m: SgMatmul,
+    bias: Option<&GpuTensor>,
+    act: Activation,
+    out: &GpuTensor,
+) -> Result<()> {
+    let wg = sg_workgroup(m.cols);
+    let (mut p, workgroups) = m.params(ctx, a.len(), b.len(), wg)?;
     if out.len() != m.batch * m.rows * m.cols {
         return Err(Error::invalid("internal: training matmul output shape"));
     }
+    if let Some(bias) = bias {
+        if bias.len() != m.cols {
+            return Err(Error::invalid("internal: matmul bias length"));
+        }
+        p.bias_mode = 1;
+    }
+    p.act = super::activation::code(act);
+    p.slope = super::activation::slope(act);
     let uniform = ctx.params(&p)?;
     let constants = sg_constants(wg);
+    let bias = bias.map_or(b.buffer(), |t| t.buffer());
     ctx.run(&[Launch {
         kernel: &MATMUL_SG,
         constants: &constants,
-        buffers: &[&uniform, a.buffer(), b.buffer(), out.buffer(), b.buffer()],
+        buffers: &[&uniform, a.buffer(), b.buffer(), out.buffer(), bias],
         workgroups,
-    }])?;
-    Ok(out)
+    }])
+}
+
+/// `y = act(x · Wᵀ + b)` for `x` `[N, in]`, `w` `[out, in]`, `bias` `[out]` into `y`
+/// `[N, out]` with the subgroup matmul (the caller checked shapes, types and `y`): the linear
+/// forward on CPU adapters with subgroups ([`super::linear`]).
+pub(crate) fn linear_sg_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    act: Activation,
+    y: &GpuTensor,
+) -> Result<()> {
+    let [n, inp] = <[usize; 2]>::try_from(x.shape())
+        .map_err(|_| Error::invalid("internal: linear input rank"))?;
+    let out = w.shape()[0];
+    let m = SgMatmul {
+        batch: 1,
+        rows: n,
+        cols: out,
+        kin: inp,
+        kout: 1,
+        a: [0, inp, 1, 0],
+        b: [0, 1, inp, 0],
+    };
+    matmul_sg_into(ctx, x, w, m, bias, act, y)
 }
 
 /// The conv weight gradient as `conv_wgrad_sg` (groups 1, explicit padding): `[O, C, KH, KW]`.

@@ -75,6 +75,8 @@ fn max_pool2d_backward_is_bit_exact() {
         ([1, 2, 7, 9], 3, 2),   // overlapping, ragged edge
         ([2, 1, 6, 6], 3, 1),   // heavy overlap: sums of several windows
         ([1, 4, 24, 24], 2, 2), // Mnist conv1 plane size
+        ([1, 2, 7, 9], 2, 2),   // stride = kernel with a ragged edge: rows under no window
+        ([2, 2, 9, 9], 3, 3),   // stride = kernel, 3x3 windows
     ] {
         let n: usize = shape.iter().product();
         // Few distinct values so ties are common; a few NaNs.
@@ -85,11 +87,12 @@ fn max_pool2d_backward_is_bit_exact() {
         }
         let x = Array4::from_shape_vec(shape, v).unwrap();
         let (oh, ow) = layers::max_pool2d_output(shape[2], shape[3], kernel, stride).unwrap();
-        let dy = Array4::from_shape_vec(
-            (shape[0], shape[1], oh, ow),
-            rng.vec(shape[0] * shape[1] * oh * ow, -1.0, 1.0),
-        )
-        .unwrap();
+        // Some -0.0 upstream values: a lone window's gradient is 0 + dy (+0.0), as on the CPU.
+        let mut dyv = rng.vec(shape[0] * shape[1] * oh * ow, -1.0, 1.0);
+        for v in dyv.iter_mut().step_by(7) {
+            *v = -0.0;
+        }
+        let dy = Array4::from_shape_vec((shape[0], shape[1], oh, ow), dyv).unwrap();
         let want = r::max_pool2d_backward(&x, &dy, kernel, stride).unwrap();
         let gx = up(&ctx, &x.clone().into_dyn());
         let gdy = up(&ctx, &dy.clone().into_dyn());
