@@ -54,6 +54,10 @@
 //   backward_partial (0,1,2,4,8,9): grid (G, Cy, Cz): partial sum dy' and sum dy' * xhat.
 //   backward_final   (0,2,10):    grid (1, Cy, Cz): reduces the partials into grads.
 //   backward_dx      (0,1,3,4,6,8,9,10,11): 1-D grid over n.
+//   normalize8, backward_dx8: normalize / backward_dx for 8 consecutive elements per
+//                                 invocation (1-D grid over n / 8), used when H*W is a multiple
+//                                 of 8 so the 8 share a channel: its statistics and parameters
+//                                 are loaded once (same arithmetic per element).
 // Value j of channel c is element (j / hw) * C * hw + c * hw + j % hw.
 
 const WGR: u32 = 256u;
@@ -336,4 +340,61 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>,
         dx = dx / divisor[c];
     }
     y[i] = dx;
+}
+
+@compute @workgroup_size(WGR)
+fn normalize8(@builtin(global_invocation_id) gid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i0 = flat_index(gid, nwg) * 8u;
+    if (i0 >= params.n) {
+        return;
+    }
+    let c = channel_of(i0);
+    let nc = params.channels;
+    let mean = stats[c];
+    let invstd = stats[nc + c];
+    let gamma = bn[c];
+    let beta = bn[nc + c];
+    for (var e = 0u; e < 8u; e = e + 1u) {
+        let i = i0 + e;
+        let v = (x[i] - mean) * invstd * gamma + beta;
+        if (params.write_pre != 0u) {
+            pre[i] = v;
+        }
+        y[i] = act_forward(v);
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn backward_dx8(@builtin(global_invocation_id) gid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i0 = flat_index(gid, nwg) * 8u;
+    if (i0 >= params.n) {
+        return;
+    }
+    let c = channel_of(i0);
+    let nc = params.channels;
+    let invstd = stats[nc + c];
+    let k = bn[c] * invstd;
+    let mean = stats[c];
+    let g_dy = grads[c];
+    let g_dyx = grads[nc + c];
+    let inv_m = 1.0 / f32(params.m);
+    var div = 1.0;
+    if (params.has_divisor != 0u) {
+        div = divisor[c];
+    }
+    for (var e = 0u; e < 8u; e = e + 1u) {
+        let i = i0 + e;
+        let d = dy_eff(i);
+        var dx = k * d;
+        if (params.training != 0u) {
+            let xhat = (x[i] - mean) * invstd;
+            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
+        }
+        if (params.has_divisor != 0u) {
+            dx = dx / div;
+        }
+        y[i] = dx;
+    }
 }

@@ -47,7 +47,9 @@
 //     past the matrix are computed on clamped indices and not stored.
 //     Why: on lavapipe every storage load is a per-lane loop (about ten fmas' worth per lane)
 //     and a broadcast one extract and splat; loads set the speed.
-//     Override constant MM_WG (default 64): invocations per workgroup.
+//     Override constants: MM_WG (default 64): invocations per workgroup; MM_INSIDE (0 / 1,
+//     default 0): 1 when conv_wgrad_sg's conv has no padding, so every tap is inside the
+//     input and the bounds tests are left out.
 //   col2im: one invocation per element of dx, workgroup (MM_WG, 1, 1), count = N*C*H*W;
 //     1-D grid tiled over x and y, flat index gid.x + gid.y * nwg.x * MM_WG.
 
@@ -94,6 +96,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
 override MM_WG: u32 = 64u;
+// 1 when every tap of conv_wgrad_sg is inside the input (no padding): no bounds tests.
+override MM_INSIDE: u32 = 0u;
 
 struct Tile {
     bt: u32,
@@ -276,6 +280,9 @@ fn wgrad_col(t: Tile, j: u32) -> vec3<i32> {
 // x[n, c, iy, ix] for a column's (plane, iy0, ix0) at output pixel (oy, ox) of the image at
 // `xn`, or 0 outside the input.
 fn x_tap(xn: u32, col: vec3<i32>, oy: u32, ox: u32) -> f32 {
+    if (MM_INSIDE == 1u) {
+        return b[xn + u32(col.x) + u32(i32(oy * P.sh) + col.y) * P.w + u32(i32(ox * P.sw) + col.z)];
+    }
     let iy = i32(oy * P.sh) + col.y;
     let ix = i32(ox * P.sw) + col.z;
     let ok = iy >= 0 && iy < i32(P.h) && ix >= 0 && ix < i32(P.w);

@@ -132,6 +132,18 @@ static BACKWARD_FINAL: Kernel = Kernel {
     ],
 };
 
+static NORMALIZE8: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "normalize8",
+    bindings: NORMALIZE.bindings,
+};
+
+static BACKWARD_DX8: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_dx8",
+    bindings: BACKWARD_DX.bindings,
+};
+
 static BACKWARD_DX: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "backward_dx",
@@ -524,7 +536,24 @@ struct NormalizePlan {
     y: GpuTensor,
     pre: Option<GpuTensor>,
     pre_or_dummy: GpuTensor,
+    kernel: &'static Kernel,
     grid: [u32; 3],
+}
+
+/// The elementwise pass (`normalize` / `backward_dx`, or their 8-per-invocation forms when
+/// `H·W` is a multiple of 8, so the 8 share a channel) and its grid for `n` elements.
+fn elementwise(
+    ctx: &GpuContext,
+    hw: u32,
+    n: usize,
+    one: &'static Kernel,
+    eight: &'static Kernel,
+) -> Result<(&'static Kernel, [u32; 3])> {
+    if hw % 8 == 0 {
+        Ok((eight, ctx.grid_1d(n / 8, WGR)?))
+    } else {
+        Ok((one, ctx.grid_1d(n, WGR)?))
+    }
 }
 
 fn normalize_plan(
@@ -571,12 +600,14 @@ fn normalize_plan(
         Some(t) => t.clone(),
         None => dummy(ctx)?,
     };
+    let (kernel, grid) = elementwise(ctx, p.hw, p.n as usize, &NORMALIZE, &NORMALIZE8)?;
     Ok(NormalizePlan {
         uniform: ctx.params(&p)?,
         y,
         pre,
         pre_or_dummy,
-        grid: ctx.grid_1d(p.n as usize, WGR)?,
+        kernel,
+        grid,
     })
 }
 
@@ -589,7 +620,7 @@ impl NormalizePlan {
         out: &mut Vec<(&'static Kernel, Vec<&'a wgpu::Buffer>, [u32; 3])>,
     ) {
         out.push((
-            &NORMALIZE,
+            self.kernel,
             vec![
                 &self.uniform,
                 x.buffer(),
@@ -894,6 +925,7 @@ fn batch_norm2d_backward_impl(
         &inputs,
     )?;
     let (u, part) = (&uniform, partials.buffer());
+    let (dx_kernel, dx_grid) = elementwise(ctx, p.hw, p.n as usize, &BACKWARD_DX, &BACKWARD_DX8)?;
     let list = vec![
         (
             &BACKWARD_PARTIAL,
@@ -913,7 +945,7 @@ fn batch_norm2d_backward_impl(
             channel_grid(ctx, 1, c)?,
         ),
         (
-            &BACKWARD_DX,
+            dx_kernel,
             vec![
                 u,
                 x.buffer(),
@@ -925,7 +957,7 @@ fn batch_norm2d_backward_impl(
                 dparams.buffer(),
                 divisor.unwrap_or(&dummy).buffer(),
             ],
-            ctx.grid_1d(p.n as usize, WGR)?,
+            dx_grid,
         ),
     ];
     submit(ctx, &list)?;

@@ -210,9 +210,17 @@ fn batch_norm2d_large_and_offset() {
 fn batch_norm2d_with_activation() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(5);
-    let x = rng.array4([2, 4, 5, 5], -2.0, 2.0);
-    let dy = rng.array4([2, 4, 5, 5], -1.0, 1.0);
-    let bn = random_bn(&mut rng, 4, true);
+    // H*W = 25 (one element per invocation) and 16 (eight per invocation).
+    for shape in [[2, 4, 5, 5], [2, 4, 4, 4]] {
+        check_batch_norm_act(&ctx, &mut rng, shape);
+    }
+}
+
+fn check_batch_norm_act(ctx: &Arc<GpuContext>, rng: &mut Rng, shape: [usize; 4]) {
+    let ctx = ctx.clone();
+    let x = rng.array4(shape, -2.0, 2.0);
+    let dy = rng.array4(shape, -1.0, 1.0);
+    let bn = random_bn(rng, shape[1], true);
     let gbn = GpuBatchNorm::upload(&ctx, &bn).unwrap();
     let gx = upload4(&ctx, &x);
     let gdy = upload4(&ctx, &dy);
