@@ -549,7 +549,7 @@ fn elementwise(
     one: &'static Kernel,
     eight: &'static Kernel,
 ) -> Result<(&'static Kernel, [u32; 3])> {
-    if hw % 8 == 0 {
+    if hw.is_multiple_of(8) {
         Ok((eight, ctx.grid_1d(n / 8, WGR)?))
     } else {
         Ok((one, ctx.grid_1d(n, WGR)?))
