@@ -531,7 +531,14 @@ impl CpuTrainer {
                                 params: *params,
                             };
                             let before = bn.batch_norm()?;
-                            let fwd = rcb::conv_bn_qat_forward(&xi, &conv, &before, &cfg)?;
+                            // The finite γ = 0 form (s = 1 where γ = 0), as the GPU trainer.
+                            let fwd = rcb::conv_bn_qat_forward_with(
+                                &xi,
+                                &conv,
+                                &before,
+                                &cfg,
+                                &crate::ops::QatWeightQuant::default(),
+                            )?;
                             if !cfg.freeze_bn {
                                 bn.running_mean = fwd.running_mean.clone();
                                 bn.running_var = fwd.running_var.clone();

@@ -479,13 +479,19 @@ impl GpuTrainer {
                             bias: bias.as_ref().map(|b| &b.t),
                             params: *params,
                         };
-                        let fwd = kernels::conv_bn::conv_bn_qat_forward(
+                        // qfuse's finite γ = 0 form (s = 1 where γ = 0), as the QAT
+                        // modules and the CPU trainer use.
+                        let fwd = kernels::conv_bn::conv_bn_qat_forward_with(
                             ctx,
                             &x,
                             &conv,
                             &bn.bn,
                             bn.momentum,
                             &cfg,
+                            &kernels::conv_bn::GpuQatWeight {
+                                finite_zero_gamma: true,
+                                ..Default::default()
+                            },
                         )?;
                         // The running statistics after the step are written by
                         // `loss_and_grads` after the backward, which reads the ones this

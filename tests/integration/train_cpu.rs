@@ -497,7 +497,43 @@ fn gpu_trainer_matches_cpu_trainer_in_qat() {
     assert!(f >= 0.9, "QAT eval: {f}");
 }
 
+/// A BatchNorm channel with γ = 0 in QAT: qfuse's finite form (scale factor 1 there) on both
+/// trainers — finite loss and gradients, the two trainers agreeing — where PyTorch's
+/// `γ/√(var+ε)` would divide by zero.
+fn qat_with_a_zero_gamma_channel_stays_finite() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut params = small_params(5);
+    params.get_mut("c1.bn.weight").unwrap()[[1]] = 0.0;
+    let net = small_net(&params);
+    let opts = QatOptions::for_deployment(&DeployConfig::default());
+    let mut pair = Pair::new(ctx.clone(), &net, momentum_sgd());
+    pair.gpu.enable_qat(opts.clone()).unwrap();
+    pair.cpu.enable_qat(opts).unwrap();
+    let x = batch(13);
+    let ((gl, gg), (cl, cg)) = pair.gradients(&x);
+    assert!(gl.is_finite() && cl.is_finite(), "loss GPU {gl} CPU {cl}");
+    assert!(
+        (gl - cl).abs() <= 1e-4 * cl.abs().max(1.0),
+        "loss GPU {gl} CPU {cl}"
+    );
+    let (gg, cg) = (by_name(gg), by_name(cg));
+    for (name, c) in &cg {
+        let g = &gg[name];
+        assert!(g.iter().chain(c.iter()).all(|v| v.is_finite()), "{name}");
+        let f = close_fraction(g, c, 1e-4);
+        assert!(f >= 0.95, "{name}: {:.1}% within 1e-4", 100.0 * f);
+    }
+    for _ in 0..3 {
+        let (g, c) = pair.step(&x);
+        assert!(
+            g.is_finite() && c.is_finite(),
+            "step losses GPU {g} CPU {c}"
+        );
+    }
+}
+
 crate::qfuse_tests! {
+    qat_with_a_zero_gamma_channel_stays_finite: gpu,
     cpu_backward_matches_finite_differences,
     cpu_trainer_refusals,
     cpu_trainer_fits_mnist,
