@@ -697,6 +697,19 @@ impl CpuTrainer {
 
     /// Forward in training mode and backward of `nll_loss(log_softmax(net(x)), labels)`.
     fn loss_and_grads(&mut self, x: &ArrayD<f32>, labels: &[u32]) -> Result<(f32, Vec<Grad>)> {
+        // Labels out of range are refused before the forward moves any statistics (as the
+        // device trainer's upload refuses them), when a linear layer gives the output.
+        let classes = self
+            .output
+            .checked_sub(1)
+            .and_then(|i| self.nodes.get(i))
+            .and_then(|n| match &n.op {
+                Op::Linear { weight, .. } => weight.t.shape().first().copied(),
+                _ => None,
+            });
+        if let Some(c) = classes {
+            rtrain::check_labels(labels, c)?;
+        }
         let Forward {
             out: logits,
             saved,

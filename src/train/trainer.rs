@@ -107,6 +107,20 @@ pub(super) fn check_set_sgd(who: &str, old: &Sgd, new: &Sgd) -> Result<()> {
     Ok(())
 }
 
+/// The classes labels are checked against before upload (the device cannot refuse a label
+/// without a download): the output features of the net's last linear layer when it gives
+/// the output (what the CPU reference checks against), else the digits' 10.
+fn gpu_classes(t: &GpuTrainer) -> usize {
+    t.output
+        .checked_sub(1)
+        .and_then(|i| t.nodes.get(i))
+        .and_then(|n| match &n.op {
+            super::Op::Linear { weight, .. } => weight.t.shape().first().copied(),
+            _ => None,
+        })
+        .unwrap_or(crate::data::digits::CLASSES)
+}
+
 impl Trainer for GpuTrainer {
     fn device(&self) -> String {
         format!("GPU {}", self.context().name())
@@ -115,7 +129,7 @@ impl Trainer for GpuTrainer {
     fn train_batch(&mut self, images: &Array4<f32>, labels: &[u32]) -> Result<f32> {
         let ctx = std::sync::Arc::clone(self.context());
         let x = GpuTensor::upload_f32(&ctx, &images.clone().into_dyn())?;
-        let y = kernels::train::upload_labels(&ctx, labels, crate::data::digits::CLASSES)?;
+        let y = kernels::train::upload_labels(&ctx, labels, gpu_classes(self))?;
         Ok(GpuTrainer::step(self, &x, &y)?.download_f32(&ctx)?[[0]])
     }
 
@@ -124,8 +138,7 @@ impl Trainer for GpuTrainer {
         let counter = kernels::train::new_counter(&ctx)?;
         for batch in split.batches(batch_size, None)? {
             let x = GpuTensor::upload_f32(&ctx, &batch.images.into_dyn())?;
-            let y =
-                kernels::train::upload_labels(&ctx, &batch.labels, crate::data::digits::CLASSES)?;
+            let y = kernels::train::upload_labels(&ctx, &batch.labels, gpu_classes(self))?;
             self.count_correct_into(&x, &y, &counter)?;
         }
         Ok(u64::from(kernels::train::read_count(&ctx, &counter)?))
