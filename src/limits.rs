@@ -14,8 +14,11 @@ pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
 /// The largest conv / conv-transpose setting (stride, padding, dilation, output padding):
 /// 2^24. With inputs of at most [`MAX_TENSOR_ELEMENTS`] elements, every coordinate a GPU
 /// kernel forms (padded extent, the reach of the last tap, the int8 kernels' overhang) then
-/// fits its 32-bit signed arithmetic, so the shared geometry check is the only one and both
-/// backends refuse the same settings with the same message.
+/// fits its 32-bit signed arithmetic: the shared geometry check refuses first, so both
+/// backends refuse the same settings with the same message. The GPU launchers also run
+/// [`Conv2dParams::check_kernel_coordinates`](crate::ops::Conv2dParams::check_kernel_coordinates),
+/// which cannot fail within these limits (its unit test shows it) and keeps a raised limit
+/// from silently overflowing a kernel's coordinates.
 pub const MAX_CONV_SETTING: usize = 1 << 24;
 
 /// `qfuse demo --batch`: at most this many images per batch.

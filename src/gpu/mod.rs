@@ -62,8 +62,10 @@
 //! 1. **Shader**: write `shaders/<family>.wgsl`. Start it with a header comment that names
 //!    every binding as `@group(G) @binding(B)` with its type and meaning, and the dispatch shape
 //!    (workgroup size, grid). The naga test in `src/kernels/mod.rs` validates every file in
-//!    `shaders/` and checks that header automatically. For 1-D elementwise kernels declare
-//!    `override WG: u32 = 256u;`, use `@workgroup_size(WG)`, compute the flat index as
+//!    `shaders/` and checks that header automatically; add the composed `Shader` (with its
+//!    override constants) to the variants of `src/kernels/portability.rs`, which translates
+//!    it to SPIR-V, MSL and HLSL (a file in no variant fails that test). For 1-D elementwise
+//!    kernels declare `override WG: u32 = 256u;`, use `@workgroup_size(WG)`, compute the flat index as
 //!    `gid.x + gid.y * (nwg.x * WG)` from `@builtin(global_invocation_id) gid` and
 //!    `@builtin(num_workgroups) nwg`, and bounds-check it against the element count. Pass
 //!    sizes in a uniform buffer (never bake them into the source), so one pipeline serves every

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::ops::Activation;
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "batch_norm",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),

@@ -53,7 +53,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, Conv2dParams, ConvTranspose2dParams};
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "conv2d",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),
@@ -73,7 +73,7 @@ const FORWARD_BINDINGS: &[Binding] = &[
 
 /// The subgroup forward (`forward_sg`): a module of its own, since only devices with
 /// [`wgpu::Features::SUBGROUP`] can compile it.
-static SUBGROUP_SHADER: Shader = Shader {
+pub(super) static SUBGROUP_SHADER: Shader = Shader {
     name: "conv2d_subgroup",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),

@@ -48,7 +48,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, QatConfig};
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "conv_bn",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),

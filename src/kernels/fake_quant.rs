@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::quant::{QParams, QuantRange};
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "fake_quant",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::BatchNorm;
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "fold",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),

@@ -48,7 +48,7 @@ use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Int8Dot, Kernel, Launch,
 use crate::ops::Conv2dParams;
 use crate::quant::{AddRequant, QuantRange, Requant, RequantMode};
 
-static ELEMENTWISE: Shader = Shader {
+pub(super) static ELEMENTWISE: Shader = Shader {
     name: "int8",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),
@@ -57,7 +57,7 @@ static ELEMENTWISE: Shader = Shader {
     ),
 };
 
-static CONV_PORTABLE: Shader = Shader {
+pub(super) static CONV_PORTABLE: Shader = Shader {
     name: "int8_conv",
     source: concat!(
         include_str!("../../shaders/lib/requant.wgsl"),
@@ -66,7 +66,7 @@ static CONV_PORTABLE: Shader = Shader {
     ),
 };
 
-static CONV_PACKED: Shader = Shader {
+pub(super) static CONV_PACKED: Shader = Shader {
     name: "int8_conv_dot4packed",
     source: concat!(
         include_str!("../../shaders/lib/requant.wgsl"),

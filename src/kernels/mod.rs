@@ -28,6 +28,8 @@ pub mod int8;
 pub mod linear;
 pub mod observer;
 pub mod pool;
+#[cfg(test)]
+mod portability;
 pub mod train;
 
 pub use fake_quant::GpuQParams;

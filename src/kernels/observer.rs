@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::quant::ObserverSpec;
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "observer",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),

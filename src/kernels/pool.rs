@@ -8,7 +8,7 @@ use super::{expect_f32, output, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "pool",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),

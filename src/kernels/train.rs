@@ -22,7 +22,7 @@ use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, Conv2dParams, PadMode};
 use crate::optim::Sgd;
 
-static SHADER: Shader = Shader {
+pub(super) static SHADER: Shader = Shader {
     name: "train",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),
@@ -1075,7 +1075,7 @@ pub fn conv2d_weight_grad_with(
 
 /// The subgroup matmuls of the training backward (`shaders/matmul_sg.wgsl`): a module of its
 /// own, since only devices with [`wgpu::Features::SUBGROUP`] can compile it.
-static SG_SHADER: Shader = Shader {
+pub(super) static SG_SHADER: Shader = Shader {
     name: "matmul_sg",
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),
