@@ -65,8 +65,8 @@
 //!    `shaders/` and checks that header automatically; add the composed `Shader` (with its
 //!    override constants) to the variants of `src/kernels/portability.rs`, which translates
 //!    it to SPIR-V, MSL and HLSL (a file in no variant fails that test). For 1-D elementwise
-//!    kernels declare `override WG: u32 = 256u;`, use `@workgroup_size(WG)`, compute the flat index as
-//!    `gid.x + gid.y * (nwg.x * WG)` from `@builtin(global_invocation_id) gid` and
+//!    kernels declare `override WG: u32 = 256u;`, use `@workgroup_size(WG)`, compute the flat
+//!    index as `gid.x + gid.y * (nwg.x * WG)` from `@builtin(global_invocation_id) gid` and
 //!    `@builtin(num_workgroups) nwg`, and bounds-check it against the element count. Pass
 //!    sizes in a uniform buffer (never bake them into the source), so one pipeline serves every
 //!    shape. Never derive sizes from `arrayLength`: pooled buffers may be larger than the

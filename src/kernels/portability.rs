@@ -85,7 +85,14 @@ fn variants() -> Vec<Variant> {
         }
     }
     let mut matmul = vec![vec![]];
-    matmul.extend(sweep("MM_WG", &[8, 16, 24, 32, 40, 48, 56, 64]));
+    for inside in [0u32, 1] {
+        for w in [8u32, 16, 24, 32, 40, 48, 56, 64] {
+            matmul.push(vec![
+                ("MM_WG", f64::from(w)),
+                ("MM_INSIDE", f64::from(inside)),
+            ]);
+        }
+    }
     let mut roofline = vec![vec![]];
     for w in [64u32, 128, 256] {
         for (name, values) in [("EPT", [1u32, 2, 4, 8]), ("CHAINS", [2, 4, 8, 16])] {
@@ -342,9 +349,9 @@ fn every_shader_file_is_in_a_variant() {
 }
 
 /// Every variant of every shader translates to SPIR-V, MSL and HLSL (see the module docs);
-/// portable variants validate without the subgroup capability, and every override constant
-/// the test sets exists in its shader (a renamed constant cannot silently fall back to the
-/// WGSL default).
+/// portable variants validate without the subgroup capability, every override constant the
+/// test sets exists in its shader (a renamed constant cannot silently fall back to the WGSL
+/// default) and every one the shader declares is set by some constant set.
 #[test]
 fn every_shader_variant_translates_to_spirv_msl_and_hlsl() {
     let mut failures = Vec::new();
@@ -372,6 +379,15 @@ fn every_shader_variant_translates_to_spirv_msl_and_hlsl() {
                     e.emit_to_string(src)
                 )
             });
+        for (_, o) in module.overrides.iter() {
+            let name = o.name.as_deref().unwrap_or("(unnamed)");
+            assert!(
+                constants.iter().flatten().any(|(n, _)| *n == name),
+                "{}: override constant {name} is never set by the test (add its launchers' \
+                 values)",
+                shader.name
+            );
+        }
         for set in &constants {
             for (name, _) in set {
                 assert!(
