@@ -1336,7 +1336,22 @@ fn mnist_float(r: &mut Runner<'_>, cfg: &BenchConfig, ctx: &Arc<GpuContext>) -> 
     };
     let shape = format!("{batch}x1x28x28");
     let flops = mnist_flops(batch);
-    let params: usize = 20 * 25 + 20 + 4 * 20 + 50 * 500 + 50 + 800 * 500 + 500 + 500 * 10 + 10;
+    // Parameters the forward reads: weights, biases, and a BatchNorm's four rows.
+    let params: usize = net
+        .nodes()
+        .iter()
+        .map(|node| match &node.op {
+            crate::deploy::NodeOp::Conv { conv, bn, .. } => {
+                conv.weight.len()
+                    + conv.bias.as_ref().map_or(0, |b| b.len())
+                    + bn.as_ref().map_or(0, |b| 4 * b.channels())
+            }
+            crate::deploy::NodeOp::Linear { weight, bias, .. } => {
+                weight.len() + bias.as_ref().map_or(0, |b| b.len())
+            }
+            _ => 0,
+        })
+        .sum();
     let bytes = (4 * (x.len() + params + 10 * batch)) as f64;
 
     // Forward: GPU (device-resident) and the CPU reference.

@@ -624,7 +624,6 @@ impl GpuTrainer {
             saved,
             quantized,
         } = self.run(x, true)?;
-        let qat = self.qat.as_ref();
         let ctx = Arc::clone(&self.ctx);
         let ctx = &*ctx;
         let logp = kernels::pool::log_softmax(ctx, &logits)?;
@@ -646,9 +645,9 @@ impl GpuTrainer {
                 continue;
             };
             // QAT: the output's fake quant, straight through inside its range.
-            let d = match (qat, &quantized[i]) {
-                (Some(q), Some(info)) => q.activation_backward(ctx, info, &d)?,
-                _ => d,
+            let d = match &quantized[i] {
+                Some(info) => info.backward(ctx, &d)?,
+                None => d,
             };
             let input = node.inputs[0];
             // The net's input (value 0) needs no gradient.
@@ -703,8 +702,8 @@ impl GpuTrainer {
                         accumulate(&mut grads, input, dx)?;
                     }
                     let mut dw = kernels::train::conv2d_weight_grad(ctx, x, &dconv, params, ws)?;
-                    if let (Some(q), Some((_, info))) = (qat, wq) {
-                        dw = q.weight_backward(ctx, info, &dw)?;
+                    if let Some((_, info)) = wq {
+                        dw = info.backward(ctx, &dw)?;
                     }
                     out.push(Grad {
                         node: i,
@@ -778,9 +777,9 @@ impl GpuTrainer {
                     if wants_dx {
                         accumulate(&mut grads, input, g.dx)?;
                     }
-                    let dweight = match (qat, wq) {
-                        (Some(q), Some((_, info))) => q.weight_backward(ctx, info, &g.dweight)?,
-                        _ => g.dweight,
+                    let dweight = match wq {
+                        Some((_, info)) => info.backward(ctx, &g.dweight)?,
+                        None => g.dweight,
                     };
                     out.push(Grad {
                         node: i,

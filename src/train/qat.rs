@@ -15,7 +15,7 @@ use crate::deploy::DeployConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, GpuContext, GpuTensor};
 use crate::kernels::{self, GpuQParams};
-use crate::quant::ObserverSpec;
+use crate::quant::{ObserverSpec, QuantRange};
 
 /// The quantization a [`super::GpuTrainer`] simulates in QAT mode
 /// ([`super::GpuTrainer::enable_qat`]).
@@ -91,6 +91,15 @@ pub(super) struct QatState {
 pub(super) struct Quantized {
     pub pre: GpuTensor,
     pub qparams: GpuQParams,
+    pub range: QuantRange,
+}
+
+impl Quantized {
+    /// The straight-through backward of this fake quant: `d` where `pre` lies inside the
+    /// quantization range, 0 outside.
+    pub fn backward(&self, ctx: &GpuContext, d: &GpuTensor) -> Result<GpuTensor> {
+        kernels::fake_quant::fake_quant_backward(ctx, &self.pre, d, &self.qparams, self.range)
+    }
 }
 
 impl QatState {
@@ -150,6 +159,7 @@ impl QatState {
             Quantized {
                 pre: y.clone(),
                 qparams,
+                range: spec.range,
             },
         ))
     }
@@ -164,34 +174,9 @@ impl QatState {
             Quantized {
                 pre: w.clone(),
                 qparams,
+                range: spec.range,
             },
         ))
-    }
-
-    /// The straight-through backward of a weight fake quant.
-    pub fn weight_backward(
-        &self,
-        ctx: &GpuContext,
-        q: &Quantized,
-        d: &GpuTensor,
-    ) -> Result<GpuTensor> {
-        kernels::fake_quant::fake_quant_backward(ctx, &q.pre, d, &q.qparams, self.opts.weight.range)
-    }
-
-    /// The straight-through backward of an activation fake quant.
-    pub fn activation_backward(
-        &self,
-        ctx: &GpuContext,
-        q: &Quantized,
-        d: &GpuTensor,
-    ) -> Result<GpuTensor> {
-        kernels::fake_quant::fake_quant_backward(
-            ctx,
-            &q.pre,
-            d,
-            &q.qparams,
-            self.opts.activation.range,
-        )
     }
 
     /// The observers' ranges, downloaded: `Some((min, max))` per observed value.

@@ -160,40 +160,16 @@ struct Stage {
     note: String,
 }
 
-fn argmax_row<'a>(row: impl IntoIterator<Item = &'a f32>) -> usize {
-    row.into_iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
-
+/// Each row's argmax (`torch.argmax` on the CPU: [`qfuse::reference::train::argmax`]).
 fn argmax(y: &ArrayD<f32>) -> Vec<usize> {
     y.axis_iter(Axis(0))
-        .map(|row| argmax_row(row.iter()))
+        .map(|row| qfuse::reference::train::argmax(row.iter().copied()).unwrap_or(0))
         .collect()
 }
 
+/// [`argmax`] of integer codes (exact in f32).
 fn argmax_i8(y: &ArrayD<i8>) -> Vec<usize> {
-    y.axis_iter(Axis(0))
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0, i8::MIN, false), |(bi, bv, seen), (i, &v)| {
-                    if !seen || v > bv {
-                        (i, v, true)
-                    } else {
-                        (bi, bv, seen)
-                    }
-                })
-                .0
-        })
-        .collect()
+    argmax(&y.mapv(f32::from))
 }
 
 /// The first `n` images of a split (all with `None`).
@@ -729,14 +705,19 @@ fn stages<B: Backend + Clone>(
         })
     };
 
-    // ---- 1. float training
+    // ---- 1. float training (kept concrete on the GPU: its forward's transfers are counted)
     let t0 = Instant::now();
     let before = snap();
     let net0 = mnist::deploy_net(model)?;
-    let mut trainer = new_trainer(&net0, args.lr)?;
+    let mut gpu_trainer: Option<GpuTrainer> = None;
+    let mut cpu_trainer: Option<CpuTrainer> = None;
+    let trainer: &mut dyn Trainer = match &gpu_ctx {
+        Some(ctx) => gpu_trainer.insert(GpuTrainer::new(Arc::clone(ctx), &net0, sgd(args.lr))?),
+        None => cpu_trainer.insert(CpuTrainer::new(&net0, sgd(args.lr))?),
+    };
     let train_losses = if args.epochs > 0 {
         train(
-            trainer.as_mut(),
+            trainer,
             "float",
             train_split,
             args.epochs,
@@ -747,21 +728,20 @@ fn stages<B: Backend + Clone>(
     } else {
         Vec::new()
     };
-    let float_acc = f64::from(evaluate(trainer.as_mut(), test_split, args.batch)?);
+    let float_acc = f64::from(evaluate(trainer, test_split, args.batch)?);
     let net = trainer.to_net()?;
-    drop(trainer);
     // One device-resident forward of the trained net: its transfers.
-    let transfers_per_forward = match &gpu_ctx {
-        Some(ctx) => {
-            let mut t = GpuTrainer::new(Arc::clone(ctx), &net, sgd(args.lr))?;
+    let transfers_per_forward = match (&gpu_ctx, gpu_trainer.as_mut()) {
+        (Some(ctx), Some(t)) => {
             let before = ctx.transfer_stats();
             let xd = GpuTensor::upload_f32(ctx, &x_timed)?;
             t.forward_eval(&xd)?.download_f32(ctx)?;
             let d = ctx.transfer_stats().since(&before);
             Some(d.uploads + d.downloads)
         }
-        None => None,
+        _ => None,
     };
+    drop((gpu_trainer, cpu_trainer));
     let train_seconds = t0.elapsed().as_secs_f64();
     stages.push(Stage {
         name: if args.epochs > 0 {
