@@ -23,6 +23,21 @@ pub struct FixedPointMultiplier {
 }
 
 impl FixedPointMultiplier {
+    /// Checks what [`FixedPointMultiplier::apply`] needs (a loaded model's multipliers come
+    /// from a file): a non-negative multiplier and a shift in `[−31, 30]`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming `what`.
+    pub fn validate(self, what: &str) -> Result<()> {
+        if !(-31..=30).contains(&self.shift) || self.multiplier < 0 {
+            return Err(Error::invalid(format!(
+                "{what} has multiplier {} and shift {}; expected a non-negative multiplier and \
+                 shift in [-31, 30]",
+                self.multiplier, self.shift
+            )));
+        }
+        Ok(())
+    }
+
     /// TFLite's `QuantizeMultiplier(double)`: splits `real = q · 2^shift` with `q ∈ [0.5, 1)`,
     /// rounds `q · 2^31` half away from zero (`std::round`), renormalizes when that rounds up
     /// to `2^31`, and flushes multipliers below `2^−32` to zero.
@@ -290,13 +305,7 @@ impl Requant {
             )));
         }
         for (o, m) in self.multipliers.iter().enumerate() {
-            if !(-31..=30).contains(&m.shift) || m.multiplier < 0 {
-                return Err(Error::invalid(format!(
-                    "requantization multiplier {o} has multiplier {} and shift {}; expected a \
-                     non-negative multiplier and shift in [-31, 30]",
-                    m.multiplier, m.shift
-                )));
-            }
+            m.validate(&format!("requantization multiplier {o}"))?;
         }
         Ok(())
     }
@@ -376,10 +385,18 @@ impl AddRequant {
         out.clamp(self.clamp_min, self.clamp_max)
     }
 
-    /// Checks zero points and bounds against the int8 code range.
+    /// Checks zero points and bounds against the int8 code range, and the three fixed-point
+    /// multipliers ([`FixedPointMultiplier::validate`]).
     ///
     /// Errors: [`Error::InvalidArgument`] naming the value out of range.
     pub fn validate(&self) -> Result<()> {
+        for (what, m) in [
+            ("quantized add a multiplier", self.a_multiplier),
+            ("quantized add b multiplier", self.b_multiplier),
+            ("quantized add output multiplier", self.out_multiplier),
+        ] {
+            m.validate(what)?;
+        }
         for (what, v) in [
             ("a zero point", self.a_zero_point),
             ("b zero point", self.b_zero_point),
@@ -406,6 +423,28 @@ impl AddRequant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing `IntModel::from_bytes`: a loaded add whose multiplier shift is outside
+    /// `[−31, 30]` reached `rounding_divide_by_pot`'s exponent assertion. `validate` refuses it.
+    #[test]
+    fn add_multipliers_out_of_range_are_refused() {
+        let ok = AddRequant::new((0.5, 0), (0.25, 1), (0.75, -2), (-128, 127)).unwrap();
+        ok.validate().unwrap();
+        for shift in [31, -32, 40] {
+            let mut bad = ok.clone();
+            bad.out_multiplier.shift = shift;
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains("quantized add output multiplier"), "{e}");
+            assert!(e.contains(&format!("shift {shift}")), "{e}");
+        }
+        let mut bad = ok.clone();
+        bad.a_multiplier.multiplier = -1;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("a multiplier"));
+    }
 
     #[test]
     fn quantize_multiplier_matches_tflite() {
