@@ -431,13 +431,13 @@ mod tests {
         let ok = AddRequant::new((0.5, 0), (0.25, 1), (0.75, -2), (-128, 127)).unwrap();
         ok.validate().unwrap();
         for shift in [31, -32, 40] {
-            let mut bad = ok.clone();
+            let mut bad = ok;
             bad.out_multiplier.shift = shift;
             let e = bad.validate().unwrap_err().to_string();
             assert!(e.contains("quantized add output multiplier"), "{e}");
             assert!(e.contains(&format!("shift {shift}")), "{e}");
         }
-        let mut bad = ok.clone();
+        let mut bad = ok;
         bad.a_multiplier.multiplier = -1;
         assert!(bad
             .validate()
