@@ -239,6 +239,37 @@ pub enum Error {
         /// The unit of both (`bytes`, `elements`, `images`).
         unit: &'static str,
     },
+    /// A file (or bytes) that is not an ONNX model qfuse can read: not a protobuf `ModelProto`,
+    /// a missing graph, an opset below 13, an undefined tensor name, a malformed initializer.
+    #[error("malformed ONNX model {}: {reason}", escape_path_str(.path))]
+    MalformedOnnx {
+        /// The file.
+        path: String,
+        /// What is wrong with it (names from the file already escaped).
+        reason: String,
+    },
+    /// An ONNX node whose operator (or attribute) qfuse does not import.
+    #[error("unsupported ONNX node `{}` (op type `{}`): {reason}", escape(.node), escape(.op_type))]
+    UnsupportedOnnxOp {
+        /// The node's name (or `#INDEX` for a node without a name).
+        node: String,
+        /// Its op type, with its domain when that is not the default one (`com.microsoft::Gelu`).
+        op_type: String,
+        /// Why (the operators qfuse imports, or the attribute value it does not support).
+        reason: String,
+    },
+    /// Evaluating an ONNX node failed (shapes that do not fit, an attribute value the
+    /// evaluator does not support).
+    #[error("ONNX node `{}` ({op_type}): {source}", escape(.node))]
+    OnnxNode {
+        /// The node's name (or `#INDEX`).
+        node: String,
+        /// Its op type.
+        op_type: &'static str,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
     /// An I/O error with the path it concerns.
     #[error("I/O error on {}: {source}", escape_path_str(.path))]
     Io {

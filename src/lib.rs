@@ -26,6 +26,7 @@ pub mod fuse;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod onnx;
 pub mod optim;
 pub mod qat;
 pub mod train;

@@ -108,6 +108,7 @@ mod registry;
 use std::collections::HashMap;
 
 pub use patterns::default_patterns;
+pub(crate) use patterns::is_builtin;
 pub use registry::{FuseContext, FuserFn, FuserRegistry};
 
 use crate::error::{Error, Result};

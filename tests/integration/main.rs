@@ -35,6 +35,7 @@ mod gpu_observer_fold;
 mod gpu_runtime;
 mod gpu_train;
 mod hostile;
+mod onnx;
 mod proptest_ops;
 mod qat;
 mod state_dict;
@@ -80,6 +81,7 @@ fn main() -> std::process::ExitCode {
         gpu_runtime::TESTS,
         gpu_train::TESTS,
         hostile::TESTS,
+        onnx::TESTS,
         proptest_ops::TESTS,
         qat::TESTS,
         state_dict::TESTS,
