@@ -996,12 +996,42 @@ impl GpuContext {
         if copies.is_empty() {
             return Ok(());
         }
+        self.encode_commands(what, |encoder| {
+            for &&(src, so, dst, d_o, bytes) in &copies {
+                encoder.copy_buffer_to_buffer(src, so, dst, d_o, bytes);
+            }
+        })
+    }
+
+    /// Zero-fills the first `bytes` of `buffer` (a caller's output that a kernel writes only
+    /// in part), encoded as [`GpuContext::copy_regions`] encodes copies: in order with the
+    /// launches around it. Never waits for the GPU.
+    ///
+    /// Errors: [`Error::MissingBufferUsage`] for a buffer without `COPY_DST`; [`Error::Gpu`]
+    /// naming `what` for a size that is not 4-byte aligned or runs past the buffer's end.
+    pub(crate) fn clear_buffer(&self, what: &str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
+        self.check_alive()?;
+        crate::gpu::tensor::require_usage(buffer, wgpu::BufferUsages::COPY_DST, "zero-fill it")?;
+        if !bytes.is_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) || bytes > buffer.size() {
+            return Err(Error::Gpu(format!(
+                "{what}: cannot clear {bytes} bytes of a {}-byte buffer",
+                buffer.size()
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.encode_commands(what, |encoder| encoder.clear_buffer(buffer, 0, Some(bytes)))
+    }
+
+    /// Encodes non-compute commands (copies, clears) as [`GpuContext::run`] encodes kernels:
+    /// appended to the open encoder inside a recording, else submitted at once.
+    fn encode_commands(
+        &self,
+        what: &str,
+        encode: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<()> {
         self.guarded(what, || {
-            let encode = |encoder: &mut wgpu::CommandEncoder| {
-                for &&(src, so, dst, d_o, bytes) in &copies {
-                    encoder.copy_buffer_to_buffer(src, so, dst, d_o, bytes);
-                }
-            };
             let me = std::thread::current().id();
             let mut rec = lock(&self.rt.rec);
             self.issue_writes(&mut rec);

@@ -2,9 +2,9 @@
 //! [`GpuContext`] and [`GpuTensor`]s, validates its inputs with the same checks (and error
 //! messages) as the CPU reference, records its dispatches and returns new tensors without
 //! waiting for the GPU; data stays on the device until you download it. Every launcher that
-//! returns tensors (all but the training kernels of [`train`]) also has an `_into` form that
-//! writes into tensors the caller owns, each checked by [`check_output`] before anything is
-//! launched; the allocating form is a thin wrapper over the same body.
+//! returns tensors (or a struct of them) also has an `_into` form that writes into tensors the
+//! caller owns, each checked by [`check_output`] before anything is launched; the allocating
+//! form is a thin wrapper over the same body.
 //!
 //! - [`fake_quant`]: fake quantization per tensor / per channel, forward, mask, backward.
 //! - [`observer`]: min/max reduction and qparams (scale, zero point, 1/scale) on the GPU.

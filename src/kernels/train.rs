@@ -7,6 +7,12 @@
 //! ([`super::activation`]) they cover every op of NNI's Mnist network; flatten is
 //! [`GpuTensor::reshape`] (no copy).
 //!
+//! Each launcher that returns tensors has an `_into` form writing into tensors the caller
+//! owns (checked by [`super::check_output`] before anything is launched; the max pooling
+//! backward of non-overlapping windows zero-fills its output first, so it needs `COPY_DST`);
+//! the SGD step, [`copy_at`], [`observer_update`] and [`count_correct_into`] update their
+//! tensors in place.
+//!
 //! Everything stays on the device: the loss is a `[1]` tensor (download one f32 to read it)
 //! and the correct count a `[1]` `u32` accumulator that a whole evaluation adds into (read it
 //! once with [`read_count`]). Inputs are validated with the CPU reference's checks and
@@ -16,7 +22,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, expect_shape, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
+use super::{check_output, expect_f32, expect_shape, output, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, Conv2dParams, PadMode};
@@ -266,14 +272,46 @@ pub fn max_pool2d_backward(
     kernel: usize,
     stride: usize,
 ) -> Result<GpuTensor> {
+    max_pool2d_backward_impl(ctx, x, dy, kernel, stride, None)
+}
+
+/// [`max_pool2d_backward`] writing into `dx` (an `f32` tensor of `x`'s shape with its own
+/// buffer, see [`super::check_output`]). With non-overlapping windows the kernel writes
+/// only each window's argmax, so `dx` is zero-filled first and needs `COPY_DST`.
+///
+/// Errors: those of [`max_pool2d_backward`] and [`super::check_output`];
+/// [`Error::MissingBufferUsage`] for a `dx` without `COPY_DST` when stride = kernel.
+pub fn max_pool2d_backward_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    kernel: usize,
+    stride: usize,
+    dx: &GpuTensor,
+) -> Result<()> {
+    max_pool2d_backward_impl(ctx, x, dy, kernel, stride, Some(dx)).map(drop)
+}
+
+fn max_pool2d_backward_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    kernel: usize,
+    stride: usize,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     ctx.check_tensors(&[("max_pool2d input", x), ("max_pool2d_backward dy", dy)])?;
     let (oh, ow) = crate::ops::check_max_pool2d_backward(x.shape(), dy.shape(), kernel, stride)?;
     expect_f32("max_pool2d input", x)?;
     expect_f32("max_pool2d_backward dy", dy)?;
     let s = x.shape();
-    let dx = GpuTensor::zeros(ctx, s, DType::F32)?;
+    const WHAT: &str = "max_pool2d_backward dx";
+    if let Some(dx) = given {
+        check_output(ctx, WHAT, dx, s, DType::F32, &[x, dy])?;
+    }
+    let tiled = stride == kernel;
     let p = Params {
-        count: to_u32(dx.len(), "max_pool2d input element count")?,
+        count: to_u32(x.len(), "max_pool2d input element count")?,
         h: to_u32(s[2], "max_pool2d height")?,
         w: to_u32(s[3], "max_pool2d width")?,
         oh: to_u32(oh, "max_pool2d output height")?,
@@ -282,11 +320,19 @@ pub fn max_pool2d_backward(
         stride: to_u32(stride, "max_pool2d stride")?,
         ..Params::default()
     };
-    to_u32(dy.len(), "max_pool2d output element count")?;
-    if stride == kernel {
-        // Windows do not overlap: one invocation per window, writing at its argmax only.
+    let dy_count = to_u32(dy.len(), "max_pool2d output element count")?;
+    if tiled {
+        // Windows do not overlap: one invocation per window, writing at its argmax only, into
+        // a zero-filled dx (elements under no window stay 0).
+        let dx = match given {
+            Some(dx) => {
+                ctx.clear_buffer(WHAT, dx.buffer(), dx.size_bytes())?;
+                dx.clone()
+            }
+            None => GpuTensor::zeros(ctx, s, DType::F32)?,
+        };
         let p = Params {
-            count: to_u32(dy.len(), "max_pool2d output element count")?,
+            count: dy_count,
             ..p
         };
         launch_1d(
@@ -298,6 +344,11 @@ pub fn max_pool2d_backward(
         )?;
         return Ok(dx);
     }
+    // One invocation per input element, each writing its own.
+    let dx = match given {
+        Some(dx) => dx.clone(),
+        None => GpuTensor::uninit(ctx, s, DType::F32)?,
+    };
     launch_1d(
         ctx,
         &MAX_POOL2D_BACKWARD,
@@ -308,17 +359,20 @@ pub fn max_pool2d_backward(
     Ok(dx)
 }
 
-/// `out[m, n] = Σₖ a[m·a_rs + k·a_cs] · b[k·b_rs + n·b_cs]`, `[rows, cols]`.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
+/// `out[m, n] = Σₖ a[m·a_rs + k·a_cs] · b[k·b_rs + n·b_cs]` into `out` (`[rows, cols]`,
+/// every element written; checked by the caller).
+fn matmul_into(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
     [rows, cols, inner]: [usize; 3],
     [a_rs, a_cs]: [usize; 2],
     [b_rs, b_cs]: [usize; 2],
-) -> Result<GpuTensor> {
-    let out = GpuTensor::zeros(ctx, &[rows, cols], DType::F32)?;
+    out: &GpuTensor,
+) -> Result<()> {
+    if out.len() != rows * cols {
+        return Err(Error::invalid("internal: training matmul output shape"));
+    }
     let tiles = rows
         .div_ceil(4)
         .checked_mul(cols.div_ceil(4))
@@ -340,13 +394,21 @@ fn matmul(
         &p,
         &[a.buffer(), b.buffer(), out.buffer()],
         tiles,
-    )?;
-    Ok(out)
+    )
 }
 
-/// `[cols]` column sums of the `[rows, cols]` tensor `a` (one invocation per column).
-fn col_sum(ctx: &GpuContext, a: &GpuTensor, rows: usize, cols: usize) -> Result<GpuTensor> {
-    let out = GpuTensor::uninit(ctx, &[cols], DType::F32)?;
+/// `[cols]` column sums of the `[rows, cols]` tensor `a` into `out` (one invocation per
+/// column; `out` checked by the caller).
+fn col_sum_into(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    rows: usize,
+    cols: usize,
+    out: &GpuTensor,
+) -> Result<()> {
+    if out.len() != cols {
+        return Err(Error::invalid("internal: column sum output shape"));
+    }
     let p = Params {
         count: to_u32(cols, "column count")?,
         rows: to_u32(rows, "row count")?,
@@ -354,8 +416,7 @@ fn col_sum(ctx: &GpuContext, a: &GpuTensor, rows: usize, cols: usize) -> Result<
         ..Params::default()
     };
     to_u32(a.len(), "element count")?;
-    launch_1d(ctx, &COL_SUM, &p, &[a.buffer(), out.buffer()], cols)?;
-    Ok(out)
+    launch_1d(ctx, &COL_SUM, &p, &[a.buffer(), out.buffer()], cols)
 }
 
 /// Gradients of [`super::linear::linear`] on the device (see
@@ -383,7 +444,22 @@ pub fn linear_backward(
     w: &GpuTensor,
     dy: &GpuTensor,
 ) -> Result<GpuLinearGrads> {
-    linear_backward_with(ctx, x, w, dy, GradKernel::Auto)
+    linear_backward_impl(ctx, x, w, dy, GradKernel::Auto, None)
+}
+
+/// [`linear_backward`] writing into `grads` (three `f32` tensors of the gradients' shapes,
+/// each with its own buffer, see [`super::check_output`]).
+///
+/// Errors: those of [`linear_backward`] and [`super::check_output`] (naming
+/// `linear_backward dx`, `dweight` or `dbias`).
+pub fn linear_backward_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    dy: &GpuTensor,
+    grads: &GpuLinearGrads,
+) -> Result<()> {
+    linear_backward_impl(ctx, x, w, dy, GradKernel::Auto, Some(grads)).map(drop)
 }
 
 /// [`linear_backward`] with the matmul kernel chosen by `kernel`.
@@ -397,6 +473,31 @@ pub fn linear_backward_with(
     dy: &GpuTensor,
     kernel: GradKernel,
 ) -> Result<GpuLinearGrads> {
+    linear_backward_impl(ctx, x, w, dy, kernel, None)
+}
+
+/// [`linear_backward_with`] writing into `grads` (as [`linear_backward_into`]).
+///
+/// Errors: those of [`linear_backward_with`] and [`linear_backward_into`].
+pub fn linear_backward_with_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    dy: &GpuTensor,
+    kernel: GradKernel,
+    grads: &GpuLinearGrads,
+) -> Result<()> {
+    linear_backward_impl(ctx, x, w, dy, kernel, Some(grads)).map(drop)
+}
+
+fn linear_backward_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    dy: &GpuTensor,
+    kernel: GradKernel,
+    given: Option<&GpuLinearGrads>,
+) -> Result<GpuLinearGrads> {
     let sg = kernel.subgroup(ctx)?;
     ctx.check_tensors(&[
         ("linear input", x),
@@ -407,7 +508,31 @@ pub fn linear_backward_with(
     expect_f32("linear input", x)?;
     expect_f32("linear weight", w)?;
     expect_f32("linear_backward dy", dy)?;
-    let (dx, dweight) = if sg {
+    let dx = output(
+        ctx,
+        "linear_backward dx",
+        given.map(|g| &g.dx),
+        &[n, inp],
+        DType::F32,
+        &[x, w, dy],
+    )?;
+    let dweight = output(
+        ctx,
+        "linear_backward dweight",
+        given.map(|g| &g.dweight),
+        &[out, inp],
+        DType::F32,
+        &[x, w, dy, &dx],
+    )?;
+    let dbias = output(
+        ctx,
+        "linear_backward dbias",
+        given.map(|g| &g.dbias),
+        &[out],
+        DType::F32,
+        &[x, w, dy, &dx, &dweight],
+    )?;
+    if sg {
         let mm = |rows, kin, a| SgMatmul {
             batch: 1,
             rows,
@@ -417,19 +542,16 @@ pub fn linear_backward_with(
             a,
             b: [0, inp, 1, 0],
         };
-        (
-            matmul_sg(ctx, dy, w, mm(n, out, [0, out, 1, 0]), &[n, inp])?,
-            matmul_sg(ctx, dy, x, mm(out, n, [0, 1, out, 0]), &[out, inp])?,
-        )
+        let none = Activation::None;
+        matmul_sg_into(ctx, dy, w, mm(n, out, [0, out, 1, 0]), None, none, &dx)?;
+        matmul_sg_into(ctx, dy, x, mm(out, n, [0, 1, out, 0]), None, none, &dweight)?;
     } else {
-        (
-            // dx[n, i] = Σ_o dy[n, o] · w[o, i]
-            matmul(ctx, dy, w, [n, inp, out], [out, 1], [inp, 1])?,
-            // dw[o, i] = Σ_n dy[n, o] · x[n, i]
-            matmul(ctx, dy, x, [out, inp, n], [1, out], [inp, 1])?,
-        )
-    };
-    let dbias = col_sum(ctx, dy, n, out)?;
+        // dx[n, i] = Σ_o dy[n, o] · w[o, i]
+        matmul_into(ctx, dy, w, [n, inp, out], [out, 1], [inp, 1], &dx)?;
+        // dw[o, i] = Σ_n dy[n, o] · x[n, i]
+        matmul_into(ctx, dy, x, [out, inp, n], [1, out], [inp, 1], &dweight)?;
+    }
+    col_sum_into(ctx, dy, n, out, &dbias)?;
     Ok(GpuLinearGrads { dx, dweight, dbias })
 }
 
@@ -440,6 +562,28 @@ pub fn linear_backward_with(
 /// Errors: [`Error::InvalidArgument`] unless `y` is a rank-2 `f32` tensor;
 /// [`Error::ShapeMismatch`] when `dy`'s shape is not `y`'s.
 pub fn log_softmax_backward(ctx: &GpuContext, y: &GpuTensor, dy: &GpuTensor) -> Result<GpuTensor> {
+    log_softmax_backward_impl(ctx, y, dy, None)
+}
+
+/// [`log_softmax_backward`] writing into `dx` (an `f32` tensor of `y`'s shape with its own
+/// buffer, see [`super::check_output`]).
+///
+/// Errors: those of [`log_softmax_backward`] and [`super::check_output`].
+pub fn log_softmax_backward_into(
+    ctx: &GpuContext,
+    y: &GpuTensor,
+    dy: &GpuTensor,
+    dx: &GpuTensor,
+) -> Result<()> {
+    log_softmax_backward_impl(ctx, y, dy, Some(dx)).map(drop)
+}
+
+fn log_softmax_backward_impl(
+    ctx: &GpuContext,
+    y: &GpuTensor,
+    dy: &GpuTensor,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     ctx.check_tensors(&[("log_softmax output", y), ("log_softmax_backward dy", dy)])?;
     let [rows, cols] = <[usize; 2]>::try_from(y.shape()).map_err(|_| {
         Error::invalid(format!(
@@ -451,7 +595,14 @@ pub fn log_softmax_backward(ctx: &GpuContext, y: &GpuTensor, dy: &GpuTensor) -> 
     expect_f32("log_softmax output", y)?;
     expect_f32("log_softmax_backward dy", dy)?;
     to_u32(y.len(), "log_softmax element count")?;
-    let dx = GpuTensor::zeros(ctx, y.shape(), DType::F32)?;
+    let dx = output(
+        ctx,
+        "log_softmax_backward dx",
+        given,
+        y.shape(),
+        DType::F32,
+        &[y, dy],
+    )?;
     let p = Params {
         count: to_u32(rows, "log_softmax rows")?,
         cols: to_u32(cols, "log_softmax columns")?,
@@ -497,12 +648,41 @@ fn classification(op: &str, scores: &GpuTensor, labels: &GpuTensor) -> Result<[u
 /// Errors: those of [`crate::reference::train::check_classification`]; a `logp` that is not
 /// `f32` or labels that are not `u32`.
 pub fn nll_loss(ctx: &GpuContext, logp: &GpuTensor, labels: &GpuTensor) -> Result<GpuTensor> {
+    nll_loss_impl(ctx, logp, labels, None)
+}
+
+/// [`nll_loss`] writing into `loss` (an `f32` tensor `[1]` with its own buffer, see
+/// [`super::check_output`]).
+///
+/// Errors: those of [`nll_loss`] and [`super::check_output`].
+pub fn nll_loss_into(
+    ctx: &GpuContext,
+    logp: &GpuTensor,
+    labels: &GpuTensor,
+    loss: &GpuTensor,
+) -> Result<()> {
+    nll_loss_impl(ctx, logp, labels, Some(loss)).map(drop)
+}
+
+fn nll_loss_impl(
+    ctx: &GpuContext,
+    logp: &GpuTensor,
+    labels: &GpuTensor,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     ctx.check_tensors(&[
         ("nll_loss log-probabilities", logp),
         ("nll_loss labels", labels),
     ])?;
     let [n, c] = classification("nll_loss", logp, labels)?;
-    let loss = GpuTensor::zeros(ctx, &[1], DType::F32)?;
+    let loss = output(
+        ctx,
+        "nll_loss output",
+        given,
+        &[1],
+        DType::F32,
+        &[logp, labels],
+    )?;
     let p = Params {
         rows: to_u32(n, "nll_loss rows")?,
         cols: to_u32(c, "nll_loss classes")?,
@@ -519,12 +699,17 @@ pub fn nll_loss(ctx: &GpuContext, logp: &GpuTensor, labels: &GpuTensor) -> Resul
 
 fn per_element(
     ctx: &GpuContext,
-    kernel: &'static Kernel,
+    (kernel, what): (&'static Kernel, &str),
     logp: &GpuTensor,
     labels: &GpuTensor,
+    given: Option<&GpuTensor>,
 ) -> Result<GpuTensor> {
+    ctx.check_tensors(&[
+        ("nll_loss log-probabilities", logp),
+        ("nll_loss labels", labels),
+    ])?;
     let [n, c] = classification("nll_loss", logp, labels)?;
-    let d = GpuTensor::zeros(ctx, logp.shape(), DType::F32)?;
+    let d = output(ctx, what, given, logp.shape(), DType::F32, &[logp, labels])?;
     let p = Params {
         count: to_u32(d.len(), "nll_loss element count")?,
         rows: to_u32(n, "nll_loss rows")?,
@@ -551,12 +736,25 @@ pub fn nll_loss_backward(
     logp: &GpuTensor,
     labels: &GpuTensor,
 ) -> Result<GpuTensor> {
-    ctx.check_tensors(&[
-        ("nll_loss log-probabilities", logp),
-        ("nll_loss labels", labels),
-    ])?;
-    per_element(ctx, &NLL_LOSS_BACKWARD, logp, labels)
+    per_element(ctx, NLL_BACKWARD, logp, labels, None)
 }
+
+/// [`nll_loss_backward`] writing into `d` (an `f32` tensor of `logp`'s shape with its own
+/// buffer, see [`super::check_output`]).
+///
+/// Errors: those of [`nll_loss`] and [`super::check_output`].
+pub fn nll_loss_backward_into(
+    ctx: &GpuContext,
+    logp: &GpuTensor,
+    labels: &GpuTensor,
+    d: &GpuTensor,
+) -> Result<()> {
+    per_element(ctx, NLL_BACKWARD, logp, labels, Some(d)).map(drop)
+}
+
+const NLL_BACKWARD: (&Kernel, &str) = (&NLL_LOSS_BACKWARD, "nll_loss_backward output");
+const LOG_SOFTMAX_NLL: (&Kernel, &str) =
+    (&LOG_SOFTMAX_NLL_BACKWARD, "log_softmax_nll_backward output");
 
 /// [`nll_loss_backward`] then [`log_softmax_backward`] in one kernel: the gradient of
 /// `nll_loss(log_softmax(z))` with respect to `z`, from `logp = log_softmax(z)`:
@@ -570,11 +768,20 @@ pub fn log_softmax_nll_backward(
     logp: &GpuTensor,
     labels: &GpuTensor,
 ) -> Result<GpuTensor> {
-    ctx.check_tensors(&[
-        ("nll_loss log-probabilities", logp),
-        ("nll_loss labels", labels),
-    ])?;
-    per_element(ctx, &LOG_SOFTMAX_NLL_BACKWARD, logp, labels)
+    per_element(ctx, LOG_SOFTMAX_NLL, logp, labels, None)
+}
+
+/// [`log_softmax_nll_backward`] writing into `dz` (an `f32` tensor of `logp`'s shape with
+/// its own buffer, see [`super::check_output`]).
+///
+/// Errors: those of [`nll_loss`] and [`super::check_output`].
+pub fn log_softmax_nll_backward_into(
+    ctx: &GpuContext,
+    logp: &GpuTensor,
+    labels: &GpuTensor,
+    dz: &GpuTensor,
+) -> Result<()> {
+    per_element(ctx, LOG_SOFTMAX_NLL, logp, labels, Some(dz)).map(drop)
 }
 
 /// A zeroed correct-count accumulator (`u32` `[1]`) for [`count_correct_into`].
@@ -777,10 +984,28 @@ fn sgd_launch(
 ///
 /// Errors: [`Error::ShapeMismatch`] when the shapes differ; tensors that are not `f32`.
 pub fn add(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+    add_impl(ctx, a, b, None)
+}
+
+/// [`add`] writing into `out` (an `f32` tensor of `a`'s shape with its own buffer, see
+/// [`super::check_output`]).
+///
+/// Errors: those of [`add`] and [`super::check_output`].
+pub fn add_into(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor, out: &GpuTensor) -> Result<()> {
+    add_impl(ctx, a, b, Some(out)).map(drop)
+}
+
+fn add_impl(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[("add input", a), ("add input", b)])?;
     expect_shape("add (b vs a)", a.shape(), b)?;
     expect_f32("add input", a)?;
     expect_f32("add input", b)?;
-    let out = GpuTensor::zeros(ctx, a.shape(), DType::F32)?;
+    let out = output(ctx, "add output", given, a.shape(), DType::F32, &[a, b])?;
     let p = Params {
         count: to_u32(a.len(), "add element count")?,
         ..Params::default()
@@ -881,6 +1106,19 @@ pub fn observer_update(
 ///
 /// Errors: [`Error::InvalidArgument`] for a tensor of rank < 2 or not `f32`.
 pub fn swap01(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
+    swap01_impl(ctx, a, None)
+}
+
+/// [`swap01`] writing into `out` (an `f32` tensor of the swapped shape with its own buffer,
+/// see [`super::check_output`]).
+///
+/// Errors: those of [`swap01`] and [`super::check_output`].
+pub fn swap01_into(ctx: &GpuContext, a: &GpuTensor, out: &GpuTensor) -> Result<()> {
+    swap01_impl(ctx, a, Some(out)).map(drop)
+}
+
+fn swap01_impl(ctx: &GpuContext, a: &GpuTensor, given: Option<&GpuTensor>) -> Result<GpuTensor> {
+    ctx.check_tensor("swap01 input", a)?;
     let s = a.shape();
     if s.len() < 2 {
         return Err(Error::invalid(format!(
@@ -891,7 +1129,7 @@ pub fn swap01(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
     let inner: usize = s[2..].iter().product();
     let mut shape = s.to_vec();
     shape.swap(0, 1);
-    let out = GpuTensor::zeros(ctx, &shape, DType::F32)?;
+    let out = output(ctx, "swap01 output", given, &shape, DType::F32, &[a])?;
     let p = Params {
         count: to_u32(a.len(), "swap01 element count")?,
         rows: to_u32(s[0], "swap01 rows")?,
@@ -954,7 +1192,22 @@ pub fn conv2d_input_grad(
     params: &Conv2dParams,
     x_shape: [usize; 4],
 ) -> Result<GpuTensor> {
-    conv2d_input_grad_with(ctx, dy, w, params, x_shape, GradKernel::Auto)
+    conv2d_input_grad_impl(ctx, dy, w, params, x_shape, GradKernel::Auto, None)
+}
+
+/// [`conv2d_input_grad`] writing into `dx` (an `f32` tensor of shape `x_shape` with its own
+/// buffer, see [`super::check_output`]).
+///
+/// Errors: those of [`conv2d_input_grad`] and [`super::check_output`].
+pub fn conv2d_input_grad_into(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+    dx: &GpuTensor,
+) -> Result<()> {
+    conv2d_input_grad_impl(ctx, dy, w, params, x_shape, GradKernel::Auto, Some(dx)).map(drop)
 }
 
 /// [`conv2d_input_grad`] with the kernels chosen by `kernel`: for stride-1, undilated,
@@ -973,32 +1226,74 @@ pub fn conv2d_input_grad_with(
     x_shape: [usize; 4],
     kernel: GradKernel,
 ) -> Result<GpuTensor> {
+    conv2d_input_grad_impl(ctx, dy, w, params, x_shape, kernel, None)
+}
+
+/// [`conv2d_input_grad_with`] writing into `dx` (as [`conv2d_input_grad_into`]).
+///
+/// Errors: those of [`conv2d_input_grad_with`] and [`super::check_output`].
+pub fn conv2d_input_grad_with_into(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+    kernel: GradKernel,
+    dx: &GpuTensor,
+) -> Result<()> {
+    conv2d_input_grad_impl(ctx, dy, w, params, x_shape, kernel, Some(dx)).map(drop)
+}
+
+fn conv2d_input_grad_impl(
+    ctx: &GpuContext,
+    dy: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    x_shape: [usize; 4],
+    kernel: GradKernel,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     let sg = kernel.subgroup(ctx)?;
     let out = params.output_shape(&x_shape, w.shape())?;
     if dy.shape() != out || !forward_form(params, w.shape()) {
-        return super::conv2d::conv2d_backward_input(ctx, dy, w, params, x_shape);
+        return match given {
+            Some(dx) => {
+                super::conv2d::conv2d_backward_input_into(ctx, dy, w, params, x_shape, dx)?;
+                Ok(dx.clone())
+            }
+            None => super::conv2d::conv2d_backward_input(ctx, dy, w, params, x_shape),
+        };
     }
     ctx.check_tensors(&[("conv2d weight", w), ("conv2d_backward dy", dy)])?;
     expect_f32("conv2d weight", w)?;
     expect_f32("conv2d_backward dy", dy)?;
-    if sg {
-        if let Some(dx) = conv_dgrad_sg(ctx, dy, w, params, x_shape)? {
-            return Ok(dx);
-        }
+    // Every path below writes each element of dx.
+    let dx = output(
+        ctx,
+        "conv2d_backward dx",
+        given,
+        &x_shape,
+        DType::F32,
+        &[dy, w],
+    )?;
+    if sg && conv_dgrad_sg(ctx, dy, w, params, x_shape, &dx)? {
+        return Ok(dx);
     }
-    let ws = w.shape();
-    let wt = flip_transpose(ctx, w)?;
+    let [o, c, kh, kw] = <[usize; 4]>::try_from(w.shape())
+        .map_err(|_| Error::invalid("internal: conv weight rank"))?;
     let p = Conv2dParams {
-        padding: [ws[2] - 1 - params.padding[0], ws[3] - 1 - params.padding[1]],
+        padding: [kh - 1 - params.padding[0], kw - 1 - params.padding[1]],
         ..Conv2dParams::default()
     };
-    let dx = super::conv2d::conv2d(ctx, dy, &wt, &p, &super::conv2d::ConvEpilogue::none())?;
-    if dx.shape() != x_shape {
+    let got = p.output_shape(dy.shape(), &[c, o, kh, kw])?;
+    if got != x_shape {
         return Err(Error::invalid(format!(
-            "internal: conv input gradient {:?}, expected {x_shape:?}",
-            dx.shape()
+            "internal: conv input gradient {got:?}, expected {x_shape:?}"
         )));
     }
+    let wt = flip_transpose(ctx, w)?;
+    let none = super::conv2d::ConvEpilogue::none();
+    super::conv2d::conv2d_into(ctx, dy, &wt, &p, &none, &dx)?;
     Ok(dx)
 }
 
@@ -1018,7 +1313,22 @@ pub fn conv2d_weight_grad(
     params: &Conv2dParams,
     w_shape: [usize; 4],
 ) -> Result<GpuTensor> {
-    conv2d_weight_grad_with(ctx, x, dy, params, w_shape, GradKernel::Auto)
+    conv2d_weight_grad_impl(ctx, x, dy, params, w_shape, GradKernel::Auto, None)
+}
+
+/// [`conv2d_weight_grad`] writing into `dweight` (an `f32` tensor of shape `w_shape` with
+/// its own buffer, see [`super::check_output`]).
+///
+/// Errors: those of [`conv2d_weight_grad`] and [`super::check_output`].
+pub fn conv2d_weight_grad_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+    dweight: &GpuTensor,
+) -> Result<()> {
+    conv2d_weight_grad_impl(ctx, x, dy, params, w_shape, GradKernel::Auto, Some(dweight)).map(drop)
 }
 
 /// [`conv2d_weight_grad`] with the kernels chosen by `kernel`: for ungrouped convs with
@@ -1037,40 +1347,82 @@ pub fn conv2d_weight_grad_with(
     w_shape: [usize; 4],
     kernel: GradKernel,
 ) -> Result<GpuTensor> {
+    conv2d_weight_grad_impl(ctx, x, dy, params, w_shape, kernel, None)
+}
+
+/// [`conv2d_weight_grad_with`] writing into `dweight` (as [`conv2d_weight_grad_into`]).
+///
+/// Errors: those of [`conv2d_weight_grad_with`] and [`super::check_output`].
+pub fn conv2d_weight_grad_with_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+    kernel: GradKernel,
+    dweight: &GpuTensor,
+) -> Result<()> {
+    conv2d_weight_grad_impl(ctx, x, dy, params, w_shape, kernel, Some(dweight)).map(drop)
+}
+
+fn conv2d_weight_grad_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    w_shape: [usize; 4],
+    kernel: GradKernel,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     let sg = kernel.subgroup(ctx)?;
     let out = params.output_shape(x.shape(), &w_shape)?;
-    if dy.shape() == out
-        && sg
+    let sg_form = sg
         && params.pad_mode == PadMode::Explicit
         && params.groups == 1
-        && w_shape[1] == x.shape()[1]
-    {
-        ctx.check_tensors(&[("conv2d input", x), ("conv2d_backward dy", dy)])?;
-        expect_f32("conv2d input", x)?;
-        expect_f32("conv2d_backward dy", dy)?;
-        return conv_wgrad_sg(ctx, x, dy, params, w_shape);
+        && w_shape[1] == x.shape()[1];
+    if dy.shape() != out || !(sg_form || forward_form(params, &w_shape)) {
+        return match given {
+            Some(dw) => {
+                super::conv2d::conv2d_backward_weight_into(ctx, x, dy, params, w_shape, dw)?;
+                Ok(dw.clone())
+            }
+            None => super::conv2d::conv2d_backward_weight(ctx, x, dy, params, w_shape),
+        };
     }
-    if dy.shape() != out || !forward_form(params, &w_shape) {
-        return super::conv2d::conv2d_backward_weight(ctx, x, dy, params, w_shape);
-    }
+    ctx.check_tensors(&[("conv2d input", x), ("conv2d_backward dy", dy)])?;
     expect_f32("conv2d input", x)?;
     expect_f32("conv2d_backward dy", dy)?;
-    let xt = swap01(ctx, x)?;
-    let dyt = swap01(ctx, dy)?;
+    // Both paths below write each element of dweight.
+    let dw = output(
+        ctx,
+        "conv2d_backward dweight",
+        given,
+        &w_shape,
+        DType::F32,
+        &[x, dy],
+    )?;
+    if sg_form {
+        conv_wgrad_sg(ctx, x, dy, params, w_shape, &dw)?;
+        return Ok(dw);
+    }
+    let [o, c, kh, kw] = w_shape;
     let p = Conv2dParams {
         padding: params.padding,
         ..Conv2dParams::default()
     };
-    let g = super::conv2d::conv2d(ctx, &xt, &dyt, &p, &super::conv2d::ConvEpilogue::none())?;
-    let [o, c, kh, kw] = w_shape;
-    if g.shape() != [c, o, kh, kw] {
+    let xs = x.shape();
+    let g_shape = p.output_shape(&[xs[1], xs[0], xs[2], xs[3]], &[o, out[0], out[2], out[3]])?;
+    if g_shape != [c, o, kh, kw] {
         return Err(Error::invalid(format!(
-            "internal: conv weight gradient {:?}, expected {:?}",
-            g.shape(),
+            "internal: conv weight gradient {g_shape:?}, expected {:?}",
             [c, o, kh, kw]
         )));
     }
-    swap01(ctx, &g)
+    let xt = swap01(ctx, x)?;
+    let dyt = swap01(ctx, dy)?;
+    let g = super::conv2d::conv2d(ctx, &xt, &dyt, &p, &super::conv2d::ConvEpilogue::none())?;
+    swap01_into(ctx, &g, &dw)?;
+    Ok(dw)
 }
 
 /// The subgroup matmuls of the training backward (`shaders/matmul_sg.wgsl`): a module of its
@@ -1361,14 +1713,16 @@ pub(crate) fn linear_sg_into(
     matmul_sg_into(ctx, x, w, m, bias, act, y)
 }
 
-/// The conv weight gradient as `conv_wgrad_sg` (groups 1, explicit padding): `[O, C, KH, KW]`.
+/// The conv weight gradient as `conv_wgrad_sg` (groups 1, explicit padding) into `out`
+/// (`[O, C, KH, KW]`, checked by the caller).
 fn conv_wgrad_sg(
     ctx: &GpuContext,
     x: &GpuTensor,
     dy: &GpuTensor,
     params: &Conv2dParams,
     w_shape: [usize; 4],
-) -> Result<GpuTensor> {
+    out: &GpuTensor,
+) -> Result<()> {
     let [n, c, h, w] = <[usize; 4]>::try_from(x.shape())
         .map_err(|_| Error::invalid("internal: conv input rank"))?;
     let [o, _, kh, kw] = w_shape;
@@ -1428,7 +1782,11 @@ fn conv_wgrad_sg(
             return Err(Error::invalid("conv2d weight gradient: sizes exceed i32"));
         }
     }
-    let out = GpuTensor::uninit(ctx, &w_shape, DType::F32)?;
+    if out.shape() != w_shape {
+        return Err(Error::invalid(
+            "internal: conv weight gradient output shape",
+        ));
+    }
     let uniform = ctx.params(&p)?;
     let constants = sg_constants(wg);
     ctx.run(&[Launch {
@@ -1436,19 +1794,20 @@ fn conv_wgrad_sg(
         constants: &constants,
         buffers: &[&uniform, dy.buffer(), x.buffer(), out.buffer(), x.buffer()],
         workgroups,
-    }])?;
-    Ok(out)
+    }])
 }
 
 /// The conv input gradient as `matmul_sg` (`col = Wᵀ·dy` per image) and `col2im` (stride 1,
-/// dilation 1, groups 1), or `None` when the column matrix would exceed a storage binding.
+/// dilation 1, groups 1) into `dx` (`x_shape`, checked by the caller); `false` (nothing
+/// launched) when the column matrix would exceed a storage binding.
 fn conv_dgrad_sg(
     ctx: &GpuContext,
     dy: &GpuTensor,
     w: &GpuTensor,
     params: &Conv2dParams,
     x_shape: [usize; 4],
-) -> Result<Option<GpuTensor>> {
+    dx: &GpuTensor,
+) -> Result<bool> {
     let [n, c, h, wd] = x_shape;
     let [o, _, kh, kw] = <[usize; 4]>::try_from(w.shape())
         .map_err(|_| Error::invalid("internal: conv weight rank"))?;
@@ -1461,7 +1820,10 @@ fn conv_dgrad_sg(
         .try_fold(1usize, |acc, &v| acc.checked_mul(v))
         .filter(|&l| (l as u64).saturating_mul(4) <= ctx.limits().max_storage_buffer_binding_size);
     if col_len.is_none() {
-        return Ok(None);
+        return Ok(false);
+    }
+    if dx.shape() != x_shape {
+        return Err(Error::invalid("internal: conv input gradient output shape"));
     }
     let m = SgMatmul {
         batch: n,
@@ -1473,7 +1835,6 @@ fn conv_dgrad_sg(
         b: [o * ohw, ohw, 1, 0],
     };
     let col = matmul_sg(ctx, w, dy, m, &[n, ckk, ohw])?;
-    let dx = GpuTensor::uninit(ctx, &x_shape, DType::F32)?;
     let u = |v: usize| to_u32(v, "conv2d size");
     let p = SgParams {
         count: u(dx.len())?,
@@ -1497,5 +1858,5 @@ fn conv_dgrad_sg(
         buffers: &[&uniform, col.buffer(), dx.buffer()],
         workgroups: ctx.grid_1d(dx.len(), wg as u32)?,
     }])?;
-    Ok(Some(dx))
+    Ok(true)
 }

@@ -34,6 +34,7 @@ mod gpu_into;
 mod gpu_observer_fold;
 mod gpu_runtime;
 mod gpu_train;
+mod gpu_train_into;
 mod hostile;
 mod onnx;
 mod proptest_ops;
@@ -80,6 +81,7 @@ fn main() -> std::process::ExitCode {
         gpu_observer_fold::TESTS,
         gpu_runtime::TESTS,
         gpu_train::TESTS,
+        gpu_train_into::TESTS,
         hostile::TESTS,
         onnx::TESTS,
         proptest_ops::TESTS,
