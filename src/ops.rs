@@ -432,6 +432,39 @@ pub fn check_classification(
     }
     Ok([n, c])
 }
+/// The shared checks of one running-observer step ([`crate::backend::QuantOps::observe_running`]):
+/// `spec` valid, a non-empty input `x_shape` with `spec`'s per-channel axis, and the running
+/// `state_shape` (when there is one) `[2, C]` for the input's `C`
+/// ([`check_observer_update`]). Returns the resolved channel axis (`None` per tensor), `C`,
+/// and `spec` with its axis resolved against the input's rank ([`ObserverSpec::for_rank`]).
+///
+/// Errors: [`ObserverSpec::validate`]'s; [`Error::AxisOutOfRange`]; [`Error::InvalidArgument`]
+/// for an empty input or an averaging constant outside `[0, 1]`; [`Error::ShapeMismatch`]
+/// for a state of another channel count.
+pub fn check_running_observer(
+    x_shape: &[usize],
+    state_shape: Option<&[usize]>,
+    spec: &ObserverSpec,
+    averaging_constant: Option<f32>,
+) -> Result<(Option<usize>, usize, ObserverSpec)> {
+    spec.validate()?;
+    if x_shape.contains(&0) {
+        return Err(Error::invalid(format!(
+            "an observer cannot observe an empty tensor (shape {x_shape:?})"
+        )));
+    }
+    let spec = spec.for_rank(x_shape.len())?;
+    let axis = if spec.qscheme.is_per_channel() {
+        Some(spec.channel_axis(x_shape.len())?)
+    } else {
+        None
+    };
+    let c = axis.map_or(1, |a| x_shape[a]);
+    let batch = [2, c];
+    check_observer_update(state_shape.unwrap_or(&batch), &batch, averaging_constant)?;
+    Ok((axis, c, spec))
+}
+
 /// The shared checks of [`crate::reference::train::observer_update`]: both `[2, C]`, the same `C`, an averaging
 /// constant in `[0, 1]`. Returns `C`.
 ///

@@ -280,6 +280,40 @@ impl QuantOps for CpuBackend {
     fn calc_qparams(&self, x: &ArrayD<f32>, spec: &ObserverSpec) -> Result<QParams> {
         r::observer::observe_qparams(x, spec)
     }
+    fn observe_running(
+        &self,
+        state: Option<ArrayD<f32>>,
+        x: &ArrayD<f32>,
+        spec: &ObserverSpec,
+        averaging_constant: Option<f32>,
+    ) -> Result<(ArrayD<f32>, QParams)> {
+        let (axis, c, spec) = crate::ops::check_running_observer(
+            x.shape(),
+            state.as_ref().map(|s| s.shape()),
+            spec,
+            averaging_constant,
+        )?;
+        let (mn, mx) = match axis {
+            Some(a) => r::observer::min_max_per_channel(x, a)?,
+            None => {
+                let (a, b) = r::observer::min_max(x);
+                (vec![a], vec![b])
+            }
+        };
+        let batch = Array2::from_shape_vec((2, c), mn.into_iter().chain(mx).collect())
+            .map_err(|e| Error::invalid(format!("internal: observer min/max: {e}")))?;
+        let state = match state {
+            None => batch,
+            Some(s) => {
+                let mut s = dim::<f32, Ix2>(&s, "observer state")?;
+                r::train::observer_update(&mut s, &batch, averaging_constant, false)?;
+                s
+            }
+        };
+        let (mins, maxs) = (state.row(0).to_vec(), state.row(1).to_vec());
+        let qp = r::observer::calculate_qparams(&mins, &maxs, &spec);
+        Ok((state.into_dyn(), qp))
+    }
     fn fold_conv_bn(
         &self,
         weight: &ArrayD<f32>,

@@ -493,6 +493,39 @@ impl QuantOps for GpuBackend {
         kernels::observer::observe(&self.ctx, x, spec)
     }
 
+    fn observe_running(
+        &self,
+        state: Option<GpuTensor>,
+        x: &GpuTensor,
+        spec: &ObserverSpec,
+        averaging_constant: Option<f32>,
+    ) -> Result<(GpuTensor, GpuQParams)> {
+        let (axis, _, spec) = crate::ops::check_running_observer(
+            x.shape(),
+            state.as_ref().map(|s| s.shape()),
+            spec,
+            averaging_constant,
+        )?;
+        self.ctx.record(|| {
+            let batch = kernels::observer::min_max(&self.ctx, x, axis)?;
+            let state = match state {
+                None => batch,
+                Some(s) => {
+                    kernels::train::observer_update(
+                        &self.ctx,
+                        &s,
+                        &batch,
+                        averaging_constant,
+                        false,
+                    )?;
+                    s
+                }
+            };
+            let qp = kernels::observer::calc_qparams(&self.ctx, &state, &spec, axis)?;
+            Ok((state, qp))
+        })
+    }
+
     fn fold_conv_bn(
         &self,
         weight: &GpuTensor,

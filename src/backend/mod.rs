@@ -195,6 +195,27 @@ pub trait QuantOps: Device {
     /// `PerChannelMinMaxObserver` then `calculate_qparams`), on the backend.
     fn calc_qparams(&self, x: &Self::Tensor, spec: &ObserverSpec) -> Result<Self::QParams>;
 
+    /// One step of a running observer on the backend (`MinMaxObserver` /
+    /// `MovingAverageMinMaxObserver`, per tensor or per channel along `spec.axis`, as a
+    /// [`crate::qat::FakeQuantize`]'s observer): `x`'s min/max (per
+    /// [`crate::reference::observer::min_max`]) becomes the state on the first step
+    /// (`state == None`), else is combined into `state` per
+    /// [`crate::reference::train::observer_update`] (running min / max with
+    /// `averaging_constant = None`, the moving average with `Some(c)`). Returns the new state
+    /// `[2, C]` (row 0 minima, row 1 maxima; `state` is consumed, and may be updated in place)
+    /// and its qparams ([`crate::reference::observer::calculate_qparams`]), without leaving
+    /// the backend.
+    ///
+    /// Errors: those of [`crate::ops::check_running_observer`].
+    #[allow(clippy::type_complexity)]
+    fn observe_running(
+        &self,
+        state: Option<Self::Tensor>,
+        x: &Self::Tensor,
+        spec: &ObserverSpec,
+        averaging_constant: Option<f32>,
+    ) -> Result<(Self::Tensor, Self::QParams)>;
+
     /// Folds BatchNorm into a conv weight of any rank
     /// (`torch.nn.utils.fusion.fuse_conv_bn_weights`). `transpose`: a ConvTranspose weight
     /// `[Cin, Cout/g, k...]`.

@@ -5,11 +5,13 @@ use std::collections::HashMap;
 use ndarray::ArrayD;
 
 use super::ConfigList;
-use crate::backend::HostOps;
+use crate::backend::{Backend, HostOps};
 use crate::error::{Error, Result};
 use crate::fuse::{fuse_modules, fuse_modules_qat, FuseOptions};
 use crate::io::text::{escape, escape_list};
-use crate::nn::{has_quantizable_bias, weight_channel_axis, Layer, Module, QuantTarget};
+use crate::nn::{
+    has_quantizable_bias, weight_channel_axis, DeviceChain, Layer, Module, QuantTarget,
+};
 use crate::qat::{prepare_qat_with, FakeQuantConfig, FakeQuantize, QatLayer, QatQConfig};
 use crate::quant::{ObserverSpec, QParams};
 
@@ -369,20 +371,70 @@ pub fn reset_observers(model: &mut Module) -> usize {
     })
 }
 
-/// Post-training calibration: enables the observers and fake quantization of every target,
-/// runs the model on each batch on `backend` (min/max accumulate over all batches, on top of
-/// what earlier calls observed; see [`reset_observers`]), then disables the observers, so the
-/// model's forward is the simulated (fake-quantized) model with the calibrated qparams.
+/// Post-training calibration on `backend`'s own tensors: enables the observers and fake
+/// quantization of every target, prepares the model once on the backend
+/// ([`DeviceChain::from_module`]: parameters uploaded once, each fake quant's statistics
+/// with them), runs it on each batch (one upload per batch, nothing downloaded; each
+/// observer's min/max or moving average updated on the device by
+/// [`crate::backend::QuantOps::observe_running`], on top of what earlier calls observed; see
+/// [`reset_observers`]), writes the observed ranges and qparams back into the model
+/// ([`DeviceChain::write_back`]: one download per statistic), then disables the observers,
+/// so the model's forward is the simulated (fake-quantized) model with the calibrated
+/// qparams. The CPU reference and the GPU give the same qparams wherever the observed values
+/// are the same (bit for bit: min/max and `calculate_qparams` are exact on both).
 ///
 /// Within a pass each target is observed then quantized, so later targets see quantized
 /// values: an op's `_output_` is observed on the output computed from its quantized input
-/// and weight, as PyTorch's and NNI's calibration do. The training flags are left as they
-/// are ([`apply`] in PTQ mode sets eval). Returns the number of batches.
+/// and weight, as PyTorch's and NNI's calibration do. The model must be in eval mode
+/// ([`apply`] in PTQ mode sets it). Returns the number of batches.
 ///
 /// Errors: [`Error::InvalidArgument`] when the model has no quantization targets (call
-/// [`apply`] first) or there are no batches; the forward's errors (the observers are
-/// disabled again either way).
-pub fn calibrate<'a>(
+/// [`apply`] first) or there are no batches; those of [`DeviceChain::from_module`] (models
+/// with QAT modules, custom layers, hooks or custom forward closures: use
+/// [`calibrate_host`]); the forward's errors (the observers are disabled again either way,
+/// and the model keeps its earlier statistics).
+pub fn calibrate<'a, B: Backend>(
+    model: &mut Module,
+    backend: &B,
+    batches: impl IntoIterator<Item = &'a ArrayD<f32>>,
+) -> Result<usize> {
+    if set_observer_enabled(model, true) == 0 {
+        return Err(Error::invalid(
+            "the model has no quantization targets to calibrate: apply a config first",
+        ));
+    }
+    set_fake_quant_enabled(model, true);
+    let result = calibrate_on_device(model, backend, batches);
+    set_observer_enabled(model, false);
+    match result? {
+        0 => Err(Error::invalid("calibrate needs at least one batch")),
+        n => Ok(n),
+    }
+}
+
+fn calibrate_on_device<'a, B: Backend>(
+    model: &mut Module,
+    backend: &B,
+    batches: impl IntoIterator<Item = &'a ArrayD<f32>>,
+) -> Result<usize> {
+    let mut chain = DeviceChain::from_module(model, backend.clone())?;
+    let mut n = 0;
+    for x in batches {
+        chain.forward_mut(&backend.upload(x)?)?;
+        n += 1;
+    }
+    if n > 0 {
+        chain.write_back(model)?;
+    }
+    Ok(n)
+}
+
+/// [`calibrate`] through the host-array layer: [`Module::forward`] on each batch, so it
+/// takes any module tree (QAT modules, custom layers and forwards, hooks), with each
+/// observer's statistics reduced on the host ([`FakeQuantize::observe`], the CPU
+/// reference's min/max and update) and every op a round trip through `backend`. Same
+/// semantics and errors as [`calibrate`] otherwise.
+pub fn calibrate_host<'a>(
     model: &mut Module,
     backend: &dyn HostOps,
     batches: impl IntoIterator<Item = &'a ArrayD<f32>>,

@@ -95,8 +95,8 @@
 mod apply;
 
 pub use apply::{
-    apply, calibrate, qparams, reset_observers, set_fake_quant_enabled, set_observer_enabled,
-    AppliedConfig, QuantMode,
+    apply, calibrate, calibrate_host, qparams, reset_observers, set_fake_quant_enabled,
+    set_observer_enabled, AppliedConfig, QuantMode,
 };
 
 use serde::{Deserialize, Serialize};

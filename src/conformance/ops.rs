@@ -443,7 +443,7 @@ fn model_mnist_ptq(case: &Case, b: &dyn HostOps) -> Result<Outputs> {
     let x = case.input("x")?.clone();
     let y_float = model.forward(b, &x)?;
     config::apply(&mut model, &config, QuantMode::Ptq)?;
-    config::calibrate(&mut model, b, [&x])?;
+    config::calibrate_host(&mut model, b, [&x])?;
     config::set_fake_quant_enabled(&mut model, false);
     let y_fused = model.forward(b, &x)?;
     config::set_fake_quant_enabled(&mut model, true);

@@ -29,9 +29,10 @@
 //! ```
 //!
 //! The ten modules are registered in that order (so [`crate::nn::Module::named_modules`] and
-//! the state dict list them as PyTorch does); the forward is a custom container forward in
-//! the order above, with `view(-1, 800)` and `log_softmax(dim=1)` functional, as in the
-//! Python. Its straight-line chains are `conv1 … max_pool2` and `fc1, relu3, fc2`, where
+//! the state dict list them as PyTorch does); the forward is the container's straight-line
+//! steps ([`Container::with_steps`]) in the order above, with `view(-1, 800)` (a flatten)
+//! and `log_softmax(dim=1)` functional ops between the children, as in the Python; the host
+//! forward and the device one ([`device_forward`]) run the same steps. Its straight-line chains are `conv1 … max_pool2` and `fc1, relu3, fc2`, where
 //! [`crate::fuse::find_fusable`] finds `conv1, batchnorm1, relu1`, `conv2, relu2` and
 //! `fc1, relu3`.
 //!
@@ -61,7 +62,7 @@ use crate::backend::Backend;
 use crate::config::ConfigList;
 use crate::error::{Error, Result};
 use crate::io::StateDict;
-use crate::nn::{BatchNormLayer, Container, DeviceChain, Layer, Module};
+use crate::nn::{BatchNormLayer, Container, DeviceChain, ForwardStep, Layer, Module};
 use crate::ops::{BatchNorm, Conv2dParams};
 
 /// The input shape of one image: `[1, 28, 28]` (a batch is `[N, 1, 28, 28]`).
@@ -145,54 +146,30 @@ fn assemble(
         .with_child("max_pool1", Module::max_pool2d(2, 2)?)?
         .with_child("max_pool2", Module::max_pool2d(2, 2)?)?
         .with_child("batchnorm1", batchnorm1)?
-        .with_forward([&CHAIN_CONV[..], &CHAIN_FC[..]], |s, x| {
-            if x.ndim() != 4 || x.shape()[1..] != INPUT_SHAPE {
-                let n = x.shape().first().copied().unwrap_or(0);
-                return Err(Error::shape(
-                    "Mnist input (N, 1, 28, 28)",
-                    &[n, 1, 28, 28],
-                    x.shape(),
-                ));
-            }
-            let mut h = s.call(CHAIN_CONV[0], x)?;
-            for name in &CHAIN_CONV[1..] {
-                h = s.call(name, &h)?;
-            }
-            // x.view(-1, 4 * 4 * 50)
-            let rows = h.len() / FLAT;
-            let mut h = h
-                .as_standard_layout()
-                .into_owned()
-                .into_shape_with_order(IxDyn(&[rows, FLAT]))
-                .map_err(|e| Error::invalid(format!("Mnist view(-1, 800): {e}")))?;
-            for name in CHAIN_FC {
-                h = s.call(name, &h)?;
-            }
-            // F.log_softmax(x, dim=1)
-            Module::log_softmax(1).forward(s.backend(), &h)
-        })?;
+        .with_steps(forward_steps())?;
     Ok(Module::container(c))
 }
 
+/// The forward as [`ForwardStep`]s: the conv chain, `x.view(-1, 4 * 4 * 50)` (a flatten
+/// from dim 1: the same for `[N, 50, 4, 4]`, and for any other shape an error where the view
+/// might regroup rows), the fc chain, `F.log_softmax(x, dim=1)`.
+fn forward_steps() -> Vec<ForwardStep> {
+    let mut steps: Vec<ForwardStep> = CHAIN_CONV.iter().map(|&n| ForwardStep::child(n)).collect();
+    steps.push(ForwardStep::op(Module::flatten(1, -1)));
+    steps.extend(CHAIN_FC.iter().map(|&n| ForwardStep::child(n)));
+    steps.push(ForwardStep::op(Module::log_softmax(1)));
+    steps
+}
+
 /// The eval forward of a Mnist network built by [`mnist`] (float, or after
-/// `fuse_modules`), prepared on `backend`: its parameters placed there once, the forward on
-/// the backend's tensors ([`DeviceChain`]): the conv chain, `view(-1, 800)`, the fc chain,
-/// `log_softmax(dim=1)`. On the GPU one forward is one upload (the batch) and one download
-/// (the log-probabilities).
+/// `fuse_modules`, with or without the fake-quant targets of [`crate::config::apply`]),
+/// prepared on `backend`: its parameters placed there once, the forward on the backend's
+/// tensors ([`DeviceChain::from_module`]). On the GPU one forward is one upload (the batch)
+/// and one download (the log-probabilities).
 ///
-/// Errors: a model without the Mnist children, children with no device forward (QAT
-/// modules, hooks), backend errors.
+/// Errors: those of [`DeviceChain::from_module`].
 pub fn device_forward<B: Backend>(model: &Module, backend: B) -> Result<DeviceChain<B>> {
-    let mut chain = DeviceChain::new(backend);
-    for name in CHAIN_CONV {
-        chain.push(name, model.get(name)?)?;
-    }
-    chain.push("view", &Module::flatten(1, -1))?;
-    for name in CHAIN_FC {
-        chain.push(name, model.get(name)?)?;
-    }
-    chain.push("log_softmax", &Module::log_softmax(1))?;
-    Ok(chain)
+    DeviceChain::from_module(model, backend)
 }
 
 /// PyTorch's default `Conv2d` / `Linear` initialisation: `kaiming_uniform_(a=sqrt(5))` for

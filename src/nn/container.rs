@@ -39,6 +39,51 @@ pub struct Container {
     /// `None`: one chain, the registration order.
     chains: Option<Vec<Vec<String>>>,
     forward: Option<ForwardFn>,
+    /// A straight-line forward of children and functional ops ([`Container::with_steps`]).
+    steps: Option<Vec<ForwardStep>>,
+}
+
+/// One step of a straight-line container forward declared with [`Container::with_steps`].
+#[derive(Debug, Clone)]
+pub enum ForwardStep {
+    /// Runs the child of this name.
+    Child(String),
+    /// A functional op between children, as PyTorch's `x.view(-1, n)` or `F.log_softmax(x,
+    /// dim=1)` in a `forward`: a leaf module without parameters or state (`Flatten`,
+    /// `LogSoftmax`, `ReLU`, `ReLU6`, `LeakyReLU`, `Hardswish`, `Identity`, `MaxPool2d`),
+    /// not part of the module tree.
+    Op(Box<Module>),
+}
+
+impl ForwardStep {
+    /// [`ForwardStep::Child`] of `name`.
+    pub fn child(name: impl Into<String>) -> Self {
+        Self::Child(name.into())
+    }
+
+    /// [`ForwardStep::Op`] of `module`.
+    pub fn op(module: Module) -> Self {
+        Self::Op(Box::new(module))
+    }
+}
+
+/// Whether `m` can be a [`ForwardStep::Op`]: a parameterless leaf without hooks or targets.
+fn is_functional(m: &Module) -> bool {
+    use super::Layer;
+    m.forward_pre_hooks().is_empty()
+        && m.forward_hooks().is_empty()
+        && m.quant_targets().is_none()
+        && matches!(
+            m.layer(),
+            Layer::Flatten { .. }
+                | Layer::LogSoftmax { .. }
+                | Layer::ReLU
+                | Layer::ReLU6
+                | Layer::LeakyReLU { .. }
+                | Layer::Hardswish
+                | Layer::Identity
+                | Layer::MaxPool2d { .. }
+        )
 }
 
 impl Container {
@@ -50,6 +95,7 @@ impl Container {
             children: Vec::new(),
             chains: None,
             forward: None,
+            steps: None,
         }
     }
 
@@ -98,7 +144,82 @@ impl Container {
         let order = self.check_names(order)?;
         self.chains = Some(vec![order]);
         self.forward = None;
+        self.steps = None;
         Ok(self)
+    }
+
+    /// Declares a straight-line forward of children and functional ops (each output feeding
+    /// the next), for a `forward` that a child order cannot express only because of
+    /// functional calls between children (NNI's Mnist: the conv children, `x.view(-1, 800)`,
+    /// the fc children, `F.log_softmax(x, dim=1)`). The host forward runs the steps in order;
+    /// [`crate::nn::DeviceChain::from_module`] runs the same steps on a backend's tensors. The
+    /// chains ([`Container::chains`], where fusion looks) are the runs of children between
+    /// ops. The container counts as having a custom forward
+    /// ([`Container::has_custom_forward`]).
+    ///
+    /// ```
+    /// use qfuse::nn::{Container, ForwardStep, Module};
+    ///
+    /// let c = Container::new("Head")
+    ///     .with_child("fc", Module::linear(ndarray::Array2::from_elem((2, 12), 0.1), None)?)?
+    ///     .with_steps([
+    ///         ForwardStep::op(Module::flatten(1, -1)),
+    ///         ForwardStep::child("fc"),
+    ///         ForwardStep::op(Module::log_softmax(1)),
+    ///     ])?;
+    /// assert_eq!(c.chains(), vec![vec!["fc".to_string()]]);
+    /// let y = Module::container(c).forward(&qfuse::CpuBackend, &ndarray::ArrayD::zeros(vec![3, 3, 4]))?;
+    /// assert_eq!(y.shape(), &[3, 2]);
+    /// # Ok::<(), qfuse::Error>(())
+    /// ```
+    ///
+    /// Errors: [`Error::UnknownModule`] for a child name that is not a child;
+    /// [`Error::InvalidArgument`] for an op that is not a parameterless leaf (or has hooks or
+    /// quantization targets).
+    pub fn with_steps(mut self, steps: impl IntoIterator<Item = ForwardStep>) -> Result<Self> {
+        let steps: Vec<ForwardStep> = steps.into_iter().collect();
+        let mut chains: Vec<Vec<String>> = Vec::new();
+        let mut run: Vec<String> = Vec::new();
+        for step in &steps {
+            match step {
+                ForwardStep::Child(name) => run.extend(self.check_names([name])?),
+                ForwardStep::Op(m) => {
+                    if !is_functional(m) {
+                        return Err(Error::invalid(format!(
+                            "a forward step op must be a parameterless leaf module without \
+                             hooks or quantization targets (Flatten, LogSoftmax, an \
+                             activation, Identity, MaxPool2d), got {}",
+                            m.kind_name()
+                        )));
+                    }
+                    if !run.is_empty() {
+                        chains.push(std::mem::take(&mut run));
+                    }
+                }
+            }
+        }
+        if !run.is_empty() {
+            chains.push(run);
+        }
+        let plan = steps.clone();
+        self.chains = Some(chains);
+        self.forward = Some(Arc::new(move |s: &mut Scope<'_>, x: &ArrayD<f32>| {
+            let mut h = x.clone();
+            for step in &plan {
+                h = match step {
+                    ForwardStep::Child(name) => s.call(name, &h)?,
+                    ForwardStep::Op(m) => m.clone().forward(s.backend(), &h)?,
+                };
+            }
+            Ok(h)
+        }));
+        self.steps = Some(steps);
+        Ok(self)
+    }
+
+    /// The straight-line steps declared with [`Container::with_steps`], if any.
+    pub fn steps(&self) -> Option<&[ForwardStep]> {
+        self.steps.as_deref()
     }
 
     /// Declares a custom forward `f` and its straight-line `chains` (each a list of child
@@ -141,6 +262,7 @@ impl Container {
         }
         self.chains = Some(checked);
         self.forward = Some(Arc::new(f));
+        self.steps = None;
         Ok(self)
     }
 
@@ -258,6 +380,7 @@ impl fmt::Debug for Container {
             .field("children", &self.children)
             .field("chains", &self.chains)
             .field("custom_forward", &self.forward.is_some())
+            .field("steps", &self.steps)
             .finish()
     }
 }

@@ -7,6 +7,7 @@ use crate::backend::HostOps;
 use crate::error::{Error, Result};
 use crate::quant::{ObserverSpec, QDtype, QParams, QScheme, QuantRange};
 use crate::reference::observer::{calculate_qparams, min_max, min_max_per_channel};
+use crate::reference::train::observer_combine;
 
 /// How an observer combines the statistics of successive batches.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -247,28 +248,6 @@ pub struct FakeQuantize {
     pub fake_quant_enabled: bool,
 }
 
-/// `torch.minimum` on scalars: NaN if either is NaN.
-fn nan_min(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else if b < a {
-        b
-    } else {
-        a
-    }
-}
-
-/// `torch.maximum` on scalars: NaN if either is NaN.
-fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else if b > a {
-        b
-    } else {
-        a
-    }
-}
-
 impl FakeQuantize {
     /// A fresh fake quant (never observed, both switches on), as `qconfig.weight()` builds
     /// it. Errors: those of [`FakeQuantConfig::validate`].
@@ -297,6 +276,16 @@ impl FakeQuantize {
         FakeQuantConfig {
             observer: self.observer,
             spec: self.spec,
+        }
+    }
+
+    /// The observer's averaging constant: `None` for running min / max, `Some(c)` for the
+    /// moving average (the form [`crate::reference::train::observer_update`] and
+    /// [`crate::backend::QuantOps::observe_running`] take).
+    pub fn averaging_constant(&self) -> Option<f32> {
+        match self.observer {
+            ObserverKind::MinMax => None,
+            ObserverKind::MovingAverage { averaging_constant } => Some(averaging_constant),
         }
     }
 
@@ -357,24 +346,13 @@ impl FakeQuantize {
             self.min_val = cur_min;
             self.max_val = cur_max;
         } else {
-            match self.observer {
-                ObserverKind::MinMax => {
-                    for (m, c) in self.min_val.iter_mut().zip(cur_min) {
-                        *m = nan_min(c, *m);
-                    }
-                    for (m, c) in self.max_val.iter_mut().zip(cur_max) {
-                        *m = nan_max(c, *m);
-                    }
-                }
-                ObserverKind::MovingAverage { averaging_constant } => {
-                    let k = averaging_constant;
-                    for (m, c) in self.min_val.iter_mut().zip(cur_min) {
-                        *m = *m + k * (c - *m);
-                    }
-                    for (m, c) in self.max_val.iter_mut().zip(cur_max) {
-                        *m = *m + k * (c - *m);
-                    }
-                }
+            // One formula for every backend: reference::train::observer_combine.
+            let c = self.averaging_constant();
+            for (m, v) in self.min_val.iter_mut().zip(cur_min) {
+                *m = observer_combine(*m, v, false, c, false);
+            }
+            for (m, v) in self.max_val.iter_mut().zip(cur_max) {
+                *m = observer_combine(*m, v, true, c, false);
             }
         }
         let qp = self.calculate_qparams();

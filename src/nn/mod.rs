@@ -128,7 +128,7 @@ pub(crate) mod qat_layer;
 mod quant;
 mod state_dict;
 
-pub use container::{Container, ForwardFn, Scope};
+pub use container::{Container, ForwardFn, ForwardStep, Scope};
 pub use device::DeviceChain;
 // The QAT module types live here, beside the layers that hold them (`Layer::Qat`); their
 // public home is `crate::qat`, which holds the QAT procedures.

@@ -5,7 +5,7 @@
 use crate::common;
 
 use ndarray::{concatenate, Array1, Array2, ArrayD, Axis, IxDyn};
-use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
+use qfuse::backend::{Backend, CpuBackend, GpuBackend, HostOps};
 use qfuse::config::{self, ConfigList, QuantMode};
 use qfuse::model::mnist;
 use qfuse::nn::{Layer, Module, QuantTarget};
@@ -461,26 +461,40 @@ fn errors_name_what_is_wrong() {
     assert!(err.to_string().contains("conv1._input_"), "{err}");
 }
 
+/// Calibrates (on the device: observers on `b`) and runs the simulation of a per-channel
+/// config on `b`: the output and the qparams.
+fn calibrated_on<B: Backend>(b: &B) -> (ArrayD<f32>, Vec<(String, QuantTarget, QParams)>) {
+    let mut m = model();
+    let c = cfg(
+        r#"[{"op_types": ["Conv2d", "Linear"], "target_names": ["_input_", "weight", "_output_"],
+            "fuse_names": [["conv1", "batchnorm1", "relu1"]], "granularity": "per_channel"}]"#,
+    );
+    config::apply(&mut m, &c, QuantMode::Ptq).unwrap();
+    config::calibrate(&mut m, b, [&batch(4, 5), &batch(4, 6)]).unwrap();
+    let chain = mnist::device_forward(&m, b.clone()).unwrap();
+    let y = b
+        .download(&chain.forward(&b.upload(&batch(4, 7)).unwrap()).unwrap())
+        .unwrap();
+    (y, config::qparams(&m))
+}
+
 fn calibration_on_the_gpu_matches_the_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
-    let run = |b: &dyn HostOps| {
-        let mut m = model();
-        let c = cfg(
-            r#"[{"op_types": ["Conv2d", "Linear"], "target_names": ["_input_", "weight", "_output_"],
-                "fuse_names": [["conv1", "batchnorm1", "relu1"]], "granularity": "per_channel"}]"#,
-        );
-        config::apply(&mut m, &c, QuantMode::Ptq).unwrap();
-        config::calibrate(&mut m, b, [&batch(4, 5), &batch(4, 6)]).unwrap();
-        let y = m.forward(b, &batch(4, 7)).unwrap();
-        (y, config::qparams(&m))
-    };
-    let (y_cpu, q_cpu) = run(&CpuBackend);
-    let (y_gpu, q_gpu) = run(&gpu);
+    let (y_cpu, q_cpu) = calibrated_on(&CpuBackend);
+    let (y_gpu, q_gpu) = calibrated_on(&gpu);
+    assert_eq!(q_cpu.len(), 12);
     assert_eq!(q_cpu.len(), q_gpu.len());
-    for ((p, t, a), (_, _, b)) in q_cpu.iter().zip(&q_gpu) {
-        for (x, y) in a.scale.iter().zip(&b.scale) {
-            assert!((x - y).abs() <= 1e-3 * x.abs(), "{p}.{t}: {x} vs {y}");
+    for ((p, t, a), (p2, t2, b)) in q_cpu.iter().zip(&q_gpu) {
+        assert_eq!((p, t), (p2, t2));
+        if p == "conv1" && *t == QuantTarget::Input || *t == QuantTarget::Weight {
+            // Observed on the same values on both (the batch, the weights): the same bits.
+            assert_eq!(a, b, "{p}.{t}");
+        } else {
+            // Observed on op outputs, which differ in summation order between backends.
+            for (x, y) in a.scale.iter().zip(&b.scale) {
+                assert!((x - y).abs() <= 1e-3 * x.abs(), "{p}.{t}: {x} vs {y}");
+            }
         }
     }
     // A one-step flip of a rounding is possible between backends; the outputs stay close.

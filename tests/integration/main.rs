@@ -20,6 +20,7 @@ mod demo;
 mod deploy;
 mod deploy_gpu;
 mod device_forward;
+mod device_ptq;
 mod digits;
 mod errors;
 mod fold_cli;
@@ -67,6 +68,7 @@ fn main() -> std::process::ExitCode {
         deploy::TESTS,
         deploy_gpu::TESTS,
         device_forward::TESTS,
+        device_ptq::TESTS,
         digits::TESTS,
         errors::TESTS,
         fold_cli::TESTS,

@@ -32,7 +32,7 @@ use qfuse::io::state_dict::load_state_dict;
 use qfuse::io::text::{escape, escape_path};
 use qfuse::limits::{MAX_DEMO_BATCH, MAX_DEMO_CALIBRATION_BATCHES, MAX_DEMO_EPOCHS, MAX_DEMO_RUNS};
 use qfuse::model::mnist;
-use qfuse::nn::Module;
+use qfuse::nn::{DeviceChain, Module};
 use qfuse::optim::Sgd;
 use qfuse::quant::RequantMode;
 use qfuse::train::{
@@ -157,6 +157,9 @@ struct Stage {
     accuracy: f64,
     seconds: f64,
     transfers: Option<TransferStats>,
+    /// Uploads + downloads of one forward of the stage's model (where it has one and a GPU
+    /// counts them).
+    per_forward: Option<u64>,
     note: String,
 }
 
@@ -201,19 +204,28 @@ fn accuracy(
     Ok(correct as f64 / split.len().max(1) as f64)
 }
 
+/// One forward of a model prepared on the device: upload the batch, run, download the
+/// output.
+fn chain_forward<B: Backend>(
+    chain: &DeviceChain<B>,
+    x: &ArrayD<f32>,
+) -> qfuse::Result<ArrayD<f32>> {
+    let b = chain.backend();
+    b.download(&chain.forward(&b.upload(x)?)?)
+}
+
 /// One untimed forward (its output, and a warm-up for the GPU's pipelines), then `runs`
-/// timed ones: the output and the median time in ms.
-fn measure(
-    model: &mut Module,
-    b: &dyn HostOps,
+/// timed ones (each with its upload and download): the output and the median time in ms.
+fn measure<B: Backend>(
+    chain: &DeviceChain<B>,
     x: &ArrayD<f32>,
     runs: usize,
 ) -> qfuse::Result<(ArrayD<f32>, f64)> {
-    let y = model.forward(b, x)?;
+    let y = chain_forward(chain, x)?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
-        model.forward(b, x)?;
+        chain_forward(chain, x)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok((y, median(times)))
@@ -518,6 +530,7 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
                 "downloads": s.transfers.map(|t| t.downloads),
                 "upload_bytes": s.transfers.map(|t| t.upload_bytes),
                 "download_bytes": s.transfers.map(|t| t.download_bytes),
+                "transfers_per_forward": s.per_forward,
             })).collect::<Vec<Value>>(),
             "accuracy_float": acc("float"),
             "accuracy_ptq_fused": acc("ptq_fused"),
@@ -753,6 +766,7 @@ fn stages<B: Backend + Clone>(
         accuracy: float_acc,
         seconds: train_seconds,
         transfers: transfers_since(&gpu_ctx, before),
+        per_forward: None,
         note: if args.epochs > 0 {
             format!(
                 "{} epochs, lr {}, batch {}",
@@ -772,15 +786,26 @@ fn stages<B: Backend + Clone>(
         .take(args.calibration_batches)
         .map(|bt| bt.images.into_dyn())
         .collect();
-    let (y_float, ms_float) = measure(&mut float_model, b, &x_timed, args.runs)?;
+    let (y_float, ms_float) = measure(
+        &mnist::device_forward(&float_model, backend.clone())?,
+        &x_timed,
+        args.runs,
+    )?;
+    // The simulations run on the device: the module tree with its fake-quant targets
+    // prepared once (DeviceChain), calibrated there (observers on the device), then one
+    // upload and one download per forward.
     let mut sim_stage = |name: &'static str, key: &'static str, cfg: &ConfigList| {
         let t = Instant::now();
         let before = snap();
         let mut quant = float_model.clone();
         config::apply(&mut quant, cfg, QuantMode::Ptq)?;
-        config::calibrate(&mut quant, b, calibration.iter())?;
+        config::calibrate(&mut quant, &backend, calibration.iter())?;
+        let chain = mnist::device_forward(&quant, backend.clone())?;
+        let one = snap();
+        chain_forward(&chain, &x_timed)?;
+        let per_forward = transfers_since(&gpu_ctx, one).map(|d| d.uploads + d.downloads);
         let acc = accuracy(test_split, args.batch, &mut |x| {
-            Ok(argmax(&quant.forward(b, &x.clone().into_dyn())?))
+            Ok(argmax(&chain_forward(&chain, &x.clone().into_dyn())?))
         })?;
         stages.push(Stage {
             name,
@@ -788,16 +813,22 @@ fn stages<B: Backend + Clone>(
             accuracy: acc,
             seconds: t.elapsed().as_secs_f64(),
             transfers: transfers_since(&gpu_ctx, before),
-            note: "module tree, host arrays per op".into(),
+            per_forward,
+            note: match per_forward {
+                Some(n) => format!("module tree on the device, {n} transfers per forward"),
+                None => "module tree on the backend".into(),
+            },
         });
         Ok::<Module, qfuse::Error>(quant)
     };
     let mut quant = sim_stage("PTQ fused simulation", "ptq_fused", cfg)?;
     sim_stage("PTQ unfused simulation", "ptq_unfused", &unfused(cfg))?;
     config::set_fake_quant_enabled(&mut quant, false);
-    let (y_fused, ms_fused) = measure(&mut quant, b, &x_timed, args.runs)?;
+    let fused_chain = mnist::device_forward(&quant, backend.clone())?;
+    let (y_fused, ms_fused) = measure(&fused_chain, &x_timed, args.runs)?;
     config::set_fake_quant_enabled(&mut quant, true);
-    let (y_int8, ms_int8) = measure(&mut quant, b, &x_timed, args.runs)?;
+    let sim_chain = mnist::device_forward(&quant, backend.clone())?;
+    let (y_int8, ms_int8) = measure(&sim_chain, &x_timed, args.runs)?;
     let qparams = config::qparams(&quant);
     let labels = argmax(&y_float);
     let row = |model: &'static str, y: &ArrayD<f32>, ms: f64| Row {
@@ -838,6 +869,7 @@ fn stages<B: Backend + Clone>(
         accuracy: ptq_acc,
         seconds: t.elapsed().as_secs_f64(),
         transfers: transfers_since(&gpu_ctx, before),
+        per_forward: None,
         note: "every conv and linear int8".into(),
     });
 
@@ -867,6 +899,7 @@ fn stages<B: Backend + Clone>(
             accuracy: sim_acc,
             seconds: t.elapsed().as_secs_f64(),
             transfers: transfers_since(&gpu_ctx, before),
+            per_forward: None,
             note: format!(
                 "{} epochs, lr {}, frozen from epoch {}",
                 args.qat_epochs,
@@ -886,6 +919,7 @@ fn stages<B: Backend + Clone>(
             accuracy: acc,
             seconds: t.elapsed().as_secs_f64(),
             transfers: transfers_since(&gpu_ctx, before),
+            per_forward: None,
             note: "QAT observers' ranges".into(),
         });
         (qnet, qat_int)

@@ -1,0 +1,257 @@
+//! The PTQ simulation on the device (`nn::DeviceChain` with fake-quant targets,
+//! `config::calibrate` generic over the backend, `QuantOps::observe_running`): on the CPU
+//! backend it equals the host-array path (`config::calibrate_host`, `Module::forward`) bit
+//! for bit; on the GPU the observer steps equal the CPU's bit for bit, a calibrated forward
+//! is one upload and one download, and calibration downloads nothing per batch.
+
+use crate::common;
+
+use ndarray::ArrayD;
+use qfuse::backend::{Backend, CpuBackend, Device, GpuBackend, QuantOps};
+use qfuse::config::{self, ConfigList, QuantMode};
+use qfuse::model::mnist;
+use qfuse::nn::{Container, DeviceChain, Module};
+use qfuse::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
+use qfuse::Error;
+
+fn model() -> Module {
+    let mut m = mnist::mnist(21).unwrap();
+    m.eval();
+    mnist::set_trained_bn_stats(&mut m, &mnist::synthetic_batch(8, 1), 3).unwrap();
+    m
+}
+
+fn batch(n: usize, seed: u64) -> ArrayD<f32> {
+    mnist::synthetic_batch(n, seed).into_dyn()
+}
+
+/// NNI's example config, and one with every target (bias included) of every conv and
+/// linear, per channel, unfused.
+fn configs() -> Vec<ConfigList> {
+    vec![
+        mnist::nni_example_config(),
+        ConfigList::from_json(
+            r#"[{"op_types": ["Conv2d", "Linear"], "granularity": "per_channel",
+                 "quant_scheme": "symmetric"},
+                {"op_names": ["relu3"], "target_names": ["_output_"], "quant_dtype": "uint8"}]"#,
+        )
+        .unwrap(),
+    ]
+}
+
+fn chain_out<B: Backend>(b: &B, m: &Module, x: &ArrayD<f32>) -> ArrayD<f32> {
+    let chain = mnist::device_forward(m, b.clone()).unwrap();
+    b.download(&chain.forward(&b.upload(x).unwrap()).unwrap())
+        .unwrap()
+}
+
+fn device_calibration_equals_the_host_path_on_the_cpu() {
+    let calib = [batch(4, 2), batch(4, 3)];
+    let x = batch(5, 4);
+    for cfg in configs() {
+        let mut dev = model();
+        config::apply(&mut dev, &cfg, QuantMode::Ptq).unwrap();
+        let mut host = dev.clone();
+        assert_eq!(
+            config::calibrate(&mut dev, &CpuBackend, calib.iter()).unwrap(),
+            2
+        );
+        config::calibrate_host(&mut host, &CpuBackend, calib.iter()).unwrap();
+        let (qd, qh) = (config::qparams(&dev), config::qparams(&host));
+        assert!(!qd.is_empty());
+        assert_eq!(qd, qh);
+        // The whole fake-quant state (statistics, switches, spec) is the host path's.
+        assert_eq!(format!("{dev:?}"), format!("{host:?}"));
+        // The simulated forward on the device equals the host module tree's.
+        let want = host.forward(&CpuBackend, &x).unwrap();
+        assert_eq!(chain_out(&CpuBackend, &dev, &x), want);
+        // And with fake quantization off: the fused float model.
+        config::set_fake_quant_enabled(&mut dev, false);
+        config::set_fake_quant_enabled(&mut host, false);
+        assert_eq!(
+            chain_out(&CpuBackend, &dev, &x),
+            host.forward(&CpuBackend, &x).unwrap()
+        );
+    }
+}
+
+fn spec(scheme: QScheme, axis: isize) -> ObserverSpec {
+    ObserverSpec::new(QDtype::QInt8, scheme, QuantRange::INT8, axis).unwrap()
+}
+
+/// `observe_running` on the GPU gives the CPU reference's statistics and qparams, bit for
+/// bit for running min/max, and refuses what the CPU refuses with the same message.
+fn gpu_observer_steps_match_the_cpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = GpuBackend::new(ctx);
+    let xs: Vec<ArrayD<f32>> = (0..3)
+        .map(|i| batch(2, 10 + i).mapv(|v| v * (1.0 + i as f32) - 0.3))
+        .collect();
+    for (s, avg) in [
+        (spec(QScheme::PerTensorAffine, 0), None),
+        (spec(QScheme::PerChannelSymmetric, -1), None),
+        (spec(QScheme::PerChannelAffine, 2), Some(0.25f32)),
+        (spec(QScheme::PerTensorSymmetric, 0), Some(0.01)),
+    ] {
+        let mut cs: Option<ArrayD<f32>> = None;
+        let mut gs = None;
+        for x in &xs {
+            let (c, cq) = CpuBackend.observe_running(cs.take(), x, &s, avg).unwrap();
+            let gx = gpu.upload(x).unwrap();
+            let (g, gq) = gpu.observe_running(gs.take(), &gx, &s, avg).unwrap();
+            let (gh, gqh) = (
+                gpu.download(&g).unwrap(),
+                gpu.download_qparams(&gq).unwrap(),
+            );
+            if avg.is_none() {
+                assert_eq!(gh, c, "{s:?}");
+                assert_eq!(gqh, cq, "{s:?}");
+            } else {
+                // The moving average: old + c·(cur − old), which a driver may contract.
+                for (a, b) in gh.iter().zip(&c) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                        "{s:?}: {a} vs {b}"
+                    );
+                }
+                for (a, b) in gqh.scale.iter().zip(&cq.scale) {
+                    assert!((a - b).abs() <= 1e-5 * b.abs(), "{s:?}: {a} vs {b}");
+                }
+            }
+            cs = Some(c);
+            gs = Some(g);
+        }
+    }
+    // The same refusals, with the same messages.
+    let s = spec(QScheme::PerChannelAffine, 1);
+    let x = batch(2, 1);
+    let (c_state, _) = CpuBackend.observe_running(None, &x, &s, None).unwrap();
+    let gx = gpu.upload(&x).unwrap();
+    let (g_state, _) = gpu.observe_running(None, &gx, &s, None).unwrap();
+    // Channels along axis 2 (28) against a state of axis 1's (1).
+    let s2 = spec(QScheme::PerChannelAffine, 2);
+    let ce = CpuBackend
+        .observe_running(Some(c_state), &x, &s2, None)
+        .unwrap_err();
+    let ge = gpu
+        .observe_running(Some(g_state), &gx, &s2, None)
+        .unwrap_err();
+    assert!(matches!(ce, Error::ShapeMismatch { .. }), "{ce}");
+    assert_eq!(ce.to_string(), ge.to_string());
+    let empty = ArrayD::<f32>::zeros(vec![0, 3]);
+    let ce = CpuBackend
+        .observe_running(None, &empty, &s, None)
+        .unwrap_err();
+    let ge = gpu
+        .observe_running(None, &gpu.upload(&empty).unwrap(), &s, None)
+        .unwrap_err();
+    assert_eq!(ce.to_string(), ge.to_string());
+    let ce = CpuBackend
+        .observe_running(None, &x, &spec(QScheme::PerChannelAffine, 4), None)
+        .unwrap_err();
+    assert!(matches!(ce, Error::AxisOutOfRange { .. }), "{ce}");
+}
+
+/// On the GPU, calibration uploads the parameters once and each batch once and downloads
+/// only the observers' statistics at the end; a calibrated simulation's forward is one
+/// upload and one download; the qparams are the CPU reference's where the observed values
+/// are the same.
+fn gpu_ptq_simulation_stays_on_the_device() {
+    if common::gpu().is_none() {
+        return;
+    }
+    // A context of its own: the shared one counts the transfers of tests running beside.
+    let ctx = std::sync::Arc::new(qfuse::gpu::GpuContext::new().unwrap());
+    let gpu = GpuBackend::new(ctx.clone());
+    let calib = [batch(4, 2), batch(4, 3), batch(4, 5)];
+    let mut m = model();
+    config::apply(&mut m, &mnist::nni_example_config(), QuantMode::Ptq).unwrap();
+    let mut cpu_m = m.clone();
+    let params = m.state_dict().unwrap().tensors.len();
+    let before = ctx.transfer_stats();
+    config::calibrate(&mut m, &gpu, calib.iter()).unwrap();
+    let d = ctx.transfer_stats().since(&before);
+    let fqs = config::qparams(&m).len();
+    assert_eq!(fqs, 3);
+    // Two downloads per fake quant (statistics and qparams), nothing per batch.
+    assert_eq!(d.downloads, 2 * fqs as u64, "{d:?}");
+    assert!(
+        d.uploads >= calib.len() as u64 && d.uploads <= (params + calib.len()) as u64,
+        "{d:?} with {params} state-dict tensors"
+    );
+    config::calibrate(&mut cpu_m, &CpuBackend, calib.iter()).unwrap();
+    let (qg, qc) = (config::qparams(&m), config::qparams(&cpu_m));
+    // conv1's input (the batch) and weight: observed on identical values.
+    assert_eq!(qg[0], qc[0]);
+    assert_eq!(qg[1], qc[1]);
+    let (a, b) = (&qg[2].2.scale[0], &qc[2].2.scale[0]);
+    assert!(
+        (a - b).abs() <= 1e-4 * b.abs(),
+        "conv1._output_: {a} vs {b}"
+    );
+
+    let chain = mnist::device_forward(&m, gpu.clone()).unwrap();
+    let x = batch(6, 9);
+    let before = ctx.transfer_stats();
+    let y = gpu
+        .download(&chain.forward(&gpu.upload(&x).unwrap()).unwrap())
+        .unwrap();
+    let d = ctx.transfer_stats().since(&before);
+    assert_eq!((d.uploads, d.downloads), (1, 1), "{d:?}");
+    let want = m.clone().forward(&CpuBackend, &x).unwrap();
+    let diff = y
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 0.05, "gpu simulation vs host: {diff}");
+}
+
+fn what_a_device_simulation_refuses() {
+    // A fake quant that is on but never observed: the target is named.
+    let mut m = model();
+    config::apply(&mut m, &mnist::nni_example_config(), QuantMode::Ptq).unwrap();
+    config::set_observer_enabled(&mut m, false);
+    let chain = mnist::device_forward(&m, CpuBackend).unwrap();
+    let e = chain
+        .forward(&CpuBackend.upload(&batch(1, 0)).unwrap())
+        .unwrap_err();
+    assert!(e.to_string().contains("`conv1._input_`"), "{e}");
+    assert!(e.to_string().contains("calibrate first"), "{e}");
+    // BatchNorm in training mode: the chain is the eval forward.
+    let mut t = model();
+    t.train(true);
+    let e = DeviceChain::from_module(&t, CpuBackend).unwrap_err();
+    assert!(e.to_string().contains("training mode"), "{e}");
+    // A custom forward closure runs on host arrays only.
+    let c = Container::new("Odd")
+        .with_child("a", Module::relu())
+        .unwrap()
+        .with_forward([["a"]], |s, x| s.call("a", x))
+        .unwrap();
+    let e = DeviceChain::from_module(&Module::container(c), CpuBackend).unwrap_err();
+    assert!(e.to_string().contains("with_steps"), "{e}");
+    // Calibration of such a model says so; the host path takes it.
+    let cfg =
+        ConfigList::from_json(r#"[{"op_names": ["a"], "target_names": ["_output_"]}]"#).unwrap();
+    let c = Container::new("Odd")
+        .with_child("a", Module::relu())
+        .unwrap()
+        .with_forward([["a"]], |s, x| s.call("a", x))
+        .unwrap();
+    let mut odd = Module::container(c);
+    config::apply(&mut odd, &cfg, QuantMode::Ptq).unwrap();
+    let x = batch(1, 1);
+    assert!(config::calibrate(&mut odd, &CpuBackend, [&x]).is_err());
+    assert_eq!(
+        config::calibrate_host(&mut odd, &CpuBackend, [&x]).unwrap(),
+        1
+    );
+}
+
+crate::qfuse_tests! {
+    device_calibration_equals_the_host_path_on_the_cpu,
+    gpu_observer_steps_match_the_cpu: gpu,
+    gpu_ptq_simulation_stays_on_the_device: gpu,
+    what_a_device_simulation_refuses,
+}
