@@ -239,10 +239,8 @@ impl<B: Backend> DeviceFakeQuant<B> {
         path: &str,
     ) -> Result<Option<B::Tensor>> {
         if observe && self.observer_enabled && !x.dims().contains(&0) {
-            let what = target_name(path, self.target);
-            let (state, qp) = b
-                .observe_running(self.state.clone(), x, &self.spec, self.averaging_constant)
-                .map_err(|e| Error::invalid(format!("observer of {what}: {e}")))?;
+            let (state, qp) =
+                b.observe_running(self.state.clone(), x, &self.spec, self.averaging_constant)?;
             self.spec = self.spec.for_rank(x.dims().len())?;
             self.state = Some(state);
             self.qparams = Some(qp);

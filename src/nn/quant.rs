@@ -122,9 +122,11 @@ fn apply_fq(
 /// `ConvTranspose2d`, `Linear`, and fused modules whose BatchNorm is folded (`ConvReLU2d`,
 /// `LinearReLU`, ...); the layer keeps its float parameters. QAT modules
 /// ([`crate::qat::QatLayer`]) quantize their weight and output themselves; a target set on
-/// them holds the input fake quant only. The statistics are reduced on the host (tensors
-/// cross the [`HostOps`] interface as host arrays); the fake quantization runs on the
-/// backend.
+/// them holds the input fake quant only. In [`Module::forward`](super::Module::forward) the
+/// statistics are reduced on the host (tensors cross the [`HostOps`] interface as host
+/// arrays) and the fake quantization runs on the backend; [`super::DeviceChain`] runs the
+/// same targets, observers included, on a backend's own tensors
+/// ([`crate::config::calibrate`] calibrates through it).
 ///
 /// [`crate::config`] builds these from an NNI-style `config_list`; they can also be set by
 /// hand:
