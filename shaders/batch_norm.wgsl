@@ -2,10 +2,11 @@
 // requires: lib/float_bits.wgsl
 // requires: lib/activation.wgsl
 // backward, matching src/reference/batch_norm.rs (which reduces in f64) to about 1e-6:
-//   statistics (training): per channel over N, H, W (M = N*H*W values), in two passes for
-//     numerical soundness: mean = (sum x) / M, then var = (sum (x - mean)^2) / M (biased);
-//     each pass sums in f32 per thread (strided) and then pairwise (tree) in workgroup memory,
-//     then over the partials of a channel with another tree;
+//   statistics (training): per channel over N, H, W (M = N*H*W values), mean and
+//     var = M2 / M (biased) in one pass that is as sound as two: each thread keeps Welford's
+//     running mean and M2 = sum (x - mean)^2 of its values in f32, the threads of a channel
+//     combine (count, mean, M2) pairwise (Chan et al.), and so do the partial results of a
+//     channel split over several workgroups;
 //   running stats (training): rm' = (1 - momentum) * rm + momentum * mean,
 //     rv' = (1 - momentum) * rv + momentum * var * M / (M - 1)  (unbiased);
 //   eval statistics: mean = running mean, invstd = 1 / sqrt(running var + eps);
@@ -23,10 +24,12 @@
 //                                   m (values per channel N*H*W), groups (G, partial workgroups
 //                                   per channel), act (0..4), write_pre (0/1), training
 //                                   (backward_dx: 0 eval form, 1 training form), eps, momentum,
-//                                   has_divisor (0/1), slope (leaky_relu's negative slope)
+//                                   has_divisor (0/1), slope (leaky_relu's negative slope),
+//                                   tpc (T, threads per channel segment), fuse (0/1: with
+//                                   G = 1, the reduction also writes the elementwise output)
 //   @group(0) @binding(1) x:        storage, read array<f32>  input (backward: the forward's input)
-//   @group(0) @binding(2) partials: storage, read_write array<f32>  2*C*G partial sums: value r
-//                                   of partial g of channel c at r*C*G + c*G + g
+//   @group(0) @binding(2) partials: storage, read_write array<f32>  3*C*G (G > 1) partial
+//                                   results, see below (else a dummy)
 //   @group(0) @binding(3) bn:       storage, read array<f32>  4*C: gamma[C], beta[C],
 //                                   running_mean[C], running_var[C] (kernels::GpuBatchNorm)
 //   @group(0) @binding(4) stats:    storage, read_write array<f32>  2*C: mean[C], invstd[C]
@@ -43,22 +46,38 @@
 //   @group(0) @binding(11) divisor: storage, read array<f32>  backward_dx: C per-channel divisors
 //                                   of dx when has_divisor = 1 (the QAT divide-back), else a dummy
 //
-// Entry points and dispatch (workgroup size WGR = 256, fixed: it sizes workgroup memory):
-//   sum_partial      (0,1,2):     grid (G, Cy, Cz), channel c = wid.y + wid.z * num_workgroups.y;
-//                                 workgroup (g, c) sums values j = g*WGR + lid, stepping G*WGR.
-//   mean_final       (0,2,4):     grid (1, Cy, Cz): mean of channel c from its G partials.
-//   ssd_partial      (0,1,2,4):   grid (G, Cy, Cz): partial sums of (x - mean)^2.
-//   var_final        (0,2,3,4,5): grid (1, Cy, Cz): variance, invstd, running-stat update.
-//   eval_stats       (0,3,4,5):   1-D grid over C (flat index gid.x + gid.y * num_workgroups.x * WGR).
+// Entry points and dispatch (workgroup size WGR = 256, fixed: it sizes workgroup memory).
+// The reductions work on channel segments: a workgroup holds WGR / T segments of T threads
+// (T = tpc, a power of two <= WGR, chosen per shape by the launcher: 1 for a few values per
+// channel, up to WGR for many), segment k of workgroup (g, y, z) is channel
+// c = (y + z * num_workgroups.y) * (WGR / T) + k, and its thread t takes the values
+// j = g * T + t + i * G * T of that channel (G = groups, workgroups along x splitting one
+// channel). Each thread reduces its values serially (Welford's mean and M2 for the statistics,
+// plain sums for the backward), then the T threads of a segment combine pairwise (Chan et
+// al.'s formula for mean and M2) in workgroup memory.
+//   stats_reduce     (0,1,2,3,4,5,6,7): grid (G, By, Bz) over B = ceil(C / (WGR / T)) blocks.
+//                                 G = 1: writes the statistics and the running update itself
+//                                 and, with fuse = 1, also the normalized output (y, pre) of
+//                                 its channel (re-reading its own values); G > 1: writes the
+//                                 partial count, mean and M2 of its part of the channel.
+//   stats_final      (0,2,3,4,5):   G > 1: 1-D grid over C (flat index gid.x + gid.y *
+//                                 num_workgroups.x * WGR), one thread per channel combines the
+//                                 G partials in order (Chan), writes statistics and running.
+//   backward_reduce  (0,1,2,3,4,6,8,9,10,11): grid (G, By, Bz): sum dy' and sum dy' * xhat;
+//                                 G = 1 (fuse = 1): writes grads and dx of its channel; G > 1:
+//                                 partial sums.
+//   backward_final   (0,2,10):    G > 1: 1-D grid over C: sums the G partials into grads.
+//   eval_stats       (0,3,4,5):   1-D grid over C.
 //   normalize        (0,1,3,4,6,7): 1-D grid over n, same tiling.
-//   backward_partial (0,1,2,4,8,9): grid (G, Cy, Cz): partial sum dy' and sum dy' * xhat.
-//   backward_final   (0,2,10):    grid (1, Cy, Cz): reduces the partials into grads.
 //   backward_dx      (0,1,3,4,6,8,9,10,11): 1-D grid over n.
 //   normalize8, backward_dx8: normalize / backward_dx for 8 consecutive elements per
 //                                 invocation (1-D grid over n / 8), used when H*W is a multiple
 //                                 of 8 so the 8 share a channel: its statistics and parameters
 //                                 are loaded once (same arithmetic per element).
-// Value j of channel c is element (j / hw) * C * hw + c * hw + j % hw.
+// Value j of channel c is element (j / hw) * C * hw + c * hw + j % hw; the reductions step
+// through a thread's values keeping (j / hw, j % hw) up to date (no division per value).
+// partials (G > 1): statistics: count at c*G + g, mean at C*G + c*G + g, M2 at 2*C*G + c*G + g;
+// backward: sum dy' at c*G + g, sum dy' * xhat at C*G + c*G + g.
 
 const WGR: u32 = 256u;
 
@@ -75,6 +94,10 @@ struct Params {
     momentum: f32,
     has_divisor: u32,
     slope: f32,
+    tpc: u32,
+    fuse: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -92,11 +115,7 @@ struct Params {
 
 var<workgroup> sa: array<f32, WGR>;
 var<workgroup> sb: array<f32, WGR>;
-
-fn element_index(c: u32, j: u32) -> u32 {
-    let hw = params.hw;
-    return (j / hw) * (params.channels * hw) + c * hw + (j % hw);
-}
+var<workgroup> sn: array<f32, WGR>;
 
 fn channel_of(i: u32) -> u32 {
     return (i / params.hw) % params.channels;
@@ -106,21 +125,80 @@ fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * (nwg.x * WGR);
 }
 
-// Tree reduction of sa (and sb) over the workgroup; the sums land in slot 0.
-fn reduce_a(lid: u32) {
+// Where a thread of a channel segment is: its channel (may be >= C in the last block), its
+// index t in the segment, the first of its values j0 and the stride between them.
+struct Seg {
+    c: u32,
+    t: u32,
+    base: u32,
+    j0: u32,
+    step: u32,
+}
+
+fn segment(wid: vec3<u32>, lid: u32, nwg: vec3<u32>) -> Seg {
+    let tpc = params.tpc;
+    let per = WGR / tpc;
+    let block = wid.y + wid.z * nwg.y;
+    let t = lid % tpc;
+    return Seg(block * per + lid / tpc, t, lid - t, wid.x * tpc + t, params.groups * tpc);
+}
+
+// A walk over values j0, j0 + step, ... < m of channel c: the element index of the current
+// value, advanced without division.
+struct Walk {
+    j: u32,
+    q: u32,
+    r: u32,
+    sq: u32,
+    sr: u32,
+}
+
+fn walk_start(j0: u32, step: u32) -> Walk {
+    let hw = params.hw;
+    return Walk(j0, j0 / hw, j0 % hw, step / hw, step % hw);
+}
+
+fn walk_index(w: Walk, c: u32) -> u32 {
+    return (w.q * params.channels + c) * params.hw + w.r;
+}
+
+fn walk_next(w: Walk, step: u32) -> Walk {
+    var v = w;
+    v.j = w.j + step;
+    v.q = w.q + w.sq;
+    v.r = w.r + w.sr;
+    if (v.r >= params.hw) {
+        v.r = v.r - params.hw;
+        v.q = v.q + 1u;
+    }
+    return v;
+}
+
+// Pairwise combination over the T threads of each segment, the result in slot `base`:
+// (count, mean, M2) in (sn, sa, sb) by Chan et al.'s formula.
+fn combine_stats(lid: u32, t: u32) {
     workgroupBarrier();
-    for (var s = WGR / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            sa[lid] = sa[lid] + sa[lid + s];
+    for (var s = params.tpc / 2u; s > 0u; s = s >> 1u) {
+        if (t < s) {
+            let na = sn[lid];
+            let nb = sn[lid + s];
+            let n = na + nb;
+            if (nb > 0.0) {
+                let d = sa[lid + s] - sa[lid];
+                sa[lid] = sa[lid] + d * (nb / n);
+                sb[lid] = sb[lid] + sb[lid + s] + d * d * (na * nb / n);
+                sn[lid] = n;
+            }
         }
         workgroupBarrier();
     }
 }
 
-fn reduce_ab(lid: u32) {
+// Pairwise sums over the T threads of each segment of (sa, sb), the result in slot `base`.
+fn combine_sums(lid: u32, t: u32) {
     workgroupBarrier();
-    for (var s = WGR / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
+    for (var s = params.tpc / 2u; s > 0u; s = s >> 1u) {
+        if (t < s) {
             sa[lid] = sa[lid] + sa[lid + s];
             sb[lid] = sb[lid] + sb[lid + s];
         }
@@ -128,17 +206,16 @@ fn reduce_ab(lid: u32) {
     }
 }
 
-// Sum of partial row r of channel c (G values), tree-reduced; valid in every thread after the
-// call (read from sa[0] after the final barrier).
-fn reduce_partials(r: u32, c: u32, lid: u32) -> f32 {
-    let cg = params.channels * params.groups;
-    var acc = 0.0;
-    for (var g = lid; g < params.groups; g = g + WGR) {
-        acc = acc + partials[r * cg + c * params.groups + g];
-    }
-    sa[lid] = acc;
-    reduce_a(lid);
-    return sa[0];
+// Statistics and running update of channel c from its mean and M2 over all m values.
+fn write_stats(c: u32, mean: f32, m2: f32) {
+    let nc = params.channels;
+    let var_b = m2 / f32(params.m);
+    let unbiased = m2 / f32(params.m - 1u);
+    stats[c] = mean;
+    stats[nc + c] = 1.0 / sqrt(var_b + params.eps);
+    let mom = params.momentum;
+    running[c] = (1.0 - mom) * bn[2u * nc + c] + mom * mean;
+    running[nc + c] = (1.0 - mom) * bn[3u * nc + c] + mom * unbiased;
 }
 
 fn act_forward(v: f32) -> f32 {
@@ -147,82 +224,6 @@ fn act_forward(v: f32) -> f32 {
 
 fn act_backward(v: f32, d: f32) -> f32 {
     return act_grad(v, d, params.act, params.slope);
-}
-
-@compute @workgroup_size(WGR)
-fn sum_partial(@builtin(workgroup_id) wid: vec3<u32>,
-               @builtin(local_invocation_id) lid: vec3<u32>,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = wid.x;
-    let c = wid.y + wid.z * nwg.y;
-    var acc = 0.0;
-    if (c < params.channels) {
-        for (var j = g * WGR + lid.x; j < params.m; j = j + params.groups * WGR) {
-            acc = acc + x[element_index(c, j)];
-        }
-    }
-    sa[lid.x] = acc;
-    reduce_a(lid.x);
-    if (lid.x == 0u && c < params.channels) {
-        partials[c * params.groups + g] = sa[0];
-    }
-}
-
-@compute @workgroup_size(WGR)
-fn mean_final(@builtin(workgroup_id) wid: vec3<u32>,
-              @builtin(local_invocation_id) lid: vec3<u32>,
-              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = wid.y + wid.z * nwg.y;
-    if (c >= params.channels) {
-        return;
-    }
-    let total = reduce_partials(0u, c, lid.x);
-    if (lid.x == 0u) {
-        stats[c] = total / f32(params.m);
-    }
-}
-
-@compute @workgroup_size(WGR)
-fn ssd_partial(@builtin(workgroup_id) wid: vec3<u32>,
-               @builtin(local_invocation_id) lid: vec3<u32>,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = wid.x;
-    let c = wid.y + wid.z * nwg.y;
-    var acc = 0.0;
-    if (c < params.channels) {
-        let mean = stats[c];
-        for (var j = g * WGR + lid.x; j < params.m; j = j + params.groups * WGR) {
-            let d = x[element_index(c, j)] - mean;
-            acc = acc + d * d;
-        }
-    }
-    sa[lid.x] = acc;
-    reduce_a(lid.x);
-    if (lid.x == 0u && c < params.channels) {
-        partials[params.channels * params.groups + c * params.groups + g] = sa[0];
-    }
-}
-
-@compute @workgroup_size(WGR)
-fn var_final(@builtin(workgroup_id) wid: vec3<u32>,
-             @builtin(local_invocation_id) lid: vec3<u32>,
-             @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = wid.y + wid.z * nwg.y;
-    if (c >= params.channels) {
-        return;
-    }
-    let ssd = reduce_partials(1u, c, lid.x);
-    if (lid.x == 0u) {
-        let nc = params.channels;
-        let mf = f32(params.m);
-        let mean = stats[c];
-        let var_b = ssd / mf;
-        let unbiased = ssd / f32(params.m - 1u);
-        stats[nc + c] = 1.0 / sqrt(var_b + params.eps);
-        let mom = params.momentum;
-        running[c] = (1.0 - mom) * bn[2u * nc + c] + mom * mean;
-        running[nc + c] = (1.0 - mom) * bn[3u * nc + c] + mom * unbiased;
-    }
 }
 
 @compute @workgroup_size(WGR)
@@ -264,58 +265,6 @@ fn dy_eff(i: u32) -> f32 {
         return d;
     }
     return act_backward(act_x[i], d);
-}
-
-@compute @workgroup_size(WGR)
-fn backward_partial(@builtin(workgroup_id) wid: vec3<u32>,
-                    @builtin(local_invocation_id) lid: vec3<u32>,
-                    @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = wid.x;
-    let c = wid.y + wid.z * nwg.y;
-    var acc_dy = 0.0;
-    var acc_dyx = 0.0;
-    if (c < params.channels) {
-        let mean = stats[c];
-        let invstd = stats[params.channels + c];
-        for (var j = g * WGR + lid.x; j < params.m; j = j + params.groups * WGR) {
-            let i = element_index(c, j);
-            let d = dy_eff(i);
-            acc_dy = acc_dy + d;
-            acc_dyx = acc_dyx + d * ((x[i] - mean) * invstd);
-        }
-    }
-    sa[lid.x] = acc_dy;
-    sb[lid.x] = acc_dyx;
-    reduce_ab(lid.x);
-    if (lid.x == 0u && c < params.channels) {
-        let k = c * params.groups + g;
-        partials[k] = sa[0];
-        partials[params.channels * params.groups + k] = sb[0];
-    }
-}
-
-@compute @workgroup_size(WGR)
-fn backward_final(@builtin(workgroup_id) wid: vec3<u32>,
-                  @builtin(local_invocation_id) lid: vec3<u32>,
-                  @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = wid.y + wid.z * nwg.y;
-    if (c >= params.channels) {
-        return;
-    }
-    let cg = params.channels * params.groups;
-    var acc_dy = 0.0;
-    var acc_dyx = 0.0;
-    for (var g = lid.x; g < params.groups; g = g + WGR) {
-        acc_dy = acc_dy + partials[c * params.groups + g];
-        acc_dyx = acc_dyx + partials[cg + c * params.groups + g];
-    }
-    sa[lid.x] = acc_dy;
-    sb[lid.x] = acc_dyx;
-    reduce_ab(lid.x);
-    if (lid.x == 0u) {
-        grads[c] = sa[0];
-        grads[params.channels + c] = sb[0];
-    }
 }
 
 @compute @workgroup_size(WGR)
@@ -386,6 +335,257 @@ fn backward_dx8(@builtin(global_invocation_id) gid: vec3<u32>,
     }
     for (var e = 0u; e < 8u; e = e + 1u) {
         let i = i0 + e;
+        let d = dy_eff(i);
+        var dx = k * d;
+        if (params.training != 0u) {
+            let xhat = (x[i] - mean) * invstd;
+            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
+        }
+        if (params.has_divisor != 0u) {
+            dx = dx / div;
+        }
+        y[i] = dx;
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn stats_reduce(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(local_invocation_id) lid3: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let lid = lid3.x;
+    let sg = segment(wid, lid, nwg);
+    let live = sg.c < params.channels;
+    // Welford over this thread's values.
+    var cnt = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    if (live) {
+        for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
+            let v = x[walk_index(w, sg.c)];
+            cnt = cnt + 1.0;
+            let d = v - mean;
+            mean = mean + d / cnt;
+            m2 = m2 + d * (v - mean);
+        }
+    }
+    sn[lid] = cnt;
+    sa[lid] = mean;
+    sb[lid] = m2;
+    combine_stats(lid, sg.t);
+    if (!live) {
+        return;
+    }
+    let c = sg.c;
+    let nc = params.channels;
+    if (params.groups > 1u) {
+        if (sg.t == 0u) {
+            let cg = nc * params.groups;
+            let k = c * params.groups + wid.x;
+            partials[k] = sn[lid];
+            partials[cg + k] = sa[lid];
+            partials[2u * cg + k] = sb[lid];
+        }
+        return;
+    }
+    let cmean = sa[sg.base];
+    let cm2 = sb[sg.base];
+    if (sg.t == 0u) {
+        write_stats(c, cmean, cm2);
+    }
+    if (params.fuse == 0u) {
+        return;
+    }
+    // Normalize this thread's values (as `normalize`).
+    let invstd = 1.0 / sqrt(cm2 / f32(params.m) + params.eps);
+    let gamma = bn[c];
+    let beta = bn[nc + c];
+    for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
+        let i = walk_index(w, c);
+        let v = (x[i] - cmean) * invstd * gamma + beta;
+        if (params.write_pre != 0u) {
+            pre[i] = v;
+        }
+        y[i] = act_forward(v);
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn stats_final(@builtin(global_invocation_id) gid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    if (c >= params.channels) {
+        return;
+    }
+    let g_n = params.groups;
+    let cg = params.channels * g_n;
+    var n = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var g = 0u; g < g_n; g = g + 1u) {
+        let k = c * g_n + g;
+        let nb = partials[k];
+        if (nb > 0.0) {
+            let tot = n + nb;
+            let d = partials[cg + k] - mean;
+            mean = mean + d * (nb / tot);
+            m2 = m2 + partials[2u * cg + k] + d * d * (n * nb / tot);
+            n = tot;
+        }
+    }
+    write_stats(c, mean, m2);
+}
+
+@compute @workgroup_size(WGR)
+fn backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(local_invocation_id) lid3: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let lid = lid3.x;
+    let sg = segment(wid, lid, nwg);
+    let live = sg.c < params.channels;
+    let nc = params.channels;
+    var acc_dy = 0.0;
+    var acc_dyx = 0.0;
+    var mean = 0.0;
+    var invstd = 0.0;
+    if (live) {
+        mean = stats[sg.c];
+        invstd = stats[nc + sg.c];
+        for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
+            let i = walk_index(w, sg.c);
+            let d = dy_eff(i);
+            acc_dy = acc_dy + d;
+            acc_dyx = acc_dyx + d * ((x[i] - mean) * invstd);
+        }
+    }
+    sa[lid] = acc_dy;
+    sb[lid] = acc_dyx;
+    combine_sums(lid, sg.t);
+    if (!live) {
+        return;
+    }
+    let c = sg.c;
+    if (params.groups > 1u) {
+        if (sg.t == 0u) {
+            let k = c * params.groups + wid.x;
+            partials[k] = sa[lid];
+            partials[nc * params.groups + k] = sb[lid];
+        }
+        return;
+    }
+    let g_dy = sa[sg.base];
+    let g_dyx = sb[sg.base];
+    if (sg.t == 0u) {
+        grads[c] = g_dy;
+        grads[nc + c] = g_dyx;
+    }
+    if (params.fuse == 0u) {
+        return;
+    }
+    // dx of this thread's values (as `backward_dx`).
+    let k = bn[c] * invstd;
+    let inv_m = 1.0 / f32(params.m);
+    var div = 1.0;
+    if (params.has_divisor != 0u) {
+        div = divisor[c];
+    }
+    for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
+        let i = walk_index(w, c);
+        let d = dy_eff(i);
+        var dx = k * d;
+        if (params.training != 0u) {
+            let xhat = (x[i] - mean) * invstd;
+            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
+        }
+        if (params.has_divisor != 0u) {
+            dx = dx / div;
+        }
+        y[i] = dx;
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn backward_final(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    let nc = params.channels;
+    if (c >= nc) {
+        return;
+    }
+    let g_n = params.groups;
+    var acc_dy = 0.0;
+    var acc_dyx = 0.0;
+    for (var g = 0u; g < g_n; g = g + 1u) {
+        acc_dy = acc_dy + partials[c * g_n + g];
+        acc_dyx = acc_dyx + partials[nc * g_n + c * g_n + g];
+    }
+    grads[c] = acc_dy;
+    grads[nc + c] = acc_dyx;
+}
+
+// T = 1: one invocation per channel, no workgroup memory and no barrier (1-D grid over C).
+@compute @workgroup_size(WGR)
+fn stats_thread(@builtin(global_invocation_id) gid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    if (c >= params.channels) {
+        return;
+    }
+    let nc = params.channels;
+    var cnt = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
+        let v = x[walk_index(w, c)];
+        cnt = cnt + 1.0;
+        let d = v - mean;
+        mean = mean + d / cnt;
+        m2 = m2 + d * (v - mean);
+    }
+    write_stats(c, mean, m2);
+    if (params.fuse == 0u) {
+        return;
+    }
+    let invstd = 1.0 / sqrt(m2 / f32(params.m) + params.eps);
+    let gamma = bn[c];
+    let beta = bn[nc + c];
+    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
+        let i = walk_index(w, c);
+        let v = (x[i] - mean) * invstd * gamma + beta;
+        if (params.write_pre != 0u) {
+            pre[i] = v;
+        }
+        y[i] = act_forward(v);
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn backward_thread(@builtin(global_invocation_id) gid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    let nc = params.channels;
+    if (c >= nc) {
+        return;
+    }
+    let mean = stats[c];
+    let invstd = stats[nc + c];
+    var g_dy = 0.0;
+    var g_dyx = 0.0;
+    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
+        let i = walk_index(w, c);
+        let d = dy_eff(i);
+        g_dy = g_dy + d;
+        g_dyx = g_dyx + d * ((x[i] - mean) * invstd);
+    }
+    grads[c] = g_dy;
+    grads[nc + c] = g_dyx;
+    let k = bn[c] * invstd;
+    let inv_m = 1.0 / f32(params.m);
+    var div = 1.0;
+    if (params.has_divisor != 0u) {
+        div = divisor[c];
+    }
+    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
+        let i = walk_index(w, c);
         let d = dy_eff(i);
         var dx = k * d;
         if (params.training != 0u) {

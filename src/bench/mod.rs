@@ -14,9 +14,12 @@
 //!   [`GpuContext::has_timestamps`], as many runs again are bracketed by GPU timestamps
 //!   (an empty compute pass before the first and after the last submission), and their
 //!   median is reported too.
-//! - **Rates**: memory-bound kernels (fake quant, observers, BN folding) in GB/s (10⁹ B/s) of
-//!   their *minimal logical traffic* (fake quant: read x, write y = 8 B/element; observers:
-//!   read x = 4 B/element; folding: read and write the weight); convolutions in GFLOP/s with
+//! - **Rates**: memory-bound kernels (fake quant, observers, BN folding, BatchNorm training)
+//!   in GB/s (10⁹ B/s) of their *minimal logical traffic* (fake quant: read x, write y =
+//!   8 B/element; observers: read x = 4 B/element; folding: read and write the weight;
+//!   `bn_train/forward`: read x, write y = 8 B/element and 32 B/channel of parameters and
+//!   statistics, `bn_train/backward`: read x and dy, write dx = 12 B/element and 20 B/channel,
+//!   at every [`BenchConfig::bn_train_shapes`]); convolutions in GFLOP/s with
 //!   `2·N·OH·OW·O·(C/g)·KH·KW` flops. Integer (int8) kernels report **GOP/s** in their own
 //!   field, `gops` (never `gflops`): `2·MACs` per second, the same count as a float conv's
 //!   flops (`int8_conv2d/{portable,packed}` at every conv shape, one entry per dot-product
@@ -45,7 +48,14 @@
 //!   ([`crate::kernels::conv_bn::conv_bn_qat_forward`] vs
 //!   [`crate::kernels::conv_bn::conv_bn_qat_forward_unfused`]); the report's
 //!   `fused_speedup_eval` / `fused_speedup_qat` are their geometric means over the shapes.
-//!   Fused and unfused chains are timed interleaved too.
+//!   Fused and unfused chains are timed interleaved too. The QAT backward
+//!   (`conv_bn_relu_qat_backward/{fused,unfused}`:
+//!   [`crate::kernels::conv_bn::conv_bn_qat_backward`] vs
+//!   [`crate::kernels::conv_bn::conv_bn_qat_backward_unfused`]) is rated with twice the
+//!   forward's flops (input and weight gradients); its fused row's note gives fused forward
+//!   plus backward over the plain conv forward.
+//! - **Filter**: [`BenchConfig::filter`] (`qfuse bench --filter TEXT`) runs only the
+//!   benchmarks whose name contains it, after the roofline.
 //!
 //! On a CPU adapter (lavapipe) the figures depend on the host's load: other processes share
 //! the cores that run the "GPU".

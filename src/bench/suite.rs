@@ -13,10 +13,14 @@ use crate::deploy::{GpuIntModel, IntLayer, IntModel};
 use crate::error::{Error, Result};
 use crate::gpu::Int8Dot;
 use crate::gpu::{DType, GpuContext, GpuTensor};
+use crate::kernels::batch_norm::{
+    batch_norm2d, batch_norm2d_backward, batch_norm2d_backward_into, batch_norm2d_into,
+    reduction_layout,
+};
 use crate::kernels::conv2d::{conv2d, ConvEpilogue};
 use crate::kernels::conv_bn::{
-    conv_bn_act_eval, conv_bn_act_eval_unfused, conv_bn_qat_forward, conv_bn_qat_forward_unfused,
-    GpuConv2d,
+    conv_bn_act_eval, conv_bn_act_eval_unfused, conv_bn_qat_backward, conv_bn_qat_backward_unfused,
+    conv_bn_qat_forward, conv_bn_qat_forward_unfused, GpuConv2d,
 };
 use crate::kernels::fake_quant::{
     fake_quant, fake_quant_into_with, fake_quant_with_mask_into, FakeQuantKernel,
@@ -116,6 +120,13 @@ impl ConvShape {
         4.0 * self.elements(batch)
     }
 
+    /// Backward: read x, w and dy, write dx and dw, once each (4 bytes per element).
+    fn backward_min_bytes(&self, batch: usize) -> f64 {
+        let x: usize = self.input(batch).iter().product();
+        let w: usize = self.weight().iter().product();
+        4.0 * (self.elements(batch) + (x + w) as f64)
+    }
+
     /// Elements of x, w and y together.
     fn elements(&self, batch: usize) -> f64 {
         let x: usize = self.input(batch).iter().product();
@@ -153,6 +164,18 @@ pub struct BenchConfig {
     /// the QAT training step on the shipped digits (`mnist_forward/...`,
     /// `mnist_train_step/gpu`).
     pub mnist_train_batch: usize,
+    /// NCHW shapes of the BatchNorm2d training forward and backward (`bn_train/...`).
+    pub bn_train_shapes: Vec<[usize; 4]>,
+    /// Only the benchmarks whose name contains this (`None`: all); the roofline always runs.
+    /// A filtered run's fused speedups are the geometric means over the pairs that ran (1
+    /// when none did).
+    pub filter: Option<String>,
+}
+
+/// The BatchNorm2d training shapes of the full and quick suites: a ResNet layer, a
+/// BatchNorm1d after a linear layer (`[8, 2048, 1, 1]`), and 70,000 channels of 2 values.
+fn bn_train_shapes() -> Vec<[usize; 4]> {
+    vec![[8, 64, 56, 56], [8, 2048, 1, 1], [1, 70000, 1, 2]]
 }
 
 impl BenchConfig {
@@ -186,6 +209,8 @@ impl BenchConfig {
             int8_linear_shape: [256, 2048, 2048],
             mnist_batches: vec![64, 256],
             mnist_train_batch: 64,
+            bn_train_shapes: bn_train_shapes(),
+            filter: None,
         }
     }
 
@@ -215,6 +240,8 @@ impl BenchConfig {
             int8_linear_shape: [64, 1024, 1024],
             mnist_batches: vec![64],
             mnist_train_batch: 64,
+            bn_train_shapes: bn_train_shapes(),
+            filter: None,
         }
     }
 
@@ -238,6 +265,8 @@ impl BenchConfig {
             int8_linear_shape: [4, 64, 30],
             mnist_batches: vec![2],
             mnist_train_batch: 2,
+            bn_train_shapes: vec![[2, 8, 4, 4], [4, 300, 1, 1], [1, 700, 1, 2]],
+            filter: None,
         }
     }
 
@@ -252,12 +281,23 @@ impl BenchConfig {
             .collect();
         let [lr, li, lo] = self.int8_linear_shape;
         let mnist: Vec<String> = self.mnist_batches.iter().map(|b| b.to_string()).collect();
+        let bn: Vec<String> = self
+            .bn_train_shapes
+            .iter()
+            .map(|[n, c, h, w]| format!("{n}x{c}x{h}x{w}"))
+            .collect();
+        let filter = self
+            .filter
+            .as_ref()
+            .map_or(String::new(), |f| format!("; only names containing {f:?}"));
         format!(
             "{} mode: elementwise {a}x{b}x{c}x{d} ({} elements), fold {fo}x{fi}x{fh}x{fw}, \
-             conv batch {} (f32 and int8): {}; int8 linear {lr}x{li} -> {lo}; Mnist int8 \
-             forward batch {}; {}-{} timed runs per kernel ({}-{} per conv)",
+             BatchNorm2d training {}, conv batch {} (f32 and int8): {}; int8 linear \
+             {lr}x{li} -> {lo}; Mnist int8 forward batch {}; {}-{} timed runs per kernel \
+             ({}-{} per conv){filter}",
             self.mode,
             a * b * c * d,
+            bn.join(", "),
             self.conv_batch,
             convs.join(", "),
             mnist.join(", "),
@@ -274,6 +314,7 @@ impl BenchConfig {
         self.roofline.steps(ctx)
             + ELEMENTWISE_ITEMS
             + 1
+            + 2 * self.bn_train_shapes.len()
             + (CONV_ITEMS + dots) * self.conv_shapes.len()
             + dots
             + 2 * self.mnist_batches.len()
@@ -303,8 +344,9 @@ const MNIST_TRAIN_ITEMS: usize = 3;
 
 /// Elementwise and reduction benchmarks (fake quant ×5, observers ×2).
 const ELEMENTWISE_ITEMS: usize = 7;
-/// Benchmarks per conv shape: conv, eval fused / prefolded / unfused, QAT fused / unfused.
-const CONV_ITEMS: usize = 6;
+/// Benchmarks per conv shape: conv, eval fused / prefolded / unfused, QAT forward fused /
+/// unfused, QAT backward fused / unfused.
+const CONV_ITEMS: usize = 8;
 
 /// One benchmarked kernel (or chain of kernels), as a row of the table and an entry of the
 /// JSON `kernels` list.
@@ -544,9 +586,26 @@ struct Runner<'a> {
     done: usize,
     total: usize,
     progress: &'a mut dyn FnMut(&Progress),
+    filter: Option<String>,
 }
 
 impl Runner<'_> {
+    /// Whether the benchmark `name` runs (see [`BenchConfig::filter`]).
+    fn wants(&self, name: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| name.contains(f.as_str()))
+    }
+
+    /// `true` (and the step counted as done) when `name` is filtered out.
+    fn skip(&mut self, name: &str, shape: &str) -> bool {
+        if self.wants(name) {
+            return false;
+        }
+        self.tick(format!("{name} {shape} (filtered out)"));
+        true
+    }
+
     fn tick(&mut self, label: String) {
         self.done += 1;
         (self.progress)(&Progress {
@@ -619,7 +678,10 @@ impl Runner<'_> {
         reps: &Reps,
         note: Option<String>,
         run: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<Measurement> {
+    ) -> Result<Option<Measurement>> {
+        if self.skip(name, shape) {
+            return Ok(None);
+        }
         let m = {
             let mut copy = self.rig.copy_run(self.ctx, &self.roofline)?;
             measure_interleaved(self.ctx, self.stamps.as_ref(), reps, &mut [&mut copy, run])?
@@ -630,7 +692,7 @@ impl Runner<'_> {
             r.copy_gbps_interleaved = Some(copy_rate);
             r.copy_gpu_gbps_interleaved = copy_gpu_rate;
         }
-        Ok(m[1])
+        Ok(Some(m[1]))
     }
 
     /// Times `run` and records a row.
@@ -642,15 +704,18 @@ impl Runner<'_> {
         reps: &Reps,
         note: Option<String>,
         run: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<Measurement> {
+    ) -> Result<Option<Measurement>> {
+        if self.skip(name, shape) {
+            return Ok(None);
+        }
         let m = measure(self.ctx, self.stamps.as_ref(), reps, run)?;
         self.record(name, shape, work, m, note);
-        Ok(m)
+        Ok(Some(m))
     }
 
     /// Times a fused chain and its unfused counterpart interleaved (same conditions for
     /// both), records `{group}/fused` (with its speedup) and `{group}/unfused`, and returns
-    /// the speedup (unfused / fused median time).
+    /// the two measurements (`None` when filtered out).
     #[allow(clippy::too_many_arguments)]
     fn bench_fused_pair(
         &mut self,
@@ -661,7 +726,12 @@ impl Runner<'_> {
         notes: [&str; 2],
         fused: &mut dyn FnMut() -> Result<()>,
         unfused: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<f64> {
+    ) -> Result<Option<(Measurement, Measurement)>> {
+        if !self.wants(&format!("{group}/fused")) && !self.wants(&format!("{group}/unfused")) {
+            self.tick(format!("{group}/fused {shape} (filtered out)"));
+            self.tick(format!("{group}/unfused {shape} (filtered out)"));
+            return Ok(None);
+        }
         let m = measure_interleaved(self.ctx, self.stamps.as_ref(), reps, &mut [fused, unfused])?;
         let (f, u) = (m[0], m[1]);
         let speedup = u.wall_ms / f.wall_ms.max(1e-9);
@@ -682,7 +752,7 @@ impl Runner<'_> {
             u,
             Some(notes[1].to_string()),
         );
-        Ok(speedup)
+        Ok(Some((f, u)))
     }
 }
 
@@ -750,17 +820,22 @@ pub fn run_suite(
         done: roofline_steps,
         total,
         progress,
+        filter: cfg.filter.clone(),
     };
     elementwise(&mut runner, cfg)?;
     runner.recheck()?;
     fold(&mut runner, cfg)?;
+    for &shape in &cfg.bn_train_shapes {
+        runner.recheck()?;
+        bn_train(&mut runner, cfg, shape)?;
+    }
     let mut eval = Vec::new();
     let mut qat = Vec::new();
     for shape in &cfg.conv_shapes {
         runner.recheck()?;
         let (e, q) = conv(&mut runner, cfg, shape)?;
-        eval.push(e);
-        qat.push(q);
+        eval.extend(e);
+        qat.extend(q);
     }
     for shape in &cfg.conv_shapes {
         runner.recheck()?;
@@ -769,11 +844,30 @@ pub fn run_suite(
     runner.recheck()?;
     int8_linear(&mut runner, cfg)?;
     for &batch in &cfg.mnist_batches {
+        if !runner.wants("int8_forward/mnist/device") && !runner.wants("int8_forward/mnist/backend")
+        {
+            runner.tick("int8_forward/mnist/device (filtered out)".to_string());
+            runner.tick("int8_forward/mnist/backend (filtered out)".to_string());
+            continue;
+        }
         runner.recheck()?;
         int8_mnist(&mut runner, cfg, shared, batch)?;
     }
-    runner.recheck()?;
-    mnist_float(&mut runner, cfg, shared)?;
+    if ![
+        "mnist_forward/gpu",
+        "mnist_forward/cpu_reference",
+        "mnist_train_step/gpu",
+    ]
+    .iter()
+    .any(|n| runner.wants(n))
+    {
+        for _ in 0..MNIST_TRAIN_ITEMS {
+            runner.tick("mnist (filtered out)".to_string());
+        }
+    } else {
+        runner.recheck()?;
+        mnist_float(&mut runner, cfg, shared)?;
+    }
     runner.recheck()?;
     let timestamps = runner.stamps.is_some();
     let roofline = runner.roofline;
@@ -973,9 +1067,56 @@ fn fold(r: &mut Runner<'_>, cfg: &BenchConfig) -> Result<()> {
     Ok(())
 }
 
-/// One conv shape: conv alone, fused / prefolded / unfused eval, fused / unfused QAT.
-/// Returns the eval and QAT speedups.
-fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64, f64)> {
+/// BatchNorm2d in training mode on `shape`, forward (`bn_train/forward`: statistics, running
+/// update, normalize; read x, write y = 8 B/element, plus 32 B/channel: read γ, β and the
+/// running statistics, write the running statistics and the saved mean and invstd) and
+/// backward (`bn_train/backward`: training form; read x and dy, write dx = 12 B/element, plus
+/// 20 B/channel: read mean, invstd and γ, write dβ and dγ), each into preallocated outputs and
+/// timed interleaved with the roofline's copy.
+fn bn_train(r: &mut Runner<'_>, cfg: &BenchConfig, shape: [usize; 4]) -> Result<()> {
+    let ctx = r.ctx;
+    let [n, c, h, w] = shape;
+    let elems = (n * c * h * w) as f64;
+    let channels = c as f64;
+    let desc = format!("{n}x{c}x{h}x{w}");
+    let x = upload(ctx, &shape, 43, -2.0, 2.0)?;
+    let dy = upload(ctx, &shape, 47, -1.0, 1.0)?;
+    let bn = GpuBatchNorm::upload(ctx, &batch_norm(c, 53))?;
+    let layout = reduction_layout(c, n * h * w);
+    let how = format!(
+        "{} thread(s) per channel, {} workgroup(s) per channel",
+        layout.threads_per_channel, layout.groups
+    );
+    let out = batch_norm2d(ctx, &x, &bn, 0.1, true, Activation::None, false)?;
+    r.bench_memory(
+        "bn_train/forward",
+        &desc,
+        8.0 * elems + 32.0 * channels,
+        &cfg.reps,
+        Some(format!(
+            "batch statistics, running update, normalize + affine; {how}"
+        )),
+        &mut || batch_norm2d_into(ctx, &x, &bn, 0.1, true, Activation::None, &out),
+    )?;
+    let grads = batch_norm2d_backward(ctx, &x, &dy, &bn, &out.stats.stats, true)?;
+    r.bench_memory(
+        "bn_train/backward",
+        &desc,
+        12.0 * elems + 20.0 * channels,
+        &cfg.reps,
+        Some(format!("sum dy, sum dy*xhat, dx (training form); {how}")),
+        &mut || batch_norm2d_backward_into(ctx, &x, &dy, &bn, &out.stats.stats, true, &grads),
+    )?;
+    Ok(())
+}
+
+/// One conv shape: conv alone, fused / prefolded / unfused eval, fused / unfused QAT forward
+/// and backward. Returns the eval and QAT forward speedups (`None` when filtered out).
+fn conv(
+    r: &mut Runner<'_>,
+    cfg: &BenchConfig,
+    shape: &ConvShape,
+) -> Result<(Option<f64>, Option<f64>)> {
     let ctx = r.ctx;
     let batch = cfg.conv_batch;
     let desc = shape.describe(batch);
@@ -995,7 +1136,7 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
     };
     let reps = cfg.conv_reps;
     let act = Activation::Relu;
-    r.bench(
+    let plain = r.bench(
         "conv2d",
         &desc,
         work,
@@ -1018,7 +1159,7 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
         Some("inference: BN folded once beforehand, one conv per run".to_string()),
         &mut || conv2d(ctx, &x, &wf, &layer.params, &prefolded).map(drop),
     )?;
-    let eval_speedup = r.bench_fused_pair(
+    let eval = r.bench_fused_pair(
         "conv_bn_relu_eval",
         &desc,
         work,
@@ -1041,7 +1182,7 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
             0,
         )?,
     };
-    let qat_speedup = r.bench_fused_pair(
+    let qat = r.bench_fused_pair(
         "conv_bn_relu_qat_forward",
         &desc,
         work,
@@ -1053,7 +1194,48 @@ fn conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<(f64
         &mut || conv_bn_qat_forward(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
         &mut || conv_bn_qat_forward_unfused(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
     )?;
-    Ok((eval_speedup, qat_speedup))
+
+    let fwd = conv_bn_qat_forward(ctx, &x, &layer, &bn, 0.1, &qcfg)?;
+    let dy = upload(ctx, fwd.y.shape(), 59, -1.0, 1.0)?;
+    let backward_work = Work::Flops {
+        flops: 2.0 * shape.flops(batch),
+        bytes: shape.backward_min_bytes(batch),
+    };
+    let backward = r.bench_fused_pair(
+        "conv_bn_relu_qat_backward",
+        &desc,
+        backward_work,
+        &reps,
+        [
+            "ConvBnReLU2d training step backward: ReLU mask and divide-back folded into the \
+             BatchNorm backward; conv input and weight gradients (flops: 2x the forward's)",
+            "ConvBnReLU2d training step backward, one dispatch per op (ReLU backward, \
+             BatchNorm backward, divide-back)",
+        ],
+        &mut || conv_bn_qat_backward(ctx, &x, &dy, &layer, &bn, &qcfg, &fwd.saved()).map(drop),
+        &mut || {
+            conv_bn_qat_backward_unfused(ctx, &x, &dy, &layer, &bn, &qcfg, &fwd.saved()).map(drop)
+        },
+    )?;
+    // Fused forward + backward against the plain conv forward, in the backward row's note.
+    if let (Some(p), Some((qf, _)), Some((bf, _))) = (plain, qat, backward) {
+        let ratio = (qf.wall_ms + bf.wall_ms) / p.wall_ms.max(1e-9);
+        let fused_row = r
+            .results
+            .iter_mut()
+            .rev()
+            .find(|k| k.name == "conv_bn_relu_qat_backward/fused");
+        if let Some(k) = fused_row {
+            if let Some(note) = k.note.as_mut() {
+                note.push_str(&format!(
+                    "; fused forward + backward = {ratio:.2}x the plain conv forward"
+                ));
+            }
+        }
+    }
+    let speedup =
+        |m: Option<(Measurement, Measurement)>| m.map(|(f, u)| u.wall_ms / f.wall_ms.max(1e-9));
+    Ok((speedup(eval), speedup(qat)))
 }
 
 /// Deterministic int8 codes in `[lo, hi]` (xorshift).

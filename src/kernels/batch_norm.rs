@@ -11,10 +11,17 @@
 //!   eval);
 //! - `dparams` (backward): row 0 `dβ = Σdy`, row 1 `dγ = Σdy·x̂`.
 //!
-//! Pass structure: training statistics are four dispatches (partial sums, mean, partial sums
-//! of squared deviations, variance + invstd + running update), eval statistics one; then one
-//! elementwise pass normalizes, applies the affine and the activation. The backward is a
-//! two-level per-channel reduction (`Σdy`, `Σdy·x̂`) and one elementwise pass for `dx`; an
+//! Pass structure: the per-channel reductions are laid out by the shape
+//! ([`reduction_layout`]): a channel is reduced by a segment of `T` threads of a workgroup
+//! (`T = 1` for a few values per channel, so one workgroup serves 256 channels; up to 256 for
+//! many), and split over `G` workgroups only when its values are too many for one workgroup
+//! (or the channels too few to fill the device). Training statistics are one pass over `x`
+//! (Welford's mean and M2 per thread, combined pairwise as Chan et al.): with `G = 1` that
+//! one dispatch also writes the statistics, the running update and the normalized output
+//! (affine and activation included) of its channels; with `G > 1` a second dispatch combines
+//! the partial results and a third normalizes. Eval statistics are one dispatch, then one
+//! elementwise pass. The backward likewise: one dispatch (`Σdy`, `Σdy·x̂` and `dx`) with
+//! `G = 1`, else partial sums, their combination and an elementwise `dx` pass; an
 //! activation's backward can be folded into it (see [`batch_norm2d_backward_act`]).
 //! Everything a launcher records goes in one submission.
 
@@ -37,45 +44,50 @@ pub(super) static SHADER: Shader = Shader {
 
 /// Workgroup size of every entry point (`WGR` in the shader).
 const WGR: u32 = 256;
-/// Values each thread sums (at least) before the workgroup reduction.
+/// Values each thread sums (at least) before the workgroup reduction (the divide-back
+/// reductions of [`super::conv_bn`], [`partial_groups`]).
 const ITEMS_PER_THREAD: usize = 8;
-/// Upper bound on partial workgroups per channel (one final workgroup reduces them).
+/// Upper bound on partial workgroups per channel.
 const MAX_GROUPS: usize = 256;
+/// BatchNorm reductions: values a thread reduces before more threads share a channel.
+const MIN_ITEMS: usize = 16;
+/// BatchNorm reductions: values a thread reduces at most before a channel is split over
+/// several workgroups (so a workgroup's values stay in the cache for its second read).
+const MAX_ITEMS: usize = 128;
+/// BatchNorm reductions: fewer workgroups than this split channels (when their values are
+/// many enough) so that the device has work for all its cores.
+const TARGET_WORKGROUPS: usize = 64;
 
-static SUM_PARTIAL: Kernel = Kernel {
+static STATS_REDUCE: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "sum_partial",
+    entry_point: "stats_reduce",
     bindings: &[
         Binding::uniform(0),
         Binding::read(1),
         Binding::read_write(2),
-    ],
-};
-
-static MEAN_FINAL: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "mean_final",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read_write(2),
+        Binding::read(3),
         Binding::read_write(4),
+        Binding::read_write(5),
+        Binding::read_write(6),
+        Binding::read_write(7),
     ],
 };
 
-static SSD_PARTIAL: Kernel = Kernel {
+static STATS_THREAD: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "ssd_partial",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read(1),
-        Binding::read_write(2),
-        Binding::read_write(4),
-    ],
+    entry_point: "stats_thread",
+    bindings: STATS_REDUCE.bindings,
 };
 
-static VAR_FINAL: Kernel = Kernel {
+static BACKWARD_THREAD: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "var_final",
+    entry_point: "backward_thread",
+    bindings: BACKWARD_REDUCE.bindings,
+};
+
+static STATS_FINAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "stats_final",
     bindings: &[
         Binding::uniform(0),
         Binding::read_write(2),
@@ -109,16 +121,20 @@ static NORMALIZE: Kernel = Kernel {
     ],
 };
 
-static BACKWARD_PARTIAL: Kernel = Kernel {
+static BACKWARD_REDUCE: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "backward_partial",
+    entry_point: "backward_reduce",
     bindings: &[
         Binding::uniform(0),
         Binding::read(1),
         Binding::read_write(2),
+        Binding::read(3),
         Binding::read_write(4),
+        Binding::read_write(6),
         Binding::read(8),
         Binding::read(9),
+        Binding::read_write(10),
+        Binding::read(11),
     ],
 };
 
@@ -176,6 +192,9 @@ struct Params {
     momentum: f32,
     has_divisor: u32,
     slope: f32,
+    tpc: u32,
+    fuse: u32,
+    _pad: [u32; 2],
 }
 
 /// The shader code of an activation (as `activation.wgsl`): 0 none, 1 ReLU, 2 ReLU6,
@@ -200,7 +219,48 @@ pub(crate) fn channel_grid(ctx: &GpuContext, x: u32, channels: usize) -> Result<
     Ok([x, cy as u32, cz as u32])
 }
 
-/// Partial workgroups per channel for `m` values per channel.
+/// How the per-channel reductions of a BatchNorm over `C` channels of `M = N·H·W` values are
+/// laid out on the device (see [`reduction_layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReductionLayout {
+    /// Threads that reduce one channel together (a power of two, at most 256): a workgroup of
+    /// 256 threads serves `256 / threads_per_channel` channels.
+    pub threads_per_channel: u32,
+    /// Workgroups one channel is split over; with 1 the reduction dispatch also writes the
+    /// elementwise output (normalized `y`, or `dx`) of its channels.
+    pub groups: u32,
+    /// Workgroups along the channels: `ceil(C / (256 / threads_per_channel))`.
+    pub blocks: usize,
+}
+
+/// The layout of the BatchNorm reductions for `channels` channels of `m` values each, chosen
+/// by the shape: one thread per channel for up to 16 values (70,000 channels of 2 values:
+/// 274 workgroups, each thread reduces its channel alone), the smallest power of two of
+/// threads per channel that gives each at least 16 values (at most 256), and a split of a
+/// channel over several workgroups when a thread would have more than 128 values or when
+/// fewer than 64 workgroups would run (only while each thread keeps at least 16 values).
+pub fn reduction_layout(channels: usize, m: usize) -> ReductionLayout {
+    let wgr = WGR as usize;
+    let threads = m.div_ceil(MIN_ITEMS).max(1);
+    let tpc = threads.next_power_of_two().min(wgr);
+    let blocks = channels.div_ceil(wgr / tpc);
+    let by_size = m.div_ceil(tpc * MAX_ITEMS);
+    let by_parallel = if blocks > 0 && blocks < TARGET_WORKGROUPS {
+        TARGET_WORKGROUPS
+            .div_ceil(blocks)
+            .min(m / (tpc * MIN_ITEMS))
+    } else {
+        1
+    };
+    ReductionLayout {
+        threads_per_channel: tpc as u32,
+        groups: by_size.max(by_parallel).clamp(1, MAX_GROUPS) as u32,
+        blocks,
+    }
+}
+
+/// Partial workgroups per channel for `m` values per channel (the divide-back reductions of
+/// [`super::conv_bn`]).
 pub(crate) fn partial_groups(m: usize) -> usize {
     m.div_ceil(WGR as usize * ITEMS_PER_THREAD)
         .clamp(1, MAX_GROUPS)
@@ -282,19 +342,22 @@ pub fn check_training_size(shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Sizes of a BatchNorm over `shape` (`[N, C, H, W]`).
-fn params_for(shape: [usize; 4], bn: &GpuBatchNorm) -> Result<Params> {
+/// Sizes of a BatchNorm over `shape` (`[N, C, H, W]`) and the layout of its reductions.
+fn params_for(shape: [usize; 4], bn: &GpuBatchNorm) -> Result<(Params, ReductionLayout)> {
     let [n, c, h, w] = shape;
     let m = n * h * w;
-    Ok(Params {
+    let layout = reduction_layout(c, m);
+    let p = Params {
         n: to_u32(n * c * h * w, "batch_norm2d element count")?,
         channels: to_u32(c, "batch_norm2d channels")?,
         hw: to_u32((h * w).max(1), "batch_norm2d plane size")?,
         m: to_u32(m, "batch_norm2d values per channel")?,
-        groups: partial_groups(m) as u32,
+        groups: layout.groups,
+        tpc: layout.threads_per_channel,
         eps: bn.eps(),
         ..Params::default()
-    })
+    };
+    Ok((p, layout))
 }
 
 /// Per-channel statistics of a BatchNorm step: what normalizes and the running statistics
@@ -307,15 +370,30 @@ pub struct GpuBatchNormStats {
     pub running: GpuTensor,
 }
 
-/// The launches of the statistics: four for training, one for eval.
+/// The launches of the statistics: in training one reduction (which, with one workgroup per
+/// channel and a normalize asked for, also normalizes) or, for split channels, a reduction
+/// and a combination; in eval one.
 struct StatsPlan {
     uniform: ParamsBuffer,
     partials: GpuTensor,
     out: GpuBatchNormStats,
     training: bool,
-    partial_grid: [u32; 3],
+    /// The reduction also writes the normalized output.
+    fused: bool,
+    /// One invocation per channel (`stats_thread`).
+    per_thread: bool,
+    dummies: [GpuTensor; 2],
+    reduce_grid: [u32; 3],
     final_grid: [u32; 3],
     eval_grid: [u32; 3],
+}
+
+/// The normalize that a [`StatsPlan`] may fuse into its reduction: activation and whether
+/// the pre-activation output is written.
+#[derive(Clone, Copy)]
+struct FuseNormalize {
+    act: Activation,
+    keep_pre: bool,
 }
 
 impl StatsPlan {
@@ -326,11 +404,19 @@ impl StatsPlan {
         momentum: f32,
         training: bool,
         given: Option<(&GpuBatchNormStats, &GpuTensor)>,
+        normalize: Option<FuseNormalize>,
     ) -> Result<Self> {
-        let mut p = params_for(shape, bn)?;
+        let (mut p, layout) = params_for(shape, bn)?;
         p.momentum = momentum;
+        let fused = training && layout.groups == 1 && normalize.is_some();
+        if let Some(f) = normalize.filter(|_| fused) {
+            p.act = activation_code(f.act);
+            p.slope = super::activation::slope(f.act);
+            p.write_pre = u32::from(f.keep_pre);
+            p.fuse = 1;
+        }
         let c = shape[1];
-        let groups = p.groups as usize;
+        let groups = layout.groups as usize;
         let out = match given {
             Some((out, x)) => {
                 let inputs = [x, bn.tensor()];
@@ -360,40 +446,63 @@ impl StatsPlan {
         };
         Ok(Self {
             uniform: ctx.params(&p)?,
-            partials: if training {
-                GpuTensor::zeros(ctx, &[2, c, groups], DType::F32)?
+            partials: if training && groups > 1 {
+                GpuTensor::uninit(ctx, &[3, c, groups], DType::F32)?
             } else {
                 dummy(ctx)?
             },
             out,
             training,
-            partial_grid: channel_grid(ctx, p.groups, c)?,
-            final_grid: channel_grid(ctx, 1, c)?,
+            fused,
+            per_thread: layout.threads_per_channel == 1 && groups == 1,
+            dummies: [dummy(ctx)?, dummy(ctx)?],
+            reduce_grid: if layout.threads_per_channel == 1 && groups == 1 {
+                ctx.grid_1d(c, WGR)?
+            } else {
+                channel_grid(ctx, layout.groups, layout.blocks)?
+            },
+            final_grid: if groups > 1 {
+                ctx.grid_1d(c, WGR)?
+            } else {
+                [0, 0, 0]
+            },
             eval_grid: ctx.grid_1d(c, WGR)?,
         })
     }
 
+    /// The launches; `y` and `pre` are the normalize's outputs when the reduction writes
+    /// them ([`StatsPlan::fused`]).
     fn launches<'a>(
         &'a self,
         x: &'a GpuTensor,
         bn: &'a GpuBatchNorm,
+        y_pre: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
         out: &mut Vec<(&'static Kernel, Vec<&'a wgpu::Buffer>, [u32; 3])>,
     ) {
         let (u, part) = (&self.uniform, self.partials.buffer());
         let (stats, running) = (self.out.stats.buffer(), self.out.running.buffer());
         if self.training {
-            out.push((&SUM_PARTIAL, vec![u, x.buffer(), part], self.partial_grid));
-            out.push((&MEAN_FINAL, vec![u, part, stats], self.final_grid));
+            let (y, pre) = match y_pre.filter(|_| self.fused) {
+                Some(b) => b,
+                None => (self.dummies[0].buffer(), self.dummies[1].buffer()),
+            };
+            let params = bn.tensor().buffer();
             out.push((
-                &SSD_PARTIAL,
-                vec![u, x.buffer(), part, stats],
-                self.partial_grid,
+                if self.per_thread {
+                    &STATS_THREAD
+                } else {
+                    &STATS_REDUCE
+                },
+                vec![u, x.buffer(), part, params, stats, running, y, pre],
+                self.reduce_grid,
             ));
-            out.push((
-                &VAR_FINAL,
-                vec![u, part, bn.tensor().buffer(), stats, running],
-                self.final_grid,
-            ));
+            if self.final_grid[0] > 0 {
+                out.push((
+                    &STATS_FINAL,
+                    vec![u, part, params, stats, running],
+                    self.final_grid,
+                ));
+            }
         } else {
             out.push((
                 &EVAL_STATS,
@@ -471,9 +580,17 @@ fn batch_stats_impl(
     if training {
         check_training_size(&shape)?;
     }
-    let plan = StatsPlan::new(ctx, shape, bn, momentum, training, given.map(|g| (g, x)))?;
+    let plan = StatsPlan::new(
+        ctx,
+        shape,
+        bn,
+        momentum,
+        training,
+        given.map(|g| (g, x)),
+        None,
+    )?;
     let mut list = Vec::new();
-    plan.launches(x, bn, &mut list);
+    plan.launches(x, bn, None, &mut list);
     submit(ctx, &list)?;
     Ok(plan.out)
 }
@@ -565,7 +682,7 @@ fn normalize_plan(
     given: Option<(&GpuTensor, Option<&GpuTensor>)>,
     inputs: &[&GpuTensor],
 ) -> Result<NormalizePlan> {
-    let mut p = params_for(shape, bn)?;
+    let (mut p, _) = params_for(shape, bn)?;
     p.act = activation_code(act);
     p.slope = super::activation::slope(act);
     p.write_pre = u32::from(keep_pre);
@@ -646,9 +763,10 @@ pub struct GpuBatchNormOutput {
 }
 
 /// BatchNorm2d forward ([`crate::reference::batch_norm::batch_norm2d`]) with an optional
-/// activation after it, in one submission: statistics (four dispatches in training, one in
-/// eval) and one elementwise normalize + affine + activation pass. `keep_pre` also returns
-/// the output before the activation.
+/// activation after it, in one submission: in training one dispatch (statistics, running
+/// update, normalize + affine + activation), or three when channels are split
+/// ([`reduction_layout`]); in eval the statistics and one elementwise pass. `keep_pre` also
+/// returns the output before the activation.
 ///
 /// Errors: those of [`batch_stats`].
 pub fn batch_norm2d(
@@ -702,6 +820,7 @@ fn batch_norm2d_impl(
         momentum,
         training,
         given.map(|g| (&g.stats, x)),
+        Some(FuseNormalize { act, keep_pre }),
     )?;
     let stats_out = [&plan.out.stats, &plan.out.running];
     let norm = normalize_plan(
@@ -714,8 +833,15 @@ fn batch_norm2d_impl(
         &[x, stats_out[0], stats_out[1]],
     )?;
     let mut list = Vec::new();
-    plan.launches(x, bn, &mut list);
-    norm.launch(x, bn, &plan.out.stats, &mut list);
+    plan.launches(
+        x,
+        bn,
+        Some((norm.y.buffer(), norm.pre_or_dummy.buffer())),
+        &mut list,
+    );
+    if !plan.fused {
+        norm.launch(x, bn, &plan.out.stats, &mut list);
+    }
     submit(ctx, &list)?;
     Ok(GpuBatchNormOutput {
         y: norm.y,
@@ -784,12 +910,13 @@ pub fn batch_norm2d_backward_into(
 /// (`[2, C]`: mean, invstd), mirroring
 /// [`crate::reference::batch_norm::batch_norm2d_backward_with_stats`] after
 /// [`crate::reference::activation::activation_backward`]:
-/// `dy' = act_backward(act_x, dy)`; per channel `Σdy'`, `Σdy'·x̂` (two-level reduction);
+/// `dy' = act_backward(act_x, dy)`; per channel `Σdy'`, `Σdy'·x̂` (see [`reduction_layout`]);
 /// then `dx = γ·invstd·(dy' − (Σdy' + x̂·Σdy'·x̂)/M)` in training, `dx = γ·invstd·dy'` in
 /// eval. `act_x` is where the activation's gradient is evaluated: its input (the BatchNorm
 /// output), or, for ReLU and ReLU6 only, its output (the same mask); LeakyReLU and Hardswish
 /// need the input. It is required unless `act` is [`Activation::None`]. With a `divisor` (`[C]`), `dx` comes out divided by it per channel
-/// (the QAT backward's `d conv_out = dBN_in / s`). Three dispatches in one submission.
+/// (the QAT backward's `d conv_out = dBN_in / s`). One dispatch, or three when channels are
+/// split ([`reduction_layout`]), in one submission.
 ///
 /// Errors (the CPU's): as [`batch_stats`]; [`Error::ShapeMismatch`] when `dy` (or `act_x`) is
 /// not the shape of `x` or `stats` is not `[2, C]`; [`Error::InvalidArgument`] for an empty
@@ -896,14 +1023,19 @@ fn batch_norm2d_backward_impl(
         expect_shape("batch_norm2d_backward divisor", &[c], d)?;
         expect_f32("batch_norm2d_backward divisor", d)?;
     }
-    let mut p = params_for(shape, bn)?;
+    let (mut p, layout) = params_for(shape, bn)?;
     p.act = activation_code(act);
     p.slope = super::activation::slope(act);
     p.training = u32::from(training);
     p.has_divisor = u32::from(divisor.is_some());
+    let groups = layout.groups as usize;
+    p.fuse = u32::from(groups == 1);
     let uniform = ctx.params(&p)?;
-    let groups = p.groups as usize;
-    let partials = GpuTensor::zeros(ctx, &[2, c, groups], DType::F32)?;
+    let partials = if groups > 1 {
+        GpuTensor::uninit(ctx, &[2, c, groups], DType::F32)?
+    } else {
+        GpuTensor::zeros(ctx, &[1], DType::F32)?
+    };
     let mut inputs = vec![x, dy, stats, bn.tensor()];
     inputs.push(act_x);
     inputs.extend(divisor);
@@ -925,26 +1057,41 @@ fn batch_norm2d_backward_impl(
         &inputs,
     )?;
     let (u, part) = (&uniform, partials.buffer());
-    let (dx_kernel, dx_grid) = elementwise(ctx, p.hw, p.n as usize, &BACKWARD_DX, &BACKWARD_DX8)?;
-    let list = vec![
-        (
-            &BACKWARD_PARTIAL,
-            vec![
-                u,
-                x.buffer(),
-                part,
-                stats.buffer(),
-                dy.buffer(),
-                act_x.buffer(),
-            ],
-            channel_grid(ctx, p.groups, c)?,
-        ),
-        (
+    let div = divisor.unwrap_or(&dummy).buffer();
+    let per_thread = layout.threads_per_channel == 1 && groups == 1;
+    let mut list = vec![(
+        if per_thread {
+            &BACKWARD_THREAD
+        } else {
+            &BACKWARD_REDUCE
+        },
+        vec![
+            u,
+            x.buffer(),
+            part,
+            bn.tensor().buffer(),
+            stats.buffer(),
+            dx.buffer(),
+            dy.buffer(),
+            act_x.buffer(),
+            dparams.buffer(),
+            div,
+        ],
+        if per_thread {
+            ctx.grid_1d(c, WGR)?
+        } else {
+            channel_grid(ctx, layout.groups, layout.blocks)?
+        },
+    )];
+    if groups > 1 {
+        let (dx_kernel, dx_grid) =
+            elementwise(ctx, p.hw, p.n as usize, &BACKWARD_DX, &BACKWARD_DX8)?;
+        list.push((
             &BACKWARD_FINAL,
             vec![u, part, dparams.buffer()],
-            channel_grid(ctx, 1, c)?,
-        ),
-        (
+            ctx.grid_1d(c, WGR)?,
+        ));
+        list.push((
             dx_kernel,
             vec![
                 u,
@@ -955,11 +1102,11 @@ fn batch_norm2d_backward_impl(
                 dy.buffer(),
                 act_x.buffer(),
                 dparams.buffer(),
-                divisor.unwrap_or(&dummy).buffer(),
+                div,
             ],
             dx_grid,
-        ),
-    ];
+        ));
+    }
     submit(ctx, &list)?;
     Ok(GpuBatchNormGrads { dx, dparams })
 }

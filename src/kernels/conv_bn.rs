@@ -32,10 +32,10 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::activation::activation_into;
+use super::activation::{activation_backward, activation_into};
 use super::batch_norm::{
-    batch_norm2d_backward_act, batch_norm2d_into, channel_grid, check_training_size,
-    partial_groups, GpuBatchNormOutput, GpuBatchNormStats,
+    batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, channel_grid,
+    check_training_size, partial_groups, GpuBatchNormOutput, GpuBatchNormStats,
 };
 use super::conv2d::{
     conv2d, conv2d_backward_input_into, conv2d_backward_weight, conv2d_into, ConvEpilogue,
@@ -928,6 +928,21 @@ fn conv_bn_qat_forward_impl(
     weight: &GpuQatWeight,
     given: Option<&GpuQatForward>,
 ) -> Result<GpuQatForward> {
+    // One submission for every pass (and pooled intermediates returned after it).
+    ctx.record(|| conv_bn_qat_forward_passes(ctx, x, conv, bn, momentum, cfg, weight, given))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_bn_qat_forward_passes(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    cfg: &QatConfig,
+    weight: &GpuQatWeight,
+    given: Option<&GpuQatForward>,
+) -> Result<GpuQatForward> {
     let (o, out_shape, qparams) = check_qat_forward_with(ctx, x, conv, bn, cfg, weight)?;
     let spec = &cfg.weight_observer;
     let ws = w_shape(conv);
@@ -1386,7 +1401,25 @@ pub fn conv_bn_qat_backward(
     cfg: &QatConfig,
     saved: &GpuQatSaved,
 ) -> Result<GpuQatGrads> {
-    conv_bn_qat_backward_impl(ctx, x, dy, conv, bn, cfg, saved, None)
+    conv_bn_qat_backward_impl(ctx, x, dy, conv, bn, cfg, saved, None, false)
+}
+
+/// The unfused QAT backward, for comparison with [`conv_bn_qat_backward`] (same results):
+/// the activation's backward, the BatchNorm backward and the divide-back `dBN_in / s` each
+/// their own dispatch and intermediate buffer; the rest (divide-back reductions, conv
+/// backward, weight gradient) as in the fused backward.
+///
+/// Errors: as [`conv_bn_qat_backward`].
+pub fn conv_bn_qat_backward_unfused(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    cfg: &QatConfig,
+    saved: &GpuQatSaved,
+) -> Result<GpuQatGrads> {
+    conv_bn_qat_backward_impl(ctx, x, dy, conv, bn, cfg, saved, None, true)
 }
 
 /// [`conv_bn_qat_backward`] writing into `out`: `dx` of `x`'s shape, `dweight` of the conv
@@ -1409,7 +1442,7 @@ pub fn conv_bn_qat_backward_into(
     saved: &GpuQatSaved,
     out: &GpuQatGrads,
 ) -> Result<()> {
-    conv_bn_qat_backward_impl(ctx, x, dy, conv, bn, cfg, saved, Some(out)).map(drop)
+    conv_bn_qat_backward_impl(ctx, x, dy, conv, bn, cfg, saved, Some(out), false).map(drop)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1422,6 +1455,26 @@ fn conv_bn_qat_backward_impl(
     cfg: &QatConfig,
     saved: &GpuQatSaved,
     given: Option<&GpuQatGrads>,
+    unfused: bool,
+) -> Result<GpuQatGrads> {
+    if unfused {
+        return conv_bn_qat_backward_passes(ctx, x, dy, conv, bn, cfg, saved, given, true);
+    }
+    // One submission for every pass (and pooled intermediates returned after it).
+    ctx.record(|| conv_bn_qat_backward_passes(ctx, x, dy, conv, bn, cfg, saved, given, false))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_bn_qat_backward_passes(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    cfg: &QatConfig,
+    saved: &GpuQatSaved,
+    given: Option<&GpuQatGrads>,
+    unfused: bool,
 ) -> Result<GpuQatGrads> {
     check_context(ctx, x, conv, bn)?;
     ctx.check_tensors(&[
@@ -1510,18 +1563,38 @@ fn conv_bn_qat_backward_impl(
     };
 
     // BatchNorm (with the activation's mask) → g = dBN_in / s.
-    let bn_grads = batch_norm2d_backward_act(
-        ctx,
-        saved.bn_input,
-        dy,
-        bn,
-        saved.stats,
-        !cfg.freeze_bn,
-        cfg.activation,
-        Some(saved.act_input),
-        Some(saved.scale_factor),
-    )?;
-    let g = bn_grads.dx;
+    let (g, bn_grads) = if unfused {
+        let d_pre = match cfg.activation {
+            Activation::None => dy.clone(),
+            act => activation_backward(ctx, saved.act_input, dy, act)?,
+        };
+        let grads =
+            batch_norm2d_backward(ctx, saved.bn_input, &d_pre, bn, saved.stats, !cfg.freeze_bn)?;
+        let g = GpuTensor::uninit(ctx, &out, DType::F32)?;
+        channel_op_into(
+            ctx,
+            &grads.dx,
+            ChannelOp::Div,
+            out[2] * out[3],
+            saved.scale_factor,
+            None,
+            &g,
+        )?;
+        (g, grads)
+    } else {
+        let grads = batch_norm2d_backward_act(
+            ctx,
+            saved.bn_input,
+            dy,
+            bn,
+            saved.stats,
+            !cfg.freeze_bn,
+            cfg.activation,
+            Some(saved.act_input),
+            Some(saved.scale_factor),
+        )?;
+        (grads.dx.clone(), grads)
+    };
 
     // Divide-back terms: conv bias grad, dβ, and dγ's BN-affine and divide-back parts.
     let m = out[0] * out[2] * out[3];

@@ -74,9 +74,9 @@ fn quick_suite_json_on_a_tiny_configuration() {
     finite_positive(&obj["fused_speedup_qat"], "fused_speedup_qat");
 
     let kernels = obj["kernels"].as_array().unwrap();
-    // Roofline (2), elementwise (7), fold (1), 6 f32 per conv shape, one int8 conv per conv
-    // shape and dot path, one int8 linear per dot path, 2 per Mnist batch, 3 float Mnist
-    // (forward on the GPU and the CPU reference, QAT step).
+    // Roofline (2), elementwise (7), fold (1), 2 per BatchNorm training shape, 8 f32 per conv
+    // shape, one int8 conv per conv shape and dot path, one int8 linear per dot path, 2 per
+    // Mnist batch, 3 float Mnist (forward on the GPU and the CPU reference, QAT step).
     let dots = if ctx.packed_int8_dot_available() {
         2
     } else {
@@ -84,7 +84,13 @@ fn quick_suite_json_on_a_tiny_configuration() {
     };
     assert_eq!(
         kernels.len(),
-        2 + 7 + 1 + (6 + dots) * cfg.conv_shapes.len() + dots + 2 * cfg.mnist_batches.len() + 3
+        2 + 7
+            + 1
+            + 2 * cfg.bn_train_shapes.len()
+            + (8 + dots) * cfg.conv_shapes.len()
+            + dots
+            + 2 * cfg.mnist_batches.len()
+            + 3
     );
     for k in kernels {
         let name = k["name"].as_str().expect("name").to_string();
@@ -117,6 +123,10 @@ fn quick_suite_json_on_a_tiny_configuration() {
         "conv_bn_relu_eval/unfused",
         "conv_bn_relu_qat_forward/fused",
         "conv_bn_relu_qat_forward/unfused",
+        "conv_bn_relu_qat_backward/fused",
+        "conv_bn_relu_qat_backward/unfused",
+        "bn_train/forward",
+        "bn_train/backward",
         "int8_conv2d/portable",
         "int8_linear/portable",
         "int8_forward/mnist/device",
@@ -134,6 +144,7 @@ fn quick_suite_json_on_a_tiny_configuration() {
     for k in kernels.iter().filter(|k| {
         k["name"] == "conv_bn_relu_eval/fused"
             || k["name"] == "conv_bn_relu_qat_forward/fused"
+            || k["name"] == "conv_bn_relu_qat_backward/fused"
             || k["name"] == "int8_forward/mnist/device"
     }) {
         finite_positive(&k["speedup"], "speedup");

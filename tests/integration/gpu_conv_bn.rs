@@ -205,13 +205,46 @@ fn batch_norm2d_large_and_offset() {
     check_batch_norm(&ctx, [2, 2, 48, 48], true, 4, 100.0);
 }
 
+/// Every reduction layout the shape picks (`reduction_layout`): one thread per channel (many
+/// channels of 1 or 2 values, channel counts that are and are not multiples of 4), a few
+/// threads per channel, a whole workgroup per channel, and channels split over several
+/// workgroups (also with a large mean), forward and backward, training and eval.
+fn batch_norm2d_reduction_layouts() {
+    use qfuse::kernels::batch_norm::reduction_layout;
+    let Some(ctx) = common::gpu() else { return };
+    let shapes = [
+        ([3, 300, 1, 1], 0.0),
+        ([2, 257, 1, 2], 0.0),
+        ([5, 6, 1, 2], 0.0),
+        ([4, 5, 8, 8], 0.0),
+        ([2, 3, 40, 40], 0.0),
+        ([1, 2, 128, 128], 0.0),
+        ([1, 2, 128, 128], 100.0),
+        ([1, 1, 200, 200], 0.0),
+    ];
+    let mut seen = [false; 4];
+    for (i, (shape, offset)) in shapes.into_iter().enumerate() {
+        let l = reduction_layout(shape[1], shape[0] * shape[2] * shape[3]);
+        let kind = match (l.threads_per_channel, l.groups) {
+            (1, 1) => 0,
+            (256, 1) => 2,
+            (_, 1) => 1,
+            _ => 3,
+        };
+        seen[kind] = true;
+        check_batch_norm(&ctx, shape, true, 20 + i as u64, offset);
+    }
+    assert_eq!(seen, [true; 4], "a reduction layout is not exercised");
+}
+
 /// The kernel-level BatchNorm with a fused activation equals BN then the activation, and its
 /// backward with the activation's mask folded in equals the two backwards.
 fn batch_norm2d_with_activation() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(5);
-    // H*W = 25 (one element per invocation) and 16 (eight per invocation).
-    for shape in [[2, 4, 5, 5], [2, 4, 4, 4]] {
+    // H*W = 25 (one element per invocation) and 16 (eight per invocation); one thread per
+    // channel; channels split over workgroups.
+    for shape in [[2, 4, 5, 5], [2, 4, 4, 4], [3, 64, 1, 1], [1, 2, 128, 128]] {
         check_batch_norm_act(&ctx, &mut rng, shape);
     }
 }
@@ -974,6 +1007,7 @@ crate::qfuse_tests! {
     sqrt_rn_is_correctly_rounded: gpu,
     batch_norm2d_matches_reference: gpu,
     batch_norm2d_large_and_offset: gpu,
+    batch_norm2d_reduction_layouts: gpu,
     batch_norm2d_with_activation: gpu,
     conv_bn_act_eval_fused_unfused_cpu: gpu,
     conv_bn_qat_forward_backward_match_reference: gpu,

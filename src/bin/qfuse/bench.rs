@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// CPU adapter (lavapipe).
     #[arg(long)]
     quick: bool,
+    /// Run only the benchmarks whose name contains TEXT (e.g. `bn_train`,
+    /// `conv_bn_relu_qat`); the roofline always runs.
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
     /// Also draw the roofline as SVG: the copy and FMA roofs (log-log GFLOP/s against FLOP
     /// per byte), each kernel with a flop count a point at its arithmetic intensity, fused and
     /// unfused forms of the same work joined by a line.
@@ -36,7 +40,7 @@ pub struct BenchArgs {
         long,
         value_name = "FILE.json",
         requires = "plot",
-        conflicts_with_all = ["quick", "json"]
+        conflicts_with_all = ["quick", "json", "filter"]
     )]
     from_json: Option<PathBuf>,
 }
@@ -156,11 +160,12 @@ pub fn run(args: &BenchArgs) -> qfuse::Result<ExitCode> {
         return plot_saved(src, out);
     }
     let ctx = Arc::new(GpuContext::new()?);
-    let cfg = if args.quick {
+    let mut cfg = if args.quick {
         BenchConfig::quick()
     } else {
         BenchConfig::full()
     };
+    cfg.filter.clone_from(&args.filter);
     eprintln!("adapter: {}", ctx.name());
     eprintln!("{}", cfg.describe());
     if args.quick {
