@@ -45,6 +45,9 @@
 //                                   sum dy'*xhat (d gamma)[C]
 //   @group(0) @binding(11) divisor: storage, read array<f32>  backward_dx: C per-channel divisors
 //                                   of dx when has_divisor = 1 (the QAT divide-back), else a dummy
+//   @group(0) @binding(12..16) x4, y4, pre4, dy4, act_x4: the same buffers as x, y, pre, dy,
+//                                   act_x seen as array<vec4<f32>>, for the *4 entry points
+//                                   (H*W a multiple of 4: a vec4 never straddles two channels)
 //
 // Entry points and dispatch (workgroup size WGR = 256, fixed: it sizes workgroup memory).
 // The reductions work on channel segments: a workgroup holds WGR / T segments of T threads
@@ -70,10 +73,12 @@
 //   eval_stats       (0,3,4,5):   1-D grid over C.
 //   normalize        (0,1,3,4,6,7): 1-D grid over n, same tiling.
 //   backward_dx      (0,1,3,4,6,8,9,10,11): 1-D grid over n.
-//   normalize8, backward_dx8: normalize / backward_dx for 8 consecutive elements per
-//                                 invocation (1-D grid over n / 8), used when H*W is a multiple
-//                                 of 8 so the 8 share a channel: its statistics and parameters
-//                                 are loaded once (same arithmetic per element).
+//   stats_reduce4, backward_reduce4, normalize4, backward_dx4: the same on vec4s (bindings
+//                                 12..16 instead of 1, 6..9), used when H*W is a multiple of 4;
+//                                 the reductions count values in vec4s (m / 4 per channel, each
+//                                 lane its own Welford / sum, lanes combined at the end), the
+//                                 elementwise passes take one vec4 per invocation (1-D grid
+//                                 over n / 4). Same arithmetic per element.
 // Value j of channel c is element (j / hw) * C * hw + c * hw + j % hw; the reductions step
 // through a thread's values keeping (j / hw, j % hw) up to date (no division per value).
 // partials (G > 1): statistics: count at c*G + g, mean at C*G + c*G + g, M2 at 2*C*G + c*G + g;
@@ -112,6 +117,11 @@ struct Params {
 @group(0) @binding(9) var<storage, read> act_x: array<f32>;
 @group(0) @binding(10) var<storage, read_write> grads: array<f32>;
 @group(0) @binding(11) var<storage, read> divisor: array<f32>;
+@group(0) @binding(12) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read_write> pre4: array<vec4<f32>>;
+@group(0) @binding(15) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(16) var<storage, read> act_x4: array<vec4<f32>>;
 
 var<workgroup> sa: array<f32, WGR>;
 var<workgroup> sb: array<f32, WGR>;
@@ -153,24 +163,36 @@ struct Walk {
     sr: u32,
 }
 
-fn walk_start(j0: u32, step: u32) -> Walk {
-    let hw = params.hw;
+fn walk_start_in(j0: u32, step: u32, hw: u32) -> Walk {
     return Walk(j0, j0 / hw, j0 % hw, step / hw, step % hw);
 }
 
+fn walk_index_in(w: Walk, c: u32, hw: u32) -> u32 {
+    return (w.q * params.channels + c) * hw + w.r;
+}
+
+fn walk_next_in(w: Walk, hw: u32) -> Walk {
+    var v = w;
+    v.q = w.q + w.sq;
+    v.r = w.r + w.sr;
+    if (v.r >= hw) {
+        v.r = v.r - hw;
+        v.q = v.q + 1u;
+    }
+    return v;
+}
+
+fn walk_start(j0: u32, step: u32) -> Walk {
+    return walk_start_in(j0, step, params.hw);
+}
+
 fn walk_index(w: Walk, c: u32) -> u32 {
-    return (w.q * params.channels + c) * params.hw + w.r;
+    return walk_index_in(w, c, params.hw);
 }
 
 fn walk_next(w: Walk, step: u32) -> Walk {
-    var v = w;
+    var v = walk_next_in(w, params.hw);
     v.j = w.j + step;
-    v.q = w.q + w.sq;
-    v.r = w.r + w.sr;
-    if (v.r >= params.hw) {
-        v.r = v.r - params.hw;
-        v.q = v.q + 1u;
-    }
     return v;
 }
 
@@ -289,63 +311,6 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>,
         dx = dx / divisor[c];
     }
     y[i] = dx;
-}
-
-@compute @workgroup_size(WGR)
-fn normalize8(@builtin(global_invocation_id) gid: vec3<u32>,
-              @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i0 = flat_index(gid, nwg) * 8u;
-    if (i0 >= params.n) {
-        return;
-    }
-    let c = channel_of(i0);
-    let nc = params.channels;
-    let mean = stats[c];
-    let invstd = stats[nc + c];
-    let gamma = bn[c];
-    let beta = bn[nc + c];
-    for (var e = 0u; e < 8u; e = e + 1u) {
-        let i = i0 + e;
-        let v = (x[i] - mean) * invstd * gamma + beta;
-        if (params.write_pre != 0u) {
-            pre[i] = v;
-        }
-        y[i] = act_forward(v);
-    }
-}
-
-@compute @workgroup_size(WGR)
-fn backward_dx8(@builtin(global_invocation_id) gid: vec3<u32>,
-                @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i0 = flat_index(gid, nwg) * 8u;
-    if (i0 >= params.n) {
-        return;
-    }
-    let c = channel_of(i0);
-    let nc = params.channels;
-    let invstd = stats[nc + c];
-    let k = bn[c] * invstd;
-    let mean = stats[c];
-    let g_dy = grads[c];
-    let g_dyx = grads[nc + c];
-    let inv_m = 1.0 / f32(params.m);
-    var div = 1.0;
-    if (params.has_divisor != 0u) {
-        div = divisor[c];
-    }
-    for (var e = 0u; e < 8u; e = e + 1u) {
-        let i = i0 + e;
-        let d = dy_eff(i);
-        var dx = k * d;
-        if (params.training != 0u) {
-            let xhat = (x[i] - mean) * invstd;
-            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
-        }
-        if (params.has_divisor != 0u) {
-            dx = dx / div;
-        }
-        y[i] = dx;
-    }
 }
 
 @compute @workgroup_size(WGR)
@@ -597,4 +562,206 @@ fn backward_thread(@builtin(global_invocation_id) gid: vec3<u32>,
         }
         y[i] = dx;
     }
+}
+
+// --- vec4 forms (H*W a multiple of 4), values counted in vec4s: hw4 = hw / 4, m4 = m / 4.
+
+fn act_forward4(v: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(act_forward(v.x), act_forward(v.y), act_forward(v.z), act_forward(v.w));
+}
+
+fn dy_eff4(i: u32) -> vec4<f32> {
+    let d = dy4[i];
+    if (params.act == 0u) {
+        return d;
+    }
+    let a = act_x4[i];
+    return vec4<f32>(act_backward(a.x, d.x), act_backward(a.y, d.y), act_backward(a.z, d.z),
+                     act_backward(a.w, d.w));
+}
+
+@compute @workgroup_size(WGR)
+fn stats_reduce4(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_id) lid3: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let lid = lid3.x;
+    let sg = segment(wid, lid, nwg);
+    let live = sg.c < params.channels;
+    let hw4 = params.hw / 4u;
+    let m4 = params.m / 4u;
+    // Welford per lane over this thread's vec4s, then the four lanes combined (equal counts).
+    var cnt = 0.0;
+    var mean = vec4<f32>(0.0);
+    var m2 = vec4<f32>(0.0);
+    if (live) {
+        var w = walk_start_in(sg.j0, sg.step, hw4);
+        for (var j = sg.j0; j < m4; j = j + sg.step) {
+            let v = x4[walk_index_in(w, sg.c, hw4)];
+            cnt = cnt + 1.0;
+            let d = v - mean;
+            mean = mean + d / cnt;
+            m2 = m2 + d * (v - mean);
+            w = walk_next_in(w, hw4);
+        }
+    }
+    let d01 = mean.y - mean.x;
+    let d23 = mean.w - mean.z;
+    let mean01 = mean.x + 0.5 * d01;
+    let mean23 = mean.z + 0.5 * d23;
+    let m2_01 = m2.x + m2.y + d01 * d01 * (0.5 * cnt);
+    let m2_23 = m2.z + m2.w + d23 * d23 * (0.5 * cnt);
+    let dq = mean23 - mean01;
+    sn[lid] = 4.0 * cnt;
+    sa[lid] = mean01 + 0.5 * dq;
+    sb[lid] = m2_01 + m2_23 + dq * dq * cnt;
+    combine_stats(lid, sg.t);
+    if (!live) {
+        return;
+    }
+    let c = sg.c;
+    let nc = params.channels;
+    if (params.groups > 1u) {
+        if (sg.t == 0u) {
+            let cg = nc * params.groups;
+            let k = c * params.groups + wid.x;
+            partials[k] = sn[lid];
+            partials[cg + k] = sa[lid];
+            partials[2u * cg + k] = sb[lid];
+        }
+        return;
+    }
+    let cmean = sa[sg.base];
+    let cm2 = sb[sg.base];
+    if (sg.t == 0u) {
+        write_stats(c, cmean, cm2);
+    }
+    if (params.fuse == 0u) {
+        return;
+    }
+    let invstd = 1.0 / sqrt(cm2 / f32(params.m) + params.eps);
+    let gamma = bn[c];
+    let beta = bn[nc + c];
+    var w = walk_start_in(sg.j0, sg.step, hw4);
+    for (var j = sg.j0; j < m4; j = j + sg.step) {
+        let i = walk_index_in(w, c, hw4);
+        let v = (x4[i] - cmean) * invstd * gamma + beta;
+        if (params.write_pre != 0u) {
+            pre4[i] = v;
+        }
+        y4[i] = act_forward4(v);
+        w = walk_next_in(w, hw4);
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn backward_reduce4(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(local_invocation_id) lid3: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let lid = lid3.x;
+    let sg = segment(wid, lid, nwg);
+    let live = sg.c < params.channels;
+    let nc = params.channels;
+    let hw4 = params.hw / 4u;
+    let m4 = params.m / 4u;
+    var acc_dy = vec4<f32>(0.0);
+    var acc_dyx = vec4<f32>(0.0);
+    var mean = 0.0;
+    var invstd = 0.0;
+    if (live) {
+        mean = stats[sg.c];
+        invstd = stats[nc + sg.c];
+        var w = walk_start_in(sg.j0, sg.step, hw4);
+        for (var j = sg.j0; j < m4; j = j + sg.step) {
+            let i = walk_index_in(w, sg.c, hw4);
+            let d = dy_eff4(i);
+            acc_dy = acc_dy + d;
+            acc_dyx = acc_dyx + d * ((x4[i] - mean) * invstd);
+            w = walk_next_in(w, hw4);
+        }
+    }
+    sa[lid] = (acc_dy.x + acc_dy.y) + (acc_dy.z + acc_dy.w);
+    sb[lid] = (acc_dyx.x + acc_dyx.y) + (acc_dyx.z + acc_dyx.w);
+    combine_sums(lid, sg.t);
+    if (!live) {
+        return;
+    }
+    let c = sg.c;
+    if (params.groups > 1u) {
+        if (sg.t == 0u) {
+            let k = c * params.groups + wid.x;
+            partials[k] = sa[lid];
+            partials[nc * params.groups + k] = sb[lid];
+        }
+        return;
+    }
+    let g_dy = sa[sg.base];
+    let g_dyx = sb[sg.base];
+    if (sg.t == 0u) {
+        grads[c] = g_dy;
+        grads[nc + c] = g_dyx;
+    }
+    if (params.fuse == 0u) {
+        return;
+    }
+    let k = bn[c] * invstd;
+    let inv_m = 1.0 / f32(params.m);
+    var div = 1.0;
+    if (params.has_divisor != 0u) {
+        div = divisor[c];
+    }
+    var w = walk_start_in(sg.j0, sg.step, hw4);
+    for (var j = sg.j0; j < m4; j = j + sg.step) {
+        let i = walk_index_in(w, c, hw4);
+        let d = dy_eff4(i);
+        var dx = k * d;
+        if (params.training != 0u) {
+            let xhat = (x4[i] - mean) * invstd;
+            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
+        }
+        if (params.has_divisor != 0u) {
+            dx = dx / div;
+        }
+        y4[i] = dx;
+        w = walk_next_in(w, hw4);
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i4 = flat_index(gid, nwg);
+    if (i4 >= params.n / 4u) {
+        return;
+    }
+    let c = channel_of(i4 * 4u);
+    let nc = params.channels;
+    let v = (x4[i4] - stats[c]) * stats[nc + c] * bn[c] + bn[nc + c];
+    if (params.write_pre != 0u) {
+        pre4[i4] = v;
+    }
+    y4[i4] = act_forward4(v);
+}
+
+@compute @workgroup_size(WGR)
+fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i4 = flat_index(gid, nwg);
+    if (i4 >= params.n / 4u) {
+        return;
+    }
+    let c = channel_of(i4 * 4u);
+    let nc = params.channels;
+    let invstd = stats[nc + c];
+    let k = bn[c] * invstd;
+    let d = dy_eff4(i4);
+    var dx = k * d;
+    if (params.training != 0u) {
+        let xhat = (x4[i4] - stats[c]) * invstd;
+        let inv_m = 1.0 / f32(params.m);
+        dx = k * (d - (grads[c] + xhat * grads[nc + c]) * inv_m);
+    }
+    if (params.has_divisor != 0u) {
+        dx = dx / divisor[c];
+    }
+    y4[i4] = dx;
 }

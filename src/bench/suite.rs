@@ -1082,7 +1082,7 @@ fn bn_train(r: &mut Runner<'_>, cfg: &BenchConfig, shape: [usize; 4]) -> Result<
     let x = upload(ctx, &shape, 43, -2.0, 2.0)?;
     let dy = upload(ctx, &shape, 47, -1.0, 1.0)?;
     let bn = GpuBatchNorm::upload(ctx, &batch_norm(c, 53))?;
-    let layout = reduction_layout(c, n * h * w);
+    let layout = reduction_layout(shape);
     let how = format!(
         "{} thread(s) per channel, {} workgroup(s) per channel",
         layout.threads_per_channel, layout.groups

@@ -148,16 +148,65 @@ static BACKWARD_FINAL: Kernel = Kernel {
     ],
 };
 
-static NORMALIZE8: Kernel = Kernel {
+static NORMALIZE4: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "normalize8",
-    bindings: NORMALIZE.bindings,
+    entry_point: "normalize4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read(12),
+        Binding::read_write(13),
+        Binding::read_write(14),
+    ],
 };
 
-static BACKWARD_DX8: Kernel = Kernel {
+static BACKWARD_DX4: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "backward_dx8",
-    bindings: BACKWARD_DX.bindings,
+    entry_point: "backward_dx4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read_write(10),
+        Binding::read(11),
+        Binding::read(12),
+        Binding::read_write(13),
+        Binding::read(15),
+        Binding::read(16),
+    ],
+};
+
+static STATS_REDUCE4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "stats_reduce4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read_write(2),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read_write(5),
+        Binding::read(12),
+        Binding::read_write(13),
+        Binding::read_write(14),
+    ],
+};
+
+static BACKWARD_REDUCE4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward_reduce4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read_write(2),
+        Binding::read(3),
+        Binding::read_write(4),
+        Binding::read_write(10),
+        Binding::read(11),
+        Binding::read(12),
+        Binding::read_write(13),
+        Binding::read(15),
+        Binding::read(16),
+    ],
 };
 
 static BACKWARD_DX: Kernel = Kernel {
@@ -231,15 +280,25 @@ pub struct ReductionLayout {
     pub groups: u32,
     /// Workgroups along the channels: `ceil(C / (256 / threads_per_channel))`.
     pub blocks: usize,
+    /// `H·W` is a multiple of 4: the kernels load and store `vec4`s (four values of one
+    /// channel), and the thresholds below count values in `vec4`s.
+    pub vec4: bool,
+    /// One invocation per channel without workgroup memory (`threads_per_channel == 1`,
+    /// `groups == 1`, not `vec4`).
+    pub per_thread: bool,
 }
 
-/// The layout of the BatchNorm reductions for `channels` channels of `m` values each, chosen
-/// by the shape: one thread per channel for up to 16 values (70,000 channels of 2 values:
-/// 274 workgroups, each thread reduces its channel alone), the smallest power of two of
-/// threads per channel that gives each at least 16 values (at most 256), and a split of a
-/// channel over several workgroups when a thread would have more than 128 values or when
-/// fewer than 64 workgroups would run (only while each thread keeps at least 16 values).
-pub fn reduction_layout(channels: usize, m: usize) -> ReductionLayout {
+/// The layout of the BatchNorm reductions over an NCHW `shape` (`C` channels of
+/// `M = N·H·W` values), chosen by the shape: one thread per channel for up to 16 values
+/// (70,000 channels of 2 values: 274 workgroups, each thread reduces its channel alone), the
+/// smallest power of two of threads per channel that gives each at least 16 values (at most
+/// 256), and a split of a channel over several workgroups when a thread would have more than
+/// 128 values or when fewer than 64 workgroups would run (only while each thread keeps at
+/// least 16 values). With `H·W` a multiple of 4 the values are counted in `vec4`s.
+pub fn reduction_layout(shape: [usize; 4]) -> ReductionLayout {
+    let [n, channels, h, w] = shape;
+    let vec4 = (h * w).is_multiple_of(4) && h * w > 0;
+    let m = if vec4 { n * h * w / 4 } else { n * h * w };
     let wgr = WGR as usize;
     let threads = m.div_ceil(MIN_ITEMS).max(1);
     let tpc = threads.next_power_of_two().min(wgr);
@@ -252,10 +311,13 @@ pub fn reduction_layout(channels: usize, m: usize) -> ReductionLayout {
     } else {
         1
     };
+    let groups = by_size.max(by_parallel).clamp(1, MAX_GROUPS);
     ReductionLayout {
         threads_per_channel: tpc as u32,
-        groups: by_size.max(by_parallel).clamp(1, MAX_GROUPS) as u32,
+        groups: groups as u32,
         blocks,
+        vec4,
+        per_thread: !vec4 && tpc == 1 && groups == 1,
     }
 }
 
@@ -266,9 +328,10 @@ pub(crate) fn partial_groups(m: usize) -> usize {
         .clamp(1, MAX_GROUPS)
 }
 
-/// A 4-byte tensor bound where a kernel declares a binding it does not use in this call.
+/// A 16-byte tensor (one `vec4`) bound where a kernel declares a binding it does not use in
+/// this call.
 pub(crate) fn dummy(ctx: &GpuContext) -> Result<GpuTensor> {
-    GpuTensor::zeros(ctx, &[1], DType::F32)
+    GpuTensor::zeros(ctx, &[4], DType::F32)
 }
 
 /// Downloads a `[R, C]` tensor (such as `stats`, `running`, `dparams`) as its `R` rows.
@@ -346,7 +409,7 @@ pub fn check_training_size(shape: &[usize]) -> Result<()> {
 fn params_for(shape: [usize; 4], bn: &GpuBatchNorm) -> Result<(Params, ReductionLayout)> {
     let [n, c, h, w] = shape;
     let m = n * h * w;
-    let layout = reduction_layout(c, m);
+    let layout = reduction_layout(shape);
     let p = Params {
         n: to_u32(n * c * h * w, "batch_norm2d element count")?,
         channels: to_u32(c, "batch_norm2d channels")?,
@@ -380,8 +443,7 @@ struct StatsPlan {
     training: bool,
     /// The reduction also writes the normalized output.
     fused: bool,
-    /// One invocation per channel (`stats_thread`).
-    per_thread: bool,
+    layout: ReductionLayout,
     dummies: [GpuTensor; 2],
     reduce_grid: [u32; 3],
     final_grid: [u32; 3],
@@ -454,9 +516,9 @@ impl StatsPlan {
             out,
             training,
             fused,
-            per_thread: layout.threads_per_channel == 1 && groups == 1,
+            layout,
             dummies: [dummy(ctx)?, dummy(ctx)?],
-            reduce_grid: if layout.threads_per_channel == 1 && groups == 1 {
+            reduce_grid: if layout.per_thread {
                 ctx.grid_1d(c, WGR)?
             } else {
                 channel_grid(ctx, layout.groups, layout.blocks)?
@@ -487,15 +549,24 @@ impl StatsPlan {
                 None => (self.dummies[0].buffer(), self.dummies[1].buffer()),
             };
             let params = bn.tensor().buffer();
-            out.push((
-                if self.per_thread {
-                    &STATS_THREAD
-                } else {
-                    &STATS_REDUCE
-                },
-                vec![u, x.buffer(), part, params, stats, running, y, pre],
-                self.reduce_grid,
-            ));
+            let x = x.buffer();
+            out.push(if self.layout.vec4 {
+                (
+                    &STATS_REDUCE4,
+                    vec![u, part, params, stats, running, x, y, pre],
+                    self.reduce_grid,
+                )
+            } else {
+                (
+                    if self.layout.per_thread {
+                        &STATS_THREAD
+                    } else {
+                        &STATS_REDUCE
+                    },
+                    vec![u, x, part, params, stats, running, y, pre],
+                    self.reduce_grid,
+                )
+            });
             if self.final_grid[0] > 0 {
                 out.push((
                     &STATS_FINAL,
@@ -653,24 +724,14 @@ struct NormalizePlan {
     y: GpuTensor,
     pre: Option<GpuTensor>,
     pre_or_dummy: GpuTensor,
-    kernel: &'static Kernel,
+    vec4: bool,
     grid: [u32; 3],
 }
 
-/// The elementwise pass (`normalize` / `backward_dx`, or their 8-per-invocation forms when
-/// `H·W` is a multiple of 8, so the 8 share a channel) and its grid for `n` elements.
-fn elementwise(
-    ctx: &GpuContext,
-    hw: u32,
-    n: usize,
-    one: &'static Kernel,
-    eight: &'static Kernel,
-) -> Result<(&'static Kernel, [u32; 3])> {
-    if hw.is_multiple_of(8) {
-        Ok((eight, ctx.grid_1d(n / 8, WGR)?))
-    } else {
-        Ok((one, ctx.grid_1d(n, WGR)?))
-    }
+/// The grid of an elementwise pass (`normalize` / `backward_dx`, or with `vec4` their
+/// `vec4` forms, `H·W` a multiple of 4 so a `vec4` stays in one channel) over `n` elements.
+fn elementwise_grid(ctx: &GpuContext, vec4: bool, n: usize) -> Result<[u32; 3]> {
+    ctx.grid_1d(if vec4 { n / 4 } else { n }, WGR)
 }
 
 fn normalize_plan(
@@ -717,14 +778,14 @@ fn normalize_plan(
         Some(t) => t.clone(),
         None => dummy(ctx)?,
     };
-    let (kernel, grid) = elementwise(ctx, p.hw, p.n as usize, &NORMALIZE, &NORMALIZE8)?;
+    let vec4 = reduction_layout(shape).vec4;
     Ok(NormalizePlan {
         uniform: ctx.params(&p)?,
         y,
         pre,
         pre_or_dummy,
-        kernel,
-        grid,
+        vec4,
+        grid: elementwise_grid(ctx, vec4, p.n as usize)?,
     })
 }
 
@@ -736,18 +797,18 @@ impl NormalizePlan {
         stats: &'a GpuTensor,
         out: &mut Vec<(&'static Kernel, Vec<&'a wgpu::Buffer>, [u32; 3])>,
     ) {
-        out.push((
-            self.kernel,
-            vec![
-                &self.uniform,
-                x.buffer(),
-                bn.tensor().buffer(),
-                stats.buffer(),
-                self.y.buffer(),
-                self.pre_or_dummy.buffer(),
-            ],
-            self.grid,
-        ));
+        let (u, x, params, stats) = (
+            &*self.uniform,
+            x.buffer(),
+            bn.tensor().buffer(),
+            stats.buffer(),
+        );
+        let (y, pre) = (self.y.buffer(), self.pre_or_dummy.buffer());
+        out.push(if self.vec4 {
+            (&NORMALIZE4, vec![u, params, stats, x, y, pre], self.grid)
+        } else {
+            (&NORMALIZE, vec![u, x, params, stats, y, pre], self.grid)
+        });
     }
 }
 
@@ -1034,7 +1095,7 @@ fn batch_norm2d_backward_impl(
     let partials = if groups > 1 {
         GpuTensor::uninit(ctx, &[2, c, groups], DType::F32)?
     } else {
-        GpuTensor::zeros(ctx, &[1], DType::F32)?
+        GpuTensor::zeros(ctx, &[4], DType::F32)?
     };
     let mut inputs = vec![x, dy, stats, bn.tensor()];
     inputs.push(act_x);
@@ -1056,56 +1117,55 @@ fn batch_norm2d_backward_impl(
         DType::F32,
         &inputs,
     )?;
-    let (u, part) = (&uniform, partials.buffer());
+    let (u, part) = (&*uniform, partials.buffer());
     let div = divisor.unwrap_or(&dummy).buffer();
-    let per_thread = layout.threads_per_channel == 1 && groups == 1;
-    let mut list = vec![(
-        if per_thread {
-            &BACKWARD_THREAD
-        } else {
-            &BACKWARD_REDUCE
-        },
-        vec![
-            u,
-            x.buffer(),
-            part,
-            bn.tensor().buffer(),
-            stats.buffer(),
-            dx.buffer(),
-            dy.buffer(),
-            act_x.buffer(),
-            dparams.buffer(),
-            div,
-        ],
-        if per_thread {
-            ctx.grid_1d(c, WGR)?
-        } else {
-            channel_grid(ctx, layout.groups, layout.blocks)?
-        },
-    )];
+    let (xb, params, st, dxb, dyb, ax, gr) = (
+        x.buffer(),
+        bn.tensor().buffer(),
+        stats.buffer(),
+        dx.buffer(),
+        dy.buffer(),
+        act_x.buffer(),
+        dparams.buffer(),
+    );
+    let reduce_grid = if layout.per_thread {
+        ctx.grid_1d(c, WGR)?
+    } else {
+        channel_grid(ctx, layout.groups, layout.blocks)?
+    };
+    let mut list = vec![if layout.vec4 {
+        (
+            &BACKWARD_REDUCE4,
+            vec![u, part, params, st, gr, div, xb, dxb, dyb, ax],
+            reduce_grid,
+        )
+    } else {
+        (
+            if layout.per_thread {
+                &BACKWARD_THREAD
+            } else {
+                &BACKWARD_REDUCE
+            },
+            vec![u, xb, part, params, st, dxb, dyb, ax, gr, div],
+            reduce_grid,
+        )
+    }];
     if groups > 1 {
-        let (dx_kernel, dx_grid) =
-            elementwise(ctx, p.hw, p.n as usize, &BACKWARD_DX, &BACKWARD_DX8)?;
-        list.push((
-            &BACKWARD_FINAL,
-            vec![u, part, dparams.buffer()],
-            ctx.grid_1d(c, WGR)?,
-        ));
-        list.push((
-            dx_kernel,
-            vec![
-                u,
-                x.buffer(),
-                bn.tensor().buffer(),
-                stats.buffer(),
-                dx.buffer(),
-                dy.buffer(),
-                act_x.buffer(),
-                dparams.buffer(),
-                div,
-            ],
-            dx_grid,
-        ));
+        list.push((&BACKWARD_FINAL, vec![u, part, gr], ctx.grid_1d(c, WGR)?));
+        let grid = elementwise_grid(ctx, layout.vec4, p.n as usize)?;
+        list.push(if layout.vec4 {
+            (
+                &BACKWARD_DX4,
+                vec![u, params, st, gr, div, xb, dxb, dyb, ax],
+                grid,
+            )
+        } else {
+            (
+                &BACKWARD_DX,
+                vec![u, xb, params, st, dxb, dyb, ax, gr, div],
+                grid,
+            )
+        });
     }
     submit(ctx, &list)?;
     Ok(GpuBatchNormGrads { dx, dparams })

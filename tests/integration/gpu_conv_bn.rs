@@ -208,33 +208,58 @@ fn batch_norm2d_large_and_offset() {
 /// Every reduction layout the shape picks (`reduction_layout`): one thread per channel (many
 /// channels of 1 or 2 values, channel counts that are and are not multiples of 4), a few
 /// threads per channel, a whole workgroup per channel, and channels split over several
-/// workgroups (also with a large mean), forward and backward, training and eval.
+/// workgroups (also with a large mean), on scalars and on `vec4`s (`H·W` a multiple of 4),
+/// forward and backward, training and eval.
 fn batch_norm2d_reduction_layouts() {
-    use qfuse::kernels::batch_norm::reduction_layout;
     let Some(ctx) = common::gpu() else { return };
     let shapes = [
         ([3, 300, 1, 1], 0.0),
         ([2, 257, 1, 2], 0.0),
         ([5, 6, 1, 2], 0.0),
+        ([40, 3, 1, 1], 0.0),
+        ([1, 1, 3, 10001], 0.0),
         ([4, 5, 8, 8], 0.0),
-        ([2, 3, 40, 40], 0.0),
-        ([1, 2, 128, 128], 0.0),
-        ([1, 2, 128, 128], 100.0),
-        ([1, 1, 200, 200], 0.0),
+        ([3, 3, 64, 64], 0.0),
+        ([1, 1, 256, 128], 0.0),
+        ([1, 1, 256, 128], 100.0),
+        ([3, 1, 256, 256], 0.0),
     ];
-    let mut seen = [false; 4];
+    let mut seen = std::collections::BTreeSet::new();
     for (i, (shape, offset)) in shapes.into_iter().enumerate() {
-        let l = reduction_layout(shape[1], shape[0] * shape[2] * shape[3]);
-        let kind = match (l.threads_per_channel, l.groups) {
-            (1, 1) => 0,
-            (256, 1) => 2,
-            (_, 1) => 1,
-            _ => 3,
-        };
-        seen[kind] = true;
+        seen.insert(layout_kind(shape));
         check_batch_norm(&ctx, shape, true, 20 + i as u64, offset);
     }
-    assert_eq!(seen, [true; 4], "a reduction layout is not exercised");
+    assert_eq!(
+        seen,
+        all_layout_kinds(),
+        "a reduction layout is not exercised"
+    );
+}
+
+/// `(vec4, threads per channel: 1 / some / 256, split over workgroups, one invocation per
+/// channel)` of the layout `shape` gets.
+fn layout_kind(shape: [usize; 4]) -> (bool, u8, bool, bool) {
+    let l = qfuse::kernels::batch_norm::reduction_layout(shape);
+    let t = match l.threads_per_channel {
+        1 => 0,
+        256 => 2,
+        _ => 1,
+    };
+    (l.vec4, t, l.groups > 1, l.per_thread)
+}
+
+/// The layout kinds the BatchNorm tests must cover.
+fn all_layout_kinds() -> std::collections::BTreeSet<(bool, u8, bool, bool)> {
+    [
+        (false, 0, false, true),
+        (false, 1, false, false),
+        (false, 2, true, false),
+        (true, 1, false, false),
+        (true, 2, false, false),
+        (true, 2, true, false),
+    ]
+    .into_iter()
+    .collect()
 }
 
 /// The kernel-level BatchNorm with a fused activation equals BN then the activation, and its
@@ -242,9 +267,16 @@ fn batch_norm2d_reduction_layouts() {
 fn batch_norm2d_with_activation() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(5);
-    // H*W = 25 (one element per invocation) and 16 (eight per invocation); one thread per
-    // channel; channels split over workgroups.
-    for shape in [[2, 4, 5, 5], [2, 4, 4, 4], [3, 64, 1, 1], [1, 2, 128, 128]] {
+    // H*W = 25 (scalars) and 16 (vec4s); one thread per channel; a workgroup per channel;
+    // channels split over workgroups (vec4s and scalars).
+    for shape in [
+        [2, 4, 5, 5],
+        [2, 4, 4, 4],
+        [3, 64, 1, 1],
+        [1, 2, 128, 128],
+        [1, 1, 256, 128],
+        [1, 1, 3, 10001],
+    ] {
         check_batch_norm_act(&ctx, &mut rng, shape);
     }
 }
@@ -637,9 +669,48 @@ fn conv_bn_qat_fused_matches_unfused() {
                 let co_f = conv_bn::qat_conv_out(&ctx, &f, &gconv).unwrap();
                 let co_u = conv_bn::qat_conv_out(&ctx, &u, &gconv).unwrap();
                 assert_close(&format!("{what}: conv_out"), &d(&co_f), &d(&co_u), 1e-5);
+
+                // The unfused backward (activation, BatchNorm and divide-back each its own
+                // pass) gives the fused backward's gradients.
+                let dy = upload4(&ctx, &rng.array4(case_out(&case), -1.0, 1.0));
+                let gf =
+                    conv_bn::conv_bn_qat_backward(&ctx, &gx, &dy, &gconv, &gbn, &cfg, &f.saved())
+                        .unwrap();
+                let gu = conv_bn::conv_bn_qat_backward_unfused(
+                    &ctx,
+                    &gx,
+                    &dy,
+                    &gconv,
+                    &gbn,
+                    &cfg,
+                    &f.saved(),
+                )
+                .unwrap();
+                for (name, a, b) in [
+                    ("dx", &gf.dx, &gu.dx),
+                    ("dweight", &gf.dweight, &gu.dweight),
+                    ("dbn_weight", &gf.dbn_weight, &gu.dbn_weight),
+                    ("dbn_bias", &gf.dbn_bias, &gu.dbn_bias),
+                ] {
+                    assert_close(&format!("{what}: backward {name}"), &d(a), &d(b), 1e-4);
+                }
+                assert_eq!(gf.dbias.is_some(), gu.dbias.is_some());
+                if let (Some(a), Some(b)) = (&gf.dbias, &gu.dbias) {
+                    assert_close(&format!("{what}: backward dbias"), &d(a), &d(b), 1e-4);
+                }
             }
         }
     }
+}
+
+/// The output shape of a QAT case's conv.
+fn case_out(case: &ConvCase) -> [usize; 4] {
+    case.params
+        .output_shape(
+            &case.x,
+            &[case.o, case.x[1] / case.params.groups, case.k, case.k],
+        )
+        .unwrap()
 }
 
 /// A per-channel observer along an axis other than 0 takes the generic observer path.
