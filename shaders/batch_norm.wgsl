@@ -45,9 +45,14 @@
 //                                   sum dy'*xhat (d gamma)[C]
 //   @group(0) @binding(11) divisor: storage, read array<f32>  backward_dx: C per-channel divisors
 //                                   of dx when has_divisor = 1 (the QAT divide-back), else a dummy
-//   @group(0) @binding(12..16) x4, y4, pre4, dy4, act_x4: the same buffers as x, y, pre, dy,
-//                                   act_x seen as array<vec4<f32>>, for the *4 entry points
-//                                   (H*W a multiple of 4: a vec4 never straddles two channels)
+//   @group(0) @binding(12) x4:      storage, read array<vec4<f32>>  x as vec4s
+//   @group(0) @binding(13) y4:      storage, read_write array<vec4<f32>>  y (dx) as vec4s
+//   @group(0) @binding(14) pre4:    storage, read_write array<vec4<f32>>  pre as vec4s
+//   @group(0) @binding(15) dy4:     storage, read array<vec4<f32>>  dy as vec4s
+//   @group(0) @binding(16) act_x4:  storage, read array<vec4<f32>>  act_x as vec4s
+//                                   (12..16: the same buffers as x, y, pre, dy, act_x, for the
+//                                   *4 entry points; H*W a multiple of 4, so a vec4 never
+//                                   straddles two channels)
 //
 // Entry points and dispatch (workgroup size WGR = 256, fixed: it sizes workgroup memory).
 // The reductions work on channel segments: a workgroup holds WGR / T segments of T threads
@@ -70,6 +75,9 @@
 //                                 G = 1 (fuse = 1): writes grads and dx of its channel; G > 1:
 //                                 partial sums.
 //   backward_final   (0,2,10):    G > 1: 1-D grid over C: sums the G partials into grads.
+//   stats_thread, backward_thread: T = 1, G = 1 on scalars: stats_reduce / backward_reduce
+//                                 with one invocation per channel (1-D grid over C), no
+//                                 workgroup memory and no barrier.
 //   eval_stats       (0,3,4,5):   1-D grid over C.
 //   normalize        (0,1,3,4,6,7): 1-D grid over n, same tiling.
 //   backward_dx      (0,1,3,4,6,8,9,10,11): 1-D grid over n.
