@@ -4,6 +4,11 @@ run Python).
 
     pip install onnx onnxruntime safetensors numpy
     python3 tools/gen_onnx.py tests/onnx fuzz/seeds/onnx
+    for m in mobilenet resnet; do
+        cargo run --release -- quantize tests/onnx/$m.onnx --calib tests/onnx/calib.safetensors \
+            --backend cpu -o tests/onnx/$m.int8.onnx
+    done
+    python3 tools/gen_onnx.py --qdq tests/onnx
 
 PyTorch is not needed: the graphs are built with onnx.helper, node for node as
 torch.onnx.export writes them for the equivalent nn.Modules (eval mode, BatchNorm kept,
@@ -13,7 +18,8 @@ random weights and randomized BatchNorm statistics. For each model NAME it write
   NAME.onnx            the model (each < 1 MB)
   NAME.io.safetensors  a fixed input (`input`) and onnxruntime's outputs for it (`output`)
 
-(and, with a second folder, the fuzz target's seeds: two tiny models covering every imported
+and calib.safetensors (calibration inputs for `qfuse quantize`); with --qdq, onnxruntime's
+outputs for the QDQ models `qfuse quantize` wrote (NAME.int8.io.safetensors) (and, with a second folder, the fuzz target's seeds: two tiny models covering every imported
 op) so that the Rust tests compare qfuse's evaluation with a real runtime without Python.
 Models:
 
@@ -38,7 +44,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 OPSET = 13
 
@@ -219,8 +225,29 @@ def seed_decoder():
     return b.model("seed_decoder", [1, 2, 2, 2], x, [1, 2], opset=14)
 
 
+def qdq_reference(out_dir):
+    """onnxruntime's output for the QDQ models qfuse wrote (`qfuse quantize`), on the same
+    fixed input as the float models: the reference for qfuse's QuantizeLinear /
+    DequantizeLinear evaluation."""
+    for name in ("mobilenet", "resnet"):
+        path = os.path.join(out_dir, name + ".int8.onnx")
+        onnx.checker.check_model(onnx.load(path), full_check=True)
+        x = load_file(os.path.join(out_dir, name + ".io.safetensors"))["input"]
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (y,) = sess.run(None, {"input": x})
+        save_file({"input": x, "output": y.astype(np.float32)},
+                  os.path.join(out_dir, name + ".int8.io.safetensors"))
+        print(f"{path}: {os.path.getsize(path)} bytes, output {list(y.shape)}")
+
+
 def main():
+    if sys.argv[1:2] == ["--qdq"]:
+        qdq_reference(sys.argv[2])
+        return
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "tests/onnx"
+    # Calibration data for `qfuse quantize` (8 samples of 3x16x16).
+    save_file({"input": np.random.default_rng(7).normal(0, 1, (8, 3, 16, 16)).astype(np.float32)},
+              os.path.join(out_dir, "calib.safetensors"))
     if len(sys.argv) > 2:
         # The fuzz target's seeds: tiny models covering every imported op.
         os.makedirs(sys.argv[2], exist_ok=True)

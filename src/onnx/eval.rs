@@ -26,6 +26,18 @@ pub fn run<B: HostOps + ?Sized>(
     graph: &Graph,
     inputs: &[(String, ArrayD<f32>)],
 ) -> Result<Vec<(String, ArrayD<f32>)>> {
+    run_observed(backend, graph, inputs, &mut |_, _| Ok(()))
+}
+
+/// [`run`], calling `observe(name, value)` on every graph input and every float value a node
+/// computes, as it is computed (calibration observers; an error from `observe` stops the
+/// run).
+pub fn run_observed<B: HostOps + ?Sized>(
+    backend: &B,
+    graph: &Graph,
+    inputs: &[(String, ArrayD<f32>)],
+    observe: &mut dyn FnMut(&str, &ArrayD<f32>) -> Result<()>,
+) -> Result<Vec<(String, ArrayD<f32>)>> {
     let mut values: HashMap<&str, Tensor> = HashMap::new();
     for v in &graph.inputs {
         let (_, x) =
@@ -50,6 +62,7 @@ pub fn run<B: HostOps + ?Sized>(
                 x.shape(),
             ));
         }
+        observe(&v.name, x)?;
         values.insert(v.name.as_str(), Tensor::F32(x.clone()));
     }
     for (i, node) in graph.nodes.iter().enumerate() {
@@ -58,6 +71,9 @@ pub fn run<B: HostOps + ?Sized>(
             op_type: node.op.op_type(),
             source: Box::new(e),
         })?;
+        if let Tensor::F32(a) = &out {
+            observe(&node.outputs[0], a)?;
+        }
         values.insert(node.outputs[0].as_str(), out);
     }
     graph
@@ -311,8 +327,159 @@ fn eval_node<B: HostOps + ?Sized>(
             concatenate(Axis(ax), &parts).map_err(|e| Error::invalid(format!("Concat: {e}")))?
         }
         Op::Identity => return lookup(graph, values, node.input(0).unwrap_or("")).cloned(),
+        Op::QuantizeLinear { axis } => {
+            let input = x(0)?;
+            let zp = match node.input(2) {
+                Some(name) => lookup(graph, values, name)?,
+                None => {
+                    return Err(Error::invalid(
+                        "QuantizeLinear without a zero point (uint8 output) is not supported",
+                    ))
+                }
+            };
+            let q = QdqParams::new(input.shape(), x(1)?, Some(zp), *axis)?;
+            if !matches!(zp, Tensor::I8(_)) {
+                return Err(Error::invalid(format!(
+                    "QuantizeLinear zero point is {}, only int8 is supported",
+                    zp.dtype_name()
+                )));
+            }
+            return Ok(Tensor::I8(q.quantize(input)?));
+        }
+        Op::DequantizeLinear { axis } => {
+            let name = node.input(0).unwrap_or("");
+            let input = lookup(graph, values, name)?;
+            let zp = match node.input(2) {
+                Some(n) => Some(lookup(graph, values, n)?),
+                None => None,
+            };
+            let q = QdqParams::new(input.shape(), x(1)?, zp, *axis)?;
+            match input {
+                Tensor::I8(a) => q.dequantize(a.mapv(i32::from).view())?,
+                Tensor::I32(a) => q.dequantize(a.view())?,
+                other => {
+                    return Err(Error::DtypeMismatch {
+                        name: name.to_string(),
+                        got: other.dtype_name().into(),
+                        expected: "int8 or int32".into(),
+                    })
+                }
+            }
+        }
     };
     Ok(Tensor::F32(y))
+}
+
+/// The scales and zero points of a QuantizeLinear / DequantizeLinear, per tensor or per
+/// channel along an axis (ONNX: 1-D scales of the axis's length).
+struct QdqParams {
+    scale: Vec<f32>,
+    zero_point: Vec<i32>,
+    /// Elements per channel step (the product of the dims after the axis).
+    inner: usize,
+}
+
+impl QdqParams {
+    fn new(shape: &[usize], scale: &ArrayD<f32>, zp: Option<&Tensor>, axis: i64) -> Result<Self> {
+        let zero_point: Vec<i32> = match zp {
+            None => vec![0; scale.len()],
+            Some(Tensor::I8(z)) => z.iter().map(|&v| i32::from(v)).collect(),
+            Some(Tensor::I32(z)) => z.iter().copied().collect(),
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "zero point of type {} is not supported",
+                    other.dtype_name()
+                )))
+            }
+        };
+        if zero_point.len() != scale.len() {
+            return Err(Error::shape(
+                "zero point",
+                scale.shape(),
+                &[zero_point.len()],
+            ));
+        }
+        let scale_v: Vec<f32> = scale.iter().copied().collect();
+        if let Some(i) = scale_v.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::InvalidScale {
+                scale: scale_v[i],
+                channel: i,
+            });
+        }
+        let inner =
+            if scale.ndim() == 0 || (scale.ndim() == 1 && scale.len() == 1 && shape.is_empty()) {
+                1
+            } else if scale.ndim() == 1 {
+                let r = shape.len() as i64;
+                let ax = if axis < 0 { axis + r } else { axis };
+                if !(0..r).contains(&ax) {
+                    return Err(Error::AxisOutOfRange {
+                        axis: isize::try_from(axis).unwrap_or(isize::MAX),
+                        rank: shape.len(),
+                    });
+                }
+                let ax = ax as usize;
+                if shape[ax] != scale.len() && scale.len() != 1 {
+                    return Err(Error::shape("per-axis scale", &[shape[ax]], scale.shape()));
+                }
+                if scale.len() == 1 {
+                    1
+                } else {
+                    shape[ax + 1..].iter().product()
+                }
+            } else {
+                return Err(Error::invalid(format!(
+                    "scale of shape {:?}: only scalar and 1-D scales are supported",
+                    scale.shape()
+                )));
+            };
+        Ok(Self {
+            scale: scale_v,
+            zero_point,
+            inner: inner.max(1),
+        })
+    }
+
+    fn channel(&self, i: usize) -> usize {
+        (i / self.inner) % self.scale.len()
+    }
+
+    /// ONNX QuantizeLinear to int8: `saturate(round_half_to_even(x / scale) + zero_point)`
+    /// (a division, as the ONNX operator defines it; PyTorch's fake quantization multiplies by
+    /// `1/scale`, which rounds differently in rare ties).
+    fn quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<i8>> {
+        let xs = x.as_standard_layout();
+        let codes: Vec<i8> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let c = self.channel(i);
+                let q = (v / self.scale[c]).round_ties_even() + self.zero_point[c] as f32;
+                // NaN saturates to 0 as in onnxruntime's cast.
+                if q.is_nan() {
+                    0
+                } else {
+                    q.clamp(-128.0, 127.0) as i8
+                }
+            })
+            .collect();
+        ArrayD::from_shape_vec(x.raw_dim(), codes)
+            .map_err(|e| Error::invalid(format!("internal: {e}")))
+    }
+
+    /// ONNX DequantizeLinear: `(x − zero_point) · scale` in f32.
+    fn dequantize(&self, q: ndarray::ArrayViewD<'_, i32>) -> Result<ArrayD<f32>> {
+        let qs = q.as_standard_layout();
+        let v: Vec<f32> = qs
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let ch = self.channel(i);
+                (i64::from(c) - i64::from(self.zero_point[ch])) as f32 * self.scale[ch]
+            })
+            .collect();
+        ArrayD::from_shape_vec(q.raw_dim(), v).map_err(|e| Error::invalid(format!("internal: {e}")))
+    }
 }
 
 fn two_d(a: &ArrayD<f32>, what: &str) -> Result<Array2<f32>> {

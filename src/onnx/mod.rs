@@ -2,7 +2,9 @@
 //! later) into a small graph IR ([`Graph`]), BatchNorm folding over the graph
 //! ([`find_fusable`], [`fold_model`]) with the pattern table of
 //! [`crate::fuse::fuse_modules`], and a float evaluator ([`run`]) on any backend's
-//! [`HostOps`](crate::backend::HostOps).
+//! [`HostOps`](crate::backend::HostOps), and post-training quantization to QDQ
+//! ([`quantize_model`]: QuantizeLinear / DequantizeLinear around each Conv, ConvTranspose,
+//! Gemm and MatMul, int8 per-channel weights, int32 biases, calibrated activations).
 //!
 //! The protobuf messages come from the ONNX project's `onnx.proto` (vendored in `proto/`,
 //! Apache-2.0), compiled by `build.rs` with `protox` and `prost-build` (no system `protoc`).
@@ -29,8 +31,9 @@ mod eval;
 mod fold;
 mod model;
 pub mod proto;
+mod quantize;
 
-pub use eval::run;
+pub use eval::{run, run_observed};
 pub use fold::{
     find_fusable, fold_file, fold_model, state_dict_specs, FoldedModel, Fusable, OnnxFold,
 };
@@ -38,3 +41,4 @@ pub use model::{
     tensor_from_proto, ConvAttrs, Graph, Node, OnnxModel, Op, PoolAttrs, Tensor, ValueInfo,
     MAX_ONNX_FILE_BYTES, MIN_OPSET, SUPPORTED_OPS,
 };
+pub use quantize::{quantize_model, QuantizedModel, QuantizedOp};

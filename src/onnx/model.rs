@@ -39,6 +39,8 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Reshape",
     "Concat",
     "Identity",
+    "QuantizeLinear",
+    "DequantizeLinear",
 ];
 
 /// A constant tensor of the model: an initializer or a `Constant` node's value.
@@ -48,6 +50,10 @@ pub enum Tensor {
     F32(ArrayD<f32>),
     /// `INT64` (ONNX data type 7): shapes of `Reshape`.
     I64(ArrayD<i64>),
+    /// `INT8` (ONNX data type 3): quantized codes and zero points.
+    I8(ArrayD<i8>),
+    /// `INT32` (ONNX data type 6): quantized biases.
+    I32(ArrayD<i32>),
 }
 
 impl Tensor {
@@ -56,6 +62,8 @@ impl Tensor {
         match self {
             Tensor::F32(a) => a.shape(),
             Tensor::I64(a) => a.shape(),
+            Tensor::I8(a) => a.shape(),
+            Tensor::I32(a) => a.shape(),
         }
     }
 
@@ -63,7 +71,7 @@ impl Tensor {
     pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
         match self {
             Tensor::F32(a) => Some(a),
-            Tensor::I64(_) => None,
+            _ => None,
         }
     }
 
@@ -72,6 +80,8 @@ impl Tensor {
         match self {
             Tensor::F32(_) => "float",
             Tensor::I64(_) => "int64",
+            Tensor::I8(_) => "int8",
+            Tensor::I32(_) => "int32",
         }
     }
 
@@ -84,6 +94,14 @@ impl Tensor {
             ),
             Tensor::I64(a) => (
                 proto::tensor_proto::DataType::Int64 as i32,
+                a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Tensor::I8(a) => (
+                proto::tensor_proto::DataType::Int8 as i32,
+                a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Tensor::I32(a) => (
+                proto::tensor_proto::DataType::Int32 as i32,
                 a.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
         };
@@ -195,6 +213,17 @@ pub enum Op {
     },
     /// `Identity`.
     Identity,
+    /// `QuantizeLinear` (inputs x, y_scale, optional y_zero_point, int8): per tensor, or per
+    /// channel along `axis` with 1-D scales.
+    QuantizeLinear {
+        /// The channel axis of 1-D scales (default 1; negative counts from the end).
+        axis: i64,
+    },
+    /// `DequantizeLinear` (inputs x (int8 or int32), x_scale, optional x_zero_point).
+    DequantizeLinear {
+        /// The channel axis of 1-D scales (default 1).
+        axis: i64,
+    },
 }
 
 impl Op {
@@ -219,6 +248,8 @@ impl Op {
             Op::Reshape { .. } => "Reshape",
             Op::Concat { .. } => "Concat",
             Op::Identity => "Identity",
+            Op::QuantizeLinear { .. } => "QuantizeLinear",
+            Op::DequantizeLinear { .. } => "DequantizeLinear",
         }
     }
 }
@@ -457,12 +488,52 @@ pub fn tensor_from_proto(t: &proto::TensorProto) -> std::result::Result<Tensor, 
         let a = ArrayD::from_shape_vec(IxDyn(&shape), data)
             .map_err(|e| malformed(format!("internal: {e}")))?;
         Ok(Tensor::I64(a))
+    } else if dtype == proto::tensor_proto::DataType::Int8 as i32
+        || dtype == proto::tensor_proto::DataType::Int32 as i32
+    {
+        let int8 = dtype == proto::tensor_proto::DataType::Int8 as i32;
+        let size = if int8 { 1 } else { 4 };
+        // Both are stored one element per int32_data entry when not raw.
+        let data: Vec<i32> = match raw {
+            Some(raw) => {
+                check_raw_len(raw, n, size).map_err(malformed)?;
+                if int8 {
+                    raw.iter().map(|&b| i32::from(b as i8)).collect()
+                } else {
+                    raw.chunks_exact(4)
+                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                }
+            }
+            None => {
+                if t.int32_data.len() != n {
+                    return Err(malformed(format!(
+                        "int32_data has {} values for {n} elements",
+                        t.int32_data.len()
+                    )));
+                }
+                t.int32_data.clone()
+            }
+        };
+        if int8 {
+            let codes = data
+                .iter()
+                .map(|&v| i8::try_from(v).map_err(|_| malformed(format!("int8 value {v}"))))
+                .collect::<Result<Vec<i8>>>()?;
+            let a = ArrayD::from_shape_vec(IxDyn(&shape), codes)
+                .map_err(|e| malformed(format!("internal: {e}")))?;
+            Ok(Tensor::I8(a))
+        } else {
+            let a = ArrayD::from_shape_vec(IxDyn(&shape), data)
+                .map_err(|e| malformed(format!("internal: {e}")))?;
+            Ok(Tensor::I32(a))
+        }
     } else {
         let dt = proto::tensor_proto::DataType::try_from(dtype)
             .map(|d| d.as_str_name().to_string())
             .unwrap_or_else(|_| format!("data type {dtype}"));
         Err(malformed(format!(
-            "element type {dt} is not supported (FLOAT and INT64 are)"
+            "element type {dt} is not supported (FLOAT, INT64, INT8 and INT32 are)"
         )))
     }
 }
@@ -677,7 +748,7 @@ fn arity(op: &Op) -> (usize, usize, usize) {
     match op {
         Op::Conv(_) | Op::ConvTranspose(_) => (2, 3, 1),
         Op::BatchNormalization { .. } => (5, 5, 1),
-        Op::Clip => (1, 3, 1),
+        Op::Clip | Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. } => (1, 3, 1),
         Op::Gemm { .. } => (2, 3, 1),
         Op::MatMul | Op::Add | Op::Mul | Op::Reshape { .. } => (2, 2, 1),
         Op::Concat { .. } => (1, usize::MAX, 1),
@@ -811,6 +882,18 @@ fn parse_op(n: &proto::NodeProto, label: &str) -> Result<Op> {
         "Identity" => {
             attrs.only(&[])?;
             Op::Identity
+        }
+        "QuantizeLinear" | "DequantizeLinear" => {
+            attrs.only(&["axis", "saturate"])?;
+            if attrs.int("saturate", 1)? != 1 {
+                return Err(attrs.unsupported("saturate 0 is not supported".into()));
+            }
+            let axis = attrs.int("axis", 1)?;
+            if op_type == "QuantizeLinear" {
+                Op::QuantizeLinear { axis }
+            } else {
+                Op::DequantizeLinear { axis }
+            }
         }
         _ => return Err(attrs.unsupported("internal: op listed but not parsed".into())),
     };

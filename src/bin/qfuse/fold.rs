@@ -80,7 +80,7 @@ fn is_onnx(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
 }
 
-fn backend_for(choice: FoldBackend) -> qfuse::Result<Box<dyn HostOps>> {
+pub(crate) fn backend_for(choice: FoldBackend) -> qfuse::Result<Box<dyn HostOps>> {
     Ok(match choice {
         FoldBackend::Cpu => Box::new(CpuBackend),
         FoldBackend::Gpu => Box::new(GpuBackend::from_system()?),

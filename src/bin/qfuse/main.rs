@@ -11,6 +11,7 @@ mod demo;
 mod fold;
 mod info;
 mod plot;
+mod quantize;
 mod runtime_dir;
 
 #[derive(Parser)]
@@ -52,6 +53,9 @@ enum Command {
     /// Fold BatchNorms into the conv/linear layers of a PyTorch state dict (safetensors), by
     /// module name, writing the state dict of the fused model.
     Fold(fold::FoldArgs),
+    /// Quantize an ONNX model: fold its BatchNorms, calibrate the activations and write the QDQ
+    /// model (QuantizeLinear / DequantizeLinear around each conv and linear layer).
+    Quantize(quantize::QuantizeArgs),
     /// Benchmark the kernels against the device's roofline (copy bandwidth, fma throughput),
     /// and fused against unfused conv+bn+relu (eval and QAT forward).
     Bench(bench::BenchArgs),
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Fold(args) => fold::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Quantize(args) => quantize::run(&args),
     };
     match result {
         Ok(code) => code,
