@@ -225,8 +225,17 @@ fn gpu_golden_weights() {
     assert_eq!(v["train_losses"].as_array().unwrap().len(), 1);
     assert_eq!(v["qat_losses"].as_array().unwrap().len(), 2);
     assert!(v["train_seconds"].as_f64().unwrap() > 0.0);
-    // One upload and one download per device-resident forward.
+    // One upload and one download per device-resident forward: the float one, and the PTQ
+    // simulations' (the module tree with its fake-quant targets on the device).
     assert_eq!(v["transfers_per_forward"], 2, "{v:#}");
+    for s in v["stages"].as_array().unwrap() {
+        if s["key"] == "ptq_fused" || s["key"] == "ptq_unfused" {
+            assert_eq!(s["transfers_per_forward"], 2, "{s:#}");
+            // Calibration and scoring download no activations (only observer ranges and
+            // log-probabilities: well under a megabyte).
+            assert!(s["download_bytes"].as_u64().unwrap() < 1_000_000, "{s:#}");
+        }
+    }
     assert_eq!(v["deployment"]["after_qat"], true);
     for line in ["QAT simulation", "QAT int8 deployed", "test accuracy"] {
         assert!(stdout.contains(line), "{stdout}");

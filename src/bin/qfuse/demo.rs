@@ -661,8 +661,8 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
         );
     }
     println!(
-        "ms/batch: median of {} forwards of the module tree through the host-array Backend \
-         interface",
+        "ms/batch: median of {} forwards of the module tree prepared on the backend \
+         (DeviceChain), each with its upload and download",
         args.runs
     );
     for (path, target, qp) in &r.qparams {
