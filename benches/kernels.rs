@@ -2,7 +2,9 @@
 //! observer reductions, BatchNorm folding, conv2d at ResNet-18's 3×3 shapes and a MobileNet
 //! depthwise layer, and the fused-vs-unfused comparisons, named so they read side by side:
 //! `conv_bn_relu_eval/fused/<shape>` vs `conv_bn_relu_eval/unfused/<shape>` and
-//! `conv_bn_relu_qat_forward/fused/<shape>` vs `.../unfused/<shape>`; the integer conv2d on
+//! `conv_bn_relu_qat_forward/fused/<shape>` vs `.../unfused/<shape>` (and the backward,
+//! `conv_bn_relu_qat_backward/{fused,unfused}/<shape>`); BatchNorm2d training,
+//! `bn_train/{forward,backward}/<shape>` (bytes: 8 and 12 per element); the integer conv2d on
 //! packed int8 codes per dot-product path, `int8_conv2d/{packed,portable}/<shape>` (weights
 //! prepared once, `2·MACs` declared as elements, so "elem/s" reads as OP/s), and the Mnist
 //! int8 forward, `int8_forward_mnist/{device,backend}/batch64` (`deploy::GpuIntModel` vs
@@ -299,8 +301,14 @@ fn conv_bn_relu_eval(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("fused", &d.id), |b| {
             b.iter_custom(|iters| {
                 timed(&ctx, iters, || {
-                    kernels::conv_bn::conv_bn_act_eval(&ctx, &d.x, &conv, &d.bn, Activation::Relu)
-                        .unwrap();
+                    kernels::conv_bn::conv_bn_act_eval_scaled(
+                        &ctx,
+                        &d.x,
+                        &conv,
+                        &d.bn,
+                        Activation::Relu,
+                    )
+                    .unwrap();
                 })
             })
         });
@@ -322,10 +330,9 @@ fn conv_bn_relu_eval(c: &mut Criterion) {
     g.finish();
 }
 
-fn conv_bn_relu_qat_forward(c: &mut Criterion) {
-    let Some(ctx) = context() else { return };
-    let mut g = conv_group(c, "conv_bn_relu_qat_forward");
-    let cfg = QatConfig {
+/// The ConvBnReLU2d QAT configuration of the QAT benches.
+fn qat_config() -> QatConfig {
+    QatConfig {
         activation: Activation::Relu,
         freeze_bn: false,
         weight_observer: ObserverSpec::new(
@@ -335,7 +342,13 @@ fn conv_bn_relu_qat_forward(c: &mut Criterion) {
             0,
         )
         .unwrap(),
-    };
+    }
+}
+
+fn conv_bn_relu_qat_forward(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "conv_bn_relu_qat_forward");
+    let cfg = qat_config();
     for l in LAYERS {
         let d = layer_data(&ctx, l);
         let conv = GpuConv2d {
@@ -357,6 +370,101 @@ fn conv_bn_relu_qat_forward(c: &mut Criterion) {
                 timed(&ctx, iters, || {
                     kernels::conv_bn::conv_bn_qat_forward_unfused(
                         &ctx, &d.x, &conv, &d.bn, 0.1, &cfg,
+                    )
+                    .unwrap();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The QAT backward, fused (activation mask and divide-back folded into the BatchNorm
+/// backward) vs unfused (each its own pass); flops: twice the forward's.
+fn conv_bn_relu_qat_backward(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = conv_group(c, "conv_bn_relu_qat_backward");
+    let cfg = qat_config();
+    for l in LAYERS {
+        let d = layer_data(&ctx, l);
+        let conv = GpuConv2d {
+            weight: &d.w,
+            bias: None,
+            params: d.params,
+        };
+        let fwd =
+            kernels::conv_bn::conv_bn_qat_forward(&ctx, &d.x, &conv, &d.bn, 0.1, &cfg).unwrap();
+        let dy = GpuTensor::upload_f32(&ctx, &data(fwd.y.shape()).mapv(|v| v * 0.25)).unwrap();
+        g.throughput(Throughput::Elements(2 * d.flops));
+        for (name, unfused) in [("fused", false), ("unfused", true)] {
+            g.bench_function(BenchmarkId::new(name, &d.id), |b| {
+                b.iter_custom(|iters| {
+                    timed(&ctx, iters, || {
+                        let run = if unfused {
+                            kernels::conv_bn::conv_bn_qat_backward_unfused
+                        } else {
+                            kernels::conv_bn::conv_bn_qat_backward
+                        };
+                        run(&ctx, &d.x, &dy, &conv, &d.bn, &cfg, &fwd.saved()).unwrap();
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// BatchNorm2d training forward and backward at the shapes of `qfuse bench`'s `bn_train/...`,
+/// into preallocated outputs; bytes: read x and write y (forward), read x and dy and write dx
+/// (backward).
+fn bn_train(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let mut g = c.benchmark_group("bn_train");
+    g.sample_size(10);
+    for shape in [[8usize, 64, 56, 56], [8, 2048, 1, 1], [1, 70000, 1, 2]] {
+        let [n, ch, h, w] = shape;
+        let id = format!("{n}x{ch}x{h}x{w}");
+        let elems = (n * ch * h * w) as u64;
+        let x = GpuTensor::upload_f32(&ctx, &data(&shape)).unwrap();
+        let dy = GpuTensor::upload_f32(&ctx, &data(&shape).mapv(|v| v * 0.25)).unwrap();
+        let bn = qfuse::ops::BatchNorm {
+            weight: Some(ndarray::Array1::from_elem(ch, 1.1)),
+            bias: Some(ndarray::Array1::from_elem(ch, 0.1)),
+            running_mean: ndarray::Array1::from_elem(ch, 0.2),
+            running_var: ndarray::Array1::from_elem(ch, 0.9),
+            eps: 1e-5,
+            momentum: 0.1,
+        };
+        let bn = GpuBatchNorm::upload(&ctx, &bn).unwrap();
+        let out =
+            kernels::batch_norm::batch_norm2d(&ctx, &x, &bn, 0.1, true, Activation::None, false)
+                .unwrap();
+        g.throughput(Throughput::Bytes(8 * elems));
+        g.bench_function(BenchmarkId::new("forward", &id), |b| {
+            b.iter_custom(|iters| {
+                timed(&ctx, iters, || {
+                    kernels::batch_norm::batch_norm2d_into(
+                        &ctx,
+                        &x,
+                        &bn,
+                        0.1,
+                        true,
+                        Activation::None,
+                        &out,
+                    )
+                    .unwrap();
+                })
+            })
+        });
+        let stats = &out.stats.stats;
+        let grads =
+            kernels::batch_norm::batch_norm2d_backward(&ctx, &x, &dy, &bn, stats, true).unwrap();
+        g.throughput(Throughput::Bytes(12 * elems));
+        g.bench_function(BenchmarkId::new("backward", &id), |b| {
+            b.iter_custom(|iters| {
+                timed(&ctx, iters, || {
+                    kernels::batch_norm::batch_norm2d_backward_into(
+                        &ctx, &x, &dy, &bn, stats, true, &grads,
                     )
                     .unwrap();
                 })
@@ -475,6 +583,8 @@ criterion_group!(
     conv2d,
     conv_bn_relu_eval,
     conv_bn_relu_qat_forward,
+    conv_bn_relu_qat_backward,
+    bn_train,
     int8_conv2d,
     int8_forward_mnist
 );

@@ -22,6 +22,10 @@
 //                  Both leave d gamma = d gamma_BN in a channel run in the finite gamma = 0
 //                  form (gamma +-0 and saved s != 0: s does not depend on gamma there), as
 //                  reference::conv_bn::conv_bn_qat_backward.
+//   eval_scale:    the fused eval forward's epilogue without a folded weight: per output
+//                  channel r = 1 / sqrt(running_var + eps), s = gamma * r and
+//                  b' = (b - running_mean) * r * gamma + beta (the folded bias, as fold.wgsl's
+//                  fold_scale); the conv then computes act(acc * s + b') from the unfolded W.
 //   sqrt_rn_test:  exposes sqrt_rn for testing.
 // NaN never becomes a number: min / max propagate NaN like observer.wgsl.
 //
@@ -68,6 +72,7 @@
 //                                         (j / hw) * C * hw + c * hw + j % hw.
 //   divide_back_final   (0,1,4,13,14,15,16,17): grid (1, Cy, Cz).
 //   weight_grad         (0,1,2,4,16,18,19,20):  grid (1, Cy, Cz), one workgroup per output channel.
+//   eval_scale          (0,1,4,10,11):    1-D grid over C; b = conv bias (zeros if none), out = b'.
 //   sqrt_rn_test        (0,8,11):         1-D grid over n.
 
 const WGR: u32 = 256u;
@@ -329,6 +334,20 @@ fn weight_grad(@builtin(workgroup_id) wid: vec3<u32>,
         let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
         dgamma[c] = dgamma[c] + sa[0] * inv_std;
     }
+}
+
+@compute @workgroup_size(WGR)
+fn eval_scale(@builtin(global_invocation_id) gid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    let nc = params.channels;
+    if (c >= nc) {
+        return;
+    }
+    let gamma = bn[c];
+    let r = div_rn(1.0, sqrt_rn(bn[3u * nc + c] + params.eps));
+    s[c] = gamma * r;
+    out[c] = (b[c] - bn[2u * nc + c]) * r * gamma + bn[nc + c];
 }
 
 @compute @workgroup_size(WGR)

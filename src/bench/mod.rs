@@ -43,7 +43,8 @@
 //!   ResNet conv to the fma roof. Integer GOP/s are held to the same f32 fma roof (there is
 //!   no integer roofline kernel; a device with packed int8 dot products can exceed it).
 //! - **Fused speedups**: unfused time / fused time per conv shape, for the conv+bn+relu eval
-//!   forward ([`crate::kernels::conv_bn::conv_bn_act_eval`] vs
+//!   forward ([`crate::kernels::conv_bn::conv_bn_act_eval_scaled`]: `γ/σ` as the conv
+//!   epilogue's multiplier, no weight refold; vs
 //!   [`crate::kernels::conv_bn::conv_bn_act_eval_unfused`]) and the ConvBnReLU2d QAT forward
 //!   ([`crate::kernels::conv_bn::conv_bn_qat_forward`] vs
 //!   [`crate::kernels::conv_bn::conv_bn_qat_forward_unfused`]); the report's

@@ -19,8 +19,8 @@ use crate::kernels::batch_norm::{
 };
 use crate::kernels::conv2d::{conv2d, ConvEpilogue};
 use crate::kernels::conv_bn::{
-    conv_bn_act_eval, conv_bn_act_eval_unfused, conv_bn_qat_backward, conv_bn_qat_backward_unfused,
-    conv_bn_qat_forward, conv_bn_qat_forward_unfused, GpuConv2d,
+    conv_bn_act_eval_scaled, conv_bn_act_eval_unfused, conv_bn_qat_backward,
+    conv_bn_qat_backward_unfused, conv_bn_qat_forward, conv_bn_qat_forward_unfused, GpuConv2d,
 };
 use crate::kernels::fake_quant::{
     fake_quant, fake_quant_into_with, fake_quant_with_mask_into, FakeQuantKernel,
@@ -1165,10 +1165,11 @@ fn conv(
         work,
         &reps,
         [
-            "fold BN (2 dispatches) + one conv with bias and ReLU epilogue",
+            "per-channel scale and folded bias (one O(C) dispatch), then one conv with \
+             gamma/sigma, bias and ReLU in its epilogue; no weight refold",
             "conv, BatchNorm (eval), ReLU: separate dispatches and buffers",
         ],
-        &mut || conv_bn_act_eval(ctx, &x, &layer, &bn, act).map(drop),
+        &mut || conv_bn_act_eval_scaled(ctx, &x, &layer, &bn, act).map(drop),
         &mut || conv_bn_act_eval_unfused(ctx, &x, &layer, &bn, act).map(drop),
     )?;
 

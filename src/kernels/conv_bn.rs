@@ -8,7 +8,9 @@
 //!
 //! # Pass structure
 //! - [`conv_bn_act_eval`]: fold (two dispatches) → **one** conv with the folded bias and the
-//!   activation in its epilogue.
+//!   activation in its epilogue; returns the folded weight and bias too.
+//! - [`conv_bn_act_eval_scaled`]: no weight fold: the per-channel `γ/σ` and folded bias (one
+//!   `O(C)` dispatch) are the conv epilogue's multiplier and bias, then **one** conv.
 //! - [`conv_bn_qat_forward`]: (a) one dispatch per output channel computes
 //!   `s = γ/sqrt(running_var + eps)`, `1/s`, `W_s = W·s[o]` and the weight observer's min/max
 //!   (plus a one-workgroup merge for per-tensor schemes); (b) the observer's qparams kernel;
@@ -37,12 +39,11 @@ use super::batch_norm::{
     batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, channel_grid,
     check_training_size, partial_groups, GpuBatchNormOutput, GpuBatchNormStats,
 };
-use super::conv2d::{
-    conv2d, conv2d_backward_input_into, conv2d_backward_weight, conv2d_into, ConvEpilogue,
-};
+use super::conv2d::{conv2d, conv2d_into, ConvEpilogue};
 use super::fake_quant::fake_quant_with_mask_into;
 use super::fold::fold_conv_bn_into;
 use super::observer::{calc_qparams_into, observe_into};
+use super::train::{conv2d_input_grad_into, conv2d_weight_grad};
 use super::{check_output, expect_f32, expect_shape, to_u32, GpuBatchNorm, GpuQParams};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
@@ -146,6 +147,18 @@ static WEIGHT_GRAD: Kernel = Kernel {
         Binding::read(18),
         Binding::read(19),
         Binding::read_write(20),
+    ],
+};
+
+static EVAL_SCALE: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "eval_scale",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(4),
+        Binding::read(10),
+        Binding::read_write(11),
     ],
 };
 
@@ -363,28 +376,124 @@ fn conv_bn_act_eval_impl(
             &mut taken,
         )?,
     };
-    fold_conv_bn_into(
-        ctx,
-        conv.weight,
-        conv.bias,
-        bn,
-        false,
-        &out.weight,
-        &out.bias,
-    )?;
-    conv2d_into(
-        ctx,
-        x,
-        &out.weight,
-        &conv.params,
-        &ConvEpilogue {
-            out_scale: None,
-            bias: Some(&out.bias),
-            activation: act,
-        },
-        &out.y,
-    )?;
+    ctx.record(|| {
+        fold_conv_bn_into(
+            ctx,
+            conv.weight,
+            conv.bias,
+            bn,
+            false,
+            &out.weight,
+            &out.bias,
+        )?;
+        conv2d_into(
+            ctx,
+            x,
+            &out.weight,
+            &conv.params,
+            &ConvEpilogue {
+                out_scale: None,
+                bias: Some(&out.bias),
+                activation: act,
+            },
+            &out.y,
+        )
+    })?;
     Ok(out)
+}
+
+/// Fused eval forward of conv2d + BatchNorm2d + activation that leaves the weight as it is:
+/// the BatchNorm's `γ/σ` is the conv epilogue's per-channel multiplier and the folded bias
+/// its bias, `y = act(conv(x, W)·s + b')` with `s = γ/sqrt(running_var + eps)` and
+/// `b' = (b − running_mean)·s + β` (computed per channel, one small dispatch), then **one**
+/// conv; one submission. Nothing the size of the weight is refolded per call, so it costs
+/// the conv alone plus an `O(C)` pass; equal to [`conv_bn_act_eval`]'s output up to rounding
+/// (the product `acc·s` instead of `Σ x·(W·s)`).
+///
+/// Errors: those of [`conv_bn_act_eval`].
+pub fn conv_bn_act_eval_scaled(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+) -> Result<GpuTensor> {
+    conv_bn_act_eval_scaled_impl(ctx, x, conv, bn, act, None)
+}
+
+/// [`conv_bn_act_eval_scaled`] writing `y` into `out` (an `f32` tensor of the conv's output
+/// shape with a buffer of its own, checked by [`super::check_output`] before anything is
+/// launched).
+///
+/// Errors: those of [`conv_bn_act_eval_scaled`]; [`Error::ContextMismatch`],
+/// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming
+/// `conv_bn_act_eval_scaled output` for an unfit `out`.
+pub fn conv_bn_act_eval_scaled_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+    out: &GpuTensor,
+) -> Result<()> {
+    conv_bn_act_eval_scaled_impl(ctx, x, conv, bn, act, Some(out)).map(drop)
+}
+
+fn conv_bn_act_eval_scaled_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    act: Activation,
+    given: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
+    check_context(ctx, x, conv, bn)?;
+    let o = check_conv_bn(conv, bn)?;
+    let shape = conv.params.output_shape(x.shape(), conv.weight.shape())?;
+    let y = super::output(
+        ctx,
+        "conv_bn_act_eval_scaled output",
+        given,
+        &shape,
+        DType::F32,
+        &conv_bn_inputs(x, conv, bn),
+    )?;
+    ctx.record(|| {
+        let p = Params {
+            channels: to_u32(o, "conv output channels")?,
+            eps: bn.eps(),
+            ..Params::default()
+        };
+        let uniform = ctx.params(&p)?;
+        let bias = bias_or_zeros(ctx, conv, o)?;
+        let scale = GpuTensor::uninit(ctx, &[o], DType::F32)?;
+        let folded_bias = GpuTensor::uninit(ctx, &[o], DType::F32)?;
+        ctx.run(&[Launch {
+            kernel: &EVAL_SCALE,
+            constants: &[],
+            buffers: &[
+                &uniform,
+                bn.tensor().buffer(),
+                scale.buffer(),
+                bias.buffer(),
+                folded_bias.buffer(),
+            ],
+            workgroups: ctx.grid_1d(o, WGR)?,
+        }])?;
+        conv2d_into(
+            ctx,
+            x,
+            conv.weight,
+            &conv.params,
+            &ConvEpilogue {
+                out_scale: Some(&scale),
+                bias: Some(&folded_bias),
+                activation: act,
+            },
+            &y,
+        )
+    })?;
+    Ok(y)
 }
 
 /// The unfused eval chain, for comparison with [`conv_bn_act_eval`]: conv2d (with the conv's
@@ -1650,9 +1759,10 @@ fn conv_bn_qat_backward_passes(
         },
     ])?;
 
-    // Conv backward with W_q.
-    conv2d_backward_input_into(ctx, &g, saved.weight_q, &conv.params, x_shape, &dx)?;
-    let dw_q = conv2d_backward_weight(ctx, x, &g, &conv.params, ws)?;
+    // Conv backward with W_q (as forward convolutions through the conv's fast kernels where
+    // the settings allow, see `train::conv2d_input_grad`).
+    conv2d_input_grad_into(ctx, &g, saved.weight_q, &conv.params, x_shape, &dx)?;
+    let dw_q = conv2d_weight_grad(ctx, x, &g, &conv.params, ws)?;
 
     // STE mask, dW = dW_s·s, weight-scaling part of dγ.
     ctx.run(&[Launch {

@@ -441,6 +441,16 @@ fn conv_bn_act_eval_fused_unfused_cpu() {
                 &want,
                 1e-5,
             );
+            // γ/σ in the conv epilogue instead of a folded weight.
+            let scaled =
+                conv_bn::conv_bn_act_eval_scaled(&ctx, &upload4(&ctx, &x), &gconv, &gbn, act)
+                    .unwrap();
+            assert_close(
+                &format!("{what}: scaled"),
+                &download4(&ctx, &scaled).unwrap(),
+                &want,
+                1e-5,
+            );
         }
     }
 }
