@@ -100,6 +100,14 @@
 //! ([`Module::set_quant_targets`]; [`crate::config::apply`] attaches them from an NNI-style
 //! config). See [`QuantTargets`].
 //!
+//! # On a device
+//! [`Module::forward`] takes and returns host arrays (each op a round trip through the
+//! backend). [`DeviceChain::from_module`] prepares a tree's eval forward on a backend
+//! instead — parameters and fake-quant state placed once, sequential containers and
+//! [`Container::with_steps`] forwards walked — so a forward is one upload and one download,
+//! and calibration ([`DeviceChain::forward_mut`], [`crate::config::calibrate`]) updates the
+//! observers on the device.
+//!
 //! # QAT modules and state dicts
 //! [`crate::qat::prepare_qat`] turns fused and plain conv / linear modules into QAT modules
 //! ([`Layer::Qat`]). [`Module::state_dict`] / [`Module::load_state_dict`] read and write

@@ -249,9 +249,110 @@ fn what_a_device_simulation_refuses() {
     );
 }
 
+/// A sequential tree with a nested container: every conv, transposed conv and linear target
+/// (bias included, per channel: axis 1 for the transposed conv's weight) and the nested
+/// container's own input and output targets, calibrated on the device, equal the host path
+/// on the CPU bit for bit, and run on the GPU within float tolerance.
+fn nested_sequential_trees_run_on_the_device() {
+    use ndarray::{Array1, Array2, Array4};
+    use qfuse::ops::{Conv2dParams, ConvTranspose2dParams};
+    let w = |shape: [usize; 4], k: f32| {
+        Array4::from_shape_fn(shape, |(a, b, c, d)| {
+            ((a * 7 + b * 5 + c * 3 + d) % 11) as f32 * k - 0.2
+        })
+    };
+    let tree = || {
+        let mut m = Module::sequential([
+            Module::conv2d(
+                w([4, 2, 3, 3], 0.05),
+                Some(Array1::from(vec![0.1, -0.1, 0.0, 0.2])),
+                Conv2dParams {
+                    padding: [1, 1],
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+            Module::relu(),
+            Module::sequential([
+                Module::conv_transpose2d(
+                    w([4, 3, 2, 2], 0.04),
+                    Some(Array1::from(vec![0.05, 0.0, -0.05])),
+                    ConvTranspose2dParams {
+                        stride: [2, 2],
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+                Module::relu6(),
+            ]),
+            Module::flatten(1, -1),
+            Module::linear(
+                Array2::from_shape_fn((5, 3 * 12 * 12), |(i, j)| {
+                    ((i * 13 + j) % 17) as f32 * 0.002 - 0.015
+                }),
+                Some(Array1::zeros(5)),
+            )
+            .unwrap(),
+        ]);
+        m.eval();
+        let cfg = ConfigList::from_json(
+            r#"[{"op_types": ["Conv2d", "ConvTranspose2d", "Linear"], "granularity": "per_channel"},
+                {"op_names": ["2"], "target_names": ["_input_", "_output_"], "quant_dtype": "uint8"}]"#,
+        )
+        .unwrap();
+        config::apply(&mut m, &cfg, QuantMode::Ptq).unwrap();
+        m
+    };
+    let x = |seed: u64| {
+        ArrayD::from_shape_fn(vec![2, 2, 6, 6], |d| {
+            ((d[0] * 31 + d[1] * 17 + d[2] * 5 + d[3] + seed as usize) % 13) as f32 * 0.3 - 1.5
+        })
+    };
+    let calib = [x(1), x(2)];
+    let mut dev = tree();
+    let mut host = tree();
+    config::calibrate(&mut dev, &CpuBackend, calib.iter()).unwrap();
+    config::calibrate_host(&mut host, &CpuBackend, calib.iter()).unwrap();
+    let q = config::qparams(&dev);
+    // conv and linear: input, weight, bias, output; the container: input, output.
+    assert_eq!(q.len(), 14, "{q:?}");
+    assert_eq!(q, config::qparams(&host));
+    assert_eq!(format!("{dev:?}"), format!("{host:?}"));
+    let ct = dev.get("2.0").unwrap().quant_targets().unwrap();
+    assert_eq!(ct.weight.as_ref().unwrap().qparams().unwrap().axis, Some(1));
+    let chain = DeviceChain::from_module(&dev, CpuBackend).unwrap();
+    let got = CpuBackend
+        .download(&chain.forward(&CpuBackend.upload(&x(3)).unwrap()).unwrap())
+        .unwrap();
+    assert_eq!(got, host.forward(&CpuBackend, &x(3)).unwrap());
+
+    let Some(ctx) = common::gpu() else { return };
+    let gpu = GpuBackend::new(ctx);
+    let mut g = tree();
+    config::calibrate(&mut g, &gpu, calib.iter()).unwrap();
+    let qg = config::qparams(&g);
+    assert_eq!(qg.len(), q.len());
+    for ((p, t, a), (_, _, b)) in q.iter().zip(&qg) {
+        for (x, y) in a.scale.iter().zip(&b.scale) {
+            assert!((x - y).abs() <= 1e-4 * x.abs(), "{p}.{t}: {x} vs {y}");
+        }
+    }
+    let chain = DeviceChain::from_module(&g, gpu.clone()).unwrap();
+    let y = gpu
+        .download(&chain.forward(&gpu.upload(&x(3)).unwrap()).unwrap())
+        .unwrap();
+    let d = y
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d < 0.05, "gpu vs cpu: {d}");
+}
+
 crate::qfuse_tests! {
     device_calibration_equals_the_host_path_on_the_cpu,
     gpu_observer_steps_match_the_cpu: gpu,
     gpu_ptq_simulation_stays_on_the_device: gpu,
     what_a_device_simulation_refuses,
+    nested_sequential_trees_run_on_the_device,
 }
