@@ -39,10 +39,13 @@
 //     the live lanes covering lanes 0..7, both uniform over the subgroup); where they are not
 //     (a subgroup size below 8, a partial subgroup) every invocation loads its own weights,
 //     with the same results. So the result does not depend on the subgroup size.
-//     Uniform control flow: the only early exit is the workgroup-uniform one of workgroups past
-//     `count` (grid padding); invocations past the last pixel block stay, compute on a clamped
-//     block and store nothing, so every subgroup operation runs with the whole subgroup, and
-//     the branch between shared and own weights is uniform over the subgroup. Rows of the
+//     Uniform control flow: the early exits are the workgroup-uniform one of workgroups past
+//     `count` (grid padding) and the subgroup-uniform one of subgroups whose invocations are
+//     all past the last pixel block (`subgroupAll`); other invocations past the last block stay,
+//     compute on a clamped block and store nothing, so every subgroup operation runs with the
+//     whole subgroup, and the branch between shared and own weights is uniform over the
+//     subgroup. So the workgroup size (fixed per variant, SG_WG) may exceed the work at little
+//     cost. Rows of the
 //     input outside [0, H) are read as zeros (no divergent `continue`).
 //     Override constants (chosen by the launcher, src/kernels/conv2d.rs):
 //       SG_O  (8 or 16; default 16): output channels per invocation.
@@ -195,8 +198,13 @@ fn forward_sg(@builtin(local_invocation_index) li: u32,
     let owb = (P.ow + 7u) / 8u;
     let q = pt * SG_WG + li;
     let rows = P.n * P.oh;
-    // Invocations past the last block compute on the last one and store nothing.
+    // Invocations past the last block compute on the last one and store nothing; a subgroup
+    // with none live leaves (uniform over the subgroup, so no subgroup operation below runs
+    // with part of one).
     let live = q / owb < rows;
+    if (subgroupAll(!live)) {
+        return;
+    }
     let qc = select(rows * owb - 1u, q, live);
     let row = qc / owb;             // n * OH + oy
     let n = row / P.oh;
@@ -605,8 +613,12 @@ fn forward_sg_r2(@builtin(local_invocation_index) li: u32,
     let ohp = (P.oh + 1u) / 2u;
     let q = pt * SG_WG + li;
     let pairs = P.n * ohp;
-    // Invocations past the last block compute on the last one and store nothing.
+    // Invocations past the last block compute on the last one and store nothing; a subgroup
+    // with none live leaves (as in forward_sg).
     let live = q / owb < pairs;
+    if (subgroupAll(!live)) {
+        return;
+    }
     let qc = select(pairs * owb - 1u, q, live);
     let pair = qc / owb;            // n * ceil(OH / 2) + oy / 2
     let n = pair / ohp;
@@ -690,8 +702,12 @@ fn forward_sg_r4(@builtin(local_invocation_index) li: u32,
     let ohq = (P.oh + 3u) / 4u;
     let q = pt * SG_WG + li;
     let quads = P.n * ohq;
-    // Invocations past the last block compute on the last one and store nothing.
+    // Invocations past the last block compute on the last one and store nothing; a subgroup
+    // with none live leaves (as in forward_sg).
     let live = q / owb < quads;
+    if (subgroupAll(!live)) {
+        return;
+    }
     let qc = select(quads * owb - 1u, q, live);
     let quad = qc / owb;            // n * ceil(OH / 4) + oy / 4
     let n = quad / ohq;

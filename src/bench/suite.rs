@@ -17,7 +17,7 @@ use crate::kernels::batch_norm::{
     batch_norm2d, batch_norm2d_backward, batch_norm2d_backward_into, batch_norm2d_into,
     reduction_layout,
 };
-use crate::kernels::conv2d::{conv2d, ConvEpilogue};
+use crate::kernels::conv2d::{conv2d, tuned_variant, ConvEpilogue, ConvVariant};
 use crate::kernels::conv_bn::{
     conv_bn_act_eval_scaled, conv_bn_act_eval_unfused, conv_bn_qat_backward,
     conv_bn_qat_backward_unfused, conv_bn_qat_forward, conv_bn_qat_forward_unfused, GpuConv2d,
@@ -411,6 +411,16 @@ pub struct KernelResult {
     /// Anything else worth knowing (tuned constants, what a variant does).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// f32 conv rows (`conv2d`, `conv_bn_relu_eval/*`, `conv_bn_relu_qat_forward/*`): the
+    /// forward variant [`crate::kernels::conv2d::ConvAlgorithm::Auto`] runs at this shape
+    /// ([`crate::kernels::conv2d::ConvVariant::id`], e.g. `sg_c16_r4`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// f32 conv rows: seconds of the row's first run on the bench's context, before its
+    /// warm-up: tuning the conv's shape class (unless the context's cache directory had the
+    /// decision) and compiling the pipelines not compiled yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_start_s: Option<f64>,
 }
 
 /// Everything [`run_suite`] measured. Serializes (see [`BenchReport::to_json`]) to exactly
@@ -663,6 +673,8 @@ impl Runner<'_> {
             transfers: None,
             kernel_ms: None,
             note,
+            algorithm: None,
+            cold_start_s: None,
         });
         self.tick(format!("{name} {shape}"));
     }
@@ -902,6 +914,8 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
     let f = &r.fma_best;
     vec![
         KernelResult {
+            algorithm: None,
+            cold_start_s: None,
             name: "roofline/copy_vec4".to_string(),
             shape: format!("{} f32", r.copy_bytes / 8),
             gbps: Some(r.copy_gbps),
@@ -929,6 +943,8 @@ fn roofline_rows(r: &Roofline) -> Vec<KernelResult> {
             )),
         },
         KernelResult {
+            algorithm: None,
+            cold_start_s: None,
             name: "roofline/fma_chains".to_string(),
             shape: format!("{:.3} GFLOP", r.fma_flops as f64 * 1e-9),
             gbps: None,
@@ -1136,13 +1152,20 @@ fn conv(
     };
     let reps = cfg.conv_reps;
     let act = Activation::Relu;
+    let mut run_conv = || conv2d(ctx, &x, &w, &layer.params, &ConvEpilogue::none()).map(drop);
+    // Each row's first run (tuning the class, compiling what is new), by row name.
+    let mut colds: Vec<(&str, f64)> = Vec::new();
+    if r.wants("conv2d") {
+        colds.push(("conv2d", first_run(ctx, &mut run_conv)?));
+    }
+    let conv_rows = r.results.len();
     let plain = r.bench(
         "conv2d",
         &desc,
         work,
         &reps,
         Some("forward, no epilogue".to_string()),
-        &mut || conv2d(ctx, &x, &w, &layer.params, &ConvEpilogue::none()).map(drop),
+        &mut run_conv,
     )?;
 
     let (wf, bf) = fold_conv_bn(ctx, &w, None, &bn, false)?;
@@ -1151,14 +1174,30 @@ fn conv(
         bias: Some(&bf),
         activation: act,
     };
+    let mut run_prefolded = || conv2d(ctx, &x, &wf, &layer.params, &prefolded).map(drop);
+    if r.wants("conv_bn_relu_eval/fused_prefolded") {
+        colds.push((
+            "conv_bn_relu_eval/fused_prefolded",
+            first_run(ctx, &mut run_prefolded)?,
+        ));
+    }
     r.bench(
         "conv_bn_relu_eval/fused_prefolded",
         &desc,
         work,
         &reps,
         Some("inference: BN folded once beforehand, one conv per run".to_string()),
-        &mut || conv2d(ctx, &x, &wf, &layer.params, &prefolded).map(drop),
+        &mut run_prefolded,
     )?;
+    let mut eval_fused = || conv_bn_act_eval_scaled(ctx, &x, &layer, &bn, act).map(drop);
+    let mut eval_unfused = || conv_bn_act_eval_unfused(ctx, &x, &layer, &bn, act).map(drop);
+    if r.wants("conv_bn_relu_eval/fused") || r.wants("conv_bn_relu_eval/unfused") {
+        colds.push(("conv_bn_relu_eval/fused", first_run(ctx, &mut eval_fused)?));
+        colds.push((
+            "conv_bn_relu_eval/unfused",
+            first_run(ctx, &mut eval_unfused)?,
+        ));
+    }
     let eval = r.bench_fused_pair(
         "conv_bn_relu_eval",
         &desc,
@@ -1169,8 +1208,8 @@ fn conv(
              gamma/sigma, bias and ReLU in its epilogue; no weight refold",
             "conv, BatchNorm (eval), ReLU: separate dispatches and buffers",
         ],
-        &mut || conv_bn_act_eval_scaled(ctx, &x, &layer, &bn, act).map(drop),
-        &mut || conv_bn_act_eval_unfused(ctx, &x, &layer, &bn, act).map(drop),
+        &mut eval_fused,
+        &mut eval_unfused,
     )?;
 
     let qcfg = QatConfig {
@@ -1183,6 +1222,19 @@ fn conv(
             0,
         )?,
     };
+    let mut qat_fused = || conv_bn_qat_forward(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop);
+    let mut qat_unfused =
+        || conv_bn_qat_forward_unfused(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop);
+    if r.wants("conv_bn_relu_qat_forward/fused") || r.wants("conv_bn_relu_qat_forward/unfused") {
+        colds.push((
+            "conv_bn_relu_qat_forward/fused",
+            first_run(ctx, &mut qat_fused)?,
+        ));
+        colds.push((
+            "conv_bn_relu_qat_forward/unfused",
+            first_run(ctx, &mut qat_unfused)?,
+        ));
+    }
     let qat = r.bench_fused_pair(
         "conv_bn_relu_qat_forward",
         &desc,
@@ -1192,8 +1244,8 @@ fn conv(
             "ConvBnReLU2d training step forward, fused passes",
             "ConvBnReLU2d training step forward, one dispatch per op",
         ],
-        &mut || conv_bn_qat_forward(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
-        &mut || conv_bn_qat_forward_unfused(ctx, &x, &layer, &bn, 0.1, &qcfg).map(drop),
+        &mut qat_fused,
+        &mut qat_unfused,
     )?;
 
     let fwd = conv_bn_qat_forward(ctx, &x, &layer, &bn, 0.1, &qcfg)?;
@@ -1234,9 +1286,27 @@ fn conv(
             }
         }
     }
+    // The f32 forward rows of this shape: the variant Auto runs and each row's cold start.
+    let algorithm = tuned_variant(ctx, &shape.input(batch), &shape.weight(), &layer.params)?
+        .map(ConvVariant::id);
+    for row in r.results[conv_rows..].iter_mut() {
+        if let Some(&(_, cold)) = colds.iter().find(|(name, _)| row.name == *name) {
+            row.algorithm.clone_from(&algorithm);
+            row.cold_start_s = Some(cold);
+        }
+    }
     let speedup =
         |m: Option<(Measurement, Measurement)>| m.map(|(f, u)| u.wall_ms / f.wall_ms.max(1e-9));
     Ok((speedup(eval), speedup(qat)))
+}
+
+/// Seconds of one run of `run` until the device is done (a row's cold start).
+fn first_run(ctx: &GpuContext, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    ctx.wait()?;
+    let t = std::time::Instant::now();
+    run()?;
+    ctx.wait()?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Deterministic int8 codes in `[lo, hi]` (xorshift).
@@ -1685,9 +1755,14 @@ impl BenchReport {
             };
             let gpu_ms = k.gpu_ms.map_or("-".to_string(), |g| format!("{g:.3}"));
             let speedup = k.speedup.map_or(String::new(), |v| format!("{v:.2}x"));
+            let variant = match (&k.algorithm, k.cold_start_s) {
+                (Some(a), Some(c)) => format!("  {a}, cold {c:.2} s"),
+                (None, Some(c)) => format!("  cold {c:.2} s"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "{:<36} {:<30} {:>10.3} {:>10} {:>16} {:>4.2} {:<3} {:>8}",
+                "{:<36} {:<30} {:>10.3} {:>10} {:>16} {:>4.2} {:<3} {:>8}{variant}",
                 k.name, k.shape, k.time_ms, gpu_ms, rate, k.roofline_ratio, k.roof, speedup
             );
         }

@@ -1,7 +1,8 @@
 //! [`GpuContext`]: the device, queue, limits, pipeline cache and error capture.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
+use crate::gpu::cache::{self, CacheLoad, CacheStatus};
 use crate::gpu::pipeline::{BindingType, Kernel, Pipeline, PipelineKey};
 use crate::gpu::runtime::{
     lock, size_class, ContextId, PoolKey, PoolStats, PopFuture, Recording, Runtime, TransferStats,
@@ -101,13 +103,30 @@ impl std::fmt::Debug for DeviceLost {
 }
 
 /// How [`GpuContext::from_device_with`] treats an embedder's device: which of the device's
-/// two callbacks qfuse may set. The default takes over neither.
+/// two callbacks qfuse may set, and where it keeps its caches. The default takes over neither
+/// callback and keeps its caches in memory only.
 #[derive(Debug, Default)]
 pub struct EmbedOptions {
     /// The uncaptured-error handler.
     pub uncaptured_errors: UncapturedErrors,
     /// The device-lost callback.
     pub device_lost: DeviceLost,
+    /// The directory of the persistent caches, as [`ContextOptions::cache_dir`] (wgpu's
+    /// pipeline cache only where the embedder created the device with
+    /// [`wgpu::Features::PIPELINE_CACHE`]).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Options of [`GpuContext::new_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ContextOptions {
+    /// A directory for the context's persistent caches (created when first written): the
+    /// kernel variants timing chose per shape class, and wgpu's pipeline cache where the
+    /// device offers [`wgpu::Features::PIPELINE_CACHE`] (Vulkan). `None` (the default): both
+    /// live in memory, for the life of the context. A file that is unreadable, corrupt, of
+    /// another version or written for another adapter is ignored and the reason kept in
+    /// [`GpuContext::cache_status`]. See `src/gpu/cache.rs` for the files.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl EmbedOptions {
@@ -117,6 +136,7 @@ impl EmbedOptions {
         Self {
             uncaptured_errors: UncapturedErrors::Install,
             device_lost: DeviceLost::Install,
+            cache_dir: None,
         }
     }
 }
@@ -154,6 +174,14 @@ pub struct GpuContext {
     subgroups: bool,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+    /// What [`cache::adapter_key`] says of this adapter.
+    adapter_key: String,
+    /// wgpu's pipeline cache (where the device has `PIPELINE_CACHE` and a cache directory was
+    /// given), with the length of the data last read or written.
+    pipeline_cache: Option<(wgpu::PipelineCache, Mutex<usize>)>,
+    /// Tuning decisions: `family/class` -> variant.
+    tuning: Mutex<BTreeMap<String, String>>,
+    cache_status: Mutex<CacheStatus>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
     packed_dot_available: bool,
@@ -237,6 +265,16 @@ impl GpuContext {
     /// [`Error::NoAdapter`] when no adapter matches, [`Error::Gpu`] when the device cannot be
     /// opened.
     pub async fn new_async() -> Result<Self> {
+        Self::new_with_async(ContextOptions::default()).await
+    }
+
+    /// [`GpuContext::new_async`] with options (a cache directory). Where the adapter offers
+    /// [`wgpu::Features::PIPELINE_CACHE`] and a cache directory is given, the device is also
+    /// requested with that feature.
+    ///
+    /// Errors: those of [`GpuContext::new_async`]; an unusable cache directory is not an
+    /// error (see [`GpuContext::cache_status`]).
+    pub async fn new_with_async(options: ContextOptions) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         desc.backends = backends_from_env()?;
         let backends = desc.backends;
@@ -269,8 +307,11 @@ impl GpuContext {
         };
 
         let info = adapter.get_info();
-        let optional =
-            adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
+        let mut wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+        if options.cache_dir.is_some() {
+            wanted |= wgpu::Features::PIPELINE_CACHE;
+        }
+        let optional = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("qfuse"),
@@ -291,13 +332,30 @@ impl GpuContext {
             queue,
             info,
             packed,
-            EmbedOptions::install(),
+            EmbedOptions {
+                cache_dir: options.cache_dir,
+                ..EmbedOptions::install()
+            },
         ))
     }
 
     /// Blocking form of [`GpuContext::new_async`] (via `pollster`).
     pub fn new() -> Result<Self> {
         pollster::block_on(Self::new_async())
+    }
+
+    /// Blocking form of [`GpuContext::new_with_async`] (via `pollster`).
+    ///
+    /// ```no_run
+    /// use qfuse::gpu::{ContextOptions, GpuContext};
+    /// let ctx = GpuContext::new_with(ContextOptions {
+    ///     cache_dir: Some(std::env::temp_dir().join("my-engine-qfuse-cache")),
+    /// })?;
+    /// println!("{:?}", ctx.cache_status());
+    /// # Ok::<(), qfuse::Error>(())
+    /// ```
+    pub fn new_with(options: ContextOptions) -> Result<Self> {
+        pollster::block_on(Self::new_with_async(options))
     }
 
     /// Wraps a device an embedder already opened, leaving the device's uncaptured-error
@@ -409,6 +467,57 @@ impl GpuContext {
             format!("{} ({:?})", info.name, info.backend),
             max_buffer,
         ));
+        let adapter_key = cache::adapter_key(&info);
+        let mut status = CacheStatus {
+            dir: options.cache_dir.clone(),
+            ..CacheStatus::default()
+        };
+        let mut tuning = BTreeMap::new();
+        let mut pipeline_cache = None;
+        if let Some(dir) = &options.cache_dir {
+            status.tuning =
+                match cache::load_tuning(&cache::tuning_path(dir, &adapter_key), &adapter_key) {
+                    Ok(None) => CacheLoad::Missing,
+                    Ok(Some(entries)) => {
+                        tuning = entries;
+                        CacheLoad::Loaded {
+                            entries: tuning.len(),
+                        }
+                    }
+                    Err(why) => CacheLoad::Rejected(why),
+                };
+            let supported = device.features().contains(wgpu::Features::PIPELINE_CACHE)
+                && wgpu::util::pipeline_cache_key(&info).is_some();
+            status.pipelines = if supported {
+                let (data, load) = match cache::load_pipelines(
+                    &cache::pipeline_path(dir, &adapter_key),
+                    &adapter_key,
+                ) {
+                    Ok(None) => (None, CacheLoad::Missing),
+                    Ok(Some(data)) => {
+                        let entries = data.len();
+                        (Some(data), CacheLoad::Loaded { entries })
+                    }
+                    Err(why) => (None, CacheLoad::Rejected(why)),
+                };
+                // SAFETY: `data` is what `PipelineCache::get_data` returned on an adapter with
+                // the same key (name, ids, driver), as the file's header and checksum attest
+                // (a file that fails them is never passed on); wgpu checks its own header
+                // (version, device) again, and `fallback` makes it start empty instead of
+                // failing when the data is not usable.
+                let made = unsafe {
+                    device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                        label: Some("qfuse pipelines"),
+                        data: data.as_deref(),
+                        fallback: true,
+                    })
+                };
+                pipeline_cache = Some((made, Mutex::new(data.map_or(0, |d| d.len()))));
+                load
+            } else {
+                CacheLoad::Unsupported
+            };
+        }
         Self {
             device,
             queue,
@@ -418,6 +527,10 @@ impl GpuContext {
             subgroups,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
+            adapter_key,
+            pipeline_cache,
+            tuning: Mutex::new(tuning),
+            cache_status: Mutex::new(status),
             lost,
             uncaptured,
             packed_dot_available,
@@ -838,7 +951,7 @@ impl GpuContext {
                         constants,
                         zero_initialize_workgroup_memory: true,
                     },
-                    cache: None,
+                    cache: self.pipeline_cache.as_ref().map(|(c, _)| c),
                 });
             Pipeline {
                 pipeline,
@@ -849,6 +962,161 @@ impl GpuContext {
         Ok(Arc::clone(
             lock(&self.pipelines).entry(key).or_insert(pipeline),
         ))
+    }
+
+    /// How many distinct pipelines (entry point, bindings, override constants) this context
+    /// has compiled: each launcher compiles a small, fixed set of variants whatever the
+    /// shapes (see `ConvAlgorithm::Auto` for the conv2d forward), so this stops growing once
+    /// a workload's ops have all run.
+    pub fn pipeline_count(&self) -> usize {
+        lock(&self.pipelines).len()
+    }
+
+    /// Where the context keeps its caches and what it found there when it opened (see
+    /// [`ContextOptions::cache_dir`]).
+    pub fn cache_status(&self) -> CacheStatus {
+        lock(&self.cache_status).clone()
+    }
+
+    /// Every tuning decision of this context (`family/class` -> variant), those read from the
+    /// cache directory included.
+    pub fn tuning_entries(&self) -> Vec<(String, String)> {
+        lock(&self.tuning)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The tuning decision for `key` (`family/class`), if any.
+    pub(crate) fn tuned(&self, key: &str) -> Option<String> {
+        lock(&self.tuning).get(key).cloned()
+    }
+
+    /// Records a tuning decision and, with a cache directory, rewrites the tuning file
+    /// (a write failure is kept in [`CacheStatus::last_write_error`], not returned).
+    pub(crate) fn set_tuned(&self, key: &str, value: &str) {
+        let bytes = {
+            let mut t = lock(&self.tuning);
+            t.insert(key.to_string(), value.to_string());
+            cache::tuning_bytes(&self.adapter_key, &t)
+        };
+        let dir = lock(&self.cache_status).dir.clone();
+        if let Some(dir) = dir {
+            let written = cache::write_file(&cache::tuning_path(&dir, &self.adapter_key), &bytes);
+            if let Err(e) = written {
+                lock(&self.cache_status).last_write_error = Some(e);
+            }
+        }
+    }
+
+    /// Writes wgpu's pipeline cache to the cache directory (when there is one, the device
+    /// offers the cache, and it holds more than what was read or last written); the tuning
+    /// file is written as decisions are made. Also done, ignoring failures, when the context
+    /// drops.
+    ///
+    /// Errors: [`Error::Io`]-like failures to write, as [`Error::InvalidArgument`] naming the
+    /// file.
+    pub fn persist_caches(&self) -> Result<()> {
+        let (Some((pc, written)), Some(dir)) =
+            (&self.pipeline_cache, lock(&self.cache_status).dir.clone())
+        else {
+            return Ok(());
+        };
+        let Some(data) = pc.get_data() else {
+            return Ok(());
+        };
+        let mut written = lock(written);
+        if data.is_empty() || data.len() == *written {
+            return Ok(());
+        }
+        let path = cache::pipeline_path(&dir, &self.adapter_key);
+        match cache::write_file(&path, &cache::pipeline_bytes(&self.adapter_key, &data)) {
+            Ok(()) => {
+                *written = data.len();
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.cache_status).last_write_error = Some(e.clone());
+                Err(Error::invalid(format!("writing the pipeline cache: {e}")))
+            }
+        }
+    }
+
+    /// Encodes `launches` into a command buffer of their own, after clearing `clear` to
+    /// zeros, submits it at once — outside any open recording (the caller's or this
+    /// thread's: its work runs ahead of what they hold, so it must not depend on it) and
+    /// without kernel timing — and waits until the device is idle. For measurements on
+    /// scratch tensors (the conv2d tuner).
+    ///
+    /// Errors: [`Error::Gpu`] for what the GPU reports; [`Error::InvalidArgument`] on the web
+    /// (where nothing can wait).
+    pub(crate) fn run_detached(
+        &self,
+        clear: &[&wgpu::Buffer],
+        launches: &[Launch<'_>],
+    ) -> Result<()> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::invalid(
+                "detached launches need a blocking wait (not on the web)",
+            ));
+        }
+        self.check_alive()?;
+        let mut prepared = Vec::with_capacity(launches.len());
+        for launch in launches {
+            prepared.push((launch, self.pipeline(launch.kernel, launch.constants)?));
+        }
+        self.scoped("running detached kernels", || {
+            let bind_groups: Vec<wgpu::BindGroup> = prepared
+                .iter()
+                .map(|(launch, pipeline)| {
+                    let entries: Vec<wgpu::BindGroupEntry> = launch
+                        .kernel
+                        .bindings
+                        .iter()
+                        .zip(launch.buffers)
+                        .map(|(b, buffer)| wgpu::BindGroupEntry {
+                            binding: b.index,
+                            resource: buffer.as_entire_binding(),
+                        })
+                        .collect();
+                    self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(launch.kernel.entry_point),
+                        layout: &pipeline.bind_group_layout,
+                        entries: &entries,
+                    })
+                })
+                .collect();
+            let mut encoder = self.new_encoder("qfuse detached");
+            for b in clear {
+                encoder.clear_buffer(b, 0, None);
+            }
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("qfuse detached"),
+                    timestamp_writes: None,
+                });
+                for ((launch, pipeline), bind_group) in prepared.iter().zip(&bind_groups) {
+                    let [x, y, z] = launch.workgroups;
+                    if x == 0 || y == 0 || z == 0 {
+                        continue;
+                    }
+                    pass.set_pipeline(&pipeline.pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
+                    pass.dispatch_workgroups(x, y, z);
+                }
+            }
+            // The parameters of these launches (and any pending ones, which land early but
+            // unchanged) are written before this submission.
+            let mut rec = lock(&self.rt.rec);
+            self.issue_writes(&mut rec);
+            self.queue.submit([encoder.finish()]);
+            drop(rec);
+        })?;
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.check_alive()
     }
 
     fn module(&self, kernel: &Kernel) -> Result<wgpu::ShaderModule> {
@@ -1310,6 +1578,13 @@ impl GpuContext {
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         self.settle_scopes()?;
         self.check_alive()
+    }
+}
+
+impl Drop for GpuContext {
+    fn drop(&mut self) {
+        // Best effort: a failure is what `persist_caches` would have returned.
+        let _ = self.persist_caches();
     }
 }
 

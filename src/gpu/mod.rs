@@ -101,6 +101,7 @@
 //!    then call it from [`crate::backend::GpuBackend`]. Test it inside and outside
 //!    [`GpuContext::record`].
 
+mod cache;
 mod context;
 mod dispatch;
 mod pipeline;
@@ -108,9 +109,10 @@ mod profile;
 mod runtime;
 mod tensor;
 
+pub use cache::{CacheLoad, CacheRejection, CacheStatus, TUNING_FORMAT_VERSION};
 pub use context::{
-    backends_from_env, parse_backends, DeviceLost, DeviceLostFn, EmbedOptions, GpuContext, Int8Dot,
-    Launch, ParamsBuffer, UncapturedErrors,
+    backends_from_env, parse_backends, ContextOptions, DeviceLost, DeviceLostFn, EmbedOptions,
+    GpuContext, Int8Dot, Launch, ParamsBuffer, UncapturedErrors,
 };
 pub use dispatch::grid_1d;
 pub use pipeline::{Binding, BindingType, Kernel, Pipeline, Shader};

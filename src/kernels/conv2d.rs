@@ -11,20 +11,19 @@
 //!   workgroup memory and computes a 64 output channels × 64 output pixels tile, each of its
 //!   256 invocations a 4×4 register tile. The epilogue (scale, bias, activation) is applied
 //!   before the single store.
-//! - **Forward, direct** (`forward_direct`): one invocation per output, for convs with fewer
-//!   than [`GEMM_MIN_CHANNELS_PER_GROUP`] output channels per group (depthwise, small grouped
-//!   convs), where a 64-channel tile would mostly idle.
-//! - **Forward, register-blocked** (`forward_reg`): the choice on CPU adapters
-//!   (`wgpu::DeviceType::Cpu`, e.g. lavapipe), for every shape. No workgroup memory, no
-//!   barriers: each invocation computes up to 8 output channels × 8 consecutive output pixels
-//!   in registers, reading `x` and `w` straight from storage and reusing each loaded input for
-//!   all its channels and each weight for all its pixels; 3-wide stride-1 kernel rows get a
+//! - **Forward, direct** (`forward_direct`): one invocation per output; any conv (depthwise
+//!   and small grouped convs, where a 64-channel tile would mostly idle, and every conv below
+//!   [`TUNE_MIN_MACS`]).
+//! - **Forward, register-blocked** (`forward_reg`): no workgroup memory, no barriers: each
+//!   invocation computes up to 8 output channels × 8 consecutive output pixels in registers,
+//!   reading `x` and `w` straight from storage and reusing each loaded input for all its
+//!   channels and each weight for all its pixels; 3-wide stride-1 kernel rows get a
 //!   specialised inner loop. Its tile is set by override constants (see [`RegTile`]). On
 //!   llvmpipe every storage / workgroup-memory load is a per-lane scalar loop and a barrier a
 //!   coroutine switch, which is what holds `forward_gemm` back there.
 //! - **Forward, register-blocked with subgroups** (`forward_sg`, `shaders/conv2d_subgroup.wgsl`):
-//!   the choice on CPU adapters whose device has [`wgpu::Features::SUBGROUP`], for groups of
-//!   at least 8 output channels. The `forward_reg` scheme with 8 or 16 channels per
+//!   for devices with [`wgpu::Features::SUBGROUP`] and groups of at least 8 output channels.
+//!   The `forward_reg` scheme with 8 or 16 channels per
 //!   invocation, where lane `l` of a subgroup loads the weights of channel `l & 7` (and
 //!   `8 + (l & 7)`) and the others take them with `subgroupBroadcast`. A run-time check
 //!   (subgroup size and a ballot of lanes 0..7, uniform over the subgroup) falls back to
@@ -33,8 +32,17 @@
 //!   dilation 1, `forward_sg_r2` computes two output rows per invocation ([`RegTile::rows`]),
 //!   so each input row loaded serves every kernel row of both output rows that reads it
 //!   (4 row loads per input channel for 2 output rows instead of 6) and each broadcast weight
-//!   both rows; `forward_sg_r4` computes four (6 row loads for 4 output rows), the choice
-//!   from 8 output rows up.
+//!   both rows; `forward_sg_r4` computes four (6 row loads for 4 output rows).
+//!
+//! # Choosing the forward kernel
+//! [`ConvAlgorithm::Auto`] chooses among a bounded set of variants ([`ConvVariant::all`]: the
+//! kernels above with their tiles as override constants fixed per variant, never per shape,
+//! so a new shape reuses compiled pipelines) by timing: the first conv of a shape class
+//! ([`shape_class`]: kernel geometry and power-of-two buckets of channels, output size and
+//! work) times its candidates ([`candidates`]) on scratch tensors and keeps the fastest per
+//! context, and in the context's tuning file when it has a cache directory
+//! ([`crate::gpu::ContextOptions::cache_dir`]). No adapter heuristic is involved; convs below
+//! [`TUNE_MIN_MACS`] run `forward_direct` untimed.
 //! - **Backward input** (`backward_input`): a gather, one invocation per `dx` element summing
 //!   over the kernel taps and the output channels of its group that read it.
 //! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
@@ -166,18 +174,33 @@ static CHANNEL_SUM: Kernel = Kernel {
 /// Output channels × output pixels of one `forward_gemm` workgroup tile.
 pub const GEMM_TILE: [usize; 2] = [64, 64];
 
-/// [`ConvAlgorithm::Auto`] uses the implicit GEMM when a group has at least this many output
-/// channels, the direct kernel otherwise.
+/// The implicit GEMM is a tuning candidate when a group has at least this many output
+/// channels (below that its 64-channel tile mostly idles).
 pub const GEMM_MIN_CHANNELS_PER_GROUP: usize = 16;
+
+/// Invocations per workgroup of every register-blocked and subgroup variant
+/// ([`ConvVariant`]): fixed, so that a new shape reuses the pipelines already compiled.
+/// Invocations past the last pixel block leave at once (`forward_reg`) or, in the subgroup
+/// kernels, as whole subgroups, so a workgroup larger than the work wastes little.
+pub const VARIANT_WORKGROUP: u32 = 64;
+
+/// Convs of fewer multiply-adds than this (`N·O·OH·OW·(C/g)·KH·KW`) run `forward_direct`
+/// without tuning under [`ConvAlgorithm::Auto`]: timing candidates would cost more than any of
+/// them could save, and `forward_direct` is the variant quickest to compile.
+pub const TUNE_MIN_MACS: u64 = 1 << 22;
 
 /// Which forward kernel [`conv2d_with_algorithm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvAlgorithm {
-    /// On a CPU adapter ([`wgpu::DeviceType::Cpu`]) the subgroup kernel when
-    /// [`use_subgroup_forward`] says so (the device has [`wgpu::Features::SUBGROUP`] and a group
-    /// has at least 8 output channels), else the register-blocked kernel; elsewhere the
-    /// implicit GEMM when a group has at least [`GEMM_MIN_CHANNELS_PER_GROUP`] output channels,
-    /// else direct.
+    /// Chosen by timing, once per context and shape class (see [`shape_class`]): the first
+    /// conv of a class times each of its candidate variants ([`candidates`]) on scratch
+    /// tensors of its shape and keeps the fastest, in memory and, when the context has a
+    /// cache directory ([`crate::gpu::ContextOptions::cache_dir`]), in its tuning file, so a
+    /// later context on the same adapter starts with it. The scratch runs are submitted on
+    /// their own, ahead of anything a recording ([`GpuContext::record`] /
+    /// [`GpuContext::encode_into`]) holds, and waited for. Convs below [`TUNE_MIN_MACS`]
+    /// run [`ConvVariant::Direct`] untimed. Every candidate gives the same results up to
+    /// summation order.
     #[default]
     Auto,
     /// The tiled implicit GEMM (`forward_gemm`).
@@ -197,6 +220,142 @@ pub enum ConvAlgorithm {
     /// `forward_sg` with an explicit tile: `channels` 8 or 16 (tests and tuning; results do
     /// not depend on it).
     SubgroupWith(RegTile),
+    /// One variant of the bounded set [`ConvVariant::all`] (what `Auto` chooses from).
+    Variant(ConvVariant),
+}
+
+/// One forward kernel with its compile-time tile: the bounded set [`ConvAlgorithm::Auto`]
+/// chooses from. Each is one pipeline (override constants fixed per variant, never per shape),
+/// so a workload compiles at most [`ConvVariant::all`]`().len()` conv forward pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConvVariant {
+    /// `forward_direct`: one invocation per output.
+    Direct,
+    /// `forward_gemm`: the tiled implicit GEMM in workgroup memory.
+    Gemm,
+    /// `forward_reg` with `channels` (1, 2, 4 or 8) output channels × 8 pixels per
+    /// invocation; `k3`: the 3-tap row loop (applied only where the conv has `KW == 3` at
+    /// stride 1, dilation 1 in width).
+    Reg {
+        /// Output channels per invocation.
+        channels: u32,
+        /// The 3-tap inner loop.
+        k3: bool,
+    },
+    /// The subgroup kernels: `channels` (8 or 16) × 8 pixels × `rows` (1: `forward_sg`, with
+    /// `k3` as for `Reg`; 2: `forward_sg_r2`; 4: `forward_sg_r4`, both for 3×3 kernels at
+    /// stride 1, dilation 1 only). Needs [`wgpu::Features::SUBGROUP`].
+    Subgroup {
+        /// Output channels per invocation.
+        channels: u32,
+        /// Output rows per invocation.
+        rows: u32,
+        /// The 3-tap inner loop (rows = 1 only).
+        k3: bool,
+    },
+}
+
+impl ConvVariant {
+    /// Every variant: the bound on the conv forward pipelines a context compiles.
+    pub fn all() -> Vec<Self> {
+        let mut v = vec![Self::Direct, Self::Gemm];
+        for channels in [1, 2, 4, 8] {
+            for k3 in [false, true] {
+                v.push(Self::Reg { channels, k3 });
+            }
+        }
+        for channels in [8, 16] {
+            for k3 in [false, true] {
+                v.push(Self::Subgroup {
+                    channels,
+                    rows: 1,
+                    k3,
+                });
+            }
+            for rows in [2, 4] {
+                v.push(Self::Subgroup {
+                    channels,
+                    rows,
+                    k3: false,
+                });
+            }
+        }
+        v
+    }
+
+    /// The variant's name, as the tuning file stores it: `direct`, `gemm`, `reg_c8_k3`,
+    /// `sg_c16_r1`, `sg_c16_r4`, ...
+    pub fn id(self) -> String {
+        match self {
+            Self::Direct => "direct".into(),
+            Self::Gemm => "gemm".into(),
+            Self::Reg { channels, k3 } => {
+                format!("reg_c{channels}{}", if k3 { "_k3" } else { "" })
+            }
+            Self::Subgroup { channels, rows, k3 } => {
+                format!("sg_c{channels}_r{rows}{}", if k3 { "_k3" } else { "" })
+            }
+        }
+    }
+
+    /// The variant named `id` (see [`ConvVariant::id`]), if it is one of [`ConvVariant::all`].
+    pub fn parse(id: &str) -> Option<Self> {
+        Self::all().into_iter().find(|v| v.id() == id)
+    }
+
+    /// Whether this variant can run on `ctx` (subgroups) for a conv with kernel `[KH, KW]`
+    /// and `params` (two or four rows: 3×3 at stride 1, dilation 1; the 3-tap loop: `KW == 3`
+    /// at stride 1, dilation 1 in width). Every variant that can run gives the same results.
+    pub fn applies(self, ctx: &GpuContext, kernel: [usize; 2], params: &Conv2dParams) -> bool {
+        match self {
+            Self::Direct | Self::Gemm => true,
+            Self::Reg { k3, .. } => !k3 || tile_k3_ok(kernel[1], params),
+            Self::Subgroup { rows, k3, .. } => {
+                ctx.has_subgroups()
+                    && (!k3 || tile_k3_ok(kernel[1], params))
+                    && (rows == 1 || tile_r2_ok(kernel, params))
+            }
+        }
+    }
+
+    /// The override constants of this variant's pipeline (for `Direct`, the 1-D workgroup
+    /// size; none for `Gemm`), for the portability test.
+    #[cfg(test)]
+    pub(crate) fn constants(self) -> Vec<(&'static str, f64)> {
+        match self.kernel() {
+            ForwardKernel::Gemm => vec![],
+            ForwardKernel::Direct => WG_CONSTANTS.to_vec(),
+            ForwardKernel::Reg(t) => vec![
+                ("RB_O", f64::from(t.channels)),
+                ("RB_K3", f64::from(u32::from(t.k3_stride1))),
+                ("RB_WG", f64::from(t.workgroup)),
+            ],
+            ForwardKernel::Subgroup(t) => vec![
+                ("SG_O", f64::from(t.channels)),
+                ("SG_K3", f64::from(u32::from(t.k3_stride1))),
+                ("SG_WG", f64::from(t.workgroup)),
+            ],
+        }
+    }
+
+    fn kernel(self) -> ForwardKernel {
+        match self {
+            Self::Direct => ForwardKernel::Direct,
+            Self::Gemm => ForwardKernel::Gemm,
+            Self::Reg { channels, k3 } => ForwardKernel::Reg(RegTile {
+                channels,
+                k3_stride1: k3,
+                workgroup: VARIANT_WORKGROUP,
+                rows: 1,
+            }),
+            Self::Subgroup { channels, rows, k3 } => ForwardKernel::Subgroup(RegTile {
+                channels,
+                k3_stride1: k3 && rows == 1,
+                workgroup: VARIANT_WORKGROUP,
+                rows,
+            }),
+        }
+    }
 }
 
 /// Output pixels (consecutive, of one output row) per `forward_reg` invocation.
@@ -220,44 +379,37 @@ pub struct RegTile {
     pub rows: u32,
 }
 
+/// `forward_reg`'s channels per invocation for `og` output channels per group: the most of
+/// 8, 4, 2, 1 not above `og`.
+fn reg_channels(og: usize) -> u32 {
+    match og {
+        8.. => 8,
+        4..=7 => 4,
+        2 | 3 => 2,
+        _ => 1,
+    }
+}
+
 impl RegTile {
     /// The tile for a conv with `og` output channels per group, kernel width `kw` and these
-    /// settings, producing `blocks` 8-pixel blocks (`N * OH * ceil(OW / 8)`): the most channels
-    /// (8, 4, 2, 1) not above `og`, the 3-tap path where it applies, and 64 invocations per
-    /// workgroup, halved (down to 8) while more than an eighth of the last workgroup would idle.
-    pub fn for_conv(og: usize, kw: usize, params: &Conv2dParams, blocks: usize) -> Self {
-        let channels = match og {
-            8.. => 8,
-            4..=7 => 4,
-            2 | 3 => 2,
-            _ => 1,
-        };
+    /// settings: the most channels (8, 4, 2, 1) not above `og`, the 3-tap path where it
+    /// applies, and [`VARIANT_WORKGROUP`] invocations per workgroup (the tile of
+    /// [`ConvVariant::Reg`]).
+    pub fn for_conv(og: usize, kw: usize, params: &Conv2dParams) -> Self {
         Self {
-            channels,
+            channels: reg_channels(og),
             k3_stride1: tile_k3_ok(kw, params),
-            workgroup: workgroup_for(blocks) as u32,
+            workgroup: VARIANT_WORKGROUP,
             rows: 1,
         }
     }
-}
 
-/// 64 invocations per workgroup, halved (down to 8) while more than an eighth of the last
-/// workgroup would idle.
-fn workgroup_for(blocks: usize) -> usize {
-    let mut workgroup = 64;
-    while workgroup > 8 && blocks.div_ceil(workgroup) * workgroup - blocks > blocks / 8 {
-        workgroup /= 2;
-    }
-    workgroup
-}
-
-impl RegTile {
-    /// The tile of the subgroup forward (`forward_sg` / `forward_sg_r2`) for a conv with `og`
-    /// output channels per group, kernel `[KH, KW]`, these settings and output `[N, O, OH, OW]`:
-    /// 16 channels when `og >= 16`, else 8; the 3-tap path where it applies; for 3×3 kernels at
-    /// stride 1, dilation 1, 4 output rows per invocation when `OH >= 8` (`forward_sg_r4`), 2
-    /// when `OH` is 2 to 7 (`forward_sg_r2`: at ResNet-18's 7×7, 4 rows measured slower on
-    /// lavapipe); the workgroup as in [`RegTile::for_conv`] over the resulting invocations.
+    /// The tile of the subgroup forward (`forward_sg` / `_r2` / `_r4`) for a conv with `og`
+    /// output channels per group, kernel `[KH, KW]`, these settings and output
+    /// `[N, O, OH, OW]`, without timing: 16 channels when `og >= 16`, else 8; the 3-tap path
+    /// where it applies (used by one-row kernels only); for 3×3 kernels at stride 1, dilation 1, 4 output rows per invocation
+    /// when `OH >= 8`, 2 when `OH` is 2 to 7; [`VARIANT_WORKGROUP`] invocations per workgroup.
+    /// ([`ConvAlgorithm::Auto`] times these against each other instead.)
     pub fn for_subgroup_conv(
         og: usize,
         kernel: [usize; 2],
@@ -270,14 +422,145 @@ impl RegTile {
             2.. => 2,
             _ => 1,
         };
-        let blocks = out[0] * out[2].div_ceil(rows) * out[3].div_ceil(REG_PIXELS);
         Self {
             channels: if og >= 16 { 16 } else { 8 },
             k3_stride1: tile_k3_ok(kernel[1], params),
-            workgroup: workgroup_for(blocks) as u32,
+            workgroup: VARIANT_WORKGROUP,
             rows: rows as u32,
         }
     }
+}
+
+/// The candidates [`ConvAlgorithm::Auto`] times for a conv on `ctx` with `og` output channels
+/// per group, kernel `[KH, KW]` and `params`, in order of preference (the first is what runs
+/// where no timing is possible): with subgroups and `og >= 8`, the subgroup kernels (four and
+/// two rows for 3×3 stride-1 convs, then one row) with 16 channels (8 below 16 channels per
+/// group); the register-blocked kernel (channels as [`RegTile::for_conv`]); the implicit GEMM
+/// from [`GEMM_MIN_CHANNELS_PER_GROUP`] channels per group; the direct kernel below 8.
+pub fn candidates(
+    ctx: &GpuContext,
+    og: usize,
+    kernel: [usize; 2],
+    params: &Conv2dParams,
+) -> Vec<ConvVariant> {
+    let k3 = tile_k3_ok(kernel[1], params);
+    let mut v = Vec::new();
+    if ctx.has_subgroups() && og >= 8 {
+        let channels = if og >= 16 { 16 } else { 8 };
+        if tile_r2_ok(kernel, params) {
+            for rows in [4, 2] {
+                v.push(ConvVariant::Subgroup {
+                    channels,
+                    rows,
+                    k3: false,
+                });
+            }
+        }
+        v.push(ConvVariant::Subgroup {
+            channels,
+            rows: 1,
+            k3,
+        });
+    }
+    v.push(ConvVariant::Reg {
+        channels: reg_channels(og),
+        k3,
+    });
+    if og >= GEMM_MIN_CHANNELS_PER_GROUP {
+        v.push(ConvVariant::Gemm);
+    }
+    if og < 8 {
+        v.push(ConvVariant::Direct);
+    }
+    v
+}
+
+/// `v` rounded down to a power of two, at most `cap` (0 stays 0).
+fn pow2_bucket(v: usize, cap: usize) -> usize {
+    if v == 0 {
+        0
+    } else {
+        (1usize << v.ilog2()).min(cap)
+    }
+}
+
+/// The multiply-adds of a conv with output `out` and weight `[O, C/g, KH, KW]` (saturating).
+fn conv_macs(out: [usize; 4], w_shape: &[usize]) -> u64 {
+    out.iter()
+        .chain(&w_shape[1..])
+        .fold(1u64, |acc, &d| acc.saturating_mul(d as u64))
+}
+
+/// The shape class of a conv (what [`ConvAlgorithm::Auto`] tunes once): the kernel geometry
+/// (`k3x3s1`: 3×3 at stride 1, dilation 1, where the multi-row kernels apply; `k3row`: 3 wide
+/// at stride 1, dilation 1 in width; `gen`: anything else), then output channels per group,
+/// input channels per group, output height and width, each rounded down to a power of two
+/// (capped at 16, 64, 64 and 64), and the multiply-adds rounded down to a power of four:
+/// e.g. `k3x3s1-og16-cg64-oh32-ow32-m2^28`. Shapes of a class differ by less than 2× in each
+/// of these, so the kernel timed fastest on one is the kernel for all.
+///
+/// Errors: those of [`Conv2dParams::output_shape`].
+pub fn shape_class(x_shape: &[usize], w_shape: &[usize], params: &Conv2dParams) -> Result<String> {
+    let out = params.output_shape(x_shape, w_shape)?;
+    Ok(class_of(w_shape, params, out))
+}
+
+fn class_of(w_shape: &[usize], params: &Conv2dParams, out: [usize; 4]) -> String {
+    let kernel = [w_shape[2], w_shape[3]];
+    let geometry = if tile_r2_ok(kernel, params) {
+        "k3x3s1"
+    } else if tile_k3_ok(kernel[1], params) {
+        "k3row"
+    } else {
+        "gen"
+    };
+    let og = out[1] / params.groups.max(1);
+    let macs = conv_macs(out, w_shape);
+    let m = if macs == 0 { 0 } else { macs.ilog2() & !1 };
+    format!(
+        "{geometry}-og{}-cg{}-oh{}-ow{}-m2^{m}",
+        pow2_bucket(og, 16),
+        pow2_bucket(w_shape[1], 64),
+        pow2_bucket(out[2], 64),
+        pow2_bucket(out[3], 64),
+    )
+}
+
+/// The tuning-table key of a shape class.
+fn tuning_key(class: &str) -> String {
+    format!("conv2d/{class}")
+}
+
+/// The variant [`ConvAlgorithm::Auto`] has chosen on `ctx` for a conv of input `x_shape`,
+/// weight `w_shape` and `params`: `Some` once the conv's class was tuned on this context (or
+/// read from its cache directory), `Some(Direct)` below [`TUNE_MIN_MACS`], else `None`
+/// (tuned at the first such conv).
+///
+/// Errors: those of [`Conv2dParams::output_shape`].
+pub fn tuned_variant(
+    ctx: &GpuContext,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    params: &Conv2dParams,
+) -> Result<Option<ConvVariant>> {
+    let out = params.output_shape(x_shape, w_shape)?;
+    Ok(cached_variant(ctx, w_shape, params, out))
+}
+
+/// The untimed choice below the threshold, or the usable cached decision.
+fn cached_variant(
+    ctx: &GpuContext,
+    w_shape: &[usize],
+    params: &Conv2dParams,
+    out: [usize; 4],
+) -> Option<ConvVariant> {
+    if conv_macs(out, w_shape) < TUNE_MIN_MACS {
+        return Some(ConvVariant::Direct);
+    }
+    let kernel = [w_shape[2], w_shape[3]];
+    ctx.tuned(&tuning_key(&class_of(w_shape, params, out)))
+        .and_then(|id| ConvVariant::parse(&id))
+        .filter(|v| v.applies(ctx, kernel, params))
 }
 
 /// What the conv applies to each output before storing it:
@@ -490,19 +773,44 @@ pub(crate) fn conv2d_impl(
     p.slope = super::activation::slope(epilogue.activation);
     p.has_scale = u32::from(epilogue.out_scale.is_some());
     p.has_bias = u32::from(epilogue.bias.is_some());
-    let og = o / params.groups;
-    let kw = w.shape()[3];
-    let kernel_hw = [w.shape()[2], kw];
-    // Invocations of forward_reg: one per 8-pixel block of an output row.
-    let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
-    let kernel_choice = forward_kernel(ctx, algorithm, w.shape(), params, out)?;
+    let kernel_choice = forward_kernel(ctx, algorithm, x.shape(), w.shape(), params, out)?;
     let inputs = epilogue_inputs(x, w, epilogue);
     let y = output(ctx, "conv2d output", given, &out, DType::F32, &inputs)?;
     // Absent epilogue tensors are never read; any bound buffer will do.
     let scale = epilogue.out_scale.unwrap_or(w).buffer();
     let bias = epilogue.bias.unwrap_or(w).buffer();
-    let reg_constants;
-    let (kernel, constants, workgroups) = match kernel_choice {
+    let plan = plan_forward(ctx, kernel_choice, &mut p, w.shape(), params, out)?;
+    let uniform = ctx.params(&p)?;
+    ctx.run(&[Launch {
+        kernel: plan.kernel,
+        constants: &plan.constants,
+        buffers: &[&uniform, x.buffer(), w.buffer(), y.buffer(), scale, bias],
+        workgroups: plan.workgroups,
+    }])?;
+    Ok(y)
+}
+
+/// One forward launch: the entry point, its override constants and its grid.
+struct ForwardPlan {
+    kernel: &'static Kernel,
+    constants: Vec<(&'static str, f64)>,
+    workgroups: [u32; 3],
+}
+
+/// The launch of forward kernel `choice` for weight `w_shape`, `params` and output `out`,
+/// filling the tiling fields of `p`.
+fn plan_forward(
+    ctx: &GpuContext,
+    choice: ForwardKernel,
+    p: &mut Params,
+    w_shape: &[usize],
+    params: &Conv2dParams,
+    out: [usize; 4],
+) -> Result<ForwardPlan> {
+    let og = out[1] / params.groups;
+    let kw = w_shape[3];
+    let kernel_hw = [w_shape[2], kw];
+    Ok(match choice {
         ForwardKernel::Gemm => {
             let npix = out[0] * out[2] * out[3];
             let ptiles = npix.div_ceil(GEMM_TILE[1]);
@@ -511,18 +819,24 @@ pub(crate) fn conv2d_impl(
             p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
             p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
             p.count = to_u32(tiles, "conv2d tiles")?;
-            (&FORWARD_GEMM, &[][..], ctx.grid_1d(tiles, 1)?)
+            ForwardPlan {
+                kernel: &FORWARD_GEMM,
+                constants: vec![],
+                workgroups: ctx.grid_1d(tiles, 1)?,
+            }
         }
         ForwardKernel::Direct => {
-            let n = y.len();
+            let n: usize = out.iter().product();
             p.count = to_u32(n, "conv2d output element count")?;
-            (
-                &FORWARD_DIRECT,
-                WG_CONSTANTS,
-                ctx.grid_1d(n, WORKGROUP_SIZE)?,
-            )
+            ForwardPlan {
+                kernel: &FORWARD_DIRECT,
+                constants: WG_CONSTANTS.to_vec(),
+                workgroups: ctx.grid_1d(n, WORKGROUP_SIZE)?,
+            }
         }
         ForwardKernel::Reg(tile) => {
+            // Invocations: one per 8-pixel block of an output row.
+            let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
             let ptiles = blocks.div_ceil(tile.workgroup as usize);
             let mtiles = og.div_ceil(tile.channels as usize);
             let tiles = ptiles * mtiles * params.groups;
@@ -531,15 +845,18 @@ pub(crate) fn conv2d_impl(
             p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
             p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
             p.count = to_u32(tiles, "conv2d tiles")?;
-            reg_constants = [
-                ("RB_O", f64::from(tile.channels)),
-                (
-                    "RB_K3",
-                    f64::from(u32::from(tile.k3_stride1 && tile_k3_ok(kw, params))),
-                ),
-                ("RB_WG", f64::from(tile.workgroup)),
-            ];
-            (&FORWARD_REG, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
+            ForwardPlan {
+                kernel: &FORWARD_REG,
+                constants: vec![
+                    ("RB_O", f64::from(tile.channels)),
+                    (
+                        "RB_K3",
+                        f64::from(u32::from(tile.k3_stride1 && tile_k3_ok(kw, params))),
+                    ),
+                    ("RB_WG", f64::from(tile.workgroup)),
+                ],
+                workgroups: ctx.grid_1d(tiles, 1)?,
+            }
         }
         ForwardKernel::Subgroup(tile) => {
             // Output rows per invocation: 2 or 4 only for 3x3, stride 1, dilation 1.
@@ -558,36 +875,33 @@ pub(crate) fn conv2d_impl(
             p.ptiles = to_u32(ptiles, "conv2d pixel tiles")?;
             p.mtiles = to_u32(mtiles, "conv2d channel tiles")?;
             p.count = to_u32(tiles, "conv2d tiles")?;
-            reg_constants = [
-                ("SG_O", f64::from(tile.channels)),
-                (
-                    "SG_K3",
-                    f64::from(u32::from(tile.k3_stride1 && tile_k3_ok(kw, params))),
-                ),
-                ("SG_WG", f64::from(tile.workgroup)),
-            ];
-            let kernel = match rows {
-                4 => &FORWARD_SG_R4,
-                2 => &FORWARD_SG_R2,
-                _ => &FORWARD_SG,
-            };
-            (kernel, &reg_constants[..], ctx.grid_1d(tiles, 1)?)
+            ForwardPlan {
+                kernel: match rows {
+                    4 => &FORWARD_SG_R4,
+                    2 => &FORWARD_SG_R2,
+                    _ => &FORWARD_SG,
+                },
+                constants: vec![
+                    ("SG_O", f64::from(tile.channels)),
+                    (
+                        "SG_K3",
+                        f64::from(u32::from(
+                            rows == 1 && tile.k3_stride1 && tile_k3_ok(kw, params),
+                        )),
+                    ),
+                    ("SG_WG", f64::from(tile.workgroup)),
+                ],
+                workgroups: ctx.grid_1d(tiles, 1)?,
+            }
         }
-    };
-    let uniform = ctx.params(&p)?;
-    ctx.run(&[Launch {
-        kernel,
-        constants,
-        buffers: &[&uniform, x.buffer(), w.buffer(), y.buffer(), scale, bias],
-        workgroups,
-    }])?;
-    Ok(y)
+    })
 }
 
 /// Which forward kernel (and tile) [`ConvAlgorithm::Auto`] runs on `ctx` for a conv of
 /// input `x_shape` `[N, C, H, W]`, weight `w_shape` `[O, C/groups, KH, KW]` and `params`, in
-/// words: `forward_gemm`, `forward_direct`, `forward_reg (... channels ...)` or
-/// `forward_sg[_r2|_r4] (...)`. The choice [`conv2d`] makes, from the same function.
+/// words, without tuning: the variant chosen for its class (`forward_sg_r4 (...), tuned`),
+/// `forward_direct (...), below the tuning threshold`, or `not tuned yet on this context
+/// (candidates: ...)`.
 ///
 /// Errors: those of [`Conv2dParams::output_shape`].
 pub fn auto_forward_kernel(
@@ -597,39 +911,63 @@ pub fn auto_forward_kernel(
     params: &Conv2dParams,
 ) -> Result<String> {
     let out = params.output_shape(x_shape, w_shape)?;
-    Ok(
-        match forward_kernel(ctx, ConvAlgorithm::Auto, w_shape, params, out)? {
-            ForwardKernel::Gemm => "forward_gemm (tiled implicit GEMM)".to_string(),
-            ForwardKernel::Direct => "forward_direct (one invocation per output)".to_string(),
-            ForwardKernel::Reg(t) => format!(
-                "forward_reg (register-blocked: {} channels x {REG_PIXELS} pixels{}, \
-                 workgroup {})",
-                t.channels,
-                if t.k3_stride1 { ", 3-tap rows" } else { "" },
-                t.workgroup
-            ),
-            ForwardKernel::Subgroup(t) => format!(
-                "{} (subgroup-shared weights: {} channels x {REG_PIXELS} pixels x {} row(s){}, \
-                 workgroup {})",
-                match t.rows {
-                    4 => "forward_sg_r4",
-                    2 => "forward_sg_r2",
-                    _ => "forward_sg",
-                },
-                t.channels,
-                t.rows,
-                if t.k3_stride1 { ", 3-tap rows" } else { "" },
-                t.workgroup
-            ),
-        },
-    )
+    if conv_macs(out, w_shape) < TUNE_MIN_MACS {
+        return Ok(format!(
+            "{}, below the tuning threshold",
+            describe_kernel(ConvVariant::Direct.kernel())
+        ));
+    }
+    let class = class_of(w_shape, params, out);
+    Ok(match cached_variant(ctx, w_shape, params, out) {
+        Some(v) => format!("{}, tuned for class {class}", describe_kernel(v.kernel())),
+        None => {
+            let og = out[1] / params.groups;
+            let names: Vec<String> = candidates(ctx, og, [w_shape[2], w_shape[3]], params)
+                .into_iter()
+                .map(ConvVariant::id)
+                .collect();
+            format!(
+                "class {class}, not tuned yet on this context (candidates: {})",
+                names.join(", ")
+            )
+        }
+    })
 }
 
-/// The forward kernel `algorithm` runs for weight `w_shape`, `params` and output `out` (the
-/// one home of [`ConvAlgorithm::Auto`]'s choice).
+/// A forward kernel in words.
+fn describe_kernel(k: ForwardKernel) -> String {
+    match k {
+        ForwardKernel::Gemm => "forward_gemm (tiled implicit GEMM)".to_string(),
+        ForwardKernel::Direct => "forward_direct (one invocation per output)".to_string(),
+        ForwardKernel::Reg(t) => format!(
+            "forward_reg (register-blocked: {} channels x {REG_PIXELS} pixels{}, workgroup {})",
+            t.channels,
+            if t.k3_stride1 { ", 3-tap rows" } else { "" },
+            t.workgroup
+        ),
+        ForwardKernel::Subgroup(t) => format!(
+            "{} (subgroup-shared weights: {} channels x {REG_PIXELS} pixels x {} row(s){}, \
+             workgroup {})",
+            match t.rows {
+                4 => "forward_sg_r4",
+                2 => "forward_sg_r2",
+                _ => "forward_sg",
+            },
+            t.channels,
+            t.rows,
+            if t.k3_stride1 { ", 3-tap rows" } else { "" },
+            t.workgroup
+        ),
+    }
+}
+
+/// The forward kernel `algorithm` runs for input `x_shape`, weight `w_shape`, `params` and
+/// output `out` (the one home of [`ConvAlgorithm::Auto`]'s choice; it tunes the conv's class
+/// when that was not done on `ctx`).
 fn forward_kernel(
     ctx: &GpuContext,
     algorithm: ConvAlgorithm,
+    x_shape: &[usize],
     w_shape: &[usize],
     params: &Conv2dParams,
     out: [usize; 4],
@@ -637,21 +975,11 @@ fn forward_kernel(
     let og = out[1] / params.groups;
     let kw = w_shape[3];
     let kernel_hw = [w_shape[2], kw];
-    // Invocations of forward_reg: one per 8-pixel block of an output row.
-    let blocks = out[0] * out[2] * out[3].div_ceil(REG_PIXELS);
     Ok(match algorithm {
-        ConvAlgorithm::Auto if is_cpu_adapter(ctx) && use_subgroup_forward(ctx, og) => {
-            ForwardKernel::Subgroup(RegTile::for_subgroup_conv(og, kernel_hw, params, out))
-        }
-        ConvAlgorithm::Auto if is_cpu_adapter(ctx) => {
-            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
-        }
-        ConvAlgorithm::Auto if og >= GEMM_MIN_CHANNELS_PER_GROUP => ForwardKernel::Gemm,
-        ConvAlgorithm::Auto | ConvAlgorithm::Direct => ForwardKernel::Direct,
+        ConvAlgorithm::Auto => auto_variant(ctx, x_shape, w_shape, params, out)?.kernel(),
+        ConvAlgorithm::Direct => ForwardKernel::Direct,
         ConvAlgorithm::ImplicitGemm => ForwardKernel::Gemm,
-        ConvAlgorithm::RegisterBlocked => {
-            ForwardKernel::Reg(RegTile::for_conv(og, kw, params, blocks))
-        }
+        ConvAlgorithm::RegisterBlocked => ForwardKernel::Reg(RegTile::for_conv(og, kw, params)),
         ConvAlgorithm::RegisterBlockedWith(tile) => ForwardKernel::Reg(check_tile(tile)?),
         ConvAlgorithm::Subgroup => {
             check_subgroups(ctx)?;
@@ -661,7 +989,108 @@ fn forward_kernel(
             check_subgroups(ctx)?;
             ForwardKernel::Subgroup(check_subgroup_tile(tile)?)
         }
+        ConvAlgorithm::Variant(v) => {
+            if matches!(v, ConvVariant::Subgroup { .. }) {
+                check_subgroups(ctx)?;
+            }
+            match v.kernel() {
+                ForwardKernel::Reg(t) => ForwardKernel::Reg(check_tile(t)?),
+                ForwardKernel::Subgroup(t) => ForwardKernel::Subgroup(check_subgroup_tile(t)?),
+                k => k,
+            }
+        }
     })
+}
+
+/// [`ConvAlgorithm::Auto`]'s variant: below [`TUNE_MIN_MACS`] `Direct`; else the decision for
+/// the conv's class, made now by timing the candidates if there is none.
+fn auto_variant(
+    ctx: &GpuContext,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    params: &Conv2dParams,
+    out: [usize; 4],
+) -> Result<ConvVariant> {
+    if let Some(v) = cached_variant(ctx, w_shape, params, out) {
+        return Ok(v);
+    }
+    let og = out[1] / params.groups;
+    let cands = candidates(ctx, og, [w_shape[2], w_shape[3]], params);
+    let first = cands[0];
+    if cands.len() == 1 || cfg!(target_arch = "wasm32") {
+        return Ok(first);
+    }
+    let chosen = time_candidates(ctx, &cands, x_shape, w_shape, params, out)?;
+    ctx.set_tuned(&tuning_key(&class_of(w_shape, params, out)), &chosen.id());
+    Ok(chosen)
+}
+
+/// The fastest of `cands` on scratch tensors of the conv's shapes (zeros, no epilogue). Each
+/// pipeline is compiled first by an empty dispatch (its workgroups all exit: CPU adapters
+/// compile at the first dispatch, so compilation stays out of the times); then rounds of one
+/// run per candidate, interleaved so that a change of host load affects all alike: after the
+/// first round candidates slower than twice the best drop out; up to three rounds, two when
+/// the best run takes over 50 ms; each candidate's best run counts.
+fn time_candidates(
+    ctx: &GpuContext,
+    cands: &[ConvVariant],
+    x_shape: &[usize],
+    w_shape: &[usize],
+    params: &Conv2dParams,
+    out: [usize; 4],
+) -> Result<ConvVariant> {
+    let x = GpuTensor::uninit(ctx, x_shape, DType::F32)?;
+    let w = GpuTensor::uninit(ctx, w_shape, DType::F32)?;
+    let y = GpuTensor::uninit(ctx, &out, DType::F32)?;
+    let mut runs = Vec::with_capacity(cands.len());
+    for &v in cands {
+        let mut p = Params::new(x_shape, w_shape, out, params)?;
+        let plan = plan_forward(ctx, v.kernel(), &mut p, w_shape, params, out)?;
+        let uniform = ctx.params(&p)?;
+        let empty = ctx.params(&Params { count: 0, ..p })?;
+        runs.push((v, plan, uniform, empty, f64::INFINITY));
+    }
+    let launch = |plan: &ForwardPlan, uniform: &wgpu::Buffer, workgroups| {
+        let buffers = [
+            uniform,
+            x.buffer(),
+            w.buffer(),
+            y.buffer(),
+            w.buffer(),
+            w.buffer(),
+        ];
+        let l = [Launch {
+            kernel: plan.kernel,
+            constants: &plan.constants,
+            buffers: &buffers,
+            workgroups,
+        }];
+        let t = std::time::Instant::now();
+        // Clears the scratch inputs each time (pooled buffers hold old data, which could be
+        // denormal and slow a CPU adapter down); the clear is cheap next to the conv.
+        ctx.run_detached(&[x.buffer(), w.buffer()], &l)
+            .map(|()| t.elapsed().as_secs_f64())
+    };
+    for (_, plan, _, empty, _) in &runs {
+        launch(plan, empty, [1, 1, 1])?;
+    }
+    for round in 0..3 {
+        for run in runs.iter_mut() {
+            let t = launch(&run.1, &run.2, run.1.workgroups)?;
+            run.4 = run.4.min(t);
+        }
+        let best = runs.iter().map(|r| r.4).fold(f64::INFINITY, f64::min);
+        if round == 0 {
+            runs.retain(|r| r.4 <= 2.0 * best);
+        }
+        if round == 1 && best > 0.05 {
+            break;
+        }
+    }
+    Ok(runs
+        .iter()
+        .min_by(|a, b| a.4.total_cmp(&b.4))
+        .map_or(cands[0], |r| r.0))
 }
 
 /// Checks that the input, weight and epilogue tensors were made on `ctx`.
@@ -696,18 +1125,12 @@ fn epilogue_inputs<'a>(
 }
 
 /// The forward kernel one [`conv2d_with_algorithm`] call runs.
+#[derive(Debug, Clone, Copy)]
 enum ForwardKernel {
     Gemm,
     Direct,
     Reg(RegTile),
     Subgroup(RegTile),
-}
-
-/// Whether [`ConvAlgorithm::Auto`] runs the subgroup forward on a CPU adapter: the device has
-/// [`wgpu::Features::SUBGROUP`] and a group has at least 8 output channels (the kernel's
-/// smallest channel block; below that, `forward_reg` wastes less).
-pub fn use_subgroup_forward(ctx: &GpuContext, og: usize) -> bool {
-    ctx.has_subgroups() && og >= 8
 }
 
 /// `Err(InvalidArgument)` unless the device can compile subgroup shaders.
@@ -736,8 +1159,9 @@ fn check_subgroup_tile(tile: RegTile) -> Result<RegTile> {
     Ok(tile)
 }
 
-/// Whether `ctx` runs on a CPU adapter (lavapipe / llvmpipe, SwiftShader, WARP), where the
-/// register-blocked forward kernel is the fast one.
+/// Whether `ctx` runs on a CPU adapter (lavapipe / llvmpipe, SwiftShader, WARP). The conv2d
+/// forward no longer uses it (its kernel is chosen by timing); the linear layer's launcher
+/// and `qfuse info` do.
 pub fn is_cpu_adapter(ctx: &GpuContext) -> bool {
     ctx.adapter_info().device_type == wgpu::DeviceType::Cpu
 }

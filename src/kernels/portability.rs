@@ -84,6 +84,19 @@ fn variants() -> Vec<Variant> {
             }
         }
     }
+    // Every variant `ConvAlgorithm::Auto` can choose, from `ConvVariant::all` (so a new
+    // variant is covered without editing this list; most sets are in the sweeps above).
+    for cv in super::conv2d::ConvVariant::all() {
+        let set = cv.constants();
+        let list = if matches!(cv, super::conv2d::ConvVariant::Subgroup { .. }) {
+            &mut sg
+        } else {
+            &mut reg
+        };
+        if !list.contains(&set) {
+            list.push(set);
+        }
+    }
     let mut matmul = vec![vec![]];
     for inside in [0u32, 1] {
         for w in [8u32, 16, 24, 32, 40, 48, 56, 64] {

@@ -140,6 +140,20 @@ fn quick_suite_json_on_a_tiny_configuration() {
             "no `{name}` entry"
         );
     }
+    // Every f32 conv row names the forward variant Auto chose and its cold start.
+    for k in kernels.iter().filter(|k| {
+        let n = k["name"].as_str().unwrap_or("");
+        n == "conv2d"
+            || n.starts_with("conv_bn_relu_eval/")
+            || n.starts_with("conv_bn_relu_qat_forward/")
+    }) {
+        let algorithm = k["algorithm"].as_str().expect("algorithm");
+        assert!(
+            qfuse::kernels::conv2d::ConvVariant::parse(algorithm).is_some(),
+            "{algorithm}"
+        );
+        finite_positive(&k["cold_start_s"], "cold_start_s");
+    }
     // Fused rows carry their speedup over the unfused chain.
     for k in kernels.iter().filter(|k| {
         k["name"] == "conv_bn_relu_eval/fused"

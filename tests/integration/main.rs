@@ -29,6 +29,7 @@ mod gpu_conv;
 mod gpu_conv_bn;
 mod gpu_conv_reg;
 mod gpu_conv_subgroup;
+mod gpu_conv_tune;
 mod gpu_elementwise;
 mod gpu_int8;
 mod gpu_into;
@@ -77,6 +78,7 @@ fn main() -> std::process::ExitCode {
         gpu_conv_bn::TESTS,
         gpu_conv_reg::TESTS,
         gpu_conv_subgroup::TESTS,
+        gpu_conv_tune::TESTS,
         gpu_elementwise::TESTS,
         gpu_int8::TESTS,
         gpu_into::TESTS,

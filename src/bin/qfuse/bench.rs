@@ -10,7 +10,6 @@ use std::sync::Arc;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qfuse::bench::{run_suite, BenchConfig};
-use qfuse::gpu::GpuContext;
 use serde_json::Value;
 
 use crate::plot;
@@ -43,6 +42,11 @@ pub struct BenchArgs {
         conflicts_with_all = ["quick", "json", "filter"]
     )]
     from_json: Option<PathBuf>,
+    /// Keep the GPU caches (conv2d tuning, compiled pipelines) in memory only, instead of the
+    /// platform cache directory (`QFUSE_CACHE_DIR` overrides it): every conv class is tuned
+    /// again.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 /// A number of a report's JSON object, if present and finite.
@@ -159,7 +163,7 @@ pub fn run(args: &BenchArgs) -> qfuse::Result<ExitCode> {
     if let (Some(src), Some(out)) = (&args.from_json, &args.plot) {
         return plot_saved(src, out);
     }
-    let ctx = Arc::new(GpuContext::new()?);
+    let ctx = Arc::new(crate::cache_dir::open(args.no_cache)?);
     let mut cfg = if args.quick {
         BenchConfig::quick()
     } else {
@@ -187,6 +191,9 @@ pub fn run(args: &BenchArgs) -> qfuse::Result<ExitCode> {
     println!("{}", report.table());
     if args.quick {
         println!("(quick mode: not the full suite; run `qfuse bench` for the figures to quote)");
+    }
+    if let Err(e) = ctx.persist_caches() {
+        eprintln!("note: {e}");
     }
     if let Some(path) = &args.json {
         report.write_json(path)?;

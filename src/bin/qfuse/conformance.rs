@@ -26,6 +26,10 @@ pub struct ConformanceArgs {
     /// CPU reference, said on stderr).
     #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
     backend: BackendChoice,
+    /// Keep the GPU caches (conv2d tuning, compiled pipelines) in memory only, instead of the
+    /// platform cache directory (`QFUSE_CACHE_DIR` overrides it).
+    #[arg(long)]
+    no_cache: bool,
 }
 
 /// Runs the cases, prints the backends, one line per case and backend (grouped by folder) and
@@ -34,10 +38,13 @@ pub fn run(args: &ConformanceArgs) -> qfuse::Result<ExitCode> {
     // Every path is checked before a GPU is opened.
     let files = case_paths(&args.paths)?;
     let cpu = CpuBackend;
+    let open = || {
+        crate::cache_dir::open(args.no_cache).map(|ctx| GpuBackend::new(std::sync::Arc::new(ctx)))
+    };
     let gpu = match args.backend {
         BackendChoice::Cpu => None,
-        BackendChoice::Gpu | BackendChoice::All => Some(GpuBackend::from_system()?),
-        BackendChoice::Auto => match GpuBackend::from_system() {
+        BackendChoice::Gpu | BackendChoice::All => Some(open()?),
+        BackendChoice::Auto => match open() {
             Ok(g) => Some(g),
             Err(e) => {
                 eprintln!("{e}; running on the CPU reference");

@@ -57,6 +57,10 @@ pub enum DemoBackend {
 /// Arguments of `qfuse demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
+    /// Keep the GPU caches (conv2d tuning, compiled pipelines) in memory only, instead of the
+    /// platform cache directory (`QFUSE_CACHE_DIR` overrides it).
+    #[arg(long)]
+    no_cache: bool,
     /// Start from these Mnist weights: a PyTorch state dict
     /// (`safetensors.torch.save_file(Mnist().state_dict(), FILE)`). Without it the network
     /// starts from PyTorch's default initialisation, seeded by --seed.
@@ -454,10 +458,10 @@ pub fn run(args: &DemoArgs) -> qfuse::Result<ExitCode> {
         match args.backend {
             DemoBackend::Cpu => ("cpu", None, None, None),
             DemoBackend::Gpu => {
-                let ctx = Arc::new(GpuContext::new()?);
+                let ctx = Arc::new(crate::cache_dir::open(args.no_cache)?);
                 ("gpu", Some(ctx.name()), None, Some(ctx))
             }
-            DemoBackend::Auto => match GpuContext::new() {
+            DemoBackend::Auto => match crate::cache_dir::open(args.no_cache) {
                 Ok(ctx) => ("gpu", Some(ctx.name()), None, Some(Arc::new(ctx))),
                 Err(e) => {
                     eprintln!("no GPU adapter ({e}): running on the CPU reference");

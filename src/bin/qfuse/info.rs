@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use qfuse::gpu::{GpuContext, Int8Dot};
+use qfuse::gpu::Int8Dot;
 use qfuse::kernels::conv2d::auto_forward_kernel;
 use qfuse::ops::{Conv2dParams, PadMode};
 
@@ -65,6 +65,17 @@ fn shape_classes() -> Vec<(&'static str, [usize; 4], [usize; 4], Conv2dParams)> 
     ]
 }
 
+fn describe_load(load: &qfuse::gpu::CacheLoad) -> String {
+    use qfuse::gpu::CacheLoad;
+    match load {
+        CacheLoad::Disabled => "off".to_string(),
+        CacheLoad::Unsupported => "not offered by the device".to_string(),
+        CacheLoad::Missing => "empty".to_string(),
+        CacheLoad::Loaded { entries } => format!("{entries} loaded"),
+        CacheLoad::Rejected(why) => format!("ignored ({why})"),
+    }
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b {
         "yes"
@@ -75,7 +86,7 @@ fn yes_no(b: bool) -> &'static str {
 
 /// Prints the backend and, for a GPU, its limits and the features that select kernels.
 pub fn run() -> qfuse::Result<ExitCode> {
-    let ctx = match GpuContext::new() {
+    let ctx = match crate::cache_dir::open(false) {
         Ok(ctx) => ctx,
         Err(e) => {
             println!("backend: cpu (the CPU reference serves: {e})");
@@ -132,7 +143,20 @@ pub fn run() -> qfuse::Result<ExitCode> {
         "  cpu adapter: {} (ConvAlgorithm::Auto prefers register-blocked / subgroup kernels there)",
         yes_no(qfuse::kernels::conv2d::is_cpu_adapter(&ctx))
     );
-    println!("conv2d forward kernel ConvAlgorithm::Auto picks, per shape class:");
+    let status = ctx.cache_status();
+    match &status.dir {
+        Some(dir) => println!(
+            "  caches in {}: tuning {}, pipelines {}",
+            qfuse::io::text::escape_path(dir),
+            describe_load(&status.tuning),
+            describe_load(&status.pipelines)
+        ),
+        None => println!("  caches: in memory only (no cache directory found)"),
+    }
+    println!(
+        "conv2d forward kernel ConvAlgorithm::Auto picks, per shape class (timed at the first \
+         conv of a class, then cached):"
+    );
     for (what, x, w, p) in shape_classes() {
         println!("  {what}: {}", auto_forward_kernel(&ctx, &x, &w, &p)?);
     }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
+mod cache_dir;
 mod conformance;
 mod demo;
 mod fold;

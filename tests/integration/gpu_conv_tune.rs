@@ -1,0 +1,351 @@
+//! `ConvAlgorithm::Auto`'s tuner and the context's caches: every variant of the bounded set
+//! against the CPU reference; the tuner's choice (one of the class's candidates, made once per
+//! class, reused by another shape of the class without compiling a pipeline); the tuning file
+//! (written, read back by a new context, a hand-edited choice honoured, an inapplicable or
+//! unknown one re-tuned); corrupt and foreign cache files ignored with a typed reason. No
+//! timing is asserted: which candidate wins depends on the adapter and the host's load.
+
+use std::path::{Path, PathBuf};
+
+use crate::common;
+
+use qfuse::gpu::{CacheLoad, CacheRejection, ContextOptions, GpuContext};
+use qfuse::kernels::conv2d::{
+    candidates, shape_class, tuned_variant, ConvAlgorithm, ConvVariant, TUNE_MIN_MACS,
+};
+
+use common::conv::{check, p, Case, Rng};
+
+/// A 5x5 conv above the tuning threshold: 4 x 16 x 20 x 20 -> 16 channels, 16 x 16 output.
+fn tuned_case() -> Case {
+    (
+        [4, 16, 20, 20],
+        [16, 16, 5, 5],
+        p([1, 1], [0, 0], [1, 1], 1),
+        "5x5 above the threshold",
+    )
+}
+
+/// Another shape of the same class (17 x 17 output).
+fn same_class_case() -> Case {
+    (
+        [4, 16, 21, 21],
+        [16, 16, 5, 5],
+        p([1, 1], [0, 0], [1, 1], 1),
+        "5x5, same class",
+    )
+}
+
+fn macs(case: &Case) -> u64 {
+    let (x, w, params, _) = case;
+    let out = params.output_shape(x, w).unwrap();
+    (out.iter().product::<usize>() * w[1] * w[2] * w[3]) as u64
+}
+
+/// A fresh, empty directory under the temporary folder.
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qfuse-tune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn context(dir: Option<&Path>) -> GpuContext {
+    GpuContext::new_with(ContextOptions {
+        cache_dir: dir.map(Path::to_path_buf),
+    })
+    .unwrap()
+}
+
+/// The one `qfuse-tuning-*.json` file in `dir`.
+fn tuning_file(dir: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("qfuse-tuning-")
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files[0].clone()
+}
+
+fn every_variant_matches_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(61);
+    let cases: Vec<Case> = vec![
+        (
+            [2, 8, 9, 11],
+            [16, 8, 3, 3],
+            p([1, 1], [1, 1], [1, 1], 1),
+            "3x3",
+        ),
+        (
+            [1, 6, 10, 9],
+            [12, 3, 3, 3],
+            p([1, 1], [1, 0], [1, 1], 2),
+            "grouped",
+        ),
+        (
+            [1, 4, 13, 13],
+            [8, 4, 5, 3],
+            p([2, 1], [2, 1], [1, 1], 1),
+            "5x3 s2",
+        ),
+    ];
+    for v in ConvVariant::all() {
+        assert_eq!(ConvVariant::parse(&v.id()), Some(v));
+        for case in &cases {
+            let kernel = [case.1[2], case.1[3]];
+            if v.applies(&ctx, kernel, &case.2) {
+                check(&ctx, &mut rng, case, ConvAlgorithm::Variant(v));
+            }
+        }
+    }
+    assert_eq!(ConvVariant::parse("bogus"), None);
+}
+
+fn tuner_choice_is_a_candidate_made_once_per_class() {
+    let Some(_) = common::gpu() else { return };
+    let ctx = context(None);
+    let case = tuned_case();
+    let other = same_class_case();
+    assert!(macs(&case) >= TUNE_MIN_MACS && macs(&other) >= TUNE_MIN_MACS);
+    let class = shape_class(&case.0, &case.1, &case.2).unwrap();
+    assert_eq!(class, shape_class(&other.0, &other.1, &other.2).unwrap());
+    assert_eq!(
+        tuned_variant(&ctx, &case.0, &case.1, &case.2).unwrap(),
+        None
+    );
+
+    let mut rng = Rng(62);
+    check(&ctx, &mut rng, &case, ConvAlgorithm::Auto);
+    let chosen = tuned_variant(&ctx, &case.0, &case.1, &case.2)
+        .unwrap()
+        .expect("tuned after the first conv of the class");
+    let cands = candidates(&ctx, 16, [5, 5], &case.2);
+    assert!(cands.contains(&chosen), "{chosen:?} not in {cands:?}");
+    let entries = ctx.tuning_entries();
+    assert_eq!(
+        entries,
+        vec![(format!("conv2d/{class}"), chosen.id())],
+        "one decision"
+    );
+
+    // Another shape of the class: no new decision, no new pipeline.
+    let pipelines = ctx.pipeline_count();
+    check(&ctx, &mut rng, &other, ConvAlgorithm::Auto);
+    assert_eq!(ctx.tuning_entries(), entries);
+    assert_eq!(ctx.pipeline_count(), pipelines);
+
+    // Below the threshold: forward_direct, untimed, nothing recorded.
+    let small = (
+        [1, 4, 8, 8],
+        [8, 4, 3, 3],
+        p([1, 1], [1, 1], [1, 1], 1),
+        "small",
+    );
+    assert!(macs(&small) < TUNE_MIN_MACS);
+    check(&ctx, &mut rng, &small, ConvAlgorithm::Auto);
+    assert_eq!(
+        tuned_variant(&ctx, &small.0, &small.1, &small.2).unwrap(),
+        Some(ConvVariant::Direct)
+    );
+    assert_eq!(ctx.tuning_entries(), entries);
+
+    // Inside a recording the tuning runs detached and the recorded conv is still right.
+    let ctx2 = context(None);
+    ctx2.record(|| {
+        check(&ctx2, &mut rng, &case, ConvAlgorithm::Auto);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(ctx2.tuning_entries().len(), 1);
+}
+
+fn tuning_file_round_trip() {
+    let Some(_) = common::gpu() else { return };
+    let dir = temp_dir("round-trip");
+    let case = tuned_case();
+    let class = shape_class(&case.0, &case.1, &case.2).unwrap();
+    let key = format!("conv2d/{class}");
+    let mut rng = Rng(63);
+
+    let first = context(Some(&dir));
+    let status = first.cache_status();
+    assert_eq!(status.dir.as_deref(), Some(dir.as_path()));
+    assert_eq!(status.tuning, CacheLoad::Missing);
+    check(&first, &mut rng, &case, ConvAlgorithm::Auto);
+    let chosen = tuned_variant(&first, &case.0, &case.1, &case.2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.cache_status().last_write_error, None);
+    let file = tuning_file(&dir);
+    first.persist_caches().unwrap();
+    drop(first);
+
+    // A new context starts with the decision.
+    let second = context(Some(&dir));
+    assert_eq!(
+        second.cache_status().tuning,
+        CacheLoad::Loaded { entries: 1 }
+    );
+    assert_eq!(
+        tuned_variant(&second, &case.0, &case.1, &case.2).unwrap(),
+        Some(chosen)
+    );
+    drop(second);
+
+    // A hand-edited choice is what Auto runs (forward_direct, not a candidate of this class,
+    // but a variant that applies), with the same results.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = text.replace(&format!("\"{}\"", chosen.id()), "\"direct\"");
+    assert_ne!(text, edited);
+    std::fs::write(&file, &edited).unwrap();
+    let third = context(Some(&dir));
+    assert_eq!(
+        tuned_variant(&third, &case.0, &case.1, &case.2).unwrap(),
+        Some(ConvVariant::Direct)
+    );
+    check(&third, &mut rng, &case, ConvAlgorithm::Auto);
+    drop(third);
+
+    // A variant that does not apply to the class (four rows on a 5x5 kernel), or a name that
+    // is no variant, is ignored: the class is tuned again.
+    for bad in ["sg_c16_r4", "bogus"] {
+        std::fs::write(
+            &file,
+            text.replace(&format!("\"{}\"", chosen.id()), &format!("\"{bad}\"")),
+        )
+        .unwrap();
+        let ctx = context(Some(&dir));
+        assert_eq!(ctx.cache_status().tuning, CacheLoad::Loaded { entries: 1 });
+        assert_eq!(
+            tuned_variant(&ctx, &case.0, &case.1, &case.2).unwrap(),
+            None
+        );
+        check(&ctx, &mut rng, &case, ConvAlgorithm::Auto);
+        let again = ctx.tuning_entries();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].0, key);
+        assert!(ConvVariant::parse(&again[0].1).is_some(), "{again:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn corrupt_or_foreign_cache_files_are_ignored() {
+    let Some(_) = common::gpu() else { return };
+    let dir = temp_dir("corrupt");
+    let case = tuned_case();
+    let mut rng = Rng(64);
+    let first = context(Some(&dir));
+    check(&first, &mut rng, &case, ConvAlgorithm::Auto);
+    first.persist_caches().unwrap();
+    let pipelines_supported = first.cache_status().pipelines != CacheLoad::Unsupported;
+    drop(first);
+    let file = tuning_file(&dir);
+    let text = std::fs::read_to_string(&file).unwrap();
+
+    // Garbage in both files.
+    std::fs::write(&file, b"{\"format\": \"qfuse-tuning\", \"vers").unwrap();
+    let pipeline_files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("qfuse-pipelines-"))
+        .collect();
+    for f in &pipeline_files {
+        let mut bytes = std::fs::read(f).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x5a;
+        std::fs::write(f, &bytes).unwrap();
+    }
+    let ctx = context(Some(&dir));
+    let status = ctx.cache_status();
+    assert!(
+        matches!(
+            status.tuning,
+            CacheLoad::Rejected(CacheRejection::Corrupt(_))
+        ),
+        "{status:?}"
+    );
+    if !pipeline_files.is_empty() {
+        assert!(
+            matches!(
+                status.pipelines,
+                CacheLoad::Rejected(CacheRejection::Corrupt(_))
+            ),
+            "{status:?}"
+        );
+    } else if pipelines_supported {
+        assert_eq!(status.pipelines, CacheLoad::Missing, "{status:?}");
+    }
+    // The context works, tunes again and rewrites the file.
+    check(&ctx, &mut rng, &case, ConvAlgorithm::Auto);
+    assert_eq!(ctx.tuning_entries().len(), 1);
+    drop(ctx);
+    let rewritten = std::fs::read_to_string(&file).unwrap();
+    assert!(rewritten.contains("qfuse-tuning"), "{rewritten}");
+
+    // Another adapter's file (same name, another adapter key inside) and another version.
+    let adapter_line = text
+        .lines()
+        .find(|l| l.contains("\"adapter\""))
+        .expect("an adapter line")
+        .to_string();
+    std::fs::write(
+        &file,
+        text.replace(&adapter_line, "  \"adapter\": \"some other GPU\","),
+    )
+    .unwrap();
+    let ctx = context(Some(&dir));
+    assert!(
+        matches!(
+            ctx.cache_status().tuning,
+            CacheLoad::Rejected(CacheRejection::ForeignAdapter { .. })
+        ),
+        "{:?}",
+        ctx.cache_status()
+    );
+    assert!(ctx.tuning_entries().is_empty());
+    drop(ctx);
+    std::fs::write(&file, text.replace("\"version\": 1", "\"version\": 999")).unwrap();
+    let ctx = context(Some(&dir));
+    assert!(
+        matches!(
+            ctx.cache_status().tuning,
+            CacheLoad::Rejected(CacheRejection::Version { .. })
+        ),
+        "{:?}",
+        ctx.cache_status()
+    );
+    // A reason prints on one line.
+    if let CacheLoad::Rejected(why) = ctx.cache_status().tuning {
+        assert!(!why.to_string().contains('\n'));
+    }
+    drop(ctx);
+
+    // A directory where the file should be: unreadable, ignored.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let ctx = context(Some(&dir));
+    assert!(
+        matches!(
+            ctx.cache_status().tuning,
+            CacheLoad::Rejected(CacheRejection::Io(_))
+        ),
+        "{:?}",
+        ctx.cache_status()
+    );
+    drop(ctx);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+crate::qfuse_tests! {
+    every_variant_matches_reference: gpu,
+    tuner_choice_is_a_candidate_made_once_per_class: gpu,
+    tuning_file_round_trip: gpu,
+    corrupt_or_foreign_cache_files_are_ignored: gpu,
+}
