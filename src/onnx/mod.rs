@@ -27,12 +27,14 @@
 //! # }
 //! ```
 
+mod deploy;
 mod eval;
 mod fold;
 mod model;
 pub mod proto;
 mod quantize;
 
+pub use deploy::{to_int_model, to_net};
 pub use eval::{run, run_observed};
 pub use fold::{
     find_fusable, fold_file, fold_model, state_dict_specs, FoldedModel, Fusable, OnnxFold,

@@ -10,7 +10,7 @@ use ndarray::{Axis, Slice};
 use qfuse::io::file::Outputs;
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::io::text::{escape, escape_path};
-use qfuse::onnx::{quantize_model, OnnxModel};
+use qfuse::onnx::{fold_model, quantize_model, to_int_model, OnnxModel};
 
 use crate::fold::{backend_for, FoldBackend};
 
@@ -32,6 +32,10 @@ pub struct QuantizeArgs {
     /// Where the float graph runs during calibration.
     #[arg(long, value_enum, default_value_t = FoldBackend::Auto)]
     backend: FoldBackend,
+    /// Also write qfuse's integer model of the same graph (deploy::IntModel, safetensors): for
+    /// graphs of convs, linears, ReLU/ReLU6, max pools, flattens and residual adds.
+    #[arg(long, value_name = "OUT.safetensors")]
+    int_model: Option<PathBuf>,
     /// The QDQ model to write; must not be the input.
     #[arg(short = 'o', long = "output", value_name = "OUT.onnx")]
     output: PathBuf,
@@ -39,7 +43,10 @@ pub struct QuantizeArgs {
 
 /// Runs `qfuse quantize`.
 pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
-    Outputs::new(&[&args.input, &args.calib]).check(&args.output)?;
+    let mut outputs = Outputs::new(&[&args.input, &args.calib]);
+    let mut dests = vec![args.output.as_path()];
+    dests.extend(args.int_model.as_deref());
+    outputs.check_all(&dests)?;
     let model = OnnxModel::load(&args.input)?;
     let [input] = model.graph.inputs.as_slice() else {
         return Err(qfuse::Error::invalid(format!(
@@ -100,7 +107,17 @@ pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
         .collect();
     let backend = backend_for(args.backend)?;
     let q = quantize_model(backend.as_ref(), &model, &batches)?;
-    q.model.write(&args.output, &[&args.input, &args.calib])?;
+    outputs.stage(&args.output, &q.model.to_bytes())?;
+    let int_model = match &args.int_model {
+        Some(path) => {
+            let folded = fold_model(backend.as_ref(), &model)?;
+            let im = to_int_model(backend.as_ref(), &folded.model.graph, &batches)?;
+            outputs.stage(path, &im.to_state_dict()?.to_bytes()?)?;
+            Some((path, im.nodes.len()))
+        }
+        None => None,
+    };
+    outputs.commit()?;
     for f in &q.folds {
         println!(
             "folded `{}` into `{}` (eps {})",
@@ -131,5 +148,8 @@ pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
         q.batches,
         backend.name()
     );
+    if let Some((path, nodes)) = int_model {
+        println!("wrote {} (integer model, {nodes} nodes)", escape_path(path));
+    }
     Ok(ExitCode::SUCCESS)
 }

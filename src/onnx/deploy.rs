@@ -1,0 +1,275 @@
+//! An imported ONNX graph as qfuse's deployment graph ([`crate::deploy::Net`]), so that
+//! [`crate::deploy::convert`] turns it into an [`crate::deploy::IntModel`] that runs on
+//! codes on any backend: [`to_net`].
+
+use std::collections::HashMap;
+
+use ndarray::{Array1, Array2, Ix2, Ix4};
+
+use super::fold::activation_of;
+use super::model::{Graph, Node, Op, Tensor};
+use crate::deploy::{Net, ValueId};
+use crate::error::{Error, Result};
+use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, PadMode};
+
+fn no_int_form(graph: &Graph, i: usize, why: &str) -> Error {
+    Error::UnsupportedOnnxOp {
+        node: graph.node_label(i),
+        op_type: graph.nodes[i].op.op_type().into(),
+        reason: format!("no integer form in qfuse::deploy: {why}"),
+    }
+}
+
+fn constant<'a>(graph: &'a Graph, node: &Node, i: usize) -> Option<&'a ndarray::ArrayD<f32>> {
+    node.input(i).and_then(|n| graph.f32_initializer(n))
+}
+
+/// The deployment graph of `graph`: Conv (2-D, symmetric pads), BatchNormalization after a
+/// conv, Relu and Clip(0, 6) after a conv, Gemm or Add whose only consumer they are, Gemm
+/// (`alpha = beta = 1`, untransposed A, constant weight), MaxPool (square window, no padding,
+/// no dilation, floor), Flatten (axis 1), Reshape to `[0, -1]` or `[-1, K]` (a flatten),
+/// Add of two computed values, Identity; one graph input, one output.
+///
+/// Errors: [`Error::UnsupportedOnnxOp`] naming the first node without an integer form, and
+/// the checks of [`Net`]'s builders. A Reshape taken as a flatten is checked by the caller
+/// (compare [`Net::forward_values`] with [`super::run`] on a sample, as `qfuse quantize
+/// --int-model` does).
+pub fn to_net(graph: &Graph) -> Result<Net> {
+    let [input] = graph.inputs.as_slice() else {
+        return Err(Error::invalid(format!(
+            "a deployment net has one input; the graph has {}",
+            graph.inputs.len()
+        )));
+    };
+    let [output] = graph.outputs.as_slice() else {
+        return Err(Error::invalid(format!(
+            "a deployment net has one output; the graph has {}",
+            graph.outputs.len()
+        )));
+    };
+    let uses = graph.use_counts();
+    let mut net = Net::new();
+    let mut values: HashMap<&str, ValueId> = HashMap::new();
+    values.insert(input.name.as_str(), net.input());
+    let value = |values: &HashMap<&str, ValueId>, i: usize, name: Option<&str>| {
+        name.and_then(|n| values.get(n).copied())
+            .ok_or_else(|| no_int_form(graph, i, "an input is not a computed value"))
+    };
+    for (i, n) in graph.nodes.iter().enumerate() {
+        let label = graph.node_label(i);
+        let x = value(&values, i, n.input(0));
+        let y = match &n.op {
+            Op::Conv(a) => {
+                let w = constant(graph, n, 1)
+                    .ok_or_else(|| no_int_form(graph, i, "the weight is not constant"))?;
+                let w = w
+                    .clone()
+                    .into_dimensionality::<Ix4>()
+                    .map_err(|_| no_int_form(graph, i, "only 2-D convs"))?;
+                let two = |v: &[usize], d: usize| -> [usize; 2] {
+                    if v.is_empty() {
+                        [d, d]
+                    } else {
+                        [v[0], v[1]]
+                    }
+                };
+                let pads = if a.pads.is_empty() {
+                    vec![0; 4]
+                } else {
+                    a.pads.clone()
+                };
+                if pads.len() != 4 || pads[0] != pads[2] || pads[1] != pads[3] {
+                    return Err(no_int_form(graph, i, "asymmetric pads"));
+                }
+                let bias = match n.input(2) {
+                    Some(_) => Some(Array1::from_iter(
+                        constant(graph, n, 2)
+                            .ok_or_else(|| no_int_form(graph, i, "the bias is not constant"))?
+                            .iter()
+                            .copied(),
+                    )),
+                    None => None,
+                };
+                let conv = Conv2d {
+                    weight: w,
+                    bias,
+                    params: Conv2dParams {
+                        stride: two(&a.strides, 1),
+                        padding: [pads[0], pads[1]],
+                        dilation: two(&a.dilations, 1),
+                        groups: a.group,
+                        pad_mode: PadMode::Explicit,
+                    },
+                };
+                net.conv(&label, conv, x?)?
+            }
+            Op::BatchNormalization { epsilon } => {
+                let v = |k: usize| -> Result<Array1<f32>> {
+                    Ok(Array1::from_iter(
+                        constant(graph, n, k)
+                            .ok_or_else(|| no_int_form(graph, i, "statistics not constant"))?
+                            .iter()
+                            .copied(),
+                    ))
+                };
+                let x = x?;
+                single_consumer(graph, &uses, i, n)?;
+                net.batch_norm(
+                    x,
+                    BatchNorm {
+                        weight: Some(v(1)?),
+                        bias: Some(v(2)?),
+                        running_mean: v(3)?,
+                        running_var: v(4)?,
+                        eps: *epsilon,
+                        momentum: 0.1,
+                    },
+                )?
+            }
+            Op::Relu | Op::Clip => {
+                let act = activation_of(graph, n)
+                    .or_else(|| {
+                        // Clip with min 0 and no max is a ReLU.
+                        (matches!(n.op, Op::Clip)
+                            && n.input(2).is_none()
+                            && constant(graph, n, 1).is_some_and(|c| c.iter().all(|&v| v == 0.0)))
+                        .then_some(Activation::Relu)
+                    })
+                    .filter(|a| matches!(a, Activation::Relu | Activation::Relu6))
+                    .ok_or_else(|| no_int_form(graph, i, "only ReLU and Clip(0, 6)"))?;
+                let x = x?;
+                single_consumer(graph, &uses, i, n)?;
+                net.activation(x, act)?
+            }
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => {
+                if *alpha != 1.0 || *beta != 1.0 || *trans_a {
+                    return Err(no_int_form(graph, i, "alpha, beta 1 and transA 0 only"));
+                }
+                let w = constant(graph, n, 1)
+                    .ok_or_else(|| no_int_form(graph, i, "the weight is not constant"))?
+                    .clone()
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|_| no_int_form(graph, i, "the weight is not 2-D"))?;
+                let w: Array2<f32> = if *trans_b { w } else { w.t().to_owned() };
+                let bias = match n.input(2) {
+                    Some(_) => {
+                        let b = constant(graph, n, 2)
+                            .ok_or_else(|| no_int_form(graph, i, "the bias is not constant"))?;
+                        if b.len() != w.nrows() {
+                            return Err(no_int_form(graph, i, "the bias is not [out]"));
+                        }
+                        Some(Array1::from_iter(b.iter().copied()))
+                    }
+                    None => None,
+                };
+                net.linear(&label, w, bias, x?)?
+            }
+            Op::MaxPool(p) => {
+                let k = &p.kernel_shape;
+                let s = &p.strides;
+                if k.len() != 2
+                    || k[0] != k[1]
+                    || s[0] != s[1]
+                    || p.pads.iter().any(|&v| v != 0)
+                    || p.dilations.iter().any(|&d| d != 1)
+                    || p.ceil_mode
+                {
+                    return Err(no_int_form(
+                        graph,
+                        i,
+                        "MaxPool with a square window, equal strides, no padding, no dilation",
+                    ));
+                }
+                net.max_pool2d(&label, k[0], s[0], x?)?
+            }
+            Op::Flatten { axis: 1 } => net.flatten(&label, x?)?,
+            Op::Reshape { allow_zero: false } => {
+                let shape = n.input(1).and_then(|s| graph.initializers.get(s));
+                let flat = matches!(shape, Some(Tensor::I64(s))
+                    if s.len() == 2 && (s[[0]] == 0 && s[[1]] == -1 || s[[0]] == -1 && s[[1]] > 0));
+                if !flat {
+                    return Err(no_int_form(
+                        graph,
+                        i,
+                        "only a Reshape to [0, -1] or [-1, K]",
+                    ));
+                }
+                net.flatten(&label, x?)?
+            }
+            Op::Add => {
+                let b = value(&values, i, n.input(1))?;
+                net.add(&label, x?, b)?
+            }
+            Op::Identity => x?,
+            _ => return Err(no_int_form(graph, i, "not among the deployable ops")),
+        };
+        values.insert(n.outputs[0].as_str(), y);
+    }
+    let out = values
+        .get(output.as_str())
+        .copied()
+        .ok_or_else(|| Error::invalid("the graph output is not a computed value"))?;
+    net.set_output(out)?;
+    Ok(net)
+}
+
+/// A BatchNorm or activation merges into its producer: the producer's output must have no
+/// other reader.
+fn single_consumer(graph: &Graph, uses: &HashMap<&str, usize>, i: usize, n: &Node) -> Result<()> {
+    let x = n.input(0).unwrap_or("");
+    if uses.get(x).copied().unwrap_or(0) != 1 {
+        return Err(no_int_form(
+            graph,
+            i,
+            "its input is also read elsewhere, so it cannot merge into the layer before it",
+        ));
+    }
+    Ok(())
+}
+
+/// The integer model of an ONNX graph (fold its BatchNorms first, [`super::fold_model`]):
+/// [`to_net`], a check that the net computes the graph's output on the first calibration
+/// batch (within `1e-4` relative: a Reshape taken as a flatten must be one), then
+/// [`crate::deploy::convert`] with [`crate::deploy::DeployConfig::default`] over the
+/// calibration batches.
+///
+/// Errors: those of [`to_net`], [`super::run`] and [`crate::deploy::convert`];
+/// [`Error::InvalidArgument`] when the net and the graph disagree or no batch is given.
+pub fn to_int_model(
+    backend: &dyn crate::backend::HostOps,
+    graph: &Graph,
+    batches: &[Vec<(String, ndarray::ArrayD<f32>)>],
+) -> Result<crate::deploy::IntModel> {
+    let net = to_net(graph)?;
+    let first = batches
+        .first()
+        .and_then(|b| b.first())
+        .ok_or_else(|| Error::invalid("the integer model needs a calibration batch"))?;
+    let want = super::run(backend, graph, batches[0].as_slice())?;
+    let got = net.forward_values(backend, &first.1, true)?;
+    let got = &got[net.output()];
+    let want = &want[0].1;
+    let scale = want.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+    let agree = got.shape() == want.shape()
+        && got
+            .iter()
+            .zip(want)
+            .all(|(a, b)| (a - b).abs() <= 1e-4 * scale);
+    if !agree {
+        return Err(Error::invalid(
+            "the deployment net does not compute the graph's output (a Reshape that is not a \
+             flatten?)",
+        ));
+    }
+    crate::deploy::convert(
+        &net,
+        backend,
+        batches.iter().filter_map(|b| b.first().map(|(_, x)| x)),
+        &crate::deploy::DeployConfig::default(),
+    )
+}
