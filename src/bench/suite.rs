@@ -166,7 +166,8 @@ pub struct BenchConfig {
     pub mnist_train_batch: usize,
     /// NCHW shapes of the BatchNorm2d training forward and backward (`bn_train/...`).
     pub bn_train_shapes: Vec<[usize; 4]>,
-    /// Only the benchmarks whose name contains this (`None`: all); the roofline always runs.
+    /// Only the benchmarks whose name contains this, or one of its comma-separated parts
+    /// (`None`: all); the roofline always runs.
     /// A filtered run's fused speedups are the geometric means over the pairs that ran (1
     /// when none did).
     pub filter: Option<String>,
@@ -604,7 +605,7 @@ impl Runner<'_> {
     fn wants(&self, name: &str) -> bool {
         self.filter
             .as_ref()
-            .is_none_or(|f| name.contains(f.as_str()))
+            .is_none_or(|f| f.split(',').any(|part| name.contains(part)))
     }
 
     /// `true` (and the step counted as done) when `name` is filtered out.

@@ -25,8 +25,8 @@ pub struct BenchArgs {
     /// CPU adapter (lavapipe).
     #[arg(long)]
     quick: bool,
-    /// Run only the benchmarks whose name contains TEXT (e.g. `bn_train`,
-    /// `conv_bn_relu_qat`); the roofline always runs.
+    /// Run only the benchmarks whose name contains TEXT, or one of its comma-separated parts
+    /// (e.g. `bn_train`, `conv2d,conv_bn_relu`); the roofline always runs.
     #[arg(long, value_name = "TEXT")]
     filter: Option<String>,
     /// Also draw the roofline as SVG: the copy and FMA roofs (log-log GFLOP/s against FLOP
