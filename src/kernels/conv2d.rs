@@ -11,9 +11,8 @@
 //!   workgroup memory and computes a 64 output channels × 64 output pixels tile, each of its
 //!   256 invocations a 4×4 register tile. The epilogue (scale, bias, activation) is applied
 //!   before the single store.
-//! - **Forward, direct** (`forward_direct`): one invocation per output; any conv (depthwise
-//!   and small grouped convs, where a 64-channel tile would mostly idle, and every conv below
-//!   [`TUNE_MIN_MACS`]).
+//! - **Forward, direct** (`forward_direct`): one invocation per output; any conv (a candidate
+//!   for depthwise and small grouped convs, where a 64-channel tile would mostly idle).
 //! - **Forward, register-blocked** (`forward_reg`): no workgroup memory, no barriers: each
 //!   invocation computes up to 8 output channels × 8 consecutive output pixels in registers,
 //!   reading `x` and `w` straight from storage and reusing each loaded input for all its
@@ -42,7 +41,7 @@
 //! work) times its candidates ([`candidates`]) on scratch tensors and keeps the fastest per
 //! context, and in the context's tuning file when it has a cache directory
 //! ([`crate::gpu::ContextOptions::cache_dir`]). No adapter heuristic is involved; convs below
-//! [`TUNE_MIN_MACS`] run `forward_direct` untimed.
+//! [`TUNE_MIN_MACS`] run the register-blocked kernel untimed ([`untuned_variant`]).
 //! - **Backward input** (`backward_input`): a gather, one invocation per `dx` element summing
 //!   over the kernel taps and the output channels of its group that read it.
 //! - **Backward weight** (`backward_weight`): one workgroup per weight element, splitting the
@@ -184,9 +183,9 @@ pub const GEMM_MIN_CHANNELS_PER_GROUP: usize = 16;
 /// kernels, as whole subgroups, so a workgroup larger than the work wastes little.
 pub const VARIANT_WORKGROUP: u32 = 64;
 
-/// Convs of fewer multiply-adds than this (`N·O·OH·OW·(C/g)·KH·KW`) run `forward_direct`
-/// without tuning under [`ConvAlgorithm::Auto`]: timing candidates would cost more than any of
-/// them could save, and `forward_direct` is the variant quickest to compile.
+/// Convs of fewer multiply-adds than this (`N·O·OH·OW·(C/g)·KH·KW`) run [`untuned_variant`]
+/// without tuning under [`ConvAlgorithm::Auto`]: timing candidates (compiling each) would cost
+/// more than any of them could save.
 pub const TUNE_MIN_MACS: u64 = 1 << 22;
 
 /// Which forward kernel [`conv2d_with_algorithm`] runs.
@@ -199,7 +198,7 @@ pub enum ConvAlgorithm {
     /// later context on the same adapter starts with it. The scratch runs are submitted on
     /// their own, ahead of anything a recording ([`GpuContext::record`] /
     /// [`GpuContext::encode_into`]) holds, and waited for. Convs below [`TUNE_MIN_MACS`]
-    /// run [`ConvVariant::Direct`] untimed. Every candidate gives the same results up to
+    /// run [`untuned_variant`] untimed. Every candidate gives the same results up to
     /// summation order.
     #[default]
     Auto,
@@ -475,6 +474,19 @@ pub fn candidates(
     v
 }
 
+/// What [`ConvAlgorithm::Auto`] runs, untimed, for convs below [`TUNE_MIN_MACS`] with `og`
+/// output channels per group, kernel `[KH, KW]` and `params`: the register-blocked kernel with
+/// the channels of [`RegTile::for_conv`] and the 3-tap loop where it applies — the same on
+/// every adapter, good on all of them for small work (one output per invocation,
+/// `forward_direct`, is 5–10× slower on a CPU adapter for depthwise convs), and one of the
+/// cheapest variants to compile.
+pub fn untuned_variant(og: usize, kernel: [usize; 2], params: &Conv2dParams) -> ConvVariant {
+    ConvVariant::Reg {
+        channels: reg_channels(og),
+        k3: tile_k3_ok(kernel[1], params),
+    }
+}
+
 /// `v` rounded down to a power of two, at most `cap` (0 stays 0).
 fn pow2_bucket(v: usize, cap: usize) -> usize {
     if v == 0 {
@@ -533,7 +545,7 @@ fn tuning_key(class: &str) -> String {
 
 /// The variant [`ConvAlgorithm::Auto`] has chosen on `ctx` for a conv of input `x_shape`,
 /// weight `w_shape` and `params`: `Some` once the conv's class was tuned on this context (or
-/// read from its cache directory), `Some(Direct)` below [`TUNE_MIN_MACS`], else `None`
+/// read from its cache directory), [`untuned_variant`] below [`TUNE_MIN_MACS`], else `None`
 /// (tuned at the first such conv).
 ///
 /// Errors: those of [`Conv2dParams::output_shape`].
@@ -554,10 +566,10 @@ fn cached_variant(
     params: &Conv2dParams,
     out: [usize; 4],
 ) -> Option<ConvVariant> {
-    if conv_macs(out, w_shape) < TUNE_MIN_MACS {
-        return Some(ConvVariant::Direct);
-    }
     let kernel = [w_shape[2], w_shape[3]];
+    if conv_macs(out, w_shape) < TUNE_MIN_MACS {
+        return Some(untuned_variant(out[1] / params.groups, kernel, params));
+    }
     ctx.tuned(&tuning_key(&class_of(w_shape, params, out)))
         .and_then(|id| ConvVariant::parse(&id))
         .filter(|v| v.applies(ctx, kernel, params))
@@ -900,7 +912,7 @@ fn plan_forward(
 /// Which forward kernel (and tile) [`ConvAlgorithm::Auto`] runs on `ctx` for a conv of
 /// input `x_shape` `[N, C, H, W]`, weight `w_shape` `[O, C/groups, KH, KW]` and `params`, in
 /// words, without tuning: the variant chosen for its class (`forward_sg_r4 (...), tuned`),
-/// `forward_direct (...), below the tuning threshold`, or `not tuned yet on this context
+/// `forward_reg (...), below the tuning threshold`, or `not tuned yet on this context
 /// (candidates: ...)`.
 ///
 /// Errors: those of [`Conv2dParams::output_shape`].
@@ -912,9 +924,10 @@ pub fn auto_forward_kernel(
 ) -> Result<String> {
     let out = params.output_shape(x_shape, w_shape)?;
     if conv_macs(out, w_shape) < TUNE_MIN_MACS {
+        let v = untuned_variant(out[1] / params.groups, [w_shape[2], w_shape[3]], params);
         return Ok(format!(
             "{}, below the tuning threshold",
-            describe_kernel(ConvVariant::Direct.kernel())
+            describe_kernel(v.kernel())
         ));
     }
     let class = class_of(w_shape, params, out);
@@ -1002,7 +1015,7 @@ fn forward_kernel(
     })
 }
 
-/// [`ConvAlgorithm::Auto`]'s variant: below [`TUNE_MIN_MACS`] `Direct`; else the decision for
+/// [`ConvAlgorithm::Auto`]'s variant: below [`TUNE_MIN_MACS`] [`untuned_variant`]; else the decision for
 /// the conv's class, made now by timing the candidates if there is none.
 fn auto_variant(
     ctx: &GpuContext,

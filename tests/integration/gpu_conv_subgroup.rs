@@ -192,8 +192,8 @@ fn device_without_subgroups_refuses_and_auto_falls_back() {
             .unwrap_err();
         assert!(err.to_string().contains("SUBGROUP"), "{err}");
     }
-    // No subgroup variant is a tuning candidate there, and Auto still runs (direct below the
-    // tuning threshold; a timed choice among forward_reg, gemm and direct above it).
+    // No subgroup variant is a tuning candidate there, and Auto still runs (forward_reg below
+    // the tuning threshold; a timed choice among forward_reg, gemm and direct above it).
     let cands = qfuse::kernels::conv2d::candidates(&ctx, 16, [3, 3], &params);
     assert!(cands
         .iter()
@@ -280,7 +280,7 @@ fn subgroup_tile_choice_and_checks() {
         .unwrap_err();
         assert!(err.to_string().contains("subgroup tile"), "{err}");
     }
-    // Auto (forward_direct below the tuning threshold) agrees with the subgroup kernel.
+    // Auto (forward_reg below the tuning threshold) agrees with the subgroup kernel.
     let mut rng = Rng(36);
     let xa = rng.array4([1, 8, 9, 9]);
     let wa = rng.array4([16, 8, 3, 3]);

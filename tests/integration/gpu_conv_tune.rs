@@ -141,7 +141,7 @@ fn tuner_choice_is_a_candidate_made_once_per_class() {
     assert_eq!(ctx.tuning_entries(), entries);
     assert_eq!(ctx.pipeline_count(), pipelines);
 
-    // Below the threshold: forward_direct, untimed, nothing recorded.
+    // Below the threshold: the register-blocked kernel, untimed, nothing recorded.
     let small = (
         [1, 4, 8, 8],
         [8, 4, 3, 3],
@@ -152,7 +152,10 @@ fn tuner_choice_is_a_candidate_made_once_per_class() {
     check(&ctx, &mut rng, &small, ConvAlgorithm::Auto);
     assert_eq!(
         tuned_variant(&ctx, &small.0, &small.1, &small.2).unwrap(),
-        Some(ConvVariant::Direct)
+        Some(ConvVariant::Reg {
+            channels: 8,
+            k3: true
+        })
     );
     assert_eq!(ctx.tuning_entries(), entries);
 
