@@ -478,8 +478,8 @@ pub fn candidates(
 /// output channels per group, kernel `[KH, KW]` and `params`: the register-blocked kernel with
 /// the channels of [`RegTile::for_conv`] and the 3-tap loop where it applies — the same on
 /// every adapter, good on all of them for small work (one output per invocation,
-/// `forward_direct`, is 5–10× slower on a CPU adapter for depthwise convs), and one of the
-/// cheapest variants to compile.
+/// `forward_direct`, is several times slower on a CPU adapter for depthwise convs), and one of
+/// the cheapest variants to compile.
 pub fn untuned_variant(og: usize, kernel: [usize; 2], params: &Conv2dParams) -> ConvVariant {
     ConvVariant::Reg {
         channels: reg_channels(og),
