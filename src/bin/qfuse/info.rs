@@ -140,7 +140,8 @@ pub fn run() -> qfuse::Result<ExitCode> {
         }
     );
     println!(
-        "  cpu adapter: {} (ConvAlgorithm::Auto prefers register-blocked / subgroup kernels there)",
+        "  cpu adapter: {} (the linear layer's subgroup matmul runs there; the conv2d forward is \
+         chosen by timing, not by adapter type)",
         yes_no(qfuse::kernels::conv2d::is_cpu_adapter(&ctx))
     );
     let status = ctx.cache_status();

@@ -49,7 +49,8 @@ enum Command {
     Conformance(conformance::ConformanceArgs),
     /// Show the backend qfuse would use (the GPU adapter, its limits, or why the CPU serves)
     /// and what decides which kernels run: subgroups, timestamp queries, the packed int8 dot
-    /// product, and the conv2d forward kernel `Auto` picks per shape class.
+    /// product, the cache directory, and the conv2d forward kernel `Auto` has chosen per shape
+    /// class.
     Info,
     /// Fold BatchNorms into the conv/linear layers of a PyTorch state dict (safetensors), by
     /// module name, writing the state dict of the fused model.
