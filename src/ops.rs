@@ -344,6 +344,17 @@ pub fn max_pool2d_output(
     Ok(((h - kernel) / stride + 1, (w - kernel) / stride + 1))
 }
 
+/// The one check of a float elementwise add ([`crate::backend::FloatOps::add`]): both
+/// operands have the same shape (no broadcasting).
+///
+/// Errors: [`Error::ShapeMismatch`] naming both shapes.
+pub fn check_add(a: &[usize], b: &[usize]) -> Result<()> {
+    if a != b {
+        return Err(Error::shape("add (b vs a)", a, b));
+    }
+    Ok(())
+}
+
 /// Checks a max pooling backward: `dy` must have the forward output shape of `x_shape`
 /// ([`max_pool2d_output`]). Returns `(oh, ow)`.
 ///

@@ -238,6 +238,10 @@ impl FloatOps for CpuBackend {
     ) -> Result<ArrayD<f32>> {
         r::activation::activation_backward(x, dy, act)
     }
+    fn add(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        crate::ops::check_add(a.shape(), b.shape())?;
+        Ok(a + b)
+    }
     fn max_pool2d(&self, x: &ArrayD<f32>, kernel: usize, stride: usize) -> Result<ArrayD<f32>> {
         Ok(r::layers::max_pool2d(&a4(x, "max_pool2d input")?, kernel, stride)?.into_dyn())
     }

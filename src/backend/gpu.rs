@@ -422,6 +422,11 @@ impl FloatOps for GpuBackend {
         })
     }
 
+    fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        crate::ops::check_add(a.shape(), b.shape())?;
+        kernels::train::add(&self.ctx, a, b)
+    }
+
     fn activation(&self, x: &GpuTensor, act: Activation) -> Result<GpuTensor> {
         kernels::activation::activation(&self.ctx, x, act)
     }

@@ -168,6 +168,12 @@ pub trait FloatOps: Device {
 
     /// `log_softmax` along dim 1 of `[N, C]`.
     fn log_softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// `a + b` elementwise (residual adds).
+    ///
+    /// Errors: [`crate::Error::ShapeMismatch`] when the shapes differ
+    /// ([`crate::ops::check_add`]).
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 }
 
 /// Quantization ops on a backend's tensors: fake quantization, observers, BatchNorm folding.

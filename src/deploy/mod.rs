@@ -24,6 +24,7 @@
 //! the integer path rounds twice (the high multiply ties up, the shift ties away from zero)
 //! and parts from the simulation far more often: [`measure_gap`] shows by how much.
 
+mod calibrate;
 mod convert;
 mod device;
 mod export;
@@ -31,6 +32,7 @@ mod gap;
 mod net;
 mod run;
 
+pub use calibrate::{calibrate_ranges, convert_on};
 pub use convert::{convert, convert_with_ranges, DeployConfig, IntLayer, IntModel, IntNode};
 pub use device::{DeviceIntModel, GpuIntModel};
 pub use gap::{measure_gap, Gap, GapReport, LayerGap};

@@ -4,7 +4,7 @@
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 
-use crate::backend::HostOps;
+use crate::backend::{HostOps, Shaped};
 use crate::error::{Error, Result};
 use crate::nn::{FusedHead, Layer, Module};
 use crate::ops::{Activation, BatchNorm, Conv2d, Folded};
@@ -486,22 +486,31 @@ fn conv2d_of(name: &str, c: &crate::nn::ConvLayer) -> Result<Conv2d> {
     })
 }
 
+/// The one rank check of a node's input: 4-D NCHW (conv, max pooling) or 2-D `[N, features]`
+/// (linear).
+pub(crate) fn check_rank(shape: &[usize], rank: usize, name: &str) -> Result<()> {
+    if shape.len() == rank {
+        return Ok(());
+    }
+    Err(Error::invalid(if rank == 4 {
+        format!("`{name}` needs a 4-D NCHW input, got shape {shape:?}")
+    } else {
+        format!("`{name}` needs a 2-D [N, features] input, got shape {shape:?} (flatten it first)")
+    }))
+}
+
 pub(crate) fn as4<T: Clone>(x: &ArrayD<T>, name: &str) -> Result<ndarray::Array4<T>> {
-    x.clone().into_dimensionality::<Ix4>().map_err(|_| {
-        Error::invalid(format!(
-            "`{name}` needs a 4-D NCHW input, got shape {:?}",
-            x.shape()
-        ))
-    })
+    check_rank(x.shape(), 4, name)?;
+    x.clone()
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| Error::invalid(format!("`{name}`: {e}")))
 }
 
 pub(crate) fn as2<T: Clone>(x: &ArrayD<T>, name: &str) -> Result<ndarray::Array2<T>> {
-    x.clone().into_dimensionality::<Ix2>().map_err(|_| {
-        Error::invalid(format!(
-            "`{name}` needs a 2-D [N, features] input, got shape {:?} (flatten it first)",
-            x.shape()
-        ))
-    })
+    check_rank(x.shape(), 2, name)?;
+    x.clone()
+        .into_dimensionality::<Ix2>()
+        .map_err(|e| Error::invalid(format!("`{name}`: {e}")))
 }
 
 pub(crate) fn flatten<T: Clone>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
@@ -512,9 +521,9 @@ pub(crate) fn flatten<T: Clone>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
         .map_err(|e| Error::invalid(format!("flatten: {e}")))
 }
 
-pub(crate) fn check_same<A, B>(a: &ArrayD<A>, b: &ArrayD<B>, name: &str) -> Result<()> {
-    if a.shape() != b.shape() {
-        return Err(Error::shape(format!("`{name}` add"), a.shape(), b.shape()));
+pub(crate) fn check_same(a: &impl Shaped, b: &impl Shaped, name: &str) -> Result<()> {
+    if a.dims() != b.dims() {
+        return Err(Error::shape(format!("`{name}` add"), a.dims(), b.dims()));
     }
     Ok(())
 }

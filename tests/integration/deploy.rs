@@ -307,6 +307,162 @@ fn gpu_integer_model_matches_the_cpu_bit_for_bit() {
     let _ = gpu.name();
 }
 
+fn device_calibration_on_the_cpu_gives_the_host_integer_model() {
+    // Mnist (BN folded, ReLU6, max pooling, flatten, linear) and a ResNet basic block
+    // (residual add), two batches: the same ranges, so the same integer model.
+    let mut m = mnist::mnist(0).unwrap();
+    m.eval();
+    let calib = mnist::synthetic_batch(8, 1);
+    mnist::set_trained_bn_stats(&mut m, &calib, 3).unwrap();
+    let calib = calib.into_dyn();
+    let net = mnist::deploy_net(&m).unwrap();
+    let calib2 = mnist::synthetic_batch(4, 2).into_dyn();
+    let cfg = DeployConfig::default();
+    let host = deploy::convert(&net, &CpuBackend, [&calib, &calib2], &cfg).unwrap();
+    let dev = deploy::convert_on(&net, &CpuBackend, [&calib, &calib2], &cfg).unwrap();
+    assert_eq!(dev, host);
+    let ranges = deploy::calibrate_ranges(&net, &CpuBackend, [&calib], &cfg.activation).unwrap();
+    assert_eq!(ranges.len(), net.value_count());
+    for (i, r) in ranges.iter().enumerate() {
+        let observed = i == 0 || net.nodes()[i - 1].op.requantizes();
+        assert_eq!(r.is_some(), observed, "value {i}");
+    }
+    let block = resnet::basic_block(8, 0).unwrap();
+    let xb = resnet::synthetic_input(2, 8, 6, 1).into_dyn();
+    let xb2 = resnet::synthetic_input(1, 8, 6, 5).into_dyn();
+    for mode in [RequantMode::Float, RequantMode::FixedPoint] {
+        let cfg = DeployConfig {
+            requant: mode,
+            ..DeployConfig::default()
+        };
+        assert_eq!(
+            deploy::convert_on(&block, &CpuBackend, [&xb, &xb2], &cfg).unwrap(),
+            deploy::convert(&block, &CpuBackend, [&xb, &xb2], &cfg).unwrap(),
+            "{mode:?}"
+        );
+    }
+    // Refused alike: no batch, a wrong input rank, a per-channel activation spec.
+    let none: [&ArrayD<f32>; 0] = [];
+    let e = deploy::convert_on(&net, &CpuBackend, none, &cfg).unwrap_err();
+    assert!(e.to_string().contains("calibration batch"), "{e}");
+    let flat = ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 784]));
+    let eh = deploy::convert(&net, &CpuBackend, [&flat], &cfg).unwrap_err();
+    let ed = deploy::convert_on(&net, &CpuBackend, [&flat], &cfg).unwrap_err();
+    assert_eq!(ed.to_string(), eh.to_string());
+    let mut per_channel = cfg.activation.clone();
+    per_channel.qscheme = QScheme::PerChannelAffine;
+    assert!(deploy::calibrate_ranges(&net, &CpuBackend, [&calib], &per_channel).is_err());
+    let bad = DeployConfig {
+        activation: per_channel,
+        ..DeployConfig::default()
+    };
+    assert!(deploy::convert_on(&net, &CpuBackend, [&calib], &bad).is_err());
+}
+
+/// A small net whose float values are exact in f32 (weights and inputs multiples of 1/4,
+/// few terms), so CPU and GPU observe identical values: conv + ReLU, a residual add,
+/// max pooling, flatten, linear.
+fn exact_net() -> (Net, Vec<ArrayD<f32>>) {
+    let q = |i: usize, m: usize| ((i * 7 + 3) % m) as f32 / 4.0 - 1.0;
+    let mut net = Net::new();
+    let x = net.input();
+    let conv = |o: usize, c: usize, seed: usize| Conv2d {
+        weight: Array4::from_shape_fn((o, c, 3, 3), |(a, b, h, w)| {
+            q(a * 31 + b * 11 + h * 3 + w + seed, 9)
+        }),
+        bias: Some(Array1::from_shape_fn(o, |i| q(i + seed, 5))),
+        params: Conv2dParams {
+            padding: [1, 1],
+            ..Default::default()
+        },
+    };
+    let c1 = net.conv("c1", conv(3, 2, 0), x).unwrap();
+    net.activation(c1, Activation::Relu).unwrap();
+    let c2 = net.conv("c2", conv(3, 3, 5), c1).unwrap();
+    let a = net.add("add", c1, c2).unwrap();
+    net.activation(a, Activation::Relu6).unwrap();
+    let p = net.max_pool2d("pool", 2, 2, a).unwrap();
+    let f = net.flatten("flat", p).unwrap();
+    let l = net
+        .linear(
+            "fc",
+            Array2::from_shape_fn((4, 12), |(i, j)| q(i * 12 + j, 7)),
+            Some(Array1::from_shape_fn(4, |i| q(i, 3))),
+            f,
+        )
+        .unwrap();
+    net.set_output(l).unwrap();
+    let batch = |n: usize, seed: usize| {
+        ArrayD::from_shape_fn(ndarray::IxDyn(&[n, 2, 4, 4]), |d| {
+            q(d[0] * 97 + d[1] * 31 + d[2] * 5 + d[3] + seed, 8)
+        })
+    };
+    (net, vec![batch(2, 0), batch(1, 13)])
+}
+
+fn gpu_calibration_gives_the_cpu_integer_model() {
+    if common::gpu().is_none() {
+        return;
+    }
+    // A context of its own: the shared one counts the transfers of tests running alongside.
+    let ctx = std::sync::Arc::new(qfuse::gpu::GpuContext::new().unwrap());
+    let gpu = GpuBackend::new(ctx.clone());
+    let (net, batches) = exact_net();
+    for mode in [RequantMode::Float, RequantMode::FixedPoint] {
+        let cfg = DeployConfig {
+            requant: mode,
+            ..DeployConfig::default()
+        };
+        let before = ctx.transfer_stats();
+        let on_gpu = deploy::convert_on(&net, &gpu, &batches, &cfg).unwrap();
+        let t = ctx.transfer_stats().since(&before);
+        // 3 weights + 3 biases once, one upload per batch; one download per observed value
+        // (the input, c1, c2, add, fc).
+        assert_eq!((t.uploads, t.downloads), (6 + 2, 5), "{t:?}");
+        assert_eq!(
+            on_gpu,
+            deploy::convert(&net, &CpuBackend, &batches, &cfg).unwrap()
+        );
+        assert_eq!(
+            on_gpu,
+            deploy::convert_on(&net, &CpuBackend, &batches, &cfg).unwrap()
+        );
+    }
+    // Mnist (BN folded): the ranges agree to f32 rounding, and the model is the one
+    // `convert_with_ranges` builds from them.
+    let mut m = mnist::mnist(0).unwrap();
+    m.eval();
+    let calib = mnist::synthetic_batch(4, 1);
+    mnist::set_trained_bn_stats(&mut m, &calib, 3).unwrap();
+    let net = mnist::deploy_net(&m).unwrap();
+    let calib = calib.into_dyn();
+    let cfg = DeployConfig::default();
+    let rg = deploy::calibrate_ranges(&net, &gpu, [&calib], &cfg.activation).unwrap();
+    let rc = deploy::calibrate_ranges(&net, &CpuBackend, [&calib], &cfg.activation).unwrap();
+    for (g, c) in rg.iter().zip(&rc) {
+        match (g, c) {
+            (Some(g), Some(c)) => {
+                let tol = 1e-4 * (c.0.abs() + c.1.abs()).max(1.0);
+                assert!(
+                    (g.0 - c.0).abs() <= tol && (g.1 - c.1).abs() <= tol,
+                    "{g:?} {c:?}"
+                );
+            }
+            (None, None) => {}
+            _ => panic!("{g:?} vs {c:?}"),
+        }
+    }
+    assert_eq!(
+        deploy::convert_on(&net, &gpu, [&calib], &cfg).unwrap(),
+        deploy::convert_with_ranges(&net, &CpuBackend, &rg, &cfg).unwrap()
+    );
+    // The GPU refuses what the CPU refuses.
+    let flat = ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 784]));
+    let eg = deploy::convert_on(&net, &gpu, [&flat], &cfg).unwrap_err();
+    let ec = deploy::convert_on(&net, &CpuBackend, [&flat], &cfg).unwrap_err();
+    assert_eq!(eg.to_string(), ec.to_string());
+}
+
 crate::qfuse_tests! {
     mnist_converts_to_int8_with_folded_bn_and_relu6_clamps,
     deploying_the_fused_model_gives_the_same_integer_model,
@@ -317,4 +473,6 @@ crate::qfuse_tests! {
     bad_inputs_are_typed_errors,
     net_builder_rejects_what_integer_kernels_cannot_run,
     gpu_integer_model_matches_the_cpu_bit_for_bit: gpu,
+    device_calibration_on_the_cpu_gives_the_host_integer_model,
+    gpu_calibration_gives_the_cpu_integer_model: gpu,
 }

@@ -865,7 +865,7 @@ fn stages<B: Backend + Clone>(
     };
     let t = Instant::now();
     let before = snap();
-    let ptq_int = deploy::convert(&net, b, calibration.iter(), &dcfg)?;
+    let ptq_int = deploy::convert_on(&net, &backend, calibration.iter(), &dcfg)?;
     let ptq_acc = int_accuracy(&ptq_int, &backend, test_split, args.batch)?;
     stages.push(Stage {
         name: "PTQ int8 deployed",
