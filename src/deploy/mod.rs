@@ -9,7 +9,12 @@
 //!    layer's requantization `M[o] = s_in · s_w[o] / s_out`, in f32 (fbgemm's arithmetic, the
 //!    default) or in gemmlowp / TFLite fixed point (`multiplier · 2^(shift − 31)`), chosen by
 //!    [`DeployConfig::requant`] (see [`crate::quant::requant`]). ReLU and ReLU6 become the
-//!    requantization clamp; a residual add uses TFLite's integer add.
+//!    requantization clamp; a residual add uses TFLite's integer add. [`convert_on`]
+//!    calibrates on a backend's own tensors ([`calibrate_ranges`]: the fused float net on the
+//!    device, each observed value reduced there by
+//!    [`crate::backend::QuantOps::observe_running`], one upload per batch and one download
+//!    per observed value at the end), [`convert`] through the host-array layer (each op a
+//!    round trip on a GPU); both give the same [`IntModel`] from the same observed values.
 //! 3. Run the [`IntModel`] on any backend ([`IntModel::forward`]: integer kernels), simulate
 //!    it ([`IntModel::simulate`]: fake quantization with the same qparams, the same quantized
 //!    bias, float arithmetic), and compare ([`measure_gap`]) — also against the unfused

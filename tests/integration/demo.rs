@@ -235,6 +235,10 @@ fn gpu_golden_weights() {
             // log-probabilities: well under a megabyte).
             assert!(s["download_bytes"].as_u64().unwrap() < 1_000_000, "{s:#}");
         }
+        if s["key"] == "ptq_int8" {
+            // Calibration on the device too (`deploy::convert_on`): no activations come back.
+            assert!(s["download_bytes"].as_u64().unwrap() < 1_000_000, "{s:#}");
+        }
     }
     assert_eq!(v["deployment"]["after_qat"], true);
     for line in ["QAT simulation", "QAT int8 deployed", "test accuracy"] {

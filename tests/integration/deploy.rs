@@ -349,7 +349,7 @@ fn device_calibration_on_the_cpu_gives_the_host_integer_model() {
     let eh = deploy::convert(&net, &CpuBackend, [&flat], &cfg).unwrap_err();
     let ed = deploy::convert_on(&net, &CpuBackend, [&flat], &cfg).unwrap_err();
     assert_eq!(ed.to_string(), eh.to_string());
-    let mut per_channel = cfg.activation.clone();
+    let mut per_channel = cfg.activation;
     per_channel.qscheme = QScheme::PerChannelAffine;
     assert!(deploy::calibrate_ranges(&net, &CpuBackend, [&calib], &per_channel).is_err());
     let bad = DeployConfig {
