@@ -315,6 +315,40 @@ pub fn conv_bn_act_eval_into(
 }
 
 /// The inputs of a conv + BatchNorm launcher, which no output may share a buffer with.
+/// The checks every eval chain runs first (contexts, conv/BN channels, conv geometry):
+/// the output channels and the conv's output shape.
+fn check_eval(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+) -> Result<(usize, [usize; 4])> {
+    check_context(ctx, x, conv, bn)?;
+    let o = check_conv_bn(conv, bn)?;
+    Ok((o, conv.params.output_shape(x.shape(), conv.weight.shape())?))
+}
+
+/// [`check_eval`], then the chain's one `f32` output `y` (the caller's, checked, or a new one).
+fn eval_output(
+    ctx: &GpuContext,
+    what: &str,
+    x: &GpuTensor,
+    conv: &GpuConv2d,
+    bn: &GpuBatchNorm,
+    given: Option<&GpuTensor>,
+) -> Result<(usize, GpuTensor)> {
+    let (o, shape) = check_eval(ctx, x, conv, bn)?;
+    let y = super::output(
+        ctx,
+        what,
+        given,
+        &shape,
+        DType::F32,
+        &conv_bn_inputs(x, conv, bn),
+    )?;
+    Ok((o, y))
+}
+
 fn conv_bn_inputs<'a>(
     x: &'a GpuTensor,
     conv: &'a GpuConv2d<'_>,
@@ -349,9 +383,7 @@ fn conv_bn_act_eval_impl(
     act: Activation,
     given: Option<&GpuConvBnEval>,
 ) -> Result<GpuConvBnEval> {
-    check_context(ctx, x, conv, bn)?;
-    let o = check_conv_bn(conv, bn)?;
-    let shape = conv.params.output_shape(x.shape(), conv.weight.shape())?;
+    let (o, shape) = check_eval(ctx, x, conv, bn)?;
     let mut taken: Vec<GpuTensor> = conv_bn_inputs(x, conv, bn).into_iter().cloned().collect();
     let out = GpuConvBnEval {
         y: take_output(
@@ -447,17 +479,7 @@ fn conv_bn_act_eval_scaled_impl(
     act: Activation,
     given: Option<&GpuTensor>,
 ) -> Result<GpuTensor> {
-    check_context(ctx, x, conv, bn)?;
-    let o = check_conv_bn(conv, bn)?;
-    let shape = conv.params.output_shape(x.shape(), conv.weight.shape())?;
-    let y = super::output(
-        ctx,
-        "conv_bn_act_eval_scaled output",
-        given,
-        &shape,
-        DType::F32,
-        &conv_bn_inputs(x, conv, bn),
-    )?;
+    let (o, y) = eval_output(ctx, "conv_bn_act_eval_scaled output", x, conv, bn, given)?;
     ctx.record(|| {
         let p = Params {
             channels: to_u32(o, "conv output channels")?,
@@ -538,17 +560,7 @@ fn conv_bn_act_eval_unfused_impl(
     act: Activation,
     given: Option<&GpuTensor>,
 ) -> Result<GpuTensor> {
-    check_context(ctx, x, conv, bn)?;
-    let o = check_conv_bn(conv, bn)?;
-    let shape = conv.params.output_shape(x.shape(), conv.weight.shape())?;
-    let y = super::output(
-        ctx,
-        "conv_bn_act_eval_unfused output",
-        given,
-        &shape,
-        DType::F32,
-        &conv_bn_inputs(x, conv, bn),
-    )?;
+    let (o, y) = eval_output(ctx, "conv_bn_act_eval_unfused output", x, conv, bn, given)?;
     let z = conv2d(
         ctx,
         x,
@@ -562,7 +574,7 @@ fn conv_bn_act_eval_unfused_impl(
     // The BatchNorm writes `y` itself when no activation follows.
     let bn_y = match act {
         Activation::None => y.clone(),
-        _ => GpuTensor::uninit(ctx, &shape, DType::F32)?,
+        _ => GpuTensor::uninit(ctx, y.shape(), DType::F32)?,
     };
     batch_norm2d_into(
         ctx,
