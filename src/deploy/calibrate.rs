@@ -8,71 +8,11 @@
 use ndarray::ArrayD;
 
 use super::convert::{convert_with_ranges, DeployConfig, IntModel};
-use super::net::{check_rank, check_same, fold_conv, Net, NodeOp};
-use crate::backend::{Backend, CpuBackend, Shaped};
+use super::forward::DeviceNet;
+use super::net::Net;
+use crate::backend::{Backend, CpuBackend};
 use crate::error::{Error, Result};
-use crate::ops::{Activation, Conv2dParams};
 use crate::quant::ObserverSpec;
-
-/// One node prepared on the backend.
-enum Prepared<B: Backend> {
-    Conv {
-        weight: B::Tensor,
-        bias: Option<B::Tensor>,
-        params: Conv2dParams,
-        act: Activation,
-    },
-    Linear {
-        weight: B::Tensor,
-        bias: Option<B::Tensor>,
-        act: Activation,
-    },
-    MaxPool2d {
-        kernel: usize,
-        stride: usize,
-    },
-    Flatten,
-    Add {
-        act: Activation,
-    },
-}
-
-fn prepare<B: Backend>(net: &Net, backend: &B) -> Result<Vec<Prepared<B>>> {
-    let up1 = |a: &ndarray::Array1<f32>| backend.upload(&a.clone().into_dyn());
-    net.nodes()
-        .iter()
-        .map(|node| {
-            Ok(match &node.op {
-                NodeOp::Conv { conv, bn, act } => {
-                    let (w, b) = match bn {
-                        Some(bn) => {
-                            let (w, b) = fold_conv(&CpuBackend, conv, bn)?;
-                            (w, Some(b))
-                        }
-                        None => (conv.weight.clone(), conv.bias.clone()),
-                    };
-                    Prepared::Conv {
-                        weight: backend.upload(&w.into_dyn())?,
-                        bias: b.as_ref().map(up1).transpose()?,
-                        params: conv.params,
-                        act: *act,
-                    }
-                }
-                NodeOp::Linear { weight, bias, act } => Prepared::Linear {
-                    weight: backend.upload(&weight.clone().into_dyn())?,
-                    bias: bias.as_ref().map(up1).transpose()?,
-                    act: *act,
-                },
-                NodeOp::MaxPool2d { kernel, stride } => Prepared::MaxPool2d {
-                    kernel: *kernel,
-                    stride: *stride,
-                },
-                NodeOp::Flatten => Prepared::Flatten,
-                NodeOp::Add { act } => Prepared::Add { act: *act },
-            })
-        })
-        .collect()
-}
 
 /// Observes the activation ranges of `net`'s fused float model (BN folded, as deployed) on
 /// `backend`'s tensors over the `calibration` batches, with `spec` (per tensor): the input
@@ -93,51 +33,23 @@ pub fn calibrate_ranges<'a, B: Backend>(
             "deployment calibrates activations per tensor; got a per-channel spec",
         ));
     }
-    let steps = prepare(net, backend)?;
+    let dnet = DeviceNet::prepare(net, backend.clone(), true)?;
     let observed: Vec<bool> = std::iter::once(true)
         .chain(net.nodes().iter().map(|n| n.op.requantizes()))
         .collect();
     let mut states: Vec<Option<B::Tensor>> = vec![None; observed.len()];
     let mut batches = 0usize;
     for x in calibration {
-        let mut values: Vec<B::Tensor> = Vec::with_capacity(observed.len());
-        values.push(backend.upload(x)?);
-        for (node, step) in net.nodes().iter().zip(&steps) {
-            let input = &values[node.inputs[0]];
-            let y = match step {
-                Prepared::Conv {
-                    weight,
-                    bias,
-                    params,
-                    act,
-                } => {
-                    check_rank(input.dims(), 4, &node.name)?;
-                    backend.conv2d(input, weight, bias.as_ref(), params, *act)?
-                }
-                Prepared::Linear { weight, bias, act } => {
-                    check_rank(input.dims(), 2, &node.name)?;
-                    backend.linear(input, weight, bias.as_ref(), *act)?
-                }
-                Prepared::MaxPool2d { kernel, stride } => {
-                    check_rank(input.dims(), 4, &node.name)?;
-                    backend.max_pool2d(input, *kernel, *stride)?
-                }
-                Prepared::Flatten => {
-                    backend.reshape(input, &crate::ops::flatten_shape(input.dims())?)?
-                }
-                Prepared::Add { act } => {
-                    let other = &values[node.inputs[1]];
-                    check_same(input, other, &node.name)?;
-                    backend.activation(&backend.add(input, other)?, *act)?
-                }
-            };
-            values.push(y);
-        }
-        for ((state, v), &obs) in states.iter_mut().zip(&values).zip(&observed) {
-            if obs {
-                *state = Some(backend.observe_running(state.take(), v, spec, None)?.0);
+        dnet.forward_observed(&backend.upload(x)?, &mut |v, value| {
+            if observed[v] {
+                states[v] = Some(
+                    backend
+                        .observe_running(states[v].take(), value, spec, None)?
+                        .0,
+                );
             }
-        }
+            Ok(())
+        })?;
         batches += 1;
     }
     if batches == 0 {

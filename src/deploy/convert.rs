@@ -5,7 +5,7 @@
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4};
 
 use super::net::{fold_conv, Net, NodeOp, ValueId};
-use crate::backend::HostOps;
+use crate::backend::{Backend, HostOps};
 use crate::error::{Error, Result};
 use crate::io::text::escape;
 use crate::ops::{Activation, Conv2dParams};
@@ -263,7 +263,10 @@ impl MinMax {
 }
 
 /// Converts `net` to integer form, calibrating activations on `calibration` (each an input
-/// batch; min/max over all of them, of the fused float model: BN folded, as deployed).
+/// batch; min/max over all of them, of the fused float model: BN folded, as deployed). The
+/// float model runs on `backend` ([`Net::forward_values`]) and every value is downloaded
+/// and observed on the host; [`super::convert_on`] observes on the device instead (the same
+/// model from the same values).
 ///
 /// Per conv (BN folded in) and linear: weight codes with `config.weight` qparams of the
 /// folded weight; bias codes `round(b / (s_in · s_w[o]))`; requantization multipliers
@@ -272,19 +275,20 @@ impl MinMax {
 ///
 /// Errors: an invalid config, no calibration batch, a NaN in calibration outputs, layers
 /// with no integer form (activations other than ReLU / ReLU6), and shape errors.
-pub fn convert<'a>(
+pub fn convert<'a, B: Backend>(
     net: &Net,
-    backend: &dyn HostOps,
+    backend: &B,
     calibration: impl IntoIterator<Item = &'a ArrayD<f32>>,
     config: &DeployConfig,
 ) -> Result<IntModel> {
     config.validate()?;
     let mut stats = vec![MinMax::new(); net.value_count()];
     let mut batches = 0;
+    let dnet = super::DeviceNet::prepare(net, backend.clone(), true)?;
     for x in calibration {
-        let values = net.forward_values(backend, x, true)?;
+        let values = dnet.forward_values_device(&backend.upload(x)?)?;
         for (s, v) in stats.iter_mut().zip(&values) {
-            s.observe(v);
+            s.observe(&backend.download(v)?);
         }
         batches += 1;
     }
@@ -294,7 +298,7 @@ pub fn convert<'a>(
         ));
     }
     let ranges: Vec<Option<(f32, f32)>> = stats.iter().map(|s| Some((s.min, s.max))).collect();
-    convert_with_ranges(net, backend, &ranges, config)
+    convert_with_ranges(net, &crate::backend::CpuBackend, &ranges, config)
 }
 
 /// Converts `net` to integer form with activation ranges observed elsewhere — by QAT's

@@ -4,7 +4,7 @@
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 
-use crate::backend::{HostOps, Shaped};
+use crate::backend::{Backend, HostOps, Shaped};
 use crate::error::{Error, Result};
 use crate::nn::{FusedHead, Layer, Module};
 use crate::ops::{Activation, BatchNorm, Conv2d, Folded};
@@ -403,53 +403,24 @@ impl Net {
     }
 
     /// Runs the float model (no quantization) on `backend`; with `fold`, each conv's BN is
-    /// folded into its weight and bias first (the fused float model), else applied after the
-    /// conv. Returns every value (index = [`ValueId`]).
+    /// folded into its weight and bias first (the fused float model, folded by the CPU
+    /// reference), else applied after the conv. Returns every value (index = [`ValueId`]),
+    /// downloaded. Runs through the one float interpreter, [`super::DeviceNet`]: the
+    /// parameters and `x` are uploaded once, every value is downloaded once (keep a
+    /// [`super::DeviceNet`] to prepare once and download only what you need).
     ///
     /// Errors: shape mismatches between nodes, and backend errors.
-    pub fn forward_values(
+    pub fn forward_values<B: Backend>(
         &self,
-        backend: &dyn HostOps,
+        backend: &B,
         x: &ArrayD<f32>,
         fold: bool,
     ) -> Result<Vec<ArrayD<f32>>> {
-        let mut values = vec![x.clone()];
-        for node in &self.nodes {
-            let ins: Vec<&ArrayD<f32>> = node.inputs.iter().map(|&v| &values[v]).collect();
-            let y = match &node.op {
-                NodeOp::Conv { conv, bn, act } => {
-                    let xi = as4(ins[0], &node.name)?;
-                    let y = match (bn, fold) {
-                        (Some(bn), true) => {
-                            let f = fold_conv(backend, conv, bn)?;
-                            backend.conv2d(&xi, &f.0, Some(&f.1), &conv.params)?
-                        }
-                        _ => backend.conv2d(&xi, &conv.weight, conv.bias.as_ref(), &conv.params)?,
-                    };
-                    let y = match (bn, fold) {
-                        (Some(bn), false) => backend.batch_norm2d(&y, bn, false)?.y,
-                        _ => y,
-                    };
-                    backend.activation(&y.into_dyn(), *act)?
-                }
-                NodeOp::Linear { weight, bias, act } => {
-                    let xi = as2(ins[0], &node.name)?;
-                    backend
-                        .linear_act(&xi, weight, bias.as_ref(), *act)?
-                        .into_dyn()
-                }
-                NodeOp::MaxPool2d { kernel, stride } => backend
-                    .max_pool2d(&as4(ins[0], &node.name)?, *kernel, *stride)?
-                    .into_dyn(),
-                NodeOp::Flatten => flatten(ins[0])?,
-                NodeOp::Add { act } => {
-                    check_same(ins[0], ins[1], &node.name)?;
-                    backend.activation(&(ins[0] + ins[1]), *act)?
-                }
-            };
-            values.push(y);
-        }
-        Ok(values)
+        let dnet = super::DeviceNet::prepare(self, backend.clone(), fold)?;
+        dnet.forward_values_device(&backend.upload(x)?)?
+            .iter()
+            .map(|v| backend.download(v))
+            .collect()
     }
 }
 

@@ -240,8 +240,8 @@ fn single_consumer(graph: &Graph, uses: &HashMap<&str, usize>, i: usize, n: &Nod
 ///
 /// Errors: those of [`to_net`], [`super::run`] and [`crate::deploy::convert`];
 /// [`Error::InvalidArgument`] when the net and the graph disagree or no batch is given.
-pub fn to_int_model(
-    backend: &dyn crate::backend::HostOps,
+pub fn to_int_model<B: crate::backend::Backend>(
+    backend: &B,
     graph: &Graph,
     batches: &[Vec<(String, ndarray::ArrayD<f32>)>],
 ) -> Result<crate::deploy::IntModel> {
@@ -266,7 +266,7 @@ pub fn to_int_model(
              flatten?)",
         ));
     }
-    crate::deploy::convert(
+    crate::deploy::convert_on(
         &net,
         backend,
         batches.iter().filter_map(|b| b.first().map(|(_, x)| x)),

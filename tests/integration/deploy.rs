@@ -463,6 +463,73 @@ fn gpu_calibration_gives_the_cpu_integer_model() {
     assert_eq!(eg.to_string(), ec.to_string());
 }
 
+fn device_net_forward_on_the_gpu_matches_the_cpu_with_one_upload_and_one_download() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let ctx = std::sync::Arc::new(qfuse::gpu::GpuContext::new().unwrap());
+    let gpu = GpuBackend::new(ctx.clone());
+    let mut m = mnist::mnist(0).unwrap();
+    m.eval();
+    let x = mnist::synthetic_batch(4, 1);
+    mnist::set_trained_bn_stats(&mut m, &x, 3).unwrap();
+    let net = mnist::deploy_net(&m).unwrap();
+    let x = x.into_dyn();
+    for fold in [true, false] {
+        let before = ctx.transfer_stats();
+        let on_gpu = deploy::DeviceNet::prepare(&net, gpu.clone(), fold).unwrap();
+        let prep = ctx.transfer_stats().since(&before);
+        // 4 weights + 4 biases; unfolded, batchnorm1's 4 vectors too.
+        assert_eq!(
+            (prep.uploads, prep.downloads),
+            (if fold { 8 } else { 12 }, 0),
+            "{prep:?}"
+        );
+        let before = ctx.transfer_stats();
+        let y = on_gpu.forward(&x).unwrap();
+        let t = ctx.transfer_stats().since(&before);
+        assert_eq!((t.uploads, t.downloads), (1, 1), "{t:?}");
+        assert!(on_gpu.folded() == fold && on_gpu.value_count() == net.value_count());
+        let on_cpu = deploy::DeviceNet::prepare(&net, CpuBackend, fold).unwrap();
+        let want = on_cpu.forward(&x).unwrap();
+        assert_eq!(y.shape(), want.shape());
+        let scale = want.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4 * scale, "fold {fold}: {a} vs {b}");
+        }
+        // The host-array form gives every value, the output last-computed one among them.
+        let values = net.forward_values(&CpuBackend, &x, fold).unwrap();
+        assert_eq!(values.len(), net.value_count());
+        assert_eq!(values[net.output()], want);
+        // The observer hook sees each value once, in order, and its error stops the forward.
+        let mut seen = Vec::new();
+        on_cpu
+            .forward_observed(&x, &mut |v, _| {
+                seen.push(v);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, (0..net.value_count()).collect::<Vec<_>>());
+        let e = on_cpu
+            .forward_observed(&x, &mut |v, _| {
+                if v == 2 {
+                    Err(Error::invalid("stop at 2"))
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("stop at 2"), "{e}");
+    }
+    // The folded and unfolded float models agree to f32 rounding.
+    let a = net.forward_values(&CpuBackend, &x, true).unwrap();
+    let b = net.forward_values(&CpuBackend, &x, false).unwrap();
+    let scale = b[net.output()].iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    for (p, q) in a[net.output()].iter().zip(&b[net.output()]) {
+        assert!((p - q).abs() <= 1e-3 * scale, "{p} vs {q}");
+    }
+}
+
 crate::qfuse_tests! {
     mnist_converts_to_int8_with_folded_bn_and_relu6_clamps,
     deploying_the_fused_model_gives_the_same_integer_model,
@@ -475,4 +542,5 @@ crate::qfuse_tests! {
     gpu_integer_model_matches_the_cpu_bit_for_bit: gpu,
     device_calibration_on_the_cpu_gives_the_host_integer_model,
     gpu_calibration_gives_the_cpu_integer_model: gpu,
+    device_net_forward_on_the_gpu_matches_the_cpu_with_one_upload_and_one_download: gpu,
 }

@@ -1098,7 +1098,7 @@ fn deploy_section<B: Backend + Clone>(
     let gap = deploy::measure_gap(net, int, cfg, backend, x_test)?;
     // The float model the integer one was converted from (after QAT: the fine-tuned one), so
     // the comparison is the quantization's alone.
-    let values = net.forward_values(b, x, false)?;
+    let values = net.forward_values(backend, x, false)?;
     let out = values
         .get(net.output())
         .ok_or_else(|| qfuse::Error::invalid("internal: the net's output"))?

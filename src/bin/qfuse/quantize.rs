@@ -12,7 +12,9 @@ use qfuse::io::state_dict::load_state_dict;
 use qfuse::io::text::{escape, escape_path};
 use qfuse::onnx::{fold_model, quantize_model, to_int_model, OnnxModel};
 
-use crate::fold::{backend_for, FoldBackend};
+use qfuse::{Backend, CpuBackend, GpuBackend};
+
+use crate::fold::FoldBackend;
 
 /// Arguments of `qfuse quantize`.
 #[derive(Args, Debug)]
@@ -43,7 +45,7 @@ pub struct QuantizeArgs {
 
 /// Runs `qfuse quantize`.
 pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
-    let mut outputs = Outputs::new(&[&args.input, &args.calib]);
+    let outputs = Outputs::new(&[&args.input, &args.calib]);
     let mut dests = vec![args.output.as_path()];
     dests.extend(args.int_model.as_deref());
     outputs.check_all(&dests)?;
@@ -105,13 +107,37 @@ pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
             vec![(input.name.clone(), slice)]
         })
         .collect();
-    let backend = backend_for(args.backend)?;
-    let q = quantize_model(backend.as_ref(), &model, &batches)?;
+    match args.backend {
+        FoldBackend::Cpu => quantize_on(args, outputs, &model, &batches, batch, &CpuBackend),
+        FoldBackend::Gpu => {
+            let gpu = GpuBackend::from_system()?;
+            quantize_on(args, outputs, &model, &batches, batch, &gpu)
+        }
+        FoldBackend::Auto => match GpuBackend::from_system() {
+            Ok(gpu) => quantize_on(args, outputs, &model, &batches, batch, &gpu),
+            Err(why) => {
+                eprintln!("no GPU adapter ({why}); the CPU reference calibrates");
+                quantize_on(args, outputs, &model, &batches, batch, &CpuBackend)
+            }
+        },
+    }
+}
+
+/// The calibration, the exports and the report, on `backend`.
+fn quantize_on<B: Backend>(
+    args: &QuantizeArgs,
+    mut outputs: Outputs,
+    model: &OnnxModel,
+    batches: &[Vec<(String, ndarray::ArrayD<f32>)>],
+    batch: usize,
+    backend: &B,
+) -> qfuse::Result<ExitCode> {
+    let q = quantize_model(backend, model, batches)?;
     outputs.stage(&args.output, &q.model.to_bytes())?;
     let int_model = match &args.int_model {
         Some(path) => {
-            let folded = fold_model(backend.as_ref(), &model)?;
-            let im = to_int_model(backend.as_ref(), &folded.model.graph, &batches)?;
+            let folded = fold_model(backend, model)?;
+            let im = to_int_model(backend, &folded.model.graph, batches)?;
             outputs.stage(path, &im.to_state_dict()?.to_bytes()?)?;
             Some((path, im.nodes.len()))
         }
