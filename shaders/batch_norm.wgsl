@@ -29,7 +29,11 @@
 //                                   G = 1, the reduction also writes the elementwise output)
 //   @group(0) @binding(1) x:        storage, read array<f32>  input (backward: the forward's input)
 //   @group(0) @binding(2) partials: storage, read_write array<f32>  3*C*G (G > 1) partial
-//                                   results, see below (else a dummy)
+//                                   results, see below; with G = 1 the backward reductions
+//                                   (backward_reduce, backward_reduce4, backward_thread) write
+//                                   grads here (the launcher binds grads: the layout of the
+//                                   partials with G = 1 is grads', and a binding fewer keeps
+//                                   them within 8 storage buffers per stage); else a dummy
 //   @group(0) @binding(3) bn:       storage, read array<f32>  4*C: gamma[C], beta[C],
 //                                   running_mean[C], running_var[C] (kernels::GpuBatchNorm)
 //   @group(0) @binding(4) stats:    storage, read_write array<f32>  2*C: mean[C], invstd[C]
@@ -71,9 +75,9 @@
 //   stats_final      (0,2,3,4,5):   G > 1: 1-D grid over C (flat index gid.x + gid.y *
 //                                 num_workgroups.x * WGR), one thread per channel combines the
 //                                 G partials in order (Chan), writes statistics and running.
-//   backward_reduce  (0,1,2,3,4,6,8,9,10,11): grid (G, By, Bz): sum dy' and sum dy' * xhat;
-//                                 G = 1 (fuse = 1): writes grads and dx of its channel; G > 1:
-//                                 partial sums.
+//   backward_reduce  (0,1,2,3,4,6,8,9,11): grid (G, By, Bz): sum dy' and sum dy' * xhat;
+//                                 G = 1 (fuse = 1): writes grads (into binding 2) and dx of
+//                                 its channel; G > 1: partial sums.
 //   backward_final   (0,2,10):    G > 1: 1-D grid over C: sums the G partials into grads.
 //   stats_thread, backward_thread: T = 1, G = 1 on scalars: stats_reduce / backward_reduce
 //                                 with one invocation per channel (1-D grid over C), no
@@ -448,8 +452,9 @@ fn backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     let g_dy = sa[sg.base];
     let g_dyx = sb[sg.base];
     if (sg.t == 0u) {
-        grads[c] = g_dy;
-        grads[nc + c] = g_dyx;
+        // G = 1: `partials` is the grads buffer (see the header).
+        partials[c] = g_dy;
+        partials[nc + c] = g_dyx;
     }
     if (params.fuse == 0u) {
         return;
@@ -549,8 +554,9 @@ fn backward_thread(@builtin(global_invocation_id) gid: vec3<u32>,
         g_dy = g_dy + d;
         g_dyx = g_dyx + d * ((x[i] - mean) * invstd);
     }
-    grads[c] = g_dy;
-    grads[nc + c] = g_dyx;
+    // G = 1: `partials` is the grads buffer (see the header).
+    partials[c] = g_dy;
+    partials[nc + c] = g_dyx;
     let k = bn[c] * invstd;
     let inv_m = 1.0 / f32(params.m);
     var div = 1.0;
@@ -705,8 +711,9 @@ fn backward_reduce4(@builtin(workgroup_id) wid: vec3<u32>,
     let g_dy = sa[sg.base];
     let g_dyx = sb[sg.base];
     if (sg.t == 0u) {
-        grads[c] = g_dy;
-        grads[nc + c] = g_dyx;
+        // G = 1: `partials` is the grads buffer (see the header).
+        partials[c] = g_dy;
+        partials[nc + c] = g_dyx;
     }
     if (params.fuse == 0u) {
         return;

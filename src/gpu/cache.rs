@@ -132,16 +132,32 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// The adapter key: what must match for cached decisions and pipelines to apply.
-pub(crate) fn adapter_key(info: &wgpu::AdapterInfo) -> String {
+///
+/// Besides the adapter, the key names what of the device decides which kernels may run (the
+/// subgroup feature, workgroup memory and size, the storage binding size), so a device
+/// opened with fewer features or lower limits on the same adapter
+/// ([`crate::gpu::ContextOptions::small_gpu`]) keeps its decisions in a file of its own
+/// instead of overwriting the full device's.
+pub(crate) fn adapter_key(
+    info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: &wgpu::Limits,
+) -> String {
     format!(
-        "{} | vendor {:#x} device {:#x} | driver {} {} | {:?} {:?}",
+        "{} | vendor {:#x} device {:#x} | driver {} {} | {:?} {:?} | subgroups {} | \
+         workgroup storage {} invocations {} | storage binding {} buffers {}",
         info.name,
         info.vendor,
         info.device,
         info.driver,
         info.driver_info,
         info.backend,
-        info.device_type
+        info.device_type,
+        features.contains(wgpu::Features::SUBGROUP),
+        limits.max_compute_workgroup_storage_size,
+        limits.max_compute_invocations_per_workgroup,
+        limits.max_storage_buffer_binding_size,
+        limits.max_storage_buffers_per_shader_stage,
     )
 }
 

@@ -117,8 +117,9 @@ pub struct EmbedOptions {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// Options of [`GpuContext::new_with`].
-#[derive(Debug, Clone, Default)]
+/// Options of [`GpuContext::new_with`]. The default: no cache directory, the adapter's own
+/// limits, every optional feature qfuse uses that the adapter offers.
+#[derive(Debug, Clone)]
 pub struct ContextOptions {
     /// A directory for the context's persistent caches (created when first written): the
     /// kernel variants timing chose per shape class, and wgpu's pipeline cache where the
@@ -127,6 +128,86 @@ pub struct ContextOptions {
     /// another version or written for another adapter is ignored and the reason kept in
     /// [`GpuContext::cache_status`]. See `src/gpu/cache.rs` for the files.
     pub cache_dir: Option<PathBuf>,
+    /// Caps on the limits the device is requested with: each limit is the adapter's, or the
+    /// cap's where that is worse ([`wgpu::Limits::or_worse_values_from`]), so the device
+    /// behaves like a smaller GPU. `None` (the default): the adapter's own limits.
+    pub limit_caps: Option<wgpu::Limits>,
+    /// The optional features qfuse may request, each only where the adapter offers it
+    /// (default [`ContextOptions::OPTIONAL_FEATURES`]; [`wgpu::Features::PIPELINE_CACHE`]
+    /// only with a cache directory). Leaving one out makes the kernels that use it step
+    /// aside as on an adapter without it ([`GpuContext::has_subgroups`],
+    /// [`GpuContext::has_timestamps`]).
+    pub optional_features: wgpu::Features,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            limit_caps: None,
+            optional_features: Self::OPTIONAL_FEATURES,
+        }
+    }
+}
+
+/// The environment variable [`ContextOptions::from_env`] reads.
+pub const DEVICE_LIMITS_VAR: &str = "QFUSE_DEVICE_LIMITS";
+
+impl ContextOptions {
+    /// Every optional feature qfuse uses: GPU timestamps (benchmark timing), subgroups (the
+    /// subgroup kernels) and wgpu's pipeline cache.
+    pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
+        .union(wgpu::Features::SUBGROUP)
+        .union(wgpu::Features::PIPELINE_CACHE);
+
+    /// The limits of a small or mobile GPU, as caps for [`ContextOptions::limit_caps`]:
+    /// WebGPU's default limits ([`wgpu::Limits::defaults`]: 16 KiB of workgroup storage, 256
+    /// invocations per workgroup, 8 storage buffers per stage, 256 MiB buffers, ...) with
+    /// `max_storage_buffer_binding_size` cut to 16 MiB.
+    pub fn small_gpu_limits() -> wgpu::Limits {
+        wgpu::Limits {
+            max_storage_buffer_binding_size: 16 << 20,
+            max_compute_workgroup_storage_size: 16 << 10,
+            ..wgpu::Limits::defaults()
+        }
+    }
+
+    /// These options cut down to a small or mobile GPU: [`ContextOptions::small_gpu_limits`]
+    /// as the limit caps, and neither subgroups nor timestamp queries (the pipeline cache
+    /// stays allowed). Tensors past 16 MiB are then refused with
+    /// [`Error::BufferTooLarge`], and the portable kernels run instead of the subgroup ones.
+    pub fn small_gpu(self) -> Self {
+        Self {
+            limit_caps: Some(Self::small_gpu_limits()),
+            optional_features: self.optional_features
+                - wgpu::Features::SUBGROUP
+                - wgpu::Features::TIMESTAMP_QUERY,
+            ..self
+        }
+    }
+
+    /// The default options, cut down as `QFUSE_DEVICE_LIMITS` says ([`DEVICE_LIMITS_VAR`]):
+    /// unset, empty or `adapter`: the adapter's own limits and features; `small`:
+    /// [`ContextOptions::small_gpu`]. [`GpuContext::new`] uses these, so a test suite or a
+    /// command can be run as on a small GPU without a rebuild.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for any other value, quoting it.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(DEVICE_LIMITS_VAR) {
+            Err(std::env::VarError::NotPresent) => Ok(Self::default()),
+            Ok(v) if v.trim().is_empty() || v.trim().eq_ignore_ascii_case("adapter") => {
+                Ok(Self::default())
+            }
+            Ok(v) if v.trim().eq_ignore_ascii_case("small") => Ok(Self::default().small_gpu()),
+            Ok(v) => Err(Error::invalid(format!(
+                "{DEVICE_LIMITS_VAR}={v:?} is not a limits profile (expected adapter or small)"
+            ))),
+            Err(std::env::VarError::NotUnicode(v)) => Err(Error::invalid(format!(
+                "{DEVICE_LIMITS_VAR}={v:?} is not a limits profile (not valid UTF-8; \
+                 expected adapter or small)"
+            ))),
+        }
+    }
 }
 
 impl EmbedOptions {
@@ -260,15 +341,20 @@ impl GpuContext {
     ///   offers it, are [`wgpu::Features::TIMESTAMP_QUERY`] (for benchmarks, see
     ///   [`GpuContext::has_timestamps`]) and [`wgpu::Features::SUBGROUP`] (for the subgroup
     ///   kernels, see [`GpuContext::has_subgroups`]).
+    /// - `QFUSE_DEVICE_LIMITS=small` cuts the limits and features down to a small or mobile
+    ///   GPU's ([`ContextOptions::from_env`], [`ContextOptions::small_gpu`]).
     ///
-    /// Errors: [`Error::InvalidArgument`] for a `WGPU_BACKEND` that names no backend,
+    /// Errors: [`Error::InvalidArgument`] for a `WGPU_BACKEND` that names no backend or a
+    /// `QFUSE_DEVICE_LIMITS` that names no profile,
     /// [`Error::NoAdapter`] when no adapter matches, [`Error::Gpu`] when the device cannot be
     /// opened.
     pub async fn new_async() -> Result<Self> {
-        Self::new_with_async(ContextOptions::default()).await
+        Self::new_with_async(ContextOptions::from_env()?).await
     }
 
-    /// [`GpuContext::new_async`] with options (a cache directory). Where the adapter offers
+    /// [`GpuContext::new_async`] with options (a cache directory, caps on the limits, the
+    /// optional features allowed; `QFUSE_DEVICE_LIMITS` is not read here, see
+    /// [`ContextOptions::from_env`]). Where the adapter offers
     /// [`wgpu::Features::PIPELINE_CACHE`] and a cache directory is given, the device is also
     /// requested with that feature.
     ///
@@ -307,16 +393,20 @@ impl GpuContext {
         };
 
         let info = adapter.get_info();
-        let mut wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
-        if options.cache_dir.is_some() {
-            wanted |= wgpu::Features::PIPELINE_CACHE;
+        let mut wanted = options.optional_features & ContextOptions::OPTIONAL_FEATURES;
+        if options.cache_dir.is_none() {
+            wanted = wanted - wgpu::Features::PIPELINE_CACHE;
         }
         let optional = adapter.features() & wanted;
+        let limits = match &options.limit_caps {
+            Some(caps) => adapter.limits().or_worse_values_from(caps),
+            None => adapter.limits(),
+        };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("qfuse"),
                 required_features: optional,
-                required_limits: adapter.limits(),
+                required_limits: limits,
                 ..Default::default()
             })
             .await
@@ -350,8 +440,12 @@ impl GpuContext {
     /// use qfuse::gpu::{ContextOptions, GpuContext};
     /// let ctx = GpuContext::new_with(ContextOptions {
     ///     cache_dir: Some(std::env::temp_dir().join("my-engine-qfuse-cache")),
+    ///     ..ContextOptions::default()
     /// })?;
     /// println!("{:?}", ctx.cache_status());
+    /// // The same adapter, as a small GPU would be: 16 MiB storage bindings, no subgroups.
+    /// let small = GpuContext::new_with(ContextOptions::default().small_gpu())?;
+    /// assert!(!small.has_subgroups());
     /// # Ok::<(), qfuse::Error>(())
     /// ```
     pub fn new_with(options: ContextOptions) -> Result<Self> {
@@ -467,7 +561,7 @@ impl GpuContext {
             format!("{} ({:?})", info.name, info.backend),
             max_buffer,
         ));
-        let adapter_key = cache::adapter_key(&info);
+        let adapter_key = cache::adapter_key(&info, device.features(), &limits);
         let mut status = CacheStatus {
             dir: options.cache_dir.clone(),
             ..CacheStatus::default()

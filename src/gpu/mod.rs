@@ -112,7 +112,7 @@ mod tensor;
 pub use cache::{CacheLoad, CacheRejection, CacheStatus, TUNING_FORMAT_VERSION};
 pub use context::{
     backends_from_env, parse_backends, ContextOptions, DeviceLost, DeviceLostFn, EmbedOptions,
-    GpuContext, Int8Dot, Launch, ParamsBuffer, UncapturedErrors,
+    GpuContext, Int8Dot, Launch, ParamsBuffer, UncapturedErrors, DEVICE_LIMITS_VAR,
 };
 pub use dispatch::grid_1d;
 pub use pipeline::{Binding, BindingType, Kernel, Pipeline, Shader};

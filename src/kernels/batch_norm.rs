@@ -121,6 +121,8 @@ static NORMALIZE: Kernel = Kernel {
     ],
 };
 
+/// With one workgroup per channel (G = 1) the grads go to binding 2 (see the shader's header):
+/// 8 storage buffers, WebGPU's default `max_storage_buffers_per_shader_stage`.
 static BACKWARD_REDUCE: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "backward_reduce",
@@ -133,7 +135,6 @@ static BACKWARD_REDUCE: Kernel = Kernel {
         Binding::read_write(6),
         Binding::read(8),
         Binding::read(9),
-        Binding::read_write(10),
         Binding::read(11),
     ],
 };
@@ -200,7 +201,6 @@ static BACKWARD_REDUCE4: Kernel = Kernel {
         Binding::read_write(2),
         Binding::read(3),
         Binding::read_write(4),
-        Binding::read_write(10),
         Binding::read(11),
         Binding::read(12),
         Binding::read_write(13),
@@ -1093,9 +1093,9 @@ fn batch_norm2d_backward_impl(
     p.fuse = u32::from(groups == 1);
     let uniform = ctx.params(&p)?;
     let partials = if groups > 1 {
-        GpuTensor::uninit(ctx, &[2, c, groups], DType::F32)?
+        Some(GpuTensor::uninit(ctx, &[2, c, groups], DType::F32)?)
     } else {
-        GpuTensor::zeros(ctx, &[4], DType::F32)?
+        None
     };
     let mut inputs = vec![x, dy, stats, bn.tensor()];
     inputs.push(act_x);
@@ -1117,7 +1117,8 @@ fn batch_norm2d_backward_impl(
         DType::F32,
         &inputs,
     )?;
-    let (u, part) = (&*uniform, partials.buffer());
+    // With one workgroup per channel the reduction writes the grads where the partials go.
+    let (u, part) = (&*uniform, partials.as_ref().unwrap_or(&dparams).buffer());
     let div = divisor.unwrap_or(&dummy).buffer();
     let (xb, params, st, dxb, dyb, ax, gr) = (
         x.buffer(),
@@ -1136,7 +1137,7 @@ fn batch_norm2d_backward_impl(
     let mut list = vec![if layout.vec4 {
         (
             &BACKWARD_REDUCE4,
-            vec![u, part, params, st, gr, div, xb, dxb, dyb, ax],
+            vec![u, part, params, st, div, xb, dxb, dyb, ax],
             reduce_grid,
         )
     } else {
@@ -1146,7 +1147,7 @@ fn batch_norm2d_backward_impl(
             } else {
                 &BACKWARD_REDUCE
             },
-            vec![u, xb, part, params, st, dxb, dyb, ax, gr, div],
+            vec![u, xb, part, params, st, dxb, dyb, ax, div],
             reduce_grid,
         )
     }];

@@ -6,6 +6,10 @@
 //! (`process_overrides`), then the backend writer for that entry point, with the lowest
 //! language version / shader model and capability set the variant needs on that API.
 //!
+//! Each variant is also checked against a small GPU's limits (WebGPU's defaults: 256
+//! invocations and 16 KiB of workgroup memory per workgroup, 8 storage buffers per stage), as
+//! naga sees its entry point use them.
+//!
 //! How far each backend's requirements are checked is naga's: the SPIR-V writer refuses an
 //! instruction whose capability the set lacks (so the portable variants are shown to need
 //! only core Vulkan 1.0 capabilities), while the HLSL and MSL writers do not gate wave / SIMD
@@ -339,6 +343,64 @@ fn translate(
     Ok(())
 }
 
+/// What entry point `ep` of the override-resolved `module` asks of the device against the limits
+/// of a small GPU (WebGPU's defaults, `crate::gpu::ContextOptions::small_gpu_limits`): its
+/// workgroup size, the workgroup memory it uses, and the storage buffers it uses; the first
+/// excess as one line. (`QFUSE_DEVICE_LIMITS=small` runs the kernels on such a device; this
+/// covers every variant and constant set, including those no test dispatches.)
+fn check_small_gpu_limits(
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    ep: &str,
+) -> Result<(), String> {
+    let limits = crate::gpu::ContextOptions::small_gpu_limits();
+    let (index, entry) = module
+        .entry_points
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.name == ep)
+        .ok_or("no such entry point")?;
+    let [x, y, z] = entry.workgroup_size;
+    let invocations = x * y * z;
+    if x > limits.max_compute_workgroup_size_x
+        || y > limits.max_compute_workgroup_size_y
+        || z > limits.max_compute_workgroup_size_z
+        || invocations > limits.max_compute_invocations_per_workgroup
+    {
+        return Err(format!(
+            "workgroup size {x}x{y}x{z} past a small GPU's {} invocations",
+            limits.max_compute_invocations_per_workgroup
+        ));
+    }
+    let uses = info.get_entry_point(index);
+    let (mut workgroup_bytes, mut storage) = (0u32, 0u32);
+    for (handle, var) in module.global_variables.iter() {
+        if uses[handle].is_empty() {
+            continue;
+        }
+        match var.space {
+            naga::AddressSpace::WorkGroup => {
+                workgroup_bytes += module.types[var.ty].inner.size(module.to_ctx());
+            }
+            naga::AddressSpace::Storage { .. } => storage += 1,
+            _ => {}
+        }
+    }
+    if workgroup_bytes > limits.max_compute_workgroup_storage_size {
+        return Err(format!(
+            "{workgroup_bytes} bytes of workgroup memory, past a small GPU's {}",
+            limits.max_compute_workgroup_storage_size
+        ));
+    }
+    if storage > limits.max_storage_buffers_per_shader_stage {
+        return Err(format!(
+            "{storage} storage buffers, past a small GPU's {} per stage",
+            limits.max_storage_buffers_per_shader_stage
+        ));
+    }
+    Ok(())
+}
+
 /// Every shader file in `shaders/` (and `shaders/lib/`) is part of some variant, so a new
 /// shader cannot escape the translation test.
 #[test]
@@ -361,8 +423,9 @@ fn every_shader_file_is_in_a_variant() {
     }
 }
 
-/// Every variant of every shader translates to SPIR-V, MSL and HLSL (see the module docs);
-/// portable variants validate without the subgroup capability, every override constant the
+/// Every variant of every shader translates to SPIR-V, MSL and HLSL (see the module docs) and
+/// fits a small GPU's limits (`check_small_gpu_limits`); portable variants validate without
+/// the subgroup capability, every override constant the
 /// test sets exists in its shader (a renamed constant cannot silently fall back to the WGSL
 /// default) and every one the shader declares is set by some constant set.
 #[test]
@@ -440,6 +503,9 @@ fn every_shader_variant_translates_to_spirv_msl_and_hlsl() {
                         continue;
                     }
                 };
+                if let Err(e) = check_small_gpu_limits(&m, &i, ep) {
+                    failures.push(format!("{what}: {e}"));
+                }
                 for target in targets(needs) {
                     translations += 1;
                     counts[match target {

@@ -1,12 +1,17 @@
 //! The integration tests' harness (`harness = false`, built on `libtest-mimic`): every test
-//! declares what it needs (nothing, a GPU adapter, subgroups, the packed int8 dot product),
-//! like wgpu's `#[gpu_test]`, instead of an `if` at the top of its body. A test whose need is
+//! declares what it needs (nothing, a GPU adapter, subgroups, the packed int8 dot product,
+//! storage bindings past 16 MiB), like wgpu's `#[gpu_test]`, instead of an `if` at the top of
+//! its body. A test whose need is
 //! not met is reported as `ignored` in the libtest summary (`N passed; 0 failed; M ignored`)
 //! with one line saying why, so a run that skipped the GPU tests says so.
 //!
 //! `QFUSE_REQUIRE_GPU=1` (as in CI) turns a missing adapter into failures. A device without an
-//! optional feature (subgroups, packed int8 dot) still ignores the tests that need it: those
-//! paths are then not the ones that run. `--ignored` / `--include-ignored` run ignored tests
+//! optional feature (subgroups, packed int8 dot, large bindings) still ignores the tests that
+//! need it: those paths are then not the ones that run. `QFUSE_DEVICE_LIMITS=small` (read by
+//! `GpuContext::new`, so by every context of the suite and every `qfuse` command it spawns)
+//! runs the whole suite as on a small or mobile GPU: 16 MiB storage bindings, 16 KiB of
+//! workgroup memory, WebGPU's default limits otherwise, no subgroups, no timestamp queries.
+//! CI runs the GPU tests both ways. `--ignored` / `--include-ignored` run ignored tests
 //! anyway; one whose need is not met then fails and says why.
 //!
 //! Tests are plain `fn name()` items registered at the end of their file with
@@ -28,7 +33,15 @@ pub enum Needs {
     Subgroups,
     /// A GPU adapter with the packed 4x8 integer dot product.
     PackedInt8Dot,
+    /// A GPU adapter whose storage bindings and buffers reach [`LARGE_BUFFER_BYTES`] (WebGPU's
+    /// default binding limit): tests of tensors past 16 MiB, which a context cut down to a
+    /// small GPU's limits (`QFUSE_DEVICE_LIMITS=small`) refuses with `Error::BufferTooLarge`.
+    LargeBuffers,
 }
+
+/// What [`Needs::LargeBuffers`] asks of `max_storage_buffer_binding_size` and
+/// `max_buffer_size`: 128 MiB.
+pub const LARGE_BUFFER_BYTES: u64 = 128 << 20;
 
 impl Needs {
     /// The label shown before the test name (`test [gpu] ...`).
@@ -38,6 +51,7 @@ impl Needs {
             Needs::Gpu => "gpu",
             Needs::Subgroups => "subgroups",
             Needs::PackedInt8Dot => "int8-dot",
+            Needs::LargeBuffers => "large-buffers",
         }
     }
 
@@ -65,6 +79,18 @@ impl Needs {
             Needs::Subgroups => (!ctx.has_subgroups()).then_some("wgpu::Features::SUBGROUP"),
             Needs::PackedInt8Dot => {
                 (!ctx.packed_int8_dot_available()).then_some("the packed 4x8 integer dot product")
+            }
+            Needs::LargeBuffers => {
+                let l = ctx.limits();
+                let binding = l.max_storage_buffer_binding_size.min(l.max_buffer_size);
+                return (binding < LARGE_BUFFER_BYTES).then(|| Unmet {
+                    no_adapter: false,
+                    why: format!(
+                        "{} binds storage buffers of at most {binding} bytes (< {} MiB)",
+                        ctx.name(),
+                        LARGE_BUFFER_BYTES >> 20
+                    ),
+                });
             }
         };
         missing.map(|m| Unmet {
@@ -109,6 +135,7 @@ impl Test {
 ///     gpu_test: gpu,
 ///     subgroup_test: subgroups,
 ///     packed_dot_test: packed_int8_dot,
+///     big_tensor_test: large_buffers,
 ///     timing: gpu + manual,
 /// }
 /// ```
@@ -119,6 +146,7 @@ macro_rules! qfuse_tests {
     (@needs gpu) => { $crate::common::harness::Needs::Gpu };
     (@needs subgroups) => { $crate::common::harness::Needs::Subgroups };
     (@needs packed_int8_dot) => { $crate::common::harness::Needs::PackedInt8Dot };
+    (@needs large_buffers) => { $crate::common::harness::Needs::LargeBuffers };
     (@manual) => { false };
     (@manual manual) => { true };
     ($($name:ident $(: $needs:ident $(+ $manual:ident)?)?),* $(,)?) => {

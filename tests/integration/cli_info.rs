@@ -44,6 +44,34 @@ fn info_shows_what_selects_kernels() {
             .unwrap_or_else(|| panic!("no `{key}` line in:\n{stdout}"))
             .to_string()
     };
+    let limits = line("limits");
+    let l = ctx.limits();
+    for (name, value) in [
+        (
+            "max_storage_buffer_binding_size",
+            l.max_storage_buffer_binding_size,
+        ),
+        (
+            "max_compute_workgroup_storage_size",
+            l.max_compute_workgroup_storage_size.into(),
+        ),
+    ] {
+        assert!(limits.contains(&format!("{name} {value} B")), "{limits}");
+    }
+    let small = qfuse::gpu::ContextOptions::from_env()
+        .unwrap()
+        .limit_caps
+        .is_some();
+    assert_eq!(limits.contains("=small"), small, "{limits}");
+    if small {
+        // What the cut-down context promises: no subgroups, no timestamps, 16 MiB bindings.
+        assert!(
+            ctx.subgroup_sizes().is_none() && !ctx.has_timestamps(),
+            "{limits}"
+        );
+        assert!(l.max_storage_buffer_binding_size <= 16 << 20, "{limits}");
+        assert!(l.max_compute_workgroup_storage_size <= 16 << 10, "{limits}");
+    }
     let sg = line("subgroups:");
     match ctx.subgroup_sizes() {
         Some((lo, hi)) => {

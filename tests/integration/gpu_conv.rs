@@ -682,27 +682,57 @@ fn large_conv_output_tiles_dispatch() {
     assert_close("66,560-tile conv", &got, &want.into_dyn(), 1e-4, 1e-4);
 }
 
+/// A conv whose inputs fit but whose output passes the device's storage binding limit (16 MiB
+/// on a context cut down with `QFUSE_DEVICE_LIMITS=small`) is refused with the typed
+/// `Error::BufferTooLarge` before anything is allocated or dispatched, by every algorithm; the
+/// context keeps working.
+fn conv_output_past_the_binding_limit_is_refused() {
+    let Some(ctx) = common::gpu() else { return };
+    let l = ctx.limits();
+    let limit = l.max_storage_buffer_binding_size.min(l.max_buffer_size);
+    // [1, 1, 32, 32] through O 1x1 filters: O * 4 KiB of output, one 4 KiB step past the limit.
+    let o = usize::try_from(limit / 4096 + 1).unwrap();
+    let mut rng = Rng(12);
+    let x = rng.array4([1, 1, 32, 32]);
+    let w = rng.array4([o, 1, 1, 1]);
+    let (gx, gw) = (up4(&ctx, &x), up4(&ctx, &w));
+    let params = Conv2dParams::default();
+    for algorithm in [
+        ConvAlgorithm::Auto,
+        ConvAlgorithm::Direct,
+        ConvAlgorithm::ImplicitGemm,
+        ConvAlgorithm::RegisterBlocked,
+    ] {
+        let e = conv2d_with_algorithm(&ctx, &gx, &gw, &params, &ConvEpilogue::none(), algorithm)
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::BufferTooLarge { size, limit: l, .. }
+                if size == o as u64 * 4096 && l == limit),
+            "{algorithm:?}: {e:?}"
+        );
+    }
+    let small = rng.array4([2, 1, 3, 3]);
+    let y = conv2d_with_algorithm(
+        &ctx,
+        &gx,
+        &up4(&ctx, &small),
+        &params,
+        &ConvEpilogue::none(),
+        ConvAlgorithm::Auto,
+    )
+    .unwrap()
+    .download_f32(&ctx)
+    .unwrap();
+    let want = reference::conv2d::conv2d(&x, &small, None, &params).unwrap();
+    assert_close("after the refusal", &y, &want.into_dyn(), 1e-5, 1e-5);
+}
+
 /// A context whose device allows only 16 workgroups per dimension, so that every kernel's
 /// grid is tiled over x and y even at test sizes.
 fn small_grid_context() -> Option<GpuContext> {
-    common::gpu()?;
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
-    let instance = wgpu::Instance::new(desc);
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        ..Default::default()
-    }))
-    .expect("an adapter (common::gpu found one)");
-    let mut limits = adapter.limits();
-    limits.max_compute_workgroups_per_dimension = 16;
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("small grid"),
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("a device with lowered limits");
-    Some(GpuContext::from_device(device, queue).unwrap())
+    common::custom_context("small grid", wgpu::Features::empty(), |l| {
+        l.max_compute_workgroups_per_dimension = 16
+    })
 }
 
 fn small_grid_limit_tiles_every_kernel() {
@@ -921,7 +951,8 @@ crate::qfuse_tests! {
     linear_matches_reference: gpu,
     max_pool2d_matches_reference_incl_nan: gpu,
     log_softmax_matches_reference: gpu,
-    large_conv_output_tiles_dispatch: gpu,
-    small_grid_limit_tiles_every_kernel,
+    large_conv_output_tiles_dispatch: large_buffers,
+    conv_output_past_the_binding_limit_is_refused: gpu,
+    small_grid_limit_tiles_every_kernel: gpu,
     errors_match_cpu: gpu,
 }

@@ -64,24 +64,9 @@ fn register_blocked_resnet_like_shape() {
 /// A context whose device allows only 16 workgroups per dimension, so that the grid is tiled
 /// over x and y even at test sizes.
 fn small_grid_context() -> Option<GpuContext> {
-    common::gpu()?;
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
-    let instance = wgpu::Instance::new(desc);
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        ..Default::default()
-    }))
-    .expect("an adapter (common::gpu found one)");
-    let mut limits = adapter.limits();
-    limits.max_compute_workgroups_per_dimension = 16;
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("small grid"),
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("a device with lowered limits");
-    Some(GpuContext::from_device(device, queue).unwrap())
+    common::custom_context("small grid", wgpu::Features::empty(), |l| {
+        l.max_compute_workgroups_per_dimension = 16
+    })
 }
 
 fn register_blocked_small_grid_limit() {

@@ -120,25 +120,9 @@ fn subgroup_resnet_like_shapes() {
 /// A context whose device allows only 16 workgroups per dimension (so that the grid is tiled
 /// over x and y even at test sizes), with `features` requested.
 fn context_with(features: wgpu::Features, max_per_dim: u32) -> Option<GpuContext> {
-    common::gpu()?;
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
-    let instance = wgpu::Instance::new(desc);
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        ..Default::default()
-    }))
-    .expect("an adapter (common::gpu found one)");
-    let mut limits = adapter.limits();
-    limits.max_compute_workgroups_per_dimension = max_per_dim;
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("subgroup test"),
-        required_features: features & adapter.features(),
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("a device");
-    Some(GpuContext::from_device(device, queue).unwrap())
+    common::custom_context("subgroup test", features, |l| {
+        l.max_compute_workgroups_per_dimension = max_per_dim
+    })
 }
 
 fn subgroup_small_grid_limit() {

@@ -53,6 +53,7 @@ fn temp_dir(name: &str) -> PathBuf {
 fn context(dir: Option<&Path>) -> GpuContext {
     GpuContext::new_with(ContextOptions {
         cache_dir: dir.map(Path::to_path_buf),
+        ..ContextOptions::from_env().unwrap()
     })
     .unwrap()
 }
@@ -346,7 +347,65 @@ fn corrupt_or_foreign_cache_files_are_ignored() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A context cut down to a small GPU's limits and features (`ContextOptions::small_gpu`) on the
+/// same adapter and cache directory keeps its decisions in a tuning file of its own: it never
+/// reads the full device's choices (a subgroup variant it cannot run) nor overwrites them.
+fn small_gpu_context_keeps_its_own_tuning_file() {
+    let Some(_) = common::gpu() else { return };
+    let dir = temp_dir("small");
+    let full = ContextOptions {
+        cache_dir: Some(dir.clone()),
+        ..ContextOptions::default()
+    };
+    let small = ContextOptions {
+        cache_dir: Some(dir.clone()),
+        ..ContextOptions::default().small_gpu()
+    };
+    let case = tuned_case();
+    let mut rng = Rng(63);
+    let big = GpuContext::new_with(full.clone()).unwrap();
+    check(&big, &mut rng, &case, ConvAlgorithm::Auto);
+    let big_choice = tuned_variant(&big, &case.0, &case.1, &case.2)
+        .unwrap()
+        .unwrap();
+    drop(big);
+    let ctx = GpuContext::new_with(small).unwrap();
+    assert!(!ctx.has_subgroups() && !ctx.has_timestamps());
+    assert_eq!(ctx.limits().max_storage_buffer_binding_size, 16 << 20);
+    assert_eq!(ctx.limits().max_compute_workgroup_storage_size, 16 << 10);
+    assert_eq!(ctx.cache_status().tuning, CacheLoad::Missing);
+    check(&ctx, &mut rng, &case, ConvAlgorithm::Auto);
+    let chosen = tuned_variant(&ctx, &case.0, &case.1, &case.2)
+        .unwrap()
+        .unwrap();
+    assert!(
+        !matches!(chosen, ConvVariant::Subgroup { .. }),
+        "{chosen:?}"
+    );
+    drop(ctx);
+    let files = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("qfuse-tuning-")
+        })
+        .count();
+    assert_eq!(files, 2, "one tuning file per device profile");
+    // The full device still reads its own choice.
+    let big = GpuContext::new_with(full).unwrap();
+    assert_eq!(
+        tuned_variant(&big, &case.0, &case.1, &case.2).unwrap(),
+        Some(big_choice)
+    );
+    drop(big);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 crate::qfuse_tests! {
+    small_gpu_context_keeps_its_own_tuning_file: gpu,
     every_variant_matches_reference: gpu,
     tuner_choice_is_a_candidate_made_once_per_class: gpu,
     tuning_file_round_trip: gpu,

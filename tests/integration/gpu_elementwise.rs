@@ -952,7 +952,7 @@ crate::qfuse_tests! {
     observe_then_fake_quant_on_device: gpu,
     activations_bit_exact: gpu,
     folds_match_reference: gpu,
-    large_tensor_tiles_dispatch: gpu,
+    large_tensor_tiles_dispatch: large_buffers,
     pipelines_are_cached_and_reused: gpu,
     errors_match_cpu: gpu,
     buffer_too_large_is_refused_before_allocating: gpu,

@@ -30,17 +30,19 @@ pub fn platform_cache_dir() -> Option<PathBuf> {
     base.map(|b| b.join("qfuse"))
 }
 
-/// The context options of a command run with or without `--no-cache`.
-pub fn options(no_cache: bool) -> ContextOptions {
-    ContextOptions {
+/// The context options of a command run with or without `--no-cache` (the limits as
+/// `QFUSE_DEVICE_LIMITS` says, see `ContextOptions::from_env`).
+pub fn options(no_cache: bool) -> qfuse::Result<ContextOptions> {
+    Ok(ContextOptions {
         cache_dir: if no_cache { None } else { platform_cache_dir() },
-    }
+        ..ContextOptions::from_env()?
+    })
 }
 
 /// Opens the system's GPU context with the command's cache directory, saying on stderr which
 /// cache files were ignored and why.
 pub fn open(no_cache: bool) -> qfuse::Result<GpuContext> {
-    let ctx = GpuContext::new_with(options(no_cache))?;
+    let ctx = GpuContext::new_with(options(no_cache)?)?;
     let status = ctx.cache_status();
     for (what, load) in [("tuning", &status.tuning), ("pipeline", &status.pipelines)] {
         if let CacheLoad::Rejected(why) = load {

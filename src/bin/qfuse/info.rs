@@ -101,10 +101,20 @@ pub fn run() -> qfuse::Result<ExitCode> {
         "device type: {:?}, driver: {} {}",
         info.device_type, info.driver, info.driver_info
     );
+    let cut = qfuse::gpu::ContextOptions::from_env()?.limit_caps.is_some();
     println!(
-        "limits: max_buffer_size {} B, max_storage_buffer_binding_size {} B, \
+        "limits{}: max_buffer_size {} B, max_storage_buffer_binding_size {} B, \
          max_compute_workgroups_per_dimension {}, max_compute_invocations_per_workgroup {}, \
          max_compute_workgroup_storage_size {} B",
+        if cut {
+            format!(
+                " (cut to a small GPU's by {}=small; subgroups and timestamp queries not \
+                 requested)",
+                qfuse::gpu::DEVICE_LIMITS_VAR
+            )
+        } else {
+            " (the adapter's own)".to_string()
+        },
         l.max_buffer_size,
         l.max_storage_buffer_binding_size,
         l.max_compute_workgroups_per_dimension,
