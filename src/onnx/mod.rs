@@ -27,6 +27,7 @@
 //! # }
 //! ```
 
+mod budget;
 mod deploy;
 mod eval;
 mod fold;
@@ -41,6 +42,6 @@ pub use fold::{
 };
 pub use model::{
     tensor_from_proto, ConvAttrs, Graph, Node, OnnxModel, Op, PoolAttrs, Tensor, ValueInfo,
-    MAX_ONNX_FILE_BYTES, MIN_OPSET, SUPPORTED_OPS,
+    MAX_ONNX_DECODE_OVERHEAD, MAX_ONNX_FILE_BYTES, MIN_OPSET, SUPPORTED_OPS,
 };
 pub use quantize::{quantize_model, QuantizedModel, QuantizedOp};

@@ -10,7 +10,7 @@ use prost::Message;
 use super::proto;
 use crate::error::{Error, Result};
 use crate::io::file::read_input;
-use crate::io::text::escape;
+use crate::io::text::{escape, escape_path_str};
 use crate::limits::{check_elements, MAX_CONV_SETTING};
 
 /// The oldest opset of the default ONNX domain qfuse imports.
@@ -18,6 +18,15 @@ pub const MIN_OPSET: i64 = 13;
 
 /// The largest ONNX file qfuse reads: 2 GiB, protobuf's own limit for one message.
 pub const MAX_ONNX_FILE_BYTES: u64 = 2 << 30;
+
+/// What decoding an ONNX file may allocate beyond twice the file's size: 256 MiB. prost
+/// allocates a whole struct for every message on the wire (an empty `NodeProto` is 2 bytes
+/// in the file and a few hundred in memory), so [`OnnxModel::from_bytes`] first estimates
+/// the decoded size from the wire bytes (one struct per message, the strings' lengths, each
+/// packed scalar at its decoded size) and refuses a file whose estimate exceeds
+/// `2 × file size + MAX_ONNX_DECODE_OVERHEAD`. A model's weights cost about their size; its
+/// nodes, attributes and names need the overhead.
+pub const MAX_ONNX_DECODE_OVERHEAD: u64 = 256 << 20;
 
 /// The op types qfuse imports (besides `Constant`, whose tensor becomes an initializer).
 pub const SUPPORTED_OPS: &[&str] = &[
@@ -359,8 +368,29 @@ impl OnnxModel {
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
-    /// [`OnnxModel::load`] on bytes; `source` names them in errors.
+    /// [`OnnxModel::load`] on bytes; `source` names them in errors. Before decoding, the
+    /// memory decoding would take is estimated from the wire bytes and bounded by
+    /// [`MAX_ONNX_DECODE_OVERHEAD`] ([`Error::TooLarge`]).
     pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Self> {
+        let need = super::budget::decoded_size(bytes).map_err(|reason| Error::MalformedOnnx {
+            path: source.to_string(),
+            reason: format!("not a protobuf ModelProto ({reason})"),
+        })?;
+        let limit = (bytes.len() as u64)
+            .saturating_mul(2)
+            .saturating_add(MAX_ONNX_DECODE_OVERHEAD);
+        if need > limit {
+            return Err(Error::TooLarge {
+                what: format!(
+                    "decoding ONNX model {} (estimated from its {} bytes)",
+                    escape_path_str(source),
+                    bytes.len()
+                ),
+                size: need,
+                limit,
+                unit: "bytes",
+            });
+        }
         let proto = proto::ModelProto::decode(bytes).map_err(|e| Error::MalformedOnnx {
             path: source.to_string(),
             reason: format!("not a protobuf ModelProto ({e})"),

@@ -39,6 +39,7 @@ mod gpu_train;
 mod gpu_train_into;
 mod hostile;
 mod onnx;
+mod onnx_tract;
 mod proptest_ops;
 mod qat;
 mod state_dict;
@@ -88,6 +89,7 @@ fn main() -> std::process::ExitCode {
         gpu_train_into::TESTS,
         hostile::TESTS,
         onnx::TESTS,
+        onnx_tract::TESTS,
         proptest_ops::TESTS,
         qat::TESTS,
         state_dict::TESTS,

@@ -568,6 +568,64 @@ fn graph(m: &mut ModelProto) -> &mut GraphProto {
     m.graph.as_mut().unwrap()
 }
 
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A length-delimited field (`tag`: field number << 3 | 2) holding `body`.
+fn field(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    push_varint(&mut out, body.len() as u64);
+    out.extend_from_slice(body);
+    out
+}
+
+/// A 1.2 MB file that would make prost allocate about 0.8 GB — a node with 600,000 empty
+/// attributes, 2 bytes each on the wire and a whole `AttributeProto` each in memory — is
+/// refused before decoding with one line (`Error::TooLarge`), by the library and by `qfuse
+/// fold`; a file of the same size made of weights loads.
+fn decode_budget_refuses_amplifying_files() {
+    let attrs = [0x2au8, 0x00].repeat(600_000); // NodeProto.attribute (5): empty
+    let node = field(0x0a, &attrs); // GraphProto.node (1)
+    let mut bytes = tiny(|_| {});
+    bytes.extend(field(0x3a, &node)); // ModelProto.graph (7), merged into the tiny graph
+    assert!(bytes.len() < 1_300_000);
+    let e = load_bytes(&bytes).unwrap_err();
+    let s = e.to_string();
+    println!("{s}");
+    assert!(matches!(e, Error::TooLarge { .. }), "{s}");
+    assert!(s.starts_with("decoding ONNX model test.onnx"), "{s}");
+    assert!(!s.contains('\n'), "{s}");
+    if let Error::TooLarge { size, limit, .. } = e {
+        assert!(size > 500 * bytes.len() as u64, "{size}");
+        assert_eq!(
+            limit,
+            2 * bytes.len() as u64 + qfuse::onnx::MAX_ONNX_DECODE_OVERHEAD
+        );
+    }
+    let d = tmp_dir("budget");
+    let path = d.join("amplify.onnx");
+    std::fs::write(&path, &bytes).unwrap();
+    let o = qfuse(&["fold", p(&path), "-o", p(&d.join("out.onnx"))]);
+    let (stdout, stderr) = text(&o);
+    assert!(!o.status.success(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("exceeds the limit of"), "{stderr}");
+    // The same size in weights: within the budget.
+    let big = tiny(|m| {
+        graph(m)
+            .initializer
+            .push(f32_tensor("unused", &[300_000], &vec![0.25; 300_000]));
+    });
+    assert!(big.len() > 1_200_000);
+    load_bytes(&big).unwrap();
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// Malformed, hostile and unsupported models are typed errors with one clear line that names
 /// the node and op type (escaped).
 fn hostile_models_are_typed_errors() {
@@ -758,6 +816,7 @@ crate::qfuse_tests! {
     binary_folds_onnx,
     binary_folds_a_state_dict_with_the_graph,
     hostile_models_are_typed_errors,
+    decode_budget_refuses_amplifying_files,
     fusion_respects_single_consumers,
     qdq_evaluation_matches_onnxruntime,
     quantize_exports_qdq_close_to_float,
