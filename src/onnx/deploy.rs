@@ -10,7 +10,7 @@ use super::fold::activation_of;
 use super::model::{Graph, Node, Op, Tensor};
 use crate::deploy::{Net, ValueId};
 use crate::error::{Error, Result};
-use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams, PadMode};
+use crate::ops::{Activation, Conv2d, Conv2dParams, PadMode};
 
 fn no_int_form(graph: &Graph, i: usize, why: &str) -> Error {
     Error::UnsupportedOnnxOp {
@@ -103,28 +103,18 @@ pub fn to_net(graph: &Graph) -> Result<Net> {
                 };
                 net.conv(&label, conv, x?)?
             }
-            Op::BatchNormalization { epsilon } => {
-                let v = |k: usize| -> Result<Array1<f32>> {
+            Op::BatchNormalization { .. } => {
+                let bn = n.batch_norm(|k, _| {
                     Ok(Array1::from_iter(
                         constant(graph, n, k)
                             .ok_or_else(|| no_int_form(graph, i, "statistics not constant"))?
                             .iter()
                             .copied(),
                     ))
-                };
+                })?;
                 let x = x?;
                 single_consumer(graph, &uses, i, n)?;
-                net.batch_norm(
-                    x,
-                    BatchNorm {
-                        weight: Some(v(1)?),
-                        bias: Some(v(2)?),
-                        running_mean: v(3)?,
-                        running_var: v(4)?,
-                        eps: *epsilon,
-                        momentum: 0.1,
-                    },
-                )?
+                net.batch_norm(x, bn)?
             }
             Op::Relu | Op::Clip => {
                 let act = activation_of(graph, n)

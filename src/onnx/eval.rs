@@ -182,20 +182,12 @@ fn eval_node<B: HostOps + ?Sized>(
         Op::ConvTranspose(a) => {
             conv_transpose(backend, x(0)?, x(1)?, opt_vec(graph, values, node, 2)?, a)?
         }
-        Op::BatchNormalization { epsilon } => {
+        Op::BatchNormalization { .. } => {
             let input = x(0)?;
-            let vec = |i| {
+            let bn = node.batch_norm(|i, _| {
                 opt_vec(graph, values, node, i)?
                     .ok_or_else(|| Error::invalid(format!("input {i} is missing")))
-            };
-            let bn = BatchNorm {
-                weight: Some(vec(1)?),
-                bias: Some(vec(2)?),
-                running_mean: vec(3)?,
-                running_var: vec(4)?,
-                eps: *epsilon,
-                momentum: 0.1,
-            };
+            })?;
             batch_norm(backend, input, &bn)?
         }
         Op::Relu | Op::LeakyRelu { .. } | Op::HardSwish => {

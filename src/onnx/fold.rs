@@ -17,7 +17,7 @@ use crate::fold_state_dict::FoldSpec;
 use crate::fuse::is_builtin;
 use crate::io::file::Outputs;
 use crate::io::text::escape;
-use crate::ops::{Activation, BatchNorm};
+use crate::ops::Activation;
 
 /// A chain of nodes that folds: a head (Conv, ConvTranspose or Gemm), its BatchNormalization,
 /// and the activation after it, if any (the activation node stays in the graph; ONNX has no
@@ -230,14 +230,8 @@ fn fold_one<B: HostOps + ?Sized>(
         Some(b) => Some(vec1(graph, Some(b), "bias")?),
         None => None,
     };
-    let bn = BatchNorm {
-        weight: Some(vec1(graph, bn_node.input(1), "BatchNorm scale")?),
-        bias: Some(vec1(graph, bn_node.input(2), "BatchNorm B")?),
-        running_mean: vec1(graph, bn_node.input(3), "BatchNorm mean")?,
-        running_var: vec1(graph, bn_node.input(4), "BatchNorm var")?,
-        eps: f.epsilon,
-        momentum: 0.1,
-    };
+    let bn = bn_node
+        .batch_norm(|i, what| vec1(graph, bn_node.input(i), &format!("BatchNorm {what}")))?;
     match &head.op {
         Op::Conv(_) => {
             let folded = backend.fold_conv_bn(w, bias.as_ref(), &bn, false)?;

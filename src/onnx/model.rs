@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::io::file::read_input;
 use crate::io::text::{escape, escape_path_str};
 use crate::limits::{check_elements, MAX_CONV_SETTING};
+use crate::ops::BatchNorm;
 
 /// The oldest opset of the default ONNX domain qfuse imports.
 pub const MIN_OPSET: i64 = 13;
@@ -283,6 +284,31 @@ impl Node {
             .get(i)
             .map(String::as_str)
             .filter(|s| !s.is_empty())
+    }
+
+    /// The [`BatchNorm`] a BatchNormalization node computes — inference mode: γ, β, the
+    /// running mean and variance from inputs 1 to 4, the node's epsilon — with each
+    /// per-channel vector read by `param(input index, what it is)` (a host array from a
+    /// constant, a value computed by the evaluator, a backend's tensor). The one conversion
+    /// the evaluator, the fold and the deployment graph share. Errors: `param`'s; another op.
+    pub(crate) fn batch_norm<T>(
+        &self,
+        mut param: impl FnMut(usize, &'static str) -> Result<T>,
+    ) -> Result<BatchNorm<T>> {
+        let Op::BatchNormalization { epsilon } = self.op else {
+            return Err(Error::invalid(format!(
+                "internal: a {} node is no BatchNorm",
+                self.op.op_type()
+            )));
+        };
+        Ok(BatchNorm {
+            weight: Some(param(1, "scale")?),
+            bias: Some(param(2, "B")?),
+            running_mean: param(3, "mean")?,
+            running_var: param(4, "var")?,
+            eps: epsilon,
+            momentum: 0.1,
+        })
     }
 }
 
