@@ -10,7 +10,8 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
-use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
+use qfuse::backend::{Backend, CpuBackend, GpuBackend, HostOps};
+use qfuse::deploy::DeviceIntModel;
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::onnx::{fold_model, quantize_model, run, to_int_model, OnnxModel};
 use qfuse::quant::QParams;
@@ -125,21 +126,20 @@ fn agreement(a: &[i32], b: &[i32]) -> (usize, usize, i32) {
     (same, a.len(), worst)
 }
 
-/// Test inputs: 100 pseudo-random batches (1,000 to 2,000 outputs per model).
-const RUNS: u32 = 100;
-
-/// tract runs every QDQ model `quantize_model` writes (per-axis int8 weights, int32 biases,
-/// per-tensor activations), and its output codes equal qfuse's integer model's
-/// (`to_int_model`, on the CPU reference) and qfuse's evaluation of the same QDQ file on at
-/// least 99.9% of the outputs, never more than one step apart. A model the integer model
-/// refuses (an op it has no integer form of yet, named in the error) is compared with the
-/// QDQ evaluation only.
-fn tract_runs_the_qdq_export_with_the_int_model_codes() {
+/// The QDQ export (`quantize_model`) and the integer model (`to_int_model`, run as a
+/// `DeviceIntModel`) of each test model, calibrated and run on `backend` as `qfuse quantize
+/// --backend` does, against tract's run of the QDQ file on `runs` pseudo-random batches:
+/// output codes never more than one step apart, and identical on at least 99.9% of the
+/// outputs against qfuse's evaluation of the QDQ file and on at least `int_permille` per
+/// mille against the integer model. A model the integer model refuses (an op it has no
+/// integer form of yet, named in the error) is compared with the QDQ evaluation only.
+/// Returns how many models had an integer model.
+fn qdq_codes_agree_with_tract<B: Backend>(backend: &B, runs: u32, int_permille: usize) -> usize {
     let mut int_models = 0;
     for name in MODELS {
         let m = load(name);
         let batches = calibration(&m);
-        let q = quantize_model(&CpuBackend, &m, &batches).unwrap();
+        let q = quantize_model(backend, &m, &batches).unwrap();
         let output = &m.graph.outputs[0];
         let out_qp = &q
             .ops
@@ -149,12 +149,12 @@ fn tract_runs_the_qdq_export_with_the_int_model_codes() {
             .output
             .1;
         let tract = Tract::new(&q.model.to_bytes());
-        let folded = fold_model(&CpuBackend, &m).unwrap();
-        let im = match to_int_model(&CpuBackend, &folded.model.graph, &batches) {
+        let folded = fold_model(backend, &m).unwrap();
+        let im = match to_int_model(backend, &folded.model.graph, &batches) {
             Ok(im) => {
                 assert_eq!(im.output_qparams(), out_qp, "{name}");
                 int_models += 1;
-                Some(im)
+                Some(DeviceIntModel::prepare(&im, backend.clone()).unwrap())
             }
             Err(e @ Error::UnsupportedOnnxOp { .. }) => {
                 println!("{name}: no integer model ({e})");
@@ -169,15 +169,15 @@ fn tract_runs_the_qdq_export_with_the_int_model_codes() {
             let (s, t, w) = agreement(a, b);
             *acc = (acc.0 + s, acc.1 + t, acc.2.max(w));
         };
-        for k in 0..RUNS {
+        for k in 0..runs {
             let x = lcg(&shape, 1000 + k);
             let theirs = codes_of(&tract.run(&x), out_qp);
             if let Some(im) = &im {
-                let codes = im.forward(&CpuBackend, &x).unwrap();
+                let codes = im.forward(&x).unwrap();
                 let ours: Vec<i32> = codes.iter().map(|&c| i32::from(c)).collect();
                 tally(&mut vs_int, &theirs, &ours);
             }
-            let y = run(&CpuBackend, &q.model.graph, &[(input.clone(), x)]).unwrap();
+            let y = run(backend, &q.model.graph, &[(input.clone(), x)]).unwrap();
             tally(&mut vs_qdq, &theirs, &codes_of(&y[0].1, out_qp));
         }
         for (what, (same, total, worst)) in [("IntModel", vs_int), ("QDQ evaluation", vs_qdq)] {
@@ -186,17 +186,42 @@ fn tract_runs_the_qdq_export_with_the_int_model_codes() {
             }
             let pct = 100.0 * same as f64 / total as f64;
             println!(
-                "{name}: tract vs qfuse {what} codes identical {same}/{total} ({pct:.2}%), max step {worst}"
+                "{name} on {}: tract vs qfuse {what} codes identical {same}/{total} ({pct:.2}%), \
+                 max step {worst}",
+                backend.name()
             );
+            let permille = if what == "IntModel" {
+                int_permille
+            } else {
+                999
+            };
             assert!(
-                same * 1000 >= total * 999,
+                same * 1000 >= total * permille,
                 "{name} vs {what}: {same}/{total}"
             );
             assert!(worst <= 1, "{name} vs {what}: {worst} steps apart");
         }
     }
-    // NNI's Mnist has an integer model (the others as its ops grow).
-    assert!(int_models >= 1);
+    int_models
+}
+
+/// tract runs every QDQ model `quantize_model` writes (per-axis int8 weights, int32 biases,
+/// per-tensor activations) with qfuse's codes, calibrated and run on the CPU reference: 100
+/// batches per model (1,000 to 2,000 outputs), 99.9% identical to the integer model's.
+fn tract_runs_the_qdq_export_with_the_int_model_codes() {
+    // NNI's Mnist has an integer model (the others as the integer ops grow).
+    assert!(qdq_codes_agree_with_tract(&CpuBackend, 100, 999) >= 1);
+}
+
+/// The same calibrated and run on the GPU (`qfuse quantize`'s default backend; the integer
+/// model on the device). The GPU's calibration ranges differ from the CPU's in the last bits
+/// of the scales, and with them Mnist's integer model (equal to the CPU's bit for bit, for
+/// the same qparams) and the QDQ file's float requantization round 8 of 2,000 outputs to
+/// neighbouring codes (measured 99.6%): below the 99.9% the CPU path meets, so this bound is
+/// 99% (an open gap: README, ONNX).
+fn tract_runs_the_qdq_export_with_the_gpu_int_model_codes() {
+    let Some(ctx) = common::gpu() else { return };
+    assert!(qdq_codes_agree_with_tract(&GpuBackend::new(ctx), 100, 990) >= 1);
 }
 
 fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
@@ -240,5 +265,6 @@ fn tract_float_run_matches_the_folded_model_on_the_gpu() {
 
 crate::qfuse_tests! {
     tract_runs_the_qdq_export_with_the_int_model_codes,
+    tract_runs_the_qdq_export_with_the_gpu_int_model_codes: gpu,
     tract_float_run_matches_the_folded_model_on_the_gpu: gpu,
 }
