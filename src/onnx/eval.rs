@@ -1,27 +1,38 @@
-//! A float evaluator of an imported ONNX [`Graph`] on any backend's [`HostOps`]: convs,
-//! BatchNorm, activations and linear layers run on the backend (the CPU reference or the GPU
-//! kernels); shape plumbing (pads, pools, broadcasting, reshapes) runs on the host.
+//! The float evaluator of an imported ONNX [`Graph`] on any [`Backend`]'s own tensors
+//! ([`DeviceGraph`]; [`run`] / [`run_observed`] on host arrays through it): every value a
+//! node computes stays on the backend, and the parameters (conv / linear weights and biases,
+//! BatchNorm statistics) are placed there once. Convs with symmetric pads, ConvTranspose,
+//! BatchNormalization, ReLU / ReLU6 / LeakyReLU / HardSwish, Gemm (a linear layer) and 2-D
+//! MatMul with a constant weight, square max pooling without padding, same-shape Add,
+//! Flatten, Reshape and Identity run on the backend; the rest — padded or average pooling,
+//! GlobalAveragePool, broadcasting Add / Mul, Concat, other Clips and Gemms, asymmetric conv
+//! pads, QuantizeLinear / DequantizeLinear — runs on the host (its inputs downloaded, its
+//! output uploaded when a backend op reads it), through the same code as the host-array
+//! form. On [`crate::CpuBackend`] both forms are the CPU reference's ops, bit for bit.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use ndarray::{concatenate, Array1, Array2, Array4, ArrayD, Axis, Ix2, Ix4, IxDyn};
 
 use super::fold::activation_of;
 use super::model::{ConvAttrs, Graph, Node, Op, PoolAttrs, Tensor};
-use crate::backend::HostOps;
+use crate::backend::{Backend, HostOps, Shaped};
 use crate::error::{Error, Result};
 use crate::io::text::escape;
 use crate::limits::{check_elements, MAX_CONV_SETTING};
 use crate::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams, PadMode};
 
 /// Runs `graph` on `backend` with the given inputs (by name, every graph input) and returns
-/// the graph's outputs, in order, as float arrays.
+/// the graph's outputs, in order, as float arrays: each input is one upload and each output
+/// one download ([`DeviceGraph`] on host arrays).
 ///
 /// Errors: [`Error::MissingTensor`] for an input not given, [`Error::ShapeMismatch`] for an
 /// input whose static dims disagree, and, naming the node, any op's error (shapes that do not
 /// fit, an integer tensor where a float one is needed, attributes the evaluator does not
 /// support such as asymmetric ConvTranspose pads or MatMul of rank > 2).
-pub fn run<B: HostOps + ?Sized>(
+pub fn run<B: Backend>(
     backend: &B,
     graph: &Graph,
     inputs: &[(String, ArrayD<f32>)],
@@ -30,63 +41,548 @@ pub fn run<B: HostOps + ?Sized>(
 }
 
 /// [`run`], calling `observe(name, value)` on every graph input and every float value a node
-/// computes, as it is computed (calibration observers; an error from `observe` stops the
-/// run).
-pub fn run_observed<B: HostOps + ?Sized>(
+/// computes, as it is computed, where it lives ([`Observed`]; calibration observers reduce
+/// it there). An error from `observe` stops the run.
+///
+/// Errors: those of [`run`], and `observe`'s.
+pub fn run_observed<B: Backend>(
     backend: &B,
     graph: &Graph,
     inputs: &[(String, ArrayD<f32>)],
-    observe: &mut dyn FnMut(&str, &ArrayD<f32>) -> Result<()>,
+    observe: &mut dyn FnMut(&str, Observed<'_, B>) -> Result<()>,
 ) -> Result<Vec<(String, ArrayD<f32>)>> {
-    let mut values: HashMap<&str, Tensor> = HashMap::new();
-    for v in &graph.inputs {
-        let (_, x) =
-            inputs
-                .iter()
-                .find(|(n, _)| *n == v.name)
-                .ok_or_else(|| Error::MissingTensor {
-                    name: v.name.clone(),
-                    context: " (a graph input)".into(),
+    let dg = DeviceGraph::prepare(graph, backend.clone())?;
+    let dev = dg.upload_inputs(inputs)?;
+    dg.run_observed(&dev, observe)?
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), backend.download(t)?)))
+        .collect()
+}
+
+/// A float value as an observer sees it: on the backend (what backend ops computed) or on
+/// the host (what the host-side ops computed).
+pub enum Observed<'a, B: Backend> {
+    /// A tensor on the backend.
+    Device(&'a B::Tensor),
+    /// A host array.
+    Host(&'a ArrayD<f32>),
+}
+
+/// A value during a run: on the backend, or a host tensor (integer codes, or the output of a
+/// host-side op).
+enum Val<B: Backend> {
+    Dev(B::Tensor),
+    Host(Tensor),
+}
+
+/// The values of a run, and the host values uploaded / device values downloaded so far
+/// (each crosses at most once).
+struct Values<'g, B: Backend> {
+    map: HashMap<&'g str, Val<B>>,
+    up: RefCell<HashMap<String, B::Tensor>>,
+    down: RefCell<HashMap<String, ArrayD<f32>>>,
+}
+
+/// A node's constant parameters, placed on the backend in the form its op reads.
+struct Params<B: Backend> {
+    /// Conv / ConvTranspose: 4-D (a 1-D conv's `[O, C, L]` as `[O, C, 1, L]`); Gemm and
+    /// MatMul: `[out, in]`.
+    weight: Option<B::Tensor>,
+    /// A 1-D bias.
+    bias: Option<B::Tensor>,
+    /// BatchNormalization's scale, bias, mean and variance.
+    bn: Option<BatchNorm<B::Tensor>>,
+}
+
+/// An imported graph prepared on a backend: the constant parameters of its nodes placed
+/// once, then any number of runs on the backend's tensors.
+///
+/// ```no_run
+/// use qfuse::onnx::{DeviceGraph, OnnxModel};
+/// use qfuse::backend::Device;
+/// # fn main() -> qfuse::Result<()> {
+/// let model = OnnxModel::load("model.onnx".as_ref())?;
+/// let dg = DeviceGraph::prepare(&model.graph, qfuse::CpuBackend)?;
+/// let x = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 3, 32, 32]));
+/// let inputs = dg.upload_inputs(&[(model.graph.inputs[0].name.clone(), x)])?;
+/// let outputs = dg.run_device(&inputs)?; // (name, tensor on the backend)
+/// let y = dg.backend().download(&outputs[0].1)?;
+/// # let _ = y; Ok(()) }
+/// ```
+pub struct DeviceGraph<'g, B: Backend> {
+    backend: B,
+    graph: &'g Graph,
+    params: Vec<Params<B>>,
+}
+
+impl<'g, B: Backend> DeviceGraph<'g, B> {
+    /// Places the constant parameters of `graph`'s nodes on `backend` (one upload each).
+    ///
+    /// Errors: backend errors.
+    pub fn prepare(graph: &'g Graph, backend: B) -> Result<Self> {
+        let konst = |n: &Node, i: usize| n.input(i).and_then(|s| graph.f32_initializer(s));
+        let vec1 = |n: &Node, i: usize| konst(n, i).filter(|a| a.ndim() == 1);
+        let mut params = Vec::with_capacity(graph.nodes.len());
+        for n in &graph.nodes {
+            let mut p = Params::<B> {
+                weight: None,
+                bias: None,
+                bn: None,
+            };
+            let up = |a: &ArrayD<f32>| backend.upload(a);
+            match &n.op {
+                Op::Conv(_) | Op::ConvTranspose(_) => {
+                    if let Some(w) = konst(n, 1).filter(|w| w.ndim() == 3 || w.ndim() == 4) {
+                        let s = w.shape();
+                        p.weight = Some(if w.ndim() == 3 {
+                            up(&reshape(w, &[s[0], s[1], 1, s[2]])?)?
+                        } else {
+                            up(w)?
+                        });
+                    }
+                    if n.input(2).is_none() || vec1(n, 2).is_some() {
+                        p.bias = vec1(n, 2).map(up).transpose()?;
+                    } else {
+                        p.weight = None;
+                    }
+                }
+                Op::BatchNormalization { epsilon } => {
+                    let v: Vec<_> = (1..5).filter_map(|i| vec1(n, i)).collect();
+                    if let [g, b, m, var] = v.as_slice() {
+                        p.bn = Some(BatchNorm {
+                            weight: Some(up(g)?),
+                            bias: Some(up(b)?),
+                            running_mean: up(m)?,
+                            running_var: up(var)?,
+                            eps: *epsilon,
+                            momentum: 0.1,
+                        });
+                    }
+                }
+                Op::Gemm {
+                    alpha,
+                    beta,
+                    trans_a: false,
+                    trans_b,
+                } if *alpha == 1.0 && *beta == 1.0 => {
+                    if let Some(w) = konst(n, 1).filter(|w| w.ndim() == 2) {
+                        if n.input(2).is_none() || vec1(n, 2).is_some() {
+                            let w = two_d(w, "B")?;
+                            let w = if *trans_b { w } else { w.t().to_owned() };
+                            p.weight = Some(up(&w.into_dyn())?);
+                            p.bias = vec1(n, 2).map(up).transpose()?;
+                        }
+                    }
+                }
+                Op::MatMul => {
+                    if let Some(w) = konst(n, 1).filter(|w| w.ndim() == 2) {
+                        p.weight = Some(up(&two_d(w, "B")?.t().to_owned().into_dyn())?);
+                    }
+                }
+                _ => {}
+            }
+            params.push(p);
+        }
+        Ok(Self {
+            backend,
+            graph,
+            params,
+        })
+    }
+
+    /// The backend the graph runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The graph.
+    pub fn graph(&self) -> &'g Graph {
+        self.graph
+    }
+
+    /// Checks host inputs against the graph's inputs (every one given, static dims equal)
+    /// and uploads them, in the graph's input order.
+    ///
+    /// Errors: [`Error::MissingTensor`], [`Error::ShapeMismatch`], backend errors.
+    pub fn upload_inputs(
+        &self,
+        inputs: &[(String, ArrayD<f32>)],
+    ) -> Result<Vec<(String, B::Tensor)>> {
+        self.graph
+            .inputs
+            .iter()
+            .map(|v| {
+                let (_, x) = inputs.iter().find(|(n, _)| *n == v.name).ok_or_else(|| {
+                    Error::MissingTensor {
+                        name: v.name.clone(),
+                        context: " (a graph input)".into(),
+                    }
                 })?;
+                self.check_input(&v.name, x.shape())?;
+                Ok((v.name.clone(), self.backend.upload(x)?))
+            })
+            .collect()
+    }
+
+    fn check_input(&self, name: &str, dims: &[usize]) -> Result<()> {
+        let Some(v) = self.graph.inputs.iter().find(|v| v.name == name) else {
+            return Ok(());
+        };
         let ok = v.shape.is_empty()
-            || (v.shape.len() == x.ndim()
+            || (v.shape.len() == dims.len()
                 && v.shape
                     .iter()
-                    .zip(x.shape())
+                    .zip(dims)
                     .all(|(d, &s)| d.is_none_or(|d| d == s)));
         if !ok {
             let expected: Vec<usize> = v.shape.iter().map(|d| d.unwrap_or(0)).collect();
             return Err(Error::shape(
                 format!("graph input `{}` (0 = any size)", escape(&v.name)),
                 &expected,
-                x.shape(),
+                dims,
             ));
         }
-        observe(&v.name, x)?;
-        values.insert(v.name.as_str(), Tensor::F32(x.clone()));
+        Ok(())
     }
-    for (i, node) in graph.nodes.iter().enumerate() {
-        let out = eval_node(backend, graph, &values, node).map_err(|e| Error::OnnxNode {
-            node: graph.node_label(i),
-            op_type: node.op.op_type(),
-            source: Box::new(e),
-        })?;
-        if let Tensor::F32(a) = &out {
-            observe(&node.outputs[0], a)?;
+
+    /// Runs the graph on inputs already on the backend (by name, every graph input);
+    /// returns the graph's outputs, in order, on the backend.
+    ///
+    /// Errors: as [`run`].
+    pub fn run_device(&self, inputs: &[(String, B::Tensor)]) -> Result<Vec<(String, B::Tensor)>> {
+        self.run_observed(inputs, &mut |_, _| Ok(()))
+    }
+
+    /// [`DeviceGraph::run_device`] with an observer, as [`run_observed`].
+    ///
+    /// Errors: as [`run_observed`].
+    pub fn run_observed(
+        &self,
+        inputs: &[(String, B::Tensor)],
+        observe: &mut dyn FnMut(&str, Observed<'_, B>) -> Result<()>,
+    ) -> Result<Vec<(String, B::Tensor)>> {
+        let graph = self.graph;
+        let mut values = Values {
+            map: HashMap::new(),
+            up: RefCell::new(HashMap::new()),
+            down: RefCell::new(HashMap::new()),
+        };
+        for v in &graph.inputs {
+            let (_, x) =
+                inputs
+                    .iter()
+                    .find(|(n, _)| *n == v.name)
+                    .ok_or_else(|| Error::MissingTensor {
+                        name: v.name.clone(),
+                        context: " (a graph input)".into(),
+                    })?;
+            self.check_input(&v.name, x.dims())?;
+            observe(&v.name, Observed::Device(x))?;
+            values.map.insert(v.name.as_str(), Val::Dev(x.clone()));
         }
-        values.insert(node.outputs[0].as_str(), out);
-    }
-    graph
-        .outputs
-        .iter()
-        .map(|name| {
-            let t = lookup(graph, &values, name)?;
-            let a = t.as_f32().ok_or_else(|| {
-                Error::invalid(format!("graph output `{}` is not float", escape(name)))
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let out = self.node(i, &values).map_err(|e| Error::OnnxNode {
+                node: graph.node_label(i),
+                op_type: node.op.op_type(),
+                source: Box::new(e),
             })?;
-            Ok((name.clone(), a.clone()))
+            match &out {
+                Val::Dev(t) => observe(&node.outputs[0], Observed::Device(t))?,
+                Val::Host(Tensor::F32(a)) => observe(&node.outputs[0], Observed::Host(a))?,
+                Val::Host(_) => {}
+            }
+            values.map.insert(node.outputs[0].as_str(), out);
+        }
+        graph
+            .outputs
+            .iter()
+            .map(|name| {
+                let t = match values.map.get(name.as_str()) {
+                    Some(Val::Dev(t)) => t.clone(),
+                    Some(Val::Host(t)) => self.upload_f32(t, name)?,
+                    None => match graph.initializers.get(name) {
+                        Some(t) => self.upload_f32(t, name)?,
+                        None => {
+                            return Err(Error::MissingTensor {
+                                name: name.clone(),
+                                context: String::new(),
+                            })
+                        }
+                    },
+                };
+                Ok((name.clone(), t))
+            })
+            .collect()
+    }
+
+    fn upload_f32(&self, t: &Tensor, name: &str) -> Result<B::Tensor> {
+        let a = t.as_f32().ok_or_else(|| {
+            Error::invalid(format!("graph output `{}` is not float", escape(name)))
+        })?;
+        self.backend.upload(a)
+    }
+
+    /// Input `i` of `node` on the backend (uploaded when it is a host value), or `None` when
+    /// it is not a float value.
+    fn dev<'v>(
+        &self,
+        values: &'v Values<'_, B>,
+        node: &Node,
+        i: usize,
+    ) -> Result<Option<Cow<'v, B::Tensor>>> {
+        let Some(name) = node.input(i) else {
+            return Ok(None);
+        };
+        Ok(match values.map.get(name) {
+            Some(Val::Dev(t)) => Some(Cow::Borrowed(t)),
+            Some(Val::Host(Tensor::F32(a))) => {
+                // A host value read by several backend ops is uploaded once.
+                let mut up = values.up.borrow_mut();
+                if !up.contains_key(name) {
+                    up.insert(name.to_string(), self.backend.upload(a)?);
+                }
+                up.get(name).cloned().map(Cow::Owned)
+            }
+            Some(Val::Host(_)) => None,
+            None => match self.graph.f32_initializer(name) {
+                Some(a) => Some(Cow::Owned(self.backend.upload(a)?)),
+                None => None,
+            },
         })
-        .collect()
+    }
+
+    /// Node `i`: on the backend when its op and inputs allow, else on the host.
+    fn node(&self, i: usize, values: &Values<'_, B>) -> Result<Val<B>> {
+        let graph = self.graph;
+        let node = &graph.nodes[i];
+        let p = &self.params[i];
+        let b = &self.backend;
+        // Inputs that are computed values (not constants): the first must be a float on the
+        // backend or the host for any backend form.
+        let computed = |k: usize| node.input(k).is_some_and(|s| values.map.contains_key(s));
+        let y = match &node.op {
+            Op::Conv(a) | Op::ConvTranspose(a) if p.weight.is_some() && computed(0) => {
+                let Some(x) = self.dev(values, node, 0)? else {
+                    return self.host(i, values);
+                };
+                let w = p.weight.as_ref().ok_or_else(|| internal("weight"))?;
+                let s = conv_settings(
+                    x.dims(),
+                    graph
+                        .f32_initializer(node.input(1).unwrap_or(""))
+                        .map(|w| w.shape())
+                        .unwrap_or(&[]),
+                    a,
+                )?;
+                let transpose = matches!(node.op, Op::ConvTranspose(_));
+                let symmetric = s.pads[0] == s.pads[2] && s.pads[1] == s.pads[3];
+                if !symmetric {
+                    // Asymmetric pads: zero-padded on the host (conv), or refused there
+                    // (ConvTranspose), as the host form does.
+                    return self.host(i, values);
+                }
+                let dims = x.dims().to_vec();
+                let x4 = if s.one_d {
+                    b.reshape(&x, &[dims[0], dims[1], 1, dims[2]])?
+                } else {
+                    x.into_owned()
+                };
+                let y = if transpose {
+                    let params = ConvTranspose2dParams {
+                        stride: s.stride,
+                        padding: [s.pads[0], s.pads[1]],
+                        output_padding: s.output_padding,
+                        dilation: s.dilation,
+                        groups: a.group,
+                    };
+                    b.conv_transpose2d(&x4, w, p.bias.as_ref(), &params, Activation::None)?
+                } else {
+                    let params = Conv2dParams {
+                        stride: s.stride,
+                        padding: [s.pads[0], s.pads[1]],
+                        dilation: s.dilation,
+                        groups: a.group,
+                        pad_mode: PadMode::Explicit,
+                    };
+                    b.conv2d(&x4, w, p.bias.as_ref(), &params, Activation::None)?
+                };
+                if s.one_d {
+                    let d = y.dims().to_vec();
+                    b.reshape(&y, &[d[0], d[1], d[3]])?
+                } else {
+                    y
+                }
+            }
+            Op::BatchNormalization { .. } if p.bn.is_some() && computed(0) => {
+                let Some(x) = self.dev(values, node, 0)? else {
+                    return self.host(i, values);
+                };
+                let bn = p.bn.as_ref().ok_or_else(|| internal("bn"))?;
+                let s = x.dims().to_vec();
+                if s.len() < 2 {
+                    return Err(Error::invalid(format!(
+                        "BatchNormalization input must have rank >= 2, got {s:?}"
+                    )));
+                }
+                let rest: usize = s[2..].iter().product();
+                let x4 = b.reshape(&x, &[s[0], s[1], rest, 1])?;
+                let y = b.batch_norm2d(&x4, bn, false, Activation::None)?.y;
+                b.reshape(&y, &s)?
+            }
+            Op::Relu | Op::LeakyRelu { .. } | Op::HardSwish | Op::Clip if computed(0) => {
+                let act = match activation_of(graph, node) {
+                    Some(a) => a,
+                    None if matches!(node.op, Op::Clip)
+                        && node.input(2).is_none()
+                        && node
+                            .input(1)
+                            .and_then(|n| graph.f32_initializer(n))
+                            .is_some_and(|c| c.len() == 1 && c.iter().all(|&v| v == 0.0)) =>
+                    {
+                        Activation::Relu
+                    }
+                    None => return self.host(i, values),
+                };
+                let Some(x) = self.dev(values, node, 0)? else {
+                    return self.host(i, values);
+                };
+                b.activation(&x, act)?
+            }
+            Op::Gemm { .. } | Op::MatMul if p.weight.is_some() && computed(0) => {
+                let Some(x) = self.dev(values, node, 0)? else {
+                    return self.host(i, values);
+                };
+                if x.dims().len() != 2 {
+                    return self.host(i, values);
+                }
+                let w = p.weight.as_ref().ok_or_else(|| internal("weight"))?;
+                b.linear(&x, w, p.bias.as_ref(), Activation::None)?
+            }
+            Op::MaxPool(pa)
+                if computed(0)
+                    && pa.kernel_shape.len() == 2
+                    && pa.kernel_shape[0] == pa.kernel_shape[1]
+                    && pa.strides[0] == pa.strides[1]
+                    && pa.pads.iter().all(|&v| v == 0)
+                    && pa.dilations.iter().all(|&d| d == 1)
+                    && !pa.ceil_mode =>
+            {
+                let Some(x) = self.dev(values, node, 0)? else {
+                    return self.host(i, values);
+                };
+                if x.dims().len() != 4 {
+                    return self.host(i, values);
+                }
+                b.max_pool2d(&x, pa.kernel_shape[0], pa.strides[0])?
+            }
+            Op::Add if computed(0) && computed(1) => {
+                let (Some(x), Some(y)) = (self.dev(values, node, 0)?, self.dev(values, node, 1)?)
+                else {
+                    return self.host(i, values);
+                };
+                if x.dims() != y.dims() {
+                    return self.host(i, values);
+                }
+                b.add(&x, &y)?
+            }
+            Op::Flatten { .. } | Op::Reshape { .. } | Op::Identity
+                if matches!(
+                    node.input(0).and_then(|s| values.map.get(s)),
+                    Some(Val::Dev(_))
+                ) =>
+            {
+                let Some(Val::Dev(x)) = node.input(0).and_then(|s| values.map.get(s)) else {
+                    return self.host(i, values);
+                };
+                match &node.op {
+                    Op::Identity => x.clone(),
+                    Op::Flatten { axis } => b.reshape(x, &flatten_target(x.dims(), *axis)?)?,
+                    Op::Reshape { .. }
+                        if node.input(1).is_some_and(|s| values.map.contains_key(s)) =>
+                    {
+                        return self.host(i, values)
+                    }
+                    Op::Reshape { allow_zero } => {
+                        let shape = reshape_shape(graph, node)?;
+                        b.reshape(x, &reshape_target(x.dims(), &shape, *allow_zero)?)?
+                    }
+                    _ => return Err(internal("reshape")),
+                }
+            }
+            _ => return self.host(i, values),
+        };
+        Ok(Val::Dev(y))
+    }
+
+    /// Node `i` on the host: its computed inputs downloaded, then the host-array form.
+    fn host(&self, i: usize, values: &Values<'_, B>) -> Result<Val<B>> {
+        let node = &self.graph.nodes[i];
+        let mut local: HashMap<&str, Tensor> = HashMap::new();
+        for name in node.inputs.iter().filter(|s| !s.is_empty()) {
+            match values.map.get(name.as_str()) {
+                Some(Val::Dev(t)) => {
+                    // A device value read by several host ops is downloaded once.
+                    let mut down = values.down.borrow_mut();
+                    if !down.contains_key(name.as_str()) {
+                        down.insert(name.clone(), self.backend.download(t)?);
+                    }
+                    let a = down
+                        .get(name.as_str())
+                        .cloned()
+                        .ok_or_else(|| internal("down"))?;
+                    local.insert(name.as_str(), Tensor::F32(a));
+                }
+                Some(Val::Host(t)) => {
+                    local.insert(name.as_str(), t.clone());
+                }
+                None => {}
+            }
+        }
+        Ok(Val::Host(eval_node(
+            &self.backend,
+            self.graph,
+            &local,
+            node,
+        )?))
+    }
+}
+
+fn internal(what: &str) -> Error {
+    Error::invalid(format!("internal: {what}"))
+}
+
+/// Flatten's `[outer, inner]` target (ONNX: the dims before `axis`, the dims from it).
+fn flatten_target(shape: &[usize], axis: i64) -> Result<Vec<usize>> {
+    let r = shape.len() as i64;
+    let ax = if axis < 0 { axis + r } else { axis };
+    if !(0..=r).contains(&ax) {
+        return Err(Error::AxisOutOfRange {
+            axis: isize::try_from(axis).unwrap_or(isize::MAX),
+            rank: shape.len(),
+        });
+    }
+    let ax = ax as usize;
+    Ok(vec![
+        shape[..ax].iter().product(),
+        shape[ax..].iter().product(),
+    ])
+}
+
+/// Reshape's constant 1-D int64 shape input.
+fn reshape_shape(graph: &Graph, node: &Node) -> Result<Vec<i64>> {
+    let name = node.input(1).unwrap_or("");
+    match graph.initializers.get(name) {
+        Some(Tensor::I64(s)) if s.ndim() == 1 => Ok(s.iter().copied().collect()),
+        Some(other) => Err(Error::DtypeMismatch {
+            name: name.to_string(),
+            got: format!("{} {:?}", other.dtype_name(), other.shape()),
+            expected: "a 1-D int64 shape".into(),
+        }),
+        None => Err(Error::MissingTensor {
+            name: name.to_string(),
+            context: String::new(),
+        }),
+    }
 }
 
 fn lookup<'a>(
@@ -592,18 +1088,27 @@ struct Conv2dView {
     one_d: bool,
 }
 
-fn conv_view(x: &ArrayD<f32>, w: &ArrayD<f32>, a: &ConvAttrs) -> Result<Conv2dView> {
-    let rank = w.ndim().saturating_sub(2);
-    if !(rank == 1 || rank == 2) || x.ndim() != w.ndim() {
+/// The 2-D settings of a conv of input `x` and weight `w` (a 1-D conv as `[N, C, 1, L]`), with
+/// ONNX's defaults for lists not given.
+struct ConvSettings {
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pads: [usize; 4],
+    output_padding: [usize; 2],
+    one_d: bool,
+}
+
+fn conv_settings(x: &[usize], w: &[usize], a: &ConvAttrs) -> Result<ConvSettings> {
+    let rank = w.len().saturating_sub(2);
+    if !(rank == 1 || rank == 2) || x.len() != w.len() {
         return Err(Error::invalid(format!(
-            "qfuse evaluates 1-D and 2-D convs; input {:?}, weight {:?}",
-            x.shape(),
-            w.shape()
+            "qfuse evaluates 1-D and 2-D convs; input {x:?}, weight {w:?}"
         )));
     }
     if let Some(k) = &a.kernel_shape {
-        if k.as_slice() != &w.shape()[2..] {
-            return Err(Error::shape("kernel_shape", &w.shape()[2..], k));
+        if k.as_slice() != &w[2..] {
+            return Err(Error::shape("kernel_shape", &w[2..], k));
         }
     }
     let strides = resolved(&a.strides, rank, 1);
@@ -615,31 +1120,44 @@ fn conv_view(x: &ArrayD<f32>, w: &ArrayD<f32>, a: &ConvAttrs) -> Result<Conv2dVi
             "the conv attributes do not match the weight's {rank} spatial dims"
         )));
     }
-    if rank == 1 {
-        let to4 = |a: &ArrayD<f32>| -> Result<Array4<f32>> {
-            let s = a.shape();
-            dim4(reshape(a, &[s[0], s[1], 1, s[2]])?, "conv1d")
-        };
-        Ok(Conv2dView {
-            x: to4(x)?,
-            w: to4(w)?,
+    Ok(if rank == 1 {
+        ConvSettings {
             stride: [1, strides[0]],
             dilation: [1, dil[0]],
             pads: [0, pads[0], 0, pads[1]],
             output_padding: [0, opad[0]],
             one_d: true,
-        })
+        }
     } else {
-        Ok(Conv2dView {
-            x: dim4(x.clone(), "conv input")?,
-            w: dim4(w.clone(), "conv weight")?,
+        ConvSettings {
             stride: [strides[0], strides[1]],
             dilation: [dil[0], dil[1]],
             pads: [pads[0], pads[1], pads[2], pads[3]],
             output_padding: [opad[0], opad[1]],
             one_d: false,
-        })
-    }
+        }
+    })
+}
+
+fn conv_view(x: &ArrayD<f32>, w: &ArrayD<f32>, a: &ConvAttrs) -> Result<Conv2dView> {
+    let s = conv_settings(x.shape(), w.shape(), a)?;
+    let to4 = |a: &ArrayD<f32>, what: &str| -> Result<Array4<f32>> {
+        if s.one_d {
+            let d = a.shape();
+            dim4(reshape(a, &[d[0], d[1], 1, d[2]])?, "conv1d")
+        } else {
+            dim4(a.clone(), what)
+        }
+    };
+    Ok(Conv2dView {
+        x: to4(x, "conv input")?,
+        w: to4(w, "conv weight")?,
+        stride: s.stride,
+        dilation: s.dilation,
+        pads: s.pads,
+        output_padding: s.output_padding,
+        one_d: s.one_d,
+    })
 }
 
 fn back_from_view(y: Array4<f32>, one_d: bool) -> Result<ArrayD<f32>> {

@@ -1,8 +1,8 @@
 //! ONNX models in and out: import ([`OnnxModel::load`]) of the ops convnets use (opset 13 and
 //! later) into a small graph IR ([`Graph`]), BatchNorm folding over the graph
 //! ([`find_fusable`], [`fold_model`]) with the pattern table of
-//! [`crate::fuse::fuse_modules`], and a float evaluator ([`run`]) on any backend's
-//! [`HostOps`](crate::backend::HostOps), and post-training quantization to QDQ
+//! [`crate::fuse::fuse_modules`], and a float evaluator ([`DeviceGraph`], [`run`]) on any
+//! [`Backend`](crate::backend::Backend)'s own tensors, and post-training quantization to QDQ
 //! ([`quantize_model`]: QuantizeLinear / DequantizeLinear around each Conv, ConvTranspose,
 //! Gemm and MatMul, int8 per-channel weights, int32 biases, calibrated activations).
 //!
@@ -36,7 +36,7 @@ pub mod proto;
 mod quantize;
 
 pub use deploy::{to_int_model, to_net};
-pub use eval::{run, run_observed};
+pub use eval::{run, run_observed, DeviceGraph, Observed};
 pub use fold::{
     find_fusable, fold_file, fold_model, state_dict_specs, FoldedModel, Fusable, OnnxFold,
 };

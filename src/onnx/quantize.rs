@@ -1,7 +1,7 @@
 //! Post-training quantization of an ONNX model to QDQ: [`quantize_model`] folds the
 //! BatchNorms ([`fold_model`]), calibrates the activations around every Conv, ConvTranspose,
-//! Gemm and MatMul with min/max observers while the float graph runs on a backend
-//! ([`run_observed`]), quantizes the weights per channel (symmetric int8) and the biases to
+//! Gemm and MatMul with min/max observers reduced on the backend while the float graph runs
+//! there ([`DeviceGraph`]), quantizes the weights per channel (symmetric int8) and the biases to
 //! int32, and writes `QuantizeLinear` / `DequantizeLinear` pairs around each quantized op —
 //! the QDQ format onnxruntime, TensorRT and tract read. The observer settings are
 //! [`DeployConfig::default`]'s (int8 affine per-tensor activations, int8 symmetric
@@ -12,17 +12,18 @@ use std::collections::{HashMap, HashSet};
 
 use ndarray::{Array1, ArrayD, IxDyn};
 
-use super::eval::run_observed;
+use super::eval::{DeviceGraph, Observed};
 use super::fold::{activation_of, fold_model, OnnxFold};
 use super::model::{Graph, OnnxModel, Op, Tensor};
 use super::proto;
-use crate::backend::HostOps;
+use crate::backend::Backend;
 use crate::deploy::DeployConfig;
 use crate::error::{Error, Result};
 use crate::ops::Activation;
+use crate::quant::ObserverSpec;
 use crate::quant::QParams;
 use crate::reference::int8::{quantize, quantize_bias};
-use crate::reference::observer::{observe_qparams, MinMaxObserver};
+use crate::reference::observer::{calculate_qparams, observe_qparams};
 
 /// One op that [`quantize_model`] quantized.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,13 +184,79 @@ fn qdq_node(
     }
 }
 
+/// Observes the float values named `observed` while `graph` runs on `backend` over
+/// `batches`: the graph's parameters are placed once ([`DeviceGraph`]), each batch is one
+/// upload per graph input, each value is reduced where it lives by
+/// [`crate::backend::QuantOps::observe_running`] (`averaging_constant`: `None` for
+/// `MinMaxObserver`'s running min/max, `Some(c)` for `MovingAverageMinMaxObserver`'s), and
+/// each observer's state is downloaded once, at the end. Returns each value's per-tensor
+/// qparams with `spec`.
+///
+/// Errors: [`Error::InvalidArgument`] for a value no batch computed, a NaN range; those of
+/// [`DeviceGraph`]'s runs and of `observe_running`.
+pub(crate) fn calibrate<B: Backend>(
+    backend: &B,
+    graph: &Graph,
+    batches: &[Vec<(String, ArrayD<f32>)>],
+    observed: &[String],
+    spec: &ObserverSpec,
+    averaging_constant: Option<f32>,
+) -> Result<HashMap<String, QParams>> {
+    let dg = DeviceGraph::prepare(graph, backend.clone())?;
+    let wanted: HashSet<&str> = observed.iter().map(String::as_str).collect();
+    let mut states: HashMap<String, B::Tensor> = HashMap::new();
+    for batch in batches {
+        let inputs = dg.upload_inputs(batch)?;
+        dg.run_observed(&inputs, &mut |name, value| {
+            if !wanted.contains(name) {
+                return Ok(());
+            }
+            let uploaded;
+            let t = match value {
+                Observed::Device(t) => t,
+                Observed::Host(a) => {
+                    uploaded = backend.upload(a)?;
+                    &uploaded
+                }
+            };
+            let prev = states.remove(name);
+            let (s, _) = backend.observe_running(prev, t, spec, averaging_constant)?;
+            states.insert(name.to_string(), s);
+            Ok(())
+        })?;
+    }
+    observed
+        .iter()
+        .map(|v| {
+            let s = states.get(v).ok_or_else(|| {
+                Error::invalid(format!(
+                    "calibration never computed `{}`",
+                    crate::io::text::escape(v)
+                ))
+            })?;
+            let s = backend.download(s)?;
+            let (min, max) = match s.as_slice() {
+                Some(&[min, max]) => (min, max),
+                _ => return Err(internal(format!("observer state of shape {:?}", s.shape()))),
+            };
+            if min.is_nan() || max.is_nan() {
+                return Err(Error::invalid(format!(
+                    "calibration of `{}` saw NaN; cannot quantize it",
+                    crate::io::text::escape(v)
+                )));
+            }
+            Ok((v.clone(), calculate_qparams(&[min], &[max], spec)))
+        })
+        .collect()
+}
+
 /// Quantizes `model` to QDQ after folding its BatchNorms; `batches` are the calibration
 /// inputs (each a list of `(graph input name, tensor)`, every graph input), run in float on
 /// `backend`.
 ///
 /// Errors: [`Error::InvalidArgument`] for no batches or a model with nothing to quantize;
-/// those of [`fold_model`] and [`run_observed`]; a bias that does not fit int32 at its scale.
-pub fn quantize_model<B: HostOps + ?Sized>(
+/// those of [`fold_model`] and [`super::run_observed`]; a bias that does not fit int32 at its scale.
+pub fn quantize_model<B: Backend>(
     backend: &B,
     model: &OnnxModel,
     batches: &[Vec<(String, ArrayD<f32>)>],
@@ -229,22 +296,7 @@ pub fn quantize_model<B: HostOps + ?Sized>(
             }
         }
     }
-    let mut observers: HashMap<String, MinMaxObserver> = observed
-        .iter()
-        .map(|v| Ok((v.clone(), MinMaxObserver::new(cfg.activation)?)))
-        .collect::<Result<_>>()?;
-    for batch in batches {
-        run_observed(backend, graph, batch, &mut |name, value| {
-            if let Some(o) = observers.get_mut(name) {
-                o.observe(value)?;
-            }
-            Ok(())
-        })?;
-    }
-    let act_qp: HashMap<String, QParams> = observers
-        .iter()
-        .map(|(k, o)| (k.clone(), o.qparams()))
-        .collect();
+    let act_qp = calibrate(backend, graph, batches, &observed, &cfg.activation, None)?;
 
     // Rewrite the protobuf.
     let mut proto_model = folded.model.proto.clone();

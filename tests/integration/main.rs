@@ -39,6 +39,7 @@ mod gpu_train;
 mod gpu_train_into;
 mod hostile;
 mod onnx;
+mod onnx_device;
 mod onnx_tract;
 mod proptest_ops;
 mod qat;
@@ -89,6 +90,7 @@ fn main() -> std::process::ExitCode {
         gpu_train_into::TESTS,
         hostile::TESTS,
         onnx::TESTS,
+        onnx_device::TESTS,
         onnx_tract::TESTS,
         proptest_ops::TESTS,
         qat::TESTS,

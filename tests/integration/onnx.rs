@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use ndarray::ArrayD;
 use prost::Message;
-use qfuse::backend::{CpuBackend, GpuBackend, HostOps};
+use qfuse::backend::{CpuBackend, GpuBackend};
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::onnx::proto::{
     self, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto,
@@ -37,7 +37,7 @@ fn reference_io(name: &str) -> (ArrayD<f32>, ArrayD<f32>) {
     )
 }
 
-fn eval<B: HostOps + ?Sized>(b: &B, m: &OnnxModel, x: &ArrayD<f32>) -> ArrayD<f32> {
+fn eval<B: qfuse::Backend>(b: &B, m: &OnnxModel, x: &ArrayD<f32>) -> ArrayD<f32> {
     let mut out = run(b, &m.graph, &[("input".to_string(), x.clone())]).unwrap();
     assert_eq!(out.len(), 1);
     out.remove(0).1
