@@ -28,6 +28,22 @@ pub fn calibrate_ranges<'a, B: Backend>(
     calibration: impl IntoIterator<Item = &'a ArrayD<f32>>,
     spec: &ObserverSpec,
 ) -> Result<Vec<Option<(f32, f32)>>> {
+    calibrate_ranges_with(net, backend, calibration, spec, None)
+}
+
+/// [`calibrate_ranges`] with the running observer's averaging constant: `None` for
+/// `MinMaxObserver`'s running min / max, `Some(c)` for `MovingAverageMinMaxObserver`'s
+/// moving average (as [`crate::backend::QuantOps::observe_running`] takes it).
+///
+/// Errors: as [`calibrate_ranges`]; an averaging constant outside `[0, 1]`
+/// ([`crate::ops::check_observer_update`]).
+pub fn calibrate_ranges_with<'a, B: Backend>(
+    net: &Net,
+    backend: &B,
+    calibration: impl IntoIterator<Item = &'a ArrayD<f32>>,
+    spec: &ObserverSpec,
+    averaging_constant: Option<f32>,
+) -> Result<Vec<Option<(f32, f32)>>> {
     if spec.qscheme.is_per_channel() {
         return Err(Error::invalid(
             "deployment calibrates activations per tensor; got a per-channel spec",
@@ -44,7 +60,7 @@ pub fn calibrate_ranges<'a, B: Backend>(
             if observed[v] {
                 states[v] = Some(
                     backend
-                        .observe_running(states[v].take(), value, spec, None)?
+                        .observe_running(states[v].take(), value, spec, averaging_constant)?
                         .0,
                 );
             }

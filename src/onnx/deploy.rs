@@ -223,18 +223,42 @@ fn single_consumer(graph: &Graph, uses: &HashMap<&str, usize>, i: usize, n: &Nod
 }
 
 /// The integer model of an ONNX graph (fold its BatchNorms first, [`super::fold_model`]):
-/// [`to_net`], a check that the net computes the graph's output on the first calibration
-/// batch (within `1e-4` relative: a Reshape taken as a flatten must be one), then
-/// [`crate::deploy::convert`] with [`crate::deploy::DeployConfig::default`] over the
-/// calibration batches.
+/// [`to_int_model_with`] with [`crate::deploy::DeployConfig::default`] and min/max
+/// observers.
 ///
-/// Errors: those of [`to_net`], [`super::run`] and [`crate::deploy::convert`];
-/// [`Error::InvalidArgument`] when the net and the graph disagree or no batch is given.
+/// Errors: those of [`to_int_model_with`].
 pub fn to_int_model<B: crate::backend::Backend>(
     backend: &B,
     graph: &Graph,
     batches: &[Vec<(String, ndarray::ArrayD<f32>)>],
 ) -> Result<crate::deploy::IntModel> {
+    to_int_model_with(
+        backend,
+        graph,
+        batches,
+        &crate::deploy::DeployConfig::default(),
+        None,
+    )
+}
+
+/// The integer model of an ONNX graph (fold its BatchNorms first, [`super::fold_model`]):
+/// [`to_net`], a check that the net computes the graph's output on the first calibration
+/// batch (within `1e-4` relative: a Reshape taken as a flatten must be one), then the
+/// conversion with `config`, calibrated on `backend`'s tensors
+/// ([`crate::deploy::calibrate_ranges_with`]: one upload per batch, each observer
+/// downloaded once; `averaging_constant` as [`crate::backend::QuantOps::observe_running`]
+/// takes it, `None` for min/max).
+///
+/// Errors: those of [`to_net`], [`super::run`] and [`crate::deploy::convert_with_ranges`];
+/// [`Error::InvalidArgument`] when the net and the graph disagree or no batch is given.
+pub fn to_int_model_with<B: crate::backend::Backend>(
+    backend: &B,
+    graph: &Graph,
+    batches: &[Vec<(String, ndarray::ArrayD<f32>)>],
+    config: &crate::deploy::DeployConfig,
+    averaging_constant: Option<f32>,
+) -> Result<crate::deploy::IntModel> {
+    config.validate()?;
     let net = to_net(graph)?;
     let first = batches
         .first()
@@ -256,10 +280,65 @@ pub fn to_int_model<B: crate::backend::Backend>(
              flatten?)",
         ));
     }
-    crate::deploy::convert_on(
+    let ranges = crate::deploy::calibrate_ranges_with(
         &net,
         backend,
         batches.iter().filter_map(|b| b.first().map(|(_, x)| x)),
-        &crate::deploy::DeployConfig::default(),
-    )
+        &config.activation,
+        averaging_constant,
+    )?;
+    crate::deploy::convert_with_ranges(&net, &crate::backend::CpuBackend, &ranges, config)
+}
+
+/// The one [`crate::deploy::DeployConfig`] of an NNI-style `config_list`, for an integer
+/// model: qfuse's [`crate::deploy::IntModel`] has no mixed precision (every conv and linear
+/// runs on int8 codes with one activation and one weight setting), so every entry must give
+/// the same `quant_dtype`, `quant_scheme` and `granularity`, target all of `_input_`,
+/// `weight` and `_output_` (`target_names` empty or naming them), and the setting must be one
+/// integer kernels run ([`crate::deploy::DeployConfig::validate`]: signed codes, symmetric
+/// weights). Whether the config selects every layer is the caller's to check (the QDQ
+/// export's [`super::QuantizedModel::left_float`]).
+///
+/// Errors: [`Error::InvalidArgument`] saying which entry differs or which setting integer
+/// kernels cannot run.
+pub fn deploy_config_of(config: &crate::config::ConfigList) -> Result<crate::deploy::DeployConfig> {
+    use crate::nn::QuantTarget;
+    let first = config
+        .0
+        .first()
+        .ok_or_else(|| Error::invalid("the config_list is empty"))?;
+    for (k, e) in config.0.iter().enumerate() {
+        if (&e.quant_dtype, &e.quant_scheme, &e.granularity)
+            != (&first.quant_dtype, &first.quant_scheme, &first.granularity)
+        {
+            return Err(Error::invalid(format!(
+                "config_list[{k}] differs from config_list[0] in quant_dtype, quant_scheme or \
+                 granularity: an integer model has one setting for every layer (mixed \
+                 precision stays in the QDQ export)"
+            )));
+        }
+        let ts = e.targets()?;
+        for t in [QuantTarget::Input, QuantTarget::Weight, QuantTarget::Output] {
+            if !ts.is_empty() && !ts.contains(&t) {
+                return Err(Error::invalid(format!(
+                    "config_list[{k}] leaves `{t}` float: an integer model quantizes the input, \
+                     weight and output of every layer"
+                )));
+            }
+        }
+    }
+    let mut weight = first.observer("weight")?;
+    weight.axis = 0;
+    let cfg = crate::deploy::DeployConfig {
+        activation: first.observer("_output_")?,
+        weight,
+        ..crate::deploy::DeployConfig::default()
+    };
+    cfg.validate().map_err(|e| match e {
+        Error::InvalidArgument(m) => {
+            Error::invalid(format!("config_list[0] for an integer model: {m}"))
+        }
+        other => other,
+    })?;
+    Ok(cfg)
 }

@@ -35,7 +35,7 @@ mod model;
 pub mod proto;
 mod quantize;
 
-pub use deploy::{to_int_model, to_net};
+pub use deploy::{deploy_config_of, to_int_model, to_int_model_with, to_net};
 pub use eval::{run, run_observed, DeviceGraph, Observed};
 pub use fold::{
     find_fusable, fold_file, fold_model, state_dict_specs, FoldedModel, Fusable, OnnxFold,
@@ -44,4 +44,7 @@ pub use model::{
     tensor_from_proto, ConvAttrs, Graph, Node, OnnxModel, Op, PoolAttrs, Tensor, ValueInfo,
     MAX_ONNX_DECODE_OVERHEAD, MAX_ONNX_FILE_BYTES, MIN_OPSET, SUPPORTED_OPS,
 };
-pub use quantize::{quantize_model, QuantizedModel, QuantizedOp};
+pub use quantize::{
+    quantize_model, quantize_model_with, ActivationObserver, QuantizeOptions, QuantizedModel,
+    QuantizedOp, MOVING_AVERAGE_CONSTANT,
+};

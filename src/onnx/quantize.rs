@@ -17,28 +17,34 @@ use super::fold::{activation_of, fold_model, OnnxFold};
 use super::model::{Graph, OnnxModel, Op, Tensor};
 use super::proto;
 use crate::backend::Backend;
+use crate::config::ConfigList;
 use crate::deploy::DeployConfig;
 use crate::error::{Error, Result};
+use crate::io::text::escape;
+use crate::nn::QuantTarget;
 use crate::ops::Activation;
-use crate::quant::ObserverSpec;
 use crate::quant::QParams;
+use crate::quant::{ObserverSpec, QDtype, QScheme, QuantRange};
 use crate::reference::int8::{quantize, quantize_bias};
 use crate::reference::observer::{calculate_qparams, observe_qparams};
 
-/// One op that [`quantize_model`] quantized.
+/// One op that [`quantize_model`] quantized (some of its tensors, per the config).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedOp {
     /// The node's name (`#INDEX` when unnamed).
     pub node: String,
     /// Its op type.
     pub op_type: &'static str,
-    /// The quantized input value and its qparams.
-    pub input: (String, QParams),
-    /// The quantized output value (the activation's output when a ReLU or ReLU6 follows as
-    /// the only consumer) and its qparams.
-    pub output: (String, QParams),
-    /// The weight's qparams (per channel along `axis`, or per tensor).
-    pub weight: QParams,
+    /// The input value and its qparams, when the node reads it quantized.
+    pub input: Option<(String, QParams)>,
+    /// The output value quantized as this node's output (the activation's output when a
+    /// ReLU or ReLU6 follows as the only consumer) and its qparams, when it is a target.
+    pub output: Option<(String, QParams)>,
+    /// The weight's qparams (per channel along the output-channel axis, or per tensor), when
+    /// it is a target.
+    pub weight: Option<QParams>,
+    /// Whether the bias became int32.
+    pub bias: bool,
 }
 
 /// The result of [`quantize_model`].
@@ -50,6 +56,8 @@ pub struct QuantizedModel {
     pub folds: Vec<OnnxFold>,
     /// The quantized ops, in graph order.
     pub ops: Vec<QuantizedOp>,
+    /// The quantizable nodes the config left float (names), in graph order.
+    pub left_float: Vec<String>,
     /// How many calibration batches were observed.
     pub batches: usize,
 }
@@ -184,13 +192,14 @@ fn qdq_node(
     }
 }
 
-/// Observes the float values named `observed` while `graph` runs on `backend` over
+/// Observes the float values named in `observed` while `graph` runs on `backend` over
 /// `batches`: the graph's parameters are placed once ([`DeviceGraph`]), each batch is one
-/// upload per graph input, each value is reduced where it lives by
+/// upload per graph input, each value is reduced where it lives (values of host-side ops
+/// are uploaded for it) by
 /// [`crate::backend::QuantOps::observe_running`] (`averaging_constant`: `None` for
 /// `MinMaxObserver`'s running min/max, `Some(c)` for `MovingAverageMinMaxObserver`'s), and
 /// each observer's state is downloaded once, at the end. Returns each value's per-tensor
-/// qparams with `spec`.
+/// qparams with its spec.
 ///
 /// Errors: [`Error::InvalidArgument`] for a value no batch computed, a NaN range; those of
 /// [`DeviceGraph`]'s runs and of `observe_running`.
@@ -198,19 +207,19 @@ pub(crate) fn calibrate<B: Backend>(
     backend: &B,
     graph: &Graph,
     batches: &[Vec<(String, ArrayD<f32>)>],
-    observed: &[String],
-    spec: &ObserverSpec,
+    observed: &[(String, ObserverSpec)],
     averaging_constant: Option<f32>,
 ) -> Result<HashMap<String, QParams>> {
     let dg = DeviceGraph::prepare(graph, backend.clone())?;
-    let wanted: HashSet<&str> = observed.iter().map(String::as_str).collect();
+    let wanted: HashMap<&str, &ObserverSpec> =
+        observed.iter().map(|(v, s)| (v.as_str(), s)).collect();
     let mut states: HashMap<String, B::Tensor> = HashMap::new();
     for batch in batches {
         let inputs = dg.upload_inputs(batch)?;
         dg.run_observed(&inputs, &mut |name, value| {
-            if !wanted.contains(name) {
+            let Some(spec) = wanted.get(name) else {
                 return Ok(());
-            }
+            };
             let uploaded;
             let t = match value {
                 Observed::Device(t) => t,
@@ -227,7 +236,7 @@ pub(crate) fn calibrate<B: Backend>(
     }
     observed
         .iter()
-        .map(|v| {
+        .map(|(v, spec)| {
             let s = states.get(v).ok_or_else(|| {
                 Error::invalid(format!(
                     "calibration never computed `{}`",
@@ -250,16 +259,258 @@ pub(crate) fn calibrate<B: Backend>(
         .collect()
 }
 
-/// Quantizes `model` to QDQ after folding its BatchNorms; `batches` are the calibration
-/// inputs (each a list of `(graph input name, tensor)`, every graph input), run in float on
-/// `backend`.
+/// How [`quantize_model_with`] observes the activations during calibration.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ActivationObserver {
+    /// `MinMaxObserver`: the running minimum and maximum over every batch.
+    #[default]
+    MinMax,
+    /// `MovingAverageMinMaxObserver`: the first batch's min / max, then
+    /// `m ← m + c · (batch − m)` for each later batch, with this averaging constant `c`
+    /// (PyTorch's default: [`MOVING_AVERAGE_CONSTANT`]).
+    MovingAverage(f32),
+}
+
+/// PyTorch's `MovingAverageMinMaxObserver` default averaging constant.
+pub const MOVING_AVERAGE_CONSTANT: f32 = 0.01;
+
+impl ActivationObserver {
+    /// The averaging constant [`crate::backend::QuantOps::observe_running`] takes: `None`
+    /// for min/max.
+    pub fn averaging_constant(&self) -> Option<f32> {
+        match self {
+            Self::MinMax => None,
+            Self::MovingAverage(c) => Some(*c),
+        }
+    }
+}
+
+/// Options of [`quantize_model_with`].
+#[derive(Debug, Clone, Default)]
+pub struct QuantizeOptions {
+    /// Which nodes and which of their tensors to quantize, with which settings (an NNI-style
+    /// `config_list`, selected as [`quantize_model_with`] says); `None`: every quantizable node, its input, weight, bias
+    /// and output, with [`DeployConfig::default`]'s settings.
+    pub config: Option<ConfigList>,
+    /// The activation observer.
+    pub observer: ActivationObserver,
+}
+
+/// What is quantized of one quantizable node: the observer settings of its input, weight and
+/// output (`None`: left float) and whether its bias becomes int32 (it does when the input and
+/// the weight are quantized and the node has a constant bias).
+#[derive(Debug, Clone, PartialEq)]
+struct NodePlan {
+    /// The node's index in the graph.
+    node: usize,
+    /// The input activation's observer (per tensor).
+    input: Option<ObserverSpec>,
+    /// The weight's observer (per channel along the node's output-channel axis, or per
+    /// tensor).
+    weight: Option<ObserverSpec>,
+    /// Whether the bias is a target.
+    bias: bool,
+    /// The output activation's observer (per tensor).
+    output: Option<ObserverSpec>,
+}
+
+/// The PyTorch module type a quantizable node stands for (`Conv1d` / `Conv2d` by the
+/// weight's rank, `ConvTranspose1d` / `ConvTranspose2d`, `Linear` for Gemm and MatMul).
+fn torch_type(graph: &Graph, node: &super::model::Node) -> &'static str {
+    let rank = node
+        .input(1)
+        .and_then(|w| graph.f32_initializer(w))
+        .map_or(0, |w| w.ndim());
+    match (&node.op, rank) {
+        (Op::Conv(_), 3) => "Conv1d",
+        (Op::Conv(_), _) => "Conv2d",
+        (Op::ConvTranspose(_), 3) => "ConvTranspose1d",
+        (Op::ConvTranspose(_), _) => "ConvTranspose2d",
+        _ => "Linear",
+    }
+}
+
+/// The names a config can select a node by: its name (`#INDEX` when unnamed) and, when its
+/// weight is named `MODULE.weight` (as `torch.onnx.export` names it), the module path.
+fn node_names(graph: &Graph, i: usize) -> Vec<String> {
+    let mut names = vec![graph.node_label(i)];
+    if let Some(m) = graph.nodes[i]
+        .input(1)
+        .and_then(|w| w.strip_suffix(".weight"))
+    {
+        names.push(m.to_string());
+    }
+    names
+}
+
+/// Checks an activation observer setting QDQ can express: int8 codes `[-128, 127]` (what
+/// ONNX QuantizeLinear with an int8 zero point saturates to), per tensor.
+fn check_activation(spec: &ObserverSpec, what: &str) -> Result<()> {
+    if spec.dtype != QDtype::QInt8 || spec.range != QuantRange::INT8 {
+        return Err(Error::invalid(format!(
+            "{what}: QDQ activations are int8 [-128, 127] (ONNX QuantizeLinear with an int8 \
+             zero point); got [{}, {}]",
+            spec.range.quant_min, spec.range.quant_max
+        )));
+    }
+    if spec.qscheme.is_per_channel() {
+        return Err(Error::invalid(format!(
+            "{what}: activations are quantized per tensor"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a weight observer setting: signed codes inside `[-128, 127]` (int8, int4, int2:
+/// stored as int8 codes).
+fn check_weight(spec: &ObserverSpec, what: &str) -> Result<()> {
+    if spec.dtype != QDtype::QInt8 || spec.range.quant_min < -128 || spec.range.quant_max > 127 {
+        return Err(Error::invalid(format!(
+            "{what}: QDQ weights are signed codes inside int8 [-128, 127] (int8, int4, int2); \
+             got [{}, {}]",
+            spec.range.quant_min, spec.range.quant_max
+        )));
+    }
+    Ok(())
+}
+
+/// The quantization plan of `graph`'s quantizable nodes (Conv, ConvTranspose, Gemm and MatMul
+/// with constant weights, in graph order) under `config`: NNI's selection rule
+/// ([`crate::config::QuantConfig::matches`]) with a node's names ([`Graph::node_label`], and
+/// `MODULE` for a weight named `MODULE.weight`) and types (the PyTorch module type —
+/// `Conv2d`, `ConvTranspose2d`, `Linear`, ... — or the ONNX op type); a later entry's target
+/// replaces an earlier one's; `target_names` empty means all four. `None` quantizes every
+/// node with [`DeployConfig::default`]'s settings. Nodes no entry selects are left out (they
+/// stay float).
 ///
-/// Errors: [`Error::InvalidArgument`] for no batches or a model with nothing to quantize;
-/// those of [`fold_model`] and [`super::run_observed`]; a bias that does not fit int32 at its scale.
+/// Errors: [`Error::InvalidArgument`] naming (escaped) an `op_names` entry that names no
+/// quantizable node, a `fuse_names` (ONNX BatchNorms are folded from the graph), or a
+/// setting QDQ cannot express (activations other than int8 per tensor, unsigned weights).
+fn select(graph: &Graph, targets: &[Target], config: Option<&ConfigList>) -> Result<Vec<NodePlan>> {
+    let cfg = DeployConfig::default();
+    let Some(config) = config else {
+        return Ok(targets
+            .iter()
+            .map(|t| NodePlan {
+                node: t.node,
+                input: Some(cfg.activation),
+                weight: Some(cfg.weight),
+                bias: true,
+                output: Some(cfg.activation),
+            })
+            .collect());
+    };
+    let names: Vec<Vec<String>> = targets.iter().map(|t| node_names(graph, t.node)).collect();
+    for (k, entry) in config.0.iter().enumerate() {
+        if !entry.fuse_names.is_empty() {
+            return Err(Error::invalid(format!(
+                "config_list[{k}]: fuse_names does not apply to an ONNX model (its BatchNorms \
+                 are folded from the graph)"
+            )));
+        }
+        for n in &entry.op_names {
+            if !names.iter().any(|ns| ns.contains(n)) {
+                return Err(Error::invalid(format!(
+                    "config_list[{k}]: op_names `{}` names no Conv, ConvTranspose, Gemm or \
+                     MatMul with constant weights (by node name or MODULE of MODULE.weight)",
+                    escape(n)
+                )));
+            }
+        }
+    }
+    let mut plans = Vec::new();
+    for (t, ns) in targets.iter().zip(&names) {
+        let node = &graph.nodes[t.node];
+        let types = [torch_type(graph, node), node.op.op_type()];
+        let mut plan = NodePlan {
+            node: t.node,
+            input: None,
+            weight: None,
+            bias: false,
+            output: None,
+        };
+        let mut selected = false;
+        for (k, entry) in config.0.iter().enumerate() {
+            let hit = ns
+                .iter()
+                .any(|n| types.iter().any(|ty| entry.matches(n, ty)))
+                && !ns.iter().any(|n| entry.exclude_op_names.contains(n))
+                && !types
+                    .iter()
+                    .any(|ty| entry.exclude_op_types.iter().any(|e| e == ty));
+            if !hit {
+                continue;
+            }
+            selected = true;
+            let what = format!("config_list[{k}] on `{}`", escape(&ns[0]));
+            let mut ts = entry.targets()?;
+            if ts.is_empty() {
+                ts = vec![
+                    QuantTarget::Input,
+                    QuantTarget::Weight,
+                    QuantTarget::Bias,
+                    QuantTarget::Output,
+                ];
+            }
+            for target in ts {
+                match target {
+                    QuantTarget::Input => {
+                        let s = entry.observer("_input_")?;
+                        check_activation(&s, &what)?;
+                        plan.input = Some(s);
+                    }
+                    QuantTarget::Output => {
+                        let s = entry.observer("_output_")?;
+                        check_activation(&s, &what)?;
+                        plan.output = Some(s);
+                    }
+                    QuantTarget::Weight => {
+                        let s = entry.observer("weight")?;
+                        check_weight(&s, &what)?;
+                        plan.weight = Some(s);
+                    }
+                    QuantTarget::Bias => plan.bias = true,
+                }
+            }
+        }
+        if selected {
+            plans.push(plan);
+        }
+    }
+    Ok(plans)
+}
+
+/// Quantizes `model` to QDQ after folding its BatchNorms ([`quantize_model_with`] with the
+/// default options: every quantizable node, min/max observers).
+///
+/// Errors: those of [`quantize_model_with`].
 pub fn quantize_model<B: Backend>(
     backend: &B,
     model: &OnnxModel,
     batches: &[Vec<(String, ArrayD<f32>)>],
+) -> Result<QuantizedModel> {
+    quantize_model_with(backend, model, batches, &QuantizeOptions::default())
+}
+
+/// Quantizes `model` to QDQ after folding its BatchNorms; `batches` are the calibration
+/// inputs (each a list of `(graph input name, tensor)`, every graph input), run in float on
+/// `backend` with the activation observers reduced there. `options.config` chooses the
+/// nodes and targets (below); a node left out, or a target left out, stays float — no
+/// QuantizeLinear / DequantizeLinear reads or writes it, except that a value quantized as
+/// its producer's output is read dequantized by every consumer (as NNI's simulation
+/// quantizes an output for every reader), and one quantized as some node's input is read
+/// dequantized by the other nodes that are not quantizable ops (pools, adds, ...). A bias
+/// becomes int32 at `input scale × weight scale` when it is a target and the node's input
+/// and weight are quantized; else it stays float.
+///
+/// Errors: [`Error::InvalidArgument`] for no batches, a model with nothing to quantize, a
+/// config that selects nothing, a value given two different settings; those of
+/// [`fold_model`] and [`super::run_observed`]; a bias that does not fit int32 at its scale.
+pub fn quantize_model_with<B: Backend>(
+    backend: &B,
+    model: &OnnxModel,
+    batches: &[Vec<(String, ArrayD<f32>)>],
+    options: &QuantizeOptions,
 ) -> Result<QuantizedModel> {
     if batches.is_empty() {
         return Err(Error::invalid(
@@ -279,24 +530,69 @@ pub fn quantize_model<B: Backend>(
         .iter()
         .filter_map(|t| t.name.clone())
         .collect();
-    let targets = targets(graph, &file_initializers);
-    if targets.is_empty() {
+    let all_targets = targets(graph, &file_initializers);
+    if all_targets.is_empty() {
         return Err(Error::invalid(
             "the model has no Conv, ConvTranspose, Gemm or MatMul with constant weights to quantize",
         ));
     }
-    let cfg = DeployConfig::default();
-    // Calibrate: one min/max observer per quantized activation value.
+    let plans = select(graph, &all_targets, options.config.as_ref())?;
+    let plan_of: HashMap<usize, &NodePlan> = plans.iter().map(|p| (p.node, p)).collect();
+    let targets: Vec<&Target> = all_targets
+        .iter()
+        .filter(|t| plan_of.contains_key(&t.node))
+        .collect();
+    if targets.is_empty() {
+        return Err(Error::invalid(
+            "the config selects none of the model's Conv, ConvTranspose, Gemm and MatMul nodes",
+        ));
+    }
+    // The activation values to observe, each with its one setting.
     let mut observed: Vec<String> = Vec::new();
+    let mut spec_of: HashMap<String, ObserverSpec> = HashMap::new();
+    let mut out_quantized: HashSet<String> = HashSet::new();
     for t in &targets {
+        let p = plan_of[&t.node];
         let x = graph.nodes[t.node].inputs[0].clone();
-        for v in [x, t.output.clone()] {
-            if !observed.contains(&v) {
-                observed.push(v);
+        for (v, spec, is_out) in [(x, p.input, false), (t.output.clone(), p.output, true)] {
+            let Some(spec) = spec else { continue };
+            if is_out {
+                out_quantized.insert(v.clone());
+            }
+            match spec_of.get(&v) {
+                Some(s) if *s != spec => {
+                    return Err(Error::invalid(format!(
+                        "`{}` would be quantized with two different settings",
+                        escape(&v)
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    spec_of.insert(v.clone(), spec);
+                    observed.push(v);
+                }
             }
         }
     }
-    let act_qp = calibrate(backend, graph, batches, &observed, &cfg.activation, None)?;
+    // Quantizable nodes whose activation input stays float: left out, or without an input
+    // target, reading a value that is not some producer's quantized output.
+    let float_readers: HashSet<usize> = all_targets
+        .iter()
+        .filter(|t| {
+            plan_of.get(&t.node).is_none_or(|p| p.input.is_none())
+                && !out_quantized.contains(&graph.nodes[t.node].inputs[0])
+        })
+        .map(|t| t.node)
+        .collect();
+    let with_specs: Vec<(String, ObserverSpec)> =
+        observed.iter().map(|v| (v.clone(), spec_of[v])).collect();
+    let act_qp = calibrate(
+        backend,
+        graph,
+        batches,
+        &with_specs,
+        options.observer.averaging_constant(),
+    )?;
 
     // Rewrite the protobuf.
     let mut proto_model = folded.model.proto.clone();
@@ -365,43 +661,65 @@ pub fn quantize_model<B: Backend>(
     let mut weight_nodes: HashMap<usize, Vec<proto::NodeProto>> = HashMap::new();
     let mut node_inputs: HashMap<usize, Vec<String>> = HashMap::new();
     for t in &targets {
+        let p = plan_of[&t.node];
         let n = &graph.nodes[t.node];
-        let w = graph
-            .f32_initializer(&t.weight)
-            .ok_or_else(|| internal("weight"))?;
-        let mut spec = cfg.weight;
-        let wqp = match t.axis {
-            Some(axis) => {
-                spec.axis = axis as isize;
-                observe_qparams(w, &spec)?
-            }
-            None => {
-                spec.qscheme = crate::quant::QScheme::PerTensorSymmetric;
-                observe_qparams(w, &spec)?
-            }
-        };
-        let codes = quantize(w, &wqp, spec.range)?;
         let x_name = n.inputs[0].clone();
-        let xqp = act_qp[&x_name].clone();
+        // The input as this node reads it: quantized when it is a target, or when the value
+        // is its producer's quantized output.
+        let xqp = if float_readers.contains(&t.node) {
+            None
+        } else {
+            act_qp.get(&x_name).cloned()
+        };
         let mut inputs = n.inputs.clone();
-        let wbase = fresh(&mut used, format!("{}_q", t.weight));
-        let (ws, wz) = params_protos(&wbase, &wqp)?;
-        let (ws_name, wz_name) = (
-            ws.name.clone().unwrap_or_default(),
-            wz.name.clone().unwrap_or_default(),
-        );
-        new_inits.extend([ws, wz]);
-        let w_codes = fresh(&mut used, format!("{}_quantized", t.weight));
-        new_inits.push(Tensor::I8(codes).to_proto(&w_codes));
-        let w_dq = fresh(&mut used, format!("{}_dequantized", t.weight));
-        let mut extra = vec![qdq_node(
-            "DequantizeLinear",
-            [w_codes, ws_name, wz_name],
-            w_dq.clone(),
-            t.axis,
-        )];
-        inputs[1] = w_dq;
-        if let Some(b) = n.input(2) {
+        let mut extra = Vec::new();
+        let mut wqp = None;
+        if let Some(mut spec) = p.weight {
+            let w = graph
+                .f32_initializer(&t.weight)
+                .ok_or_else(|| internal("weight"))?;
+            let axis = if spec.qscheme.is_per_channel() {
+                match t.axis {
+                    Some(axis) => {
+                        spec.axis = axis as isize;
+                        Some(axis)
+                    }
+                    None => {
+                        spec.qscheme = if spec.qscheme.is_symmetric() {
+                            QScheme::PerTensorSymmetric
+                        } else {
+                            QScheme::PerTensorAffine
+                        };
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let q = observe_qparams(w, &spec)?;
+            let codes = quantize(w, &q, spec.range)?;
+            let wbase = fresh(&mut used, format!("{}_q", t.weight));
+            let (ws, wz) = params_protos(&wbase, &q)?;
+            let (ws_name, wz_name) = (
+                ws.name.clone().unwrap_or_default(),
+                wz.name.clone().unwrap_or_default(),
+            );
+            new_inits.extend([ws, wz]);
+            let w_codes = fresh(&mut used, format!("{}_quantized", t.weight));
+            new_inits.push(Tensor::I8(codes).to_proto(&w_codes));
+            let w_dq = fresh(&mut used, format!("{}_dequantized", t.weight));
+            extra.push(qdq_node(
+                "DequantizeLinear",
+                [w_codes, ws_name, wz_name],
+                w_dq.clone(),
+                axis,
+            ));
+            inputs[1] = w_dq;
+            replaced_inits.insert(t.weight.clone(), proto::TensorProto::default());
+            wqp = Some(q);
+        }
+        let mut bias_quantized = false;
+        if let (Some(b), true, Some(xqp), Some(wqp)) = (n.input(2), p.bias, &xqp, &wqp) {
             let bias = graph.f32_initializer(b).ok_or_else(|| internal("bias"))?;
             let bias1 = Array1::from_iter(bias.iter().copied());
             let bq = quantize_bias(&bias1, xqp.scale[0], &wqp.scale)?;
@@ -427,18 +745,26 @@ pub fn quantize_model<B: Backend>(
             inputs[2] = b_dq;
             // The float bias is no longer read by this node.
             replaced_inits.insert(b.to_string(), proto::TensorProto::default());
+            bias_quantized = true;
         }
-        replaced_inits.insert(t.weight.clone(), proto::TensorProto::default());
         weight_nodes.insert(t.node, extra);
         node_inputs.insert(t.node, inputs);
         ops.push(QuantizedOp {
             node: graph.node_label(t.node),
             op_type: n.op.op_type(),
-            input: (x_name, xqp),
-            output: (t.output.clone(), act_qp[&t.output].clone()),
+            input: xqp.map(|q| (x_name, q)),
+            output: p
+                .output
+                .map(|_| (t.output.clone(), act_qp[&t.output].clone())),
             weight: wqp,
+            bias: bias_quantized,
         });
     }
+    let left_float = all_targets
+        .iter()
+        .filter(|t| !plan_of.contains_key(&t.node))
+        .map(|t| graph.node_label(t.node))
+        .collect();
     // Assemble the nodes: graph-input QDQ first, then each node with its weight DQs before it
     // and its output's QDQ after it.
     let old_nodes = std::mem::take(&mut g.node);
@@ -466,8 +792,15 @@ pub fn quantize_model<B: Backend>(
                 n.input = inputs;
             }
         }
-        for inp in &mut n.input {
-            if let Some(r) = input_renames.get(inp) {
+        let float_reader = gi.is_some_and(|i| float_readers.contains(&i));
+        for (k, inp) in n.input.iter_mut().enumerate() {
+            if float_reader && k == 0 {
+                // A node left float reads the float value (a node's output under the name its
+                // producer now writes).
+                if let Some(f) = producer_renames.get(inp) {
+                    *inp = f.clone();
+                }
+            } else if let Some(r) = input_renames.get(inp) {
                 *inp = r.clone();
             }
         }
@@ -497,6 +830,7 @@ pub fn quantize_model<B: Backend>(
         model,
         folds: folded.folds,
         ops,
+        left_float,
         batches: batches.len(),
     })
 }

@@ -9,13 +9,15 @@ use std::path::PathBuf;
 
 use ndarray::ArrayD;
 use qfuse::backend::{CpuBackend, GpuBackend};
+use qfuse::config::ConfigList;
 use qfuse::gpu::GpuContext;
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::onnx::{
-    fold_model, quantize_model, run, run_observed, DeviceGraph, Observed, OnnxModel,
+    fold_model, quantize_model, quantize_model_with, run, run_observed, ActivationObserver,
+    DeviceGraph, Observed, OnnxModel, QuantizeOptions, MOVING_AVERAGE_CONSTANT,
 };
 use qfuse::quant::QParams;
-use qfuse::reference::observer::MinMaxObserver;
+use qfuse::reference::observer::{MinMaxObserver, MovingAverageMinMaxObserver};
 
 fn load(name: &str) -> OnnxModel {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/onnx/{name}.onnx"));
@@ -57,9 +59,54 @@ fn rel_close(a: &ArrayD<f32>, b: &ArrayD<f32>, tol: f32) -> bool {
     a.shape() == b.shape() && a.iter().zip(b).all(|(p, q)| (p - q).abs() <= tol * scale)
 }
 
+/// Host reference observers over the values the evaluator's hook shows (on the CPU the
+/// backend's tensors are host arrays): min/max, or the moving average with constant `c`.
+enum HostObserver {
+    MinMax(MinMaxObserver),
+    Moving(MovingAverageMinMaxObserver),
+}
+
+fn host_qparams(
+    graph: &qfuse::onnx::Graph,
+    batches: &[Vec<(String, ArrayD<f32>)>],
+    c: Option<f32>,
+) -> HashMap<String, QParams> {
+    let spec = qfuse::deploy::DeployConfig::default().activation;
+    let mut host: HashMap<String, HostObserver> = HashMap::new();
+    for b in batches {
+        run_observed(&CpuBackend, graph, b, &mut |v, value| {
+            let a = match value {
+                Observed::Device(t) => t,
+                Observed::Host(a) => a,
+            };
+            let o = host.entry(v.to_string()).or_insert_with(|| match c {
+                None => HostObserver::MinMax(MinMaxObserver::new(spec).unwrap()),
+                Some(c) => HostObserver::Moving(
+                    MovingAverageMinMaxObserver::with_averaging_constant(spec, c).unwrap(),
+                ),
+            });
+            match o {
+                HostObserver::MinMax(o) => o.observe(a),
+                HostObserver::Moving(o) => o.observe(a),
+            }
+        })
+        .unwrap();
+    }
+    host.into_iter()
+        .map(|(k, o)| {
+            let q = match o {
+                HostObserver::MinMax(o) => o.qparams(),
+                HostObserver::Moving(o) => o.qparams(),
+            };
+            (k, q)
+        })
+        .collect()
+}
+
 /// On the CPU, the qparams `quantize_model` computes with `observe_running` on the
-/// backend's tensors are the ones the reference `MinMaxObserver` computes on the same values
-/// seen through the observer hook, bit for bit.
+/// backend's tensors are the ones the reference observers (`MinMaxObserver`,
+/// `MovingAverageMinMaxObserver`) compute on the same values seen through the observer
+/// hook, bit for bit.
 fn device_calibration_on_the_cpu_equals_the_host_observers() {
     for name in ["mnist", "resnet", "mobilenet", "decoder"] {
         let m = load(name);
@@ -69,29 +116,46 @@ fn device_calibration_on_the_cpu_equals_the_host_observers() {
         } else {
             batches(name)
         };
-        let q = quantize_model(&CpuBackend, &m, &batches).unwrap();
         let folded = fold_model(&CpuBackend, &m).unwrap();
-        let cfg = qfuse::deploy::DeployConfig::default();
-        let mut host: HashMap<String, MinMaxObserver> = HashMap::new();
-        for b in &batches {
-            run_observed(&CpuBackend, &folded.model.graph, b, &mut |v, value| {
-                let a = match value {
-                    Observed::Device(t) => t,
-                    Observed::Host(a) => a,
-                };
-                host.entry(v.to_string())
-                    .or_insert_with(|| MinMaxObserver::new(cfg.activation).unwrap())
-                    .observe(a)
-            })
-            .unwrap();
-        }
-        let want = |v: &str| -> QParams { host[v].qparams() };
-        assert!(!q.ops.is_empty(), "{name}");
-        for op in &q.ops {
-            assert_eq!(op.input.1, want(&op.input.0), "{name} {}", op.node);
-            assert_eq!(op.output.1, want(&op.output.0), "{name} {}", op.node);
+        for observer in [
+            ActivationObserver::MinMax,
+            ActivationObserver::MovingAverage(MOVING_AVERAGE_CONSTANT),
+            ActivationObserver::MovingAverage(0.5),
+        ] {
+            let options = QuantizeOptions {
+                config: None,
+                observer,
+            };
+            let q = quantize_model_with(&CpuBackend, &m, &batches, &options).unwrap();
+            let want = host_qparams(&folded.model.graph, &batches, observer.averaging_constant());
+            assert!(!q.ops.is_empty() && q.left_float.is_empty(), "{name}");
+            for op in &q.ops {
+                for (v, qp) in [op.input.as_ref().unwrap(), op.output.as_ref().unwrap()] {
+                    assert_eq!(qp, &want[v], "{name} {observer:?} {}", op.node);
+                }
+            }
         }
     }
+    // The moving average moves the ranges (three batches of different images).
+    let m = load("resnet");
+    let b = batches("resnet");
+    let mm = quantize_model(&CpuBackend, &m, &b).unwrap();
+    let options = QuantizeOptions {
+        config: None,
+        observer: ActivationObserver::MovingAverage(MOVING_AVERAGE_CONSTANT),
+    };
+    let ma = quantize_model_with(&CpuBackend, &m, &b, &options).unwrap();
+    assert!(mm
+        .ops
+        .iter()
+        .zip(&ma.ops)
+        .any(|(a, b)| a.output != b.output));
+    // An averaging constant outside [0, 1] is refused.
+    let options = QuantizeOptions {
+        config: None,
+        observer: ActivationObserver::MovingAverage(1.5),
+    };
+    assert!(quantize_model_with(&CpuBackend, &m, &b, &options).is_err());
 }
 
 /// The decoder's input (its committed reference input).
@@ -164,7 +228,7 @@ fn gpu_calibration_matches_the_cpu_with_counted_transfers() {
     let qc = quantize_model(&CpuBackend, &m, &batches).unwrap();
     let mut observed: Vec<&str> = Vec::new();
     for op in &qg.ops {
-        for v in [&op.input.0, &op.output.0] {
+        for (v, _) in [op.input.as_ref().unwrap(), op.output.as_ref().unwrap()] {
             if !observed.contains(&v.as_str()) {
                 observed.push(v);
             }
@@ -184,25 +248,278 @@ fn gpu_calibration_matches_the_cpu_with_counted_transfers() {
     );
     assert_eq!(qg.ops.len(), qc.ops.len());
     for (g, c) in qg.ops.iter().zip(&qc.ops) {
-        assert_eq!(
-            (&g.node, &g.input.0, &g.output.0),
-            (&c.node, &c.input.0, &c.output.0)
-        );
+        assert_eq!(g.node, c.node);
         assert_eq!(g.weight, c.weight, "weights are quantized on the host");
-        for (a, b) in [(&g.input.1, &c.input.1), (&g.output.1, &c.output.1)] {
+        let (gi, ci) = (g.input.as_ref().unwrap(), c.input.as_ref().unwrap());
+        let (go, co) = (g.output.as_ref().unwrap(), c.output.as_ref().unwrap());
+        assert_eq!((&gi.0, &go.0), (&ci.0, &co.0));
+        for (a, b) in [(&gi.1, &ci.1), (&go.1, &co.1)] {
             let close = (a.scale[0] - b.scale[0]).abs() <= 1e-4 * b.scale[0]
                 && (a.zero_point[0] - b.zero_point[0]).abs() <= 1;
             assert!(close, "{}: {a:?} vs {b:?}", g.node);
         }
     }
-    assert_eq!(
-        qg.ops[0].input.1, qc.ops[0].input.1,
-        "the graph input is exact"
+    assert_eq!(qg.ops[0].input, qc.ops[0].input, "the graph input is exact");
+}
+
+fn config(json: &str) -> QuantizeOptions {
+    QuantizeOptions {
+        config: Some(ConfigList::from_json(json).unwrap()),
+        observer: ActivationObserver::MinMax,
+    }
+}
+
+/// The node of `m` named `name`, and the names of the nodes producing its inputs' values.
+fn node<'a>(m: &'a OnnxModel, name: &str) -> &'a qfuse::onnx::Node {
+    m.graph
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+fn producer_op(m: &OnnxModel, value: &str) -> Option<&'static str> {
+    m.graph
+        .nodes
+        .iter()
+        .find(|n| n.outputs[0] == value)
+        .map(|n| n.op.op_type())
+}
+
+/// `--config`: NNI's selection on ONNX nodes (by module path and PyTorch type, with
+/// excludes); a node left out stays float in the QDQ export (its weight the float
+/// initializer, its input the float value), its neighbours quantized as selected.
+fn config_selects_nodes_and_leaves_the_rest_float() {
+    let m = load("mnist");
+    let b = batches("mnist");
+    // Every Conv2d but conv2, by type; fc2 by module path, weight only.
+    let opts = config(
+        r#"[{"op_types": ["Conv2d"], "exclude_op_names": ["conv2"]},
+            {"op_names": ["fc2"], "target_names": ["weight"]}]"#,
     );
+    let q = quantize_model_with(&CpuBackend, &m, &b, &opts).unwrap();
+    let names: Vec<&str> = q.ops.iter().map(|o| o.node.as_str()).collect();
+    assert_eq!(names, ["/conv1/Conv", "/fc2/Gemm"]);
+    assert_eq!(q.left_float, ["/conv2/Conv", "/fc1/Gemm"]);
+    let conv1 = &q.ops[0];
+    assert!(conv1.input.is_some() && conv1.output.is_some() && conv1.weight.is_some());
+    assert!(conv1.bias);
+    let fc2 = &q.ops[1];
+    assert!(fc2.input.is_none() && fc2.output.is_none() && !fc2.bias);
+    let per_tensor = fc2.weight.as_ref().unwrap().scale.len();
+    assert_eq!(per_tensor, 1, "NNI's default granularity: per tensor");
+    let qm = &q.model;
+    // conv2 reads the max pool's float output and its own float weight and bias.
+    let conv2 = node(qm, "/conv2/Conv");
+    assert_eq!(&conv2.inputs[1..], ["conv2.weight", "conv2.bias"]);
+    assert_eq!(producer_op(qm, &conv2.inputs[0]), Some("MaxPool"));
+    // fc1 too: its input comes from the Reshape, its weight is float.
+    let fc1 = node(qm, "/fc1/Gemm");
+    assert_eq!(fc1.inputs[1], "fc1.weight");
+    assert_eq!(producer_op(qm, &fc1.inputs[0]), Some("Reshape"));
+    // fc2: float input (the ReLU's output), a dequantized weight, its float bias.
+    let fc2n = node(qm, "/fc2/Gemm");
+    assert_eq!(producer_op(qm, &fc2n.inputs[0]), Some("Clip"));
+    assert_eq!(producer_op(qm, &fc2n.inputs[1]), Some("DequantizeLinear"));
+    assert_eq!(fc2n.inputs[2], "fc2.bias");
+    // Exactly conv1's input and output are quantized: two QuantizeLinear nodes.
+    let quantize_nodes = qm
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op.op_type() == "QuantizeLinear")
+        .count();
+    assert_eq!(quantize_nodes, 2);
+    // The partly quantized model runs, close to the float one.
+    let x = b[0].clone();
+    let yq = run(&CpuBackend, &qm.graph, &x).unwrap();
+    let yf = run(&CpuBackend, &m.graph, &x).unwrap();
+    assert!(rel_close(&yq[0].1, &yf[0].1, 0.05));
+    // The ONNX op type selects too, and a weight-only config writes no QuantizeLinear.
+    let q = quantize_model_with(
+        &CpuBackend,
+        &m,
+        &b,
+        &config(r#"[{"op_types": ["Conv", "Gemm"], "target_names": ["weight"], "granularity": "per_channel", "quant_scheme": "symmetric"}]"#),
+    )
+    .unwrap();
+    assert_eq!(q.ops.len(), 4);
+    assert!(q
+        .model
+        .graph
+        .nodes
+        .iter()
+        .all(|n| n.op.op_type() != "QuantizeLinear"));
+}
+
+/// Bad configs are typed one-line errors, names from the config escaped.
+fn bad_configs_are_typed_errors() {
+    let m = load("mnist");
+    let b = batches("mnist");
+    let err = |json: &str| {
+        let e = quantize_model_with(&CpuBackend, &m, &b, &config(json)).unwrap_err();
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "{s}");
+        s
+    };
+    let e = err(r#"[{"op_names": ["conv9\nx"]}]"#);
+    assert!(e.contains("`conv9\\nx` names no Conv"), "{e}");
+    let e = err(r#"[{"op_names": ["conv1"], "fuse_names": [["conv1", "batchnorm1"]]}]"#);
+    assert!(e.contains("fuse_names"), "{e}");
+    let e = err(r#"[{"op_types": ["Conv2d"], "quant_dtype": "uint8"}]"#);
+    assert!(e.contains("int8 [-128, 127]"), "{e}");
+    let e = err(r#"[{"op_types": ["Conv2d"], "quant_dtype": "int4"}]"#);
+    assert!(e.contains("QDQ activations"), "{e}");
+    let e = err(r#"[{"op_types": ["BatchNorm2d"]}]"#);
+    assert!(e.contains("selects none"), "{e}");
+    // conv1's output feeds conv2 after a max pool: not the same value, so no conflict; but
+    // fc1's output (after its ReLU) is fc2's input: two settings for one value.
+    let e = err(r#"[{"op_names": ["fc1"]}, {"op_names": ["fc2"], "quant_scheme": "symmetric"}]"#);
+    assert!(e.contains("two different settings"), "{e}");
+    // int4 weights are signed codes inside int8: allowed.
+    let q = quantize_model_with(
+        &CpuBackend,
+        &m,
+        &b,
+        &config(r#"[{"op_types": ["Linear"], "target_names": ["weight"], "quant_dtype": "int4"}]"#),
+    )
+    .unwrap();
+    assert_eq!(q.ops.len(), 2);
+    // The integer model's one setting.
+    let cfg = |j: &str| ConfigList::from_json(j).unwrap();
+    let d = qfuse::onnx::deploy_config_of(&cfg(
+        r#"[{"op_types": ["Conv2d", "Linear"], "quant_scheme": "symmetric", "granularity": "per_channel"}]"#,
+    ))
+    .unwrap();
+    assert!(d.weight.qscheme.is_per_channel() && d.activation.qscheme.is_symmetric());
+    for bad in [
+        r#"[{"op_types": ["Conv2d"]}, {"op_types": ["Linear"], "quant_dtype": "int4"}]"#,
+        r#"[{"op_types": ["Conv2d"], "target_names": ["weight", "_output_"]}]"#,
+        r#"[{"op_types": ["Conv2d"], "quant_dtype": "uint8"}]"#,
+    ] {
+        assert!(qfuse::onnx::deploy_config_of(&cfg(bad)).is_err(), "{bad}");
+    }
+}
+
+/// `qfuse quantize --config FILE --observer moving-average`, and `--int-model` refusing a
+/// config that leaves a layer float.
+fn binary_quantizes_with_a_config() {
+    let d = std::env::temp_dir().join(format!("qfuse-onnx-config-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/onnx");
+    let model = dir.join("mnist.onnx");
+    let calib = dir.join("mnist.io.safetensors");
+    let cfg = d.join("config.json");
+    let run = |args: &[&std::path::Path]| {
+        let args: Vec<&str> = args.iter().map(|p| p.to_str().unwrap()).collect();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_qfuse"))
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let p = std::path::Path::new;
+    std::fs::write(
+        &cfg,
+        r#"[{"op_types": ["Conv2d"], "exclude_op_names": ["conv2"], "quant_scheme": "symmetric"}]"#,
+    )
+    .unwrap();
+    let out = d.join("m.onnx");
+    let (ok, stdout, stderr) = run(&[
+        p("quantize"),
+        &model,
+        p("--calib"),
+        &calib,
+        p("--config"),
+        &cfg,
+        p("--observer"),
+        p("moving-average"),
+        p("--backend"),
+        p("cpu"),
+        p("-o"),
+        &out,
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("left float: `/conv2/Conv`"), "{stdout}");
+    assert!(stdout.contains("1 ops quantized"), "{stdout}");
+    assert!(OnnxModel::load(&out).is_ok());
+    // --int-model with a layer left float: refused before anything is written.
+    let im = d.join("m.safetensors");
+    let out2 = d.join("m2.onnx");
+    let (ok, _, stderr) = run(&[
+        p("quantize"),
+        &model,
+        p("--calib"),
+        &calib,
+        p("--config"),
+        &cfg,
+        p("--int-model"),
+        &im,
+        p("--backend"),
+        p("cpu"),
+        p("-o"),
+        &out2,
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("no mixed precision"), "{stderr}");
+    assert!(!im.exists() && !out2.exists());
+    // Every layer int8 and symmetric: the integer model is written, calibrated with the
+    // moving average.
+    let all = d.join("all.json");
+    std::fs::write(
+        &all,
+        r#"[{"op_types": ["Conv2d", "Linear"], "quant_scheme": "symmetric", "granularity": "per_channel"}]"#,
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run(&[
+        p("quantize"),
+        &model,
+        p("--calib"),
+        &calib,
+        p("--config"),
+        &all,
+        p("--observer"),
+        p("moving-average"),
+        p("--int-model"),
+        &im,
+        p("--backend"),
+        p("cpu"),
+        p("-o"),
+        &out2,
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let int = qfuse::deploy::IntModel::load(&im).unwrap();
+    assert_eq!(int.values[0].zero_point[0], 0, "symmetric activations");
+    // A config that is not JSON, or names an unknown key: one line naming the file.
+    std::fs::write(&cfg, r#"[{"op_types": ["Conv2d"], "bits": 8}]"#).unwrap();
+    let (ok, _, stderr) = run(&[
+        p("quantize"),
+        &model,
+        p("--calib"),
+        &calib,
+        p("--config"),
+        &cfg,
+        p("-o"),
+        &out2,
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("config.json") && stderr.contains("unknown key `bits`"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 crate::qfuse_tests! {
     device_calibration_on_the_cpu_equals_the_host_observers,
     device_graph_keeps_values_on_the_gpu: gpu,
     gpu_calibration_matches_the_cpu_with_counted_transfers: gpu,
+    config_selects_nodes_and_leaves_the_rest_float,
+    bad_configs_are_typed_errors,
+    binary_quantizes_with_a_config,
 }

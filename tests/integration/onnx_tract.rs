@@ -10,7 +10,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
-use qfuse::backend::{Backend, CpuBackend, GpuBackend, HostOps};
+use qfuse::backend::{Backend, CpuBackend, GpuBackend};
 use qfuse::deploy::DeviceIntModel;
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::onnx::{fold_model, quantize_model, run, to_int_model, OnnxModel};
@@ -144,9 +144,9 @@ fn qdq_codes_agree_with_tract<B: Backend>(backend: &B, runs: u32, int_permille: 
         let out_qp = &q
             .ops
             .iter()
-            .find(|op| &op.output.0 == output)
+            .find(|op| op.output.as_ref().is_some_and(|(v, _)| v == output))
+            .and_then(|op| op.output.as_ref())
             .unwrap_or_else(|| panic!("{name}: the graph output is not quantized"))
-            .output
             .1;
         let tract = Tract::new(&q.model.to_bytes());
         let folded = fold_model(backend, &m).unwrap();
@@ -232,7 +232,7 @@ fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
         .fold(0.0f32, f32::max)
 }
 
-fn eval<B: HostOps + ?Sized>(b: &B, m: &OnnxModel, input: &str, x: &ArrayD<f32>) -> ArrayD<f32> {
+fn eval<B: Backend>(b: &B, m: &OnnxModel, input: &str, x: &ArrayD<f32>) -> ArrayD<f32> {
     let mut out = run(b, &m.graph, &[(input.to_string(), x.clone())]).unwrap();
     assert_eq!(out.len(), 1);
     out.remove(0).1

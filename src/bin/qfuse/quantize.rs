@@ -1,16 +1,22 @@
 //! `qfuse quantize MODEL.onnx --calib DATA.safetensors -o OUT.onnx [--batch N]
-//! [--max-batches N] [--backend cpu|gpu|auto]`: BatchNorm folding, calibration and QDQ export
-//! ([`qfuse::onnx::quantize_model`]).
+//! [--max-batches N] [--backend cpu|gpu|auto] [--config FILE.json] [--observer
+//! minmax|moving-average] [--averaging-constant C] [--int-model OUT.safetensors]`: BatchNorm
+//! folding, calibration on the backend and QDQ export ([`qfuse::onnx::quantize_model_with`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 use ndarray::{Axis, Slice};
-use qfuse::io::file::Outputs;
+use qfuse::config::ConfigList;
+use qfuse::deploy::DeployConfig;
+use qfuse::io::file::{read_input, Outputs};
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::io::text::{escape, escape_path};
-use qfuse::onnx::{fold_model, quantize_model, to_int_model, OnnxModel};
+use qfuse::onnx::{
+    deploy_config_of, fold_model, quantize_model_with, to_int_model_with, ActivationObserver,
+    OnnxModel, QuantizeOptions, MOVING_AVERAGE_CONSTANT,
+};
 
 use qfuse::{Backend, CpuBackend, GpuBackend};
 
@@ -38,18 +44,73 @@ pub struct QuantizeArgs {
     /// graphs of convs, linears, ReLU/ReLU6, max pools, flattens and residual adds.
     #[arg(long, value_name = "OUT.safetensors")]
     int_model: Option<PathBuf>,
+    /// An NNI-style config_list (JSON) choosing the nodes and tensors to quantize: op_names
+    /// (node names, or MODULE of a weight named MODULE.weight), op_types (Conv2d, Linear,
+    /// ... or ONNX op types), exclude_op_names / exclude_op_types, target_names (_input_,
+    /// weight, bias, _output_), quant_dtype, quant_scheme, granularity. Nodes it leaves out
+    /// stay float. Default: every Conv, ConvTranspose, Gemm and MatMul, int8.
+    #[arg(long, value_name = "FILE.json")]
+    config: Option<PathBuf>,
+    /// The activation observer during calibration: minmax (MinMaxObserver) or moving-average
+    /// (MovingAverageMinMaxObserver, averaging constant --averaging-constant).
+    #[arg(long, value_enum, default_value_t = ObserverArg::Minmax)]
+    observer: ObserverArg,
+    /// The moving-average observer's averaging constant (PyTorch's default 0.01).
+    #[arg(long, default_value_t = MOVING_AVERAGE_CONSTANT)]
+    averaging_constant: f32,
     /// The QDQ model to write; must not be the input.
     #[arg(short = 'o', long = "output", value_name = "OUT.onnx")]
     output: PathBuf,
 }
 
+/// `--observer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObserverArg {
+    /// Running min / max over every batch.
+    Minmax,
+    /// Moving average of each batch's min / max.
+    MovingAverage,
+}
+
 /// Runs `qfuse quantize`.
 pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
-    let outputs = Outputs::new(&[&args.input, &args.calib]);
+    let mut inputs: Vec<&std::path::Path> = vec![&args.input, &args.calib];
+    inputs.extend(args.config.as_deref());
+    let outputs = Outputs::new(&inputs);
     let mut dests = vec![args.output.as_path()];
     dests.extend(args.int_model.as_deref());
     outputs.check_all(&dests)?;
     let model = OnnxModel::load(&args.input)?;
+    let config = match &args.config {
+        Some(path) => {
+            let bytes = read_input(path, Some(1 << 20))?;
+            let text = std::str::from_utf8(&bytes).map_err(|e| {
+                qfuse::Error::invalid(format!("{}: not UTF-8 text: {e}", escape_path(path)))
+            })?;
+            Some(ConfigList::from_json(text).map_err(|e| match e {
+                qfuse::Error::InvalidArgument(m) => {
+                    qfuse::Error::invalid(format!("{}: {m}", escape_path(path)))
+                }
+                other => other,
+            })?)
+        }
+        None => None,
+    };
+    let options = QuantizeOptions {
+        config,
+        observer: match args.observer {
+            ObserverArg::Minmax => ActivationObserver::MinMax,
+            ObserverArg::MovingAverage => {
+                ActivationObserver::MovingAverage(args.averaging_constant)
+            }
+        },
+    };
+    // An integer model has one setting for every layer: refuse a config that cannot give one
+    // before any work.
+    let deploy_config = match (&args.int_model, &options.config) {
+        (Some(_), Some(c)) => deploy_config_of(c)?,
+        _ => DeployConfig::default(),
+    };
     let [input] = model.graph.inputs.as_slice() else {
         return Err(qfuse::Error::invalid(format!(
             "qfuse quantize feeds models with one input; {} has {}",
@@ -107,20 +168,32 @@ pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
             vec![(input.name.clone(), slice)]
         })
         .collect();
+    let plan = Plan {
+        batch,
+        options,
+        deploy_config,
+    };
     match args.backend {
-        FoldBackend::Cpu => quantize_on(args, outputs, &model, &batches, batch, &CpuBackend),
+        FoldBackend::Cpu => quantize_on(args, outputs, &model, &batches, &plan, &CpuBackend),
         FoldBackend::Gpu => {
             let gpu = GpuBackend::from_system()?;
-            quantize_on(args, outputs, &model, &batches, batch, &gpu)
+            quantize_on(args, outputs, &model, &batches, &plan, &gpu)
         }
         FoldBackend::Auto => match GpuBackend::from_system() {
-            Ok(gpu) => quantize_on(args, outputs, &model, &batches, batch, &gpu),
+            Ok(gpu) => quantize_on(args, outputs, &model, &batches, &plan, &gpu),
             Err(why) => {
                 eprintln!("no GPU adapter ({why}); the CPU reference calibrates");
-                quantize_on(args, outputs, &model, &batches, batch, &CpuBackend)
+                quantize_on(args, outputs, &model, &batches, &plan, &CpuBackend)
             }
         },
     }
+}
+
+/// What `qfuse quantize` does, settled before a backend opens.
+struct Plan {
+    batch: usize,
+    options: QuantizeOptions,
+    deploy_config: DeployConfig,
 }
 
 /// The calibration, the exports and the report, on `backend`.
@@ -129,15 +202,30 @@ fn quantize_on<B: Backend>(
     mut outputs: Outputs,
     model: &OnnxModel,
     batches: &[Vec<(String, ndarray::ArrayD<f32>)>],
-    batch: usize,
+    plan: &Plan,
     backend: &B,
 ) -> qfuse::Result<ExitCode> {
-    let q = quantize_model(backend, model, batches)?;
+    let batch = plan.batch;
+    let q = quantize_model_with(backend, model, batches, &plan.options)?;
     outputs.stage(&args.output, &q.model.to_bytes())?;
     let int_model = match &args.int_model {
         Some(path) => {
+            if let Some(node) = q.left_float.first() {
+                return Err(qfuse::Error::invalid(format!(
+                    "--int-model: the config leaves `{}` float, and qfuse's integer model has no \
+                     mixed precision (every conv and linear runs on int8 codes); the QDQ export \
+                     can keep it float",
+                    escape(node)
+                )));
+            }
             let folded = fold_model(backend, model)?;
-            let im = to_int_model(backend, &folded.model.graph, batches)?;
+            let im = to_int_model_with(
+                backend,
+                &folded.model.graph,
+                batches,
+                &plan.deploy_config,
+                plan.options.observer.averaging_constant(),
+            )?;
             outputs.stage(path, &im.to_state_dict()?.to_bytes()?)?;
             Some((path, im.nodes.len()))
         }
@@ -152,19 +240,31 @@ fn quantize_on<B: Backend>(
             f.epsilon
         );
     }
+    let qp = |v: &Option<(String, qfuse::quant::QParams)>| match v {
+        Some((name, q)) => format!(
+            "`{}` scale {} zp {}",
+            escape(name),
+            q.scale[0],
+            q.zero_point[0]
+        ),
+        None => "float".to_string(),
+    };
     for op in &q.ops {
         println!(
-            "quantized `{}` ({}): input `{}` scale {} zp {}, output `{}` scale {} zp {}, weight {} scales",
+            "quantized `{}` ({}): input {}, output {}, weight {}, bias {}",
             escape(&op.node),
             op.op_type,
-            escape(&op.input.0),
-            op.input.1.scale[0],
-            op.input.1.zero_point[0],
-            escape(&op.output.0),
-            op.output.1.scale[0],
-            op.output.1.zero_point[0],
-            op.weight.scale.len()
+            qp(&op.input),
+            qp(&op.output),
+            match &op.weight {
+                Some(w) => format!("{} scales", w.scale.len()),
+                None => "float".to_string(),
+            },
+            if op.bias { "int32" } else { "float" }
         );
+    }
+    for node in &q.left_float {
+        println!("left float: `{}`", escape(node));
     }
     println!(
         "wrote {} ({} BatchNorms folded, {} ops quantized, {} calibration batches of {batch}) on {}",
