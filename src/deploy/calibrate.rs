@@ -44,12 +44,34 @@ pub fn calibrate_ranges_with<'a, B: Backend>(
     spec: &ObserverSpec,
     averaging_constant: Option<f32>,
 ) -> Result<Vec<Option<(f32, f32)>>> {
+    let dnet = DeviceNet::prepare(net, backend.clone(), true)?;
+    calibrate_prepared(net, &dnet, calibration, spec, averaging_constant)
+}
+
+/// [`calibrate_ranges_with`] on `net` already prepared on its backend with its BatchNorms
+/// folded (`dnet`, from [`DeviceNet::prepare`] of the same `net` with `fold`), so a caller
+/// that also runs the net places its parameters once.
+///
+/// Errors: as [`calibrate_ranges_with`]; [`Error::InvalidArgument`] when `dnet` is not
+/// `net`'s folded model.
+pub fn calibrate_prepared<'a, B: Backend>(
+    net: &Net,
+    dnet: &DeviceNet<B>,
+    calibration: impl IntoIterator<Item = &'a ArrayD<f32>>,
+    spec: &ObserverSpec,
+    averaging_constant: Option<f32>,
+) -> Result<Vec<Option<(f32, f32)>>> {
     if spec.qscheme.is_per_channel() {
         return Err(Error::invalid(
             "deployment calibrates activations per tensor; got a per-channel spec",
         ));
     }
-    let dnet = DeviceNet::prepare(net, backend.clone(), true)?;
+    if !dnet.folded() || dnet.value_count() != net.value_count() {
+        return Err(Error::invalid(
+            "calibration needs the net's folded model prepared on the backend",
+        ));
+    }
+    let backend = dnet.backend();
     let observed: Vec<bool> = std::iter::once(true)
         .chain(net.nodes().iter().map(|n| n.op.requantizes()))
         .collect();

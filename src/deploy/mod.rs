@@ -38,7 +38,7 @@ mod gap;
 mod net;
 mod run;
 
-pub use calibrate::{calibrate_ranges, calibrate_ranges_with, convert_on};
+pub use calibrate::{calibrate_prepared, calibrate_ranges, calibrate_ranges_with, convert_on};
 pub use convert::{convert, convert_with_ranges, DeployConfig, IntLayer, IntModel, IntNode};
 pub use device::{DeviceIntModel, GpuIntModel};
 pub use forward::DeviceNet;

@@ -245,8 +245,8 @@ pub fn to_int_model<B: crate::backend::Backend>(
 /// [`to_net`], a check that the net computes the graph's output on the first calibration
 /// batch (within `1e-4` relative: a Reshape taken as a flatten must be one), then the
 /// conversion with `config`, calibrated on `backend`'s tensors
-/// ([`crate::deploy::calibrate_ranges_with`]: one upload per batch, each observer
-/// downloaded once; `averaging_constant` as [`crate::backend::QuantOps::observe_running`]
+/// ([`crate::deploy::calibrate_prepared`]: the net's parameters placed once, one upload per
+/// batch, each observer downloaded once; `averaging_constant` as [`crate::backend::QuantOps::observe_running`]
 /// takes it, `None` for min/max).
 ///
 /// Errors: those of [`to_net`], [`super::run`] and [`crate::deploy::convert_with_ranges`];
@@ -265,8 +265,9 @@ pub fn to_int_model_with<B: crate::backend::Backend>(
         .and_then(|b| b.first())
         .ok_or_else(|| Error::invalid("the integer model needs a calibration batch"))?;
     let want = super::run(backend, graph, batches[0].as_slice())?;
-    let got = net.forward_values(backend, &first.1, true)?;
-    let got = &got[net.output()];
+    // The net is placed on the backend once: checked on its output alone, then calibrated.
+    let dnet = crate::deploy::DeviceNet::prepare(&net, backend.clone(), true)?;
+    let got = &dnet.forward(&first.1)?;
     let want = &want[0].1;
     let scale = want.iter().fold(1.0f32, |a, v| a.max(v.abs()));
     let agree = got.shape() == want.shape()
@@ -280,9 +281,9 @@ pub fn to_int_model_with<B: crate::backend::Backend>(
              flatten?)",
         ));
     }
-    let ranges = crate::deploy::calibrate_ranges_with(
+    let ranges = crate::deploy::calibrate_prepared(
         &net,
-        backend,
+        &dnet,
         batches.iter().filter_map(|b| b.first().map(|(_, x)| x)),
         &config.activation,
         averaging_constant,

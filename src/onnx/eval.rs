@@ -146,18 +146,13 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                         p.weight = None;
                     }
                 }
-                Op::BatchNormalization { epsilon } => {
-                    let v: Vec<_> = (1..5).filter_map(|i| vec1(n, i)).collect();
-                    if let [g, b, m, var] = v.as_slice() {
-                        p.bn = Some(BatchNorm {
-                            weight: Some(up(g)?),
-                            bias: Some(up(b)?),
-                            running_mean: up(m)?,
-                            running_var: up(var)?,
-                            eps: *epsilon,
-                            momentum: 0.1,
-                        });
-                    }
+                // Constant 1-D statistics: placed once (else the host form reads them).
+                Op::BatchNormalization { .. } if (1..5).all(|i| vec1(n, i).is_some()) => {
+                    p.bn = Some(n.batch_norm(|i, what| {
+                        vec1(n, i)
+                            .ok_or_else(|| Error::invalid(format!("BatchNorm {what}")))
+                            .and_then(up)
+                    })?);
                 }
                 Op::Gemm {
                     alpha,

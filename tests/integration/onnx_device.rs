@@ -515,6 +515,57 @@ fn binary_quantizes_with_a_config() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// `to_int_model` on the GPU: the graph and the net each placed once, the net checked on its
+/// output alone, calibrated with one upload per batch and one download per observed value;
+/// the integer model's input qparams equal the CPU's (exact values), the rest within f32
+/// rounding, and its integer forward agrees with the CPU-calibrated model's.
+fn gpu_int_model_calibrates_on_the_device() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let ctx = std::sync::Arc::new(GpuContext::new().unwrap());
+    let gpu = GpuBackend::new(ctx.clone());
+    let m = load("mnist");
+    let b = batches("mnist");
+    let folded = fold_model(&CpuBackend, &m).unwrap();
+    let g = &folded.model.graph;
+    let before = ctx.transfer_stats();
+    let ig = qfuse::onnx::to_int_model(&gpu, g, &b).unwrap();
+    let t = ctx.transfer_stats().since(&before);
+    let ic = qfuse::onnx::to_int_model(&CpuBackend, g, &b).unwrap();
+    // Graph check run: 8 parameters, the input up, the output down; the net: 8 parameters,
+    // the input up, the output down; calibration: 3 batches up, 5 observers down (the input,
+    // conv1, conv2, fc1, fc2).
+    assert_eq!(
+        (t.uploads, t.downloads),
+        (8 + 1 + 8 + 1 + 3, 1 + 1 + 5),
+        "{t:?}"
+    );
+    assert_eq!(ig.values[0], ic.values[0], "the input is exact");
+    for (a, c) in ig.values.iter().zip(&ic.values) {
+        assert!(
+            (a.scale[0] - c.scale[0]).abs() <= 1e-4 * c.scale[0],
+            "{a:?} {c:?}"
+        );
+        assert!(
+            (a.zero_point[0] - c.zero_point[0]).abs() <= 1,
+            "{a:?} {c:?}"
+        );
+    }
+    let x = lcg(&[2, 1, 28, 28], 99);
+    let (yg, yc) = (
+        ig.forward(&CpuBackend, &x).unwrap(),
+        ic.forward(&CpuBackend, &x).unwrap(),
+    );
+    let worst = yg
+        .iter()
+        .zip(&yc)
+        .map(|(p, q)| (i32::from(*p) - i32::from(*q)).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "{worst}");
+}
+
 crate::qfuse_tests! {
     device_calibration_on_the_cpu_equals_the_host_observers,
     device_graph_keeps_values_on_the_gpu: gpu,
@@ -522,4 +573,5 @@ crate::qfuse_tests! {
     config_selects_nodes_and_leaves_the_rest_float,
     bad_configs_are_typed_errors,
     binary_quantizes_with_a_config,
+    gpu_int_model_calibrates_on_the_device: gpu,
 }
