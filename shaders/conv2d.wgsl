@@ -37,6 +37,8 @@
 //   @group(0) @binding(5) bias:      storage, read array<f32>  [O] epilogue bias (any buffer when
 //                                    has_bias = 0)
 //   @group(0) @binding(6) dy:        storage, read array<f32>  upstream gradient [N, O, OH, OW]
+//   @group(0) @binding(7) x4:        storage, read array<vec4<f32>>  x as vec4s (forward_dw)
+//   @group(0) @binding(8) out4:      storage, read_write array<vec4<f32>>  y as vec4s (forward_dw)
 //
 // Entry points and dispatch shapes (every grid is tiled over x and y past 65,535 workgroups per
 // dimension; the flat id is bounds-checked against count):
@@ -73,6 +75,16 @@
 //     RB_O = 8, RB_K3 = 1) and no barriers. On discrete GPUs forward_gemm stays the choice.
 //     Where the device has subgroups, conv2d_subgroup.wgsl (forward_sg) is this kernel with 16
 //     channels per invocation and its weights shared by subgroupBroadcast.
+//   forward_dw (0, 2, 4, 5, 7, 8): depthwise 3x3 convs (one channel per group, C = O) at stride
+//     1, dilation 1, left / right padding 1 (so OW = W), W a multiple of 4, any top padding: each
+//     invocation computes DW_ROWS = 4 output rows of one (n, c) plane and walks them left to
+//     right one vec4 of 4 columns at a time. It keeps, per input row (6 rows for 4 output
+//     rows), the current and next vec4 and the last value of the previous one, so each step
+//     loads one new vec4 per input row (6 vec4 loads and 4 vec4 stores for 16 outputs) and
+//     builds the left- and right-shifted vectors of the 3 taps from registers. Workgroup
+//     (DW_WG, 1, 1); count = N*C*ceil(OH/4) items, flat index gid.x + gid.y * nwg.x * DW_WG.
+//     Memory-bound (2.25 flop per byte): the vec4 loads are what brings it near the copy
+//     bandwidth, where forward_reg loads 10 scalars per kernel row for 8 outputs.
 //   backward_input (0, 2, 3, 6): one invocation per dx element, workgroup (WG, 1, 1);
 //     count = N*C*H*W items, flat index as forward_direct.
 //   transpose_forward (0, 2, 3, 4, 5, 6): as backward_input (dy = the transposed conv's input),
@@ -132,6 +144,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read> out_scale: array<f32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read> dy: array<f32>;
+@group(0) @binding(7) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> out4: array<vec4<f32>>;
 
 // Weight tile [BK][A_STRIDE] and im2col tile [BK][BN] of forward_gemm.
 var<workgroup> a_tile: array<f32, 1040>;
@@ -543,6 +557,139 @@ fn forward_reg(@builtin(local_invocation_index) li: u32,
 }
 
 // The gather of backward_input for flat dx index i (also transpose_forward's accumulator).
+// forward_dw: see the header.
+const DW_ROWS: u32 = 4u;
+const DW_WG: u32 = 64u;
+
+// Vec4 q of input row iy of plane `plane` (w4 vec4s per row), or zeros outside the input.
+// Branch-free: the index is clamped into the plane and the value selected.
+fn dw_load(plane: u32, iy: i32, q: u32, w4: u32) -> vec4<f32> {
+    let ok = iy >= 0 && iy < i32(P.h) && q < w4;
+    let row = u32(clamp(iy, 0, i32(P.h) - 1));
+    let v = x4[(plane * P.h + row) * w4 + min(q, w4 - 1u)];
+    return select(vec4<f32>(0.0), v, ok);
+}
+
+// One output row's vec4: the 3x3 taps over input rows (l: shifted right by one column, m: the
+// aligned vec4, r: shifted left) a, b, c with kernel rows k0, k1, k2.
+fn dw_row(la: vec4<f32>, ma: vec4<f32>, ra: vec4<f32>, lb: vec4<f32>, mb: vec4<f32>,
+          rb: vec4<f32>, lc: vec4<f32>, mc: vec4<f32>, rc: vec4<f32>, k0: vec3<f32>,
+          k1: vec3<f32>, k2: vec3<f32>) -> vec4<f32> {
+    var a = la * k0.x;
+    a = fma(ma, vec4<f32>(k0.y), a);
+    a = fma(ra, vec4<f32>(k0.z), a);
+    a = fma(lb, vec4<f32>(k1.x), a);
+    a = fma(mb, vec4<f32>(k1.y), a);
+    a = fma(rb, vec4<f32>(k1.z), a);
+    a = fma(lc, vec4<f32>(k2.x), a);
+    a = fma(mc, vec4<f32>(k2.y), a);
+    a = fma(rc, vec4<f32>(k2.z), a);
+    return a;
+}
+
+// The epilogue of 4 outputs of channel oc (scale s and bias b already loaded).
+fn dw_store(acc: vec4<f32>, s: f32, b: f32, idx: u32) {
+    var v = acc;
+    if (P.has_scale != 0u) {
+        v = v * s;
+    }
+    if (P.has_bias != 0u) {
+        v = v + b;
+    }
+    if (P.act != 0u) {
+        v = vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+    }
+    out4[idx] = v;
+}
+
+@compute @workgroup_size(DW_WG)
+fn forward_dw(@builtin(global_invocation_id) gid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * (nwg.x * DW_WG);
+    if (t >= P.count) {
+        return;
+    }
+    let blocks = (P.oh + DW_ROWS - 1u) / DW_ROWS;
+    let plane = t / blocks;          // n * C + c (= n * O + c)
+    let oy0 = (t % blocks) * DW_ROWS;
+    let c = plane % P.c;
+    let w4 = P.w / 4u;
+    let iy0 = i32(oy0) - i32(P.pad_h);
+    let wb = c * 9u;
+    let k0 = vec3<f32>(wt[wb], wt[wb + 1u], wt[wb + 2u]);
+    let k1 = vec3<f32>(wt[wb + 3u], wt[wb + 4u], wt[wb + 5u]);
+    let k2 = vec3<f32>(wt[wb + 6u], wt[wb + 7u], wt[wb + 8u]);
+    var s = 1.0;
+    if (P.has_scale != 0u) {
+        s = out_scale[c];
+    }
+    var b = 0.0;
+    if (P.has_bias != 0u) {
+        b = bias[c];
+    }
+    // Output rows past OH are computed from zero rows and not stored.
+    let live = min(P.oh - oy0, DW_ROWS);
+    let obase = (plane * P.oh + oy0) * w4;
+    // Per input row r: the current vec4 (m), the next one (n), the previous one's last value (p).
+    var m0 = dw_load(plane, iy0, 0u, w4);
+    var m1 = dw_load(plane, iy0 + 1, 0u, w4);
+    var m2 = dw_load(plane, iy0 + 2, 0u, w4);
+    var m3 = dw_load(plane, iy0 + 3, 0u, w4);
+    var m4 = dw_load(plane, iy0 + 4, 0u, w4);
+    var m5 = dw_load(plane, iy0 + 5, 0u, w4);
+    var p0 = 0.0;
+    var p1 = 0.0;
+    var p2 = 0.0;
+    var p3 = 0.0;
+    var p4 = 0.0;
+    var p5 = 0.0;
+    for (var q = 0u; q < w4; q = q + 1u) {
+        let n0 = dw_load(plane, iy0, q + 1u, w4);
+        let n1 = dw_load(plane, iy0 + 1, q + 1u, w4);
+        let n2 = dw_load(plane, iy0 + 2, q + 1u, w4);
+        let n3 = dw_load(plane, iy0 + 3, q + 1u, w4);
+        let n4 = dw_load(plane, iy0 + 4, q + 1u, w4);
+        let n5 = dw_load(plane, iy0 + 5, q + 1u, w4);
+        let l0 = vec4<f32>(p0, m0.xyz);
+        let l1 = vec4<f32>(p1, m1.xyz);
+        let l2 = vec4<f32>(p2, m2.xyz);
+        let l3 = vec4<f32>(p3, m3.xyz);
+        let l4 = vec4<f32>(p4, m4.xyz);
+        let l5 = vec4<f32>(p5, m5.xyz);
+        let r0 = vec4<f32>(m0.yzw, n0.x);
+        let r1 = vec4<f32>(m1.yzw, n1.x);
+        let r2 = vec4<f32>(m2.yzw, n2.x);
+        let r3 = vec4<f32>(m3.yzw, n3.x);
+        let r4 = vec4<f32>(m4.yzw, n4.x);
+        let r5 = vec4<f32>(m5.yzw, n5.x);
+        dw_store(dw_row(l0, m0, r0, l1, m1, r1, l2, m2, r2, k0, k1, k2), s, b, obase + q);
+        if (live > 1u) {
+            dw_store(dw_row(l1, m1, r1, l2, m2, r2, l3, m3, r3, k0, k1, k2), s, b,
+                     obase + w4 + q);
+        }
+        if (live > 2u) {
+            dw_store(dw_row(l2, m2, r2, l3, m3, r3, l4, m4, r4, k0, k1, k2), s, b,
+                     obase + 2u * w4 + q);
+        }
+        if (live > 3u) {
+            dw_store(dw_row(l3, m3, r3, l4, m4, r4, l5, m5, r5, k0, k1, k2), s, b,
+                     obase + 3u * w4 + q);
+        }
+        p0 = m0.w;
+        p1 = m1.w;
+        p2 = m2.w;
+        p3 = m3.w;
+        p4 = m4.w;
+        p5 = m5.w;
+        m0 = n0;
+        m1 = n1;
+        m2 = n2;
+        m3 = n3;
+        m4 = n4;
+        m5 = n5;
+    }
+}
+
 fn input_grad(i: u32) -> f32 {
     let ix = i % P.w;
     var t = i / P.w;

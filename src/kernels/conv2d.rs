@@ -32,6 +32,14 @@
 //!   so each input row loaded serves every kernel row of both output rows that reads it
 //!   (4 row loads per input channel for 2 output rows instead of 6) and each broadcast weight
 //!   both rows; `forward_sg_r4` computes four (6 row loads for 4 output rows).
+//! - **Forward, depthwise** (`forward_dw`, [`ConvVariant::Depthwise`]): depthwise 3×3 convs at
+//!   stride 1, dilation 1, padding 1 in width, output width a multiple of 4 ([`dw_ok`]; the
+//!   MobileNet layer). Such a conv does 2.25 flop per byte, so it is memory-bound: each
+//!   invocation computes 4 output rows of one channel plane, walking them left to right a
+//!   `vec4` at a time with the current and next `vec4` of its 6 input rows in registers, so
+//!   each step loads 6 `vec4`s and stores 4 for 16 outputs (`forward_reg` loads 10 scalars
+//!   per kernel row for 8 outputs of one row). The first candidate and the untuned choice
+//!   where it applies.
 //!
 //! # Choosing the forward kernel
 //! [`ConvAlgorithm::Auto`] chooses among a bounded set of variants ([`ConvVariant::all`]: the
@@ -124,6 +132,25 @@ static FORWARD_REG: Kernel = Kernel {
     entry_point: "forward_reg",
     bindings: FORWARD_BINDINGS,
 };
+
+static FORWARD_DW: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward_dw",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(2),
+        Binding::read(4),
+        Binding::read(5),
+        Binding::read(7),
+        Binding::read_write(8),
+    ],
+};
+
+/// Invocations per workgroup of `forward_dw` (`DW_WG` in the shader).
+const DW_WORKGROUP: usize = 64;
+
+/// Output rows per `forward_dw` invocation (`DW_ROWS` in the shader).
+const DW_ROWS: usize = 4;
 
 static BACKWARD_INPUT: Kernel = Kernel {
     shader: &SHADER,
@@ -252,12 +279,16 @@ pub enum ConvVariant {
         /// The 3-tap inner loop (rows = 1 only).
         k3: bool,
     },
+    /// `forward_dw`: depthwise 3×3 convs (one channel per group) at stride 1, dilation 1,
+    /// left / right padding 1, with an output width that is a multiple of 4 ([`dw_ok`]):
+    /// 4 output rows per invocation, walked left to right a `vec4` at a time.
+    Depthwise,
 }
 
 impl ConvVariant {
     /// Every variant: the bound on the conv forward pipelines a context compiles.
     pub fn all() -> Vec<Self> {
-        let mut v = vec![Self::Direct, Self::Gemm];
+        let mut v = vec![Self::Direct, Self::Gemm, Self::Depthwise];
         for channels in [1, 2, 4, 8] {
             for k3 in [false, true] {
                 v.push(Self::Reg { channels, k3 });
@@ -294,6 +325,7 @@ impl ConvVariant {
             Self::Subgroup { channels, rows, k3 } => {
                 format!("sg_c{channels}_r{rows}{}", if k3 { "_k3" } else { "" })
             }
+            Self::Depthwise => "dw3_r4".into(),
         }
     }
 
@@ -302,12 +334,21 @@ impl ConvVariant {
         Self::all().into_iter().find(|v| v.id() == id)
     }
 
-    /// Whether this variant can run on `ctx` (subgroups) for a conv with kernel `[KH, KW]`
-    /// and `params` (two or four rows: 3×3 at stride 1, dilation 1; the 3-tap loop: `KW == 3`
-    /// at stride 1, dilation 1 in width). Every variant that can run gives the same results.
-    pub fn applies(self, ctx: &GpuContext, kernel: [usize; 2], params: &Conv2dParams) -> bool {
+    /// Whether this variant can run on `ctx` (subgroups) for a conv with weight `w_shape`
+    /// `[O, C/groups, KH, KW]`, `params` and output `out` `[N, O, OH, OW]` (two or four rows:
+    /// 3×3 at stride 1, dilation 1; the 3-tap loop: `KW == 3` at stride 1, dilation 1 in
+    /// width; `Depthwise`: [`dw_ok`]). Every variant that can run gives the same results.
+    pub fn applies(
+        self,
+        ctx: &GpuContext,
+        w_shape: &[usize],
+        params: &Conv2dParams,
+        out: [usize; 4],
+    ) -> bool {
+        let kernel = [w_shape[2], w_shape[3]];
         match self {
             Self::Direct | Self::Gemm => true,
+            Self::Depthwise => dw_ok(w_shape, params, out),
             Self::Reg { k3, .. } => !k3 || tile_k3_ok(kernel[1], params),
             Self::Subgroup { rows, k3, .. } => {
                 ctx.has_subgroups()
@@ -322,7 +363,7 @@ impl ConvVariant {
     #[cfg(test)]
     pub(crate) fn constants(self) -> Vec<(&'static str, f64)> {
         match self.kernel() {
-            ForwardKernel::Gemm => vec![],
+            ForwardKernel::Gemm | ForwardKernel::Depthwise => vec![],
             ForwardKernel::Direct => WG_CONSTANTS.to_vec(),
             ForwardKernel::Reg(t) => vec![
                 ("RB_O", f64::from(t.channels)),
@@ -341,6 +382,7 @@ impl ConvVariant {
         match self {
             Self::Direct => ForwardKernel::Direct,
             Self::Gemm => ForwardKernel::Gemm,
+            Self::Depthwise => ForwardKernel::Depthwise,
             Self::Reg { channels, k3 } => ForwardKernel::Reg(RegTile {
                 channels,
                 k3_stride1: k3,
@@ -430,20 +472,26 @@ impl RegTile {
     }
 }
 
-/// The candidates [`ConvAlgorithm::Auto`] times for a conv on `ctx` with `og` output channels
-/// per group, kernel `[KH, KW]` and `params`, in order of preference (the first is what runs
-/// where no timing is possible): with subgroups and `og >= 8`, the subgroup kernels (four and
-/// two rows for 3×3 stride-1 convs, then one row) with 16 channels (8 below 16 channels per
-/// group); the register-blocked kernel (channels as [`RegTile::for_conv`]); the implicit GEMM
-/// from [`GEMM_MIN_CHANNELS_PER_GROUP`] channels per group; the direct kernel below 8.
+/// The candidates [`ConvAlgorithm::Auto`] times for a conv on `ctx` with weight `w_shape`
+/// `[O, C/groups, KH, KW]`, `params` and output `out`, in order of preference (the first is
+/// what runs where no timing is possible): `forward_dw` where it applies ([`dw_ok`]); with
+/// subgroups and at least 8 output channels per group, the subgroup kernels (four and two rows
+/// for 3×3 stride-1 convs, then one row) with 16 channels (8 below 16 channels per group); the
+/// register-blocked kernel (channels as [`RegTile::for_conv`]); the implicit GEMM from
+/// [`GEMM_MIN_CHANNELS_PER_GROUP`] channels per group; the direct kernel below 8.
 pub fn candidates(
     ctx: &GpuContext,
-    og: usize,
-    kernel: [usize; 2],
+    w_shape: &[usize],
     params: &Conv2dParams,
+    out: [usize; 4],
 ) -> Vec<ConvVariant> {
+    let og = out[1] / params.groups.max(1);
+    let kernel = [w_shape[2], w_shape[3]];
     let k3 = tile_k3_ok(kernel[1], params);
     let mut v = Vec::new();
+    if dw_ok(w_shape, params, out) {
+        v.push(ConvVariant::Depthwise);
+    }
     if ctx.has_subgroups() && og >= 8 {
         let channels = if og >= 16 { 16 } else { 8 };
         if tile_r2_ok(kernel, params) {
@@ -474,17 +522,39 @@ pub fn candidates(
     v
 }
 
-/// What [`ConvAlgorithm::Auto`] runs, untimed, for convs below [`TUNE_MIN_MACS`] with `og`
-/// output channels per group, kernel `[KH, KW]` and `params`: the register-blocked kernel with
-/// the channels of [`RegTile::for_conv`] and the 3-tap loop where it applies — the same on
-/// every adapter, good on all of them for small work (one output per invocation,
-/// `forward_direct`, is several times slower on a CPU adapter for depthwise convs), and one of
-/// the cheapest variants to compile.
-pub fn untuned_variant(og: usize, kernel: [usize; 2], params: &Conv2dParams) -> ConvVariant {
-    ConvVariant::Reg {
-        channels: reg_channels(og),
-        k3: tile_k3_ok(kernel[1], params),
+/// What [`ConvAlgorithm::Auto`] runs, untimed, for convs below [`TUNE_MIN_MACS`] with weight
+/// `w_shape`, `params` and output `out`: `forward_dw` where it applies ([`dw_ok`]: it loads a
+/// `vec4` per input row for 16 outputs where the others load scalars), else the
+/// register-blocked kernel with the channels of [`RegTile::for_conv`] and the 3-tap loop where
+/// it applies — the same on every adapter, good on all of them for small work (one output per
+/// invocation, `forward_direct`, is several times slower on a CPU adapter for depthwise
+/// convs), and among the cheapest variants to compile.
+pub fn untuned_variant(w_shape: &[usize], params: &Conv2dParams, out: [usize; 4]) -> ConvVariant {
+    if dw_ok(w_shape, params, out) {
+        return ConvVariant::Depthwise;
     }
+    ConvVariant::Reg {
+        channels: reg_channels(out[1] / params.groups.max(1)),
+        k3: tile_k3_ok(w_shape[3], params),
+    }
+}
+
+/// Whether `forward_dw` ([`ConvVariant::Depthwise`]) runs a conv with weight `w_shape`
+/// `[O, C/groups, KH, KW]`, `params` and output `out`: one input and one output channel per
+/// group, a 3×3 kernel at stride 1 and dilation 1, padding 1 left and right (so the output
+/// is as wide as the input) and an output width that is a positive multiple of 4 (rows of
+/// whole `vec4`s).
+pub fn dw_ok(w_shape: &[usize], params: &Conv2dParams, out: [usize; 4]) -> bool {
+    let pads = params.pads([w_shape[2], w_shape[3]]);
+    w_shape[1] == 1
+        && out[1] == params.groups
+        && w_shape[2] == 3
+        && w_shape[3] == 3
+        && params.stride == [1, 1]
+        && params.dilation == [1, 1]
+        && pads.is_ok_and(|p| p.begin[1] == 1 && p.end[1] == 1)
+        && out[3] > 0
+        && out[3].is_multiple_of(4)
 }
 
 /// `v` rounded down to a power of two, at most `cap` (0 stays 0).
@@ -566,13 +636,12 @@ fn cached_variant(
     params: &Conv2dParams,
     out: [usize; 4],
 ) -> Option<ConvVariant> {
-    let kernel = [w_shape[2], w_shape[3]];
     if conv_macs(out, w_shape) < TUNE_MIN_MACS {
-        return Some(untuned_variant(out[1] / params.groups, kernel, params));
+        return Some(untuned_variant(w_shape, params, out));
     }
     ctx.tuned(&tuning_key(&class_of(w_shape, params, out)))
         .and_then(|id| ConvVariant::parse(&id))
-        .filter(|v| v.applies(ctx, kernel, params))
+        .filter(|v| v.applies(ctx, w_shape, params, out))
 }
 
 /// What the conv applies to each output before storing it:
@@ -796,7 +865,7 @@ pub(crate) fn conv2d_impl(
     ctx.run(&[Launch {
         kernel: plan.kernel,
         constants: &plan.constants,
-        buffers: &[&uniform, x.buffer(), w.buffer(), y.buffer(), scale, bias],
+        buffers: &plan.buffers(&uniform, [x.buffer(), w.buffer(), y.buffer(), scale, bias]),
         workgroups: plan.workgroups,
     }])?;
     Ok(y)
@@ -807,6 +876,22 @@ struct ForwardPlan {
     kernel: &'static Kernel,
     constants: Vec<(&'static str, f64)>,
     workgroups: [u32; 3],
+}
+
+impl ForwardPlan {
+    /// The launch's buffers in its kernel's binding order: parameters, input, weight, output,
+    /// epilogue scale and bias (`forward_dw` binds x and y as `vec4` arrays, after the others).
+    fn buffers<'a>(
+        &self,
+        uniform: &'a wgpu::Buffer,
+        [x, w, y, scale, bias]: [&'a wgpu::Buffer; 5],
+    ) -> Vec<&'a wgpu::Buffer> {
+        if std::ptr::eq(self.kernel, &FORWARD_DW) {
+            vec![uniform, w, scale, bias, x, y]
+        } else {
+            vec![uniform, x, w, y, scale, bias]
+        }
+    }
 }
 
 /// The launch of forward kernel `choice` for weight `w_shape`, `params` and output `out`,
@@ -835,6 +920,22 @@ fn plan_forward(
                 kernel: &FORWARD_GEMM,
                 constants: vec![],
                 workgroups: ctx.grid_1d(tiles, 1)?,
+            }
+        }
+        ForwardKernel::Depthwise => {
+            if !dw_ok(w_shape, params, out) {
+                return Err(Error::invalid(format!(
+                    "conv2d forward_dw: runs depthwise 3x3 convs at stride 1, dilation 1, \
+                     padding 1 in width and an output width that is a multiple of 4, got \
+                     weight {w_shape:?}, {params:?}, output {out:?}"
+                )));
+            }
+            let items = out[0] * out[1] * out[2].div_ceil(DW_ROWS);
+            p.count = to_u32(items, "conv2d depthwise row blocks")?;
+            ForwardPlan {
+                kernel: &FORWARD_DW,
+                constants: vec![],
+                workgroups: ctx.grid_1d(items, DW_WORKGROUP as u32)?,
             }
         }
         ForwardKernel::Direct => {
@@ -924,7 +1025,7 @@ pub fn auto_forward_kernel(
 ) -> Result<String> {
     let out = params.output_shape(x_shape, w_shape)?;
     if conv_macs(out, w_shape) < TUNE_MIN_MACS {
-        let v = untuned_variant(out[1] / params.groups, [w_shape[2], w_shape[3]], params);
+        let v = untuned_variant(w_shape, params, out);
         return Ok(format!(
             "{}, below the tuning threshold",
             describe_kernel(v.kernel())
@@ -934,8 +1035,7 @@ pub fn auto_forward_kernel(
     Ok(match cached_variant(ctx, w_shape, params, out) {
         Some(v) => format!("{}, tuned for class {class}", describe_kernel(v.kernel())),
         None => {
-            let og = out[1] / params.groups;
-            let names: Vec<String> = candidates(ctx, og, [w_shape[2], w_shape[3]], params)
+            let names: Vec<String> = candidates(ctx, w_shape, params, out)
                 .into_iter()
                 .map(ConvVariant::id)
                 .collect();
@@ -952,6 +1052,9 @@ fn describe_kernel(k: ForwardKernel) -> String {
     match k {
         ForwardKernel::Gemm => "forward_gemm (tiled implicit GEMM)".to_string(),
         ForwardKernel::Direct => "forward_direct (one invocation per output)".to_string(),
+        ForwardKernel::Depthwise => {
+            "forward_dw (depthwise 3x3: 4 rows per invocation, vec4 row walk)".to_string()
+        }
         ForwardKernel::Reg(t) => format!(
             "forward_reg (register-blocked: {} channels x {REG_PIXELS} pixels{}, workgroup {})",
             t.channels,
@@ -1027,8 +1130,7 @@ fn auto_variant(
     if let Some(v) = cached_variant(ctx, w_shape, params, out) {
         return Ok(v);
     }
-    let og = out[1] / params.groups;
-    let cands = candidates(ctx, og, [w_shape[2], w_shape[3]], params);
+    let cands = candidates(ctx, w_shape, params, out);
     let first = cands[0];
     if cands.len() == 1 || cfg!(target_arch = "wasm32") {
         return Ok(first);
@@ -1064,14 +1166,10 @@ fn time_candidates(
         runs.push((v, plan, uniform, empty, f64::INFINITY));
     }
     let launch = |plan: &ForwardPlan, uniform: &wgpu::Buffer, workgroups| {
-        let buffers = [
+        let buffers = plan.buffers(
             uniform,
-            x.buffer(),
-            w.buffer(),
-            y.buffer(),
-            w.buffer(),
-            w.buffer(),
-        ];
+            [x.buffer(), w.buffer(), y.buffer(), w.buffer(), w.buffer()],
+        );
         let l = [Launch {
             kernel: plan.kernel,
             constants: &plan.constants,
@@ -1142,6 +1240,7 @@ fn epilogue_inputs<'a>(
 enum ForwardKernel {
     Gemm,
     Direct,
+    Depthwise,
     Reg(RegTile),
     Subgroup(RegTile),
 }

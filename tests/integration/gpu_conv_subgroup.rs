@@ -178,7 +178,7 @@ fn device_without_subgroups_refuses_and_auto_falls_back() {
     }
     // No subgroup variant is a tuning candidate there, and Auto still runs (forward_reg below
     // the tuning threshold; a timed choice among forward_reg, gemm and direct above it).
-    let cands = qfuse::kernels::conv2d::candidates(&ctx, 16, [3, 3], &params);
+    let cands = qfuse::kernels::conv2d::candidates(&ctx, &[16, 8, 3, 3], &params, [1, 16, 9, 9]);
     assert!(cands
         .iter()
         .all(|v| !matches!(v, qfuse::kernels::conv2d::ConvVariant::Subgroup { .. })));
