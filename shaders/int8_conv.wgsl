@@ -53,6 +53,16 @@
 //     count = N * OQ * OH * ceil(OW / 4); each item computes 4 channels x 4 pixels.
 //   linear (0-4): one item per (block of RB = 4 rows, oq); count = ceil(N / 4) * OQ; each item
 //     computes 4 rows x 4 output channels.
+//   conv2d_dw (0-4): depthwise 3x3 convs at stride 1, dilation 1 (one channel per group,
+//     C = O, so output word oq reads input word oq lane by lane), any padding: one item per
+//     (n, oq, block of DW_ROWS = 4 output rows); count = N * OQ * ceil(OH / 4). Each item walks
+//     its 4 rows left to right one output word (4 channels of one pixel) at a time, keeping
+//     per input row (6 of them) the last three input words unpacked, so each step loads one
+//     word per input row (6 loads and 4 stores for 16 outputs) and does 9 vec4<i32>
+//     multiply-adds per output word; a padding tap takes x_zp in every lane (the bias' fold
+//     above). The 9 taps' weights (lane j of channel 4oq + j's words) and the 4 channels'
+//     requantization rows are read once per item. No dot products: the same code in both
+//     modules.
 
 override WG: u32 = 64u;
 
@@ -314,5 +324,156 @@ fn linear(@builtin(global_invocation_id) gid: vec3<u32>,
             word |= lane_code(acc[j][p], r[j], 4u * oq + j, j);
         }
         out[(row0 + p) * params.oq + oq] = word;
+    }
+}
+
+// conv2d_dw: see the header.
+const DW_ROWS: u32 = 4u;
+
+// The four signed 8-bit lanes of a word as i32 (extractBits: core WGSL in both modules).
+fn dw_unpack(word: u32) -> vec4<i32> {
+    let v = bitcast<i32>(word);
+    return vec4<i32>(extractBits(v, 0u, 8u), extractBits(v, 8u, 8u), extractBits(v, 16u, 8u),
+                     extractBits(v, 24u, 8u));
+}
+
+// The 4 channels of input word (plane, iy, ix), or x_zp in every lane outside the input
+// (branch-free: the index is clamped into the plane).
+fn dw_x(plane: u32, iy: i32, ix: i32) -> vec4<i32> {
+    let ok = iy >= 0 && iy < i32(params.h) && ix >= 0 && ix < i32(params.w);
+    let row = u32(clamp(iy, 0, i32(params.h) - 1));
+    let col = u32(clamp(ix, 0, i32(params.w) - 1));
+    return select(vec4<i32>(params.x_zp), dw_unpack(x[(plane * params.h + row) * params.w + col]),
+                  ok);
+}
+
+// Tap `tap` (ky * 3 + kx) of the 4 channels of output word oq: lane j of channel 4oq + j's
+// weight word (NQ = 1, 9 taps per channel).
+fn dw_w(oq: u32, tap: u32) -> vec4<i32> {
+    let b = 36u * oq + tap;
+    return vec4<i32>(extractBits(bitcast<i32>(wt[b]), 0u, 8u),
+                     extractBits(bitcast<i32>(wt[b + 9u]), 8u, 8u),
+                     extractBits(bitcast<i32>(wt[b + 18u]), 16u, 8u),
+                     extractBits(bitcast<i32>(wt[b + 27u]), 24u, 8u));
+}
+
+// One output word: the 3x3 taps over input rows (a: column ox - pw, b: + 1, c: + 2) of rows
+// 0, 1, 2 of the window.
+fn dw_acc(bias: vec4<i32>, a0: vec4<i32>, b0: vec4<i32>, c0: vec4<i32>, a1: vec4<i32>,
+          b1: vec4<i32>, c1: vec4<i32>, a2: vec4<i32>, b2: vec4<i32>, c2: vec4<i32>,
+          w: array<vec4<i32>, 9>) -> vec4<i32> {
+    return bias + a0 * w[0] + b0 * w[1] + c0 * w[2] + a1 * w[3] + b1 * w[4] + c1 * w[5]
+        + a2 * w[6] + b2 * w[7] + c2 * w[8];
+}
+
+// The output word of accumulators acc (rows r, float scales sc; lanes where keep is 0 are 0):
+// requant_code / float_requant_code of each lane, the float mode on all four lanes at once
+// where every accumulator is below 2^24 in magnitude (so f32(acc) is exact, as
+// i32_to_f32_rn), the same arithmetic and saturation as float_requant_code.
+fn dw_word(acc: vec4<i32>, r: array<vec4<i32>, 4>, sc: vec4<f32>, keep: vec4<u32>) -> u32 {
+    var code: vec4<i32>;
+    let lo = params.lo;
+    let hi = params.hi;
+    let zp = params.out_zp;
+    if (params.mode == 1u) {
+        let lim = vec4<i32>(0x1000000);
+        if (all(acc < lim) && all(acc > -lim)) {
+            let p = vec4<f32>(acc) * sc;
+            let v = clamp(round(p) + f32(zp), vec4<f32>(f32(lo)), vec4<f32>(f32(hi)));
+            let sat = select(vec4<i32>(hi), vec4<i32>(lo), p < vec4<f32>(0.0));
+            code = select(vec4<i32>(v), sat, abs(p) >= vec4<f32>(16777216.0));
+        } else {
+            code = vec4<i32>(float_requant_code(acc.x, sc.x, zp, lo, hi),
+                             float_requant_code(acc.y, sc.y, zp, lo, hi),
+                             float_requant_code(acc.z, sc.z, zp, lo, hi),
+                             float_requant_code(acc.w, sc.w, zp, lo, hi));
+        }
+    } else {
+        code = vec4<i32>(requant_code(acc.x, r[0].y, r[0].z, zp, lo, hi),
+                         requant_code(acc.y, r[1].y, r[1].z, zp, lo, hi),
+                         requant_code(acc.z, r[2].y, r[2].z, zp, lo, hi),
+                         requant_code(acc.w, r[3].y, r[3].z, zp, lo, hi));
+    }
+    let b = (bitcast<vec4<u32>>(code) & vec4<u32>(0xffu)) * keep
+        << vec4<u32>(0u, 8u, 16u, 24u);
+    return b.x | b.y | b.z | b.w;
+}
+
+@compute @workgroup_size(WG)
+fn conv2d_dw(@builtin(global_invocation_id) gid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    if (t >= params.count) {
+        return;
+    }
+    let blocks = (params.oh + DW_ROWS - 1u) / DW_ROWS;
+    let plane = t / blocks;          // n * OQ + oq (= n * CQ + oq)
+    let oy0 = (t % blocks) * DW_ROWS;
+    let oq = plane % params.oq;
+    var w: array<vec4<i32>, 9>;
+    for (var k = 0u; k < 9u; k++) {
+        w[k] = dw_w(oq, k);
+    }
+    var r: array<vec4<i32>, 4>;
+    var sc = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        r[j] = rq[2u * (4u * oq + j)];
+        sc[j] = bitcast<f32>(rq[2u * (4u * oq + j) + 1u].x);
+    }
+    let bias = vec4<i32>(r[0].x, r[1].x, r[2].x, r[3].x);
+    let live = min(params.o - 4u * oq, 4u);
+    let keep = select(vec4<u32>(0u), vec4<u32>(1u), vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(live));
+    let rows = min(params.oh - oy0, DW_ROWS);
+    let iy0 = i32(oy0) - i32(params.ph);
+    let ix0 = -i32(params.pw);
+    let ow = params.ow;
+    let obase = (plane * params.oh + oy0) * ow;
+    // Per input row k: columns ox - pw (a) and ox - pw + 1 (b); each step reads ox - pw + 2.
+    var a0 = dw_x(plane, iy0, ix0);
+    var a1 = dw_x(plane, iy0 + 1, ix0);
+    var a2 = dw_x(plane, iy0 + 2, ix0);
+    var a3 = dw_x(plane, iy0 + 3, ix0);
+    var a4 = dw_x(plane, iy0 + 4, ix0);
+    var a5 = dw_x(plane, iy0 + 5, ix0);
+    var b0 = dw_x(plane, iy0, ix0 + 1);
+    var b1 = dw_x(plane, iy0 + 1, ix0 + 1);
+    var b2 = dw_x(plane, iy0 + 2, ix0 + 1);
+    var b3 = dw_x(plane, iy0 + 3, ix0 + 1);
+    var b4 = dw_x(plane, iy0 + 4, ix0 + 1);
+    var b5 = dw_x(plane, iy0 + 5, ix0 + 1);
+    for (var ox = 0u; ox < ow; ox++) {
+        let ix = ix0 + i32(ox) + 2;
+        let c0 = dw_x(plane, iy0, ix);
+        let c1 = dw_x(plane, iy0 + 1, ix);
+        let c2 = dw_x(plane, iy0 + 2, ix);
+        let c3 = dw_x(plane, iy0 + 3, ix);
+        let c4 = dw_x(plane, iy0 + 4, ix);
+        let c5 = dw_x(plane, iy0 + 5, ix);
+        out[obase + ox] = dw_word(dw_acc(bias, a0, b0, c0, a1, b1, c1, a2, b2, c2, w), r, sc,
+                                  keep);
+        if (rows > 1u) {
+            out[obase + ow + ox] =
+                dw_word(dw_acc(bias, a1, b1, c1, a2, b2, c2, a3, b3, c3, w), r, sc, keep);
+        }
+        if (rows > 2u) {
+            out[obase + 2u * ow + ox] =
+                dw_word(dw_acc(bias, a2, b2, c2, a3, b3, c3, a4, b4, c4, w), r, sc, keep);
+        }
+        if (rows > 3u) {
+            out[obase + 3u * ow + ox] =
+                dw_word(dw_acc(bias, a3, b3, c3, a4, b4, c4, a5, b5, c5, w), r, sc, keep);
+        }
+        a0 = b0;
+        a1 = b1;
+        a2 = b2;
+        a3 = b3;
+        a4 = b4;
+        a5 = b5;
+        b0 = c0;
+        b1 = c1;
+        b2 = c2;
+        b3 = c3;
+        b4 = c4;
+        b5 = c5;
     }
 }

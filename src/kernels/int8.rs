@@ -30,6 +30,15 @@
 //! outside `[-128, 127]`), which adds the same `x_zp · Σ(lanes of w)`. Weight words and
 //! requantization rows are padded to whole output words so the channel loop is always 4.
 //!
+//! **Depthwise 3×3 at stride 1** (one channel per group, any padding): `conv2d_dw`, where an
+//! output word's four channels read the input word of the same four channels, lane by lane.
+//! Each invocation walks 4 output rows left to right a pixel (word) at a time with the last
+//! three unpacked words of its 6 input rows in registers: one load per input row per step, 9
+//! `vec4<i32>` multiply-adds per output word, the float requantization on four lanes at once
+//! (exact where every accumulator is below 2²⁴, the per-lane function otherwise). It has no
+//! dot products, so both [`Int8Dot`] paths run it; the generic kernel had each channel read
+//! its own words with one live lane in four.
+//!
 //! **Requantization** is `shaders/lib/requant.wgsl`: gemmlowp's
 //! `SaturatingRoundingDoublingHighMul` with the 64-bit product built from 16-bit limbs of
 //! the magnitudes (WGSL has no i64), `RoundingDivideByPOT`, the saturating left shift and the
@@ -168,6 +177,13 @@ static CONV2D_PACKED: Kernel = Kernel {
     entry_point: "conv2d",
     bindings: CONV_BINDINGS,
 };
+/// The depthwise 3×3 conv (`conv2d_dw`): no dot products, so the portable module serves both
+/// paths.
+static CONV2D_DW: Kernel = Kernel {
+    shader: &CONV_PORTABLE,
+    entry_point: "conv2d_dw",
+    bindings: CONV_BINDINGS,
+};
 static LINEAR_PORTABLE: Kernel = Kernel {
     shader: &CONV_PORTABLE,
     entry_point: "linear",
@@ -186,6 +202,8 @@ const CONV_CONSTANTS: &[(&str, f64)] = &[("WG", CONV_WG as f64)];
 const PX: usize = 4;
 /// Rows per linear invocation.
 const RB: usize = 4;
+/// Output rows per `conv2d_dw` invocation (`DW_ROWS` in the shader).
+const DW_ROWS: usize = 4;
 
 /// The uniform of `int8.wgsl` (same field order).
 #[repr(C)]
@@ -1017,6 +1035,9 @@ pub struct GpuConv2dInt8 {
     weight_shape: [usize; 4],
     nq: usize,
     shared_q: bool,
+    /// One input and one output channel per group and a 3×3 kernel: with stride 1 and
+    /// dilation 1, `conv2d_dw` runs it.
+    depthwise3: bool,
     params: Conv2dParams,
     x_zero_point: i32,
     out_zero_point: i32,
@@ -1097,6 +1118,7 @@ impl GpuConv2dInt8 {
             weight_shape: [o, cg, kh, kw],
             nq,
             shared_q,
+            depthwise3: cg == 1 && og == 1 && kh == 3 && kw == 3,
             params: *params,
             x_zero_point,
             out_zero_point: requant.out_zero_point,
@@ -1179,11 +1201,17 @@ impl GpuConv2dInt8 {
         to_u32(y.words.len(), "conv2d int8 output word count")?;
         let oq = o.div_ceil(4);
         let owb = ow.div_ceil(PX);
-        let items = n * oq * oh * owb;
+        let p = &self.params;
+        // Depthwise 3x3 at stride 1, dilation 1: the row-walking kernel (the same results).
+        let dw = self.depthwise3 && p.stride == [1, 1] && p.dilation == [1, 1];
+        let (kernel, items) = if dw {
+            (&CONV2D_DW, n * oq * oh.div_ceil(DW_ROWS))
+        } else {
+            (kernel, n * oq * oh * owb)
+        };
         if items == 0 {
             return Ok(y);
         }
-        let p = &self.params;
         // The padding per side, from the geometry function the CPU reference uses.
         let pads = p.pads([kh, kw])?;
         let cp = ConvParams {

@@ -429,6 +429,18 @@ fn conv_cases() -> Vec<ConvCase> {
         conv_case([1, 8, 5, 5], 8, [3, 3], [1, 1], [1, 1], [1, 1], 2),
         // Depthwise, stride 2; depthwise with channel multiplier 2.
         conv_case([2, 7, 9, 9], 7, [3, 3], [2, 2], [1, 1], [1, 1], 7),
+        // Depthwise 3x3 at stride 1 (the row-walking conv2d_dw): a partial last word of
+        // channels and a partial last block of rows; padding that differs in height and width;
+        // one pixel; padding='same'.
+        conv_case([2, 7, 9, 10], 7, [3, 3], [1, 1], [1, 1], [1, 1], 7),
+        conv_case([1, 8, 6, 5], 8, [3, 3], [1, 1], [0, 2], [1, 1], 8),
+        conv_case([1, 4, 1, 1], 4, [3, 3], [1, 1], [1, 1], [1, 1], 4),
+        ConvCase {
+            x: [1, 5, 7, 6],
+            o: 5,
+            k: [3, 3],
+            params: Conv2dParams::same([1, 1], 5),
+        },
         conv_case([1, 5, 6, 7], 10, [3, 3], [1, 1], [1, 1], [1, 1], 5),
         conv_case([1, 12, 7, 6], 12, [5, 5], [1, 1], [2, 2], [1, 1], 12),
         // Dilation, padding larger than the kernel's half, width not a multiple of 4.
