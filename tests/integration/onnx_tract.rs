@@ -152,7 +152,15 @@ fn qdq_codes_agree_with_tract<B: Backend>(backend: &B, runs: u32, int_permille: 
         let folded = fold_model(backend, &m).unwrap();
         let im = match to_int_model(backend, &folded.model.graph, &batches) {
             Ok(im) => {
-                assert_eq!(im.output_qparams(), out_qp, "{name}");
+                // Calibrated by two float interpreters (the ONNX evaluator for the QDQ file,
+                // the deployment net for the integer model): the same ranges up to the last
+                // bits of float rounding.
+                let (a, b) = (im.output_qparams(), out_qp);
+                assert_eq!(a.zero_point, b.zero_point, "{name}");
+                assert!(
+                    (a.scale[0] - b.scale[0]).abs() <= 1e-5 * b.scale[0],
+                    "{name}: {a:?} vs {b:?}"
+                );
                 int_models += 1;
                 Some(DeviceIntModel::prepare(&im, backend.clone()).unwrap())
             }
