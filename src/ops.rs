@@ -344,6 +344,86 @@ pub fn max_pool2d_output(
     Ok(((h - kernel) / stride + 1, (w - kernel) / stride + 1))
 }
 
+/// 2-D max pooling with zero-cost padding (`torch.nn.MaxPool2d(kernel, stride, padding)`,
+/// ONNX `MaxPool` with symmetric `pads`, floor mode, no dilation): padded positions never win
+/// (they count as −∞ for floats and as below every code for int8), so on codes the result is
+/// exactly the float max pooling of the dequantized values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool2d {
+    /// Window `[KH, KW]`.
+    pub kernel: [usize; 2],
+    /// Step `[SH, SW]`.
+    pub stride: [usize; 2],
+    /// Padding `[PH, PW]` on each side.
+    pub padding: [usize; 2],
+}
+
+impl Pool2d {
+    /// The output size `(OH, OW)` for an `h × w` input, `(h + 2·ph − kh) / sh + 1` (floor),
+    /// shared by the reference and the kernels.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a zero kernel or stride, a padding not smaller
+    /// than the kernel (a window could then hold only padding), a kernel larger than the
+    /// padded input, or a setting above [`crate::limits::MAX_CONV_SETTING`].
+    pub fn output(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [ph, pw] = self.padding;
+        let big = crate::limits::MAX_CONV_SETTING;
+        if kh == 0 || kw == 0 || sh == 0 || sw == 0 {
+            return Err(Error::invalid(format!(
+                "max pooling kernel and stride must be positive, got kernel {:?}, stride {:?}",
+                self.kernel, self.stride
+            )));
+        }
+        if [kh, kw, sh, sw, ph, pw].iter().any(|&v| v > big) {
+            return Err(Error::invalid(format!(
+                "max pooling settings (kernel {:?}, stride {:?}, padding {:?}) exceed {big}",
+                self.kernel, self.stride, self.padding
+            )));
+        }
+        if ph >= kh || pw >= kw {
+            return Err(Error::invalid(format!(
+                "max pooling padding {:?} must be smaller than the kernel {:?}",
+                self.padding, self.kernel
+            )));
+        }
+        let (eh, ew) = (h.checked_add(2 * ph), w.checked_add(2 * pw));
+        match (eh, ew) {
+            (Some(eh), Some(ew)) if eh >= kh && ew >= kw => {
+                Ok(((eh - kh) / sh + 1, (ew - kw) / sw + 1))
+            }
+            _ => Err(Error::invalid(format!(
+                "max pooling kernel {:?} is larger than the padded input [{h}, {w}] + {:?}",
+                self.kernel, self.padding
+            ))),
+        }
+    }
+}
+
+/// The largest spatial extent `H·W` global average pooling accepts on codes: the i32 sum
+/// of `H·W` differences `q − z` (each within `[−255, 255]`) cannot overflow.
+pub const MAX_GLOBAL_POOL_EXTENT: usize = 1 << 23;
+
+/// The one check of global average pooling (`GlobalAveragePool`, `AdaptiveAvgPool2d(1)`):
+/// an NCHW input with a non-empty spatial extent of at most [`MAX_GLOBAL_POOL_EXTENT`].
+/// Returns `H·W`.
+///
+/// Errors: [`Error::InvalidArgument`] for another rank, an empty or too large extent.
+pub fn global_pool_extent(shape: &[usize]) -> Result<usize> {
+    let [_, _, h, w] = <[usize; 4]>::try_from(shape).map_err(|_| {
+        Error::invalid(format!(
+            "global average pooling needs an NCHW input, got shape {shape:?}"
+        ))
+    })?;
+    match h.checked_mul(w) {
+        Some(n) if n > 0 && n <= MAX_GLOBAL_POOL_EXTENT => Ok(n),
+        _ => Err(Error::invalid(format!(
+            "global average pooling over [{h}, {w}]: the extent must be in 1..={MAX_GLOBAL_POOL_EXTENT}"
+        ))),
+    }
+}
+
 /// The one check of a float elementwise add ([`crate::backend::FloatOps::add`]): both
 /// operands have the same shape (no broadcasting).
 ///

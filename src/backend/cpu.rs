@@ -426,6 +426,29 @@ impl Int8Ops for CpuBackend {
             .into_shape_with_order(shape.to_vec())
             .map_err(|e| Error::invalid(format!("flatten: {e}")))
     }
+    fn max_pool2d_pad_int8(&self, x: &ArrayD<i8>, pool: &crate::ops::Pool2d) -> Result<ArrayD<i8>> {
+        Ok(
+            r::int8::max_pool2d_pad_int8(&dim::<i8, Ix4>(x, "max pooling input")?, pool)?
+                .into_dyn(),
+        )
+    }
+    fn global_avg_pool_int8(
+        &self,
+        x: &ArrayD<i8>,
+        x_zero_point: i32,
+        requant: &Requant,
+    ) -> Result<ArrayD<i8>> {
+        crate::ops::global_pool_extent(x.shape())?;
+        Ok(r::int8::global_avg_pool_int8(
+            &dim::<i8, Ix4>(x, "global average pooling input")?,
+            x_zero_point,
+            requant,
+        )?
+        .into_dyn())
+    }
+    fn lookup_int8(&self, x: &ArrayD<i8>, table: &[i8]) -> Result<ArrayD<i8>> {
+        r::int8::lookup_int8(x, table)
+    }
 }
 
 impl FusedOps for CpuBackend {

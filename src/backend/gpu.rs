@@ -624,6 +624,24 @@ impl Int8Ops for GpuBackend {
     fn flatten_int8(&self, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
         kernels::int8::flatten_int8(&self.ctx, x)
     }
+    fn max_pool2d_pad_int8(
+        &self,
+        x: &GpuInt8Tensor,
+        pool: &crate::ops::Pool2d,
+    ) -> Result<GpuInt8Tensor> {
+        kernels::int8_pool::max_pool2d_pad_int8(&self.ctx, x, pool)
+    }
+    fn global_avg_pool_int8(
+        &self,
+        x: &GpuInt8Tensor,
+        x_zero_point: i32,
+        requant: &Requant,
+    ) -> Result<GpuInt8Tensor> {
+        kernels::int8_pool::global_avg_pool_int8(&self.ctx, x, x_zero_point, requant)
+    }
+    fn lookup_int8(&self, x: &GpuInt8Tensor, table: &[i8]) -> Result<GpuInt8Tensor> {
+        kernels::int8_pool::lookup_int8(&self.ctx, x, table)
+    }
 }
 
 impl FusedOps for GpuBackend {

@@ -299,6 +299,27 @@ pub trait Int8Ops: Device {
 
     /// `[N, ...]` codes as `[N, rest]` (`torch.flatten(x, 1)`).
     fn flatten_int8(&self, x: &Self::Codes) -> Result<Self::Codes>;
+
+    /// Max pooling on codes with padding
+    /// ([`crate::reference::int8::max_pool2d_pad_int8`]).
+    fn max_pool2d_pad_int8(
+        &self,
+        x: &Self::Codes,
+        pool: &crate::ops::Pool2d,
+    ) -> Result<Self::Codes>;
+
+    /// Global average pooling on codes `[N, C, H, W] → [N, C, 1, 1]`
+    /// ([`crate::reference::int8::global_avg_pool_int8`]).
+    fn global_avg_pool_int8(
+        &self,
+        x: &Self::Codes,
+        x_zero_point: i32,
+        requant: &Requant,
+    ) -> Result<Self::Codes>;
+
+    /// An elementwise op on codes by a 256-entry table
+    /// ([`crate::reference::int8::lookup_int8`]).
+    fn lookup_int8(&self, x: &Self::Codes, table: &[i8]) -> Result<Self::Codes>;
 }
 
 /// Fused conv + BatchNorm (+ activation) ops: the eval forward with BN folded, and the QAT

@@ -1439,7 +1439,18 @@ fn int_model_ops(model: &IntModel, shape: &[usize]) -> Result<f64> {
                 let n = s.first().copied().unwrap_or(1);
                 vec![n, s.iter().skip(1).product()]
             }
-            IntLayer::Add { .. } => s.clone(),
+            IntLayer::Add { .. } | IntLayer::Table { .. } => s.clone(),
+            IntLayer::MaxPool2dPad { pool } => match s.as_slice() {
+                &[n, c, h, w] => {
+                    let (oh, ow) = pool.output(h, w)?;
+                    vec![n, c, oh, ow]
+                }
+                _ => return Err(Error::invalid("int_model_ops: bad max pooling input")),
+            },
+            IntLayer::GlobalAvgPool { .. } => match s.as_slice() {
+                &[n, c, _, _] => vec![n, c, 1, 1],
+                _ => return Err(Error::invalid("int_model_ops: bad global pooling input")),
+            },
         };
         shapes.push(y);
     }

@@ -8,7 +8,7 @@ use super::net::{fold_conv, Net, NodeOp, ValueId};
 use crate::backend::{Backend, HostOps};
 use crate::error::{Error, Result};
 use crate::io::text::escape;
-use crate::ops::{Activation, Conv2dParams};
+use crate::ops::{Activation, Conv2dParams, Pool2d};
 use crate::quant::{
     AddRequant, ObserverSpec, QDtype, QParams, QScheme, QuantRange, Requant, RequantMode,
 };
@@ -136,10 +136,31 @@ pub enum IntLayer {
         /// The fused activation (its integer form is the clamp).
         act: Activation,
     },
+    /// Max pooling on codes with padding (exact; keeps the input's qparams).
+    MaxPool2dPad {
+        /// Window, stride and padding.
+        pool: Pool2d,
+    },
+    /// Global average pooling on codes ([`int8::global_avg_pool_int8`]): the i32 sum of
+    /// `q − z_in` over `H·W`, requantized with `M = s_in / (s_out · H·W)`
+    /// ([`int8::global_avg_pool_requant`], from the input and output value qparams and the
+    /// input's extent at run time) in this arithmetic.
+    GlobalAvgPool {
+        /// The requantization arithmetic.
+        mode: RequantMode,
+    },
+    /// An elementwise activation on codes by table ([`int8::activation_table`]).
+    Table {
+        /// The activation the table computes.
+        act: Activation,
+        /// 256 output codes, entry `q + 128` for input code `q`.
+        table: Vec<i8>,
+    },
 }
 
 impl IntLayer {
-    /// A short kind name (`conv2d`, `linear`, `max_pool2d`, `flatten`, `add`).
+    /// A short kind name (`conv2d`, `linear`, `max_pool2d`, `flatten`, `add`,
+    /// `max_pool2d_pad`, `global_avg_pool`, `activation`).
     pub fn kind(&self) -> &'static str {
         match self {
             IntLayer::Conv { .. } => "conv2d",
@@ -147,6 +168,9 @@ impl IntLayer {
             IntLayer::MaxPool2d { .. } => "max_pool2d",
             IntLayer::Flatten => "flatten",
             IntLayer::Add { .. } => "add",
+            IntLayer::MaxPool2dPad { .. } => "max_pool2d_pad",
+            IntLayer::GlobalAvgPool { .. } => "global_avg_pool",
+            IntLayer::Table { .. } => "activation",
         }
     }
 }
@@ -234,6 +258,12 @@ impl IntModel {
                         node.name
                     )))
                 }
+                IntLayer::MaxPool2dPad { pool } => {
+                    pool.output(pool.kernel[0], pool.kernel[1]).map_err(|e| {
+                        Error::invalid(format!("node `{}`: {e}", escape(&node.name)))
+                    })?;
+                }
+                IntLayer::Table { table, .. } => int8::check_table(table)?,
                 _ => {}
             }
         }
@@ -423,6 +453,22 @@ pub fn convert_with_ranges(
                         bounds(*act)?,
                     )?,
                     act: *act,
+                }
+            }
+            NodeOp::MaxPool2dPad { pool } => IntLayer::MaxPool2dPad { pool: *pool },
+            NodeOp::GlobalAvgPool => IntLayer::GlobalAvgPool {
+                mode: config.requant,
+            },
+            NodeOp::Activation { act } => {
+                let a = &values[node.inputs[0]];
+                IntLayer::Table {
+                    act: *act,
+                    table: int8::activation_table(
+                        *act,
+                        (a.scale[0], a.zero_point[0]),
+                        (s_out, z_out),
+                        range,
+                    )?,
                 }
             }
         };

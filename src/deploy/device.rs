@@ -20,16 +20,30 @@ use crate::backend::{Backend, GpuBackend, Int8Ops, Shaped};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Int8Dot};
 use crate::kernels::int8::{self as k8, GpuQuantized};
-use crate::quant::{AddRequant, QuantRange};
+use crate::ops::Pool2d;
+use crate::quant::{AddRequant, QuantRange, RequantMode};
 
 /// One node, prepared on backend `B`.
 #[derive(Debug, Clone)]
 enum Prepared<B: Int8Ops> {
     Conv(B::Conv2dInt8),
     Linear(B::LinearInt8),
-    MaxPool2d { kernel: usize, stride: usize },
+    MaxPool2d {
+        kernel: usize,
+        stride: usize,
+    },
     Flatten,
     Add(AddRequant),
+    MaxPool2dPad(Pool2d),
+    /// Global average pooling: the input's zero point and scale, the output's scale and
+    /// zero point, the arithmetic; the requantization follows the input's extent.
+    GlobalAvgPool {
+        x_zp: i32,
+        s_in: f32,
+        out: (f32, i32),
+        mode: RequantMode,
+    },
+    Table(Vec<i8>),
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +101,7 @@ impl<B: Backend> DeviceIntModel<B> {
     pub fn prepare(model: &IntModel, backend: B) -> Result<Self> {
         model.validate()?;
         let mut nodes = Vec::with_capacity(model.nodes.len());
-        for node in &model.nodes {
+        for (i, node) in model.nodes.iter().enumerate() {
             let zp_in = model.values[node.inputs[0]].zero_point[0];
             let layer = match &node.layer {
                 IntLayer::Conv {
@@ -123,6 +137,17 @@ impl<B: Backend> DeviceIntModel<B> {
                     add.validate()?;
                     Prepared::Add(*add)
                 }
+                IntLayer::MaxPool2dPad { pool } => Prepared::MaxPool2dPad(*pool),
+                IntLayer::GlobalAvgPool { mode } => {
+                    let (qi, qo) = (&model.values[node.inputs[0]], &model.values[i + 1]);
+                    Prepared::GlobalAvgPool {
+                        x_zp: qi.zero_point[0],
+                        s_in: qi.scale[0],
+                        out: (qo.scale[0], qo.zero_point[0]),
+                        mode: *mode,
+                    }
+                }
+                IntLayer::Table { table, .. } => Prepared::Table(table.clone()),
             };
             nodes.push(PreparedNode {
                 name: node.name.clone(),
@@ -256,6 +281,25 @@ impl<B: Backend> DeviceIntModel<B> {
                     }
                     b.add_int8(xin, y, add)?
                 }
+                Prepared::MaxPool2dPad(pool) => {
+                    need_rank(xin.dims(), 4, &node.name)?;
+                    b.max_pool2d_pad_int8(xin, pool)?
+                }
+                Prepared::GlobalAvgPool {
+                    x_zp,
+                    s_in,
+                    out,
+                    mode,
+                } => {
+                    need_rank(xin.dims(), 4, &node.name)?;
+                    let extent = crate::ops::global_pool_extent(xin.dims())?;
+                    let range = (self.range.quant_min, self.range.quant_max);
+                    let rq = crate::reference::int8::global_avg_pool_requant(
+                        *s_in, *out, extent, *mode, range,
+                    )?;
+                    b.global_avg_pool_int8(xin, *x_zp, &rq)?
+                }
+                Prepared::Table(table) => b.lookup_int8(xin, table)?,
             };
             if !keep_all {
                 for &v in &node.inputs {

@@ -35,6 +35,15 @@ fn act_name(a: Activation) -> Result<&'static str> {
     }
 }
 
+/// The name of a table node's activation ([`Activation::parse`] reads it back).
+fn table_act_name(a: Activation) -> String {
+    match a {
+        Activation::LeakyRelu { negative_slope } => format!("leaky_relu:{negative_slope}"),
+        Activation::Hardswish => "hardswish".into(),
+        other => act_name(other).unwrap_or("none").into(),
+    }
+}
+
 fn fpm_json(m: FixedPointMultiplier) -> Value {
     json!([m.multiplier, m.shift])
 }
@@ -170,6 +179,18 @@ impl IntModel {
                     j["stride"] = json!(stride);
                 }
                 IntLayer::Flatten => {}
+                IntLayer::MaxPool2dPad { pool } => {
+                    j["kernel"] = json!(pool.kernel);
+                    j["stride"] = json!(pool.stride);
+                    j["padding"] = json!(pool.padding);
+                }
+                IntLayer::GlobalAvgPool { mode } => j["requant"] = json!(mode.name()),
+                IntLayer::Table { act, table } => {
+                    j["act"] = json!(table_act_name(*act));
+                    let t = ArrayD::from_shape_vec(IxDyn(&[table.len()]), table.clone())
+                        .map_err(|e| Error::invalid(e.to_string()))?;
+                    sd.raw.insert(format!("{n}.table"), i8_raw(&t)?);
+                }
                 IntLayer::Add { add, act } => {
                     j["zero_points"] = json!([add.a_zero_point, add.b_zero_point]);
                     j["multipliers"] = json!([
@@ -392,6 +413,31 @@ impl IntModel {
                     stride: usz(&j["stride"], "stride")?,
                 },
                 "flatten" => IntLayer::Flatten,
+                "max_pool2d_pad" => IntLayer::MaxPool2dPad {
+                    pool: crate::ops::Pool2d {
+                        kernel: pair(&j["kernel"], "kernel")?,
+                        stride: pair(&j["stride"], "stride")?,
+                        padding: pair(&j["padding"], "padding")?,
+                    },
+                },
+                "global_avg_pool" => IntLayer::GlobalAvgPool {
+                    mode: RequantMode::parse(j["requant"].as_str().unwrap_or(""))
+                        .map_err(|e| bad(e.to_string()))?,
+                },
+                "activation" => {
+                    let key = format!("{name}.table");
+                    let raw = sd.raw.get(&key).ok_or_else(|| Error::MissingTensor {
+                        name: key.clone(),
+                        context: format!(" in {origin}"),
+                    })?;
+                    if raw.dtype() != Dtype::I8 || raw.shape() != [256] {
+                        return Err(bad(format!("`{key}` must be int8 [256]")));
+                    }
+                    IntLayer::Table {
+                        act: act()?,
+                        table: raw.data().iter().map(|&b| b as i8).collect(),
+                    }
+                }
                 "add" => {
                     let m = &j["multipliers"];
                     let fpm = |k: usize| -> Result<FixedPointMultiplier> {

@@ -7,8 +7,10 @@
 //! conv's BatchNorm folded into it by the CPU reference (the spec, on the host, as
 //! [`super::convert_with_ranges`] folds the weights it quantizes) or kept as a BatchNorm on
 //! the backend, applied after the conv. A forward then runs conv / linear / max pool /
-//! flatten / add on the backend's own tensors: on the GPU the input is one upload and only
-//! what the caller asks for comes back. An observer hook sees every value as it is computed
+//! flatten / add / activation nodes on the backend's own tensors: on the GPU the input is one
+//! upload and only what the caller asks for comes back — except padded max pooling and
+//! global average pooling, which have no float kernel yet and run on the host (one download
+//! and one upload of that value). An observer hook sees every value as it is computed
 //! (calibration reduces it there, [`crate::backend::QuantOps::observe_running`]).
 
 use ndarray::ArrayD;
@@ -42,6 +44,9 @@ enum Step<B: Backend> {
     Add {
         act: Activation,
     },
+    MaxPool2dPad(crate::ops::Pool2d),
+    GlobalAvgPool,
+    Act(Activation),
 }
 
 /// A [`Net`]'s float model prepared on a backend: parameters placed once, every forward on
@@ -123,6 +128,9 @@ impl<B: Backend> DeviceNet<B> {
                 },
                 NodeOp::Flatten => Step::Flatten,
                 NodeOp::Add { act } => Step::Add { act: *act },
+                NodeOp::MaxPool2dPad { pool } => Step::MaxPool2dPad(*pool),
+                NodeOp::GlobalAvgPool => Step::GlobalAvgPool,
+                NodeOp::Activation { act } => Step::Act(*act),
             });
         }
         let mut last_use = vec![None; net.value_count()];
@@ -251,6 +259,19 @@ impl<B: Backend> DeviceNet<B> {
                     check_same(x, other, name)?;
                     b.activation(&b.add(x, other)?, *act)?
                 }
+                // No float kernel yet: the reference on the host, one download and one upload
+                // of this value.
+                Step::MaxPool2dPad(pool) => {
+                    check_rank(x.dims(), 4, name)?;
+                    let h = super::net::as4(&b.download(x)?, name)?;
+                    b.upload(&crate::reference::layers::max_pool2d_pad(&h, pool)?.into_dyn())?
+                }
+                Step::GlobalAvgPool => {
+                    check_rank(x.dims(), 4, name)?;
+                    let h = super::net::as4(&b.download(x)?, name)?;
+                    b.upload(&crate::reference::layers::global_avg_pool2d(&h)?.into_dyn())?
+                }
+                Step::Act(act) => b.activation(x, *act)?,
             };
             observe(i + 1, &y)?;
             if !keep_all {

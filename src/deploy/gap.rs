@@ -110,7 +110,10 @@ pub fn measure_gap<B: Backend>(
     };
     let mut layers = Vec::new();
     for (i, node) in model.nodes.iter().enumerate() {
-        if matches!(node.layer, IntLayer::MaxPool2d { .. } | IntLayer::Flatten) {
+        if matches!(
+            node.layer,
+            IntLayer::MaxPool2d { .. } | IntLayer::MaxPool2dPad { .. } | IntLayer::Flatten
+        ) {
             continue;
         }
         let (f, u) = gap(i + 1)?;

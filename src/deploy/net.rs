@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 use crate::backend::{Backend, HostOps, Shaped};
 use crate::error::{Error, Result};
 use crate::nn::{FusedHead, Layer, Module};
-use crate::ops::{Activation, BatchNorm, Conv2d, Folded};
+use crate::ops::{Activation, BatchNorm, Conv2d, Folded, Pool2d};
 
 /// A value in a [`Net`]: `0` is the input, `i + 1` the output of node `i`.
 pub type ValueId = usize;
@@ -50,10 +50,27 @@ pub enum NodeOp {
         /// The activation that follows.
         act: Activation,
     },
+    /// 2-D max pooling with padding (`nn.MaxPool2d(k, s, padding)`, ONNX `MaxPool` with
+    /// `pads`); keeps its input's quantization.
+    MaxPool2dPad {
+        /// Window, stride and padding.
+        pool: Pool2d,
+    },
+    /// Global average pooling `[N, C, H, W] → [N, C, 1, 1]` (`nn.AdaptiveAvgPool2d(1)`, ONNX
+    /// `GlobalAveragePool`); requantizes to its own output quantization.
+    GlobalAvgPool,
+    /// An activation as a node of its own (HardSwish, LeakyReLU, ...: those that do not
+    /// fold into a requantization clamp); its integer form is a 256-entry code table from
+    /// its input's quantization to its output's.
+    Activation {
+        /// The function.
+        act: Activation,
+    },
 }
 
 impl NodeOp {
-    /// A short kind name (`conv2d`, `linear`, `max_pool2d`, `flatten`, `add`).
+    /// A short kind name (`conv2d`, `linear`, `max_pool2d`, `flatten`, `add`,
+    /// `max_pool2d_pad`, `global_avg_pool`, `activation`).
     pub fn kind(&self) -> &'static str {
         match self {
             NodeOp::Conv { .. } => "conv2d",
@@ -61,6 +78,9 @@ impl NodeOp {
             NodeOp::MaxPool2d { .. } => "max_pool2d",
             NodeOp::Flatten => "flatten",
             NodeOp::Add { .. } => "add",
+            NodeOp::MaxPool2dPad { .. } => "max_pool2d_pad",
+            NodeOp::GlobalAvgPool => "global_avg_pool",
+            NodeOp::Activation { .. } => "activation",
         }
     }
 
@@ -72,12 +92,17 @@ impl NodeOp {
         }
     }
 
-    /// Whether this node writes new values (needs its own output quantization): conv, linear
-    /// and add do; max pooling and flatten keep their input's codes and qparams.
+    /// Whether this node writes new values (needs its own output quantization): conv, linear,
+    /// add, global average pooling and activation nodes do; max pooling and flatten keep
+    /// their input's codes and qparams.
     pub fn requantizes(&self) -> bool {
         matches!(
             self,
-            NodeOp::Conv { .. } | NodeOp::Linear { .. } | NodeOp::Add { .. }
+            NodeOp::Conv { .. }
+                | NodeOp::Linear { .. }
+                | NodeOp::Add { .. }
+                | NodeOp::GlobalAvgPool
+                | NodeOp::Activation { .. }
         )
     }
 }
@@ -246,6 +271,37 @@ impl Net {
             )));
         }
         self.push(name, NodeOp::MaxPool2d { kernel, stride }, vec![input])
+    }
+
+    /// Appends max pooling with padding ([`Pool2d`]).
+    ///
+    /// Errors: a zero kernel or stride, a padding not smaller than the kernel (checked by
+    /// [`Pool2d::output`] on a `kernel`-sized input), unknown input, duplicate name.
+    pub fn max_pool2d_pad(&mut self, name: &str, pool: Pool2d, input: ValueId) -> Result<ValueId> {
+        pool.output(pool.kernel[0], pool.kernel[1])
+            .map_err(|e| Error::invalid(format!("`{name}`: {e}")))?;
+        self.push(name, NodeOp::MaxPool2dPad { pool }, vec![input])
+    }
+
+    /// Appends global average pooling (`[N, C, H, W] → [N, C, 1, 1]`).
+    ///
+    /// Errors: unknown input, duplicate name.
+    pub fn global_avg_pool(&mut self, name: &str, input: ValueId) -> Result<ValueId> {
+        self.push(name, NodeOp::GlobalAvgPool, vec![input])
+    }
+
+    /// Appends an activation as a node of its own ([`NodeOp::Activation`]; a ReLU or ReLU6
+    /// after a conv, linear or add is better attached with [`Net::activation`], where it
+    /// becomes the requantization clamp).
+    ///
+    /// Errors: unknown input, duplicate name.
+    pub fn activation_node(
+        &mut self,
+        name: &str,
+        act: Activation,
+        input: ValueId,
+    ) -> Result<ValueId> {
+        self.push(name, NodeOp::Activation { act }, vec![input])
     }
 
     /// Appends a flatten (`[N, ...] → [N, prod]`).

@@ -168,6 +168,17 @@ impl IntModel {
                 let y = backend.activation(&(xin + b), *act)?;
                 backend.fake_quant(&y, out_qp, range)?
             }
+            IntLayer::MaxPool2dPad { pool } => {
+                crate::reference::layers::max_pool2d_pad(&as4(xin, &node.name)?, pool)?.into_dyn()
+            }
+            IntLayer::GlobalAvgPool { .. } => {
+                let y = crate::reference::layers::global_avg_pool2d(&as4(xin, &node.name)?)?;
+                backend.fake_quant(&y.into_dyn(), out_qp, range)?
+            }
+            IntLayer::Table { act, .. } => {
+                let y = backend.activation(xin, *act)?;
+                backend.fake_quant(&y, out_qp, range)?
+            }
         };
         Ok(y)
     }
@@ -282,6 +293,17 @@ pub fn simulate_node_unfused(
             let b = ins[1];
             check_same(xin, b, &node.name)?;
             let y = backend.activation(&(xin + b), *act)?;
+            backend.fake_quant(&y, out_qp, range)?
+        }
+        NodeOp::MaxPool2dPad { pool } => {
+            crate::reference::layers::max_pool2d_pad(&as4(xin, &node.name)?, pool)?.into_dyn()
+        }
+        NodeOp::GlobalAvgPool => {
+            let y = crate::reference::layers::global_avg_pool2d(&as4(xin, &node.name)?)?;
+            backend.fake_quant(&y.into_dyn(), out_qp, range)?
+        }
+        NodeOp::Activation { act } => {
+            let y = backend.activation(xin, *act)?;
             backend.fake_quant(&y, out_qp, range)?
         }
     };

@@ -435,7 +435,7 @@ impl GpuInt8Tensor {
 /// The codes output of an int8 launcher: the caller's `given` tensor (its `_into` form) of
 /// logical shape `shape` after [`super::check_output`] on its words, else a new one from the
 /// pool (every int8 kernel writes whole words).
-fn int8_output(
+pub(super) fn int8_output(
     ctx: &GpuContext,
     what: &str,
     given: Option<&GpuInt8Tensor>,

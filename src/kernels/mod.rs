@@ -15,6 +15,8 @@
 //!   and the unfused chains.
 //! - [`int8`]: integer (deployed int8) quantize / dequantize, conv2d, linear, max pooling and
 //!   add on packed codes, bit-exact with [`crate::reference::int8`].
+//! - [`int8_pool`]: integer max pooling with padding, global average pooling and
+//!   elementwise code tables (HardSwish, ...), bit-exact with [`crate::reference::int8`].
 //! - [`train`]: max pooling, linear and `log_softmax` backward, NLL loss (mean) and its
 //!   backward, top-1 correct count, and the SGD step, mirroring [`crate::reference::train`].
 
@@ -25,6 +27,7 @@ pub mod conv_bn;
 pub mod fake_quant;
 pub mod fold;
 pub mod int8;
+pub mod int8_pool;
 pub mod linear;
 pub mod observer;
 pub mod pool;

@@ -134,6 +134,7 @@ fn variants() -> Vec<Variant> {
         v(&super::int8::ELEMENTWISE, Needs::Portable, wg(&[256])),
         v(&super::int8::CONV_PORTABLE, Needs::Portable, wg(&[64])),
         v(&super::int8::CONV_PACKED, Needs::PackedDot, wg(&[64])),
+        v(&super::int8_pool::SHADER, Needs::Portable, wg(&[256])),
         v(&super::observer::SHADER, Needs::Portable, vec![vec![]]),
         v(&super::pool::SHADER, Needs::Portable, wg(&[256])),
         v(&super::train::SHADER, Needs::Portable, wg(&[256])),

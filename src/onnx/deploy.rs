@@ -24,11 +24,12 @@ fn constant<'a>(graph: &'a Graph, node: &Node, i: usize) -> Option<&'a ndarray::
     node.input(i).and_then(|n| graph.f32_initializer(n))
 }
 
-/// The deployment graph of `graph`: Conv (2-D, symmetric pads), BatchNormalization after a
-/// conv, Relu and Clip(0, 6) after a conv, Gemm or Add whose only consumer they are, Gemm
-/// (`alpha = beta = 1`, untransposed A, constant weight), MaxPool (square window, no padding,
-/// no dilation, floor), Flatten (axis 1), Reshape to `[0, -1]` or `[-1, K]` (a flatten),
-/// Add of two computed values, Identity; one graph input, one output.
+/// The deployment graph of `graph`: Conv (2-D, symmetric pads, groups / depthwise),
+/// BatchNormalization after a conv, Relu and Clip(0, 6) after a conv, Gemm or Add whose only
+/// consumer they are, Gemm (`alpha = beta = 1`, untransposed A, constant weight), MaxPool
+/// (2-D, symmetric pads, no dilation, floor), GlobalAveragePool, HardSwish and LeakyRelu
+/// (activation nodes: code tables), Flatten (axis 1), Reshape to `[0, -1]` or `[-1, K]` (a
+/// flatten), Add of two computed values, Identity; one graph input, one output.
 ///
 /// Errors: [`Error::UnsupportedOnnxOp`] naming the first node without an integer form, and
 /// the checks of [`Net`]'s builders. A Reshape taken as a flatten is checked by the caller
@@ -161,22 +162,50 @@ pub fn to_net(graph: &Graph) -> Result<Net> {
             }
             Op::MaxPool(p) => {
                 let k = &p.kernel_shape;
-                let s = &p.strides;
+                let s = if p.strides.is_empty() {
+                    vec![1; k.len()]
+                } else {
+                    p.strides.clone()
+                };
+                let pads = if p.pads.is_empty() {
+                    vec![0; 2 * k.len()]
+                } else {
+                    p.pads.clone()
+                };
                 if k.len() != 2
-                    || k[0] != k[1]
-                    || s[0] != s[1]
-                    || p.pads.iter().any(|&v| v != 0)
+                    || s.len() != 2
+                    || pads.len() != 4
+                    || pads[0] != pads[2]
+                    || pads[1] != pads[3]
                     || p.dilations.iter().any(|&d| d != 1)
                     || p.ceil_mode
                 {
                     return Err(no_int_form(
                         graph,
                         i,
-                        "MaxPool with a square window, equal strides, no padding, no dilation",
+                        "MaxPool 2-D with symmetric pads, no dilation, floor mode",
                     ));
                 }
-                net.max_pool2d(&label, k[0], s[0], x?)?
+                if pads.iter().all(|&v| v == 0) && k[0] == k[1] && s[0] == s[1] {
+                    net.max_pool2d(&label, k[0], s[0], x?)?
+                } else {
+                    let pool = crate::ops::Pool2d {
+                        kernel: [k[0], k[1]],
+                        stride: [s[0], s[1]],
+                        padding: [pads[0], pads[1]],
+                    };
+                    net.max_pool2d_pad(&label, pool, x?)?
+                }
             }
+            Op::GlobalAveragePool => net.global_avg_pool(&label, x?)?,
+            Op::HardSwish => net.activation_node(&label, Activation::Hardswish, x?)?,
+            Op::LeakyRelu { alpha } => net.activation_node(
+                &label,
+                Activation::LeakyRelu {
+                    negative_slope: *alpha,
+                },
+                x?,
+            )?,
             Op::Flatten { axis: 1 } => net.flatten(&label, x?)?,
             Op::Reshape { allow_zero: false } => {
                 let shape = n.input(1).and_then(|s| graph.initializers.get(s));

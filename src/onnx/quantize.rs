@@ -136,6 +136,58 @@ fn targets(graph: &Graph, file_initializers: &HashSet<String>) -> Vec<Target> {
     out
 }
 
+/// The outputs of the ops the integer model requantizes besides the weighted ones: Add (after
+/// its ReLU / ReLU6 when that is its only consumer), GlobalAveragePool, HardSwish and
+/// LeakyRelu, in graph order.
+fn requantized_outputs(graph: &Graph) -> Vec<String> {
+    let uses = graph.use_counts();
+    let mut out = Vec::new();
+    for n in &graph.nodes {
+        let y = n.outputs[0].as_str();
+        let v = match n.op {
+            Op::Add => {
+                let act = graph.nodes.iter().find(|a| {
+                    a.input(0) == Some(y)
+                        && matches!(
+                            activation_of(graph, a),
+                            Some(Activation::Relu | Activation::Relu6)
+                        )
+                });
+                match act {
+                    Some(a) if uses.get(y) == Some(&1) => a.outputs[0].clone(),
+                    _ => y.to_string(),
+                }
+            }
+            Op::GlobalAveragePool | Op::HardSwish | Op::LeakyRelu { .. } => y.to_string(),
+            _ => continue,
+        };
+        out.push(v);
+    }
+    out
+}
+
+/// A value that max pooling, Flatten, Reshape or Identity computes from a quantized value
+/// holds that value's codes: it takes the same qparams (as the integer model's pooling and
+/// flatten keep their input's), so its QuantizeLinear is exact.
+fn inherit_through_passthrough(graph: &Graph, act_qp: &mut HashMap<String, QParams>) {
+    for n in &graph.nodes {
+        let passthrough = matches!(
+            n.op,
+            Op::MaxPool(_) | Op::Flatten { .. } | Op::Reshape { .. } | Op::Identity
+        );
+        let (Some(x), true) = (n.input(0), passthrough) else {
+            continue;
+        };
+        if let Some(qp) = act_qp.get(x).cloned() {
+            if let Some(slot) = act_qp.get_mut(&n.outputs[0]) {
+                *slot = qp;
+            } else {
+                act_qp.insert(n.outputs[0].clone(), qp);
+            }
+        }
+    }
+}
+
 fn scalar_f32(name: &str, v: f32) -> proto::TensorProto {
     Tensor::F32(ArrayD::from_elem(IxDyn(&[]), v)).to_proto(name)
 }
@@ -574,6 +626,18 @@ pub fn quantize_model_with<B: Backend>(
             }
         }
     }
+    // The outputs of the ops `to_net`'s integer model requantizes (Add, GlobalAveragePool,
+    // activation nodes), so that the QDQ model quantizes the values the integer model does
+    // (without a config: a config quantizes what it selects).
+    if options.config.is_none() {
+        let spec = DeployConfig::default().activation;
+        for v in requantized_outputs(graph) {
+            if !spec_of.contains_key(&v) {
+                spec_of.insert(v.clone(), spec);
+                observed.push(v);
+            }
+        }
+    }
     // Quantizable nodes whose activation input stays float: left out, or without an input
     // target, reading a value that is not some producer's quantized output.
     let float_readers: HashSet<usize> = all_targets
@@ -586,13 +650,14 @@ pub fn quantize_model_with<B: Backend>(
         .collect();
     let with_specs: Vec<(String, ObserverSpec)> =
         observed.iter().map(|v| (v.clone(), spec_of[v])).collect();
-    let act_qp = calibrate(
+    let mut act_qp = calibrate(
         backend,
         graph,
         batches,
         &with_specs,
         options.observer.averaging_constant(),
     )?;
+    inherit_through_passthrough(graph, &mut act_qp);
 
     // Rewrite the protobuf.
     let mut proto_model = folded.model.proto.clone();

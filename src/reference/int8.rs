@@ -253,6 +253,114 @@ pub fn max_pool2d_int8(x: &Array4<i8>, kernel: usize, stride: usize) -> Result<A
     Ok(out)
 }
 
+/// 2-D max pooling on codes with padding ([`crate::ops::Pool2d`]; ONNX `MaxPool` with
+/// `pads`, as onnxruntime runs it between `DequantizeLinear` and `QuantizeLinear` of the same
+/// qparams): the window walk of [`super::layers::max_pool2d_pad`], padded positions never
+/// win. Exact: the max of codes is the code of the max of the dequantized values (the
+/// output keeps the input's qparams).
+///
+/// Errors: those of [`crate::ops::Pool2d::output`].
+pub fn max_pool2d_pad_int8(x: &Array4<i8>, p: &crate::ops::Pool2d) -> Result<Array4<i8>> {
+    super::layers::max_pool2d_pad(x, p)
+}
+
+/// The requantization of global average pooling on codes: one multiplier
+/// `M = s_in / (s_out · (H·W as f32))`, computed in f32 in that order (onnxruntime's
+/// `QLinearGlobalAveragePool` scale), clamped to `bounds`.
+///
+/// Errors: those of [`Requant::new`] (a multiplier that is not finite or too large).
+pub fn global_avg_pool_requant(
+    s_in: f32,
+    (s_out, z_out): (f32, i32),
+    extent: usize,
+    mode: crate::quant::RequantMode,
+    bounds: (i32, i32),
+) -> Result<Requant> {
+    let m = s_in / (s_out * extent as f32);
+    Requant::new(&[f64::from(m)], mode, z_out, bounds)
+}
+
+/// Global average pooling on codes (ONNX `GlobalAveragePool` between `DequantizeLinear` and
+/// `QuantizeLinear`, which onnxruntime runs as `QLinearGlobalAveragePool`): per `(n, c)` the
+/// exact i32 sum `acc = Σ (q − x_zp)` over `H·W`, then `requant.apply(0, acc)` — in
+/// [`crate::quant::RequantMode::Float`] `clamp(round_ties_even(f32(acc) · M) + z_out)` with
+/// `M` of [`global_avg_pool_requant`], bit for bit what onnxruntime computes. Output
+/// `[N, C, 1, 1]`.
+///
+/// Errors: those of [`crate::ops::global_pool_extent`], an invalid `requant` (it must have
+/// one multiplier).
+pub fn global_avg_pool_int8(
+    x: &Array4<i8>,
+    x_zero_point: i32,
+    requant: &Requant,
+) -> Result<Array4<i8>> {
+    crate::ops::global_pool_extent(x.shape())?;
+    requant.validate(1)?;
+    if requant.scales.len() != 1 {
+        return Err(Error::invalid(
+            "global average pooling takes one requantization multiplier",
+        ));
+    }
+    let (n, c, _, _) = x.dim();
+    let mut out = Array4::<i8>::zeros((n, c, 1, 1));
+    for ((b, ch, _, _), o) in out.indexed_iter_mut() {
+        let acc: i32 = x
+            .slice(ndarray::s![b, ch, .., ..])
+            .iter()
+            .map(|&q| i32::from(q) - x_zero_point)
+            .sum();
+        *o = requant.apply(0, acc) as i8;
+    }
+    Ok(out)
+}
+
+/// The 256-entry table of an elementwise activation on codes: entry `q + 128` is the output
+/// code of input code `q`, `clamp(round_ties_even(act((q − z_in) · s_in) / s_out) + z_out)`
+/// — `DequantizeLinear`, the activation in f32 ([`super::activation::activate`]), then
+/// `QuantizeLinear` (ONNX's `x / scale`), as onnxruntime runs an activation between them.
+/// Every activation has this integer form (HardSwish, LeakyReLU, ...).
+///
+/// Errors: a range outside `[-128, 127]`, invalid qparams.
+pub fn activation_table(
+    act: crate::ops::Activation,
+    (s_in, z_in): (f32, i32),
+    (s_out, z_out): (f32, i32),
+    range: QuantRange,
+) -> Result<Vec<i8>> {
+    check_code_range(range)?;
+    for (s, z) in [(s_in, z_in), (s_out, z_out)] {
+        QParams::per_tensor(s, z).validate(&[1], range)?;
+    }
+    let (lo, hi) = (range.quant_min as f32, range.quant_max as f32);
+    Ok((-128i32..=127)
+        .map(|q| {
+            let x = (q - z_in) as f32 * s_in;
+            let y = super::activation::activate(x, act);
+            ((y / s_out).round_ties_even() + z_out as f32).clamp(lo, hi) as i8
+        })
+        .collect())
+}
+
+/// An elementwise op on codes by table lookup: `y = table[x + 128]`
+/// ([`activation_table`]).
+///
+/// Errors: [`Error::InvalidArgument`] for a table that does not have 256 entries.
+pub fn lookup_int8(x: &ArrayD<i8>, table: &[i8]) -> Result<ArrayD<i8>> {
+    check_table(table)?;
+    Ok(x.mapv(|q| table[(i32::from(q) + 128) as usize]))
+}
+
+/// The one check of a code table (256 entries, one per int8 code).
+pub fn check_table(table: &[i8]) -> Result<()> {
+    if table.len() != 256 {
+        return Err(Error::invalid(format!(
+            "a code table has 256 entries (one per int8 code), got {}",
+            table.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Quantized elementwise add with a fused clamp (PyTorch's `torch.ao.nn.quantized.QFunctional`
 /// `add` / `add_relu`, computed with TFLite's integer add arithmetic, [`AddRequant::apply`]).
 ///

@@ -37,6 +37,66 @@ pub fn max_pool2d(x: &Array4<f32>, kernel: usize, stride: usize) -> Result<Array
     Ok(out)
 }
 
+/// 2-D max pooling with padding ([`crate::ops::Pool2d`]: `torch.nn.functional.max_pool2d(x,
+/// kernel, stride, padding)`, floor mode, no dilation) on any ordered element type: f32
+/// (NaN propagates) and int8 codes ([`crate::reference::int8::max_pool2d_pad_int8`]) share
+/// this one window walk. Padded positions are skipped (never the maximum), and every window
+/// holds at least one input position ([`crate::ops::Pool2d::output`] requires padding <
+/// kernel).
+///
+/// Errors: those of [`crate::ops::Pool2d::output`].
+#[allow(clippy::eq_op)] // `v != v` is the generic NaN test.
+pub fn max_pool2d_pad<T: Copy + PartialOrd + Default>(
+    x: &Array4<T>,
+    p: &crate::ops::Pool2d,
+) -> Result<Array4<T>> {
+    let (n, c, h, w) = x.dim();
+    let (oh, ow) = p.output(h, w)?;
+    let [kh, kw] = p.kernel;
+    let [sh, sw] = p.stride;
+    let [ph, pw] = p.padding;
+    let mut out = Array4::<T>::default((n, c, oh, ow));
+    for ((b, ch, i, j), o) in out.indexed_iter_mut() {
+        let mut m: Option<T> = None;
+        'window: for ki in 0..kh {
+            let Some(y) = (i * sh + ki).checked_sub(ph).filter(|&y| y < h) else {
+                continue;
+            };
+            for kj in 0..kw {
+                let Some(xx) = (j * sw + kj).checked_sub(pw).filter(|&xx| xx < w) else {
+                    continue;
+                };
+                let v = x[[b, ch, y, xx]];
+                if v != v {
+                    m = Some(v);
+                    break 'window;
+                }
+                if m.is_none_or(|m| v > m) {
+                    m = Some(v);
+                }
+            }
+        }
+        // Padding < kernel leaves at least one input position in every window.
+        *o = m.unwrap_or_default();
+    }
+    Ok(out)
+}
+
+/// Global average pooling of an NCHW tensor to `[N, C, 1, 1]` (ONNX `GlobalAveragePool`,
+/// `torch.nn.AdaptiveAvgPool2d(1)`): the f32 sum over `H·W` divided by `H·W`.
+///
+/// Errors: those of [`crate::ops::global_pool_extent`].
+pub fn global_avg_pool2d(x: &Array4<f32>) -> Result<Array4<f32>> {
+    let (n, c, _, _) = x.dim();
+    let count = crate::ops::global_pool_extent(x.shape())?;
+    let mut out = Array4::<f32>::zeros((n, c, 1, 1));
+    for ((b, ch, _, _), o) in out.indexed_iter_mut() {
+        let s: f32 = x.slice(ndarray::s![b, ch, .., ..]).iter().sum();
+        *o = s / count as f32;
+    }
+    Ok(out)
+}
+
 /// The pooling geometry (one home: [`crate::ops::max_pool2d_output`]).
 pub use crate::ops::max_pool2d_output;
 

@@ -23,7 +23,7 @@ use crate::reference::{
     layers, observer as robs, train as rtrain,
 };
 
-use super::trainer::{check_act, check_net, check_set_sgd};
+use super::trainer::{check_act, check_net, check_set_sgd, untrainable};
 use super::{NamedGradients, QatOptions};
 
 const WHO: &str = "CpuTrainer";
@@ -376,6 +376,9 @@ impl CpuTrainer {
                 NodeOp::Add { act } => {
                     check_act(WHO, &node.name, *act)?;
                     Op::Add { act: *act }
+                }
+                NodeOp::MaxPool2dPad { .. } | NodeOp::GlobalAvgPool | NodeOp::Activation { .. } => {
+                    return Err(untrainable(WHO, &node.name, node.op.kind()))
                 }
             };
             nodes.push(TNode {

@@ -74,7 +74,7 @@ pub use cpu::CpuTrainer;
 pub use qat::QatOptions;
 use qat::{QatState, Quantized};
 pub use trainer::Trainer;
-use trainer::{check_act, check_net, check_set_sgd};
+use trainer::{check_act, check_net, check_set_sgd, untrainable};
 
 /// A trained tensor with its momentum buffer.
 #[derive(Debug, Clone)]
@@ -304,6 +304,9 @@ impl GpuTrainer {
                 NodeOp::Add { act } => {
                     check_act("GpuTrainer", &node.name, *act)?;
                     Op::Add { act: *act }
+                }
+                NodeOp::MaxPool2dPad { .. } | NodeOp::GlobalAvgPool | NodeOp::Activation { .. } => {
+                    return Err(untrainable("GpuTrainer", &node.name, node.op.kind()))
                 }
             };
             nodes.push(TNode {

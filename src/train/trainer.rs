@@ -83,6 +83,16 @@ pub(super) fn check_net(who: &str, net: &Net, sgd: &Sgd) -> Result<()> {
     Ok(())
 }
 
+/// The error for a deployment node the trainers have no backward for (padded max pooling,
+/// global average pooling, activation nodes).
+pub(super) fn untrainable(who: &str, name: &str, kind: &str) -> Error {
+    Error::invalid(format!(
+        "{who}: `{}` is a {kind} node, which the trainer does not train (conv2d, linear, \
+         max_pool2d, flatten and add only)",
+        name.escape_debug()
+    ))
+}
+
 /// The activations a trainer takes: none, ReLU, ReLU6 (their gradient mask is the same read
 /// from the output or the input).
 pub(super) fn check_act(who: &str, name: &str, act: Activation) -> Result<()> {
