@@ -2,25 +2,34 @@
 """Generates the ONNX test models of tests/onnx/ (development tooling only; cargo test does not
 run Python).
 
-    pip install onnx onnxruntime safetensors numpy
+    pip install torch onnx onnxruntime safetensors numpy
     python3 tools/gen_onnx.py tests/onnx fuzz/seeds/onnx
     for m in mobilenet resnet; do
         cargo run --release -- quantize tests/onnx/$m.onnx --calib tests/onnx/calib.safetensors \
             --backend cpu -o tests/onnx/$m.int8.onnx
     done
     python3 tools/gen_onnx.py --qdq tests/onnx
+    python3 tools/gen_onnx.py --int-ops tests/onnx
 
-PyTorch is not needed: the graphs are built with onnx.helper, node for node as
-torch.onnx.export writes them for the equivalent nn.Modules (eval mode, BatchNorm kept,
-opset 13, 14 for HardSwish, initializers named by the module's state-dict keys, nodes named /module/Op), with
-random weights and randomized BatchNorm statistics. For each model NAME it writes
+resnet, mobilenet and mnist are PyTorch nn.Modules (seeded random weights, randomized
+BatchNorm weights, biases and running statistics) exported by torch.onnx.export: the
+TorchScript exporter (dynamo=False), opset 13 (14 for HardSwish), the eval-mode model exported
+with training=TrainingMode.PRESERVE so that every BatchNorm stays a BatchNormalization node
+with its own epsilon (the default EVAL mode folds them into the convs); initializers are
+named by the state-dict keys, nodes /module/path/Op. decoder and the fuzz seeds cover ops
+torch.onnx.export does not write for any module (Identity, a Gemm with transB = 0, a Conv
+with asymmetric pads — PyTorch exports those as a Pad node); they are built with onnx.helper,
+node for node. For each model NAME it writes
 
   NAME.onnx            the model (each < 1 MB)
   NAME.io.safetensors  a fixed input (`input`) and onnxruntime's outputs for it (`output`)
 
 and calib.safetensors (calibration inputs for `qfuse quantize`); with --qdq, onnxruntime's
 outputs for the QDQ models `qfuse quantize` wrote (NAME.int8.io.safetensors) (and, with a second folder, the fuzz target's seeds: two tiny models covering every imported
-op) so that the Rust tests compare qfuse's evaluation with a real runtime without Python.
+op) so that the Rust tests compare qfuse's evaluation with a real runtime without Python;
+with --int-ops, onnxruntime's codes for the integer ops of qfuse's IntModel (global average
+pooling, HardSwish / LeakyRelu tables, padded max pooling) between DequantizeLinear and
+QuantizeLinear (int_ops.safetensors).
 Models:
 
   resnet.onnx     ResNet-style: conv-bn-relu stem, max pool, a basic block with a residual Add,
@@ -40,8 +49,12 @@ Models:
 import os
 import sys
 
+import io
+
 import numpy as np
 import onnx
+import torch
+import torch.nn as nn
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file, save_file
@@ -112,64 +125,164 @@ class Builder:
         return m
 
 
+def randomize_bn(model, seed):
+    """Random affine parameters and running statistics in every BatchNorm (a trained-looking
+    model: folding then changes the weights)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+    return model
+
+
+def export(model, name, x_shape, seed, opset=OPSET):
+    """torch.onnx.export of `model` (eval mode) with its BatchNorms kept as nodes: the
+    TorchScript exporter (`dynamo=False`) with `training=TrainingMode.PRESERVE` (the default
+    EVAL mode folds each BatchNorm into the conv before it)."""
+    model = randomize_bn(model.eval(), seed)
+    f = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(x_shape),), f, dynamo=False, opset_version=opset,
+                      input_names=["input"], output_names=["output"],
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    m = onnx.load_from_string(f.getvalue())
+    m.graph.name = name
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def conv_bn(cin, cout, k, stride=1, groups=1, eps=1e-5, act=None):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(cout, eps=eps)]
+    return nn.Sequential(*layers, *([act] if act is not None else []))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's resnet BasicBlock (one ReLU module applied twice)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        s = x if self.downsample is None else self.downsample(x)
+        return self.relu(y + s)
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, 2))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c, hidden):
+        super().__init__()
+        self.conv = nn.Sequential(conv_bn(c, hidden, 1, act=nn.ReLU6()),
+                                  conv_bn(hidden, hidden, 3, groups=hidden, eps=1e-3,
+                                          act=nn.ReLU6()),
+                                  nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class Bottleneck(nn.Module):
+    """MobileNetV2's first block: depthwise conv-bn-ReLU6, then a linear 1x1 bottleneck."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Sequential(conv_bn(cin, cin, 3, groups=cin, act=nn.ReLU6()),
+                                  nn.Conv2d(cin, cout, 1, bias=False),
+                                  nn.BatchNorm2d(cout, eps=1e-3))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class MobileNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, 8, 3, 2, eps=1e-3, act=nn.ReLU6()),
+            Bottleneck(8, 16),
+            InvertedResidual(16, 32),
+            # features.3: conv-bn-hardswish (MobileNetV3's last conv).
+            conv_bn(16, 32, 1, eps=1e-3, act=nn.Hardswish()))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(32, 24), nn.BatchNorm1d(24), nn.ReLU(),
+                                        nn.Linear(24, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class Mnist(nn.Module):
+    """NNI's Mnist (examples/model_compress/models/mnist), fc1 narrowed to 64 units and
+    log_softmax left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5, 1)
+        self.conv2 = nn.Conv2d(20, 50, 5, 1)
+        self.fc1 = nn.Linear(4 * 4 * 50, 64)
+        self.fc2 = nn.Linear(64, 10)
+        self.relu1 = nn.ReLU6()
+        self.relu2 = nn.ReLU6()
+        self.relu3 = nn.ReLU6()
+        self.max_pool1 = nn.MaxPool2d(2, 2)
+        self.max_pool2 = nn.MaxPool2d(2, 2)
+        self.batchnorm1 = nn.BatchNorm2d(20)
+
+    def forward(self, x):
+        x = self.relu1(self.batchnorm1(self.conv1(x)))
+        x = self.max_pool1(x)
+        x = self.relu2(self.conv2(x))
+        x = self.max_pool2(x)
+        x = x.view(-1, 4 * 4 * 50)
+        x = self.relu3(self.fc1(x))
+        return self.fc2(x)
+
+
 def resnet():
-    b = Builder(1)
-    x = b.relu(b.bn(b.conv("input", "conv1", 3, 8, 3, pad=1), "bn1", 8), "relu")
-    x = b.node("MaxPool", [x], "/maxpool/MaxPool", kernel_shape=[3, 3], strides=[2, 2],
-               pads=[1, 1, 1, 1])
-    # layer1.0: basic block, identity shortcut.
-    y = b.relu(b.bn(b.conv(x, "layer1.0.conv1", 8, 8, 3, pad=1), "layer1.0.bn1", 8), "layer1.0.relu")
-    y = b.bn(b.conv(y, "layer1.0.conv2", 8, 8, 3, pad=1), "layer1.0.bn2", 8)
-    x = b.node("Relu", [b.node("Add", [y, x], "/layer1.0/Add")], "/layer1.0/relu_1/Relu")
-    # layer2.0: strided block, 1x1 conv + bn shortcut.
-    y = b.relu(b.bn(b.conv(x, "layer2.0.conv1", 8, 16, 3, stride=2, pad=1), "layer2.0.bn1", 16),
-               "layer2.0.relu")
-    y = b.bn(b.conv(y, "layer2.0.conv2", 16, 16, 3, pad=1), "layer2.0.bn2", 16)
-    s = b.bn(b.conv(x, "layer2.0.downsample.0", 8, 16, 1, stride=2), "layer2.0.downsample.1", 16)
-    x = b.node("Relu", [b.node("Add", [y, s], "/layer2.0/Add")], "/layer2.0/relu_1/Relu")
-    x = b.node("GlobalAveragePool", [x], "/avgpool/GlobalAveragePool")
-    x = b.node("Flatten", [x], "/Flatten", axis=1)
-    x = b.gemm(x, "fc", 16, 10)
-    return b.model("resnet", [1, 3, 16, 16], x, [1, 10])
+    torch.manual_seed(1)
+    return export(ResNet(), "resnet", [1, 3, 16, 16], 1)
 
 
 def mobilenet():
-    b = Builder(2)
-    x = b.relu6(b.bn(b.conv("input", "features.0.0", 3, 8, 3, stride=2, pad=1),
-                     "features.0.1", 8, eps=1e-3), "features.0.2")
-    # features.1: depthwise + linear bottleneck.
-    x = b.relu6(b.bn(b.conv(x, "features.1.conv.0.0", 8, 8, 3, pad=1, group=8),
-                     "features.1.conv.0.1", 8), "features.1.conv.0.2")
-    x = b.bn(b.conv(x, "features.1.conv.1", 8, 16, 1), "features.1.conv.2", 16, eps=1e-3)
-    # features.2: inverted residual with Add.
-    y = b.relu6(b.bn(b.conv(x, "features.2.conv.0.0", 16, 32, 1), "features.2.conv.0.1", 32),
-                "features.2.conv.0.2")
-    y = b.relu6(b.bn(b.conv(y, "features.2.conv.1.0", 32, 32, 3, pad=1, group=32),
-                     "features.2.conv.1.1", 32, eps=1e-3), "features.2.conv.1.2")
-    y = b.bn(b.conv(y, "features.2.conv.2", 32, 16, 1), "features.2.conv.3", 16)
-    x = b.node("Add", [x, y], "/features.2/Add")
-    # features.3: conv-bn-hardswish (MobileNetV3's last conv).
-    x = b.node("HardSwish", [b.bn(b.conv(x, "features.3.0", 16, 32, 1), "features.3.1", 32,
-                                  eps=1e-3)], "/features.3.2/HardSwish")
-    x = b.node("GlobalAveragePool", [x], "/avgpool/GlobalAveragePool")
-    x = b.node("Flatten", [x], "/Flatten", axis=1)
-    # classifier: linear-bn1d-relu, then the linear head.
-    x = b.relu(b.bn(b.gemm(x, "classifier.0", 32, 24), "classifier.1", 24), "classifier.2")
-    x = b.gemm(x, "classifier.3", 24, 10)
-    return b.model("mobilenet", [2, 3, 16, 16], x, [2, 10], opset=14)  # HardSwish: 14
+    torch.manual_seed(2)
+    return export(MobileNet(), "mobilenet", [2, 3, 16, 16], 2, opset=14)  # HardSwish: 14
 
 
 def mnist():
-    b = Builder(3)
-    x = b.relu6(b.bn(b.conv("input", "conv1", 1, 20, 5, bias=True), "batchnorm1", 20), "relu1")
-    x = b.node("MaxPool", [x], "/max_pool1/MaxPool", kernel_shape=[2, 2], strides=[2, 2])
-    x = b.relu6(b.conv(x, "conv2", 20, 50, 5, bias=True), "relu2")
-    x = b.node("MaxPool", [x], "/max_pool2/MaxPool", kernel_shape=[2, 2], strides=[2, 2])
-    shape = b.init("/Constant_output_0", np.array([-1, 800], np.int64))
-    x = b.node("Reshape", [x, shape], "/Reshape")
-    x = b.relu6(b.gemm(x, "fc1", 800, 64), "relu3")
-    x = b.gemm(x, "fc2", 64, 10)
-    return b.model("mnist", [2, 1, 28, 28], x, [2, 10])
+    torch.manual_seed(3)
+    return export(Mnist(), "mnist", [2, 1, 28, 28], 3)
 
 
 def decoder():
@@ -240,9 +353,66 @@ def qdq_reference(out_dir):
         print(f"{path}: {os.path.getsize(path)} bytes, output {list(y.shape)}")
 
 
+def qdq_op(op, in_qp, out_qp, x_shape, **attrs):
+    """DequantizeLinear -> op -> QuantizeLinear on int8 codes, per-tensor qparams."""
+    inits = [numpy_helper.from_array(np.array(v, t), n) for v, t, n in [
+        (in_qp[0], np.float32, "si"), (in_qp[1], np.int8, "zi"),
+        (out_qp[0], np.float32, "so"), (out_qp[1], np.int8, "zo")]]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "si", "zi"], ["xf"]),
+             helper.make_node(op, ["xf"], ["yf"], **attrs),
+             helper.make_node("QuantizeLinear", ["yf", "so", "zo"], ["y"])]
+    g = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.INT8,
+                                                                    x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
+                          initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def int_ops(out_dir):
+    """onnxruntime's results for the integer ops qfuse's IntModel adds for ONNX graphs, each
+    DequantizeLinear -> op -> QuantizeLinear on int8 codes (onnxruntime fuses
+    GlobalAveragePool into QLinearGlobalAveragePool): int_ops.safetensors holds, per case K,
+    `K.x` (input codes), `K.y` (onnxruntime's output codes), both as float32, and `K.qp`
+    ([s_in, z_in, s_out, z_out]; max pooling keeps s_in = s_out)."""
+    rng = np.random.default_rng(13)
+    out = {}
+
+    def case(key, op, in_qp, out_qp, x, **attrs):
+        sess = ort.InferenceSession(qdq_op(op, in_qp, out_qp, list(x.shape), **attrs),
+                                    providers=["CPUExecutionProvider"])
+        out[key + ".x"] = x.astype(np.float32)
+        out[key + ".y"] = sess.run(None, {"x": x})[0].astype(np.float32)
+        out[key + ".qp"] = np.array([in_qp[0], in_qp[1], out_qp[0], out_qp[1]], np.float32)
+
+    # Global average pooling: extents 2x2 (many exact ties) and 7x7, odd channel counts.
+    for k, (h, si, so) in enumerate([(2, 0.1, 0.05), (7, 0.0371, 0.0213), (3, 0.02, 0.013)]):
+        x = rng.integers(-128, 128, (2, 13, h, h)).astype(np.int8)
+        case(f"gap{k}", "GlobalAveragePool", (si, -7), (so, 3), x)
+    # HardSwish and LeakyRelu: every code through the table.
+    codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256, 1, 1)
+    for k, (si, zi, so, zo) in enumerate([(0.05, 0, 0.03, -100), (0.031, -20, 0.022, -80),
+                                         (0.1, 10, 0.1, 10)]):
+        case(f"hardswish{k}", "HardSwish", (si, zi), (so, zo), codes)
+    case("leaky_relu0", "LeakyRelu", (0.05, 3), (0.04, 20), codes, alpha=0.1)
+    # Max pooling with padding: same qparams in and out (exact on codes).
+    x = rng.integers(-128, 128, (2, 5, 9, 8)).astype(np.int8)
+    case("maxpool0", "MaxPool", (0.05, -3), (0.05, -3), x, kernel_shape=[3, 3],
+         strides=[2, 2], pads=[1, 1, 1, 1])
+    case("maxpool1", "MaxPool", (0.05, -3), (0.05, -3), x, kernel_shape=[3, 2],
+         strides=[1, 2], pads=[1, 0, 1, 0])
+    path = os.path.join(out_dir, "int_ops.safetensors")
+    save_file(out, path)
+    print(f"{path}: {os.path.getsize(path)} bytes, {len(out) // 3} cases")
+
+
 def main():
     if sys.argv[1:2] == ["--qdq"]:
         qdq_reference(sys.argv[2])
+        return
+    if sys.argv[1:2] == ["--int-ops"]:
+        int_ops(sys.argv[2])
         return
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "tests/onnx"
     # Calibration data for `qfuse quantize` (8 samples of 3x16x16).

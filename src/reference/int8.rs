@@ -316,9 +316,13 @@ pub fn global_avg_pool_int8(
 
 /// The 256-entry table of an elementwise activation on codes: entry `q + 128` is the output
 /// code of input code `q`, `clamp(round_ties_even(act((q − z_in) · s_in) / s_out) + z_out)`
-/// — `DequantizeLinear`, the activation in f32 ([`super::activation::activate`]), then
-/// `QuantizeLinear` (ONNX's `x / scale`), as onnxruntime runs an activation between them.
-/// Every activation has this integer form (HardSwish, LeakyReLU, ...).
+/// — `DequantizeLinear`, the activation in f32, then `QuantizeLinear` (ONNX's `x / scale`),
+/// as onnxruntime runs an activation between them. Every activation has this integer form
+/// (HardSwish, LeakyReLU, ...). The activation is ONNX's: HardSwish is
+/// `x · max(0, min(1, x · f32(1/6) + 0.5))` (ONNX's `alpha = 1/6`, `beta = 0.5`, as
+/// onnxruntime computes it), which differs in the last bit from PyTorch's
+/// `x · relu6(x + 3) / 6` ([`super::activation::activate`]) for a few inputs; the others are
+/// [`super::activation::activate`].
 ///
 /// Errors: a range outside `[-128, 127]`, invalid qparams.
 pub fn activation_table(
@@ -335,7 +339,10 @@ pub fn activation_table(
     Ok((-128i32..=127)
         .map(|q| {
             let x = (q - z_in) as f32 * s_in;
-            let y = super::activation::activate(x, act);
+            let y = match act {
+                crate::ops::Activation::Hardswish => x * (x * (1.0f32 / 6.0) + 0.5).clamp(0.0, 1.0),
+                other => super::activation::activate(x, other),
+            };
             ((y / s_out).round_ties_even() + z_out as f32).clamp(lo, hi) as i8
         })
         .collect())

@@ -180,9 +180,10 @@ fn binary_folds_onnx() {
     assert!(o.status.success(), "{stdout}\n{stderr}");
     assert!(
         stdout.contains(
-            "folded `/features.0.1/BatchNormalization` into `/features.0.0/Conv` (Conv2d + \
-             BatchNorm2d + ReLU6, eps 0.001, weight [8, 3, 3, 3]); activation \
-             `/features.0.2/Clip` kept"
+            "folded `/features/features.0/features.0.1/BatchNormalization` into \
+             `/features/features.0/features.0.0/Conv` (Conv2d + BatchNorm2d + ReLU6, eps \
+             0.001, weight [8, 3, 3, 3]); activation `/features/features.0/features.0.2/Clip` \
+             kept"
         ),
         "{stdout}"
     );
@@ -420,7 +421,7 @@ fn binary_quantizes_onnx() {
     assert!(stdout.contains("(integer model, 7 nodes)"), "{stdout}");
     let im = qfuse::deploy::IntModel::load(&im_path).unwrap();
     assert_eq!(im.nodes.len(), 7);
-    // A graph the integer model cannot express: nothing is written.
+    // ResNet (padded max pool, global average pool, residual adds) has an integer form too.
     let o = qfuse(&[
         "quantize",
         p(&dir().join("resnet.onnx")),
@@ -428,13 +429,35 @@ fn binary_quantizes_onnx() {
         p(&calib),
         "--int-model",
         p(&d.join("r.safetensors")),
+        "--backend",
+        "cpu",
         "-o",
         p(&d.join("r.onnx")),
     ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    let im = qfuse::deploy::IntModel::load(d.join("r.safetensors")).unwrap();
+    let kinds: Vec<&str> = im.nodes.iter().map(|n| n.layer.kind()).collect();
+    assert!(kinds.contains(&"max_pool2d_pad") && kinds.contains(&"global_avg_pool"));
+    // A graph the integer model cannot express (the decoder's ConvTranspose): nothing is
+    // written.
+    let o = qfuse(&[
+        "quantize",
+        p(&dir().join("decoder.onnx")),
+        "--calib",
+        p(&dir().join("decoder.io.safetensors")),
+        "--int-model",
+        p(&d.join("dec.safetensors")),
+        "-o",
+        p(&d.join("dec.onnx")),
+    ]);
     let (_, stderr) = text(&o);
     assert!(!o.status.success());
-    assert!(stderr.contains("no integer form"), "{stderr}");
-    assert!(!d.join("r.onnx").exists() && !d.join("r.safetensors").exists());
+    assert!(
+        stderr.contains("`/up/ConvTranspose` (op type `ConvTranspose`): no integer form"),
+        "{stderr}"
+    );
+    assert!(!d.join("dec.onnx").exists() && !d.join("dec.safetensors").exists());
     // Calibration images of another shape (Mnist's 1x28x28).
     let io = dir().join("mnist.io.safetensors");
     let o = qfuse(&["quantize", p(&model), "--calib", p(&io), "-o", p(&out)]);
@@ -465,43 +488,250 @@ fn lcg_input(shape: &[usize], seed: u32) -> ArrayD<f32> {
     ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).unwrap()
 }
 
-/// NNI's Mnist as qfuse's integer model (`to_int_model`: the folded graph as a deploy::Net,
-/// converted with the deployment config) and as the QDQ export: the integer model's output
-/// codes equal the QDQ model's (evaluated by qfuse, which matches onnxruntime exactly on QDQ
-/// models) on at least 99% of the outputs and are never more than one step apart. Graphs with
-/// ops the integer model lacks are refused naming the node.
+/// The test models as qfuse's integer models (`to_int_model`: the folded graph as a
+/// deploy::Net, converted with the deployment config) and as QDQ exports: the integer model's
+/// output codes equal the QDQ model's (evaluated by qfuse, which matches onnxruntime on the
+/// committed QDQ models) on at least 99% of the outputs and are never more than one step
+/// apart — NNI's Mnist, the ResNet (padded max pool, residual adds, global average pool) and
+/// the MobileNet (depthwise convs, ReLU6, an inverted residual, HardSwish as a code table,
+/// global average pool, the Gemm its BatchNorm1d folded into). Graphs with ops the integer
+/// model lacks are refused naming the node. The integer model runs the same on the GPU (bit
+/// for bit).
 fn int_model_agrees_with_the_qdq_export() {
-    let m = load("mnist");
-    let (x0, _) = reference_io("mnist");
-    let mut batches = vec![vec![("input".to_string(), x0)]];
-    for k in 0..7 {
-        batches.push(vec![("input".to_string(), lcg_input(&[2, 1, 28, 28], k))]);
-    }
-    let q = qfuse::onnx::quantize_model(&CpuBackend, &m, &batches).unwrap();
-    let folded = fold_model(&CpuBackend, &m).unwrap();
-    let im = qfuse::onnx::to_int_model(&CpuBackend, &folded.model.graph, &batches).unwrap();
-    let oq = im.output_qparams().clone();
-    let (mut same, mut total, mut worst) = (0usize, 0usize, 0i32);
-    for k in 100..108 {
-        let x = lcg_input(&[2, 1, 28, 28], k);
-        let codes = im.forward(&CpuBackend, &x).unwrap();
-        let y = eval(&CpuBackend, &q.model, &x);
-        for (c, v) in codes.iter().zip(&y) {
-            let qdq_code = (v / oq.scale[0]).round() as i32 + oq.zero_point[0];
-            let d = (i32::from(*c) - qdq_code).abs();
-            worst = worst.max(d);
-            same += usize::from(d == 0);
-            total += 1;
+    for (name, shape) in [
+        ("mnist", [2, 1, 28, 28]),
+        ("resnet", [1, 3, 16, 16]),
+        ("mobilenet", [2, 3, 16, 16]),
+    ] {
+        let m = load(name);
+        let (x0, _) = reference_io(name);
+        let mut batches = vec![vec![("input".to_string(), x0)]];
+        for k in 0..7 {
+            batches.push(vec![("input".to_string(), lcg_input(&shape, k))]);
         }
+        let q = qfuse::onnx::quantize_model(&CpuBackend, &m, &batches).unwrap();
+        let folded = fold_model(&CpuBackend, &m).unwrap();
+        let im = qfuse::onnx::to_int_model(&CpuBackend, &folded.model.graph, &batches).unwrap();
+        // Saved and loaded (the new layers' JSON and tensors included), the same model.
+        let sd = im.to_state_dict().unwrap();
+        let again = qfuse::deploy::IntModel::from_state_dict(&sd, "test").unwrap();
+        assert_eq!(again, im, "{name}");
+        let oq = im.output_qparams().clone();
+        let gpu = common::gpu().map(GpuBackend::new);
+        let (mut same, mut total, mut worst) = (0usize, 0usize, 0i32);
+        for k in 100..108 {
+            let x = lcg_input(&shape, k);
+            let codes = im.forward(&CpuBackend, &x).unwrap();
+            if let Some(g) = &gpu {
+                assert_eq!(im.forward(g, &x).unwrap(), codes, "{name}: GPU vs CPU");
+            }
+            let y = eval(&CpuBackend, &q.model, &x);
+            for (c, v) in codes.iter().zip(&y) {
+                let qdq_code = (v / oq.scale[0]).round() as i32 + oq.zero_point[0];
+                let d = (i32::from(*c) - qdq_code).abs();
+                worst = worst.max(d);
+                same += usize::from(d == 0);
+                total += 1;
+            }
+        }
+        println!("{name}: integer model vs QDQ codes identical {same}/{total}, max step {worst}");
+        assert!(same * 100 >= total * 99, "{name}: {same}/{total}");
+        assert!(worst <= 1, "{name}: {worst}");
     }
-    println!("mnist: integer model vs QDQ codes identical {same}/{total}, max step {worst}");
-    assert!(same * 100 >= total * 99, "{same}/{total}");
-    assert!(worst <= 1, "{worst}");
-    // ResNet's padded max pool has no integer form: refused, naming the node.
-    let r = fold_model(&CpuBackend, &load("resnet")).unwrap();
+    let r = fold_model(&CpuBackend, &load("mobilenet")).unwrap();
+    let net = qfuse::onnx::to_net(&r.model.graph).unwrap();
+    let kinds: Vec<&str> = net.nodes().iter().map(|n| n.op.kind()).collect();
+    assert!(
+        kinds.contains(&"activation") && kinds.contains(&"global_avg_pool"),
+        "{kinds:?}"
+    );
+    // The decoder's ConvTranspose has no integer form: refused, naming the node.
+    let r = fold_model(&CpuBackend, &load("decoder")).unwrap();
     let e = qfuse::onnx::to_net(&r.model.graph).unwrap_err();
     assert!(matches!(e, Error::UnsupportedOnnxOp { .. }), "{e}");
-    assert!(e.to_string().contains("`/maxpool/MaxPool`"), "{e}");
+    assert!(e.to_string().contains("`/up/ConvTranspose`"), "{e}");
+}
+
+/// The integer ops qfuse's IntModel adds for ONNX graphs, against onnxruntime's codes for
+/// DequantizeLinear -> op -> QuantizeLinear (tests/onnx/int_ops.safetensors, written by
+/// `tools/gen_onnx.py --int-ops`): global average pooling (onnxruntime's
+/// QLinearGlobalAveragePool: exact i32 sum, one f32 multiplier `s_in / (s_out · H·W)`,
+/// ties to even — extents with many exact ties included), HardSwish and LeakyRelu code
+/// tables over every code, padded max pooling. Identical on the CPU reference and on the GPU.
+fn int_ops_match_onnxruntime() {
+    use qfuse::backend::{Device, Int8Ops};
+    use qfuse::quant::{QuantRange, RequantMode};
+    use qfuse::reference::int8 as r8;
+    let sd = load_state_dict(dir().join("int_ops.safetensors")).unwrap();
+    let codes = |k: &str| sd.f32(k).unwrap().mapv(|v| v as i8);
+    let qp = |k: &str| -> (f32, i32, f32, i32) {
+        let q = sd.f32(&format!("{k}.qp")).unwrap();
+        (q[0], q[1] as i32, q[2], q[3] as i32)
+    };
+    let gpu = common::gpu().map(GpuBackend::new);
+    let on_gpu = |x: &ArrayD<i8>,
+                  f: &dyn Fn(
+        &GpuBackend,
+        &qfuse::kernels::int8::GpuInt8Tensor,
+    ) -> qfuse::kernels::int8::GpuInt8Tensor| {
+        gpu.as_ref().map(|g| {
+            let d = g.upload_codes(x).unwrap();
+            g.download_codes(&f(g, &d)).unwrap()
+        })
+    };
+    let range = QuantRange::new(-128, 127).unwrap();
+    for k in 0..3 {
+        let key = format!("gap{k}");
+        let (x, want) = (codes(&format!("{key}.x")), codes(&format!("{key}.y")));
+        let (si, zi, so, zo) = qp(&key);
+        let extent = x.shape()[2] * x.shape()[3];
+        let rq = r8::global_avg_pool_requant(si, (so, zo), extent, RequantMode::Float, (-128, 127))
+            .unwrap();
+        let x4 = x.clone().into_dimensionality().unwrap();
+        let got = r8::global_avg_pool_int8(&x4, zi, &rq).unwrap().into_dyn();
+        assert_eq!(got, want, "{key}: CPU vs onnxruntime");
+        if let Some(g) = on_gpu(&x, &|g, d| g.global_avg_pool_int8(d, zi, &rq).unwrap()) {
+            assert_eq!(g, want, "{key}: GPU vs onnxruntime");
+        }
+    }
+    for (key, act) in [
+        ("hardswish0", qfuse::ops::Activation::Hardswish),
+        ("hardswish1", qfuse::ops::Activation::Hardswish),
+        ("hardswish2", qfuse::ops::Activation::Hardswish),
+        (
+            "leaky_relu0",
+            qfuse::ops::Activation::LeakyRelu {
+                negative_slope: 0.1,
+            },
+        ),
+    ] {
+        let (x, want) = (codes(&format!("{key}.x")), codes(&format!("{key}.y")));
+        let (si, zi, so, zo) = qp(key);
+        let table = r8::activation_table(act, (si, zi), (so, zo), range).unwrap();
+        assert_eq!(r8::lookup_int8(&x, &table).unwrap(), want, "{key}: CPU");
+        if let Some(g) = on_gpu(&x, &|g, d| g.lookup_int8(d, &table).unwrap()) {
+            assert_eq!(g, want, "{key}: GPU vs onnxruntime");
+        }
+    }
+    for (key, pool) in [
+        ("maxpool0", ([3, 3], [2, 2], [1, 1])),
+        ("maxpool1", ([3, 2], [1, 2], [1, 0])),
+    ] {
+        let pool = qfuse::ops::Pool2d {
+            kernel: pool.0,
+            stride: pool.1,
+            padding: pool.2,
+        };
+        let (x, want) = (codes(&format!("{key}.x")), codes(&format!("{key}.y")));
+        let x4 = x.clone().into_dimensionality().unwrap();
+        let got = r8::max_pool2d_pad_int8(&x4, &pool).unwrap().into_dyn();
+        assert_eq!(got, want, "{key}: CPU vs onnxruntime");
+        if let Some(g) = on_gpu(&x, &|g, d| g.max_pool2d_pad_int8(d, &pool).unwrap()) {
+            assert_eq!(g, want, "{key}: GPU vs onnxruntime");
+        }
+    }
+}
+
+/// The new integer ops on the GPU equal the CPU reference bit for bit on shapes and settings
+/// the onnxruntime cases do not cover (channel counts that are not multiples of 4, 2-D codes,
+/// fixed-point requantization, clamps, rectangular windows), and both refuse the same bad
+/// settings with the same errors.
+fn int_ops_gpu_matches_cpu() {
+    use qfuse::backend::{Device, Int8Ops};
+    use qfuse::quant::{QuantRange, RequantMode};
+    use qfuse::reference::int8 as r8;
+    let Some(ctx) = common::gpu() else { return };
+    let g = GpuBackend::new(ctx);
+    let lcg_codes = |shape: &[usize], seed: u32| {
+        lcg_input(shape, seed).mapv(|v| (v * 128.0).clamp(-128.0, 127.0) as i8)
+    };
+    let dev = |x: &ArrayD<i8>| g.upload_codes(x).unwrap();
+    for (k, shape) in [[1, 5, 6, 7], [3, 9, 4, 4], [2, 16, 13, 11]]
+        .iter()
+        .enumerate()
+    {
+        let x = lcg_codes(shape, k as u32);
+        let x4: ndarray::Array4<i8> = x.clone().into_dimensionality().unwrap();
+        for pool in [
+            ([3, 3], [2, 2], [1, 1]),
+            ([2, 3], [1, 2], [1, 1]),
+            ([4, 4], [3, 1], [2, 0]),
+        ] {
+            let pool = qfuse::ops::Pool2d {
+                kernel: pool.0,
+                stride: pool.1,
+                padding: pool.2,
+            };
+            let want = CpuBackend.max_pool2d_pad_int8(&x, &pool).unwrap();
+            let got = g.download_codes(&g.max_pool2d_pad_int8(&dev(&x), &pool).unwrap());
+            assert_eq!(got.unwrap(), want, "max pool {shape:?} {pool:?}");
+        }
+        let extent = shape[2] * shape[3];
+        for (mode, bounds) in [
+            (RequantMode::Float, (-128, 127)),
+            (RequantMode::FixedPoint, (-128, 127)),
+            (RequantMode::Float, (-20, 90)),
+        ] {
+            let rq = r8::global_avg_pool_requant(0.04, (0.011, -5), extent, mode, bounds).unwrap();
+            let want = r8::global_avg_pool_int8(&x4, 9, &rq).unwrap().into_dyn();
+            let got = g.download_codes(&g.global_avg_pool_int8(&dev(&x), 9, &rq).unwrap());
+            assert_eq!(got.unwrap(), want, "global pool {shape:?} {mode:?}");
+        }
+        let range = QuantRange::new(-128, 127).unwrap();
+        let table = r8::activation_table(
+            qfuse::ops::Activation::Hardswish,
+            (0.05, 7),
+            (0.03, -90),
+            range,
+        )
+        .unwrap();
+        for x in [x.clone(), lcg_codes(&[3, 7], 50 + k as u32)] {
+            let want = r8::lookup_int8(&x, &table).unwrap();
+            let got = g.download_codes(&g.lookup_int8(&dev(&x), &table).unwrap());
+            assert_eq!(got.unwrap(), want, "table {:?}", x.shape());
+        }
+    }
+    // The same refusals on both.
+    let x = lcg_codes(&[1, 2, 3, 3], 9);
+    let bad = qfuse::ops::Pool2d {
+        kernel: [2, 2],
+        stride: [1, 1],
+        padding: [2, 0],
+    };
+    let c = CpuBackend
+        .max_pool2d_pad_int8(&x, &bad)
+        .unwrap_err()
+        .to_string();
+    let d = g
+        .max_pool2d_pad_int8(&dev(&x), &bad)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(c, d);
+    assert!(
+        c.contains("padding [2, 0] must be smaller than the kernel"),
+        "{c}"
+    );
+    let rq =
+        r8::global_avg_pool_requant(0.1, (0.1, 0), 9, RequantMode::Float, (-128, 127)).unwrap();
+    let flat = lcg_codes(&[2, 9], 3);
+    let c = CpuBackend
+        .global_avg_pool_int8(&flat, 0, &rq)
+        .unwrap_err()
+        .to_string();
+    let d = g
+        .global_avg_pool_int8(&dev(&flat), 0, &rq)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(c, d);
+    let c = CpuBackend
+        .lookup_int8(&flat, &[0; 255])
+        .unwrap_err()
+        .to_string();
+    let d = g
+        .lookup_int8(&dev(&flat), &[0; 255])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(c, d);
 }
 
 // ---- hostile and unsupported models ----
@@ -822,4 +1052,6 @@ crate::qfuse_tests! {
     quantize_exports_qdq_close_to_float,
     binary_quantizes_onnx,
     int_model_agrees_with_the_qdq_export,
+    int_ops_match_onnxruntime,
+    int_ops_gpu_matches_cpu: gpu,
 }
