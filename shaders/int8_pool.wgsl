@@ -18,7 +18,7 @@
 //   @group(0) @binding(3) table:  uniform CodeTable  lookup: 256 codes, entry q + 128 in byte
 //                                 (q + 128) % 4 of word (q + 128) / 4
 //
-// Entry points, all with workgroup (WG, 1, 1) (WG an override constant, default 256) over a
+// Entry points and dispatch shapes: all with workgroup (WG, 1, 1) (WG an override constant, default 256), a
 // 1-D grid of `count` items tiled over x and y past 65,535 workgroups (flat index
 // gid.x + gid.y * num_workgroups.x * WG, bounds-checked):
 //   max_pool2d_pad (0, 1, 2): one output word [N, CQ, OH, OW] per item; lane-wise max over

@@ -505,6 +505,12 @@ fn quantize_weight(w: &ArrayD<f32>, config: &DeployConfig) -> Result<(ArrayD<i8>
     Ok((q, qp.scale))
 }
 
+/// The requantization of a conv or linear layer: per output channel the multiplier
+/// `M[o] = (s_in · s_w[o]) / s_out` computed in f32, in that order — as PyTorch's fbgemm
+/// (`act_times_w_scale / output_scale`) and onnxruntime's `QLinearConv` compute it, so that
+/// `RequantMode::Float` rounds with their multiplier bit for bit (an f64 quotient rounded to
+/// f32 differs from it in the last bit for about a quarter of the channels, which flips a
+/// code now and then).
 fn requant(
     s_in: f32,
     ws: &[f32],
@@ -514,7 +520,7 @@ fn requant(
 ) -> Result<Requant> {
     let real: Vec<f64> = ws
         .iter()
-        .map(|&sw| s_in as f64 * sw as f64 / s_out as f64)
+        .map(|&sw| f64::from((s_in * sw) / s_out))
         .collect();
     Requant::new(&real, mode, z_out, bounds)
 }

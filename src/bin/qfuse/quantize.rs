@@ -41,7 +41,8 @@ pub struct QuantizeArgs {
     #[arg(long, value_enum, default_value_t = FoldBackend::Auto)]
     backend: FoldBackend,
     /// Also write qfuse's integer model of the same graph (deploy::IntModel, safetensors): for
-    /// graphs of convs, linears, ReLU/ReLU6, max pools, flattens and residual adds.
+    /// graphs of convs (depthwise too), linears, ReLU/ReLU6, max pools (padded too), global
+    /// average pools, HardSwish / LeakyRelu, flattens and residual adds.
     #[arg(long, value_name = "OUT.safetensors")]
     int_model: Option<PathBuf>,
     /// An NNI-style config_list (JSON) choosing the nodes and tensors to quantize: op_names
