@@ -83,18 +83,25 @@ pub fn max_pool2d_pad<T: Copy + PartialOrd + Default>(
 }
 
 /// Global average pooling of an NCHW tensor to `[N, C, 1, 1]` (ONNX `GlobalAveragePool`,
-/// `torch.nn.AdaptiveAvgPool2d(1)`): the f32 sum over `H·W` divided by `H·W`.
+/// `torch.nn.AdaptiveAvgPool2d(1)`): ndarray's `mean_axis` over the `H·W` values of each
+/// channel (its f32 sum, then the division), the summation the ONNX evaluator uses too, so
+/// both observe the same calibration ranges.
 ///
 /// Errors: those of [`crate::ops::global_pool_extent`].
 pub fn global_avg_pool2d(x: &Array4<f32>) -> Result<Array4<f32>> {
     let (n, c, _, _) = x.dim();
     let count = crate::ops::global_pool_extent(x.shape())?;
-    let mut out = Array4::<f32>::zeros((n, c, 1, 1));
-    for ((b, ch, _, _), o) in out.indexed_iter_mut() {
-        let s: f32 = x.slice(ndarray::s![b, ch, .., ..]).iter().sum();
-        *o = s / count as f32;
-    }
-    Ok(out)
+    let flat = x
+        .as_standard_layout()
+        .into_owned()
+        .into_dyn()
+        .into_shape_with_order(ndarray::IxDyn(&[n, c, count]))
+        .map_err(|e| crate::Error::invalid(format!("global average pooling: {e}")))?;
+    let mean = flat
+        .mean_axis(Axis(2))
+        .ok_or_else(|| crate::Error::invalid("global average pooling over an empty extent"))?;
+    mean.into_shape_with_order((n, c, 1, 1))
+        .map_err(|e| crate::Error::invalid(format!("global average pooling: {e}")))
 }
 
 /// The pooling geometry (one home: [`crate::ops::max_pool2d_output`]).
