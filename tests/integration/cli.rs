@@ -7,7 +7,7 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use qfuse::io::state_dict::{HostTensor, StateDict};
 
@@ -323,7 +323,30 @@ fn no_xdg_runtime_dir_error_from_the_driver() {
     }
 }
 
+/// A reader that goes away (`qfuse … | head`) ends the run quietly with a failing status: no
+/// panic message about a broken pipe.
+fn closed_stdout_ends_without_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qfuse"))
+        .args([
+            "conformance",
+            s(&golden("batch_norm2d__eval")),
+            "--backend",
+            "cpu",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qfuse runs");
+    // The read end closes before the binary has printed anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("qfuse ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.status.success(), "{stderr}");
+}
+
 crate::qfuse_tests! {
+    closed_stdout_ends_without_a_panic,
     conformance_takes_files_and_folders,
     conformance_failure_details_wrap_under_120_columns,
     conformance_auto_without_adapter_runs_on_the_cpu,

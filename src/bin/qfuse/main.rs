@@ -63,7 +63,21 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Rust starts programs with SIGPIPE ignored, so a write to a closed pipe (`qfuse conformance …
+/// | head`) makes `println!` panic. Restoring the default action ends the process quietly on a
+/// closed pipe with a non-zero status, as Unix tools do.
+#[cfg(unix)]
+fn default_sigpipe() {
+    // SAFETY: the first thing `main` does, before any thread exists; `SIG_DFL` is a valid
+    // disposition for SIGPIPE and no handler of ours is replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    default_sigpipe();
     let cli = Cli::parse();
     // Before any thread or GPU instance exists: a private XDG_RUNTIME_DIR when none is set, so
     // that Vulkan drivers built with Wayland support do not print an error on every run.
