@@ -388,10 +388,16 @@ pub fn reset_observers(model: &mut Module) -> usize {
 /// and weight, as PyTorch's and NNI's calibration do. The model must be in eval mode
 /// ([`apply`] in PTQ mode sets it). Returns the number of batches.
 ///
+/// It takes what [`DeviceChain::from_module`] takes: sequential containers and those
+/// declared with [`crate::nn::Container::with_steps`] (residual adds and branches included),
+/// float and fused layers, and the QAT modules of a [`QuantMode::Qat`] model in eval mode
+/// (their weight and output fake quants observe on the device too; put the model in eval
+/// mode first, as a QAT conv + BatchNorm in training mode normalizes with batch statistics).
+///
 /// Errors: [`Error::InvalidArgument`] when the model has no quantization targets (call
 /// [`apply`] first) or there are no batches; those of [`DeviceChain::from_module`] (models
-/// with QAT modules, custom layers, hooks or custom forward closures: use
-/// [`calibrate_host`]); the forward's errors (the observers are disabled again either way,
+/// with custom layers, hooks or custom forward closures: use [`calibrate_host`]; BatchNorm
+/// in training mode); the forward's errors (the observers are disabled again either way,
 /// and the model keeps its earlier statistics).
 pub fn calibrate<'a, B: Backend>(
     model: &mut Module,
@@ -430,7 +436,8 @@ fn calibrate_on_device<'a, B: Backend>(
 }
 
 /// [`calibrate`] through the host-array layer: [`Module::forward`] on each batch, so it
-/// takes any module tree (QAT modules, custom layers and forwards, hooks), with each
+/// takes any module tree — the adapter for custom layers, custom forward closures and hooks
+/// (and for a model in training mode), which run on host arrays — with each
 /// observer's statistics reduced on the host ([`FakeQuantize::observe`], the CPU
 /// reference's min/max and update) and every op a round trip through `backend`. Same
 /// semantics and errors as [`calibrate`] otherwise.

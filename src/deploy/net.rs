@@ -6,7 +6,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 
 use crate::backend::{Backend, HostOps, Shaped};
 use crate::error::{Error, Result};
-use crate::nn::{FusedHead, Layer, Module};
+use crate::nn::{ForwardStep, FusedHead, Layer, Module};
 use crate::ops::{Activation, BatchNorm, Conv2d, Folded, Pool2d};
 
 /// A value in a [`Net`]: `0` is the input, `i + 1` the output of node `i`.
@@ -449,6 +449,149 @@ impl Net {
             }
             _ => Err(unsupported()),
         }
+    }
+
+    /// The whole module tree `model` as a net, walked as [`crate::nn::DeviceChain`] walks
+    /// it: leaves as [`Net::layer`] takes them (each named by its dotted path), sequential
+    /// containers in their forward order, and containers declared with
+    /// [`crate::nn::Container::with_steps`] step by step — functional ops as layers (named
+    /// `<container path>.<kind>`, numbered from the second of a kind), a
+    /// [`crate::nn::ForwardStep::Add`] as an add node (`<path>.add`), a
+    /// [`crate::nn::ForwardStep::Branch`] continuing from the earlier value. So any model the
+    /// module tree builds from these layers — residual blocks included — trains on the device
+    /// ([`crate::train::GpuTrainer`]) and deploys. Quantization targets and hooks are not
+    /// part of the graph.
+    ///
+    /// ```
+    /// use qfuse::deploy::Net;
+    /// use qfuse::model::resnet;
+    ///
+    /// let block = resnet::basic_block_module(4, 7)?;
+    /// assert_eq!(Net::from_module(&block)?, resnet::basic_block(4, 7)?);
+    /// # Ok::<(), qfuse::Error>(())
+    /// ```
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a container with a custom forward closure, a
+    /// layer with no form here ([`Net::layer`]), or a BatchNorm / activation that would attach
+    /// to a value a later add or branch reads (a net attaches them to their producer);
+    /// the builder's errors.
+    pub fn from_module(model: &Module) -> Result<Net> {
+        let mut net = Net::new();
+        let mut frozen = Vec::new();
+        let out = net.push_tree("", model, 0, &mut frozen)?;
+        net.set_output(out)?;
+        Ok(net)
+    }
+
+    fn push_tree(
+        &mut self,
+        path: &str,
+        m: &Module,
+        input: ValueId,
+        frozen: &mut Vec<ValueId>,
+    ) -> Result<ValueId> {
+        let join = |name: &str| {
+            if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            }
+        };
+        let Layer::Container(c) = m.layer() else {
+            return self.leaf(path, m.layer(), input, frozen);
+        };
+        let Some(steps) = c.steps() else {
+            if c.has_custom_forward() {
+                return Err(Error::invalid(format!(
+                    "`{}` ({}) has a custom forward closure: declare it with \
+                     Container::with_steps to build a net from it",
+                    crate::io::text::escape(path),
+                    m.kind_name()
+                )));
+            }
+            let mut h = input;
+            for name in c.forward_order() {
+                if let Some(child) = c.child(&name) {
+                    h = self.push_tree(&join(&name), child, h, frozen)?;
+                }
+            }
+            return Ok(h);
+        };
+        let mut values = vec![input];
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        let mut name_of = |kind: &'static str| {
+            let n = match counts.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    counts.push((kind, 1));
+                    1
+                }
+            };
+            if n == 1 {
+                join(kind)
+            } else {
+                join(&format!("{kind}{n}"))
+            }
+        };
+        let kept: Vec<usize> = steps.iter().filter_map(ForwardStep::reads).collect();
+        let freeze = |v: usize, id: ValueId, frozen: &mut Vec<ValueId>| {
+            if kept.contains(&v) {
+                frozen.push(id);
+            }
+        };
+        freeze(0, input, frozen);
+        let mut h = input;
+        for (i, step) in steps.iter().enumerate() {
+            h = match step {
+                ForwardStep::Child(name) => {
+                    let child = c
+                        .child(name)
+                        .ok_or_else(|| Error::invalid(format!("internal: no child `{name}`")))?;
+                    self.push_tree(&join(name), child, h, frozen)?
+                }
+                ForwardStep::Op(op) => {
+                    let kind = match op.layer() {
+                        Layer::Flatten { .. } => "flatten",
+                        Layer::MaxPool2d { .. } => "max_pool",
+                        _ => "op",
+                    };
+                    let name = name_of(kind);
+                    self.leaf(&name, op.layer(), h, frozen)?
+                }
+                ForwardStep::Add(k) => {
+                    let name = name_of("add");
+                    self.add(&name, h, values[*k])?
+                }
+                ForwardStep::Branch(k) => values[*k],
+            };
+            values.push(h);
+            freeze(i + 1, h, frozen);
+        }
+        Ok(h)
+    }
+
+    /// [`Net::layer`], refusing to attach a BatchNorm or activation to a frozen value.
+    fn leaf(
+        &mut self,
+        name: &str,
+        layer: &Layer,
+        input: ValueId,
+        frozen: &[ValueId],
+    ) -> Result<ValueId> {
+        let attaches = matches!(layer, Layer::BatchNorm2d(_) | Layer::ReLU | Layer::ReLU6);
+        if attaches && frozen.contains(&input) {
+            return Err(Error::invalid(format!(
+                "`{}` ({}) would attach to a value that a later add or branch reads: a net \
+                 attaches BatchNorms and activations to their producer, so that value would \
+                 change",
+                crate::io::text::escape(name),
+                layer.kind_name()
+            )));
+        }
+        self.layer(name, layer, input)
     }
 
     /// [`Net::layer`] with the module at dotted `path` of `model`, named `path`.

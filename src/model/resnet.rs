@@ -1,12 +1,15 @@
 //! A ResNet basic block (`torchvision.models.resnet.BasicBlock`, identity shortcut) as a
 //! [`Net`] for integer deployment: `conv1` (3×3) + `bn1` + ReLU, `conv2` (3×3) + `bn2`,
 //! `add` of the block's input, ReLU. Seeded weights (PyTorch's default conv init bound) and
-//! BN statistics like a trained network's.
+//! BN statistics like a trained network's. [`basic_block_module`] is the same block as a
+//! module tree (a container whose forward is declared with
+//! [`crate::nn::Container::with_steps`], the residual add a [`ForwardStep::Add`]).
 
 use ndarray::{Array1, Array4};
 
 use crate::deploy::Net;
 use crate::error::Result;
+use crate::nn::{Container, ForwardStep, Module};
 use crate::ops::{Activation, BatchNorm, Conv2d, Conv2dParams};
 
 /// A small SplitMix64 stream for seeded parameters.
@@ -73,6 +76,49 @@ pub fn basic_block(channels: usize, seed: u64) -> Result<Net> {
     net.activation(y, Activation::Relu)?;
     net.set_output(y)?;
     Ok(net)
+}
+
+/// [`basic_block`] as a module tree (the same parameters for the same seed), in eval mode:
+/// a `BasicBlock` container with children `conv1`, `bn1`, `conv2`, `bn2` and the forward
+/// `relu(bn2(conv2(relu(bn1(conv1(x))))) + x)` declared as steps (the ReLUs functional ops,
+/// the add [`ForwardStep::Add`]`(0)`). Fusion finds `conv1`+`bn1` and `conv2`+`bn2`;
+/// [`crate::nn::DeviceChain::from_module`] runs it on a backend's tensors, and
+/// [`Net::from_module`] turns it back into [`basic_block`]'s graph.
+///
+/// Errors: as [`basic_block`].
+pub fn basic_block_module(channels: usize, seed: u64) -> Result<Module> {
+    let net = basic_block(channels, seed)?;
+    let nodes = net.nodes();
+    let conv = |i: usize| -> Result<(Module, Module)> {
+        match &nodes[i].op {
+            crate::deploy::NodeOp::Conv {
+                conv, bn: Some(bn), ..
+            } => Ok((
+                Module::conv2d(conv.weight.clone(), conv.bias.clone(), conv.params)?,
+                Module::batch_norm2d(bn.clone())?,
+            )),
+            _ => Err(crate::Error::invalid("internal: basic block layout")),
+        }
+    };
+    let (conv1, bn1) = conv(0)?;
+    let (conv2, bn2) = conv(1)?;
+    let c = Container::new("BasicBlock")
+        .with_child("conv1", conv1)?
+        .with_child("bn1", bn1)?
+        .with_child("conv2", conv2)?
+        .with_child("bn2", bn2)?
+        .with_steps([
+            ForwardStep::child("conv1"),
+            ForwardStep::child("bn1"),
+            ForwardStep::op(Module::relu()),
+            ForwardStep::child("conv2"),
+            ForwardStep::child("bn2"),
+            ForwardStep::Add(0),
+            ForwardStep::op(Module::relu()),
+        ])?;
+    let mut m = Module::container(c);
+    m.eval();
+    Ok(m)
 }
 
 /// A seeded input batch `[n, channels, size, size]`: the post-ReLU activations a block inside

@@ -43,7 +43,12 @@ pub struct Container {
     steps: Option<Vec<ForwardStep>>,
 }
 
-/// One step of a straight-line container forward declared with [`Container::with_steps`].
+/// One step of a container forward declared with [`Container::with_steps`].
+///
+/// Each step takes the current value and makes the next one. The values are numbered: `0`
+/// is the container's input and `k` the output of the `k`-th step (counting from 1), so
+/// [`ForwardStep::Add`] and [`ForwardStep::Branch`] can refer to any earlier value — a
+/// residual connection, or a second branch (a downsampling shortcut) from a fork point.
 #[derive(Debug, Clone)]
 pub enum ForwardStep {
     /// Runs the child of this name.
@@ -53,6 +58,13 @@ pub enum ForwardStep {
     /// `LogSoftmax`, `ReLU`, `ReLU6`, `LeakyReLU`, `Hardswish`, `Identity`, `MaxPool2d`),
     /// not part of the module tree.
     Op(Box<Module>),
+    /// `current + value[k]` (PyTorch's `out += identity`): adds the earlier value `k` (`0`:
+    /// the container's input) to the current one; the shapes must be equal.
+    Add(usize),
+    /// Continues from the earlier value `k` (`0`: the container's input): a second branch
+    /// from a fork point, e.g. a shortcut `downsample(x)` computed after the main branch and
+    /// then added to it.
+    Branch(usize),
 }
 
 impl ForwardStep {
@@ -65,6 +77,24 @@ impl ForwardStep {
     pub fn op(module: Module) -> Self {
         Self::Op(Box::new(module))
     }
+
+    /// The earlier value this step reads besides the current one ([`ForwardStep::Add`],
+    /// [`ForwardStep::Branch`]).
+    pub fn reads(&self) -> Option<usize> {
+        match self {
+            Self::Add(k) | Self::Branch(k) => Some(*k),
+            Self::Child(_) | Self::Op(_) => None,
+        }
+    }
+}
+
+/// The values (by number, see [`ForwardStep`]) that a later [`ForwardStep::Add`] or
+/// [`ForwardStep::Branch`] reads: those a forward keeps.
+pub(crate) fn kept_values(steps: &[ForwardStep]) -> Vec<usize> {
+    let mut kept: Vec<usize> = steps.iter().filter_map(ForwardStep::reads).collect();
+    kept.sort_unstable();
+    kept.dedup();
+    kept
 }
 
 /// Whether `m` can be a [`ForwardStep::Op`]: a parameterless leaf without hooks or targets.
@@ -148,13 +178,16 @@ impl Container {
         Ok(self)
     }
 
-    /// Declares a straight-line forward of children and functional ops (each output feeding
-    /// the next), for a `forward` that a child order cannot express only because of
-    /// functional calls between children (NNI's Mnist: the conv children, `x.view(-1, 800)`,
-    /// the fc children, `F.log_softmax(x, dim=1)`). The host forward runs the steps in order;
-    /// [`crate::nn::DeviceChain::from_module`] runs the same steps on a backend's tensors. The
-    /// chains ([`Container::chains`], where fusion looks) are the runs of children between
-    /// ops. The container counts as having a custom forward
+    /// Declares a forward of children, functional ops and residual adds / branches
+    /// ([`ForwardStep`]), for a `forward` that a child order cannot express: functional calls
+    /// between children (NNI's Mnist: the conv children, `x.view(-1, 800)`, the fc children,
+    /// `F.log_softmax(x, dim=1)`), or a residual block (`relu(bn2(conv2(relu(bn1(conv1(x)))))
+    /// + x)`: the children, then [`ForwardStep::Add`]`(0)`, then a ReLU op). The host forward
+    /// runs the steps in order; [`crate::nn::DeviceChain::from_module`] runs the same steps on
+    /// a backend's tensors, and [`crate::deploy::Net::from_module`] builds the same graph for
+    /// training and deployment. The chains ([`Container::chains`], where fusion looks) are the
+    /// runs of children between ops, adds and branches, also cut after a child whose output a
+    /// later step reads. The container counts as having a custom forward
     /// ([`Container::has_custom_forward`]).
     ///
     /// ```
@@ -173,16 +206,70 @@ impl Container {
     /// # Ok::<(), qfuse::Error>(())
     /// ```
     ///
+    /// A residual block:
+    ///
+    /// ```
+    /// use ndarray::{Array1, Array4, ArrayD};
+    /// use qfuse::nn::{Container, ForwardStep, Module};
+    /// use qfuse::ops::Conv2dParams;
+    ///
+    /// let conv = || {
+    ///     let w = Array4::from_shape_fn((2, 2, 3, 3), |(o, c, h, w)| ((o + c + h + w) % 3) as f32 * 0.1);
+    ///     let p = Conv2dParams { padding: [1, 1], ..Default::default() };
+    ///     Module::conv2d(w, Some(Array1::zeros(2)), p)
+    /// };
+    /// let block = Container::new("BasicBlock")
+    ///     .with_child("conv1", conv()?)?
+    ///     .with_child("conv2", conv()?)?
+    ///     .with_steps([
+    ///         ForwardStep::child("conv1"),
+    ///         ForwardStep::op(Module::relu()),
+    ///         ForwardStep::child("conv2"),
+    ///         ForwardStep::Add(0), // + the block's input
+    ///         ForwardStep::op(Module::relu()),
+    ///     ])?;
+    /// assert_eq!(block.chains(), vec![vec!["conv1".to_string()], vec!["conv2".to_string()]]);
+    /// let x = ArrayD::from_elem(vec![1, 2, 4, 4], 1.0f32);
+    /// let y = Module::container(block).forward(&qfuse::CpuBackend, &x)?;
+    /// assert_eq!(y.shape(), x.shape());
+    /// # Ok::<(), qfuse::Error>(())
+    /// ```
+    ///
     /// Errors: [`Error::UnknownModule`] for a child name that is not a child;
     /// [`Error::InvalidArgument`] for an op that is not a parameterless leaf (or has hooks or
-    /// quantization targets).
+    /// quantization targets), or an add / branch that reads a value not computed yet.
     pub fn with_steps(mut self, steps: impl IntoIterator<Item = ForwardStep>) -> Result<Self> {
         let steps: Vec<ForwardStep> = steps.into_iter().collect();
+        for (i, step) in steps.iter().enumerate() {
+            if let Some(k) = step.reads() {
+                if k > i {
+                    return Err(Error::invalid(format!(
+                        "forward step {} ({step:?}) reads value {k}, which is not computed \
+                         yet (values: 0 the input, k the output of step k; step {} can read \
+                         0..={i})",
+                        i + 1,
+                        i + 1
+                    )));
+                }
+            }
+        }
+        let kept = kept_values(&steps);
         let mut chains: Vec<Vec<String>> = Vec::new();
         let mut run: Vec<String> = Vec::new();
-        for step in &steps {
+        for (i, step) in steps.iter().enumerate() {
             match step {
-                ForwardStep::Child(name) => run.extend(self.check_names([name])?),
+                ForwardStep::Child(name) => {
+                    run.extend(self.check_names([name])?);
+                    // A value a later step reads is not fused away.
+                    if kept.contains(&(i + 1)) {
+                        chains.push(std::mem::take(&mut run));
+                    }
+                }
+                ForwardStep::Add(_) | ForwardStep::Branch(_) => {
+                    if !run.is_empty() {
+                        chains.push(std::mem::take(&mut run));
+                    }
+                }
                 ForwardStep::Op(m) => {
                     if !is_functional(m) {
                         return Err(Error::invalid(format!(
@@ -204,12 +291,32 @@ impl Container {
         let plan = steps.clone();
         self.chains = Some(chains);
         self.forward = Some(Arc::new(move |s: &mut Scope<'_>, x: &ArrayD<f32>| {
+            let mut saved: Vec<(usize, ArrayD<f32>)> = Vec::new();
+            if kept.first() == Some(&0) {
+                saved.push((0, x.clone()));
+            }
+            let value = |saved: &[(usize, ArrayD<f32>)], k: usize| {
+                saved
+                    .iter()
+                    .find(|(i, _)| *i == k)
+                    .map(|(_, v)| v.clone())
+                    .ok_or_else(|| Error::invalid(format!("internal: value {k} not kept")))
+            };
             let mut h = x.clone();
-            for step in &plan {
+            for (i, step) in plan.iter().enumerate() {
                 h = match step {
                     ForwardStep::Child(name) => s.call(name, &h)?,
                     ForwardStep::Op(m) => m.clone().forward(s.backend(), &h)?,
+                    ForwardStep::Add(k) => {
+                        let v = value(&saved, *k)?;
+                        crate::ops::check_add(h.shape(), v.shape())?;
+                        h + v
+                    }
+                    ForwardStep::Branch(k) => value(&saved, *k)?,
                 };
+                if kept.contains(&(i + 1)) {
+                    saved.push((i + 1, h.clone()));
+                }
             }
             Ok(h)
         }));

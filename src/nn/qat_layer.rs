@@ -87,7 +87,7 @@ impl QatHead {
     }
 
     /// `w` (this head's weight shape) as the 4-D conv2d weight.
-    fn to4(&self, w: &ArrayD<f32>) -> Result<Array4<f32>> {
+    pub(crate) fn to4(&self, w: &ArrayD<f32>) -> Result<Array4<f32>> {
         let s = w.shape().to_vec();
         let shape = match (self, s.as_slice()) {
             (QatHead::Conv1d(_), &[o, c, k]) => [o, c, 1, k],
@@ -875,7 +875,7 @@ fn activate(b: &dyn HostOps, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<
 ///
 /// Errors: [`Error::ShapeMismatch`] for a bias whose length is not the BatchNorm's; BatchNorm
 /// validation errors.
-fn folded_bias(bias: Option<&Array1<f32>>, bn: &BatchNorm) -> Result<Array1<f32>> {
+pub(crate) fn folded_bias(bias: Option<&Array1<f32>>, bn: &BatchNorm) -> Result<Array1<f32>> {
     bn.validate()?;
     let c = bn.channels();
     if let Some(b) = bias {

@@ -349,10 +349,227 @@ fn nested_sequential_trees_run_on_the_device() {
     assert!(d < 0.05, "gpu vs cpu: {d}");
 }
 
+/// NNI's Mnist after QAT preparation (`ConvBnReLU62d`, `ConvReLU62d`, `LinearReLU6`, `Linear`
+/// QAT modules, per-channel symmetric weights, input targets), one γ = 0 channel, in eval.
+fn qat_model() -> Module {
+    let mut m = model();
+    if let qfuse::nn::Layer::BatchNorm2d(b) = m.get_mut("batchnorm1").unwrap().layer_mut() {
+        b.bn.weight.as_mut().unwrap()[3] = 0.0;
+    }
+    let cfg = ConfigList::from_json(
+        r#"[{"op_types": ["Conv2d", "Linear"], "granularity": "per_channel",
+             "quant_scheme": "symmetric",
+             "fuse_names": [["conv1", "batchnorm1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"]]}]"#,
+    )
+    .unwrap();
+    config::apply(&mut m, &cfg, QuantMode::Qat).unwrap();
+    m.eval();
+    m
+}
+
+/// QAT module trees calibrate on the device: on the CPU backend the observers, qparams and
+/// the simulated forward equal the host path bit for bit (the γ = 0 channel included); on the
+/// GPU a batch costs one upload and no download, the statistics come down once at the end,
+/// and the qparams are the CPU's (weights bit for bit, activations within float tolerance).
+fn qat_trees_calibrate_on_the_device() {
+    let calib = [batch(3, 2), batch(3, 3)];
+    let x = batch(4, 4);
+    let mut dev = qat_model();
+    assert_eq!(dev.get("conv1").unwrap().kind_name(), "ConvBnReLU62d");
+    let mut host = dev.clone();
+    assert_eq!(
+        config::calibrate(&mut dev, &CpuBackend, calib.iter()).unwrap(),
+        2
+    );
+    config::calibrate_host(&mut host, &CpuBackend, calib.iter()).unwrap();
+    let q = config::qparams(&dev);
+    // Four modules: input, weight, output each.
+    assert_eq!(q.len(), 12, "{q:?}");
+    assert_eq!(q, config::qparams(&host));
+    assert_eq!(format!("{dev:?}"), format!("{host:?}"));
+    let want = host.forward(&CpuBackend, &x).unwrap();
+    assert_eq!(chain_out(&CpuBackend, &dev, &x), want);
+    let mut dev_off = dev.clone();
+    config::set_fake_quant_enabled(&mut dev_off, false);
+    config::set_fake_quant_enabled(&mut host, false);
+    assert_eq!(
+        chain_out(&CpuBackend, &dev_off, &x),
+        host.forward(&CpuBackend, &x).unwrap()
+    );
+    // A QAT conv + BatchNorm in training mode is not an eval forward.
+    let mut t = dev.clone();
+    t.train(true);
+    let e = DeviceChain::from_module(&t, CpuBackend).unwrap_err();
+    assert!(e.to_string().contains("training mode"), "{e}");
+
+    if common::gpu().is_none() {
+        return;
+    }
+    let ctx = std::sync::Arc::new(qfuse::gpu::GpuContext::new().unwrap());
+    let gpu = GpuBackend::new(ctx.clone());
+    let mut per_batches = Vec::new();
+    for n in [1usize, 3] {
+        let mut g = qat_model();
+        let batches: Vec<ArrayD<f32>> = (0..n as u64).map(|i| batch(3, 2 + i)).collect();
+        let before = ctx.transfer_stats();
+        config::calibrate(&mut g, &gpu, batches.iter()).unwrap();
+        let d = ctx.transfer_stats().since(&before);
+        // Statistics and qparams of each fake quant, once; nothing per batch.
+        assert_eq!(d.downloads, 2 * q.len() as u64, "{d:?}");
+        per_batches.push(d.uploads);
+        if n == 1 {
+            let mut c = qat_model();
+            config::calibrate(&mut c, &CpuBackend, batches.iter()).unwrap();
+            for ((p, t, a), (_, _, b)) in config::qparams(&g).iter().zip(&config::qparams(&c)) {
+                if *t == qfuse::nn::QuantTarget::Weight {
+                    assert_eq!(a, b, "{p}.{t}");
+                }
+                for (x, y) in a.scale.iter().zip(&b.scale) {
+                    assert!((x - y).abs() <= 1e-4 * y.abs(), "{p}.{t}: {x} vs {y}");
+                }
+            }
+        }
+    }
+    // One upload per batch beyond the parameters.
+    assert_eq!(per_batches[1] - per_batches[0], 2, "{per_batches:?}");
+    let chain = DeviceChain::from_module(&dev, gpu.clone()).unwrap();
+    let before = ctx.transfer_stats();
+    let y = gpu
+        .download(&chain.forward(&gpu.upload(&x).unwrap()).unwrap())
+        .unwrap();
+    let d = ctx.transfer_stats().since(&before);
+    assert_eq!((d.uploads, d.downloads), (1, 1), "{d:?}");
+    let diff = y
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 0.05, "gpu QAT simulation vs host: {diff}");
+}
+
+/// A residual block declared with `ForwardStep::Add` and a second branch
+/// (`ForwardStep::Branch`: a 1×1 shortcut conv from the block's input), with targets on every
+/// conv and on the block's output: calibrated on the device it equals the host path bit for
+/// bit on the CPU; on the GPU calibration uploads each batch once and downloads only the
+/// statistics, and a forward is one upload and one download.
+fn residual_trees_run_on_the_device() {
+    use qfuse::nn::ForwardStep;
+    let tree = || {
+        let block = qfuse::model::resnet::basic_block_module(4, 3).unwrap();
+        let qfuse::nn::Layer::Container(c) = block.layer() else {
+            unreachable!()
+        };
+        let mut c = c.clone();
+        let w = ndarray::Array4::from_shape_fn((4, 4, 1, 1), |(o, i, _, _)| {
+            ((o * 5 + i * 3) % 7) as f32 * 0.1 - 0.3
+        });
+        c.push(
+            "shortcut",
+            Module::conv2d(w, None, Default::default()).unwrap(),
+        )
+        .unwrap();
+        let c = c
+            .with_steps([
+                ForwardStep::child("conv1"),
+                ForwardStep::child("bn1"),
+                ForwardStep::op(Module::relu()),
+                ForwardStep::child("conv2"),
+                ForwardStep::child("bn2"),
+                ForwardStep::Branch(0),
+                ForwardStep::child("shortcut"),
+                ForwardStep::Add(5),
+                ForwardStep::Add(0),
+                ForwardStep::op(Module::relu()),
+            ])
+            .unwrap();
+        // The value the add reads cuts the chains (bn2's output is not fused into the next).
+        assert_eq!(
+            c.chains(),
+            vec![vec!["conv1", "bn1"], vec!["conv2", "bn2"], vec!["shortcut"]]
+        );
+        let mut m = Module::container(c);
+        m.eval();
+        let cfg = ConfigList::from_json(
+            r#"[{"op_types": ["Conv2d"], "granularity": "per_channel",
+                 "fuse_names": [["conv1", "bn1"], ["conv2", "bn2"]]},
+                {"op_names": [""], "target_names": ["_output_"], "quant_dtype": "uint8"}]"#,
+        )
+        .unwrap();
+        config::apply(&mut m, &cfg, QuantMode::Ptq).unwrap();
+        m
+    };
+    let x = |n: usize, seed: u64| qfuse::model::resnet::synthetic_input(n, 4, 6, seed).into_dyn();
+    let calib = [x(2, 1), x(2, 2)];
+    let (mut dev, mut host) = (tree(), tree());
+    config::calibrate(&mut dev, &CpuBackend, calib.iter()).unwrap();
+    config::calibrate_host(&mut host, &CpuBackend, calib.iter()).unwrap();
+    let q = config::qparams(&dev);
+    // Two convs with input, weight, bias, output; the shortcut (no bias): input, weight,
+    // output; the block's output.
+    assert_eq!(q.len(), 12, "{q:?}");
+    assert_eq!(q, config::qparams(&host));
+    assert_eq!(format!("{dev:?}"), format!("{host:?}"));
+    let want = host.forward(&CpuBackend, &x(3, 9)).unwrap();
+    assert_eq!(chain_out(&CpuBackend, &dev, &x(3, 9)), want);
+    // A wrong add (a value of another shape) is the add's shape error on both paths.
+    let bad = Container::new("Bad")
+        .with_child("pool", Module::max_pool2d(2, 2).unwrap())
+        .unwrap()
+        .with_steps([ForwardStep::child("pool"), ForwardStep::Add(0)])
+        .unwrap();
+    let bad = Module::container(bad);
+    let he = bad.clone().forward(&CpuBackend, &x(1, 1)).unwrap_err();
+    let de = DeviceChain::from_module(&bad, CpuBackend)
+        .unwrap()
+        .forward(&CpuBackend.upload(&x(1, 1)).unwrap())
+        .unwrap_err();
+    assert_eq!(he.to_string(), de.to_string());
+    // A step may not read a value that is not computed yet.
+    let e = Container::new("Ahead")
+        .with_child("pool", Module::max_pool2d(2, 2).unwrap())
+        .unwrap()
+        .with_steps([ForwardStep::Add(1), ForwardStep::child("pool")])
+        .unwrap_err();
+    assert!(e.to_string().contains("not computed yet"), "{e}");
+
+    if common::gpu().is_none() {
+        return;
+    }
+    let ctx = std::sync::Arc::new(qfuse::gpu::GpuContext::new().unwrap());
+    let gpu = GpuBackend::new(ctx.clone());
+    let mut g = tree();
+    let before = ctx.transfer_stats();
+    config::calibrate(&mut g, &gpu, calib.iter()).unwrap();
+    let d = ctx.transfer_stats().since(&before);
+    assert_eq!(d.downloads, 2 * q.len() as u64, "{d:?}");
+    let params = g.state_dict().unwrap().tensors.len() as u64;
+    assert!(d.uploads >= 2 && d.uploads <= params + 2, "{d:?}");
+    for ((p, t, a), (_, _, b)) in config::qparams(&g).iter().zip(&q) {
+        for (x, y) in a.scale.iter().zip(&b.scale) {
+            assert!((x - y).abs() <= 1e-4 * y.abs(), "{p}.{t}: {x} vs {y}");
+        }
+    }
+    let chain = DeviceChain::from_module(&g, gpu.clone()).unwrap();
+    let before = ctx.transfer_stats();
+    let y = gpu
+        .download(&chain.forward(&gpu.upload(&x(3, 9)).unwrap()).unwrap())
+        .unwrap();
+    let d = ctx.transfer_stats().since(&before);
+    assert_eq!((d.uploads, d.downloads), (1, 1), "{d:?}");
+    let diff = y
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 0.05, "gpu vs host: {diff}");
+}
+
 crate::qfuse_tests! {
     device_calibration_equals_the_host_path_on_the_cpu,
     gpu_observer_steps_match_the_cpu: gpu,
     gpu_ptq_simulation_stays_on_the_device: gpu,
     what_a_device_simulation_refuses,
     nested_sequential_trees_run_on_the_device,
+    qat_trees_calibrate_on_the_device,
+    residual_trees_run_on_the_device,
 }
