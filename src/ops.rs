@@ -435,6 +435,264 @@ pub fn check_add(a: &[usize], b: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// One pooled dim's output size (ONNX `MaxPool` / `AveragePool`, PyTorch's pooling):
+/// `(input + pad_begin + pad_end − ((k − 1)·d + 1)) / s + 1`, rounded up with `ceil`, where a
+/// last window that would start in the end padding is dropped.
+///
+/// Errors: [`Error::InvalidArgument`] when the window does not fit the padded input.
+pub fn pool_output_dim(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    pad_begin: usize,
+    pad_end: usize,
+    ceil: bool,
+) -> Result<usize> {
+    let err = || {
+        Error::invalid(format!(
+            "pool window {kernel} (dilation {dilation}) does not fit input {input} with pads {pad_begin}+{pad_end}"
+        ))
+    };
+    let reach = kernel
+        .checked_sub(1)
+        .and_then(|k1| k1.checked_mul(dilation))
+        .and_then(|r| r.checked_add(1))
+        .ok_or_else(err)?;
+    let padded = input
+        .checked_add(pad_begin)
+        .and_then(|v| v.checked_add(pad_end))
+        .ok_or_else(err)?;
+    let span = padded.checked_sub(reach).ok_or_else(err)?;
+    if stride == 0 {
+        return Err(err());
+    }
+    let mut out = if ceil {
+        span.div_ceil(stride)
+    } else {
+        span / stride
+    } + 1;
+    if ceil && (out - 1) * stride >= input + pad_begin {
+        out -= 1;
+    }
+    Ok(out)
+}
+
+/// The one check of 2-D zero padding (`torch.nn.functional.pad` of an NCHW tensor, the
+/// asymmetric pads of an ONNX Conv): an NCHW input, pads `[top, left, bottom, right]`, an
+/// output within the element limit. Returns the output shape.
+///
+/// Errors: [`Error::InvalidArgument`] for another rank or pads that overflow,
+/// [`Error::TooLarge`].
+pub fn pad2d_output_shape(x: &[usize], pads: [usize; 4]) -> Result<[usize; 4]> {
+    let [n, c, h, w] = <[usize; 4]>::try_from(x)
+        .map_err(|_| Error::invalid(format!("2-D padding needs an NCHW input, got shape {x:?}")))?;
+    let add = |a: usize, b: usize, d: usize| {
+        a.checked_add(b)
+            .and_then(|s| s.checked_add(d))
+            .ok_or_else(|| Error::invalid(format!("padding {pads:?} overflows")))
+    };
+    let shape = [n, c, add(pads[0], pads[2], h)?, add(pads[1], pads[3], w)?];
+    crate::limits::check_elements("padded input", &shape)?;
+    Ok(shape)
+}
+
+/// What a pooling window computes ([`PoolWindow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// The maximum of the window's input positions (padding never wins; NaN propagates).
+    Max,
+    /// The mean of the window (ONNX `AveragePool`): the sum of its input positions divided by
+    /// their count, or with `count_include_pad` by the count of its positions inside the
+    /// padded input (positions past the end padding, which `ceil_mode` windows can reach,
+    /// never count).
+    Avg {
+        /// ONNX's `count_include_pad` (PyTorch's `count_include_pad`).
+        count_include_pad: bool,
+    },
+}
+
+/// A 2-D pooling window as ONNX `MaxPool` / `AveragePool` describe it (PyTorch's
+/// `MaxPool2d` / `AvgPool2d`): kernel, strides, dilations, per-side pads and `ceil_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolWindow {
+    /// Window `[KH, KW]`.
+    pub kernel: [usize; 2],
+    /// Step `[SH, SW]`.
+    pub stride: [usize; 2],
+    /// Dilation `[DH, DW]` (1: contiguous windows).
+    pub dilation: [usize; 2],
+    /// Padding `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+    /// Output sizes rounded up (a last partial window kept unless it starts in the padding).
+    pub ceil_mode: bool,
+}
+
+impl PoolWindow {
+    /// The one check of 2-D pooling, shared by the reference and the kernels: an NCHW input,
+    /// positive settings at most [`crate::limits::MAX_CONV_SETTING`], pads smaller than the
+    /// kernel (ONNX: every window holds an input position), a window that fits the padded
+    /// input, and an output within the element limit. Returns the output shape
+    /// `[N, C, OH, OW]`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a bad setting or rank, [`Error::TooLarge`].
+    pub fn output_shape(&self, x: &[usize]) -> Result<[usize; 4]> {
+        let [n, c, h, w] = <[usize; 4]>::try_from(x).map_err(|_| {
+            Error::invalid(format!("2-D pooling needs an NCHW input, got shape {x:?}"))
+        })?;
+        let [kh, kw] = self.kernel;
+        let settings = [
+            kh,
+            kw,
+            self.stride[0],
+            self.stride[1],
+            self.dilation[0],
+            self.dilation[1],
+        ];
+        if settings.contains(&0) {
+            return Err(Error::invalid(format!(
+                "pool kernel, stride and dilation must be positive, got kernel {:?}, stride {:?}, dilation {:?}",
+                self.kernel, self.stride, self.dilation
+            )));
+        }
+        let big = crate::limits::MAX_CONV_SETTING;
+        if settings.iter().chain(&self.pads).any(|&v| v > big) {
+            return Err(Error::invalid(format!(
+                "pool settings (kernel {:?}, stride {:?}, dilation {:?}, pads {:?}) exceed {big}",
+                self.kernel, self.stride, self.dilation, self.pads
+            )));
+        }
+        if (0..4).any(|i| self.pads[i] >= self.kernel[i % 2]) {
+            return Err(Error::invalid(format!(
+                "pool pads {:?} must be smaller than the kernel {:?}",
+                self.pads, self.kernel
+            )));
+        }
+        let oh = pool_output_dim(
+            h,
+            kh,
+            self.stride[0],
+            self.dilation[0],
+            self.pads[0],
+            self.pads[2],
+            self.ceil_mode,
+        )?;
+        let ow = pool_output_dim(
+            w,
+            kw,
+            self.stride[1],
+            self.dilation[1],
+            self.pads[1],
+            self.pads[3],
+            self.ceil_mode,
+        )?;
+        crate::limits::check_elements("pool output", &[n, c, oh, ow])?;
+        Ok([n, c, oh, ow])
+    }
+}
+
+/// An elementwise binary op with numpy broadcasting ([`broadcast_shape`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    /// `a + b` (ONNX `Add`).
+    Add,
+    /// `a · b` (ONNX `Mul`).
+    Mul,
+}
+
+impl BinaryOp {
+    /// The op on one pair of elements (the spec the kernels follow: one f32 rounding).
+    pub fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            Self::Add => a + b,
+            Self::Mul => a * b,
+        }
+    }
+}
+
+/// The largest rank broadcasting ops ([`broadcast_shape`]) and [`concat_shape`] take.
+pub const MAX_BROADCAST_RANK: usize = 8;
+
+/// The one check of numpy (ONNX multidirectional) broadcasting of two shapes: dims aligned
+/// at the right, each pair equal or one of them 1. Returns the output shape.
+///
+/// Errors: [`Error::InvalidArgument`] for shapes that do not broadcast or a rank above
+/// [`MAX_BROADCAST_RANK`]; [`Error::TooLarge`] for an output past the element limit.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let r = a.len().max(b.len());
+    if r > MAX_BROADCAST_RANK {
+        return Err(Error::invalid(format!(
+            "broadcasting shapes {a:?} and {b:?}: rank above {MAX_BROADCAST_RANK}"
+        )));
+    }
+    let dim = |s: &[usize], i: usize| {
+        let off = r - s.len();
+        if i < off {
+            1
+        } else {
+            s[i - off]
+        }
+    };
+    let mut shape = Vec::with_capacity(r);
+    for i in 0..r {
+        shape.push(match (dim(a, i), dim(b, i)) {
+            (p, q) if p == q => p,
+            (1, q) => q,
+            (p, 1) => p,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "shapes {a:?} and {b:?} do not broadcast"
+                )))
+            }
+        });
+    }
+    crate::limits::check_elements("broadcast output", &shape)?;
+    Ok(shape)
+}
+
+/// The one check of a concatenation along `axis` (negative: from the end, ONNX `Concat`):
+/// at least one part, equal ranks (at most [`MAX_BROADCAST_RANK`]), every dim but the axis
+/// equal. Returns the axis and the output shape.
+///
+/// Errors: [`Error::AxisOutOfRange`], [`Error::ShapeMismatch`], [`Error::InvalidArgument`],
+/// [`Error::TooLarge`].
+pub fn concat_shape(parts: &[&[usize]], axis: i64) -> Result<(usize, Vec<usize>)> {
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::invalid("Concat of no inputs"))?;
+    let r = first.len();
+    if r > MAX_BROADCAST_RANK {
+        return Err(Error::invalid(format!(
+            "Concat of rank {r}: rank above {MAX_BROADCAST_RANK}"
+        )));
+    }
+    let ax = if axis < 0 { axis + r as i64 } else { axis };
+    if !(0..r as i64).contains(&ax) {
+        return Err(Error::AxisOutOfRange {
+            axis: isize::try_from(axis).unwrap_or(isize::MAX),
+            rank: r,
+        });
+    }
+    let ax = ax as usize;
+    let mut shape = first.to_vec();
+    let mut total = 0usize;
+    for p in parts {
+        if p.len() != r {
+            return Err(Error::shape("Concat input", first, p));
+        }
+        total = total
+            .checked_add(p[ax])
+            .ok_or_else(|| Error::invalid("Concat size overflows"))?;
+        let same = (0..r).all(|i| i == ax || p[i] == first[i]);
+        if !same {
+            return Err(Error::shape("Concat input", first, p));
+        }
+    }
+    shape[ax] = total;
+    crate::limits::check_elements("Concat output", &shape)?;
+    Ok((ax, shape))
+}
+
 /// Checks a max pooling backward: `dy` must have the forward output shape of `x_shape`
 /// ([`max_pool2d_output`]). Returns `(oh, ow)`.
 ///

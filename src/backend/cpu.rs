@@ -266,11 +266,47 @@ impl FloatOps for CpuBackend {
     fn log_softmax(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         Ok(r::layers::log_softmax(&dim::<f32, Ix2>(x, "log_softmax input")?).into_dyn())
     }
+    fn pool2d(
+        &self,
+        x: &ArrayD<f32>,
+        window: &crate::ops::PoolWindow,
+        mode: crate::ops::PoolMode,
+    ) -> Result<ArrayD<f32>> {
+        window.output_shape(x.shape())?;
+        Ok(r::layers::pool2d(&a4(x, "pool2d input")?, window, mode)?.into_dyn())
+    }
+    fn pad2d(&self, x: &ArrayD<f32>, pads: [usize; 4]) -> Result<ArrayD<f32>> {
+        crate::ops::pad2d_output_shape(x.shape(), pads)?;
+        Ok(r::layers::zero_pad2d(&a4(x, "pad2d input")?, pads)?.into_dyn())
+    }
+    fn global_avg_pool2d(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        crate::ops::global_pool_extent(x.shape())?;
+        Ok(r::layers::global_avg_pool2d(&a4(x, "global average pooling input")?)?.into_dyn())
+    }
+    fn binary(
+        &self,
+        a: &ArrayD<f32>,
+        b: &ArrayD<f32>,
+        op: crate::ops::BinaryOp,
+    ) -> Result<ArrayD<f32>> {
+        r::layers::broadcast_binary(a, b, op)
+    }
+    fn concat(&self, parts: &[&ArrayD<f32>], axis: i64) -> Result<ArrayD<f32>> {
+        r::layers::concat(parts, axis)
+    }
 }
 
 impl QuantOps for CpuBackend {
     fn fake_quant(&self, x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<f32>> {
         r::fake_quant::fake_quantize(x, qp, range)
+    }
+    fn fake_quant_onnx(
+        &self,
+        x: &ArrayD<f32>,
+        qp: &QParams,
+        range: QuantRange,
+    ) -> Result<ArrayD<f32>> {
+        r::fake_quant::fake_quantize_onnx(x, qp, range)
     }
     fn fake_quant_backward(
         &self,

@@ -464,12 +464,46 @@ impl FloatOps for GpuBackend {
     fn log_softmax(&self, x: &GpuTensor) -> Result<GpuTensor> {
         kernels::pool::log_softmax(&self.ctx, x)
     }
+
+    fn pool2d(
+        &self,
+        x: &GpuTensor,
+        window: &crate::ops::PoolWindow,
+        mode: crate::ops::PoolMode,
+    ) -> Result<GpuTensor> {
+        kernels::graph_ops::pool2d(&self.ctx, x, window, mode)
+    }
+
+    fn pad2d(&self, x: &GpuTensor, pads: [usize; 4]) -> Result<GpuTensor> {
+        kernels::graph_ops::pad2d(&self.ctx, x, pads)
+    }
+
+    fn global_avg_pool2d(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        kernels::graph_ops::global_avg_pool2d(&self.ctx, x)
+    }
+
+    fn binary(&self, a: &GpuTensor, b: &GpuTensor, op: crate::ops::BinaryOp) -> Result<GpuTensor> {
+        kernels::graph_ops::binary(&self.ctx, a, b, op)
+    }
+
+    fn concat(&self, parts: &[&GpuTensor], axis: i64) -> Result<GpuTensor> {
+        kernels::graph_ops::concat(&self.ctx, parts, axis)
+    }
 }
 
 impl QuantOps for GpuBackend {
     fn fake_quant(&self, x: &GpuTensor, qp: &GpuQParams, range: QuantRange) -> Result<GpuTensor> {
         qp.validate(x.shape(), range)?;
         kernels::fake_quant::fake_quant(&self.ctx, x, qp, range)
+    }
+
+    fn fake_quant_onnx(
+        &self,
+        x: &GpuTensor,
+        qp: &GpuQParams,
+        range: QuantRange,
+    ) -> Result<GpuTensor> {
+        kernels::graph_ops::fake_quant_onnx(&self.ctx, x, qp, range)
     }
 
     fn fake_quant_backward(

@@ -174,6 +174,46 @@ pub trait FloatOps: Device {
     /// Errors: [`crate::Error::ShapeMismatch`] when the shapes differ
     /// ([`crate::ops::check_add`]).
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// 2-D pooling of an NCHW tensor with ONNX's full window (`MaxPool` / `AveragePool`:
+    /// pads, strides, dilations, `ceil_mode`, `count_include_pad`;
+    /// [`crate::reference::layers::pool2d`]).
+    ///
+    /// Errors: those of [`crate::ops::PoolWindow::output_shape`].
+    fn pool2d(
+        &self,
+        x: &Self::Tensor,
+        window: &crate::ops::PoolWindow,
+        mode: crate::ops::PoolMode,
+    ) -> Result<Self::Tensor>;
+
+    /// Zero padding of an NCHW tensor by `[top, left, bottom, right]`
+    /// ([`crate::reference::layers::zero_pad2d`]).
+    ///
+    /// Errors: those of [`crate::ops::pad2d_output_shape`].
+    fn pad2d(&self, x: &Self::Tensor, pads: [usize; 4]) -> Result<Self::Tensor>;
+
+    /// Global average pooling `[N, C, H, W] → [N, C, 1, 1]`
+    /// ([`crate::reference::layers::global_avg_pool2d`], ndarray's summation order).
+    ///
+    /// Errors: those of [`crate::ops::global_pool_extent`].
+    fn global_avg_pool2d(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// `a op b` with numpy broadcasting ([`crate::reference::layers::broadcast_binary`]).
+    ///
+    /// Errors: those of [`crate::ops::broadcast_shape`].
+    fn binary(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        op: crate::ops::BinaryOp,
+    ) -> Result<Self::Tensor>;
+
+    /// The parts concatenated along `axis` (negative: from the end;
+    /// [`crate::reference::layers::concat`]).
+    ///
+    /// Errors: those of [`crate::ops::concat_shape`].
+    fn concat(&self, parts: &[&Self::Tensor], axis: i64) -> Result<Self::Tensor>;
 }
 
 /// Quantization ops on a backend's tensors: fake quantization, observers, BatchNorm folding.
@@ -181,6 +221,17 @@ pub trait QuantOps: Device {
     /// Fake quantization, per tensor or per channel
     /// (`torch.fake_quantize_per_{tensor,channel}_affine`).
     fn fake_quant(
+        &self,
+        x: &Self::Tensor,
+        qp: &Self::QParams,
+        range: QuantRange,
+    ) -> Result<Self::Tensor>;
+
+    /// ONNX `QuantizeLinear` then `DequantizeLinear` with the same qparams (a division by
+    /// the scale, NaN to code 0; [`crate::reference::fake_quant::fake_quantize_onnx`]).
+    ///
+    /// Errors: those of [`QParams::validate`].
+    fn fake_quant_onnx(
         &self,
         x: &Self::Tensor,
         qp: &Self::QParams,

@@ -7,10 +7,10 @@
 //! conv's BatchNorm folded into it by the CPU reference (the spec, on the host, as
 //! [`super::convert_with_ranges`] folds the weights it quantizes) or kept as a BatchNorm on
 //! the backend, applied after the conv. A forward then runs conv / linear / max pool /
-//! flatten / add / activation nodes on the backend's own tensors: on the GPU the input is one
-//! upload and only what the caller asks for comes back — except padded max pooling and
-//! global average pooling, which have no float kernel yet and run on the host (one download
-//! and one upload of that value). An observer hook sees every value as it is computed
+//! flatten / add / activation nodes — padded max pooling and global average pooling included
+//! ([`crate::backend::FloatOps::pool2d`], [`crate::backend::FloatOps::global_avg_pool2d`]) —
+//! on the backend's own tensors: on the GPU the input is one upload and only what the caller
+//! asks for comes back. An observer hook sees every value as it is computed
 //! (calibration reduces it there, [`crate::backend::QuantOps::observe_running`]).
 
 use ndarray::ArrayD;
@@ -259,17 +259,26 @@ impl<B: Backend> DeviceNet<B> {
                     check_same(x, other, name)?;
                     b.activation(&b.add(x, other)?, *act)?
                 }
-                // No float kernel yet: the reference on the host, one download and one upload
-                // of this value.
+                // Padded max pooling: the general window, padding never wins.
                 Step::MaxPool2dPad(pool) => {
                     check_rank(x.dims(), 4, name)?;
-                    let h = super::net::as4(&b.download(x)?, name)?;
-                    b.upload(&crate::reference::layers::max_pool2d_pad(&h, pool)?.into_dyn())?
+                    let window = crate::ops::PoolWindow {
+                        kernel: pool.kernel,
+                        stride: pool.stride,
+                        dilation: [1, 1],
+                        pads: [
+                            pool.padding[0],
+                            pool.padding[1],
+                            pool.padding[0],
+                            pool.padding[1],
+                        ],
+                        ceil_mode: false,
+                    };
+                    b.pool2d(x, &window, crate::ops::PoolMode::Max)?
                 }
                 Step::GlobalAvgPool => {
                     check_rank(x.dims(), 4, name)?;
-                    let h = super::net::as4(&b.download(x)?, name)?;
-                    b.upload(&crate::reference::layers::global_avg_pool2d(&h)?.into_dyn())?
+                    b.global_avg_pool2d(x)?
                 }
                 Step::Act(act) => b.activation(x, *act)?,
             };

@@ -13,6 +13,9 @@
 //! - [`batch_norm`]: BatchNorm2d statistics, normalize (+ activation), backward.
 //! - [`conv_bn`]: fused conv+BN+activation eval forward, ConvBn2d QAT forward / backward,
 //!   and the unfused chains.
+//! - [`graph_ops`]: the float ops of imported graphs: ONNX pooling (padded, overlapping,
+//!   average), global average pooling, broadcasting add / mul, concat, QuantizeLinear →
+//!   DequantizeLinear, bit-exact with their references.
 //! - [`int8`]: integer (deployed int8) quantize / dequantize, conv2d, linear, max pooling and
 //!   add on packed codes, bit-exact with [`crate::reference::int8`].
 //! - [`int8_pool`]: integer max pooling with padding, global average pooling and
@@ -26,6 +29,7 @@ pub mod conv2d;
 pub mod conv_bn;
 pub mod fake_quant;
 pub mod fold;
+pub mod graph_ops;
 pub mod int8;
 pub mod int8_pool;
 pub mod linear;

@@ -131,6 +131,7 @@ fn variants() -> Vec<Variant> {
         v(&super::conv_bn::SHADER, Needs::Portable, vec![vec![]]),
         v(&super::fake_quant::SHADER, Needs::Portable, wg(&[256])),
         v(&super::fold::SHADER, Needs::Portable, wg(&[64, 256])),
+        v(&super::graph_ops::SHADER, Needs::Portable, wg(&[256])),
         v(&super::int8::ELEMENTWISE, Needs::Portable, wg(&[256])),
         v(&super::int8::CONV_PORTABLE, Needs::Portable, wg(&[64])),
         v(&super::int8::CONV_PACKED, Needs::PackedDot, wg(&[64])),

@@ -1,28 +1,39 @@
 //! The float evaluator of an imported ONNX [`Graph`] on any [`Backend`]'s own tensors
 //! ([`DeviceGraph`]; [`run`] / [`run_observed`] on host arrays through it): every value a
 //! node computes stays on the backend, and the parameters (conv / linear weights and biases,
-//! BatchNorm statistics) are placed there once. Convs with symmetric pads, ConvTranspose,
-//! BatchNormalization, ReLU / ReLU6 / LeakyReLU / HardSwish, Gemm (a linear layer) and 2-D
-//! MatMul with a constant weight, square max pooling without padding, same-shape Add,
-//! Flatten, Reshape and Identity run on the backend; the rest — padded or average pooling,
-//! GlobalAveragePool, broadcasting Add / Mul, Concat, other Clips and Gemms, asymmetric conv
-//! pads, QuantizeLinear / DequantizeLinear — runs on the host (its inputs downloaded, its
-//! output uploaded when a backend op reads it), through the same code as the host-array
-//! form. On [`crate::CpuBackend`] both forms are the CPU reference's ops, bit for bit.
+//! BatchNorm statistics, constant operands of Add / Mul / Concat, QDQ qparams) are placed
+//! there once. Values computed from initializers alone (Identity and DequantizeLinear of
+//! initializers: shared BatchNorm tensors, int8 QDQ weights) are folded once at prepare.
+//! Convs (asymmetric pads zero-padded first), ConvTranspose, BatchNormalization, ReLU / ReLU6
+//! / LeakyReLU / HardSwish, Gemm (a linear layer) and 2-D MatMul with a constant weight, 2-D
+//! MaxPool and AveragePool (pads, strides, dilations, `ceil_mode`, `count_include_pad`),
+//! GlobalAveragePool, Add and Mul with numpy broadcasting, Concat, Flatten, Reshape, Identity
+//! and QuantizeLinear → DequantizeLinear pairs (one fake-quant op with ONNX's rounding) run
+//! on the backend; the rest — other Clips and Gemms, asymmetric ConvTranspose pads (an
+//! error), a QuantizeLinear whose codes something else reads — runs on the host (its inputs
+//! downloaded, its output uploaded when a backend op reads it), through the same code as the
+//! host-array form. On [`crate::CpuBackend`] both forms are the CPU reference's ops, bit for
+//! bit.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use ndarray::{concatenate, Array1, Array2, Array4, ArrayD, Axis, Ix2, Ix4, IxDyn};
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 
 use super::fold::activation_of;
 use super::model::{ConvAttrs, Graph, Node, Op, PoolAttrs, Tensor};
 use crate::backend::{Backend, HostOps, Shaped};
 use crate::error::{Error, Result};
 use crate::io::text::escape;
-use crate::limits::{check_elements, MAX_CONV_SETTING};
-use crate::ops::{Activation, BatchNorm, Conv2dParams, ConvTranspose2dParams, PadMode};
+use crate::limits::check_elements;
+use crate::ops::{
+    Activation, BatchNorm, BinaryOp, Conv2dParams, ConvTranspose2dParams, PadMode, PoolMode,
+    PoolWindow,
+};
+use crate::quant::{QParams, QuantRange};
+use crate::reference::fake_quant::{dequantize_linear_scalar, quantize_linear_scalar};
+use crate::reference::layers::{broadcast_binary, concat, global_avg_pool2d, pool2d, zero_pad2d};
 
 /// Runs `graph` on `backend` with the given inputs (by name, every graph input) and returns
 /// the graph's outputs, in order, as float arrays: each input is one upload and each output
@@ -73,6 +84,10 @@ pub enum Observed<'a, B: Backend> {
 enum Val<B: Backend> {
     Dev(B::Tensor),
     Host(Tensor),
+    /// A QuantizeLinear's int8 codes, kept as the float input on the backend (node `usize`
+    /// quantizes it): a DequantizeLinear with the same qparams reads it as one fake-quant op
+    /// on the backend; anything else downloads the input and quantizes it on the host.
+    Quant(B::Tensor, usize),
 }
 
 /// The values of a run, and the host values uploaded / device values downloaded so far
@@ -92,6 +107,12 @@ struct Params<B: Backend> {
     bias: Option<B::Tensor>,
     /// BatchNormalization's scale, bias, mean and variance.
     bn: Option<BatchNorm<B::Tensor>>,
+    /// QuantizeLinear / DequantizeLinear with constant qparams (int8 zero points, per tensor
+    /// or along a non-negative axis): the host qparams and the backend's.
+    qdq: Option<(QParams, B::QParams)>,
+    /// A constant folded at prepare (every input constant: Identity or DequantizeLinear of
+    /// initializers); the node does not run.
+    folded: bool,
 }
 
 /// An imported graph prepared on a backend: the constant parameters of its nodes placed
@@ -113,6 +134,47 @@ pub struct DeviceGraph<'g, B: Backend> {
     backend: B,
     graph: &'g Graph,
     params: Vec<Params<B>>,
+    /// Values computed from initializers alone, once at prepare (Identity and
+    /// DequantizeLinear of initializers: shared BatchNorm tensors, QDQ weights).
+    folded: HashMap<String, Tensor>,
+    /// Float constants (initializers and folded values) that backend ops read as operands
+    /// (Add, Mul, Concat), placed once.
+    consts: HashMap<String, B::Tensor>,
+}
+
+/// The constant named `name`: an initializer, or a value folded at prepare.
+fn constant<'a>(
+    graph: &'a Graph,
+    folded: &'a HashMap<String, Tensor>,
+    name: &str,
+) -> Option<&'a Tensor> {
+    graph.initializers.get(name).or_else(|| folded.get(name))
+}
+
+/// The QDQ qparams of node `n` when its scale and zero point are constants ONNX's int8
+/// QuantizeLinear / DequantizeLinear take (a scalar or 1-D scale, int8 zero points), per
+/// tensor or along a non-negative axis; `None` otherwise (the host form decides).
+fn qdq_qparams(
+    graph: &Graph,
+    folded: &HashMap<String, Tensor>,
+    n: &Node,
+    axis: i64,
+) -> Option<QParams> {
+    let scale = constant(graph, folded, n.input(1)?)?.as_f32()?;
+    let zp = match constant(graph, folded, n.input(2)?)? {
+        Tensor::I8(z) => z,
+        _ => return None,
+    };
+    if scale.ndim() > 1 || zp.len() != scale.len() || scale.is_empty() {
+        return None;
+    }
+    let zps: Vec<i32> = zp.iter().map(|&v| i32::from(v)).collect();
+    let scales: Vec<f32> = scale.iter().copied().collect();
+    if scales.len() == 1 {
+        Some(QParams::per_tensor(scales[0], zps[0]))
+    } else {
+        QParams::per_channel(scales, zps, usize::try_from(axis).ok()?).ok()
+    }
 }
 
 impl<'g, B: Backend> DeviceGraph<'g, B> {
@@ -120,7 +182,39 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
     ///
     /// Errors: backend errors.
     pub fn prepare(graph: &'g Graph, backend: B) -> Result<Self> {
-        let konst = |n: &Node, i: usize| n.input(i).and_then(|s| graph.f32_initializer(s));
+        // Constant folding: Identity and DequantizeLinear nodes whose inputs are all
+        // constants, evaluated once on the host.
+        let mut folded: HashMap<String, Tensor> = HashMap::new();
+        let mut is_folded = vec![false; graph.nodes.len()];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            let all_const = n
+                .inputs
+                .iter()
+                .filter(|s| !s.is_empty())
+                .all(|s| constant(graph, &folded, s).is_some());
+            if all_const
+                && !n.inputs.is_empty()
+                && matches!(n.op, Op::Identity | Op::DequantizeLinear { .. })
+            {
+                let local: HashMap<&str, Tensor> = n
+                    .inputs
+                    .iter()
+                    .filter_map(|s| Some((s.as_str(), folded.get(s)?.clone())))
+                    .collect();
+                let v = eval_node(&backend, graph, &local, n).map_err(|e| Error::OnnxNode {
+                    node: graph.node_label(i),
+                    op_type: n.op.op_type(),
+                    source: Box::new(e),
+                })?;
+                folded.insert(n.outputs[0].clone(), v);
+                is_folded[i] = true;
+            }
+        }
+        let folded_ref = &folded;
+        let konst = |n: &Node, i: usize| {
+            n.input(i)
+                .and_then(|s| constant(graph, folded_ref, s)?.as_f32())
+        };
         let vec1 = |n: &Node, i: usize| konst(n, i).filter(|a| a.ndim() == 1);
         let mut params = Vec::with_capacity(graph.nodes.len());
         for n in &graph.nodes {
@@ -128,6 +222,8 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                 weight: None,
                 bias: None,
                 bn: None,
+                qdq: None,
+                folded: is_folded[params.len()],
             };
             let up = |a: &ArrayD<f32>| backend.upload(a);
             match &n.op {
@@ -174,14 +270,36 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                         p.weight = Some(up(&two_d(w, "B")?.t().to_owned().into_dyn())?);
                     }
                 }
+                Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis } if !p.folded => {
+                    if let Some(qp) = qdq_qparams(graph, folded_ref, n, *axis) {
+                        let dev = backend.upload_qparams(&qp)?;
+                        p.qdq = Some((qp, dev));
+                    }
+                }
                 _ => {}
             }
             params.push(p);
+        }
+        // Float constant operands of Add, Mul and Concat, placed once.
+        let mut consts = HashMap::new();
+        for n in &graph.nodes {
+            if matches!(n.op, Op::Add | Op::Mul | Op::Concat { .. }) {
+                for s in n.inputs.iter().filter(|s| !s.is_empty()) {
+                    if consts.contains_key(s) {
+                        continue;
+                    }
+                    if let Some(a) = constant(graph, &folded, s).and_then(Tensor::as_f32) {
+                        consts.insert(s.clone(), backend.upload(a)?);
+                    }
+                }
+            }
         }
         Ok(Self {
             backend,
             graph,
             params,
+            folded,
+            consts,
         })
     }
 
@@ -276,6 +394,9 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
             values.map.insert(v.name.as_str(), Val::Dev(x.clone()));
         }
         for (i, node) in graph.nodes.iter().enumerate() {
+            if self.params[i].folded {
+                continue;
+            }
             let out = self.node(i, &values).map_err(|e| Error::OnnxNode {
                 node: graph.node_label(i),
                 op_type: node.op.op_type(),
@@ -284,7 +405,7 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
             match &out {
                 Val::Dev(t) => observe(&node.outputs[0], Observed::Device(t))?,
                 Val::Host(Tensor::F32(a)) => observe(&node.outputs[0], Observed::Host(a))?,
-                Val::Host(_) => {}
+                Val::Host(_) | Val::Quant(..) => {}
             }
             values.map.insert(node.outputs[0].as_str(), out);
         }
@@ -295,7 +416,10 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                 let t = match values.map.get(name.as_str()) {
                     Some(Val::Dev(t)) => t.clone(),
                     Some(Val::Host(t)) => self.upload_f32(t, name)?,
-                    None => match graph.initializers.get(name) {
+                    Some(Val::Quant(x, q)) => {
+                        self.upload_f32(&self.quantize_on_host(x, *q, &values)?, name)?
+                    }
+                    None => match constant(graph, &self.folded, name) {
                         Some(t) => self.upload_f32(t, name)?,
                         None => {
                             return Err(Error::MissingTensor {
@@ -317,10 +441,45 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
         self.backend.upload(a)
     }
 
+    /// The host codes of QuantizeLinear node `q` whose input `x` is on the backend (the
+    /// input downloaded once per run).
+    fn quantize_on_host(&self, x: &B::Tensor, q: usize, values: &Values<'_, B>) -> Result<Tensor> {
+        let node = &self.graph.nodes[q];
+        let name = node.input(0).unwrap_or("");
+        let a = self.downloaded(name, x, values)?;
+        let mut local: HashMap<&str, Tensor> = HashMap::new();
+        local.insert(name, Tensor::F32(a));
+        self.add_folded(node, &mut local);
+        eval_node(&self.backend, self.graph, &local, node)
+    }
+
+    /// Device value `name` on the host, downloaded at most once per run.
+    fn downloaded(&self, name: &str, t: &B::Tensor, values: &Values<'_, B>) -> Result<ArrayD<f32>> {
+        let mut down = values.down.borrow_mut();
+        if !down.contains_key(name) {
+            down.insert(name.to_string(), self.backend.download(t)?);
+        }
+        down.get(name).cloned().ok_or_else(|| internal("down"))
+    }
+
+    /// The folded constants `node` reads, into a host node's values.
+    fn add_folded<'a>(&'a self, node: &'a Node, local: &mut HashMap<&'a str, Tensor>) {
+        for name in node.inputs.iter().filter(|s| !s.is_empty()) {
+            if let Some(t) = self.folded.get(name) {
+                local.insert(name.as_str(), t.clone());
+            }
+        }
+    }
+
+    /// A float constant (initializer or folded value).
+    fn konst(&self, name: &str) -> Option<&ArrayD<f32>> {
+        constant(self.graph, &self.folded, name).and_then(Tensor::as_f32)
+    }
+
     /// Input `i` of `node` on the backend (uploaded when it is a host value), or `None` when
     /// it is not a float value.
     fn dev<'v>(
-        &self,
+        &'v self,
         values: &'v Values<'_, B>,
         node: &Node,
         i: usize,
@@ -328,6 +487,9 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
         let Some(name) = node.input(i) else {
             return Ok(None);
         };
+        if let Some(t) = self.consts.get(name) {
+            return Ok(Some(Cow::Borrowed(t)));
+        }
         Ok(match values.map.get(name) {
             Some(Val::Dev(t)) => Some(Cow::Borrowed(t)),
             Some(Val::Host(Tensor::F32(a))) => {
@@ -338,8 +500,8 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                 }
                 up.get(name).cloned().map(Cow::Owned)
             }
-            Some(Val::Host(_)) => None,
-            None => match self.graph.f32_initializer(name) {
+            Some(Val::Host(_)) | Some(Val::Quant(..)) => None,
+            None => match self.konst(name) {
                 Some(a) => Some(Cow::Owned(self.backend.upload(a)?)),
                 None => None,
             },
@@ -363,17 +525,15 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                 let w = p.weight.as_ref().ok_or_else(|| internal("weight"))?;
                 let s = conv_settings(
                     x.dims(),
-                    graph
-                        .f32_initializer(node.input(1).unwrap_or(""))
+                    self.konst(node.input(1).unwrap_or(""))
                         .map(|w| w.shape())
                         .unwrap_or(&[]),
                     a,
                 )?;
                 let transpose = matches!(node.op, Op::ConvTranspose(_));
                 let symmetric = s.pads[0] == s.pads[2] && s.pads[1] == s.pads[3];
-                if !symmetric {
-                    // Asymmetric pads: zero-padded on the host (conv), or refused there
-                    // (ConvTranspose), as the host form does.
+                if !symmetric && transpose {
+                    // Refused by the host form.
                     return self.host(i, values);
                 }
                 let dims = x.dims().to_vec();
@@ -382,6 +542,13 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                 } else {
                     x.into_owned()
                 };
+                // Asymmetric conv pads: zero-padded first, as the host form does.
+                let (x4, pads) = if symmetric {
+                    (x4, s.pads)
+                } else {
+                    (b.pad2d(&x4, s.pads)?, [0; 4])
+                };
+                let s = ConvSettings { pads, ..s };
                 let y = if transpose {
                     let params = ConvTranspose2dParams {
                         stride: s.stride,
@@ -453,32 +620,77 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                 let w = p.weight.as_ref().ok_or_else(|| internal("weight"))?;
                 b.linear(&x, w, p.bias.as_ref(), Activation::None)?
             }
-            Op::MaxPool(pa)
-                if computed(0)
-                    && pa.kernel_shape.len() == 2
-                    && pa.kernel_shape[0] == pa.kernel_shape[1]
-                    && pa.strides[0] == pa.strides[1]
-                    && pa.pads.iter().all(|&v| v == 0)
-                    && pa.dilations.iter().all(|&d| d == 1)
-                    && !pa.ceil_mode =>
-            {
+            Op::MaxPool(pa) | Op::AveragePool(pa) if computed(0) => {
                 let Some(x) = self.dev(values, node, 0)? else {
                     return self.host(i, values);
                 };
-                if x.dims().len() != 4 {
-                    return self.host(i, values);
+                let (window, mode) = pool_window(&node.op, pa, x.dims())?;
+                let [k, _] = window.kernel;
+                let [s, _] = window.stride;
+                // Square, unpadded, floor-mode max pooling: the training forward's kernel.
+                if mode == PoolMode::Max
+                    && window.kernel == [k, k]
+                    && window.stride == [s, s]
+                    && window.pads == [0; 4]
+                    && window.dilation == [1, 1]
+                    && !window.ceil_mode
+                {
+                    b.max_pool2d(&x, k, s)?
+                } else {
+                    b.pool2d(&x, &window, mode)?
                 }
-                b.max_pool2d(&x, pa.kernel_shape[0], pa.strides[0])?
             }
-            Op::Add if computed(0) && computed(1) => {
+            Op::GlobalAveragePool if computed(0) => {
+                let Some(x) = self.dev(values, node, 0)? else {
+                    return self.host(i, values);
+                };
+                let (four, out) = global_pool_shapes(x.dims())?;
+                let y = b.global_avg_pool2d(&b.reshape(&x, &four)?)?;
+                b.reshape(&y, &out)?
+            }
+            Op::Add | Op::Mul if computed(0) || computed(1) => {
                 let (Some(x), Some(y)) = (self.dev(values, node, 0)?, self.dev(values, node, 1)?)
                 else {
                     return self.host(i, values);
                 };
-                if x.dims() != y.dims() {
+                if matches!(node.op, Op::Add) && x.dims() == y.dims() {
+                    b.add(&x, &y)?
+                } else {
+                    let op = if matches!(node.op, Op::Add) {
+                        BinaryOp::Add
+                    } else {
+                        BinaryOp::Mul
+                    };
+                    b.binary(&x, &y, op)?
+                }
+            }
+            Op::Concat { axis } if (0..node.inputs.len()).any(computed) => {
+                let mut parts = Vec::with_capacity(node.inputs.len());
+                for k in 0..node.inputs.len() {
+                    match self.dev(values, node, k)? {
+                        Some(t) => parts.push(t),
+                        None => return self.host(i, values),
+                    }
+                }
+                let refs: Vec<&B::Tensor> = parts.iter().map(|t| t.as_ref()).collect();
+                b.concat(&refs, *axis)?
+            }
+            Op::QuantizeLinear { .. } if p.qdq.is_some() && computed(0) => {
+                let Some(x) = self.dev(values, node, 0)? else {
+                    return self.host(i, values);
+                };
+                return Ok(Val::Quant(x.into_owned(), i));
+            }
+            Op::DequantizeLinear { .. } if p.qdq.is_some() => {
+                let quant = node.input(0).and_then(|s| values.map.get(s));
+                let (Some(Val::Quant(x, q)), Some((qp, dqp))) = (quant, &p.qdq) else {
+                    return self.host(i, values);
+                };
+                // The same qparams on both sides: one fake-quant op on the backend.
+                if self.params[*q].qdq.as_ref().map(|(h, _)| h) != Some(qp) {
                     return self.host(i, values);
                 }
-                b.add(&x, &y)?
+                b.fake_quant_onnx(x, dqp, QuantRange::INT8)?
             }
             Op::Flatten { .. } | Op::Reshape { .. } | Op::Identity
                 if matches!(
@@ -513,22 +725,21 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
     fn host(&self, i: usize, values: &Values<'_, B>) -> Result<Val<B>> {
         let node = &self.graph.nodes[i];
         let mut local: HashMap<&str, Tensor> = HashMap::new();
+        self.add_folded(node, &mut local);
         for name in node.inputs.iter().filter(|s| !s.is_empty()) {
             match values.map.get(name.as_str()) {
+                // A device value read by several host ops is downloaded once.
                 Some(Val::Dev(t)) => {
-                    // A device value read by several host ops is downloaded once.
-                    let mut down = values.down.borrow_mut();
-                    if !down.contains_key(name.as_str()) {
-                        down.insert(name.clone(), self.backend.download(t)?);
-                    }
-                    let a = down
-                        .get(name.as_str())
-                        .cloned()
-                        .ok_or_else(|| internal("down"))?;
-                    local.insert(name.as_str(), Tensor::F32(a));
+                    local.insert(
+                        name.as_str(),
+                        Tensor::F32(self.downloaded(name, t, values)?),
+                    );
                 }
                 Some(Val::Host(t)) => {
                     local.insert(name.as_str(), t.clone());
+                }
+                Some(Val::Quant(x, q)) => {
+                    local.insert(name.as_str(), self.quantize_on_host(x, *q, values)?);
                 }
                 None => {}
             }
@@ -723,7 +934,7 @@ fn eval_node<B: HostOps + ?Sized>(
                 let y = backend.linear(&a, &w, None)?.into_dyn().mapv(|v| v * alpha);
                 match c {
                     None => y,
-                    Some(c) => broadcast_binary(&y, &c.mapv(|v| v * beta), |p, q| p + q)?,
+                    Some(c) => broadcast_binary(&y, &c.mapv(|v| v * beta), BinaryOp::Add)?,
                 }
             }
         }
@@ -741,11 +952,18 @@ fn eval_node<B: HostOps + ?Sized>(
                 .linear(&two_d(a, "A")?, &b.t().to_owned(), None)?
                 .into_dyn()
         }
-        Op::MaxPool(p) => pool(x(0)?, p, true)?,
-        Op::AveragePool(p) => pool(x(0)?, p, false)?,
-        Op::GlobalAveragePool => global_average_pool(x(0)?)?,
-        Op::Add => broadcast_binary(x(0)?, x(1)?, |p, q| p + q)?,
-        Op::Mul => broadcast_binary(x(0)?, x(1)?, |p, q| p * q)?,
+        Op::MaxPool(p) | Op::AveragePool(p) => {
+            let (window, mode) = pool_window(&node.op, p, x(0)?.shape())?;
+            pool2d(&dim4(x(0)?.clone(), "pool input")?, &window, mode)?.into_dyn()
+        }
+        Op::GlobalAveragePool => {
+            let a = x(0)?;
+            let (four, out) = global_pool_shapes(a.shape())?;
+            let y = global_avg_pool2d(&dim4(reshape(a, &four)?, "GlobalAveragePool")?)?;
+            reshape(&y.into_dyn(), &out)?
+        }
+        Op::Add => broadcast_binary(x(0)?, x(1)?, BinaryOp::Add)?,
+        Op::Mul => broadcast_binary(x(0)?, x(1)?, BinaryOp::Mul)?,
         Op::Flatten { axis } => {
             let a = x(0)?;
             let r = a.ndim() as i64;
@@ -778,36 +996,8 @@ fn eval_node<B: HostOps + ?Sized>(
             reshape(a, &target)?
         }
         Op::Concat { axis } => {
-            let parts = (0..node.inputs.len())
-                .map(|i| x(i).map(|a| a.view()))
-                .collect::<Result<Vec<_>>>()?;
-            let r = parts[0].ndim() as i64;
-            let ax = if *axis < 0 { axis + r } else { *axis };
-            if !(0..r).contains(&ax) {
-                return Err(Error::AxisOutOfRange {
-                    axis: isize::try_from(*axis).unwrap_or(isize::MAX),
-                    rank: parts[0].ndim(),
-                });
-            }
-            let ax = ax as usize;
-            let mut shape = parts[0].shape().to_vec();
-            let mut total = 0usize;
-            for p in &parts {
-                let mut s = p.shape().to_vec();
-                if s.len() != shape.len() {
-                    return Err(Error::shape("Concat input", &shape, &s));
-                }
-                total = total
-                    .checked_add(s[ax])
-                    .ok_or_else(|| Error::invalid("Concat size overflows"))?;
-                s[ax] = shape[ax];
-                if s != shape {
-                    return Err(Error::shape("Concat input", &shape, p.shape()));
-                }
-            }
-            shape[ax] = total;
-            check_elements("Concat output", &shape)?;
-            concatenate(Axis(ax), &parts).map_err(|e| Error::invalid(format!("Concat: {e}")))?
+            let parts = (0..node.inputs.len()).map(x).collect::<Result<Vec<_>>>()?;
+            concat(&parts, *axis)?
         }
         Op::Identity => return lookup(graph, values, node.input(0).unwrap_or("")).cloned(),
         Op::QuantizeLinear { axis } => {
@@ -937,13 +1127,8 @@ impl QdqParams {
             .enumerate()
             .map(|(i, &v)| {
                 let c = self.channel(i);
-                let q = (v / self.scale[c]).round_ties_even() + self.zero_point[c] as f32;
-                // NaN saturates to 0 as in onnxruntime's cast.
-                if q.is_nan() {
-                    0
-                } else {
-                    q.clamp(-128.0, 127.0) as i8
-                }
+                // In [-128, 127]: the cast is exact.
+                quantize_linear_scalar(v, self.scale[c], self.zero_point[c], -128, 127) as i8
             })
             .collect();
         ArrayD::from_shape_vec(x.raw_dim(), codes)
@@ -958,7 +1143,11 @@ impl QdqParams {
             .enumerate()
             .map(|(i, &c)| {
                 let ch = self.channel(i);
-                (i64::from(c) - i64::from(self.zero_point[ch])) as f32 * self.scale[ch]
+                dequantize_linear_scalar(
+                    i64::from(c),
+                    i64::from(self.zero_point[ch]),
+                    self.scale[ch],
+                )
             })
             .collect();
         ArrayD::from_shape_vec(q.raw_dim(), v).map_err(|e| Error::invalid(format!("internal: {e}")))
@@ -1017,49 +1206,6 @@ fn reshape_target(from: &[usize], shape: &[i64], allow_zero: bool) -> Result<Vec
         )));
     }
     Ok(out)
-}
-
-/// Numpy-style broadcasting of two arrays (ONNX's multidirectional broadcasting).
-fn broadcast_binary(
-    a: &ArrayD<f32>,
-    b: &ArrayD<f32>,
-    f: impl Fn(f32, f32) -> f32,
-) -> Result<ArrayD<f32>> {
-    let r = a.ndim().max(b.ndim());
-    let dim = |s: &[usize], i: usize| {
-        let off = r - s.len();
-        if i < off {
-            1
-        } else {
-            s[i - off]
-        }
-    };
-    let mut shape = Vec::with_capacity(r);
-    for i in 0..r {
-        let (p, q) = (dim(a.shape(), i), dim(b.shape(), i));
-        shape.push(match (p, q) {
-            (p, q) if p == q => p,
-            (1, q) => q,
-            (p, 1) => p,
-            _ => {
-                return Err(Error::invalid(format!(
-                    "shapes {:?} and {:?} do not broadcast",
-                    a.shape(),
-                    b.shape()
-                )))
-            }
-        });
-    }
-    check_elements("broadcast output", &shape)?;
-    let av = a
-        .broadcast(IxDyn(&shape))
-        .ok_or_else(|| Error::invalid("internal: broadcast"))?;
-    let bv = b
-        .broadcast(IxDyn(&shape))
-        .ok_or_else(|| Error::invalid("internal: broadcast"))?;
-    Ok(ndarray::Zip::from(&av)
-        .and(&bv)
-        .map_collect(|&p, &q| f(p, q)))
 }
 
 /// Per spatial dim, the conv settings with ONNX's defaults for lists not given.
@@ -1164,27 +1310,6 @@ fn back_from_view(y: Array4<f32>, one_d: bool) -> Result<ArrayD<f32>> {
     }
 }
 
-/// Zero-pads `[N, C, H, W]` by `[top, left, bottom, right]`.
-fn zero_pad(x: &Array4<f32>, pads: [usize; 4]) -> Result<Array4<f32>> {
-    let (n, c, h, w) = x.dim();
-    let add = |a: usize, b: usize, d: usize| {
-        a.checked_add(b)
-            .and_then(|s| s.checked_add(d))
-            .ok_or_else(|| Error::invalid("padding overflows"))
-    };
-    let (ph, pw) = (add(pads[0], pads[2], h)?, add(pads[1], pads[3], w)?);
-    check_elements("padded input", &[n, c, ph, pw])?;
-    let mut out = Array4::<f32>::zeros((n, c, ph, pw));
-    out.slice_mut(ndarray::s![
-        ..,
-        ..,
-        pads[0]..pads[0] + h,
-        pads[1]..pads[1] + w
-    ])
-    .assign(x);
-    Ok(out)
-}
-
 fn conv<B: HostOps + ?Sized>(
     backend: &B,
     x: &ArrayD<f32>,
@@ -1197,7 +1322,7 @@ fn conv<B: HostOps + ?Sized>(
     let (input, padding) = if symmetric {
         (v.x, [v.pads[0], v.pads[1]])
     } else {
-        (zero_pad(&v.x, v.pads)?, [0, 0])
+        (zero_pad2d(&v.x, v.pads)?, [0, 0])
     };
     let params = Conv2dParams {
         stride: v.stride,
@@ -1254,140 +1379,64 @@ fn batch_norm<B: HostOps + ?Sized>(
     reshape(&y.into_dyn(), s)
 }
 
-fn global_average_pool(x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-    if x.ndim() < 3 {
+/// GlobalAveragePool of a rank ≥ 3 input as the 2-D op sees it: `[N, C, rest, 1]`, and the
+/// output shape `[N, C, 1, ...]`.
+fn global_pool_shapes(s: &[usize]) -> Result<([usize; 4], Vec<usize>)> {
+    if s.len() < 3 {
         return Err(Error::invalid(format!(
-            "GlobalAveragePool input must have rank >= 3, got {:?}",
-            x.shape()
+            "GlobalAveragePool input must have rank >= 3, got {s:?}"
         )));
     }
-    let s = x.shape();
-    let rest: usize = s[2..].iter().product();
-    let flat = reshape(x, &[s[0], s[1], rest])?;
-    let mean = flat
-        .mean_axis(Axis(2))
-        .ok_or_else(|| Error::invalid("GlobalAveragePool over an empty spatial extent"))?;
-    let mut out_shape = vec![s[0], s[1]];
-    out_shape.extend(std::iter::repeat_n(1, s.len() - 2));
-    reshape(&mean, &out_shape)
+    let rest = check_elements("GlobalAveragePool input", &s[2..])?;
+    let mut out = vec![s[0], s[1]];
+    out.extend(std::iter::repeat_n(1, s.len() - 2));
+    Ok(([s[0], s[1], rest, 1], out))
 }
 
-/// The output size of one pooled dim (ONNX / PyTorch: with `ceil_mode`, a last window that
-/// starts in the end padding is dropped).
-fn pool_out(
-    input: usize,
-    k: usize,
-    s: usize,
-    d: usize,
-    pb: usize,
-    pe: usize,
-    ceil: bool,
-) -> Result<usize> {
-    let err = || {
-        Error::invalid(format!(
-            "pool window {k} (dilation {d}) does not fit input {input} with pads {pb}+{pe}"
-        ))
-    };
-    let reach = k
-        .checked_sub(1)
-        .and_then(|k1| k1.checked_mul(d))
-        .and_then(|r| r.checked_add(1))
-        .ok_or_else(err)?;
-    let padded = input
-        .checked_add(pb)
-        .and_then(|v| v.checked_add(pe))
-        .ok_or_else(err)?;
-    let span = padded.checked_sub(reach).ok_or_else(err)?;
-    let mut out = if ceil { span.div_ceil(s) } else { span / s } + 1;
-    if ceil && (out - 1) * s >= input + pb {
-        out -= 1;
-    }
-    Ok(out)
-}
-
-fn pool(x: &ArrayD<f32>, p: &PoolAttrs, max: bool) -> Result<ArrayD<f32>> {
-    if p.kernel_shape.len() != 2 || x.ndim() != 4 {
+/// An ONNX MaxPool / AveragePool as a 2-D [`PoolWindow`] and [`PoolMode`] (2-D pooling
+/// only, on an NCHW input).
+fn pool_window(op: &Op, p: &PoolAttrs, x: &[usize]) -> Result<(PoolWindow, PoolMode)> {
+    if p.kernel_shape.len() != 2 || x.len() != 4 || p.pads.len() != 4 {
         return Err(Error::invalid(format!(
-            "qfuse evaluates 2-D pooling only; input {:?}, kernel {:?}",
-            x.shape(),
+            "qfuse evaluates 2-D pooling only; input {x:?}, kernel {:?}",
             p.kernel_shape
         )));
     }
-    // ONNX requires pads smaller than the kernel (every window sees an input element).
-    if (0..4).any(|i| p.pads[i] >= p.kernel_shape[i % 2]) {
-        return Err(Error::invalid(format!(
-            "pool pads {:?} must be smaller than the kernel {:?}",
-            p.pads, p.kernel_shape
-        )));
-    }
-    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let (kh, kw) = (p.kernel_shape[0], p.kernel_shape[1]);
-    let (sh, sw) = (p.strides[0], p.strides[1]);
-    let (dh, dw) = (p.dilations[0], p.dilations[1]);
-    let (pt, pl, pb, pr) = (p.pads[0], p.pads[1], p.pads[2], p.pads[3]);
-    if kh.max(kw).max(sh).max(sw).max(dh).max(dw) > MAX_CONV_SETTING {
-        return Err(Error::invalid("pool setting too large"));
-    }
-    let oh = pool_out(h, kh, sh, dh, pt, pb, p.ceil_mode)?;
-    let ow = pool_out(w, kw, sw, dw, pl, pr, p.ceil_mode)?;
-    check_elements("pool output", &[n, c, oh, ow])?;
-    let x4 = x
-        .view()
-        .into_dimensionality::<Ix4>()
-        .map_err(|e| Error::invalid(format!("internal: {e}")))?;
-    let mut out = Array4::<f32>::zeros((n, c, oh, ow));
-    for ((b, ch, oy, ox), o) in out.indexed_iter_mut() {
-        let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
-        let mut count = 0usize;
-        let mut padded_count = 0usize;
-        for ky in 0..kh {
-            let yy = (oy * sh + ky * dh) as isize - pt as isize;
-            for kx in 0..kw {
-                let xx = (ox * sw + kx * dw) as isize - pl as isize;
-                // Window positions inside the padded extent (for count_include_pad).
-                if yy < h as isize + pb as isize && xx < w as isize + pr as isize {
-                    padded_count += 1;
-                }
-                if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
-                    continue;
-                }
-                let v = x4[[b, ch, yy as usize, xx as usize]];
-                count += 1;
-                if max {
-                    if v > acc || v.is_nan() {
-                        acc = v;
-                    }
-                } else {
-                    acc += v;
-                }
-            }
-        }
-        *o = if max {
-            acc
-        } else {
-            let div = if p.count_include_pad {
-                padded_count
-            } else {
-                count
-            };
-            acc / div.max(1) as f32
-        };
-    }
-    Ok(out.into_dyn())
+    let two = |v: &[usize], d: usize| {
+        [
+            v.first().copied().unwrap_or(d),
+            v.get(1).copied().unwrap_or(d),
+        ]
+    };
+    let window = PoolWindow {
+        kernel: [p.kernel_shape[0], p.kernel_shape[1]],
+        stride: two(&p.strides, 1),
+        dilation: two(&p.dilations, 1),
+        pads: [p.pads[0], p.pads[1], p.pads[2], p.pads[3]],
+        ceil_mode: p.ceil_mode,
+    };
+    let mode = match op {
+        Op::MaxPool(_) => PoolMode::Max,
+        _ => PoolMode::Avg {
+            count_include_pad: p.count_include_pad,
+        },
+    };
+    Ok((window, mode))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::pool_output_dim;
 
     #[test]
     fn pool_sizes_follow_onnx() {
         // ResNet stem: 112 -> 56 with k3 s2 p1.
-        assert_eq!(pool_out(112, 3, 2, 1, 1, 1, false).unwrap(), 56);
+        assert_eq!(pool_output_dim(112, 3, 2, 1, 1, 1, false).unwrap(), 56);
         // ceil_mode drops a window starting in the end padding.
-        assert_eq!(pool_out(5, 2, 2, 1, 0, 0, true).unwrap(), 3);
-        assert_eq!(pool_out(4, 2, 2, 1, 1, 1, true).unwrap(), 3);
-        assert!(pool_out(1, 3, 1, 1, 0, 0, false).is_err());
+        assert_eq!(pool_output_dim(5, 2, 2, 1, 0, 0, true).unwrap(), 3);
+        assert_eq!(pool_output_dim(4, 2, 2, 1, 1, 1, true).unwrap(), 3);
+        assert!(pool_output_dim(1, 3, 1, 1, 0, 0, false).is_err());
     }
 
     #[test]
@@ -1406,17 +1455,17 @@ mod tests {
     fn broadcasting() {
         let a = ArrayD::from_shape_vec(IxDyn(&[2, 1]), vec![1.0, 2.0]).unwrap();
         let b = ArrayD::from_shape_vec(IxDyn(&[3]), vec![10.0, 20.0, 30.0]).unwrap();
-        let y = broadcast_binary(&a, &b, |p, q| p + q).unwrap();
+        let y = broadcast_binary(&a, &b, BinaryOp::Add).unwrap();
         assert_eq!(y.shape(), &[2, 3]);
         assert_eq!(y.as_slice().unwrap(), &[11.0, 21.0, 31.0, 12.0, 22.0, 32.0]);
         let c = ArrayD::<f32>::zeros(IxDyn(&[4]));
         assert!(broadcast_binary(
             &a,
             &c.clone().into_shape_with_order(IxDyn(&[4])).unwrap(),
-            |p, q| p + q
+            BinaryOp::Add
         )
         .is_ok());
         let bad = ArrayD::<f32>::zeros(IxDyn(&[2, 4]));
-        assert!(broadcast_binary(&b, &bad, |p, q| p + q).is_err());
+        assert!(broadcast_binary(&b, &bad, BinaryOp::Add).is_err());
     }
 }

@@ -208,6 +208,48 @@ pub fn fake_quantize_backward(
     build(x.shape(), out)
 }
 
+/// ONNX `QuantizeLinear` of one value: `saturate(round_half_to_even(x / scale) +
+/// zero_point)` into `[qmin, qmax]`, a division as the ONNX operator defines it (PyTorch's
+/// fake quantization multiplies by `1/scale`, which rounds differently in rare ties); NaN
+/// gives code 0, as onnxruntime's cast does.
+#[inline(always)]
+pub fn quantize_linear_scalar(x: f32, scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> i32 {
+    let q = (x / scale).round_ties_even() + zero_point as f32;
+    if q.is_nan() {
+        0
+    } else {
+        q.clamp(qmin as f32, qmax as f32) as i32
+    }
+}
+
+/// ONNX `DequantizeLinear` of one code: `(q − zero_point) · scale` in f32.
+#[inline(always)]
+pub fn dequantize_linear_scalar(q: i64, zero_point: i64, scale: f32) -> f32 {
+    (q - zero_point) as f32 * scale
+}
+
+/// ONNX `QuantizeLinear` followed by `DequantizeLinear` with the same qparams (per tensor,
+/// or per channel along `qp.axis`): each element through [`quantize_linear_scalar`] and
+/// [`dequantize_linear_scalar`] — what a QDQ pair computes on a float value.
+///
+/// Errors: everything [`QParams::validate`] reports.
+pub fn fake_quantize_onnx(x: &ArrayD<f32>, qp: &QParams, range: QuantRange) -> Result<ArrayD<f32>> {
+    qp.validate(x.shape(), range)?;
+    let xs = x.as_standard_layout();
+    let src = standard_slice(&xs)?;
+    let mut out = vec![0.0f32; src.len()];
+    let mut c = 0usize;
+    for_each_channel_block(src, x.shape(), qp, |start, chunk, (s, _, _)| {
+        let z = qp.zero_point[c % qp.zero_point.len()];
+        c += 1;
+        for (o, &v) in out[start..start + chunk.len()].iter_mut().zip(chunk) {
+            let q = quantize_linear_scalar(v, s, z, range.quant_min, range.quant_max);
+            *o = dequantize_linear_scalar(i64::from(q), i64::from(z), s);
+        }
+    });
+    build(x.shape(), out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,9 @@
 //! The remaining layers of the MNIST example network: 2-D max pooling, linear and
 //! `log_softmax`, mirroring `torch.nn.functional.max_pool2d`, `linear` and `log_softmax`.
 
-use ndarray::{Array1, Array2, Array4, Axis};
+use ndarray::{Array1, Array2, Array4, ArrayD, Axis, IxDyn};
+
+use crate::ops::{BinaryOp, PoolMode, PoolWindow};
 
 use crate::error::Result;
 
@@ -106,6 +108,113 @@ pub fn global_avg_pool2d(x: &Array4<f32>) -> Result<Array4<f32>> {
 
 /// The pooling geometry (one home: [`crate::ops::max_pool2d_output`]).
 pub use crate::ops::max_pool2d_output;
+
+/// 2-D pooling with ONNX's full window (`MaxPool` / `AveragePool`: kernel, strides,
+/// dilations, per-side pads, `ceil_mode`, `count_include_pad`; PyTorch's `MaxPool2d` /
+/// `AvgPool2d`) of an NCHW tensor. Each window is walked row by row: max pooling keeps
+/// `v` when `v > m` or `v` is NaN (so NaN propagates), starting from −∞; average pooling
+/// sums the input positions in that order from `0.0` in f32 and divides once by the count
+/// ([`PoolMode::Avg`]). The GPU kernel follows the same order, bit for bit.
+///
+/// Errors: those of [`PoolWindow::output_shape`].
+pub fn pool2d(x: &Array4<f32>, p: &PoolWindow, mode: PoolMode) -> Result<Array4<f32>> {
+    let [n, c, oh, ow] = p.output_shape(x.shape())?;
+    let (h, w) = (x.dim().2, x.dim().3);
+    let [kh, kw] = p.kernel;
+    let [sh, sw] = p.stride;
+    let [dh, dw] = p.dilation;
+    let [pt, pl, pb, pr] = p.pads;
+    let mut out = Array4::<f32>::zeros((n, c, oh, ow));
+    for ((b, ch, oy, ox), o) in out.indexed_iter_mut() {
+        let mut acc = if mode == PoolMode::Max {
+            f32::NEG_INFINITY
+        } else {
+            0.0
+        };
+        let mut count = 0usize;
+        let mut padded_count = 0usize;
+        for ky in 0..kh {
+            // Position in the padded input, then in the input (negative: in the top pad).
+            let yp = oy * sh + ky * dh;
+            for kx in 0..kw {
+                let xp = ox * sw + kx * dw;
+                if yp < h + pt + pb && xp < w + pl + pr {
+                    padded_count += 1;
+                }
+                if yp < pt || xp < pl || yp - pt >= h || xp - pl >= w {
+                    continue;
+                }
+                let v = x[[b, ch, yp - pt, xp - pl]];
+                count += 1;
+                match mode {
+                    PoolMode::Max => {
+                        if v > acc || v.is_nan() {
+                            acc = v;
+                        }
+                    }
+                    PoolMode::Avg { .. } => acc += v,
+                }
+            }
+        }
+        *o = match mode {
+            PoolMode::Max => acc,
+            PoolMode::Avg { count_include_pad } => {
+                let div = if count_include_pad {
+                    padded_count
+                } else {
+                    count
+                };
+                // Pads < kernel: every window holds an input position, so div >= 1.
+                acc / div.max(1) as f32
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// Zero-pads an NCHW tensor by `[top, left, bottom, right]` (`torch.nn.functional.pad`;
+/// the asymmetric pads of an ONNX Conv).
+///
+/// Errors: those of [`crate::ops::pad2d_output_shape`].
+pub fn zero_pad2d(x: &Array4<f32>, pads: [usize; 4]) -> Result<Array4<f32>> {
+    let [n, c, ph, pw] = crate::ops::pad2d_output_shape(x.shape(), pads)?;
+    let (h, w) = (x.dim().2, x.dim().3);
+    let mut out = Array4::<f32>::zeros((n, c, ph, pw));
+    out.slice_mut(ndarray::s![
+        ..,
+        ..,
+        pads[0]..pads[0] + h,
+        pads[1]..pads[1] + w
+    ])
+    .assign(x);
+    Ok(out)
+}
+
+/// `a op b` with numpy (ONNX multidirectional) broadcasting ([`crate::ops::broadcast_shape`]),
+/// one f32 rounding per element ([`BinaryOp::apply`]).
+///
+/// Errors: those of [`crate::ops::broadcast_shape`].
+pub fn broadcast_binary(a: &ArrayD<f32>, b: &ArrayD<f32>, op: BinaryOp) -> Result<ArrayD<f32>> {
+    let shape = crate::ops::broadcast_shape(a.shape(), b.shape())?;
+    let internal = || crate::Error::invalid("internal: broadcast");
+    let av = a.broadcast(IxDyn(&shape)).ok_or_else(internal)?;
+    let bv = b.broadcast(IxDyn(&shape)).ok_or_else(internal)?;
+    Ok(ndarray::Zip::from(&av)
+        .and(&bv)
+        .map_collect(|&p, &q| op.apply(p, q)))
+}
+
+/// The parts concatenated along `axis` (negative: from the end), ONNX `Concat` /
+/// `torch.cat`.
+///
+/// Errors: those of [`crate::ops::concat_shape`].
+pub fn concat(parts: &[&ArrayD<f32>], axis: i64) -> Result<ArrayD<f32>> {
+    let shapes: Vec<&[usize]> = parts.iter().map(|p| p.shape()).collect();
+    let (ax, _) = crate::ops::concat_shape(&shapes, axis)?;
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(Axis(ax), &views)
+        .map_err(|e| crate::Error::invalid(format!("Concat: {e}")))
+}
 
 /// Linear layer `x · Wᵀ + b` for `x` `[N, in]`, weight `[out, in]`, bias `[out]`: mirrors
 /// `torch.nn.functional.linear` (f32 accumulation; the summation order differs from PyTorch's

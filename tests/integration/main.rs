@@ -31,6 +31,7 @@ mod gpu_conv_reg;
 mod gpu_conv_subgroup;
 mod gpu_conv_tune;
 mod gpu_elementwise;
+mod gpu_graph_ops;
 mod gpu_int8;
 mod gpu_into;
 mod gpu_observer_fold;
@@ -82,6 +83,7 @@ fn main() -> std::process::ExitCode {
         gpu_conv_subgroup::TESTS,
         gpu_conv_tune::TESTS,
         gpu_elementwise::TESTS,
+        gpu_graph_ops::TESTS,
         gpu_int8::TESTS,
         gpu_into::TESTS,
         gpu_observer_fold::TESTS,
