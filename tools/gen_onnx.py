@@ -28,8 +28,8 @@ and calib.safetensors (calibration inputs for `qfuse quantize`); with --qdq, onn
 outputs for the QDQ models `qfuse quantize` wrote (NAME.int8.io.safetensors) (and, with a second folder, the fuzz target's seeds: two tiny models covering every imported
 op) so that the Rust tests compare qfuse's evaluation with a real runtime without Python;
 with --int-ops, onnxruntime's codes for the integer ops of qfuse's IntModel (global average
-pooling, HardSwish / LeakyRelu tables, padded max pooling) between DequantizeLinear and
-QuantizeLinear (int_ops.safetensors).
+pooling, HardSwish / LeakyRelu tables, padded max pooling, the residual add as QLinearAdd on
+uint8 and int8 codes) between DequantizeLinear and QuantizeLinear (int_ops.safetensors).
 Models:
 
   resnet.onnx     ResNet-style: conv-bn-relu stem, max pool, a basic block with a residual Add,
@@ -370,6 +370,42 @@ def qdq_op(op, in_qp, out_qp, x_shape, **attrs):
     return m.SerializeToString()
 
 
+def qdq_add(in_a, in_b, out_qp, dtype):
+    """DequantizeLinear(a), DequantizeLinear(b) -> Add -> QuantizeLinear on 1-D codes of
+    `dtype` (TensorProto.UINT8 or INT8), per-tensor qparams: onnxruntime fuses it into
+    QLinearAdd (MLAS)."""
+    npdt = np.uint8 if dtype == TensorProto.UINT8 else np.int8
+    inits = [numpy_helper.from_array(np.array(v, t), n) for v, t, n in [
+        (in_a[0], np.float32, "sa"), (in_a[1], npdt, "za"),
+        (in_b[0], np.float32, "sb"), (in_b[1], npdt, "zb"),
+        (out_qp[0], np.float32, "so"), (out_qp[1], npdt, "zo")]]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
+             helper.make_node("Add", ["af", "bf"], ["yf"]),
+             helper.make_node("QuantizeLinear", ["yf", "so", "zo"], ["y"])]
+    g = helper.make_graph(nodes, "add", [helper.make_tensor_value_info("a", dtype, [None]),
+                                         helper.make_tensor_value_info("b", dtype, [None])],
+                          [helper.make_tensor_value_info("y", dtype, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def mlas_add(a, b, in_a, in_b, out_qp, contract=True):
+    """MLAS's AVX2 QLinearAdd on stored codes (numpy; float64 holds each fma exactly)."""
+    f32 = np.float32
+    ra, rb = f32(f32(in_a[0]) / f32(out_qp[0])), f32(f32(in_b[0]) / f32(out_qp[0]))
+    za, zb, zo = in_a[1], in_b[1], out_qp[1]
+    if contract:
+        inner = f32(np.float64(ra) * za + np.float64(f32(rb * f32(zb))))
+    else:
+        inner = f32(f32(ra * f32(za)) + f32(rb * f32(zb)))
+    fixed = f32(f32(zo) - inner)
+    t = (b.astype(np.float64) * np.float64(rb) + np.float64(fixed)).astype(f32)
+    u = (a.astype(np.float64) * np.float64(ra) + t.astype(np.float64)).astype(f32)
+    return np.rint(u).astype(np.int64)
+
+
 def int_ops(out_dir):
     """onnxruntime's results for the integer ops qfuse's IntModel adds for ONNX graphs, each
     DequantizeLinear -> op -> QuantizeLinear on int8 codes (onnxruntime fuses
@@ -402,6 +438,59 @@ def int_ops(out_dir):
          strides=[2, 2], pads=[1, 1, 1, 1])
     case("maxpool1", "MaxPool", (0.05, -3), (0.05, -3), x, kernel_shape=[3, 2],
          strides=[1, 2], pads=[1, 0, 1, 0])
+    # Quantized add (onnxruntime's QLinearAdd, MLAS's AVX2 kernel on x86-64), uint8 and int8
+    # codes. Random qparams are tried until, for each type, two settings where onnxruntime
+    # differs from the float formula round((s_a (a - z_a) + s_b (b - z_b)) / s_out) + z_out,
+    # two where it differs from MLAS without the FMA contraction of its constant and two
+    # where it differs from MLAS on the codes stored as the other type are found (every code
+    # pair run); each case keeps those pairs plus 256 random ones, as int8 codes (uint8 ones
+    # - 128); K.qp = [s_a, z_a, s_b, z_b, s_out, z_out, uint8] with int8 zero points.
+    grid = np.arange(256)
+    ga, gb = [v.ravel() for v in np.meshgrid(grid, grid, indexing="ij")]
+    for dtype in (TensorProto.UINT8, TensorProto.INT8):
+        u8 = dtype == TensorProto.UINT8
+        off, o2 = (128, 0) if u8 else (0, 128)  # this type's / the other's offset from int8
+        lo, hi = (0, 255) if u8 else (-128, 127)
+        npdt = np.uint8 if u8 else np.int8
+        a, b = ga - 128 + off, gb - 128 + off
+        wanted = {"float": 2, "uncontracted": 2, "other": 2}
+        k = 0
+        for attempt in range(400):
+            if not any(wanted.values()):
+                break
+            sa, sb, so = [float(np.float32(v)) for v in np.exp(rng.uniform(-6, -1, 3))]
+            za, zb, zo = [int(z) for z in rng.integers(-128, 128, 3)]
+            qa, qb, qo = (sa, za + off), (sb, zb + off), (so, zo + off)
+            sess = ort.InferenceSession(qdq_add(qa, qb, qo, dtype),
+                                        providers=["CPUExecutionProvider"])
+            y = sess.run(None, {"a": a.astype(npdt), "b": b.astype(npdt)})[0].astype(np.int64)
+            mlas = np.clip(mlas_add(a, b, qa, qb, qo), lo, hi)
+            assert (mlas == y).all(), "onnxruntime is not MLAS's AVX2 QLinearAdd here"
+            real = np.float32(sa) * (a - qa[1]).astype(np.float32) \
+                + np.float32(sb) * (b - qb[1]).astype(np.float32)
+            diffs = {
+                "float": np.clip(np.rint(real / np.float32(so)) + qo[1], lo, hi) != y,
+                "uncontracted": np.clip(mlas_add(a, b, qa, qb, qo, contract=False), lo, hi) != y,
+                "other": np.clip(mlas_add(a - off + o2, b - off + o2, (sa, za + o2),
+                                          (sb, zb + o2), (so, zo + o2)) - o2, -128, 127)
+                + off != y,
+            }
+            useful = [w for w in wanted if wanted[w] and diffs[w].any()]
+            if not useful:
+                continue
+            for w in useful:
+                wanted[w] -= 1
+            pick = diffs["float"] | diffs["uncontracted"] | diffs["other"]
+            pick[rng.choice(a.size, 256, replace=False)] = True
+            key = f"add{k}_{'uint8' if u8 else 'int8'}"
+            k += 1
+            out[key + ".a"] = (a[pick] - off).astype(np.float32)
+            out[key + ".b"] = (b[pick] - off).astype(np.float32)
+            out[key + ".y"] = (y[pick] - off).astype(np.float32)
+            out[key + ".qp"] = np.array([sa, za, sb, zb, so, zo, float(u8)], np.float32)
+            print(f"{key}: {int(pick.sum())} pairs; onnxruntime differs from "
+                  + ", ".join(f"{w} {int(d.sum())}" for w, d in diffs.items()))
+        assert not any(wanted.values()), f"no discriminating settings found: {wanted}"
     path = os.path.join(out_dir, "int_ops.safetensors")
     save_file(out, path)
     print(f"{path}: {os.path.getsize(path)} bytes, {len(out) // 3} cases")

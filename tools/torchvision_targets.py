@@ -17,16 +17,16 @@ For each model it
    every BatchNormalization node (resnet18: 20, mobilenet_v2: 52);
 3. runs both files in onnxruntime on random images: the largest |folded - original| must be
    <= 1e-4;
-4. runs `qfuse quantize MODEL.onnx --calib CALIB --int-model MODEL.int.safetensors`, loads the
-   QDQ model in onnxruntime (after onnx.checker), runs it on the test images and compares its
-   output codes (round(y / scale) + zero point of the final DequantizeLinear's output) with
-   qfuse's integer model's codes (`examples/int_model_forward.rs` on the same images): the
-   identical fraction (target >= 99.9%) and the largest step difference. It also compares
-   the integer model fed ONNX's input codes (`--onnx-input`: `x / scale` where qfuse rounds
-   `x * (1/scale)`) with the QDQ model rewritten to uint8 activation codes, which
-   onnxruntime's x86 CPU EP runs on its integer kernels (QLinearConv, QLinearAdd,
-   QLinearGlobalAveragePool, QGemm) rather than as float convs between DequantizeLinear and
-   QuantizeLinear (what it does with int8 activations).
+4. runs `qfuse quantize MODEL.onnx --calib CALIB --int-model MODEL.DTYPE.int.safetensors
+   --activation-dtype DTYPE` for DTYPE int8 and uint8, loads each QDQ model in onnxruntime
+   (after onnx.checker), runs it on the test images and compares its output codes
+   (round(y / scale) + zero point of the final DequantizeLinear's output) with qfuse's
+   integer model's codes (`examples/int_model_forward.rs` on the same images, fed ONNX's
+   input codes with `--onnx-input`: `x / scale` where qfuse rounds `x * (1/scale)`; and fed
+   qfuse's own): the identical fraction (target >= 99.9%) and the largest step difference.
+   With uint8 activations (onnxruntime's own QDQ default) onnxruntime's x86 CPU EP runs its
+   integer kernels (QLinearConv, QLinearAdd, QLinearGlobalAveragePool, QGemm); with int8
+   activations it runs DequantizeLinear -> float Conv -> QuantizeLinear.
 
 It prints one JSON line per model with every figure it measured.
 """
@@ -52,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QFUSE = os.path.join(ROOT, "target", "release", "qfuse")
 FORWARD = os.path.join(ROOT, "target", "release", "examples", "int_model_forward")
 EXPECTED_BN = {"resnet18": 20, "mobilenet_v2": 52}
+SEED = {"resnet18": 0, "mobilenet_v2": 1}
 
 
 def randomize_bn(model, gen):
@@ -89,22 +90,6 @@ def timed(cmd):
     return p.stdout, wall, cpu
 
 
-def uint8_activations(src, dst):
-    """The QDQ model with uint8 activation codes (every per-tensor activation zero point
-    + 128; weights stay int8): the same arithmetic, in the form onnxruntime's x86 CPU EP fuses
-    into its integer kernels (QLinearConv, QLinearAdd, QLinearGlobalAveragePool, QGemm). With
-    int8 activations it runs DequantizeLinear -> float Conv -> QuantizeLinear instead."""
-    m = onnx.load(src)
-    inits = {i.name: i for i in m.graph.initializer}
-    zps = {n.input[2] for n in m.graph.node
-           if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
-           and n.input[0] not in inits and nh.to_array(inits[n.input[2]]).ndim == 0}
-    for z in zps:
-        a = nh.to_array(inits[z]).astype(np.int32) + 128
-        inits[z].CopyFrom(nh.from_array(a.astype(np.uint8), z))
-    onnx.save(m, dst)
-
-
 def codes_of(y, scale, zp):
     return np.clip(np.round(y / np.float32(scale)) + zp, -128, 127).astype(np.int32)
 
@@ -139,7 +124,8 @@ def main():
     save_file({"input": images}, w("images.safetensors"))
     calib = rng.normal(0, 1, (args.calib, 3, 224, 224)).astype(np.float32)
     save_file({"input": calib}, w("calib.safetensors"))
-    for seed, name in enumerate(args.models.split(",")):
+    for k, name in enumerate(args.models.split(",")):
+        seed = SEED.get(name, k)
         r = {"model": name}
         src = w(f"{name}.onnx")
         r["bn_nodes"] = export(name, src, seed)
@@ -157,34 +143,33 @@ def main():
         b = run_images(session(w(f"{name}.fused.onnx")), images)
         r["fold_max_abs_diff"] = float(np.abs(a - b).max())
         r["output_max_abs"] = float(np.abs(a).max())
-        # 4. quantize: QDQ in onnxruntime vs qfuse's integer model.
-        qdq, im = w(f"{name}.int8.onnx"), w(f"{name}.int.safetensors")
-        out, wall, cpu = timed([QFUSE, "quantize", src, "--calib", w("calib.safetensors"),
-                                "--batch", "1", "--int-model", im, "-o", qdq,
-                                "--backend", args.backend])
-        r["quantize_wall_s"], r["quantize_cpu_s"] = round(wall, 3), round(cpu, 3)
-        onnx.checker.check_model(onnx.load(qdq), full_check=True)
-        y = run_images(session(qdq), images)
-        r["qdq_vs_float_max_abs_diff"] = float(np.abs(y - a).max())
-        uint8_activations(qdq, w(f"{name}.u8.onnx"))
-        y8 = run_images(session(w(f"{name}.u8.onnx")), images)
-        codes = {}
-        for flag in ("", "--onnx-input"):
-            out = w(f"{name}.codes{flag}.safetensors")
-            subprocess.run([FORWARD, im, w("images.safetensors"), out, args.backend]
-                           + ([flag] if flag else []), check=True, capture_output=True)
-            codes[flag] = load_file(out)
-        c = codes[""]
-        scale, zp = float(c["scale"][0]), int(c["zero_point"][0])
-        r["int_forward_s"] = float(c["seconds"][0])
-        # The integer model (input quantized as qfuse does, x * (1/s)) vs the QDQ model as
-        # written (int8 activations: onnxruntime's float convs).
-        compare(codes_of(y, scale, zp), c["codes"].astype(np.int32), "int_vs_qdq_int8", r)
-        # The same integer model fed ONNX's input codes (x / s), vs the QDQ model with uint8
-        # activations (onnxruntime's integer kernels) and vs the int8 QDQ model.
-        ci = codes["--onnx-input"]["codes"].astype(np.int32)
-        compare(codes_of(y8, scale, zp), ci, "int_onnx_input_vs_qdq_uint8", r)
-        compare(codes_of(y, scale, zp), ci, "int_onnx_input_vs_qdq_int8", r)
+        # 4. quantize: QDQ in onnxruntime vs qfuse's integer model, with int8 activations
+        # (onnxruntime's x86 CPU EP runs DequantizeLinear -> float op -> QuantizeLinear) and
+        # with uint8 activations (--activation-dtype uint8: its integer kernels).
+        for dtype in ("int8", "uint8"):
+            qdq, im = w(f"{name}.{dtype}.onnx"), w(f"{name}.{dtype}.int.safetensors")
+            out, wall, cpu = timed([QFUSE, "quantize", src, "--calib", w("calib.safetensors"),
+                                    "--batch", "1", "--int-model", im, "-o", qdq,
+                                    "--activation-dtype", dtype, "--backend", args.backend])
+            r[f"quantize_{dtype}_wall_s"], r[f"quantize_{dtype}_cpu_s"] = round(wall, 3), round(cpu, 3)
+            onnx.checker.check_model(onnx.load(qdq), full_check=True)
+            y = run_images(session(qdq), images)
+            r[f"qdq_{dtype}_vs_float_max_abs_diff"] = float(np.abs(y - a).max())
+            codes = {}
+            for flag in ("", "--onnx-input"):
+                out = w(f"{name}.{dtype}.codes{flag}.safetensors")
+                subprocess.run([FORWARD, im, w("images.safetensors"), out, args.backend]
+                               + ([flag] if flag else []), check=True, capture_output=True)
+                codes[flag] = load_file(out)
+            c = codes[""]
+            scale, zp = float(c["scale"][0]), int(c["zero_point"][0])
+            r[f"int_{dtype}_forward_s"] = float(c["seconds"][0])
+            # The integer model fed ONNX's input codes (x / s, where qfuse's quantize rounds
+            # x * (1/s)) vs onnxruntime on the QDQ model; and fed qfuse's own input codes.
+            ci = codes["--onnx-input"]["codes"].astype(np.int32)
+            compare(codes_of(y, scale, zp), ci, f"int_vs_qdq_{dtype}", r)
+            compare(codes_of(y, scale, zp), c["codes"].astype(np.int32),
+                    f"int_qfuse_input_vs_qdq_{dtype}", r)
         print(json.dumps(r), flush=True)
 
 

@@ -23,9 +23,16 @@ pub struct DeployConfig {
     /// Weights: a symmetric spec (zero point 0), per tensor or per output channel (axis 0).
     /// Default: int8 per-channel symmetric `[-128, 127]` (PyTorch's default QAT weight).
     pub weight: ObserverSpec,
-    /// Requantization arithmetic of conv and linear layers (default
-    /// [`RequantMode::Float`], as fbgemm; residual adds always use TFLite's fixed point).
+    /// Requantization arithmetic (default [`RequantMode::Float`]: conv and linear layers as
+    /// fbgemm and onnxruntime, residual adds as onnxruntime's MLAS `QLinearAdd`;
+    /// [`RequantMode::FixedPoint`]: gemmlowp / TFLite, adds with TFLite's integer add).
     pub requant: RequantMode,
+    /// How an engine running the exported model stores activation codes:
+    /// [`QDtype::QInt8`] (default; the codes as they are) or [`QDtype::QUInt8`] (code + 128,
+    /// zero points + 128; onnxruntime's own QDQ default). Every integer op computes the same
+    /// on both but the f32 residual add, which computes on the stored codes
+    /// ([`AddRequant::codes`]): the integer model's adds follow the export's type.
+    pub activation_codes: QDtype,
 }
 
 impl Default for DeployConfig {
@@ -46,6 +53,7 @@ impl Default for DeployConfig {
             activation: spec(QScheme::PerTensorAffine),
             weight: spec(QScheme::PerChannelSymmetric),
             requant: RequantMode::Float,
+            activation_codes: QDtype::QInt8,
         }
     }
 }
@@ -451,6 +459,8 @@ pub fn convert_with_ranges(
                         (b.scale[0], b.zero_point[0]),
                         (s_out, z_out),
                         bounds(*act)?,
+                        config.requant,
+                        config.activation_codes,
                     )?,
                     act: *act,
                 }

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::io::state_dict::{parse_state_dict, Dtype, HostTensor};
 use crate::io::{RawTensor, StateDict};
 use crate::ops::{Activation, Conv2dParams, PadMode};
-use crate::quant::{AddRequant, FixedPointMultiplier, QParams, QuantRange, Requant, RequantMode};
+use crate::quant::{
+    AddRequant, FixedPointMultiplier, QDtype, QParams, QuantRange, Requant, RequantMode,
+};
 
 /// The metadata key holding the graph JSON.
 pub const GRAPH_KEY: &str = "qfuse.int_model";
@@ -41,6 +43,25 @@ fn table_act_name(a: Activation) -> String {
         Activation::LeakyRelu { negative_slope } => format!("leaky_relu:{negative_slope}"),
         Activation::Hardswish => "hardswish".into(),
         other => act_name(other).unwrap_or("none").into(),
+    }
+}
+
+/// The stored code type of a quantized add's f32 form, as the file names it.
+fn codes_name(d: QDtype) -> &'static str {
+    match d {
+        QDtype::QInt8 => "int8",
+        QDtype::QUInt8 => "uint8",
+    }
+}
+
+fn parse_codes(s: &str) -> std::result::Result<QDtype, String> {
+    match s {
+        "int8" => Ok(QDtype::QInt8),
+        "uint8" => Ok(QDtype::QUInt8),
+        other => Err(format!(
+            "unknown add code type `{}` (expected int8 or uint8)",
+            crate::io::text::escape(other)
+        )),
     }
 }
 
@@ -192,6 +213,9 @@ impl IntModel {
                     sd.raw.insert(format!("{n}.table"), i8_raw(&t)?);
                 }
                 IntLayer::Add { add, act } => {
+                    j["requant"] = json!(add.mode.name());
+                    j["codes"] = json!(codes_name(add.codes));
+                    j["ratios"] = json!([add.a_ratio, add.b_ratio]);
                     j["zero_points"] = json!([add.a_zero_point, add.b_zero_point]);
                     j["multipliers"] = json!([
                         fpm_json(add.a_multiplier),
@@ -447,8 +471,34 @@ impl IntModel {
                         })
                     };
                     let (lo, hi) = clamp(j)?;
+                    // Files written before the f32 add carry neither the arithmetic nor the
+                    // ratios: they were TFLite's fixed point.
+                    let (mode, ratios) = match j.get("requant") {
+                        None => (RequantMode::FixedPoint, [1.0, 1.0]),
+                        Some(m) => {
+                            let ratio = |k: usize| -> Result<f32> {
+                                j["ratios"][k]
+                                    .as_f64()
+                                    .map(|v| v as f32)
+                                    .ok_or_else(|| bad(format!("node `{name}` has no ratios")))
+                            };
+                            (
+                                RequantMode::parse(m.as_str().unwrap_or(""))
+                                    .map_err(|e| bad(e.to_string()))?,
+                                [ratio(0)?, ratio(1)?],
+                            )
+                        }
+                    };
+                    let codes = match j.get("codes") {
+                        None => QDtype::QInt8,
+                        Some(c) => parse_codes(c.as_str().unwrap_or("")).map_err(bad)?,
+                    };
                     IntLayer::Add {
                         add: AddRequant {
+                            mode,
+                            codes,
+                            a_ratio: ratios[0],
+                            b_ratio: ratios[1],
                             a_zero_point: i32v(&j["zero_points"][0], "zero point")?,
                             b_zero_point: i32v(&j["zero_points"][1], "zero point")?,
                             a_multiplier: fpm(0)?,

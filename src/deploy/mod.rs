@@ -9,7 +9,9 @@
 //!    layer's requantization `M[o] = s_in · s_w[o] / s_out`, in f32 (fbgemm's arithmetic, the
 //!    default) or in gemmlowp / TFLite fixed point (`multiplier · 2^(shift − 31)`), chosen by
 //!    [`DeployConfig::requant`] (see [`crate::quant::requant`]). ReLU and ReLU6 become the
-//!    requantization clamp; a residual add uses TFLite's integer add. [`convert_on`]
+//!    requantization clamp; a residual add computes onnxruntime's `QLinearAdd` (MLAS's f32
+//!    arithmetic, [`crate::quant::AddRequant`]) with f32 requantization, TFLite's integer
+//!    add with fixed point. [`convert_on`]
 //!    calibrates on a backend's own tensors ([`calibrate_ranges`]: the fused float net on the
 //!    device, each observed value reduced there by
 //!    [`crate::backend::QuantOps::observe_running`], one upload per batch and one download

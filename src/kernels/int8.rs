@@ -227,7 +227,7 @@ struct Params {
     in_inner: u32,
 }
 
-/// `AddParams` of `lib/requant.wgsl` (same field order), padded to 48 bytes.
+/// `AddParams` of `lib/requant.wgsl` (same field order), 64 bytes.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
 struct AddParams {
@@ -242,7 +242,14 @@ struct AddParams {
     out_zp: i32,
     lo: i32,
     hi: i32,
-    _pad: i32,
+    /// 1: the f32 form ([`RequantMode::Float`]), 0: fixed point.
+    float_mode: i32,
+    /// [`AddRequant::code_offset`].
+    code_offset: i32,
+    a_ratio: f32,
+    b_ratio: f32,
+    /// [`AddRequant::float_offset`], computed here once.
+    float_offset: f32,
 }
 
 /// The uniform of `int8_conv.wgsl` (same field order).
@@ -742,7 +749,8 @@ fn max_pool2d_int8_impl(
 }
 
 /// Quantized elementwise add with a fused clamp ([`crate::reference::int8::add_int8`]:
-/// TFLite's integer add, [`AddRequant::apply`]), four codes per invocation.
+/// [`AddRequant::apply`], MLAS's f32 form or TFLite's integer add), four codes per
+/// invocation.
 ///
 /// Errors: [`Error::ShapeMismatch`] when `a` and `b` differ in shape; an invalid `add`.
 pub fn add_int8(
@@ -809,7 +817,11 @@ fn add_int8_impl(
         out_zp: add.out_zero_point,
         lo: add.clamp_min,
         hi: add.clamp_max,
-        _pad: 0,
+        float_mode: i32::from(add.mode == RequantMode::Float),
+        code_offset: add.code_offset(),
+        a_ratio: add.a_ratio,
+        b_ratio: add.b_ratio,
+        float_offset: add.float_offset(),
     };
     let uniform = ctx.params(&p)?;
     let add_uniform = ctx.params(&ap)?;

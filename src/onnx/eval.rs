@@ -107,9 +107,10 @@ struct Params<B: Backend> {
     bias: Option<B::Tensor>,
     /// BatchNormalization's scale, bias, mean and variance.
     bn: Option<BatchNorm<B::Tensor>>,
-    /// QuantizeLinear / DequantizeLinear with constant qparams (int8 zero points, per tensor
-    /// or along a non-negative axis): the host qparams and the backend's.
-    qdq: Option<(QParams, B::QParams)>,
+    /// QuantizeLinear / DequantizeLinear with constant qparams (int8 or uint8 zero points,
+    /// per tensor or along a non-negative axis): the host qparams with their code range, and
+    /// the backend's qparams.
+    qdq: Option<((QParams, QuantRange), B::QParams)>,
     /// A constant folded at prepare (every input constant: Identity or DequantizeLinear of
     /// initializers); the node does not run.
     folded: bool,
@@ -151,30 +152,33 @@ fn constant<'a>(
     graph.initializers.get(name).or_else(|| folded.get(name))
 }
 
-/// The QDQ qparams of node `n` when its scale and zero point are constants ONNX's int8
-/// QuantizeLinear / DequantizeLinear take (a scalar or 1-D scale, int8 zero points), per
-/// tensor or along a non-negative axis; `None` otherwise (the host form decides).
+/// The QDQ qparams and code range of node `n` when its scale and zero point are constants
+/// ONNX's QuantizeLinear / DequantizeLinear take (a scalar or 1-D scale, int8 or uint8 zero
+/// points), per tensor or along a non-negative axis; `None` otherwise (the host form
+/// decides).
 fn qdq_qparams(
     graph: &Graph,
     folded: &HashMap<String, Tensor>,
     n: &Node,
     axis: i64,
-) -> Option<QParams> {
+) -> Option<(QParams, QuantRange)> {
     let scale = constant(graph, folded, n.input(1)?)?.as_f32()?;
-    let zp = match constant(graph, folded, n.input(2)?)? {
-        Tensor::I8(z) => z,
+    let (zp, range): (ArrayD<i32>, _) = match constant(graph, folded, n.input(2)?)? {
+        Tensor::I8(z) => (z.mapv(i32::from), QuantRange::INT8),
+        Tensor::U8(z) => (z.mapv(i32::from), QuantRange::UINT8),
         _ => return None,
     };
     if scale.ndim() > 1 || zp.len() != scale.len() || scale.is_empty() {
         return None;
     }
-    let zps: Vec<i32> = zp.iter().map(|&v| i32::from(v)).collect();
+    let zps: Vec<i32> = zp.iter().copied().collect();
     let scales: Vec<f32> = scale.iter().copied().collect();
-    if scales.len() == 1 {
-        Some(QParams::per_tensor(scales[0], zps[0]))
+    let qp = if scales.len() == 1 {
+        QParams::per_tensor(scales[0], zps[0])
     } else {
-        QParams::per_channel(scales, zps, usize::try_from(axis).ok()?).ok()
-    }
+        QParams::per_channel(scales, zps, usize::try_from(axis).ok()?).ok()?
+    };
+    Some((qp, range))
 }
 
 impl<'g, B: Backend> DeviceGraph<'g, B> {
@@ -271,9 +275,9 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                     }
                 }
                 Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis } if !p.folded => {
-                    if let Some(qp) = qdq_qparams(graph, folded_ref, n, *axis) {
+                    if let Some((qp, range)) = qdq_qparams(graph, folded_ref, n, *axis) {
                         let dev = backend.upload_qparams(&qp)?;
-                        p.qdq = Some((qp, dev));
+                        p.qdq = Some(((qp, range), dev));
                     }
                 }
                 _ => {}
@@ -686,11 +690,12 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                 let (Some(Val::Quant(x, q)), Some((qp, dqp))) = (quant, &p.qdq) else {
                     return self.host(i, values);
                 };
-                // The same qparams on both sides: one fake-quant op on the backend.
+                // The same qparams and code type on both sides: one fake-quant op on the
+                // backend.
                 if self.params[*q].qdq.as_ref().map(|(h, _)| h) != Some(qp) {
                     return self.host(i, values);
                 }
-                b.fake_quant_onnx(x, dqp, QuantRange::INT8)?
+                b.fake_quant_onnx(x, dqp, qp.1)?
             }
             Op::Flatten { .. } | Op::Reshape { .. } | Op::Identity
                 if matches!(
@@ -1002,22 +1007,24 @@ fn eval_node<B: HostOps + ?Sized>(
         Op::Identity => return lookup(graph, values, node.input(0).unwrap_or("")).cloned(),
         Op::QuantizeLinear { axis } => {
             let input = x(0)?;
+            // No zero point: ONNX's default, uint8 with zero point 0.
             let zp = match node.input(2) {
-                Some(name) => lookup(graph, values, name)?,
-                None => {
-                    return Err(Error::invalid(
-                        "QuantizeLinear without a zero point (uint8 output) is not supported",
-                    ))
-                }
+                Some(name) => Some(lookup(graph, values, name)?),
+                None => None,
             };
-            let q = QdqParams::new(input.shape(), x(1)?, Some(zp), *axis)?;
-            if !matches!(zp, Tensor::I8(_)) {
-                return Err(Error::invalid(format!(
-                    "QuantizeLinear zero point is {}, only int8 is supported",
-                    zp.dtype_name()
-                )));
-            }
-            return Ok(Tensor::I8(q.quantize(input)?));
+            let q = QdqParams::new(input.shape(), x(1)?, zp, *axis)?;
+            return match zp {
+                Some(Tensor::I8(_)) => Ok(Tensor::I8(
+                    q.quantize(input, (-128, 127))?.mapv(|v| v as i8),
+                )),
+                None | Some(Tensor::U8(_)) => {
+                    Ok(Tensor::U8(q.quantize(input, (0, 255))?.mapv(|v| v as u8)))
+                }
+                Some(other) => Err(Error::invalid(format!(
+                    "QuantizeLinear zero point is {}, only int8 and uint8 are supported",
+                    other.dtype_name()
+                ))),
+            };
         }
         Op::DequantizeLinear { axis } => {
             let name = node.input(0).unwrap_or("");
@@ -1029,12 +1036,13 @@ fn eval_node<B: HostOps + ?Sized>(
             let q = QdqParams::new(input.shape(), x(1)?, zp, *axis)?;
             match input {
                 Tensor::I8(a) => q.dequantize(a.mapv(i32::from).view())?,
+                Tensor::U8(a) => q.dequantize(a.mapv(i32::from).view())?,
                 Tensor::I32(a) => q.dequantize(a.view())?,
                 other => {
                     return Err(Error::DtypeMismatch {
                         name: name.to_string(),
                         got: other.dtype_name().into(),
-                        expected: "int8 or int32".into(),
+                        expected: "int8, uint8 or int32".into(),
                     })
                 }
             }
@@ -1057,6 +1065,7 @@ impl QdqParams {
         let zero_point: Vec<i32> = match zp {
             None => vec![0; scale.len()],
             Some(Tensor::I8(z)) => z.iter().map(|&v| i32::from(v)).collect(),
+            Some(Tensor::U8(z)) => z.iter().map(|&v| i32::from(v)).collect(),
             Some(Tensor::I32(z)) => z.iter().copied().collect(),
             Some(other) => {
                 return Err(Error::invalid(format!(
@@ -1117,18 +1126,19 @@ impl QdqParams {
         (i / self.inner) % self.scale.len()
     }
 
-    /// ONNX QuantizeLinear to int8: `saturate(round_half_to_even(x / scale) + zero_point)`
-    /// (a division, as the ONNX operator defines it; PyTorch's fake quantization multiplies by
-    /// `1/scale`, which rounds differently in rare ties).
-    fn quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<i8>> {
+    /// ONNX QuantizeLinear to the code range `(lo, hi)` (int8 or uint8):
+    /// `saturate(round_half_to_even(x / scale) + zero_point)` (a division, as the ONNX
+    /// operator defines it; PyTorch's fake quantization multiplies by `1/scale`, which
+    /// rounds differently in rare ties).
+    fn quantize(&self, x: &ArrayD<f32>, (lo, hi): (i32, i32)) -> Result<ArrayD<i32>> {
         let xs = x.as_standard_layout();
-        let codes: Vec<i8> = xs
+        let codes: Vec<i32> = xs
             .iter()
             .enumerate()
             .map(|(i, &v)| {
                 let c = self.channel(i);
-                // In [-128, 127]: the cast is exact.
-                quantize_linear_scalar(v, self.scale[c], self.zero_point[c], -128, 127) as i8
+                // In [lo, hi]: the cast is exact.
+                quantize_linear_scalar(v, self.scale[c], self.zero_point[c], lo, hi) as i32
             })
             .collect();
         ArrayD::from_shape_vec(x.raw_dim(), codes)

@@ -62,6 +62,9 @@ pub enum Tensor {
     I64(ArrayD<i64>),
     /// `INT8` (ONNX data type 3): quantized codes and zero points.
     I8(ArrayD<i8>),
+    /// `UINT8` (ONNX data type 2): quantized codes and zero points (QDQ with uint8
+    /// activations, onnxruntime's default).
+    U8(ArrayD<u8>),
     /// `INT32` (ONNX data type 6): quantized biases.
     I32(ArrayD<i32>),
 }
@@ -73,6 +76,7 @@ impl Tensor {
             Tensor::F32(a) => a.shape(),
             Tensor::I64(a) => a.shape(),
             Tensor::I8(a) => a.shape(),
+            Tensor::U8(a) => a.shape(),
             Tensor::I32(a) => a.shape(),
         }
     }
@@ -91,6 +95,7 @@ impl Tensor {
             Tensor::F32(_) => "float",
             Tensor::I64(_) => "int64",
             Tensor::I8(_) => "int8",
+            Tensor::U8(_) => "uint8",
             Tensor::I32(_) => "int32",
         }
     }
@@ -109,6 +114,10 @@ impl Tensor {
             Tensor::I8(a) => (
                 proto::tensor_proto::DataType::Int8 as i32,
                 a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Tensor::U8(a) => (
+                proto::tensor_proto::DataType::Uint8 as i32,
+                a.iter().copied().collect(),
             ),
             Tensor::I32(a) => (
                 proto::tensor_proto::DataType::Int32 as i32,
@@ -545,16 +554,20 @@ pub fn tensor_from_proto(t: &proto::TensorProto) -> std::result::Result<Tensor, 
             .map_err(|e| malformed(format!("internal: {e}")))?;
         Ok(Tensor::I64(a))
     } else if dtype == proto::tensor_proto::DataType::Int8 as i32
+        || dtype == proto::tensor_proto::DataType::Uint8 as i32
         || dtype == proto::tensor_proto::DataType::Int32 as i32
     {
+        let uint8 = dtype == proto::tensor_proto::DataType::Uint8 as i32;
         let int8 = dtype == proto::tensor_proto::DataType::Int8 as i32;
-        let size = if int8 { 1 } else { 4 };
-        // Both are stored one element per int32_data entry when not raw.
+        let size = if int8 || uint8 { 1 } else { 4 };
+        // All three are stored one element per int32_data entry when not raw.
         let data: Vec<i32> = match raw {
             Some(raw) => {
                 check_raw_len(raw, n, size).map_err(malformed)?;
                 if int8 {
                     raw.iter().map(|&b| i32::from(b as i8)).collect()
+                } else if uint8 {
+                    raw.iter().map(|&b| i32::from(b)).collect()
                 } else {
                     raw.chunks_exact(4)
                         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -571,7 +584,15 @@ pub fn tensor_from_proto(t: &proto::TensorProto) -> std::result::Result<Tensor, 
                 t.int32_data.clone()
             }
         };
-        if int8 {
+        if uint8 {
+            let codes = data
+                .iter()
+                .map(|&v| u8::try_from(v).map_err(|_| malformed(format!("uint8 value {v}"))))
+                .collect::<Result<Vec<u8>>>()?;
+            let a = ArrayD::from_shape_vec(IxDyn(&shape), codes)
+                .map_err(|e| malformed(format!("internal: {e}")))?;
+            Ok(Tensor::U8(a))
+        } else if int8 {
             let codes = data
                 .iter()
                 .map(|&v| i8::try_from(v).map_err(|_| malformed(format!("int8 value {v}"))))
@@ -589,7 +610,7 @@ pub fn tensor_from_proto(t: &proto::TensorProto) -> std::result::Result<Tensor, 
             .map(|d| d.as_str_name().to_string())
             .unwrap_or_else(|_| format!("data type {dtype}"));
         Err(malformed(format!(
-            "element type {dt} is not supported (FLOAT, INT64, INT8 and INT32 are)"
+            "element type {dt} is not supported (FLOAT, INT64, INT8, UINT8 and INT32 are)"
         )))
     }
 }

@@ -192,6 +192,28 @@ fn scalar_f32(name: &str, v: f32) -> proto::TensorProto {
     Tensor::F32(ArrayD::from_elem(IxDyn(&[]), v)).to_proto(name)
 }
 
+/// The scale and zero point initializers of per-tensor activation qparams: the zero point
+/// int8, or uint8 (+ 128) for [`QDtype::QUInt8`] codes.
+fn activation_protos(
+    name: &str,
+    qp: &QParams,
+    codes: QDtype,
+) -> Result<(proto::TensorProto, proto::TensorProto)> {
+    match codes {
+        QDtype::QInt8 => params_protos(name, qp),
+        QDtype::QUInt8 => {
+            let z = qp.zero_point[0];
+            let zp = u8::try_from(z + 128)
+                .map_err(|_| Error::invalid(format!("zero point {z} is not an int8 code")))?;
+            Ok((
+                scalar_f32(&format!("{name}_scale"), qp.scale[0]),
+                Tensor::U8(ArrayD::from_elem(IxDyn(&[]), zp))
+                    .to_proto(&format!("{name}_zero_point")),
+            ))
+        }
+    }
+}
+
 fn params_protos(name: &str, qp: &QParams) -> Result<(proto::TensorProto, proto::TensorProto)> {
     let zp: Vec<i8> = qp
         .zero_point
@@ -346,6 +368,11 @@ pub struct QuantizeOptions {
     pub config: Option<ConfigList>,
     /// The activation observer.
     pub observer: ActivationObserver,
+    /// The code type of the QDQ activations: [`QDtype::QInt8`] (default) or
+    /// [`QDtype::QUInt8`] (onnxruntime's own QDQ default, which its x86 CPU EP runs on its
+    /// integer kernels): the same codes + 128, zero points + 128, so the same arithmetic.
+    /// Weights stay int8.
+    pub activation_codes: QDtype,
 }
 
 /// What is quantized of one quantizable node: the observer settings of its input, weight and
@@ -690,7 +717,7 @@ pub fn quantize_model_with<B: Backend>(
     for v in &observed {
         let qp = &act_qp[v];
         let base = fresh(&mut used, format!("{v}_q"));
-        let (s, z) = params_protos(&base, qp)?;
+        let (s, z) = activation_protos(&base, qp, options.activation_codes)?;
         let (s_name, z_name) = (
             s.name.clone().unwrap_or_default(),
             z.name.clone().unwrap_or_default(),

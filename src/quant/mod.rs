@@ -74,9 +74,10 @@ impl QuantRange {
 }
 
 /// PyTorch's quantized dtypes that observers know (`torch.qint8`, `torch.quint8`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QDtype {
     /// `torch.qint8`: signed.
+    #[default]
     QInt8,
     /// `torch.quint8`: unsigned.
     QUInt8,

@@ -8,6 +8,7 @@
 //! A real multiplier `M > 0` is stored as `M ≈ multiplier · 2^(shift − 31)` with
 //! `multiplier ∈ [2^30, 2^31)` (a Q0.31 value in `[0.5, 1)`) and `shift ∈ [−31, 30]`.
 
+use super::QDtype;
 use crate::error::{Error, Result};
 
 /// A real multiplier in gemmlowp's fixed-point form: `multiplier · 2^(shift − 31)`.
@@ -311,15 +312,45 @@ impl Requant {
     }
 }
 
-/// TFLite's quantized elementwise add (`tflite::reference_ops::Add` with its
-/// `left_shift = 20` preparation): both inputs are shifted left by [`AddRequant::LEFT_SHIFT`],
-/// scaled to a common scale `2·max(s_a, s_b)`, summed, then requantized to the output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The quantized elementwise add of two 8-bit tensors into a third, with a fused clamp, in
+/// one of two arithmetics ([`AddRequant::mode`]):
+///
+/// - [`RequantMode::Float`] (the default): onnxruntime's `QLinearAdd` as MLAS computes it on
+///   x86-64 with AVX2 and FMA (`MlasQLinearAddKernelAvx2Helper`), bit for bit. On the codes
+///   as the engine stores them (`x' = x + o`, `o` = 0 for int8 codes, 128 for uint8:
+///   [`AddRequant::codes`]) with the f32 ratios `r_a = f32(s_a / s_out)`,
+///   `r_b = f32(s_b / s_out)` and the f32 constant
+///   `F = f32(z_out') − fma(r_a, f32(z_a'), f32(r_b · z_b'))` ([`AddRequant::float_offset`]):
+///   `u = fma(f32(a'), r_a, fma(f32(b'), r_b, F))`, rounded half to even, minus `o`,
+///   clamped (MLAS saturates to the code type; the clamp adds ReLU's bound, which onnxruntime
+///   gets from the output zero point after dropping the Relu node). `fma` rounds once
+///   (Rust's `f32::mul_add`); `F`'s inner `fma` is the contraction GCC makes of MLAS's
+///   `ScaleRatio_AC * ZeroPointA + ScaleRatio_BC * ZeroPointB` (measured against
+///   onnxruntime 1.32: 0 of 150 × 65,536 codes differ; without the contraction 13 do).
+///   Because the stored codes enter f32 arithmetic, int8 and uint8 storage of the same
+///   codes can round differently: the integer model follows the type its export uses.
+/// - [`RequantMode::FixedPoint`]: TFLite's integer add (`tflite::reference_ops::Add` with its
+///   `left_shift = 20` preparation): both inputs shifted left by [`AddRequant::LEFT_SHIFT`],
+///   scaled to a common scale `2·max(s_a, s_b)` in fixed point, summed, then requantized
+///   to the output.
+///
+/// Both forms are kept; [`AddRequant::apply`] is the spec the GPU kernel (`add_code` in
+/// `shaders/lib/requant.wgsl`) matches bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AddRequant {
+    /// Which arithmetic [`AddRequant::apply`] uses.
+    pub mode: RequantMode,
+    /// How the engine stores the codes the f32 form computes on: [`QDtype::QInt8`] (the
+    /// codes as they are) or [`QDtype::QUInt8`] (codes and zero points + 128).
+    pub codes: QDtype,
     /// Zero point of input `a`.
     pub a_zero_point: i32,
     /// Zero point of input `b`.
     pub b_zero_point: i32,
+    /// `f32(s_a / s_out)` (f32 division), the f32 form's ratio for `a`.
+    pub a_ratio: f32,
+    /// `f32(s_b / s_out)`, the f32 form's ratio for `b`.
+    pub b_ratio: f32,
     /// `s_a / (2·max(s_a, s_b))`.
     pub a_multiplier: FixedPointMultiplier,
     /// `s_b / (2·max(s_a, s_b))`.
@@ -338,16 +369,25 @@ impl AddRequant {
     /// TFLite's `left_shift` for 8-bit add.
     pub const LEFT_SHIFT: i32 = 20;
 
+    /// The range of the f32 form's ratios `s_a / s_out`, `s_b / s_out`: `[2^-20, 2^20]`
+    /// (the GPU's exact `fma` needs no subnormals and no overflow inside it).
+    pub const RATIO_RANGE: (f32, f32) = (1.0 / 1_048_576.0, 1_048_576.0);
+
     /// Prepares an add of `a` (`a_scale`, `a_zp`) and `b` into an output with `out_scale`,
-    /// `out_zp`, clamped to `bounds` (see [`crate::ops::Activation::int8_bounds`]), as TFLite's
-    /// `PrepareGeneralSubOp`/`Add` prepare does.
+    /// `out_zp`, clamped to `bounds` (see [`crate::ops::Activation::int8_bounds`]), in
+    /// `mode`, on codes stored as `codes`: both forms, the f32 ratios and TFLite's
+    /// `PrepareGeneralSubOp` multipliers.
     ///
-    /// Errors: [`Error::InvalidScale`] for a scale that is not positive and finite.
+    /// Errors: [`Error::InvalidScale`] for a scale that is not positive and finite;
+    /// [`Error::InvalidArgument`] for a ratio outside [`AddRequant::RATIO_RANGE`] or a
+    /// multiplier TFLite's form cannot hold.
     pub fn new(
         (a_scale, a_zp): (f32, i32),
         (b_scale, b_zp): (f32, i32),
         (out_scale, out_zp): (f32, i32),
         bounds: (i32, i32),
+        mode: RequantMode,
+        codes: QDtype,
     ) -> Result<Self> {
         for (i, s) in [a_scale, b_scale, out_scale].into_iter().enumerate() {
             if !(s.is_finite() && s > 0.0) {
@@ -358,9 +398,13 @@ impl AddRequant {
             }
         }
         let twice_max = 2.0 * (a_scale.max(b_scale) as f64);
-        Ok(Self {
+        let add = Self {
+            mode,
+            codes,
             a_zero_point: a_zp,
             b_zero_point: b_zp,
+            a_ratio: a_scale / out_scale,
+            b_ratio: b_scale / out_scale,
             a_multiplier: FixedPointMultiplier::from_real(a_scale as f64 / twice_max)?,
             b_multiplier: FixedPointMultiplier::from_real(b_scale as f64 / twice_max)?,
             out_multiplier: FixedPointMultiplier::from_real(
@@ -369,24 +413,75 @@ impl AddRequant {
             out_zero_point: out_zp,
             clamp_min: bounds.0,
             clamp_max: bounds.1,
-        })
+        };
+        add.check_ratios()?;
+        Ok(add)
     }
 
-    /// The output code of codes `a` and `b`.
+    /// What the f32 form adds to the stored codes: 0 for int8 storage, 128 for uint8.
+    pub fn code_offset(&self) -> i32 {
+        match self.codes {
+            QDtype::QInt8 => 0,
+            QDtype::QUInt8 => 128,
+        }
+    }
+
+    /// The f32 form's constant `F = f32(z_out') − fma(r_a, f32(z_a'), f32(r_b · z_b'))`, the
+    /// zero points as stored (`z' = z + o`), as MLAS computes it once per call.
+    pub fn float_offset(&self) -> f32 {
+        let o = self.code_offset();
+        let (za, zb, zc) = (
+            (self.a_zero_point + o) as f32,
+            (self.b_zero_point + o) as f32,
+            (self.out_zero_point + o) as f32,
+        );
+        zc - self.a_ratio.mul_add(za, self.b_ratio * zb)
+    }
+
+    /// The output code of codes `a` and `b` (each in `[-128, 127]`).
     pub fn apply(&self, a: i32, b: i32) -> i32 {
-        let sa = (a - self.a_zero_point) << Self::LEFT_SHIFT;
-        let sb = (b - self.b_zero_point) << Self::LEFT_SHIFT;
-        let ra = self.a_multiplier.apply(sa);
-        let rb = self.b_multiplier.apply(sb);
-        let out = self
-            .out_multiplier
-            .apply(ra.saturating_add(rb))
-            .saturating_add(self.out_zero_point);
-        out.clamp(self.clamp_min, self.clamp_max)
+        match self.mode {
+            RequantMode::Float => self.apply_float(a, b, self.float_offset()),
+            RequantMode::FixedPoint => {
+                let sa = (a - self.a_zero_point) << Self::LEFT_SHIFT;
+                let sb = (b - self.b_zero_point) << Self::LEFT_SHIFT;
+                let ra = self.a_multiplier.apply(sa);
+                let rb = self.b_multiplier.apply(sb);
+                let out = self
+                    .out_multiplier
+                    .apply(ra.saturating_add(rb))
+                    .saturating_add(self.out_zero_point);
+                out.clamp(self.clamp_min, self.clamp_max)
+            }
+        }
     }
 
-    /// Checks zero points and bounds against the int8 code range, and the three fixed-point
-    /// multipliers ([`FixedPointMultiplier::validate`]).
+    /// [`AddRequant::apply`] in [`RequantMode::Float`] with `offset` =
+    /// [`AddRequant::float_offset`] (computed once per tensor by the caller).
+    pub fn apply_float(&self, a: i32, b: i32, offset: f32) -> i32 {
+        let o = self.code_offset();
+        let t = ((b + o) as f32).mul_add(self.b_ratio, offset);
+        let u = ((a + o) as f32).mul_add(self.a_ratio, t);
+        // |u| < 2^29 (ratios <= 2^20, stored codes < 2^8): the rounding is exact; the
+        // clamp bounds are integers, exact in f32.
+        (u.round_ties_even() - o as f32).clamp(self.clamp_min as f32, self.clamp_max as f32) as i32
+    }
+
+    fn check_ratios(&self) -> Result<()> {
+        let (lo, hi) = Self::RATIO_RANGE;
+        for (what, r) in [("a", self.a_ratio), ("b", self.b_ratio)] {
+            if !(lo..=hi).contains(&r) {
+                return Err(Error::invalid(format!(
+                    "quantized add {what} scale ratio {r} (input scale / output scale) is outside [2^-20, 2^20]"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks zero points and bounds against the int8 code range, the f32 ratios against
+    /// [`AddRequant::RATIO_RANGE`] and the three fixed-point multipliers
+    /// ([`FixedPointMultiplier::validate`]): what both forms need, as CPU and GPU run them.
     ///
     /// Errors: [`Error::InvalidArgument`] naming the value out of range.
     pub fn validate(&self) -> Result<()> {
@@ -397,6 +492,7 @@ impl AddRequant {
         ] {
             m.validate(what)?;
         }
+        self.check_ratios()?;
         for (what, v) in [
             ("a zero point", self.a_zero_point),
             ("b zero point", self.b_zero_point),
@@ -428,7 +524,15 @@ mod tests {
     /// `[−31, 30]` reached `rounding_divide_by_pot`'s exponent assertion. `validate` refuses it.
     #[test]
     fn add_multipliers_out_of_range_are_refused() {
-        let ok = AddRequant::new((0.5, 0), (0.25, 1), (0.75, -2), (-128, 127)).unwrap();
+        let ok = AddRequant::new(
+            (0.5, 0),
+            (0.25, 1),
+            (0.75, -2),
+            (-128, 127),
+            RequantMode::FixedPoint,
+            QDtype::QInt8,
+        )
+        .unwrap();
         ok.validate().unwrap();
         for shift in [31, -32, 40] {
             let mut bad = ok;
@@ -566,15 +670,74 @@ mod tests {
 
     #[test]
     fn quantized_add_matches_real_sum() {
-        let add = AddRequant::new((0.05, 3), (0.02, -7), (0.06, 1), (-128, 127)).unwrap();
-        for a in [-128, -5, 0, 3, 90, 127] {
-            for b in [-128, -7, 0, 40, 127] {
-                let real = (a - 3) as f64 * 0.05 + (b + 7) as f64 * 0.02;
-                let want = ((real / 0.06).round() as i32 + 1).clamp(-128, 127);
-                let got = add.apply(a, b);
-                assert!((got - want).abs() <= 1, "{a} {b}: {got} vs {want}");
+        for mode in [RequantMode::Float, RequantMode::FixedPoint] {
+            for codes in [QDtype::QInt8, QDtype::QUInt8] {
+                let add =
+                    AddRequant::new((0.05, 3), (0.02, -7), (0.06, 1), (-128, 127), mode, codes)
+                        .unwrap();
+                for a in [-128, -5, 0, 3, 90, 127] {
+                    for b in [-128, -7, 0, 40, 127] {
+                        let real = (a - 3) as f64 * 0.05 + (b + 7) as f64 * 0.02;
+                        let want = ((real / 0.06).round() as i32 + 1).clamp(-128, 127);
+                        let got = add.apply(a, b);
+                        assert!((got - want).abs() <= 1, "{a} {b}: {got} vs {want}");
+                    }
+                }
             }
         }
-        assert!(AddRequant::new((0.0, 0), (1.0, 0), (1.0, 0), (-128, 127)).is_err());
+        let new = |s: (f32, f32, f32)| {
+            AddRequant::new(
+                (s.0, 0),
+                (s.1, 0),
+                (s.2, 0),
+                (-128, 127),
+                RequantMode::Float,
+                QDtype::QInt8,
+            )
+        };
+        assert!(new((0.0, 1.0, 1.0)).is_err());
+        let e = new((1.0, 1.0, 1e-7)).unwrap_err().to_string();
+        assert!(e.contains("scale ratio"), "{e}");
+        let mut bad = new((1.0, 1.0, 1.0)).unwrap();
+        bad.b_ratio = f32::NAN;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("b scale ratio"));
+    }
+
+    /// The f32 form is MLAS's AVX2 kernel: ties at exact halves round to even after the
+    /// zero points were folded into `F`, and the stored code type changes the roundings.
+    #[test]
+    fn float_add_follows_mlas() {
+        // r_a = r_b = 1, F = z_out' - (z_a' + z_b'): integers, exact; (a + b) / 1 exact.
+        let add = AddRequant::new(
+            (0.5, 10),
+            (0.5, -20),
+            (0.5, 3),
+            (-128, 127),
+            RequantMode::Float,
+            QDtype::QUInt8,
+        )
+        .unwrap();
+        assert_eq!(add.float_offset(), 131.0 - (138.0 + 108.0));
+        assert_eq!(add.apply(12, -21), 3 + 2 - 1);
+        assert_eq!(add.apply(127, 127), 127);
+        assert_eq!(add.apply(-128, -128), -128);
+        // r = 0.75: (a - z_a) * 0.75 = 1.5 rounds to 2, 2.5 to 2 (ties to even).
+        let add = AddRequant::new(
+            (0.75, 0),
+            (1.0, 0),
+            (1.0, 0),
+            (-128, 127),
+            RequantMode::Float,
+            QDtype::QInt8,
+        )
+        .unwrap();
+        assert_eq!(add.apply(2, 0), 2);
+        assert_eq!(add.apply(-2, 0), -2);
+        assert_eq!(add.apply(2, 1), 2);
+        assert_eq!(add.apply(6, -1), 4);
     }
 }

@@ -16,7 +16,7 @@ use ndarray::{Array1, Array2, Array4, ArrayD, Zip};
 
 use crate::error::{Error, Result};
 use crate::ops::Conv2dParams;
-use crate::quant::{AddRequant, QParams, QuantRange, Requant};
+use crate::quant::{AddRequant, QParams, QuantRange, Requant, RequantMode};
 
 /// The code-range check of the integer ops (one home: [`QuantRange::check_int8_codes`]).
 pub(crate) fn check_code_range(range: QuantRange) -> Result<()> {
@@ -368,8 +368,9 @@ pub fn check_table(table: &[i8]) -> Result<()> {
     Ok(())
 }
 
-/// Quantized elementwise add with a fused clamp (PyTorch's `torch.ao.nn.quantized.QFunctional`
-/// `add` / `add_relu`, computed with TFLite's integer add arithmetic, [`AddRequant::apply`]).
+/// Quantized elementwise add with a fused clamp (ONNX `QLinearAdd`, PyTorch's
+/// `torch.ao.nn.quantized.QFunctional` `add` / `add_relu`), in the arithmetic
+/// [`AddRequant::apply`] defines: onnxruntime's (MLAS) f32 form or TFLite's fixed point.
 ///
 /// Errors: [`Error::ShapeMismatch`] when `a` and `b` differ in shape; an invalid `add`.
 pub fn add_int8(a: &ArrayD<i8>, b: &ArrayD<i8>, add: &AddRequant) -> Result<ArrayD<i8>> {
@@ -378,17 +379,23 @@ pub fn add_int8(a: &ArrayD<i8>, b: &ArrayD<i8>, add: &AddRequant) -> Result<Arra
     }
     add.validate()?;
     let mut out = ArrayD::<i8>::zeros(a.raw_dim());
-    Zip::from(&mut out)
-        .and(a)
-        .and(b)
-        .for_each(|o, &x, &y| *o = add.apply(x as i32, y as i32) as i8);
+    let zip = Zip::from(&mut out).and(a).and(b);
+    match add.mode {
+        RequantMode::Float => {
+            let offset = add.float_offset();
+            zip.for_each(|o, &x, &y| *o = add.apply_float(x as i32, y as i32, offset) as i8)
+        }
+        RequantMode::FixedPoint => {
+            zip.for_each(|o, &x, &y| *o = add.apply(x as i32, y as i32) as i8)
+        }
+    }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::RequantMode;
+    use crate::quant::QDtype;
     use crate::reference::{conv2d, fake_quant};
     use ndarray::{Array, IxDyn};
 
@@ -488,13 +495,27 @@ mod tests {
         assert_eq!(max_pool2d_int8(&x, 2, 2).unwrap()[[0, 0, 0, 0]], 7);
         assert!(max_pool2d_int8(&x, 3, 1).is_err());
         assert!(max_pool2d_int8(&x, 0, 1).is_err());
-        let add = AddRequant::new((0.1, 0), (0.1, 0), (0.1, 0), (-128, 127)).unwrap();
         let a = x.clone().into_dyn();
-        let s = add_int8(&a, &a, &add).unwrap();
-        assert_eq!(
-            s.iter().copied().collect::<Vec<_>>(),
-            vec![-10, 14, 6, -128]
-        );
+        for mode in [RequantMode::Float, RequantMode::FixedPoint] {
+            for codes in [QDtype::QInt8, QDtype::QUInt8] {
+                let add = AddRequant::new((0.1, 0), (0.1, 0), (0.1, 0), (-128, 127), mode, codes)
+                    .unwrap();
+                let s = add_int8(&a, &a, &add).unwrap();
+                assert_eq!(
+                    s.iter().copied().collect::<Vec<_>>(),
+                    vec![-10, 14, 6, -128]
+                );
+            }
+        }
+        let add = AddRequant::new(
+            (0.1, 0),
+            (0.1, 0),
+            (0.1, 0),
+            (-128, 127),
+            RequantMode::Float,
+            QDtype::QInt8,
+        )
+        .unwrap();
         let b = Array4::<i8>::zeros((1, 1, 1, 2)).into_dyn();
         assert!(add_int8(&a, &b, &add).is_err());
     }

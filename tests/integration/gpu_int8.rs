@@ -14,7 +14,9 @@ use qfuse::kernels::int8::{self as k8, GpuInt8Tensor};
 use qfuse::kernels::GpuQParams;
 use qfuse::ops::Conv2dParams;
 use qfuse::quant::requant::{rounding_divide_by_pot, saturating_rounding_doubling_high_mul};
-use qfuse::quant::{AddRequant, FixedPointMultiplier, QParams, QuantRange, Requant, RequantMode};
+use qfuse::quant::{
+    AddRequant, FixedPointMultiplier, QDtype, QParams, QuantRange, Requant, RequantMode,
+};
 use qfuse::reference::int8 as ref8;
 use qfuse::{CpuBackend, GpuBackend, HostOps};
 
@@ -699,17 +701,54 @@ fn add_int8_matches_the_reference_on_every_code_pair() {
         ((1e-3, 10), (1e-3, -10), (1e-6, 0), (-100, 100)),
         ((0.25, -1), (0.125, 1), (0.375, 0), (0, 127)),
     ];
+    // Both arithmetics; the f32 (MLAS) form on int8 and on uint8 storage, whose roundings
+    // differ (the GPU's exact fma against Rust's f32::mul_add).
     for (ci, &(sa, sb, so, bounds)) in cases.iter().enumerate() {
-        let add = AddRequant::new(sa, sb, so, bounds).unwrap();
+        for (mode, codes) in [
+            (RequantMode::FixedPoint, QDtype::QInt8),
+            (RequantMode::Float, QDtype::QInt8),
+            (RequantMode::Float, QDtype::QUInt8),
+        ] {
+            let add = AddRequant::new(sa, sb, so, bounds, mode, codes).unwrap();
+            let want = cpu().add_int8(&a, &b, &add).unwrap();
+            let got = gpu.add_int8(&a, &b, &add).unwrap();
+            assert_codes_eq(&format!("add case {ci} {mode:?} {codes:?}"), &got, &want);
+        }
+    }
+    // The f32 form's exact fma on the GPU against f32::mul_add: random scales (ratios from
+    // 2^-18 to 2^18) and zero points, every code pair.
+    for ci in 0..24 {
+        let mut scale = || (rng.unit() * 18.0 - 9.0).exp2() as f32 * 0.01;
+        let (sa, sb, so) = (scale(), scale(), scale());
+        let mut zp = || rng.range(-128, 127);
+        let (za, zb, zo) = (zp(), zp(), zp());
+        let codes = [QDtype::QInt8, QDtype::QUInt8][ci % 2];
+        let add = AddRequant::new(
+            (sa, za),
+            (sb, zb),
+            (so, zo),
+            (-128, 127),
+            RequantMode::Float,
+            codes,
+        )
+        .unwrap();
         let want = cpu().add_int8(&a, &b, &add).unwrap();
         let got = gpu.add_int8(&a, &b, &add).unwrap();
-        assert_codes_eq(&format!("add case {ci}"), &got, &want);
+        assert_codes_eq(&format!("random add {ci}: {add:?}"), &got, &want);
     }
     // Other ranks.
     for shape in [vec![], vec![5], vec![3, 6], vec![2, 5, 3, 3]] {
         let x = ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.code());
         let y = ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.code());
-        let add = AddRequant::new((0.03, 7), (0.05, -3), (0.06, 1), (1, 127)).unwrap();
+        let add = AddRequant::new(
+            (0.03, 7),
+            (0.05, -3),
+            (0.06, 1),
+            (1, 127),
+            RequantMode::Float,
+            QDtype::QUInt8,
+        )
+        .unwrap();
         assert_codes_eq(
             &format!("add {shape:?}"),
             &gpu.add_int8(&x, &y, &add).unwrap(),
@@ -739,7 +778,15 @@ fn device_resident_chain_matches_the_reference() {
         .map(|_| 0.02 * 0.01 * (1.0 + rng.unit()) / 0.05)
         .collect();
     let rq = Requant::new(&real, RequantMode::FixedPoint, -128, (-128, 127)).unwrap();
-    let add = AddRequant::new((0.05, -128), (0.05, -128), (0.08, -10), (-128, 127)).unwrap();
+    let add = AddRequant::new(
+        (0.05, -128),
+        (0.05, -128),
+        (0.08, -10),
+        (-128, 127),
+        RequantMode::FixedPoint,
+        QDtype::QInt8,
+    )
+    .unwrap();
     let lw = Array2::from_shape_fn((10, 6 * 4 * 4), |_| rng.range(-127, 127) as i8);
     let lrq = Requant::new(&[0.001], RequantMode::Float, 0, (-128, 127)).unwrap();
     let qp_out = QParams::per_tensor(0.1, 0);
@@ -898,7 +945,15 @@ fn bad_inputs_give_the_reference_errors() {
         cpu.max_pool2d_int8(&x, 6, 1),
     );
     // Add.
-    let add = AddRequant::new((0.1, 0), (0.1, 0), (0.1, 0), (-128, 127)).unwrap();
+    let add = AddRequant::new(
+        (0.1, 0),
+        (0.1, 0),
+        (0.1, 0),
+        (-128, 127),
+        RequantMode::Float,
+        QDtype::QInt8,
+    )
+    .unwrap();
     let a = ArrayD::<i8>::zeros(IxDyn(&[2, 3]));
     let b = ArrayD::<i8>::zeros(IxDyn(&[3, 2]));
     assert_eq!(
@@ -911,6 +966,11 @@ fn bad_inputs_give_the_reference_errors() {
         gpu.add_int8(&a, &a, &bad_add).unwrap_err().to_string(),
         cpu.add_int8(&a, &a, &bad_add).unwrap_err().to_string()
     );
+    let mut bad_add = add;
+    bad_add.b_ratio = 1e9;
+    let e = gpu.add_int8(&a, &a, &bad_add).unwrap_err().to_string();
+    assert!(e.contains("b scale ratio"), "{e}");
+    assert_eq!(e, cpu.add_int8(&a, &a, &bad_add).unwrap_err().to_string());
     // Quantize / dequantize.
     let xf = ArrayD::<f32>::zeros(IxDyn(&[2, 3]));
     let u8r = QuantRange::new(0, 255).unwrap();

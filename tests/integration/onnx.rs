@@ -16,6 +16,7 @@ use qfuse::onnx::proto::{
     OperatorSetIdProto, TensorProto, ValueInfoProto,
 };
 use qfuse::onnx::{find_fusable, fold_model, run, state_dict_specs, OnnxModel, Op};
+use qfuse::quant::{QDtype, RequantMode};
 use qfuse::Error;
 
 const MODELS: &[&str] = &["resnet", "mobilenet", "mnist", "decoder"];
@@ -356,6 +357,68 @@ fn quantize_exports_qdq_close_to_float() {
     }
 }
 
+/// `activation_codes: QUInt8` (`--activation-dtype uint8`) writes every activation's
+/// QuantizeLinear / DequantizeLinear with a uint8 zero point (its int8 one + 128) and keeps
+/// the weights int8; the file reads back and evaluates to exactly the int8 export's output
+/// (the same codes + 128), and a QuantizeLinear without a zero point (uint8, zero point 0)
+/// evaluates too.
+fn uint8_qdq_export_evaluates_as_the_int8_one() {
+    use qfuse::onnx::{QuantizeOptions, Tensor};
+    use qfuse::quant::QDtype;
+    for (name, batch) in [("mobilenet", 2), ("resnet", 1)] {
+        let m = load(name);
+        let b = calib_batches(batch);
+        let q8 = qfuse::onnx::quantize_model(&CpuBackend, &m, &b).unwrap();
+        let options = QuantizeOptions {
+            activation_codes: QDtype::QUInt8,
+            ..QuantizeOptions::default()
+        };
+        let qu = qfuse::onnx::quantize_model_with(&CpuBackend, &m, &b, &options).unwrap();
+        let back = OnnxModel::from_bytes(&qu.model.to_bytes(), name).unwrap();
+        let g = &back.graph;
+        let (mut uint8_zps, mut int8_weights) = (0, 0);
+        for n in &g.nodes {
+            let zp = n.input(2).and_then(|z| g.initializers.get(z));
+            match (&n.op, zp) {
+                (Op::QuantizeLinear { .. }, Some(Tensor::U8(_))) => uint8_zps += 1,
+                (Op::QuantizeLinear { .. }, other) => panic!("{name}: {other:?}"),
+                (Op::DequantizeLinear { axis: 0 }, Some(Tensor::I8(_))) => int8_weights += 1,
+                _ => {}
+            }
+        }
+        assert!(uint8_zps >= 7, "{name}: {uint8_zps}");
+        assert_eq!(int8_weights, qu.ops.len(), "{name}");
+        let (x, _) = reference_io(name);
+        assert_eq!(
+            eval(&CpuBackend, &back, &x),
+            eval(&CpuBackend, &q8.model, &x),
+            "{name}"
+        );
+    }
+    // QuantizeLinear without a zero point: uint8 codes, zero point 0 (ONNX's default).
+    let mut m = qfuse::onnx::quantize_model(&CpuBackend, &load("resnet"), &calib_batches(1))
+        .unwrap()
+        .model
+        .proto;
+    let g = m.graph.as_mut().unwrap();
+    let q = g
+        .node
+        .iter_mut()
+        .find(|n| n.op_type.as_deref() == Some("QuantizeLinear"))
+        .unwrap();
+    q.input.truncate(2);
+    let out = q.output[0].clone();
+    let dq = g
+        .node
+        .iter_mut()
+        .find(|n| n.input.first() == Some(&out))
+        .unwrap();
+    dq.input.truncate(2);
+    let m = OnnxModel::from_bytes(&m.encode_to_vec(), "no zero point").unwrap();
+    let (x, _) = reference_io("resnet");
+    assert!(eval(&CpuBackend, &m, &x).iter().all(|v| v.is_finite()));
+}
+
 /// `qfuse quantize MODEL.onnx --calib DATA -o OUT.onnx` writes the QDQ model (the committed
 /// one, which tools/gen_onnx.py's command made), and refuses what it cannot calibrate with.
 fn binary_quantizes_onnx() {
@@ -439,6 +502,47 @@ fn binary_quantizes_onnx() {
     let im = qfuse::deploy::IntModel::load(d.join("r.safetensors")).unwrap();
     let kinds: Vec<&str> = im.nodes.iter().map(|n| n.layer.kind()).collect();
     assert!(kinds.contains(&"max_pool2d_pad") && kinds.contains(&"global_avg_pool"));
+    // --activation-dtype uint8: uint8 activation zero points in the QDQ file, and the integer
+    // model's adds (saved and loaded) compute on uint8 codes, in MLAS's f32 form.
+    let adds = |im: &qfuse::deploy::IntModel| -> Vec<qfuse::quant::AddRequant> {
+        im.nodes
+            .iter()
+            .filter_map(|n| match &n.layer {
+                qfuse::deploy::IntLayer::Add { add, .. } => Some(*add),
+                _ => None,
+            })
+            .collect()
+    };
+    let int8_adds = adds(&im);
+    assert!(!int8_adds.is_empty());
+    let o = qfuse(&[
+        "quantize",
+        p(&dir().join("resnet.onnx")),
+        "--calib",
+        p(&calib),
+        "--int-model",
+        p(&d.join("r8.safetensors")),
+        "--activation-dtype",
+        "uint8",
+        "--backend",
+        "cpu",
+        "-o",
+        p(&d.join("r8.onnx")),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    let im8 = qfuse::deploy::IntModel::load(d.join("r8.safetensors")).unwrap();
+    for (a, b) in int8_adds.iter().zip(adds(&im8)) {
+        assert_eq!((a.codes, a.mode), (QDtype::QInt8, RequantMode::Float));
+        assert_eq!((b.codes, b.mode), (QDtype::QUInt8, RequantMode::Float));
+        assert_eq!((a.a_ratio, a.out_zero_point), (b.a_ratio, b.out_zero_point));
+    }
+    let qdq = OnnxModel::load(&d.join("r8.onnx")).unwrap();
+    assert!(qdq
+        .graph
+        .initializers
+        .values()
+        .any(|t| matches!(t, qfuse::onnx::Tensor::U8(_))));
     // A graph the integer model cannot express (the decoder's ConvTranspose): nothing is
     // written.
     let o = qfuse(&[
@@ -630,6 +734,67 @@ fn int_ops_match_onnxruntime() {
             assert_eq!(g, want, "{key}: GPU vs onnxruntime");
         }
     }
+}
+
+/// The quantized add against onnxruntime's QLinearAdd (MLAS's AVX2 kernel; DequantizeLinear
+/// a, b -> Add -> QuantizeLinear on uint8 and on int8 codes, tests/onnx/int_ops.safetensors):
+/// `AddRequant` in `RequantMode::Float` with the same stored code type equals it on every
+/// pair, the settings chosen where the float formula, MLAS without its FMA contraction and
+/// MLAS on the other code type each differ somewhere; TFLite's fixed point does not. The
+/// same on the GPU.
+fn add_matches_onnxruntime_qlinearadd() {
+    use qfuse::backend::{Device, Int8Ops};
+    use qfuse::quant::{AddRequant, QDtype, RequantMode};
+    let sd = load_state_dict(dir().join("int_ops.safetensors")).unwrap();
+    let gpu = common::gpu().map(GpuBackend::new);
+    let mut cases = 0;
+    let mut fixed_point_differs = 0;
+    for name in sd.names() {
+        let Some(key) = name.strip_suffix(".qp").filter(|k| k.starts_with("add")) else {
+            continue;
+        };
+        let codes = |k: &str| sd.f32(&format!("{key}.{k}")).unwrap().mapv(|v| v as i8);
+        let (a, b, want) = (codes("a"), codes("b"), codes("y"));
+        let q = sd.f32(name).unwrap();
+        let q: Vec<f32> = q.iter().copied().collect();
+        let stored = if q[6] == 1.0 {
+            QDtype::QUInt8
+        } else {
+            QDtype::QInt8
+        };
+        let add = |mode, codes| {
+            AddRequant::new(
+                (q[0], q[1] as i32),
+                (q[2], q[3] as i32),
+                (q[4], q[5] as i32),
+                (-128, 127),
+                mode,
+                codes,
+            )
+            .unwrap()
+        };
+        let mlas = add(RequantMode::Float, stored);
+        assert_eq!(
+            CpuBackend.add_int8(&a, &b, &mlas).unwrap(),
+            want,
+            "{key}: CPU"
+        );
+        if let Some(g) = &gpu {
+            let got = g.add_int8(
+                &g.upload_codes(&a).unwrap(),
+                &g.upload_codes(&b).unwrap(),
+                &mlas,
+            );
+            assert_eq!(g.download_codes(&got.unwrap()).unwrap(), want, "{key}: GPU");
+        }
+        let tflite = add(RequantMode::FixedPoint, stored);
+        if CpuBackend.add_int8(&a, &b, &tflite).unwrap() != want {
+            fixed_point_differs += 1;
+        }
+        cases += 1;
+    }
+    assert!(cases >= 10, "{cases} add cases");
+    assert!(fixed_point_differs > 0);
 }
 
 /// The new integer ops on the GPU equal the CPU reference bit for bit on shapes and settings
@@ -1050,8 +1215,10 @@ crate::qfuse_tests! {
     fusion_respects_single_consumers,
     qdq_evaluation_matches_onnxruntime,
     quantize_exports_qdq_close_to_float,
+    uint8_qdq_export_evaluates_as_the_int8_one,
     binary_quantizes_onnx,
     int_model_agrees_with_the_qdq_export,
     int_ops_match_onnxruntime,
+    add_matches_onnxruntime_qlinearadd,
     int_ops_gpu_matches_cpu: gpu,
 }

@@ -125,6 +125,7 @@ fn device_calibration_on_the_cpu_equals_the_host_observers() {
             let options = QuantizeOptions {
                 config: None,
                 observer,
+                ..QuantizeOptions::default()
             };
             let q = quantize_model_with(&CpuBackend, &m, &batches, &options).unwrap();
             let want = host_qparams(&folded.model.graph, &batches, observer.averaging_constant());
@@ -143,6 +144,7 @@ fn device_calibration_on_the_cpu_equals_the_host_observers() {
     let options = QuantizeOptions {
         config: None,
         observer: ActivationObserver::MovingAverage(MOVING_AVERAGE_CONSTANT),
+        ..QuantizeOptions::default()
     };
     let ma = quantize_model_with(&CpuBackend, &m, &b, &options).unwrap();
     assert!(mm
@@ -154,6 +156,7 @@ fn device_calibration_on_the_cpu_equals_the_host_observers() {
     let options = QuantizeOptions {
         config: None,
         observer: ActivationObserver::MovingAverage(1.5),
+        ..QuantizeOptions::default()
     };
     assert!(quantize_model_with(&CpuBackend, &m, &b, &options).is_err());
 }
@@ -395,6 +398,7 @@ fn config(json: &str) -> QuantizeOptions {
     QuantizeOptions {
         config: Some(ConfigList::from_json(json).unwrap()),
         observer: ActivationObserver::MinMax,
+        ..QuantizeOptions::default()
     }
 }
 

@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use qfuse::backend::{Backend, CpuBackend, GpuBackend};
-use qfuse::deploy::DeviceIntModel;
+use qfuse::deploy::{DeployConfig, DeviceIntModel};
 use qfuse::io::state_dict::load_state_dict;
-use qfuse::onnx::{fold_model, quantize_model, run, to_int_model, OnnxModel};
-use qfuse::quant::QParams;
+use qfuse::onnx::{
+    fold_model, quantize_model_with, run, to_int_model_with, OnnxModel, QuantizeOptions,
+};
+use qfuse::quant::{QDtype, QParams};
 use qfuse::Error;
 use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
 
@@ -133,13 +135,23 @@ fn agreement(a: &[i32], b: &[i32]) -> (usize, usize, i32) {
 /// outputs against qfuse's evaluation of the QDQ file and on at least `int_permille` per
 /// mille against the integer model. A model the integer model refuses (an op it has no
 /// integer form of yet, named in the error) is compared with the QDQ evaluation only.
-/// Returns how many models had an integer model.
-fn qdq_codes_agree_with_tract<B: Backend>(backend: &B, runs: u32, int_permille: usize) -> usize {
+/// `codes`: the QDQ activations' code type (`--activation-dtype`), which the integer model's
+/// adds follow. Returns how many models had an integer model.
+fn qdq_codes_agree_with_tract<B: Backend>(
+    backend: &B,
+    runs: u32,
+    int_permille: usize,
+    codes: QDtype,
+) -> usize {
     let mut int_models = 0;
     for name in MODELS {
         let m = load(name);
         let batches = calibration(&m);
-        let q = quantize_model(backend, &m, &batches).unwrap();
+        let options = QuantizeOptions {
+            activation_codes: codes,
+            ..QuantizeOptions::default()
+        };
+        let q = quantize_model_with(backend, &m, &batches, &options).unwrap();
         let output = &m.graph.outputs[0];
         let out_qp = &q
             .ops
@@ -150,7 +162,11 @@ fn qdq_codes_agree_with_tract<B: Backend>(backend: &B, runs: u32, int_permille: 
             .1;
         let tract = Tract::new(&q.model.to_bytes());
         let folded = fold_model(backend, &m).unwrap();
-        let im = match to_int_model(backend, &folded.model.graph, &batches) {
+        let config = DeployConfig {
+            activation_codes: codes,
+            ..DeployConfig::default()
+        };
+        let im = match to_int_model_with(backend, &folded.model.graph, &batches, &config, None) {
             Ok(im) => {
                 // Calibrated by two float interpreters (the ONNX evaluator for the QDQ file,
                 // the deployment net for the integer model): the same ranges up to the last
@@ -218,7 +234,14 @@ fn qdq_codes_agree_with_tract<B: Backend>(backend: &B, runs: u32, int_permille: 
 /// batches per model (1,000 to 2,000 outputs), 99.9% identical to the integer model's.
 fn tract_runs_the_qdq_export_with_the_int_model_codes() {
     // NNI's Mnist has an integer model (the others as the integer ops grow).
-    assert!(qdq_codes_agree_with_tract(&CpuBackend, 100, 999) >= 1);
+    assert!(qdq_codes_agree_with_tract(&CpuBackend, 100, 999, QDtype::QInt8) >= 1);
+}
+
+/// The same with uint8 activations (`--activation-dtype uint8`, onnxruntime's QDQ default):
+/// tract reads the uint8 QuantizeLinear / DequantizeLinear pairs and its codes agree with
+/// the integer model whose adds compute on uint8 codes (30 batches per model).
+fn tract_runs_the_uint8_qdq_export_with_the_int_model_codes() {
+    assert!(qdq_codes_agree_with_tract(&CpuBackend, 30, 999, QDtype::QUInt8) >= 1);
 }
 
 /// The same calibrated and run on the GPU (`qfuse quantize`'s default backend; the integer
@@ -229,7 +252,7 @@ fn tract_runs_the_qdq_export_with_the_int_model_codes() {
 /// 99% (an open gap: README, ONNX).
 fn tract_runs_the_qdq_export_with_the_gpu_int_model_codes() {
     let Some(ctx) = common::gpu() else { return };
-    assert!(qdq_codes_agree_with_tract(&GpuBackend::new(ctx), 100, 990) >= 1);
+    assert!(qdq_codes_agree_with_tract(&GpuBackend::new(ctx), 100, 990, QDtype::QInt8) >= 1);
 }
 
 fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
@@ -273,6 +296,7 @@ fn tract_float_run_matches_the_folded_model_on_the_gpu() {
 
 crate::qfuse_tests! {
     tract_runs_the_qdq_export_with_the_int_model_codes,
+    tract_runs_the_uint8_qdq_export_with_the_int_model_codes,
     tract_runs_the_qdq_export_with_the_gpu_int_model_codes: gpu,
     tract_float_run_matches_the_folded_model_on_the_gpu: gpu,
 }

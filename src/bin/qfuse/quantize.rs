@@ -1,6 +1,7 @@
 //! `qfuse quantize MODEL.onnx --calib DATA.safetensors -o OUT.onnx [--batch N]
 //! [--max-batches N] [--backend cpu|gpu|auto] [--config FILE.json] [--observer
-//! minmax|moving-average] [--averaging-constant C] [--int-model OUT.safetensors]`: BatchNorm
+//! minmax|moving-average] [--averaging-constant C] [--activation-dtype int8|uint8]
+//! [--int-model OUT.safetensors]`: BatchNorm
 //! folding, calibration on the backend and QDQ export ([`qfuse::onnx::quantize_model_with`]).
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use qfuse::onnx::{
     deploy_config_of, fold_model, quantize_model_with, to_int_model_with, ActivationObserver,
     OnnxModel, QuantizeOptions, MOVING_AVERAGE_CONSTANT,
 };
+use qfuse::quant::QDtype;
 
 use qfuse::{Backend, CpuBackend, GpuBackend};
 
@@ -59,9 +61,24 @@ pub struct QuantizeArgs {
     /// The moving-average observer's averaging constant (PyTorch's default 0.01).
     #[arg(long, default_value_t = MOVING_AVERAGE_CONSTANT)]
     averaging_constant: f32,
+    /// The code type of the QDQ activations: int8, or uint8 (the same codes + 128,
+    /// onnxruntime's own QDQ default, which its x86 CPU EP runs on its integer kernels).
+    /// Weights stay int8. The integer model's residual adds round as onnxruntime's do on
+    /// codes of this type.
+    #[arg(long, value_enum, default_value_t = ActivationDtype::Int8)]
+    activation_dtype: ActivationDtype,
     /// The QDQ model to write; must not be the input.
     #[arg(short = 'o', long = "output", value_name = "OUT.onnx")]
     output: PathBuf,
+}
+
+/// `--activation-dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActivationDtype {
+    /// Signed codes, zero points in [-128, 127].
+    Int8,
+    /// Unsigned codes, zero points in [0, 255].
+    Uint8,
 }
 
 /// `--observer`.
@@ -97,7 +114,12 @@ pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
         }
         None => None,
     };
+    let activation_codes = match args.activation_dtype {
+        ActivationDtype::Int8 => QDtype::QInt8,
+        ActivationDtype::Uint8 => QDtype::QUInt8,
+    };
     let options = QuantizeOptions {
+        activation_codes,
         config,
         observer: match args.observer {
             ObserverArg::Minmax => ActivationObserver::MinMax,
@@ -108,9 +130,12 @@ pub fn run(args: &QuantizeArgs) -> qfuse::Result<ExitCode> {
     };
     // An integer model has one setting for every layer: refuse a config that cannot give one
     // before any work.
-    let deploy_config = match (&args.int_model, &options.config) {
-        (Some(_), Some(c)) => deploy_config_of(c)?,
-        _ => DeployConfig::default(),
+    let deploy_config = DeployConfig {
+        activation_codes,
+        ..match (&args.int_model, &options.config) {
+            (Some(_), Some(c)) => deploy_config_of(c)?,
+            _ => DeployConfig::default(),
+        }
     };
     let [input] = model.graph.inputs.as_slice() else {
         return Err(qfuse::Error::invalid(format!(
