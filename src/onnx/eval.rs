@@ -1137,8 +1137,7 @@ impl QdqParams {
             .enumerate()
             .map(|(i, &v)| {
                 let c = self.channel(i);
-                // In [lo, hi]: the cast is exact.
-                quantize_linear_scalar(v, self.scale[c], self.zero_point[c], lo, hi) as i32
+                quantize_linear_scalar(v, self.scale[c], self.zero_point[c], lo, hi)
             })
             .collect();
         ArrayD::from_shape_vec(x.raw_dim(), codes)

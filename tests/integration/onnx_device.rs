@@ -307,7 +307,8 @@ fn gpu_calibration_moves_only_batches_and_statistics() {
     }
 }
 
-/// The committed QDQ models on the GPU: every DequantizeLinear of an int8 weight is folded
+/// The committed QDQ models, and uint8-activation exports, on the GPU: every
+/// DequantizeLinear of an int8 weight is folded
 /// once at prepare, every QuantizeLinear → DequantizeLinear pair of an activation runs as one
 /// op on the device (ONNX's division rounding), so a run moves only its input and output; its
 /// output equals the CPU evaluation's within f32 rounding of the convs.
@@ -317,10 +318,27 @@ fn qdq_models_run_on_the_device() {
     }
     let ctx = std::sync::Arc::new(GpuContext::new().unwrap());
     let gpu = GpuBackend::new(ctx.clone());
-    for name in ["resnet", "mobilenet"] {
+    for (name, uint8) in [
+        ("resnet", false),
+        ("mobilenet", false),
+        ("resnet", true),
+        ("mobilenet", true),
+    ] {
         let x = batches(name).remove(0);
-        let name = format!("{name}.int8");
-        let m = load(&name);
+        // The committed int8 files, and uint8 exports (uint8 QuantizeLinear /
+        // DequantizeLinear pairs, also one device op each).
+        let m = if uint8 {
+            let options = QuantizeOptions {
+                activation_codes: qfuse::quant::QDtype::QUInt8,
+                ..QuantizeOptions::default()
+            };
+            quantize_model_with(&CpuBackend, &load(name), &batches(name), &options)
+                .unwrap()
+                .model
+        } else {
+            load(&format!("{name}.int8"))
+        };
+        let name = format!("{name}.{}", if uint8 { "uint8" } else { "int8" });
         let g = &m.graph;
         let dg = DeviceGraph::prepare(g, gpu.clone()).unwrap();
         let inputs = dg.upload_inputs(&x).unwrap();
