@@ -16,6 +16,9 @@
 //       out[o, (c*KH + ky)*KW + kx] = sum over n < N, oy < OH, ox < OW of dy[n, o, oy, ox] *
 //       x[n, c, oy*SH + ky*DH - PH, ox*SW + kx*DW - PW] (zero outside the input), so
 //       rows = O, cols = C*KH*KW, out is the OIHW weight gradient.
+//   conv_wgrad3_sg: conv_wgrad_sg for 3x3 kernels at stride 1 and dilation 1 along the width,
+//       16 rows x 2 input channels x 9 taps per invocation over a sliding window (see its
+//       comment below).
 //   col2im: the input gradient of a stride-1, undilated conv2d (groups 1) from the column
 //       matrix col [N, C*KH*KW, OH*OW] (= W^T * dy per image, from matmul_sg):
 //       dx[n, c, iy, ix] = sum over ky < KH, kx < KW (row-major) with oy = iy + PH - ky in
@@ -422,4 +425,493 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>,
         }
     }
     out[i] = acc;
+}
+
+// conv_wgrad3_sg: the weight gradient of a conv2d with a 3x3 kernel, stride 1 and dilation 1
+// along the width (any stride and dilation along the height), groups 1, explicit padding:
+//   out[o, c, ky, kx] = sum over n < N, oy < OH, ox < OW of dy[n, o, oy, ox] *
+//       x[n, c, oy*SH + ky*DH - PH, ox + kx - PW]   (zero outside the input).
+// Each invocation computes 16 output channels (o = m0 .. m0 + 15) x 2 input channels
+// (c0 = 2 * (ct * MM_WG + li) ..) x all 9 taps in 96 vec3 accumulators (one per output
+// channel, input channel and kernel row, over kx), running over every output pixel in order:
+// per pixel it loads one new input value per kernel row and input channel (a window of 3
+// slides along each row) and two values of dy, whose 16 rows it shares by subgroup broadcast
+// as matmul_sg does: 8 loads and 16 broadcasts for 288 fmas, against 6 loads and
+// 16 broadcasts for 64 in conv_wgrad_sg.
+// Workgroup (MM_WG, 1, 1) over input channel groups; all invocations of a workgroup share
+// the row block. count = mtiles * ctiles workgroups, mtiles = ceil(O / 16),
+// ctiles = ceil(C / (2 * MM_WG)); flat id wid.x + wid.y * nwg.x decomposed as (channel tile
+// fastest, row tile); channels past C are computed on a clamped channel and not stored.
+// Params: rows = O, cols = C, kout = N, a_ko = O*OH*OW, ctiles, count, c, h, w, oh, ow, sh,
+// ph, pw, dh. Row sharing and its fallback (each invocation loading its own rows) as
+// matmul_sg; uniform control flow as matmul_sg.
+
+fn wgrad3_store(t: Tile, q: u32, r: u32, va: vec3<f32>, vb: vec3<f32>, vc: vec3<f32>) {
+    let o = t.m0 + r;
+    let c = t.n0 + q;
+    if (o >= P.rows || c >= P.cols) {
+        return;
+    }
+    let base = (o * P.cols + c) * 9u;
+    out[base] = va.x;
+    out[base + 1u] = va.y;
+    out[base + 2u] = va.z;
+    out[base + 3u] = vb.x;
+    out[base + 4u] = vb.y;
+    out[base + 5u] = vb.z;
+    out[base + 6u] = vc.x;
+    out[base + 7u] = vc.y;
+    out[base + 8u] = vc.z;
+}
+
+// x at row offset `row` (of a row inside the input when `rok`) and column ix, or zero.
+fn wgrad3_x(row: u32, rok: bool, ix: i32) -> f32 {
+    let ok = rok && ix >= 0 && ix < i32(P.w);
+    return select(0.0, b[select(0u, row + u32(ix), ok)], ok);
+}
+
+@compute @workgroup_size(MM_WG)
+fn conv_wgrad3_sg(@builtin(local_invocation_index) li: u32,
+                  @builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(subgroup_invocation_id) lane: u32,
+                  @builtin(subgroup_size) sg_size: u32) {
+    let id = wid.x + wid.y * nwg.x;
+    if (id >= P.count) {
+        return;
+    }
+    var t: Tile;
+    t.live = true;
+    t.bt = 0u;
+    t.m0 = (id / P.ctiles) * 16u;
+    t.n0 = ((id % P.ctiles) * MM_WG + li) * 2u;
+    let share = lanes_share(sg_size);
+    let c0 = t.n0;
+    let ohw = P.oh * P.ow;
+    let hw = P.h * P.w;
+    let r_lo = min(t.m0 + (lane & 7u), P.rows - 1u) * ohw;
+    let r_hi = min(t.m0 + 8u + (lane & 7u), P.rows - 1u) * ohw;
+    var c0_0a = vec3<f32>(0.0);
+    var c0_0b = vec3<f32>(0.0);
+    var c0_0c = vec3<f32>(0.0);
+    var c0_1a = vec3<f32>(0.0);
+    var c0_1b = vec3<f32>(0.0);
+    var c0_1c = vec3<f32>(0.0);
+    var c0_2a = vec3<f32>(0.0);
+    var c0_2b = vec3<f32>(0.0);
+    var c0_2c = vec3<f32>(0.0);
+    var c0_3a = vec3<f32>(0.0);
+    var c0_3b = vec3<f32>(0.0);
+    var c0_3c = vec3<f32>(0.0);
+    var c0_4a = vec3<f32>(0.0);
+    var c0_4b = vec3<f32>(0.0);
+    var c0_4c = vec3<f32>(0.0);
+    var c0_5a = vec3<f32>(0.0);
+    var c0_5b = vec3<f32>(0.0);
+    var c0_5c = vec3<f32>(0.0);
+    var c0_6a = vec3<f32>(0.0);
+    var c0_6b = vec3<f32>(0.0);
+    var c0_6c = vec3<f32>(0.0);
+    var c0_7a = vec3<f32>(0.0);
+    var c0_7b = vec3<f32>(0.0);
+    var c0_7c = vec3<f32>(0.0);
+    var c0_8a = vec3<f32>(0.0);
+    var c0_8b = vec3<f32>(0.0);
+    var c0_8c = vec3<f32>(0.0);
+    var c0_9a = vec3<f32>(0.0);
+    var c0_9b = vec3<f32>(0.0);
+    var c0_9c = vec3<f32>(0.0);
+    var c0_10a = vec3<f32>(0.0);
+    var c0_10b = vec3<f32>(0.0);
+    var c0_10c = vec3<f32>(0.0);
+    var c0_11a = vec3<f32>(0.0);
+    var c0_11b = vec3<f32>(0.0);
+    var c0_11c = vec3<f32>(0.0);
+    var c0_12a = vec3<f32>(0.0);
+    var c0_12b = vec3<f32>(0.0);
+    var c0_12c = vec3<f32>(0.0);
+    var c0_13a = vec3<f32>(0.0);
+    var c0_13b = vec3<f32>(0.0);
+    var c0_13c = vec3<f32>(0.0);
+    var c0_14a = vec3<f32>(0.0);
+    var c0_14b = vec3<f32>(0.0);
+    var c0_14c = vec3<f32>(0.0);
+    var c0_15a = vec3<f32>(0.0);
+    var c0_15b = vec3<f32>(0.0);
+    var c0_15c = vec3<f32>(0.0);
+    var c1_0a = vec3<f32>(0.0);
+    var c1_0b = vec3<f32>(0.0);
+    var c1_0c = vec3<f32>(0.0);
+    var c1_1a = vec3<f32>(0.0);
+    var c1_1b = vec3<f32>(0.0);
+    var c1_1c = vec3<f32>(0.0);
+    var c1_2a = vec3<f32>(0.0);
+    var c1_2b = vec3<f32>(0.0);
+    var c1_2c = vec3<f32>(0.0);
+    var c1_3a = vec3<f32>(0.0);
+    var c1_3b = vec3<f32>(0.0);
+    var c1_3c = vec3<f32>(0.0);
+    var c1_4a = vec3<f32>(0.0);
+    var c1_4b = vec3<f32>(0.0);
+    var c1_4c = vec3<f32>(0.0);
+    var c1_5a = vec3<f32>(0.0);
+    var c1_5b = vec3<f32>(0.0);
+    var c1_5c = vec3<f32>(0.0);
+    var c1_6a = vec3<f32>(0.0);
+    var c1_6b = vec3<f32>(0.0);
+    var c1_6c = vec3<f32>(0.0);
+    var c1_7a = vec3<f32>(0.0);
+    var c1_7b = vec3<f32>(0.0);
+    var c1_7c = vec3<f32>(0.0);
+    var c1_8a = vec3<f32>(0.0);
+    var c1_8b = vec3<f32>(0.0);
+    var c1_8c = vec3<f32>(0.0);
+    var c1_9a = vec3<f32>(0.0);
+    var c1_9b = vec3<f32>(0.0);
+    var c1_9c = vec3<f32>(0.0);
+    var c1_10a = vec3<f32>(0.0);
+    var c1_10b = vec3<f32>(0.0);
+    var c1_10c = vec3<f32>(0.0);
+    var c1_11a = vec3<f32>(0.0);
+    var c1_11b = vec3<f32>(0.0);
+    var c1_11c = vec3<f32>(0.0);
+    var c1_12a = vec3<f32>(0.0);
+    var c1_12b = vec3<f32>(0.0);
+    var c1_12c = vec3<f32>(0.0);
+    var c1_13a = vec3<f32>(0.0);
+    var c1_13b = vec3<f32>(0.0);
+    var c1_13c = vec3<f32>(0.0);
+    var c1_14a = vec3<f32>(0.0);
+    var c1_14b = vec3<f32>(0.0);
+    var c1_14c = vec3<f32>(0.0);
+    var c1_15a = vec3<f32>(0.0);
+    var c1_15b = vec3<f32>(0.0);
+    var c1_15c = vec3<f32>(0.0);
+    for (var n = 0u; n < P.kout; n = n + 1u) {
+        let plane0 = (n * P.cols + min(c0 + 0u, P.cols - 1u)) * hw;
+        let plane1 = (n * P.cols + min(c0 + 1u, P.cols - 1u)) * hw;
+        for (var oy = 0u; oy < P.oh; oy = oy + 1u) {
+            let iy0 = i32(oy * P.sh) - i32(P.ph);
+            let iy1 = iy0 + i32(P.dh);
+            let iy2 = iy1 + i32(P.dh);
+            let ok0 = iy0 >= 0 && iy0 < i32(P.h);
+            let ok1 = iy1 >= 0 && iy1 < i32(P.h);
+            let ok2 = iy2 >= 0 && iy2 < i32(P.h);
+            let row00 = plane0 + u32(max(iy0, 0)) * P.w;
+            let row01 = plane0 + u32(max(iy1, 0)) * P.w;
+            let row02 = plane0 + u32(max(iy2, 0)) * P.w;
+            let row10 = plane1 + u32(max(iy0, 0)) * P.w;
+            let row11 = plane1 + u32(max(iy1, 0)) * P.w;
+            let row12 = plane1 + u32(max(iy2, 0)) * P.w;
+            let ix0 = -i32(P.pw);
+            var x0_00 = wgrad3_x(row00, ok0, ix0);
+            var x0_01 = wgrad3_x(row00, ok0, ix0 + 1);
+            var x0_10 = wgrad3_x(row01, ok1, ix0);
+            var x0_11 = wgrad3_x(row01, ok1, ix0 + 1);
+            var x0_20 = wgrad3_x(row02, ok2, ix0);
+            var x0_21 = wgrad3_x(row02, ok2, ix0 + 1);
+            var x1_00 = wgrad3_x(row10, ok0, ix0);
+            var x1_01 = wgrad3_x(row10, ok0, ix0 + 1);
+            var x1_10 = wgrad3_x(row11, ok1, ix0);
+            var x1_11 = wgrad3_x(row11, ok1, ix0 + 1);
+            var x1_20 = wgrad3_x(row12, ok2, ix0);
+            var x1_21 = wgrad3_x(row12, ok2, ix0 + 1);
+            var pix = n * P.a_ko + oy * P.ow;
+            for (var ox = 0u; ox < P.ow; ox = ox + 1u) {
+                let ix = i32(ox) + ix0 + 2;
+                let x0_02 = wgrad3_x(row00, ok0, ix);
+                let x0_12 = wgrad3_x(row01, ok1, ix);
+                let x0_22 = wgrad3_x(row02, ok2, ix);
+                let x1_02 = wgrad3_x(row10, ok0, ix);
+                let x1_12 = wgrad3_x(row11, ok1, ix);
+                let x1_22 = wgrad3_x(row12, ok2, ix);
+                if (share) {
+                    let x0a = vec3<f32>(x0_00, x0_01, x0_02);
+                    let x0b = vec3<f32>(x0_10, x0_11, x0_12);
+                    let x0c = vec3<f32>(x0_20, x0_21, x0_22);
+                    let x1a = vec3<f32>(x1_00, x1_01, x1_02);
+                    let x1b = vec3<f32>(x1_10, x1_11, x1_12);
+                    let x1c = vec3<f32>(x1_20, x1_21, x1_22);
+                    let lo = a[r_lo + pix];
+                    let hi = a[r_hi + pix];
+                    let d0 = vec3<f32>(subgroupBroadcast(lo, 0u));
+                    c0_0a = fma(d0, x0a, c0_0a);
+                    c0_0b = fma(d0, x0b, c0_0b);
+                    c0_0c = fma(d0, x0c, c0_0c);
+                    c1_0a = fma(d0, x1a, c1_0a);
+                    c1_0b = fma(d0, x1b, c1_0b);
+                    c1_0c = fma(d0, x1c, c1_0c);
+                    let d1 = vec3<f32>(subgroupBroadcast(lo, 1u));
+                    c0_1a = fma(d1, x0a, c0_1a);
+                    c0_1b = fma(d1, x0b, c0_1b);
+                    c0_1c = fma(d1, x0c, c0_1c);
+                    c1_1a = fma(d1, x1a, c1_1a);
+                    c1_1b = fma(d1, x1b, c1_1b);
+                    c1_1c = fma(d1, x1c, c1_1c);
+                    let d2 = vec3<f32>(subgroupBroadcast(lo, 2u));
+                    c0_2a = fma(d2, x0a, c0_2a);
+                    c0_2b = fma(d2, x0b, c0_2b);
+                    c0_2c = fma(d2, x0c, c0_2c);
+                    c1_2a = fma(d2, x1a, c1_2a);
+                    c1_2b = fma(d2, x1b, c1_2b);
+                    c1_2c = fma(d2, x1c, c1_2c);
+                    let d3 = vec3<f32>(subgroupBroadcast(lo, 3u));
+                    c0_3a = fma(d3, x0a, c0_3a);
+                    c0_3b = fma(d3, x0b, c0_3b);
+                    c0_3c = fma(d3, x0c, c0_3c);
+                    c1_3a = fma(d3, x1a, c1_3a);
+                    c1_3b = fma(d3, x1b, c1_3b);
+                    c1_3c = fma(d3, x1c, c1_3c);
+                    let d4 = vec3<f32>(subgroupBroadcast(lo, 4u));
+                    c0_4a = fma(d4, x0a, c0_4a);
+                    c0_4b = fma(d4, x0b, c0_4b);
+                    c0_4c = fma(d4, x0c, c0_4c);
+                    c1_4a = fma(d4, x1a, c1_4a);
+                    c1_4b = fma(d4, x1b, c1_4b);
+                    c1_4c = fma(d4, x1c, c1_4c);
+                    let d5 = vec3<f32>(subgroupBroadcast(lo, 5u));
+                    c0_5a = fma(d5, x0a, c0_5a);
+                    c0_5b = fma(d5, x0b, c0_5b);
+                    c0_5c = fma(d5, x0c, c0_5c);
+                    c1_5a = fma(d5, x1a, c1_5a);
+                    c1_5b = fma(d5, x1b, c1_5b);
+                    c1_5c = fma(d5, x1c, c1_5c);
+                    let d6 = vec3<f32>(subgroupBroadcast(lo, 6u));
+                    c0_6a = fma(d6, x0a, c0_6a);
+                    c0_6b = fma(d6, x0b, c0_6b);
+                    c0_6c = fma(d6, x0c, c0_6c);
+                    c1_6a = fma(d6, x1a, c1_6a);
+                    c1_6b = fma(d6, x1b, c1_6b);
+                    c1_6c = fma(d6, x1c, c1_6c);
+                    let d7 = vec3<f32>(subgroupBroadcast(lo, 7u));
+                    c0_7a = fma(d7, x0a, c0_7a);
+                    c0_7b = fma(d7, x0b, c0_7b);
+                    c0_7c = fma(d7, x0c, c0_7c);
+                    c1_7a = fma(d7, x1a, c1_7a);
+                    c1_7b = fma(d7, x1b, c1_7b);
+                    c1_7c = fma(d7, x1c, c1_7c);
+                    let d8 = vec3<f32>(subgroupBroadcast(hi, 0u));
+                    c0_8a = fma(d8, x0a, c0_8a);
+                    c0_8b = fma(d8, x0b, c0_8b);
+                    c0_8c = fma(d8, x0c, c0_8c);
+                    c1_8a = fma(d8, x1a, c1_8a);
+                    c1_8b = fma(d8, x1b, c1_8b);
+                    c1_8c = fma(d8, x1c, c1_8c);
+                    let d9 = vec3<f32>(subgroupBroadcast(hi, 1u));
+                    c0_9a = fma(d9, x0a, c0_9a);
+                    c0_9b = fma(d9, x0b, c0_9b);
+                    c0_9c = fma(d9, x0c, c0_9c);
+                    c1_9a = fma(d9, x1a, c1_9a);
+                    c1_9b = fma(d9, x1b, c1_9b);
+                    c1_9c = fma(d9, x1c, c1_9c);
+                    let d10 = vec3<f32>(subgroupBroadcast(hi, 2u));
+                    c0_10a = fma(d10, x0a, c0_10a);
+                    c0_10b = fma(d10, x0b, c0_10b);
+                    c0_10c = fma(d10, x0c, c0_10c);
+                    c1_10a = fma(d10, x1a, c1_10a);
+                    c1_10b = fma(d10, x1b, c1_10b);
+                    c1_10c = fma(d10, x1c, c1_10c);
+                    let d11 = vec3<f32>(subgroupBroadcast(hi, 3u));
+                    c0_11a = fma(d11, x0a, c0_11a);
+                    c0_11b = fma(d11, x0b, c0_11b);
+                    c0_11c = fma(d11, x0c, c0_11c);
+                    c1_11a = fma(d11, x1a, c1_11a);
+                    c1_11b = fma(d11, x1b, c1_11b);
+                    c1_11c = fma(d11, x1c, c1_11c);
+                    let d12 = vec3<f32>(subgroupBroadcast(hi, 4u));
+                    c0_12a = fma(d12, x0a, c0_12a);
+                    c0_12b = fma(d12, x0b, c0_12b);
+                    c0_12c = fma(d12, x0c, c0_12c);
+                    c1_12a = fma(d12, x1a, c1_12a);
+                    c1_12b = fma(d12, x1b, c1_12b);
+                    c1_12c = fma(d12, x1c, c1_12c);
+                    let d13 = vec3<f32>(subgroupBroadcast(hi, 5u));
+                    c0_13a = fma(d13, x0a, c0_13a);
+                    c0_13b = fma(d13, x0b, c0_13b);
+                    c0_13c = fma(d13, x0c, c0_13c);
+                    c1_13a = fma(d13, x1a, c1_13a);
+                    c1_13b = fma(d13, x1b, c1_13b);
+                    c1_13c = fma(d13, x1c, c1_13c);
+                    let d14 = vec3<f32>(subgroupBroadcast(hi, 6u));
+                    c0_14a = fma(d14, x0a, c0_14a);
+                    c0_14b = fma(d14, x0b, c0_14b);
+                    c0_14c = fma(d14, x0c, c0_14c);
+                    c1_14a = fma(d14, x1a, c1_14a);
+                    c1_14b = fma(d14, x1b, c1_14b);
+                    c1_14c = fma(d14, x1c, c1_14c);
+                    let d15 = vec3<f32>(subgroupBroadcast(hi, 7u));
+                    c0_15a = fma(d15, x0a, c0_15a);
+                    c0_15b = fma(d15, x0b, c0_15b);
+                    c0_15c = fma(d15, x0c, c0_15c);
+                    c1_15a = fma(d15, x1a, c1_15a);
+                    c1_15b = fma(d15, x1b, c1_15b);
+                    c1_15c = fma(d15, x1c, c1_15c);
+                } else {
+                    let x0a = vec3<f32>(x0_00, x0_01, x0_02);
+                    let x0b = vec3<f32>(x0_10, x0_11, x0_12);
+                    let x0c = vec3<f32>(x0_20, x0_21, x0_22);
+                    let x1a = vec3<f32>(x1_00, x1_01, x1_02);
+                    let x1b = vec3<f32>(x1_10, x1_11, x1_12);
+                    let x1c = vec3<f32>(x1_20, x1_21, x1_22);
+                    let d0 = vec3<f32>(a[min(t.m0 + 0u, P.rows - 1u) * ohw + pix]);
+                    c0_0a = fma(d0, x0a, c0_0a);
+                    c0_0b = fma(d0, x0b, c0_0b);
+                    c0_0c = fma(d0, x0c, c0_0c);
+                    c1_0a = fma(d0, x1a, c1_0a);
+                    c1_0b = fma(d0, x1b, c1_0b);
+                    c1_0c = fma(d0, x1c, c1_0c);
+                    let d1 = vec3<f32>(a[min(t.m0 + 1u, P.rows - 1u) * ohw + pix]);
+                    c0_1a = fma(d1, x0a, c0_1a);
+                    c0_1b = fma(d1, x0b, c0_1b);
+                    c0_1c = fma(d1, x0c, c0_1c);
+                    c1_1a = fma(d1, x1a, c1_1a);
+                    c1_1b = fma(d1, x1b, c1_1b);
+                    c1_1c = fma(d1, x1c, c1_1c);
+                    let d2 = vec3<f32>(a[min(t.m0 + 2u, P.rows - 1u) * ohw + pix]);
+                    c0_2a = fma(d2, x0a, c0_2a);
+                    c0_2b = fma(d2, x0b, c0_2b);
+                    c0_2c = fma(d2, x0c, c0_2c);
+                    c1_2a = fma(d2, x1a, c1_2a);
+                    c1_2b = fma(d2, x1b, c1_2b);
+                    c1_2c = fma(d2, x1c, c1_2c);
+                    let d3 = vec3<f32>(a[min(t.m0 + 3u, P.rows - 1u) * ohw + pix]);
+                    c0_3a = fma(d3, x0a, c0_3a);
+                    c0_3b = fma(d3, x0b, c0_3b);
+                    c0_3c = fma(d3, x0c, c0_3c);
+                    c1_3a = fma(d3, x1a, c1_3a);
+                    c1_3b = fma(d3, x1b, c1_3b);
+                    c1_3c = fma(d3, x1c, c1_3c);
+                    let d4 = vec3<f32>(a[min(t.m0 + 4u, P.rows - 1u) * ohw + pix]);
+                    c0_4a = fma(d4, x0a, c0_4a);
+                    c0_4b = fma(d4, x0b, c0_4b);
+                    c0_4c = fma(d4, x0c, c0_4c);
+                    c1_4a = fma(d4, x1a, c1_4a);
+                    c1_4b = fma(d4, x1b, c1_4b);
+                    c1_4c = fma(d4, x1c, c1_4c);
+                    let d5 = vec3<f32>(a[min(t.m0 + 5u, P.rows - 1u) * ohw + pix]);
+                    c0_5a = fma(d5, x0a, c0_5a);
+                    c0_5b = fma(d5, x0b, c0_5b);
+                    c0_5c = fma(d5, x0c, c0_5c);
+                    c1_5a = fma(d5, x1a, c1_5a);
+                    c1_5b = fma(d5, x1b, c1_5b);
+                    c1_5c = fma(d5, x1c, c1_5c);
+                    let d6 = vec3<f32>(a[min(t.m0 + 6u, P.rows - 1u) * ohw + pix]);
+                    c0_6a = fma(d6, x0a, c0_6a);
+                    c0_6b = fma(d6, x0b, c0_6b);
+                    c0_6c = fma(d6, x0c, c0_6c);
+                    c1_6a = fma(d6, x1a, c1_6a);
+                    c1_6b = fma(d6, x1b, c1_6b);
+                    c1_6c = fma(d6, x1c, c1_6c);
+                    let d7 = vec3<f32>(a[min(t.m0 + 7u, P.rows - 1u) * ohw + pix]);
+                    c0_7a = fma(d7, x0a, c0_7a);
+                    c0_7b = fma(d7, x0b, c0_7b);
+                    c0_7c = fma(d7, x0c, c0_7c);
+                    c1_7a = fma(d7, x1a, c1_7a);
+                    c1_7b = fma(d7, x1b, c1_7b);
+                    c1_7c = fma(d7, x1c, c1_7c);
+                    let d8 = vec3<f32>(a[min(t.m0 + 8u, P.rows - 1u) * ohw + pix]);
+                    c0_8a = fma(d8, x0a, c0_8a);
+                    c0_8b = fma(d8, x0b, c0_8b);
+                    c0_8c = fma(d8, x0c, c0_8c);
+                    c1_8a = fma(d8, x1a, c1_8a);
+                    c1_8b = fma(d8, x1b, c1_8b);
+                    c1_8c = fma(d8, x1c, c1_8c);
+                    let d9 = vec3<f32>(a[min(t.m0 + 9u, P.rows - 1u) * ohw + pix]);
+                    c0_9a = fma(d9, x0a, c0_9a);
+                    c0_9b = fma(d9, x0b, c0_9b);
+                    c0_9c = fma(d9, x0c, c0_9c);
+                    c1_9a = fma(d9, x1a, c1_9a);
+                    c1_9b = fma(d9, x1b, c1_9b);
+                    c1_9c = fma(d9, x1c, c1_9c);
+                    let d10 = vec3<f32>(a[min(t.m0 + 10u, P.rows - 1u) * ohw + pix]);
+                    c0_10a = fma(d10, x0a, c0_10a);
+                    c0_10b = fma(d10, x0b, c0_10b);
+                    c0_10c = fma(d10, x0c, c0_10c);
+                    c1_10a = fma(d10, x1a, c1_10a);
+                    c1_10b = fma(d10, x1b, c1_10b);
+                    c1_10c = fma(d10, x1c, c1_10c);
+                    let d11 = vec3<f32>(a[min(t.m0 + 11u, P.rows - 1u) * ohw + pix]);
+                    c0_11a = fma(d11, x0a, c0_11a);
+                    c0_11b = fma(d11, x0b, c0_11b);
+                    c0_11c = fma(d11, x0c, c0_11c);
+                    c1_11a = fma(d11, x1a, c1_11a);
+                    c1_11b = fma(d11, x1b, c1_11b);
+                    c1_11c = fma(d11, x1c, c1_11c);
+                    let d12 = vec3<f32>(a[min(t.m0 + 12u, P.rows - 1u) * ohw + pix]);
+                    c0_12a = fma(d12, x0a, c0_12a);
+                    c0_12b = fma(d12, x0b, c0_12b);
+                    c0_12c = fma(d12, x0c, c0_12c);
+                    c1_12a = fma(d12, x1a, c1_12a);
+                    c1_12b = fma(d12, x1b, c1_12b);
+                    c1_12c = fma(d12, x1c, c1_12c);
+                    let d13 = vec3<f32>(a[min(t.m0 + 13u, P.rows - 1u) * ohw + pix]);
+                    c0_13a = fma(d13, x0a, c0_13a);
+                    c0_13b = fma(d13, x0b, c0_13b);
+                    c0_13c = fma(d13, x0c, c0_13c);
+                    c1_13a = fma(d13, x1a, c1_13a);
+                    c1_13b = fma(d13, x1b, c1_13b);
+                    c1_13c = fma(d13, x1c, c1_13c);
+                    let d14 = vec3<f32>(a[min(t.m0 + 14u, P.rows - 1u) * ohw + pix]);
+                    c0_14a = fma(d14, x0a, c0_14a);
+                    c0_14b = fma(d14, x0b, c0_14b);
+                    c0_14c = fma(d14, x0c, c0_14c);
+                    c1_14a = fma(d14, x1a, c1_14a);
+                    c1_14b = fma(d14, x1b, c1_14b);
+                    c1_14c = fma(d14, x1c, c1_14c);
+                    let d15 = vec3<f32>(a[min(t.m0 + 15u, P.rows - 1u) * ohw + pix]);
+                    c0_15a = fma(d15, x0a, c0_15a);
+                    c0_15b = fma(d15, x0b, c0_15b);
+                    c0_15c = fma(d15, x0c, c0_15c);
+                    c1_15a = fma(d15, x1a, c1_15a);
+                    c1_15b = fma(d15, x1b, c1_15b);
+                    c1_15c = fma(d15, x1c, c1_15c);
+                }
+                x0_00 = x0_01;
+                x0_01 = x0_02;
+                x0_10 = x0_11;
+                x0_11 = x0_12;
+                x0_20 = x0_21;
+                x0_21 = x0_22;
+                x1_00 = x1_01;
+                x1_01 = x1_02;
+                x1_10 = x1_11;
+                x1_11 = x1_12;
+                x1_20 = x1_21;
+                x1_21 = x1_22;
+                pix = pix + 1u;
+            }
+        }
+    }
+    wgrad3_store(t, 0u, 0u, c0_0a, c0_0b, c0_0c);
+    wgrad3_store(t, 0u, 1u, c0_1a, c0_1b, c0_1c);
+    wgrad3_store(t, 0u, 2u, c0_2a, c0_2b, c0_2c);
+    wgrad3_store(t, 0u, 3u, c0_3a, c0_3b, c0_3c);
+    wgrad3_store(t, 0u, 4u, c0_4a, c0_4b, c0_4c);
+    wgrad3_store(t, 0u, 5u, c0_5a, c0_5b, c0_5c);
+    wgrad3_store(t, 0u, 6u, c0_6a, c0_6b, c0_6c);
+    wgrad3_store(t, 0u, 7u, c0_7a, c0_7b, c0_7c);
+    wgrad3_store(t, 0u, 8u, c0_8a, c0_8b, c0_8c);
+    wgrad3_store(t, 0u, 9u, c0_9a, c0_9b, c0_9c);
+    wgrad3_store(t, 0u, 10u, c0_10a, c0_10b, c0_10c);
+    wgrad3_store(t, 0u, 11u, c0_11a, c0_11b, c0_11c);
+    wgrad3_store(t, 0u, 12u, c0_12a, c0_12b, c0_12c);
+    wgrad3_store(t, 0u, 13u, c0_13a, c0_13b, c0_13c);
+    wgrad3_store(t, 0u, 14u, c0_14a, c0_14b, c0_14c);
+    wgrad3_store(t, 0u, 15u, c0_15a, c0_15b, c0_15c);
+    wgrad3_store(t, 1u, 0u, c1_0a, c1_0b, c1_0c);
+    wgrad3_store(t, 1u, 1u, c1_1a, c1_1b, c1_1c);
+    wgrad3_store(t, 1u, 2u, c1_2a, c1_2b, c1_2c);
+    wgrad3_store(t, 1u, 3u, c1_3a, c1_3b, c1_3c);
+    wgrad3_store(t, 1u, 4u, c1_4a, c1_4b, c1_4c);
+    wgrad3_store(t, 1u, 5u, c1_5a, c1_5b, c1_5c);
+    wgrad3_store(t, 1u, 6u, c1_6a, c1_6b, c1_6c);
+    wgrad3_store(t, 1u, 7u, c1_7a, c1_7b, c1_7c);
+    wgrad3_store(t, 1u, 8u, c1_8a, c1_8b, c1_8c);
+    wgrad3_store(t, 1u, 9u, c1_9a, c1_9b, c1_9c);
+    wgrad3_store(t, 1u, 10u, c1_10a, c1_10b, c1_10c);
+    wgrad3_store(t, 1u, 11u, c1_11a, c1_11b, c1_11c);
+    wgrad3_store(t, 1u, 12u, c1_12a, c1_12b, c1_12c);
+    wgrad3_store(t, 1u, 13u, c1_13a, c1_13b, c1_13c);
+    wgrad3_store(t, 1u, 14u, c1_14a, c1_14b, c1_14c);
+    wgrad3_store(t, 1u, 15u, c1_15a, c1_15b, c1_15c);
 }

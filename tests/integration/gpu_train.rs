@@ -470,10 +470,21 @@ fn conv_grads_match_cpu() {
         ([2, 4, 9, 7], [3, 4, 3, 3], 1, 1),
         ([2, 3, 9, 9], [4, 3, 3, 3], 1, 2),
         ([2, 3, 8, 8], [4, 3, 4, 4], 9, 1), // 'same' with an even kernel: the fallback
+        // 3×3 with stride and dilation 2 along the height only, padding (1, 2): the sliding-
+        // window weight gradient (conv_wgrad3_sg) with 20 rows (a partial 16-row tile) and
+        // 19 input channels (several channel tiles, a partial channel pair).
+        ([2, 19, 11, 9], [20, 19, 3, 3], 8, 2),
     ] {
         let params = if pad == 9 {
             qfuse::ops::Conv2dParams {
                 pad_mode: qfuse::ops::PadMode::Same,
+                ..Default::default()
+            }
+        } else if pad == 8 {
+            qfuse::ops::Conv2dParams {
+                padding: [1, 2],
+                stride: [2, 1],
+                dilation: [2, 1],
                 ..Default::default()
             }
         } else {
