@@ -1244,6 +1244,45 @@ pub fn conv2d_input_grad_with_into(
     conv2d_input_grad_impl(ctx, dy, w, params, x_shape, kernel, Some(dx)).map(drop)
 }
 
+/// A conv gradient by the general kernels of [`super::conv2d`] (the settings the fast paths
+/// do not take), into `given` when given.
+fn grad_fallback(
+    given: Option<&GpuTensor>,
+    into: impl FnOnce(&GpuTensor) -> Result<()>,
+    new: impl FnOnce() -> Result<GpuTensor>,
+) -> Result<GpuTensor> {
+    match given {
+        Some(out) => {
+            into(out)?;
+            Ok(out.clone())
+        }
+        None => new(),
+    }
+}
+
+/// The checks of a conv gradient's fast paths (both operands of `ctx`, `f32`) and its
+/// output `conv2d_backward <what>` of `shape` (`given`, or a new tensor).
+fn grad_output(
+    ctx: &GpuContext,
+    (name, operand): (&str, &GpuTensor),
+    dy: &GpuTensor,
+    what: &str,
+    given: Option<&GpuTensor>,
+    shape: &[usize],
+) -> Result<GpuTensor> {
+    ctx.check_tensors(&[(name, operand), ("conv2d_backward dy", dy)])?;
+    expect_f32(name, operand)?;
+    expect_f32("conv2d_backward dy", dy)?;
+    output(
+        ctx,
+        &format!("conv2d_backward {what}"),
+        given,
+        shape,
+        DType::F32,
+        &[operand, dy],
+    )
+}
+
 fn conv2d_input_grad_impl(
     ctx: &GpuContext,
     dy: &GpuTensor,
@@ -1256,26 +1295,14 @@ fn conv2d_input_grad_impl(
     let sg = kernel.subgroup(ctx)?;
     let out = params.output_shape(&x_shape, w.shape())?;
     if dy.shape() != out || !forward_form(params, w.shape()) {
-        return match given {
-            Some(dx) => {
-                super::conv2d::conv2d_backward_input_into(ctx, dy, w, params, x_shape, dx)?;
-                Ok(dx.clone())
-            }
-            None => super::conv2d::conv2d_backward_input(ctx, dy, w, params, x_shape),
-        };
+        return grad_fallback(
+            given,
+            |dx| super::conv2d::conv2d_backward_input_into(ctx, dy, w, params, x_shape, dx),
+            || super::conv2d::conv2d_backward_input(ctx, dy, w, params, x_shape),
+        );
     }
-    ctx.check_tensors(&[("conv2d weight", w), ("conv2d_backward dy", dy)])?;
-    expect_f32("conv2d weight", w)?;
-    expect_f32("conv2d_backward dy", dy)?;
     // Every path below writes each element of dx.
-    let dx = output(
-        ctx,
-        "conv2d_backward dx",
-        given,
-        &x_shape,
-        DType::F32,
-        &[dy, w],
-    )?;
+    let dx = grad_output(ctx, ("conv2d weight", w), dy, "dx", given, &x_shape)?;
     // Where dx and dy have the same plane ("same" padding), the flipped-weight forward conv
     // computes no padded tap more than the forward did and runs the tuned conv kernels
     // (2.8× the subgroup matmul at 1×64×56×56 on lavapipe); other planes (a valid conv's
@@ -1386,26 +1413,14 @@ fn conv2d_weight_grad_impl(
         && params.groups == 1
         && w_shape[1] == x.shape()[1];
     if dy.shape() != out || !(sg_form || forward_form(params, &w_shape)) {
-        return match given {
-            Some(dw) => {
-                super::conv2d::conv2d_backward_weight_into(ctx, x, dy, params, w_shape, dw)?;
-                Ok(dw.clone())
-            }
-            None => super::conv2d::conv2d_backward_weight(ctx, x, dy, params, w_shape),
-        };
+        return grad_fallback(
+            given,
+            |dw| super::conv2d::conv2d_backward_weight_into(ctx, x, dy, params, w_shape, dw),
+            || super::conv2d::conv2d_backward_weight(ctx, x, dy, params, w_shape),
+        );
     }
-    ctx.check_tensors(&[("conv2d input", x), ("conv2d_backward dy", dy)])?;
-    expect_f32("conv2d input", x)?;
-    expect_f32("conv2d_backward dy", dy)?;
-    // Both paths below write each element of dweight.
-    let dw = output(
-        ctx,
-        "conv2d_backward dweight",
-        given,
-        &w_shape,
-        DType::F32,
-        &[x, dy],
-    )?;
+    // Every path below writes each element of dweight.
+    let dw = grad_output(ctx, ("conv2d input", x), dy, "dweight", given, &w_shape)?;
     if sg_form {
         if w_shape[2] == 3 && w_shape[3] == 3 && params.stride[1] == 1 && params.dilation[1] == 1 {
             conv_wgrad3_sg(ctx, x, dy, params, w_shape, &dw)?;
