@@ -27,9 +27,10 @@ node for node. For each model NAME it writes
 and calib.safetensors (calibration inputs for `qfuse quantize`); with --qdq, onnxruntime's
 outputs for the QDQ models `qfuse quantize` wrote (NAME.int8.io.safetensors) (and, with a second folder, the fuzz target's seeds: two tiny models covering every imported
 op) so that the Rust tests compare qfuse's evaluation with a real runtime without Python;
-with --int-ops, onnxruntime's codes for the integer ops of qfuse's IntModel (global average
-pooling, HardSwish / LeakyRelu tables, padded max pooling, the residual add as QLinearAdd on
-uint8 and int8 codes) between DequantizeLinear and QuantizeLinear (int_ops.safetensors).
+with --fresh DIR, only fresh.onnx (below); with --int-ops, onnxruntime's codes for the
+integer ops of qfuse's IntModel (global average pooling, HardSwish / LeakyRelu tables, padded
+max pooling, the residual add as QLinearAdd on uint8 and int8 codes) between
+DequantizeLinear and QuantizeLinear (int_ops.safetensors).
 Models:
 
   resnet.onnx     ResNet-style: conv-bn-relu stem, max pool, a basic block with a residual Add,
@@ -44,6 +45,8 @@ Models:
   decoder.onnx    the other imported ops: a grouped ConvTranspose-bn-LeakyRelu, Identity,
                   Concat, AveragePool (pads, ceil_mode), Mul, a Conv with asymmetric pads,
                   Reshape, and a Gemm with transB = 0 followed by a BatchNorm1d
+  fresh.onnx      a freshly initialized convnet exported by torch.onnx.export: its equal
+                  BatchNorm tensors are deduplicated and shared through Identity nodes
 """
 
 import os
@@ -312,6 +315,44 @@ def decoder():
     return b.model("decoder", [1, 4, 12, 12], x, [1, 5])
 
 
+class Fresh(nn.Module):
+    """A freshly initialized convnet (BatchNorm weights 1, biases 0, running mean 0 and
+    variance 1, as PyTorch creates them): torch.onnx.export deduplicates the equal
+    BatchNorm tensors and shares them through Identity nodes, which qfuse must see through
+    to fold every BatchNorm. The last BatchNorm is randomized (a trained one beside them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 8, 3, 2, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def fresh():
+    torch.manual_seed(5)
+    model = Fresh().eval()
+    randomize_bn(model.bn3, 5)
+    f = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(2, 3, 8, 8),), f, dynamo=False, opset_version=OPSET,
+                      input_names=["input"], output_names=["output"],
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    m = onnx.load_from_string(f.getvalue())
+    m.graph.name = "fresh"
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def seed_conv():
     b = Builder(10)
     x = b.relu6(b.bn(b.conv("input", "c", 2, 2, 3, pad=1), "bn", 2), "act")
@@ -503,6 +544,9 @@ def main():
     if sys.argv[1:2] == ["--int-ops"]:
         int_ops(sys.argv[2])
         return
+    if sys.argv[1:2] == ["--fresh"]:
+        save_model(fresh(), sys.argv[2])
+        return
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "tests/onnx"
     # Calibration data for `qfuse quantize` (8 samples of 3x16x16).
     save_file({"input": np.random.default_rng(7).normal(0, 1, (8, 3, 16, 16)).astype(np.float32)},
@@ -514,19 +558,23 @@ def main():
             m = fn()
             onnx.save(m, os.path.join(sys.argv[2], m.graph.name + ".onnx"))
     os.makedirs(out_dir, exist_ok=True)
-    for fn in (resnet, mobilenet, mnist, decoder):
-        m = fn()
-        name = m.graph.name
-        path = os.path.join(out_dir, name + ".onnx")
-        onnx.save(m, path)
-        shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
-        x = np.random.default_rng(100).normal(0, 1, shape).astype(np.float32)
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        (y,) = sess.run(None, {"input": x})
-        save_file({"input": x, "output": y.astype(np.float32)},
-                  os.path.join(out_dir, name + ".io.safetensors"))
-        print(f"{path}: {os.path.getsize(path)} bytes, {len(m.graph.node)} nodes, "
-              f"output {list(y.shape)}")
+    for fn in (resnet, mobilenet, mnist, decoder, fresh):
+        save_model(fn(), out_dir)
+
+
+def save_model(m, out_dir):
+    """NAME.onnx and NAME.io.safetensors (a fixed input, onnxruntime's output)."""
+    name = m.graph.name
+    path = os.path.join(out_dir, name + ".onnx")
+    onnx.save(m, path)
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(100).normal(0, 1, shape).astype(np.float32)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"input": x})
+    save_file({"input": x, "output": y.astype(np.float32)},
+              os.path.join(out_dir, name + ".io.safetensors"))
+    print(f"{path}: {os.path.getsize(path)} bytes, {len(m.graph.node)} nodes, "
+          f"output {list(y.shape)}")
 
 
 if __name__ == "__main__":

@@ -401,6 +401,21 @@ pub fn fold_model<B: HostOps + ?Sized>(backend: &B, model: &OnnxModel) -> Result
             }
         }
     }
+    // Identity nodes that fed only removed BatchNorms (shared statistics) go too.
+    let bn_inputs: HashSet<&str> = fusable
+        .iter()
+        .flat_map(|f| graph.nodes[f.bn].inputs[1..].iter().map(String::as_str))
+        .collect();
+    let mut read: HashSet<String> = g.output.iter().filter_map(|v| v.name.clone()).collect();
+    for n in &g.node {
+        read.extend(n.input.iter().cloned());
+    }
+    g.node.retain(|n| {
+        !(n.op_type.as_deref() == Some("Identity")
+            && n.output.len() == 1
+            && bn_inputs.contains(n.output[0].as_str())
+            && !read.contains(&n.output[0]))
+    });
     g.value_info.retain(|v| {
         !v.name
             .as_ref()

@@ -334,13 +334,15 @@ pub struct ValueInfo {
 /// and the constant tensors (initializers and `Constant` nodes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Graph {
-    /// The nodes, each after the nodes producing its inputs (`Constant` nodes removed).
+    /// The nodes, each after the nodes producing its inputs (`Constant` nodes, and Identity
+    /// nodes of constants, removed: their outputs are initializers).
     pub nodes: Vec<Node>,
     /// The inputs to feed (graph inputs that no initializer provides).
     pub inputs: Vec<ValueInfo>,
     /// The output names.
     pub outputs: Vec<String>,
-    /// Constant tensors by name.
+    /// Constant tensors by name (the file's initializers, `Constant` values, and the
+    /// outputs of Identity nodes of constants).
     pub initializers: BTreeMap<String, Tensor>,
 }
 
@@ -1122,6 +1124,16 @@ fn import_graph(g: &proto::GraphProto, source: &str) -> Result<Graph> {
             continue;
         }
         let op = parse_op(n, &label)?;
+        // Identity of a constant is that constant: torch.onnx.export shares equal tensors
+        // (a fresh model's BatchNorm statistics) through Identity nodes, so its output joins
+        // the initializers and the node goes, as a Constant's does; find_fusable and the
+        // evaluators then see every BatchNorm's statistics as constants.
+        if let (Op::Identity, [src], [out]) = (&op, n.input.as_slice(), n.output.as_slice()) {
+            if let Some(t) = initializers.get(src).cloned() {
+                initializers.insert(out.clone(), t);
+                continue;
+            }
+        }
         nodes.push(Node {
             name: n.name.clone().unwrap_or_default(),
             op,

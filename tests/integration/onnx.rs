@@ -19,7 +19,7 @@ use qfuse::onnx::{find_fusable, fold_model, run, state_dict_specs, OnnxModel, Op
 use qfuse::quant::{QDtype, RequantMode};
 use qfuse::Error;
 
-const MODELS: &[&str] = &["resnet", "mobilenet", "mnist", "decoder"];
+const MODELS: &[&str] = &["resnet", "mobilenet", "mnist", "decoder", "fresh"];
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx")
@@ -96,6 +96,7 @@ fn find_fusable_finds_every_pair() {
         ("mobilenet", 8),
         ("mnist", 1),
         ("decoder", 3),
+        ("fresh", 3),
     ];
     for &(name, n) in expect {
         let m = load(name);
@@ -118,6 +119,44 @@ fn find_fusable_finds_every_pair() {
     let f = find_fusable(&load("decoder").graph);
     assert_eq!(f[1].types, ["ConvTranspose2d", "BatchNorm2d", "LeakyReLU"]);
     assert_eq!(f[2].types, ["Linear", "BatchNorm1d"]);
+}
+
+/// A fresh PyTorch export shares its equal BatchNorm tensors through Identity nodes (6 in
+/// `fresh.onnx`, the statistics of bn1 and bn2): the importer takes an Identity of a
+/// constant as that constant, so every BatchNorm folds, and the folded file keeps neither
+/// the BatchNorms nor the Identity nodes that fed them.
+fn identity_shared_batch_norm_tensors_fold() {
+    let m = load("fresh");
+    let identities = |m: &OnnxModel| {
+        let g = m.proto.graph.as_ref().unwrap();
+        g.node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some("Identity"))
+            .count()
+    };
+    assert_eq!(identities(&m), 6, "the export shares the statistics");
+    assert!(m.graph.nodes.iter().all(|n| !matches!(n.op, Op::Identity)));
+    // bn2's variance is bn1's weight (ones), read through an Identity.
+    assert_eq!(
+        m.graph.initializers.get("bn2.running_var"),
+        m.graph.initializers.get("bn1.weight")
+    );
+    let f = find_fusable(&m.graph);
+    assert_eq!(f.len(), 3, "{f:?}");
+    let folded = fold_model(&CpuBackend, &m).unwrap();
+    assert_eq!(folded.folds.len(), 3);
+    assert_eq!(identities(&folded.model), 0);
+    let g = folded.model.proto.graph.as_ref().unwrap();
+    assert!(g
+        .initializer
+        .iter()
+        .all(|t| !t.name.as_deref().unwrap_or("").starts_with("bn")));
+    let (x, want) = reference_io("fresh");
+    let d = max_diff(&eval(&CpuBackend, &folded.model, &x), &want);
+    assert!(d <= 1e-5, "folded vs onnxruntime {d}");
+    // The state-dict form names every pair from the graph.
+    let specs = state_dict_specs(&m.graph).unwrap();
+    assert_eq!(specs.len(), 3);
 }
 
 /// The folded model has no BatchNorm left and computes the original's outputs within 1e-5
@@ -152,7 +191,7 @@ fn folded_models_match_the_originals_cpu() {
 fn folded_models_match_on_the_gpu() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = GpuBackend::new(ctx);
-    for name in ["resnet", "mobilenet", "decoder"] {
+    for name in ["resnet", "mobilenet", "decoder", "fresh"] {
         let m = load(name);
         let folded = fold_model(&gpu, &m).unwrap();
         let (x, want) = reference_io(name);
@@ -1206,6 +1245,7 @@ fn fusion_respects_single_consumers() {
 crate::qfuse_tests! {
     cpu_evaluation_matches_onnxruntime,
     find_fusable_finds_every_pair,
+    identity_shared_batch_norm_tensors_fold,
     folded_models_match_the_originals_cpu,
     folded_models_match_on_the_gpu: gpu,
     binary_folds_onnx,
