@@ -28,6 +28,11 @@
 //   add: out = a + b (residual adds, gradient accumulation).
 //   col_sum: out[j] = sum over i < rows of a[i * cols + j], in row order (the linear
 //     backward's dbias).
+//   conv_wgrad_dw3: the weight gradient of a depthwise 3x3 conv (groups = C = O, stride 1,
+//     dilation 1, padding (PH, PW) = (a_rs, a_cs)): out[c, 0, ky, kx] = sum over n < N (inner),
+//     oy < OH, ox < OW, in that order, of dy[n, c, oy, ox] (b) * x[n, c, oy + ky - PH,
+//     ox + kx - PW] (a; zero outside the H x W input); one invocation per channel (count = C),
+//     a window of 3 inputs sliding along each of its 3 input rows (4 loads per 9 fmas).
 //   copy_at: out[p_off + i] = a[i] for i < count (a tensor copied into part of another as a
 //     launch, so it stays in order inside a recording).
 //   swap01: out[j, i, r] = a[i, j, r] for a [rows, cols, inner] (NCHW <-> CNHW).
@@ -471,6 +476,72 @@ fn flip_transpose(@builtin(global_invocation_id) gid: vec3<u32>,
     let o = t % P.rows;
     let c = t / P.rows;
     out[i] = a[((o * P.cols + c) * P.h + (P.h - 1u - ky)) * P.w + (P.w - 1u - kx)];
+}
+
+@compute @workgroup_size(WG)
+fn conv_wgrad_dw3(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat(gid, nwg);
+    if (c >= P.count) {
+        return;
+    }
+    let hw = P.h * P.w;
+    let ohw = P.oh * P.ow;
+    var s0 = vec3<f32>(0.0);
+    var s1 = vec3<f32>(0.0);
+    var s2 = vec3<f32>(0.0);
+    for (var n = 0u; n < P.inner; n = n + 1u) {
+        let plane = (n * P.count + c) * hw;
+        let dplane = (n * P.count + c) * ohw;
+        for (var oy = 0u; oy < P.oh; oy = oy + 1u) {
+            let iy0 = i32(oy) - i32(P.a_rs);
+            let ok0 = iy0 >= 0 && iy0 < i32(P.h);
+            let ok1 = iy0 + 1 >= 0 && iy0 + 1 < i32(P.h);
+            let ok2 = iy0 + 2 >= 0 && iy0 + 2 < i32(P.h);
+            let row0 = plane + u32(max(iy0, 0)) * P.w;
+            let row1 = plane + u32(max(iy0 + 1, 0)) * P.w;
+            let row2 = plane + u32(max(iy0 + 2, 0)) * P.w;
+            let ix0 = -i32(P.a_cs);
+            var x00 = dw3_x(row0, ok0, ix0);
+            var x01 = dw3_x(row0, ok0, ix0 + 1);
+            var x10 = dw3_x(row1, ok1, ix0);
+            var x11 = dw3_x(row1, ok1, ix0 + 1);
+            var x20 = dw3_x(row2, ok2, ix0);
+            var x21 = dw3_x(row2, ok2, ix0 + 1);
+            for (var ox = 0u; ox < P.ow; ox = ox + 1u) {
+                let ix = i32(ox) + ix0 + 2;
+                let x02 = dw3_x(row0, ok0, ix);
+                let x12 = dw3_x(row1, ok1, ix);
+                let x22 = dw3_x(row2, ok2, ix);
+                let d = vec3<f32>(b[dplane + oy * P.ow + ox]);
+                s0 = fma(d, vec3<f32>(x00, x01, x02), s0);
+                s1 = fma(d, vec3<f32>(x10, x11, x12), s1);
+                s2 = fma(d, vec3<f32>(x20, x21, x22), s2);
+                x00 = x01;
+                x01 = x02;
+                x10 = x11;
+                x11 = x12;
+                x20 = x21;
+                x21 = x22;
+            }
+        }
+    }
+    let o = c * 9u;
+    out[o] = s0.x;
+    out[o + 1u] = s0.y;
+    out[o + 2u] = s0.z;
+    out[o + 3u] = s1.x;
+    out[o + 4u] = s1.y;
+    out[o + 5u] = s1.z;
+    out[o + 6u] = s2.x;
+    out[o + 7u] = s2.y;
+    out[o + 8u] = s2.z;
+}
+
+// x (binding a) at row offset `row` (of a row inside the input when `rok`), column ix, or 0.
+fn dw3_x(row: u32, rok: bool, ix: i32) -> f32 {
+    let ok = rok && ix >= 0 && ix < i32(P.w);
+    return select(0.0, a[select(0u, row + u32(ix), ok)], ok);
 }
 
 @compute @workgroup_size(WG)

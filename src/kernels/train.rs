@@ -140,6 +140,17 @@ static SWAP01: Kernel = Kernel {
     ],
 };
 
+static CONV_WGRAD_DW3: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "conv_wgrad_dw3",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(2),
+        Binding::read_write(3),
+    ],
+};
+
 static FLIP_TRANSPOSE: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "flip_transpose",
@@ -1168,13 +1179,28 @@ fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
 /// Whether the gradients of a conv can run as forward convolutions (explicit padding smaller
 /// than the kernel, stride 1, dilation 1, one group).
 fn forward_form(params: &Conv2dParams, w_shape: &[usize]) -> bool {
+    params.groups == 1 && unit_stride_form(params, w_shape)
+}
+
+/// Explicit padding smaller than the kernel, stride 1, dilation 1 (any groups).
+fn unit_stride_form(params: &Conv2dParams, w_shape: &[usize]) -> bool {
     params.pad_mode == PadMode::Explicit
         && params.stride == [1, 1]
         && params.dilation == [1, 1]
-        && params.groups == 1
         && w_shape.len() == 4
         && params.padding[0] < w_shape[2]
         && params.padding[1] < w_shape[3]
+}
+
+/// Whether a conv is depthwise with one output channel per input channel (`groups = C = O`,
+/// weight `[C, 1, KH, KW]`) in [`unit_stride_form`]: its input gradient is the depthwise
+/// conv of `dy` with the weight flipped in space.
+fn depthwise_form(params: &Conv2dParams, w_shape: &[usize], channels: usize) -> bool {
+    unit_stride_form(params, w_shape)
+        && params.groups == channels
+        && w_shape[0] == channels
+        && w_shape[1] == 1
+        && channels > 1
 }
 
 /// The input gradient of a conv2d (the `dx` of
@@ -1294,7 +1320,8 @@ fn conv2d_input_grad_impl(
 ) -> Result<GpuTensor> {
     let sg = kernel.subgroup(ctx)?;
     let out = params.output_shape(&x_shape, w.shape())?;
-    if dy.shape() != out || !forward_form(params, w.shape()) {
+    let depthwise = depthwise_form(params, w.shape(), x_shape[1]);
+    if dy.shape() != out || !(forward_form(params, w.shape()) || depthwise) {
         return grad_fallback(
             given,
             |dx| super::conv2d::conv2d_backward_input_into(ctx, dy, w, params, x_shape, dx),
@@ -1308,22 +1335,30 @@ fn conv2d_input_grad_impl(
     // (2.8× the subgroup matmul at 1×64×56×56 on lavapipe); other planes (a valid conv's
     // gradient would pad dy by K − 1) keep the column matrix.
     let same_plane = out[2] == x_shape[2] && out[3] == x_shape[3];
-    if sg && !same_plane && conv_dgrad_sg(ctx, dy, w, params, x_shape, &dx)? {
+    if sg && !same_plane && !depthwise && conv_dgrad_sg(ctx, dy, w, params, x_shape, &dx)? {
         return Ok(dx);
     }
     let [o, c, kh, kw] = <[usize; 4]>::try_from(w.shape())
         .map_err(|_| Error::invalid("internal: conv weight rank"))?;
     let p = Conv2dParams {
         padding: [kh - 1 - params.padding[0], kw - 1 - params.padding[1]],
+        groups: params.groups,
         ..Conv2dParams::default()
     };
-    let got = p.output_shape(dy.shape(), &[c, o, kh, kw])?;
+    // Depthwise: the flipped weight keeps its [C, 1, KH, KW] layout (a [1, C, KH, KW]
+    // transpose holds the same elements in the same order).
+    let wt_shape = if depthwise {
+        [o, c, kh, kw]
+    } else {
+        [c, o, kh, kw]
+    };
+    let got = p.output_shape(dy.shape(), &wt_shape)?;
     if got != x_shape {
         return Err(Error::invalid(format!(
             "internal: conv input gradient {got:?}, expected {x_shape:?}"
         )));
     }
-    let wt = flip_transpose(ctx, w)?;
+    let wt = flip_transpose(ctx, w)?.reshape(&wt_shape)?;
     let none = super::conv2d::ConvEpilogue::none();
     super::conv2d::conv2d_into(ctx, dy, &wt, &p, &none, &dx)?;
     Ok(dx)
@@ -1412,7 +1447,8 @@ fn conv2d_weight_grad_impl(
         && params.pad_mode == PadMode::Explicit
         && params.groups == 1
         && w_shape[1] == x.shape()[1];
-    if dy.shape() != out || !(sg_form || forward_form(params, &w_shape)) {
+    let dw3 = depthwise_form(params, &w_shape, x.shape()[1]) && w_shape[2..] == [3, 3];
+    if dy.shape() != out || !(sg_form || dw3 || forward_form(params, &w_shape)) {
         return grad_fallback(
             given,
             |dw| super::conv2d::conv2d_backward_weight_into(ctx, x, dy, params, w_shape, dw),
@@ -1421,6 +1457,10 @@ fn conv2d_weight_grad_impl(
     }
     // Every path below writes each element of dweight.
     let dw = grad_output(ctx, ("conv2d input", x), dy, "dweight", given, &w_shape)?;
+    if dw3 {
+        conv_wgrad_dw3(ctx, x, dy, params, &dw)?;
+        return Ok(dw);
+    }
     if sg_form {
         if w_shape[2] == 3 && w_shape[3] == 3 && params.stride[1] == 1 && params.dilation[1] == 1 {
             conv_wgrad3_sg(ctx, x, dy, params, w_shape, &dw)?;
@@ -1800,6 +1840,46 @@ fn conv_wgrad_sg(
         constants: &constants,
         buffers: &[&uniform, dy.buffer(), x.buffer(), out.buffer(), x.buffer()],
         workgroups,
+    }])
+}
+
+/// The weight gradient of a depthwise 3×3 conv ([`depthwise_form`]) as `conv_wgrad_dw3`
+/// into `out` (`[C, 1, 3, 3]`, checked by the caller): one invocation per channel, a window
+/// of 3 inputs sliding along each input row. Workgroups of 8, so the channels spread over a
+/// CPU adapter's threads.
+fn conv_wgrad_dw3(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    params: &Conv2dParams,
+    out: &GpuTensor,
+) -> Result<()> {
+    let [n, c, h, w] = <[usize; 4]>::try_from(x.shape())
+        .map_err(|_| Error::invalid("internal: conv input rank"))?;
+    let [_, _, oh, ow] =
+        <[usize; 4]>::try_from(dy.shape()).map_err(|_| Error::invalid("internal: conv dy rank"))?;
+    check_tap_reach(params, oh, ow, 3, 3)?;
+    to_u32(x.len(), "conv2d input element count")?;
+    to_u32(dy.len(), "conv2d_backward dy element count")?;
+    let u = |v: usize| to_u32(v, "conv2d size");
+    let p = Params {
+        count: u(c)?,
+        inner: u(n)?,
+        h: u(h)?,
+        w: u(w)?,
+        oh: u(oh)?,
+        ow: u(ow)?,
+        a_rs: u(params.padding[0])?,
+        a_cs: u(params.padding[1])?,
+        ..Params::default()
+    };
+    let uniform = ctx.params(&p)?;
+    let wg = 8u32;
+    ctx.run(&[Launch {
+        kernel: &CONV_WGRAD_DW3,
+        constants: &[("WG", f64::from(wg))],
+        buffers: &[&uniform, x.buffer(), dy.buffer(), out.buffer()],
+        workgroups: ctx.grid_1d(c, wg)?,
     }])
 }
 

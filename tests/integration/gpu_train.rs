@@ -474,10 +474,19 @@ fn conv_grads_match_cpu() {
         // window weight gradient (conv_wgrad3_sg) with 20 rows (a partial 16-row tile) and
         // 19 input channels (several channel tiles, a partial channel pair).
         ([2, 19, 11, 9], [20, 19, 3, 3], 8, 2),
+        // Depthwise 3×3 (groups = C = O), padding (1, 0): the flipped depthwise forward for
+        // dx, conv_wgrad_dw3 for dweight.
+        ([2, 5, 7, 9], [5, 1, 3, 3], 7, 1),
     ] {
         let params = if pad == 9 {
             qfuse::ops::Conv2dParams {
                 pad_mode: qfuse::ops::PadMode::Same,
+                ..Default::default()
+            }
+        } else if pad == 7 {
+            qfuse::ops::Conv2dParams {
+                padding: [1, 0],
+                groups: 5,
                 ..Default::default()
             }
         } else if pad == 8 {
