@@ -316,7 +316,7 @@ impl BenchConfig {
             + ELEMENTWISE_ITEMS
             + 1
             + 2 * self.bn_train_shapes.len()
-            + (CONV_ITEMS + dots) * self.conv_shapes.len()
+            + (CONV_ITEMS + 1 + dots) * self.conv_shapes.len()
             + dots
             + 2 * self.mnist_batches.len()
             + MNIST_TRAIN_ITEMS
@@ -1344,8 +1344,10 @@ fn int8_note(dot: Int8Dot, what: &str) -> String {
     )
 }
 
-/// The integer conv2d ([`GpuConv2dInt8`], weights prepared once) at one conv shape, on each
-/// dot-product path: `int8_conv2d/{portable,packed}`.
+/// The integer conv2d ([`GpuConv2dInt8`], weights prepared once) at one conv shape: the kernel
+/// the tuner chooses (`int8_conv2d/tuned`, its `algorithm` and cold start: tuning the class,
+/// compiling what is new) and the dot-product kernel on each path:
+/// `int8_conv2d/{portable,packed}`.
 fn int8_conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result<()> {
     let ctx = r.ctx;
     let batch = cfg.conv_batch;
@@ -1366,16 +1368,47 @@ fn int8_conv(r: &mut Runner<'_>, cfg: &BenchConfig, shape: &ConvShape) -> Result
         ops: shape.flops(batch),
         bytes: shape.elements(batch),
     };
+    let tuned = "int8_conv2d/tuned";
+    let first = r.results.len();
+    let cold = if r.wants(tuned) {
+        Some(first_run(ctx, &mut || layer.forward(ctx, &gx).map(drop))?)
+    } else {
+        None
+    };
+    r.bench(
+        tuned,
+        &desc,
+        work,
+        &cfg.conv_reps,
+        Some(
+            "the variant the tuner chose (algorithm): f32_*: conv2d_f, products of the codes \
+             in exact f32 (flushed into i32 every 1024), channels x 8 columns x rows per \
+             invocation, weights shared by subgroup broadcast (_sg); dot_*: the dot-product \
+             kernel; f32 requantization epilogue; GOP/s = 2·MACs/s against the f32 fma roof"
+                .to_string(),
+        ),
+        &mut || layer.forward(ctx, &gx).map(drop),
+    )?;
+    if cold.is_some() {
+        let algorithm = layer.variant_for(ctx, &xs)?.id();
+        for row in r.results[first..].iter_mut() {
+            row.algorithm = Some(algorithm.clone());
+            row.cold_start_s = cold;
+        }
+    }
+    let what = if shape.groups > 1 && shape.groups == shape.in_channels {
+        "depthwise 3x3 (conv2d_dw): one word (4 channels) x 4 output rows per invocation, \
+         walked left to right"
+    } else {
+        "packed int8 codes, 4 channels x 4 columns per invocation"
+    };
     for dot in int8_dots(ctx) {
         r.bench(
             &format!("int8_conv2d/{}", dot_name(dot)),
             &desc,
             work,
             &cfg.conv_reps,
-            Some(int8_note(
-                dot,
-                "packed int8 codes, 4 channels x 4 columns per invocation",
-            )),
+            Some(int8_note(dot, what)),
             &mut || layer.forward_with(ctx, &gx, dot).map(drop),
         )?;
     }

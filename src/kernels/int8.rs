@@ -84,6 +84,27 @@ pub(super) static CONV_PACKED: Shader = Shader {
     ),
 };
 
+/// The dense conv in exact f32 arithmetic (`int8_conv_f.wgsl`), weights shared through
+/// subgroup broadcasts: needs [`wgpu::Features::SUBGROUP`].
+pub(super) static CONV_F_SUBGROUP: Shader = Shader {
+    name: "int8_conv_f_subgroup",
+    source: concat!(
+        include_str!("../../shaders/lib/requant.wgsl"),
+        include_str!("../../shaders/lib/share_subgroup.wgsl"),
+        include_str!("../../shaders/int8_conv_f.wgsl")
+    ),
+};
+
+/// `int8_conv_f.wgsl` without subgroups: every invocation loads its own weights.
+pub(super) static CONV_F_PORTABLE: Shader = Shader {
+    name: "int8_conv_f",
+    source: concat!(
+        include_str!("../../shaders/lib/requant.wgsl"),
+        include_str!("../../shaders/lib/share_portable.wgsl"),
+        include_str!("../../shaders/int8_conv_f.wgsl")
+    ),
+};
+
 static QUANTIZE: Kernel = Kernel {
     shader: &ELEMENTWISE,
     entry_point: "quantize",
@@ -195,6 +216,27 @@ static LINEAR_PACKED: Kernel = Kernel {
     bindings: CONV_BINDINGS,
 };
 
+static CONV2D_F_SUBGROUP: Kernel = Kernel {
+    shader: &CONV_F_SUBGROUP,
+    entry_point: "conv2d_f",
+    bindings: CONV_BINDINGS,
+};
+static CONV2D_F_PORTABLE: Kernel = Kernel {
+    shader: &CONV_F_PORTABLE,
+    entry_point: "conv2d_f",
+    bindings: CONV_BINDINGS,
+};
+
+/// Output columns per `conv2d_f` invocation.
+const F_PIXELS: usize = 8;
+/// Invocations per `conv2d_f` workgroup (`F_WG`), fixed for every variant.
+const F_WORKGROUP: u32 = 64;
+/// `conv2d_f` flushes its f32 accumulators every `floor(F_TAPS / (KH·KW))` channel words
+/// (4 channels each): at most `4 · F_TAPS` = 1024 products of at most 2¹⁴ each, so every f32
+/// partial sum is an integer of magnitude at most 2²⁴ (exact). Kernels of more taps run the
+/// dot-product kernel.
+const F_TAPS: usize = 256;
+
 /// Workgroup size of the conv2d / linear kernels.
 const CONV_WG: u32 = 64;
 const CONV_CONSTANTS: &[(&str, f64)] = &[("WG", CONV_WG as f64)];
@@ -284,6 +326,10 @@ struct ConvParams {
     zp_word: u32,
     zp_rest: i32,
     shared_q: u32,
+    /// Channels per word `conv2d_f` walks (4), a uniform so that the compiler keeps that loop
+    /// instead of unrolling its large body (a CPU adapter's compile time).
+    lanes: u32,
+    _pad: [u32; 3],
 }
 
 /// `[outer, C, inner]`: how a shape is seen by the packed layout (channel axis 1; rank 1 is
@@ -1037,6 +1083,118 @@ fn conv_kernel(ctx: &GpuContext, dot: Int8Dot, linear: bool) -> Result<&'static 
     })
 }
 
+/// One integer conv2d forward kernel of the bounded set [`GpuConv2dInt8::forward`] chooses from
+/// by timing (once per context and shape class, like the f32 conv's
+/// [`super::conv2d::ConvAlgorithm::Auto`]). Every variant that applies gives the same
+/// (bit-exact) codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Int8ConvVariant {
+    /// `conv2d` of `int8_conv.wgsl`: 4 output channels × 4 columns per invocation, i32 dot
+    /// products of packed words on the given path (any conv; depthwise 3×3 at stride 1 runs
+    /// `conv2d_dw`).
+    Dot(Int8Dot),
+    /// `conv2d_f` of `int8_conv_f.wgsl`: the products of codes in exact f32 (flushed into i32
+    /// accumulators every 1024 products), `channels` (8 or 16) output channels × 8 columns ×
+    /// `rows` (1, 2 or 4) rows per invocation. Dense convs only (`groups = 1`, input zero point
+    /// in `[-128, 127]`, at most 256 kernel taps).
+    Float {
+        /// Output channels per invocation: 8 or 16.
+        channels: u32,
+        /// Output rows per invocation: 1, or 2 or 4 with `k3`.
+        rows: u32,
+        /// The 3×3 stride-1 row loop (each input row loaded once for every kernel row that
+        /// reads it); only for 3×3 kernels at stride 1, dilation 1.
+        k3: bool,
+        /// Weights loaded by one subgroup lane and broadcast (needs
+        /// [`wgpu::Features::SUBGROUP`]); else every invocation loads its own.
+        subgroups: bool,
+    },
+}
+
+impl Int8ConvVariant {
+    /// Every variant: the bound on the int8 conv pipelines a context compiles (two
+    /// dot-product modules, and 16 `conv2d_f` pipelines over two modules).
+    pub fn all() -> Vec<Self> {
+        let mut v = vec![Self::Dot(Int8Dot::Portable), Self::Dot(Int8Dot::Packed)];
+        for subgroups in [true, false] {
+            for channels in [8, 16] {
+                for (rows, k3) in [(4, true), (2, true), (1, true), (1, false)] {
+                    v.push(Self::Float {
+                        channels,
+                        rows,
+                        k3,
+                        subgroups,
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    /// The variant's name, as the tuning file stores it: `dot_portable`, `dot_packed`,
+    /// `f32_c16_r4_k3_sg`, `f32_c8_r1`, ...
+    pub fn id(self) -> String {
+        match self {
+            Self::Dot(Int8Dot::Portable) => "dot_portable".into(),
+            Self::Dot(Int8Dot::Packed) => "dot_packed".into(),
+            Self::Float {
+                channels,
+                rows,
+                k3,
+                subgroups,
+            } => format!(
+                "f32_c{channels}_r{rows}{}{}",
+                if k3 { "_k3" } else { "" },
+                if subgroups { "_sg" } else { "" }
+            ),
+        }
+    }
+
+    /// The variant named `id` (see [`Int8ConvVariant::id`]), if it is one of
+    /// [`Int8ConvVariant::all`].
+    pub fn parse(id: &str) -> Option<Self> {
+        Self::all().into_iter().find(|v| v.id() == id)
+    }
+
+    /// The override constants of a `Float` variant's pipeline (`Dot`: the workgroup size).
+    pub(crate) fn constants(self) -> Vec<(&'static str, f64)> {
+        match self {
+            Self::Dot(_) => CONV_CONSTANTS.to_vec(),
+            Self::Float {
+                channels, rows, k3, ..
+            } => vec![
+                ("F_O", f64::from(channels)),
+                ("F_ROWS", f64::from(rows)),
+                ("F_K3", f64::from(u32::from(k3))),
+                ("F_WG", f64::from(F_WORKGROUP)),
+            ],
+        }
+    }
+
+    /// A well-formed tile (the set of [`Int8ConvVariant::all`]).
+    fn valid(self) -> bool {
+        match self {
+            Self::Dot(_) => true,
+            Self::Float {
+                channels, rows, k3, ..
+            } => matches!(channels, 8 | 16) && (rows == 1 || (k3 && matches!(rows, 2 | 4))),
+        }
+    }
+}
+
+/// A 3×3 kernel at stride 1 and dilation 1 (where `conv2d_f`'s row loop applies).
+fn k3x3s1(kernel: [usize; 2], params: &Conv2dParams) -> bool {
+    kernel == [3, 3] && params.stride == [1, 1] && params.dilation == [1, 1]
+}
+
+/// What one int8 conv launch runs.
+struct Int8Plan {
+    kernel: &'static Kernel,
+    constants: Vec<(&'static str, f64)>,
+    params: ConvParams,
+    workgroups: [u32; 3],
+}
+
 /// An integer conv2d layer prepared for the GPU: packed weights (`[O, NQ, KH, KW]` words
 /// aligned with the input's channel words), and per output channel the folded bias
 /// `bias − x_zp · Σw`, multiplier and shift ([`crate::reference::int8::conv2d_int8`]).
@@ -1050,6 +1208,8 @@ pub struct GpuConv2dInt8 {
     /// One input and one output channel per group and a 3×3 kernel: with stride 1 and
     /// dilation 1, `conv2d_dw` runs it.
     depthwise3: bool,
+    /// `conv2d_f` applies: `groups = 1`, `x_zp` in `[-128, 127]`, at most [`F_TAPS`] taps.
+    float_ok: bool,
     params: Conv2dParams,
     x_zero_point: i32,
     out_zero_point: i32,
@@ -1131,6 +1291,7 @@ impl GpuConv2dInt8 {
             nq,
             shared_q,
             depthwise3: cg == 1 && og == 1 && kh == 3 && kw == 3,
+            float_ok: params.groups == 1 && (-128..=127).contains(&x_zero_point) && taps <= F_TAPS,
             params: *params,
             x_zero_point,
             out_zero_point: requant.out_zero_point,
@@ -1144,15 +1305,16 @@ impl GpuConv2dInt8 {
         self.weight_shape
     }
 
-    /// Runs the layer on codes `x` `[N, C, H, W]` with the context's dot-product path
-    /// ([`GpuContext::int8_dot`]), returning codes `[N, O, OH, OW]`.
+    /// Runs the layer on codes `x` `[N, C, H, W]`, returning codes `[N, O, OH, OW]`, with the
+    /// kernel [`GpuConv2dInt8::variant_for`] chooses (timed once per context and shape class).
     ///
     /// Errors: the reference's geometry errors ([`Conv2dParams::output_shape`]).
     pub fn forward(&self, ctx: &GpuContext, x: &GpuInt8Tensor) -> Result<GpuInt8Tensor> {
-        self.forward_with(ctx, x, ctx.int8_dot())
+        self.forward_impl(ctx, x, None, None)
     }
 
-    /// [`GpuConv2dInt8::forward`] with an explicit dot-product path.
+    /// [`GpuConv2dInt8::forward`] on the dot-product kernel ([`Int8ConvVariant::Dot`]) with an
+    /// explicit dot-product path.
     ///
     /// Errors: those of [`GpuConv2dInt8::forward`], and [`Error::InvalidArgument`] for
     /// [`Int8Dot::Packed`] where it is not available.
@@ -1162,7 +1324,21 @@ impl GpuConv2dInt8 {
         x: &GpuInt8Tensor,
         dot: Int8Dot,
     ) -> Result<GpuInt8Tensor> {
-        self.forward_impl(ctx, x, dot, None)
+        self.forward_impl(ctx, x, Some(Int8ConvVariant::Dot(dot)), None)
+    }
+
+    /// [`GpuConv2dInt8::forward`] with an explicit kernel variant (tests, benchmarks; every
+    /// variant that applies gives the same codes).
+    ///
+    /// Errors: those of [`GpuConv2dInt8::forward`], and [`Error::InvalidArgument`] for a
+    /// variant that does not apply to this layer on `ctx` ([`GpuConv2dInt8::applies`]).
+    pub fn forward_variant(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        variant: Int8ConvVariant,
+    ) -> Result<GpuInt8Tensor> {
+        self.forward_impl(ctx, x, Some(variant), None)
     }
 
     /// [`GpuConv2dInt8::forward_with`] writing into `out` (as [`GpuConv2dInt8::forward_into`]).
@@ -1176,7 +1352,8 @@ impl GpuConv2dInt8 {
         dot: Int8Dot,
         out: &GpuInt8Tensor,
     ) -> Result<()> {
-        self.forward_impl(ctx, x, dot, Some(out)).map(drop)
+        self.forward_impl(ctx, x, Some(Int8ConvVariant::Dot(dot)), Some(out))
+            .map(drop)
     }
 
     /// [`GpuConv2dInt8::forward`] writing into `out` (codes `[N, O, OH, OW]` with their own
@@ -1187,46 +1364,254 @@ impl GpuConv2dInt8 {
         x: &GpuInt8Tensor,
         out: &GpuInt8Tensor,
     ) -> Result<()> {
-        self.forward_impl(ctx, x, ctx.int8_dot(), Some(out))
-            .map(drop)
+        self.forward_impl(ctx, x, None, Some(out)).map(drop)
     }
 
-    fn forward_impl(
+    /// Whether `variant` can run this layer on `ctx` (every one that can gives the same codes):
+    /// `Dot(Packed)` where the packed dot product is available; `Float` for dense layers
+    /// (`groups = 1`, input zero point in `[-128, 127]`, at most 256 kernel taps), with
+    /// subgroups only where the device has them, the row loop (`k3`, and 2 or 4 rows) only for
+    /// 3×3 kernels at stride 1, dilation 1.
+    pub fn applies(&self, ctx: &GpuContext, variant: Int8ConvVariant) -> bool {
+        let [_, _, kh, kw] = self.weight_shape;
+        variant.valid()
+            && match variant {
+                Int8ConvVariant::Dot(dot) => ctx.check_int8_dot(dot).is_ok(),
+                Int8ConvVariant::Float { k3, subgroups, .. } => {
+                    self.float_ok
+                        && (!subgroups || ctx.has_subgroups())
+                        && (!k3 || k3x3s1([kh, kw], &self.params))
+                }
+            }
+    }
+
+    /// The candidates the tuner times for this layer on `ctx`, in order of preference: for
+    /// dense layers the `conv2d_f` tiles (16 channels from 16 output channels, else 8; 4, 2
+    /// and 1 rows for 3×3 stride-1 kernels, else the per-tap loop; with subgroups where the
+    /// device has them), then the dot-product kernel on the context's path
+    /// ([`GpuContext::int8_dot`]) and on the other where it is available.
+    pub fn candidates(&self, ctx: &GpuContext) -> Vec<Int8ConvVariant> {
+        let mut v = Vec::new();
+        let [o, _, kh, kw] = self.weight_shape;
+        let channels = if o >= 16 { 16 } else { 8 };
+        let subgroups = ctx.has_subgroups();
+        let tiles: &[(u32, bool)] = if k3x3s1([kh, kw], &self.params) {
+            &[(4, true), (2, true), (1, true)]
+        } else {
+            &[(1, false)]
+        };
+        for &(rows, k3) in tiles {
+            v.push(Int8ConvVariant::Float {
+                channels,
+                rows,
+                k3,
+                subgroups,
+            });
+        }
+        v.push(Int8ConvVariant::Dot(ctx.int8_dot()));
+        for dot in [Int8Dot::Portable, Int8Dot::Packed] {
+            if dot != ctx.int8_dot() {
+                v.push(Int8ConvVariant::Dot(dot));
+            }
+        }
+        v.retain(|&c| self.applies(ctx, c));
+        v
+    }
+
+    /// The variant [`GpuConv2dInt8::forward`] runs for input `x_shape` on `ctx`: the
+    /// dot-product kernel on the context's path for layers `conv2d_f` does not run, for
+    /// depthwise 3×3 layers at stride 1 (`conv2d_dw`) and below
+    /// [`super::conv2d::TUNE_MIN_MACS`] multiply-adds (untimed); else the fastest of
+    /// [`GpuConv2dInt8::candidates`], timed at the first conv of its shape class
+    /// ([`super::conv2d::shape_class`]) on this context and kept, in memory and in the
+    /// context's cache directory.
+    ///
+    /// Errors: the geometry errors of [`GpuConv2dInt8::forward`]; those of the timing runs.
+    pub fn variant_for(&self, ctx: &GpuContext, x_shape: &[usize]) -> Result<Int8ConvVariant> {
+        let out = self.params.output_shape(x_shape, &self.weight_shape)?;
+        let untuned = Int8ConvVariant::Dot(ctx.int8_dot());
+        let macs = out
+            .iter()
+            .chain(&self.weight_shape[1..])
+            .fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
+        if !self.float_ok || self.dw_kernel() || macs < super::conv2d::TUNE_MIN_MACS {
+            return Ok(untuned);
+        }
+        let key = format!(
+            "int8_conv2d/{}",
+            super::conv2d::shape_class(x_shape, &self.weight_shape, &self.params)?
+        );
+        if let Some(v) = ctx
+            .tuned(&key)
+            .and_then(|id| Int8ConvVariant::parse(&id))
+            .filter(|&v| self.applies(ctx, v))
+        {
+            return Ok(v);
+        }
+        let cands = self.candidates(ctx);
+        let chosen = if cands.len() <= 1 || cfg!(target_arch = "wasm32") {
+            cands.first().copied().unwrap_or(untuned)
+        } else {
+            self.time_candidates(ctx, &cands, x_shape, out)?
+        };
+        ctx.set_tuned(&key, &chosen.id());
+        Ok(chosen)
+    }
+
+    /// Depthwise 3×3 at stride 1, dilation 1: the dot-product variants run `conv2d_dw`.
+    fn dw_kernel(&self) -> bool {
+        self.depthwise3 && self.params.stride == [1, 1] && self.params.dilation == [1, 1]
+    }
+
+    /// The fastest of `cands` on scratch input and output words of this layer's shapes (its
+    /// own weights): each pipeline compiled first by an empty dispatch, then up to three
+    /// interleaved rounds (two when the best run takes over 50 ms), candidates slower than
+    /// twice the best dropped after the first; each candidate's best run counts (as the f32
+    /// conv's tuner).
+    fn time_candidates(
         &self,
         ctx: &GpuContext,
-        x: &GpuInt8Tensor,
-        dot: Int8Dot,
-        given: Option<&GpuInt8Tensor>,
-    ) -> Result<GpuInt8Tensor> {
-        ctx.check_tensors(&[
-            ("conv2d int8 input", &x.words),
-            ("conv2d int8 weight", &self.weight),
-        ])?;
-        let [n, o, oh, ow] = self.params.output_shape(x.shape(), &self.weight_shape)?;
-        let kernel = conv_kernel(ctx, dot, false)?;
-        let (_, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+        cands: &[Int8ConvVariant],
+        x_shape: &[usize],
+        out: [usize; 4],
+    ) -> Result<Int8ConvVariant> {
+        let xw = GpuTensor::uninit(ctx, &word_shape(x_shape), DType::U32)?;
+        let yw = GpuTensor::uninit(ctx, &word_shape(&out), DType::U32)?;
+        let mut runs = Vec::with_capacity(cands.len());
+        for &v in cands {
+            let Some(plan) = self.plan(ctx, v, x_shape, out)? else {
+                return Ok(cands[0]);
+            };
+            let uniform = ctx.params(&plan.params)?;
+            let empty = ctx.params(&ConvParams {
+                count: 0,
+                ..plan.params
+            })?;
+            runs.push((v, plan, uniform, empty, f64::INFINITY));
+        }
+        let launch = |plan: &Int8Plan, uniform: &wgpu::Buffer, workgroups| {
+            let l = [Launch {
+                kernel: plan.kernel,
+                constants: &plan.constants,
+                buffers: &[
+                    uniform,
+                    xw.buffer(),
+                    self.weight.buffer(),
+                    self.rows.buffer(),
+                    yw.buffer(),
+                ],
+                workgroups,
+            }];
+            let t = std::time::Instant::now();
+            ctx.run_detached(&[xw.buffer()], &l)
+                .map(|()| t.elapsed().as_secs_f64())
+        };
+        for (_, plan, _, empty, _) in &runs {
+            launch(plan, empty, [1, 1, 1])?;
+        }
+        for round in 0..3 {
+            for run in runs.iter_mut() {
+                let t = launch(&run.1, &run.2, run.1.workgroups)?;
+                run.4 = run.4.min(t);
+            }
+            let best = runs.iter().map(|r| r.4).fold(f64::INFINITY, f64::min);
+            if round == 0 {
+                runs.retain(|r| r.4 <= 2.0 * best);
+            }
+            if round == 1 && best > 0.05 {
+                break;
+            }
+        }
+        Ok(runs
+            .iter()
+            .min_by(|a, b| a.4.total_cmp(&b.4))
+            .map_or(cands[0], |r| r.0))
+    }
+
+    /// The launch of `variant` for input `x_shape` and output `out` (`None`: no work).
+    fn plan(
+        &self,
+        ctx: &GpuContext,
+        variant: Int8ConvVariant,
+        x_shape: &[usize],
+        out: [usize; 4],
+    ) -> Result<Option<Int8Plan>> {
+        if !self.applies(ctx, variant) {
+            if let Int8ConvVariant::Dot(dot) = variant {
+                ctx.check_int8_dot(dot)?;
+            }
+            return Err(Error::invalid(format!(
+                "int8 conv2d: variant {} does not apply to a conv with weight {:?}, {:?}, \
+                 input zero point {} on {}",
+                variant.id(),
+                self.weight_shape,
+                self.params,
+                self.x_zero_point,
+                ctx.name()
+            )));
+        }
+        let [n, o, oh, ow] = out;
+        let (c, h, w) = (x_shape[1], x_shape[2], x_shape[3]);
         let [_, _, kh, kw] = self.weight_shape;
-        let inputs = [&x.words, &self.weight, &self.rows];
-        let y = int8_output(ctx, "conv2d int8 output", given, &[n, o, oh, ow], &inputs)?;
-        to_u32(x.words.len(), "conv2d int8 input word count")?;
-        to_u32(self.weight.len(), "conv2d int8 weight word count")?;
-        to_u32(y.words.len(), "conv2d int8 output word count")?;
         let oq = o.div_ceil(4);
         let owb = ow.div_ceil(PX);
         let p = &self.params;
-        // Depthwise 3x3 at stride 1, dilation 1: the row-walking kernel (the same results).
-        let dw = self.depthwise3 && p.stride == [1, 1] && p.dilation == [1, 1];
-        let (kernel, items) = if dw {
-            (&CONV2D_DW, n * oq * oh.div_ceil(DW_ROWS))
-        } else {
-            (kernel, n * oq * oh * owb)
+        let (kernel, constants, items, wg, overhang) = match variant {
+            Int8ConvVariant::Dot(dot) => {
+                if self.dw_kernel() {
+                    (
+                        &CONV2D_DW,
+                        CONV_CONSTANTS.to_vec(),
+                        n * oq * oh.div_ceil(DW_ROWS),
+                        CONV_WG,
+                        PX,
+                    )
+                } else {
+                    (
+                        conv_kernel(ctx, dot, false)?,
+                        CONV_CONSTANTS.to_vec(),
+                        n * oq * oh * owb,
+                        CONV_WG,
+                        PX,
+                    )
+                }
+            }
+            Int8ConvVariant::Float {
+                channels,
+                rows,
+                k3,
+                subgroups,
+            } => {
+                let rows = if k3 { rows as usize } else { 1 };
+                let blocks = n * oh.div_ceil(rows) * ow.div_ceil(F_PIXELS);
+                let ptiles = blocks.div_ceil(F_WORKGROUP as usize);
+                // Every invocation index (pixel tile * F_WG + lane) stays below u32::MAX.
+                to_u32(ptiles * F_WORKGROUP as usize, "conv2d int8 pixel blocks")?;
+                let tiles = ptiles * o.div_ceil(channels as usize);
+                let kernel = if subgroups {
+                    &CONV2D_F_SUBGROUP
+                } else {
+                    &CONV2D_F_PORTABLE
+                };
+                (kernel, variant.constants(), tiles, 1, F_PIXELS)
+            }
         };
         if items == 0 {
-            return Ok(y);
+            return Ok(None);
         }
         // The padding per side, from the geometry function the CPU reference uses.
         let pads = p.pads([kh, kw])?;
-        let cp = ConvParams {
+        // Input coordinates are formed in i32 in the shader (up to the padded extent, and a
+        // block of columns of overhang past the last output): the shared check.
+        p.check_kernel_coordinates(
+            "conv2d int8",
+            x_shape,
+            &self.weight_shape,
+            out,
+            &pads,
+            overhang,
+        )?;
+        let params = ConvParams {
             n: to_u32(n, "conv2d int8 batch")?,
             c: to_u32(c, "conv2d int8 channels")?,
             cq: to_u32(c.div_ceil(4), "conv2d int8 channel words")?,
@@ -1259,21 +1644,48 @@ impl GpuConv2dInt8 {
                 .x_zero_point
                 .wrapping_sub(i32::from(self.x_zero_point as i8)),
             shared_q: u32::from(self.shared_q),
+            lanes: 4,
+            _pad: [0; 3],
         };
-        // Input coordinates are formed in i32 in the shader (up to the padded extent, and
-        // PX columns of overhang past the last output): the shared check.
-        p.check_kernel_coordinates(
-            "conv2d int8",
-            x.shape(),
-            &self.weight_shape,
-            [n, o, oh, ow],
-            &pads,
-            PX,
-        )?;
-        let uniform = ctx.params(&cp)?;
-        ctx.run(&[Launch {
+        Ok(Some(Int8Plan {
             kernel,
-            constants: CONV_CONSTANTS,
+            constants,
+            params,
+            workgroups: ctx.grid_1d(items, wg)?,
+        }))
+    }
+
+    fn forward_impl(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuInt8Tensor,
+        variant: Option<Int8ConvVariant>,
+        given: Option<&GpuInt8Tensor>,
+    ) -> Result<GpuInt8Tensor> {
+        ctx.check_tensors(&[
+            ("conv2d int8 input", &x.words),
+            ("conv2d int8 weight", &self.weight),
+        ])?;
+        let out = self.params.output_shape(x.shape(), &self.weight_shape)?;
+        if let Some(Int8ConvVariant::Dot(dot)) = variant {
+            ctx.check_int8_dot(dot)?;
+        }
+        let inputs = [&x.words, &self.weight, &self.rows];
+        let y = int8_output(ctx, "conv2d int8 output", given, &out, &inputs)?;
+        to_u32(x.words.len(), "conv2d int8 input word count")?;
+        to_u32(self.weight.len(), "conv2d int8 weight word count")?;
+        to_u32(y.words.len(), "conv2d int8 output word count")?;
+        let variant = match variant {
+            Some(v) => v,
+            None => self.variant_for(ctx, x.shape())?,
+        };
+        let Some(plan) = self.plan(ctx, variant, x.shape(), out)? else {
+            return Ok(y);
+        };
+        let uniform = ctx.params(&plan.params)?;
+        ctx.run(&[Launch {
+            kernel: plan.kernel,
+            constants: &plan.constants,
             buffers: &[
                 &uniform,
                 x.words.buffer(),
@@ -1281,7 +1693,7 @@ impl GpuConv2dInt8 {
                 self.rows.buffer(),
                 y.words.buffer(),
             ],
-            workgroups: ctx.grid_1d(items, CONV_WG)?,
+            workgroups: plan.workgroups,
         }])?;
         Ok(y)
     }
@@ -1304,7 +1716,7 @@ pub fn conv2d_int8(
     params: &Conv2dParams,
     requant: &Requant,
 ) -> Result<GpuInt8Tensor> {
-    conv2d_int8_with(
+    conv2d_int8_impl(
         ctx,
         x,
         x_zero_point,
@@ -1312,7 +1724,8 @@ pub fn conv2d_int8(
         bias,
         params,
         requant,
-        ctx.int8_dot(),
+        None,
+        None,
     )
 }
 
@@ -1339,7 +1752,7 @@ pub fn conv2d_int8_with(
         bias,
         params,
         requant,
-        dot,
+        Some(Int8ConvVariant::Dot(dot)),
         None,
     )
 }
@@ -1368,7 +1781,7 @@ pub fn conv2d_int8_into(
         bias,
         params,
         requant,
-        ctx.int8_dot(),
+        None,
         Some(out),
     )
     .map(drop)
@@ -1383,7 +1796,7 @@ fn conv2d_int8_impl(
     bias: Option<&Array1<i32>>,
     params: &Conv2dParams,
     requant: &Requant,
-    dot: Int8Dot,
+    variant: Option<Int8ConvVariant>,
     given: Option<&GpuInt8Tensor>,
 ) -> Result<GpuInt8Tensor> {
     ctx.check_tensor("conv2d int8 input", &x.words)?;
@@ -1393,7 +1806,7 @@ fn conv2d_int8_impl(
         int8_output(ctx, "conv2d int8 output", Some(out), &shape, &[&x.words])?;
     }
     GpuConv2dInt8::new(ctx, x_zero_point, weight, bias, params, requant)?
-        .forward_impl(ctx, x, dot, given)
+        .forward_impl(ctx, x, variant, given)
 }
 
 /// An integer linear layer prepared for the GPU: weight words `[out, ceil(in/4)]` and per
@@ -1678,9 +2091,22 @@ mod tests {
     /// portable one never uses `dot4I8Packed`.
     #[test]
     fn composed_int8_shaders_validate_with_naga() {
-        for shader in [&ELEMENTWISE, &CONV_PORTABLE, &CONV_PACKED] {
+        for shader in [
+            &ELEMENTWISE,
+            &CONV_PORTABLE,
+            &CONV_PACKED,
+            &CONV_F_PORTABLE,
+            &CONV_F_SUBGROUP,
+        ] {
             validate(shader.source, shader.name);
         }
+        // The portable f32 module uses no subgroup operation.
+        let code: String = CONV_F_PORTABLE
+            .source
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect();
+        assert!(!code.contains("subgroup"));
         let code: String = CONV_PORTABLE
             .source
             .lines()

@@ -101,6 +101,18 @@ fn variants() -> Vec<Variant> {
             list.push(set);
         }
     }
+    // Every `conv2d_f` variant of the int8 conv (`Int8ConvVariant::all`), per module.
+    let (mut int8_f_sg, mut int8_f) = (vec![vec![]], vec![vec![]]);
+    for v in super::int8::Int8ConvVariant::all() {
+        if let super::int8::Int8ConvVariant::Float { subgroups, .. } = v {
+            let list = if subgroups {
+                &mut int8_f_sg
+            } else {
+                &mut int8_f
+            };
+            list.push(v.constants());
+        }
+    }
     let mut matmul = vec![vec![]];
     for inside in [0u32, 1] {
         for w in [8u32, 16, 24, 32, 40, 48, 56, 64] {
@@ -135,6 +147,8 @@ fn variants() -> Vec<Variant> {
         v(&super::int8::ELEMENTWISE, Needs::Portable, wg(&[256])),
         v(&super::int8::CONV_PORTABLE, Needs::Portable, wg(&[64])),
         v(&super::int8::CONV_PACKED, Needs::PackedDot, wg(&[64])),
+        v(&super::int8::CONV_F_PORTABLE, Needs::Portable, int8_f),
+        v(&super::int8::CONV_F_SUBGROUP, Needs::Subgroups, int8_f_sg),
         v(&super::int8_pool::SHADER, Needs::Portable, wg(&[256])),
         v(&super::observer::SHADER, Needs::Portable, vec![vec![]]),
         v(&super::pool::SHADER, Needs::Portable, wg(&[256])),

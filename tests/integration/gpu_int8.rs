@@ -533,6 +533,73 @@ fn conv2d_int8_matches_the_reference_on_both_dot_paths() {
     }
 }
 
+/// Every exact-f32 variant of the dense conv (`conv2d_f`: channels, rows, row loop or per-tap
+/// loop, subgroup-shared or own weights) against the reference, bit for bit: the shared cases,
+/// channel counts that are not multiples of 4 or 16, enough channel words and taps to flush
+/// the f32 accumulators several times (one word per flush at 256 taps), and all-(-128) codes
+/// (products of 2^14, the bound the flush interval is sized for). Variants that do not apply
+/// (groups, input zero points outside [-128, 127], more than 256 taps) are refused.
+fn conv2d_int8_f32_variants_match_the_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(21);
+    let mut cases = conv_cases();
+    cases.extend([
+        conv_case([1, 37, 9, 10], 21, [3, 3], [1, 1], [1, 1], [1, 1], 1),
+        conv_case([2, 300, 5, 6], 18, [3, 3], [1, 1], [1, 1], [1, 1], 1),
+        conv_case([1, 70, 6, 19], 9, [5, 5], [2, 1], [2, 2], [1, 1], 1),
+        conv_case([1, 8, 4, 5], 3, [16, 16], [1, 1], [6, 7], [1, 1], 1),
+        conv_case([1, 4, 3, 3], 2, [17, 17], [1, 1], [7, 7], [1, 1], 1),
+    ]);
+    let variants: Vec<k8::Int8ConvVariant> = k8::Int8ConvVariant::all()
+        .into_iter()
+        .filter(|v| matches!(v, k8::Int8ConvVariant::Float { .. }))
+        .collect();
+    let mut ran = 0;
+    for (ci, case) in cases.iter().enumerate() {
+        for round in 0..3 {
+            let mode = if round % 2 == 0 {
+                RequantMode::FixedPoint
+            } else {
+                RequantMode::Float
+            };
+            let (mut x, mut x_zp, mut w, bias, rq) = random_conv(&mut rng, case, mode);
+            if round == 2 {
+                x.fill(-128);
+                w.fill(-128);
+                x_zp = rng.pick(&[-128, 127]);
+            } else if rng.below(2) == 0 {
+                x_zp = rng.range(-128, 127);
+            }
+            let want = ref8::conv2d_int8(&x, x_zp, &w, bias.as_ref(), &case.params, &rq).unwrap();
+            let gx = GpuInt8Tensor::upload(&ctx, &x.clone().into_dyn()).unwrap();
+            let conv =
+                k8::GpuConv2dInt8::new(&ctx, x_zp, &w, bias.as_ref(), &case.params, &rq).unwrap();
+            for &v in &variants {
+                let got = conv.forward_variant(&ctx, &gx, v);
+                if !conv.applies(&ctx, v) {
+                    assert!(
+                        got.is_err(),
+                        "case {ci}: {} ran where it does not apply",
+                        v.id()
+                    );
+                    continue;
+                }
+                ran += 1;
+                assert_codes_eq(
+                    &format!(
+                        "conv case {ci} round {round} {} {mode:?} x_zp {x_zp} {:?}",
+                        v.id(),
+                        case.params
+                    ),
+                    &got.unwrap().download(&ctx).unwrap(),
+                    &want.clone().into_dyn(),
+                );
+            }
+        }
+    }
+    assert!(ran > 100, "only {ran} f32 variant runs");
+}
+
 /// A 1x1 conv with weight 1 and bias b passes `x − x_zp + b` straight into the
 /// requantization: the whole WGSL epilogue against `Requant::apply` on chosen accumulators.
 fn conv_epilogue_matches_requant_apply_on_edge_accumulators() {
@@ -1052,6 +1119,7 @@ crate::qfuse_tests! {
     quantize_and_dequantize_match_the_reference: gpu,
     quantize_reports_the_first_nan: gpu,
     conv2d_int8_matches_the_reference_on_both_dot_paths: gpu,
+    conv2d_int8_f32_variants_match_the_reference: gpu,
     conv_epilogue_matches_requant_apply_on_edge_accumulators: gpu,
     linear_int8_matches_the_reference_on_both_dot_paths: gpu,
     backend_int8_ops_match_cpu: gpu,
