@@ -35,8 +35,7 @@
 //   @group(0) @binding(0) params: uniform Params  sizes and settings (fields below), x_zp,
 //                                 out_zp, lo and hi (requantization clamp), mode (0: fixed
 //                                 point, 1: float, as RequantMode); conv2d: zp_word, zp_rest,
-//                                 shared_q (the dense fast path, above); lanes and padding:
-//                                 read by int8_conv_f.wgsl only, which shares this Params
+//                                 shared_q (the dense fast path, above)
 //   @group(0) @binding(1) x:      storage, read array<u32>  packed input codes
 //   @group(0) @binding(2) wt:     storage, read array<u32>  packed weight codes (conv2d:
 //                                 [4 * OQ, NQ, KH, KW], channels past O all 0)
@@ -98,10 +97,6 @@ struct Params {
     zp_word: u32,
     zp_rest: i32,
     shared_q: u32,
-    lanes: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;

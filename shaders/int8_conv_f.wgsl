@@ -30,9 +30,7 @@
 // loads its own weights), the same code otherwise (src/kernels/int8.rs builds both modules).
 //
 // Bindings (group 0), those of int8_conv.wgsl with the same Params:
-//   @group(0) @binding(0) P:   uniform Params  (int8_conv.wgsl's; count = workgroups; lanes =
-//                              4, the channels per word, a uniform so that the compiler keeps
-//                              the loop over them rather than unrolling its large body)
+//   @group(0) @binding(0) P:   uniform Params  (int8_conv.wgsl's; count = workgroups)
 //   @group(0) @binding(1) x:   storage, read array<u32>  packed input codes
 //   @group(0) @binding(2) wt:  storage, read array<u32>  packed weight codes
 //   @group(0) @binding(3) rq:  storage, read array<vec4<i32>>  requantization rows
@@ -85,10 +83,6 @@ struct Params {
     zp_word: u32,
     zp_rest: i32,
     shared_q: u32,
-    lanes: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -469,7 +463,7 @@ fn conv_rows(n: u32, oy: u32, ox0: u32, m0: u32, share: bool, own: u32, live: bo
             x5 = row_words(xc + r5, ix0, ok5);
         }
         // Output row oy + r takes kernel row t from input row r + t; channel 4tq + j.
-        for (var j = 0u; j < P.lanes; j++) {
+        for (var j = 0u; j < 4u; j++) {
             let w0 = w_rows(share, a0, b0, m0, wq, j);
             let w1 = w_rows(share, a1, b1, m0, wq + 3u, j);
             let w2 = w_rows(share, a2, b2, m0, wq + 6u, j);
@@ -568,7 +562,7 @@ fn conv_taps(n: u32, oy: u32, ox0: u32, m0: u32, share: bool, own: u32, live: bo
                         w[15] = unpack4f(wt[w_base(m0 + 15u) + wk]);
                     }
                 }
-                for (var j = 0u; j < P.lanes; j++) {
+                for (var j = 0u; j < 4u; j++) {
                     let l = lanes4(lo, j);
                     let h = lanes4(hi, j);
                     f[0] = fma(vec4<f32>(w[0][j]), l, f[0]);

@@ -30,6 +30,15 @@
 //! outside `[-128, 127]`), which adds the same `x_zp · Σ(lanes of w)`. Weight words and
 //! requantization rows are padded to whole output words so the channel loop is always 4.
 //!
+//! **Dense conv in exact f32** (`shaders/int8_conv_f.wgsl`, [`Int8ConvVariant::Float`]): for
+//! `groups = 1` and an input zero point in `[-128, 127]`, the products of the codes are exact
+//! in f32 (at most 2¹⁴), and so is every partial sum of at most 1024 of them (at most 2²⁴);
+//! the f32 accumulators are flushed into i32 ones every `floor(256 / (KH·KW))` channel words,
+//! so the codes are bit-exact. Tiles as the f32 subgroup conv's (8 or 16 channels × 8 columns
+//! × 1, 2 or 4 rows, weights shared by subgroup broadcast where the device has subgroups).
+//! [`GpuConv2dInt8::forward`] times the variants that apply once per context and shape class
+//! ([`GpuConv2dInt8::variant_for`]); `forward_with` runs the dot-product kernel.
+//!
 //! **Depthwise 3×3 at stride 1** (one channel per group, any padding): `conv2d_dw`, where an
 //! output word's four channels read the input word of the same four channels, lane by lane.
 //! Each invocation walks 4 output rows left to right a pixel (word) at a time with the last
@@ -326,10 +335,6 @@ struct ConvParams {
     zp_word: u32,
     zp_rest: i32,
     shared_q: u32,
-    /// Channels per word `conv2d_f` walks (4), a uniform so that the compiler keeps that loop
-    /// instead of unrolling its large body (a CPU adapter's compile time).
-    lanes: u32,
-    _pad: [u32; 3],
 }
 
 /// `[outer, C, inner]`: how a shape is seen by the packed layout (channel axis 1; rank 1 is
@@ -1644,8 +1649,6 @@ impl GpuConv2dInt8 {
                 .x_zero_point
                 .wrapping_sub(i32::from(self.x_zero_point as i8)),
             shared_q: u32::from(self.shared_q),
-            lanes: 4,
-            _pad: [0; 3],
         };
         Ok(Some(Int8Plan {
             kernel,

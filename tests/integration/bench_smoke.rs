@@ -75,7 +75,8 @@ fn quick_suite_json_on_a_tiny_configuration() {
 
     let kernels = obj["kernels"].as_array().unwrap();
     // Roofline (2), elementwise (7), fold (1), 2 per BatchNorm training shape, 8 f32 per conv
-    // shape, one int8 conv per conv shape and dot path, one int8 linear per dot path, 2 per
+    // shape, per conv shape the tuned int8 conv and one per dot path, one int8 linear per dot
+    // path, 2 per
     // Mnist batch, 3 float Mnist (forward on the GPU and the CPU reference, QAT step).
     let dots = if ctx.packed_int8_dot_available() {
         2
@@ -87,7 +88,7 @@ fn quick_suite_json_on_a_tiny_configuration() {
         2 + 7
             + 1
             + 2 * cfg.bn_train_shapes.len()
-            + (8 + dots) * cfg.conv_shapes.len()
+            + (8 + 1 + dots) * cfg.conv_shapes.len()
             + dots
             + 2 * cfg.mnist_batches.len()
             + 3
@@ -127,6 +128,7 @@ fn quick_suite_json_on_a_tiny_configuration() {
         "conv_bn_relu_qat_backward/unfused",
         "bn_train/forward",
         "bn_train/backward",
+        "int8_conv2d/tuned",
         "int8_conv2d/portable",
         "int8_linear/portable",
         "int8_forward/mnist/device",
@@ -150,6 +152,15 @@ fn quick_suite_json_on_a_tiny_configuration() {
         let algorithm = k["algorithm"].as_str().expect("algorithm");
         assert!(
             qfuse::kernels::conv2d::ConvVariant::parse(algorithm).is_some(),
+            "{algorithm}"
+        );
+        finite_positive(&k["cold_start_s"], "cold_start_s");
+    }
+    // The tuned int8 conv rows name the variant the tuner chose and their cold start.
+    for k in kernels.iter().filter(|k| k["name"] == "int8_conv2d/tuned") {
+        let algorithm = k["algorithm"].as_str().expect("algorithm");
+        assert!(
+            qfuse::kernels::int8::Int8ConvVariant::parse(algorithm).is_some(),
             "{algorithm}"
         );
         finite_positive(&k["cold_start_s"], "cold_start_s");
