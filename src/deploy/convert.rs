@@ -364,12 +364,9 @@ pub fn convert_with_ranges(
         )));
     }
     // Value qparams: observed for the input and requantizing nodes, inherited otherwise.
-    let mut values: Vec<QParams> = Vec::with_capacity(net.value_count());
-    let act_qp = |r: Option<(f32, f32)>, what: &str| -> Result<QParams> {
+    let act_qp = |r: Option<(f32, f32)>, what: &str| -> Result<Option<QParams>> {
         let Some((min, max)) = r else {
-            return Err(Error::invalid(format!(
-                "deployment: no activation range for {what}"
-            )));
+            return Ok(None);
         };
         if min.is_nan() || max.is_nan() {
             return Err(Error::invalid(format!(
@@ -381,16 +378,75 @@ pub fn convert_with_ranges(
                 "deployment: the activation range of {what} is reversed ({min} > {max})"
             )));
         }
-        Ok(observer::calculate_qparams(
+        Ok(Some(observer::calculate_qparams(
             &[min],
             &[max],
             &config.activation,
-        ))
+        )))
     };
-    values.push(act_qp(ranges[0], "the input")?);
+    let mut qparams = Vec::with_capacity(net.value_count());
+    qparams.push(act_qp(ranges[0], "the input")?);
+    for (i, node) in net.nodes().iter().enumerate() {
+        qparams.push(if node.op.requantizes() {
+            act_qp(ranges[i + 1], &format!("`{}`", escape(&node.name)))?
+        } else {
+            None
+        });
+    }
+    convert_with_qparams(net, backend, &qparams, config)
+}
+
+/// Converts `net` to integer form with the activation qparams given — those of a QDQ export
+/// calibrated once (`qfuse quantize --int-model`: the file and the integer model share
+/// every scale and zero point, [`crate::onnx::to_int_model_from`]) — instead of observed
+/// ranges: `qparams[v]` is value `v`'s per-tensor qparams (value 0 the input, value `i + 1`
+/// node `i`'s output). Only the input and the outputs of requantizing nodes are read; the
+/// others inherit their input's qparams and may be `None`. Weights, biases and
+/// requantization as [`convert`].
+///
+/// Errors: as [`convert`]; [`Error::InvalidArgument`] for a `qparams` of the wrong length, a
+/// missing one where one is read, one that is not per tensor, has a scale that is not
+/// positive and finite or a zero point outside the activation range.
+pub fn convert_with_qparams(
+    net: &Net,
+    backend: &dyn HostOps,
+    qparams: &[Option<QParams>],
+    config: &DeployConfig,
+) -> Result<IntModel> {
+    config.validate()?;
+    if qparams.len() != net.value_count() {
+        return Err(Error::invalid(format!(
+            "deployment: {} activation qparams for a net of {} values",
+            qparams.len(),
+            net.value_count()
+        )));
+    }
+    let act_range = config.activation.range;
+    let given = |v: usize, what: &str| -> Result<QParams> {
+        let Some(qp) = &qparams[v] else {
+            return Err(Error::invalid(format!(
+                "deployment: no activation range for {what}"
+            )));
+        };
+        let per_tensor = qp.scale.len() == 1 && qp.zero_point.len() == 1 && qp.axis.is_none();
+        let ok = per_tensor
+            && qp.scale[0].is_finite()
+            && qp.scale[0] > 0.0
+            && (act_range.quant_min..=act_range.quant_max).contains(&qp.zero_point[0]);
+        if !ok {
+            return Err(Error::invalid(format!(
+                "deployment: the qparams of {what} ({qp:?}) are not per-tensor qparams of \
+                 the activation range [{}, {}]",
+                act_range.quant_min, act_range.quant_max
+            )));
+        }
+        Ok(qp.clone())
+    };
+    let mut values: Vec<QParams> = Vec::with_capacity(net.value_count());
+    values.push(given(0, "the input")?);
     for (i, node) in net.nodes().iter().enumerate() {
         let qp = if node.op.requantizes() {
-            act_qp(ranges[i + 1], &format!("`{}`", escape(&node.name)))?
+            given(i + 1, &format!("`{}`", escape(&node.name)))?
         } else {
             values[node.inputs[0]].clone()
         };

@@ -41,7 +41,9 @@ mod net;
 mod run;
 
 pub use calibrate::{calibrate_prepared, calibrate_ranges, calibrate_ranges_with, convert_on};
-pub use convert::{convert, convert_with_ranges, DeployConfig, IntLayer, IntModel, IntNode};
+pub use convert::{
+    convert, convert_with_qparams, convert_with_ranges, DeployConfig, IntLayer, IntModel, IntNode,
+};
 pub use device::{DeviceIntModel, GpuIntModel};
 pub use forward::DeviceNet;
 pub use gap::{measure_gap, Gap, GapReport, LayerGap};

@@ -36,6 +36,13 @@ fn constant<'a>(graph: &'a Graph, node: &Node, i: usize) -> Option<&'a ndarray::
 /// (compare [`Net::forward_values`] with [`super::run`] on a sample, as `qfuse quantize
 /// --int-model` does).
 pub fn to_net(graph: &Graph) -> Result<Net> {
+    net_of(graph).map(|(net, _)| net)
+}
+
+/// [`to_net`] and, for each of the net's values, the graph values that carry it, in graph
+/// order (a conv's value is also its BatchNorm's and its ReLU's output when they merge into
+/// it; a QDQ export quantizes the last).
+fn net_of(graph: &Graph) -> Result<(Net, Vec<Vec<String>>)> {
     let [input] = graph.inputs.as_slice() else {
         return Err(Error::invalid(format!(
             "a deployment net has one input; the graph has {}",
@@ -234,7 +241,14 @@ pub fn to_net(graph: &Graph) -> Result<Net> {
         .copied()
         .ok_or_else(|| Error::invalid("the graph output is not a computed value"))?;
     net.set_output(out)?;
-    Ok(net)
+    let mut names: Vec<Vec<String>> = vec![Vec::new(); net.value_count()];
+    names[net.input()].push(input.name.clone());
+    for n in &graph.nodes {
+        if let Some(&v) = values.get(n.outputs[0].as_str()) {
+            names[v].push(n.outputs[0].clone());
+        }
+    }
+    Ok((net, names))
 }
 
 /// A BatchNorm or activation merges into its producer: the producer's output must have no
@@ -289,13 +303,67 @@ pub fn to_int_model_with<B: crate::backend::Backend>(
 ) -> Result<crate::deploy::IntModel> {
     config.validate()?;
     let net = to_net(graph)?;
-    let first = batches
+    let sample = batches
         .first()
-        .and_then(|b| b.first())
         .ok_or_else(|| Error::invalid("the integer model needs a calibration batch"))?;
-    let want = super::run(backend, graph, batches[0].as_slice())?;
     // The net is placed on the backend once: checked on its output alone, then calibrated.
-    let dnet = crate::deploy::DeviceNet::prepare(&net, backend.clone(), true)?;
+    let dnet = check_net(backend, graph, &net, sample)?;
+    let ranges = crate::deploy::calibrate_prepared(
+        &net,
+        &dnet,
+        batches.iter().filter_map(|b| b.first().map(|(_, x)| x)),
+        &config.activation,
+        averaging_constant,
+    )?;
+    crate::deploy::convert_with_ranges(&net, &crate::backend::CpuBackend, &ranges, config)
+}
+
+/// The integer model of a QDQ export's graph with the export's own activation qparams
+/// (`qfuse quantize --int-model`: calibrated once, so the QDQ file and the integer model
+/// share every scale and zero point): [`to_net`] of [`super::QuantizedModel::float_model`],
+/// the same check as [`to_int_model_with`] on `sample` (one calibration batch), then
+/// [`crate::deploy::convert_with_qparams`] with each value's qparams from
+/// [`super::QuantizedModel::activations`] (a value carried by several graph values — a conv
+/// and its ReLU — takes the last one's that has qparams), weights quantized with `config`.
+///
+/// Errors: those of [`to_net`], [`super::run`] and [`crate::deploy::convert_with_qparams`]
+/// (a value the integer model requantizes that the export left float, named);
+/// [`Error::InvalidArgument`] when the net and the graph disagree.
+pub fn to_int_model_from<B: crate::backend::Backend>(
+    backend: &B,
+    quantized: &super::QuantizedModel,
+    sample: &[(String, ndarray::ArrayD<f32>)],
+    config: &crate::deploy::DeployConfig,
+) -> Result<crate::deploy::IntModel> {
+    config.validate()?;
+    let graph = &quantized.float_model.graph;
+    let (net, names) = net_of(graph)?;
+    check_net(backend, graph, &net, sample)?;
+    let qparams: Vec<Option<crate::quant::QParams>> = names
+        .iter()
+        .map(|aliases| {
+            aliases
+                .iter()
+                .rev()
+                .find_map(|n| quantized.activations.get(n).cloned())
+        })
+        .collect();
+    crate::deploy::convert_with_qparams(&net, &crate::backend::CpuBackend, &qparams, config)
+}
+
+/// Whether `net` computes `graph`'s output on `sample` (within `1e-4` relative: a Reshape
+/// taken as a flatten must be one), the net placed on `backend` once; returns it placed.
+fn check_net<B: crate::backend::Backend>(
+    backend: &B,
+    graph: &Graph,
+    net: &Net,
+    sample: &[(String, ndarray::ArrayD<f32>)],
+) -> Result<crate::deploy::DeviceNet<B>> {
+    let first = sample
+        .first()
+        .ok_or_else(|| Error::invalid("the integer model needs a calibration batch"))?;
+    let want = super::run(backend, graph, sample)?;
+    let dnet = crate::deploy::DeviceNet::prepare(net, backend.clone(), true)?;
     let got = &dnet.forward(&first.1)?;
     let want = &want[0].1;
     let scale = want.iter().fold(1.0f32, |a, v| a.max(v.abs()));
@@ -310,14 +378,7 @@ pub fn to_int_model_with<B: crate::backend::Backend>(
              flatten?)",
         ));
     }
-    let ranges = crate::deploy::calibrate_prepared(
-        &net,
-        &dnet,
-        batches.iter().filter_map(|b| b.first().map(|(_, x)| x)),
-        &config.activation,
-        averaging_constant,
-    )?;
-    crate::deploy::convert_with_ranges(&net, &crate::backend::CpuBackend, &ranges, config)
+    Ok(dnet)
 }
 
 /// The one [`crate::deploy::DeployConfig`] of an NNI-style `config_list`, for an integer

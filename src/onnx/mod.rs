@@ -35,7 +35,7 @@ mod model;
 pub mod proto;
 mod quantize;
 
-pub use deploy::{deploy_config_of, to_int_model, to_int_model_with, to_net};
+pub use deploy::{deploy_config_of, to_int_model, to_int_model_from, to_int_model_with, to_net};
 pub use eval::{run, run_observed, DeviceGraph, Observed};
 pub use fold::{
     find_fusable, fold_file, fold_model, state_dict_specs, FoldedModel, Fusable, OnnxFold,

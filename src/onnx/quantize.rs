@@ -60,6 +60,13 @@ pub struct QuantizedModel {
     pub left_float: Vec<String>,
     /// How many calibration batches were observed.
     pub batches: usize,
+    /// The float model with its BatchNorms folded, which the QDQ model quantizes.
+    pub float_model: OnnxModel,
+    /// Every quantized activation value of [`QuantizedModel::float_model`]'s graph (by
+    /// name) with its per-tensor qparams as calibrated (int8 codes; a uint8 export's zero
+    /// points are these + 128): what [`super::to_int_model_from`] builds the integer model
+    /// from, so that both share every scale and zero point.
+    pub activations: HashMap<String, QParams>,
 }
 
 /// A quantizable op: node index, weight input name, the weight's output-channel axis
@@ -924,5 +931,7 @@ pub fn quantize_model_with<B: Backend>(
         ops,
         left_float,
         batches: batches.len(),
+        float_model: folded.model,
+        activations: act_qp,
     })
 }

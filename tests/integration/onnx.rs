@@ -680,6 +680,70 @@ fn int_model_agrees_with_the_qdq_export() {
         println!("{name}: integer model vs QDQ codes identical {same}/{total}, max step {worst}");
         assert!(same * 100 >= total * 99, "{name}: {same}/{total}");
         assert!(worst <= 1, "{name}: {worst}");
+        // Calibrated once (`qfuse quantize --int-model`): the integer model built from the
+        // export's own qparams shares every activation scale and zero point with the QDQ
+        // file, bit for bit — its input, its output and each value it requantizes is one of
+        // the file's QuantizeLinear qparams — and its codes agree as closely.
+        let once = qfuse::onnx::to_int_model_from(
+            &CpuBackend,
+            &q,
+            &batches[0],
+            &qfuse::deploy::DeployConfig::default(),
+        )
+        .unwrap();
+        let g = &q.model.graph;
+        let file_qparams: Vec<(u32, i32)> = g
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::QuantizeLinear { .. }))
+            .map(|n| {
+                let t = |i: usize| g.initializers.get(n.input(i).unwrap()).unwrap();
+                let (qfuse::onnx::Tensor::F32(s), qfuse::onnx::Tensor::I8(z)) = (t(1), t(2)) else {
+                    panic!("{name}: {n:?}")
+                };
+                (
+                    s.iter().next().unwrap().to_bits(),
+                    i32::from(*z.iter().next().unwrap()),
+                )
+            })
+            .collect();
+        for (v, qp) in once.values.iter().enumerate() {
+            let key = (qp.scale[0].to_bits(), qp.zero_point[0]);
+            assert!(file_qparams.contains(&key), "{name}: value {v} {qp:?}");
+        }
+        let out_q = q.activations.get(&m.graph.outputs[0]).unwrap();
+        assert_eq!(once.output_qparams(), out_q, "{name}");
+        let (mut same, mut total) = (0usize, 0usize);
+        for k in 100..104 {
+            let x = lcg_input(&shape, k);
+            let codes = once.forward(&CpuBackend, &x).unwrap();
+            let y = eval(&CpuBackend, &q.model, &x);
+            for (c, v) in codes.iter().zip(&y) {
+                let qdq_code = (v / out_q.scale[0]).round() as i32 + out_q.zero_point[0];
+                same += usize::from(i32::from(*c) == qdq_code);
+                total += 1;
+            }
+        }
+        println!("{name}: calibrated once, identical {same}/{total}");
+        assert!(same * 100 >= total * 99, "{name}: {same}/{total}");
+        // An export that left a requantized value float, or qparams outside the activation
+        // range: one-line errors.
+        let cfg = qfuse::deploy::DeployConfig::default();
+        let mut bare = q.clone();
+        bare.activations.clear();
+        let e = qfuse::onnx::to_int_model_from(&CpuBackend, &bare, &batches[0], &cfg);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("no activation range for the input"), "{e}");
+        let mut bad = q.clone();
+        bad.activations
+            .values_mut()
+            .for_each(|qp| qp.zero_point[0] = 300);
+        let e = qfuse::onnx::to_int_model_from(&CpuBackend, &bad, &batches[0], &cfg);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains("are not per-tensor qparams of the activation range"),
+            "{e}"
+        );
     }
     let r = fold_model(&CpuBackend, &load("mobilenet")).unwrap();
     let net = qfuse::onnx::to_net(&r.model.graph).unwrap();

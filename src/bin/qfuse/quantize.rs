@@ -15,8 +15,8 @@ use qfuse::io::file::{read_input, Outputs};
 use qfuse::io::state_dict::load_state_dict;
 use qfuse::io::text::{escape, escape_path};
 use qfuse::onnx::{
-    deploy_config_of, fold_model, quantize_model_with, to_int_model_with, ActivationObserver,
-    OnnxModel, QuantizeOptions, MOVING_AVERAGE_CONSTANT,
+    deploy_config_of, quantize_model_with, to_int_model_from, ActivationObserver, OnnxModel,
+    QuantizeOptions, MOVING_AVERAGE_CONSTANT,
 };
 use qfuse::quant::QDtype;
 
@@ -42,9 +42,10 @@ pub struct QuantizeArgs {
     /// Where the float graph runs during calibration.
     #[arg(long, value_enum, default_value_t = FoldBackend::Auto)]
     backend: FoldBackend,
-    /// Also write qfuse's integer model of the same graph (deploy::IntModel, safetensors): for
-    /// graphs of convs (depthwise too), linears, ReLU/ReLU6, max pools (padded too), global
-    /// average pools, HardSwish / LeakyRelu, flattens and residual adds.
+    /// Also write qfuse's integer model of the same graph (deploy::IntModel, safetensors),
+    /// with the QDQ model's activation qparams (calibrated once): for graphs of convs
+    /// (depthwise too), linears, ReLU/ReLU6, max pools (padded too), global average pools,
+    /// HardSwish / LeakyRelu, flattens and residual adds.
     #[arg(long, value_name = "OUT.safetensors")]
     int_model: Option<PathBuf>,
     /// An NNI-style config_list (JSON) choosing the nodes and tensors to quantize: op_names
@@ -244,14 +245,8 @@ fn quantize_on<B: Backend>(
                     escape(node)
                 )));
             }
-            let folded = fold_model(backend, model)?;
-            let im = to_int_model_with(
-                backend,
-                &folded.model.graph,
-                batches,
-                &plan.deploy_config,
-                plan.options.observer.averaging_constant(),
-            )?;
+            // Calibrated once: the integer model takes the QDQ export's activation qparams.
+            let im = to_int_model_from(backend, &q, &batches[0], &plan.deploy_config)?;
             outputs.stage(path, &im.to_state_dict()?.to_bytes()?)?;
             Some((path, im.nodes.len()))
         }
