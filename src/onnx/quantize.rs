@@ -603,7 +603,9 @@ pub fn quantize_model_with<B: Backend>(
             "quantization needs at least one calibration batch",
         ));
     }
-    let folded = fold_model(backend, model)?;
+    // The folds read and write parameters, which are edge data: folded once on the host
+    // (the reference), not round-tripped through the backend per fold.
+    let folded = fold_model(&crate::CpuBackend, model)?;
     let graph = &folded.model.graph;
     let proto_graph = folded
         .model

@@ -220,9 +220,9 @@ fn device_graph_keeps_values_on_the_gpu() {
 }
 
 /// Calibration of every test model on the GPU (`quantize_model`) moves only the batches up
-/// and the observers' statistics down: after the BatchNorm folds (counted apart, by the same
-/// `fold_model` call), the parameters once, one upload per batch and one 8-byte download
-/// per observed value — no value of the graph crosses. The qparams stay within f32 rounding of
+/// and the observers' statistics down: the BatchNorms folded on the host (parameters are
+/// edge data), the folded parameters uploaded once, one upload per batch and one 8-byte
+/// download per observed value — no value of the graph crosses. The qparams stay within f32 rounding of
 /// the CPU's (the convs' summation order differs; the input's are exact).
 fn gpu_calibration_moves_only_batches_and_statistics() {
     if common::gpu().is_none() {
@@ -243,9 +243,6 @@ fn gpu_calibration_moves_only_batches_and_statistics() {
             batches(name)
         };
         let before = ctx.transfer_stats();
-        fold_model(&gpu, &m).unwrap();
-        let fold = ctx.transfer_stats().since(&before);
-        let before = ctx.transfer_stats();
         let qg = quantize_model(&gpu, &m, &batches).unwrap();
         let t = ctx.transfer_stats().since(&before);
         let qc = quantize_model(&CpuBackend, &m, &batches).unwrap();
@@ -264,12 +261,10 @@ fn gpu_calibration_moves_only_batches_and_statistics() {
             .filter(|(g, c)| g.input == c.input && g.output == c.output)
             .count();
         println!(
-            "{name}: folds {}/{} transfers; calibration {}/{} ({} batches, {} op values); \
+            "{name}: calibration {}/{} transfers ({} batches, {} op values); \
              {identical}/{} ops with the CPU's qparams exactly",
-            fold.uploads,
-            fold.downloads,
-            t.uploads - fold.uploads,
-            t.downloads - fold.downloads,
+            t.uploads,
+            t.downloads,
             batches.len(),
             observed.len(),
             qg.ops.len()
@@ -277,17 +272,9 @@ fn gpu_calibration_moves_only_batches_and_statistics() {
         // Up: the parameters and the batches. Down: each observer's `[2, 1]` min / max
         // state once (8 bytes; the observed values are the ops' inputs and outputs, and
         // the outputs of Add, GlobalAveragePool and activation nodes).
-        let down = t.downloads - fold.downloads;
-        assert_eq!(
-            t.uploads - fold.uploads,
-            params + batches.len() as u64,
-            "{name}: {t:?}"
-        );
-        assert_eq!(
-            t.download_bytes - fold.download_bytes,
-            8 * down,
-            "{name}: {t:?}"
-        );
+        let down = t.downloads;
+        assert_eq!(t.uploads, params + batches.len() as u64, "{name}: {t:?}");
+        assert_eq!(t.download_bytes, 8 * down, "{name}: {t:?}");
         assert!(down >= observed.len() as u64, "{name}: {t:?}");
         assert_eq!(qg.ops.len(), qc.ops.len(), "{name}");
         for (g, c) in qg.ops.iter().zip(&qc.ops) {
@@ -388,12 +375,11 @@ fn gpu_calibration_matches_the_cpu_with_counted_transfers() {
         "mnist calibration on the GPU: {t:?}, {} observed",
         observed.len()
     );
-    // Folding conv1 + batchnorm1 on the GPU (fold_model through HostOps): the conv's weight
-    // and bias and the BatchNorm's 4 vectors up, the folded weight and bias down. Then the
-    // 8 parameters once and one upload per batch; one download per observed value.
+    // conv1 + batchnorm1 folded on the host, then the 8 parameters once and one upload per
+    // batch; one download per observed value.
     assert_eq!(
         (t.uploads, t.downloads),
-        (6 + 8 + batches.len() as u64, 2 + observed.len() as u64),
+        (8 + batches.len() as u64, observed.len() as u64),
         "{t:?}"
     );
     assert_eq!(qg.ops.len(), qc.ops.len());
