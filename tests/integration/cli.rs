@@ -6,6 +6,7 @@
 
 use crate::common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -326,13 +327,16 @@ fn no_xdg_runtime_dir_error_from_the_driver() {
 /// A reader that goes away (`qfuse … | head`) ends the run quietly with a failing status: no
 /// panic message about a broken pipe.
 fn closed_stdout_ends_without_a_panic() {
+    // More output than a pipe holds (64 KiB on Linux): with the read end
+    // closed the writer meets the broken pipe deterministically, even when
+    // another test's fork briefly inherited the read end and the first lines
+    // fitted into the pipe's buffer.
+    let case = golden("batch_norm2d__eval");
+    let mut args = vec![OsStr::new("conformance")];
+    args.extend(std::iter::repeat_n(case.as_os_str(), 2000));
+    args.extend([OsStr::new("--backend"), OsStr::new("cpu")]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_qfuse"))
-        .args([
-            "conformance",
-            s(&golden("batch_norm2d__eval")),
-            "--backend",
-            "cpu",
-        ])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

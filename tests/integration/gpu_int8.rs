@@ -539,7 +539,10 @@ fn conv2d_int8_matches_the_reference_on_both_dot_paths() {
 /// the f32 accumulators several times (one word per flush at 256 taps), and all-(-128) codes
 /// (products of 2^14, the bound the flush interval is sized for). Variants that do not apply
 /// (groups, input zero points outside [-128, 127], more than 256 taps) are refused.
-fn conv2d_int8_f32_variants_match_the_reference() {
+///
+/// One test per weight-sharing mode and channel count, each compiling four of the sixteen
+/// pipelines, so a cold shader cache keeps every test well under a minute.
+fn check_f32_variants(subgroups: bool, channels: u32) {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(21);
     let mut cases = conv_cases();
@@ -552,8 +555,12 @@ fn conv2d_int8_f32_variants_match_the_reference() {
     ]);
     let variants: Vec<k8::Int8ConvVariant> = k8::Int8ConvVariant::all()
         .into_iter()
-        .filter(|v| matches!(v, k8::Int8ConvVariant::Float { .. }))
+        .filter(|v| {
+            matches!(v, k8::Int8ConvVariant::Float { subgroups: sg, channels: c, .. }
+                if *sg == subgroups && *c == channels)
+        })
         .collect();
+    assert_eq!(variants.len(), 4);
     let mut ran = 0;
     for (ci, case) in cases.iter().enumerate() {
         for round in 0..3 {
@@ -597,7 +604,27 @@ fn conv2d_int8_f32_variants_match_the_reference() {
             }
         }
     }
-    assert!(ran > 100, "only {ran} f32 variant runs");
+    if subgroups && !ctx.has_subgroups() {
+        assert_eq!(ran, 0, "subgroup variants ran without subgroups");
+    } else {
+        assert!(ran > 25, "only {ran} f32 variant runs");
+    }
+}
+
+fn conv2d_int8_f32_c8_subgroup_variants_match_the_reference() {
+    check_f32_variants(true, 8);
+}
+
+fn conv2d_int8_f32_c16_subgroup_variants_match_the_reference() {
+    check_f32_variants(true, 16);
+}
+
+fn conv2d_int8_f32_c8_portable_variants_match_the_reference() {
+    check_f32_variants(false, 8);
+}
+
+fn conv2d_int8_f32_c16_portable_variants_match_the_reference() {
+    check_f32_variants(false, 16);
 }
 
 /// A 1x1 conv with weight 1 and bias b passes `x − x_zp + b` straight into the
@@ -1119,7 +1146,10 @@ crate::qfuse_tests! {
     quantize_and_dequantize_match_the_reference: gpu,
     quantize_reports_the_first_nan: gpu,
     conv2d_int8_matches_the_reference_on_both_dot_paths: gpu,
-    conv2d_int8_f32_variants_match_the_reference: gpu,
+    conv2d_int8_f32_c8_subgroup_variants_match_the_reference: gpu,
+    conv2d_int8_f32_c16_subgroup_variants_match_the_reference: gpu,
+    conv2d_int8_f32_c8_portable_variants_match_the_reference: gpu,
+    conv2d_int8_f32_c16_portable_variants_match_the_reference: gpu,
     conv_epilogue_matches_requant_apply_on_edge_accumulators: gpu,
     linear_int8_matches_the_reference_on_both_dot_paths: gpu,
     backend_int8_ops_match_cpu: gpu,
