@@ -6,7 +6,7 @@
 //! ([`crate::reference::int8::lookup_int8`]). Codes are [`GpuInt8Tensor`]s (channel quads,
 //! see [`super::int8`]); every launcher validates with the reference's shared checks
 //! ([`crate::ops::Pool2d::output`], [`crate::ops::global_pool_extent`],
-//! [`crate::reference::int8::check_table`]), records its dispatch and returns without waiting.
+//! [`crate::quant::check_table`]), records its dispatch and returns without waiting.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -260,7 +260,7 @@ fn global_avg_pool_impl(
 /// tables from [`crate::reference::int8::activation_table`]); the table travels in a
 /// 256-byte uniform.
 ///
-/// Errors: a table without 256 entries ([`crate::reference::int8::check_table`]).
+/// Errors: a table without 256 entries ([`crate::quant::check_table`]).
 pub fn lookup_int8(ctx: &GpuContext, x: &GpuInt8Tensor, table: &[i8]) -> Result<GpuInt8Tensor> {
     lookup_impl(ctx, x, table, None)
 }
@@ -283,7 +283,7 @@ fn lookup_impl(
     given: Option<&GpuInt8Tensor>,
 ) -> Result<GpuInt8Tensor> {
     ctx.check_tensor("code table input", x.words())?;
-    crate::reference::int8::check_table(table)?;
+    crate::quant::check_table(table)?;
     let y = int8_output(ctx, "code table output", given, x.shape(), &[x.words()])?;
     let words = y.words().len();
     if words == 0 {

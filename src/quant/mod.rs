@@ -130,6 +130,18 @@ impl QScheme {
     }
 }
 
+/// The one check of a code table (256 entries, one per int8 code), shared by the reference
+/// (`reference::int8::lookup_int8`) and the GPU kernel.
+pub fn check_table(table: &[i8]) -> Result<()> {
+    if table.len() != 256 {
+        return Err(Error::invalid(format!(
+            "a code table has 256 entries (one per int8 code), got {}",
+            table.len()
+        )));
+    }
+    Ok(())
+}
+
 /// PyTorch's dim wrapping: `axis` in `-rank..rank`, a negative axis counting from the end
 /// (`-1` is the last dim). The one place every observer and kernel resolves a channel axis.
 ///

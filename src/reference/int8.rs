@@ -357,16 +357,7 @@ pub fn lookup_int8(x: &ArrayD<i8>, table: &[i8]) -> Result<ArrayD<i8>> {
     Ok(x.mapv(|q| table[(i32::from(q) + 128) as usize]))
 }
 
-/// The one check of a code table (256 entries, one per int8 code).
-pub fn check_table(table: &[i8]) -> Result<()> {
-    if table.len() != 256 {
-        return Err(Error::invalid(format!(
-            "a code table has 256 entries (one per int8 code), got {}",
-            table.len()
-        )));
-    }
-    Ok(())
-}
+pub use crate::quant::check_table;
 
 /// Quantized elementwise add with a fused clamp (ONNX `QLinearAdd`, PyTorch's
 /// `torch.ao.nn.quantized.QFunctional` `add` / `add_relu`), in the arithmetic
