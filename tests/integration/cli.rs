@@ -349,7 +349,27 @@ fn closed_stdout_ends_without_a_panic() {
     assert!(!out.status.success(), "{stderr}");
 }
 
+/// `qfuse bench --conv-batch` takes 1 to 64 and refuses anything else in one line before any
+/// adapter opens.
+fn bench_conv_batch_is_bounded() {
+    for bad in ["0", "65", "-1", "8x"] {
+        let arg = format!("--conv-batch={bad}");
+        let out = qfuse(&["bench", &arg], &[]);
+        let (_, err) = text(&out);
+        assert!(!out.status.success(), "--conv-batch {bad} ran");
+        assert!(err.contains("--conv-batch"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !err.contains("adapter:"),
+            "an adapter opened for --conv-batch {bad}"
+        );
+    }
+    let out = qfuse(&["bench", "--help"], &[]);
+    assert!(text(&out).0.contains("--conv-batch <N>"));
+}
+
 crate::qfuse_tests! {
+    bench_conv_batch_is_bounded,
     closed_stdout_ends_without_a_panic,
     conformance_takes_files_and_folders,
     conformance_failure_details_wrap_under_120_columns,

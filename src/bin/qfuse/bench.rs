@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// (e.g. `bn_train`, `conv2d,conv_bn_relu`); the roofline always runs.
     #[arg(long, value_name = "TEXT")]
     filter: Option<String>,
+    /// Batch of the conv benchmarks (full suite: 8, --quick: 1), 1 to 64: `--conv-batch 1`
+    /// times the full suite's five conv shapes at batch 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    conv_batch: Option<u16>,
     /// Also draw the roofline as SVG: the copy and FMA roofs (log-log GFLOP/s against FLOP
     /// per byte), each kernel with a flop count a point at its arithmetic intensity, fused and
     /// unfused forms of the same work joined by a line.
@@ -39,7 +43,7 @@ pub struct BenchArgs {
         long,
         value_name = "FILE.json",
         requires = "plot",
-        conflicts_with_all = ["quick", "json", "filter"]
+        conflicts_with_all = ["quick", "json", "filter", "conv_batch"]
     )]
     from_json: Option<PathBuf>,
     /// Keep the GPU caches (conv2d tuning, compiled pipelines) in memory only, instead of the
@@ -170,6 +174,9 @@ pub fn run(args: &BenchArgs) -> qfuse::Result<ExitCode> {
         BenchConfig::full()
     };
     cfg.filter.clone_from(&args.filter);
+    if let Some(n) = args.conv_batch {
+        cfg.conv_batch = usize::from(n);
+    }
     eprintln!("adapter: {}", ctx.name());
     eprintln!("{}", cfg.describe());
     if args.quick {
