@@ -3,7 +3,7 @@
 the models are too big to commit and cargo test does not run Python).
 
     pip install torch torchvision onnx onnxruntime safetensors numpy
-    cargo build --release --example int_model_forward
+    cargo build --release --example int_model_forward --example tract_run
     python3 tools/torchvision_targets.py [WORKDIR] [--images N] [--backend cpu|gpu]
 
 For each model it
@@ -23,7 +23,10 @@ For each model it
    (round(y / scale) + zero point of the final DequantizeLinear's output) with qfuse's
    integer model's codes (`examples/int_model_forward.rs` on the same images, fed ONNX's
    input codes with `--onnx-input`: `x / scale` where qfuse rounds `x * (1/scale)`; and fed
-   qfuse's own): the identical fraction (target >= 99.9%) and the largest step difference.
+   qfuse's own): the identical fraction (target >= 99.9%) and the largest step difference;
+5. runs the same QDQ file in tract, a Rust engine (`examples/tract_run.rs`, tract-onnx 0.23)
+   on the same images and compares its output codes with the integer model's and with
+   onnxruntime's the same way.
    With uint8 activations (onnxruntime's own QDQ default) onnxruntime's x86 CPU EP runs its
    integer kernels (QLinearConv, QLinearAdd, QLinearGlobalAveragePool, QGemm); with int8
    activations it runs DequantizeLinear -> float Conv -> QuantizeLinear.
@@ -51,6 +54,7 @@ from safetensors.numpy import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QFUSE = os.path.join(ROOT, "target", "release", "qfuse")
 FORWARD = os.path.join(ROOT, "target", "release", "examples", "int_model_forward")
+TRACT = os.path.join(ROOT, "target", "release", "examples", "tract_run")
 EXPECTED_BN = {"resnet18": 20, "mobilenet_v2": 52}
 SEED = {"resnet18": 0, "mobilenet_v2": 1}
 
@@ -170,6 +174,17 @@ def main():
             compare(codes_of(y, scale, zp), ci, f"int_vs_qdq_{dtype}", r)
             compare(codes_of(y, scale, zp), c["codes"].astype(np.int32),
                     f"int_qfuse_input_vs_qdq_{dtype}", r)
+            # 5. tract (Rust) on the same QDQ file and images.
+            out = w(f"{name}.{dtype}.tract.safetensors")
+            _, wall, _ = timed([TRACT, qdq, w("images.safetensors"), out])
+            t = load_file(out)
+            yt = t["output"].reshape(y.shape)
+            r[f"tract_{dtype}_load_s"], r[f"tract_{dtype}_run_s"] = (
+                round(float(t["seconds"][0]), 3), round(float(t["seconds"][1]), 3))
+            compare(codes_of(yt, scale, zp), ci, f"int_vs_tract_{dtype}", r)
+            compare(codes_of(yt, scale, zp), c["codes"].astype(np.int32),
+                    f"int_qfuse_input_vs_tract_{dtype}", r)
+            compare(codes_of(yt, scale, zp), codes_of(y, scale, zp), f"tract_vs_ort_{dtype}", r)
         print(json.dumps(r), flush=True)
 
 
