@@ -306,15 +306,27 @@ impl Rig {
         ctx: &'a GpuContext,
         r: &Roofline,
     ) -> Result<impl FnMut() -> Result<()> + 'a> {
+        self.copy_run_n4(ctx, r, self.n4)
+    }
+
+    /// Like [`Rig::copy_run`], copying only the first `n4` vec4s (at most the rig's own):
+    /// a copy of the same bytes as a small kernel, to show the device's cost per call.
+    pub(crate) fn copy_run_n4<'a>(
+        &'a self,
+        ctx: &'a GpuContext,
+        r: &Roofline,
+        n4: usize,
+    ) -> Result<impl FnMut() -> Result<()> + 'a> {
         let (wg, ept) = (r.copy_best.workgroup_size, r.copy_best.per_invocation);
+        let n4 = n4.clamp(1, self.n4);
         let uniform = ctx.params(&Params {
-            n4: self.n4_u32,
+            n4: self.n4_u32.min(u32::try_from(n4).unwrap_or(u32::MAX)),
             iters: 0,
             a: 0.0,
             b: 0.0,
         })?;
         let constants = [("WG", f64::from(wg)), ("EPT", f64::from(ept))];
-        let workgroups = ctx.grid_1d(self.n4.div_ceil(ept.max(1) as usize), wg)?;
+        let workgroups = ctx.grid_1d(n4.div_ceil(ept.max(1) as usize), wg)?;
         Ok(move || {
             ctx.run(&[Launch {
                 kernel: &COPY,

@@ -708,6 +708,55 @@ impl Runner<'_> {
         Ok(Some(m[1]))
     }
 
+    /// [`Runner::bench_memory`] for a small kernel: also times, interleaved with the two, a copy
+    /// of the same `bytes` (half read, half written) by the roofline's copy kernel, and adds to
+    /// the row's note that copy's time and this row's ratio to it (the roofline ratio stays
+    /// against the roofline's copy): on a device with a fixed cost per call, the bound any
+    /// kernel of this size meets.
+    fn bench_memory_same_size(
+        &mut self,
+        name: &str,
+        shape: &str,
+        bytes: f64,
+        reps: &Reps,
+        note: Option<String>,
+        run: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Measurement>> {
+        if self.skip(name, shape) {
+            return Ok(None);
+        }
+        let n4 = ((bytes / 32.0).ceil() as usize).max(1);
+        let m = {
+            let mut copy = self.rig.copy_run(self.ctx, &self.roofline)?;
+            let mut same = self.rig.copy_run_n4(self.ctx, &self.roofline, n4)?;
+            measure_interleaved(
+                self.ctx,
+                self.stamps.as_ref(),
+                reps,
+                &mut [&mut copy, run, &mut same],
+            )?
+        };
+        let (copy_rate, copy_gpu_rate) = absorb_copy(&mut self.roofline, m[0]);
+        let same_bytes = (n4 * 32) as f64;
+        let same_note = format!(
+            "a copy of the same {} bytes: {:.3} ms ({:.2} GB/s), this row at {:.2} of it",
+            n4 * 32,
+            m[2].wall_ms,
+            rate(same_bytes, m[2].wall_ms),
+            m[2].wall_ms / m[1].wall_ms.max(1e-9),
+        );
+        let note = Some(match note {
+            Some(n) => format!("{n}; {same_note}"),
+            None => same_note,
+        });
+        self.record(name, shape, Work::Bytes(bytes), m[1], note);
+        if let Some(r) = self.results.last_mut() {
+            r.copy_gbps_interleaved = Some(copy_rate);
+            r.copy_gpu_gbps_interleaved = copy_gpu_rate;
+        }
+        Ok(Some(m[1]))
+    }
+
     /// Times `run` and records a row.
     fn bench(
         &mut self,
@@ -1105,7 +1154,7 @@ fn bn_train(r: &mut Runner<'_>, cfg: &BenchConfig, shape: [usize; 4]) -> Result<
         layout.threads_per_channel, layout.groups
     );
     let out = batch_norm2d(ctx, &x, &bn, 0.1, true, Activation::None, false)?;
-    r.bench_memory(
+    r.bench_memory_same_size(
         "bn_train/forward",
         &desc,
         8.0 * elems + 32.0 * channels,
@@ -1116,7 +1165,7 @@ fn bn_train(r: &mut Runner<'_>, cfg: &BenchConfig, shape: [usize; 4]) -> Result<
         &mut || batch_norm2d_into(ctx, &x, &bn, 0.1, true, Activation::None, &out),
     )?;
     let grads = batch_norm2d_backward(ctx, &x, &dy, &bn, &out.stats.stats, true)?;
-    r.bench_memory(
+    r.bench_memory_same_size(
         "bn_train/backward",
         &desc,
         12.0 * elems + 20.0 * channels,
