@@ -19,7 +19,9 @@
 //!   8 B/element; observers: read x = 4 B/element; folding: read and write the weight;
 //!   `bn_train/forward`: read x, write y = 8 B/element and 32 B/channel of parameters and
 //!   statistics, `bn_train/backward`: read x and dy, write dx = 12 B/element and 20 B/channel,
-//!   at every [`BenchConfig::bn_train_shapes`]); convolutions in GFLOP/s with
+//!   at every [`BenchConfig::bn_train_shapes`]; their notes add a copy of the same bytes timed
+//!   interleaved and the row's time against it, the bound a fixed cost per call puts on a
+//!   kernel of that size); convolutions in GFLOP/s with
 //!   `2·N·OH·OW·O·(C/g)·KH·KW` flops. Integer (int8) kernels report **GOP/s** in their own
 //!   field, `gops` (never `gflops`): `2·MACs` per second, the same count as a float conv's
 //!   flops (`int8_conv2d/{portable,packed}` at every conv shape, one entry per dot-product
