@@ -70,8 +70,10 @@
 //                                         (i / inner) % C.
 //   divide_back_partial (0,8,10,12,13):   grid (G, Cy, Cz); value j of channel c is element
 //                                         (j / hw) * C * hw + c * hw + j % hw.
-//   divide_back_final   (0,1,4,13,14,15,16,17): grid (1, Cy, Cz).
+//   divide_back_final   (0,1,4,13,14,15,16,17): 1-D grid over C, one invocation per channel.
 //   weight_grad         (0,1,2,4,16,18,19,20):  grid (1, Cy, Cz), one workgroup per output channel.
+//   weight_grad_thread  (as weight_grad): 1-D grid over C, one invocation per output channel
+//                                         (for few weights per channel).
 //   eval_scale          (0,1,4,10,11):    1-D grid over C; b = conv bias (zeros if none), out = b'.
 //   sqrt_rn_test        (0,8,11):         1-D grid over n.
 
@@ -281,37 +283,6 @@ fn divide_back_partial(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 @compute @workgroup_size(WGR)
-fn divide_back_final(@builtin(workgroup_id) wid: vec3<u32>,
-                     @builtin(local_invocation_id) lid: vec3<u32>,
-                     @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = wid.y + wid.z * nwg.y;
-    if (c >= params.channels) {
-        return;
-    }
-    let nc = params.channels;
-    let cg = nc * params.groups;
-    var acc_g = 0.0;
-    var acc_gx = 0.0;
-    for (var g = lid.x; g < params.groups; g = g + WGR) {
-        acc_g = acc_g + partials[c * params.groups + g];
-        acc_gx = acc_gx + partials[cg + c * params.groups + g];
-    }
-    sa[lid.x] = acc_g;
-    sb[lid.x] = acc_gx;
-    reduce_sum2(lid.x);
-    if (lid.x == 0u) {
-        let inv_std = 1.0 / sqrt(bn[3u * nc + c] + params.eps);
-        dbias[c] = s[c] * sa[0];
-        dbeta[c] = bn_grads[c];
-        if (finite_zero_channel(c)) {
-            dgamma[c] = bn_grads[nc + c];
-        } else {
-            dgamma[c] = bn_grads[nc + c] - sb[0] * inv_std;
-        }
-    }
-}
-
-@compute @workgroup_size(WGR)
 fn weight_grad(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(local_invocation_id) lid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -333,6 +304,56 @@ fn weight_grad(@builtin(workgroup_id) wid: vec3<u32>,
     if (lid.x == 0u && !finite_zero_channel(c)) {
         let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
         dgamma[c] = dgamma[c] + sa[0] * inv_std;
+    }
+}
+
+// One invocation per channel (1-D grid over C), without workgroup memory or barriers
+// (lavapipe runs the barrier tree of a 256-invocation workgroup as coroutine switches, a fixed
+// cost per channel): divide_back_final always (G partials per channel, few), and
+// weight_grad_thread, weight_grad's per-invocation form for few weights per channel.
+@compute @workgroup_size(WGR)
+fn divide_back_final(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    let nc = params.channels;
+    if (c >= nc) {
+        return;
+    }
+    let cg = nc * params.groups;
+    var acc_g = 0.0;
+    var acc_gx = 0.0;
+    for (var g = 0u; g < params.groups; g = g + 1u) {
+        acc_g = acc_g + partials[c * params.groups + g];
+        acc_gx = acc_gx + partials[cg + c * params.groups + g];
+    }
+    let inv_std = 1.0 / sqrt(bn[3u * nc + c] + params.eps);
+    dbias[c] = s[c] * acc_g;
+    dbeta[c] = bn_grads[c];
+    if (finite_zero_channel(c)) {
+        dgamma[c] = bn_grads[nc + c];
+    } else {
+        dgamma[c] = bn_grads[nc + c] - acc_gx * inv_std;
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn weight_grad_thread(@builtin(global_invocation_id) gid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    if (c >= params.channels) {
+        return;
+    }
+    let sc = s[c];
+    let base = c * params.inner;
+    var acc = 0.0;
+    for (var j = 0u; j < params.inner; j = j + 1u) {
+        let g = dw_q[base + j] * mask[base + j];
+        dw[base + j] = g * sc;
+        acc = acc + g * w[base + j];
+    }
+    if (!finite_zero_channel(c)) {
+        let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
+        dgamma[c] = dgamma[c] + acc * inv_std;
     }
 }
 

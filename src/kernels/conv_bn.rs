@@ -150,6 +150,25 @@ static WEIGHT_GRAD: Kernel = Kernel {
     ],
 };
 
+static WEIGHT_GRAD_THREAD: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "weight_grad_thread",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read(2),
+        Binding::read_write(4),
+        Binding::read_write(16),
+        Binding::read(18),
+        Binding::read(19),
+        Binding::read_write(20),
+    ],
+};
+
+/// Weights per output channel up to which [`WEIGHT_GRAD_THREAD`] (one invocation per
+/// channel) runs instead of [`WEIGHT_GRAD`] (one workgroup per channel).
+const WEIGHT_GRAD_THREAD_MAX_INNER: usize = 64;
+
 static EVAL_SCALE: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "eval_scale",
@@ -1767,7 +1786,7 @@ fn conv_bn_qat_backward_passes(
                 dgamma.buffer(),
                 dbeta.buffer(),
             ],
-            workgroups: channel_grid(ctx, 1, o)?,
+            workgroups: ctx.grid_1d(o, WGR)?,
         },
     ])?;
 
@@ -1776,9 +1795,15 @@ fn conv_bn_qat_backward_passes(
     conv2d_input_grad_into(ctx, &g, saved.weight_q, &conv.params, x_shape, &dx)?;
     let dw_q = conv2d_weight_grad(ctx, x, &g, &conv.params, ws)?;
 
-    // STE mask, dW = dW_s·s, weight-scaling part of dγ.
+    // STE mask, dW = dW_s·s, weight-scaling part of dγ: one invocation per channel for few
+    // weights per channel (depthwise), one workgroup per channel otherwise.
+    let per_thread = ws[1] * ws[2] * ws[3] <= WEIGHT_GRAD_THREAD_MAX_INNER;
     ctx.run(&[Launch {
-        kernel: &WEIGHT_GRAD,
+        kernel: if per_thread {
+            &WEIGHT_GRAD_THREAD
+        } else {
+            &WEIGHT_GRAD
+        },
         constants: &[],
         buffers: &[
             &uniform,
@@ -1790,7 +1815,11 @@ fn conv_bn_qat_backward_passes(
             saved.weight_mask.buffer(),
             dweight.buffer(),
         ],
-        workgroups: channel_grid(ctx, 1, o)?,
+        workgroups: if per_thread {
+            ctx.grid_1d(o, WGR)?
+        } else {
+            channel_grid(ctx, 1, o)?
+        },
     }])?;
 
     Ok(GpuQatGrads {

@@ -546,6 +546,19 @@ fn qat_cases() -> Vec<ConvCase> {
         },
         bias: true,
     });
+    // 72 weights per output channel: the backward's STE runs one workgroup per channel
+    // (`weight_grad`); the cases above have at most 64 (one invocation per channel).
+    cases.push(ConvCase {
+        name: "3x3 8 in",
+        x: [1, 8, 5, 5],
+        o: 3,
+        k: 3,
+        params: Conv2dParams {
+            padding: [1, 1],
+            ..Default::default()
+        },
+        bias: false,
+    });
     cases
 }
 
