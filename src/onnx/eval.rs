@@ -5,11 +5,13 @@
 //! there once. Values computed from initializers alone (Identity and DequantizeLinear of
 //! initializers: shared BatchNorm tensors, int8 QDQ weights) are folded once at prepare.
 //! Convs (asymmetric pads zero-padded first), ConvTranspose, BatchNormalization, ReLU / ReLU6
-//! / LeakyReLU / HardSwish, Gemm (a linear layer) and 2-D MatMul with a constant weight, 2-D
+//! / LeakyReLU / HardSwish, Gemm (a linear layer: `alpha` scales the constant weight, `beta` the
+//! 1-D bias) and 2-D MatMul with a constant weight, 2-D
 //! MaxPool and AveragePool (pads, strides, dilations, `ceil_mode`, `count_include_pad`),
 //! GlobalAveragePool, Add and Mul with numpy broadcasting, Concat, Flatten, Reshape, Identity
 //! and QuantizeLinear → DequantizeLinear pairs (one fake-quant op with ONNX's rounding) run
-//! on the backend; the rest — other Clips and Gemms, asymmetric ConvTranspose pads (an
+//! on the backend; the rest — Clips other than ReLU / ReLU6, Gemms with a transposed A, a
+//! computed B or a 2-D C, asymmetric ConvTranspose pads (an
 //! error), a QuantizeLinear whose codes something else reads — runs on the host (its inputs
 //! downloaded, its output uploaded when a backend op reads it), through the same code as the
 //! host-array form. On [`crate::CpuBackend`] both forms are the CPU reference's ops, bit for
@@ -259,13 +261,14 @@ impl<'g, B: Backend> DeviceGraph<'g, B> {
                     beta,
                     trans_a: false,
                     trans_b,
-                } if *alpha == 1.0 && *beta == 1.0 => {
+                } => {
                     if let Some(w) = konst(n, 1).filter(|w| w.ndim() == 2) {
                         if n.input(2).is_none() || vec1(n, 2).is_some() {
                             let w = two_d(w, "B")?;
                             let w = if *trans_b { w } else { w.t().to_owned() };
+                            let (w, bias) = gemm_linear(*alpha, *beta, w, vec1(n, 2));
                             p.weight = Some(up(&w.into_dyn())?);
-                            p.bias = vec1(n, 2).map(up).transpose()?;
+                            p.bias = bias.map(|c| up(&c.into_dyn())).transpose()?;
                         }
                     }
                 }
@@ -931,9 +934,9 @@ fn eval_node<B: HostOps + ?Sized>(
                 Some(_) => Some(x(2)?),
                 None => None,
             };
-            // The common case, a PyTorch Linear: the bias goes to the backend.
-            if *alpha == 1.0 && *beta == 1.0 && c.is_none_or(|c| c.ndim() == 1) {
-                let bias = c.map(|c| Array1::from_iter(c.iter().copied()));
+            // A 1-D (or no) C: one linear layer, as on the device.
+            if c.is_none_or(|c| c.ndim() == 1) {
+                let (w, bias) = gemm_linear(*alpha, *beta, w, c);
                 backend.linear(&a, &w, bias.as_ref())?.into_dyn()
             } else {
                 let y = backend.linear(&a, &w, None)?.into_dyn().mapv(|v| v * alpha);
@@ -1161,6 +1164,24 @@ impl QdqParams {
             .collect();
         ArrayD::from_shape_vec(q.raw_dim(), v).map_err(|e| Error::invalid(format!("internal: {e}")))
     }
+}
+
+/// Gemm `alpha · A·W + beta · C` with a 1-D (or no) `C` as one linear layer: the weight
+/// `[out, in]` scaled by `alpha` and the bias `C` by `beta` (the one home of this rewrite, for
+/// the host form and the device form). Scaling by 1 changes nothing.
+fn gemm_linear(
+    alpha: f32,
+    beta: f32,
+    w: Array2<f32>,
+    c: Option<&ArrayD<f32>>,
+) -> (Array2<f32>, Option<Array1<f32>>) {
+    let w = if alpha == 1.0 {
+        w
+    } else {
+        w.mapv(|v| v * alpha)
+    };
+    let bias = c.map(|c| c.iter().map(|&v| v * beta).collect::<Array1<f32>>());
+    (w, bias)
 }
 
 fn two_d(a: &ArrayD<f32>, what: &str) -> Result<Array2<f32>> {

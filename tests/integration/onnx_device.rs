@@ -219,6 +219,63 @@ fn device_graph_keeps_values_on_the_gpu() {
     }
 }
 
+/// Mnist (folded) with `alpha` / `beta` on its Gemms, and the same model with the weights
+/// scaled by `alpha` and the biases by `beta` in the initializers instead (`alpha = beta = 1`).
+fn scaled_gemms(alpha: f32, beta: f32) -> (qfuse::onnx::Graph, qfuse::onnx::Graph) {
+    let m = load("mnist");
+    let g = fold_model(&CpuBackend, &m).unwrap().model.graph;
+    let (mut attrs, mut scaled) = (g.clone(), g);
+    let mut gemms = 0;
+    for (a, s) in attrs.nodes.iter_mut().zip(&mut scaled.nodes) {
+        if let qfuse::onnx::Op::Gemm {
+            alpha: a_,
+            beta: b_,
+            ..
+        } = &mut a.op
+        {
+            (*a_, *b_) = (alpha, beta);
+            gemms += 1;
+            for (i, k) in [(1, alpha), (2, beta)] {
+                let t = scaled.initializers.get_mut(&s.inputs[i]).unwrap();
+                let qfuse::onnx::Tensor::F32(t) = t else {
+                    panic!("f32 initializer")
+                };
+                t.mapv_inplace(|v| v * k);
+            }
+        }
+    }
+    assert_eq!(gemms, 2);
+    (attrs, scaled)
+}
+
+/// A Gemm with `alpha`, `beta` other than 1 (and a constant weight, a 1-D C) runs on the
+/// device like any linear layer: the parameter uploads and the run's transfers are the
+/// `alpha = beta = 1` model's, and the output is the CPU evaluation's of the same graph and of
+/// the graph with the scales moved into its initializers.
+fn gemm_alpha_beta_runs_on_the_device() {
+    let (attrs, scaled) = scaled_gemms(0.5, -2.0);
+    let x = batches("mnist").remove(0);
+    let want = run(&CpuBackend, &scaled, &x).unwrap();
+    let cpu = run(&CpuBackend, &attrs, &x).unwrap();
+    assert!(rel_close(&cpu[0].1, &want[0].1, 1e-5));
+    if common::gpu().is_none() {
+        return;
+    }
+    let ctx = std::sync::Arc::new(GpuContext::new().unwrap());
+    let gpu = GpuBackend::new(ctx.clone());
+    let before = ctx.transfer_stats();
+    let dg = DeviceGraph::prepare(&attrs, gpu.clone()).unwrap();
+    let prep = ctx.transfer_stats().since(&before);
+    let inputs = dg.upload_inputs(&x).unwrap();
+    let before = ctx.transfer_stats();
+    let out = dg.run_device(&inputs).unwrap();
+    let y = qfuse::backend::Device::download(dg.backend(), &out[0].1).unwrap();
+    let t = ctx.transfer_stats().since(&before);
+    assert_eq!((prep.uploads, prep.downloads), (8, 0));
+    assert_eq!((t.uploads, t.downloads), (0, 1));
+    assert!(rel_close(&y, &want[0].1, 1e-4));
+}
+
 /// Calibration of every test model on the GPU (`quantize_model`) moves only the batches up
 /// and the observers' statistics down: the BatchNorms folded on the host (parameters are
 /// edge data), the folded parameters uploaded once, one upload per batch and one 8-byte
@@ -734,4 +791,5 @@ crate::qfuse_tests! {
     bad_configs_are_typed_errors,
     binary_quantizes_with_a_config,
     gpu_int_model_calibrates_on_the_device: gpu,
+    gemm_alpha_beta_runs_on_the_device,
 }
