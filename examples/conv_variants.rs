@@ -35,6 +35,14 @@ fn main() -> qfuse::Result<()> {
         [a, b, cc, d, e, r] => (&[*a, *b, *cc, *d, *e], (*r).max(1)),
         _ => return Err(qfuse::Error::invalid("arguments: N C H W O [RUNS]")),
     };
+    // Sizes from the command line: checked before anything is allocated.
+    let too_big = || qfuse::Error::invalid("arguments: the conv's sizes overflow");
+    for dims in [[n, c, h, w], [o, c, 3, 3], [n, o, h, w]] {
+        dims.iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|e| e.checked_mul(9 * c))
+            .ok_or_else(too_big)?;
+    }
     let ctx = GpuContext::new()?;
     let params = Conv2dParams {
         padding: [1, 1],

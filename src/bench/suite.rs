@@ -692,20 +692,7 @@ impl Runner<'_> {
         note: Option<String>,
         run: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Option<Measurement>> {
-        if self.skip(name, shape) {
-            return Ok(None);
-        }
-        let m = {
-            let mut copy = self.rig.copy_run(self.ctx, &self.roofline)?;
-            measure_interleaved(self.ctx, self.stamps.as_ref(), reps, &mut [&mut copy, run])?
-        };
-        let (copy_rate, copy_gpu_rate) = absorb_copy(&mut self.roofline, m[0]);
-        self.record(name, shape, Work::Bytes(bytes), m[1], note);
-        if let Some(r) = self.results.last_mut() {
-            r.copy_gbps_interleaved = Some(copy_rate);
-            r.copy_gpu_gbps_interleaved = copy_gpu_rate;
-        }
-        Ok(Some(m[1]))
+        self.bench_memory_impl(name, shape, bytes, reps, note, run, false)
     }
 
     /// [`Runner::bench_memory`] for a small kernel: also times, interleaved with the two, a copy
@@ -722,33 +709,54 @@ impl Runner<'_> {
         note: Option<String>,
         run: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Option<Measurement>> {
+        self.bench_memory_impl(name, shape, bytes, reps, note, run, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bench_memory_impl(
+        &mut self,
+        name: &str,
+        shape: &str,
+        bytes: f64,
+        reps: &Reps,
+        note: Option<String>,
+        run: &mut dyn FnMut() -> Result<()>,
+        same_size: bool,
+    ) -> Result<Option<Measurement>> {
         if self.skip(name, shape) {
             return Ok(None);
         }
         let n4 = ((bytes / 32.0).ceil() as usize).max(1);
         let m = {
             let mut copy = self.rig.copy_run(self.ctx, &self.roofline)?;
-            let mut same = self.rig.copy_run_n4(self.ctx, &self.roofline, n4)?;
-            measure_interleaved(
-                self.ctx,
-                self.stamps.as_ref(),
-                reps,
-                &mut [&mut copy, run, &mut same],
-            )?
+            if same_size {
+                let mut same = self.rig.copy_run_n4(self.ctx, &self.roofline, n4)?;
+                measure_interleaved(
+                    self.ctx,
+                    self.stamps.as_ref(),
+                    reps,
+                    &mut [&mut copy, run, &mut same],
+                )?
+            } else {
+                measure_interleaved(self.ctx, self.stamps.as_ref(), reps, &mut [&mut copy, run])?
+            }
         };
         let (copy_rate, copy_gpu_rate) = absorb_copy(&mut self.roofline, m[0]);
-        let same_bytes = (n4 * 32) as f64;
-        let same_note = format!(
-            "a copy of the same {} bytes: {:.3} ms ({:.2} GB/s), this row at {:.2} of it",
-            n4 * 32,
-            m[2].wall_ms,
-            rate(same_bytes, m[2].wall_ms),
-            m[2].wall_ms / m[1].wall_ms.max(1e-9),
-        );
-        let note = Some(match note {
-            Some(n) => format!("{n}; {same_note}"),
-            None => same_note,
-        });
+        let note = if same_size {
+            let same_note = format!(
+                "a copy of the same {} bytes: {:.3} ms ({:.2} GB/s), this row at {:.2} of it",
+                n4 * 32,
+                m[2].wall_ms,
+                rate((n4 * 32) as f64, m[2].wall_ms),
+                m[2].wall_ms / m[1].wall_ms.max(1e-9),
+            );
+            Some(match note {
+                Some(n) => format!("{n}; {same_note}"),
+                None => same_note,
+            })
+        } else {
+            note
+        };
         self.record(name, shape, Work::Bytes(bytes), m[1], note);
         if let Some(r) = self.results.last_mut() {
             r.copy_gbps_interleaved = Some(copy_rate);
