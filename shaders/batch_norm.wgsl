@@ -3,10 +3,9 @@
 // requires: lib/activation.wgsl
 // backward, matching src/reference/batch_norm.rs (which reduces in f64) to about 1e-6:
 //   statistics (training): per channel over N, H, W (M = N*H*W values), mean and
-//     var = M2 / M (biased) in one pass that is as sound as two: each thread keeps Welford's
-//     running mean and M2 = sum (x - mean)^2 of its values in f32, the threads of a channel
-//     combine (count, mean, M2) pairwise (Chan et al.), and so do the partial results of a
-//     channel split over several workgroups;
+//     var = M2 / M (biased) in one pass that is as sound as two: each invocation keeps
+//     Welford's running mean and M2 = sum (x - mean)^2 of its values in f32, and the partial
+//     results of a channel are combined in order by Chan et al.'s formula;
 //   running stats (training): rm' = (1 - momentum) * rm + momentum * mean,
 //     rv' = (1 - momentum) * rv + momentum * var * M / (M - 1)  (unbiased);
 //   eval statistics: mean = running mean, invstd = 1 / sqrt(running var + eps);
@@ -19,21 +18,25 @@
 //     eval:     dx = gamma*invstd * dy'
 //     and optionally dx / divisor[c] (the QAT backward's d conv_out = dBN_in / s).
 //
+// No entry point uses workgroup memory or barriers: the reductions are per invocation, then
+// per channel (a workgroup-wide tree costs far more than the loads on CPU adapters, where each
+// barrier switches every invocation of the workgroup, and a two-level reduction is as good on
+// GPUs for these sizes).
+//
 // Bindings (group 0):
 //   @group(0) @binding(0) params:   uniform Params  n (elements N*C*H*W), channels (C), hw (H*W),
-//                                   m (values per channel N*H*W), groups (G, partial workgroups
-//                                   per channel), act (0..4), write_pre (0/1), training
-//                                   (backward_dx: 0 eval form, 1 training form), eps, momentum,
-//                                   has_divisor (0/1), slope (leaky_relu's negative slope),
-//                                   tpc (T, threads per channel segment), fuse (0/1: with
-//                                   G = 1, the reduction also writes the elementwise output)
+//                                   m (values per channel N*H*W), groups (P, partial
+//                                   invocations per channel), act (0..4), write_pre (0/1),
+//                                   training (backward_dx: 0 eval form, 1 training form), eps,
+//                                   momentum, has_divisor (0/1), slope (leaky_relu's negative
+//                                   slope), fuse (0/1: the per-channel invocation of
+//                                   stats_thread / backward_thread also writes the elementwise
+//                                   output)
 //   @group(0) @binding(1) x:        storage, read array<f32>  input (backward: the forward's input)
-//   @group(0) @binding(2) partials: storage, read_write array<f32>  3*C*G (G > 1) partial
-//                                   results, see below; with G = 1 the backward reductions
-//                                   (backward_reduce, backward_reduce4, backward_thread) write
-//                                   grads here (the launcher binds grads: the layout of the
-//                                   partials with G = 1 is grads', and a binding fewer keeps
-//                                   them within 8 storage buffers per stage); else a dummy
+//   @group(0) @binding(2) partials: storage, read_write array<f32>  3*C*P (statistics) or 2*C*P
+//                                   (backward) partial results, see below; backward_thread
+//                                   writes grads here (the launcher binds grads: a binding
+//                                   fewer keeps it within 8 storage buffers per stage)
 //   @group(0) @binding(3) bn:       storage, read array<f32>  4*C: gamma[C], beta[C],
 //                                   running_mean[C], running_var[C] (kernels::GpuBatchNorm)
 //   @group(0) @binding(4) stats:    storage, read_write array<f32>  2*C: mean[C], invstd[C]
@@ -58,45 +61,41 @@
 //                                   *4 entry points; H*W a multiple of 4, so a vec4 never
 //                                   straddles two channels)
 //
-// Entry points and dispatch (workgroup size WGR = 256, fixed: it sizes workgroup memory).
-// The reductions work on channel segments: a workgroup holds WGR / T segments of T threads
-// (T = tpc, a power of two <= WGR, chosen per shape by the launcher: 1 for a few values per
-// channel, up to WGR for many), segment k of workgroup (g, y, z) is channel
-// c = (y + z * num_workgroups.y) * (WGR / T) + k, and its thread t takes the values
-// j = g * T + t + i * G * T of that channel (G = groups, workgroups along x splitting one
-// channel). Each thread reduces its values serially (Welford's mean and M2 for the statistics,
-// plain sums for the backward), then the T threads of a segment combine pairwise (Chan et
-// al.'s formula for mean and M2) in workgroup memory.
-//   stats_reduce     (0,1,2,3,4,5,6,7): grid (G, By, Bz) over B = ceil(C / (WGR / T)) blocks.
-//                                 G = 1: writes the statistics and the running update itself
-//                                 and, with fuse = 1, also the normalized output (y, pre) of
-//                                 its channel (re-reading its own values); G > 1: writes the
-//                                 partial count, mean and M2 of its part of the channel.
-//   stats_final      (0,2,3,4,5):   G > 1: 1-D grid over C (flat index gid.x + gid.y *
-//                                 num_workgroups.x * WGR), one thread per channel combines the
-//                                 G partials in order (Chan), writes statistics and running.
-//   backward_reduce  (0,1,2,3,4,6,8,9,11): grid (G, By, Bz): sum dy' and sum dy' * xhat;
-//                                 G = 1 (fuse = 1): writes grads (into binding 2) and dx of
-//                                 its channel; G > 1: partial sums.
-//   backward_final   (0,2,10):    G > 1: 1-D grid over C: sums the G partials into grads.
-//   stats_thread, backward_thread: T = 1, G = 1 on scalars: stats_reduce / backward_reduce
-//                                 with one invocation per channel (1-D grid over C), no
-//                                 workgroup memory and no barrier.
+// Entry points and dispatch (workgroup size WGR = 256). 1-D grids are tiled over x and y
+// (flat index gid.x + gid.y * num_workgroups.x * WGR); plane grids are (X, Py, Pz) with plane
+// p = wid.y + wid.z * num_workgroups.y of the N*C planes (channel p % C) and X workgroups
+// along a plane's H*W values.
+//   stats_partial    (0,1,2):      1-D grid over C*P: invocation t reduces channel t / P,
+//                                 its run of values (below; Welford), writes its partial.
+//   backward_partial (0,1,2,4,8,9): 1-D grid over C*P: sum dy' and sum dy' * xhat likewise.
+//   stats_final      (0,2,3,4,5):   1-D grid over C: combines the P partials of a channel in
+//                                 order (Chan), writes statistics and running.
+//   backward_final   (0,2,10):    1-D grid over C: sums the P partials into grads.
+//   stats_thread, backward_thread: P = 1 on scalars: one invocation per channel (1-D grid
+//                                 over C) reduces it, writes statistics (grads) and, with
+//                                 fuse = 1, the elementwise output of the channel.
 //   eval_stats       (0,3,4,5):   1-D grid over C.
-//   normalize        (0,1,3,4,6,7): 1-D grid over n, same tiling.
-//   backward_dx      (0,1,3,4,6,8,9,10,11): 1-D grid over n.
-//   stats_reduce4, backward_reduce4, normalize4, backward_dx4: the same on vec4s (bindings
-//                                 12..16 instead of 1, 6..9), used when H*W is a multiple of 4;
-//                                 the reductions count values in vec4s (m / 4 per channel, each
-//                                 lane its own Welford / sum, lanes combined at the end), the
-//                                 elementwise passes take one vec4 per invocation (1-D grid
-//                                 over n / 4). Same arithmetic per element.
-// Value j of channel c is element (j / hw) * C * hw + c * hw + j % hw; the reductions step
-// through a thread's values keeping (j / hw, j % hw) up to date (no division per value).
-// partials (G > 1): statistics: count at c*G + g, mean at C*G + c*G + g, M2 at 2*C*G + c*G + g;
-// backward: sum dy' at c*G + g, sum dy' * xhat at C*G + c*G + g.
+//   normalize        (0,1,3,4,6,7): 1-D grid over n (few values per plane: the channel of
+//                                 each element by division);
+//   normalize_plane  (same):      plane grid (many values per plane: the channel is one per
+//                                 workgroup, no division per element).
+//   backward_dx, backward_dx_plane (0,1,3,4,6,8,9,10,11): likewise.
+//   stats_partial4, backward_partial4, normalize4, normalize_plane4, backward_dx4,
+//   backward_dx_plane4: the same on vec4s (bindings 12..16 instead of 1, 6..9), used when H*W
+//                                 is a multiple of 4; values are counted in vec4s (m / 4 per
+//                                 channel, hw / 4 per plane; each lane its own Welford / sum,
+//                                 lanes combined at the end). Same arithmetic per element.
+// Value j of channel c is element (j / hw) * C * hw + c * hw + j % hw; partial g of a channel
+// reduces the contiguous run of values g * L <= j < (g + 1) * L (L = ceil(m / P)), keeping
+// (j / hw, j % hw) up to date (no division per value). (Contiguous runs: each SIMD lane of a
+// CPU adapter streams its own run, 3-4x faster on lavapipe than an interleaved walk; on GPUs
+// an interleaved walk would coalesce better.)
+// partials: statistics: count at c*P + g, mean at C*P + c*P + g, M2 at 2*C*P + c*P + g;
+// backward: sum dy' at c*P + g, sum dy' * xhat at C*P + c*P + g.
 
 const WGR: u32 = 256u;
+// Values (or vec4s) an invocation of a plane grid's elementwise pass takes, WGR apart.
+const PLANE_ITEMS: u32 = 4u;
 
 struct Params {
     n: u32,
@@ -111,7 +110,7 @@ struct Params {
     momentum: f32,
     has_divisor: u32,
     slope: f32,
-    tpc: u32,
+    _pad2: u32,
     fuse: u32,
     _pad0: u32,
     _pad1: u32,
@@ -135,10 +134,6 @@ struct Params {
 @group(0) @binding(15) var<storage, read> dy4: array<vec4<f32>>;
 @group(0) @binding(16) var<storage, read> act_x4: array<vec4<f32>>;
 
-var<workgroup> sa: array<f32, WGR>;
-var<workgroup> sb: array<f32, WGR>;
-var<workgroup> sn: array<f32, WGR>;
-
 fn channel_of(i: u32) -> u32 {
     return (i / params.hw) % params.channels;
 }
@@ -147,97 +142,41 @@ fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * (nwg.x * WGR);
 }
 
-// Where a thread of a channel segment is: its channel (may be >= C in the last block), its
-// index t in the segment, the first of its values j0 and the stride between them.
-struct Seg {
-    c: u32,
-    t: u32,
-    base: u32,
-    j0: u32,
-    step: u32,
+// The plane of a plane grid's workgroup (may be >= N*C in the last row of the tiling).
+fn plane_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y + wid.z * nwg.y;
 }
 
-fn segment(wid: vec3<u32>, lid: u32, nwg: vec3<u32>) -> Seg {
-    let tpc = params.tpc;
-    let per = WGR / tpc;
-    let block = wid.y + wid.z * nwg.y;
-    let t = lid % tpc;
-    return Seg(block * per + lid / tpc, t, lid - t, wid.x * tpc + t, params.groups * tpc);
-}
-
-// A walk over values j0, j0 + step, ... < m of channel c: the element index of the current
-// value, advanced without division.
+// A walk over consecutive values j0, j0 + 1, ... of channel c (hw values per plane): the
+// element index of the current value, advanced without division.
 struct Walk {
     j: u32,
     q: u32,
     r: u32,
-    sq: u32,
-    sr: u32,
 }
 
-fn walk_start_in(j0: u32, step: u32, hw: u32) -> Walk {
-    return Walk(j0, j0 / hw, j0 % hw, step / hw, step % hw);
+fn walk_start(j0: u32, hw: u32) -> Walk {
+    return Walk(j0, j0 / hw, j0 % hw);
 }
 
-fn walk_index_in(w: Walk, c: u32, hw: u32) -> u32 {
+fn walk_index(w: Walk, c: u32, hw: u32) -> u32 {
     return (w.q * params.channels + c) * hw + w.r;
 }
 
-fn walk_next_in(w: Walk, hw: u32) -> Walk {
-    var v = w;
-    v.q = w.q + w.sq;
-    v.r = w.r + w.sr;
+fn walk_next(w: Walk, hw: u32) -> Walk {
+    var v = Walk(w.j + 1u, w.q, w.r + 1u);
     if (v.r >= hw) {
-        v.r = v.r - hw;
+        v.r = 0u;
         v.q = v.q + 1u;
     }
     return v;
 }
 
-fn walk_start(j0: u32, step: u32) -> Walk {
-    return walk_start_in(j0, step, params.hw);
-}
-
-fn walk_index(w: Walk, c: u32) -> u32 {
-    return walk_index_in(w, c, params.hw);
-}
-
-fn walk_next(w: Walk, step: u32) -> Walk {
-    var v = walk_next_in(w, params.hw);
-    v.j = w.j + step;
-    return v;
-}
-
-// Pairwise combination over the T threads of each segment, the result in slot `base`:
-// (count, mean, M2) in (sn, sa, sb) by Chan et al.'s formula.
-fn combine_stats(lid: u32, t: u32) {
-    workgroupBarrier();
-    for (var s = params.tpc / 2u; s > 0u; s = s >> 1u) {
-        if (t < s) {
-            let na = sn[lid];
-            let nb = sn[lid + s];
-            let n = na + nb;
-            if (nb > 0.0) {
-                let d = sa[lid + s] - sa[lid];
-                sa[lid] = sa[lid] + d * (nb / n);
-                sb[lid] = sb[lid] + sb[lid + s] + d * d * (na * nb / n);
-                sn[lid] = n;
-            }
-        }
-        workgroupBarrier();
-    }
-}
-
-// Pairwise sums over the T threads of each segment of (sa, sb), the result in slot `base`.
-fn combine_sums(lid: u32, t: u32) {
-    workgroupBarrier();
-    for (var s = params.tpc / 2u; s > 0u; s = s >> 1u) {
-        if (t < s) {
-            sa[lid] = sa[lid] + sa[lid + s];
-            sb[lid] = sb[lid] + sb[lid + s];
-        }
-        workgroupBarrier();
-    }
+// The run of values (or vec4s) [x, y) of partial g of a channel of `units`: P = groups
+// contiguous runs of ceil(units / P).
+fn partial_run(g: u32, units: u32) -> vec2<u32> {
+    let len = (units + params.groups - 1u) / params.groups;
+    return vec2<u32>(min(units, g * len), min(units, (g + 1u) * len));
 }
 
 // Statistics and running update of channel c from its mean and M2 over all m values.
@@ -250,6 +189,22 @@ fn write_stats(c: u32, mean: f32, m2: f32) {
     let mom = params.momentum;
     running[c] = (1.0 - mom) * bn[2u * nc + c] + mom * mean;
     running[nc + c] = (1.0 - mom) * bn[3u * nc + c] + mom * unbiased;
+}
+
+// The partial statistics (count, mean, M2) of invocation g of channel c.
+fn write_stats_partial(c: u32, g: u32, cnt: f32, mean: f32, m2: f32) {
+    let cg = params.channels * params.groups;
+    let k = c * params.groups + g;
+    partials[k] = cnt;
+    partials[cg + k] = mean;
+    partials[2u * cg + k] = m2;
+}
+
+// The partial sums (sum dy', sum dy' * xhat) of invocation g of channel c.
+fn write_sums_partial(c: u32, g: u32, s_dy: f32, s_dyx: f32) {
+    let k = c * params.groups + g;
+    partials[k] = s_dy;
+    partials[params.channels * params.groups + k] = s_dyx;
 }
 
 fn act_forward(v: f32) -> f32 {
@@ -276,6 +231,45 @@ fn eval_stats(@builtin(global_invocation_id) gid: vec3<u32>,
     running[nc + c] = rv;
 }
 
+// What normalizes channel c: mean, invstd, gamma, beta.
+struct NormCoef {
+    mean: f32,
+    invstd: f32,
+    gamma: f32,
+    beta: f32,
+}
+
+fn norm_coef(c: u32) -> NormCoef {
+    let nc = params.channels;
+    return NormCoef(stats[c], stats[nc + c], bn[c], bn[nc + c]);
+}
+
+// Normalize element i with its channel's coefficients (pre and y).
+fn normalize_at(i: u32, k: NormCoef) {
+    let v = (x[i] - k.mean) * k.invstd * k.gamma + k.beta;
+    if (params.write_pre != 0u) {
+        pre[i] = v;
+    }
+    y[i] = act_forward(v);
+}
+
+// The values of a plane grid's workgroup: r = first + t * WGR < end (t < PLANE_ITEMS).
+struct PlaneRun {
+    live: bool,
+    channel: u32,
+    base: u32,
+    first: u32,
+    end: u32,
+}
+
+fn plane_run(wid: vec3<u32>, lid: u32, nwg: vec3<u32>, len: u32) -> PlaneRun {
+    let plane = plane_of(wid, nwg);
+    let first = wid.x * (WGR * PLANE_ITEMS) + lid;
+    let end = min(len, (wid.x + 1u) * (WGR * PLANE_ITEMS));
+    return PlaneRun(plane < params.n / params.hw, plane % params.channels, plane * len, first,
+                    end);
+}
+
 @compute @workgroup_size(WGR)
 fn normalize(@builtin(global_invocation_id) gid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -283,13 +277,21 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>,
     if (i >= params.n) {
         return;
     }
-    let c = channel_of(i);
-    let nc = params.channels;
-    let v = (x[i] - stats[c]) * stats[nc + c] * bn[c] + bn[nc + c];
-    if (params.write_pre != 0u) {
-        pre[i] = v;
+    normalize_at(i, norm_coef(channel_of(i)));
+}
+
+@compute @workgroup_size(WGR)
+fn normalize_plane(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let run = plane_run(wid, lid, nwg, params.hw);
+    if (!run.live) {
+        return;
     }
-    y[i] = act_forward(v);
+    let k = norm_coef(run.channel);
+    for (var r = run.first; r < run.end; r = r + WGR) {
+        normalize_at(run.base + r, k);
+    }
 }
 
 // dy after the activation's backward.
@@ -301,6 +303,43 @@ fn dy_eff(i: u32) -> f32 {
     return act_backward(act_x[i], d);
 }
 
+// What gives dx in channel c: mean, invstd, k = gamma * invstd, the sums g_dy and g_dyx, the
+// divisor (1 without one).
+struct DxCoef {
+    mean: f32,
+    invstd: f32,
+    k: f32,
+    g_dy: f32,
+    g_dyx: f32,
+    div: f32,
+}
+
+fn dx_coef(c: u32, g_dy: f32, g_dyx: f32) -> DxCoef {
+    let invstd = stats[params.channels + c];
+    var div = 1.0;
+    if (params.has_divisor != 0u) {
+        div = divisor[c];
+    }
+    return DxCoef(stats[c], invstd, bn[c] * invstd, g_dy, g_dyx, div);
+}
+
+fn dx_from(d: f32, xv: f32, k: DxCoef) -> f32 {
+    var dx = k.k * d;
+    if (params.training != 0u) {
+        let xhat = (xv - k.mean) * k.invstd;
+        let inv_m = 1.0 / f32(params.m);
+        dx = k.k * (d - (k.g_dy + xhat * k.g_dyx) * inv_m);
+    }
+    if (params.has_divisor != 0u) {
+        dx = dx / k.div;
+    }
+    return dx;
+}
+
+fn dx_value(i: u32, k: DxCoef) -> f32 {
+    return dx_from(dy_eff(i), x[i], k);
+}
+
 @compute @workgroup_size(WGR)
 fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -309,81 +348,50 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     let c = channel_of(i);
-    let nc = params.channels;
-    let invstd = stats[nc + c];
-    let k = bn[c] * invstd;
-    let d = dy_eff(i);
-    var dx = k * d;
-    if (params.training != 0u) {
-        let xhat = (x[i] - stats[c]) * invstd;
-        let inv_m = 1.0 / f32(params.m);
-        dx = k * (d - (grads[c] + xhat * grads[nc + c]) * inv_m);
-    }
-    if (params.has_divisor != 0u) {
-        dx = dx / divisor[c];
-    }
-    y[i] = dx;
+    y[i] = dx_value(i, dx_coef(c, grads[c], grads[params.channels + c]));
 }
 
 @compute @workgroup_size(WGR)
-fn stats_reduce(@builtin(workgroup_id) wid: vec3<u32>,
-                @builtin(local_invocation_id) lid3: vec3<u32>,
-                @builtin(num_workgroups) nwg: vec3<u32>) {
-    let lid = lid3.x;
-    let sg = segment(wid, lid, nwg);
-    let live = sg.c < params.channels;
-    // Welford over this thread's values.
+fn backward_dx_plane(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let run = plane_run(wid, lid, nwg, params.hw);
+    if (!run.live) {
+        return;
+    }
+    let c = run.channel;
+    let k = dx_coef(c, grads[c], grads[params.channels + c]);
+    for (var r = run.first; r < run.end; r = r + WGR) {
+        y[run.base + r] = dx_value(run.base + r, k);
+    }
+}
+
+@compute @workgroup_size(WGR)
+fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
+    if (c >= params.channels) {
+        return;
+    }
+    let g = t % params.groups;
     var cnt = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
-    if (live) {
-        for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
-            let v = x[walk_index(w, sg.c)];
-            cnt = cnt + 1.0;
-            let d = v - mean;
-            mean = mean + d / cnt;
-            m2 = m2 + d * (v - mean);
-        }
+    let run = partial_run(g, params.m);
+    // Welford on the values less the run's first (a large mean costs no precision).
+    var shift = 0.0;
+    if (run.x < run.y) {
+        shift = x[walk_index(walk_start(run.x, params.hw), c, params.hw)];
     }
-    sn[lid] = cnt;
-    sa[lid] = mean;
-    sb[lid] = m2;
-    combine_stats(lid, sg.t);
-    if (!live) {
-        return;
+    for (var w = walk_start(run.x, params.hw); w.j < run.y; w = walk_next(w, params.hw)) {
+        let v = x[walk_index(w, c, params.hw)] - shift;
+        cnt = cnt + 1.0;
+        let d = v - mean;
+        mean = mean + d / cnt;
+        m2 = m2 + d * (v - mean);
     }
-    let c = sg.c;
-    let nc = params.channels;
-    if (params.groups > 1u) {
-        if (sg.t == 0u) {
-            let cg = nc * params.groups;
-            let k = c * params.groups + wid.x;
-            partials[k] = sn[lid];
-            partials[cg + k] = sa[lid];
-            partials[2u * cg + k] = sb[lid];
-        }
-        return;
-    }
-    let cmean = sa[sg.base];
-    let cm2 = sb[sg.base];
-    if (sg.t == 0u) {
-        write_stats(c, cmean, cm2);
-    }
-    if (params.fuse == 0u) {
-        return;
-    }
-    // Normalize this thread's values (as `normalize`).
-    let invstd = 1.0 / sqrt(cm2 / f32(params.m) + params.eps);
-    let gamma = bn[c];
-    let beta = bn[nc + c];
-    for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
-        let i = walk_index(w, c);
-        let v = (x[i] - cmean) * invstd * gamma + beta;
-        if (params.write_pre != 0u) {
-            pre[i] = v;
-        }
-        y[i] = act_forward(v);
-    }
+    write_stats_partial(c, g, cnt, shift + mean, m2);
 }
 
 @compute @workgroup_size(WGR)
@@ -395,6 +403,9 @@ fn stats_final(@builtin(global_invocation_id) gid: vec3<u32>,
     }
     let g_n = params.groups;
     let cg = params.channels * g_n;
+    // Chan's combination of the partial means less the first's (a large mean costs no
+    // precision over many partials).
+    let shift = partials[cg + c * g_n];
     var n = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
@@ -403,82 +414,36 @@ fn stats_final(@builtin(global_invocation_id) gid: vec3<u32>,
         let nb = partials[k];
         if (nb > 0.0) {
             let tot = n + nb;
-            let d = partials[cg + k] - mean;
+            let d = (partials[cg + k] - shift) - mean;
             mean = mean + d * (nb / tot);
             m2 = m2 + partials[2u * cg + k] + d * d * (n * nb / tot);
             n = tot;
         }
     }
-    write_stats(c, mean, m2);
+    write_stats(c, shift + mean, m2);
 }
 
 @compute @workgroup_size(WGR)
-fn backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
-                   @builtin(local_invocation_id) lid3: vec3<u32>,
-                   @builtin(num_workgroups) nwg: vec3<u32>) {
-    let lid = lid3.x;
-    let sg = segment(wid, lid, nwg);
-    let live = sg.c < params.channels;
-    let nc = params.channels;
+fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
+    if (c >= params.channels) {
+        return;
+    }
+    let g = t % params.groups;
+    let mean = stats[c];
+    let invstd = stats[params.channels + c];
     var acc_dy = 0.0;
     var acc_dyx = 0.0;
-    var mean = 0.0;
-    var invstd = 0.0;
-    if (live) {
-        mean = stats[sg.c];
-        invstd = stats[nc + sg.c];
-        for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
-            let i = walk_index(w, sg.c);
-            let d = dy_eff(i);
-            acc_dy = acc_dy + d;
-            acc_dyx = acc_dyx + d * ((x[i] - mean) * invstd);
-        }
-    }
-    sa[lid] = acc_dy;
-    sb[lid] = acc_dyx;
-    combine_sums(lid, sg.t);
-    if (!live) {
-        return;
-    }
-    let c = sg.c;
-    if (params.groups > 1u) {
-        if (sg.t == 0u) {
-            let k = c * params.groups + wid.x;
-            partials[k] = sa[lid];
-            partials[nc * params.groups + k] = sb[lid];
-        }
-        return;
-    }
-    let g_dy = sa[sg.base];
-    let g_dyx = sb[sg.base];
-    if (sg.t == 0u) {
-        // G = 1: `partials` is the grads buffer (see the header).
-        partials[c] = g_dy;
-        partials[nc + c] = g_dyx;
-    }
-    if (params.fuse == 0u) {
-        return;
-    }
-    // dx of this thread's values (as `backward_dx`).
-    let k = bn[c] * invstd;
-    let inv_m = 1.0 / f32(params.m);
-    var div = 1.0;
-    if (params.has_divisor != 0u) {
-        div = divisor[c];
-    }
-    for (var w = walk_start(sg.j0, sg.step); w.j < params.m; w = walk_next(w, sg.step)) {
-        let i = walk_index(w, c);
+    let run = partial_run(g, params.m);
+    for (var w = walk_start(run.x, params.hw); w.j < run.y; w = walk_next(w, params.hw)) {
+        let i = walk_index(w, c, params.hw);
         let d = dy_eff(i);
-        var dx = k * d;
-        if (params.training != 0u) {
-            let xhat = (x[i] - mean) * invstd;
-            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
-        }
-        if (params.has_divisor != 0u) {
-            dx = dx / div;
-        }
-        y[i] = dx;
+        acc_dy = acc_dy + d;
+        acc_dyx = acc_dyx + d * ((x[i] - mean) * invstd);
     }
+    write_sums_partial(c, g, acc_dy, acc_dyx);
 }
 
 @compute @workgroup_size(WGR)
@@ -500,7 +465,7 @@ fn backward_final(@builtin(global_invocation_id) gid: vec3<u32>,
     grads[nc + c] = acc_dyx;
 }
 
-// T = 1: one invocation per channel, no workgroup memory and no barrier (1-D grid over C).
+// P = 1: one invocation per channel reduces it and (fuse = 1) writes its elementwise output.
 @compute @workgroup_size(WGR)
 fn stats_thread(@builtin(global_invocation_id) gid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -509,11 +474,12 @@ fn stats_thread(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     let nc = params.channels;
+    let hw = params.hw;
     var cnt = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
-    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
-        let v = x[walk_index(w, c)];
+    for (var w = walk_start(0u, hw); w.j < params.m; w = walk_next(w, hw)) {
+        let v = x[walk_index(w, c, hw)];
         cnt = cnt + 1.0;
         let d = v - mean;
         mean = mean + d / cnt;
@@ -523,16 +489,9 @@ fn stats_thread(@builtin(global_invocation_id) gid: vec3<u32>,
     if (params.fuse == 0u) {
         return;
     }
-    let invstd = 1.0 / sqrt(m2 / f32(params.m) + params.eps);
-    let gamma = bn[c];
-    let beta = bn[nc + c];
-    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
-        let i = walk_index(w, c);
-        let v = (x[i] - mean) * invstd * gamma + beta;
-        if (params.write_pre != 0u) {
-            pre[i] = v;
-        }
-        y[i] = act_forward(v);
+    let k = NormCoef(mean, 1.0 / sqrt(m2 / f32(params.m) + params.eps), bn[c], bn[nc + c]);
+    for (var w = walk_start(0u, hw); w.j < params.m; w = walk_next(w, hw)) {
+        normalize_at(walk_index(w, c, hw), k);
     }
 }
 
@@ -544,37 +503,27 @@ fn backward_thread(@builtin(global_invocation_id) gid: vec3<u32>,
     if (c >= nc) {
         return;
     }
+    let hw = params.hw;
     let mean = stats[c];
     let invstd = stats[nc + c];
     var g_dy = 0.0;
     var g_dyx = 0.0;
-    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
-        let i = walk_index(w, c);
+    for (var w = walk_start(0u, hw); w.j < params.m; w = walk_next(w, hw)) {
+        let i = walk_index(w, c, hw);
         let d = dy_eff(i);
         g_dy = g_dy + d;
         g_dyx = g_dyx + d * ((x[i] - mean) * invstd);
     }
-    // G = 1: `partials` is the grads buffer (see the header).
+    // `partials` is the grads buffer here (see the header).
     partials[c] = g_dy;
     partials[nc + c] = g_dyx;
-    let k = bn[c] * invstd;
-    let inv_m = 1.0 / f32(params.m);
-    var div = 1.0;
-    if (params.has_divisor != 0u) {
-        div = divisor[c];
+    if (params.fuse == 0u) {
+        return;
     }
-    for (var w = walk_start(0u, 1u); w.j < params.m; w = walk_next(w, 1u)) {
-        let i = walk_index(w, c);
-        let d = dy_eff(i);
-        var dx = k * d;
-        if (params.training != 0u) {
-            let xhat = (x[i] - mean) * invstd;
-            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
-        }
-        if (params.has_divisor != 0u) {
-            dx = dx / div;
-        }
-        y[i] = dx;
+    let k = dx_coef(c, g_dy, g_dyx);
+    for (var w = walk_start(0u, hw); w.j < params.m; w = walk_next(w, hw)) {
+        let i = walk_index(w, c, hw);
+        y[i] = dx_value(i, k);
     }
 }
 
@@ -595,29 +544,35 @@ fn dy_eff4(i: u32) -> vec4<f32> {
 }
 
 @compute @workgroup_size(WGR)
-fn stats_reduce4(@builtin(workgroup_id) wid: vec3<u32>,
-                 @builtin(local_invocation_id) lid3: vec3<u32>,
-                 @builtin(num_workgroups) nwg: vec3<u32>) {
-    let lid = lid3.x;
-    let sg = segment(wid, lid, nwg);
-    let live = sg.c < params.channels;
+fn stats_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
+    if (c >= params.channels) {
+        return;
+    }
+    let g = t % params.groups;
     let hw4 = params.hw / 4u;
     let m4 = params.m / 4u;
-    // Welford per lane over this thread's vec4s, then the four lanes combined (equal counts).
+    // Welford per lane over this invocation's vec4s, then the four lanes combined (equal
+    // counts).
     var cnt = 0.0;
     var mean = vec4<f32>(0.0);
     var m2 = vec4<f32>(0.0);
-    if (live) {
-        var w = walk_start_in(sg.j0, sg.step, hw4);
-        for (var j = sg.j0; j < m4; j = j + sg.step) {
-            let v = x4[walk_index_in(w, sg.c, hw4)];
-            cnt = cnt + 1.0;
-            let d = v - mean;
-            mean = mean + d / cnt;
-            m2 = m2 + d * (v - mean);
-            w = walk_next_in(w, hw4);
-        }
+    let run = partial_run(g, m4);
+    // Welford on the values less the run's first vec4 (a large mean costs no precision).
+    var shift = vec4<f32>(0.0);
+    if (run.x < run.y) {
+        shift = x4[walk_index(walk_start(run.x, hw4), c, hw4)];
     }
+    for (var w = walk_start(run.x, hw4); w.j < run.y; w = walk_next(w, hw4)) {
+        let v = x4[walk_index(w, c, hw4)] - shift;
+        cnt = cnt + 1.0;
+        let d = v - mean;
+        mean = mean + d / cnt;
+        m2 = m2 + d * (v - mean);
+    }
+    mean = mean + shift;
     let d01 = mean.y - mean.x;
     let d23 = mean.w - mean.z;
     let mean01 = mean.x + 0.5 * d01;
@@ -625,120 +580,42 @@ fn stats_reduce4(@builtin(workgroup_id) wid: vec3<u32>,
     let m2_01 = m2.x + m2.y + d01 * d01 * (0.5 * cnt);
     let m2_23 = m2.z + m2.w + d23 * d23 * (0.5 * cnt);
     let dq = mean23 - mean01;
-    sn[lid] = 4.0 * cnt;
-    sa[lid] = mean01 + 0.5 * dq;
-    sb[lid] = m2_01 + m2_23 + dq * dq * cnt;
-    combine_stats(lid, sg.t);
-    if (!live) {
-        return;
-    }
-    let c = sg.c;
-    let nc = params.channels;
-    if (params.groups > 1u) {
-        if (sg.t == 0u) {
-            let cg = nc * params.groups;
-            let k = c * params.groups + wid.x;
-            partials[k] = sn[lid];
-            partials[cg + k] = sa[lid];
-            partials[2u * cg + k] = sb[lid];
-        }
-        return;
-    }
-    let cmean = sa[sg.base];
-    let cm2 = sb[sg.base];
-    if (sg.t == 0u) {
-        write_stats(c, cmean, cm2);
-    }
-    if (params.fuse == 0u) {
-        return;
-    }
-    let invstd = 1.0 / sqrt(cm2 / f32(params.m) + params.eps);
-    let gamma = bn[c];
-    let beta = bn[nc + c];
-    var w = walk_start_in(sg.j0, sg.step, hw4);
-    for (var j = sg.j0; j < m4; j = j + sg.step) {
-        let i = walk_index_in(w, c, hw4);
-        let v = (x4[i] - cmean) * invstd * gamma + beta;
-        if (params.write_pre != 0u) {
-            pre4[i] = v;
-        }
-        y4[i] = act_forward4(v);
-        w = walk_next_in(w, hw4);
-    }
+    write_stats_partial(c, g, 4.0 * cnt, mean01 + 0.5 * dq, m2_01 + m2_23 + dq * dq * cnt);
 }
 
 @compute @workgroup_size(WGR)
-fn backward_reduce4(@builtin(workgroup_id) wid: vec3<u32>,
-                    @builtin(local_invocation_id) lid3: vec3<u32>,
-                    @builtin(num_workgroups) nwg: vec3<u32>) {
-    let lid = lid3.x;
-    let sg = segment(wid, lid, nwg);
-    let live = sg.c < params.channels;
-    let nc = params.channels;
+fn backward_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
+    if (c >= params.channels) {
+        return;
+    }
+    let g = t % params.groups;
     let hw4 = params.hw / 4u;
     let m4 = params.m / 4u;
+    let mean = stats[c];
+    let invstd = stats[params.channels + c];
     var acc_dy = vec4<f32>(0.0);
     var acc_dyx = vec4<f32>(0.0);
-    var mean = 0.0;
-    var invstd = 0.0;
-    if (live) {
-        mean = stats[sg.c];
-        invstd = stats[nc + sg.c];
-        var w = walk_start_in(sg.j0, sg.step, hw4);
-        for (var j = sg.j0; j < m4; j = j + sg.step) {
-            let i = walk_index_in(w, sg.c, hw4);
-            let d = dy_eff4(i);
-            acc_dy = acc_dy + d;
-            acc_dyx = acc_dyx + d * ((x4[i] - mean) * invstd);
-            w = walk_next_in(w, hw4);
-        }
-    }
-    sa[lid] = (acc_dy.x + acc_dy.y) + (acc_dy.z + acc_dy.w);
-    sb[lid] = (acc_dyx.x + acc_dyx.y) + (acc_dyx.z + acc_dyx.w);
-    combine_sums(lid, sg.t);
-    if (!live) {
-        return;
-    }
-    let c = sg.c;
-    if (params.groups > 1u) {
-        if (sg.t == 0u) {
-            let k = c * params.groups + wid.x;
-            partials[k] = sa[lid];
-            partials[nc * params.groups + k] = sb[lid];
-        }
-        return;
-    }
-    let g_dy = sa[sg.base];
-    let g_dyx = sb[sg.base];
-    if (sg.t == 0u) {
-        // G = 1: `partials` is the grads buffer (see the header).
-        partials[c] = g_dy;
-        partials[nc + c] = g_dyx;
-    }
-    if (params.fuse == 0u) {
-        return;
-    }
-    let k = bn[c] * invstd;
-    let inv_m = 1.0 / f32(params.m);
-    var div = 1.0;
-    if (params.has_divisor != 0u) {
-        div = divisor[c];
-    }
-    var w = walk_start_in(sg.j0, sg.step, hw4);
-    for (var j = sg.j0; j < m4; j = j + sg.step) {
-        let i = walk_index_in(w, c, hw4);
+    let run = partial_run(g, m4);
+    for (var w = walk_start(run.x, hw4); w.j < run.y; w = walk_next(w, hw4)) {
+        let i = walk_index(w, c, hw4);
         let d = dy_eff4(i);
-        var dx = k * d;
-        if (params.training != 0u) {
-            let xhat = (x4[i] - mean) * invstd;
-            dx = k * (d - (g_dy + xhat * g_dyx) * inv_m);
-        }
-        if (params.has_divisor != 0u) {
-            dx = dx / div;
-        }
-        y4[i] = dx;
-        w = walk_next_in(w, hw4);
+        acc_dy = acc_dy + d;
+        acc_dyx = acc_dyx + d * ((x4[i] - mean) * invstd);
     }
+    write_sums_partial(c, g, (acc_dy.x + acc_dy.y) + (acc_dy.z + acc_dy.w),
+                       (acc_dyx.x + acc_dyx.y) + (acc_dyx.z + acc_dyx.w));
+}
+
+// Normalize vec4 i4 with its channel's coefficients.
+fn normalize4_at(i4: u32, k: NormCoef) {
+    let v = (x4[i4] - k.mean) * k.invstd * k.gamma + k.beta;
+    if (params.write_pre != 0u) {
+        pre4[i4] = v;
+    }
+    y4[i4] = act_forward4(v);
 }
 
 @compute @workgroup_size(WGR)
@@ -748,13 +625,40 @@ fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>,
     if (i4 >= params.n / 4u) {
         return;
     }
-    let c = channel_of(i4 * 4u);
-    let nc = params.channels;
-    let v = (x4[i4] - stats[c]) * stats[nc + c] * bn[c] + bn[nc + c];
-    if (params.write_pre != 0u) {
-        pre4[i4] = v;
+    normalize4_at(i4, norm_coef(channel_of(i4 * 4u)));
+}
+
+@compute @workgroup_size(WGR)
+fn normalize_plane4(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let run = plane_run(wid, lid, nwg, params.hw / 4u);
+    if (!run.live) {
+        return;
     }
-    y4[i4] = act_forward4(v);
+    let k = norm_coef(run.channel);
+    for (var r = run.first; r < run.end; r = r + WGR) {
+        normalize4_at(run.base + r, k);
+    }
+}
+
+// dx of vec4 i4 with its channel's coefficients (as dx_from, per lane).
+fn dx4_at(i4: u32, k: DxCoef) {
+    let d = dy_eff4(i4);
+    var dx = k.k * d;
+    if (params.training != 0u) {
+        let xhat = (x4[i4] - k.mean) * k.invstd;
+        let inv_m = 1.0 / f32(params.m);
+        dx = k.k * (d - (k.g_dy + xhat * k.g_dyx) * inv_m);
+    }
+    if (params.has_divisor != 0u) {
+        dx = dx / k.div;
+    }
+    y4[i4] = dx;
+}
+
+fn grads_coef(c: u32) -> DxCoef {
+    return dx_coef(c, grads[c], grads[params.channels + c]);
 }
 
 @compute @workgroup_size(WGR)
@@ -764,19 +668,19 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>,
     if (i4 >= params.n / 4u) {
         return;
     }
-    let c = channel_of(i4 * 4u);
-    let nc = params.channels;
-    let invstd = stats[nc + c];
-    let k = bn[c] * invstd;
-    let d = dy_eff4(i4);
-    var dx = k * d;
-    if (params.training != 0u) {
-        let xhat = (x4[i4] - stats[c]) * invstd;
-        let inv_m = 1.0 / f32(params.m);
-        dx = k * (d - (grads[c] + xhat * grads[nc + c]) * inv_m);
+    dx4_at(i4, grads_coef(channel_of(i4 * 4u)));
+}
+
+@compute @workgroup_size(WGR)
+fn backward_dx_plane4(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let run = plane_run(wid, lid, nwg, params.hw / 4u);
+    if (!run.live) {
+        return;
     }
-    if (params.has_divisor != 0u) {
-        dx = dx / divisor[c];
+    let k = grads_coef(run.channel);
+    for (var r = run.first; r < run.end; r = r + WGR) {
+        dx4_at(run.base + r, k);
     }
-    y4[i4] = dx;
 }

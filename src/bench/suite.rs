@@ -1157,10 +1157,15 @@ fn bn_train(r: &mut Runner<'_>, cfg: &BenchConfig, shape: [usize; 4]) -> Result<
     let dy = upload(ctx, &shape, 47, -1.0, 1.0)?;
     let bn = GpuBatchNorm::upload(ctx, &batch_norm(c, 53))?;
     let layout = reduction_layout(shape);
-    let how = format!(
-        "{} thread(s) per channel, {} workgroup(s) per channel",
-        layout.threads_per_channel, layout.groups
-    );
+    let how = if layout.per_thread {
+        "one invocation per channel".to_string()
+    } else {
+        format!(
+            "{} partial invocation(s) per channel, {} elementwise pass",
+            layout.partials,
+            if layout.plane_grid { "plane" } else { "flat" }
+        )
+    };
     let out = batch_norm2d(ctx, &x, &bn, 0.1, true, Activation::None, false)?;
     r.bench_memory_same_size(
         "bn_train/forward",

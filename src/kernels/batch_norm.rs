@@ -47,86 +47,51 @@ const WGR: u32 = 256;
 /// Values each thread sums (at least) before the workgroup reduction (the divide-back
 /// reductions of [`super::conv_bn`], [`partial_groups`]).
 const ITEMS_PER_THREAD: usize = 8;
-/// Upper bound on partial workgroups per channel.
+/// Upper bound on partial workgroups per channel (the divide-back reductions).
 const MAX_GROUPS: usize = 256;
-/// BatchNorm reductions: values a thread reduces before more threads share a channel.
+/// BatchNorm reductions: values (or `vec4`s) an invocation reduces at least before more
+/// invocations share a channel.
 const MIN_ITEMS: usize = 16;
-/// BatchNorm reductions: values a thread reduces at most before a channel is split over
-/// several workgroups (so a workgroup's values stay in the cache for its second read).
+/// BatchNorm reductions: values (or `vec4`s) an invocation reduces at most.
 const MAX_ITEMS: usize = 128;
-/// BatchNorm reductions: fewer workgroups than this split channels (when their values are
-/// many enough) so that the device has work for all its cores.
-const TARGET_WORKGROUPS: usize = 64;
+/// BatchNorm reductions: fewer invocations than this in all share channels (while each keeps
+/// at least [`MIN_ITEMS`] values) so that the device has work for all its cores.
+const TARGET_INVOCATIONS: usize = 4096;
+/// BatchNorm reductions: upper bound on the partial invocations of one channel.
+const MAX_PARTIALS: usize = 1024;
+/// BatchNorm elementwise passes: planes (`H·W` values, or `vec4`s) at least this long run on
+/// a grid over planes (the channel one per workgroup) instead of a flat grid (the channel of
+/// each element by division).
+const PLANE_MIN: usize = 64;
+/// Values (or `vec4`s) an invocation of a plane grid's elementwise pass takes (`PLANE_ITEMS`
+/// in the shader).
+const PLANE_ITEMS: u32 = 4;
 
-static STATS_REDUCE: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "stats_reduce",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read(1),
-        Binding::read_write(2),
-        Binding::read(3),
-        Binding::read_write(4),
-        Binding::read_write(5),
-        Binding::read_write(6),
-        Binding::read_write(7),
-    ],
-};
+const fn kernel(entry_point: &'static str, bindings: &'static [Binding]) -> Kernel {
+    Kernel {
+        shader: &SHADER,
+        entry_point,
+        bindings,
+    }
+}
 
-static STATS_THREAD: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "stats_thread",
-    bindings: STATS_REDUCE.bindings,
-};
+const THREAD_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read_write(2),
+    Binding::read(3),
+    Binding::read_write(4),
+    Binding::read_write(5),
+    Binding::read_write(6),
+    Binding::read_write(7),
+];
+static STATS_THREAD: Kernel = kernel("stats_thread", THREAD_BINDINGS);
 
-static BACKWARD_THREAD: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "backward_thread",
-    bindings: BACKWARD_REDUCE.bindings,
-};
-
-static STATS_FINAL: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "stats_final",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read_write(2),
-        Binding::read(3),
-        Binding::read_write(4),
-        Binding::read_write(5),
-    ],
-};
-
-static EVAL_STATS: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "eval_stats",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read(3),
-        Binding::read_write(4),
-        Binding::read_write(5),
-    ],
-};
-
-static NORMALIZE: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "normalize",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read(1),
-        Binding::read(3),
-        Binding::read_write(4),
-        Binding::read_write(6),
-        Binding::read_write(7),
-    ],
-};
-
-/// With one workgroup per channel (G = 1) the grads go to binding 2 (see the shader's header):
-/// 8 storage buffers, WebGPU's default `max_storage_buffers_per_shader_stage`.
-static BACKWARD_REDUCE: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "backward_reduce",
-    bindings: &[
+/// The grads go to binding 2 (see the shader's header): 8 storage buffers, WebGPU's default
+/// `max_storage_buffers_per_shader_stage`.
+static BACKWARD_THREAD: Kernel = kernel(
+    "backward_thread",
+    &[
         Binding::uniform(0),
         Binding::read(1),
         Binding::read_write(2),
@@ -137,93 +102,127 @@ static BACKWARD_REDUCE: Kernel = Kernel {
         Binding::read(9),
         Binding::read(11),
     ],
-};
+);
 
-static BACKWARD_FINAL: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "backward_final",
-    bindings: &[
+static STATS_PARTIAL: Kernel = kernel(
+    "stats_partial",
+    &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(2),
+    ],
+);
+static STATS_PARTIAL4: Kernel = kernel(
+    "stats_partial4",
+    &[
         Binding::uniform(0),
         Binding::read_write(2),
-        Binding::read_write(10),
-    ],
-};
-
-static NORMALIZE4: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "normalize4",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read(3),
-        Binding::read_write(4),
         Binding::read(12),
-        Binding::read_write(13),
-        Binding::read_write(14),
     ],
-};
+);
 
-static BACKWARD_DX4: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "backward_dx4",
-    bindings: &[
-        Binding::uniform(0),
-        Binding::read(3),
-        Binding::read_write(4),
-        Binding::read_write(10),
-        Binding::read(11),
-        Binding::read(12),
-        Binding::read_write(13),
-        Binding::read(15),
-        Binding::read(16),
-    ],
-};
-
-static STATS_REDUCE4: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "stats_reduce4",
-    bindings: &[
+static STATS_FINAL: Kernel = kernel(
+    "stats_final",
+    &[
         Binding::uniform(0),
         Binding::read_write(2),
         Binding::read(3),
         Binding::read_write(4),
         Binding::read_write(5),
-        Binding::read(12),
-        Binding::read_write(13),
-        Binding::read_write(14),
     ],
-};
+);
 
-static BACKWARD_REDUCE4: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "backward_reduce4",
-    bindings: &[
+static BACKWARD_PARTIAL: Kernel = kernel(
+    "backward_partial",
+    &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(2),
+        Binding::read_write(4),
+        Binding::read(8),
+        Binding::read(9),
+    ],
+);
+static BACKWARD_PARTIAL4: Kernel = kernel(
+    "backward_partial4",
+    &[
         Binding::uniform(0),
         Binding::read_write(2),
-        Binding::read(3),
         Binding::read_write(4),
-        Binding::read(11),
         Binding::read(12),
-        Binding::read_write(13),
         Binding::read(15),
         Binding::read(16),
     ],
-};
+);
 
-static BACKWARD_DX: Kernel = Kernel {
-    shader: &SHADER,
-    entry_point: "backward_dx",
-    bindings: &[
+static BACKWARD_FINAL: Kernel = kernel(
+    "backward_final",
+    &[
         Binding::uniform(0),
-        Binding::read(1),
+        Binding::read_write(2),
+        Binding::read_write(10),
+    ],
+);
+
+static EVAL_STATS: Kernel = kernel(
+    "eval_stats",
+    &[
+        Binding::uniform(0),
         Binding::read(3),
         Binding::read_write(4),
-        Binding::read_write(6),
-        Binding::read(8),
-        Binding::read(9),
-        Binding::read_write(10),
-        Binding::read(11),
+        Binding::read_write(5),
     ],
-};
+);
+
+const NORMALIZE_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read(3),
+    Binding::read_write(4),
+    Binding::read_write(6),
+    Binding::read_write(7),
+];
+static NORMALIZE: Kernel = kernel("normalize", NORMALIZE_BINDINGS);
+static NORMALIZE_PLANE: Kernel = kernel("normalize_plane", NORMALIZE_BINDINGS);
+
+const NORMALIZE4_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(3),
+    Binding::read_write(4),
+    Binding::read(12),
+    Binding::read_write(13),
+    Binding::read_write(14),
+];
+static NORMALIZE4: Kernel = kernel("normalize4", NORMALIZE4_BINDINGS);
+static NORMALIZE_PLANE4: Kernel = kernel("normalize_plane4", NORMALIZE4_BINDINGS);
+
+const BACKWARD_DX_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(1),
+    Binding::read(3),
+    Binding::read_write(4),
+    Binding::read_write(6),
+    Binding::read(8),
+    Binding::read(9),
+    Binding::read_write(10),
+    Binding::read(11),
+];
+static BACKWARD_DX: Kernel = kernel("backward_dx", BACKWARD_DX_BINDINGS);
+static BACKWARD_DX_PLANE: Kernel = kernel("backward_dx_plane", BACKWARD_DX_BINDINGS);
+
+const BACKWARD_DX4_BINDINGS: &[Binding] = &[
+    Binding::uniform(0),
+    Binding::read(3),
+    Binding::read_write(4),
+    Binding::read_write(10),
+    Binding::read(11),
+    Binding::read(12),
+    Binding::read_write(13),
+    Binding::read(15),
+    Binding::read(16),
+];
+static BACKWARD_DX4: Kernel = kernel("backward_dx4", BACKWARD_DX4_BINDINGS);
+static BACKWARD_DX_PLANE4: Kernel = kernel("backward_dx_plane4", BACKWARD_DX4_BINDINGS);
 
 /// The uniform of `batch_norm.wgsl` (same field order).
 #[repr(C)]
@@ -241,7 +240,7 @@ struct Params {
     momentum: f32,
     has_divisor: u32,
     slope: f32,
-    tpc: u32,
+    _pad2: u32,
     fuse: u32,
     _pad: [u32; 2],
 }
@@ -268,56 +267,49 @@ pub(crate) fn channel_grid(ctx: &GpuContext, x: u32, channels: usize) -> Result<
     Ok([x, cy as u32, cz as u32])
 }
 
-/// How the per-channel reductions of a BatchNorm over `C` channels of `M = N·H·W` values are
-/// laid out on the device (see [`reduction_layout`]).
+/// How the per-channel reductions of a BatchNorm over `C` channels of `M = N·H·W` values, and
+/// its elementwise passes, are laid out on the device (see [`reduction_layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReductionLayout {
-    /// Threads that reduce one channel together (a power of two, at most 256): a workgroup of
-    /// 256 threads serves `256 / threads_per_channel` channels.
-    pub threads_per_channel: u32,
-    /// Workgroups one channel is split over; with 1 the reduction dispatch also writes the
-    /// elementwise output (normalized `y`, or `dx`) of its channels.
-    pub groups: u32,
-    /// Workgroups along the channels: `ceil(C / (256 / threads_per_channel))`.
-    pub blocks: usize,
+    /// Invocations that share one channel in the first pass, each reducing every
+    /// `partials`-th value (or `vec4`) of it; a second pass combines a channel's partial
+    /// results in order. 1 on scalars: [`ReductionLayout::per_thread`].
+    pub partials: u32,
     /// `H·W` is a multiple of 4: the kernels load and store `vec4`s (four values of one
     /// channel), and the thresholds below count values in `vec4`s.
     pub vec4: bool,
-    /// One invocation per channel without workgroup memory (`threads_per_channel == 1`,
-    /// `groups == 1`, not `vec4`).
+    /// One invocation per channel reduces it and writes its elementwise output (normalized
+    /// `y`, or `dx`) in the same dispatch (`partials == 1`, not `vec4`).
     pub per_thread: bool,
+    /// The elementwise pass (when not [`ReductionLayout::per_thread`]) runs on a grid over the
+    /// `N·C` planes, the channel one per workgroup, instead of a flat grid that finds each
+    /// element's channel by division: planes of at least 64 values (or `vec4`s).
+    pub plane_grid: bool,
 }
 
-/// The layout of the BatchNorm reductions over an NCHW `shape` (`C` channels of
-/// `M = N·H·W` values), chosen by the shape: one thread per channel for up to 16 values
-/// (70,000 channels of 2 values: 274 workgroups, each thread reduces its channel alone), the
-/// smallest power of two of threads per channel that gives each at least 16 values (at most
-/// 256), and a split of a channel over several workgroups when a thread would have more than
-/// 128 values or when fewer than 64 workgroups would run (only while each thread keeps at
-/// least 16 values). With `H·W` a multiple of 4 the values are counted in `vec4`s.
+/// The layout of the BatchNorm passes over an NCHW `shape` (`C` channels of `M = N·H·W`
+/// values), chosen by the shape: one invocation per channel while a channel has at most 128
+/// values (70,000 channels of 2 values: each invocation reduces and normalizes its channel
+/// alone, one dispatch), else `ceil(M / 128)` invocations per channel, more when all of them
+/// would be fewer than 4096 (while each keeps at least 16 values), at most 1024. With `H·W`
+/// a multiple of 4 the values are counted in `vec4`s. No pass uses workgroup memory or
+/// barriers (see `shaders/batch_norm.wgsl`).
 pub fn reduction_layout(shape: [usize; 4]) -> ReductionLayout {
     let [n, channels, h, w] = shape;
-    let vec4 = (h * w).is_multiple_of(4) && h * w > 0;
-    let m = if vec4 { n * h * w / 4 } else { n * h * w };
-    let wgr = WGR as usize;
-    let threads = m.div_ceil(MIN_ITEMS).max(1);
-    let tpc = threads.next_power_of_two().min(wgr);
-    let blocks = channels.div_ceil(wgr / tpc);
-    let by_size = m.div_ceil(tpc * MAX_ITEMS);
-    let by_parallel = if blocks > 0 && blocks < TARGET_WORKGROUPS {
-        TARGET_WORKGROUPS
-            .div_ceil(blocks)
-            .min(m / (tpc * MIN_ITEMS))
-    } else {
-        1
-    };
-    let groups = by_size.max(by_parallel).clamp(1, MAX_GROUPS);
+    let hw = h * w;
+    let vec4 = hw.is_multiple_of(4) && hw > 0;
+    let unit = if vec4 { 4 } else { 1 };
+    let m = n * hw / unit;
+    let by_size = m.div_ceil(MAX_ITEMS);
+    let by_parallel = TARGET_INVOCATIONS
+        .div_ceil(channels.max(1))
+        .min(m / MIN_ITEMS);
+    let partials = by_size.max(by_parallel).clamp(1, MAX_PARTIALS);
     ReductionLayout {
-        threads_per_channel: tpc as u32,
-        groups: groups as u32,
-        blocks,
+        partials: partials as u32,
         vec4,
-        per_thread: !vec4 && tpc == 1 && groups == 1,
+        per_thread: !vec4 && partials == 1,
+        plane_grid: hw / unit >= PLANE_MIN,
     }
 }
 
@@ -415,8 +407,7 @@ fn params_for(shape: [usize; 4], bn: &GpuBatchNorm) -> Result<(Params, Reduction
         channels: to_u32(c, "batch_norm2d channels")?,
         hw: to_u32((h * w).max(1), "batch_norm2d plane size")?,
         m: to_u32(m, "batch_norm2d values per channel")?,
-        groups: layout.groups,
-        tpc: layout.threads_per_channel,
+        groups: layout.partials,
         eps: bn.eps(),
         ..Params::default()
     };
@@ -458,6 +449,14 @@ struct FuseNormalize {
     keep_pre: bool,
 }
 
+/// The grid of the first reduction pass: one invocation per channel, or per partial.
+fn reduce_grid(ctx: &GpuContext, layout: ReductionLayout, channels: usize) -> Result<[u32; 3]> {
+    let invocations = channels
+        .checked_mul(layout.partials as usize)
+        .ok_or_else(|| Error::invalid("batch_norm2d: too many channels for one dispatch"))?;
+    ctx.grid_1d(invocations, WGR)
+}
+
 impl StatsPlan {
     fn new(
         ctx: &GpuContext,
@@ -470,7 +469,7 @@ impl StatsPlan {
     ) -> Result<Self> {
         let (mut p, layout) = params_for(shape, bn)?;
         p.momentum = momentum;
-        let fused = training && layout.groups == 1 && normalize.is_some();
+        let fused = training && layout.per_thread && normalize.is_some();
         if let Some(f) = normalize.filter(|_| fused) {
             p.act = activation_code(f.act);
             p.slope = super::activation::slope(f.act);
@@ -478,7 +477,7 @@ impl StatsPlan {
             p.fuse = 1;
         }
         let c = shape[1];
-        let groups = layout.groups as usize;
+        let split = training && !layout.per_thread;
         let out = match given {
             Some((out, x)) => {
                 let inputs = [x, bn.tensor()];
@@ -508,8 +507,8 @@ impl StatsPlan {
         };
         Ok(Self {
             uniform: ctx.params(&p)?,
-            partials: if training && groups > 1 {
-                GpuTensor::uninit(ctx, &[3, c, groups], DType::F32)?
+            partials: if split {
+                GpuTensor::uninit(ctx, &[3, c, layout.partials as usize], DType::F32)?
             } else {
                 dummy(ctx)?
             },
@@ -518,12 +517,8 @@ impl StatsPlan {
             fused,
             layout,
             dummies: [dummy(ctx)?, dummy(ctx)?],
-            reduce_grid: if layout.per_thread {
-                ctx.grid_1d(c, WGR)?
-            } else {
-                channel_grid(ctx, layout.groups, layout.blocks)?
-            },
-            final_grid: if groups > 1 {
+            reduce_grid: reduce_grid(ctx, layout, c)?,
+            final_grid: if split {
                 ctx.grid_1d(c, WGR)?
             } else {
                 [0, 0, 0]
@@ -550,22 +545,16 @@ impl StatsPlan {
             };
             let params = bn.tensor().buffer();
             let x = x.buffer();
-            out.push(if self.layout.vec4 {
+            out.push(if self.layout.per_thread {
                 (
-                    &STATS_REDUCE4,
-                    vec![u, part, params, stats, running, x, y, pre],
-                    self.reduce_grid,
-                )
-            } else {
-                (
-                    if self.layout.per_thread {
-                        &STATS_THREAD
-                    } else {
-                        &STATS_REDUCE
-                    },
+                    &STATS_THREAD,
                     vec![u, x, part, params, stats, running, y, pre],
                     self.reduce_grid,
                 )
+            } else if self.layout.vec4 {
+                (&STATS_PARTIAL4, vec![u, part, x], self.reduce_grid)
+            } else {
+                (&STATS_PARTIAL, vec![u, x, part], self.reduce_grid)
             });
             if self.final_grid[0] > 0 {
                 out.push((
@@ -724,14 +713,32 @@ struct NormalizePlan {
     y: GpuTensor,
     pre: Option<GpuTensor>,
     pre_or_dummy: GpuTensor,
-    vec4: bool,
+    layout: ReductionLayout,
     grid: [u32; 3],
 }
 
-/// The grid of an elementwise pass (`normalize` / `backward_dx`, or with `vec4` their
-/// `vec4` forms, `H·W` a multiple of 4 so a `vec4` stays in one channel) over `n` elements.
-fn elementwise_grid(ctx: &GpuContext, vec4: bool, n: usize) -> Result<[u32; 3]> {
-    ctx.grid_1d(if vec4 { n / 4 } else { n }, WGR)
+/// The grid of an elementwise pass (`normalize` / `backward_dx` and their `_plane`, `4`
+/// forms) over an NCHW `shape`: over the `N·C` planes with [`ReductionLayout::plane_grid`],
+/// else flat over the elements (or `vec4`s: `H·W` a multiple of 4, so a `vec4` stays in one
+/// channel).
+fn elementwise_grid(
+    ctx: &GpuContext,
+    shape: [usize; 4],
+    layout: ReductionLayout,
+) -> Result<[u32; 3]> {
+    let [n, c, h, w] = shape;
+    let unit = if layout.vec4 { 4 } else { 1 };
+    if layout.plane_grid {
+        let per_workgroup = (WGR * PLANE_ITEMS) as usize;
+        let along = to_u32((h * w / unit).div_ceil(per_workgroup), "batch_norm2d plane")?;
+        return channel_grid(ctx, along, n * c);
+    }
+    ctx.grid_1d(n * c * h * w / unit, WGR)
+}
+
+/// One of the four forms of an elementwise pass: `flat`, `plane`, `flat4`, `plane4`.
+fn pick(layout: ReductionLayout, forms: [&'static Kernel; 4]) -> &'static Kernel {
+    forms[usize::from(layout.vec4) * 2 + usize::from(layout.plane_grid)]
 }
 
 fn normalize_plan(
@@ -778,14 +785,14 @@ fn normalize_plan(
         Some(t) => t.clone(),
         None => dummy(ctx)?,
     };
-    let vec4 = reduction_layout(shape).vec4;
+    let layout = reduction_layout(shape);
     Ok(NormalizePlan {
         uniform: ctx.params(&p)?,
         y,
         pre,
         pre_or_dummy,
-        vec4,
-        grid: elementwise_grid(ctx, vec4, p.n as usize)?,
+        layout,
+        grid: elementwise_grid(ctx, shape, layout)?,
     })
 }
 
@@ -804,10 +811,14 @@ impl NormalizePlan {
             stats.buffer(),
         );
         let (y, pre) = (self.y.buffer(), self.pre_or_dummy.buffer());
-        out.push(if self.vec4 {
-            (&NORMALIZE4, vec![u, params, stats, x, y, pre], self.grid)
+        let kernel = pick(
+            self.layout,
+            [&NORMALIZE, &NORMALIZE_PLANE, &NORMALIZE4, &NORMALIZE_PLANE4],
+        );
+        out.push(if self.layout.vec4 {
+            (kernel, vec![u, params, stats, x, y, pre], self.grid)
         } else {
-            (&NORMALIZE, vec![u, x, params, stats, y, pre], self.grid)
+            (kernel, vec![u, x, params, stats, y, pre], self.grid)
         });
     }
 }
@@ -1089,11 +1100,14 @@ fn batch_norm2d_backward_impl(
     p.slope = super::activation::slope(act);
     p.training = u32::from(training);
     p.has_divisor = u32::from(divisor.is_some());
-    let groups = layout.groups as usize;
-    p.fuse = u32::from(groups == 1);
+    p.fuse = u32::from(layout.per_thread);
     let uniform = ctx.params(&p)?;
-    let partials = if groups > 1 {
-        Some(GpuTensor::uninit(ctx, &[2, c, groups], DType::F32)?)
+    let partials = if !layout.per_thread {
+        Some(GpuTensor::uninit(
+            ctx,
+            &[2, c, layout.partials as usize],
+            DType::F32,
+        )?)
     } else {
         None
     };
@@ -1117,7 +1131,7 @@ fn batch_norm2d_backward_impl(
         DType::F32,
         &inputs,
     )?;
-    // With one workgroup per channel the reduction writes the grads where the partials go.
+    // With one invocation per channel the reduction writes the grads where the partials go.
     let (u, part) = (&*uniform, partials.as_ref().unwrap_or(&dparams).buffer());
     let div = divisor.unwrap_or(&dummy).buffer();
     let (xb, params, st, dxb, dyb, ax, gr) = (
@@ -1129,43 +1143,42 @@ fn batch_norm2d_backward_impl(
         act_x.buffer(),
         dparams.buffer(),
     );
-    let reduce_grid = if layout.per_thread {
-        ctx.grid_1d(c, WGR)?
-    } else {
-        channel_grid(ctx, layout.groups, layout.blocks)?
-    };
-    let mut list = vec![if layout.vec4 {
+    let reduce_grid = reduce_grid(ctx, layout, c)?;
+    let mut list = vec![if layout.per_thread {
         (
-            &BACKWARD_REDUCE4,
-            vec![u, part, params, st, div, xb, dxb, dyb, ax],
-            reduce_grid,
-        )
-    } else {
-        (
-            if layout.per_thread {
-                &BACKWARD_THREAD
-            } else {
-                &BACKWARD_REDUCE
-            },
+            &BACKWARD_THREAD,
             vec![u, xb, part, params, st, dxb, dyb, ax, div],
             reduce_grid,
         )
+    } else if layout.vec4 {
+        (
+            &BACKWARD_PARTIAL4,
+            vec![u, part, st, xb, dyb, ax],
+            reduce_grid,
+        )
+    } else {
+        (
+            &BACKWARD_PARTIAL,
+            vec![u, xb, part, st, dyb, ax],
+            reduce_grid,
+        )
     }];
-    if groups > 1 {
+    if !layout.per_thread {
         list.push((&BACKWARD_FINAL, vec![u, part, gr], ctx.grid_1d(c, WGR)?));
-        let grid = elementwise_grid(ctx, layout.vec4, p.n as usize)?;
-        list.push(if layout.vec4 {
-            (
-                &BACKWARD_DX4,
-                vec![u, params, st, gr, div, xb, dxb, dyb, ax],
-                grid,
-            )
-        } else {
-            (
+        let grid = elementwise_grid(ctx, shape, layout)?;
+        let kernel = pick(
+            layout,
+            [
                 &BACKWARD_DX,
-                vec![u, xb, params, st, dxb, dyb, ax, gr, div],
-                grid,
-            )
+                &BACKWARD_DX_PLANE,
+                &BACKWARD_DX4,
+                &BACKWARD_DX_PLANE4,
+            ],
+        );
+        list.push(if layout.vec4 {
+            (kernel, vec![u, params, st, gr, div, xb, dxb, dyb, ax], grid)
+        } else {
+            (kernel, vec![u, xb, params, st, dxb, dyb, ax, gr, div], grid)
         });
     }
     submit(ctx, &list)?;

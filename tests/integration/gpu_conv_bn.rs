@@ -205,11 +205,11 @@ fn batch_norm2d_large_and_offset() {
     check_batch_norm(&ctx, [2, 2, 48, 48], true, 4, 100.0);
 }
 
-/// Every reduction layout the shape picks (`reduction_layout`): one thread per channel (many
-/// channels of 1 or 2 values, channel counts that are and are not multiples of 4), a few
-/// threads per channel, a whole workgroup per channel, and channels split over several
-/// workgroups (also with a large mean), on scalars and on `vec4`s (`H·W` a multiple of 4),
-/// forward and backward, training and eval.
+/// Every layout the shape picks (`reduction_layout`): one invocation per channel (many
+/// channels of 1 or 2 values, channel counts that are and are not multiples of 4), a few and
+/// many partial invocations per channel (also with a large mean, and runs that straddle
+/// planes), the elementwise pass on a flat grid and on a plane grid, on scalars and on
+/// `vec4`s (`H·W` a multiple of 4), forward and backward, training and eval.
 fn batch_norm2d_reduction_layouts() {
     let Some(ctx) = common::gpu() else { return };
     let shapes = [
@@ -223,6 +223,8 @@ fn batch_norm2d_reduction_layouts() {
         ([1, 1, 256, 128], 0.0),
         ([1, 1, 256, 128], 100.0),
         ([3, 1, 256, 256], 0.0),
+        ([5, 7, 9, 9], 0.0),
+        ([2, 300, 2, 2], 0.0),
     ];
     let mut seen = std::collections::BTreeSet::new();
     for (i, (shape, offset)) in shapes.into_iter().enumerate() {
@@ -236,27 +238,22 @@ fn batch_norm2d_reduction_layouts() {
     );
 }
 
-/// `(vec4, threads per channel: 1 / some / 256, split over workgroups, one invocation per
-/// channel)` of the layout `shape` gets.
-fn layout_kind(shape: [usize; 4]) -> (bool, u8, bool, bool) {
+/// `(vec4, one invocation per channel, several partials per channel, plane grid)` of the
+/// layout `shape` gets.
+fn layout_kind(shape: [usize; 4]) -> (bool, bool, bool, bool) {
     let l = qfuse::kernels::batch_norm::reduction_layout(shape);
-    let t = match l.threads_per_channel {
-        1 => 0,
-        256 => 2,
-        _ => 1,
-    };
-    (l.vec4, t, l.groups > 1, l.per_thread)
+    (l.vec4, l.per_thread, l.partials > 1, l.plane_grid)
 }
 
 /// The layout kinds the BatchNorm tests must cover.
-fn all_layout_kinds() -> std::collections::BTreeSet<(bool, u8, bool, bool)> {
+fn all_layout_kinds() -> std::collections::BTreeSet<(bool, bool, bool, bool)> {
     [
-        (false, 0, false, true),
-        (false, 1, false, false),
-        (false, 2, true, false),
-        (true, 1, false, false),
-        (true, 2, false, false),
-        (true, 2, true, false),
+        (false, true, false, false),
+        (false, false, true, false),
+        (false, false, true, true),
+        (true, false, false, false),
+        (true, false, true, false),
+        (true, false, true, true),
     ]
     .into_iter()
     .collect()
