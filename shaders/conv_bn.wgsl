@@ -34,7 +34,7 @@
 //                                    channels), inner (elements per channel-slice: weight
 //                                    elements per output channel; channel_op: product of the
 //                                    dims after the channel axis), m (values per channel
-//                                    N*H*W), groups (G, partial workgroups per channel), op
+//                                    N*H*W), groups (G, partial invocations per channel), op
 //                                    (channel_op), hw (H*W), finite_zero (1: s = 1 where
 //                                    gamma = 0), eps
 //   @group(0) @binding(1) bn:        storage, read array<f32>  4*C: gamma, beta, running_mean, running_var
@@ -68,8 +68,10 @@
 //   scale_factor        (0,1,4,5):        1-D grid over C (flat index gid.x + gid.y * num_workgroups.x * WGR).
 //   channel_op          (0,8,9,10,11):    1-D grid over n, same tiling; channel of element i:
 //                                         (i / inner) % C.
-//   divide_back_partial (0,8,10,12,13):   grid (G, Cy, Cz); value j of channel c is element
-//                                         (j / hw) * C * hw + c * hw + j % hw.
+//   divide_back_partial (0,8,10,12,13):   1-D grid over C*G, no barrier: invocation t sums a
+//                                         contiguous run of channel t / G's values (value j
+//                                         of channel c is element (j / hw) * C * hw + c * hw
+//                                         + j % hw).
 //   divide_back_final   (0,1,4,13,14,15,16,17): 1-D grid over C, one invocation per channel.
 //   weight_grad         (0,1,2,4,16,18,19,20):  grid (1, Cy, Cz), one workgroup per output channel.
 //   weight_grad_thread  (as weight_grad): 1-D grid over C, one invocation per output channel
@@ -255,31 +257,39 @@ fn channel_op(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 @compute @workgroup_size(WGR)
-fn divide_back_partial(@builtin(workgroup_id) wid: vec3<u32>,
-                       @builtin(local_invocation_id) lid: vec3<u32>,
+fn divide_back_partial(@builtin(global_invocation_id) gid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = wid.x;
-    let c = wid.y + wid.z * nwg.y;
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
+    if (c >= params.channels) {
+        return;
+    }
+    let g = t % params.groups;
+    let bias = b[c];
+    let hw = params.hw;
+    // The contiguous run of values g * L <= j < (g + 1) * L (L = ceil(m / G)); value j is
+    // element (j / hw) * C * hw + c * hw + j % hw, (j / hw, j % hw) kept up to date.
+    let len = (params.m + params.groups - 1u) / params.groups;
+    let lo = min(params.m, g * len);
+    let hi = min(params.m, lo + len);
+    var q = lo / hw;
+    var r = lo % hw;
     var acc_g = 0.0;
     var acc_gx = 0.0;
-    if (c < params.channels) {
-        let bias = b[c];
-        let hw = params.hw;
-        for (var j = g * WGR + lid.x; j < params.m; j = j + params.groups * WGR) {
-            let i = (j / hw) * (params.channels * hw) + c * hw + (j % hw);
-            let gv = x[i];
-            acc_g = acc_g + gv;
-            acc_gx = acc_gx + gv * (bn_in[i] - bias);
+    for (var j = lo; j < hi; j = j + 1u) {
+        let i = (q * params.channels + c) * hw + r;
+        let gv = x[i];
+        acc_g = acc_g + gv;
+        acc_gx = acc_gx + gv * (bn_in[i] - bias);
+        r = r + 1u;
+        if (r >= hw) {
+            r = 0u;
+            q = q + 1u;
         }
     }
-    sa[lid.x] = acc_g;
-    sb[lid.x] = acc_gx;
-    reduce_sum2(lid.x);
-    if (lid.x == 0u && c < params.channels) {
-        let k = c * params.groups + g;
-        partials[k] = sa[0];
-        partials[params.channels * params.groups + k] = sb[0];
-    }
+    let k = c * params.groups + g;
+    partials[k] = acc_g;
+    partials[params.channels * params.groups + k] = acc_gx;
 }
 
 @compute @workgroup_size(WGR)

@@ -44,11 +44,6 @@ pub(super) static SHADER: Shader = Shader {
 
 /// Workgroup size of every entry point (`WGR` in the shader).
 const WGR: u32 = 256;
-/// Values each thread sums (at least) before the workgroup reduction (the divide-back
-/// reductions of [`super::conv_bn`], [`partial_groups`]).
-const ITEMS_PER_THREAD: usize = 8;
-/// Upper bound on partial workgroups per channel (the divide-back reductions).
-const MAX_GROUPS: usize = 256;
 /// BatchNorm reductions: values (or `vec4`s) an invocation reduces at least before more
 /// invocations share a channel.
 const MIN_ITEMS: usize = 16;
@@ -299,12 +294,7 @@ pub fn reduction_layout(shape: [usize; 4]) -> ReductionLayout {
     let hw = h * w;
     let vec4 = hw.is_multiple_of(4) && hw > 0;
     let unit = if vec4 { 4 } else { 1 };
-    let m = n * hw / unit;
-    let by_size = m.div_ceil(MAX_ITEMS);
-    let by_parallel = TARGET_INVOCATIONS
-        .div_ceil(channels.max(1))
-        .min(m / MIN_ITEMS);
-    let partials = by_size.max(by_parallel).clamp(1, MAX_PARTIALS);
+    let partials = partial_count(n * hw / unit, channels);
     ReductionLayout {
         partials: partials as u32,
         vec4,
@@ -313,17 +303,23 @@ pub fn reduction_layout(shape: [usize; 4]) -> ReductionLayout {
     }
 }
 
-/// Partial workgroups per channel for `m` values per channel (the divide-back reductions of
-/// [`super::conv_bn`]).
-pub(crate) fn partial_groups(m: usize) -> usize {
-    m.div_ceil(WGR as usize * ITEMS_PER_THREAD)
-        .clamp(1, MAX_GROUPS)
+/// Partial invocations per channel for `units` values (or `vec4`s) in each of `channels`
+/// channels ([`reduction_layout`]; also the QAT backward's divide-back sums in
+/// [`super::conv_bn`]): `ceil(units / 128)`, more while all of them would be fewer than 4096
+/// and each keeps at least 16 values, at most 1024.
+pub(crate) fn partial_count(units: usize, channels: usize) -> usize {
+    let by_size = units.div_ceil(MAX_ITEMS);
+    let by_parallel = TARGET_INVOCATIONS
+        .div_ceil(channels.max(1))
+        .min(units / MIN_ITEMS);
+    by_size.max(by_parallel).clamp(1, MAX_PARTIALS)
 }
 
 /// A 16-byte tensor (one `vec4`) bound where a kernel declares a binding it does not use in
-/// this call.
+/// this call. Never read, so not cleared (a pooled buffer keeps what it held: no staged write
+/// per call).
 pub(crate) fn dummy(ctx: &GpuContext) -> Result<GpuTensor> {
-    GpuTensor::zeros(ctx, &[4], DType::F32)
+    GpuTensor::uninit(ctx, &[4], DType::F32)
 }
 
 /// Downloads a `[R, C]` tensor (such as `stats`, `running`, `dparams`) as its `R` rows.

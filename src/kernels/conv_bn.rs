@@ -37,7 +37,7 @@ use bytemuck::{Pod, Zeroable};
 use super::activation::{activation_backward, activation_into};
 use super::batch_norm::{
     batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, channel_grid,
-    check_training_size, partial_groups, GpuBatchNormOutput, GpuBatchNormStats,
+    check_training_size, partial_count, GpuBatchNormOutput, GpuBatchNormStats,
 };
 use super::conv2d::{conv2d, conv2d_into, ConvEpilogue};
 use super::fake_quant::fake_quant_with_mask_into;
@@ -1738,7 +1738,7 @@ fn conv_bn_qat_backward_passes(
 
     // Divide-back terms: conv bias grad, dβ, and dγ's BN-affine and divide-back parts.
     let m = out[0] * out[2] * out[3];
-    let groups = partial_groups(m);
+    let groups = partial_count(m, o);
     let p = Params {
         channels: to_u32(o, "conv output channels")?,
         inner: to_u32(
@@ -1771,7 +1771,11 @@ fn conv_bn_qat_backward_passes(
                 saved.bn_input.buffer(),
                 partials.buffer(),
             ],
-            workgroups: channel_grid(ctx, groups as u32, o)?,
+            workgroups: ctx.grid_1d(
+                o.checked_mul(groups)
+                    .ok_or_else(|| Error::invalid("conv output channels: too many"))?,
+                WGR,
+            )?,
         },
         Launch {
             kernel: &DIVIDE_BACK_FINAL,
