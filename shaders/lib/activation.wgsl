@@ -8,20 +8,23 @@
 // Bindings: none (functions only). Dispatch: none; it has no entry points.
 
 fn act_apply(v: f32, code: u32, slope: f32) -> f32 {
-    if (code == 0u || is_nan(v)) {
+    // Branches on the (uniform) code only; NaN passes through by a select, so a CPU adapter
+    // running invocations as SIMD lanes does not take every case under a mask.
+    if (code == 0u) {
         return v;
     }
+    var y: f32;
     if (code == 3u) {
-        return select(v * slope, v, v > 0.0);
+        y = select(v * slope, v, v > 0.0);
+    } else if (code == 4u) {
+        y = v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
+    } else {
+        y = select(v, 0.0, v < 0.0);
+        if (code == 2u) {
+            y = select(y, 6.0, v > 6.0);
+        }
     }
-    if (code == 4u) {
-        return v * clamp(v + 3.0, 0.0, 6.0) / 6.0;
-    }
-    var y = select(v, 0.0, v < 0.0);
-    if (code == 2u) {
-        y = select(y, 6.0, v > 6.0);
-    }
-    return y;
+    return select(y, v, is_nan(v));
 }
 
 fn act_grad(v: f32, d: f32, code: u32, slope: f32) -> f32 {
