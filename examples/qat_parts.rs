@@ -7,7 +7,8 @@
 //! ```
 //!
 //! A 3×3 conv, stride 1, padding 1, `C` channels in and out (`depthwise`: `C` groups); prints
-//! the median milliseconds of the plain conv, the QAT forward, the QAT backward, and the
+//! the median milliseconds of the plain conv, the QAT forward and its conv alone (W_q, the
+//! 1/s epilogue), the QAT backward, and the
 //! backward's BatchNorm backward (ReLU mask and divide by `s` folded in), input gradient and
 //! weight gradient alone; the rest of the backward (divide-back reductions, weight STE) is the
 //! backward minus those three.
@@ -136,6 +137,15 @@ fn main() -> qfuse::Result<()> {
         )
         .map(drop)
     })?;
+    let inv_s = tensor(&ctx, &[c], 0.5)?;
+    let conv_epilogue = time(&ctx, runs, || {
+        let epilogue = ConvEpilogue {
+            out_scale: Some(&inv_s),
+            bias: None,
+            activation: Activation::None,
+        };
+        conv2d(&ctx, &x, saved.weight_q, &params, &epilogue).map(drop)
+    })?;
     let g = tensor(&ctx, &out, 0.01)?;
     let dx = time(&ctx, runs, || {
         conv2d_input_grad(&ctx, &g, saved.weight_q, &params, x_shape).map(drop)
@@ -151,6 +161,7 @@ fn main() -> qfuse::Result<()> {
     let row = |name: &str, ms: f64| println!("{name:<34} {ms:9.3} ms {:6.2}x", ms / conv);
     row("conv forward", conv);
     row("QAT forward", forward);
+    row("  its conv (W_q, 1/s epilogue)", conv_epilogue);
     row("QAT backward", backward);
     row("  BatchNorm backward (+mask, /s)", bn_back);
     row("  input gradient", dx);

@@ -61,9 +61,13 @@
 //   @group(0) @binding(19) mask:     storage, read array<f32>  fake-quant mask of W_s
 //   @group(0) @binding(20) dw:       storage, read_write array<f32>  conv weight gradient
 //
-// Entry points and dispatch (workgroup size WGR = 256, fixed: it sizes workgroup memory):
-//   scale_weight        (0-6):            grid (1, Cy, Cz), one workgroup per output channel
-//                                         c = wid.y + wid.z * num_workgroups.y.
+// Entry points and dispatch (workgroup size WGR = 256):
+//   scale_weight_partial (0,1,2,3,13):    1-D grid over C*G, no barrier: invocation t scales
+//                                         a contiguous run of channel t / G's weights into
+//                                         W_s and writes their min at c*G + g and max at
+//                                         C*G + c*G + g of partials;
+//   scale_weight_final  (0,1,4,5,6,13):   1-D grid over C: s, 1/s and the channel's min/max
+//                                         from its G partials.
 //   minmax_merge        (0,6,7):          grid (1, 1, 1).
 //   scale_factor        (0,1,4,5):        1-D grid over C (flat index gid.x + gid.y * num_workgroups.x * WGR).
 //   channel_op          (0,8,9,10,11):    1-D grid over n, same tiling; channel of element i:
@@ -73,9 +77,11 @@
 //                                         of channel c is element (j / hw) * C * hw + c * hw
 //                                         + j % hw).
 //   divide_back_final   (0,1,4,13,14,15,16,17): 1-D grid over C, one invocation per channel.
-//   weight_grad         (0,1,2,4,16,18,19,20):  grid (1, Cy, Cz), one workgroup per output channel.
-//   weight_grad_thread  (as weight_grad): 1-D grid over C, one invocation per output channel
-//                                         (for few weights per channel).
+//   weight_grad_partial (0,2,4,13,18,19,20): 1-D grid over C*G: invocation t writes dW over a
+//                                         contiguous run of channel t / G's weights and its
+//                                         sum dW_s * W at c*G + g of partials;
+//   weight_grad_final   (0,1,4,13,16):    1-D grid over C: adds the channel's G partials
+//                                         / sqrt(rv + eps) to d gamma.
 //   eval_scale          (0,1,4,10,11):    1-D grid over C; b = conv bias (zeros if none), out = b'.
 //   sqrt_rn_test        (0,8,11):         1-D grid over n.
 
@@ -170,33 +176,57 @@ fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * (nwg.x * WGR);
 }
 
+// The contiguous run [x, y) of partial g of a channel of `units` values: G = groups runs of
+// ceil(units / G).
+fn partial_run(g: u32, units: u32) -> vec2<u32> {
+    let len = (units + params.groups - 1u) / params.groups;
+    return vec2<u32>(min(units, g * len), min(units, (g + 1u) * len));
+}
+
 @compute @workgroup_size(WGR)
-fn scale_weight(@builtin(workgroup_id) wid: vec3<u32>,
-                @builtin(local_invocation_id) lid: vec3<u32>,
-                @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = wid.y + wid.z * nwg.y;
+fn scale_weight_partial(@builtin(global_invocation_id) gid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
     if (c >= params.channels) {
         return;
     }
+    let g = t % params.groups;
     let sc = scale_of(c);
     var lo = from_bits(0x7f800000u);
     var hi = from_bits(0xff800000u);
     let base = c * params.inner;
-    for (var j = lid.x; j < params.inner; j = j + WGR) {
+    let run = partial_run(g, params.inner);
+    for (var j = run.x; j < run.y; j = j + 1u) {
         let v = w[base + j] * sc;
         w_s[base + j] = v;
         lo = nmin(lo, v);
         hi = nmax(hi, v);
     }
-    sa[lid.x] = lo;
-    sb[lid.x] = hi;
-    reduce_minmax(lid.x);
-    if (lid.x == 0u) {
-        s[c] = sc;
-        inv_s[c] = div_rn(1.0, sc);
-        minmax[c] = sa[0];
-        minmax[params.channels + c] = sb[0];
+    let k = c * params.groups + g;
+    partials[k] = lo;
+    partials[params.channels * params.groups + k] = hi;
+}
+
+@compute @workgroup_size(WGR)
+fn scale_weight_final(@builtin(global_invocation_id) gid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    if (c >= params.channels) {
+        return;
     }
+    var lo = from_bits(0x7f800000u);
+    var hi = from_bits(0xff800000u);
+    let cg = params.channels * params.groups;
+    for (var g = 0u; g < params.groups; g = g + 1u) {
+        lo = nmin(lo, partials[c * params.groups + g]);
+        hi = nmax(hi, partials[cg + c * params.groups + g]);
+    }
+    let sc = scale_of(c);
+    s[c] = sc;
+    inv_s[c] = div_rn(1.0, sc);
+    minmax[c] = lo;
+    minmax[params.channels + c] = hi;
 }
 
 @compute @workgroup_size(WGR)
@@ -292,35 +322,9 @@ fn divide_back_partial(@builtin(global_invocation_id) gid: vec3<u32>,
     partials[params.channels * params.groups + k] = acc_gx;
 }
 
-@compute @workgroup_size(WGR)
-fn weight_grad(@builtin(workgroup_id) wid: vec3<u32>,
-               @builtin(local_invocation_id) lid: vec3<u32>,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = wid.y + wid.z * nwg.y;
-    if (c >= params.channels) {
-        return;
-    }
-    let sc = s[c];
-    let base = c * params.inner;
-    var acc = 0.0;
-    for (var j = lid.x; j < params.inner; j = j + WGR) {
-        let g = dw_q[base + j] * mask[base + j];
-        dw[base + j] = g * sc;
-        acc = acc + g * w[base + j];
-    }
-    sa[lid.x] = acc;
-    sb[lid.x] = 0.0;
-    reduce_sum2(lid.x);
-    if (lid.x == 0u && !finite_zero_channel(c)) {
-        let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
-        dgamma[c] = dgamma[c] + sa[0] * inv_std;
-    }
-}
-
-// One invocation per channel (1-D grid over C), without workgroup memory or barriers
-// (lavapipe runs the barrier tree of a 256-invocation workgroup as coroutine switches, a fixed
-// cost per channel): divide_back_final always (G partials per channel, few), and
-// weight_grad_thread, weight_grad's per-invocation form for few weights per channel.
+// No entry point below uses a barrier (lavapipe runs the barrier tree of a 256-invocation
+// workgroup as coroutine switches, a fixed cost per workgroup far above its loads):
+// divide_back_final and weight_grad_final take one invocation per channel over its G partials.
 @compute @workgroup_size(WGR)
 fn divide_back_final(@builtin(global_invocation_id) gid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -347,24 +351,39 @@ fn divide_back_final(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 @compute @workgroup_size(WGR)
-fn weight_grad_thread(@builtin(global_invocation_id) gid: vec3<u32>,
-                      @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = flat_index(gid, nwg);
+fn weight_grad_partial(@builtin(global_invocation_id) gid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
     if (c >= params.channels) {
         return;
     }
+    let g = t % params.groups;
     let sc = s[c];
     let base = c * params.inner;
     var acc = 0.0;
-    for (var j = 0u; j < params.inner; j = j + 1u) {
-        let g = dw_q[base + j] * mask[base + j];
-        dw[base + j] = g * sc;
-        acc = acc + g * w[base + j];
+    let run = partial_run(g, params.inner);
+    for (var j = run.x; j < run.y; j = j + 1u) {
+        let gw = dw_q[base + j] * mask[base + j];
+        dw[base + j] = gw * sc;
+        acc = acc + gw * w[base + j];
     }
-    if (!finite_zero_channel(c)) {
-        let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
-        dgamma[c] = dgamma[c] + acc * inv_std;
+    partials[c * params.groups + g] = acc;
+}
+
+@compute @workgroup_size(WGR)
+fn weight_grad_final(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat_index(gid, nwg);
+    if (c >= params.channels || finite_zero_channel(c)) {
+        return;
     }
+    var acc = 0.0;
+    for (var g = 0u; g < params.groups; g = g + 1u) {
+        acc = acc + partials[c * params.groups + g];
+    }
+    let inv_std = 1.0 / sqrt(bn[3u * params.channels + c] + params.eps);
+    dgamma[c] = dgamma[c] + acc * inv_std;
 }
 
 @compute @workgroup_size(WGR)

@@ -36,8 +36,8 @@ use bytemuck::{Pod, Zeroable};
 
 use super::activation::{activation_backward, activation_into};
 use super::batch_norm::{
-    batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, channel_grid,
-    check_training_size, partial_count, GpuBatchNormOutput, GpuBatchNormStats,
+    batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, check_training_size,
+    partial_count, GpuBatchNormOutput, GpuBatchNormStats,
 };
 use super::conv2d::{conv2d, conv2d_into, ConvEpilogue};
 use super::fake_quant::fake_quant_with_mask_into;
@@ -61,17 +61,28 @@ pub(super) static SHADER: Shader = Shader {
 /// Workgroup size of every entry point (`WGR` in the shader).
 const WGR: u32 = 256;
 
-static SCALE_WEIGHT: Kernel = Kernel {
+static SCALE_WEIGHT_PARTIAL: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "scale_weight",
+    entry_point: "scale_weight_partial",
     bindings: &[
         Binding::uniform(0),
         Binding::read(1),
         Binding::read(2),
         Binding::read_write(3),
+        Binding::read_write(13),
+    ],
+};
+
+static SCALE_WEIGHT_FINAL: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "scale_weight_final",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
         Binding::read_write(4),
         Binding::read_write(5),
         Binding::read_write(6),
+        Binding::read_write(13),
     ],
 };
 
@@ -135,39 +146,31 @@ static DIVIDE_BACK_FINAL: Kernel = Kernel {
     ],
 };
 
-static WEIGHT_GRAD: Kernel = Kernel {
+static WEIGHT_GRAD_PARTIAL: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "weight_grad",
+    entry_point: "weight_grad_partial",
     bindings: &[
         Binding::uniform(0),
-        Binding::read(1),
         Binding::read(2),
         Binding::read_write(4),
-        Binding::read_write(16),
+        Binding::read_write(13),
         Binding::read(18),
         Binding::read(19),
         Binding::read_write(20),
     ],
 };
 
-static WEIGHT_GRAD_THREAD: Kernel = Kernel {
+static WEIGHT_GRAD_FINAL: Kernel = Kernel {
     shader: &SHADER,
-    entry_point: "weight_grad_thread",
+    entry_point: "weight_grad_final",
     bindings: &[
         Binding::uniform(0),
         Binding::read(1),
-        Binding::read(2),
         Binding::read_write(4),
+        Binding::read_write(13),
         Binding::read_write(16),
-        Binding::read(18),
-        Binding::read(19),
-        Binding::read_write(20),
     ],
 };
-
-/// Weights per output channel up to which [`WEIGHT_GRAD_THREAD`] (one invocation per
-/// channel) runs instead of [`WEIGHT_GRAD`] (one workgroup per channel).
-const WEIGHT_GRAD_THREAD_MAX_INNER: usize = 64;
 
 static EVAL_SCALE: Kernel = Kernel {
     shader: &SHADER,
@@ -1101,31 +1104,53 @@ fn conv_bn_qat_forward_passes(
         false,
     )?;
 
-    // (a) s, 1/s, W_s and the per-output-channel min/max of W_s.
+    // (a) s, 1/s, W_s and the per-output-channel min/max of W_s: partial min/max over runs
+    // of each channel's weights, then per channel.
+    let inner = conv.weight.len().checked_div(o).unwrap_or(0);
+    let groups = partial_count(inner, o);
     let p = Params {
         finite_zero: u32::from(weight.finite_zero_gamma),
+        groups: to_u32(groups, "partial invocations per channel")?,
         ..params_weight(conv, bn, o)?
     };
     let uniform = ctx.params(&p)?;
+    let partials = GpuTensor::uninit(ctx, &[2, o, groups], DType::F32)?;
     let minmax = GpuTensor::zeros(ctx, &[2, o], DType::F32)?;
     let minmax_t = GpuTensor::zeros(ctx, &[2, 1], DType::F32)?;
     let per_tensor = !spec.qscheme.is_per_channel();
-    let scale_buffers = [
+    let partial_buffers = [
         &uniform,
         bn.tensor().buffer(),
         conv.weight.buffer(),
         out.weight_scaled.buffer(),
+        partials.buffer(),
+    ];
+    let final_buffers = [
+        &uniform,
+        bn.tensor().buffer(),
         out.scale_factor.buffer(),
         out.inv_scale_factor.buffer(),
         minmax.buffer(),
+        partials.buffer(),
     ];
     let merge_buffers = [&uniform, minmax.buffer(), minmax_t.buffer()];
-    let mut launches = vec![Launch {
-        kernel: &SCALE_WEIGHT,
-        constants: &[],
-        buffers: &scale_buffers,
-        workgroups: channel_grid(ctx, 1, o)?,
-    }];
+    let invocations = o
+        .checked_mul(groups)
+        .ok_or_else(|| Error::invalid("conv output channels: too many"))?;
+    let mut launches = vec![
+        Launch {
+            kernel: &SCALE_WEIGHT_PARTIAL,
+            constants: &[],
+            buffers: &partial_buffers,
+            workgroups: ctx.grid_1d(invocations, WGR)?,
+        },
+        Launch {
+            kernel: &SCALE_WEIGHT_FINAL,
+            constants: &[],
+            buffers: &final_buffers,
+            workgroups: ctx.grid_1d(o, WGR)?,
+        },
+    ];
     if per_tensor && weight.qparams.is_none() {
         launches.push(Launch {
             kernel: &MINMAX_MERGE,
@@ -1799,32 +1824,47 @@ fn conv_bn_qat_backward_passes(
     conv2d_input_grad_into(ctx, &g, saved.weight_q, &conv.params, x_shape, &dx)?;
     let dw_q = conv2d_weight_grad(ctx, x, &g, &conv.params, ws)?;
 
-    // STE mask, dW = dW_s·s, weight-scaling part of dγ: one invocation per channel for few
-    // weights per channel (depthwise), one workgroup per channel otherwise.
-    let per_thread = ws[1] * ws[2] * ws[3] <= WEIGHT_GRAD_THREAD_MAX_INNER;
-    ctx.run(&[Launch {
-        kernel: if per_thread {
-            &WEIGHT_GRAD_THREAD
-        } else {
-            &WEIGHT_GRAD
+    // STE mask, dW = dW_s·s, weight-scaling part of dγ: partial sums over runs of each
+    // channel's weights, then per channel.
+    let inner = ws[1] * ws[2] * ws[3];
+    let wgroups = partial_count(inner, o);
+    let wuniform = ctx.params(&Params {
+        groups: to_u32(wgroups, "partial invocations per channel")?,
+        ..p
+    })?;
+    let wpartials = GpuTensor::uninit(ctx, &[o, wgroups], DType::F32)?;
+    ctx.run(&[
+        Launch {
+            kernel: &WEIGHT_GRAD_PARTIAL,
+            constants: &[],
+            buffers: &[
+                &wuniform,
+                conv.weight.buffer(),
+                saved.scale_factor.buffer(),
+                wpartials.buffer(),
+                dw_q.buffer(),
+                saved.weight_mask.buffer(),
+                dweight.buffer(),
+            ],
+            workgroups: ctx.grid_1d(
+                o.checked_mul(wgroups)
+                    .ok_or_else(|| Error::invalid("conv output channels: too many"))?,
+                WGR,
+            )?,
         },
-        constants: &[],
-        buffers: &[
-            &uniform,
-            bn.tensor().buffer(),
-            conv.weight.buffer(),
-            saved.scale_factor.buffer(),
-            dgamma.buffer(),
-            dw_q.buffer(),
-            saved.weight_mask.buffer(),
-            dweight.buffer(),
-        ],
-        workgroups: if per_thread {
-            ctx.grid_1d(o, WGR)?
-        } else {
-            channel_grid(ctx, 1, o)?
+        Launch {
+            kernel: &WEIGHT_GRAD_FINAL,
+            constants: &[],
+            buffers: &[
+                &wuniform,
+                bn.tensor().buffer(),
+                saved.scale_factor.buffer(),
+                wpartials.buffer(),
+                dgamma.buffer(),
+            ],
+            workgroups: ctx.grid_1d(o, WGR)?,
         },
-    }])?;
+    ])?;
 
     Ok(GpuQatGrads {
         dx,
