@@ -60,12 +60,19 @@
 //   @group(0) @binding(18) dw_q:     storage, read array<f32>  conv weight gradient w.r.t. W_q
 //   @group(0) @binding(19) mask:     storage, read array<f32>  fake-quant mask of W_s
 //   @group(0) @binding(20) dw:       storage, read_write array<f32>  conv weight gradient
+//   @group(0) @binding(21) w4:       storage, read array<vec4<f32>>  w as vec4s
+//   @group(0) @binding(22) w_s4:     storage, read_write array<vec4<f32>>  w_s as vec4s
+//                                    (21, 22: the same buffers as 2, 3, for
+//                                    scale_weight_partial4: weights per channel a multiple
+//                                    of 4, so a vec4 stays in one channel)
 //
 // Entry points and dispatch (workgroup size WGR = 256):
 //   scale_weight_partial (0,1,2,3,13):    1-D grid over C*G, no barrier: invocation t scales
 //                                         a contiguous run of channel t / G's weights into
 //                                         W_s and writes their min at c*G + g and max at
 //                                         C*G + c*G + g of partials;
+//   scale_weight_partial4 (0,1,13,21,22): the same on vec4s (inner a multiple of 4; runs
+//                                         counted in vec4s).
 //   scale_weight_final  (0,1,4,5,6,13):   1-D grid over C: s, 1/s and the channel's min/max
 //                                         from its G partials.
 //   minmax_merge        (0,6,7):          grid (1, 1, 1).
@@ -123,6 +130,8 @@ struct Params {
 @group(0) @binding(18) var<storage, read> dw_q: array<f32>;
 @group(0) @binding(19) var<storage, read> mask: array<f32>;
 @group(0) @binding(20) var<storage, read_write> dw: array<f32>;
+@group(0) @binding(21) var<storage, read> w4: array<vec4<f32>>;
+@group(0) @binding(22) var<storage, read_write> w_s4: array<vec4<f32>>;
 
 var<workgroup> sa: array<f32, WGR>;
 var<workgroup> sb: array<f32, WGR>;
@@ -206,6 +215,33 @@ fn scale_weight_partial(@builtin(global_invocation_id) gid: vec3<u32>,
     let k = c * params.groups + g;
     partials[k] = lo;
     partials[params.channels * params.groups + k] = hi;
+}
+
+@compute @workgroup_size(WGR)
+fn scale_weight_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
+    if (c >= params.channels) {
+        return;
+    }
+    let g = t % params.groups;
+    let sc = scale_of(c);
+    let inf = from_bits(0x7f800000u);
+    var lo = vec4<f32>(inf);
+    var hi = vec4<f32>(-inf);
+    let inner4 = params.inner / 4u;
+    let base = c * inner4;
+    let run = partial_run(g, inner4);
+    for (var j = run.x; j < run.y; j = j + 1u) {
+        let v = w4[base + j] * sc;
+        w_s4[base + j] = v;
+        lo = vec4<f32>(nmin(lo.x, v.x), nmin(lo.y, v.y), nmin(lo.z, v.z), nmin(lo.w, v.w));
+        hi = vec4<f32>(nmax(hi.x, v.x), nmax(hi.y, v.y), nmax(hi.z, v.z), nmax(hi.w, v.w));
+    }
+    let k = c * params.groups + g;
+    partials[k] = nmin(nmin(lo.x, lo.y), nmin(lo.z, lo.w));
+    partials[params.channels * params.groups + k] = nmax(nmax(hi.x, hi.y), nmax(hi.z, hi.w));
 }
 
 @compute @workgroup_size(WGR)

@@ -73,6 +73,18 @@ static SCALE_WEIGHT_PARTIAL: Kernel = Kernel {
     ],
 };
 
+static SCALE_WEIGHT_PARTIAL4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "scale_weight_partial4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(1),
+        Binding::read_write(13),
+        Binding::read(21),
+        Binding::read_write(22),
+    ],
+};
+
 static SCALE_WEIGHT_FINAL: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "scale_weight_final",
@@ -1107,7 +1119,9 @@ fn conv_bn_qat_forward_passes(
     // (a) s, 1/s, W_s and the per-output-channel min/max of W_s: partial min/max over runs
     // of each channel's weights, then per channel.
     let inner = conv.weight.len().checked_div(o).unwrap_or(0);
-    let groups = partial_count(inner, o);
+    // vec4s when a channel's weights are a multiple of 4 (a vec4 stays in one channel).
+    let vec4 = inner.is_multiple_of(4);
+    let groups = partial_count(if vec4 { inner / 4 } else { inner }, o);
     let p = Params {
         finite_zero: u32::from(weight.finite_zero_gamma),
         groups: to_u32(groups, "partial invocations per channel")?,
@@ -1118,13 +1132,23 @@ fn conv_bn_qat_forward_passes(
     let minmax = GpuTensor::zeros(ctx, &[2, o], DType::F32)?;
     let minmax_t = GpuTensor::zeros(ctx, &[2, 1], DType::F32)?;
     let per_tensor = !spec.qscheme.is_per_channel();
-    let partial_buffers = [
-        &uniform,
-        bn.tensor().buffer(),
-        conv.weight.buffer(),
-        out.weight_scaled.buffer(),
-        partials.buffer(),
-    ];
+    let partial_buffers = if vec4 {
+        [
+            &uniform,
+            bn.tensor().buffer(),
+            partials.buffer(),
+            conv.weight.buffer(),
+            out.weight_scaled.buffer(),
+        ]
+    } else {
+        [
+            &uniform,
+            bn.tensor().buffer(),
+            conv.weight.buffer(),
+            out.weight_scaled.buffer(),
+            partials.buffer(),
+        ]
+    };
     let final_buffers = [
         &uniform,
         bn.tensor().buffer(),
@@ -1139,7 +1163,11 @@ fn conv_bn_qat_forward_passes(
         .ok_or_else(|| Error::invalid("conv output channels: too many"))?;
     let mut launches = vec![
         Launch {
-            kernel: &SCALE_WEIGHT_PARTIAL,
+            kernel: if vec4 {
+                &SCALE_WEIGHT_PARTIAL4
+            } else {
+                &SCALE_WEIGHT_PARTIAL
+            },
             constants: &[],
             buffers: &partial_buffers,
             workgroups: ctx.grid_1d(invocations, WGR)?,
