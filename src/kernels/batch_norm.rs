@@ -1,6 +1,6 @@
 //! BatchNorm2d on the GPU (`shaders/batch_norm.wgsl`), matching
 //! [`crate::reference::batch_norm`] to about 1e-6 (the reference reduces in f64; the kernels
-//! reduce in f32, in two passes and with tree reductions).
+//! reduce in f32, per invocation and then per channel).
 //!
 //! The BatchNorm's parameters live on the GPU as a [`GpuBatchNorm`] (`γ`, `β`, running mean,
 //! running variance, `eps`). Per-channel results are `[2, C]` tensors:
@@ -11,18 +11,18 @@
 //!   eval);
 //! - `dparams` (backward): row 0 `dβ = Σdy`, row 1 `dγ = Σdy·x̂`.
 //!
-//! Pass structure: the per-channel reductions are laid out by the shape
-//! ([`reduction_layout`]): a channel is reduced by a segment of `T` threads of a workgroup
-//! (`T = 1` for a few values per channel, so one workgroup serves 256 channels; up to 256 for
-//! many), and split over `G` workgroups only when its values are too many for one workgroup
-//! (or the channels too few to fill the device). Training statistics are one pass over `x`
-//! (Welford's mean and M2 per thread, combined pairwise as Chan et al.): with `G = 1` that
-//! one dispatch also writes the statistics, the running update and the normalized output
-//! (affine and activation included) of its channels; with `G > 1` a second dispatch combines
-//! the partial results and a third normalizes. Eval statistics are one dispatch, then one
-//! elementwise pass. The backward likewise: one dispatch (`Σdy`, `Σdy·x̂` and `dx`) with
-//! `G = 1`, else partial sums, their combination and an elementwise `dx` pass; an
-//! activation's backward can be folded into it (see [`batch_norm2d_backward_act`]).
+//! Pass structure, laid out by the shape ([`reduction_layout`]); no pass uses workgroup
+//! memory or barriers. A channel of at most 128 values is reduced by one invocation, which
+//! in training also writes the statistics, the running update and the normalized output
+//! (affine and activation included) in the same dispatch (the backward likewise `Σdy`,
+//! `Σdy·x̂` and `dx`). Otherwise `P` invocations per channel each reduce a contiguous run of it
+//! (Welford's mean and M2 on the values less the run's first; plain sums in the backward), a
+//! second dispatch combines a channel's `P` partials in order (Chan et al., shifted by the
+//! first partial's mean) into the statistics (the grads), and a third writes the normalized
+//! output (`dx`), on a grid over the `N·C` planes when they hold at least 64 values. Eval
+//! statistics are one dispatch, then one elementwise pass. An activation's backward can be
+//! folded into the backward (see [`batch_norm2d_backward_act`]); `vec4`s when `H·W` is a
+//! multiple of 4.
 //! Everything a launcher records goes in one submission.
 
 use bytemuck::{Pod, Zeroable};
@@ -587,7 +587,7 @@ fn submit(
 }
 
 /// Per-channel statistics of `x` `[N, C, H, W]`: with `training`, the batch mean and biased
-/// variance over N, H, W (two passes) and the running-statistics update with `momentum`
+/// variance over N, H, W (one read of `x`) and the running-statistics update with `momentum`
 /// (unbiased variance `var·M/(M−1)`); in eval, the running statistics (returned unchanged).
 ///
 /// Errors (the CPU's): [`Error::InvalidArgument`] for a tensor that is not rank 4 or, in

@@ -11,18 +11,21 @@
 //!   activation in its epilogue; returns the folded weight and bias too.
 //! - [`conv_bn_act_eval_scaled`]: no weight fold: the per-channel `γ/σ` and folded bias (one
 //!   `O(C)` dispatch) are the conv epilogue's multiplier and bias, then **one** conv.
-//! - [`conv_bn_qat_forward`]: (a) one dispatch per output channel computes
-//!   `s = γ/sqrt(running_var + eps)`, `1/s`, `W_s = W·s[o]` and the weight observer's min/max
-//!   (plus a one-workgroup merge for per-tensor schemes); (b) the observer's qparams kernel;
+//! - [`conv_bn_qat_forward`]: (a) partial invocations over runs of each output channel's
+//!   weights write `W_s = W·s[o]` and partial min/max, then one invocation per channel
+//!   `s = γ/sqrt(running_var + eps)`, `1/s` and the weight observer's min/max (plus a
+//!   one-workgroup merge for per-tensor schemes); (b) the observer's qparams kernel;
 //!   (c) fake quant `W_s → W_q` with its mask; (d) the conv with the divide-back and the conv
 //!   bias in its epilogue (`out_scale = 1/s`, `bias = b`), giving the BatchNorm input;
-//!   (e) batch statistics (four dispatches; one with `freeze_bn`); (f) normalize + affine +
-//!   activation (one pass, also writing the pre-activation output). No host round trip.
+//!   (e) batch statistics (partials and their per-channel combination, or one dispatch for
+//!   few values per channel; one with `freeze_bn`); (f) normalize + affine + activation (one
+//!   pass, also writing the pre-activation output). No host round trip.
 //! - [`conv_bn_qat_backward`]: BN backward with the activation's mask folded in (reduction +
 //!   `dx` pass that writes `d conv_out = dBN_in / s` directly); the divide-back reductions
 //!   (conv bias grad, the divide-back part of `dγ`; two dispatches); conv backward input and
-//!   weight with `W_q`; one dispatch per output channel for the STE mask, `dW = dW_s·s` and the
-//!   weight-scaling part of `dγ`.
+//!   weight with `W_q`; the STE mask, `dW = dW_s·s` and the weight-scaling part of `dγ`
+//!   (partials over runs of each channel's weights, then one invocation per channel). No
+//!   reduction uses a workgroup barrier (see [`super::batch_norm::reduction_layout`]).
 //!
 //! # Exactness of `s`
 //! A symmetric observer puts the extreme weight of each channel exactly on a rounding tie of
