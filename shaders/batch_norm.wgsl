@@ -1,6 +1,7 @@
 // batch_norm.wgsl: BatchNorm2d on NCHW tensors (torch.nn.functional.batch_norm), forward and
 // requires: lib/float_bits.wgsl
 // requires: lib/activation.wgsl
+// requires: lib/partial_run.wgsl
 // backward, matching src/reference/batch_norm.rs (which reduces in f64) to about 1e-6:
 //   statistics (training): per channel over N, H, W (M = N*H*W values), mean and
 //     var = M2 / M (biased) in one pass that is as sound as two: each invocation keeps
@@ -170,13 +171,6 @@ fn walk_next(w: Walk, hw: u32) -> Walk {
         v.q = v.q + 1u;
     }
     return v;
-}
-
-// The run of values (or vec4s) [x, y) of partial g of a channel of `units`: P = groups
-// contiguous runs of ceil(units / P).
-fn partial_run(g: u32, units: u32) -> vec2<u32> {
-    let len = (units + params.groups - 1u) / params.groups;
-    return vec2<u32>(min(units, g * len), min(units, (g + 1u) * len));
 }
 
 // Statistics and running update of channel c from its mean and M2 over all m values.
@@ -378,7 +372,7 @@ fn stats_partial(@builtin(global_invocation_id) gid: vec3<u32>,
     var cnt = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
-    let run = partial_run(g, params.m);
+    let run = partial_run(g, params.m, params.groups);
     // Welford on the values less the run's first (a large mean costs no precision).
     var shift = 0.0;
     if (run.x < run.y) {
@@ -436,7 +430,7 @@ fn backward_partial(@builtin(global_invocation_id) gid: vec3<u32>,
     let invstd = stats[params.channels + c];
     var acc_dy = 0.0;
     var acc_dyx = 0.0;
-    let run = partial_run(g, params.m);
+    let run = partial_run(g, params.m, params.groups);
     for (var w = walk_start(run.x, params.hw); w.j < run.y; w = walk_next(w, params.hw)) {
         let i = walk_index(w, c, params.hw);
         let d = dy_eff(i);
@@ -559,7 +553,7 @@ fn stats_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
     var cnt = 0.0;
     var mean = vec4<f32>(0.0);
     var m2 = vec4<f32>(0.0);
-    let run = partial_run(g, m4);
+    let run = partial_run(g, m4, params.groups);
     // Welford on the values less the run's first vec4 (a large mean costs no precision).
     var shift = vec4<f32>(0.0);
     if (run.x < run.y) {
@@ -598,7 +592,7 @@ fn backward_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
     let invstd = stats[params.channels + c];
     var acc_dy = vec4<f32>(0.0);
     var acc_dyx = vec4<f32>(0.0);
-    let run = partial_run(g, m4);
+    let run = partial_run(g, m4, params.groups);
     for (var w = walk_start(run.x, hw4); w.j < run.y; w = walk_next(w, hw4)) {
         let i = walk_index(w, c, hw4);
         let d = dy_eff4(i);

@@ -1,6 +1,7 @@
 // conv_bn.wgsl: the QAT-specific kernels of ConvBn2d / ConvBnReLU2d (torch.ao.nn.intrinsic.qat,
 // requires: lib/float_bits.wgsl
 // requires: lib/exact_float.wgsl (nmin, nmax, div_rn, sqrt_rn)
+// requires: lib/partial_run.wgsl
 // _forward_approximate), forward and backward, matching src/reference/conv_bn.rs:
 //   scale_weight:  per output channel o, s = gamma / sqrt(running_var + eps) (with
 //                  finite_zero = 1, s = 1 where gamma is +-0: the finite gamma = 0 form of
@@ -185,13 +186,6 @@ fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * (nwg.x * WGR);
 }
 
-// The contiguous run [x, y) of partial g of a channel of `units` values: G = groups runs of
-// ceil(units / G).
-fn partial_run(g: u32, units: u32) -> vec2<u32> {
-    let len = (units + params.groups - 1u) / params.groups;
-    return vec2<u32>(min(units, g * len), min(units, (g + 1u) * len));
-}
-
 @compute @workgroup_size(WGR)
 fn scale_weight_partial(@builtin(global_invocation_id) gid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -205,7 +199,7 @@ fn scale_weight_partial(@builtin(global_invocation_id) gid: vec3<u32>,
     var lo = from_bits(0x7f800000u);
     var hi = from_bits(0xff800000u);
     let base = c * params.inner;
-    let run = partial_run(g, params.inner);
+    let run = partial_run(g, params.inner, params.groups);
     for (var j = run.x; j < run.y; j = j + 1u) {
         let v = w[base + j] * sc;
         w_s[base + j] = v;
@@ -232,7 +226,7 @@ fn scale_weight_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
     var hi = vec4<f32>(-inf);
     let inner4 = params.inner / 4u;
     let base = c * inner4;
-    let run = partial_run(g, inner4);
+    let run = partial_run(g, inner4, params.groups);
     for (var j = run.x; j < run.y; j = j + 1u) {
         let v = w4[base + j] * sc;
         w_s4[base + j] = v;
@@ -333,16 +327,14 @@ fn divide_back_partial(@builtin(global_invocation_id) gid: vec3<u32>,
     let g = t % params.groups;
     let bias = b[c];
     let hw = params.hw;
-    // The contiguous run of values g * L <= j < (g + 1) * L (L = ceil(m / G)); value j is
-    // element (j / hw) * C * hw + c * hw + j % hw, (j / hw, j % hw) kept up to date.
-    let len = (params.m + params.groups - 1u) / params.groups;
-    let lo = min(params.m, g * len);
-    let hi = min(params.m, lo + len);
-    var q = lo / hw;
-    var r = lo % hw;
+    // Its contiguous run of values (lib/partial_run.wgsl); value j is element
+    // (j / hw) * C * hw + c * hw + j % hw, (j / hw, j % hw) kept up to date.
+    let run = partial_run(g, params.m, params.groups);
+    var q = run.x / hw;
+    var r = run.x % hw;
     var acc_g = 0.0;
     var acc_gx = 0.0;
-    for (var j = lo; j < hi; j = j + 1u) {
+    for (var j = run.x; j < run.y; j = j + 1u) {
         let i = (q * params.channels + c) * hw + r;
         let gv = x[i];
         acc_g = acc_g + gv;
@@ -398,7 +390,7 @@ fn weight_grad_partial(@builtin(global_invocation_id) gid: vec3<u32>,
     let sc = s[c];
     let base = c * params.inner;
     var acc = 0.0;
-    let run = partial_run(g, params.inner);
+    let run = partial_run(g, params.inner, params.groups);
     for (var j = run.x; j < run.y; j = j + 1u) {
         let gw = dw_q[base + j] * mask[base + j];
         dw[base + j] = gw * sc;

@@ -38,6 +38,7 @@ pub(super) static SHADER: Shader = Shader {
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),
         include_str!("../../shaders/lib/activation.wgsl"),
+        include_str!("../../shaders/lib/partial_run.wgsl"),
         include_str!("../../shaders/batch_norm.wgsl")
     ),
 };
@@ -266,9 +267,9 @@ pub(crate) fn channel_grid(ctx: &GpuContext, x: u32, channels: usize) -> Result<
 /// its elementwise passes, are laid out on the device (see [`reduction_layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReductionLayout {
-    /// Invocations that share one channel in the first pass, each reducing every
-    /// `partials`-th value (or `vec4`) of it; a second pass combines a channel's partial
-    /// results in order. 1 on scalars: [`ReductionLayout::per_thread`].
+    /// Invocations that share one channel in the first pass, each reducing a contiguous run
+    /// of it (see [`reduction_layout`]); a second pass combines a channel's partial results in
+    /// order. 1 on scalars: [`ReductionLayout::per_thread`].
     pub partials: u32,
     /// `H·W` is a multiple of 4: the kernels load and store `vec4`s (four values of one
     /// channel), and the thresholds below count values in `vec4`s.
@@ -437,19 +438,20 @@ struct StatsPlan {
     eval_grid: [u32; 3],
 }
 
-/// The normalize that a [`StatsPlan`] may fuse into its reduction: activation and whether
-/// the pre-activation output is written.
+/// A normalize's activation and whether it writes the pre-activation output (also what a
+/// [`StatsPlan`] may fuse into its reduction).
 #[derive(Clone, Copy)]
 struct FuseNormalize {
     act: Activation,
     keep_pre: bool,
 }
 
-/// The grid of the first reduction pass: one invocation per channel, or per partial.
-fn reduce_grid(ctx: &GpuContext, layout: ReductionLayout, channels: usize) -> Result<[u32; 3]> {
+/// The 1-D grid of a first reduction pass: `partials` invocations for each of `channels`
+/// channels (`partial_count`; here and in [`super::conv_bn`]).
+pub(crate) fn partial_grid(ctx: &GpuContext, channels: usize, partials: usize) -> Result<[u32; 3]> {
     let invocations = channels
-        .checked_mul(layout.partials as usize)
-        .ok_or_else(|| Error::invalid("batch_norm2d: too many channels for one dispatch"))?;
+        .checked_mul(partials)
+        .ok_or_else(|| Error::invalid("too many channels for one dispatch"))?;
     ctx.grid_1d(invocations, WGR)
 }
 
@@ -513,7 +515,7 @@ impl StatsPlan {
             fused,
             layout,
             dummies: [dummy(ctx)?, dummy(ctx)?],
-            reduce_grid: reduce_grid(ctx, layout, c)?,
+            reduce_grid: partial_grid(ctx, c, layout.partials as usize)?,
             final_grid: if split {
                 ctx.grid_1d(c, WGR)?
             } else {
@@ -698,14 +700,17 @@ fn normalize_impl(
     expect_shape("batch_norm2d stats", &[2, shape[1]], stats)?;
     expect_f32("batch_norm2d stats", stats)?;
     let mut list = Vec::new();
-    let n = normalize_plan(ctx, shape, bn, act, keep_pre, given, &[x, stats])?;
+    let f = FuseNormalize { act, keep_pre };
+    let n = normalize_plan(ctx, shape, bn, f, given, &[x, stats], true)?;
     n.launch(x, bn, stats, &mut list);
     submit(ctx, &list)?;
     Ok((n.y, n.pre))
 }
 
+/// The outputs of a normalize and, when it runs as its own pass (`uniform` is `Some`), its
+/// launch.
 struct NormalizePlan {
-    uniform: ParamsBuffer,
+    uniform: Option<ParamsBuffer>,
     y: GpuTensor,
     pre: Option<GpuTensor>,
     pre_or_dummy: GpuTensor,
@@ -741,12 +746,13 @@ fn normalize_plan(
     ctx: &GpuContext,
     shape: [usize; 4],
     bn: &GpuBatchNorm,
-    act: Activation,
-    keep_pre: bool,
+    f: FuseNormalize,
     given: Option<(&GpuTensor, Option<&GpuTensor>)>,
     inputs: &[&GpuTensor],
+    launched: bool,
 ) -> Result<NormalizePlan> {
-    let (mut p, _) = params_for(shape, bn)?;
+    let FuseNormalize { act, keep_pre } = f;
+    let (mut p, layout) = params_for(shape, bn)?;
     p.act = activation_code(act);
     p.slope = super::activation::slope(act);
     p.write_pre = u32::from(keep_pre);
@@ -781,9 +787,12 @@ fn normalize_plan(
         Some(t) => t.clone(),
         None => dummy(ctx)?,
     };
-    let layout = reduction_layout(shape);
     Ok(NormalizePlan {
-        uniform: ctx.params(&p)?,
+        uniform: if launched {
+            Some(ctx.params(&p)?)
+        } else {
+            None
+        },
         y,
         pre,
         pre_or_dummy,
@@ -793,6 +802,8 @@ fn normalize_plan(
 }
 
 impl NormalizePlan {
+    /// Pushes the normalize pass, unless the statistics pass writes the output itself (the
+    /// plan was made without a launch).
     fn launch<'a>(
         &'a self,
         x: &'a GpuTensor,
@@ -800,12 +811,10 @@ impl NormalizePlan {
         stats: &'a GpuTensor,
         out: &mut Vec<(&'static Kernel, Vec<&'a wgpu::Buffer>, [u32; 3])>,
     ) {
-        let (u, x, params, stats) = (
-            &*self.uniform,
-            x.buffer(),
-            bn.tensor().buffer(),
-            stats.buffer(),
-        );
+        let Some(uniform) = &self.uniform else {
+            return;
+        };
+        let (u, x, params, stats) = (&**uniform, x.buffer(), bn.tensor().buffer(), stats.buffer());
         let (y, pre) = (self.y.buffer(), self.pre_or_dummy.buffer());
         let kernel = pick(
             self.layout,
@@ -895,10 +904,10 @@ fn batch_norm2d_impl(
         ctx,
         shape,
         bn,
-        act,
-        keep_pre,
+        FuseNormalize { act, keep_pre },
         given.map(|g| (&g.y, g.pre.as_ref())),
         &[x, stats_out[0], stats_out[1]],
+        !plan.fused,
     )?;
     let mut list = Vec::new();
     plan.launches(
@@ -907,9 +916,7 @@ fn batch_norm2d_impl(
         Some((norm.y.buffer(), norm.pre_or_dummy.buffer())),
         &mut list,
     );
-    if !plan.fused {
-        norm.launch(x, bn, &plan.out.stats, &mut list);
-    }
+    norm.launch(x, bn, &plan.out.stats, &mut list);
     submit(ctx, &list)?;
     Ok(GpuBatchNormOutput {
         y: norm.y,
@@ -1139,7 +1146,7 @@ fn batch_norm2d_backward_impl(
         act_x.buffer(),
         dparams.buffer(),
     );
-    let reduce_grid = reduce_grid(ctx, layout, c)?;
+    let reduce_grid = partial_grid(ctx, c, layout.partials as usize)?;
     let mut list = vec![if layout.per_thread {
         (
             &BACKWARD_THREAD,

@@ -40,7 +40,7 @@ use bytemuck::{Pod, Zeroable};
 use super::activation::{activation_backward, activation_into};
 use super::batch_norm::{
     batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, check_training_size,
-    partial_count, GpuBatchNormOutput, GpuBatchNormStats,
+    partial_count, partial_grid, GpuBatchNormOutput, GpuBatchNormStats,
 };
 use super::conv2d::{conv2d, conv2d_into, ConvEpilogue};
 use super::fake_quant::fake_quant_with_mask_into;
@@ -57,6 +57,7 @@ pub(super) static SHADER: Shader = Shader {
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),
         include_str!("../../shaders/lib/exact_float.wgsl"),
+        include_str!("../../shaders/lib/partial_run.wgsl"),
         include_str!("../../shaders/conv_bn.wgsl")
     ),
 };
@@ -1161,9 +1162,6 @@ fn conv_bn_qat_forward_passes(
         partials.buffer(),
     ];
     let merge_buffers = [&uniform, minmax.buffer(), minmax_t.buffer()];
-    let invocations = o
-        .checked_mul(groups)
-        .ok_or_else(|| Error::invalid("conv output channels: too many"))?;
     let mut launches = vec![
         Launch {
             kernel: if vec4 {
@@ -1173,7 +1171,7 @@ fn conv_bn_qat_forward_passes(
             },
             constants: &[],
             buffers: &partial_buffers,
-            workgroups: ctx.grid_1d(invocations, WGR)?,
+            workgroups: partial_grid(ctx, o, groups)?,
         },
         Launch {
             kernel: &SCALE_WEIGHT_FINAL,
@@ -1827,11 +1825,7 @@ fn conv_bn_qat_backward_passes(
                 saved.bn_input.buffer(),
                 partials.buffer(),
             ],
-            workgroups: ctx.grid_1d(
-                o.checked_mul(groups)
-                    .ok_or_else(|| Error::invalid("conv output channels: too many"))?,
-                WGR,
-            )?,
+            workgroups: partial_grid(ctx, o, groups)?,
         },
         Launch {
             kernel: &DIVIDE_BACK_FINAL,
@@ -1877,11 +1871,7 @@ fn conv_bn_qat_backward_passes(
                 saved.weight_mask.buffer(),
                 dweight.buffer(),
             ],
-            workgroups: ctx.grid_1d(
-                o.checked_mul(wgroups)
-                    .ok_or_else(|| Error::invalid("conv output channels: too many"))?,
-                WGR,
-            )?,
+            workgroups: partial_grid(ctx, o, wgroups)?,
         },
         Launch {
             kernel: &WEIGHT_GRAD_FINAL,
