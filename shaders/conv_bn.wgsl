@@ -137,18 +137,8 @@ struct Params {
 var<workgroup> sa: array<f32, WGR>;
 var<workgroup> sb: array<f32, WGR>;
 
-// Tree reductions over the workgroup; the results land in slot 0.
-fn reduce_sum2(lid: u32) {
-    workgroupBarrier();
-    for (var k = WGR / 2u; k > 0u; k = k >> 1u) {
-        if (lid < k) {
-            sa[lid] = sa[lid] + sa[lid + k];
-            sb[lid] = sb[lid] + sb[lid + k];
-        }
-        workgroupBarrier();
-    }
-}
-
+// Tree reduction over the workgroup (minmax_merge: one workgroup per call); the results
+// land in slot 0.
 fn reduce_minmax(lid: u32) {
     workgroupBarrier();
     for (var k = WGR / 2u; k > 0u; k = k >> 1u) {
