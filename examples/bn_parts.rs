@@ -8,7 +8,9 @@
 //!
 //! Prints the reduction layout and the median milliseconds of: the elementwise pass, the
 //! training statistics alone (`batch_stats`), the normalize alone, the fused forward
-//! (`batch_norm2d`), and the training backward (`batch_norm2d_backward`).
+//! (`batch_norm2d`), the training backward (`batch_norm2d_backward`), and the backward with a
+//! ReLU mask, a per-channel divisor, and both (`batch_norm2d_backward_act`, as the QAT
+//! backward runs it).
 
 use std::time::Instant;
 
@@ -16,8 +18,8 @@ use ndarray::{Array1, ArrayD, IxDyn};
 use qfuse::gpu::{GpuContext, GpuTensor};
 use qfuse::kernels::activation::activation_into;
 use qfuse::kernels::batch_norm::{
-    batch_norm2d, batch_norm2d_backward, batch_norm2d_backward_into, batch_norm2d_into,
-    batch_stats_into, normalize_into, reduction_layout,
+    batch_norm2d, batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_backward_into,
+    batch_norm2d_into, batch_stats_into, normalize_into, reduction_layout,
 };
 use qfuse::kernels::GpuBatchNorm;
 use qfuse::ops::{Activation, BatchNorm};
@@ -112,6 +114,49 @@ fn main() -> qfuse::Result<()> {
     let backward = time(&ctx, runs, || {
         batch_norm2d_backward_into(&ctx, &x, &dy, &bn, &out.stats.stats, true, &grads)
     })?;
+    let div = tensor(&ctx, &[c], 0.5)?;
+    let backward_relu = time(&ctx, runs, || {
+        batch_norm2d_backward_act(
+            &ctx,
+            &x,
+            &dy,
+            &bn,
+            &out.stats.stats,
+            true,
+            Activation::Relu,
+            Some(&y),
+            None,
+        )
+        .map(drop)
+    })?;
+    let backward_div = time(&ctx, runs, || {
+        batch_norm2d_backward_act(
+            &ctx,
+            &x,
+            &dy,
+            &bn,
+            &out.stats.stats,
+            true,
+            Activation::None,
+            None,
+            Some(&div),
+        )
+        .map(drop)
+    })?;
+    let backward_both = time(&ctx, runs, || {
+        batch_norm2d_backward_act(
+            &ctx,
+            &x,
+            &dy,
+            &bn,
+            &out.stats.stats,
+            true,
+            Activation::Relu,
+            Some(&y),
+            Some(&div),
+        )
+        .map(drop)
+    })?;
     let mb = elements as f64 * 8.0 / 1e6;
     println!(
         "elementwise {copy:.3} ms ({:.2} GB/s) | stats {stats:.3} | normalize {norm:.3} | \
@@ -120,6 +165,10 @@ fn main() -> qfuse::Result<()> {
         mb / copy,
         copy / forward,
         1.5 * copy / backward
+    );
+    println!(
+        "backward with the ReLU mask (act_x read) {backward_relu:.3} | with a divisor \
+         {backward_div:.3} | both (the QAT backward's form) {backward_both:.3}"
     );
     Ok(())
 }

@@ -1071,6 +1071,15 @@ impl Activation {
         }
     }
 
+    /// Whether the activation's gradient can be evaluated on its output instead of its input:
+    /// true for ReLU and ReLU6, whose output is inside `(0, 6)` / above 0 exactly where the
+    /// input is (NaN in neither), as PyTorch's `threshold_backward` takes ReLU's result; false
+    /// for LeakyReLU and Hardswish (their slopes need the input) and for `None` (no gradient
+    /// mask).
+    pub fn grad_from_output(self) -> bool {
+        matches!(self, Self::Relu | Self::Relu6)
+    }
+
     /// PyTorch's module type name (`ReLU`, `ReLU6`, `LeakyReLU`, `Hardswish`; `Identity` for
     /// [`Activation::None`]).
     pub fn kind_name(&self) -> &'static str {

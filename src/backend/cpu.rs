@@ -572,6 +572,7 @@ impl FusedOps for CpuBackend {
         &self,
         fwd: &QatStep<ArrayD<f32>, QParams, QatForward>,
         _conv: &Conv2d<ArrayD<f32>>,
+        _bn: &BatchNorm<ArrayD<f32>>,
     ) -> Result<QatForward> {
         Ok(fwd.saved.clone())
     }

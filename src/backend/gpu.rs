@@ -59,8 +59,13 @@ pub struct GpuQatState {
     pub bn_input: GpuTensor,
     /// `[2, O]`: mean and invstd BN normalized with.
     pub stats: GpuTensor,
-    /// The BatchNorm output before the activation.
-    pub bn_out: GpuTensor,
+    /// The BatchNorm output before the activation, where it is kept (see
+    /// [`kernels::conv_bn::GpuQatForward::bn_out`]: not by the fused forward with ReLU or
+    /// ReLU6).
+    pub bn_out: Option<GpuTensor>,
+    /// Where the backward evaluates the activation's gradient: `bn_out` where it is kept,
+    /// else the forward output `y` (the same mask for ReLU and ReLU6).
+    pub act_input: GpuTensor,
     /// `conv(x, W_q)` when it is known (a state uploaded from the host); else it is
     /// reconstructed from `bn_input` when downloaded.
     pub conv_out: Option<GpuTensor>,
@@ -213,6 +218,7 @@ impl GpuBackend {
         f: kernels::conv_bn::GpuQatForward,
     ) -> Result<QatStep<GpuTensor, GpuQParams, GpuQatState>> {
         let (running_mean, running_var) = self.stats_rows(&f.stats.running)?;
+        let act_input = f.bn_out.clone().unwrap_or_else(|| f.y.clone());
         Ok(QatStep {
             y: f.y,
             running_mean,
@@ -224,6 +230,7 @@ impl GpuBackend {
                 weight_mask: f.weight_mask,
                 bn_input: f.bn_input,
                 stats: f.stats.stats,
+                act_input,
                 bn_out: f.bn_out,
                 conv_out: f.conv_out,
             },
@@ -780,7 +787,7 @@ impl FusedOps for GpuBackend {
                 weight_mask: &sv.weight_mask,
                 bn_input: &sv.bn_input,
                 stats: &sv.stats,
-                act_input: &sv.bn_out,
+                act_input: &sv.act_input,
             };
             let g = kernels::conv_bn::conv_bn_qat_backward(
                 ctx,
@@ -805,6 +812,7 @@ impl FusedOps for GpuBackend {
         &self,
         fwd: &QatStep<GpuTensor, GpuQParams, GpuQatState>,
         conv: &Conv2d<GpuTensor>,
+        bn: &BatchNorm<GpuTensor>,
     ) -> Result<QatForward> {
         use kernels::batch_norm::download4;
         let ctx = &*self.ctx;
@@ -816,6 +824,15 @@ impl FusedOps for GpuBackend {
                 &sv.bn_input,
                 &sv.scale_factor,
                 &gconv(conv),
+            )?,
+        };
+        let bn_out = match &sv.bn_out {
+            Some(b) => b.clone(),
+            None => kernels::conv_bn::qat_bn_out_of(
+                ctx,
+                &sv.bn_input,
+                &sv.stats,
+                &self.pack_batch_norm(bn)?,
             )?,
         };
         let (mean, invstd) = self.stats_rows(&sv.stats)?;
@@ -833,7 +850,7 @@ impl FusedOps for GpuBackend {
                 bn_input: download4(ctx, &sv.bn_input)?,
                 mean: d1(&mean)?,
                 invstd: d1(&invstd)?,
-                bn_out: download4(ctx, &sv.bn_out)?,
+                bn_out: download4(ctx, &bn_out)?,
             },
         })
     }
@@ -854,6 +871,7 @@ impl FusedOps for GpuBackend {
         }
         let up = |a: ArrayD<f32>| GpuTensor::upload_f32(ctx, &a);
         let stats = kernels::batch_norm::upload_stats(ctx, &sv.mean, &sv.invstd)?;
+        let bn_out = up(sv.bn_out.clone().into_dyn())?;
         Ok(QatStep {
             y: up(fwd.y.clone().into_dyn())?,
             running_mean: up(fwd.running_mean.clone().into_dyn())?,
@@ -865,7 +883,8 @@ impl FusedOps for GpuBackend {
                 weight_mask: up(sv.weight_mask.clone().into_dyn())?,
                 bn_input: up(sv.bn_input.clone().into_dyn())?,
                 stats,
-                bn_out: up(sv.bn_out.clone().into_dyn())?,
+                bn_out: Some(bn_out.clone()),
+                act_input: bn_out,
                 conv_out: Some(up(sv.conv_out.clone().into_dyn())?),
             },
         })

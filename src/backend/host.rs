@@ -470,7 +470,7 @@ impl<B: Backend> HostOps for B {
         let gconv = upload_conv2d(self, conv)?;
         let f =
             super::FusedOps::conv_bn_qat_forward_pytorch(self, &up(self, x)?, &gconv, &gbn, cfg)?;
-        self.qat_forward_to_host(&f, &gconv)
+        self.qat_forward_to_host(&f, &gconv, &gbn)
     }
 
     fn conv_bn_qat_forward_with(
@@ -493,7 +493,7 @@ impl<B: Backend> HostOps for B {
         };
         let f =
             super::FusedOps::conv_bn_qat_forward(self, &up(self, x)?, &gconv, &gbn, cfg, &gweight)?;
-        self.qat_forward_to_host(&f, &gconv)
+        self.qat_forward_to_host(&f, &gconv, &gbn)
     }
 
     fn conv_bn_qat_backward(

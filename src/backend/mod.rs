@@ -428,10 +428,13 @@ pub trait FusedOps: Device {
     ) -> Result<QatGrads<Self::Tensor, Self::Tensor>>;
 
     /// The host form of a QAT forward (a download edge: for reports and the host layer).
+    /// `conv` and `bn` are the forward's layers: the saved tensors a device forward did not
+    /// keep (the conv output, the BatchNorm output under ReLU / ReLU6) are rebuilt from them.
     fn qat_forward_to_host(
         &self,
         fwd: &QatStep<Self::Tensor, Self::QParams, Self::QatSaved>,
         conv: &Conv2d<Self::Tensor>,
+        bn: &BatchNorm<Self::Tensor>,
     ) -> Result<QatForward>;
 
     /// A host QAT forward on this backend (an upload edge), for a backward of saved state.

@@ -40,7 +40,7 @@ use bytemuck::{Pod, Zeroable};
 use super::activation::{activation_backward, activation_into};
 use super::batch_norm::{
     batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, check_training_size,
-    partial_count, partial_grid, GpuBatchNormOutput, GpuBatchNormStats,
+    normalize, partial_count, partial_grid, GpuBatchNormOutput, GpuBatchNormStats,
 };
 use super::conv2d::{conv2d, conv2d_into, ConvEpilogue};
 use super::fake_quant::fake_quant_with_mask_into;
@@ -647,9 +647,12 @@ fn new_stats(ctx: &GpuContext, c: usize) -> Result<GpuBatchNormStats> {
 pub struct GpuQatForward {
     /// Output `act(bn_out)`.
     pub y: GpuTensor,
-    /// BatchNorm output before the activation (the same tensor as `y` for
-    /// [`Activation::None`]).
-    pub bn_out: GpuTensor,
+    /// BatchNorm output before the activation, where it is kept: the same tensor as `y` for
+    /// [`Activation::None`]; its own tensor for LeakyReLU and Hardswish (their gradients
+    /// need the activation's input) and in the unfused chain; `None` from the fused forward
+    /// for ReLU and ReLU6, whose gradient mask `y` gives, so the forward writes one tensor
+    /// fewer ([`qat_bn_out`] rebuilds it when wanted).
+    pub bn_out: Option<GpuTensor>,
     /// BatchNorm input `conv_out / s + b`.
     pub bn_input: GpuTensor,
     /// `conv(x, W_q)` before the divide-back: kept by the unfused chain; the fused forward
@@ -699,9 +702,9 @@ impl GpuQatForward {
             weight_mask: &self.weight_mask,
             bn_input: &self.bn_input,
             stats: &self.stats.stats,
-            // The activation's input: LeakyReLU and Hardswish gradients need it (ReLU / ReLU6
-            // would give the same mask from `y`).
-            act_input: &self.bn_out,
+            // The activation's input where it is kept (LeakyReLU and Hardswish gradients need
+            // it); else `y`, which gives ReLU / ReLU6 the same mask.
+            act_input: self.bn_out.as_ref().unwrap_or(&self.y),
         }
     }
 }
@@ -776,9 +779,10 @@ pub fn conv_bn_qat_forward(
 /// step after step. Every tensor of `out` is checked ([`super::check_output`]: this context,
 /// the shape [`conv_bn_qat_forward`] returns, `f32` — the qparams a `[3, C]` `u32` tensor with
 /// the observer's axis — and a buffer of its own) before anything is launched, with two
-/// rules for what the allocating form shares: for [`Activation::None`] `out.bn_out` is
-/// `out.y` itself (the same buffer), and `out.conv_out` is `None` (the fused forward never
-/// materializes it).
+/// rules for what the allocating form shares: `out.bn_out` is `Some(out.y)` itself (the same
+/// buffer) for [`Activation::None`] and `None` for ReLU and ReLU6 (the fused forward does not
+/// write it, see [`GpuQatForward::bn_out`]), and `out.conv_out` is `None` (the fused forward
+/// never materializes it).
 ///
 /// Errors: those of [`conv_bn_qat_forward`]; [`Error::ContextMismatch`],
 /// [`Error::ShapeMismatch`] or [`Error::InvalidArgument`] naming the unfit output
@@ -908,14 +912,36 @@ fn qat_forward_outputs(
         take_output(ctx, &format!("{W} {name}"), g, shape, &mut taken)
     };
     let y = take("y", given.map(|g| &g.y), &out_shape)?;
-    let bn_out = match (act, given) {
-        (Activation::None, Some(g)) if g.bn_out.buffer() != g.y.buffer() => {
+    let given_bn_out = given.map(|g| g.bn_out.as_ref());
+    let bn_out = match (act, given_bn_out) {
+        (Activation::None, Some(b)) if b.map(GpuTensor::buffer) != Some(y.buffer()) => {
             return Err(Error::invalid(format!(
-                "{W} bn_out must be output y itself (the same tensor) for Activation::None"
+                "{W} bn_out must be Some(output y) itself (the same tensor) for \
+                 Activation::None"
             )));
         }
-        (Activation::None, _) => y.clone(),
-        _ => take("bn_out", given.map(|g| &g.bn_out), &out_shape)?,
+        (Activation::None, _) => Some(y.clone()),
+        (a, g) if !unfused && a.grad_from_output() => {
+            if let Some(Some(_)) = g {
+                return Err(Error::invalid(format!(
+                    "{W} bn_out must be None for {}: the fused forward takes the \
+                     activation's gradient mask from y and does not write it",
+                    a.kind_name()
+                )));
+            }
+            None
+        }
+        (_, Some(None)) => {
+            return Err(Error::invalid(format!(
+                "{W} bn_out is missing: {} keeps the BatchNorm output",
+                if unfused {
+                    "the unfused chain".to_string()
+                } else {
+                    format!("the fused forward with {}", act.kind_name())
+                }
+            )));
+        }
+        (_, g) => Some(take("bn_out", g.flatten(), &out_shape)?),
     };
     let bn_input = take("bn_input", given.map(|g| &g.bn_input), &out_shape)?;
     let conv_out = match (unfused, given.map(|g| g.conv_out.as_ref())) {
@@ -1238,7 +1264,7 @@ fn conv_bn_qat_forward_passes(
     )?;
 
     // (e), (f) statistics, normalize + affine + activation (+ running update).
-    let keep_pre = cfg.activation != Activation::None;
+    // The pre-activation output where it is kept (not for ReLU / ReLU6, not for None: y).
     batch_norm2d_into(
         ctx,
         &out.bn_input,
@@ -1248,7 +1274,10 @@ fn conv_bn_qat_forward_passes(
         cfg.activation,
         &GpuBatchNormOutput {
             y: out.y.clone(),
-            pre: keep_pre.then(|| out.bn_out.clone()),
+            pre: out
+                .bn_out
+                .clone()
+                .filter(|_| cfg.activation != Activation::None),
             stats: out.stats.clone(),
         },
     )?;
@@ -1386,6 +1415,10 @@ fn conv_bn_qat_forward_unfused_impl(
         .conv_out
         .as_ref()
         .ok_or_else(|| Error::invalid("internal: the unfused chain has no conv_out"))?;
+    let bn_out = out
+        .bn_out
+        .clone()
+        .ok_or_else(|| Error::invalid("internal: the unfused chain has no bn_out"))?;
     conv2d_into(
         ctx,
         x,
@@ -1427,15 +1460,42 @@ fn conv_bn_qat_forward_unfused_impl(
         !cfg.freeze_bn,
         Activation::None,
         &GpuBatchNormOutput {
-            y: out.bn_out.clone(),
+            y: bn_out.clone(),
             pre: None,
             stats: out.stats.clone(),
         },
     )?;
     if cfg.activation != Activation::None {
-        activation_into(ctx, &out.bn_out, cfg.activation, &out.y)?;
+        activation_into(ctx, &bn_out, cfg.activation, &out.y)?;
     }
     Ok(out)
+}
+
+/// The BatchNorm output before the activation: `fwd.bn_out` when the forward kept it, else
+/// (the fused forward with ReLU or ReLU6) rebuilt from the saved BatchNorm input and
+/// statistics as `(bn_input − mean)·invstd·γ + β` by the forward's own normalize pass (one
+/// dispatch; the values the forward computed). `bn` must be the forward's BatchNorm, with the
+/// γ and β it normalized with.
+///
+/// Errors: those of [`normalize`] for a `bn` that does not fit the forward.
+pub fn qat_bn_out(ctx: &GpuContext, fwd: &GpuQatForward, bn: &GpuBatchNorm) -> Result<GpuTensor> {
+    match &fwd.bn_out {
+        Some(b) => Ok(b.clone()),
+        None => qat_bn_out_of(ctx, &fwd.bn_input, &fwd.stats.stats, bn),
+    }
+}
+
+/// [`qat_bn_out`] from the saved tensors it reads: the BatchNorm input and the `[2, C]`
+/// statistics (mean, invstd) it was normalized with.
+///
+/// Errors: those of [`normalize`].
+pub fn qat_bn_out_of(
+    ctx: &GpuContext,
+    bn_input: &GpuTensor,
+    stats: &GpuTensor,
+    bn: &GpuBatchNorm,
+) -> Result<GpuTensor> {
+    normalize(ctx, bn_input, bn, stats, Activation::None, false).map(|(y, _)| y)
 }
 
 /// The conv output before the divide-back: `fwd.conv_out` when the forward kept it, else

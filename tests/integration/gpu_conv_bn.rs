@@ -677,9 +677,19 @@ fn conv_bn_qat_fused_matches_unfused() {
                     f.weight_qparams.download(&ctx).unwrap(),
                     u.weight_qparams.download(&ctx).unwrap()
                 );
+                // The fused forward keeps no BatchNorm output under ReLU / ReLU6 (the mask
+                // comes from y); rebuilt, it is the unfused chain's.
+                assert_eq!(
+                    f.bn_out.is_none(),
+                    cfg.activation.grad_from_output(),
+                    "{what}: fused bn_out kept"
+                );
+                assert!(u.bn_out.is_some(), "{what}: unfused bn_out kept");
+                let bo_f = conv_bn::qat_bn_out(&ctx, &f, &gbn).unwrap();
+                let bo_u = conv_bn::qat_bn_out(&ctx, &u, &gbn).unwrap();
                 for (name, a, b) in [
                     ("y", &f.y, &u.y),
-                    ("bn_out", &f.bn_out, &u.bn_out),
+                    ("bn_out", &bo_f, &bo_u),
                     ("bn_input", &f.bn_input, &u.bn_input),
                     ("stats", &f.stats.stats, &u.stats.stats),
                     ("running", &f.stats.running, &u.stats.running),
@@ -811,7 +821,7 @@ fn conv_bn_qat_gamma_zero_on_device() {
             "{what}: backward submissions"
         );
 
-        let got = gpu.qat_forward_to_host(&step, &gconv).unwrap();
+        let got = gpu.qat_forward_to_host(&step, &gconv, &gbn).unwrap();
         check_qat_forward(&what, &got, &want);
         let d1 = |t: &GpuTensor| {
             gpu.download(t)

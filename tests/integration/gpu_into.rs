@@ -210,11 +210,13 @@ fn conv_bn_eval_into_matches_and_refuses() {
 /// as `y` where `f` shares them, every other tensor its own).
 fn mirror_forward(ctx: &GpuContext, f: &GpuQatForward) -> GpuQatForward {
     let y = like(ctx, &f.y);
-    let bn_out = if f.bn_out.buffer() == f.y.buffer() {
-        y.clone()
-    } else {
-        like(ctx, &f.bn_out)
-    };
+    let bn_out = f.bn_out.as_ref().map(|b| {
+        if b.buffer() == f.y.buffer() {
+            y.clone()
+        } else {
+            like(ctx, b)
+        }
+    });
     GpuQatForward {
         y,
         bn_out,
@@ -240,7 +242,6 @@ fn mirror_forward(ctx: &GpuContext, f: &GpuQatForward) -> GpuQatForward {
 fn same_forward(ctx: &GpuContext, what: &str, got: &GpuQatForward, want: &GpuQatForward) {
     let pairs = [
         ("y", &got.y, &want.y),
-        ("bn_out", &got.bn_out, &want.bn_out),
         ("bn_input", &got.bn_input, &want.bn_input),
         ("scale_factor", &got.scale_factor, &want.scale_factor),
         (
@@ -262,10 +263,15 @@ fn same_forward(ctx: &GpuContext, what: &str, got: &GpuQatForward, want: &GpuQat
     for (name, g, w) in pairs {
         same_bits(ctx, &format!("{what}: {name}"), g, w);
     }
-    match (&got.conv_out, &want.conv_out) {
-        (Some(g), Some(w)) => same_bits(ctx, &format!("{what}: conv_out"), g, w),
-        (None, None) => {}
-        _ => panic!("{what}: conv_out presence differs"),
+    for (name, g, w) in [
+        ("bn_out", &got.bn_out, &want.bn_out),
+        ("conv_out", &got.conv_out, &want.conv_out),
+    ] {
+        match (g, w) {
+            (Some(g), Some(w)) => same_bits(ctx, &format!("{what}: {name}"), g, w),
+            (None, None) => {}
+            _ => panic!("{what}: {name} presence differs"),
+        }
     }
 }
 
@@ -401,12 +407,31 @@ fn conv_bn_qat_into_refuses() {
         ..good.clone()
     };
     names(run(&bad), "conv_bn_qat_forward output weight_qparams");
-    // bn_out must be y itself without an activation; conv_out is the unfused chain's.
-    let bad = GpuQatForward {
-        bn_out: like(&ctx, &good.y),
-        ..good.clone()
-    };
-    names(run(&bad), "conv_bn_qat_forward output bn_out");
+    // bn_out must be y itself without an activation (and present); conv_out is the unfused
+    // chain's.
+    for bn_out in [Some(like(&ctx, &good.y)), None] {
+        let bad = GpuQatForward {
+            bn_out,
+            ..good.clone()
+        };
+        names(run(&bad), "conv_bn_qat_forward output bn_out");
+    }
+    // The fused forward keeps no bn_out under ReLU / ReLU6 and needs one under Hardswish.
+    for (act, bn_out) in [
+        (Activation::Relu, Some(like(&ctx, &good.y))),
+        (Activation::Relu6, Some(like(&ctx, &good.y))),
+        (Activation::Hardswish, None),
+    ] {
+        let cfg = qat_cfg(act, QScheme::PerChannelSymmetric);
+        let bad = GpuQatForward {
+            y: like(&ctx, &good.y),
+            bn_out,
+            ..good.clone()
+        };
+        let e =
+            cb::conv_bn_qat_forward_into(&ctx, &l.x, &conv, &l.bn, 0.1, &cfg, &bad).unwrap_err();
+        names(e, "conv_bn_qat_forward output bn_out");
+    }
     let bad = GpuQatForward {
         conv_out: Some(like(&ctx, &good.y)),
         ..good.clone()
