@@ -187,11 +187,10 @@ fn write_stats(c: u32, mean: f32, m2: f32) {
 
 // The partial statistics (count, mean, M2) of invocation g of channel c.
 fn write_stats_partial(c: u32, g: u32, cnt: f32, mean: f32, m2: f32) {
-    let cg = params.channels * params.groups;
-    let k = c * params.groups + g;
-    partials[k] = cnt;
-    partials[cg + k] = mean;
-    partials[2u * cg + k] = m2;
+    let slot = stats_slot(c, g, params.channels, params.groups);
+    partials[slot.x] = cnt;
+    partials[slot.y] = mean;
+    partials[slot.z] = m2;
 }
 
 // The partial sums (sum dy', sum dy' * xhat) of invocation g of channel c.
@@ -396,21 +395,20 @@ fn stats_final(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     let g_n = params.groups;
-    let cg = params.channels * g_n;
     // Chan's combination of the partial means less the first's (a large mean costs no
     // precision over many partials).
-    let shift = partials[cg + c * g_n];
+    let shift = partials[stats_slot(c, 0u, params.channels, g_n).y];
     var n = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
     for (var g = 0u; g < g_n; g = g + 1u) {
-        let k = c * g_n + g;
-        let nb = partials[k];
+        let slot = stats_slot(c, g, params.channels, g_n);
+        let nb = partials[slot.x];
         if (nb > 0.0) {
             let tot = n + nb;
-            let d = (partials[cg + k] - shift) - mean;
+            let d = (partials[slot.y] - shift) - mean;
             mean = mean + d * (nb / tot);
-            m2 = m2 + partials[2u * cg + k] + d * d * (n * nb / tot);
+            m2 = m2 + partials[slot.z] + d * d * (n * nb / tot);
             n = tot;
         }
     }
@@ -550,9 +548,7 @@ fn stats_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
     let m4 = params.m / 4u;
     // Welford per lane over this invocation's vec4s, then the four lanes combined (equal
     // counts).
-    var cnt = 0.0;
-    var mean = vec4<f32>(0.0);
-    var m2 = vec4<f32>(0.0);
+    var wf = welford4_new();
     let run = partial_run(g, m4, params.groups);
     // Welford on the values less the run's first vec4 (a large mean costs no precision).
     var shift = vec4<f32>(0.0);
@@ -560,21 +556,10 @@ fn stats_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
         shift = x4[walk_index(walk_start(run.x, hw4), c, hw4)];
     }
     for (var w = walk_start(run.x, hw4); w.j < run.y; w = walk_next(w, hw4)) {
-        let v = x4[walk_index(w, c, hw4)] - shift;
-        cnt = cnt + 1.0;
-        let d = v - mean;
-        mean = mean + d / cnt;
-        m2 = m2 + d * (v - mean);
+        welford4_add(&wf, x4[walk_index(w, c, hw4)] - shift);
     }
-    mean = mean + shift;
-    let d01 = mean.y - mean.x;
-    let d23 = mean.w - mean.z;
-    let mean01 = mean.x + 0.5 * d01;
-    let mean23 = mean.z + 0.5 * d23;
-    let m2_01 = m2.x + m2.y + d01 * d01 * (0.5 * cnt);
-    let m2_23 = m2.z + m2.w + d23 * d23 * (0.5 * cnt);
-    let dq = mean23 - mean01;
-    write_stats_partial(c, g, 4.0 * cnt, mean01 + 0.5 * dq, m2_01 + m2_23 + dq * dq * cnt);
+    let tot = welford4_total(wf, shift);
+    write_stats_partial(c, g, tot.x, tot.y, tot.z);
 }
 
 @compute @workgroup_size(WGR)

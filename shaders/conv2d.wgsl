@@ -1,6 +1,7 @@
 // conv2d.wgsl: 2-D convolution (NCHW input, OIHW weight, zero padding, stride, dilation,
 // requires: lib/float_bits.wgsl
 // requires: lib/activation.wgsl
+// requires: lib/partial_run.wgsl
 // groups incl. depthwise), forward with a fused epilogue, the input and weight gradients, and a
 // per-channel sum (the bias gradient). f32 loads, f32 accumulation; matches
 // src/reference/conv2d.rs up to summation order.
@@ -27,7 +28,8 @@
 //                                    stride, pad, dilation (h, w); k = cg*kh*kw; npix = n*oh*ow;
 //                                    ptiles / mtiles (forward_gemm tiles over pixels / output
 //                                    channels of one group); count (work items, see Dispatch);
-//                                    act; has_scale, has_bias; slope (LeakyReLU)
+//                                    act; has_scale, has_bias; slope (LeakyReLU); stats
+//                                    (forward_dw: 1 writes dw_stats)
 //   @group(0) @binding(1) x:         storage, read array<f32>  input [N, C, H, W] (channel_sum:
 //                                    the tensor summed)
 //   @group(0) @binding(2) wt:        storage, read array<f32>  weight [O, CG, KH, KW]
@@ -39,6 +41,10 @@
 //   @group(0) @binding(6) dy:        storage, read array<f32>  upstream gradient [N, O, OH, OW]
 //   @group(0) @binding(7) x4:        storage, read array<vec4<f32>>  x as vec4s (forward_dw)
 //   @group(0) @binding(8) out4:      storage, read_write array<vec4<f32>>  y as vec4s (forward_dw)
+//   @group(0) @binding(9) dw_stats:  storage, read_write array<f32>  forward_dw with stats = 1:
+//                                    [3, C, N * ceil(OH / 4)] statistics partials of y (count,
+//                                    mean, M2 per invocation, lib/partial_run.wgsl's layout);
+//                                    any buffer when stats = 0
 //
 // Entry points and dispatch shapes (every grid is tiled over x and y past 65,535 workgroups per
 // dimension; the flat id is bounds-checked against count):
@@ -75,7 +81,7 @@
 //     RB_O = 8, RB_K3 = 1) and no barriers. On discrete GPUs forward_gemm stays the choice.
 //     Where the device has subgroups, conv2d_subgroup.wgsl (forward_sg) is this kernel with 16
 //     channels per invocation and its weights shared by subgroupBroadcast.
-//   forward_dw (0, 2, 4, 5, 7, 8): depthwise 3x3 convs (one channel per group, C = O) at stride
+//   forward_dw (0, 2, 4, 5, 7, 8, 9): depthwise 3x3 convs (one channel per group, C = O) at stride
 //     1, dilation 1, left / right padding 1 (so OW = W), W a multiple of 4, any top padding: each
 //     invocation computes DW_ROWS = 4 output rows of one (n, c) plane and walks them left to
 //     right one vec4 of 4 columns at a time. It keeps, per input row (6 rows for 4 output
@@ -85,6 +91,11 @@
 //     (DW_WG, 1, 1); count = N*C*ceil(OH/4) items, flat index gid.x + gid.y * nwg.x * DW_WG.
 //     Memory-bound (2.25 flop per byte): the vec4 loads are what brings it near the copy
 //     bandwidth, where forward_reg loads 10 scalars per kernel row for 8 outputs.
+//     With stats = 1 each invocation also reduces the outputs it stores (Welford per vec4 lane
+//     on the values less its first stored vec4, lib/partial_run.wgsl) and writes their count,
+//     mean and M2 as partial g = n * ceil(OH / 4) + oy0 / 4 of channel c: the partials of a
+//     channel are contiguous runs of its values in order, what batch_norm.wgsl's stats_final
+//     combines, so a BatchNorm after the conv needs no statistics pass over y.
 //   backward_input (0, 2, 3, 6): one invocation per dx element, workgroup (WG, 1, 1);
 //     count = N*C*H*W items, flat index as forward_direct.
 //   transpose_forward (0, 2, 3, 4, 5, 6): as backward_input (dy = the transposed conv's input),
@@ -134,7 +145,7 @@ struct Params {
     has_scale: u32,
     has_bias: u32,
     slope: f32,
-    _pad1: u32,
+    stats: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -146,6 +157,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read> dy: array<f32>;
 @group(0) @binding(7) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> out4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> dw_stats: array<f32>;
 
 // Weight tile [BK][A_STRIDE] and im2col tile [BK][BN] of forward_gemm.
 var<workgroup> a_tile: array<f32, 1040>;
@@ -587,8 +599,9 @@ fn dw_row(la: vec4<f32>, ma: vec4<f32>, ra: vec4<f32>, lb: vec4<f32>, mb: vec4<f
     return a;
 }
 
-// The epilogue of 4 outputs of channel oc (scale s and bias b already loaded).
-fn dw_store(acc: vec4<f32>, s: f32, b: f32, idx: u32) {
+// The epilogue of 4 outputs of channel oc (scale s and bias b already loaded); returns what
+// it stored.
+fn dw_store(acc: vec4<f32>, s: f32, b: f32, idx: u32) -> vec4<f32> {
     var v = acc;
     if (P.has_scale != 0u) {
         v = v * s;
@@ -600,6 +613,7 @@ fn dw_store(acc: vec4<f32>, s: f32, b: f32, idx: u32) {
         v = vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
     }
     out4[idx] = v;
+    return v;
 }
 
 @compute @workgroup_size(DW_WG)
@@ -643,6 +657,10 @@ fn forward_dw(@builtin(global_invocation_id) gid: vec3<u32>,
     var p3 = 0.0;
     var p4 = 0.0;
     var p5 = 0.0;
+    // The statistics epilogue (uniform): Welford per lane of the stored vec4s less the first.
+    let stats = P.stats != 0u;
+    var wf = welford4_new();
+    var shift = vec4<f32>(0.0);
     for (var q = 0u; q < w4; q = q + 1u) {
         let n0 = dw_load(plane, iy0, q + 1u, w4);
         let n1 = dw_load(plane, iy0 + 1, q + 1u, w4);
@@ -662,18 +680,34 @@ fn forward_dw(@builtin(global_invocation_id) gid: vec3<u32>,
         let r3 = vec4<f32>(m3.yzw, n3.x);
         let r4 = vec4<f32>(m4.yzw, n4.x);
         let r5 = vec4<f32>(m5.yzw, n5.x);
-        dw_store(dw_row(l0, m0, r0, l1, m1, r1, l2, m2, r2, k0, k1, k2), s, b, obase + q);
+        let v0 = dw_store(dw_row(l0, m0, r0, l1, m1, r1, l2, m2, r2, k0, k1, k2), s, b,
+                          obase + q);
+        if (stats && q == 0u) {
+            shift = v0;
+        }
+        if (stats) {
+            welford4_add(&wf, v0 - shift);
+        }
         if (live > 1u) {
-            dw_store(dw_row(l1, m1, r1, l2, m2, r2, l3, m3, r3, k0, k1, k2), s, b,
-                     obase + w4 + q);
+            let v = dw_store(dw_row(l1, m1, r1, l2, m2, r2, l3, m3, r3, k0, k1, k2), s, b,
+                             obase + w4 + q);
+            if (stats) {
+                welford4_add(&wf, v - shift);
+            }
         }
         if (live > 2u) {
-            dw_store(dw_row(l2, m2, r2, l3, m3, r3, l4, m4, r4, k0, k1, k2), s, b,
-                     obase + 2u * w4 + q);
+            let v = dw_store(dw_row(l2, m2, r2, l3, m3, r3, l4, m4, r4, k0, k1, k2), s, b,
+                             obase + 2u * w4 + q);
+            if (stats) {
+                welford4_add(&wf, v - shift);
+            }
         }
         if (live > 3u) {
-            dw_store(dw_row(l3, m3, r3, l4, m4, r4, l5, m5, r5, k0, k1, k2), s, b,
-                     obase + 3u * w4 + q);
+            let v = dw_store(dw_row(l3, m3, r3, l4, m4, r4, l5, m5, r5, k0, k1, k2), s, b,
+                             obase + 3u * w4 + q);
+            if (stats) {
+                welford4_add(&wf, v - shift);
+            }
         }
         p0 = m0.w;
         p1 = m1.w;
@@ -687,6 +721,16 @@ fn forward_dw(@builtin(global_invocation_id) gid: vec3<u32>,
         m3 = n3;
         m4 = n4;
         m5 = n5;
+    }
+    if (stats) {
+        // Partial g of channel c: image n's row block, in the channel's value order.
+        let parts = P.n * blocks;
+        let g = (plane / P.c) * blocks + oy0 / DW_ROWS;
+        let slot = stats_slot(c, g, P.c, parts);
+        let tot = welford4_total(wf, shift);
+        dw_stats[slot.x] = tot.x;
+        dw_stats[slot.y] = tot.y;
+        dw_stats[slot.z] = tot.z;
     }
 }
 

@@ -431,6 +431,9 @@ struct StatsPlan {
     training: bool,
     /// The reduction also writes the normalized output.
     fused: bool,
+    /// The partials were written by the producer of `x` (the depthwise conv's statistics
+    /// epilogue): no partial pass, only the combination.
+    pre_reduced: bool,
     layout: ReductionLayout,
     dummies: [GpuTensor; 2],
     reduce_grid: [u32; 3],
@@ -456,6 +459,7 @@ pub(crate) fn partial_grid(ctx: &GpuContext, channels: usize, partials: usize) -
 }
 
 impl StatsPlan {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         ctx: &GpuContext,
         shape: [usize; 4],
@@ -464,9 +468,24 @@ impl StatsPlan {
         training: bool,
         given: Option<(&GpuBatchNormStats, &GpuTensor)>,
         normalize: Option<FuseNormalize>,
+        pre_reduced: Option<(&GpuTensor, usize)>,
     ) -> Result<Self> {
-        let (mut p, layout) = params_for(shape, bn)?;
+        let (mut p, mut layout) = params_for(shape, bn)?;
         p.momentum = momentum;
+        let c = shape[1];
+        if let Some((t, parts)) = pre_reduced {
+            if !training {
+                return Err(Error::invalid(
+                    "internal: statistics partials given to an eval BatchNorm",
+                ));
+            }
+            ctx.check_tensor("batch_norm2d statistics partials", t)?;
+            expect_shape("batch_norm2d statistics partials", &[3, c, parts], t)?;
+            expect_f32("batch_norm2d statistics partials", t)?;
+            p.groups = to_u32(parts, "batch_norm2d statistics partials")?;
+            layout.partials = p.groups;
+            layout.per_thread = false;
+        }
         let fused = training && layout.per_thread && normalize.is_some();
         if let Some(f) = normalize.filter(|_| fused) {
             p.act = activation_code(f.act);
@@ -474,7 +493,6 @@ impl StatsPlan {
             p.write_pre = u32::from(f.keep_pre);
             p.fuse = 1;
         }
-        let c = shape[1];
         let split = training && !layout.per_thread;
         let out = match given {
             Some((out, x)) => {
@@ -505,14 +523,17 @@ impl StatsPlan {
         };
         Ok(Self {
             uniform: ctx.params(&p)?,
-            partials: if split {
-                GpuTensor::uninit(ctx, &[3, c, layout.partials as usize], DType::F32)?
-            } else {
-                dummy(ctx)?
+            partials: match pre_reduced {
+                Some((t, _)) => t.clone(),
+                None if split => {
+                    GpuTensor::uninit(ctx, &[3, c, layout.partials as usize], DType::F32)?
+                }
+                None => dummy(ctx)?,
             },
             out,
             training,
             fused,
+            pre_reduced: pre_reduced.is_some(),
             layout,
             dummies: [dummy(ctx)?, dummy(ctx)?],
             reduce_grid: partial_grid(ctx, c, layout.partials as usize)?,
@@ -543,17 +564,20 @@ impl StatsPlan {
             };
             let params = bn.tensor().buffer();
             let x = x.buffer();
-            out.push(if self.layout.per_thread {
-                (
-                    &STATS_THREAD,
-                    vec![u, x, part, params, stats, running, y, pre],
-                    self.reduce_grid,
-                )
-            } else if self.layout.vec4 {
-                (&STATS_PARTIAL4, vec![u, part, x], self.reduce_grid)
-            } else {
-                (&STATS_PARTIAL, vec![u, x, part], self.reduce_grid)
-            });
+            // Pre-reduced partials are there: only the combination below.
+            if !self.pre_reduced {
+                out.push(if self.layout.per_thread {
+                    (
+                        &STATS_THREAD,
+                        vec![u, x, part, params, stats, running, y, pre],
+                        self.reduce_grid,
+                    )
+                } else if self.layout.vec4 {
+                    (&STATS_PARTIAL4, vec![u, part, x], self.reduce_grid)
+                } else {
+                    (&STATS_PARTIAL, vec![u, x, part], self.reduce_grid)
+                });
+            }
             if self.final_grid[0] > 0 {
                 out.push((
                     &STATS_FINAL,
@@ -645,6 +669,7 @@ fn batch_stats_impl(
         momentum,
         training,
         given.map(|g| (g, x)),
+        None,
         None,
     )?;
     let mut list = Vec::new();
@@ -855,7 +880,7 @@ pub fn batch_norm2d(
     act: Activation,
     keep_pre: bool,
 ) -> Result<GpuBatchNormOutput> {
-    batch_norm2d_impl(ctx, x, bn, momentum, training, act, keep_pre, None)
+    batch_norm2d_impl(ctx, x, bn, momentum, training, act, keep_pre, None, None)
 }
 
 /// [`batch_norm2d`] writing into `out` (shaped as [`batch_norm2d`] returns it: `pre` given
@@ -871,7 +896,49 @@ pub fn batch_norm2d_into(
     out: &GpuBatchNormOutput,
 ) -> Result<()> {
     let keep_pre = out.pre.is_some();
-    batch_norm2d_impl(ctx, x, bn, momentum, training, act, keep_pre, Some(out)).map(drop)
+    batch_norm2d_impl(
+        ctx,
+        x,
+        bn,
+        momentum,
+        training,
+        act,
+        keep_pre,
+        Some(out),
+        None,
+    )
+    .map(drop)
+}
+
+/// [`batch_norm2d_into`] in training for an `x` whose producer already wrote its statistics
+/// partials (`partials` `[3, C, parts]`: count, mean and M2 of `parts` contiguous runs of each
+/// channel's values, in order, as `shaders/lib/partial_run.wgsl` lays them out; the depthwise
+/// conv's statistics epilogue, [`super::conv2d::conv2d_dw_stats_into`]): the combination and
+/// the normalize, without a statistics pass over `x`.
+///
+/// Errors: those of [`batch_norm2d_into`]; partials of another shape.
+pub(crate) fn batch_norm2d_pre_reduced_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    bn: &GpuBatchNorm,
+    momentum: f32,
+    act: Activation,
+    partials: (&GpuTensor, usize),
+    out: &GpuBatchNormOutput,
+) -> Result<()> {
+    let keep_pre = out.pre.is_some();
+    batch_norm2d_impl(
+        ctx,
+        x,
+        bn,
+        momentum,
+        true,
+        act,
+        keep_pre,
+        Some(out),
+        Some(partials),
+    )
+    .map(drop)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -884,6 +951,7 @@ fn batch_norm2d_impl(
     act: Activation,
     keep_pre: bool,
     given: Option<&GpuBatchNormOutput>,
+    pre_reduced: Option<(&GpuTensor, usize)>,
 ) -> Result<GpuBatchNormOutput> {
     check_context(ctx, x, bn)?;
     let shape = check_input(x, bn)?;
@@ -898,6 +966,7 @@ fn batch_norm2d_impl(
         training,
         given.map(|g| (&g.stats, x)),
         Some(FuseNormalize { act, keep_pre }),
+        pre_reduced,
     )?;
     let stats_out = [&plan.out.stats, &plan.out.running];
     let norm = normalize_plan(

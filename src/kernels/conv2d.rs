@@ -63,7 +63,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, output, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
+use super::{check_output, expect_f32, output, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, Shader};
 use crate::ops::{Activation, Conv2dParams, ConvTranspose2dParams};
@@ -73,6 +73,7 @@ pub(super) static SHADER: Shader = Shader {
     source: concat!(
         include_str!("../../shaders/lib/float_bits.wgsl"),
         include_str!("../../shaders/lib/activation.wgsl"),
+        include_str!("../../shaders/lib/partial_run.wgsl"),
         include_str!("../../shaders/conv2d.wgsl")
     ),
 };
@@ -143,6 +144,7 @@ static FORWARD_DW: Kernel = Kernel {
         Binding::read(5),
         Binding::read(7),
         Binding::read_write(8),
+        Binding::read_write(9),
     ],
 };
 
@@ -704,7 +706,8 @@ struct Params {
     has_scale: u32,
     has_bias: u32,
     slope: f32,
-    _pad: u32,
+    /// `forward_dw`: 1 writes the statistics partials of its output (binding 9).
+    stats: u32,
 }
 
 impl Params {
@@ -842,6 +845,58 @@ pub(crate) fn conv2d_impl(
     algorithm: ConvAlgorithm,
     given: Option<&GpuTensor>,
 ) -> Result<GpuTensor> {
+    conv2d_run(ctx, x, w, params, epilogue, algorithm, given, None)
+}
+
+/// Statistics partials per channel that [`conv2d_dw_stats_into`] writes for a conv with
+/// output `out` `[N, O, OH, OW]`: one per `forward_dw` invocation of the channel,
+/// `N·ceil(OH/4)`, each a contiguous run of the channel's values, in order.
+pub(crate) fn dw_stats_parts(out: [usize; 4]) -> usize {
+    out[0] * out[2].div_ceil(DW_ROWS)
+}
+
+/// A depthwise conv ([`ConvVariant::Depthwise`], where [`dw_ok`]) into `y` that also writes
+/// the statistics partials of `y` into `partials` (`[3, O, dw_stats_parts]`: count, mean and
+/// M2 of each invocation's outputs, the layout `kernels::batch_norm` combines): a BatchNorm
+/// after the conv needs no statistics pass over `y`. The conv is the variant's (the
+/// statistics are an epilogue, not another algorithm).
+///
+/// Errors: those of [`conv2d_with_algorithm_into`] with [`ConvVariant::Depthwise`]; unfit
+/// `partials` (checked as an output).
+pub(crate) fn conv2d_dw_stats_into(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    epilogue: &ConvEpilogue,
+    y: &GpuTensor,
+    partials: &GpuTensor,
+) -> Result<()> {
+    let algorithm = ConvAlgorithm::Variant(ConvVariant::Depthwise);
+    conv2d_run(
+        ctx,
+        x,
+        w,
+        params,
+        epilogue,
+        algorithm,
+        Some(y),
+        Some(partials),
+    )
+    .map(drop)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv2d_run(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    params: &Conv2dParams,
+    epilogue: &ConvEpilogue,
+    algorithm: ConvAlgorithm,
+    given: Option<&GpuTensor>,
+    stats: Option<&GpuTensor>,
+) -> Result<GpuTensor> {
     check_epilogue_context(ctx, "conv2d", x, w, epilogue)?;
     let out = params.output_shape(x.shape(), w.shape())?;
     let o = out[1];
@@ -861,11 +916,39 @@ pub(crate) fn conv2d_impl(
     let scale = epilogue.out_scale.unwrap_or(w).buffer();
     let bias = epilogue.bias.unwrap_or(w).buffer();
     let plan = plan_forward(ctx, kernel_choice, &mut p, w.shape(), params, out)?;
+    // The statistics epilogue: forward_dw only (the only kernel that writes binding 9).
+    let stats = match stats {
+        Some(t) => {
+            if !std::ptr::eq(plan.kernel, &FORWARD_DW) {
+                return Err(Error::invalid(
+                    "conv2d statistics partials: only the depthwise kernel writes them",
+                ));
+            }
+            let mut taken = inputs.clone();
+            taken.push(&y);
+            let shape = [3, o, dw_stats_parts(out)];
+            let what = "conv2d statistics partials";
+            check_output(ctx, what, t, &shape, DType::F32, &taken)?;
+            p.stats = 1;
+            t.clone()
+        }
+        // forward_dw binds a buffer of its own it does not write; the others bind nothing.
+        None if std::ptr::eq(plan.kernel, &FORWARD_DW) => super::batch_norm::dummy(ctx)?,
+        None => y.clone(),
+    };
     let uniform = ctx.params(&p)?;
+    let buffers = [
+        x.buffer(),
+        w.buffer(),
+        y.buffer(),
+        scale,
+        bias,
+        stats.buffer(),
+    ];
     ctx.run(&[Launch {
         kernel: plan.kernel,
         constants: &plan.constants,
-        buffers: &plan.buffers(&uniform, [x.buffer(), w.buffer(), y.buffer(), scale, bias]),
+        buffers: &plan.buffers(&uniform, buffers),
         workgroups: plan.workgroups,
     }])?;
     Ok(y)
@@ -880,14 +963,15 @@ struct ForwardPlan {
 
 impl ForwardPlan {
     /// The launch's buffers in its kernel's binding order: parameters, input, weight, output,
-    /// epilogue scale and bias (`forward_dw` binds x and y as `vec4` arrays, after the others).
+    /// epilogue scale and bias (`forward_dw` binds x and y as `vec4` arrays, after the others,
+    /// then its statistics partials: a buffer of their own, written only with `stats` = 1).
     fn buffers<'a>(
         &self,
         uniform: &'a wgpu::Buffer,
-        [x, w, y, scale, bias]: [&'a wgpu::Buffer; 5],
+        [x, w, y, scale, bias, stats]: [&'a wgpu::Buffer; 6],
     ) -> Vec<&'a wgpu::Buffer> {
         if std::ptr::eq(self.kernel, &FORWARD_DW) {
-            vec![uniform, w, scale, bias, x, y]
+            vec![uniform, w, scale, bias, x, y, stats]
         } else {
             vec![uniform, x, w, y, scale, bias]
         }
@@ -1157,6 +1241,7 @@ fn time_candidates(
     let x = GpuTensor::uninit(ctx, x_shape, DType::F32)?;
     let w = GpuTensor::uninit(ctx, w_shape, DType::F32)?;
     let y = GpuTensor::uninit(ctx, &out, DType::F32)?;
+    let stats = super::batch_norm::dummy(ctx)?;
     let mut runs = Vec::with_capacity(cands.len());
     for &v in cands {
         let mut p = Params::new(x_shape, w_shape, out, params)?;
@@ -1168,7 +1253,14 @@ fn time_candidates(
     let launch = |plan: &ForwardPlan, uniform: &wgpu::Buffer, workgroups| {
         let buffers = plan.buffers(
             uniform,
-            [x.buffer(), w.buffer(), y.buffer(), w.buffer(), w.buffer()],
+            [
+                x.buffer(),
+                w.buffer(),
+                y.buffer(),
+                w.buffer(),
+                w.buffer(),
+                stats.buffer(),
+            ],
         );
         let l = [Launch {
             kernel: plan.kernel,

@@ -18,8 +18,12 @@
 //!   (c) fake quant `W_s → W_q` with its mask; (d) the conv with the divide-back and the conv
 //!   bias in its epilogue (`out_scale = 1/s`, `bias = b`), giving the BatchNorm input;
 //!   (e) batch statistics (partials and their per-channel combination, or one dispatch for
-//!   few values per channel; one with `freeze_bn`); (f) normalize + affine + activation (one
-//!   pass, also writing the pre-activation output). No host round trip.
+//!   few values per channel; one with `freeze_bn`) — for a depthwise conv that the
+//!   depthwise kernel runs ([`super::conv2d::dw_ok`]) the conv writes the partials of its
+//!   output as it stores it, so only the combination runs; (f) normalize + affine +
+//!   activation (one pass, also writing the pre-activation output for LeakyReLU and
+//!   Hardswish, whose gradients need it; ReLU and ReLU6 take their mask from `y`). No host
+//!   round trip.
 //! - [`conv_bn_qat_backward`]: BN backward with the activation's mask folded in (reduction +
 //!   `dx` pass that writes `d conv_out = dBN_in / s` directly); the divide-back reductions
 //!   (conv bias grad, the divide-back part of `dγ`; two dispatches); conv backward input and
@@ -39,10 +43,13 @@ use bytemuck::{Pod, Zeroable};
 
 use super::activation::{activation_backward, activation_into};
 use super::batch_norm::{
-    batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into, check_training_size,
-    normalize, partial_count, partial_grid, GpuBatchNormOutput, GpuBatchNormStats,
+    batch_norm2d_backward, batch_norm2d_backward_act, batch_norm2d_into,
+    batch_norm2d_pre_reduced_into, check_training_size, normalize, partial_count, partial_grid,
+    GpuBatchNormOutput, GpuBatchNormStats,
 };
-use super::conv2d::{conv2d, conv2d_into, ConvEpilogue};
+use super::conv2d::{
+    conv2d, conv2d_dw_stats_into, conv2d_into, dw_ok, dw_stats_parts, ConvEpilogue,
+};
 use super::fake_quant::fake_quant_with_mask_into;
 use super::fold::fold_conv_bn_into;
 use super::observer::{calc_qparams_into, observe_into};
@@ -1249,38 +1256,68 @@ fn conv_bn_qat_forward_passes(
     // (c) fake quant with the straight-through mask.
     qat_weight_q(ctx, &out, qp, spec.range, weight.fake_quant_enabled)?;
 
-    // (d) conv with the divide-back and the conv bias in the epilogue.
-    conv2d_into(
-        ctx,
-        x,
-        &out.weight_q,
-        &conv.params,
-        &ConvEpilogue {
-            out_scale: Some(&out.inv_scale_factor),
-            bias: conv.bias,
-            activation: Activation::None,
-        },
-        &out.bn_input,
-    )?;
-
-    // (e), (f) statistics, normalize + affine + activation (+ running update).
-    // The pre-activation output where it is kept (not for ReLU / ReLU6, not for None: y).
-    batch_norm2d_into(
-        ctx,
-        &out.bn_input,
-        bn,
-        momentum,
-        !cfg.freeze_bn,
-        cfg.activation,
-        &GpuBatchNormOutput {
-            y: out.y.clone(),
-            pre: out
-                .bn_out
-                .clone()
-                .filter(|_| cfg.activation != Activation::None),
-            stats: out.stats.clone(),
-        },
-    )?;
+    // (d) conv with the divide-back and the conv bias in the epilogue; (e), (f) statistics,
+    // normalize + affine + activation (+ running update). The pre-activation output where it
+    // is kept (not for ReLU / ReLU6, not for None: y).
+    let epilogue = ConvEpilogue {
+        out_scale: Some(&out.inv_scale_factor),
+        bias: conv.bias,
+        activation: Activation::None,
+    };
+    let bn_out = GpuBatchNormOutput {
+        y: out.y.clone(),
+        pre: out
+            .bn_out
+            .clone()
+            .filter(|_| cfg.activation != Activation::None),
+        stats: out.stats.clone(),
+    };
+    let training = !cfg.freeze_bn;
+    if training && dw_ok(&ws, &conv.params, out_shape) {
+        // A depthwise conv writes the statistics partials of its output as it stores it
+        // (its statistics epilogue): the BatchNorm combines them and normalizes, with no
+        // statistics pass over bn_input. The conv is the depthwise kernel the tuner picks
+        // for these convs; the pass it saves is not in a conv-only timing.
+        check_training_size(&out_shape)?;
+        let parts = dw_stats_parts(out_shape);
+        let partials = GpuTensor::uninit(ctx, &[3, o, parts], DType::F32)?;
+        conv2d_dw_stats_into(
+            ctx,
+            x,
+            &out.weight_q,
+            &conv.params,
+            &epilogue,
+            &out.bn_input,
+            &partials,
+        )?;
+        batch_norm2d_pre_reduced_into(
+            ctx,
+            &out.bn_input,
+            bn,
+            momentum,
+            cfg.activation,
+            (&partials, parts),
+            &bn_out,
+        )?;
+    } else {
+        conv2d_into(
+            ctx,
+            x,
+            &out.weight_q,
+            &conv.params,
+            &epilogue,
+            &out.bn_input,
+        )?;
+        batch_norm2d_into(
+            ctx,
+            &out.bn_input,
+            bn,
+            momentum,
+            training,
+            cfg.activation,
+            &bn_out,
+        )?;
+    }
     Ok(out)
 }
 

@@ -556,6 +556,21 @@ fn qat_cases() -> Vec<ConvCase> {
         },
         bias: false,
     });
+    // A depthwise conv the depthwise kernel runs (output width a multiple of 4): the fused
+    // forward takes the BatchNorm statistics from its epilogue; 7 rows, so the last row
+    // block of each image is partial.
+    cases.push(ConvCase {
+        name: "depthwise 8 wide",
+        x: [2, 6, 7, 8],
+        o: 6,
+        k: 3,
+        params: Conv2dParams {
+            padding: [1, 1],
+            groups: 6,
+            ..Default::default()
+        },
+        bias: true,
+    });
     cases
 }
 
