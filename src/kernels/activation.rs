@@ -41,6 +41,44 @@ static BACKWARD: Kernel = Kernel {
     ],
 };
 
+static FORWARD4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "forward4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(4),
+        Binding::read_write(5),
+    ],
+};
+
+static BACKWARD4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "backward4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read(4),
+        Binding::read_write(5),
+        Binding::read(6),
+    ],
+};
+
+/// `vec4`s per invocation of `forward4` / `backward4` (`ITEMS4` in the shader).
+const ITEMS4: usize = 4;
+
+/// The kernel of `n` elements, scalar or on `vec4`s (`n` a multiple of 4), and its grid.
+fn launch_shape(
+    ctx: &GpuContext,
+    n: usize,
+    scalar: &'static Kernel,
+    vec4: &'static Kernel,
+) -> Result<(&'static Kernel, [u32; 3])> {
+    if n.is_multiple_of(4) {
+        Ok((vec4, grid(ctx, (n / 4).div_ceil(ITEMS4))?))
+    } else {
+        Ok((scalar, grid(ctx, n)?))
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
@@ -105,11 +143,12 @@ fn activation_impl(
     expect_f32("activation input", x)?;
     let uniform = params(ctx, x, act)?;
     let y = output(ctx, "activation output", out, x.shape(), DType::F32, &[x])?;
+    let (kernel, workgroups) = launch_shape(ctx, x.len(), &FORWARD, &FORWARD4)?;
     ctx.run(&[Launch {
-        kernel: &FORWARD,
+        kernel,
         constants: WG_CONSTANTS,
         buffers: &[&uniform, x.buffer(), y.buffer()],
-        workgroups: grid(ctx, x.len())?,
+        workgroups,
     }])?;
     Ok(y)
 }
@@ -159,11 +198,12 @@ fn activation_backward_impl(
         DType::F32,
         &[x, dy],
     )?;
+    let (kernel, workgroups) = launch_shape(ctx, x.len(), &BACKWARD, &BACKWARD4)?;
     ctx.run(&[Launch {
-        kernel: &BACKWARD,
+        kernel,
         constants: WG_CONSTANTS,
         buffers: &[&uniform, x.buffer(), dx.buffer(), dy.buffer()],
-        workgroups: grid(ctx, x.len())?,
+        workgroups,
     }])?;
     Ok(dx)
 }

@@ -521,24 +521,28 @@ fn activations_bit_exact() {
         1e-40,
         -1e-40,
     ];
-    let x = ArrayD::from_shape_fn(IxDyn(&[3, 1001]), |d| {
-        if d[1] < specials.len() {
-            specials[d[1]]
-        } else {
-            rng.uniform(-8.0, 8.0)
+    // 3003 elements: the scalar kernels; 8008: the vec4 kernels, over two workgroups, the
+    // second partial.
+    for rows in [3, 8] {
+        let x = ArrayD::from_shape_fn(IxDyn(&[rows, 1001]), |d| {
+            if d[1] < specials.len() {
+                specials[d[1]]
+            } else {
+                rng.uniform(-8.0, 8.0)
+            }
+        });
+        let dy = ArrayD::from_shape_fn(IxDyn(&[rows, 1001]), |_| rng.uniform(-1.0, 1.0));
+        for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+            let want = reference::activation::activation(&x, act);
+            assert_bits_eq(
+                &format!("{rows} rows {act:?}"),
+                &gpu.activation(&x, act).unwrap(),
+                &want,
+            );
+            let want = reference::activation::activation_backward(&x, &dy, act).unwrap();
+            let got = gpu.activation_backward(&x, &dy, act).unwrap();
+            assert_bits_eq(&format!("{rows} rows {act:?} backward"), &got, &want);
         }
-    });
-    let dy = ArrayD::from_shape_fn(IxDyn(&[3, 1001]), |_| rng.uniform(-1.0, 1.0));
-    for act in [Activation::None, Activation::Relu, Activation::Relu6] {
-        let want = reference::activation::activation(&x, act);
-        assert_bits_eq(
-            &format!("{act:?}"),
-            &gpu.activation(&x, act).unwrap(),
-            &want,
-        );
-        let want = reference::activation::activation_backward(&x, &dy, act).unwrap();
-        let got = gpu.activation_backward(&x, &dy, act).unwrap();
-        assert_bits_eq(&format!("{act:?} backward"), &got, &want);
     }
 }
 
