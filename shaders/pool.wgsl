@@ -19,6 +19,11 @@
 //     bounds-checked.
 //   log_softmax (0-2): one workgroup of 256 per row (max, then sum of exp, reduced in
 //     workgroup memory); count = N workgroups, flat id wid.x + wid.y * nwg.x.
+//   log_softmax_row (0-2): one invocation per row (max, sum of exp and the outputs in one
+//     invocation, no workgroup memory or barrier): for rows of few columns (the launcher's
+//     LOG_SOFTMAX_ROW_MAX), where a workgroup's 18 barriers cost more than the row; workgroup
+//     (WG, 1, 1), count = N items, flat index as max_pool2d. Same arithmetic per row, the sum
+//     in column order.
 
 override WG: u32 = 256u;
 
@@ -133,5 +138,29 @@ fn log_softmax(@builtin(local_invocation_index) li: u32,
     let nan = bitcast<f32>(0x7fc00000u);
     for (var j = li; j < P.cols; j = j + RED) {
         out[base + j] = select((x[base + j] - row_max) - lse, nan, bad);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn log_softmax_row(@builtin(global_invocation_id) gid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = gid.x + gid.y * (nwg.x * WG);
+    if (row >= P.count) {
+        return;
+    }
+    let base = row * P.cols;
+    var m = bitcast<f32>(0xff800000u); // -inf
+    for (var j = 0u; j < P.cols; j = j + 1u) {
+        m = max_nan(m, x[base + j]);
+    }
+    let bad = not_finite(m);
+    var sum = 0.0;
+    for (var j = 0u; j < P.cols; j = j + 1u) {
+        sum = sum + exp(x[base + j] - m);
+    }
+    let lse = log(sum);
+    let nan = bitcast<f32>(0x7fc00000u);
+    for (var j = 0u; j < P.cols; j = j + 1u) {
+        out[base + j] = select((x[base + j] - m) - lse, nan, bad);
     }
 }

@@ -596,7 +596,19 @@ fn max_pool2d_matches_reference_incl_nan() {
 fn log_softmax_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = Rng(9);
-    for (n, c) in [(1, 1), (3, 10), (4, 255), (2, 257), (5, 1000), (0, 3)] {
+    // Rows of up to 1024 columns: one invocation per row (300 rows: two workgroups); longer
+    // rows: a workgroup each.
+    for (n, c) in [
+        (1, 1),
+        (3, 10),
+        (300, 10),
+        (4, 255),
+        (2, 257),
+        (5, 1000),
+        (3, 1025),
+        (2, 3000),
+        (0, 3),
+    ] {
         let x = Array2::from_shape_fn((n, c), |_| rng.uniform(-20.0, 20.0));
         let gx = GpuTensor::upload_f32(&ctx, &x.clone().into_dyn()).unwrap();
         let got = kpool::log_softmax(&ctx, &gx)
