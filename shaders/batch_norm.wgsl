@@ -62,10 +62,11 @@
 //                                   *4 entry points; H*W a multiple of 4, so a vec4 never
 //                                   straddles two channels)
 //
-// Entry points and dispatch (workgroup size WGR = 256). 1-D grids are tiled over x and y
-// (flat index gid.x + gid.y * num_workgroups.x * WGR); plane grids are (X, Py, Pz) with plane
-// p = wid.y + wid.z * num_workgroups.y of the N*C planes (channel p % C) and X workgroups
-// along a plane's H*W values.
+// Entry points and dispatch (workgroup size WGR = 256). Grids are 1-D, tiled over x and y
+// (flat index gid.x + gid.y * num_workgroups.x * WGR); a plane grid is the 1-D grid over the
+// N*C planes x R = ceil(len / PLANE_ITEMS) runs per plane (len: H*W values or vec4s):
+// invocation t takes the contiguous run of PLANE_ITEMS values from (t % R) * PLANE_ITEMS of
+// plane t / R (channel (t / R) % C), its channel's coefficients loaded once.
 //   stats_partial    (0,1,2):      1-D grid over C*P: invocation t reduces channel t / P,
 //                                 its run of values (below; Welford), writes its partial.
 //   backward_partial (0,1,2,4,8,9): 1-D grid over C*P: sum dy' and sum dy' * xhat likewise.
@@ -78,8 +79,8 @@
 //   eval_stats       (0,3,4,5):   1-D grid over C.
 //   normalize        (0,1,3,4,6,7): 1-D grid over n (few values per plane: the channel of
 //                                 each element by division);
-//   normalize_plane  (same):      plane grid (many values per plane: the channel is one per
-//                                 workgroup, no division per element).
+//   normalize_plane  (same):      plane grid (many values per plane: one division per
+//                                 invocation, none per element).
 //   backward_dx, backward_dx_plane (0,1,3,4,6,8,9,10,11): likewise.
 //   stats_partial4, backward_partial4, normalize4, normalize_plane4, backward_dx4,
 //   backward_dx_plane4: the same on vec4s (bindings 12..16 instead of 1, 6..9), used when H*W
@@ -95,7 +96,7 @@
 // backward: sum dy' at c*P + g, sum dy' * xhat at C*P + c*P + g.
 
 const WGR: u32 = 256u;
-// Values (or vec4s) an invocation of a plane grid's elementwise pass takes, WGR apart.
+// Consecutive values (or vec4s) an invocation of a plane grid's elementwise pass takes.
 const PLANE_ITEMS: u32 = 4u;
 
 struct Params {
@@ -143,10 +144,6 @@ fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * (nwg.x * WGR);
 }
 
-// The plane of a plane grid's workgroup (may be >= N*C in the last row of the tiling).
-fn plane_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.y + wid.z * nwg.y;
-}
 
 // A walk over consecutive values j0, j0 + 1, ... of channel c (hw values per plane): the
 // element index of the current value, advanced without division.
@@ -246,7 +243,8 @@ fn normalize_at(i: u32, k: NormCoef) {
     y[i] = act_forward(v);
 }
 
-// The values of a plane grid's workgroup: r = first + t * WGR < end (t < PLANE_ITEMS).
+// The values of a plane grid's invocation: its plane's elements base + r, first <= r < end
+// (at most PLANE_ITEMS consecutive ones); live false past the last plane (grid padding).
 struct PlaneRun {
     live: bool,
     channel: u32,
@@ -255,12 +253,13 @@ struct PlaneRun {
     end: u32,
 }
 
-fn plane_run(wid: vec3<u32>, lid: u32, nwg: vec3<u32>, len: u32) -> PlaneRun {
-    let plane = plane_of(wid, nwg);
-    let first = wid.x * (WGR * PLANE_ITEMS) + lid;
-    let end = min(len, (wid.x + 1u) * (WGR * PLANE_ITEMS));
+fn plane_run(gid: vec3<u32>, nwg: vec3<u32>, len: u32) -> PlaneRun {
+    let t = flat_index(gid, nwg);
+    let runs = (len + PLANE_ITEMS - 1u) / PLANE_ITEMS;
+    let plane = t / runs;
+    let first = (t % runs) * PLANE_ITEMS;
     return PlaneRun(plane < params.n / params.hw, plane % params.channels, plane * len, first,
-                    end);
+                    min(len, first + PLANE_ITEMS));
 }
 
 @compute @workgroup_size(WGR)
@@ -274,15 +273,14 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 @compute @workgroup_size(WGR)
-fn normalize_plane(@builtin(workgroup_id) wid: vec3<u32>,
-                   @builtin(local_invocation_index) lid: u32,
+fn normalize_plane(@builtin(global_invocation_id) gid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>) {
-    let run = plane_run(wid, lid, nwg, params.hw);
+    let run = plane_run(gid, nwg, params.hw);
     if (!run.live) {
         return;
     }
     let k = norm_coef(run.channel);
-    for (var r = run.first; r < run.end; r = r + WGR) {
+    for (var r = run.first; r < run.end; r = r + 1u) {
         normalize_at(run.base + r, k);
     }
 }
@@ -345,16 +343,15 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 @compute @workgroup_size(WGR)
-fn backward_dx_plane(@builtin(workgroup_id) wid: vec3<u32>,
-                     @builtin(local_invocation_index) lid: u32,
+fn backward_dx_plane(@builtin(global_invocation_id) gid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>) {
-    let run = plane_run(wid, lid, nwg, params.hw);
+    let run = plane_run(gid, nwg, params.hw);
     if (!run.live) {
         return;
     }
     let c = run.channel;
     let k = dx_coef(c, grads[c], grads[params.channels + c]);
-    for (var r = run.first; r < run.end; r = r + WGR) {
+    for (var r = run.first; r < run.end; r = r + 1u) {
         y[run.base + r] = dx_value(run.base + r, k);
     }
 }
@@ -608,15 +605,14 @@ fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 @compute @workgroup_size(WGR)
-fn normalize_plane4(@builtin(workgroup_id) wid: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32,
+fn normalize_plane4(@builtin(global_invocation_id) gid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>) {
-    let run = plane_run(wid, lid, nwg, params.hw / 4u);
+    let run = plane_run(gid, nwg, params.hw / 4u);
     if (!run.live) {
         return;
     }
     let k = norm_coef(run.channel);
-    for (var r = run.first; r < run.end; r = r + WGR) {
+    for (var r = run.first; r < run.end; r = r + 1u) {
         normalize4_at(run.base + r, k);
     }
 }
@@ -651,15 +647,14 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 @compute @workgroup_size(WGR)
-fn backward_dx_plane4(@builtin(workgroup_id) wid: vec3<u32>,
-                      @builtin(local_invocation_index) lid: u32,
+fn backward_dx_plane4(@builtin(global_invocation_id) gid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let run = plane_run(wid, lid, nwg, params.hw / 4u);
+    let run = plane_run(gid, nwg, params.hw / 4u);
     if (!run.live) {
         return;
     }
     let k = grads_coef(run.channel);
-    for (var r = run.first; r < run.end; r = r + WGR) {
+    for (var r = run.first; r < run.end; r = r + 1u) {
         dx4_at(run.base + r, k);
     }
 }

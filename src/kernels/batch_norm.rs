@@ -56,11 +56,11 @@ const TARGET_INVOCATIONS: usize = 4096;
 /// BatchNorm reductions: upper bound on the partial invocations of one channel.
 const MAX_PARTIALS: usize = 1024;
 /// BatchNorm elementwise passes: planes (`H·W` values, or `vec4`s) at least this long run on
-/// a grid over planes (the channel one per workgroup) instead of a flat grid (the channel of
-/// each element by division).
+/// a grid over runs of planes (the channel one per invocation) instead of a flat grid (the
+/// channel of each element by division).
 const PLANE_MIN: usize = 64;
-/// Values (or `vec4`s) an invocation of a plane grid's elementwise pass takes (`PLANE_ITEMS`
-/// in the shader).
+/// Consecutive values (or `vec4`s) an invocation of a plane grid's elementwise pass takes
+/// (`PLANE_ITEMS` in the shader).
 const PLANE_ITEMS: u32 = 4;
 
 const fn kernel(entry_point: &'static str, bindings: &'static [Binding]) -> Kernel {
@@ -247,22 +247,6 @@ pub(crate) fn activation_code(act: Activation) -> u32 {
     super::activation::code(act)
 }
 
-/// Grid `[x, Cy, Cz]`: `x` workgroups per channel, channels spread over y and z.
-pub(crate) fn channel_grid(ctx: &GpuContext, x: u32, channels: usize) -> Result<[u32; 3]> {
-    if channels == 0 {
-        return Ok([0, 0, 0]);
-    }
-    let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
-    let cy = channels.min(max);
-    let cz = channels.div_ceil(cy);
-    if cz > max {
-        return Err(Error::invalid(format!(
-            "{channels} channels exceed what one dispatch can cover"
-        )));
-    }
-    Ok([x, cy as u32, cz as u32])
-}
-
 /// How the per-channel reductions of a BatchNorm over `C` channels of `M = N·H·W` values, and
 /// its elementwise passes, are laid out on the device (see [`reduction_layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,7 +262,8 @@ pub struct ReductionLayout {
     /// `y`, or `dx`) in the same dispatch (`partials == 1`, not `vec4`).
     pub per_thread: bool,
     /// The elementwise pass (when not [`ReductionLayout::per_thread`]) runs on a grid over the
-    /// `N·C` planes, the channel one per workgroup, instead of a flat grid that finds each
+    /// `N·C` planes, each invocation a run of 4 consecutive values (or `vec4`s) of one plane
+    /// with its channel's coefficients loaded once, instead of a flat grid that finds each
     /// element's channel by division: planes of at least 64 values (or `vec4`s).
     pub plane_grid: bool,
 }
@@ -744,8 +729,8 @@ struct NormalizePlan {
 }
 
 /// The grid of an elementwise pass (`normalize` / `backward_dx` and their `_plane`, `4`
-/// forms) over an NCHW `shape`: over the `N·C` planes with [`ReductionLayout::plane_grid`],
-/// else flat over the elements (or `vec4`s: `H·W` a multiple of 4, so a `vec4` stays in one
+/// forms) over an NCHW `shape`: over the `N·C` planes' runs of `PLANE_ITEMS` consecutive
+/// values with [`ReductionLayout::plane_grid`], else flat over the elements (or `vec4`s: `H·W` a multiple of 4, so a `vec4` stays in one
 /// channel).
 fn elementwise_grid(
     ctx: &GpuContext,
@@ -755,9 +740,13 @@ fn elementwise_grid(
     let [n, c, h, w] = shape;
     let unit = if layout.vec4 { 4 } else { 1 };
     if layout.plane_grid {
-        let per_workgroup = (WGR * PLANE_ITEMS) as usize;
-        let along = to_u32((h * w / unit).div_ceil(per_workgroup), "batch_norm2d plane")?;
-        return channel_grid(ctx, along, n * c);
+        // One invocation per run of PLANE_ITEMS consecutive values of a plane.
+        let runs = (h * w / unit).div_ceil(PLANE_ITEMS as usize);
+        let invocations = (n * c)
+            .checked_mul(runs)
+            .ok_or_else(|| Error::invalid("batch_norm2d: too many elements for one dispatch"))?;
+        to_u32(invocations, "batch_norm2d elementwise invocations")?;
+        return ctx.grid_1d(invocations, WGR);
     }
     ctx.grid_1d(n * c * h * w / unit, WGR)
 }
