@@ -30,9 +30,10 @@
 //     backward's dbias).
 //   conv_wgrad_dw3: the weight gradient of a depthwise 3x3 conv (groups = C = O, stride 1,
 //     dilation 1, padding (PH, PW) = (a_rs, a_cs)): out[c, 0, ky, kx] = sum over n < N (inner),
-//     oy < OH, ox < OW, in that order, of dy[n, c, oy, ox] (b) * x[n, c, oy + ky - PH,
+//     blocks of 4 output rows oy, ox < OW, of dy[n, c, oy, ox] (b) * x[n, c, oy + ky - PH,
 //     ox + kx - PW] (a; zero outside the H x W input); one invocation per channel (count = C),
-//     a window of 3 inputs sliding along each of its 3 input rows (4 loads per 9 fmas).
+//     a window of 3 inputs sliding along each of the 6 input rows a block of 4 output rows
+//     reads (10 loads per 36 fmas; one output row at a time took 16).
 //   copy_at: out[p_off + i] = a[i] for i < count (a tensor copied into part of another as a
 //     launch, so it stays in order inside a recording).
 //   swap01: out[j, i, r] = a[i, j, r] for a [rows, cols, inner] (NCHW <-> CNHW).
@@ -478,6 +479,22 @@ fn flip_transpose(@builtin(global_invocation_id) gid: vec3<u32>,
     out[i] = a[((o * P.cols + c) * P.h + (P.h - 1u - ky)) * P.w + (P.w - 1u - kx)];
 }
 
+// Output rows per step of conv_wgrad_dw3: its 6 input rows are loaded once per column for
+// the 4 output rows that read them.
+const DW3_ROWS: u32 = 4u;
+
+// Where input row iy of plane `plane` starts (row 0 outside the input) and whether it is in it.
+fn dw3_row(plane: u32, iy: i32) -> vec2<u32> {
+    let ok = iy >= 0 && iy < i32(P.h);
+    return vec2<u32>(plane + u32(select(0, iy, ok)) * P.w, u32(ok));
+}
+
+// dy of output row oy (0 past the last row), column ox, of the plane starting at dplane.
+fn dw3_dy(dplane: u32, oy: u32, ox: u32) -> vec3<f32> {
+    let live = oy < P.oh;
+    return vec3<f32>(select(0.0, b[dplane + select(0u, oy, live) * P.ow + ox], live));
+}
+
 @compute @workgroup_size(WG)
 fn conv_wgrad_dw3(@builtin(global_invocation_id) gid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -487,42 +504,79 @@ fn conv_wgrad_dw3(@builtin(global_invocation_id) gid: vec3<u32>,
     }
     let hw = P.h * P.w;
     let ohw = P.oh * P.ow;
+    // s_k: the kernel row k's three taps.
     var s0 = vec3<f32>(0.0);
     var s1 = vec3<f32>(0.0);
     var s2 = vec3<f32>(0.0);
+    let ix0 = -i32(P.a_cs);
     for (var n = 0u; n < P.inner; n = n + 1u) {
         let plane = (n * P.count + c) * hw;
         let dplane = (n * P.count + c) * ohw;
-        for (var oy = 0u; oy < P.oh; oy = oy + 1u) {
-            let iy0 = i32(oy) - i32(P.a_rs);
-            let ok0 = iy0 >= 0 && iy0 < i32(P.h);
-            let ok1 = iy0 + 1 >= 0 && iy0 + 1 < i32(P.h);
-            let ok2 = iy0 + 2 >= 0 && iy0 + 2 < i32(P.h);
-            let row0 = plane + u32(max(iy0, 0)) * P.w;
-            let row1 = plane + u32(max(iy0 + 1, 0)) * P.w;
-            let row2 = plane + u32(max(iy0 + 2, 0)) * P.w;
-            let ix0 = -i32(P.a_cs);
-            var x00 = dw3_x(row0, ok0, ix0);
-            var x01 = dw3_x(row0, ok0, ix0 + 1);
-            var x10 = dw3_x(row1, ok1, ix0);
-            var x11 = dw3_x(row1, ok1, ix0 + 1);
-            var x20 = dw3_x(row2, ok2, ix0);
-            var x21 = dw3_x(row2, ok2, ix0 + 1);
+        for (var oy0 = 0u; oy0 < P.oh; oy0 = oy0 + DW3_ROWS) {
+            // Input rows iy0 .. iy0 + 5 serve output rows oy0 .. oy0 + 3 (kernel row k of
+            // output row r reads input row r + k); rows past OH read dy as zero.
+            let iy0 = i32(oy0) - i32(P.a_rs);
+            let q0 = dw3_row(plane, iy0);
+            let q1 = dw3_row(plane, iy0 + 1);
+            let q2 = dw3_row(plane, iy0 + 2);
+            let q3 = dw3_row(plane, iy0 + 3);
+            let q4 = dw3_row(plane, iy0 + 4);
+            let q5 = dw3_row(plane, iy0 + 5);
+            // The window (columns ox - PW .. ox - PW + 2) of each input row: a, b, then c.
+            var a0 = dw3_x(q0.x, q0.y != 0u, ix0);
+            var b0 = dw3_x(q0.x, q0.y != 0u, ix0 + 1);
+            var a1 = dw3_x(q1.x, q1.y != 0u, ix0);
+            var b1 = dw3_x(q1.x, q1.y != 0u, ix0 + 1);
+            var a2 = dw3_x(q2.x, q2.y != 0u, ix0);
+            var b2 = dw3_x(q2.x, q2.y != 0u, ix0 + 1);
+            var a3 = dw3_x(q3.x, q3.y != 0u, ix0);
+            var b3 = dw3_x(q3.x, q3.y != 0u, ix0 + 1);
+            var a4 = dw3_x(q4.x, q4.y != 0u, ix0);
+            var b4 = dw3_x(q4.x, q4.y != 0u, ix0 + 1);
+            var a5 = dw3_x(q5.x, q5.y != 0u, ix0);
+            var b5 = dw3_x(q5.x, q5.y != 0u, ix0 + 1);
             for (var ox = 0u; ox < P.ow; ox = ox + 1u) {
                 let ix = i32(ox) + ix0 + 2;
-                let x02 = dw3_x(row0, ok0, ix);
-                let x12 = dw3_x(row1, ok1, ix);
-                let x22 = dw3_x(row2, ok2, ix);
-                let d = vec3<f32>(b[dplane + oy * P.ow + ox]);
-                s0 = fma(d, vec3<f32>(x00, x01, x02), s0);
-                s1 = fma(d, vec3<f32>(x10, x11, x12), s1);
-                s2 = fma(d, vec3<f32>(x20, x21, x22), s2);
-                x00 = x01;
-                x01 = x02;
-                x10 = x11;
-                x11 = x12;
-                x20 = x21;
-                x21 = x22;
+                let c0 = dw3_x(q0.x, q0.y != 0u, ix);
+                let c1 = dw3_x(q1.x, q1.y != 0u, ix);
+                let c2 = dw3_x(q2.x, q2.y != 0u, ix);
+                let c3 = dw3_x(q3.x, q3.y != 0u, ix);
+                let c4 = dw3_x(q4.x, q4.y != 0u, ix);
+                let c5 = dw3_x(q5.x, q5.y != 0u, ix);
+                let v0 = vec3<f32>(a0, b0, c0);
+                let v1 = vec3<f32>(a1, b1, c1);
+                let v2 = vec3<f32>(a2, b2, c2);
+                let v3 = vec3<f32>(a3, b3, c3);
+                let v4 = vec3<f32>(a4, b4, c4);
+                let v5 = vec3<f32>(a5, b5, c5);
+                let d0 = dw3_dy(dplane, oy0, ox);
+                let d1 = dw3_dy(dplane, oy0 + 1u, ox);
+                let d2 = dw3_dy(dplane, oy0 + 2u, ox);
+                let d3 = dw3_dy(dplane, oy0 + 3u, ox);
+                s0 = fma(d0, v0, s0);
+                s1 = fma(d0, v1, s1);
+                s2 = fma(d0, v2, s2);
+                s0 = fma(d1, v1, s0);
+                s1 = fma(d1, v2, s1);
+                s2 = fma(d1, v3, s2);
+                s0 = fma(d2, v2, s0);
+                s1 = fma(d2, v3, s1);
+                s2 = fma(d2, v4, s2);
+                s0 = fma(d3, v3, s0);
+                s1 = fma(d3, v4, s1);
+                s2 = fma(d3, v5, s2);
+                a0 = b0;
+                b0 = c0;
+                a1 = b1;
+                b1 = c1;
+                a2 = b2;
+                b2 = c2;
+                a3 = b3;
+                b3 = c3;
+                a4 = b4;
+                b4 = c4;
+                a5 = b5;
+                b5 = c5;
             }
         }
     }

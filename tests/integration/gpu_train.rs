@@ -477,6 +477,8 @@ fn conv_grads_match_cpu() {
         // Depthwise 3×3 (groups = C = O), padding (1, 0): the flipped depthwise forward for
         // dx, conv_wgrad_dw3 for dweight.
         ([2, 5, 7, 9], [5, 1, 3, 3], 7, 1),
+        // ... and padding (0, 1): 8 output rows, two whole 4-row blocks of conv_wgrad_dw3.
+        ([1, 3, 10, 6], [3, 1, 3, 3], 6, 1),
     ] {
         let params = if pad == 9 {
             qfuse::ops::Conv2dParams {
@@ -487,6 +489,12 @@ fn conv_grads_match_cpu() {
             qfuse::ops::Conv2dParams {
                 padding: [1, 0],
                 groups: 5,
+                ..Default::default()
+            }
+        } else if pad == 6 {
+            qfuse::ops::Conv2dParams {
+                padding: [0, 1],
+                groups: 3,
                 ..Default::default()
             }
         } else if pad == 8 {
