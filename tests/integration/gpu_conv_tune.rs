@@ -99,6 +99,12 @@ fn every_variant_matches_reference() {
             "5x3 s2",
         ),
         (
+            [1, 4, 9, 17],
+            [6, 4, 3, 5],
+            p([1, 2], [1, 2], [1, 2], 1),
+            "3x5, stride = dilation = 2 in width (the generic loops' sliding window)",
+        ),
+        (
             [2, 6, 7, 12],
             [6, 1, 3, 3],
             p([1, 1], [1, 1], [1, 1], 6),
