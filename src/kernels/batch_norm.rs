@@ -19,7 +19,10 @@
 //! (Welford's mean and M2 on the values less the run's first; plain sums in the backward), a
 //! second dispatch combines a channel's `P` partials in order (Chan et al., shifted by the
 //! first partial's mean) into the statistics (the grads), and a third writes the normalized
-//! output (`dx`), on a grid over the `N·C` planes when they hold at least 64 values. Eval
+//! output (`dx`), on a grid over runs of 4 consecutive values of the `N·C` planes when they
+//! hold at least 64 values. A producer may write the partials itself (the depthwise conv's
+//! statistics epilogue, `batch_norm2d_pre_reduced_into`): then only the combination and the
+//! normalize run. Eval
 //! statistics are one dispatch, then one elementwise pass. An activation's backward can be
 //! folded into the backward (see [`batch_norm2d_backward_act`]); `vec4`s when `H·W` is a
 //! multiple of 4.
@@ -406,9 +409,9 @@ pub struct GpuBatchNormStats {
     pub running: GpuTensor,
 }
 
-/// The launches of the statistics: in training one reduction (which, with one workgroup per
+/// The launches of the statistics: in training one reduction (which, with one invocation per
 /// channel and a normalize asked for, also normalizes) or, for split channels, a reduction
-/// and a combination; in eval one.
+/// and a combination (the combination alone for partials a producer wrote); in eval one.
 struct StatsPlan {
     uniform: ParamsBuffer,
     partials: GpuTensor,
