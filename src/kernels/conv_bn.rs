@@ -1278,7 +1278,6 @@ fn conv_bn_qat_forward_passes(
         // (its statistics epilogue): the BatchNorm combines them and normalizes, with no
         // statistics pass over bn_input. The conv is the depthwise kernel the tuner picks
         // for these convs; the pass it saves is not in a conv-only timing.
-        check_training_size(&out_shape)?;
         let parts = dw_stats_parts(out_shape);
         let partials = GpuTensor::uninit(ctx, &[3, o, parts], DType::F32)?;
         conv2d_dw_stats_into(
