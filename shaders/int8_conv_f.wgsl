@@ -47,10 +47,16 @@
 //     subgroups with none live leave together (share_all), so subgroup operations run with
 //     whole subgroups.
 //     F_K3 = 1 (3x3 kernels at stride 1, dilation 1 only): per channel word, the R + 2 input
-//     rows are each loaded once (10 words each) and every (output row, kernel row) pair that
-//     reads them is updated, channel by channel of the word (the words unpacked lane by lane).
+//     rows are each loaded once (10 words each), the weight words of the 3 kernel rows are
+//     loaded (or broadcast) once as words, and every (output row, kernel row) pair that reads
+//     them is updated, channel by channel of the word (the words unpacked lane by lane).
 //     F_K3 = 0 (any kernel, stride, dilation; R = 1): per tap, 8 input words and the weight
 //     words of the tap.
+//     In both, the four lanes of a word are four calls with constant lane numbers, not a loop:
+//     with a loop (a variable lane offset) lavapipe re-unpacked, re-broadcast (or, without
+//     subgroups, re-loaded) the weights for every lane, and the 3x3 row loop ran at 0.66-0.73
+//     of the f32 conv's speed; unrolled, and with words broadcast rather than unpacked lanes,
+//     1.1-1.4x faster than it (8x64x56x56 .. 8x512x7x7, scratch timings).
 //   Override constants (chosen by the launcher): F_O (8 or 16), F_ROWS (1, 2, 4; > 1 only with
 //   F_K3 = 1), F_K3 (0 or 1), F_WG (invocations per workgroup, 64).
 
@@ -157,37 +163,45 @@ fn lanes3(v: vec3<u32>, j: u32) -> vec3<f32> {
     return vec3<f32>(extractBits(bitcast<vec3<i32>>(v), 8u * j, 8u));
 }
 
-// The 3-tap weights, input channel 4t + j (lane j), of kernel row `off` (offset of the row in
-// a channel's weight words, channel word included) for output channels m0 .. m0 + F_O - 1:
-// shared from lanes 0..7's words a (channel m0 + lane) and b (m0 + 8 + lane) when `share`,
-// else loaded by this invocation.
-fn w_rows(share: bool, a: vec3<u32>, b: vec3<u32>, m0: u32, off: u32,
-          j: u32) -> array<vec3<f32>, 16> {
+// The 3-tap weight words (channel word tq, kernel row `off`: its offset in a channel's weight
+// words, channel word included) of output channels m0 .. m0 + F_O - 1: shared from lanes
+// 0..7's words a (channel m0 + lane) and b (m0 + 8 + lane) when `share`, else loaded by this
+// invocation. Once per channel word and kernel row; w_lanes unpacks each of its 4 channels.
+fn w_words(share: bool, a: vec3<u32>, b: vec3<u32>, m0: u32, off: u32) -> array<vec3<u32>, 16> {
     if (share) {
-        return share_rows3(lanes3(a, j), lanes3(b, j), F_O > 8u);
+        return share_words3(a, b, F_O > 8u);
     }
     // Constant indices only, here and for every accumulator array: a dynamically indexed
     // private array stays in memory on CPU adapters.
-    var w = array<vec3<f32>, 16>();
-    w[0] = lanes3(wq3(w_base(m0 + 0u) + off), j);
-    w[1] = lanes3(wq3(w_base(m0 + 1u) + off), j);
-    w[2] = lanes3(wq3(w_base(m0 + 2u) + off), j);
-    w[3] = lanes3(wq3(w_base(m0 + 3u) + off), j);
-    w[4] = lanes3(wq3(w_base(m0 + 4u) + off), j);
-    w[5] = lanes3(wq3(w_base(m0 + 5u) + off), j);
-    w[6] = lanes3(wq3(w_base(m0 + 6u) + off), j);
-    w[7] = lanes3(wq3(w_base(m0 + 7u) + off), j);
+    var w = array<vec3<u32>, 16>();
+    w[0] = wq3(w_base(m0 + 0u) + off);
+    w[1] = wq3(w_base(m0 + 1u) + off);
+    w[2] = wq3(w_base(m0 + 2u) + off);
+    w[3] = wq3(w_base(m0 + 3u) + off);
+    w[4] = wq3(w_base(m0 + 4u) + off);
+    w[5] = wq3(w_base(m0 + 5u) + off);
+    w[6] = wq3(w_base(m0 + 6u) + off);
+    w[7] = wq3(w_base(m0 + 7u) + off);
     if (F_O > 8u) {
-        w[8] = lanes3(wq3(w_base(m0 + 8u) + off), j);
-        w[9] = lanes3(wq3(w_base(m0 + 9u) + off), j);
-        w[10] = lanes3(wq3(w_base(m0 + 10u) + off), j);
-        w[11] = lanes3(wq3(w_base(m0 + 11u) + off), j);
-        w[12] = lanes3(wq3(w_base(m0 + 12u) + off), j);
-        w[13] = lanes3(wq3(w_base(m0 + 13u) + off), j);
-        w[14] = lanes3(wq3(w_base(m0 + 14u) + off), j);
-        w[15] = lanes3(wq3(w_base(m0 + 15u) + off), j);
+        w[8] = wq3(w_base(m0 + 8u) + off);
+        w[9] = wq3(w_base(m0 + 9u) + off);
+        w[10] = wq3(w_base(m0 + 10u) + off);
+        w[11] = wq3(w_base(m0 + 11u) + off);
+        w[12] = wq3(w_base(m0 + 12u) + off);
+        w[13] = wq3(w_base(m0 + 13u) + off);
+        w[14] = wq3(w_base(m0 + 14u) + off);
+        w[15] = wq3(w_base(m0 + 15u) + off);
     }
     return w;
+}
+
+// Lane j (input channel 4tq + j) of w_words' words, as f32.
+fn w_lanes(ww: array<vec3<u32>, 16>, j: u32) -> array<vec3<f32>, 16> {
+    return array<vec3<f32>, 16>(
+        lanes3(ww[0], j), lanes3(ww[1], j), lanes3(ww[2], j), lanes3(ww[3], j),
+        lanes3(ww[4], j), lanes3(ww[5], j), lanes3(ww[6], j), lanes3(ww[7], j),
+        lanes3(ww[8], j), lanes3(ww[9], j), lanes3(ww[10], j), lanes3(ww[11], j),
+        lanes3(ww[12], j), lanes3(ww[13], j), lanes3(ww[14], j), lanes3(ww[15], j));
 }
 
 fn t3(a: vec4<f32>, w: vec3<f32>, l0: vec4<f32>, l1: vec4<f32>, l2: vec4<f32>) -> vec4<f32> {
@@ -406,6 +420,40 @@ fn store_word(oq: u32, n: u32, oy: u32, ox0: u32, acc: array<vec4<i32>, 8>) {
     }
 }
 
+// One input channel (lane j of the channel words) of conv_rows' update: every (output row,
+// kernel row) pair of the F_ROWS rows.
+fn lane_rows(j: u32, ww0: array<vec3<u32>, 16>, ww1: array<vec3<u32>, 16>,
+             ww2: array<vec3<u32>, 16>, x0: Row, x1: Row, x2: Row, x3: Row, x4: Row, x5: Row,
+             f0: ptr<function, array<vec4<f32>, 32>>,
+             f1: ptr<function, array<vec4<f32>, 32>>, f2: ptr<function, array<vec4<f32>, 32>>,
+             f3: ptr<function, array<vec4<f32>, 32>>) {
+    let w0 = w_lanes(ww0, j);
+    let w1 = w_lanes(ww1, j);
+    let w2 = w_lanes(ww2, j);
+    let y0 = row_f(x0, j);
+    rows3_update(f0, w0, y0);
+    let y1 = row_f(x1, j);
+    rows3_update(f0, w1, y1);
+    let y2 = row_f(x2, j);
+    rows3_update(f0, w2, y2);
+    if (F_ROWS > 1u) {
+        rows3_update(f1, w0, y1);
+        rows3_update(f1, w1, y2);
+        let y3 = row_f(x3, j);
+        rows3_update(f1, w2, y3);
+        if (F_ROWS > 2u) {
+            rows3_update(f2, w0, y2);
+            rows3_update(f2, w1, y3);
+            rows3_update(f3, w0, y3);
+            let y4 = row_f(x4, j);
+            rows3_update(f2, w2, y4);
+            rows3_update(f3, w1, y4);
+            let y5 = row_f(x5, j);
+            rows3_update(f3, w2, y5);
+        }
+    }
+}
+
 // F_K3 = 1: 3x3 kernels at stride 1, dilation 1, F_ROWS output rows from oy.
 fn conv_rows(n: u32, oy: u32, ox0: u32, m0: u32, share: bool, own: u32, live: bool) {
     let hw = P.h * P.w;
@@ -449,6 +497,9 @@ fn conv_rows(n: u32, oy: u32, ox0: u32, m0: u32, share: bool, own: u32, live: bo
             b1 = wq3(wl1 + wq + 3u);
             b2 = wq3(wl1 + wq + 6u);
         }
+        let ww0 = w_words(share, a0, b0, m0, wq);
+        let ww1 = w_words(share, a1, b1, m0, wq + 3u);
+        let ww2 = w_words(share, a2, b2, m0, wq + 6u);
         let x0 = row_words(xc + r0, ix0, ok0);
         let x1 = row_words(xc + r1, ix0, ok1);
         let x2 = row_words(xc + r2, ix0, ok2);
@@ -462,34 +513,12 @@ fn conv_rows(n: u32, oy: u32, ox0: u32, m0: u32, share: bool, own: u32, live: bo
             x4 = row_words(xc + r4, ix0, ok4);
             x5 = row_words(xc + r5, ix0, ok5);
         }
-        // Output row oy + r takes kernel row t from input row r + t; channel 4tq + j.
-        for (var j = 0u; j < 4u; j++) {
-            let w0 = w_rows(share, a0, b0, m0, wq, j);
-            let w1 = w_rows(share, a1, b1, m0, wq + 3u, j);
-            let w2 = w_rows(share, a2, b2, m0, wq + 6u, j);
-            let y0 = row_f(x0, j);
-            rows3_update(&f0, w0, y0);
-            let y1 = row_f(x1, j);
-            rows3_update(&f0, w1, y1);
-            let y2 = row_f(x2, j);
-            rows3_update(&f0, w2, y2);
-            if (F_ROWS > 1u) {
-                rows3_update(&f1, w0, y1);
-                rows3_update(&f1, w1, y2);
-                let y3 = row_f(x3, j);
-                rows3_update(&f1, w2, y3);
-                if (F_ROWS > 2u) {
-                    rows3_update(&f2, w0, y2);
-                    rows3_update(&f2, w1, y3);
-                    rows3_update(&f3, w0, y3);
-                    let y4 = row_f(x4, j);
-                    rows3_update(&f2, w2, y4);
-                    rows3_update(&f3, w1, y4);
-                    let y5 = row_f(x5, j);
-                    rows3_update(&f3, w2, y5);
-                }
-            }
-        }
+        // Output row oy + r takes kernel row t from input row r + t; channel 4tq + j, the
+        // four lanes unrolled (constant lane offsets).
+        lane_rows(0u, ww0, ww1, ww2, x0, x1, x2, x3, x4, x5, &f0, &f1, &f2, &f3);
+        lane_rows(1u, ww0, ww1, ww2, x0, x1, x2, x3, x4, x5, &f0, &f1, &f2, &f3);
+        lane_rows(2u, ww0, ww1, ww2, x0, x1, x2, x3, x4, x5, &f0, &f1, &f2, &f3);
+        lane_rows(3u, ww0, ww1, ww2, x0, x1, x2, x3, x4, x5, &f0, &f1, &f2, &f3);
         if (flush_after(tq)) {
             flush(&f0, &i0);
             if (F_ROWS > 1u) {
@@ -508,6 +537,48 @@ fn conv_rows(n: u32, oy: u32, ox0: u32, m0: u32, share: bool, own: u32, live: bo
     if (F_ROWS > 2u) {
         store_row(&i2, n, oy + 2u, ox0, m0, live && oy + 2u < P.oh);
         store_row(&i3, n, oy + 3u, ox0, m0, live && oy + 3u < P.oh);
+    }
+}
+
+// One input channel (lane j of the tap's words) of conv_taps' update: f += w[m][j] * (lo, hi)
+// lane j, for the F_O channels.
+fn lane_taps(j: u32, w: array<vec4<f32>, 16>, lo: vec4<u32>, hi: vec4<u32>,
+             f: ptr<function, array<vec4<f32>, 32>>) {
+    let l = lanes4(lo, j);
+    let h = lanes4(hi, j);
+    (*f)[0] = fma(vec4<f32>(w[0][j]), l, (*f)[0]);
+    (*f)[1] = fma(vec4<f32>(w[0][j]), h, (*f)[1]);
+    (*f)[2] = fma(vec4<f32>(w[1][j]), l, (*f)[2]);
+    (*f)[3] = fma(vec4<f32>(w[1][j]), h, (*f)[3]);
+    (*f)[4] = fma(vec4<f32>(w[2][j]), l, (*f)[4]);
+    (*f)[5] = fma(vec4<f32>(w[2][j]), h, (*f)[5]);
+    (*f)[6] = fma(vec4<f32>(w[3][j]), l, (*f)[6]);
+    (*f)[7] = fma(vec4<f32>(w[3][j]), h, (*f)[7]);
+    (*f)[8] = fma(vec4<f32>(w[4][j]), l, (*f)[8]);
+    (*f)[9] = fma(vec4<f32>(w[4][j]), h, (*f)[9]);
+    (*f)[10] = fma(vec4<f32>(w[5][j]), l, (*f)[10]);
+    (*f)[11] = fma(vec4<f32>(w[5][j]), h, (*f)[11]);
+    (*f)[12] = fma(vec4<f32>(w[6][j]), l, (*f)[12]);
+    (*f)[13] = fma(vec4<f32>(w[6][j]), h, (*f)[13]);
+    (*f)[14] = fma(vec4<f32>(w[7][j]), l, (*f)[14]);
+    (*f)[15] = fma(vec4<f32>(w[7][j]), h, (*f)[15]);
+    if (F_O > 8u) {
+        (*f)[16] = fma(vec4<f32>(w[8][j]), l, (*f)[16]);
+        (*f)[17] = fma(vec4<f32>(w[8][j]), h, (*f)[17]);
+        (*f)[18] = fma(vec4<f32>(w[9][j]), l, (*f)[18]);
+        (*f)[19] = fma(vec4<f32>(w[9][j]), h, (*f)[19]);
+        (*f)[20] = fma(vec4<f32>(w[10][j]), l, (*f)[20]);
+        (*f)[21] = fma(vec4<f32>(w[10][j]), h, (*f)[21]);
+        (*f)[22] = fma(vec4<f32>(w[11][j]), l, (*f)[22]);
+        (*f)[23] = fma(vec4<f32>(w[11][j]), h, (*f)[23]);
+        (*f)[24] = fma(vec4<f32>(w[12][j]), l, (*f)[24]);
+        (*f)[25] = fma(vec4<f32>(w[12][j]), h, (*f)[25]);
+        (*f)[26] = fma(vec4<f32>(w[13][j]), l, (*f)[26]);
+        (*f)[27] = fma(vec4<f32>(w[13][j]), h, (*f)[27]);
+        (*f)[28] = fma(vec4<f32>(w[14][j]), l, (*f)[28]);
+        (*f)[29] = fma(vec4<f32>(w[14][j]), h, (*f)[29]);
+        (*f)[30] = fma(vec4<f32>(w[15][j]), l, (*f)[30]);
+        (*f)[31] = fma(vec4<f32>(w[15][j]), h, (*f)[31]);
     }
 }
 
@@ -562,44 +633,11 @@ fn conv_taps(n: u32, oy: u32, ox0: u32, m0: u32, share: bool, own: u32, live: bo
                         w[15] = unpack4f(wt[w_base(m0 + 15u) + wk]);
                     }
                 }
-                for (var j = 0u; j < 4u; j++) {
-                    let l = lanes4(lo, j);
-                    let h = lanes4(hi, j);
-                    f[0] = fma(vec4<f32>(w[0][j]), l, f[0]);
-                    f[1] = fma(vec4<f32>(w[0][j]), h, f[1]);
-                    f[2] = fma(vec4<f32>(w[1][j]), l, f[2]);
-                    f[3] = fma(vec4<f32>(w[1][j]), h, f[3]);
-                    f[4] = fma(vec4<f32>(w[2][j]), l, f[4]);
-                    f[5] = fma(vec4<f32>(w[2][j]), h, f[5]);
-                    f[6] = fma(vec4<f32>(w[3][j]), l, f[6]);
-                    f[7] = fma(vec4<f32>(w[3][j]), h, f[7]);
-                    f[8] = fma(vec4<f32>(w[4][j]), l, f[8]);
-                    f[9] = fma(vec4<f32>(w[4][j]), h, f[9]);
-                    f[10] = fma(vec4<f32>(w[5][j]), l, f[10]);
-                    f[11] = fma(vec4<f32>(w[5][j]), h, f[11]);
-                    f[12] = fma(vec4<f32>(w[6][j]), l, f[12]);
-                    f[13] = fma(vec4<f32>(w[6][j]), h, f[13]);
-                    f[14] = fma(vec4<f32>(w[7][j]), l, f[14]);
-                    f[15] = fma(vec4<f32>(w[7][j]), h, f[15]);
-                    if (F_O > 8u) {
-                        f[16] = fma(vec4<f32>(w[8][j]), l, f[16]);
-                        f[17] = fma(vec4<f32>(w[8][j]), h, f[17]);
-                        f[18] = fma(vec4<f32>(w[9][j]), l, f[18]);
-                        f[19] = fma(vec4<f32>(w[9][j]), h, f[19]);
-                        f[20] = fma(vec4<f32>(w[10][j]), l, f[20]);
-                        f[21] = fma(vec4<f32>(w[10][j]), h, f[21]);
-                        f[22] = fma(vec4<f32>(w[11][j]), l, f[22]);
-                        f[23] = fma(vec4<f32>(w[11][j]), h, f[23]);
-                        f[24] = fma(vec4<f32>(w[12][j]), l, f[24]);
-                        f[25] = fma(vec4<f32>(w[12][j]), h, f[25]);
-                        f[26] = fma(vec4<f32>(w[13][j]), l, f[26]);
-                        f[27] = fma(vec4<f32>(w[13][j]), h, f[27]);
-                        f[28] = fma(vec4<f32>(w[14][j]), l, f[28]);
-                        f[29] = fma(vec4<f32>(w[14][j]), h, f[29]);
-                        f[30] = fma(vec4<f32>(w[15][j]), l, f[30]);
-                        f[31] = fma(vec4<f32>(w[15][j]), h, f[31]);
-                    }
-                }
+                // The four input channels of the word, unrolled (constant lane offsets).
+                lane_taps(0u, w, lo, hi, &f);
+                lane_taps(1u, w, lo, hi, &f);
+                lane_taps(2u, w, lo, hi, &f);
+                lane_taps(3u, w, lo, hi, &f);
             }
         }
         if (flush_after(tq)) {

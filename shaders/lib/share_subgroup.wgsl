@@ -3,7 +3,7 @@
 // (then lane l, l < 8, loads the weights of output channels m0 + l and m0 + 8 + l and the
 // others take them by broadcast), `share_rank()` is the lane's rank among the active lanes
 // (its subgroup_invocation_id for lanes 0..7 when share_ok()), `share_all(b)` is
-// subgroupAll(b) (a subgroup-uniform early exit), and `share_rows3` / `share_taps` broadcast
+// subgroupAll(b) (a subgroup-uniform early exit), and `share_words3` / `share_taps` broadcast
 // the values of lanes 0..7 (and their second set, when `sixteen`) to every lane.
 // lib/share_portable.wgsl defines the same names without subgroups (share_ok() false: every
 // invocation loads its own weights); src/kernels/int8.rs composes int8_conv_f.wgsl with one
@@ -25,8 +25,9 @@ fn share_all(b: bool) -> bool {
 }
 
 // Entries 0..7: lanes 0..7's `a`; entries 8..15: their `b` when `sixteen`, else zero.
-fn share_rows3(a: vec3<f32>, b: vec3<f32>, sixteen: bool) -> array<vec3<f32>, 16> {
-    var w = array<vec3<f32>, 16>();
+// Packed weight words (4 channels each), so one broadcast serves four input channels.
+fn share_words3(a: vec3<u32>, b: vec3<u32>, sixteen: bool) -> array<vec3<u32>, 16> {
+    var w = array<vec3<u32>, 16>();
     w[0] = subgroupBroadcast(a, 0u);
     w[1] = subgroupBroadcast(a, 1u);
     w[2] = subgroupBroadcast(a, 2u);
@@ -48,7 +49,7 @@ fn share_rows3(a: vec3<f32>, b: vec3<f32>, sixteen: bool) -> array<vec3<f32>, 16
     return w;
 }
 
-// share_rows3 for vec4 values.
+// share_words3 for vec4<f32> values (the unpacked lanes of one word per channel).
 fn share_taps(a: vec4<f32>, b: vec4<f32>, sixteen: bool) -> array<vec4<f32>, 16> {
     var w = array<vec4<f32>, 16>();
     w[0] = subgroupBroadcast(a, 0u);

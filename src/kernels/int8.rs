@@ -1391,27 +1391,29 @@ impl GpuConv2dInt8 {
     }
 
     /// The candidates the tuner times for this layer on `ctx`, in order of preference: for
-    /// dense layers the `conv2d_f` tiles (16 channels from 16 output channels, else 8; 4, 2
-    /// and 1 rows for 3×3 stride-1 kernels, else the per-tap loop; with subgroups where the
-    /// device has them), then the dot-product kernel on the context's path
+    /// dense layers the `conv2d_f` tiles (16 and 8 channels from 16 output channels, else 8
+    /// only; 4, 2 and 1 rows for 3×3 stride-1 kernels, else the per-tap loop; with subgroups
+    /// where the device has them), then the dot-product kernel on the context's path
     /// ([`GpuContext::int8_dot`]) and on the other where it is available.
     pub fn candidates(&self, ctx: &GpuContext) -> Vec<Int8ConvVariant> {
         let mut v = Vec::new();
         let [o, _, kh, kw] = self.weight_shape;
-        let channels = if o >= 16 { 16 } else { 8 };
+        let channels: &[u32] = if o >= 16 { &[16, 8] } else { &[8] };
         let subgroups = ctx.has_subgroups();
         let tiles: &[(u32, bool)] = if k3x3s1([kh, kw], &self.params) {
             &[(4, true), (2, true), (1, true)]
         } else {
             &[(1, false)]
         };
-        for &(rows, k3) in tiles {
-            v.push(Int8ConvVariant::Float {
-                channels,
-                rows,
-                k3,
-                subgroups,
-            });
+        for &channels in channels {
+            for &(rows, k3) in tiles {
+                v.push(Int8ConvVariant::Float {
+                    channels,
+                    rows,
+                    k3,
+                    subgroups,
+                });
+            }
         }
         v.push(Int8ConvVariant::Dot(ctx.int8_dot()));
         for dot in [Int8Dot::Portable, Int8Dot::Packed] {
