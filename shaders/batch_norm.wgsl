@@ -97,7 +97,7 @@
 
 const WGR: u32 = 256u;
 // Consecutive values (or vec4s) an invocation of a plane grid's elementwise pass takes.
-const PLANE_ITEMS: u32 = 4u;
+const PLANE_ITEMS: u32 = 16u;
 
 struct Params {
     n: u32,
@@ -280,8 +280,11 @@ fn normalize_plane(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     let k = norm_coef(run.channel);
-    for (var r = run.first; r < run.end; r = r + 1u) {
-        normalize_at(run.base + r, k);
+    for (var j = 0u; j < PLANE_ITEMS; j = j + 1u) {
+        let r = run.first + j;
+        if (r < run.end) {
+            normalize_at(run.base + r, k);
+        }
     }
 }
 
@@ -351,8 +354,11 @@ fn backward_dx_plane(@builtin(global_invocation_id) gid: vec3<u32>,
     }
     let c = run.channel;
     let k = dx_coef(c, grads[c], grads[params.channels + c]);
-    for (var r = run.first; r < run.end; r = r + 1u) {
-        y[run.base + r] = dx_value(run.base + r, k);
+    for (var j = 0u; j < PLANE_ITEMS; j = j + 1u) {
+        let r = run.first + j;
+        if (r < run.end) {
+            y[run.base + r] = dx_value(run.base + r, k);
+        }
     }
 }
 
@@ -612,8 +618,11 @@ fn normalize_plane4(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     let k = norm_coef(run.channel);
-    for (var r = run.first; r < run.end; r = r + 1u) {
-        normalize4_at(run.base + r, k);
+    for (var j = 0u; j < PLANE_ITEMS; j = j + 1u) {
+        let r = run.first + j;
+        if (r < run.end) {
+            normalize4_at(run.base + r, k);
+        }
     }
 }
 
@@ -654,7 +663,10 @@ fn backward_dx_plane4(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     let k = grads_coef(run.channel);
-    for (var r = run.first; r < run.end; r = r + 1u) {
-        dx4_at(run.base + r, k);
+    for (var j = 0u; j < PLANE_ITEMS; j = j + 1u) {
+        let r = run.first + j;
+        if (r < run.end) {
+            dx4_at(run.base + r, k);
+        }
     }
 }

@@ -19,7 +19,7 @@
 //! (Welford's mean and M2 on the values less the run's first; plain sums in the backward), a
 //! second dispatch combines a channel's `P` partials in order (Chan et al., shifted by the
 //! first partial's mean) into the statistics (the grads), and a third writes the normalized
-//! output (`dx`), on a grid over runs of 4 consecutive values of the `N·C` planes when they
+//! output (`dx`), on a grid over runs of 16 consecutive values of the `N·C` planes when they
 //! hold at least 64 values. A producer may write the partials itself (the depthwise conv's
 //! statistics epilogue, `batch_norm2d_pre_reduced_into`): then only the combination and the
 //! normalize run. Eval
@@ -64,7 +64,7 @@ const MAX_PARTIALS: usize = 1024;
 const PLANE_MIN: usize = 64;
 /// Consecutive values (or `vec4`s) an invocation of a plane grid's elementwise pass takes
 /// (`PLANE_ITEMS` in the shader).
-const PLANE_ITEMS: u32 = 4;
+const PLANE_ITEMS: u32 = 16;
 
 const fn kernel(entry_point: &'static str, bindings: &'static [Binding]) -> Kernel {
     Kernel {
@@ -265,7 +265,7 @@ pub struct ReductionLayout {
     /// `y`, or `dx`) in the same dispatch (`partials == 1`, not `vec4`).
     pub per_thread: bool,
     /// The elementwise pass (when not [`ReductionLayout::per_thread`]) runs on a grid over the
-    /// `N·C` planes, each invocation a run of 4 consecutive values (or `vec4`s) of one plane
+    /// `N·C` planes, each invocation a run of 16 consecutive values (or `vec4`s) of one plane
     /// with its channel's coefficients loaded once, instead of a flat grid that finds each
     /// element's channel by division: planes of at least 64 values (or `vec4`s).
     pub plane_grid: bool,
