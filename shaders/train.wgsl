@@ -39,7 +39,7 @@
 //   swap01: out[j, i, r] = a[i, j, r] for a [rows, cols, inner] (NCHW <-> CNHW).
 //   flip_transpose: out[c, o, ky, kx] = a[o, c, KH-1-ky, KW-1-kx] for a weight [O, C, KH, KW]
 //     (rows = O, cols = C, h = KH, w = KW): the weight of the conv that computes the input
-//     gradient of a stride-1 conv.
+//     gradient of a stride-1 conv. One invocation per (c, o) window, count = C * O.
 //   observer_update: running observer statistics state [2, C] (row 0 minima, row 1 maxima)
 //     combined in place with a batch's [2, C] min/max (src/reference/train.rs
 //     observer_combine): the batch's on the first step; min / max with NaN propagating
@@ -76,8 +76,8 @@
 //     reduces over all rows in workgroup memory; dispatch (1, 1, 1).
 //   nll_loss_backward, log_softmax_nll_backward (0, 1, 3, 4): one invocation per element.
 //   sgd (0, 2, 3, 6), sgd_plain (0, 2, 3): one invocation per parameter element.
-//   add (0-3), swap01 (0, 1, 3), flip_transpose (0, 1, 3), copy_at (0, 1, 3): one invocation
-//     per element.
+//   add (0-3), swap01 (0, 1, 3), copy_at (0, 1, 3): one invocation per element;
+//     flip_transpose (0, 1, 3): one per kernel window.
 //   col_sum (0, 1, 3): one invocation per column, count = cols.
 //   observer_update (0, 2, 3): one invocation per statistic, count = 2 * C, rows = C.
 
@@ -465,18 +465,21 @@ fn swap01(@builtin(global_invocation_id) gid: vec3<u32>,
 @compute @workgroup_size(WG)
 fn flip_transpose(@builtin(global_invocation_id) gid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat(gid, nwg);
-    if (i >= P.count) {
+    let t = flat(gid, nwg);
+    if (t >= P.count) {
         return;
     }
-    // i indexes the output [C, O, KH, KW].
-    let kx = i % P.w;
-    var t = i / P.w;
-    let ky = t % P.h;
-    t = t / P.h;
+    // t indexes the (c, o) pairs of the output [C, O, KH, KW]: one kernel window each, whose
+    // flip in both dimensions reverses its KH * KW values (two divisions per window, none per
+    // value: integer division is a per-lane scalar loop on CPU adapters).
     let o = t % P.rows;
     let c = t / P.rows;
-    out[i] = a[((o * P.cols + c) * P.h + (P.h - 1u - ky)) * P.w + (P.w - 1u - kx)];
+    let khw = P.h * P.w;
+    let dst = t * khw;
+    let src = (o * P.cols + c) * khw + khw - 1u;
+    for (var k = 0u; k < khw; k = k + 1u) {
+        out[dst + k] = a[src - k];
+    }
 }
 
 // Output rows per step of conv_wgrad_dw3: its 6 input rows are loaded once per column for

@@ -1158,8 +1158,11 @@ fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
     let [o, c, kh, kw] = <[usize; 4]>::try_from(w.shape())
         .map_err(|_| Error::invalid("flip_transpose: weight must be rank 4"))?;
     let out = GpuTensor::zeros(ctx, &[c, o, kh, kw], DType::F32)?;
+    // One invocation per (c, o) kernel window; the element count bounds every index.
+    to_u32(w.len(), "conv weight element count")?;
+    let windows = o * c;
     let p = Params {
-        count: to_u32(w.len(), "conv weight element count")?,
+        count: to_u32(windows, "conv weight windows")?,
         rows: to_u32(o, "conv output channels")?,
         cols: to_u32(c, "conv input channels")?,
         h: to_u32(kh, "conv kernel height")?,
@@ -1171,7 +1174,7 @@ fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
         &FLIP_TRANSPOSE,
         &p,
         &[w.buffer(), out.buffer()],
-        w.len(),
+        windows,
     )?;
     Ok(out)
 }

@@ -468,6 +468,8 @@ fn conv_grads_match_cpu() {
         ([2, 20, 12, 12], [50, 20, 5, 5], 0, 1),
         ([3, 6, 10, 10], [7, 6, 5, 5], 0, 1),
         ([2, 4, 9, 7], [3, 4, 3, 3], 1, 1),
+        // A 3×5 kernel: the flipped weight of dx reverses each window in both dimensions.
+        ([2, 3, 8, 9], [4, 3, 3, 5], 1, 1),
         ([2, 3, 9, 9], [4, 3, 3, 3], 1, 2),
         ([2, 3, 8, 8], [4, 3, 4, 4], 9, 1), // 'same' with an even kernel: the fallback
         // 3×3 with stride and dilation 2 along the height only, padding (1, 2): the sliding-
