@@ -11,7 +11,8 @@
 //! 1/s epilogue), the QAT backward, and the
 //! backward's BatchNorm backward (ReLU mask and divide by `s` folded in), input gradient and
 //! weight gradient alone; the rest of the backward (divide-back reductions, weight STE) is the
-//! backward minus those three.
+//! backward minus those three. Then, where the adapter has timestamp queries, one forward
+//! and one backward pass by pass ([`GpuContext::end_kernel_timing_passes`]).
 
 use std::time::Instant;
 
@@ -168,5 +169,21 @@ fn main() -> qfuse::Result<()> {
     row("  weight gradient", dw);
     row("  rest (divide-back, STE)", backward - bn_back - dx - dw);
     row("forward + backward", forward + backward);
+    // Where the step's device time goes, pass by pass (GPU timestamps), where the adapter
+    // has them: one QAT forward and one backward.
+    if ctx.has_timestamps() {
+        for (what, step) in [("forward", true), ("backward", false)] {
+            ctx.begin_kernel_timing(256)?;
+            if step {
+                conv_bn_qat_forward(&ctx, &x, &layer, &bn, 0.1, &cfg)?;
+            } else {
+                conv_bn_qat_backward(&ctx, &x, &dy, &layer, &bn, &cfg, &saved)?;
+            }
+            println!("QAT {what}, pass by pass (GPU ms):");
+            for p in ctx.end_kernel_timing_passes()? {
+                println!("  {:9.3}  {}", p.gpu_ms, p.kernels);
+            }
+        }
+    }
     Ok(())
 }

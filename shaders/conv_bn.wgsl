@@ -63,6 +63,9 @@
 //   @group(0) @binding(20) dw:       storage, read_write array<f32>  conv weight gradient
 //   @group(0) @binding(21) w4:       storage, read array<vec4<f32>>  w as vec4s
 //   @group(0) @binding(22) w_s4:     storage, read_write array<vec4<f32>>  w_s as vec4s
+//   @group(0) @binding(23) dw_q4:    storage, read array<vec4<f32>>  dw_q as vec4s
+//   @group(0) @binding(24) mask4:    storage, read array<vec4<f32>>  mask as vec4s
+//   @group(0) @binding(25) dw4:      storage, read_write array<vec4<f32>>  dw as vec4s
 //                                    (21, 22: the same buffers as 2, 3, for
 //                                    scale_weight_partial4: weights per channel a multiple
 //                                    of 4, so a vec4 stays in one channel)
@@ -133,6 +136,9 @@ struct Params {
 @group(0) @binding(20) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(21) var<storage, read> w4: array<vec4<f32>>;
 @group(0) @binding(22) var<storage, read_write> w_s4: array<vec4<f32>>;
+@group(0) @binding(23) var<storage, read> dw_q4: array<vec4<f32>>;
+@group(0) @binding(24) var<storage, read> mask4: array<vec4<f32>>;
+@group(0) @binding(25) var<storage, read_write> dw4: array<vec4<f32>>;
 
 var<workgroup> sa: array<f32, WGR>;
 var<workgroup> sb: array<f32, WGR>;
@@ -387,6 +393,30 @@ fn weight_grad_partial(@builtin(global_invocation_id) gid: vec3<u32>,
         acc = acc + gw * w[base + j];
     }
     partials[c * params.groups + g] = acc;
+}
+
+// weight_grad_partial on vec4s (a channel's weights a multiple of 4): the same per-element
+// arithmetic, each lane its own sum, the four lanes added at the end.
+@compute @workgroup_size(WGR)
+fn weight_grad_partial4(@builtin(global_invocation_id) gid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_index(gid, nwg);
+    let c = t / params.groups;
+    if (c >= params.channels) {
+        return;
+    }
+    let g = t % params.groups;
+    let sc = s[c];
+    let inner4 = params.inner / 4u;
+    let base = c * inner4;
+    var acc = vec4<f32>(0.0);
+    let run = partial_run(g, inner4, params.groups);
+    for (var j = run.x; j < run.y; j = j + 1u) {
+        let gw = dw_q4[base + j] * mask4[base + j];
+        dw4[base + j] = gw * sc;
+        acc = acc + gw * w4[base + j];
+    }
+    partials[c * params.groups + g] = (acc.x + acc.y) + (acc.z + acc.w);
 }
 
 @compute @workgroup_size(WGR)

@@ -1271,7 +1271,15 @@ impl GpuContext {
                 .collect();
             // Kernel timing (GpuContext::begin_kernel_timing): timestamps around the pass.
             let mut profiler = lock(&self.profiler);
-            let writes = profiler.as_mut().and_then(|p| p.next_writes());
+            let writes = profiler.as_mut().and_then(|p| {
+                p.next_writes(|| {
+                    let names: Vec<String> = prepared
+                        .iter()
+                        .map(|(l, _)| format!("{}::{}", l.kernel.shader.name, l.kernel.entry_point))
+                        .collect();
+                    names.join("+")
+                })
+            });
             let encode = |encoder: &mut wgpu::CommandEncoder| {
                 let timestamp_writes = match (profiler.as_ref(), writes) {
                     (Some(p), Some((begin, end))) => Some(wgpu::ComputePassTimestampWrites {

@@ -116,7 +116,7 @@ pub use context::{
 };
 pub use dispatch::grid_1d;
 pub use pipeline::{Binding, BindingType, Kernel, Pipeline, Shader};
-pub use profile::{KernelTiming, MAX_TIMED_PASSES};
+pub use profile::{KernelTiming, PassTiming, MAX_TIMED_PASSES};
 pub use runtime::{ContextId, PoolStats, TransferStats};
 pub(crate) use tensor::require_usage;
 pub use tensor::{DType, GpuTensor};

@@ -20,20 +20,32 @@ pub struct KernelTiming {
     pub gpu_ms: f64,
 }
 
+/// One timed compute pass ([`GpuContext::end_kernel_timing_passes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassTiming {
+    /// The entry points the pass ran, in order, as `shader::entry_point` joined by `+`.
+    pub kernels: String,
+    /// The pass's GPU duration, in milliseconds.
+    pub gpu_ms: f64,
+}
+
 /// The active timing: a query set of two timestamps per pass.
 pub(crate) struct Profiler {
     pub(crate) query_set: wgpu::QuerySet,
     capacity: u32,
     next: u32,
     untimed: u32,
+    labels: Vec<String>,
 }
 
 impl Profiler {
-    /// The timestamp writes of the next pass, or `None` when the query set is full.
-    pub(crate) fn next_writes(&mut self) -> Option<(u32, u32)> {
+    /// The timestamp writes of the next pass, which runs `label`'s kernels, or `None` when
+    /// the query set is full.
+    pub(crate) fn next_writes(&mut self, label: impl FnOnce() -> String) -> Option<(u32, u32)> {
         if self.next < self.capacity {
             let i = self.next;
             self.next += 1;
+            self.labels.push(label());
             Some((2 * i, 2 * i + 1))
         } else {
             self.untimed += 1;
@@ -81,6 +93,7 @@ impl GpuContext {
             capacity: max_passes,
             next: 0,
             untimed: 0,
+            labels: Vec::new(),
         });
         Ok(())
     }
@@ -92,6 +105,25 @@ impl GpuContext {
     ///
     /// Errors: [`Error::InvalidArgument`] when no timing is active; GPU errors.
     pub fn end_kernel_timing(&self) -> Result<KernelTiming> {
+        let (passes, untimed) = self.resolve_kernel_timing()?;
+        Ok(KernelTiming {
+            passes: passes.len() as u32,
+            untimed,
+            gpu_ms: passes.iter().map(|p| p.gpu_ms).sum(),
+        })
+    }
+
+    /// [`GpuContext::end_kernel_timing`] pass by pass: each timed compute pass (one per
+    /// [`GpuContext::run`], a recording's launches included) with the kernels it ran, in
+    /// the order they were encoded — where a chain of kernels spends its device time.
+    ///
+    /// Errors: those of [`GpuContext::end_kernel_timing`].
+    pub fn end_kernel_timing_passes(&self) -> Result<Vec<PassTiming>> {
+        Ok(self.resolve_kernel_timing()?.0)
+    }
+
+    /// Ends the active timing: every timed pass with its duration, and the untimed count.
+    fn resolve_kernel_timing(&self) -> Result<(Vec<PassTiming>, u32)> {
         // Everything encoded so far (a recording included) is submitted and finished first.
         self.wait()?;
         let profiler = crate::gpu::runtime::lock(&self.profiler)
@@ -99,11 +131,7 @@ impl GpuContext {
             .ok_or_else(|| Error::invalid("kernel timing is not active"))?;
         let passes = profiler.next;
         if passes == 0 {
-            return Ok(KernelTiming {
-                passes: 0,
-                untimed: profiler.untimed,
-                gpu_ms: 0.0,
-            });
+            return Ok((Vec::new(), profiler.untimed));
         }
         let bytes = 16 * u64::from(passes);
         let resolve = self.scoped("resolving kernel timestamps", || {
@@ -128,14 +156,14 @@ impl GpuContext {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        let ticks: u64 = stamps
+        let timed = stamps
             .chunks_exact(2)
-            .map(|p| p[1].saturating_sub(p[0]))
-            .sum();
-        Ok(KernelTiming {
-            passes,
-            untimed: profiler.untimed,
-            gpu_ms: ticks as f64 * period_ns * 1e-6,
-        })
+            .zip(profiler.labels)
+            .map(|(p, kernels)| PassTiming {
+                kernels,
+                gpu_ms: p[1].saturating_sub(p[0]) as f64 * period_ns * 1e-6,
+            })
+            .collect();
+        Ok((timed, profiler.untimed))
     }
 }

@@ -183,6 +183,20 @@ static WEIGHT_GRAD_PARTIAL: Kernel = Kernel {
     ],
 };
 
+static WEIGHT_GRAD_PARTIAL4: Kernel = Kernel {
+    shader: &SHADER,
+    entry_point: "weight_grad_partial4",
+    bindings: &[
+        Binding::uniform(0),
+        Binding::read_write(4),
+        Binding::read_write(13),
+        Binding::read(21),
+        Binding::read(23),
+        Binding::read(24),
+        Binding::read_write(25),
+    ],
+};
+
 static WEIGHT_GRAD_FINAL: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "weight_grad_final",
@@ -1948,25 +1962,34 @@ fn conv_bn_qat_backward_passes(
     // STE mask, dW = dW_s·s, weight-scaling part of dγ: partial sums over runs of each
     // channel's weights, then per channel.
     let inner = ws[1] * ws[2] * ws[3];
-    let wgroups = partial_count(inner, o);
+    // vec4s when a channel's weights are a multiple of 4 (as the forward's weight scaling).
+    let wvec4 = inner.is_multiple_of(4);
+    let wgroups = partial_count(if wvec4 { inner / 4 } else { inner }, o);
     let wuniform = ctx.params(&Params {
         groups: to_u32(wgroups, "partial invocations per channel")?,
         ..p
     })?;
     let wpartials = GpuTensor::uninit(ctx, &[o, wgroups], DType::F32)?;
+    let (w, s, part) = (
+        conv.weight.buffer(),
+        saved.scale_factor.buffer(),
+        wpartials.buffer(),
+    );
+    let (dwq, mask, dwb) = (dw_q.buffer(), saved.weight_mask.buffer(), dweight.buffer());
+    let partial_buffers = if wvec4 {
+        [&wuniform, s, part, w, dwq, mask, dwb]
+    } else {
+        [&wuniform, w, s, part, dwq, mask, dwb]
+    };
     ctx.run(&[
         Launch {
-            kernel: &WEIGHT_GRAD_PARTIAL,
+            kernel: if wvec4 {
+                &WEIGHT_GRAD_PARTIAL4
+            } else {
+                &WEIGHT_GRAD_PARTIAL
+            },
             constants: &[],
-            buffers: &[
-                &wuniform,
-                conv.weight.buffer(),
-                saved.scale_factor.buffer(),
-                wpartials.buffer(),
-                dw_q.buffer(),
-                saved.weight_mask.buffer(),
-                dweight.buffer(),
-            ],
+            buffers: &partial_buffers,
             workgroups: partial_grid(ctx, o, wgroups)?,
         },
         Launch {

@@ -432,6 +432,18 @@ fn kernel_timing_sums_every_pass() {
     ctx.begin_kernel_timing(8).unwrap();
     kernels::activation::activation(&ctx, &x, Activation::Relu).unwrap();
     assert_eq!(ctx.end_kernel_timing().unwrap().passes, 1);
+    // Pass by pass: each pass named by its kernels, in order, the same sum.
+    assert!(ctx.end_kernel_timing_passes().is_err(), "not active");
+    ctx.begin_kernel_timing(8).unwrap();
+    let y = kernels::activation::activation(&ctx, &x, Activation::Relu).unwrap();
+    let qp = GpuQParams::upload(&ctx, &QParams::per_tensor(0.1, 0)).unwrap();
+    kernels::fake_quant::fake_quant(&ctx, &y, &qp, QuantRange::INT8).unwrap();
+    let passes = ctx.end_kernel_timing_passes().unwrap();
+    let names: Vec<&str> = passes.iter().map(|p| p.kernels.as_str()).collect();
+    assert_eq!(names.len(), 2, "{passes:?}");
+    assert!(names[0].starts_with("activation::"), "{passes:?}");
+    assert!(names[1].starts_with("fake_quant::"), "{passes:?}");
+    assert!(passes.iter().all(|p| p.gpu_ms > 0.0), "{passes:?}");
 }
 
 crate::qfuse_tests! {
