@@ -1450,7 +1450,9 @@ impl GpuContext {
     /// a recording). Nested recordings join the outer one. One thread records at a time:
     /// meanwhile other threads launch as outside a recording (each of their submissions
     /// first submits what is recorded so far, so launch order is kept), and a `record` on
-    /// another thread runs its closure unbatched.
+    /// another thread runs its closure unbatched, each launch under its own error scopes as
+    /// outside a recording (a caller's own `wgpu` calls inside that closure are then under no
+    /// qfuse error scope).
     ///
     /// One pair of error scopes covers the recording; what they catch is returned as
     /// [`Error::Gpu`] after the submission, unless `f` itself failed. A readback inside the

@@ -239,7 +239,9 @@ fn encode_into_a_callers_encoder_submits_nothing() {
 
 /// A validation error inside a recording is an `Error::Gpu` at its end, not a panic.
 fn errors_are_caught_per_recording() {
-    let Some(ctx) = common::gpu() else { return };
+    // A context of its own: a recording on the shared one by a test on another thread would
+    // make this `record` run unbatched, without the recording's error scopes.
+    let Some(ctx) = fresh() else { return };
     let e = ctx
         .record(|| {
             let _bad = ctx.device().create_buffer(&qfuse::wgpu::BufferDescriptor {
