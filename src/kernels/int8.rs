@@ -36,6 +36,9 @@
 //! the f32 accumulators are flushed into i32 ones every `floor(256 / (KH·KW))` channel words,
 //! so the codes are bit-exact. Tiles as the f32 subgroup conv's (8 or 16 channels × 8 columns
 //! × 1, 2 or 4 rows, weights shared by subgroup broadcast where the device has subgroups).
+//! Each weight word is loaded (or broadcast) once per channel word and its four channels
+//! unpacked by four calls with constant lane numbers: with four times fewer loads per fma
+//! than the f32 conv it runs 1.2–1.7× faster than that conv on lavapipe (README).
 //! [`GpuConv2dInt8::forward`] times the variants that apply once per context and shape class
 //! ([`GpuConv2dInt8::variant_for`]); `forward_with` runs the dot-product kernel.
 //!
