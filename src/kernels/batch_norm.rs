@@ -733,8 +733,8 @@ struct NormalizePlan {
 
 /// The grid of an elementwise pass (`normalize` / `backward_dx` and their `_plane`, `4`
 /// forms) over an NCHW `shape`: over the `N·C` planes' runs of `PLANE_ITEMS` consecutive
-/// values with [`ReductionLayout::plane_grid`], else flat over the elements (or `vec4`s: `H·W` a multiple of 4, so a `vec4` stays in one
-/// channel).
+/// values with [`ReductionLayout::plane_grid`], else flat over the elements (or `vec4`s:
+/// `H·W` a multiple of 4, so a `vec4` stays in one channel).
 fn elementwise_grid(
     ctx: &GpuContext,
     shape: [usize; 4],

@@ -1170,9 +1170,7 @@ fn conv_bn_qat_forward_passes(
     // (a) s, 1/s, W_s and the per-output-channel min/max of W_s: partial min/max over runs
     // of each channel's weights, then per channel.
     let inner = conv.weight.len().checked_div(o).unwrap_or(0);
-    // vec4s when a channel's weights are a multiple of 4 (a vec4 stays in one channel).
-    let vec4 = inner.is_multiple_of(4);
-    let groups = partial_count(if vec4 { inner / 4 } else { inner }, o);
+    let (vec4, groups) = weight_runs(inner, o);
     let p = Params {
         finite_zero: u32::from(weight.finite_zero_gamma),
         groups: to_u32(groups, "partial invocations per channel")?,
@@ -1332,6 +1330,15 @@ fn conv_bn_qat_forward_passes(
         )?;
     }
     Ok(out)
+}
+
+/// How the per-output-channel passes over a weight of `o` channels of `inner` values each
+/// (the forward's scaling and min/max, the backward's STE) split it: on `vec4`s when `inner`
+/// is a multiple of 4 (a `vec4` then stays in one channel), and the partial invocations per
+/// channel ([`partial_count`] of the values or `vec4`s).
+fn weight_runs(inner: usize, o: usize) -> (bool, usize) {
+    let vec4 = inner.is_multiple_of(4);
+    (vec4, partial_count(if vec4 { inner / 4 } else { inner }, o))
 }
 
 /// `out = op(x, a[c], b[c])` with `c = (i / inner) % C` (one dispatch); `out` is checked by
@@ -1962,9 +1969,7 @@ fn conv_bn_qat_backward_passes(
     // STE mask, dW = dW_s·s, weight-scaling part of dγ: partial sums over runs of each
     // channel's weights, then per channel.
     let inner = ws[1] * ws[2] * ws[3];
-    // vec4s when a channel's weights are a multiple of 4 (as the forward's weight scaling).
-    let wvec4 = inner.is_multiple_of(4);
-    let wgroups = partial_count(if wvec4 { inner / 4 } else { inner }, o);
+    let (wvec4, wgroups) = weight_runs(inner, o);
     let wuniform = ctx.params(&Params {
         groups: to_u32(wgroups, "partial invocations per channel")?,
         ..p
