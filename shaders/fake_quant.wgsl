@@ -43,8 +43,12 @@
 //   forward_rows (0, 2, 6, 7), forward_mask_rows (0, 2, 6-8), backward_rows (0, 2, 6, 7, 9):
 //     per channel with inner % 4 == 0. Row r (= wid.y + wid.z * num_workgroups.y, r < rows =
 //     n / inner) is one channel block of inner elements, channel r % C; invocation gid.x of
-//     the row does its vec4s 4*gid.x..4*gid.x+3 (those below inner / 4). Dispatch:
-//     (ceil(inner / 16 / WG), rows tiled over y and z).
+//     the row does its vec4s k*gid.x .. k*gid.x + k - 1 (those below inner / 4), k =
+//     ROW_ITEMS (16) for forward_rows, 4 for the other two. Dispatch: (ceil(inner / (4k) /
+//     WG), rows tiled over y and z). Why 16 for the forward: its qparams (three loads, each a
+//     per-lane loop on a CPU adapter) weigh on 8 bytes per element; 0.81-0.83 of copy with 4,
+//     0.83-0.89 with 16 (lavapipe, 16x64x128x128, alternating binaries); the mask kernel
+//     (12 bytes per element) measured 0.78 with 16 against 0.93-0.95 with 4.
 //   The vec4 kernels do the same operations as the scalar ones (componentwise, the clamp as
 //   two selects, which equals min/max on the non-NaN values and passes NaN through), so the
 //   results are bit-identical; they read each qparam once per invocation.
@@ -226,6 +230,9 @@ fn backward_vec4(@builtin(global_invocation_id) gid: vec3<u32>,
     if (t + 3u < params.n4) { backward4(t + 3u, q); }
 }
 
+// vec4s per invocation of forward_rows (ROW_VEC4_PER_INVOCATION in src/kernels/fake_quant.rs).
+const ROW_ITEMS: u32 = 16u;
+
 // Row r of the rows kernels: the channel's qparams, the row's first vec4 and its vec4 count
 // (0 for the padding rows of a z-tiled grid).
 struct Row {
@@ -245,11 +252,10 @@ fn forward_rows(@builtin(global_invocation_id) gid: vec3<u32>,
                 @builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>) {
     let row = row_of(wid, nwg);
-    let j = 4u * gid.x;
-    if (j < row.len) { forward4(row.base + j, row.q); }
-    if (j + 1u < row.len) { forward4(row.base + j + 1u, row.q); }
-    if (j + 2u < row.len) { forward4(row.base + j + 2u, row.q); }
-    if (j + 3u < row.len) { forward4(row.base + j + 3u, row.q); }
+    let j = ROW_ITEMS * gid.x;
+    for (var k = 0u; k < ROW_ITEMS; k = k + 1u) {
+        if (j + k < row.len) { forward4(row.base + j + k, row.q); }
+    }
 }
 
 @compute @workgroup_size(WG)

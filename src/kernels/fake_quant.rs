@@ -98,6 +98,10 @@ static BACKWARD_VEC4: Kernel = Kernel {
     entry_point: "backward_vec4",
     bindings: BACKWARD_VEC4_BINDINGS,
 };
+/// `vec4`s per invocation of the forward rows kernel (`ROW_ITEMS` in the shader; the mask and
+/// backward rows kernels do [`VEC4_PER_INVOCATION`]).
+const ROW_VEC4_PER_INVOCATION: usize = 16;
+
 static FORWARD_ROWS: Kernel = Kernel {
     shader: &SHADER,
     entry_point: "forward_rows",
@@ -282,22 +286,27 @@ struct Variant {
     scalar: &'static Kernel,
     vec4: &'static Kernel,
     rows: &'static Kernel,
+    /// `vec4`s per invocation of `rows` (its shader's count).
+    rows_per_invocation: usize,
 }
 
 const FORWARD_KERNELS: Variant = Variant {
     scalar: &FORWARD,
     vec4: &FORWARD_VEC4,
     rows: &FORWARD_ROWS,
+    rows_per_invocation: ROW_VEC4_PER_INVOCATION,
 };
 const FORWARD_MASK_KERNELS: Variant = Variant {
     scalar: &FORWARD_MASK,
     vec4: &FORWARD_MASK_VEC4,
     rows: &FORWARD_MASK_ROWS,
+    rows_per_invocation: VEC4_PER_INVOCATION,
 };
 const BACKWARD_KERNELS: Variant = Variant {
     scalar: &BACKWARD,
     vec4: &BACKWARD_VEC4,
     rows: &BACKWARD_ROWS,
+    rows_per_invocation: VEC4_PER_INVOCATION,
 };
 
 /// How a launch covers the tensor.
@@ -321,6 +330,7 @@ fn prepare(
     qp: &GpuQParams,
     range: QuantRange,
     kernel: FakeQuantKernel,
+    variant: &Variant,
 ) -> Result<(ParamsBuffer, Plan)> {
     ctx.check_tensors(&[("fake_quant input", x), ("qparams", qp.tensor())])?;
     expect_f32("fake_quant input", x)?;
@@ -345,7 +355,7 @@ fn prepare(
     } else if vec4 && params.inner.is_multiple_of(4) && params.rows > 0 {
         let inner4 = params.inner as usize / 4;
         let gx = inner4
-            .div_ceil(VEC4_PER_INVOCATION)
+            .div_ceil(variant.rows_per_invocation)
             .div_ceil(WORKGROUP_SIZE as usize);
         let rows = params.rows as usize;
         let gy = rows.min(max);
@@ -447,7 +457,7 @@ pub fn fake_quant_into_with(
     out: &GpuTensor,
     kernel: FakeQuantKernel,
 ) -> Result<()> {
-    let (uniform, plan) = prepare(ctx, x, qp, range, kernel)?;
+    let (uniform, plan) = prepare(ctx, x, qp, range, kernel, &FORWARD_KERNELS)?;
     check_output(ctx, "fake_quant output", x, out, &[x])?;
     let (q, xb, ob) = (qp.data.buffer(), x.buffer(), out.buffer());
     launch(
@@ -485,7 +495,14 @@ pub fn fake_quant_with_mask_into(
     out: &GpuTensor,
     mask: &GpuTensor,
 ) -> Result<()> {
-    let (uniform, plan) = prepare(ctx, x, qp, range, FakeQuantKernel::default())?;
+    let (uniform, plan) = prepare(
+        ctx,
+        x,
+        qp,
+        range,
+        FakeQuantKernel::default(),
+        &FORWARD_MASK_KERNELS,
+    )?;
     check_output(ctx, "fake_quant output", x, out, &[x])?;
     check_output(ctx, "fake_quant mask", x, mask, &[x, out])?;
     let (q, xb, ob, mb) = (qp.data.buffer(), x.buffer(), out.buffer(), mask.buffer());
@@ -533,7 +550,14 @@ pub fn fake_quant_backward_into(
     qp.validate(x.shape(), range)?;
     expect_shape("fake_quantize_backward (dy vs x)", x.shape(), dy)?;
     expect_f32("fake_quant_backward dy", dy)?;
-    let (uniform, plan) = prepare(ctx, x, qp, range, FakeQuantKernel::default())?;
+    let (uniform, plan) = prepare(
+        ctx,
+        x,
+        qp,
+        range,
+        FakeQuantKernel::default(),
+        &BACKWARD_KERNELS,
+    )?;
     check_output(ctx, "fake_quant_backward dx", x, dx, &[x, dy])?;
     let (q, xb, db, dyb) = (qp.data.buffer(), x.buffer(), dx.buffer(), dy.buffer());
     launch(
