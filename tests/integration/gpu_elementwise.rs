@@ -214,9 +214,9 @@ fn fake_quant_per_channel_bit_exact() {
     let Some(ctx) = common::gpu() else { return };
     let gpu = backend(&ctx);
     let mut rng = Rng(2);
-    // The last three reach the per-channel rows kernels (rows of a multiple of 4 values):
+    // The last four reach the per-channel rows kernels (rows of a multiple of 4 values):
     // rows of 2 vec4s; rows ending part-way through an invocation's run; rows of more than
-    // one workgroup.
+    // one workgroup of 64; rows of whole workgroups of 256 (axis 0 of [2, 16384]).
     for shape in [
         vec![5usize, 3, 7, 2],
         vec![4, 33],
@@ -225,6 +225,7 @@ fn fake_quant_per_channel_bit_exact() {
         vec![4, 8],
         vec![3, 2, 4, 1100],
         vec![2, 2, 16400],
+        vec![2, 16384],
     ] {
         for axis in 0..shape.len() {
             for range in [QuantRange::INT8, QuantRange::UINT8, QuantRange::INT4] {
