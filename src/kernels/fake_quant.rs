@@ -14,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, expect_shape, grid, to_u32, WG_CONSTANTS, WORKGROUP_SIZE};
+use super::{expect_f32, expect_shape, grid, row_workgroup, to_u32, wg_constants, WG_CONSTANTS};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::quant::{QParams, QuantRange};
@@ -101,23 +101,6 @@ static BACKWARD_VEC4: Kernel = Kernel {
 /// `vec4`s per invocation of the forward rows kernel (`ROW_ITEMS` in the shader; the mask and
 /// backward rows kernels do [`VEC4_PER_INVOCATION`]).
 const ROW_VEC4_PER_INVOCATION: usize = 16;
-
-/// The rows kernels' workgroup sizes: the one that leaves the fewest invocations of a row
-/// idle, the larger on a tie (a weight row of 4,608 values is 288 invocations of the mask
-/// kernel: two workgroups of 256 leave 224 idle, five of 64 leave 32; lavapipe, 512×4,608
-/// weights: 4.3 → 3.6 ms; 64×576: 0.24–0.27 → 0.13 ms).
-const ROWS_WG_SMALL: u32 = 64;
-const ROWS_WG_SMALL_CONSTANTS: &[(&str, f64)] = &[("WG", ROWS_WG_SMALL as f64)];
-
-/// The workgroup size for rows of `invocations` invocations (see [`ROWS_WG_SMALL`]).
-fn rows_wg(invocations: usize) -> u32 {
-    let idle = |wg: usize| invocations.div_ceil(wg) * wg - invocations;
-    if idle(ROWS_WG_SMALL as usize) < idle(WORKGROUP_SIZE as usize) {
-        ROWS_WG_SMALL
-    } else {
-        WORKGROUP_SIZE
-    }
-}
 
 static FORWARD_ROWS: Kernel = Kernel {
     shader: &SHADER,
@@ -372,7 +355,7 @@ fn prepare(
     } else if vec4 && params.inner.is_multiple_of(4) && params.rows > 0 {
         let inner4 = params.inner as usize / 4;
         let invocations = inner4.div_ceil(variant.rows_per_invocation);
-        let wg = rows_wg(invocations);
+        let wg = row_workgroup(invocations);
         let gx = invocations.div_ceil(wg as usize);
         let rows = params.rows as usize;
         let gy = rows.min(max);
@@ -435,11 +418,7 @@ fn launch(
         } => ctx.run(&[vector(variant.vec4, grid), scalar(tail)])?,
         Plan::Rows { grid, wg } => ctx.run(&[Launch {
             kernel: variant.rows,
-            constants: if wg == ROWS_WG_SMALL {
-                ROWS_WG_SMALL_CONSTANTS
-            } else {
-                WG_CONSTANTS
-            },
+            constants: wg_constants(wg),
             buffers: vec4_buffers,
             workgroups: grid,
         }])?,
@@ -596,21 +575,4 @@ pub fn fake_quant_backward_into(
         &[&uniform, xb, q, db, dyb],
         &[&uniform, q, xb, db, dyb],
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_workgroup_leaves_the_fewest_idle() {
-        // A 3x3 weight row of 512 channels in the mask kernel: 288 invocations.
-        assert_eq!(rows_wg(288), ROWS_WG_SMALL);
-        assert_eq!(rows_wg(36), ROWS_WG_SMALL);
-        assert_eq!(rows_wg(1), ROWS_WG_SMALL);
-        // Ties (whole workgroups of both) take the larger.
-        assert_eq!(rows_wg(256), WORKGROUP_SIZE);
-        assert_eq!(rows_wg(1024), WORKGROUP_SIZE);
-        assert_eq!(rows_wg(250), WORKGROUP_SIZE);
-    }
 }

@@ -59,10 +59,9 @@ static FOLD_WEIGHT: Kernel = Kernel {
     ],
 };
 
-/// Workgroup size of the weight kernels (`WG`): rows of a few hundred `vec4`s leave fewer
-/// invocations idle than with 256.
-const ROWS_WG: u32 = 64;
-const ROWS_CONSTANTS: &[(&str, f64)] = &[("WG", ROWS_WG as f64)];
+/// Workgroup size of `fold_weight` (`WG`); `fold_rows4` sizes its workgroups to the row
+/// ([`super::row_workgroup`]).
+const FLAT_WG: u32 = super::SMALL_WORKGROUP_SIZE;
 /// `vec4`s each `fold_rows4` invocation scales; elements each `fold_weight` invocation scales.
 const PER_INVOCATION: usize = 4;
 /// Shortest row (elements) for which `fold_rows4` is used: shorter rows would leave most of
@@ -201,9 +200,9 @@ fn run(
     let scale = GpuTensor::uninit(ctx, &bias_len, DType::F32)?;
     // fold_rows4: one row of workgroups per weight row, rows over y and z.
     let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
-    let gx = (inner / 4)
-        .div_ceil(PER_INVOCATION)
-        .div_ceil(ROWS_WG as usize);
+    let invocations = (inner / 4).div_ceil(PER_INVOCATION);
+    let rows_wg = super::row_workgroup(invocations);
+    let gx = invocations.div_ceil(rows_wg as usize);
     let gy = rows.min(max);
     let gz = rows.div_ceil(gy.max(1));
     let rows4 = inner.is_multiple_of(4) && inner >= MIN_ROW && rows > 0 && gx <= max && gz <= max;
@@ -218,16 +217,16 @@ fn run(
     let weight_launch = if rows4 {
         Launch {
             kernel: &FOLD_ROWS4,
-            constants: ROWS_CONSTANTS,
+            constants: super::wg_constants(rows_wg),
             buffers: &weight_buffers,
             workgroups: [gx as u32, gy as u32, gz as u32],
         }
     } else {
         Launch {
             kernel: &FOLD_WEIGHT,
-            constants: ROWS_CONSTANTS,
+            constants: super::wg_constants(FLAT_WG),
             buffers: &weight_buffers,
-            workgroups: ctx.grid_1d(n.div_ceil(PER_INVOCATION), ROWS_WG)?,
+            workgroups: ctx.grid_1d(n.div_ceil(PER_INVOCATION), FLAT_WG)?,
         }
     };
     ctx.run(&[

@@ -287,8 +287,10 @@ fn folds_bit_exact_weights() {
             );
         }
     }
+    // (3, 4096): rows of 256 fold_rows4 invocations, whole workgroups of 256.
     for (out, inp, c) in [
-        (32usize, 128usize, 32usize),
+        (3usize, 4096usize, 3usize),
+        (32, 128, 32),
         (32, 128, 1),
         (10, 7, 10),
         (7, 66, 1),
