@@ -14,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_f32, expect_shape, grid, row_workgroup, to_u32, wg_constants, WG_CONSTANTS};
+use super::{expect_f32, expect_shape, grid, row_workgroup, to_u32, RowWorkgroup, WG_CONSTANTS};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, DType, GpuContext, GpuTensor, Kernel, Launch, ParamsBuffer, Shader};
 use crate::quant::{QParams, QuantRange};
@@ -320,7 +320,7 @@ enum Plan {
         tail: Option<[u32; 3]>,
     },
     /// The per-channel rows kernel, with its workgroup size.
-    Rows { grid: [u32; 3], wg: u32 },
+    Rows { grid: [u32; 3], wg: RowWorkgroup },
 }
 
 /// Validates `x` and `qp` and returns the uniform and how the launch covers the tensor.
@@ -356,7 +356,7 @@ fn prepare(
         let inner4 = params.inner as usize / 4;
         let invocations = inner4.div_ceil(variant.rows_per_invocation);
         let wg = row_workgroup(invocations);
-        let gx = invocations.div_ceil(wg as usize);
+        let gx = invocations.div_ceil(wg.size as usize);
         let rows = params.rows as usize;
         let gy = rows.min(max);
         let gz = rows.div_ceil(gy);
@@ -418,7 +418,7 @@ fn launch(
         } => ctx.run(&[vector(variant.vec4, grid), scalar(tail)])?,
         Plan::Rows { grid, wg } => ctx.run(&[Launch {
             kernel: variant.rows,
-            constants: wg_constants(wg),
+            constants: wg.constants,
             buffers: vec4_buffers,
             workgroups: grid,
         }])?,

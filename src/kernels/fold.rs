@@ -59,9 +59,9 @@ static FOLD_WEIGHT: Kernel = Kernel {
     ],
 };
 
-/// Workgroup size of `fold_weight` (`WG`); `fold_rows4` sizes its workgroups to the row
+/// Workgroups of `fold_weight`; `fold_rows4` sizes its workgroups to the row
 /// ([`super::row_workgroup`]).
-const FLAT_WG: u32 = super::SMALL_WORKGROUP_SIZE;
+const FLAT_WG: super::RowWorkgroup = super::SMALL_ROW_WORKGROUP;
 /// `vec4`s each `fold_rows4` invocation scales; elements each `fold_weight` invocation scales.
 const PER_INVOCATION: usize = 4;
 /// Shortest row (elements) for which `fold_rows4` is used: shorter rows would leave most of
@@ -202,7 +202,7 @@ fn run(
     let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
     let invocations = (inner / 4).div_ceil(PER_INVOCATION);
     let rows_wg = super::row_workgroup(invocations);
-    let gx = invocations.div_ceil(rows_wg as usize);
+    let gx = invocations.div_ceil(rows_wg.size as usize);
     let gy = rows.min(max);
     let gz = rows.div_ceil(gy.max(1));
     let rows4 = inner.is_multiple_of(4) && inner >= MIN_ROW && rows > 0 && gx <= max && gz <= max;
@@ -217,16 +217,16 @@ fn run(
     let weight_launch = if rows4 {
         Launch {
             kernel: &FOLD_ROWS4,
-            constants: super::wg_constants(rows_wg),
+            constants: rows_wg.constants,
             buffers: &weight_buffers,
             workgroups: [gx as u32, gy as u32, gz as u32],
         }
     } else {
         Launch {
             kernel: &FOLD_WEIGHT,
-            constants: super::wg_constants(FLAT_WG),
+            constants: FLAT_WG.constants,
             buffers: &weight_buffers,
-            workgroups: ctx.grid_1d(n.div_ceil(PER_INVOCATION), FLAT_WG)?,
+            workgroups: ctx.grid_1d(n.div_ceil(PER_INVOCATION), FLAT_WG.size)?,
         }
     };
     ctx.run(&[

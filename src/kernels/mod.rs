@@ -51,32 +51,44 @@ pub const WORKGROUP_SIZE: u32 = 256;
 /// Override constants passed to every elementwise kernel.
 pub(crate) const WG_CONSTANTS: &[(&str, f64)] = &[("WG", WORKGROUP_SIZE as f64)];
 
-/// The smaller workgroup size of the kernels that give each row (a channel block) its own
-/// workgroups ([`row_workgroup`]).
-pub(crate) const SMALL_WORKGROUP_SIZE: u32 = 64;
-
-/// The `WG` override constants for `wg`, [`WORKGROUP_SIZE`] or [`SMALL_WORKGROUP_SIZE`].
-pub(crate) fn wg_constants(wg: u32) -> &'static [(&'static str, f64)] {
-    const SMALL: &[(&str, f64)] = &[("WG", SMALL_WORKGROUP_SIZE as f64)];
-    if wg == SMALL_WORKGROUP_SIZE {
-        SMALL
-    } else {
-        WG_CONSTANTS
-    }
+/// A workgroup size of the kernels that give each row (a channel block) its own workgroups,
+/// with the `WG` override constants that build it: the size the grid is computed with and
+/// the size the pipeline runs are one value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RowWorkgroup {
+    /// Invocations per workgroup.
+    pub size: u32,
+    /// The `WG` override constants for `size`.
+    pub constants: &'static [(&'static str, f64)],
 }
 
-/// The workgroup size for a row of `invocations` invocations in the kernels that give each
-/// row its own workgroups (fake quant's and the BN fold's rows kernels): of
-/// [`SMALL_WORKGROUP_SIZE`] and [`WORKGROUP_SIZE`], the one that leaves the fewest of the
-/// row's invocations idle, the larger on a tie. A 3×3 weight row of 512 input channels is 288
-/// invocations of the fake quant's mask kernel: two workgroups of 256 leave 224 idle, five of
-/// 64 leave 32 (lavapipe, 512×4,608 weights: 4.3 → 3.6 ms).
-pub(crate) fn row_workgroup(invocations: usize) -> u32 {
-    let idle = |wg: u32| invocations.div_ceil(wg as usize) * wg as usize - invocations;
-    if idle(SMALL_WORKGROUP_SIZE) < idle(WORKGROUP_SIZE) {
-        SMALL_WORKGROUP_SIZE
+/// Workgroups of 64 ([`row_workgroup`]).
+pub(crate) const SMALL_ROW_WORKGROUP: RowWorkgroup = RowWorkgroup {
+    size: 64,
+    constants: &[("WG", 64.0)],
+};
+
+/// Workgroups of [`WORKGROUP_SIZE`] ([`row_workgroup`]).
+pub(crate) const FULL_ROW_WORKGROUP: RowWorkgroup = RowWorkgroup {
+    size: WORKGROUP_SIZE,
+    constants: WG_CONSTANTS,
+};
+
+/// The workgroup for a row of `invocations` invocations in the kernels that give each row its
+/// own workgroups (fake quant's and the BN fold's rows kernels): of [`SMALL_ROW_WORKGROUP`]
+/// and [`FULL_ROW_WORKGROUP`], the one that leaves the fewest of the row's invocations idle,
+/// the larger on a tie. A 3×3 weight row of 512 input channels is 288 invocations of the fake
+/// quant's mask kernel: two workgroups of 256 leave 224 idle, five of 64 leave 32 (lavapipe,
+/// 512×4,608 weights: 4.3 → 3.6 ms).
+pub(crate) fn row_workgroup(invocations: usize) -> RowWorkgroup {
+    let idle = |wg: RowWorkgroup| {
+        let size = wg.size as usize;
+        invocations.div_ceil(size) * size - invocations
+    };
+    if idle(SMALL_ROW_WORKGROUP) < idle(FULL_ROW_WORKGROUP) {
+        SMALL_ROW_WORKGROUP
     } else {
-        WORKGROUP_SIZE
+        FULL_ROW_WORKGROUP
     }
 }
 
@@ -171,15 +183,16 @@ mod tests {
     #[test]
     fn row_workgroup_leaves_the_fewest_idle() {
         // A 3x3 weight row of 512 channels in the fake quant mask kernel: 288 invocations.
-        assert_eq!(row_workgroup(288), SMALL_WORKGROUP_SIZE);
-        assert_eq!(row_workgroup(36), SMALL_WORKGROUP_SIZE);
-        assert_eq!(row_workgroup(1), SMALL_WORKGROUP_SIZE);
+        assert_eq!(row_workgroup(288), SMALL_ROW_WORKGROUP);
+        assert_eq!(row_workgroup(36), SMALL_ROW_WORKGROUP);
+        assert_eq!(row_workgroup(1), SMALL_ROW_WORKGROUP);
         // Ties (whole workgroups of both, or the same idle count) take the larger.
-        assert_eq!(row_workgroup(256), WORKGROUP_SIZE);
-        assert_eq!(row_workgroup(1024), WORKGROUP_SIZE);
-        assert_eq!(row_workgroup(250), WORKGROUP_SIZE);
-        assert_eq!(wg_constants(SMALL_WORKGROUP_SIZE), &[("WG", 64.0)]);
-        assert_eq!(wg_constants(WORKGROUP_SIZE), WG_CONSTANTS);
+        assert_eq!(row_workgroup(256), FULL_ROW_WORKGROUP);
+        assert_eq!(row_workgroup(1024), FULL_ROW_WORKGROUP);
+        assert_eq!(row_workgroup(250), FULL_ROW_WORKGROUP);
+        for wg in [SMALL_ROW_WORKGROUP, FULL_ROW_WORKGROUP] {
+            assert_eq!(wg.constants, &[("WG", f64::from(wg.size))]);
+        }
     }
 
     fn shader_files() -> Vec<PathBuf> {
