@@ -1523,11 +1523,27 @@ static CONV_WGRAD_SG: Kernel = Kernel {
     bindings: SG_BINDINGS,
 };
 
-static CONV_WGRAD3_SG: Kernel = Kernel {
+static CONV_WGRAD3_SG2: Kernel = Kernel {
     shader: &SG_SHADER,
-    entry_point: "conv_wgrad3_sg",
+    entry_point: "conv_wgrad3_sg2",
     bindings: SG_BINDINGS,
 };
+
+static CONV_WGRAD3_SG4: Kernel = Kernel {
+    shader: &SG_SHADER,
+    entry_point: "conv_wgrad3_sg4",
+    bindings: SG_BINDINGS,
+};
+
+/// The sliding-window 3×3 weight gradient for an output `ow` columns wide: four columns per
+/// step where they tile the row, else two (`shaders/matmul_sg.wgsl` has the measurements).
+fn wgrad3_kernel(ow: usize) -> &'static Kernel {
+    if ow.is_multiple_of(4) {
+        &CONV_WGRAD3_SG4
+    } else {
+        &CONV_WGRAD3_SG2
+    }
+}
 
 static COL2IM: Kernel = Kernel {
     shader: &SG_SHADER,
@@ -1886,7 +1902,7 @@ fn conv_wgrad_dw3(
     }])
 }
 
-/// Input channels per invocation of `conv_wgrad3_sg`.
+/// Input channels per invocation of `conv_wgrad3_sg2` / `conv_wgrad3_sg4`.
 const WGRAD3_CHANNELS: usize = 2;
 
 /// Every tap index `o·S + k·D + P` along both axes fits `i32` (the shaders compute them so).
@@ -1925,9 +1941,9 @@ fn check_tap_reach(
 }
 
 /// The weight gradient of a 3×3 conv with stride and dilation 1 along the width (groups 1,
-/// explicit padding) as `conv_wgrad3_sg` into `out` (`[O, C, 3, 3]`, checked by the caller):
-/// 16 output channels × one input channel × 9 taps per invocation, a sliding window of input
-/// values along each row.
+/// explicit padding) as `conv_wgrad3_sg2` / `conv_wgrad3_sg4` ([`wgrad3_kernel`]) into `out`
+/// (`[O, C, 3, 3]`, checked by the caller): 16 output channels × 2 input channels × 9 taps per
+/// invocation, a window of input values sliding along each row, 2 or 4 columns per step.
 fn conv_wgrad3_sg(
     ctx: &GpuContext,
     x: &GpuTensor,
@@ -1984,7 +2000,7 @@ fn conv_wgrad3_sg(
     let uniform = ctx.params(&p)?;
     let constants = sg_constants(wg);
     ctx.run(&[Launch {
-        kernel: &CONV_WGRAD3_SG,
+        kernel: wgrad3_kernel(ow),
         constants: &constants,
         buffers: &[&uniform, dy.buffer(), x.buffer(), out.buffer(), x.buffer()],
         workgroups: ctx.grid_1d(count, 1)?,

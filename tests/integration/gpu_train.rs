@@ -48,11 +48,11 @@ fn down(ctx: &GpuContext, t: &GpuTensor) -> ArrayD<f32> {
     t.download_f32(ctx).unwrap()
 }
 
-/// max |got − want| ≤ atol + rtol·|want|, NaN where NaN.
+/// max |got − want| ≤ atol + rtol·|want|, NaN where NaN, the same infinity where infinite.
 fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, atol: f32, rtol: f32) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
     for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
-        let ok = (g.is_nan() && w.is_nan()) || (g - w).abs() <= atol + rtol * w.abs();
+        let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= atol + rtol * w.abs();
         assert!(ok, "{what}: element {i}: got {g:e}, want {w:e}");
     }
 }
@@ -473,9 +473,14 @@ fn conv_grads_match_cpu() {
         ([2, 3, 9, 9], [4, 3, 3, 3], 1, 2),
         ([2, 3, 8, 8], [4, 3, 4, 4], 9, 1), // 'same' with an even kernel: the fallback
         // 3×3 with stride and dilation 2 along the height only, padding (1, 2): the sliding-
-        // window weight gradient (conv_wgrad3_sg) with 20 rows (a partial 16-row tile) and
+        // window weight gradient (conv_wgrad3_sg2) with 20 rows (a partial 16-row tile) and
         // 19 input channels (several channel tiles, a partial channel pair).
         ([2, 19, 11, 9], [20, 19, 3, 3], 8, 2),
+        // Output widths that are multiples of 4 (conv_wgrad3_sg4: two steps of 4 columns; 12,
+        // three), and 6 (conv_wgrad3_sg2 without a partial step).
+        ([2, 5, 6, 8], [18, 5, 3, 3], 1, 1),
+        ([1, 3, 5, 12], [4, 3, 3, 3], 1, 1),
+        ([2, 3, 5, 6], [4, 3, 3, 3], 1, 1),
         // Depthwise 3×3 (groups = C = O), padding (1, 0): the flipped depthwise forward for
         // dx, conv_wgrad_dw3 for dweight.
         ([2, 5, 7, 9], [5, 1, 3, 3], 7, 1),
@@ -540,6 +545,39 @@ fn conv_grads_match_cpu() {
             );
             assert_close(
                 &what,
+                &down(&ctx, &dw),
+                &want.dweight.clone().into_dyn(),
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+    // An infinite input in the last column of every row: 7 output columns in steps of 2
+    // (conv_wgrad3_sg2), whose last step's idle column reads that input and must not multiply
+    // it by a zero dy (0 * inf = NaN), and 8 in steps of 4; taps 0 never read it and stay
+    // finite, as in the reference.
+    for (xs, ws) in [([1, 2, 3, 7], [3, 2, 3, 3]), ([1, 2, 3, 8], [3, 2, 3, 3])] {
+        let params = qfuse::ops::Conv2dParams {
+            padding: [1, 1],
+            ..Default::default()
+        };
+        let mut x = Array4::from_shape_vec(xs, rng.vec(xs.iter().product(), -1.0, 1.0)).unwrap();
+        x.slice_mut(ndarray::s![.., .., .., xs[3] - 1])
+            .fill(f32::INFINITY);
+        let w = Array4::from_shape_vec(ws, rng.vec(ws.iter().product(), -0.5, 0.5)).unwrap();
+        let out = params.output_shape(&xs, &ws).unwrap();
+        let dy = Array4::from_shape_vec(
+            (out[0], out[1], out[2], out[3]),
+            rng.vec(out.iter().product(), 0.5, 1.0),
+        )
+        .unwrap();
+        let want = qfuse::reference::conv2d::conv2d_backward(&x, &w, &dy, &params).unwrap();
+        assert!(want.dweight.iter().step_by(3).all(|v| v.is_finite()));
+        let (gx, gdy) = (up(&ctx, &x.into_dyn()), up(&ctx, &dy.into_dyn()));
+        for kernel in grad_kernels(&ctx) {
+            let dw = k::conv2d_weight_grad_with(&ctx, &gx, &gdy, &params, ws, kernel).unwrap();
+            assert_close(
+                &format!("conv weight grad, inf in the last column, x {xs:?} {kernel:?}"),
                 &down(&ctx, &dw),
                 &want.dweight.clone().into_dyn(),
                 1e-4,
