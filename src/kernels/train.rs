@@ -1152,17 +1152,22 @@ fn swap01_impl(ctx: &GpuContext, a: &GpuTensor, given: Option<&GpuTensor>) -> Re
     Ok(out)
 }
 
+/// Output channels per invocation of `flip_transpose` (`FLIP_O` in `shaders/train.wgsl`).
+const FLIP_O: usize = 8;
+
 /// A conv weight `[O, C, KH, KW]` flipped in space and with O and C swapped:
 /// `[C, O, KH, KW]`, `out[c, o, ky, kx] = w[o, c, KH−1−ky, KW−1−kx]`.
 fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
     let [o, c, kh, kw] = <[usize; 4]>::try_from(w.shape())
         .map_err(|_| Error::invalid("flip_transpose: weight must be rank 4"))?;
-    let out = GpuTensor::zeros(ctx, &[c, o, kh, kw], DType::F32)?;
-    // One invocation per (c, o) kernel window; the element count bounds every index.
+    // Every element is written.
+    let out = GpuTensor::uninit(ctx, &[c, o, kh, kw], DType::F32)?;
+    // One invocation per input channel and block of FLIP_O output channels; the element count
+    // bounds every index.
     to_u32(w.len(), "conv weight element count")?;
-    let windows = o * c;
+    let invocations = c * o.div_ceil(FLIP_O);
     let p = Params {
-        count: to_u32(windows, "conv weight windows")?,
+        count: to_u32(invocations, "conv weight windows")?,
         rows: to_u32(o, "conv output channels")?,
         cols: to_u32(c, "conv input channels")?,
         h: to_u32(kh, "conv kernel height")?,
@@ -1174,7 +1179,7 @@ fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
         &FLIP_TRANSPOSE,
         &p,
         &[w.buffer(), out.buffer()],
-        windows,
+        invocations,
     )?;
     Ok(out)
 }
