@@ -486,20 +486,20 @@ fn conv_wgrad3_sg2(@builtin(local_invocation_index) li: u32,
                    @builtin(subgroup_invocation_id) lane: u32,
                    @builtin(subgroup_size) sg_size: u32) {
     let id = wid.x + wid.y * nwg.x;
-        if (id >= P.count) {
-            return;
-        }
-        var t: Tile;
-        t.live = true;
-        t.bt = 0u;
-        t.m0 = (id / P.ctiles) * 16u;
-        t.n0 = ((id % P.ctiles) * MM_WG + li) * 2u;
-        let share = lanes_share(sg_size);
-        let c0 = t.n0;
-        let ohw = P.oh * P.ow;
-        let hw = P.h * P.w;
-        let r_lo = min(t.m0 + (lane & 7u), P.rows - 1u) * ohw;
-        let r_hi = min(t.m0 + 8u + (lane & 7u), P.rows - 1u) * ohw;
+    if (id >= P.count) {
+        return;
+    }
+    var t: Tile;
+    t.live = true;
+    t.bt = 0u;
+    t.m0 = (id / P.ctiles) * 16u;
+    t.n0 = ((id % P.ctiles) * MM_WG + li) * 2u;
+    let share = lanes_share(sg_size);
+    let c0 = t.n0;
+    let ohw = P.oh * P.ow;
+    let hw = P.h * P.w;
+    let r_lo = min(t.m0 + (lane & 7u), P.rows - 1u) * ohw;
+    let r_hi = min(t.m0 + 8u + (lane & 7u), P.rows - 1u) * ohw;
     var c0_0a = vec3<f32>(0.0);
     var c0_0b = vec3<f32>(0.0);
     var c0_0c = vec3<f32>(0.0);
@@ -601,18 +601,18 @@ fn conv_wgrad3_sg2(@builtin(local_invocation_index) li: u32,
         let plane1 = (n * P.cols + min(c0 + 1u, P.cols - 1u)) * hw;
         for (var oy = 0u; oy < P.oh; oy = oy + 1u) {
             let iy0 = i32(oy * P.sh) - i32(P.ph);
-                let iy1 = iy0 + i32(P.dh);
-                let iy2 = iy1 + i32(P.dh);
-                let ok0 = iy0 >= 0 && iy0 < i32(P.h);
-                let ok1 = iy1 >= 0 && iy1 < i32(P.h);
-                let ok2 = iy2 >= 0 && iy2 < i32(P.h);
-                let row00 = plane0 + u32(max(iy0, 0)) * P.w;
-                let row01 = plane0 + u32(max(iy1, 0)) * P.w;
-                let row02 = plane0 + u32(max(iy2, 0)) * P.w;
-                let row10 = plane1 + u32(max(iy0, 0)) * P.w;
-                let row11 = plane1 + u32(max(iy1, 0)) * P.w;
-                let row12 = plane1 + u32(max(iy2, 0)) * P.w;
-                let ix0 = -i32(P.pw);
+            let iy1 = iy0 + i32(P.dh);
+            let iy2 = iy1 + i32(P.dh);
+            let ok0 = iy0 >= 0 && iy0 < i32(P.h);
+            let ok1 = iy1 >= 0 && iy1 < i32(P.h);
+            let ok2 = iy2 >= 0 && iy2 < i32(P.h);
+            let row00 = plane0 + u32(max(iy0, 0)) * P.w;
+            let row01 = plane0 + u32(max(iy1, 0)) * P.w;
+            let row02 = plane0 + u32(max(iy2, 0)) * P.w;
+            let row10 = plane1 + u32(max(iy0, 0)) * P.w;
+            let row11 = plane1 + u32(max(iy1, 0)) * P.w;
+            let row12 = plane1 + u32(max(iy2, 0)) * P.w;
+            let ix0 = -i32(P.pw);
             var x0_0_0 = wgrad3_x(row00, ok0, ix0);
             var x0_0_1 = wgrad3_x(row00, ok0, ix0 + 1);
             var x0_1_0 = wgrad3_x(row01, ok1, ix0);
@@ -992,20 +992,20 @@ fn conv_wgrad3_sg4(@builtin(local_invocation_index) li: u32,
                    @builtin(subgroup_invocation_id) lane: u32,
                    @builtin(subgroup_size) sg_size: u32) {
     let id = wid.x + wid.y * nwg.x;
-        if (id >= P.count) {
-            return;
-        }
-        var t: Tile;
-        t.live = true;
-        t.bt = 0u;
-        t.m0 = (id / P.ctiles) * 16u;
-        t.n0 = ((id % P.ctiles) * MM_WG + li) * 2u;
-        let share = lanes_share(sg_size);
-        let c0 = t.n0;
-        let ohw = P.oh * P.ow;
-        let hw = P.h * P.w;
-        let r_lo = min(t.m0 + (lane & 7u), P.rows - 1u) * ohw;
-        let r_hi = min(t.m0 + 8u + (lane & 7u), P.rows - 1u) * ohw;
+    if (id >= P.count) {
+        return;
+    }
+    var t: Tile;
+    t.live = true;
+    t.bt = 0u;
+    t.m0 = (id / P.ctiles) * 16u;
+    t.n0 = ((id % P.ctiles) * MM_WG + li) * 2u;
+    let share = lanes_share(sg_size);
+    let c0 = t.n0;
+    let ohw = P.oh * P.ow;
+    let hw = P.h * P.w;
+    let r_lo = min(t.m0 + (lane & 7u), P.rows - 1u) * ohw;
+    let r_hi = min(t.m0 + 8u + (lane & 7u), P.rows - 1u) * ohw;
     var c0_0a = vec3<f32>(0.0);
     var c0_0b = vec3<f32>(0.0);
     var c0_0c = vec3<f32>(0.0);
@@ -1107,18 +1107,18 @@ fn conv_wgrad3_sg4(@builtin(local_invocation_index) li: u32,
         let plane1 = (n * P.cols + min(c0 + 1u, P.cols - 1u)) * hw;
         for (var oy = 0u; oy < P.oh; oy = oy + 1u) {
             let iy0 = i32(oy * P.sh) - i32(P.ph);
-                let iy1 = iy0 + i32(P.dh);
-                let iy2 = iy1 + i32(P.dh);
-                let ok0 = iy0 >= 0 && iy0 < i32(P.h);
-                let ok1 = iy1 >= 0 && iy1 < i32(P.h);
-                let ok2 = iy2 >= 0 && iy2 < i32(P.h);
-                let row00 = plane0 + u32(max(iy0, 0)) * P.w;
-                let row01 = plane0 + u32(max(iy1, 0)) * P.w;
-                let row02 = plane0 + u32(max(iy2, 0)) * P.w;
-                let row10 = plane1 + u32(max(iy0, 0)) * P.w;
-                let row11 = plane1 + u32(max(iy1, 0)) * P.w;
-                let row12 = plane1 + u32(max(iy2, 0)) * P.w;
-                let ix0 = -i32(P.pw);
+            let iy1 = iy0 + i32(P.dh);
+            let iy2 = iy1 + i32(P.dh);
+            let ok0 = iy0 >= 0 && iy0 < i32(P.h);
+            let ok1 = iy1 >= 0 && iy1 < i32(P.h);
+            let ok2 = iy2 >= 0 && iy2 < i32(P.h);
+            let row00 = plane0 + u32(max(iy0, 0)) * P.w;
+            let row01 = plane0 + u32(max(iy1, 0)) * P.w;
+            let row02 = plane0 + u32(max(iy2, 0)) * P.w;
+            let row10 = plane1 + u32(max(iy0, 0)) * P.w;
+            let row11 = plane1 + u32(max(iy1, 0)) * P.w;
+            let row12 = plane1 + u32(max(iy2, 0)) * P.w;
+            let ix0 = -i32(P.pw);
             var x0_0_0 = wgrad3_x(row00, ok0, ix0);
             var x0_0_1 = wgrad3_x(row00, ok0, ix0 + 1);
             var x0_1_0 = wgrad3_x(row01, ok1, ix0);

@@ -323,15 +323,24 @@ enum Plan {
     Rows { grid: [u32; 3], wg: RowWorkgroup },
 }
 
-/// Validates `x` and `qp` and returns the uniform and how the launch covers the tensor.
+/// A validated launch: the uniform, the kernels and how they cover the tensor (the rows
+/// kernel's grid is sized for `variant`'s rows kernel, so the two travel together).
+struct Prepared {
+    uniform: ParamsBuffer,
+    variant: &'static Variant,
+    plan: Plan,
+}
+
+/// Validates `x` and `qp` and returns the uniform and how `variant`'s kernels cover the
+/// tensor.
 fn prepare(
     ctx: &GpuContext,
     x: &GpuTensor,
     qp: &GpuQParams,
     range: QuantRange,
     kernel: FakeQuantKernel,
-    variant: &Variant,
-) -> Result<(ParamsBuffer, Plan)> {
+    variant: &'static Variant,
+) -> Result<Prepared> {
     ctx.check_tensors(&[("fake_quant input", x), ("qparams", qp.tensor())])?;
     expect_f32("fake_quant input", x)?;
     qp.validate(x.shape(), range)?;
@@ -371,7 +380,11 @@ fn prepare(
     } else {
         Plan::Scalar(grid(ctx, n)?)
     };
-    Ok((ctx.params(&params)?, plan))
+    Ok(Prepared {
+        uniform: ctx.params(&params)?,
+        variant,
+        plan,
+    })
 }
 
 /// Checks a caller-provided output with the shared check ([`super::check_output`]): the
@@ -387,16 +400,16 @@ fn check_output(
     super::check_output(ctx, what, out, x.shape(), DType::F32, others)
 }
 
-/// Records the launch(es) of `variant` in one submission. `scalar_buffers` are the scalar
+/// Records the launch(es) of `prepared` in one submission. `scalar_buffers` are the scalar
 /// kernel's buffers (uniform, x, qp, out, then mask or dy); `vec4_buffers` the vec4 and rows
 /// kernels' (uniform, qp, x, out, then mask or dy).
 fn launch(
     ctx: &GpuContext,
-    variant: &Variant,
-    plan: &Plan,
+    prepared: &Prepared,
     scalar_buffers: &[&wgpu::Buffer],
     vec4_buffers: &[&wgpu::Buffer],
 ) -> Result<()> {
+    let variant = prepared.variant;
     let scalar = |workgroups| Launch {
         kernel: variant.scalar,
         constants: WG_CONSTANTS,
@@ -409,7 +422,7 @@ fn launch(
         buffers: vec4_buffers,
         workgroups,
     };
-    match *plan {
+    match prepared.plan {
         Plan::Scalar(grid) => ctx.run(&[scalar(grid)])?,
         Plan::Vec4 { grid, tail: None } => ctx.run(&[vector(variant.vec4, grid)])?,
         Plan::Vec4 {
@@ -465,16 +478,11 @@ pub fn fake_quant_into_with(
     out: &GpuTensor,
     kernel: FakeQuantKernel,
 ) -> Result<()> {
-    let (uniform, plan) = prepare(ctx, x, qp, range, kernel, &FORWARD_KERNELS)?;
+    let prepared = prepare(ctx, x, qp, range, kernel, &FORWARD_KERNELS)?;
     check_output(ctx, "fake_quant output", x, out, &[x])?;
     let (q, xb, ob) = (qp.data.buffer(), x.buffer(), out.buffer());
-    launch(
-        ctx,
-        &FORWARD_KERNELS,
-        &plan,
-        &[&uniform, xb, q, ob],
-        &[&uniform, q, xb, ob],
-    )
+    let uniform = &prepared.uniform;
+    launch(ctx, &prepared, &[uniform, xb, q, ob], &[uniform, q, xb, ob])
 }
 
 /// Fake-quantizes `x` and also returns the straight-through mask (1.0 where
@@ -503,7 +511,7 @@ pub fn fake_quant_with_mask_into(
     out: &GpuTensor,
     mask: &GpuTensor,
 ) -> Result<()> {
-    let (uniform, plan) = prepare(
+    let prepared = prepare(
         ctx,
         x,
         qp,
@@ -514,12 +522,12 @@ pub fn fake_quant_with_mask_into(
     check_output(ctx, "fake_quant output", x, out, &[x])?;
     check_output(ctx, "fake_quant mask", x, mask, &[x, out])?;
     let (q, xb, ob, mb) = (qp.data.buffer(), x.buffer(), out.buffer(), mask.buffer());
+    let uniform = &prepared.uniform;
     launch(
         ctx,
-        &FORWARD_MASK_KERNELS,
-        &plan,
-        &[&uniform, xb, q, ob, mb],
-        &[&uniform, q, xb, ob, mb],
+        &prepared,
+        &[uniform, xb, q, ob, mb],
+        &[uniform, q, xb, ob, mb],
     )
 }
 
@@ -558,7 +566,7 @@ pub fn fake_quant_backward_into(
     qp.validate(x.shape(), range)?;
     expect_shape("fake_quantize_backward (dy vs x)", x.shape(), dy)?;
     expect_f32("fake_quant_backward dy", dy)?;
-    let (uniform, plan) = prepare(
+    let prepared = prepare(
         ctx,
         x,
         qp,
@@ -568,11 +576,11 @@ pub fn fake_quant_backward_into(
     )?;
     check_output(ctx, "fake_quant_backward dx", x, dx, &[x, dy])?;
     let (q, xb, db, dyb) = (qp.data.buffer(), x.buffer(), dx.buffer(), dy.buffer());
+    let uniform = &prepared.uniform;
     launch(
         ctx,
-        &BACKWARD_KERNELS,
-        &plan,
-        &[&uniform, xb, q, db, dyb],
-        &[&uniform, q, xb, db, dyb],
+        &prepared,
+        &[uniform, xb, q, db, dyb],
+        &[uniform, q, xb, db, dyb],
     )
 }

@@ -1165,9 +1165,11 @@ fn flip_transpose(ctx: &GpuContext, w: &GpuTensor) -> Result<GpuTensor> {
     // One invocation per input channel and block of FLIP_O output channels; the element count
     // bounds every index.
     to_u32(w.len(), "conv weight element count")?;
-    let invocations = c * o.div_ceil(FLIP_O);
+    let invocations = c
+        .checked_mul(o.div_ceil(FLIP_O))
+        .ok_or_else(|| Error::invalid("flip_transpose: invocation count overflows"))?;
     let p = Params {
-        count: to_u32(invocations, "conv weight windows")?,
+        count: to_u32(invocations, "flip_transpose invocations")?,
         rows: to_u32(o, "conv output channels")?,
         cols: to_u32(c, "conv input channels")?,
         h: to_u32(kh, "conv kernel height")?,
